@@ -1,0 +1,31 @@
+// Shared by the build.rs of every crate whose binaries or tests link libtorch (via `include!`).
+//
+// Two problems this solves (shared notes, stack.md):
+// - `--as-needed` drops `libtorch_cuda` because nothing references it by symbol, so CUDA is silently
+//   unavailable even on a GPU host. Link it explicitly with `--no-as-needed`.
+// - Without an rpath the binaries need LD_LIBRARY_PATH. torch-sys reports its lib dir to crates that
+//   depend on it directly as DEP_TCH_LIBTORCH_LIB.
+fn link_libtorch() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let lib_dir = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
+        Ok(dir) => dir,
+        Err(_) => panic!(
+            "flotilla: torch-sys did not report where libtorch is. Run `source deploy/bootstrap-libtorch.sh` \
+             (it installs libtorch 2.11.0 into ~/.cache/flotilla and exports LIBTORCH), then build again."
+        ),
+    };
+    let lib_path = std::path::Path::new(&lib_dir);
+    if !lib_path.join("libtorch_cpu.so").exists() {
+        panic!(
+            "flotilla: no libtorch_cpu.so in {lib_dir}. LIBTORCH must point at a libtorch 2.11.0 \
+             (run `source deploy/bootstrap-libtorch.sh`)."
+        );
+    }
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
+    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
+    if lib_path.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-ltorch_cuda");
+    }
+    println!("cargo:rustc-link-arg=-ltorch");
+    println!("cargo:rustc-link-arg=-Wl,--as-needed");
+}

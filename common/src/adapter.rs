@@ -1,0 +1,408 @@
+//! A LoRA adapter: named tensors in PEFT layout.
+//!
+//! For an adapted module `m`, `m.lora_A.weight` is `r × d_in` (rank on rows) and `m.lora_B.weight`
+//! is `d_out × r` (rank on columns); the layer computes `W0·x + s·B·A·x`. Rank slot `i` is row `i`
+//! of A and column `i` of B. Every other tensor is a trainable non-LoRA parameter (e.g. a
+//! classifier head) that is shared at full size by every rank.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use tch::{Kind, Tensor};
+
+use crate::tensor::{DType, TensorError, WireTensors};
+
+pub const LORA_A_SUFFIX: &str = ".lora_A.weight";
+pub const LORA_B_SUFFIX: &str = ".lora_B.weight";
+pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
+pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
+/// safetensors metadata key holding a client's sample count (a decimal string).
+pub const NUM_SAMPLES_KEY: &str = "num_samples";
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    #[error("tensor '{name}': {message}")]
+    Tensor { name: String, message: String },
+    #[error("adapter is inconsistent: {0}")]
+    Inconsistent(String),
+    #[error(transparent)]
+    Wire(#[from] TensorError),
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+}
+
+/// What a tensor is, from its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorRole<'a> {
+    LoraA(&'a str),
+    LoraB(&'a str),
+    Other,
+}
+
+pub fn tensor_role(name: &str) -> TensorRole<'_> {
+    if let Some(module) = name.strip_suffix(LORA_A_SUFFIX) {
+        TensorRole::LoraA(module)
+    } else if let Some(module) = name.strip_suffix(LORA_B_SUFFIX) {
+        TensorRole::LoraB(module)
+    } else {
+        TensorRole::Other
+    }
+}
+
+pub fn lora_a_name(module: &str) -> String {
+    format!("{module}{LORA_A_SUFFIX}")
+}
+
+pub fn lora_b_name(module: &str) -> String {
+    format!("{module}{LORA_B_SUFFIX}")
+}
+
+/// A validated adapter: every module has both factors, all factors are 2-D and share one rank.
+#[derive(Debug)]
+pub struct Adapter {
+    tensors: BTreeMap<String, Tensor>,
+    modules: Vec<String>,
+    rank: usize,
+}
+
+impl Adapter {
+    pub fn new(tensors: BTreeMap<String, Tensor>) -> Result<Adapter, AdapterError> {
+        let mut modules = Vec::new();
+        let mut rank: Option<usize> = None;
+        for name in tensors.keys() {
+            let module = match tensor_role(name) {
+                TensorRole::LoraA(module) => module,
+                TensorRole::LoraB(module) => {
+                    if !tensors.contains_key(&lora_a_name(module)) {
+                        return Err(AdapterError::Tensor {
+                            name: name.clone(),
+                            message: "has no matching lora_A".into(),
+                        });
+                    }
+                    continue;
+                }
+                TensorRole::Other => continue,
+            };
+            let a = &tensors[name];
+            let b_name = lora_b_name(module);
+            let b = tensors.get(&b_name).ok_or_else(|| AdapterError::Tensor {
+                name: name.clone(),
+                message: "has no matching lora_B".into(),
+            })?;
+            let (a_size, b_size) = (a.size(), b.size());
+            if a_size.len() != 2 || b_size.len() != 2 {
+                return Err(AdapterError::Tensor {
+                    name: name.clone(),
+                    message: format!("LoRA factors must be 2-D, got A {a_size:?} and B {b_size:?}"),
+                });
+            }
+            if a_size[0] != b_size[1] {
+                return Err(AdapterError::Tensor {
+                    name: name.clone(),
+                    message: format!(
+                        "A has {} rows but B has {} columns (shapes A {a_size:?}, B {b_size:?})",
+                        a_size[0], b_size[1]
+                    ),
+                });
+            }
+            let module_rank = a_size[0] as usize;
+            match rank {
+                None => rank = Some(module_rank),
+                Some(r) if r != module_rank => {
+                    return Err(AdapterError::Tensor {
+                        name: name.clone(),
+                        message: format!("rank {module_rank} differs from the adapter's rank {r}"),
+                    })
+                }
+                Some(_) => {}
+            }
+            modules.push(module.to_string());
+        }
+        Ok(Adapter { tensors, modules, rank: rank.unwrap_or(0) })
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Adapted module paths, sorted.
+    pub fn modules(&self) -> &[String] {
+        &self.modules
+    }
+
+    pub fn tensors(&self) -> &BTreeMap<String, Tensor> {
+        &self.tensors
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Tensor> {
+        self.tensors.get(name)
+    }
+
+    /// (A, B) of one module. Panics only if `module` is not one of [`Adapter::modules`].
+    pub fn factors(&self, module: &str) -> (&Tensor, &Tensor) {
+        (&self.tensors[&lora_a_name(module)], &self.tensors[&lora_b_name(module)])
+    }
+
+    /// Names of the non-LoRA tensors.
+    pub fn other_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors
+            .keys()
+            .filter(|n| tensor_role(n) == TensorRole::Other)
+            .map(String::as_str)
+    }
+
+    /// The first `rank` slots of every module (a copy), other tensors copied whole.
+    pub fn slice_to_rank(&self, rank: usize) -> Result<Adapter, AdapterError> {
+        if rank == 0 || rank > self.rank {
+            return Err(AdapterError::Inconsistent(format!(
+                "cannot slice a rank-{} adapter to rank {rank}",
+                self.rank
+            )));
+        }
+        let r = rank as i64;
+        let tensors = self
+            .tensors
+            .iter()
+            .map(|(name, t)| {
+                let sliced = match tensor_role(name) {
+                    TensorRole::LoraA(_) => t.narrow(0, 0, r).copy(),
+                    TensorRole::LoraB(_) => t.narrow(1, 0, r).copy(),
+                    TensorRole::Other => t.copy(),
+                };
+                (name.clone(), sliced)
+            })
+            .collect();
+        Adapter::new(tensors)
+    }
+
+    pub fn deep_copy(&self) -> Adapter {
+        Adapter {
+            tensors: self.tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+            modules: self.modules.clone(),
+            rank: self.rank,
+        }
+    }
+
+    pub fn to_wire(&self, dtype: DType) -> Result<WireTensors, AdapterError> {
+        Ok(WireTensors::from_tensors(
+            self.tensors.iter().map(|(n, t)| (n.as_str(), t)),
+            dtype,
+        )?)
+    }
+
+    pub fn from_wire(wire: &WireTensors) -> Result<Adapter, AdapterError> {
+        let mut tensors = BTreeMap::new();
+        for (name, tensor) in wire.to_tensors()? {
+            if tensors.insert(name.clone(), tensor).is_some() {
+                return Err(AdapterError::Tensor { name, message: "appears twice".into() });
+            }
+        }
+        Adapter::new(tensors)
+    }
+
+    /// Writes `adapter_model.safetensors` (f32, with `metadata`) and `adapter_config.json`.
+    pub fn save_peft(
+        &self,
+        dir: &Path,
+        config: &PeftConfig,
+        metadata: HashMap<String, String>,
+    ) -> Result<(), AdapterError> {
+        let file_err = |path: &Path, message: String| AdapterError::File { path: path.to_path_buf(), message };
+        fs::create_dir_all(dir).map_err(|e| file_err(dir, e.to_string()))?;
+        let wire = self.to_wire(DType::F32)?;
+        let mut views = Vec::with_capacity(wire.descs.len());
+        let mut offset = 0usize;
+        for desc in &wire.descs {
+            let len = desc.byte_len().unwrap_or(0) as usize;
+            let shape: Vec<usize> = desc.shape.iter().map(|&d| d as usize).collect();
+            let view = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape,
+                &wire.body[offset..offset + len],
+            )
+            .map_err(|e| file_err(dir, format!("tensor '{}': {e}", desc.name)))?;
+            views.push((desc.name.clone(), view));
+            offset += len;
+        }
+        let bytes = safetensors::serialize(views, Some(metadata))
+            .map_err(|e| file_err(dir, format!("cannot serialize: {e}")))?;
+        write_atomically(&dir.join(ADAPTER_WEIGHTS_FILE), &bytes)?;
+        let json = serde_json::to_vec_pretty(config)
+            .map_err(|e| file_err(dir, format!("cannot encode config: {e}")))?;
+        write_atomically(&dir.join(ADAPTER_CONFIG_FILE), &json)
+    }
+
+    /// Reads a PEFT adapter directory. f32, f16 and bf16 tensors are widened to f32.
+    pub fn load_peft(dir: &Path) -> Result<LoadedAdapter, AdapterError> {
+        let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
+        let file_err = |message: String| AdapterError::File { path: weights_path.clone(), message };
+        let bytes = fs::read(&weights_path).map_err(|e| file_err(e.to_string()))?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| file_err(format!("not a valid safetensors file: {e}")))?;
+        let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
+            .map_err(|e| file_err(format!("not a valid safetensors file: {e}")))?;
+        let mut tensors = BTreeMap::new();
+        for (name, view) in st.tensors() {
+            let kind = match view.dtype() {
+                safetensors::Dtype::F32 => Kind::Float,
+                safetensors::Dtype::F16 => Kind::Half,
+                safetensors::Dtype::BF16 => Kind::BFloat16,
+                other => return Err(file_err(format!("tensor '{name}' has unsupported dtype {other:?}"))),
+            };
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
+                .and_then(|t| t.f_to_kind(Kind::Float))
+                .map_err(|e| file_err(format!("tensor '{name}': {e}")))?;
+            tensors.insert(name, tensor);
+        }
+        let adapter = Adapter::new(tensors).map_err(|e| file_err(e.to_string()))?;
+        let config_path = dir.join(ADAPTER_CONFIG_FILE);
+        let config_text = fs::read_to_string(&config_path).map_err(|e| AdapterError::File {
+            path: config_path.clone(),
+            message: e.to_string(),
+        })?;
+        let config: PeftConfig = serde_json::from_str(&config_text).map_err(|e| AdapterError::File {
+            path: config_path.clone(),
+            message: format!("not a valid adapter config: {e}"),
+        })?;
+        Ok(LoadedAdapter { adapter, config, metadata: header.metadata().clone().unwrap_or_default() })
+    }
+}
+
+pub struct LoadedAdapter {
+    pub adapter: Adapter,
+    pub config: PeftConfig,
+    pub metadata: HashMap<String, String>,
+}
+
+/// The subset of HF PEFT's `adapter_config.json` that Flotilla writes and reads.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PeftConfig {
+    #[serde(default = "lora")]
+    pub peft_type: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub target_modules: Vec<String>,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default = "none")]
+    pub bias: String,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default)]
+    pub task_type: Option<String>,
+    #[serde(default = "yes")]
+    pub inference_mode: bool,
+}
+
+fn lora() -> String {
+    "LORA".into()
+}
+fn none() -> String {
+    "none".into()
+}
+fn yes() -> bool {
+    true
+}
+
+impl PeftConfig {
+    pub fn for_adapter(adapter: &Adapter, lora_alpha: f64) -> PeftConfig {
+        let strip = |m: &str| m.rsplit('.').next().unwrap_or(m).to_string();
+        let mut target_modules: Vec<String> = adapter.modules().iter().map(|m| strip(m)).collect();
+        target_modules.dedup();
+        let mut to_save: Vec<String> = adapter
+            .other_names()
+            .filter_map(|n| n.rsplit_once('.').map(|(module, _)| strip(module)))
+            .collect();
+        to_save.dedup();
+        PeftConfig {
+            peft_type: lora(),
+            r: adapter.rank(),
+            lora_alpha,
+            target_modules,
+            modules_to_save: (!to_save.is_empty()).then_some(to_save),
+            lora_dropout: 0.0,
+            bias: none(),
+            fan_in_fan_out: false,
+            base_model_name_or_path: None,
+            task_type: None,
+            inference_mode: true,
+        }
+    }
+}
+
+/// Writes `path` so that a crash leaves either the old or the new file, never a torn one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
+    use std::io::Write;
+    let err = |message: String| AdapterError::File { path: path.to_path_buf(), message };
+    let tmp = path.with_extension("tmp");
+    let mut file = fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
+    file.write_all(bytes).map_err(|e| err(e.to_string()))?;
+    file.sync_all().map_err(|e| err(e.to_string()))?;
+    fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
+    if let Some(parent) = path.parent() {
+        if let Ok(dir) = fs::File::open(parent) {
+            let _ = dir.sync_all();
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adapter(rank: i64) -> Adapter {
+        let mut t = BTreeMap::new();
+        t.insert(lora_a_name("m.fc1"), Tensor::arange(rank * 3, (Kind::Float, tch::Device::Cpu)).reshape([rank, 3]));
+        t.insert(lora_b_name("m.fc1"), Tensor::arange(2 * rank, (Kind::Float, tch::Device::Cpu)).reshape([2, rank]));
+        t.insert("m.head.weight".into(), Tensor::ones([4, 2], (Kind::Float, tch::Device::Cpu)));
+        Adapter::new(t).unwrap()
+    }
+
+    #[test]
+    fn slicing_takes_rows_of_a_and_columns_of_b() {
+        let a = adapter(4);
+        let s = a.slice_to_rank(2).unwrap();
+        assert_eq!(s.rank(), 2);
+        let (sa, sb) = s.factors("m.fc1");
+        assert_eq!(sa.size(), vec![2, 3]);
+        assert_eq!(sb.size(), vec![2, 2]);
+        assert_eq!(sb.double_value(&[1, 1]), 5.0);
+        assert_eq!(s.get("m.head.weight").unwrap().size(), vec![4, 2]);
+        assert!(a.slice_to_rank(5).is_err());
+        assert!(a.slice_to_rank(0).is_err());
+    }
+
+    #[test]
+    fn inconsistent_factors_are_rejected() {
+        let mut t = BTreeMap::new();
+        t.insert(lora_a_name("x"), Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu)));
+        t.insert(lora_b_name("x"), Tensor::zeros([4, 3], (Kind::Float, tch::Device::Cpu)));
+        assert!(Adapter::new(t).is_err());
+        let mut t = BTreeMap::new();
+        t.insert(lora_a_name("x"), Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu)));
+        assert!(Adapter::new(t).is_err());
+    }
+
+    #[test]
+    fn peft_round_trip_keeps_values_and_metadata() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = adapter(4);
+        let meta = HashMap::from([(NUM_SAMPLES_KEY.to_string(), "123".to_string())]);
+        a.save_peft(dir.path(), &PeftConfig::for_adapter(&a, 16.0), meta).unwrap();
+        let loaded = Adapter::load_peft(dir.path()).unwrap();
+        assert_eq!(loaded.metadata[NUM_SAMPLES_KEY], "123");
+        assert_eq!(loaded.config.r, 4);
+        for (name, t) in a.tensors() {
+            assert!(loaded.adapter.get(name).unwrap().equal(t), "{name}");
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! LoRA models: a frozen base and a trainable adapter (LoRA factors plus a shared classifier head).
+//!
+//! Each adapted layer computes `y = W0·x + b0 + s·B·(A·x)` with one scale `s = lora_alpha / R_max`
+//! for every rank, so a rank-r slice of the global adapter means the same thing on every device.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+
+use crate::adapter::{lora_a_name, lora_b_name, Adapter, AdapterError};
+use crate::data::{seeded_uniform, Dataset};
+use crate::protocol::{LocalMetrics, TrainingSettings};
+
+/// Prefix of every adapter tensor name, as HF PEFT writes it.
+pub const ADAPTER_PREFIX: &str = "base_model.model.";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Architecture {
+    /// Fully connected layers with ReLU, LoRA on each hidden layer, then a trainable linear head.
+    Mlp { input: u32, hidden: Vec<u32>, classes: u32 },
+}
+
+/// One adapted layer: its name and `d_in → d_out`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerShape {
+    pub name: String,
+    pub d_in: usize,
+    pub d_out: usize,
+}
+
+pub type BaseWeights = BTreeMap<String, Tensor>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model: tensor '{0}' is missing")]
+    Missing(String),
+    #[error("model: tensor '{name}' has shape {got:?}, expected {want:?}")]
+    Shape { name: String, got: Vec<i64>, want: Vec<i64> },
+    #[error("model: libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
+impl Architecture {
+    pub fn adapted_layers(&self) -> Vec<LayerShape> {
+        match self {
+            Architecture::Mlp { input, hidden, .. } => {
+                let mut d_in = *input as usize;
+                hidden
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &h)| {
+                        let shape = LayerShape { name: format!("fc{}", i + 1), d_in, d_out: h as usize };
+                        d_in = h as usize;
+                        shape
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    fn head_shape(&self) -> (usize, usize) {
+        match self {
+            Architecture::Mlp { input, hidden, classes } => {
+                (hidden.last().copied().unwrap_or(*input) as usize, *classes as usize)
+            }
+        }
+    }
+
+    pub fn input_size(&self) -> usize {
+        match self {
+            Architecture::Mlp { input, .. } => *input as usize,
+        }
+    }
+
+    pub fn classes(&self) -> usize {
+        match self {
+            Architecture::Mlp { classes, .. } => *classes as usize,
+        }
+    }
+
+    /// A base model initialised like PyTorch's `nn.Linear` (uniform ±1/√d_in), reproducible from `seed`.
+    pub fn init_base(&self, seed: u64) -> BaseWeights {
+        let mut weights = BTreeMap::new();
+        for (i, layer) in self.adapted_layers().iter().enumerate() {
+            let bound = 1.0 / (layer.d_in as f64).sqrt();
+            let s = seed.wrapping_mul(1000).wrapping_add(2 * i as u64);
+            weights.insert(format!("{}.weight", layer.name), seeded_uniform(&[layer.d_out, layer.d_in], bound, s));
+            weights.insert(format!("{}.bias", layer.name), seeded_uniform(&[layer.d_out], bound, s + 1));
+        }
+        weights
+    }
+
+    /// The initial global adapter at rank `max_rank`: A uniform ±1/√d_in (as PEFT), B zero, so the
+    /// model starts as the base; the head is initialised like `nn.Linear`.
+    pub fn init_adapter(&self, max_rank: usize, seed: u64) -> Result<Adapter, ModelError> {
+        let mut tensors = BTreeMap::new();
+        for (i, layer) in self.adapted_layers().iter().enumerate() {
+            let module = format!("{ADAPTER_PREFIX}{}", layer.name);
+            let bound = 1.0 / (layer.d_in as f64).sqrt();
+            let s = seed.wrapping_mul(1000).wrapping_add(500 + i as u64);
+            tensors.insert(lora_a_name(&module), seeded_uniform(&[max_rank, layer.d_in], bound, s));
+            tensors.insert(lora_b_name(&module), Tensor::zeros([layer.d_out as i64, max_rank as i64], (Kind::Float, Device::Cpu)));
+        }
+        let (d_in, classes) = self.head_shape();
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let s = seed.wrapping_mul(1000).wrapping_add(900);
+        tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), seeded_uniform(&[classes, d_in], bound, s));
+        tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), seeded_uniform(&[classes], bound, s + 1));
+        Ok(Adapter::new(tensors)?)
+    }
+
+    /// Checks that `base` has exactly the tensors and shapes this architecture needs.
+    pub fn check_base(&self, base: &BaseWeights) -> Result<(), ModelError> {
+        for layer in self.adapted_layers() {
+            for (suffix, want) in [
+                ("weight", vec![layer.d_out as i64, layer.d_in as i64]),
+                ("bias", vec![layer.d_out as i64]),
+            ] {
+                let name = format!("{}.{suffix}", layer.name);
+                let got = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?.size();
+                if got != want {
+                    return Err(ModelError::Shape { name, got, want });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct LoraLayer {
+    name: String,
+    weight: Tensor,
+    bias: Tensor,
+    a: Tensor,
+    b: Tensor,
+}
+
+/// A model ready to train or evaluate: frozen base tensors plus adapter variables in their own
+/// `VarStore`, so the optimizer only ever sees the adapter.
+pub struct LoraModel {
+    layers: Vec<LoraLayer>,
+    head_weight: Tensor,
+    head_bias: Tensor,
+    scale: f64,
+    rank: usize,
+    device: Device,
+    store: nn::VarStore,
+}
+
+impl LoraModel {
+    pub fn new(
+        architecture: &Architecture,
+        base: &BaseWeights,
+        adapter: &Adapter,
+        scale: f64,
+        device: Device,
+    ) -> Result<LoraModel, ModelError> {
+        architecture.check_base(base)?;
+        let store = nn::VarStore::new(device);
+        let root = store.root();
+        let adapter_tensor = |name: String| -> Result<&Tensor, ModelError> {
+            adapter.get(&name).ok_or(ModelError::Missing(name))
+        };
+        let mut layers = Vec::new();
+        for layer in architecture.adapted_layers() {
+            let module = format!("{ADAPTER_PREFIX}{}", layer.name);
+            let a = root.f_var_copy(&format!("{}_lora_a", layer.name), adapter_tensor(lora_a_name(&module))?)?;
+            let b = root.f_var_copy(&format!("{}_lora_b", layer.name), adapter_tensor(lora_b_name(&module))?)?;
+            layers.push(LoraLayer {
+                weight: base[&format!("{}.weight", layer.name)].to_device(device),
+                bias: base[&format!("{}.bias", layer.name)].to_device(device),
+                name: layer.name,
+                a,
+                b,
+            });
+        }
+        let head_weight = root.f_var_copy("head_weight", adapter_tensor(format!("{ADAPTER_PREFIX}head.weight"))?)?;
+        let head_bias = root.f_var_copy("head_bias", adapter_tensor(format!("{ADAPTER_PREFIX}head.bias"))?)?;
+        Ok(LoraModel { layers, head_weight, head_bias, scale, rank: adapter.rank(), device, store })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut h = x.shallow_clone();
+        for layer in &self.layers {
+            let base = h.linear(&layer.weight, Some(&layer.bias));
+            let lora = h.matmul(&layer.a.tr()).matmul(&layer.b.tr());
+            h = (base + lora * self.scale).relu();
+        }
+        h.linear(&self.head_weight, Some(&self.head_bias))
+    }
+
+    /// The adapter's current values under their PEFT names (on the CPU).
+    pub fn adapter(&self) -> Result<Adapter, ModelError> {
+        let mut tensors = BTreeMap::new();
+        for layer in &self.layers {
+            let module = format!("{ADAPTER_PREFIX}{}", layer.name);
+            tensors.insert(lora_a_name(&module), layer.a.detach().to_device(Device::Cpu).copy());
+            tensors.insert(lora_b_name(&module), layer.b.detach().to_device(Device::Cpu).copy());
+        }
+        tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), self.head_weight.detach().to_device(Device::Cpu).copy());
+        tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), self.head_bias.detach().to_device(Device::Cpu).copy());
+        Ok(Adapter::new(tensors)?)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+
+    /// Mean cross-entropy and accuracy over `data`, in batches, without gradients.
+    pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> (f64, f64) {
+        tch::no_grad(|| {
+            let n = data.len();
+            if n == 0 {
+                return (0.0, 0.0);
+            }
+            let (mut loss_sum, mut correct) = (0.0, 0.0);
+            let mut start = 0;
+            while start < n {
+                let len = batch_size.min(n - start) as i64;
+                let x = data.features.narrow(0, start as i64, len).to_device(self.device);
+                let y = data.labels.narrow(0, start as i64, len).to_device(self.device);
+                let logits = self.forward(&x);
+                loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
+                correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Float).double_value(&[]);
+                start += len as usize;
+            }
+            (loss_sum / n as f64, correct / n as f64)
+        })
+    }
+
+    /// Local training: AdamW on the adapter only, `local_steps` minibatches drawn with `seed`.
+    pub fn train(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<LocalMetrics, ModelError> {
+        let started = Instant::now();
+        let eval_batch = 1024;
+        let (loss_before, _) = self.evaluate(data, eval_batch);
+        let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(&self.store, settings.learning_rate)?;
+        // Our own generator, not libtorch's process-global one: simulated devices train concurrently.
+        let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+        let n = data.len() as i64;
+        let batch = (settings.batch_size as i64).min(n).max(1);
+        for _ in 0..settings.local_steps {
+            let picks: Vec<i64> = (0..batch).map(|_| rng.random_range(0..n)).collect();
+            let index = Tensor::from_slice(&picks);
+            let x = data.features.f_index_select(0, &index)?.f_to_device(self.device)?;
+            let y = data.labels.f_index_select(0, &index)?.f_to_device(self.device)?;
+            let loss = self.forward(&x).cross_entropy_for_logits(&y);
+            optimizer.backward_step(&loss);
+        }
+        let (loss_after, accuracy) = self.evaluate(data, eval_batch);
+        Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds: started.elapsed().as_secs_f64() })
+    }
+
+    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
+        self.layers.iter().map(|l| l.name.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::synthetic_classification;
+
+    fn arch() -> Architecture {
+        Architecture::Mlp { input: 16, hidden: vec![32, 32], classes: 4 }
+    }
+
+    #[test]
+    fn a_fresh_adapter_leaves_the_base_unchanged_and_training_improves_it() {
+        let arch = arch();
+        let base = arch.init_base(1);
+        let global = arch.init_adapter(8, 2).unwrap();
+        assert_eq!(global.rank(), 8);
+        let slice = global.slice_to_rank(4).unwrap();
+        let mut model = LoraModel::new(&arch, &base, &slice, 2.0, Device::Cpu).unwrap();
+        let data = synthetic_classification(512, 16, 4, 3, 4);
+        let settings = TrainingSettings { local_steps: 150, batch_size: 32, learning_rate: 1e-2, seed: 5 };
+        let metrics = model.train(&data, &settings).unwrap();
+        assert!(metrics.loss_after < metrics.loss_before * 0.8, "{metrics:?}");
+        let trained = model.adapter().unwrap();
+        assert_eq!(trained.rank(), 4);
+        // B starts at zero, so it must have moved; the base never changes.
+        let (_, b) = trained.factors(&format!("{ADAPTER_PREFIX}fc1"));
+        assert!(b.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn training_is_deterministic_given_the_seed() {
+        let arch = arch();
+        let base = arch.init_base(1);
+        let global = arch.init_adapter(4, 2).unwrap();
+        let data = synthetic_classification(128, 16, 4, 3, 4);
+        let settings = TrainingSettings { local_steps: 10, batch_size: 16, learning_rate: 1e-2, seed: 9 };
+        let run = || {
+            let mut m = LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).unwrap();
+            m.train(&data, &settings).unwrap();
+            m.adapter().unwrap()
+        };
+        let (x, y) = (run(), run());
+        for (name, t) in x.tensors() {
+            assert!(t.equal(y.get(name).unwrap()), "{name}");
+        }
+    }
+
+    #[test]
+    fn a_base_with_wrong_shapes_is_refused() {
+        let arch = arch();
+        let mut base = arch.init_base(1);
+        base.insert("fc1.weight".into(), Tensor::zeros([3, 3], (Kind::Float, Device::Cpu)));
+        let global = arch.init_adapter(4, 2).unwrap();
+        assert!(LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).is_err());
+    }
+}

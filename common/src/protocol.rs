@@ -1,0 +1,127 @@
+//! The messages devices and the coordinator exchange.
+//!
+//! Each message travels on its own QUIC stream as one frame (see [`crate::framing`]): a bounded
+//! bincode header holding the message and the descriptors of the tensors it carries, then the raw
+//! tensor bytes. The protocol version is negotiated by ALPN ([`ALPN`]).
+//!
+//! Exchanges:
+//! - device opens a bidirectional stream: `Hello` → `Welcome` (with the frozen base model's tensors)
+//!   or `Refusal`.
+//! - coordinator opens a unidirectional stream per push: `RoundTask` (with the global adapter slice
+//!   for the device's rank) or `Finished`.
+//! - device opens a bidirectional stream per upload: `Update` (with the trained adapter) → `Ack` or
+//!   `Reject`.
+//! Liveness is QUIC's own keep-alive and idle timeout.
+
+use serde::{Deserialize, Serialize};
+
+/// ALPN protocol id; a peer speaking another version fails the handshake with a clear error.
+pub const ALPN: &[u8] = b"flotilla/1";
+pub const PROTOCOL_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum DeviceMessage {
+    Hello(Hello),
+    Update(Update),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CoordinatorMessage {
+    Welcome(Welcome),
+    Refusal(Refusal),
+    RoundTask(RoundTask),
+    Ack(Ack),
+    Reject(Reject),
+    Finished(Finished),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct HardwareProfile {
+    pub device_class: String,
+    pub cpu_cores: u32,
+    pub memory_bytes: u64,
+    pub cuda_devices: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Must equal the identity in the device's certificate.
+    pub device_id: String,
+    pub protocol_version: u32,
+    pub hardware: HardwareProfile,
+    pub requested_rank: u32,
+}
+
+/// The model every participant trains: a frozen base plus LoRA adapters of rank ≤ `max_rank`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModelSpec {
+    pub architecture: crate::model::Architecture,
+    /// One scale for every rank: the LoRA update is `lora_alpha / max_rank · B·A`.
+    pub lora_alpha: f64,
+    pub max_rank: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Welcome {
+    pub assigned_rank: u32,
+    pub model: ModelSpec,
+    /// Identifies the base weights carried with this message.
+    pub base_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Refusal {
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingSettings {
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RoundTask {
+    pub round: u32,
+    pub total_rounds: u32,
+    pub rank: u32,
+    pub base_version: String,
+    pub training: TrainingSettings,
+    /// Seconds from receipt until the coordinator stops waiting for this device's update.
+    pub deadline_secs: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LocalMetrics {
+    pub loss_before: f64,
+    pub loss_after: f64,
+    pub accuracy: f64,
+    pub train_seconds: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Update {
+    pub round: u32,
+    pub rank: u32,
+    pub num_samples: u64,
+    pub metrics: LocalMetrics,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Ack {
+    pub round: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reject {
+    pub round: u32,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Finished {
+    pub rounds_completed: u32,
+    pub reason: String,
+}
