@@ -19,6 +19,7 @@ use crate::protocol::{LocalMetrics, TrainingSettings};
 pub const ADAPTER_PREFIX: &str = "base_model.model.";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Architecture {
     /// Fully connected layers with ReLU, LoRA on each hidden layer, then a trainable linear head.
     Mlp { input: u32, hidden: Vec<u32>, classes: u32 },

@@ -125,6 +125,18 @@ pub fn device_id_from_certificate(der: &[u8]) -> Result<String, TlsError> {
     Ok(id.to_string())
 }
 
+/// The device id in the certificate of a kit (the identity this device must claim in its Hello).
+pub fn own_device_id(kit: &KitPaths) -> Result<String, TlsError> {
+    let cert = CertificateDer::from_pem_file(&kit.cert).map_err(|e| TlsError::File {
+        path: kit.cert.clone(),
+        message: format!("not a PEM certificate: {e}"),
+    })?;
+    device_id_from_certificate(&cert).map_err(|e| TlsError::File {
+        path: kit.cert.clone(),
+        message: format!("not a device certificate: {e}"),
+    })
+}
+
 /// The device id bound to an authenticated QUIC connection.
 pub fn peer_device_id(connection: &quinn::Connection) -> Result<String, TlsError> {
     let identity = connection

@@ -1,1 +1,106 @@
-fn main() {}
+//! `flotilla-coordinator`: the cloud side of Flotilla.
+
+mod aggregation;
+mod config;
+mod engine;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
+/// updates of different ranks (RBLA by default) into one global adapter.
+#[derive(Parser)]
+#[command(name = "flotilla-coordinator", version)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"], env = "FLOTILLA_LOG_FORMAT")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve rounds until the configured number is done, then write the summary and exit.
+    Serve {
+        /// TOML configuration file (sections: server, tls, transport, limits, round, aggregation, model).
+        #[arg(long, env = "FLOTILLA_CONFIG")]
+        config: PathBuf,
+        /// Override `server.listen`.
+        #[arg(long, env = "FLOTILLA_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Override `server.run_dir`.
+        #[arg(long, env = "FLOTILLA_RUN_DIR")]
+        run_dir: Option<PathBuf>,
+        /// Override `server.address_file`.
+        #[arg(long)]
+        address_file: Option<PathBuf>,
+    },
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    if let Err(error) = run(cli.command) {
+        eprintln!("flotilla-coordinator: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { config, listen, run_dir, address_file } => {
+            let mut config = config::CoordinatorConfig::load(&config)?;
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if let Some(run_dir) = run_dir {
+                config.server.run_dir = run_dir;
+            }
+            if address_file.is_some() {
+                config.server.address_file = address_file;
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let summary = runtime.block_on(server::serve(config))?;
+            print_summary(&summary);
+            Ok(())
+        }
+    }
+}
+
+fn print_summary(summary: &server::RunSummary) {
+    println!(
+        "run finished: {} round(s) with {} (R_max {})",
+        summary.rounds_completed, summary.method, summary.max_rank
+    );
+    println!("{:>5}  {:<16} {:>4} {:>8} {:>11} {:>10} {:>9}", "round", "device", "rank", "samples", "loss before", "loss after", "accuracy");
+    for round in &summary.rounds {
+        for u in &round.updates {
+            println!(
+                "{:>5}  {:<16} {:>4} {:>8} {:>11.4} {:>10.4} {:>8.1}%",
+                round.round, u.device, u.rank, u.num_samples, u.metrics.loss_before, u.metrics.loss_after, u.metrics.accuracy * 100.0
+            );
+        }
+    }
+    if let Some(path) = &summary.final_global {
+        println!("global adapter: {}", path.display());
+    }
+}

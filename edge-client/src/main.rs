@@ -1,1 +1,139 @@
-fn main() {}
+//! `flotilla-edge`: the device side of Flotilla.
+
+mod session;
+mod trainer;
+
+use trainer::DataSource;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use flotilla_common::framing::FrameLimits;
+use flotilla_common::protocol::HardwareProfile;
+use flotilla_common::quic::{self, TransportSettings};
+use flotilla_common::tls::{self, KitPaths};
+
+/// Trains LoRA adapters on this device's own data and exchanges rank-tagged updates with a
+/// Flotilla coordinator over mutual-TLS QUIC. Data never leaves the device.
+#[derive(Parser)]
+#[command(name = "flotilla-edge", version)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"], env = "FLOTILLA_LOG_FORMAT")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join the coordinator's run and train every round until it is finished.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Coordinator address (IP:port).
+    #[arg(long, env = "FLOTILLA_COORDINATOR")]
+    coordinator: SocketAddr,
+    /// Name in the coordinator's certificate.
+    #[arg(long, default_value = "localhost", env = "FLOTILLA_SERVER_NAME")]
+    server_name: String,
+    /// This device's kit directory from `flotilla-certs issue device` (ca.crt, cert.pem, key.pem).
+    #[arg(long, env = "FLOTILLA_KIT")]
+    kit: PathBuf,
+    /// LoRA rank to ask for (the coordinator may lower it).
+    #[arg(long, default_value_t = 4)]
+    rank: u32,
+    /// Device class reported to the coordinator (phone, laptop, desktop, gpu, ...).
+    #[arg(long, default_value = "laptop")]
+    device_class: String,
+    /// Local synthetic training samples.
+    #[arg(long, default_value_t = 512)]
+    samples: usize,
+    /// Seed of the synthetic task; devices of one run must share it.
+    #[arg(long, default_value_t = 7)]
+    task_seed: u64,
+    /// libtorch threads on the training thread.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Connection attempts before giving up on transient failures.
+    #[arg(long, default_value_t = 8)]
+    max_attempts: u32,
+}
+
+fn init_logging(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    init_logging(&cli.log_format);
+    let code = match cli.command {
+        Command::Run(args) => match run(args) {
+            Ok(()) => 0,
+            Err(error) => {
+                eprintln!("flotilla-edge: {error:#}");
+                // 2: refused (certificate, identity, version) — retrying will not help.
+                if error.downcast_ref::<session::SessionError>().is_some_and(|e| matches!(e, session::SessionError::Fatal(_))) {
+                    2
+                } else {
+                    1
+                }
+            }
+        },
+    };
+    std::process::exit(code);
+}
+
+fn run(args: RunArgs) -> Result<()> {
+    let kit = KitPaths::in_dir(&args.kit);
+    let device_id = tls::own_device_id(&kit)?;
+    anyhow::ensure!(args.rank >= 1, "--rank must be at least 1");
+
+    let sample_seed = device_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+    let data = DataSource::Synthetic { samples: args.samples, task_seed: args.task_seed, sample_seed };
+    let trainer = trainer::Trainer::spawn(args.threads, data)?;
+
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async {
+        let endpoint = quic::client_endpoint(&kit, &TransportSettings::default())?;
+        let settings = session::SessionSettings {
+            coordinator: args.coordinator,
+            server_name: args.server_name,
+            device_id: device_id.clone(),
+            requested_rank: args.rank,
+            hardware: HardwareProfile {
+                device_class: args.device_class,
+                cpu_cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
+                memory_bytes: 0,
+                cuda_devices: tch::Cuda::device_count() as u32,
+            },
+            limits: FrameLimits::default(),
+            max_attempts: args.max_attempts,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        };
+        tracing::info!(device = %device_id, coordinator = %settings.coordinator, rank = settings.requested_rank, "starting");
+        let report = session::run(&endpoint, &trainer, &settings).await?;
+        endpoint.wait_idle().await;
+        println!(
+            "device {device_id}: trained {} round(s); run finished after {} round(s)",
+            report.rounds_trained, report.rounds_completed
+        );
+        anyhow::Ok(())
+    })
+}

@@ -1,0 +1,130 @@
+//! The aggregation worker: a dedicated thread that owns libtorch state on the coordinator — the
+//! global adapter and the streaming accumulator of the current round — so no tensor work runs on
+//! the async runtime. It receives commands and reports results back to the round driver.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+use flotilla_common::adapter::{Adapter, PeftConfig, NUM_SAMPLES_KEY};
+use flotilla_common::aggregate::{Aggregator, ClientUpdate, Method};
+use flotilla_common::tensor::{DType, WireTensors};
+use tokio::sync::oneshot;
+
+pub enum Command {
+    /// The global adapter sliced to each rank, packed for the wire.
+    Slices { ranks: Vec<u32>, reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>> },
+    Fold { device: String, round: u32, rank: u32, num_samples: u64, tensors: WireTensors, reply: oneshot::Sender<Result<(), String>> },
+    Finish { round: u32, reply: oneshot::Sender<Result<RoundOutcome, String>> },
+}
+
+#[derive(Debug, Clone)]
+pub struct RoundOutcome {
+    pub round: u32,
+    pub updates: usize,
+    pub global_dir: PathBuf,
+    pub seconds: f64,
+}
+
+pub struct WorkerSettings {
+    pub method: Method,
+    pub lora_alpha: f64,
+    pub run_dir: PathBuf,
+    pub record_updates: bool,
+}
+
+pub struct AggregationWorker {
+    commands: mpsc::Sender<Command>,
+}
+
+impl AggregationWorker {
+    pub fn spawn(initial_global: Adapter, settings: WorkerSettings) -> anyhow::Result<AggregationWorker> {
+        let (commands, receiver) = mpsc::channel();
+        let accumulator = settings.method.start(&initial_global)?;
+        std::thread::Builder::new()
+            .name("aggregation".into())
+            .spawn(move || {
+                // One core for tensor work; the rest serve the network.
+                tch::set_num_threads(1);
+                Worker { global: initial_global, accumulator: Some(accumulator), settings }.run(receiver)
+            })?;
+        Ok(AggregationWorker { commands })
+    }
+
+    pub async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command) -> Result<T, String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(make(reply)).map_err(|_| "aggregation worker stopped".to_string())?;
+        answer.await.map_err(|_| "aggregation worker stopped".to_string())?
+    }
+}
+
+struct Worker {
+    global: Adapter,
+    /// `None` only between finishing a round and starting the next accumulator.
+    accumulator: Option<Box<dyn Aggregator>>,
+    settings: WorkerSettings,
+}
+
+impl Worker {
+    fn run(mut self, receiver: mpsc::Receiver<Command>) {
+        while let Ok(command) = receiver.recv() {
+            match command {
+                Command::Slices { ranks, reply } => {
+                    let _ = reply.send(self.slices(&ranks));
+                }
+                Command::Fold { device, round, rank, num_samples, tensors, reply } => {
+                    let _ = reply.send(self.fold(&device, round, rank, num_samples, &tensors));
+                }
+                Command::Finish { round, reply } => {
+                    let _ = reply.send(self.finish(round));
+                }
+            }
+        }
+    }
+
+    fn slices(&self, ranks: &[u32]) -> Result<BTreeMap<u32, WireTensors>, String> {
+        let mut out = BTreeMap::new();
+        for &rank in ranks {
+            if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(rank) {
+                let slice = self.global.slice_to_rank(rank as usize).map_err(|e| e.to_string())?;
+                slot.insert(slice.to_wire(DType::F32).map_err(|e| e.to_string())?);
+            }
+        }
+        Ok(out)
+    }
+
+    fn fold(&mut self, device: &str, round: u32, rank: u32, num_samples: u64, tensors: &WireTensors) -> Result<(), String> {
+        let adapter = Adapter::from_wire(tensors).map_err(|e| format!("update from '{device}' rejected: {e}"))?;
+        let update = ClientUpdate { client: device, declared_rank: rank as usize, num_samples, adapter: &adapter };
+        let accumulator = self.accumulator.as_mut().ok_or("no round is being aggregated")?;
+        accumulator.fold(&update).map_err(|e| e.to_string())?;
+        if self.settings.record_updates {
+            let dir = self.settings.run_dir.join("updates").join(format!("round-{round}")).join(device);
+            let metadata = HashMap::from([(NUM_SAMPLES_KEY.to_string(), num_samples.to_string())]);
+            let config = PeftConfig::for_adapter(&adapter, self.settings.lora_alpha * rank as f64 / self.global.rank() as f64);
+            if let Err(e) = adapter.save_peft(&dir, &config, metadata) {
+                tracing::error!(device, round, "cannot record update: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, round: u32) -> Result<RoundOutcome, String> {
+        let started = Instant::now();
+        let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
+        let updates = finished.folded();
+        // Whatever happens, the next round starts from the newest good global adapter.
+        let outcome = finished.finish().map(|global| self.global = global).map_err(|e| e.to_string());
+        self.accumulator = Some(self.settings.method.start(&self.global).map_err(|e| e.to_string())?);
+        outcome?;
+        let global_dir = self.settings.run_dir.join("global").join(format!("round-{round}"));
+        let config = PeftConfig::for_adapter(&self.global, self.settings.lora_alpha);
+        let metadata = HashMap::from([
+            ("round".to_string(), round.to_string()),
+            ("method".to_string(), self.settings.method.to_string()),
+        ]);
+        self.global.save_peft(&global_dir, &config, metadata).map_err(|e| e.to_string())?;
+        Ok(RoundOutcome { round, updates, global_dir, seconds: started.elapsed().as_secs_f64() })
+    }
+}

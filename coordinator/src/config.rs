@@ -1,0 +1,170 @@
+//! The coordinator's TOML configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use flotilla_common::aggregate::Method;
+use flotilla_common::framing::FrameLimits;
+use flotilla_common::model::Architecture;
+use flotilla_common::quic::TransportSettings;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CoordinatorConfig {
+    pub server: ServerSection,
+    pub tls: TlsSection,
+    #[serde(default)]
+    pub transport: TransportSettings,
+    #[serde(default)]
+    pub limits: FrameLimits,
+    #[serde(default)]
+    pub round: RoundSection,
+    #[serde(default)]
+    pub aggregation: AggregationSection,
+    #[serde(default)]
+    pub model: ModelSection,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub listen: SocketAddr,
+    /// Where the global adapters, the summary and (optionally) received updates are written.
+    pub run_dir: PathBuf,
+    /// If set, the bound address is written here once listening (useful with port 0).
+    #[serde(default)]
+    pub address_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The coordinator's kit directory from `flotilla-certs issue coordinator` (ca.crt, cert.pem, key.pem).
+    pub kit: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RoundSection {
+    pub rounds: u32,
+    pub min_devices: usize,
+    pub deadline_secs: u32,
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+}
+
+impl Default for RoundSection {
+    fn default() -> Self {
+        RoundSection {
+            rounds: 3,
+            min_devices: 2,
+            deadline_secs: 120,
+            local_steps: 50,
+            batch_size: 32,
+            learning_rate: 5e-3,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AggregationSection {
+    pub method: Method,
+    pub max_rank: u32,
+    pub lora_alpha: f64,
+    /// Also write every accepted update to `<run_dir>/updates/round-N/<device>/` (for audits and tests).
+    pub record_updates: bool,
+}
+
+impl Default for AggregationSection {
+    fn default() -> Self {
+        AggregationSection { method: Method::Rbla, max_rank: 8, lora_alpha: 16.0, record_updates: false }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    pub architecture: Architecture,
+    /// Seeds the base model and the initial global adapter.
+    pub seed: u64,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        ModelSection { architecture: Architecture::Mlp { input: 64, hidden: vec![64, 64], classes: 10 }, seed: 42 }
+    }
+}
+
+impl CoordinatorConfig {
+    pub fn load(path: &Path) -> anyhow::Result<CoordinatorConfig> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
+        let config: CoordinatorConfig =
+            toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        config.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.round.rounds >= 1, "round.rounds must be at least 1");
+        anyhow::ensure!(self.round.deadline_secs >= 1, "round.deadline_secs must be at least 1");
+        anyhow::ensure!(self.round.local_steps >= 1, "round.local_steps must be at least 1");
+        anyhow::ensure!(self.round.batch_size >= 1, "round.batch_size must be at least 1");
+        anyhow::ensure!(
+            self.round.learning_rate.is_finite() && self.round.learning_rate > 0.0,
+            "round.learning_rate must be a positive number"
+        );
+        anyhow::ensure!(
+            (1..=1024).contains(&self.aggregation.max_rank),
+            "aggregation.max_rank must be in 1..=1024"
+        );
+        anyhow::ensure!(
+            self.aggregation.lora_alpha.is_finite() && self.aggregation.lora_alpha > 0.0,
+            "aggregation.lora_alpha must be a positive number"
+        );
+        let Architecture::Mlp { input, hidden, classes } = &self.model.architecture;
+        anyhow::ensure!(*input >= 1 && *classes >= 2, "model: input must be ≥ 1 and classes ≥ 2");
+        anyhow::ensure!(!hidden.is_empty() && hidden.iter().all(|&h| h >= 1), "model: hidden layers must be non-empty");
+        self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_config_gets_defaults_and_unknown_keys_are_refused() {
+        let text = r#"
+            [server]
+            listen = "127.0.0.1:0"
+            run_dir = "run"
+            [tls]
+            kit = "pki/kits/coordinator"
+            [model.architecture.mlp]
+            input = 784
+            hidden = [128]
+            classes = 10
+        "#;
+        let config: CoordinatorConfig = toml::from_str(text).unwrap();
+        config.validate().unwrap();
+        assert_eq!(config.aggregation.method, Method::Rbla);
+        assert_eq!(config.model.architecture, Architecture::Mlp { input: 784, hidden: vec![128], classes: 10 });
+        let typo = text.replace("[tls]", "[tls]\nkitt = 1");
+        assert!(toml::from_str::<CoordinatorConfig>(&typo).is_err());
+    }
+
+    #[test]
+    fn nonsense_values_are_refused_with_the_key_name() {
+        let mut config: CoordinatorConfig = toml::from_str(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"r\"\n[tls]\nkit = \"k\"\n",
+        )
+        .unwrap();
+        config.aggregation.max_rank = 0;
+        assert!(config.validate().unwrap_err().to_string().contains("max_rank"));
+    }
+}

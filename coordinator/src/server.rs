@@ -1,0 +1,494 @@
+//! The thin I/O layer around the round engine: accepts mutual-TLS QUIC connections, turns what
+//! devices send into engine events, and carries out the engine's actions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_common::protocol::{
+    Ack, CoordinatorMessage, DeviceMessage, Finished, LocalMetrics, ModelSpec, Refusal, Reject, RoundTask,
+    TrainingSettings, Update, Welcome, PROTOCOL_VERSION,
+};
+use flotilla_common::quic;
+use flotilla_common::tensor::{DType, WireTensors};
+use flotilla_common::tls::{self, KitPaths};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::aggregation::{AggregationWorker, Command, RoundOutcome, WorkerSettings};
+use crate::config::CoordinatorConfig;
+use crate::engine::{Action, Engine, EngineConfig, Event};
+
+/// Limits for the frames a device sends before it is admitted.
+const HELLO_LIMITS: FrameLimits = FrameLimits { max_header_bytes: 16 << 10, max_tensors: 0, max_tensor_dims: 0, max_body_bytes: 0 };
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+enum Input {
+    Joined { device: String, rank: u32, connection: quinn::Connection },
+    Left { device: String, connection_id: usize },
+    UpdateArrived { device: String, update: Update, tensors: WireTensors, reply: oneshot::Sender<CoordinatorMessage> },
+    FoldDone { device: String, update: Update, result: Result<(), String>, reply: oneshot::Sender<CoordinatorMessage> },
+    DeadlineReached { round: u32 },
+    AggregationDone { round: u32, result: Result<RoundOutcome, String> },
+}
+
+/// What the coordinator reports at the end of a run (also written to `<run_dir>/summary.json`).
+#[derive(Debug, Serialize)]
+pub struct RunSummary {
+    pub method: String,
+    pub max_rank: u32,
+    pub rounds_completed: u32,
+    pub rounds: Vec<RoundSummary>,
+    pub final_global: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoundSummary {
+    pub round: u32,
+    pub updates: Vec<UpdateSummary>,
+    pub aggregation_seconds: f64,
+    pub round_seconds: f64,
+    pub global_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UpdateSummary {
+    pub device: String,
+    pub rank: u32,
+    pub num_samples: u64,
+    pub metrics: LocalMetrics,
+}
+
+struct Shared {
+    config: CoordinatorConfig,
+    welcome_tensors: WireTensors,
+    model: ModelSpec,
+    base_version: String,
+    inputs: mpsc::UnboundedSender<Input>,
+}
+
+pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
+    std::fs::create_dir_all(&config.server.run_dir)
+        .with_context(|| format!("cannot create run directory {}", config.server.run_dir.display()))?;
+    let architecture = config.model.architecture.clone();
+    let max_rank = config.aggregation.max_rank;
+    let base = architecture.init_base(config.model.seed);
+    let welcome_tensors = WireTensors::from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?;
+    let initial_global = architecture.init_adapter(max_rank as usize, config.model.seed)?;
+    let worker = AggregationWorker::spawn(
+        initial_global,
+        WorkerSettings {
+            method: config.aggregation.method,
+            lora_alpha: config.aggregation.lora_alpha,
+            run_dir: config.server.run_dir.clone(),
+            record_updates: config.aggregation.record_updates,
+        },
+    )?;
+
+    let kit = KitPaths::in_dir(&config.tls.kit);
+    let endpoint = quic::server_endpoint(config.server.listen, &kit, &config.transport)
+        .context("cannot start the QUIC endpoint")?;
+    let local = endpoint.local_addr()?;
+    if let Some(path) = &config.server.address_file {
+        std::fs::write(path, local.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    info!(address = %local, method = %config.aggregation.method, max_rank, "coordinator listening");
+
+    let (inputs, receiver) = mpsc::unbounded_channel();
+    let shared = Arc::new(Shared {
+        model: ModelSpec { architecture, lora_alpha: config.aggregation.lora_alpha, max_rank },
+        base_version: format!("seed-{}", config.model.seed),
+        welcome_tensors,
+        config: config.clone(),
+        inputs,
+    });
+
+    let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
+    let summary = RoundDriver::new(shared.clone(), worker).run(receiver).await;
+    acceptor.abort();
+    // Give devices a moment to read `Finished` and close first, then close what is left.
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    endpoint.close(0u32.into(), b"run finished");
+    let summary = summary?;
+    let path = config.server.run_dir.join("summary.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(summary)
+}
+
+async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => serve_connection(connection, shared).await,
+                // Bad certificates, unknown CAs and wrong ALPN end here; the server keeps serving.
+                Err(error) => warn!(%remote, "handshake failed: {error}"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
+    let remote = connection.remote_address();
+    let identity = match tls::peer_device_id(&connection) {
+        Ok(id) => id,
+        Err(error) => {
+            warn!(%remote, "refusing connection: {error}");
+            connection.close(1u32.into(), b"no device identity in certificate");
+            return;
+        }
+    };
+    let rank = match admit(&connection, &identity, &shared).await {
+        Ok(rank) => rank,
+        Err(error) => {
+            warn!(device = %identity, %remote, "not admitted: {error:#}");
+            connection.close(1u32.into(), b"not admitted");
+            return;
+        }
+    };
+    info!(device = %identity, %remote, rank, "device joined");
+    let _ = shared.inputs.send(Input::Joined { device: identity.clone(), rank, connection: connection.clone() });
+
+    loop {
+        let (mut send, mut recv) = match connection.accept_bi().await {
+            Ok(streams) => streams,
+            Err(error) => {
+                info!(device = %identity, "device left: {error}");
+                break;
+            }
+        };
+        let response = match read_frame::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
+            Ok((DeviceMessage::Update(update), tensors)) => {
+                let (reply, answer) = oneshot::channel();
+                let round = update.round;
+                let _ = shared.inputs.send(Input::UpdateArrived { device: identity.clone(), update, tensors, reply });
+                answer.await.unwrap_or_else(|_| {
+                    CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
+                })
+            }
+            Ok((other, _)) => CoordinatorMessage::Reject(Reject {
+                round: 0,
+                reason: format!("unexpected message {}", message_name(&other)),
+            }),
+            Err(error) => {
+                warn!(device = %identity, "malformed upload: {error}");
+                CoordinatorMessage::Reject(Reject { round: 0, reason: format!("malformed upload: {error}") })
+            }
+        };
+        if let Err(error) = reply_and_finish(&mut send, &response).await {
+            warn!(device = %identity, "cannot answer upload: {error}");
+        }
+    }
+    let _ = shared.inputs.send(Input::Left { device: identity, connection_id: connection.stable_id() });
+}
+
+/// Hello → Welcome or Refusal. The session is bound to the identity in the certificate.
+async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) -> anyhow::Result<u32> {
+    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
+        .await
+        .context("no hello in time")??;
+    let (message, _) = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<_, DeviceMessage>(&mut recv, &HELLO_LIMITS))
+        .await
+        .context("no hello in time")??;
+    let refusal = |reason: String| CoordinatorMessage::Refusal(Refusal { reason });
+    let hello = match message {
+        DeviceMessage::Hello(hello) => hello,
+        other => {
+            let reason = format!("expected Hello, got {}", message_name(&other));
+            reply_and_finish(&mut send, &refusal(reason.clone())).await?;
+            anyhow::bail!(reason);
+        }
+    };
+    let problem = if hello.device_id != identity {
+        Some(format!("hello claims device id '{}' but the certificate is for '{identity}'", hello.device_id))
+    } else if hello.protocol_version != PROTOCOL_VERSION {
+        Some(format!("protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})", hello.protocol_version))
+    } else if hello.requested_rank == 0 {
+        Some("requested rank must be at least 1".into())
+    } else {
+        None
+    };
+    if let Some(reason) = problem {
+        reply_and_finish(&mut send, &refusal(reason.clone())).await?;
+        anyhow::bail!(reason);
+    }
+    let assigned_rank = hello.requested_rank.min(shared.model.max_rank);
+    let welcome = CoordinatorMessage::Welcome(Welcome {
+        assigned_rank,
+        model: shared.model.clone(),
+        base_version: shared.base_version.clone(),
+    });
+    write_frame(&mut send, &welcome, &shared.welcome_tensors).await?;
+    send.finish()?;
+    Ok(assigned_rank)
+}
+
+async fn reply_and_finish(send: &mut quinn::SendStream, message: &CoordinatorMessage) -> anyhow::Result<()> {
+    write_frame(send, message, &WireTensors::default()).await?;
+    send.finish()?;
+    Ok(())
+}
+
+fn message_name(message: &DeviceMessage) -> &'static str {
+    match message {
+        DeviceMessage::Hello(_) => "Hello",
+        DeviceMessage::Update(_) => "Update",
+    }
+}
+
+/// Owns the engine and the live sessions; runs until the engine says the run is finished.
+struct RoundDriver {
+    shared: Arc<Shared>,
+    worker: Arc<AggregationWorker>,
+    engine: Engine,
+    sessions: HashMap<String, quinn::Connection>,
+    ranks: HashMap<String, u32>,
+    uploads: HashMap<String, (Update, WireTensors, oneshot::Sender<CoordinatorMessage>)>,
+    accepted: BTreeMap<u32, Vec<UpdateSummary>>,
+    round_started: HashMap<u32, Instant>,
+    summary: RunSummary,
+}
+
+impl RoundDriver {
+    fn new(shared: Arc<Shared>, worker: AggregationWorker) -> RoundDriver {
+        let config = &shared.config;
+        let engine = Engine::new(EngineConfig {
+            rounds: config.round.rounds,
+            min_devices: config.round.min_devices,
+            round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
+        });
+        let summary = RunSummary {
+            method: config.aggregation.method.to_string(),
+            max_rank: config.aggregation.max_rank,
+            rounds_completed: 0,
+            rounds: Vec::new(),
+            final_global: None,
+        };
+        RoundDriver {
+            shared,
+            worker: Arc::new(worker),
+            engine,
+            sessions: HashMap::new(),
+            ranks: HashMap::new(),
+            uploads: HashMap::new(),
+            accepted: BTreeMap::new(),
+            round_started: HashMap::new(),
+            summary,
+        }
+    }
+
+    async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<Input>) -> anyhow::Result<RunSummary> {
+        while let Some(input) = inputs.recv().await {
+            let event = match input {
+                Input::Joined { device, rank, connection } => {
+                    if let Some(old) = self.sessions.insert(device.clone(), connection) {
+                        old.close(2u32.into(), b"replaced by a newer connection");
+                    }
+                    self.ranks.insert(device.clone(), rank);
+                    Event::DeviceJoined { device, rank }
+                }
+                Input::Left { device, connection_id } => {
+                    if self.sessions.get(&device).map(|c| c.stable_id()) != Some(connection_id) {
+                        continue; // an older connection of a device that has reconnected
+                    }
+                    self.sessions.remove(&device);
+                    Event::DeviceLeft { device }
+                }
+                Input::UpdateArrived { device, update, tensors, reply } => {
+                    let round = update.round;
+                    self.uploads.insert(device.clone(), (update, tensors, reply));
+                    Event::UpdateArrived { device, round }
+                }
+                Input::FoldDone { device, update, result, reply } => {
+                    let round = update.round;
+                    match result {
+                        Ok(()) => {
+                            info!(device = %device, round, rank = update.rank, samples = update.num_samples,
+                                loss = update.metrics.loss_after, "[round {round}] update accepted");
+                            let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
+                            self.accepted.entry(round).or_default().push(UpdateSummary {
+                                device: device.clone(),
+                                rank: update.rank,
+                                num_samples: update.num_samples,
+                                metrics: update.metrics,
+                            });
+                            Event::UpdateFolded { device, round }
+                        }
+                        Err(reason) => {
+                            warn!(device = %device, round, "[round {round}] update rejected: {reason}");
+                            let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+                            Event::UpdateInvalid { device, round }
+                        }
+                    }
+                }
+                Input::DeadlineReached { round } => Event::DeadlineReached { round },
+                Input::AggregationDone { round, result } => {
+                    let outcome = result.map_err(|e| anyhow::anyhow!("round {round}: aggregation failed: {e}"))?;
+                    self.record_round(outcome);
+                    Event::AggregationDone { round }
+                }
+            };
+            let actions = self.engine.handle(event);
+            if let Some(rounds_completed) = self.perform(actions).await? {
+                self.summary.rounds_completed = rounds_completed;
+                return Ok(self.summary);
+            }
+        }
+        anyhow::bail!("round driver stopped unexpectedly")
+    }
+
+    fn record_round(&mut self, outcome: RoundOutcome) {
+        let total = self.shared.config.round.rounds;
+        let updates = self.accepted.remove(&outcome.round).unwrap_or_default();
+        let ranks: Vec<String> = updates.iter().map(|u| u.rank.to_string()).collect();
+        info!(
+            "[round {}/{total}] aggregated {} updates (ranks {}) with {} in {:.1} ms → {}",
+            outcome.round,
+            outcome.updates,
+            ranks.join(","),
+            self.shared.config.aggregation.method,
+            outcome.seconds * 1e3,
+            outcome.global_dir.display()
+        );
+        let round_seconds = self.round_started.get(&outcome.round).map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        self.summary.final_global = Some(outcome.global_dir.clone());
+        self.summary.rounds.push(RoundSummary {
+            round: outcome.round,
+            updates,
+            aggregation_seconds: outcome.seconds,
+            round_seconds,
+            global_dir: Some(outcome.global_dir),
+        });
+    }
+
+    /// Carries out actions; returns `Some(rounds_completed)` when the run is finished.
+    async fn perform(&mut self, actions: Vec<Action>) -> anyhow::Result<Option<u32>> {
+        let mut tasks = Vec::new();
+        for action in actions {
+            match action {
+                Action::SendTask { device, round, rank } => tasks.push((device, round, rank)),
+                Action::FoldUpdate { device, round } => self.fold(device, round),
+                Action::RejectUpdate { device, round, reason } => {
+                    warn!(device = %device, round, "update refused: {reason}");
+                    if let Some((_, _, reply)) = self.uploads.remove(&device) {
+                        let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+                    }
+                }
+                Action::ScheduleDeadline { round, after } => {
+                    let inputs = self.shared.inputs.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = inputs.send(Input::DeadlineReached { round });
+                    });
+                }
+                Action::Aggregate { round, .. } => {
+                    let worker = self.worker.clone();
+                    let inputs = self.shared.inputs.clone();
+                    tokio::spawn(async move {
+                        let result = worker.request(|reply| Command::Finish { round, reply }).await;
+                        let _ = inputs.send(Input::AggregationDone { round, result });
+                    });
+                }
+                Action::SkipRound { round } => {
+                    warn!("[round {round}/{}] no usable update before the deadline; global adapter unchanged",
+                        self.shared.config.round.rounds);
+                    self.accepted.remove(&round);
+                }
+                Action::Finish { rounds_completed } => {
+                    self.finish_sessions(rounds_completed).await;
+                    return Ok(Some(rounds_completed));
+                }
+            }
+        }
+        if !tasks.is_empty() {
+            self.send_tasks(tasks).await?;
+        }
+        Ok(None)
+    }
+
+    fn fold(&mut self, device: String, round: u32) {
+        let Some((update, tensors, reply)) = self.uploads.remove(&device) else { return };
+        let worker = self.worker.clone();
+        let inputs = self.shared.inputs.clone();
+        tokio::spawn(async move {
+            let (rank, num_samples) = (update.rank, update.num_samples);
+            let dev = device.clone();
+            let result = worker
+                .request(|reply| Command::Fold { device: dev, round, rank, num_samples, tensors, reply })
+                .await;
+            let _ = inputs.send(Input::FoldDone { device, update, result, reply });
+        });
+    }
+
+    async fn send_tasks(&mut self, tasks: Vec<(String, u32, u32)>) -> anyhow::Result<()> {
+        let ranks: Vec<u32> = tasks.iter().map(|t| t.2).collect();
+        let slices = Arc::new(
+            self.worker
+                .request(|reply| Command::Slices { ranks, reply })
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot slice the global adapter: {e}"))?,
+        );
+        let config = &self.shared.config;
+        for (device, round, rank) in tasks {
+            self.round_started.entry(round).or_insert_with(Instant::now);
+            let Some(connection) = self.sessions.get(&device).cloned() else { continue };
+            let task = CoordinatorMessage::RoundTask(RoundTask {
+                round,
+                total_rounds: config.round.rounds,
+                rank,
+                base_version: self.shared.base_version.clone(),
+                training: TrainingSettings {
+                    local_steps: config.round.local_steps,
+                    batch_size: config.round.batch_size,
+                    learning_rate: config.round.learning_rate,
+                    seed: config.model.seed ^ (u64::from(round) << 32),
+                },
+                deadline_secs: config.round.deadline_secs,
+            });
+            let slices = slices.clone();
+            tokio::spawn(async move {
+                let result = async {
+                    let mut send = connection.open_uni().await?;
+                    write_frame(&mut send, &task, &slices[&rank]).await?;
+                    send.finish()?;
+                    anyhow::Ok(())
+                }
+                .await;
+                if let Err(error) = result {
+                    warn!(device = %device, round, "cannot send round task: {error:#}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Tells every device the run is over and waits briefly for them to hang up.
+    async fn finish_sessions(&mut self, rounds_completed: u32) {
+        let message = CoordinatorMessage::Finished(Finished { rounds_completed, reason: "all rounds completed".into() });
+        let mut waits = Vec::new();
+        for (device, connection) in self.sessions.drain() {
+            let message = message.clone();
+            waits.push(tokio::spawn(async move {
+                let sent = async {
+                    let mut send = connection.open_uni().await?;
+                    write_frame(&mut send, &message, &WireTensors::default()).await?;
+                    send.finish()?;
+                    anyhow::Ok(())
+                }
+                .await;
+                if let Err(error) = sent {
+                    warn!(device = %device, "cannot send Finished: {error:#}");
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+            }));
+        }
+        for wait in waits {
+            let _ = wait.await;
+        }
+    }
+}

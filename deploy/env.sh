@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Sourced by the project's scripts: checks the base toolchain and puts libtorch in the environment.
+# A developer can `source deploy/env.sh` too, then use plain cargo commands.
+
+flotilla_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+
+if ! command -v cargo >/dev/null 2>&1; then
+    if [ -x "$HOME/.cargo/bin/cargo" ]; then
+        export PATH="$HOME/.cargo/bin:$PATH"
+    else
+        echo "flotilla: cargo not found; install Rust with rustup (https://rustup.rs), then run this again" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+fi
+if ! command -v cc >/dev/null 2>&1; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        echo "flotilla: installing a C compiler (build-essential) with apt-get" >&2
+        DEBIAN_FRONTEND=noninteractive apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq build-essential >&2
+    else
+        echo "flotilla: a C compiler is needed (Debian: sudo apt-get install build-essential)" >&2
+        return 1 2>/dev/null || exit 1
+    fi
+fi
+# shellcheck source=deploy/bootstrap-libtorch.sh
+source "$flotilla_root/deploy/bootstrap-libtorch.sh" || { return 1 2>/dev/null || exit 1; }

@@ -1,0 +1,232 @@
+//! A device's session with the coordinator: connect, Hello, then serve round tasks until the run is
+//! finished. Transient losses reconnect with exponential backoff and jitter; certificate failures
+//! and refusals are fatal (retrying cannot fix them).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_common::protocol::{
+    CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, Update, PROTOCOL_VERSION,
+};
+use flotilla_common::quic::is_certificate_failure;
+use flotilla_common::tensor::WireTensors;
+use rand::Rng;
+use tracing::{info, warn};
+
+use crate::trainer::Trainer;
+
+pub struct SessionSettings {
+    pub coordinator: SocketAddr,
+    pub server_name: String,
+    pub device_id: String,
+    pub requested_rank: u32,
+    pub hardware: HardwareProfile,
+    pub limits: FrameLimits,
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Retrying cannot help: the operator must act.
+    #[error("{0}")]
+    Fatal(String),
+    #[error("{0}")]
+    Transient(String),
+}
+
+pub struct SessionReport {
+    pub rounds_trained: u32,
+    pub rounds_completed: u32,
+}
+
+pub async fn run(
+    endpoint: &quinn::Endpoint,
+    trainer: &Trainer,
+    settings: &SessionSettings,
+) -> Result<SessionReport, SessionError> {
+    let mut failures = 0u32;
+    let mut rounds_trained = 0u32;
+    loop {
+        match connect_and_serve(endpoint, trainer, settings, &mut rounds_trained).await {
+            Ok(rounds_completed) => return Ok(SessionReport { rounds_trained, rounds_completed }),
+            Err(SessionError::Fatal(message)) => return Err(SessionError::Fatal(message)),
+            Err(SessionError::Transient(message)) => {
+                failures += 1;
+                if failures >= settings.max_attempts {
+                    return Err(SessionError::Transient(format!(
+                        "giving up after {failures} attempts; last error: {message}"
+                    )));
+                }
+                let delay = backoff(failures, settings.initial_backoff, settings.max_backoff);
+                warn!(attempt = failures, "connection to the coordinator lost: {message}; retrying in {delay:?}");
+                tokio::time::sleep(delay).await;
+            }
+        }
+    }
+}
+
+/// Exponential backoff with full jitter: uniform in [d/2, d], d = min(max, initial·2^(n-1)).
+fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(max);
+    let millis = exp.as_millis().max(2) as u64;
+    Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
+}
+
+/// Classifies a failure by how the connection ended.
+fn classify(connection: &quinn::Connection, context: &str, error: impl std::fmt::Display) -> SessionError {
+    match connection.close_reason() {
+        Some(reason) if is_certificate_failure(&reason) => SessionError::Fatal(format!(
+            "the coordinator refused this device's certificate ({reason}); check that the kit comes \
+             from the coordinator's CA and has not expired or been revoked"
+        )),
+        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == 1u32.into() => {
+            SessionError::Fatal(format!(
+                "the coordinator refused this device: {}",
+                String::from_utf8_lossy(&close.reason)
+            ))
+        }
+        _ => SessionError::Transient(format!("{context}: {error}")),
+    }
+}
+
+async fn connect_and_serve(
+    endpoint: &quinn::Endpoint,
+    trainer: &Trainer,
+    settings: &SessionSettings,
+    rounds_trained: &mut u32,
+) -> Result<u32, SessionError> {
+    let connecting = endpoint
+        .connect(settings.coordinator, &settings.server_name)
+        .map_err(|e| SessionError::Fatal(format!("cannot connect to {}: {e}", settings.coordinator)))?;
+    let connection = match connecting.await {
+        Ok(c) => c,
+        Err(error) if is_certificate_failure(&error) => {
+            return Err(SessionError::Fatal(format!(
+                "TLS handshake with {} failed ({error}); check the kit's CA certificate and the server name '{}'",
+                settings.coordinator, settings.server_name
+            )))
+        }
+        Err(error) => return Err(SessionError::Transient(format!("cannot reach {}: {error}", settings.coordinator))),
+    };
+
+    let welcome = hello(&connection, settings).await.map_err(|e| match e {
+        SessionError::Transient(msg) => classify(&connection, "hello", msg),
+        fatal => fatal,
+    })?;
+    let (welcome, base) = welcome;
+    info!(rank = welcome.assigned_rank, max_rank = welcome.model.max_rank, "admitted by the coordinator");
+    let scale = welcome.model.lora_alpha / f64::from(welcome.model.max_rank);
+    trainer
+        .set_base(welcome.model.architecture.clone(), scale, base)
+        .await
+        .map_err(|e| SessionError::Fatal(format!("cannot use the coordinator's model: {e:#}")))?;
+
+    loop {
+        let mut recv = connection.accept_uni().await.map_err(|e| classify(&connection, "waiting for a task", e))?;
+        let (message, tensors) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits)
+            .await
+            .map_err(|e| classify(&connection, "reading a task", e))?;
+        match message {
+            CoordinatorMessage::RoundTask(task) => {
+                let round = task.round;
+                info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
+                let trained = trainer
+                    .train(tensors, task.training.clone())
+                    .await
+                    .map_err(|e| SessionError::Fatal(format!("[round {round}] training failed: {e:#}")))?;
+                let update = Update {
+                    round,
+                    rank: trained.rank,
+                    num_samples: trained.num_samples,
+                    metrics: trained.metrics,
+                };
+                info!(
+                    "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",
+                    task.total_rounds,
+                    update.metrics.loss_before,
+                    update.metrics.loss_after,
+                    update.metrics.accuracy * 100.0,
+                    update.metrics.train_seconds
+                );
+                upload(&connection, &update, &trained.tensors, &settings.limits).await?;
+                *rounds_trained += 1;
+            }
+            CoordinatorMessage::Finished(finished) => {
+                info!(rounds = finished.rounds_completed, "run finished: {}", finished.reason);
+                connection.close(0u32.into(), b"done");
+                return Ok(finished.rounds_completed);
+            }
+            other => {
+                warn!("ignoring unexpected message from the coordinator: {other:?}");
+            }
+        }
+    }
+}
+
+async fn hello(
+    connection: &quinn::Connection,
+    settings: &SessionSettings,
+) -> Result<(flotilla_common::protocol::Welcome, WireTensors), SessionError> {
+    let transient = |e: &dyn std::fmt::Display| SessionError::Transient(e.to_string());
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| transient(&e))?;
+    let hello = DeviceMessage::Hello(Hello {
+        device_id: settings.device_id.clone(),
+        protocol_version: PROTOCOL_VERSION,
+        hardware: settings.hardware.clone(),
+        requested_rank: settings.requested_rank,
+    });
+    write_frame(&mut send, &hello, &WireTensors::default()).await.map_err(|e| transient(&e))?;
+    send.finish().map_err(|e| transient(&e))?;
+    let (reply, tensors) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits)
+        .await
+        .map_err(|e| transient(&e))?;
+    match reply {
+        CoordinatorMessage::Welcome(welcome) => Ok((welcome, tensors)),
+        CoordinatorMessage::Refusal(refusal) => {
+            Err(SessionError::Fatal(format!("the coordinator refused this device: {}", refusal.reason)))
+        }
+        other => Err(SessionError::Transient(format!("expected Welcome, got {other:?}"))),
+    }
+}
+
+async fn upload(
+    connection: &quinn::Connection,
+    update: &Update,
+    tensors: &WireTensors,
+    limits: &FrameLimits,
+) -> Result<(), SessionError> {
+    let round = update.round;
+    let result = async {
+        let (mut send, mut recv) = connection.open_bi().await?;
+        write_frame(&mut send, &DeviceMessage::Update(update.clone()), tensors).await?;
+        send.finish()?;
+        let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, limits).await?;
+        anyhow::Ok(reply)
+    }
+    .await
+    .map_err(|e| classify(connection, "uploading", format!("{e:#}")))?;
+    match result {
+        CoordinatorMessage::Ack(_) => info!("[round {round}] update accepted"),
+        CoordinatorMessage::Reject(reject) => warn!("[round {round}] update rejected: {}", reject.reason),
+        other => warn!("[round {round}] unexpected reply to an upload: {other:?}"),
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for attempt in 1..30 {
+            let d = backoff(attempt, initial, max);
+            let ceiling = initial.saturating_mul(1 << (attempt - 1).min(16)).min(max);
+            assert!(d <= ceiling && d >= ceiling / 2, "attempt {attempt}: {d:?} vs {ceiling:?}");
+        }
+    }
+}
