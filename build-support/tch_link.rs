@@ -21,6 +21,7 @@ fn link_libtorch() {
              (run `source deploy/bootstrap-libtorch.sh`)."
         );
     }
+    check_libtorch_version(lib_path);
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
     if lib_path.join("libtorch_cuda.so").exists() {
@@ -28,4 +29,29 @@ fn link_libtorch() {
     }
     println!("cargo:rustc-link-arg=-ltorch");
     println!("cargo:rustc-link-arg=-Wl,--as-needed");
+}
+
+/// torch-sys only checks the version of a libtorch that has a `build-version` file; a PyTorch
+/// install has `version.py` instead. A mismatch would otherwise surface as linker or runtime errors.
+fn check_libtorch_version(lib_dir: &std::path::Path) {
+    const EXPECTED: &str = "2.11.0";
+    let Some(root) = lib_dir.parent() else { return };
+    let found = std::fs::read_to_string(root.join("build-version"))
+        .ok()
+        .map(|v| v.trim().to_string())
+        .or_else(|| {
+            let text = std::fs::read_to_string(root.join("version.py")).ok()?;
+            let line = text.lines().find(|l| l.starts_with("__version__"))?;
+            Some(line.split('\'').nth(1)?.to_string())
+        });
+    if let Some(found) = found {
+        let release = found.split('+').next().unwrap_or(&found);
+        if release != EXPECTED && std::env::var_os("LIBTORCH_BYPASS_VERSION_CHECK").is_none() {
+            panic!(
+                "flotilla: libtorch at {} is version {found}, but this build needs {EXPECTED} (tch 0.24). \
+                 Run `source deploy/bootstrap-libtorch.sh` to get the right one.",
+                root.display()
+            );
+        }
+    }
 }

@@ -14,9 +14,15 @@ source "$root/deploy/env.sh"
 
 step() { printf '\n==> %s\n' "$*"; }
 
-step "building release binaries (the first build takes about 5 minutes on 2 cores)"
-cargo build --release --bins --quiet
-bin="$root/target/release"
+# FLOTILLA_BIN_DIR: use binaries already built there instead of building release ones (the test
+# suite runs this script against its debug build).
+if [ -n "${FLOTILLA_BIN_DIR:-}" ]; then
+    bin="$FLOTILLA_BIN_DIR"
+else
+    step "building release binaries (the first build takes about 5 minutes on 2 cores)"
+    cargo build --release --bins --quiet
+    bin="$root/target/release"
+fi
 
 run_dir="${FLOTILLA_RUN_DIR:-$root/runs/quickstart-$(date +%Y%m%d-%H%M%S)}"
 if [ -e "$run_dir/pki" ]; then

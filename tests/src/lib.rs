@@ -1,1 +1,164 @@
+//! Helpers for the integration tests: find the built binaries, provision credentials, run processes
+//! with deadlines, and read safetensors files without libtorch.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// A workspace binary next to the test executable's profile directory (target/<profile>/).
+/// The test command (`bash deploy/test.sh`) builds them before running the tests.
+pub fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let path = profile_dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`; `bash deploy/test.sh` does it)",
+        path.display()
+    );
+    path
+}
+
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
+}
+
+/// Runs a command to completion; panics with its output if it fails.
+pub fn run_ok(command: &mut Command) -> Output {
+    let output = command.output().unwrap_or_else(|e| panic!("cannot run {command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed with {}\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    output
+}
+
+/// `flotilla-certs --dir <pki> <args>`.
+pub fn certs(pki: &Path, args: &[&str]) -> Output {
+    run_ok(Command::new(binary("flotilla-certs")).arg("--dir").arg(pki).args(args))
+}
+
+/// A background process whose stdout and stderr go to files; killed if dropped while running.
+pub struct Process {
+    pub name: String,
+    child: Child,
+    pub stdout: PathBuf,
+    pub stderr: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, command: &mut Command, log_dir: &Path) -> Process {
+        std::fs::create_dir_all(log_dir).expect("log dir");
+        let stdout = log_dir.join(format!("{name}.out"));
+        let stderr = log_dir.join(format!("{name}.log"));
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process { name: name.to_string(), child, stdout, stderr }
+    }
+
+    /// Waits up to `timeout`; on timeout kills the process and panics with its logs.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                panic!("{} did not finish within {timeout:?}\n{}", self.name, self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        format!(
+            "--- {} stdout\n{}\n--- {} stderr\n{}",
+            self.name,
+            std::fs::read_to_string(&self.stdout).unwrap_or_default(),
+            self.name,
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        )
+    }
+
+    pub fn stdout_text(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Waits for a file to appear with content (e.g. the coordinator's address file).
+pub fn wait_for_file(path: &Path, timeout: Duration, process: &mut Process) -> String {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(path) {
+            if !text.trim().is_empty() {
+                return text.trim().to_string();
+            }
+        }
+        if let Ok(Some(status)) = process.child.try_wait() {
+            panic!("{} exited with {status} before writing {}\n{}", process.name, path.display(), process.logs());
+        }
+        assert!(Instant::now() < deadline, "{} never appeared\n{}", path.display(), process.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A 2-D f32 matrix read from a safetensors file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub values: Vec<f64>,
+}
+
+impl Matrix {
+    pub fn at(&self, r: usize, c: usize) -> f64 {
+        self.values[r * self.cols + c]
+    }
+}
+
+/// Every tensor of a safetensors file (f32 only) as a row-major matrix (1-D tensors as 1 × n),
+/// and the file's metadata.
+pub fn read_safetensors(path: &Path) -> (HashMap<String, Matrix>, HashMap<String, String>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).expect("metadata");
+    let mut out = HashMap::new();
+    for (name, view) in st.tensors() {
+        assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name} in {}", path.display());
+        let values: Vec<f64> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
+            .collect();
+        let (rows, cols) = match view.shape() {
+            [n] => (1, *n),
+            [r, c] => (*r, *c),
+            other => panic!("{name}: unexpected shape {other:?}"),
+        };
+        out.insert(name, Matrix { rows, cols, values });
+    }
+    (out, meta.metadata().clone().unwrap_or_default())
+}

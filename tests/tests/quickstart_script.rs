@@ -1,0 +1,28 @@
+//! The README's main command, run as written (against the debug binaries, to skip a release build):
+//! provisioning, coordinator, a fleet of three ranks, three rounds, a printed summary.
+
+use std::process::Command;
+
+use flotilla_tests::{binary, run_ok, workspace_root};
+
+#[test]
+fn quickstart_completes_and_prints_the_round_summary() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let bin_dir = binary("flotilla-coordinator").parent().unwrap().to_path_buf();
+    let output = run_ok(
+        Command::new("bash")
+            .arg(workspace_root().join("deploy/quickstart.sh"))
+            .env("FLOTILLA_BIN_DIR", &bin_dir)
+            .env("FLOTILLA_RUN_DIR", &run_dir),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("run finished: 3 round(s) with rbla (R_max 8)"), "{stdout}");
+    for round in 1..=3 {
+        assert!(stdout.contains(&format!("[round {round}/3] aggregated 3 updates")), "{stdout}");
+        assert!(run_dir.join(format!("global/round-{round}/adapter_model.safetensors")).exists());
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["rounds_completed"], 3);
+}
