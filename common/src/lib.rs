@@ -12,6 +12,7 @@ pub mod adapter;
 pub mod aggregate;
 pub mod data;
 pub mod framing;
+pub mod logging;
 pub mod model;
 pub mod protocol;
 pub mod quic;

@@ -30,8 +30,16 @@ pub struct RoundOutcome {
 pub struct WorkerSettings {
     pub method: Method,
     pub lora_alpha: f64,
+    pub max_rank: u32,
     pub run_dir: PathBuf,
     pub record_updates: bool,
+}
+
+impl WorkerSettings {
+    /// The one LoRA scale every rank uses: `lora_alpha / R_max`.
+    fn scale(&self) -> f64 {
+        self.lora_alpha / f64::from(self.max_rank)
+    }
 }
 
 pub struct AggregationWorker {
@@ -41,7 +49,7 @@ pub struct AggregationWorker {
 impl AggregationWorker {
     pub fn spawn(initial_global: Adapter, settings: WorkerSettings) -> anyhow::Result<AggregationWorker> {
         let (commands, receiver) = mpsc::channel();
-        let accumulator = settings.method.start(&initial_global)?;
+        let accumulator = settings.method.start(&initial_global, settings.scale())?;
         std::thread::Builder::new()
             .name("aggregation".into())
             .spawn(move || {
@@ -96,7 +104,13 @@ impl Worker {
 
     fn fold(&mut self, device: &str, round: u32, rank: u32, num_samples: u64, tensors: &WireTensors) -> Result<(), String> {
         let adapter = Adapter::from_wire(tensors).map_err(|e| format!("update from '{device}' rejected: {e}"))?;
-        let update = ClientUpdate { client: device, declared_rank: rank as usize, num_samples, adapter: &adapter };
+        let update = ClientUpdate {
+            client: device,
+            declared_rank: rank as usize,
+            num_samples,
+            scale: self.settings.scale(),
+            adapter: &adapter,
+        };
         let accumulator = self.accumulator.as_mut().ok_or("no round is being aggregated")?;
         accumulator.fold(&update).map_err(|e| e.to_string())?;
         if self.settings.record_updates {
@@ -115,8 +129,16 @@ impl Worker {
         let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
         let updates = finished.folded();
         // Whatever happens, the next round starts from the newest good global adapter.
-        let outcome = finished.finish().map(|global| self.global = global).map_err(|e| e.to_string());
-        self.accumulator = Some(self.settings.method.start(&self.global).map_err(|e| e.to_string())?);
+        let outcome = finished
+            .finish()
+            .map(|aggregated| {
+                for note in &aggregated.notes {
+                    tracing::info!(round, "{note}");
+                }
+                self.global = aggregated.adapter;
+            })
+            .map_err(|e| e.to_string());
+        self.accumulator = Some(self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string())?);
         outcome?;
         let global_dir = self.settings.run_dir.join("global").join(format!("round-{round}"));
         let config = PeftConfig::for_adapter(&self.global, self.settings.lora_alpha);

@@ -125,6 +125,12 @@ impl CoordinatorConfig {
             self.aggregation.lora_alpha.is_finite() && self.aggregation.lora_alpha > 0.0,
             "aggregation.lora_alpha must be a positive number"
         );
+        anyhow::ensure!(
+            self.aggregation.method.keeps_rank(),
+            "aggregation.method = \"{}\" changes the adapter's rank every round (clients must merge it into \
+             their base weights); the coordinator runs it only offline for now: `flotilla-coordinator aggregate`",
+            self.aggregation.method
+        );
         let Architecture::Mlp { input, hidden, classes } = &self.model.architecture;
         anyhow::ensure!(*input >= 1 && *classes >= 2, "model: input must be ≥ 1 and classes ≥ 2");
         anyhow::ensure!(!hidden.is_empty() && hidden.iter().all(|&h| h >= 1), "model: hidden layers must be non-empty");

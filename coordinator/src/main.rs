@@ -42,23 +42,9 @@ enum Command {
     },
 }
 
-fn init_logging(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 fn main() {
     let cli = Cli::parse();
-    init_logging(&cli.log_format);
+    flotilla_common::logging::init(&cli.log_format);
     if let Err(error) = run(cli.command) {
         eprintln!("flotilla-coordinator: {error:#}");
         std::process::exit(1);

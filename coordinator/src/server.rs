@@ -84,6 +84,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
         WorkerSettings {
             method: config.aggregation.method,
             lora_alpha: config.aggregation.lora_alpha,
+            max_rank,
             run_dir: config.server.run_dir.clone(),
             record_updates: config.aggregation.record_updates,
         },

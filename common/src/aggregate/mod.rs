@@ -7,16 +7,31 @@
 //!
 //! One file per method; the formulas are in each file's doc comment.
 
+mod fedavg;
+mod flexlora;
+mod flora;
+mod hetlora;
+mod others;
+mod padded;
 mod rbla;
 mod validate;
+mod zero_pad;
+
+#[cfg(test)]
+mod tests;
 
 use std::fmt;
 use std::str::FromStr;
 
 use crate::adapter::{Adapter, AdapterError};
 
+pub use fedavg::FedAvg;
+pub use flexlora::{singular_values, top_components, FlexLora, EXACT_SVD_MAX_DIM};
+pub use flora::Flora;
+pub use hetlora::HetLora;
 pub use rbla::Rbla;
 pub use validate::validate_update;
+pub use zero_pad::ZeroPad;
 
 /// One client's contribution to a round.
 pub struct ClientUpdate<'a> {
@@ -25,7 +40,22 @@ pub struct ClientUpdate<'a> {
     /// The rank the client declared for this update.
     pub declared_rank: usize,
     pub num_samples: u64,
+    /// The LoRA scale this client's factors use (`lora_alpha / r` in PEFT terms). When it differs
+    /// from the aggregator's scale, B is rescaled before aggregating so that `s·B·A` is unchanged.
+    pub scale: f64,
     pub adapter: &'a Adapter,
+}
+
+/// The next global adapter and anything worth telling the operator about how it was made.
+pub struct Aggregated {
+    pub adapter: Adapter,
+    pub notes: Vec<String>,
+}
+
+impl Aggregated {
+    pub fn plain(adapter: Adapter) -> Aggregated {
+        Aggregated { adapter, notes: Vec::new() }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,28 +79,53 @@ pub trait Aggregator: Send {
     /// How many updates were folded in.
     fn folded(&self) -> usize;
     /// The next global adapter.
-    fn finish(self: Box<Self>) -> Result<Adapter, AggregateError>;
+    fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError>;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Method {
     Rbla,
+    ZeroPad,
+    #[serde(rename = "hetlora")]
+    HetLora,
+    #[serde(rename = "flexlora")]
+    FlexLora,
+    Flora,
+    #[serde(rename = "fedavg")]
+    FedAvg,
 }
 
 impl Method {
-    pub const ALL: [Method; 1] = [Method::Rbla];
+    pub const ALL: [Method; 6] =
+        [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::FlexLora, Method::Flora, Method::FedAvg];
 
     pub fn name(self) -> &'static str {
         match self {
             Method::Rbla => "rbla",
+            Method::ZeroPad => "zero-pad",
+            Method::HetLora => "hetlora",
+            Method::FlexLora => "flexlora",
+            Method::Flora => "flora",
+            Method::FedAvg => "fedavg",
         }
     }
 
-    /// A fresh accumulator seeded with the current global adapter.
-    pub fn start(self, global: &Adapter) -> Result<Box<dyn Aggregator>, AggregateError> {
+    /// Whether the result keeps the global adapter's rank (every method but FLoRA, whose result has
+    /// the stacked rank Σ r_k).
+    pub fn keeps_rank(self) -> bool {
+        self != Method::Flora
+    }
+
+    /// A fresh accumulator seeded with the current global adapter, whose factors use LoRA scale `scale`.
+    pub fn start(self, global: &Adapter, scale: f64) -> Result<Box<dyn Aggregator>, AggregateError> {
         Ok(match self {
-            Method::Rbla => Box::new(Rbla::new(global)?),
+            Method::Rbla => Box::new(Rbla::new(global, scale)?),
+            Method::ZeroPad => Box::new(ZeroPad::new(global, scale)?),
+            Method::HetLora => Box::new(HetLora::new(global, scale)?),
+            Method::FlexLora => Box::new(FlexLora::new(global, scale)?),
+            Method::Flora => Box::new(Flora::new(global, scale)?),
+            Method::FedAvg => Box::new(FedAvg::new(global, scale)?),
         })
     }
 }

@@ -1,0 +1,140 @@
+//! FlexLoRA (Bai et al. 2024): average the dense updates, then re-factor them by truncated SVD.
+//!
+//! ```text
+//! T = Σ_k p_k·s_k·B_k·A_k                       (per adapted layer, d_out × d_in)
+//! T ≈ U·Σ·Vᵀ (top R_max components)  →  B = U·Σ / s,  A = Vᵀ
+//! ```
+//!
+//! A client of rank r receives the first r slots, which are the top r components (error
+//! `sqrt(Σ_{j>r} σ_j²)` by Eckart–Young). Streaming keeps one dense `T` per layer (f32), so memory
+//! does not grow with the number of clients, but it is dense. Layers whose smaller side is at most
+//! [`EXACT_SVD_MAX_DIM`] get an exact SVD; larger ones a randomized one (16 extra samples, 2 power
+//! iterations) whose relative error is reported. Slots beyond `min(d_out, d_in)` get a zero B column
+//! (so `B·A` is exactly the truncated `T`) and keep their previous A row, like a fresh LoRA init. Known weakness: "rank collapse" toward the smaller ranks (raFLoRA, arXiv 2602.13486).
+
+use std::collections::BTreeMap;
+
+use tch::{Kind, Tensor};
+
+use super::others::OtherMeans;
+use super::padded::scaled_b;
+use super::{validate_update, Aggregated, AggregateError, Aggregator, ClientUpdate, Method};
+use crate::adapter::{lora_a_name, lora_b_name, Adapter};
+use crate::data::seeded_normal;
+
+/// Above this (smaller) layer dimension the SVD is randomized.
+pub const EXACT_SVD_MAX_DIM: i64 = 1024;
+const OVERSAMPLING: i64 = 16;
+const POWER_ITERATIONS: usize = 2;
+
+pub struct FlexLora {
+    previous: Adapter,
+    scale: f64,
+    dense: BTreeMap<String, Tensor>,
+    others: OtherMeans,
+    total_samples: f64,
+    folded: usize,
+}
+
+impl FlexLora {
+    pub fn new(global: &Adapter, scale: f64) -> Result<FlexLora, AggregateError> {
+        let mut dense = BTreeMap::new();
+        for module in global.modules() {
+            let (a, b) = global.factors(module);
+            dense.insert(module.clone(), Tensor::f_zeros([b.size()[0], a.size()[1]], (Kind::Float, a.device()))?);
+        }
+        Ok(FlexLora { others: OtherMeans::new(global)?, previous: global.deep_copy(), scale, dense, total_samples: 0.0, folded: 0 })
+    }
+}
+
+/// Top-`k` singular triplets of `t` (k ≤ min dims): `(U_k, σ_k, Vᵀ_k)` and whether they are exact.
+pub fn top_components(t: &Tensor, k: i64, seed: u64) -> Result<(Tensor, Tensor, Tensor, bool), AggregateError> {
+    let (m, n) = (t.size()[0], t.size()[1]);
+    if m.min(n) <= EXACT_SVD_MAX_DIM {
+        let (u, s, vh) = thin_svd(t)?;
+        return Ok((u.f_narrow(1, 0, k)?, s.f_narrow(0, 0, k)?, vh.f_narrow(0, 0, k)?, true));
+    }
+    let l = (k + OVERSAMPLING).min(m.min(n));
+    let omega = seeded_normal(&[n as usize, l as usize], 1.0, seed).f_to_device(t.device())?.f_to_kind(t.kind())?;
+    let mut q = Tensor::f_linalg_qr(&t.f_matmul(&omega)?, "reduced")?.0;
+    for _ in 0..POWER_ITERATIONS {
+        let z = Tensor::f_linalg_qr(&t.f_tr()?.f_matmul(&q)?, "reduced")?.0;
+        q = Tensor::f_linalg_qr(&t.f_matmul(&z)?, "reduced")?.0;
+    }
+    let small = q.f_tr()?.f_matmul(t)?;
+    let (u_small, s, vh) = thin_svd(&small)?;
+    let u = q.f_matmul(&u_small)?;
+    Ok((u.f_narrow(1, 0, k)?, s.f_narrow(0, 0, k)?, vh.f_narrow(0, 0, k)?, false))
+}
+
+/// `(U, σ, Vᵀ)` of the reduced SVD. (`linalg_svd` takes a driver name that the CPU backend refuses.)
+fn thin_svd(t: &Tensor) -> Result<(Tensor, Tensor, Tensor), AggregateError> {
+    let (u, s, v) = t.f_svd(true, true)?;
+    Ok((u, s, v.f_tr()?))
+}
+
+/// Singular values of `t`, largest first.
+pub fn singular_values(t: &Tensor) -> Result<Tensor, AggregateError> {
+    Ok(t.f_svd(true, false)?.1)
+}
+
+impl Aggregator for FlexLora {
+    fn method(&self) -> Method {
+        Method::FlexLora
+    }
+
+    fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
+        validate_update(&self.previous, update)?;
+        let n = update.num_samples as f64;
+        let mut products = Vec::with_capacity(self.dense.len());
+        for module in self.dense.keys() {
+            let (a, b) = update.adapter.factors(module);
+            // n_k·(s_k/s)·B_k·A_k in the global scale; divided by Σ n at the end.
+            let b = scaled_b(b, update.scale, self.scale)?.f_mul_scalar(n)?.f_to_kind(Kind::Float)?;
+            products.push(b.f_matmul(&a.f_to_kind(Kind::Float)?)?);
+        }
+        let other_terms = self.others.terms(update)?;
+        for (sum, product) in self.dense.values_mut().zip(products) {
+            let _ = sum.f_add_(&product)?;
+        }
+        self.others.add(other_terms, n)?;
+        self.total_samples += n;
+        self.folded += 1;
+        Ok(())
+    }
+
+    fn folded(&self) -> usize {
+        self.folded
+    }
+
+    fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
+        let mut tensors = BTreeMap::new();
+        let mut notes = Vec::new();
+        let r_max = self.previous.rank() as i64;
+        for (index, (module, sum)) in self.dense.iter().enumerate() {
+            let (prev_a, prev_b) = self.previous.factors(module);
+            if self.total_samples == 0.0 {
+                tensors.insert(lora_a_name(module), prev_a.copy());
+                tensors.insert(lora_b_name(module), prev_b.copy());
+                continue;
+            }
+            let target = sum.f_div_scalar(self.total_samples)?;
+            let k = r_max.min(target.size()[0]).min(target.size()[1]);
+            let (u, s, vh, exact) = top_components(&target, k, 0x5eed + index as u64)?;
+            let b_new = u.f_mul(&s.f_unsqueeze(0)?)?.f_div_scalar(self.scale)?;
+            let (a, b) = (prev_a.copy(), prev_b.zeros_like());
+            a.f_narrow(0, 0, k)?.f_copy_(&vh)?;
+            b.f_narrow(1, 0, k)?.f_copy_(&b_new)?;
+            if !exact {
+                let approx = u.f_mul(&s.f_unsqueeze(0)?)?.f_matmul(&vh)?;
+                let residual = (&target - approx).f_norm()?.f_double_value(&[])?;
+                let total = target.f_norm()?.f_double_value(&[])?.max(f64::MIN_POSITIVE);
+                notes.push(format!("flexlora: {module}: randomized SVD, relative error {:.2e}", residual / total));
+            }
+            tensors.insert(lora_a_name(module), a);
+            tensors.insert(lora_b_name(module), b);
+        }
+        self.others.finish(&self.previous, &mut tensors)?;
+        Ok(Aggregated { adapter: Adapter::new(tensors)?, notes })
+    }
+}

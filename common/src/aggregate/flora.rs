@@ -1,0 +1,80 @@
+//! FLoRA (Wang et al. 2024): exact aggregation by stacking.
+//!
+//! ```text
+//! A_s = [A_1; A_2; …; A_K]                         (Σ r_k × d_in)
+//! B_s = [p_1·(s_1/s)·B_1, …, p_K·(s_K/s)·B_K]      (d_out × Σ r_k)
+//! s·B_s·A_s = Σ_k p_k·s_k·B_k·A_k = T              exactly
+//! ```
+//!
+//! The result has the stacked rank `Σ r_k`, not R_max: it is the one method whose memory and output
+//! grow with the number of clients (inherent to FLoRA). What clients receive and do with it: the
+//! stacked adapter, which each client merges into its frozen base weights (`W0 ← W0 + s·B_s·A_s`)
+//! before starting a fresh LoRA adapter for the next round, so the downlink grows with Σ r_k.
+
+use std::collections::BTreeMap;
+
+use tch::{Kind, Tensor};
+
+use super::others::OtherMeans;
+use super::padded::scaled_b;
+use super::{validate_update, Aggregated, AggregateError, Aggregator, ClientUpdate, Method};
+use crate::adapter::{lora_a_name, lora_b_name, Adapter};
+
+pub struct Flora {
+    previous: Adapter,
+    scale: f64,
+    stacks: BTreeMap<String, (Vec<Tensor>, Vec<Tensor>)>,
+    others: OtherMeans,
+    total_samples: f64,
+}
+
+impl Flora {
+    pub fn new(global: &Adapter, scale: f64) -> Result<Flora, AggregateError> {
+        let stacks = global.modules().iter().map(|m| (m.clone(), (Vec::new(), Vec::new()))).collect();
+        Ok(Flora { others: OtherMeans::new(global)?, previous: global.deep_copy(), scale, stacks, total_samples: 0.0 })
+    }
+}
+
+impl Aggregator for Flora {
+    fn method(&self) -> Method {
+        Method::Flora
+    }
+
+    fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
+        validate_update(&self.previous, update)?;
+        let n = update.num_samples as f64;
+        let mut parts = Vec::with_capacity(self.stacks.len());
+        for module in self.stacks.keys() {
+            let (a, b) = update.adapter.factors(module);
+            let b = scaled_b(b, update.scale, self.scale)?.f_mul_scalar(n)?.f_to_kind(Kind::Float)?;
+            parts.push((a.f_to_kind(Kind::Float)?.f_contiguous()?.copy(), b));
+        }
+        let other_terms = self.others.terms(update)?;
+        for ((a_parts, b_parts), (a, b)) in self.stacks.values_mut().zip(parts) {
+            a_parts.push(a);
+            b_parts.push(b);
+        }
+        self.others.add(other_terms, n)?;
+        self.total_samples += n;
+        Ok(())
+    }
+
+    fn folded(&self) -> usize {
+        self.stacks.values().next().map_or(0, |(a, _)| a.len())
+    }
+
+    fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
+        if self.total_samples == 0.0 {
+            return Ok(Aggregated::plain(self.previous));
+        }
+        let mut tensors = BTreeMap::new();
+        for (module, (a_parts, b_parts)) in &self.stacks {
+            tensors.insert(lora_a_name(module), Tensor::f_cat(a_parts, 0)?);
+            tensors.insert(lora_b_name(module), Tensor::f_cat(b_parts, 1)?.f_div_scalar(self.total_samples)?);
+        }
+        self.others.finish(&self.previous, &mut tensors)?;
+        let adapter = Adapter::new(tensors)?;
+        let notes = vec![format!("flora: stacked rank {} (Σ r_k); merge into the base weights, do not slice", adapter.rank())];
+        Ok(Aggregated { adapter, notes })
+    }
+}

@@ -1,0 +1,56 @@
+//! Trainable non-LoRA tensors (a classifier head, biases, norms): the sample-weighted mean
+//! `Σ n_k·X_k / Σ n_k` in every method.
+
+use std::collections::BTreeMap;
+
+use tch::{Kind, Tensor};
+
+use super::{AggregateError, ClientUpdate};
+use crate::adapter::Adapter;
+
+pub(super) struct OtherMeans {
+    sums: BTreeMap<String, Tensor>,
+    weight: f64,
+}
+
+impl OtherMeans {
+    pub(super) fn new(global: &Adapter) -> Result<OtherMeans, AggregateError> {
+        let sums = global
+            .other_names()
+            .map(|name| {
+                let t = &global.tensors()[name];
+                Ok((name.to_string(), Tensor::f_zeros(t.size(), (Kind::Double, t.device()))?))
+            })
+            .collect::<Result<_, tch::TchError>>()?;
+        Ok(OtherMeans { sums, weight: 0.0 })
+    }
+
+    /// `n_k·X_k` for every tensor, computed before anything is added.
+    pub(super) fn terms(&self, update: &ClientUpdate<'_>) -> Result<Vec<Tensor>, AggregateError> {
+        let n = update.num_samples as f64;
+        self.sums
+            .keys()
+            .map(|name| Ok(update.adapter.tensors()[name].f_to_kind(Kind::Double)?.f_mul_scalar(n)?))
+            .collect()
+    }
+
+    pub(super) fn add(&mut self, terms: Vec<Tensor>, num_samples: f64) -> Result<(), AggregateError> {
+        for (sum, term) in self.sums.values_mut().zip(terms) {
+            let _ = sum.f_add_(&term)?;
+        }
+        self.weight += num_samples;
+        Ok(())
+    }
+
+    pub(super) fn finish(&self, previous: &Adapter, out: &mut BTreeMap<String, Tensor>) -> Result<(), AggregateError> {
+        for (name, sum) in &self.sums {
+            let value = if self.weight > 0.0 {
+                sum.f_div_scalar(self.weight)?.f_to_kind(Kind::Float)?
+            } else {
+                previous.tensors()[name].copy()
+            };
+            out.insert(name.clone(), value);
+        }
+        Ok(())
+    }
+}

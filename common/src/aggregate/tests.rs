@@ -1,0 +1,546 @@
+//! Properties of every aggregation method (shared notes, aggregation.md), the worked example, and
+//! randomized comparisons against plain reference implementations written here with `Vec<f64>`.
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+use tch::{Device, Kind, Tensor};
+
+use super::*;
+use crate::adapter::{lora_a_name, lora_b_name, Adapter};
+use crate::data::seeded_uniform;
+
+/// (module, d_in, d_out)
+const MODULES: [(&str, usize, usize); 2] = [("m.q", 5, 4), ("m.v", 5, 3)];
+const HEAD: &str = "m.head.weight";
+const R_MAX: usize = 8;
+
+fn random_adapter(rank: usize, seed: u64) -> Adapter {
+    let mut t = BTreeMap::new();
+    for (i, (module, d_in, d_out)) in MODULES.iter().enumerate() {
+        t.insert(lora_a_name(module), seeded_uniform(&[rank, *d_in], 1.0, seed * 31 + 2 * i as u64));
+        t.insert(lora_b_name(module), seeded_uniform(&[*d_out, rank], 1.0, seed * 31 + 2 * i as u64 + 1));
+    }
+    t.insert(HEAD.into(), seeded_uniform(&[2, 4], 1.0, seed * 31 + 17));
+    Adapter::new(t).unwrap()
+}
+
+struct Client {
+    name: String,
+    adapter: Adapter,
+    n: u64,
+    scale: f64,
+}
+
+fn client(rank: usize, n: u64, seed: u64) -> Client {
+    Client { name: format!("client-{seed}"), adapter: random_adapter(rank, seed), n, scale: 1.0 }
+}
+
+fn update(c: &Client) -> ClientUpdate<'_> {
+    ClientUpdate { client: &c.name, declared_rank: c.adapter.rank(), num_samples: c.n, scale: c.scale, adapter: &c.adapter }
+}
+
+fn aggregate(method: Method, global: &Adapter, clients: &[&Client]) -> Adapter {
+    let mut acc = method.start(global, 1.0).unwrap();
+    for c in clients {
+        acc.fold(&update(c)).unwrap();
+    }
+    acc.finish().unwrap().adapter
+}
+
+fn values(t: &Tensor) -> Vec<f64> {
+    Vec::<f64>::try_from(t.to_kind(Kind::Double).flatten(0, -1)).unwrap()
+}
+
+fn assert_close(got: &Adapter, want: &BTreeMap<String, Vec<f64>>, tol: f64) {
+    assert_eq!(got.tensors().len(), want.len());
+    for (name, w) in want {
+        let g = values(got.get(name).unwrap_or_else(|| panic!("{name} missing")));
+        assert_eq!(g.len(), w.len(), "{name}");
+        for (i, (a, b)) in g.iter().zip(w).enumerate() {
+            assert!((a - b).abs() <= tol * (1.0 + b.abs()), "{name}[{i}]: got {a}, want {b}");
+        }
+    }
+}
+
+fn as_map(adapter: &Adapter) -> BTreeMap<String, Vec<f64>> {
+    adapter.tensors().iter().map(|(n, t)| (n.clone(), values(t))).collect()
+}
+
+// ---------- plain reference implementations ----------
+
+/// Row-major dense `s·B·A` from plain vectors.
+fn dense_product(a: &[f64], b: &[f64], rank: usize, d_in: usize, d_out: usize, factor: f64) -> Vec<f64> {
+    let mut t = vec![0.0; d_out * d_in];
+    for o in 0..d_out {
+        for j in 0..d_in {
+            t[o * d_in + j] = factor * (0..rank).map(|i| b[o * rank + i] * a[i * d_in + j]).sum::<f64>();
+        }
+    }
+    t
+}
+
+/// The slot-wise methods written out: `weight(client, module)` and whether the denominator is the
+/// slot's coverage (RBLA, FedAvg) or every client (zero-pad, HetLoRA).
+fn reference_slotwise(global: &Adapter, clients: &[&Client], method: Method) -> BTreeMap<String, Vec<f64>> {
+    let mut out = BTreeMap::new();
+    for (module, d_in, d_out) in MODULES {
+        let weights: Vec<f64> = clients
+            .iter()
+            .map(|c| match method {
+                Method::HetLora => {
+                    let (a, b) = c.adapter.factors(module);
+                    let t = dense_product(&values(a), &values(b), c.adapter.rank(), d_in, d_out, c.scale);
+                    t.iter().map(|x| x * x).sum::<f64>().sqrt()
+                }
+                _ => c.n as f64,
+            })
+            .collect();
+        let total: f64 = weights.iter().sum();
+        let (ga, gb) = global.factors(module);
+        let (ga, gb) = (values(ga), values(gb));
+        let mut a_out = vec![0.0; R_MAX * d_in];
+        let mut b_out = vec![0.0; d_out * R_MAX];
+        for slot in 0..R_MAX {
+            let covering: Vec<usize> = (0..clients.len()).filter(|&k| clients[k].adapter.rank() > slot).collect();
+            let denominator = match method {
+                Method::Rbla | Method::FedAvg => covering.iter().map(|&k| weights[k]).sum::<f64>(),
+                _ => total,
+            };
+            for j in 0..d_in {
+                a_out[slot * d_in + j] = if covering.is_empty() || denominator == 0.0 {
+                    ga[slot * d_in + j]
+                } else {
+                    covering
+                        .iter()
+                        .map(|&k| weights[k] * values(clients[k].adapter.factors(module).0)[slot * d_in + j])
+                        .sum::<f64>()
+                        / denominator
+                };
+            }
+            for o in 0..d_out {
+                b_out[o * R_MAX + slot] = if covering.is_empty() || denominator == 0.0 {
+                    gb[o * R_MAX + slot]
+                } else {
+                    covering
+                        .iter()
+                        .map(|&k| {
+                            let c = clients[k];
+                            weights[k] * c.scale * values(c.adapter.factors(module).1)[o * c.adapter.rank() + slot]
+                        })
+                        .sum::<f64>()
+                        / denominator
+                };
+            }
+        }
+        out.insert(lora_a_name(module), a_out);
+        out.insert(lora_b_name(module), b_out);
+    }
+    out.insert(HEAD.into(), reference_head(clients));
+    out
+}
+
+fn reference_head(clients: &[&Client]) -> Vec<f64> {
+    let total: f64 = clients.iter().map(|c| c.n as f64).sum();
+    let mut head = vec![0.0; 8];
+    for c in clients {
+        for (h, v) in head.iter_mut().zip(values(c.adapter.get(HEAD).unwrap())) {
+            *h += c.n as f64 * v / total;
+        }
+    }
+    head
+}
+
+/// `T = Σ p_k·s_k·B_k·A_k` per module.
+fn reference_dense(clients: &[&Client]) -> BTreeMap<&'static str, Vec<f64>> {
+    let total: f64 = clients.iter().map(|c| c.n as f64).sum();
+    MODULES
+        .iter()
+        .map(|&(module, d_in, d_out)| {
+            let mut t = vec![0.0; d_out * d_in];
+            for c in clients {
+                let (a, b) = c.adapter.factors(module);
+                let p = dense_product(&values(a), &values(b), c.adapter.rank(), d_in, d_out, c.scale * c.n as f64 / total);
+                for (x, y) in t.iter_mut().zip(p) {
+                    *x += y;
+                }
+            }
+            (module, t)
+        })
+        .collect()
+}
+
+fn product_of(adapter: &Adapter, module: &str, d_in: usize, d_out: usize) -> Vec<f64> {
+    let (a, b) = adapter.factors(module);
+    dense_product(&values(a), &values(b), adapter.rank(), d_in, d_out, 1.0)
+}
+
+// ---------- the worked example ----------
+
+fn worked_example_client(c: f64, rank: i64, n: u64) -> Client {
+    let a: Vec<f32> = (0..rank).flat_map(|i| (0..3).map(move |j| (c * (i as f64 + 1.0) + j as f64) as f32)).collect();
+    let b: Vec<f32> = (0..2).flat_map(|o| (0..rank).map(move |i| (c * (o as f64 + 1.0) + i as f64) as f32)).collect();
+    let mut t = BTreeMap::new();
+    t.insert(lora_a_name("layer"), Tensor::from_slice(&a).reshape([rank, 3]));
+    t.insert(lora_b_name("layer"), Tensor::from_slice(&b).reshape([2, rank]));
+    Client { name: format!("rank-{rank}"), adapter: Adapter::new(t).unwrap(), n, scale: 1.0 }
+}
+
+fn worked_example() -> (Adapter, Vec<Client>) {
+    let mut t = BTreeMap::new();
+    t.insert(lora_a_name("layer"), Tensor::zeros([8, 3], (Kind::Float, Device::Cpu)));
+    t.insert(lora_b_name("layer"), Tensor::zeros([2, 8], (Kind::Float, Device::Cpu)));
+    let clients = vec![worked_example_client(1.0, 2, 100), worked_example_client(2.0, 4, 200), worked_example_client(4.0, 8, 100)];
+    (Adapter::new(t).unwrap(), clients)
+}
+
+#[test]
+fn worked_example_rbla() {
+    let (global, clients) = worked_example();
+    let out = aggregate(Method::Rbla, &global, &clients.iter().collect::<Vec<_>>());
+    let want_a = vec![
+        2.25, 3.25, 4.25, 4.5, 5.5, 6.5, 8.0, 9.0, 10.0, 32.0 / 3.0, 35.0 / 3.0, 38.0 / 3.0, 20.0, 21.0, 22.0, 24.0, 25.0,
+        26.0, 28.0, 29.0, 30.0, 32.0, 33.0, 34.0,
+    ];
+    let want_b = vec![
+        2.25, 3.25, 14.0 / 3.0, 17.0 / 3.0, 8.0, 9.0, 10.0, 11.0, 4.5, 5.5, 22.0 / 3.0, 25.0 / 3.0, 12.0, 13.0, 14.0, 15.0,
+    ];
+    let want = BTreeMap::from([(lora_a_name("layer"), want_a), (lora_b_name("layer"), want_b)]);
+    assert_close(&out, &want, 1e-6);
+}
+
+#[test]
+fn worked_example_zero_padding() {
+    let (global, clients) = worked_example();
+    let out = aggregate(Method::ZeroPad, &global, &clients.iter().collect::<Vec<_>>());
+    let want_a = vec![
+        2.25, 3.25, 4.25, 4.5, 5.5, 6.5, 6.0, 6.75, 7.5, 8.0, 8.75, 9.5, 5.0, 5.25, 5.5, 6.0, 6.25, 6.5, 7.0, 7.25, 7.5, 8.0,
+        8.25, 8.5,
+    ];
+    let want_b = vec![2.25, 3.25, 3.5, 4.25, 2.0, 2.25, 2.5, 2.75, 4.5, 5.5, 5.5, 6.25, 3.0, 3.25, 3.5, 3.75];
+    let want = BTreeMap::from([(lora_a_name("layer"), want_a), (lora_b_name("layer"), want_b)]);
+    assert_close(&out, &want, 1e-6);
+}
+
+#[test]
+fn worked_example_dense_target_flora_and_flexlora() {
+    let (global, clients) = worked_example();
+    let refs: Vec<&Client> = clients.iter().collect();
+    let want_t = [353.25, 376.0, 398.75, 518.0, 553.25, 588.5];
+    let flora = aggregate(Method::Flora, &global, &refs);
+    assert_eq!(flora.rank(), 14);
+    let got = product_of(&flora, "layer", 3, 2);
+    for (g, w) in got.iter().zip(want_t) {
+        assert!((g - w).abs() < 1e-3, "flora: {got:?}");
+    }
+    // T is 2 × 3, so rank ≤ 2 ≤ R_max: FlexLoRA reconstructs it exactly.
+    let flex = aggregate(Method::FlexLora, &global, &refs);
+    assert_eq!(flex.rank(), 8);
+    let got = product_of(&flex, "layer", 3, 2);
+    for (g, w) in got.iter().zip(want_t) {
+        assert!((g - w).abs() < 1e-3, "flexlora: {got:?}");
+    }
+}
+
+// ---------- properties ----------
+
+#[test]
+fn equal_ranks_make_rbla_equal_fedavg() {
+    let global = random_adapter(R_MAX, 1);
+    let clients: Vec<Client> = (0..4).map(|k| client(R_MAX, 10 + 7 * k, 100 + k)).collect();
+    let refs: Vec<&Client> = clients.iter().collect();
+    let rbla = aggregate(Method::Rbla, &global, &refs);
+    let fedavg = aggregate(Method::FedAvg, &global, &refs);
+    for (name, t) in rbla.tensors() {
+        assert!(t.equal(fedavg.get(name).unwrap()), "{name}");
+    }
+}
+
+#[test]
+fn fedavg_refuses_mixed_ranks_naming_the_client() {
+    let global = random_adapter(R_MAX, 1);
+    let small = client(2, 10, 5);
+    let mut acc = Method::FedAvg.start(&global, 1.0).unwrap();
+    let err = acc.fold(&update(&small)).unwrap_err().to_string();
+    assert!(err.contains("client-5") && err.contains("rank"), "{err}");
+}
+
+#[test]
+fn a_lone_max_rank_client_passes_its_tail_through_bit_identical() {
+    let global = random_adapter(R_MAX, 1);
+    let clients = [client(2, 30, 2), client(4, 50, 3), client(8, 70, 4)];
+    let out = aggregate(Method::Rbla, &global, &clients.iter().collect::<Vec<_>>());
+    for (module, _, _) in MODULES {
+        let (a, b) = out.factors(module);
+        let (ca, cb) = clients[2].adapter.factors(module);
+        assert!(a.narrow(0, 4, 4).equal(&ca.narrow(0, 4, 4)), "{module} A tail");
+        assert!(b.narrow(1, 4, 4).equal(&cb.narrow(1, 4, 4)), "{module} B tail");
+    }
+}
+
+#[test]
+fn fixed_point_rbla_keeps_the_global_and_zero_padding_scales_it_by_coverage() {
+    let global = random_adapter(R_MAX, 9);
+    let ranks_and_n = [(2usize, 100u64), (4, 200), (8, 100)];
+    let clients: Vec<Client> = ranks_and_n
+        .iter()
+        .map(|&(r, n)| Client { name: format!("r{r}"), adapter: global.slice_to_rank(r).unwrap(), n, scale: 1.0 })
+        .collect();
+    let refs: Vec<&Client> = clients.iter().collect();
+    let rbla = aggregate(Method::Rbla, &global, &refs);
+    assert_close(&rbla, &as_map(&global), 1e-6);
+    let zp = aggregate(Method::ZeroPad, &global, &refs);
+    let q = [1.0, 1.0, 0.75, 0.75, 0.25, 0.25, 0.25, 0.25];
+    for (module, _, _) in MODULES {
+        let (ga, gb) = global.factors(module);
+        let coverage = Tensor::from_slice(&q).to_kind(Kind::Float);
+        let want_a = ga * coverage.unsqueeze(1);
+        let want_b = gb * coverage.unsqueeze(0);
+        let (a, b) = zp.factors(module);
+        assert!(a.allclose(&want_a, 1e-6, 1e-6, false) && b.allclose(&want_b, 1e-6, 1e-6, false), "{module}");
+    }
+}
+
+#[test]
+fn scaling_sample_counts_or_permuting_clients_changes_nothing() {
+    let global = random_adapter(R_MAX, 1);
+    let clients = [client(2, 30, 2), client(8, 50, 3), client(4, 70, 4)];
+    let scaled: Vec<Client> = clients
+        .iter()
+        .map(|c| Client { name: c.name.clone(), adapter: c.adapter.deep_copy(), n: c.n * 1000, scale: 1.0 })
+        .collect();
+    for method in [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::FlexLora] {
+        let base = aggregate(method, &global, &clients.iter().collect::<Vec<_>>());
+        let permuted = aggregate(method, &global, &[&clients[2], &clients[0], &clients[1]]);
+        let rescaled = aggregate(method, &global, &scaled.iter().collect::<Vec<_>>());
+        assert_close(&permuted, &as_map(&base), 1e-5);
+        assert_close(&rescaled, &as_map(&base), 1e-5);
+    }
+}
+
+#[test]
+fn per_slot_denominators_equal_the_coverage() {
+    // Every client's A is all ones: RBLA gives 1 on every covered slot, zero-padding gives q_i.
+    let ones = |rank: usize| {
+        let mut t = BTreeMap::new();
+        for (module, d_in, d_out) in MODULES {
+            t.insert(lora_a_name(module), Tensor::ones([rank as i64, d_in as i64], (Kind::Float, Device::Cpu)));
+            t.insert(lora_b_name(module), Tensor::ones([d_out as i64, rank as i64], (Kind::Float, Device::Cpu)));
+        }
+        t.insert(HEAD.into(), Tensor::ones([2, 4], (Kind::Float, Device::Cpu)));
+        Adapter::new(t).unwrap()
+    };
+    let global = random_adapter(R_MAX, 1);
+    let clients: Vec<Client> =
+        [(2, 100), (4, 200), (8, 100)].iter().map(|&(r, n)| Client { name: format!("{r}"), adapter: ones(r), n, scale: 1.0 }).collect();
+    let refs: Vec<&Client> = clients.iter().collect();
+    let rbla = aggregate(Method::Rbla, &global, &refs);
+    let zp = aggregate(Method::ZeroPad, &global, &refs);
+    let q = [1.0, 1.0, 0.75, 0.75, 0.25, 0.25, 0.25, 0.25];
+    for (module, _, _) in MODULES {
+        let rows_rbla = values(&rbla.factors(module).0.mean_dim(1, false, Kind::Double));
+        let rows_zp = values(&zp.factors(module).0.mean_dim(1, false, Kind::Double));
+        for slot in 0..R_MAX {
+            assert!((rows_rbla[slot] - 1.0).abs() < 1e-6);
+            assert!((rows_zp[slot] - q[slot]).abs() < 1e-6, "slot {slot}: {} vs {}", rows_zp[slot], q[slot]);
+        }
+    }
+}
+
+#[test]
+fn partial_participation_without_the_max_rank_client_keeps_the_tail() {
+    let global = random_adapter(R_MAX, 4);
+    let clients = [client(2, 30, 2), client(4, 50, 3)];
+    for method in [Method::Rbla, Method::ZeroPad, Method::HetLora] {
+        let out = aggregate(method, &global, &clients.iter().collect::<Vec<_>>());
+        assert_eq!(out.rank(), R_MAX, "{method}");
+        for (module, _, _) in MODULES {
+            let (a, b) = out.factors(module);
+            let (ga, gb) = global.factors(module);
+            assert!(a.narrow(0, 4, 4).equal(&ga.narrow(0, 4, 4)), "{method} {module}");
+            assert!(b.narrow(1, 4, 4).equal(&gb.narrow(1, 4, 4)), "{method} {module}");
+            assert!(!a.narrow(0, 0, 4).equal(&ga.narrow(0, 0, 4)), "{method} {module}: head slots updated");
+        }
+    }
+}
+
+#[test]
+fn flora_stacks_exactly_to_the_dense_target() {
+    let global = random_adapter(R_MAX, 1);
+    let clients = [client(2, 30, 2), client(8, 50, 3), client(4, 70, 4)];
+    let refs: Vec<&Client> = clients.iter().collect();
+    let out = aggregate(Method::Flora, &global, &refs);
+    assert_eq!(out.rank(), 14);
+    let dense = reference_dense(&refs);
+    for (module, d_in, d_out) in MODULES {
+        for (g, w) in product_of(&out, module, d_in, d_out).iter().zip(&dense[module]) {
+            assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{module}");
+        }
+    }
+}
+
+#[test]
+fn flexlora_is_exact_when_the_rank_suffices_and_eckart_young_otherwise() {
+    // d_out ≤ 4 here, so rank(T) ≤ 4 ≤ R_max = 8: exact.
+    let global = random_adapter(R_MAX, 1);
+    let clients = [client(2, 30, 2), client(8, 50, 3), client(4, 70, 4)];
+    let refs: Vec<&Client> = clients.iter().collect();
+    let out = aggregate(Method::FlexLora, &global, &refs);
+    let dense = reference_dense(&refs);
+    for (module, d_in, d_out) in MODULES {
+        for (g, w) in product_of(&out, module, d_in, d_out).iter().zip(&dense[module]) {
+            assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{module}");
+        }
+    }
+    // A rank-2 client receives the top two components; its error is the tail of the spectrum.
+    let slice = out.slice_to_rank(2).unwrap();
+    for (module, d_in, d_out) in MODULES {
+        let t = Tensor::from_slice(&dense[module]).reshape([d_out as i64, d_in as i64]);
+        let sigma = values(&singular_values(&t).unwrap());
+        let want = sigma[2..].iter().map(|s| s * s).sum::<f64>().sqrt();
+        let got: f64 = product_of(&slice, module, d_in, d_out)
+            .iter()
+            .zip(&dense[module])
+            .map(|(g, w)| (g - w) * (g - w))
+            .sum::<f64>()
+            .sqrt();
+        assert!((got - want).abs() < 1e-4 * (1.0 + want), "{module}: error {got}, Eckart–Young {want}");
+    }
+}
+
+#[test]
+fn randomized_svd_matches_the_exact_one_on_a_low_rank_layer() {
+    // A 1100 × 1100 layer of rank 12 is above EXACT_SVD_MAX_DIM; 8 components of it are recovered.
+    let b = seeded_uniform(&[1100, 12], 1.0, 1).to_kind(Kind::Double);
+    let a = seeded_uniform(&[12, 1100], 1.0, 2).to_kind(Kind::Double);
+    let t = b.matmul(&a);
+    let (u, s, vh, exact) = top_components(&t, 8, 3).unwrap();
+    assert!(!exact);
+    let exact_s = singular_values(&t).unwrap().narrow(0, 0, 8);
+    assert!(s.allclose(&exact_s, 1e-6, 1e-6, false));
+    assert_eq!((u.size(), vh.size()), (vec![1100, 8], vec![8, 1100]));
+}
+
+#[test]
+fn different_client_scales_are_folded_into_b() {
+    // A client whose factors use scale 2 contributes B·2 in a global of scale 1.
+    let global = random_adapter(R_MAX, 1);
+    let mut c = client(R_MAX, 10, 2);
+    c.scale = 2.0;
+    let out = aggregate(Method::Rbla, &global, &[&c]);
+    let (_, b) = out.factors("m.q");
+    let (_, cb) = c.adapter.factors("m.q");
+    assert!(b.allclose(&(cb * 2.0), 1e-6, 1e-6, false));
+}
+
+#[test]
+fn invalid_updates_are_rejected_naming_client_and_tensor_and_change_nothing() {
+    let global = random_adapter(R_MAX, 1);
+    let good = client(4, 10, 2);
+    let reference = aggregate(Method::Rbla, &global, &[&good]);
+
+    let with = |f: &dyn Fn(&mut BTreeMap<String, Tensor>)| {
+        let mut t: BTreeMap<String, Tensor> = good.adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        f(&mut t);
+        Adapter::new(t)
+    };
+    let nan = with(&|t| {
+        let _ = t.get_mut(HEAD).unwrap().get(0).get(0).fill_(f64::NAN);
+    })
+    .unwrap();
+    let unknown = with(&|t| {
+        t.insert("m.extra.weight".into(), Tensor::zeros([1], (Kind::Float, Device::Cpu)));
+    })
+    .unwrap();
+    let missing = with(&|t| {
+        t.remove(HEAD);
+    })
+    .unwrap();
+    let wrong_width = with(&|t| {
+        t.insert(lora_a_name("m.q"), Tensor::zeros([4, 6], (Kind::Float, Device::Cpu)));
+    })
+    .unwrap();
+    let too_big = random_adapter(16, 3);
+    let cases: Vec<(&str, ClientUpdate, &str)> = vec![
+        ("nan", ClientUpdate { client: "c-nan", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &nan }, HEAD),
+        ("unknown", ClientUpdate { client: "c-unknown", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &unknown }, "m.extra.weight"),
+        ("missing", ClientUpdate { client: "c-missing", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &missing }, HEAD),
+        ("width", ClientUpdate { client: "c-width", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &wrong_width }, "m.q.lora_A"),
+        ("lying rank", ClientUpdate { client: "c-liar", declared_rank: 2, num_samples: 5, scale: 1.0, adapter: &good.adapter }, "lora_"),
+        ("above R_max", ClientUpdate { client: "c-big", declared_rank: 16, num_samples: 5, scale: 1.0, adapter: &too_big }, "R_max"),
+        ("zero samples", ClientUpdate { client: "c-zero", declared_rank: 4, num_samples: 0, scale: 1.0, adapter: &good.adapter }, "sample"),
+    ];
+    for method in Method::ALL {
+        let mut acc = method.start(&global, 1.0).unwrap();
+        for (what, bad, mentions) in &cases {
+            let err = acc.fold(bad).expect_err(what).to_string();
+            // FedAvg refuses any rank but R_max before looking at tensors.
+            let names_tensor = method == Method::FedAvg || err.contains(mentions);
+            assert!(err.contains(bad.client) && names_tensor, "{method} {what}: {err}");
+        }
+        assert_eq!(acc.folded(), 0, "{method}");
+        if method == Method::Rbla {
+            acc.fold(&update(&good)).unwrap();
+            let out = acc.finish().unwrap().adapter;
+            for (name, t) in out.tensors() {
+                assert!(t.equal(reference.get(name).unwrap()), "{name}");
+            }
+        }
+    }
+}
+
+#[test]
+fn method_names_round_trip_and_unknown_names_list_the_known_ones() {
+    for m in Method::ALL {
+        assert_eq!(m.name().parse::<Method>().unwrap(), m);
+    }
+    let err = "fedprox".parse::<Method>().unwrap_err();
+    assert!(err.contains("rbla") && err.contains("flexlora"), "{err}");
+}
+
+// ---------- randomized: streaming in any order equals the plain reference ----------
+
+fn fleet() -> impl Strategy<Value = (Vec<(usize, u64)>, u64, Vec<usize>)> {
+    let member = (prop::sample::select(vec![1usize, 2, 4, 8]), 1u64..1000);
+    (prop::collection::vec(member, 1..6), any::<u64>()).prop_flat_map(|(members, seed)| {
+        let order: Vec<usize> = (0..members.len()).collect();
+        (Just(members), Just(seed), Just(order).prop_shuffle())
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn streaming_in_any_order_equals_the_reference((members, seed, order) in fleet()) {
+        let global = random_adapter(R_MAX, seed % 1000);
+        let clients: Vec<Client> = members
+            .iter()
+            .enumerate()
+            .map(|(k, &(rank, n))| client(rank, n, seed % 997 + 1 + k as u64))
+            .collect();
+        let in_order: Vec<&Client> = clients.iter().collect();
+        let shuffled: Vec<&Client> = order.iter().map(|&k| &clients[k]).collect();
+        for method in [Method::Rbla, Method::ZeroPad, Method::HetLora] {
+            let want = reference_slotwise(&global, &in_order, method);
+            assert_close(&aggregate(method, &global, &in_order), &want, 1e-5);
+            assert_close(&aggregate(method, &global, &shuffled), &want, 1e-5);
+        }
+        let dense = reference_dense(&in_order);
+        for method in [Method::Flora, Method::FlexLora] {
+            let out = aggregate(method, &global, &shuffled);
+            for (module, d_in, d_out) in MODULES {
+                for (g, w) in product_of(&out, module, d_in, d_out).iter().zip(&dense[module]) {
+                    prop_assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "{} {}: {} vs {}", method, module, g, w);
+                }
+            }
+            assert_close_head(&out, &in_order);
+        }
+    }
+}
+
+fn assert_close_head(out: &Adapter, clients: &[&Client]) {
+    for (g, w) in values(out.get(HEAD).unwrap()).iter().zip(reference_head(clients)) {
+        assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()));
+    }
+}
