@@ -3,6 +3,7 @@
 mod aggregation;
 mod config;
 mod engine;
+mod offline;
 mod server;
 
 use std::net::SocketAddr;
@@ -10,6 +11,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use flotilla_common::aggregate::Method;
 
 /// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
 /// updates of different ranks (RBLA by default) into one global adapter.
@@ -40,6 +42,22 @@ enum Command {
         #[arg(long)]
         address_file: Option<PathBuf>,
     },
+    /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
+    /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
+    Aggregate {
+        /// rbla, zero-pad, hetlora, flexlora, flora or fedavg.
+        #[arg(long, default_value = "rbla")]
+        method: Method,
+        /// Output directory (adapter_model.safetensors in f32 + adapter_config.json).
+        #[arg(long)]
+        out: PathBuf,
+        /// Rank of the result (default: the largest input rank). FLoRA's result has rank Σ r_k.
+        #[arg(long)]
+        max_rank: Option<usize>,
+        /// Client adapter directories.
+        #[arg(required = true)]
+        clients: Vec<PathBuf>,
+    },
 }
 
 fn main() {
@@ -67,6 +85,22 @@ fn run(command: Command) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(server::serve(config))?;
             print_summary(&summary);
+            Ok(())
+        }
+        Command::Aggregate { method, out, max_rank, clients } => {
+            let report = offline::aggregate(&offline::OfflineRequest { method, out: out.clone(), max_rank, clients })?;
+            let ranks: Vec<String> = report.ranks.iter().map(|r| r.to_string()).collect();
+            println!(
+                "aggregated {} adapters (ranks {}) with {method} → {} (r = {}, lora_alpha = {})",
+                report.clients,
+                ranks.join(","),
+                out.display(),
+                report.out_rank,
+                report.lora_alpha
+            );
+            for note in &report.notes {
+                println!("note: {note}");
+            }
             Ok(())
         }
     }

@@ -162,3 +162,30 @@ pub fn read_safetensors(path: &Path) -> (HashMap<String, Matrix>, HashMap<String
     }
     (out, meta.metadata().clone().unwrap_or_default())
 }
+
+/// Writes a PEFT adapter directory: `tensors` as (name, rows, cols, row-major values) in f32,
+/// `num_samples` in the safetensors metadata when given, and an adapter_config.json.
+pub fn write_peft_adapter(
+    dir: &Path,
+    tensors: &[(String, usize, usize, Vec<f32>)],
+    r: usize,
+    lora_alpha: f64,
+    num_samples: Option<u64>,
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .zip(&bytes)
+        .map(|((name, rows, cols, _), b)| {
+            (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*rows, *cols], b).unwrap())
+        })
+        .collect();
+    let metadata = num_samples.map(|n| HashMap::from([("num_samples".to_string(), n.to_string())]));
+    std::fs::write(dir.join("adapter_model.safetensors"), safetensors::serialize(views, metadata).unwrap()).unwrap();
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": ["layer"],
+        "lora_dropout": 0.0, "bias": "none", "task_type": null
+    });
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+}

@@ -1,0 +1,176 @@
+//! `flotilla-coordinator aggregate`: merge PEFT adapters from disk with any method.
+//!
+//! Streaming, like the online path: the adapter configs are read first (ranks and scales), then each
+//! client is loaded, validated, folded in and dropped, so memory holds the accumulator and one
+//! client at a time (FLoRA's stacked result excepted).
+//!
+//! LoRA scales: a PEFT adapter computes `lora_alpha / r · B·A`. When the inputs' scales differ, each
+//! client's B is rescaled into one common scale before aggregating (the scale of the largest-rank
+//! input), and the output's `lora_alpha` is set so that `lora_alpha / r_out` is that scale. The
+//! output metadata and the command's output say when this happened.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use flotilla_common::adapter::{
+    lora_a_name, lora_b_name, tensor_role, Adapter, LoadedAdapter, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE,
+    NUM_SAMPLES_KEY,
+};
+use flotilla_common::aggregate::{ClientUpdate, Method};
+use flotilla_common::data::seeded_uniform;
+use tch::{Kind, Tensor};
+
+pub struct OfflineRequest {
+    pub method: Method,
+    pub out: PathBuf,
+    pub max_rank: Option<usize>,
+    pub clients: Vec<PathBuf>,
+}
+
+#[derive(Debug)]
+pub struct OfflineReport {
+    pub clients: usize,
+    pub ranks: Vec<usize>,
+    pub out_rank: usize,
+    pub lora_alpha: f64,
+    pub notes: Vec<String>,
+}
+
+struct ClientHeader {
+    dir: PathBuf,
+    config: PeftConfig,
+}
+
+fn read_config(dir: &Path) -> Result<PeftConfig> {
+    let path = dir.join(ADAPTER_CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let config: PeftConfig =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a valid adapter config", path.display()))?;
+    if config.r == 0 {
+        bail!("{}: r must be at least 1", path.display());
+    }
+    if !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
+        bail!("{}: lora_alpha must be a positive number, got {}", path.display(), config.lora_alpha);
+    }
+    Ok(config)
+}
+
+fn load_client(dir: &Path) -> Result<(LoadedAdapter, u64)> {
+    let loaded = Adapter::load_peft(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let weights = dir.join(flotilla_common::adapter::ADAPTER_WEIGHTS_FILE);
+    if loaded.adapter.rank() != loaded.config.r {
+        bail!(
+            "{}: {} says r = {} but the tensors have rank {}",
+            dir.display(),
+            ADAPTER_CONFIG_FILE,
+            loaded.config.r,
+            loaded.adapter.rank()
+        );
+    }
+    let samples = loaded.metadata.get(NUM_SAMPLES_KEY).with_context(|| {
+        format!("{}: no '{NUM_SAMPLES_KEY}' entry in the safetensors metadata (the client's sample count)", weights.display())
+    })?;
+    let n: u64 = samples
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
+        .with_context(|| format!("{}: '{NUM_SAMPLES_KEY}' must be a positive integer, got '{samples}'", weights.display()))?;
+    Ok((loaded, n))
+}
+
+/// The starting point for the accumulator: R_max slots shaped like `like`. Slots no input covers
+/// (only when `--max-rank` exceeds every input's rank) start as a fresh LoRA init: A uniform
+/// ±1/√d_in, B zero, so they do not change the model and can still learn.
+fn template(like: &Adapter, max_rank: usize) -> Result<Adapter> {
+    let mut tensors = BTreeMap::new();
+    for (index, module) in like.modules().iter().enumerate() {
+        let (a, b) = like.factors(module);
+        let (d_in, d_out) = (a.size()[1] as usize, b.size()[0] as usize);
+        let bound = 1.0 / (d_in as f64).sqrt();
+        tensors.insert(lora_a_name(module), seeded_uniform(&[max_rank, d_in], bound, 0xada9 + index as u64));
+        tensors.insert(lora_b_name(module), Tensor::zeros([d_out as i64, max_rank as i64], (Kind::Float, tch::Device::Cpu)));
+    }
+    for (name, t) in like.tensors() {
+        if tensor_role(name) == TensorRole::Other {
+            tensors.insert(name.clone(), t.zeros_like());
+        }
+    }
+    Ok(Adapter::new(tensors)?)
+}
+
+pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
+    let headers: Vec<ClientHeader> = request
+        .clients
+        .iter()
+        .map(|dir| Ok(ClientHeader { dir: dir.clone(), config: read_config(dir)? }))
+        .collect::<Result<_>>()?;
+    let Some(largest) = headers.iter().max_by_key(|h| h.config.r) else {
+        bail!("no client adapter directories given");
+    };
+    let max_input_rank = largest.config.r;
+    let out_rank_slots = match request.max_rank {
+        Some(r) if r < max_input_rank => bail!(
+            "--max-rank {r} is below the rank of {} ({max_input_rank}); it must be at least the largest input rank",
+            largest.dir.display()
+        ),
+        Some(r) => r,
+        None => max_input_rank,
+    };
+    let scale_of = |c: &PeftConfig| c.lora_alpha / c.r as f64;
+    let target_scale = scale_of(&largest.config);
+    let mut notes = Vec::new();
+    if headers.iter().any(|h| (scale_of(&h.config) - target_scale).abs() > 1e-12 * target_scale) {
+        notes.push(format!(
+            "inputs use different LoRA scales (lora_alpha / r); B factors were rescaled to the scale {target_scale} of {}",
+            largest.dir.display()
+        ));
+    }
+
+    let (first_loaded, _) = load_client(&largest.dir)?;
+    let global = template(&first_loaded.adapter, out_rank_slots)?;
+    drop(first_loaded);
+    let mut accumulator = request.method.start(&global, target_scale)?;
+    let mut total_samples = 0u64;
+    let mut ranks = Vec::with_capacity(headers.len());
+    let mut base_config: Option<PeftConfig> = None;
+    for header in &headers {
+        let (loaded, n) = load_client(&header.dir)?;
+        let client = header.dir.display().to_string();
+        accumulator
+            .fold(&ClientUpdate {
+                client: &client,
+                declared_rank: loaded.config.r,
+                num_samples: n,
+                scale: scale_of(&loaded.config),
+                adapter: &loaded.adapter,
+            })
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        total_samples += n;
+        ranks.push(loaded.config.r);
+        base_config.get_or_insert(loaded.config);
+    }
+    let aggregated = accumulator.finish()?;
+    notes.extend(aggregated.notes);
+    let adapter = aggregated.adapter;
+    let out_rank = adapter.rank();
+    let lora_alpha = target_scale * out_rank as f64;
+    let Some(mut config) = base_config else { bail!("no client adapter directories given") };
+    config.r = out_rank;
+    config.lora_alpha = lora_alpha;
+    let mut metadata = HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        ("flotilla_method".to_string(), request.method.to_string()),
+        ("flotilla_clients".to_string(), headers.len().to_string()),
+        (NUM_SAMPLES_KEY.to_string(), total_samples.to_string()),
+        ("flotilla_lora_scale".to_string(), target_scale.to_string()),
+    ]);
+    if !notes.is_empty() {
+        metadata.insert("flotilla_notes".to_string(), notes.join("; "));
+    }
+    adapter
+        .save_peft(&request.out, &config, metadata)
+        .with_context(|| format!("cannot write the result to {}", request.out.display()))?;
+    Ok(OfflineReport { clients: headers.len(), ranks, out_rank, lora_alpha, notes })
+}
