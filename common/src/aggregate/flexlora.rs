@@ -93,11 +93,10 @@ impl Aggregator for FlexLora {
             let b = scaled_b(b, update.scale, self.scale)?.f_mul_scalar(n)?.f_to_kind(Kind::Float)?;
             products.push(b.f_matmul(&a.f_to_kind(Kind::Float)?)?);
         }
-        let other_terms = self.others.terms(update)?;
         for (sum, product) in self.dense.values_mut().zip(products) {
             let _ = sum.f_add_(&product)?;
         }
-        self.others.add(other_terms, n)?;
+        self.others.add(update)?;
         self.total_samples += n;
         self.folded += 1;
         Ok(())

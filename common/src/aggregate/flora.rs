@@ -49,12 +49,11 @@ impl Aggregator for Flora {
             let b = scaled_b(b, update.scale, self.scale)?.f_mul_scalar(n)?.f_to_kind(Kind::Float)?;
             parts.push((a.f_to_kind(Kind::Float)?.f_contiguous()?.copy(), b));
         }
-        let other_terms = self.others.terms(update)?;
         for ((a_parts, b_parts), (a, b)) in self.stacks.values_mut().zip(parts) {
             a_parts.push(a);
             b_parts.push(b);
         }
-        self.others.add(other_terms, n)?;
+        self.others.add(update)?;
         self.total_samples += n;
         Ok(())
     }

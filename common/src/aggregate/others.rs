@@ -25,20 +25,13 @@ impl OtherMeans {
         Ok(OtherMeans { sums, weight: 0.0 })
     }
 
-    /// `n_k·X_k` for every tensor, computed before anything is added.
-    pub(super) fn terms(&self, update: &ClientUpdate<'_>) -> Result<Vec<Tensor>, AggregateError> {
+    /// `sum += n_k·X_k` for every tensor, fused.
+    pub(super) fn add(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
         let n = update.num_samples as f64;
-        self.sums
-            .keys()
-            .map(|name| Ok(update.adapter.tensors()[name].f_to_kind(Kind::Double)?.f_mul_scalar(n)?))
-            .collect()
-    }
-
-    pub(super) fn add(&mut self, terms: Vec<Tensor>, num_samples: f64) -> Result<(), AggregateError> {
-        for (sum, term) in self.sums.values_mut().zip(terms) {
-            let _ = sum.f_add_(&term)?;
+        for (name, sum) in self.sums.iter_mut() {
+            let _ = sum.f_addcmul_(&update.adapter.tensors()[name], &Tensor::from(n))?;
         }
-        self.weight += num_samples;
+        self.weight += n;
         Ok(())
     }
 

@@ -66,28 +66,24 @@ impl SlotSums {
         self.folded
     }
 
-    /// Adds a validated update with one weight per module. Everything is computed before anything
-    /// is added, so an error leaves the sums untouched.
+    /// Adds a validated update with one weight per module: `sum[:r] += w·x`, one fused pass per
+    /// tensor (the f32 input is widened inside the kernel). Shapes were validated, so the only
+    /// possible failure is libtorch itself.
     pub(super) fn add(&mut self, update: &ClientUpdate<'_>, module_weight: impl Fn(&str) -> f64) -> Result<(), AggregateError> {
         let r = update.declared_rank as i64;
-        let mut terms = Vec::with_capacity(self.modules.len());
-        for module in self.modules.keys() {
+        let b_factor = update.scale / self.target_scale;
+        for (module, sums) in self.modules.iter_mut() {
             let w = module_weight(module);
             let (a, b) = update.adapter.factors(module);
-            let b = scaled_b(b, update.scale, self.target_scale)?;
-            terms.push((w, a.f_to_kind(Kind::Double)?.f_mul_scalar(w)?, b.f_mul_scalar(w)?));
-        }
-        let other_terms = self.others.terms(update)?;
-        for ((w, a, b), sums) in terms.into_iter().zip(self.modules.values_mut()) {
-            let _ = sums.a.f_narrow(0, 0, r)?.f_add_(&a)?;
-            let _ = sums.b.f_narrow(1, 0, r)?.f_add_(&b)?;
+            let _ = sums.a.f_narrow(0, 0, r)?.f_addcmul_(a, &Tensor::from(w))?;
+            let _ = sums.b.f_narrow(1, 0, r)?.f_addcmul_(b, &Tensor::from(w * b_factor))?;
             for slot in 0..update.declared_rank {
                 sums.slot_weight[slot] += w;
                 sums.slot_clients[slot] += 1;
             }
             sums.total_weight += w;
         }
-        self.others.add(other_terms, update.num_samples as f64)?;
+        self.others.add(update)?;
         self.folded += 1;
         Ok(())
     }

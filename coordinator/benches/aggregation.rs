@@ -1,0 +1,164 @@
+//! Aggregation against the roofline: an LLM-shaped set of client adapters (20 clients, ranks cycling
+//! 4, 8, 16, 32, 64; 32 layers, each with a q-projection 4096 → 4096 and a v-projection 4096 → 1024),
+//! aggregated with every method, each compared in the same run with one read of the same input bytes.
+//!
+//!   cargo bench -p flotilla-coordinator --bench aggregation             # the full shape
+//!   cargo bench -p flotilla-coordinator --bench aggregation -- --layers 4   # quicker
+//!
+//! In memory, "one read" is one pass over every input tensor (an f64 sum, the cheapest kernel that
+//! touches every byte) with the same thread count as the aggregator (one). End to end, the offline
+//! command (load, aggregate, write) is compared with `cat` of the input files into /dev/null, both
+//! with the files in the page cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+
+use flotilla_common::adapter::{lora_a_name, lora_b_name, Adapter, PeftConfig, NUM_SAMPLES_KEY};
+use flotilla_common::aggregate::{ClientUpdate, Method};
+use tch::{Device, Kind, Tensor};
+
+const CLIENTS: usize = 20;
+const RANKS: [usize; 5] = [4, 8, 16, 32, 64];
+const HIDDEN: i64 = 4096;
+const V_OUT: i64 = 1024;
+
+fn client_adapter(layers: usize, rank: usize) -> Adapter {
+    let r = rank as i64;
+    let mut t = BTreeMap::new();
+    for layer in 0..layers {
+        for (proj, d_out) in [("q_proj", HIDDEN), ("v_proj", V_OUT)] {
+            let module = format!("base_model.model.model.layers.{layer}.self_attn.{proj}");
+            t.insert(lora_a_name(&module), Tensor::randn([r, HIDDEN], (Kind::Float, Device::Cpu)) * 0.02);
+            t.insert(lora_b_name(&module), Tensor::randn([d_out, r], (Kind::Float, Device::Cpu)) * 0.02);
+        }
+    }
+    Adapter::new(t).expect("consistent adapter")
+}
+
+fn seconds(f: impl FnOnce()) -> f64 {
+    let start = Instant::now();
+    f();
+    start.elapsed().as_secs_f64()
+}
+
+fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
+    (0..runs).map(|_| seconds(&mut f)).fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let layers = args
+        .iter()
+        .position(|a| a == "--layers")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32usize);
+    tch::set_num_threads(1);
+    tch::manual_seed(0);
+
+    let ranks: Vec<usize> = (0..CLIENTS).map(|k| RANKS[k % RANKS.len()]).collect();
+    let clients: Vec<(Adapter, u64)> =
+        ranks.iter().enumerate().map(|(k, &r)| (client_adapter(layers, r), 100 + 37 * k as u64)).collect();
+    let input_bytes: usize =
+        clients.iter().map(|(a, _)| a.tensors().values().map(|t| t.numel() * 4).sum::<usize>()).sum();
+    let r_max = *RANKS.iter().max().unwrap_or(&64);
+    let global = client_adapter(layers, r_max);
+
+    println!("# Aggregation benchmark");
+    println!();
+    println!("{CLIENTS} clients, ranks {:?} cycling, {layers} layers × (q 4096→4096, v 4096→1024), R_max {r_max}, f32.", RANKS);
+    println!("Input: {:.1} MB. One libtorch thread for every timing.", input_bytes as f64 / 1e6);
+    println!();
+
+    let read = best_of(3, || {
+        for (adapter, _) in &clients {
+            for t in adapter.tensors().values() {
+                std::hint::black_box(t.sum(Kind::Double).double_value(&[]));
+            }
+        }
+    });
+    println!("| in memory | time | × one read of the input |");
+    println!("| --- | ---: | ---: |");
+    println!("| one read of the input ({:.1} GB/s) | {:.3} s | 1.00 |", input_bytes as f64 / read / 1e9, read);
+
+    for method in [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::Flora, Method::FlexLora] {
+        let mut fold_time = 0.0;
+        let mut finish_time = 0.0;
+        let mut notes = Vec::new();
+        let runs = if method == Method::FlexLora { 1 } else { 2 };
+        let mut best = f64::INFINITY;
+        for _ in 0..runs {
+            let mut acc = method.start(&global, 1.0).expect("start");
+            let fold = seconds(|| {
+                for (k, (adapter, n)) in clients.iter().enumerate() {
+                    let name = format!("client-{k}");
+                    acc.fold(&ClientUpdate { client: &name, declared_rank: adapter.rank(), num_samples: *n, scale: 1.0, adapter })
+                        .expect("valid update");
+                }
+            });
+            let mut result = None;
+            let finish = seconds(|| result = Some(acc.finish().expect("finish")));
+            if fold + finish < best {
+                best = fold + finish;
+                fold_time = fold;
+                finish_time = finish;
+                notes = result.map(|r| r.notes).unwrap_or_default();
+            }
+        }
+        println!(
+            "| {method}: fold {CLIENTS} updates {:.3} s + finish {:.3} s | {:.3} s | {:.2} |",
+            fold_time,
+            finish_time,
+            fold_time + finish_time,
+            (fold_time + finish_time) / read
+        );
+        if method == Method::FlexLora {
+            let worst = notes
+                .iter()
+                .filter_map(|n| n.rsplit("relative error ").next().and_then(|v| v.parse::<f64>().ok()))
+                .fold(0.0f64, f64::max);
+            println!("|  (flexlora: randomized SVD of {} layers; worst relative error {:.2e}) | | |", notes.len(), worst);
+        }
+    }
+
+    // End to end through the offline command.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    for (k, (adapter, n)) in clients.iter().enumerate() {
+        let path = dir.path().join(format!("client-{k:02}"));
+        let config = PeftConfig::for_adapter(adapter, adapter.rank() as f64);
+        adapter
+            .save_peft(&path, &config, HashMap::from([(NUM_SAMPLES_KEY.to_string(), n.to_string())]))
+            .expect("write client");
+        dirs.push(path);
+    }
+    drop(clients);
+    let files: Vec<PathBuf> = dirs.iter().map(|d| d.join("adapter_model.safetensors")).collect();
+    let cat = || {
+        let status = Command::new("cat").args(&files).stdout(std::process::Stdio::null()).status().expect("cat");
+        assert!(status.success());
+    };
+    cat(); // warm the page cache
+    let cat_time = best_of(3, cat);
+    let out = dir.path().join("out");
+    let offline = |method: &str| -> f64 {
+        best_of(2, || {
+            let output = Command::new(env!("CARGO_BIN_EXE_flotilla-coordinator"))
+                .args(["aggregate", "--method", method, "--out"])
+                .arg(&out)
+                .args(&dirs)
+                .output()
+                .expect("run aggregate");
+            assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        })
+    };
+    let rbla = offline("rbla");
+    println!();
+    println!("| end to end (files in page cache) | time | × cat of the inputs |");
+    println!("| --- | ---: | ---: |");
+    println!("| `cat` {} files > /dev/null | {:.3} s | 1.00 |", files.len(), cat_time);
+    println!("| `flotilla-coordinator aggregate --method rbla` (load, aggregate, write) | {:.3} s | {:.2} |", rbla, rbla / cat_time);
+    let _ = Path::new(&out);
+}
