@@ -125,9 +125,11 @@ fn main() {
 
     // End to end through the offline command.
     let dir = tempfile::tempdir().expect("temp dir");
+    // FLOTILLA_BENCH_KEEP=<dir>: also leave the client adapters there, for profiling the command.
+    let keep = std::env::var_os("FLOTILLA_BENCH_KEEP").map(PathBuf::from);
     let mut dirs: Vec<PathBuf> = Vec::new();
     for (k, (adapter, n)) in clients.iter().enumerate() {
-        let path = dir.path().join(format!("client-{k:02}"));
+        let path = keep.as_deref().unwrap_or(dir.path()).join(format!("client-{k:02}"));
         let config = PeftConfig::for_adapter(adapter, adapter.rank() as f64);
         adapter
             .save_peft(&path, &config, HashMap::from([(NUM_SAMPLES_KEY.to_string(), n.to_string())]))

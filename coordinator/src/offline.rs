@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use flotilla_common::adapter::{
@@ -132,11 +133,15 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     let global = template(&first_loaded.adapter, out_rank_slots)?;
     drop(first_loaded);
     let mut accumulator = request.method.start(&global, target_scale)?;
+    let (mut load_s, mut fold_s) = (0.0, 0.0);
     let mut total_samples = 0u64;
     let mut ranks = Vec::with_capacity(headers.len());
     let mut base_config: Option<PeftConfig> = None;
     for header in &headers {
+        let started = Instant::now();
         let (loaded, n) = load_client(&header.dir)?;
+        load_s += started.elapsed().as_secs_f64();
+        let started = Instant::now();
         let client = header.dir.display().to_string();
         accumulator
             .fold(&ClientUpdate {
@@ -147,11 +152,14 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
                 adapter: &loaded.adapter,
             })
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        fold_s += started.elapsed().as_secs_f64();
         total_samples += n;
         ranks.push(loaded.config.r);
         base_config.get_or_insert(loaded.config);
     }
+    let started = Instant::now();
     let aggregated = accumulator.finish()?;
+    let finish_s = started.elapsed().as_secs_f64();
     notes.extend(aggregated.notes);
     let adapter = aggregated.adapter;
     let out_rank = adapter.rank();
@@ -169,8 +177,16 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     if !notes.is_empty() {
         metadata.insert("flotilla_notes".to_string(), notes.join("; "));
     }
+    let started = Instant::now();
     adapter
         .save_peft(&request.out, &config, metadata)
         .with_context(|| format!("cannot write the result to {}", request.out.display()))?;
+    tracing::debug!(
+        load_s,
+        fold_s,
+        finish_s,
+        write_s = started.elapsed().as_secs_f64(),
+        "offline aggregation timings"
+    );
     Ok(OfflineReport { clients: headers.len(), ranks, out_rank, lora_alpha, notes })
 }
