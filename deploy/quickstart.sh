@@ -35,6 +35,10 @@ run_dir="$(cd "$run_dir" && pwd)"
 # The fleet: device id and the LoRA rank it asks for (R_max is 8).
 fleet=("phone-1:2" "laptop-1:4" "desktop-1:8")
 
+# Real data: Fashion-MNIST, each device holding its own label-skewed shard (Dirichlet α = 0.5).
+flotilla_ensure_fashion_mnist
+data_dir="${FLOTILLA_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+
 step "provisioning a CA and credentials in $run_dir/pki"
 "$bin/flotilla-certs" --dir "$run_dir/pki" init --name "Flotilla quickstart CA" >/dev/null
 "$bin/flotilla-certs" --dir "$run_dir/pki" issue coordinator --name localhost >/dev/null
@@ -68,8 +72,8 @@ lora_alpha = 16.0
 [model]
 seed = 42
 [model.architecture.mlp]
-input = 64
-hidden = [64, 64]
+input = 784
+hidden = [128, 64]
 classes = 10
 TOML
 
@@ -94,16 +98,19 @@ echo "coordinator listening on $address"
 
 step "starting ${#fleet[@]} edge clients: ${fleet[*]}"
 edge_pids=()
+index=0
 for member in "${fleet[@]}"; do
     id="${member%%:*}" rank="${member##*:}"
     "$bin/flotilla-edge" run --coordinator "$address" --server-name localhost \
         --kit "$run_dir/pki/kits/$id" --rank "$rank" --device-class "${id%%-*}" \
+        --data "$data_dir" --partition dirichlet:0.5 --devices "${#fleet[@]}" --device-index "$index" \
         >"$run_dir/logs/$id.out" 2>"$run_dir/logs/$id.log" &
     edge_pids+=("$!")
     pids+=("$!")
+    index=$((index + 1))
 done
 
-step "federated fine-tuning in progress"
+step "federated fine-tuning on Fashion-MNIST in progress (each device: its own Dirichlet(0.5) shard)"
 status=0
 wait "$coordinator_pid" || status=$?
 for pid in "${edge_pids[@]}"; do wait "$pid" || status=$?; done

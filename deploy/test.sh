@@ -9,6 +9,7 @@ cd "$root"
 # shellcheck source=deploy/env.sh
 source "$root/deploy/env.sh"
 
+flotilla_ensure_fashion_mnist
 echo "==> building (the first build takes about 4 minutes on 2 cores)"
 cargo build --workspace --bins --locked
 echo "==> testing"

@@ -309,6 +309,27 @@ mod tests {
     }
 
     #[test]
+    fn lora_training_on_fashion_mnist_improves_held_out_accuracy() {
+        use crate::data::idx::{load_split, Split, DEBIAN_FASHION_MNIST};
+        let dir = std::env::var_os("FLOTILLA_FASHION_MNIST")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| DEBIAN_FASHION_MNIST.into());
+        let train = load_split(&dir, Split::Train, 10).expect("Fashion-MNIST (bash deploy/test.sh installs it)");
+        let test = load_split(&dir, Split::Test, 10).expect("Fashion-MNIST");
+        let local = train.subset(&(0..6000).collect::<Vec<_>>());
+        let held_out = test.subset(&(0..2000).collect::<Vec<_>>());
+        let arch = Architecture::Mlp { input: 784, hidden: vec![128], classes: 10 };
+        let base = arch.init_base(1);
+        let global = arch.init_adapter(8, 2).unwrap();
+        let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
+        let (_, before) = model.evaluate(&held_out, 1000);
+        let settings = TrainingSettings { local_steps: 300, batch_size: 64, learning_rate: 5e-3, seed: 3 };
+        model.train(&local, &settings).unwrap();
+        let (_, after) = model.evaluate(&held_out, 1000);
+        assert!(before < 0.25 && after > 0.70, "held-out accuracy {before:.3} → {after:.3}");
+    }
+
+    #[test]
     fn a_base_with_wrong_shapes_is_refused() {
         let arch = arch();
         let mut base = arch.init_base(1);

@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use flotilla_common::data::idx::DEBIAN_FASHION_MNIST;
+use flotilla_common::data::partition::{PartitionSpec, Scheme};
 use flotilla_common::framing::FrameLimits;
 use flotilla_common::protocol::HardwareProfile;
 use flotilla_common::quic::{self, TransportSettings};
@@ -51,10 +53,26 @@ struct RunArgs {
     /// Device class reported to the coordinator (phone, laptop, desktop, gpu, ...).
     #[arg(long, default_value = "laptop")]
     device_class: String,
-    /// Local synthetic training samples.
+    /// Local data: `synthetic`, `fashion-mnist` (Debian's dataset-fashion-mnist) or an MNIST-style
+    /// IDX directory (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]).
+    #[arg(long, default_value = "synthetic")]
+    data: String,
+    /// How the IDX training set is split among the trial's devices: iid, dirichlet:<alpha> or shards:<k>.
+    #[arg(long)]
+    partition: Option<Scheme>,
+    /// Number of devices the partition is made for (with --partition).
+    #[arg(long, default_value_t = 1)]
+    devices: usize,
+    /// This device's part of the partition, 0-based (with --partition).
+    #[arg(long, default_value_t = 0)]
+    device_index: usize,
+    /// Seed of the partition; every device of a trial must use the same one.
+    #[arg(long, default_value_t = 1)]
+    partition_seed: u64,
+    /// Synthetic data: local training samples.
     #[arg(long, default_value_t = 512)]
     samples: usize,
-    /// Seed of the synthetic task; devices of one run must share it.
+    /// Synthetic data: seed of the task; devices of one run must share it.
     #[arg(long, default_value_t = 7)]
     task_seed: u64,
     /// libtorch threads on the training thread.
@@ -91,7 +109,24 @@ fn run(args: RunArgs) -> Result<()> {
     anyhow::ensure!(args.rank >= 1, "--rank must be at least 1");
 
     let sample_seed = device_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    let data = DataSource::Synthetic { samples: args.samples, task_seed: args.task_seed, sample_seed };
+    let data = match args.data.as_str() {
+        "synthetic" => DataSource::Synthetic { samples: args.samples, task_seed: args.task_seed, sample_seed },
+        other => {
+            let dir = if other == "fashion-mnist" { PathBuf::from(DEBIAN_FASHION_MNIST) } else { PathBuf::from(other) };
+            anyhow::ensure!(dir.is_dir(), "--data {other}: {} is not a directory{}", dir.display(),
+                if other == "fashion-mnist" { " (install Debian's dataset-fashion-mnist)" } else { "" });
+            let shard = args.partition.map(|scheme| {
+                (PartitionSpec { scheme, devices: args.devices, seed: args.partition_seed }, args.device_index)
+            });
+            anyhow::ensure!(
+                shard.is_none() || args.device_index < args.devices,
+                "--device-index {} must be below --devices {}",
+                args.device_index,
+                args.devices
+            );
+            DataSource::Idx { dir, shard }
+        }
+    };
     let trainer = trainer::Trainer::spawn(args.threads, data)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;

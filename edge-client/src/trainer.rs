@@ -4,6 +4,8 @@
 use std::sync::mpsc;
 
 use flotilla_common::adapter::Adapter;
+use flotilla_common::data::idx::{load_split, Split};
+use flotilla_common::data::partition::{partition, PartitionSpec};
 use flotilla_common::data::{synthetic_classification, Dataset};
 use flotilla_common::model::{Architecture, BaseWeights, LoraModel};
 use flotilla_common::protocol::{LocalMetrics, TrainingSettings};
@@ -28,6 +30,8 @@ pub enum DataSource {
     /// A synthetic classification task shaped for the coordinator's model (see
     /// `flotilla_common::data::synthetic_classification`); devices sharing `task_seed` share the task.
     Synthetic { samples: usize, task_seed: u64, sample_seed: u64 },
+    /// The training split of an MNIST-style IDX directory, optionally only this device's part of it.
+    Idx { dir: std::path::PathBuf, shard: Option<(PartitionSpec, usize)> },
 }
 
 impl DataSource {
@@ -38,6 +42,16 @@ impl DataSource {
                     return Err("no local samples".into());
                 }
                 Ok(synthetic_classification(samples, architecture.input_size(), architecture.classes(), task_seed, sample_seed))
+            }
+            DataSource::Idx { ref dir, shard } => {
+                let data = load_split(dir, Split::Train, architecture.classes()).map_err(|e| e.to_string())?;
+                let Some((spec, index)) = shard else { return Ok(data) };
+                let parts = partition(&data.labels_vec(), architecture.classes(), &spec)?;
+                let mine = parts.get(index).ok_or_else(|| {
+                    format!("device index {index} is outside the partition's {} devices", spec.devices)
+                })?;
+                tracing::info!(samples = mine.len(), partition = %spec.scheme, index, "local data: shard of {}", dir.display());
+                Ok(data.subset(mine))
             }
         }
     }

@@ -1,8 +1,22 @@
 //! Datasets held on a device: features as an `N × d` f32 tensor, labels as an `N` i64 tensor.
+//! [`idx`] reads MNIST-style files, [`partition`] splits a dataset among devices.
+
+pub mod idx;
+pub mod partition;
+
+use std::path::PathBuf;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
+
+/// A data file that cannot be used, and why.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct DataError {
+    pub path: PathBuf,
+    pub message: String,
+}
 
 #[derive(Debug)]
 pub struct Dataset {
@@ -17,6 +31,16 @@ impl Dataset {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// The samples at `indices`, in that order.
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
+        Dataset { features: self.features.index_select(0, &index), labels: self.labels.index_select(0, &index) }
+    }
+
+    pub fn labels_vec(&self) -> Vec<i64> {
+        Vec::<i64>::try_from(&self.labels).unwrap_or_default()
     }
 }
 
