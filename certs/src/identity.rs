@@ -8,13 +8,8 @@ pub fn validate_device_id(id: &str) -> Result<(), String> {
     if id.is_empty() || id.len() > 64 {
         return Err(format!("device id '{id}' must be 1 to 64 characters long"));
     }
-    if !id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
-        return Err(format!(
-            "device id '{id}' may contain only ASCII letters, digits, '-' and '_'"
-        ));
+    if !id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(format!("device id '{id}' may contain only ASCII letters, digits, '-' and '_'"));
     }
     if id == "coordinator" || id == "ca" {
         return Err(format!("device id '{id}' is reserved"));

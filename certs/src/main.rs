@@ -5,8 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use flotilla_certs::{
-    CoordinatorRequest, DeviceRequest, Pki, DEFAULT_CA_DAYS, DEFAULT_COORDINATOR_DAYS,
-    DEFAULT_DEVICE_DAYS,
+    CoordinatorRequest, DeviceRequest, Pki, DEFAULT_CA_DAYS, DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS,
 };
 
 /// Provision credentials for a Flotilla deployment: a CA, the coordinator's certificate and one

@@ -7,8 +7,8 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -42,10 +42,7 @@ pub enum PkiError {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io {
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| PkiError::Io { path: path.to_path_buf(), source }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -110,11 +107,8 @@ impl Pki {
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         set_validity(&mut params, days);
         params.serial_number = Some(SerialNumber::from_slice(&[1]));
         let cert = params.self_signed(&key)?;
@@ -123,13 +117,8 @@ impl Pki {
         fs::create_dir_all(&ca_dir).map_err(io_err(&ca_dir))?;
         write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
         write_file(&Self::ca_key_path(root), key.serialize_pem().as_bytes(), 0o600)?;
-        let pki = Pki {
-            root: root.to_path_buf(),
-        };
-        pki.save_registry(&Registry {
-            next_serial: 2,
-            issued: Vec::new(),
-        })?;
+        let pki = Pki { root: root.to_path_buf() };
+        pki.save_registry(&Registry { next_serial: 2, issued: Vec::new() })?;
         Ok(pki)
     }
 
@@ -142,9 +131,7 @@ impl Pki {
                 root.display()
             )));
         }
-        Ok(Pki {
-            root: root.to_path_buf(),
-        })
+        Ok(Pki { root: root.to_path_buf() })
     }
 
     pub fn registry(&self) -> Result<Registry, PkiError> {
@@ -169,9 +156,8 @@ impl Pki {
             .map_err(|e| PkiError::Invalid(format!("{}: not a valid key: {e}", key_path.display())))?;
         let cert_path = Self::ca_cert_path(&self.root);
         let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-        Issuer::from_ca_cert_pem(&cert_pem, key).map_err(|e| {
-            PkiError::Invalid(format!("{}: not a valid CA certificate: {e}", cert_path.display()))
-        })
+        Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| PkiError::Invalid(format!("{}: not a valid CA certificate: {e}", cert_path.display())))
     }
 
     /// Issues the coordinator's server certificate; SANs always include `name`, `localhost` and
@@ -185,10 +171,7 @@ impl Pki {
         }
         let mut params = CertificateParams::default();
         params.distinguished_name = dn(request.name);
-        params.subject_alt_names = sans
-            .iter()
-            .map(|s| parse_san(s))
-            .collect::<Result<_, _>>()?;
+        params.subject_alt_names = sans.iter().map(|s| parse_san(s)).collect::<Result<_, _>>()?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         self.issue("coordinator", "coordinator", params, request.days)
     }
@@ -197,11 +180,7 @@ impl Pki {
     pub fn issue_device(&self, request: &DeviceRequest) -> Result<IssuedCertificate, PkiError> {
         validate_device_id(request.id).map_err(PkiError::Invalid)?;
         let registry = self.registry()?;
-        if registry
-            .issued
-            .iter()
-            .any(|c| c.kind == "device" && c.id == request.id)
-        {
+        if registry.issued.iter().any(|c| c.kind == "device" && c.id == request.id) {
             return Err(PkiError::Invalid(format!(
                 "device '{}' already has a certificate; each id is issued once",
                 request.id
@@ -246,10 +225,7 @@ impl Pki {
             kind: kind.to_string(),
             id: id.to_string(),
             serial: format!("{serial:x}"),
-            not_after: params
-                .not_after
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
+            not_after: params.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
             kit,
         };
         registry.issued.push(record.clone());
@@ -286,12 +262,7 @@ fn parse_san(value: &str) -> Result<SanType, PkiError> {
 /// never readable by others, even briefly.
 fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     let _ = fs::remove_file(path);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(path)
-        .map_err(io_err(path))?;
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_err(path))?;
     file.write_all(contents).map_err(io_err(path))?;
     file.sync_all().map_err(io_err(path))
 }

@@ -87,10 +87,9 @@ impl Adapter {
             };
             let a = &tensors[name];
             let b_name = lora_b_name(module);
-            let b = tensors.get(&b_name).ok_or_else(|| AdapterError::Tensor {
-                name: name.clone(),
-                message: "has no matching lora_B".into(),
-            })?;
+            let b = tensors
+                .get(&b_name)
+                .ok_or_else(|| AdapterError::Tensor { name: name.clone(), message: "has no matching lora_B".into() })?;
             let (a_size, b_size) = (a.size(), b.size());
             if a_size.len() != 2 || b_size.len() != 2 {
                 return Err(AdapterError::Tensor {
@@ -147,10 +146,7 @@ impl Adapter {
 
     /// Names of the non-LoRA tensors.
     pub fn other_names(&self) -> impl Iterator<Item = &str> {
-        self.tensors
-            .keys()
-            .filter(|n| tensor_role(n) == TensorRole::Other)
-            .map(String::as_str)
+        self.tensors.keys().filter(|n| tensor_role(n) == TensorRole::Other).map(String::as_str)
     }
 
     /// The first `rank` slots of every module (a copy), other tensors copied whole.
@@ -186,10 +182,7 @@ impl Adapter {
     }
 
     pub fn to_wire(&self, dtype: DType) -> Result<WireTensors, AdapterError> {
-        Ok(WireTensors::from_tensors(
-            self.tensors.iter().map(|(n, t)| (n.as_str(), t)),
-            dtype,
-        )?)
+        Ok(WireTensors::from_tensors(self.tensors.iter().map(|(n, t)| (n.as_str(), t)), dtype)?)
     }
 
     pub fn from_wire(wire: &WireTensors) -> Result<Adapter, AdapterError> {
@@ -217,20 +210,17 @@ impl Adapter {
         for desc in &wire.descs {
             let len = desc.byte_len().unwrap_or(0) as usize;
             let shape: Vec<usize> = desc.shape.iter().map(|&d| d as usize).collect();
-            let view = safetensors::tensor::TensorView::new(
-                safetensors::Dtype::F32,
-                shape,
-                &wire.body[offset..offset + len],
-            )
-            .map_err(|e| file_err(dir, format!("tensor '{}': {e}", desc.name)))?;
+            let view =
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &wire.body[offset..offset + len])
+                    .map_err(|e| file_err(dir, format!("tensor '{}': {e}", desc.name)))?;
             views.push((desc.name.clone(), view));
             offset += len;
         }
         let bytes = safetensors::serialize(views, Some(metadata))
             .map_err(|e| file_err(dir, format!("cannot serialize: {e}")))?;
         write_atomically(&dir.join(ADAPTER_WEIGHTS_FILE), &bytes)?;
-        let json = serde_json::to_vec_pretty(config)
-            .map_err(|e| file_err(dir, format!("cannot encode config: {e}")))?;
+        let json =
+            serde_json::to_vec_pretty(config).map_err(|e| file_err(dir, format!("cannot encode config: {e}")))?;
         write_atomically(&dir.join(ADAPTER_CONFIG_FILE), &json)
     }
 
@@ -259,10 +249,8 @@ impl Adapter {
         }
         let adapter = Adapter::new(tensors).map_err(|e| file_err(e.to_string()))?;
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
-        let config_text = fs::read_to_string(&config_path).map_err(|e| AdapterError::File {
-            path: config_path.clone(),
-            message: e.to_string(),
-        })?;
+        let config_text = fs::read_to_string(&config_path)
+            .map_err(|e| AdapterError::File { path: config_path.clone(), message: e.to_string() })?;
         let config: PeftConfig = serde_json::from_str(&config_text).map_err(|e| AdapterError::File {
             path: config_path.clone(),
             message: format!("not a valid adapter config: {e}"),
@@ -317,10 +305,8 @@ impl PeftConfig {
         let strip = |m: &str| m.rsplit('.').next().unwrap_or(m).to_string();
         let mut target_modules: Vec<String> = adapter.modules().iter().map(|m| strip(m)).collect();
         target_modules.dedup();
-        let mut to_save: Vec<String> = adapter
-            .other_names()
-            .filter_map(|n| n.rsplit_once('.').map(|(module, _)| strip(module)))
-            .collect();
+        let mut to_save: Vec<String> =
+            adapter.other_names().filter_map(|n| n.rsplit_once('.').map(|(module, _)| strip(module))).collect();
         to_save.dedup();
         PeftConfig {
             peft_type: lora(),

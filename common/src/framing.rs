@@ -28,12 +28,7 @@ pub struct FrameLimits {
 
 impl Default for FrameLimits {
     fn default() -> Self {
-        FrameLimits {
-            max_header_bytes: 1 << 20,
-            max_tensors: 4096,
-            max_tensor_dims: 4,
-            max_body_bytes: 1 << 30,
-        }
+        FrameLimits { max_header_bytes: 1 << 20, max_tensors: 4096, max_tensor_dims: 4, max_body_bytes: 1 << 30 }
     }
 }
 
@@ -119,9 +114,8 @@ where
     }
     let mut header_bytes = vec![0u8; header_len as usize];
     read_exact(reader, &mut header_bytes).await?;
-    let (header, used): (FrameHeader<M>, usize) =
-        bincode::serde::decode_from_slice(&header_bytes, bincode_config())
-            .map_err(|e| FrameError::BadHeader(e.to_string()))?;
+    let (header, used): (FrameHeader<M>, usize) = bincode::serde::decode_from_slice(&header_bytes, bincode_config())
+        .map_err(|e| FrameError::BadHeader(e.to_string()))?;
     if used != header_bytes.len() {
         return Err(FrameError::HeaderTrailingBytes(header_bytes.len() - used));
     }

@@ -106,7 +106,10 @@ impl Architecture {
             let bound = 1.0 / (layer.d_in as f64).sqrt();
             let s = seed.wrapping_mul(1000).wrapping_add(500 + i as u64);
             tensors.insert(lora_a_name(&module), seeded_uniform(&[max_rank, layer.d_in], bound, s));
-            tensors.insert(lora_b_name(&module), Tensor::zeros([layer.d_out as i64, max_rank as i64], (Kind::Float, Device::Cpu)));
+            tensors.insert(
+                lora_b_name(&module),
+                Tensor::zeros([layer.d_out as i64, max_rank as i64], (Kind::Float, Device::Cpu)),
+            );
         }
         let (d_in, classes) = self.head_shape();
         let bound = 1.0 / (d_in as f64).sqrt();
@@ -119,10 +122,9 @@ impl Architecture {
     /// Checks that `base` has exactly the tensors and shapes this architecture needs.
     pub fn check_base(&self, base: &BaseWeights) -> Result<(), ModelError> {
         for layer in self.adapted_layers() {
-            for (suffix, want) in [
-                ("weight", vec![layer.d_out as i64, layer.d_in as i64]),
-                ("bias", vec![layer.d_out as i64]),
-            ] {
+            for (suffix, want) in
+                [("weight", vec![layer.d_out as i64, layer.d_in as i64]), ("bias", vec![layer.d_out as i64])]
+            {
                 let name = format!("{}.{suffix}", layer.name);
                 let got = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?.size();
                 if got != want {
@@ -165,9 +167,8 @@ impl LoraModel {
         architecture.check_base(base)?;
         let store = nn::VarStore::new(device);
         let root = store.root();
-        let adapter_tensor = |name: String| -> Result<&Tensor, ModelError> {
-            adapter.get(&name).ok_or(ModelError::Missing(name))
-        };
+        let adapter_tensor =
+            |name: String| -> Result<&Tensor, ModelError> { adapter.get(&name).ok_or(ModelError::Missing(name)) };
         let mut layers = Vec::new();
         for layer in architecture.adapted_layers() {
             let module = format!("{ADAPTER_PREFIX}{}", layer.name);

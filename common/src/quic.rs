@@ -111,8 +111,7 @@ pub fn client_endpoint(kit: &KitPaths, transport: &TransportSettings) -> Result<
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport.to_quinn().map_err(EndpointError::Transport)?));
     let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|source| EndpointError::Bind { addr: bind, source })?;
+    let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| EndpointError::Bind { addr: bind, source })?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
 }

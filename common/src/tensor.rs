@@ -35,9 +35,7 @@ pub struct TensorDesc {
 impl TensorDesc {
     /// Bytes this tensor occupies on the wire, or `None` on overflow.
     pub fn byte_len(&self) -> Option<u64> {
-        self.shape
-            .iter()
-            .try_fold(self.dtype.size_bytes() as u64, |acc, &d| acc.checked_mul(d))
+        self.shape.iter().try_fold(self.dtype.size_bytes() as u64, |acc, &d| acc.checked_mul(d))
     }
 }
 
@@ -89,9 +87,7 @@ impl WireTensors {
 
     /// Total body length the descriptors imply, or `None` on overflow.
     pub fn declared_body_len(descs: &[TensorDesc]) -> Option<u64> {
-        descs
-            .iter()
-            .try_fold(0u64, |acc, d| acc.checked_add(d.byte_len()?))
+        descs.iter().try_fold(0u64, |acc, d| acc.checked_add(d.byte_len()?))
     }
 
     /// Unpacks into f32 tch tensors on the CPU. bf16 is built from bytes (never through `half::bf16`,

@@ -60,9 +60,7 @@ fn load_kit(kit: &KitPaths) -> Result<LoadedKit, TlsError> {
     };
     let mut roots = RootCertStore::empty();
     for ca in read_certs(&kit.ca_cert)? {
-        roots
-            .add(ca)
-            .map_err(|e| file_err(&kit.ca_cert, format!("not a usable CA certificate: {e}")))?;
+        roots.add(ca).map_err(|e| file_err(&kit.ca_cert, format!("not a usable CA certificate: {e}")))?;
     }
     let chain = read_certs(&kit.cert)?;
     let key = PrivateKeyDer::from_pem_file(&kit.key)
@@ -106,8 +104,8 @@ pub fn client_config(kit: &KitPaths) -> Result<rustls::ClientConfig, TlsError> {
 
 /// The device id in a certificate's `urn:flotilla:device:<id>` URI SAN.
 pub fn device_id_from_certificate(der: &[u8]) -> Result<String, TlsError> {
-    let (_, cert) = X509Certificate::from_der(der)
-        .map_err(|e| TlsError::PeerCertificate(format!("cannot parse: {e}")))?;
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| TlsError::PeerCertificate(format!("cannot parse: {e}")))?;
     let san = cert
         .subject_alternative_name()
         .map_err(|e| TlsError::PeerCertificate(format!("bad subjectAltName: {e}")))?
@@ -116,9 +114,9 @@ pub fn device_id_from_certificate(der: &[u8]) -> Result<String, TlsError> {
         GeneralName::URI(uri) => uri.strip_prefix(DEVICE_URI_PREFIX),
         _ => None,
     });
-    let id = ids
-        .next()
-        .ok_or_else(|| TlsError::PeerCertificate("no device identity (urn:flotilla:device:) in subjectAltName".into()))?;
+    let id = ids.next().ok_or_else(|| {
+        TlsError::PeerCertificate("no device identity (urn:flotilla:device:) in subjectAltName".into())
+    })?;
     if ids.next().is_some() {
         return Err(TlsError::PeerCertificate("more than one device identity".into()));
     }
@@ -127,26 +125,19 @@ pub fn device_id_from_certificate(der: &[u8]) -> Result<String, TlsError> {
 
 /// The device id in the certificate of a kit (the identity this device must claim in its Hello).
 pub fn own_device_id(kit: &KitPaths) -> Result<String, TlsError> {
-    let cert = CertificateDer::from_pem_file(&kit.cert).map_err(|e| TlsError::File {
-        path: kit.cert.clone(),
-        message: format!("not a PEM certificate: {e}"),
-    })?;
-    device_id_from_certificate(&cert).map_err(|e| TlsError::File {
-        path: kit.cert.clone(),
-        message: format!("not a device certificate: {e}"),
-    })
+    let cert = CertificateDer::from_pem_file(&kit.cert)
+        .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a PEM certificate: {e}") })?;
+    device_id_from_certificate(&cert)
+        .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a device certificate: {e}") })
 }
 
 /// The device id bound to an authenticated QUIC connection.
 pub fn peer_device_id(connection: &quinn::Connection) -> Result<String, TlsError> {
-    let identity = connection
-        .peer_identity()
-        .ok_or_else(|| TlsError::PeerCertificate("peer presented no certificate".into()))?;
+    let identity =
+        connection.peer_identity().ok_or_else(|| TlsError::PeerCertificate("peer presented no certificate".into()))?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::PeerCertificate("unexpected peer identity type".into()))?;
-    let leaf = chain
-        .first()
-        .ok_or_else(|| TlsError::PeerCertificate("empty certificate chain".into()))?;
+    let leaf = chain.first().ok_or_else(|| TlsError::PeerCertificate("empty certificate chain".into()))?;
     device_id_from_certificate(leaf)
 }

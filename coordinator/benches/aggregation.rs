@@ -68,7 +68,10 @@ fn main() {
 
     println!("# Aggregation benchmark");
     println!();
-    println!("{CLIENTS} clients, ranks {:?} cycling, {layers} layers × (q 4096→4096, v 4096→1024), R_max {r_max}, f32.", RANKS);
+    println!(
+        "{CLIENTS} clients, ranks {:?} cycling, {layers} layers × (q 4096→4096, v 4096→1024), R_max {r_max}, f32.",
+        RANKS
+    );
     println!("Input: {:.1} MB. One libtorch thread for every timing.", input_bytes as f64 / 1e6);
     println!();
 
@@ -94,8 +97,14 @@ fn main() {
             let fold = seconds(|| {
                 for (k, (adapter, n)) in clients.iter().enumerate() {
                     let name = format!("client-{k}");
-                    acc.fold(&ClientUpdate { client: &name, declared_rank: adapter.rank(), num_samples: *n, scale: 1.0, adapter })
-                        .expect("valid update");
+                    acc.fold(&ClientUpdate {
+                        client: &name,
+                        declared_rank: adapter.rank(),
+                        num_samples: *n,
+                        scale: 1.0,
+                        adapter,
+                    })
+                    .expect("valid update");
                 }
             });
             let mut result = None;
@@ -119,7 +128,11 @@ fn main() {
                 .iter()
                 .filter_map(|n| n.rsplit("relative error ").next().and_then(|v| v.parse::<f64>().ok()))
                 .fold(0.0f64, f64::max);
-            println!("|  (flexlora: randomized SVD of {} layers; worst relative error {:.2e}) | | |", notes.len(), worst);
+            println!(
+                "|  (flexlora: randomized SVD of {} layers; worst relative error {:.2e}) | | |",
+                notes.len(),
+                worst
+            );
         }
     }
 
@@ -161,6 +174,10 @@ fn main() {
     println!("| end to end (files in page cache) | time | × cat of the inputs |");
     println!("| --- | ---: | ---: |");
     println!("| `cat` {} files > /dev/null | {:.3} s | 1.00 |", files.len(), cat_time);
-    println!("| `flotilla-coordinator aggregate --method rbla` (load, aggregate, write) | {:.3} s | {:.2} |", rbla, rbla / cat_time);
+    println!(
+        "| `flotilla-coordinator aggregate --method rbla` (load, aggregate, write) | {:.3} s | {:.2} |",
+        rbla,
+        rbla / cat_time
+    );
     let _ = Path::new(&out);
 }

@@ -14,9 +14,22 @@ use tokio::sync::oneshot;
 
 pub enum Command {
     /// The global adapter sliced to each rank, packed for the wire.
-    Slices { ranks: Vec<u32>, reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>> },
-    Fold { device: String, round: u32, rank: u32, num_samples: u64, tensors: WireTensors, reply: oneshot::Sender<Result<(), String>> },
-    Finish { round: u32, reply: oneshot::Sender<Result<RoundOutcome, String>> },
+    Slices {
+        ranks: Vec<u32>,
+        reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>>,
+    },
+    Fold {
+        device: String,
+        round: u32,
+        rank: u32,
+        num_samples: u64,
+        tensors: WireTensors,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Finish {
+        round: u32,
+        reply: oneshot::Sender<Result<RoundOutcome, String>>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -50,17 +63,18 @@ impl AggregationWorker {
     pub fn spawn(initial_global: Adapter, settings: WorkerSettings) -> anyhow::Result<AggregationWorker> {
         let (commands, receiver) = mpsc::channel();
         let accumulator = settings.method.start(&initial_global, settings.scale())?;
-        std::thread::Builder::new()
-            .name("aggregation".into())
-            .spawn(move || {
-                // One core for tensor work; the rest serve the network.
-                tch::set_num_threads(1);
-                Worker { global: initial_global, accumulator: Some(accumulator), settings }.run(receiver)
-            })?;
+        std::thread::Builder::new().name("aggregation".into()).spawn(move || {
+            // One core for tensor work; the rest serve the network.
+            tch::set_num_threads(1);
+            Worker { global: initial_global, accumulator: Some(accumulator), settings }.run(receiver)
+        })?;
         Ok(AggregationWorker { commands })
     }
 
-    pub async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command) -> Result<T, String> {
+    pub async fn request<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+    ) -> Result<T, String> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(make(reply)).map_err(|_| "aggregation worker stopped".to_string())?;
         answer.await.map_err(|_| "aggregation worker stopped".to_string())?
@@ -102,7 +116,14 @@ impl Worker {
         Ok(out)
     }
 
-    fn fold(&mut self, device: &str, round: u32, rank: u32, num_samples: u64, tensors: &WireTensors) -> Result<(), String> {
+    fn fold(
+        &mut self,
+        device: &str,
+        round: u32,
+        rank: u32,
+        num_samples: u64,
+        tensors: &WireTensors,
+    ) -> Result<(), String> {
         let adapter = Adapter::from_wire(tensors).map_err(|e| format!("update from '{device}' rejected: {e}"))?;
         let update = ClientUpdate {
             client: device,
@@ -116,7 +137,8 @@ impl Worker {
         if self.settings.record_updates {
             let dir = self.settings.run_dir.join("updates").join(format!("round-{round}")).join(device);
             let metadata = HashMap::from([(NUM_SAMPLES_KEY.to_string(), num_samples.to_string())]);
-            let config = PeftConfig::for_adapter(&adapter, self.settings.lora_alpha * rank as f64 / self.global.rank() as f64);
+            let config =
+                PeftConfig::for_adapter(&adapter, self.settings.lora_alpha * rank as f64 / self.global.rank() as f64);
             if let Err(e) = adapter.save_peft(&dir, &config, metadata) {
                 tracing::error!(device, round, "cannot record update: {e}");
             }
@@ -138,7 +160,8 @@ impl Worker {
                 self.global = aggregated.adapter;
             })
             .map_err(|e| e.to_string());
-        self.accumulator = Some(self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string())?);
+        self.accumulator =
+            Some(self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string())?);
         outcome?;
         let global_dir = self.settings.run_dir.join("global").join(format!("round-{round}"));
         let config = PeftConfig::for_adapter(&self.global, self.settings.lora_alpha);

@@ -117,10 +117,7 @@ impl CoordinatorConfig {
             self.round.learning_rate.is_finite() && self.round.learning_rate > 0.0,
             "round.learning_rate must be a positive number"
         );
-        anyhow::ensure!(
-            (1..=1024).contains(&self.aggregation.max_rank),
-            "aggregation.max_rank must be in 1..=1024"
-        );
+        anyhow::ensure!((1..=1024).contains(&self.aggregation.max_rank), "aggregation.max_rank must be in 1..=1024");
         anyhow::ensure!(
             self.aggregation.lora_alpha.is_finite() && self.aggregation.lora_alpha > 0.0,
             "aggregation.lora_alpha must be a positive number"
@@ -166,10 +163,8 @@ mod tests {
 
     #[test]
     fn nonsense_values_are_refused_with_the_key_name() {
-        let mut config: CoordinatorConfig = toml::from_str(
-            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"r\"\n[tls]\nkit = \"k\"\n",
-        )
-        .unwrap();
+        let mut config: CoordinatorConfig =
+            toml::from_str("[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"r\"\n[tls]\nkit = \"k\"\n").unwrap();
         config.aggregation.max_rank = 0;
         assert!(config.validate().unwrap_err().to_string().contains("max_rank"));
     }

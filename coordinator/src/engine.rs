@@ -19,28 +19,67 @@ pub struct EngineConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    DeviceJoined { device: DeviceId, rank: u32 },
-    DeviceLeft { device: DeviceId },
+    DeviceJoined {
+        device: DeviceId,
+        rank: u32,
+    },
+    DeviceLeft {
+        device: DeviceId,
+    },
     /// An update frame arrived; the engine decides whether it may be folded in.
-    UpdateArrived { device: DeviceId, round: u32 },
+    UpdateArrived {
+        device: DeviceId,
+        round: u32,
+    },
     /// The aggregator validated and folded the update.
-    UpdateFolded { device: DeviceId, round: u32 },
+    UpdateFolded {
+        device: DeviceId,
+        round: u32,
+    },
     /// The aggregator rejected the update as invalid.
-    UpdateInvalid { device: DeviceId, round: u32 },
-    DeadlineReached { round: u32 },
-    AggregationDone { round: u32 },
+    UpdateInvalid {
+        device: DeviceId,
+        round: u32,
+    },
+    DeadlineReached {
+        round: u32,
+    },
+    AggregationDone {
+        round: u32,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
-    SendTask { device: DeviceId, round: u32, rank: u32 },
-    FoldUpdate { device: DeviceId, round: u32 },
-    RejectUpdate { device: DeviceId, round: u32, reason: String },
-    ScheduleDeadline { round: u32, after: Duration },
-    Aggregate { round: u32, updates: usize },
+    SendTask {
+        device: DeviceId,
+        round: u32,
+        rank: u32,
+    },
+    FoldUpdate {
+        device: DeviceId,
+        round: u32,
+    },
+    RejectUpdate {
+        device: DeviceId,
+        round: u32,
+        reason: String,
+    },
+    ScheduleDeadline {
+        round: u32,
+        after: Duration,
+    },
+    Aggregate {
+        round: u32,
+        updates: usize,
+    },
     /// No usable update arrived before the deadline: the global adapter stays as it was.
-    SkipRound { round: u32 },
-    Finish { rounds_completed: u32 },
+    SkipRound {
+        round: u32,
+    },
+    Finish {
+        rounds_completed: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,11 +207,7 @@ impl Engine {
         let round = self.next_round;
         self.next_round += 1;
         self.phase = Phase::Training { round };
-        self.participants = self
-            .connected
-            .keys()
-            .map(|d| (d.clone(), Participation::Training))
-            .collect();
+        self.participants = self.connected.keys().map(|d| (d.clone(), Participation::Training)).collect();
         for (device, &rank) in &self.connected {
             actions.push(Action::SendTask { device: device.clone(), round, rank });
         }
@@ -182,10 +217,7 @@ impl Engine {
     /// Closes the round once no participant can still contribute.
     fn maybe_close_round(&mut self, actions: &mut Vec<Action>) {
         let Phase::Training { round } = self.phase else { return };
-        let pending = self
-            .participants
-            .values()
-            .any(|s| matches!(s, Participation::Training | Participation::Folding));
+        let pending = self.participants.values().any(|s| matches!(s, Participation::Training | Participation::Folding));
         if pending {
             return;
         }

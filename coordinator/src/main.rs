@@ -111,12 +111,21 @@ fn print_summary(summary: &server::RunSummary) {
         "run finished: {} round(s) with {} (R_max {})",
         summary.rounds_completed, summary.method, summary.max_rank
     );
-    println!("{:>5}  {:<16} {:>4} {:>8} {:>11} {:>10} {:>9}", "round", "device", "rank", "samples", "loss before", "loss after", "accuracy");
+    println!(
+        "{:>5}  {:<16} {:>4} {:>8} {:>11} {:>10} {:>9}",
+        "round", "device", "rank", "samples", "loss before", "loss after", "accuracy"
+    );
     for round in &summary.rounds {
         for u in &round.updates {
             println!(
                 "{:>5}  {:<16} {:>4} {:>8} {:>11.4} {:>10.4} {:>8.1}%",
-                round.round, u.device, u.rank, u.num_samples, u.metrics.loss_before, u.metrics.loss_after, u.metrics.accuracy * 100.0
+                round.round,
+                u.device,
+                u.rank,
+                u.num_samples,
+                u.metrics.loss_before,
+                u.metrics.loss_after,
+                u.metrics.accuracy * 100.0
             );
         }
     }

@@ -70,14 +70,14 @@ fn load_client(dir: &Path) -> Result<(LoadedAdapter, u64)> {
         );
     }
     let samples = loaded.metadata.get(NUM_SAMPLES_KEY).with_context(|| {
-        format!("{}: no '{NUM_SAMPLES_KEY}' entry in the safetensors metadata (the client's sample count)", weights.display())
+        format!(
+            "{}: no '{NUM_SAMPLES_KEY}' entry in the safetensors metadata (the client's sample count)",
+            weights.display()
+        )
     })?;
-    let n: u64 = samples
-        .trim()
-        .parse()
-        .ok()
-        .filter(|&n| n > 0)
-        .with_context(|| format!("{}: '{NUM_SAMPLES_KEY}' must be a positive integer, got '{samples}'", weights.display()))?;
+    let n: u64 = samples.trim().parse().ok().filter(|&n| n > 0).with_context(|| {
+        format!("{}: '{NUM_SAMPLES_KEY}' must be a positive integer, got '{samples}'", weights.display())
+    })?;
     Ok((loaded, n))
 }
 
@@ -91,7 +91,10 @@ fn template(like: &Adapter, max_rank: usize) -> Result<Adapter> {
         let (d_in, d_out) = (a.size()[1] as usize, b.size()[0] as usize);
         let bound = 1.0 / (d_in as f64).sqrt();
         tensors.insert(lora_a_name(module), seeded_uniform(&[max_rank, d_in], bound, 0xada9 + index as u64));
-        tensors.insert(lora_b_name(module), Tensor::zeros([d_out as i64, max_rank as i64], (Kind::Float, tch::Device::Cpu)));
+        tensors.insert(
+            lora_b_name(module),
+            Tensor::zeros([d_out as i64, max_rank as i64], (Kind::Float, tch::Device::Cpu)),
+        );
     }
     for (name, t) in like.tensors() {
         if tensor_role(name) == TensorRole::Other {
@@ -181,12 +184,6 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     adapter
         .save_peft(&request.out, &config, metadata)
         .with_context(|| format!("cannot write the result to {}", request.out.display()))?;
-    tracing::debug!(
-        load_s,
-        fold_s,
-        finish_s,
-        write_s = started.elapsed().as_secs_f64(),
-        "offline aggregation timings"
-    );
+    tracing::debug!(load_s, fold_s, finish_s, write_s = started.elapsed().as_secs_f64(), "offline aggregation timings");
     Ok(OfflineReport { clients: headers.len(), ranks, out_rank, lora_alpha, notes })
 }

@@ -24,7 +24,8 @@ use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, EngineConfig, Event};
 
 /// Limits for the frames a device sends before it is admitted.
-const HELLO_LIMITS: FrameLimits = FrameLimits { max_header_bytes: 16 << 10, max_tensors: 0, max_tensor_dims: 0, max_body_bytes: 0 };
+const HELLO_LIMITS: FrameLimits =
+    FrameLimits { max_header_bytes: 16 << 10, max_tensors: 0, max_tensor_dims: 0, max_body_bytes: 0 };
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 enum Input {
@@ -116,7 +117,8 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
     endpoint.close(0u32.into(), b"run finished");
     let summary = summary?;
     let path = config.server.run_dir.join("summary.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&summary)?).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(summary)
 }
 
@@ -190,9 +192,8 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
 
 /// Hello → Welcome or Refusal. The session is bound to the identity in the certificate.
 async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) -> anyhow::Result<u32> {
-    let (mut send, mut recv) = tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi())
-        .await
-        .context("no hello in time")??;
+    let (mut send, mut recv) =
+        tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no hello in time")??;
     let (message, _) = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<_, DeviceMessage>(&mut recv, &HELLO_LIMITS))
         .await
         .context("no hello in time")??;
@@ -208,7 +209,10 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) 
     let problem = if hello.device_id != identity {
         Some(format!("hello claims device id '{}' but the certificate is for '{identity}'", hello.device_id))
     } else if hello.protocol_version != PROTOCOL_VERSION {
-        Some(format!("protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})", hello.protocol_version))
+        Some(format!(
+            "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
+            hello.protocol_version
+        ))
     } else if hello.requested_rank == 0 {
         Some("requested rank must be at least 1".into())
     } else {
@@ -396,8 +400,10 @@ impl RoundDriver {
                     });
                 }
                 Action::SkipRound { round } => {
-                    warn!("[round {round}/{}] no usable update before the deadline; global adapter unchanged",
-                        self.shared.config.round.rounds);
+                    warn!(
+                        "[round {round}/{}] no usable update before the deadline; global adapter unchanged",
+                        self.shared.config.round.rounds
+                    );
                     self.accepted.remove(&round);
                 }
                 Action::Finish { rounds_completed } => {
@@ -419,9 +425,8 @@ impl RoundDriver {
         tokio::spawn(async move {
             let (rank, num_samples) = (update.rank, update.num_samples);
             let dev = device.clone();
-            let result = worker
-                .request(|reply| Command::Fold { device: dev, round, rank, num_samples, tensors, reply })
-                .await;
+            let result =
+                worker.request(|reply| Command::Fold { device: dev, round, rank, num_samples, tensors, reply }).await;
             let _ = inputs.send(Input::FoldDone { device, update, result, reply });
         });
     }
@@ -470,7 +475,8 @@ impl RoundDriver {
 
     /// Tells every device the run is over and waits briefly for them to hang up.
     async fn finish_sessions(&mut self, rounds_completed: u32) {
-        let message = CoordinatorMessage::Finished(Finished { rounds_completed, reason: "all rounds completed".into() });
+        let message =
+            CoordinatorMessage::Finished(Finished { rounds_completed, reason: "all rounds completed".into() });
         let mut waits = Vec::new();
         for (device, connection) in self.sessions.drain() {
             let message = message.clone();

@@ -92,7 +92,10 @@ fn main() {
             Err(error) => {
                 eprintln!("flotilla-edge: {error:#}");
                 // 2: refused (certificate, identity, version) — retrying will not help.
-                if error.downcast_ref::<session::SessionError>().is_some_and(|e| matches!(e, session::SessionError::Fatal(_))) {
+                if error
+                    .downcast_ref::<session::SessionError>()
+                    .is_some_and(|e| matches!(e, session::SessionError::Fatal(_)))
+                {
                     2
                 } else {
                     1
@@ -108,13 +111,18 @@ fn run(args: RunArgs) -> Result<()> {
     let device_id = tls::own_device_id(&kit)?;
     anyhow::ensure!(args.rank >= 1, "--rank must be at least 1");
 
-    let sample_seed = device_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+    let sample_seed =
+        device_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
     let data = match args.data.as_str() {
         "synthetic" => DataSource::Synthetic { samples: args.samples, task_seed: args.task_seed, sample_seed },
         other => {
             let dir = if other == "fashion-mnist" { PathBuf::from(DEBIAN_FASHION_MNIST) } else { PathBuf::from(other) };
-            anyhow::ensure!(dir.is_dir(), "--data {other}: {} is not a directory{}", dir.display(),
-                if other == "fashion-mnist" { " (install Debian's dataset-fashion-mnist)" } else { "" });
+            anyhow::ensure!(
+                dir.is_dir(),
+                "--data {other}: {} is not a directory{}",
+                dir.display(),
+                if other == "fashion-mnist" { " (install Debian's dataset-fashion-mnist)" } else { "" }
+            );
             let shard = args.partition.map(|scheme| {
                 (PartitionSpec { scheme, devices: args.devices, seed: args.partition_seed }, args.device_index)
             });
@@ -149,6 +157,12 @@ fn run(args: RunArgs) -> Result<()> {
             max_backoff: Duration::from_secs(10),
         };
         tracing::info!(device = %device_id, coordinator = %settings.coordinator, rank = settings.requested_rank, "starting");
+        tracing::info!(
+            cuda_available = tch::Cuda::is_available(),
+            cuda_devices = tch::Cuda::device_count(),
+            training_on = ?tch::Device::cuda_if_available(),
+            "libtorch devices"
+        );
         let report = session::run(&endpoint, &trainer, &settings).await?;
         endpoint.wait_idle().await;
         println!(

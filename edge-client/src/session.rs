@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
-use flotilla_common::protocol::{
-    CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, Update, PROTOCOL_VERSION,
-};
+use flotilla_common::protocol::{CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, Update, PROTOCOL_VERSION};
 use flotilla_common::quic::is_certificate_failure;
 use flotilla_common::tensor::WireTensors;
 use rand::Rng;
@@ -137,12 +135,8 @@ async fn connect_and_serve(
                     .train(tensors, task.training.clone())
                     .await
                     .map_err(|e| SessionError::Fatal(format!("[round {round}] training failed: {e:#}")))?;
-                let update = Update {
-                    round,
-                    rank: trained.rank,
-                    num_samples: trained.num_samples,
-                    metrics: trained.metrics,
-                };
+                let update =
+                    Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
                 info!(
                     "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",
                     task.total_rounds,
@@ -180,9 +174,8 @@ async fn hello(
     });
     write_frame(&mut send, &hello, &WireTensors::default()).await.map_err(|e| transient(&e))?;
     send.finish().map_err(|e| transient(&e))?;
-    let (reply, tensors) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits)
-        .await
-        .map_err(|e| transient(&e))?;
+    let (reply, tensors) =
+        read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits).await.map_err(|e| transient(&e))?;
     match reply {
         CoordinatorMessage::Welcome(welcome) => Ok((welcome, tensors)),
         CoordinatorMessage::Refusal(refusal) => {

@@ -41,7 +41,13 @@ impl DataSource {
                 if samples == 0 {
                     return Err("no local samples".into());
                 }
-                Ok(synthetic_classification(samples, architecture.input_size(), architecture.classes(), task_seed, sample_seed))
+                Ok(synthetic_classification(
+                    samples,
+                    architecture.input_size(),
+                    architecture.classes(),
+                    task_seed,
+                    sample_seed,
+                ))
             }
             DataSource::Idx { ref dir, shard } => {
                 let data = load_split(dir, Split::Train, architecture.classes()).map_err(|e| e.to_string())?;

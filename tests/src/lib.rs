@@ -148,11 +148,8 @@ pub fn read_safetensors(path: &Path) -> (HashMap<String, Matrix>, HashMap<String
     let mut out = HashMap::new();
     for (name, view) in st.tensors() {
         assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name} in {}", path.display());
-        let values: Vec<f64> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
-            .collect();
+        let values: Vec<f64> =
+            view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64).collect();
         let (rows, cols) = match view.shape() {
             [n] => (1, *n),
             [r, c] => (*r, *c),
@@ -173,12 +170,16 @@ pub fn write_peft_adapter(
     num_samples: Option<u64>,
 ) {
     std::fs::create_dir_all(dir).unwrap();
-    let bytes: Vec<Vec<u8>> = tensors.iter().map(|(_, _, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
+    let bytes: Vec<Vec<u8>> =
+        tensors.iter().map(|(_, _, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect()).collect();
     let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
         .iter()
         .zip(&bytes)
         .map(|((name, rows, cols, _), b)| {
-            (name.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*rows, *cols], b).unwrap())
+            (
+                name.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![*rows, *cols], b).unwrap(),
+            )
         })
         .collect();
     let metadata = num_samples.map(|n| HashMap::from([("num_samples".to_string(), n.to_string())]));

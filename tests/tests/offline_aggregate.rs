@@ -54,7 +54,22 @@ fn worked_example_through_the_command() {
     let (tensors, meta) = read_safetensors(&out.join("adapter_model.safetensors"));
     assert_eq!(meta["num_samples"], "400");
     let want_b = [
-        2.25, 3.25, 14.0 / 3.0, 17.0 / 3.0, 8.0, 9.0, 10.0, 11.0, 4.5, 5.5, 22.0 / 3.0, 25.0 / 3.0, 12.0, 13.0, 14.0, 15.0,
+        2.25,
+        3.25,
+        14.0 / 3.0,
+        17.0 / 3.0,
+        8.0,
+        9.0,
+        10.0,
+        11.0,
+        4.5,
+        5.5,
+        22.0 / 3.0,
+        25.0 / 3.0,
+        12.0,
+        13.0,
+        14.0,
+        15.0,
     ];
     for (g, w) in tensors[B].values.iter().zip(want_b) {
         assert!((g - w).abs() < 1e-5, "{:?}", tensors[B].values);
@@ -108,7 +123,10 @@ fn bad_inputs_get_one_clear_line_naming_the_file() {
     let out = root.join("out");
 
     let missing = root.join("nowhere");
-    assert_fails(&mut aggregate("rbla", &out, &[good[0].clone(), missing.clone()]), &["nowhere", "adapter_config.json"]);
+    assert_fails(
+        &mut aggregate("rbla", &out, &[good[0].clone(), missing.clone()]),
+        &["nowhere", "adapter_config.json"],
+    );
 
     let garbage = worked_client(&root.join("garbage"), 1.0, 2, Some(5), 4.0);
     std::fs::write(garbage.join("adapter_model.safetensors"), b"definitely not safetensors").unwrap();
@@ -143,6 +161,9 @@ fn bad_inputs_get_one_clear_line_naming_the_file() {
     // An unknown method is refused by the argument parser, which lists the known ones.
     let output = aggregate("mean", &out, &good).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success() && stderr.contains("unknown aggregation method 'mean'") && stderr.contains("hetlora"), "{stderr}");
+    assert!(
+        !output.status.success() && stderr.contains("unknown aggregation method 'mean'") && stderr.contains("hetlora"),
+        "{stderr}"
+    );
     assert!(!out.exists(), "nothing is written when an input is bad");
 }

@@ -77,11 +77,23 @@ fn reference_rbla(name: &str, updates: &[(HashMap<String, Matrix>, f64)]) -> Mat
     let mut values = vec![0.0; rows * cols];
     for r in 0..rows {
         for c in 0..cols {
-            let slot = if is_a { r } else if is_b { c } else { 0 };
+            let slot = if is_a {
+                r
+            } else if is_b {
+                c
+            } else {
+                0
+            };
             let (mut sum, mut weight) = (0.0, 0.0);
             for (tensors, n) in updates {
                 let t = &tensors[name];
-                let has_slot = if is_a { slot < t.rows } else if is_b { slot < t.cols } else { true };
+                let has_slot = if is_a {
+                    slot < t.rows
+                } else if is_b {
+                    slot < t.cols
+                } else {
+                    true
+                };
                 if has_slot {
                     sum += n * t.at(r, c);
                     weight += n;
@@ -142,13 +154,18 @@ fn three_ranks_one_rbla_round_and_a_foreign_device_is_refused() {
         assert!(device.stdout_text().contains("trained 1 round(s)"), "{}", device.logs());
     }
     assert!(coordinator.stdout_text().contains("run finished: 1 round(s) with rbla"), "{}", coordinator.logs());
-    assert!(coordinator.stderr_text().contains("handshake failed"), "the intruder's attempt is logged\n{}", coordinator.logs());
+    assert!(
+        coordinator.stderr_text().contains("handshake failed"),
+        "the intruder's attempt is logged\n{}",
+        coordinator.logs()
+    );
 
     // The updates the coordinator received, and the global adapter it wrote.
     let updates: Vec<(HashMap<String, Matrix>, f64)> = FLEET
         .iter()
         .map(|(id, rank)| {
-            let (tensors, meta) = read_safetensors(&run.join("updates/round-1").join(id).join("adapter_model.safetensors"));
+            let (tensors, meta) =
+                read_safetensors(&run.join("updates/round-1").join(id).join("adapter_model.safetensors"));
             for (name, t) in &tensors {
                 if name.ends_with(".lora_A.weight") {
                     assert_eq!(t.rows, *rank as usize, "{id}: {name}");

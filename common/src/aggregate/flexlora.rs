@@ -18,7 +18,7 @@ use tch::{Kind, Tensor};
 
 use super::others::OtherMeans;
 use super::padded::scaled_b;
-use super::{validate_update, Aggregated, AggregateError, Aggregator, ClientUpdate, Method};
+use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::seeded_normal;
 
@@ -43,7 +43,14 @@ impl FlexLora {
             let (a, b) = global.factors(module);
             dense.insert(module.clone(), Tensor::f_zeros([b.size()[0], a.size()[1]], (Kind::Float, a.device()))?);
         }
-        Ok(FlexLora { others: OtherMeans::new(global)?, previous: global.deep_copy(), scale, dense, total_samples: 0.0, folded: 0 })
+        Ok(FlexLora {
+            others: OtherMeans::new(global)?,
+            previous: global.deep_copy(),
+            scale,
+            dense,
+            total_samples: 0.0,
+            folded: 0,
+        })
     }
 }
 

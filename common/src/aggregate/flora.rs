@@ -17,7 +17,7 @@ use tch::{Kind, Tensor};
 
 use super::others::OtherMeans;
 use super::padded::scaled_b;
-use super::{validate_update, Aggregated, AggregateError, Aggregator, ClientUpdate, Method};
+use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 
 pub struct Flora {
@@ -73,7 +73,8 @@ impl Aggregator for Flora {
         }
         self.others.finish(&self.previous, &mut tensors)?;
         let adapter = Adapter::new(tensors)?;
-        let notes = vec![format!("flora: stacked rank {} (Σ r_k); merge into the base weights, do not slice", adapter.rank())];
+        let notes =
+            vec![format!("flora: stacked rank {} (Σ r_k); merge into the base weights, do not slice", adapter.rank())];
         Ok(Aggregated { adapter, notes })
     }
 }

@@ -17,7 +17,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use super::padded::{scaled_b, Denominator, SlotSums};
-use super::{validate_update, Aggregated, AggregateError, Aggregator, ClientUpdate, Method};
+use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::Adapter;
 
 pub struct HetLora {

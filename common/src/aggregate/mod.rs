@@ -25,13 +25,10 @@ use std::str::FromStr;
 
 use crate::adapter::{Adapter, AdapterError};
 
-pub use fedavg::FedAvg;
 pub use flexlora::{singular_values, top_components, FlexLora, EXACT_SVD_MAX_DIM};
 pub use flora::Flora;
 pub use hetlora::HetLora;
-pub use rbla::Rbla;
 pub use validate::validate_update;
-pub use zero_pad::ZeroPad;
 
 /// One client's contribution to a round.
 pub struct ClientUpdate<'a> {
@@ -120,12 +117,12 @@ impl Method {
     /// A fresh accumulator seeded with the current global adapter, whose factors use LoRA scale `scale`.
     pub fn start(self, global: &Adapter, scale: f64) -> Result<Box<dyn Aggregator>, AggregateError> {
         Ok(match self {
-            Method::Rbla => Box::new(Rbla::new(global, scale)?),
-            Method::ZeroPad => Box::new(ZeroPad::new(global, scale)?),
+            Method::Rbla => Box::new(rbla::start(global, scale)?),
+            Method::ZeroPad => Box::new(zero_pad::start(global, scale)?),
             Method::HetLora => Box::new(HetLora::new(global, scale)?),
             Method::FlexLora => Box::new(FlexLora::new(global, scale)?),
             Method::Flora => Box::new(Flora::new(global, scale)?),
-            Method::FedAvg => Box::new(FedAvg::new(global, scale)?),
+            Method::FedAvg => Box::new(fedavg::start(global, scale)?),
         })
     }
 }
@@ -139,12 +136,9 @@ impl fmt::Display for Method {
 impl FromStr for Method {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Method::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| {
-                let names: Vec<_> = Method::ALL.iter().map(|m| m.name()).collect();
-                format!("unknown aggregation method '{s}' (known: {})", names.join(", "))
-            })
+        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Method::ALL.iter().map(|m| m.name()).collect();
+            format!("unknown aggregation method '{s}' (known: {})", names.join(", "))
+        })
     }
 }

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use super::others::OtherMeans;
-use super::{AggregateError, ClientUpdate};
+use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 
 struct ModuleSums {
@@ -55,7 +55,13 @@ impl SlotSums {
                 },
             );
         }
-        Ok(SlotSums { others: OtherMeans::new(global)?, previous: global.deep_copy(), target_scale, modules, folded: 0 })
+        Ok(SlotSums {
+            others: OtherMeans::new(global)?,
+            previous: global.deep_copy(),
+            target_scale,
+            modules,
+            folded: 0,
+        })
     }
 
     pub(super) fn previous(&self) -> &Adapter {
@@ -69,7 +75,11 @@ impl SlotSums {
     /// Adds a validated update with one weight per module: `sum[:r] += w·x`, one fused pass per
     /// tensor (the f32 input is widened inside the kernel). Shapes were validated, so the only
     /// possible failure is libtorch itself.
-    pub(super) fn add(&mut self, update: &ClientUpdate<'_>, module_weight: impl Fn(&str) -> f64) -> Result<(), AggregateError> {
+    pub(super) fn add(
+        &mut self,
+        update: &ClientUpdate<'_>,
+        module_weight: impl Fn(&str) -> f64,
+    ) -> Result<(), AggregateError> {
         let r = update.declared_rank as i64;
         let b_factor = update.scale / self.target_scale;
         for (module, sums) in self.modules.iter_mut() {
@@ -98,13 +108,10 @@ impl SlotSums {
                 Denominator::Coverage => sums.slot_weight.clone(),
                 Denominator::AllClients => vec![sums.total_weight; sums.slot_weight.len()],
             };
-            let usable: Vec<bool> = sums
-                .slot_clients
-                .iter()
-                .zip(&per_slot)
-                .map(|(&clients, &d)| clients > 0 && d > 0.0)
-                .collect();
-            let denominators = Tensor::from_slice(&per_slot.iter().map(|&d| if d > 0.0 { d } else { 1.0 }).collect::<Vec<_>>());
+            let usable: Vec<bool> =
+                sums.slot_clients.iter().zip(&per_slot).map(|(&clients, &d)| clients > 0 && d > 0.0).collect();
+            let denominators =
+                Tensor::from_slice(&per_slot.iter().map(|&d| if d > 0.0 { d } else { 1.0 }).collect::<Vec<_>>());
             let keep_new = Tensor::from_slice(&usable);
             let a = sums
                 .a
@@ -129,5 +136,57 @@ pub(super) fn scaled_b(b: &Tensor, client_scale: f64, target_scale: f64) -> Resu
         Ok(b)
     } else {
         Ok(b.f_mul_scalar(client_scale / target_scale)?)
+    }
+}
+
+/// A slot-wise method whose client weights are the sample counts `n_k` (RBLA, zero-padding,
+/// FedAvg); the methods differ in the denominator and in whether mixed ranks are allowed.
+pub(super) struct SampleWeighted {
+    method: Method,
+    denominator: Denominator,
+    equal_ranks_only: bool,
+    sums: SlotSums,
+}
+
+impl SampleWeighted {
+    pub(super) fn new(
+        method: Method,
+        denominator: Denominator,
+        equal_ranks_only: bool,
+        global: &Adapter,
+        scale: f64,
+    ) -> Result<SampleWeighted, AggregateError> {
+        Ok(SampleWeighted { method, denominator, equal_ranks_only, sums: SlotSums::new(global, scale)? })
+    }
+}
+
+impl Aggregator for SampleWeighted {
+    fn method(&self) -> Method {
+        self.method
+    }
+
+    fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
+        let rank = self.sums.previous().rank();
+        if self.equal_ranks_only && update.declared_rank != rank {
+            return Err(AggregateError::InvalidUpdate {
+                client: update.client.to_string(),
+                message: format!(
+                    "{} needs every client at rank {rank}, this update has rank {}; use rbla, zero-pad, \
+                     hetlora, flexlora or flora for mixed ranks",
+                    self.method, update.declared_rank
+                ),
+            });
+        }
+        validate_update(self.sums.previous(), update)?;
+        let n = update.num_samples as f64;
+        self.sums.add(update, |_| n)
+    }
+
+    fn folded(&self) -> usize {
+        self.sums.folded()
+    }
+
+    fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
+        Ok(Aggregated::plain(self.sums.finish(self.denominator)?))
     }
 }

@@ -13,36 +13,11 @@
 //! to the round's largest rank; that is a defect). Non-LoRA tensors get the `p_k`-weighted mean.
 //! Streaming: weights `n_k` (the normalisation by `Σ n_j` cancels), denominator = coverage.
 
-use super::padded::{Denominator, SlotSums};
-use super::{validate_update, Aggregated, AggregateError, Aggregator, ClientUpdate, Method};
+use super::padded::{Denominator, SampleWeighted};
+use super::{AggregateError, Method};
 use crate::adapter::Adapter;
 
-pub struct Rbla {
-    sums: SlotSums,
-}
-
-impl Rbla {
-    pub fn new(global: &Adapter, scale: f64) -> Result<Rbla, AggregateError> {
-        Ok(Rbla { sums: SlotSums::new(global, scale)? })
-    }
-}
-
-impl Aggregator for Rbla {
-    fn method(&self) -> Method {
-        Method::Rbla
-    }
-
-    fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
-        validate_update(self.sums.previous(), update)?;
-        let n = update.num_samples as f64;
-        self.sums.add(update, |_| n)
-    }
-
-    fn folded(&self) -> usize {
-        self.sums.folded()
-    }
-
-    fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
-        Ok(Aggregated::plain(self.sums.finish(Denominator::Coverage)?))
-    }
+/// A fresh RBLA accumulator over `global`, whose factors use LoRA scale `scale`.
+pub(super) fn start(global: &Adapter, scale: f64) -> Result<SampleWeighted, AggregateError> {
+    SampleWeighted::new(Method::Rbla, Denominator::Coverage, false, global, scale)
 }

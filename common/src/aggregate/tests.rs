@@ -37,7 +37,13 @@ fn client(rank: usize, n: u64, seed: u64) -> Client {
 }
 
 fn update(c: &Client) -> ClientUpdate<'_> {
-    ClientUpdate { client: &c.name, declared_rank: c.adapter.rank(), num_samples: c.n, scale: c.scale, adapter: &c.adapter }
+    ClientUpdate {
+        client: &c.name,
+        declared_rank: c.adapter.rank(),
+        num_samples: c.n,
+        scale: c.scale,
+        adapter: &c.adapter,
+    }
 }
 
 fn aggregate(method: Method, global: &Adapter, clients: &[&Client]) -> Adapter {
@@ -160,7 +166,8 @@ fn reference_dense(clients: &[&Client]) -> BTreeMap<&'static str, Vec<f64>> {
             let mut t = vec![0.0; d_out * d_in];
             for c in clients {
                 let (a, b) = c.adapter.factors(module);
-                let p = dense_product(&values(a), &values(b), c.adapter.rank(), d_in, d_out, c.scale * c.n as f64 / total);
+                let p =
+                    dense_product(&values(a), &values(b), c.adapter.rank(), d_in, d_out, c.scale * c.n as f64 / total);
                 for (x, y) in t.iter_mut().zip(p) {
                     *x += y;
                 }
@@ -190,7 +197,11 @@ fn worked_example() -> (Adapter, Vec<Client>) {
     let mut t = BTreeMap::new();
     t.insert(lora_a_name("layer"), Tensor::zeros([8, 3], (Kind::Float, Device::Cpu)));
     t.insert(lora_b_name("layer"), Tensor::zeros([2, 8], (Kind::Float, Device::Cpu)));
-    let clients = vec![worked_example_client(1.0, 2, 100), worked_example_client(2.0, 4, 200), worked_example_client(4.0, 8, 100)];
+    let clients = vec![
+        worked_example_client(1.0, 2, 100),
+        worked_example_client(2.0, 4, 200),
+        worked_example_client(4.0, 8, 100),
+    ];
     (Adapter::new(t).unwrap(), clients)
 }
 
@@ -199,11 +210,48 @@ fn worked_example_rbla() {
     let (global, clients) = worked_example();
     let out = aggregate(Method::Rbla, &global, &clients.iter().collect::<Vec<_>>());
     let want_a = vec![
-        2.25, 3.25, 4.25, 4.5, 5.5, 6.5, 8.0, 9.0, 10.0, 32.0 / 3.0, 35.0 / 3.0, 38.0 / 3.0, 20.0, 21.0, 22.0, 24.0, 25.0,
-        26.0, 28.0, 29.0, 30.0, 32.0, 33.0, 34.0,
+        2.25,
+        3.25,
+        4.25,
+        4.5,
+        5.5,
+        6.5,
+        8.0,
+        9.0,
+        10.0,
+        32.0 / 3.0,
+        35.0 / 3.0,
+        38.0 / 3.0,
+        20.0,
+        21.0,
+        22.0,
+        24.0,
+        25.0,
+        26.0,
+        28.0,
+        29.0,
+        30.0,
+        32.0,
+        33.0,
+        34.0,
     ];
     let want_b = vec![
-        2.25, 3.25, 14.0 / 3.0, 17.0 / 3.0, 8.0, 9.0, 10.0, 11.0, 4.5, 5.5, 22.0 / 3.0, 25.0 / 3.0, 12.0, 13.0, 14.0, 15.0,
+        2.25,
+        3.25,
+        14.0 / 3.0,
+        17.0 / 3.0,
+        8.0,
+        9.0,
+        10.0,
+        11.0,
+        4.5,
+        5.5,
+        22.0 / 3.0,
+        25.0 / 3.0,
+        12.0,
+        13.0,
+        14.0,
+        15.0,
     ];
     let want = BTreeMap::from([(lora_a_name("layer"), want_a), (lora_b_name("layer"), want_b)]);
     assert_close(&out, &want, 1e-6);
@@ -214,8 +262,8 @@ fn worked_example_zero_padding() {
     let (global, clients) = worked_example();
     let out = aggregate(Method::ZeroPad, &global, &clients.iter().collect::<Vec<_>>());
     let want_a = vec![
-        2.25, 3.25, 4.25, 4.5, 5.5, 6.5, 6.0, 6.75, 7.5, 8.0, 8.75, 9.5, 5.0, 5.25, 5.5, 6.0, 6.25, 6.5, 7.0, 7.25, 7.5, 8.0,
-        8.25, 8.5,
+        2.25, 3.25, 4.25, 4.5, 5.5, 6.5, 6.0, 6.75, 7.5, 8.0, 8.75, 9.5, 5.0, 5.25, 5.5, 6.0, 6.25, 6.5, 7.0, 7.25,
+        7.5, 8.0, 8.25, 8.5,
     ];
     let want_b = vec![2.25, 3.25, 3.5, 4.25, 2.0, 2.25, 2.5, 2.75, 4.5, 5.5, 5.5, 6.25, 3.0, 3.25, 3.5, 3.75];
     let want = BTreeMap::from([(lora_a_name("layer"), want_a), (lora_b_name("layer"), want_b)]);
@@ -331,8 +379,10 @@ fn per_slot_denominators_equal_the_coverage() {
         Adapter::new(t).unwrap()
     };
     let global = random_adapter(R_MAX, 1);
-    let clients: Vec<Client> =
-        [(2, 100), (4, 200), (8, 100)].iter().map(|&(r, n)| Client { name: format!("{r}"), adapter: ones(r), n, scale: 1.0 }).collect();
+    let clients: Vec<Client> = [(2, 100), (4, 200), (8, 100)]
+        .iter()
+        .map(|&(r, n)| Client { name: format!("{r}"), adapter: ones(r), n, scale: 1.0 })
+        .collect();
     let refs: Vec<&Client> = clients.iter().collect();
     let rbla = aggregate(Method::Rbla, &global, &refs);
     let zp = aggregate(Method::ZeroPad, &global, &refs);
@@ -440,7 +490,8 @@ fn invalid_updates_are_rejected_naming_client_and_tensor_and_change_nothing() {
     let reference = aggregate(Method::Rbla, &global, &[&good]);
 
     let with = |f: &dyn Fn(&mut BTreeMap<String, Tensor>)| {
-        let mut t: BTreeMap<String, Tensor> = good.adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let mut t: BTreeMap<String, Tensor> =
+            good.adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
         f(&mut t);
         Adapter::new(t)
     };
@@ -463,12 +514,36 @@ fn invalid_updates_are_rejected_naming_client_and_tensor_and_change_nothing() {
     let too_big = random_adapter(16, 3);
     let cases: Vec<(&str, ClientUpdate, &str)> = vec![
         ("nan", ClientUpdate { client: "c-nan", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &nan }, HEAD),
-        ("unknown", ClientUpdate { client: "c-unknown", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &unknown }, "m.extra.weight"),
-        ("missing", ClientUpdate { client: "c-missing", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &missing }, HEAD),
-        ("width", ClientUpdate { client: "c-width", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &wrong_width }, "m.q.lora_A"),
-        ("lying rank", ClientUpdate { client: "c-liar", declared_rank: 2, num_samples: 5, scale: 1.0, adapter: &good.adapter }, "lora_"),
-        ("above R_max", ClientUpdate { client: "c-big", declared_rank: 16, num_samples: 5, scale: 1.0, adapter: &too_big }, "R_max"),
-        ("zero samples", ClientUpdate { client: "c-zero", declared_rank: 4, num_samples: 0, scale: 1.0, adapter: &good.adapter }, "sample"),
+        (
+            "unknown",
+            ClientUpdate { client: "c-unknown", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &unknown },
+            "m.extra.weight",
+        ),
+        (
+            "missing",
+            ClientUpdate { client: "c-missing", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &missing },
+            HEAD,
+        ),
+        (
+            "width",
+            ClientUpdate { client: "c-width", declared_rank: 4, num_samples: 5, scale: 1.0, adapter: &wrong_width },
+            "m.q.lora_A",
+        ),
+        (
+            "lying rank",
+            ClientUpdate { client: "c-liar", declared_rank: 2, num_samples: 5, scale: 1.0, adapter: &good.adapter },
+            "lora_",
+        ),
+        (
+            "above R_max",
+            ClientUpdate { client: "c-big", declared_rank: 16, num_samples: 5, scale: 1.0, adapter: &too_big },
+            "R_max",
+        ),
+        (
+            "zero samples",
+            ClientUpdate { client: "c-zero", declared_rank: 4, num_samples: 0, scale: 1.0, adapter: &good.adapter },
+            "sample",
+        ),
     ];
     for method in Method::ALL {
         let mut acc = method.start(&global, 1.0).unwrap();

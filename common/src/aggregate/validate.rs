@@ -21,10 +21,7 @@ pub fn validate_update(global: &Adapter, update: &ClientUpdate<'_>) -> Result<()
     }
     let rank = update.declared_rank;
     if rank == 0 || rank > global.rank() {
-        return Err(invalid(format!(
-            "declared rank {rank} is outside 1..={} (R_max)",
-            global.rank()
-        )));
+        return Err(invalid(format!("declared rank {rank} is outside 1..={} (R_max)", global.rank())));
     }
     let adapter = update.adapter;
     if let Some(unknown) = adapter.tensors().keys().find(|n| global.get(n).is_none()) {
@@ -42,10 +39,7 @@ pub fn validate_update(global: &Adapter, update: &ClientUpdate<'_>) -> Result<()
             TensorRole::Other => expected,
         };
         if got != want {
-            return Err(bad_tensor(
-                name,
-                format!("shape {got:?}, expected {want:?} for declared rank {rank}"),
-            ));
+            return Err(bad_tensor(name, format!("shape {got:?}, expected {want:?} for declared rank {rank}")));
         }
         if !all_finite(tensor)? {
             return Err(bad_tensor(name, "contains NaN or infinite values".into()));

@@ -9,36 +9,11 @@
 //! This equals RBLA's value times the coverage `q_i = Σ_{k∈S_i} p_k`, so rarely covered slots decay
 //! geometrically across rounds. A slot no participant covered keeps its previous value.
 
-use super::padded::{Denominator, SlotSums};
-use super::{validate_update, Aggregated, AggregateError, Aggregator, ClientUpdate, Method};
+use super::padded::{Denominator, SampleWeighted};
+use super::{AggregateError, Method};
 use crate::adapter::Adapter;
 
-pub struct ZeroPad {
-    sums: SlotSums,
-}
-
-impl ZeroPad {
-    pub fn new(global: &Adapter, scale: f64) -> Result<ZeroPad, AggregateError> {
-        Ok(ZeroPad { sums: SlotSums::new(global, scale)? })
-    }
-}
-
-impl Aggregator for ZeroPad {
-    fn method(&self) -> Method {
-        Method::ZeroPad
-    }
-
-    fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
-        validate_update(self.sums.previous(), update)?;
-        let n = update.num_samples as f64;
-        self.sums.add(update, |_| n)
-    }
-
-    fn folded(&self) -> usize {
-        self.sums.folded()
-    }
-
-    fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
-        Ok(Aggregated::plain(self.sums.finish(Denominator::AllClients)?))
-    }
+/// A fresh zero-padding accumulator over `global`, whose factors use LoRA scale `scale`.
+pub(super) fn start(global: &Adapter, scale: f64) -> Result<SampleWeighted, AggregateError> {
+    SampleWeighted::new(Method::ZeroPad, Denominator::AllClients, false, global, scale)
 }

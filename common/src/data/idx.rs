@@ -120,7 +120,10 @@ pub fn load_split(dir: &Path, split: Split, classes: usize) -> Result<Dataset, D
     let labels = read_idx(&labels_path, 1)?;
     let (n, rows, cols) = (images.dims[0], images.dims[1], images.dims[2]);
     if labels.dims[0] != n {
-        return Err(err(&labels_path, format!("has {} labels but {} has {n} images", labels.dims[0], images_path.display())));
+        return Err(err(
+            &labels_path,
+            format!("has {} labels but {} has {n} images", labels.dims[0], images_path.display()),
+        ));
     }
     if let Some(bad) = labels.data.iter().find(|&&l| l as usize >= classes) {
         return Err(err(&labels_path, format!("label {bad} is outside 0..{classes}")));
@@ -215,7 +218,9 @@ mod real_data {
 
     #[test]
     fn fashion_mnist_loads_with_the_published_shapes() {
-        let dir = std::env::var_os("FLOTILLA_FASHION_MNIST").map(PathBuf::from).unwrap_or_else(|| DEBIAN_FASHION_MNIST.into());
+        let dir = std::env::var_os("FLOTILLA_FASHION_MNIST")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| DEBIAN_FASHION_MNIST.into());
         assert!(
             dir.join("train-images-idx3-ubyte.gz").exists() || dir.join("train-images-idx3-ubyte").exists(),
             "Fashion-MNIST not found in {}: install Debian's dataset-fashion-mnist (bash deploy/test.sh does) \

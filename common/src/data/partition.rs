@@ -126,7 +126,10 @@ fn dirichlet(
     let gamma = Gamma::new(alpha, 1.0).map_err(|e| format!("dirichlet alpha {alpha}: {e}"))?;
     let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); classes];
     for (i, &l) in labels.iter().enumerate() {
-        let class = usize::try_from(l).ok().filter(|&c| c < classes).ok_or_else(|| format!("label {l} outside 0..{classes}"))?;
+        let class = usize::try_from(l)
+            .ok()
+            .filter(|&c| c < classes)
+            .ok_or_else(|| format!("label {l} outside 0..{classes}"))?;
         by_class[class].push(i);
     }
     let min_size = (labels.len() / (2 * devices)).clamp(1, 10);
@@ -142,7 +145,11 @@ fn dirichlet(
             let mut cumulative = 0.0;
             for (d, draw) in draws.iter().enumerate() {
                 cumulative += if total > 0.0 { draw / total } else { 1.0 / devices as f64 };
-                let end = if d + 1 == devices { members.len() } else { ((cumulative * members.len() as f64).round() as usize).min(members.len()) };
+                let end = if d + 1 == devices {
+                    members.len()
+                } else {
+                    ((cumulative * members.len() as f64).round() as usize).min(members.len())
+                };
                 parts[d].extend_from_slice(&members[start..end.max(start)]);
                 start = end.max(start);
             }
@@ -225,8 +232,12 @@ mod tests {
         };
         assert_eq!(mean_classes("iid"), 10.0);
         assert!(mean_classes("shards:2") <= 2.0 + 1e-9);
-        let (strong, mild, iid) = (dominant_share("dirichlet:0.1"), dominant_share("dirichlet:10"), dominant_share("iid"));
-        assert!(strong > 0.5 && mild < 0.3 && iid < 0.2, "dominant class share: α=0.1 {strong}, α=10 {mild}, iid {iid}");
+        let (strong, mild, iid) =
+            (dominant_share("dirichlet:0.1"), dominant_share("dirichlet:10"), dominant_share("iid"));
+        assert!(
+            strong > 0.5 && mild < 0.3 && iid < 0.2,
+            "dominant class share: α=0.1 {strong}, α=10 {mild}, iid {iid}"
+        );
     }
 
     #[test]
