@@ -65,6 +65,9 @@ pub struct Adapter {
     tensors: BTreeMap<String, Tensor>,
     modules: Vec<String>,
     rank: usize,
+    /// Set when every value was checked finite while decoding untrusted bytes ([`Adapter::from_wire`],
+    /// [`Adapter::load_peft`]), so validation need not read the tensors again.
+    finite_checked: bool,
 }
 
 impl Adapter {
@@ -119,7 +122,7 @@ impl Adapter {
             }
             modules.push(module.to_string());
         }
-        Ok(Adapter { tensors, modules, rank: rank.unwrap_or(0) })
+        Ok(Adapter { tensors, modules, rank: rank.unwrap_or(0), finite_checked: false })
     }
 
     pub fn rank(&self) -> usize {
@@ -178,14 +181,31 @@ impl Adapter {
             tensors: self.tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
             modules: self.modules.clone(),
             rank: self.rank,
+            finite_checked: self.finite_checked,
         }
+    }
+
+    /// Whether every value is known to be finite (checked while decoding).
+    pub fn finite_checked(&self) -> bool {
+        self.finite_checked
     }
 
     pub fn to_wire(&self, dtype: DType) -> Result<WireTensors, AdapterError> {
         Ok(WireTensors::from_tensors(self.tensors.iter().map(|(n, t)| (n.as_str(), t)), dtype)?)
     }
 
+    /// Decodes untrusted tensors; every value is checked finite on the way (see [`check_finite`]).
     pub fn from_wire(wire: &WireTensors) -> Result<Adapter, AdapterError> {
+        let mut offset = 0usize;
+        for desc in &wire.descs {
+            let len = desc.byte_len().and_then(|l| usize::try_from(l).ok()).unwrap_or(usize::MAX);
+            let bytes = wire.body.get(offset..offset.saturating_add(len)).ok_or_else(|| AdapterError::Tensor {
+                name: desc.name.clone(),
+                message: "body shorter than the declared shapes".into(),
+            })?;
+            check_finite(&desc.name, bytes, desc.dtype)?;
+            offset += len;
+        }
         let mut tensors = BTreeMap::new();
         for (name, tensor) in wire.to_tensors()? {
             if tensors.insert(name.clone(), tensor).is_some() {
@@ -235,19 +255,23 @@ impl Adapter {
             .map_err(|e| file_err(format!("not a valid safetensors file: {e}")))?;
         let mut tensors = BTreeMap::new();
         for (name, view) in st.tensors() {
-            let kind = match view.dtype() {
-                safetensors::Dtype::F32 => Kind::Float,
-                safetensors::Dtype::F16 => Kind::Half,
-                safetensors::Dtype::BF16 => Kind::BFloat16,
+            let (kind, dtype) = match view.dtype() {
+                safetensors::Dtype::F32 => (Kind::Float, FloatBits::F32),
+                safetensors::Dtype::F16 => (Kind::Half, FloatBits::F16),
+                safetensors::Dtype::BF16 => (Kind::BFloat16, FloatBits::BF16),
                 other => return Err(file_err(format!("tensor '{name}' has unsupported dtype {other:?}"))),
             };
+            if !all_finite_bytes(view.data(), dtype) {
+                return Err(file_err(format!("tensor '{name}' contains NaN or infinite values")));
+            }
             let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
             let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
                 .and_then(|t| t.f_to_kind(Kind::Float))
                 .map_err(|e| file_err(format!("tensor '{name}': {e}")))?;
             tensors.insert(name, tensor);
         }
-        let adapter = Adapter::new(tensors).map_err(|e| file_err(e.to_string()))?;
+        let mut adapter = Adapter::new(tensors).map_err(|e| file_err(e.to_string()))?;
+        adapter.finite_checked = true;
         let config_path = dir.join(ADAPTER_CONFIG_FILE);
         let config_text = fs::read_to_string(&config_path)
             .map_err(|e| AdapterError::File { path: config_path.clone(), message: e.to_string() })?;
@@ -256,6 +280,42 @@ impl Adapter {
             message: format!("not a valid adapter config: {e}"),
         })?;
         Ok(LoadedAdapter { adapter, config, metadata: header.metadata().clone().unwrap_or_default() })
+    }
+}
+
+/// Floating-point layouts whose finiteness can be read off the bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatBits {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Whether every little-endian value in `bytes` is finite: a value is NaN or infinite exactly when
+/// its exponent bits are all ones. One pass, no allocation.
+pub fn all_finite_bytes(bytes: &[u8], bits: FloatBits) -> bool {
+    match bits {
+        FloatBits::F32 => bytes
+            .chunks_exact(4)
+            .fold(true, |ok, c| ok & (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 != 0x7f80_0000)),
+        FloatBits::BF16 => {
+            bytes.chunks_exact(2).fold(true, |ok, c| ok & (u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80))
+        }
+        FloatBits::F16 => {
+            bytes.chunks_exact(2).fold(true, |ok, c| ok & (u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00))
+        }
+    }
+}
+
+fn check_finite(name: &str, bytes: &[u8], dtype: DType) -> Result<(), AdapterError> {
+    let bits = match dtype {
+        DType::F32 => FloatBits::F32,
+        DType::BF16 => FloatBits::BF16,
+    };
+    if all_finite_bytes(bytes, bits) {
+        Ok(())
+    } else {
+        Err(AdapterError::Tensor { name: name.to_string(), message: "contains NaN or infinite values".into() })
     }
 }
 
@@ -376,6 +436,21 @@ mod tests {
         let mut t = BTreeMap::new();
         t.insert(lora_a_name("x"), Tensor::zeros([2, 3], (Kind::Float, tch::Device::Cpu)));
         assert!(Adapter::new(t).is_err());
+    }
+
+    #[test]
+    fn finiteness_is_read_off_the_bits() {
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        assert!(all_finite_bytes(&f32s(&[0.0, -1.5, f32::MAX, f32::MIN_POSITIVE, 1e-45]), FloatBits::F32));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            assert!(!all_finite_bytes(&f32s(&[1.0, bad, 2.0]), FloatBits::F32), "{bad}");
+        }
+        assert!(all_finite_bytes(&[0x80, 0x3f], FloatBits::BF16));
+        assert!(!all_finite_bytes(&[0x80, 0x7f], FloatBits::BF16)); // +inf
+        assert!(!all_finite_bytes(&[0xc1, 0xff], FloatBits::BF16)); // NaN
+        assert!(!all_finite_bytes(&[0x00, 0x7c], FloatBits::F16)); // +inf
+        let wire = WireTensors::from_tensors([("x", &Tensor::from_slice(&[1.0f32, f32::NAN]))], DType::F32).unwrap();
+        assert!(Adapter::from_wire(&wire).unwrap_err().to_string().contains("NaN"));
     }
 
     #[test]

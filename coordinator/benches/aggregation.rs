@@ -6,7 +6,11 @@
 //!   cargo bench -p flotilla-coordinator --bench aggregation -- --layers 4   # quicker
 //!
 //! In memory, "one read" is one pass over every input tensor (an f64 sum, the cheapest kernel that
-//! touches every byte) with the same thread count as the aggregator (one). End to end, the offline
+//! touches every byte) with the same thread count as the aggregator (one). The updates are decoded
+//! from wire bytes first, as the coordinator receives them; decoding (which also checks every value
+//! is finite) is timed on its own row, and the aggregation rows start from decoded updates.
+//!
+//!   ... -- --methods rbla,zero-pad      # only some methods (flexlora takes minutes at full size) End to end, the offline
 //! command (load, aggregate, write) is compared with `cat` of the input files into /dev/null, both
 //! with the files in the page cache.
 
@@ -17,6 +21,7 @@ use std::time::Instant;
 
 use flotilla_common::adapter::{lora_a_name, lora_b_name, Adapter, PeftConfig, NUM_SAMPLES_KEY};
 use flotilla_common::aggregate::{ClientUpdate, Method};
+use flotilla_common::tensor::{DType, WireTensors};
 use tch::{Device, Kind, Tensor};
 
 const CLIENTS: usize = 20;
@@ -55,12 +60,43 @@ fn main() {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(32usize);
+    let methods: Vec<Method> = args
+        .iter()
+        .position(|a| a == "--methods")
+        .and_then(|i| args.get(i + 1))
+        .map(|list| list.split(',').map(|m| m.parse().expect("method name")).collect())
+        .unwrap_or_else(|| vec![Method::Rbla, Method::ZeroPad, Method::HetLora, Method::Flora, Method::FlexLora]);
     tch::set_num_threads(1);
     tch::manual_seed(0);
 
     let ranks: Vec<usize> = (0..CLIENTS).map(|k| RANKS[k % RANKS.len()]).collect();
-    let clients: Vec<(Adapter, u64)> =
-        ranks.iter().enumerate().map(|(k, &r)| (client_adapter(layers, r), 100 + 37 * k as u64)).collect();
+    let wires: Vec<WireTensors> =
+        ranks.iter().map(|&r| client_adapter(layers, r).to_wire(DType::F32).expect("wire")).collect();
+    if std::env::var_os("FLOTILLA_BENCH_DECODE_PARTS").is_some() {
+        let scan = seconds(|| {
+            for w in &wires {
+                std::hint::black_box(flotilla_common::adapter::all_finite_bytes(
+                    &w.body,
+                    flotilla_common::adapter::FloatBits::F32,
+                ));
+            }
+        });
+        let copy = seconds(|| {
+            for w in &wires {
+                std::hint::black_box(w.to_tensors().expect("tensors"));
+            }
+        });
+        eprintln!("decode parts: finiteness scan {scan:.3} s, copy into tensors {copy:.3} s");
+    }
+    let mut clients: Vec<(Adapter, u64)> = Vec::new();
+    let decode = seconds(|| {
+        clients = wires
+            .iter()
+            .enumerate()
+            .map(|(k, w)| (Adapter::from_wire(w).expect("valid update"), 100 + 37 * k as u64))
+            .collect()
+    });
+    drop(wires);
     let input_bytes: usize =
         clients.iter().map(|(a, _)| a.tensors().values().map(|t| t.numel() * 4).sum::<usize>()).sum();
     let r_max = *RANKS.iter().max().unwrap_or(&64);
@@ -85,8 +121,13 @@ fn main() {
     println!("| in memory | time | × one read of the input |");
     println!("| --- | ---: | ---: |");
     println!("| one read of the input ({:.1} GB/s) | {:.3} s | 1.00 |", input_bytes as f64 / read / 1e9, read);
+    println!(
+        "| decode {CLIENTS} updates from wire bytes (copy + finiteness check) | {:.3} s | {:.2} |",
+        decode,
+        decode / read
+    );
 
-    for method in [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::Flora, Method::FlexLora] {
+    for method in methods {
         let mut fold_time = 0.0;
         let mut finish_time = 0.0;
         let mut notes = Vec::new();

@@ -2,9 +2,12 @@
 //! zero-pad, hetlora, fedavg). They differ only in each client's weight per module and in the
 //! denominator; see each method's file for its formula.
 //!
-//! Per module it keeps `Σ w_k·A_k` (R_max × d_in) and `Σ w_k·B_k` (d_out × R_max) in f64, the per-slot
-//! weight `Σ_{k∈S_i} w_k`, the module's total weight `Σ_k w_k`, and how many clients covered each
-//! slot. Memory is fixed by the global adapter's size, whatever the number of clients.
+//! Per module it keeps `Σ (w_k/ρ_i)·A_k` (R_max × d_in) and `Σ (w_k/ρ_i)·B_k` (d_out × R_max) in f32,
+//! where `ρ_i` is the weight of the first client that covered slot i this round: the first
+//! contribution to a slot is added with factor exactly 1, so a slot only one client covers passes
+//! through bit-identical, and f32 keeps the accumulator traffic at twice the input bytes. Alongside:
+//! the per-slot relative weight `Σ_{k∈S_i} w_k/ρ_i`, the module's total weight and how many clients
+//! covered each slot. Memory is fixed by the global adapter's size, whatever the number of clients.
 
 use std::collections::BTreeMap;
 
@@ -17,9 +20,31 @@ use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 struct ModuleSums {
     a: Tensor,
     b: Tensor,
-    slot_weight: Vec<f64>,
+    /// ρ_i: the weight of slot i's first contributor (0 while none).
+    reference: Vec<f64>,
+    /// Σ_{k∈S_i} w_k / ρ_i.
+    relative_weight: Vec<f64>,
     slot_clients: Vec<u32>,
     total_weight: f64,
+}
+
+impl ModuleSums {
+    /// Runs of consecutive slots in `0..rank` that share a reference weight, after giving
+    /// uncovered slots the reference `w`: `(start, end, factor = w / ρ)`.
+    fn segments(&mut self, rank: usize, w: f64) -> Vec<(usize, usize, f64)> {
+        let mut out: Vec<(usize, usize, f64)> = Vec::new();
+        for slot in 0..rank {
+            if self.reference[slot] == 0.0 {
+                self.reference[slot] = w;
+            }
+            let factor = w / self.reference[slot];
+            match out.last_mut() {
+                Some((_, end, f)) if *f == factor => *end = slot + 1,
+                _ => out.push((slot, slot + 1, factor)),
+            }
+        }
+        out
+    }
 }
 
 /// What a covered slot's weighted sum is divided by.
@@ -42,15 +67,17 @@ pub(super) struct SlotSums {
 impl SlotSums {
     pub(super) fn new(global: &Adapter, target_scale: f64) -> Result<SlotSums, AggregateError> {
         let mut modules = BTreeMap::new();
+        let r_max = global.rank();
         for module in global.modules() {
             let (a, b) = global.factors(module);
             modules.insert(
                 module.clone(),
                 ModuleSums {
-                    a: Tensor::f_zeros(a.size(), (Kind::Double, a.device()))?,
-                    b: Tensor::f_zeros(b.size(), (Kind::Double, b.device()))?,
-                    slot_weight: vec![0.0; global.rank()],
-                    slot_clients: vec![0; global.rank()],
+                    a: Tensor::f_zeros(a.size(), (Kind::Float, a.device()))?,
+                    b: Tensor::f_zeros(b.size(), (Kind::Float, b.device()))?,
+                    reference: vec![0.0; r_max],
+                    relative_weight: vec![0.0; r_max],
+                    slot_clients: vec![0; r_max],
                     total_weight: 0.0,
                 },
             );
@@ -72,57 +99,75 @@ impl SlotSums {
         self.folded
     }
 
-    /// Adds a validated update with one weight per module: `sum[:r] += w·x`, one fused pass per
-    /// tensor (the f32 input is widened inside the kernel). Shapes were validated, so the only
+    /// Adds a validated update with one weight per module: `acc[s..e] += (w/ρ)·x[s..e]` for each run
+    /// of slots sharing a reference, one fused pass per tensor. Shapes were validated, so the only
     /// possible failure is libtorch itself.
     pub(super) fn add(
         &mut self,
         update: &ClientUpdate<'_>,
         module_weight: impl Fn(&str) -> f64,
     ) -> Result<(), AggregateError> {
-        let r = update.declared_rank as i64;
+        let rank = update.declared_rank;
         let b_factor = update.scale / self.target_scale;
         for (module, sums) in self.modules.iter_mut() {
             let w = module_weight(module);
-            let (a, b) = update.adapter.factors(module);
-            let _ = sums.a.f_narrow(0, 0, r)?.f_addcmul_(a, &Tensor::from(w))?;
-            let _ = sums.b.f_narrow(1, 0, r)?.f_addcmul_(b, &Tensor::from(w * b_factor))?;
-            for slot in 0..update.declared_rank {
-                sums.slot_weight[slot] += w;
+            for slot in 0..rank {
                 sums.slot_clients[slot] += 1;
             }
             sums.total_weight += w;
+            if w == 0.0 {
+                continue; // covers its slots, contributes nothing
+            }
+            let (a, b) = update.adapter.factors(module);
+            for (start, end, factor) in sums.segments(rank, w) {
+                let (s, len) = (start as i64, (end - start) as i64);
+                let _ =
+                    sums.a.f_narrow(0, s, len)?.f_addcmul_(&a.f_narrow(0, s, len)?, &Tensor::from(factor as f32))?;
+                let _ = sums
+                    .b
+                    .f_narrow(1, s, len)?
+                    .f_addcmul_(&b.f_narrow(1, s, len)?, &Tensor::from((factor * b_factor) as f32))?;
+                for slot in start..end {
+                    sums.relative_weight[slot] += factor;
+                }
+            }
         }
         self.others.add(update)?;
         self.folded += 1;
         Ok(())
     }
 
-    /// The averaged adapter. A slot no client covered keeps its previous value; so does a whole
-    /// module whose total weight is zero (nothing to average).
-    pub(super) fn finish(self, denominator: Denominator) -> Result<Adapter, AggregateError> {
+    /// The averaged adapter, divided in place. A slot no client covered keeps its previous value; so
+    /// does a whole module whose total weight is zero (nothing to average).
+    pub(super) fn finish(mut self, denominator: Denominator) -> Result<Adapter, AggregateError> {
         let mut tensors = BTreeMap::new();
-        for (module, sums) in &self.modules {
-            let (prev_a, prev_b) = self.previous.factors(module);
-            let per_slot: Vec<f64> = match denominator {
-                Denominator::Coverage => sums.slot_weight.clone(),
-                Denominator::AllClients => vec![sums.total_weight; sums.slot_weight.len()],
-            };
-            let usable: Vec<bool> =
-                sums.slot_clients.iter().zip(&per_slot).map(|(&clients, &d)| clients > 0 && d > 0.0).collect();
-            let denominators =
-                Tensor::from_slice(&per_slot.iter().map(|&d| if d > 0.0 { d } else { 1.0 }).collect::<Vec<_>>());
-            let keep_new = Tensor::from_slice(&usable);
-            let a = sums
-                .a
-                .f_div(&denominators.f_unsqueeze(1)?)?
-                .f_where_self(&keep_new.f_unsqueeze(1)?, &prev_a.f_to_kind(Kind::Double)?)?;
-            let b = sums
-                .b
-                .f_div(&denominators.f_unsqueeze(0)?)?
-                .f_where_self(&keep_new.f_unsqueeze(0)?, &prev_b.f_to_kind(Kind::Double)?)?;
-            tensors.insert(lora_a_name(module), a.f_to_kind(Kind::Float)?);
-            tensors.insert(lora_b_name(module), b.f_to_kind(Kind::Float)?);
+        for (module, sums) in std::mem::take(&mut self.modules) {
+            let (prev_a, prev_b) = self.previous.factors(&module);
+            let ModuleSums { mut a, mut b, reference, relative_weight, slot_clients, total_weight } = sums;
+            // Per slot: the divisor in units of ρ_i, or None to keep the previous value.
+            let divisors: Vec<Option<f64>> = (0..relative_weight.len())
+                .map(|i| {
+                    let d = match denominator {
+                        Denominator::Coverage => relative_weight[i],
+                        Denominator::AllClients if reference[i] > 0.0 => total_weight / reference[i],
+                        Denominator::AllClients => 0.0,
+                    };
+                    (slot_clients[i] > 0 && d > 0.0).then_some(d)
+                })
+                .collect();
+            let scale =
+                Tensor::from_slice(&divisors.iter().map(|d| (1.0 / d.unwrap_or(1.0)) as f32).collect::<Vec<_>>());
+            let _ = a.f_mul_(&scale.f_unsqueeze(1)?)?;
+            let _ = b.f_mul_(&scale.f_unsqueeze(0)?)?;
+            for (slot, d) in divisors.iter().enumerate() {
+                if d.is_none() {
+                    let slot = slot as i64;
+                    let _ = a.f_narrow(0, slot, 1)?.f_copy_(&prev_a.f_narrow(0, slot, 1)?)?;
+                    let _ = b.f_narrow(1, slot, 1)?.f_copy_(&prev_b.f_narrow(1, slot, 1)?)?;
+                }
+            }
+            tensors.insert(lora_a_name(&module), a);
+            tensors.insert(lora_b_name(&module), b);
         }
         self.others.finish(&self.previous, &mut tensors)?;
         Ok(Adapter::new(tensors)?)
