@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::tensor::{DType, TensorError, WireTensors};
+use crate::tensor::{f32_tensor_from_le_bytes, DType, TensorError, WireTensors};
 
 pub const LORA_A_SUFFIX: &str = ".lora_A.weight";
 pub const LORA_B_SUFFIX: &str = ".lora_B.weight";
@@ -194,25 +194,27 @@ impl Adapter {
         Ok(WireTensors::from_tensors(self.tensors.iter().map(|(n, t)| (n.as_str(), t)), dtype)?)
     }
 
-    /// Decodes untrusted tensors; every value is checked finite on the way (see [`check_finite`]).
+    /// Decodes untrusted tensors; every value is checked finite while it is copied.
     pub fn from_wire(wire: &WireTensors) -> Result<Adapter, AdapterError> {
-        let mut offset = 0usize;
-        for desc in &wire.descs {
-            let len = desc.byte_len().and_then(|l| usize::try_from(l).ok()).unwrap_or(usize::MAX);
-            let bytes = wire.body.get(offset..offset.saturating_add(len)).ok_or_else(|| AdapterError::Tensor {
-                name: desc.name.clone(),
-                message: "body shorter than the declared shapes".into(),
-            })?;
-            check_finite(&desc.name, bytes, desc.dtype)?;
-            offset += len;
+        let (decoded, all_finite) = wire.to_tensors_checked()?;
+        if !all_finite {
+            let name = wire
+                .descs
+                .iter()
+                .zip(&decoded)
+                .find(|(_, (_, t))| t.isfinite().all().int64_value(&[]) == 0)
+                .map_or("<some tensor>".to_string(), |(d, _)| d.name.clone());
+            return Err(AdapterError::Tensor { name, message: "contains NaN or infinite values".into() });
         }
         let mut tensors = BTreeMap::new();
-        for (name, tensor) in wire.to_tensors()? {
+        for (name, tensor) in decoded {
             if tensors.insert(name.clone(), tensor).is_some() {
                 return Err(AdapterError::Tensor { name, message: "appears twice".into() });
             }
         }
-        Adapter::new(tensors)
+        let mut adapter = Adapter::new(tensors)?;
+        adapter.finite_checked = true;
+        Ok(adapter)
     }
 
     /// Writes `adapter_model.safetensors` (f32, with `metadata`) and `adapter_config.json`.
@@ -236,9 +238,13 @@ impl Adapter {
             views.push((desc.name.clone(), view));
             offset += len;
         }
-        let bytes = safetensors::serialize(views, Some(metadata))
-            .map_err(|e| file_err(dir, format!("cannot serialize: {e}")))?;
-        write_atomically(&dir.join(ADAPTER_WEIGHTS_FILE), &bytes)?;
+        // Streamed from the tensor bytes into a temporary file, then fsync and rename.
+        let path = dir.join(ADAPTER_WEIGHTS_FILE);
+        let tmp = path.with_extension("tmp");
+        safetensors::serialize_to_file(views, Some(metadata), &tmp)
+            .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
+        fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| file_err(&tmp, e.to_string()))?;
+        fs::rename(&tmp, &path).map_err(|e| file_err(&path, e.to_string()))?;
         let json =
             serde_json::to_vec_pretty(config).map_err(|e| file_err(dir, format!("cannot encode config: {e}")))?;
         write_atomically(&dir.join(ADAPTER_CONFIG_FILE), &json)
@@ -248,7 +254,7 @@ impl Adapter {
     pub fn load_peft(dir: &Path) -> Result<LoadedAdapter, AdapterError> {
         let weights_path = dir.join(ADAPTER_WEIGHTS_FILE);
         let file_err = |message: String| AdapterError::File { path: weights_path.clone(), message };
-        let bytes = fs::read(&weights_path).map_err(|e| file_err(e.to_string()))?;
+        let bytes = map_file(&weights_path)?;
         let st = safetensors::SafeTensors::deserialize(&bytes)
             .map_err(|e| file_err(format!("not a valid safetensors file: {e}")))?;
         let (_, header) = safetensors::SafeTensors::read_metadata(&bytes)
@@ -261,13 +267,19 @@ impl Adapter {
                 safetensors::Dtype::BF16 => (Kind::BFloat16, FloatBits::BF16),
                 other => return Err(file_err(format!("tensor '{name}' has unsupported dtype {other:?}"))),
             };
-            if !all_finite_bytes(view.data(), dtype) {
+            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+            let (tensor, finite) = if dtype == FloatBits::F32 {
+                f32_tensor_from_le_bytes(&name, view.data(), &shape).map_err(|e| file_err(e.to_string()))?
+            } else {
+                let finite = all_finite_bytes(view.data(), dtype);
+                let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
+                    .and_then(|t| t.f_to_kind(Kind::Float))
+                    .map_err(|e| file_err(format!("tensor '{name}': {e}")))?;
+                (tensor, finite)
+            };
+            if !finite {
                 return Err(file_err(format!("tensor '{name}' contains NaN or infinite values")));
             }
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            let tensor = Tensor::f_from_data_size(view.data(), &shape, kind)
-                .and_then(|t| t.f_to_kind(Kind::Float))
-                .map_err(|e| file_err(format!("tensor '{name}': {e}")))?;
             tensors.insert(name, tensor);
         }
         let mut adapter = Adapter::new(tensors).map_err(|e| file_err(e.to_string()))?;
@@ -307,16 +319,26 @@ pub fn all_finite_bytes(bytes: &[u8], bits: FloatBits) -> bool {
     }
 }
 
-fn check_finite(name: &str, bytes: &[u8], dtype: DType) -> Result<(), AdapterError> {
-    let bits = match dtype {
-        DType::F32 => FloatBits::F32,
-        DType::BF16 => FloatBits::BF16,
-    };
-    if all_finite_bytes(bytes, bits) {
-        Ok(())
-    } else {
-        Err(AdapterError::Tensor { name: name.to_string(), message: "contains NaN or infinite values".into() })
-    }
+/// A read-only memory map of a file: tensors are copied straight out of the page cache, without
+/// first reading the whole file into a fresh buffer.
+fn map_file(path: &Path) -> Result<memmap2::Mmap, AdapterError> {
+    let err = |message: String| AdapterError::File { path: path.to_path_buf(), message };
+    let file = fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    // SAFETY: the map is read-only and private to this call; if another process truncates the file
+    // meanwhile, reads fault (SIGBUS) rather than return torn data. Adapter files are written
+    // atomically (temporary file + rename), so a file being replaced is never the one mapped.
+    unsafe { memmap2::Mmap::map(&file) }.map_err(|e| err(format!("cannot map: {e}")))
+}
+
+/// Names and shapes of the tensors in a PEFT adapter directory, from the safetensors header only.
+pub fn peft_shapes(dir: &Path) -> Result<BTreeMap<String, Vec<usize>>, AdapterError> {
+    let path = dir.join(ADAPTER_WEIGHTS_FILE);
+    let bytes = map_file(&path)?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| AdapterError::File {
+        path: path.clone(),
+        message: format!("not a valid safetensors file: {e}"),
+    })?;
+    Ok(st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect())
 }
 
 pub struct LoadedAdapter {

@@ -51,6 +51,51 @@ pub enum TensorError {
     },
 }
 
+/// The storage of a contiguous f32 CPU tensor as a mutable slice.
+///
+/// # Safety
+/// `t` must be a contiguous f32 tensor on the CPU with at least one element, it must outlive the
+/// slice, and no other slice or libtorch operation may use the same storage while the slice lives.
+pub(crate) unsafe fn f32_storage_mut(t: &Tensor) -> &mut [f32] {
+    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
+}
+
+/// A new f32 CPU tensor of `shape` holding the little-endian f32 values in `bytes`, built in one
+/// pass (no zero-fill, no second copy) that also tells whether every value is finite.
+pub fn f32_tensor_from_le_bytes(name: &str, bytes: &[u8], shape: &[i64]) -> Result<(Tensor, bool), TensorError> {
+    let torch = |source| TensorError::Torch { name: name.to_string(), source };
+    let tensor = Tensor::f_empty(shape, (Kind::Float, tch::Device::Cpu)).map_err(torch)?;
+    let n = tensor.numel();
+    if bytes.len() != n * 4 {
+        return Err(TensorError::Invalid {
+            name: name.to_string(),
+            message: format!("{} bytes for {n} f32 values", bytes.len()),
+        });
+    }
+    if n == 0 {
+        return Ok((tensor, true));
+    }
+    // SAFETY: a fresh, contiguous, non-empty f32 CPU tensor that nothing else references yet.
+    let dst = unsafe { f32_storage_mut(&tensor) };
+    // Copy a cache-sized chunk, then check the (still cached) values: a NaN or infinity has all
+    // exponent bits set. The OR-fold has no early exit, so it vectorises.
+    const CHUNK: usize = 16 << 10;
+    let mut non_finite = 0u32;
+    for (d, src) in dst.chunks_mut(CHUNK).zip(bytes.chunks(CHUNK * 4)) {
+        if cfg!(target_endian = "little") {
+            // SAFETY: `d` has exactly `src.len()` bytes (4 per f32, lengths checked above); any
+            // bit pattern is a valid f32.
+            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), d.as_mut_ptr() as *mut u8, src.len()) };
+        } else {
+            for (v, c) in d.iter_mut().zip(src.chunks_exact(4)) {
+                *v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            }
+        }
+        non_finite |= d.iter().fold(0u32, |acc, v| acc | u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000));
+    }
+    Ok((tensor, non_finite == 0))
+}
+
 /// A list of tensors that share one contiguous byte buffer, in descriptor order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WireTensors {
@@ -93,6 +138,12 @@ impl WireTensors {
     /// Unpacks into f32 tch tensors on the CPU. bf16 is built from bytes (never through `half::bf16`,
     /// which tch maps to f16) and widened.
     pub fn to_tensors(&self) -> Result<Vec<(String, Tensor)>, TensorError> {
+        Ok(self.to_tensors_checked()?.0)
+    }
+
+    /// Like [`WireTensors::to_tensors`], and whether every value is finite (checked while copying).
+    pub fn to_tensors_checked(&self) -> Result<(Vec<(String, Tensor)>, bool), TensorError> {
+        let mut all_finite = true;
         let mut offset = 0usize;
         let mut out = Vec::with_capacity(self.descs.len());
         for desc in &self.descs {
@@ -111,9 +162,19 @@ impl WireTensors {
                 .iter()
                 .map(|&d| i64::try_from(d).map_err(|_| invalid(format!("dimension {d} too large"))))
                 .collect::<Result<_, _>>()?;
-            let tensor = Tensor::f_from_data_size(bytes, &shape, desc.dtype.kind())
-                .and_then(|t| t.f_to_kind(Kind::Float))
-                .map_err(|source| TensorError::Torch { name: desc.name.clone(), source })?;
+            let tensor = match desc.dtype {
+                DType::F32 => {
+                    let (tensor, finite) = f32_tensor_from_le_bytes(&desc.name, bytes, &shape)?;
+                    all_finite &= finite;
+                    tensor
+                }
+                DType::BF16 => {
+                    all_finite &= bytes.chunks_exact(2).all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80);
+                    Tensor::f_from_data_size(bytes, &shape, Kind::BFloat16)
+                        .and_then(|t| t.f_to_kind(Kind::Float))
+                        .map_err(|source| TensorError::Torch { name: desc.name.clone(), source })?
+                }
+            };
             out.push((desc.name.clone(), tensor));
         }
         if offset != self.body.len() {
@@ -122,7 +183,7 @@ impl WireTensors {
                 message: format!("{} bytes beyond the declared tensors", self.body.len() - offset),
             });
         }
-        Ok(out)
+        Ok((out, all_finite))
     }
 }
 
@@ -142,6 +203,24 @@ mod tests {
             // These values are exact in bf16.
             assert!(back[0].1.allclose(&t, 0.0, 0.0, false), "{dtype:?}");
         }
+    }
+
+    #[test]
+    fn f32_decoding_copies_exactly_and_flags_non_finite_values() {
+        let values: Vec<f32> = (0..40_000).map(|i| i as f32 * 0.25 - 7.0).collect();
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (t, finite) = f32_tensor_from_le_bytes("x", &bytes, &[200, 200]).unwrap();
+        assert!(finite);
+        assert_eq!(Vec::<f32>::try_from(t.flatten(0, -1)).unwrap(), values);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = values.clone();
+            v[39_999] = bad; // in the last chunk
+            let bytes: Vec<u8> = v.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert!(!f32_tensor_from_le_bytes("x", &bytes, &[200, 200]).unwrap().1, "{bad}");
+        }
+        assert!(f32_tensor_from_le_bytes("x", &bytes[..8], &[3]).is_err());
+        let (empty, finite) = f32_tensor_from_le_bytes("e", &[], &[0, 5]).unwrap();
+        assert!(finite && empty.numel() == 0);
     }
 
     #[test]

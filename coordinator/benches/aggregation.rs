@@ -177,31 +177,6 @@ fn main() {
         }
     }
 
-    for method in [Method::Rbla, Method::ZeroPad] {
-        for batch in [5, CLIENTS] {
-            let updates: Vec<(String, &Adapter, u64)> =
-                clients.iter().enumerate().map(|(k, (a, n))| (format!("client-{k}"), a, *n)).collect();
-            let time = best_of(2, || {
-                let mut acc = method.start(&global, 1.0).expect("start");
-                for chunk in updates.chunks(batch) {
-                    let batch: Vec<ClientUpdate> = chunk
-                        .iter()
-                        .map(|(name, adapter, n)| ClientUpdate {
-                            client: name,
-                            declared_rank: adapter.rank(),
-                            num_samples: *n,
-                            scale: 1.0,
-                            adapter,
-                        })
-                        .collect();
-                    assert!(acc.fold_batch(&batch).iter().all(Result::is_ok));
-                }
-                std::hint::black_box(acc.finish().expect("finish"));
-            });
-            println!("| {method}: folded in batches of {batch} + finish | {time:.3} s | {:.2} |", time / read);
-        }
-    }
-
     // End to end through the offline command.
     let dir = tempfile::tempdir().expect("temp dir");
     // FLOTILLA_BENCH_KEEP=<dir>: also leave the client adapters there, for profiling the command.

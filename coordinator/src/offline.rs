@@ -15,8 +15,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use flotilla_common::adapter::{
-    lora_a_name, lora_b_name, tensor_role, Adapter, LoadedAdapter, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE,
-    NUM_SAMPLES_KEY,
+    lora_a_name, lora_b_name, peft_shapes, tensor_role, Adapter, LoadedAdapter, PeftConfig, TensorRole,
+    ADAPTER_CONFIG_FILE, NUM_SAMPLES_KEY,
 };
 use flotilla_common::aggregate::{ClientUpdate, Method};
 use flotilla_common::data::seeded_uniform;
@@ -81,24 +81,38 @@ fn load_client(dir: &Path) -> Result<(LoadedAdapter, u64)> {
     Ok((loaded, n))
 }
 
-/// The starting point for the accumulator: R_max slots shaped like `like`. Slots no input covers
-/// (only when `--max-rank` exceeds every input's rank) start as a fresh LoRA init: A uniform
-/// ±1/√d_in, B zero, so they do not change the model and can still learn.
-fn template(like: &Adapter, max_rank: usize) -> Result<Adapter> {
+/// The starting point for the accumulator: R_max slots shaped like the tensors in `shapes` (one
+/// input's header). Slots no input covers (only when `--max-rank` exceeds every input's rank) start
+/// as a fresh LoRA init: A uniform ±1/√d_in, B zero, so they do not change the model and can still
+/// learn. Inconsistent shapes are caught when that input is folded.
+fn template(shapes: &BTreeMap<String, Vec<usize>>, max_rank: usize) -> Result<Adapter> {
+    let dims = |name: &str| -> Result<(usize, usize)> {
+        match shapes.get(name).map(Vec::as_slice) {
+            Some(&[rows, cols]) => Ok((rows, cols)),
+            Some(other) => bail!("tensor '{name}' has shape {other:?}; LoRA factors are 2-D"),
+            None => bail!("tensor '{name}' is missing"),
+        }
+    };
     let mut tensors = BTreeMap::new();
-    for (index, module) in like.modules().iter().enumerate() {
-        let (a, b) = like.factors(module);
-        let (d_in, d_out) = (a.size()[1] as usize, b.size()[0] as usize);
-        let bound = 1.0 / (d_in as f64).sqrt();
-        tensors.insert(lora_a_name(module), seeded_uniform(&[max_rank, d_in], bound, 0xada9 + index as u64));
-        tensors.insert(
-            lora_b_name(module),
-            Tensor::zeros([d_out as i64, max_rank as i64], (Kind::Float, tch::Device::Cpu)),
-        );
-    }
-    for (name, t) in like.tensors() {
-        if tensor_role(name) == TensorRole::Other {
-            tensors.insert(name.clone(), t.zeros_like());
+    let mut index = 0u64;
+    for (name, shape) in shapes {
+        match tensor_role(name) {
+            TensorRole::LoraA(module) => {
+                let (_, d_in) = dims(name)?;
+                let (d_out, _) = dims(&lora_b_name(module))?;
+                let bound = 1.0 / (d_in as f64).sqrt();
+                tensors.insert(lora_a_name(module), seeded_uniform(&[max_rank, d_in], bound, 0xada9 + index));
+                tensors.insert(
+                    lora_b_name(module),
+                    Tensor::zeros([d_out as i64, max_rank as i64], (Kind::Float, tch::Device::Cpu)),
+                );
+                index += 1;
+            }
+            TensorRole::LoraB(_) => {}
+            TensorRole::Other => {
+                let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+                tensors.insert(name.clone(), Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)));
+            }
         }
     }
     Ok(Adapter::new(tensors)?)
@@ -132,9 +146,8 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
         ));
     }
 
-    let (first_loaded, _) = load_client(&largest.dir)?;
-    let global = template(&first_loaded.adapter, out_rank_slots)?;
-    drop(first_loaded);
+    let shapes = peft_shapes(&largest.dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let global = template(&shapes, out_rank_slots).with_context(|| format!("{}", largest.dir.display()))?;
     let mut accumulator = request.method.start(&global, target_scale)?;
     let (mut load_s, mut fold_s) = (0.0, 0.0);
     let mut total_samples = 0u64;

@@ -53,7 +53,7 @@ impl Aggregator for HetLora {
             let (a, b) = update.adapter.factors(module);
             norms.insert(module.clone(), product_norm(a, &scaled_b(b, update.scale, self.scale)?)?);
         }
-        self.sums.add_batch(&[update], |_, module| norms[module])
+        self.sums.add(update, |module| norms[module])
     }
 
     fn folded(&self) -> usize {

@@ -74,12 +74,6 @@ pub trait Aggregator: Send {
     /// Validates `update` against the global adapter and folds it in. On error the accumulator is
     /// untouched.
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError>;
-    /// Folds several updates that are ready at once, with the same result as folding them one by
-    /// one in order; one result per update (an invalid one is rejected alone). Methods whose memory
-    /// traffic benefits override it.
-    fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
-        updates.iter().map(|u| self.fold(u)).collect()
-    }
     /// How many updates were folded in.
     fn folded(&self) -> usize;
     /// The next global adapter.

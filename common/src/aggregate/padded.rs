@@ -100,56 +100,36 @@ impl SlotSums {
         self.folded
     }
 
-    /// Adds validated updates, `weight(k, module)` being update k's weight for a module:
-    /// `acc[s..e] += (w/ρ)·x[s..e]` for each run of slots sharing a reference. The work is ordered
-    /// block of slots by block of slots, every update adding to one block before the next, so the
-    /// block (≈ 256 KB) stays in cache and memory traffic is about one read of the updates. The
-    /// result equals folding them one by one in order. Shapes were validated, so the only possible
-    /// failure is libtorch itself.
-    pub(super) fn add_batch(
+    /// Adds a validated update, `weight(module)` being its weight for a module:
+    /// `acc[s..e] += (w/ρ)·x[s..e]` for each run of slots sharing a reference. Shapes were
+    /// validated, so the only possible failure is libtorch itself.
+    pub(super) fn add(
         &mut self,
-        updates: &[&ClientUpdate<'_>],
-        weight: impl Fn(usize, &str) -> f64,
+        update: &ClientUpdate<'_>,
+        weight: impl Fn(&str) -> f64,
     ) -> Result<(), AggregateError> {
-        const SLOTS_PER_BLOCK: usize = 16;
+        let rank = update.declared_rank;
+        let b_factor = update.scale / self.target_scale;
         for (module, sums) in self.modules.iter_mut() {
-            // References are assigned in fold order, before anything is added.
-            let mut plans = Vec::with_capacity(updates.len());
-            for (k, update) in updates.iter().enumerate() {
-                let w = weight(k, module);
-                for slot in 0..update.declared_rank {
-                    sums.slot_clients[slot] += 1;
-                }
-                sums.total_weight += w;
-                if w == 0.0 {
-                    continue; // covers its slots, contributes nothing
-                }
-                let segments = sums.segments(update.declared_rank, w);
-                for &(start, end, factor) in &segments {
-                    for slot in start..end {
-                        sums.relative_weight[slot] += factor;
-                    }
-                }
-                plans.push((update.adapter.factors(module), update.scale / self.target_scale, segments));
+            let w = weight(module);
+            for slot in 0..rank {
+                sums.slot_clients[slot] += 1;
             }
-            for block in (0..sums.reference.len()).step_by(SLOTS_PER_BLOCK) {
-                let block_end = block + SLOTS_PER_BLOCK;
-                for ((a, b), b_factor, segments) in &plans {
-                    for &(start, end, factor) in segments {
-                        let (s, e) = (start.max(block), end.min(block_end));
-                        if s >= e {
-                            continue;
-                        }
-                        kernels::add_rows(&sums.a, a, s, e, factor as f32)?;
-                        kernels::add_cols(&sums.b, b, s, e, (factor * b_factor) as f32)?;
-                    }
+            sums.total_weight += w;
+            if w == 0.0 {
+                continue; // covers its slots, contributes nothing
+            }
+            let (a, b) = update.adapter.factors(module);
+            for (start, end, factor) in sums.segments(rank, w) {
+                kernels::add_rows(&sums.a, a, start, end, factor as f32)?;
+                kernels::add_cols(&sums.b, b, start, end, (factor * b_factor) as f32)?;
+                for slot in start..end {
+                    sums.relative_weight[slot] += factor;
                 }
             }
         }
-        for update in updates {
-            self.others.add(update)?;
-        }
-        self.folded += updates.len();
+        self.others.add(update)?;
+        self.folded += 1;
         Ok(())
     }
 
@@ -228,21 +208,7 @@ impl Aggregator for SampleWeighted {
 
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
         self.check(update)?;
-        self.sums.add_batch(&[update], |_, _| update.num_samples as f64)
-    }
-
-    fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
-        let checks: Vec<Result<(), AggregateError>> = updates.iter().map(|u| self.check(u)).collect();
-        let valid: Vec<&ClientUpdate<'_>> =
-            updates.iter().zip(&checks).filter(|(_, c)| c.is_ok()).map(|(u, _)| u).collect();
-        if let Err(error) = self.sums.add_batch(&valid, |k, _| valid[k].num_samples as f64) {
-            let message = error.to_string();
-            return updates
-                .iter()
-                .map(|u| Err(AggregateError::InvalidUpdate { client: u.client.to_string(), message: message.clone() }))
-                .collect();
-        }
-        checks
+        self.sums.add(update, |_| update.num_samples as f64)
     }
 
     fn folded(&self) -> usize {
