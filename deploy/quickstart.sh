@@ -69,6 +69,9 @@ method = "rbla"
 max_rank = 8
 lora_alpha = 16.0
 
+[evaluation]
+test_data = "$data_dir"
+
 [model]
 seed = 42
 [model.architecture.mlp]

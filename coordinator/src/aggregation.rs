@@ -2,7 +2,7 @@
 //! global adapter and the streaming accumulator of the current round — so no tensor work runs on
 //! the async runtime. It receives commands and reports results back to the round driver.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Instant;
@@ -11,6 +11,8 @@ use flotilla_common::adapter::{Adapter, PeftConfig, NUM_SAMPLES_KEY};
 use flotilla_common::aggregate::{Aggregator, ClientUpdate, Method};
 use flotilla_common::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
+
+use crate::evaluation::{describe, Evaluator, RankAccuracy};
 
 pub enum Command {
     /// The global adapter sliced to each rank, packed for the wire.
@@ -38,6 +40,8 @@ pub struct RoundOutcome {
     pub updates: usize,
     pub global_dir: PathBuf,
     pub seconds: f64,
+    /// Test-set results at R_max and at each rank that took part (empty without a test set).
+    pub evaluation: Vec<RankAccuracy>,
 }
 
 pub struct WorkerSettings {
@@ -46,6 +50,7 @@ pub struct WorkerSettings {
     pub max_rank: u32,
     pub run_dir: PathBuf,
     pub record_updates: bool,
+    pub evaluator: Option<Evaluator>,
 }
 
 impl WorkerSettings {
@@ -60,15 +65,24 @@ pub struct AggregationWorker {
 }
 
 impl AggregationWorker {
-    pub fn spawn(initial_global: Adapter, settings: WorkerSettings) -> anyhow::Result<AggregationWorker> {
+    /// Starts the worker; returns it and the initial global model's test results (the lower bound).
+    pub fn spawn(
+        initial_global: Adapter,
+        settings: WorkerSettings,
+    ) -> anyhow::Result<(AggregationWorker, Vec<RankAccuracy>)> {
+        let initial = match &settings.evaluator {
+            Some(evaluator) => evaluator.evaluate(&initial_global, &BTreeSet::new()).map_err(anyhow::Error::msg)?,
+            None => Vec::new(),
+        };
         let (commands, receiver) = mpsc::channel();
         let accumulator = settings.method.start(&initial_global, settings.scale())?;
         std::thread::Builder::new().name("aggregation".into()).spawn(move || {
             // One core for tensor work; the rest serve the network.
             tch::set_num_threads(1);
-            Worker { global: initial_global, accumulator: Some(accumulator), settings }.run(receiver)
+            Worker { global: initial_global, accumulator: Some(accumulator), settings, round_ranks: BTreeSet::new() }
+                .run(receiver)
         })?;
-        Ok(AggregationWorker { commands })
+        Ok((AggregationWorker { commands }, initial))
     }
 
     pub async fn request<T>(
@@ -86,6 +100,8 @@ struct Worker {
     /// `None` only between finishing a round and starting the next accumulator.
     accumulator: Option<Box<dyn Aggregator>>,
     settings: WorkerSettings,
+    /// Ranks folded into the current round.
+    round_ranks: BTreeSet<usize>,
 }
 
 impl Worker {
@@ -134,6 +150,7 @@ impl Worker {
         };
         let accumulator = self.accumulator.as_mut().ok_or("no round is being aggregated")?;
         accumulator.fold(&update).map_err(|e| e.to_string())?;
+        self.round_ranks.insert(rank as usize);
         if self.settings.record_updates {
             let dir = self.settings.run_dir.join("updates").join(format!("round-{round}")).join(device);
             let metadata = HashMap::from([(NUM_SAMPLES_KEY.to_string(), num_samples.to_string())]);
@@ -170,6 +187,16 @@ impl Worker {
             ("method".to_string(), self.settings.method.to_string()),
         ]);
         self.global.save_peft(&global_dir, &config, metadata).map_err(|e| e.to_string())?;
-        Ok(RoundOutcome { round, updates, global_dir, seconds: started.elapsed().as_secs_f64() })
+        let seconds = started.elapsed().as_secs_f64();
+        let ranks = std::mem::take(&mut self.round_ranks);
+        let evaluation = match &self.settings.evaluator {
+            Some(evaluator) => {
+                let results = evaluator.evaluate(&self.global, &ranks)?;
+                tracing::info!(round, "test accuracy ({} samples): {}", evaluator.samples(), describe(&results));
+                results
+            }
+            None => Vec::new(),
+        };
+        Ok(RoundOutcome { round, updates, global_dir, seconds, evaluation })
     }
 }

@@ -24,6 +24,18 @@ pub struct CoordinatorConfig {
     pub aggregation: AggregationSection,
     #[serde(default)]
     pub model: ModelSection,
+    #[serde(default)]
+    pub evaluation: EvaluationSection,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EvaluationSection {
+    /// An MNIST-style IDX directory whose test split (t10k-*) is the held-out set; no evaluation
+    /// when unset.
+    pub test_data: Option<PathBuf>,
+    /// Evaluate on the first N test samples only.
+    pub max_samples: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

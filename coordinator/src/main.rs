@@ -3,6 +3,7 @@
 mod aggregation;
 mod config;
 mod engine;
+mod evaluation;
 mod offline;
 mod server;
 
@@ -127,6 +128,31 @@ fn print_summary(summary: &server::RunSummary) {
                 u.metrics.loss_after,
                 u.metrics.accuracy * 100.0
             );
+        }
+    }
+    if !summary.initial_evaluation.is_empty() {
+        println!();
+        println!("test accuracy of the global model (frozen base + global adapter sliced to each rank):");
+        let ranks: Vec<usize> = summary.initial_evaluation.iter().map(|r| r.rank).collect();
+        let mut all_ranks: Vec<usize> =
+            summary.rounds.iter().flat_map(|r| r.evaluation.iter().map(|e| e.rank)).chain(ranks).collect();
+        all_ranks.sort_unstable_by(|a, b| b.cmp(a));
+        all_ranks.dedup();
+        let header: Vec<String> = all_ranks.iter().map(|r| format!("{:>9}", format!("rank {r}"))).collect();
+        println!("{:>7}  {}", "round", header.join(" "));
+        let row = |label: String, results: &[evaluation::RankAccuracy]| {
+            let cells: Vec<String> = all_ranks
+                .iter()
+                .map(|rank| match results.iter().find(|r| r.rank == *rank) {
+                    Some(r) => format!("{:>8.1}%", r.accuracy * 100.0),
+                    None => format!("{:>9}", "-"),
+                })
+                .collect();
+            println!("{label:>7}  {}", cells.join(" "));
+        };
+        row("base".into(), &summary.initial_evaluation);
+        for round in &summary.rounds {
+            row(round.round.to_string(), &round.evaluation);
         }
     }
     if let Some(path) = &summary.final_global {

@@ -22,6 +22,7 @@ use tracing::{info, warn};
 use crate::aggregation::{AggregationWorker, Command, RoundOutcome, WorkerSettings};
 use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, EngineConfig, Event};
+use crate::evaluation::{describe, Evaluator, RankAccuracy};
 
 /// Limits for the frames a device sends before it is admitted.
 const HELLO_LIMITS: FrameLimits =
@@ -45,6 +46,8 @@ pub struct RunSummary {
     pub rounds_completed: u32,
     pub rounds: Vec<RoundSummary>,
     pub final_global: Option<PathBuf>,
+    /// Test-set results of the initial global model (base + untrained adapter): the lower bound.
+    pub initial_evaluation: Vec<RankAccuracy>,
 }
 
 #[derive(Debug, Serialize)]
@@ -54,6 +57,7 @@ pub struct RoundSummary {
     pub aggregation_seconds: f64,
     pub round_seconds: f64,
     pub global_dir: Option<PathBuf>,
+    pub evaluation: Vec<RankAccuracy>,
 }
 
 #[derive(Debug, Serialize)]
@@ -80,7 +84,20 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
     let base = architecture.init_base(config.model.seed);
     let welcome_tensors = WireTensors::from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?;
     let initial_global = architecture.init_adapter(max_rank as usize, config.model.seed)?;
-    let worker = AggregationWorker::spawn(
+    let evaluator = match &config.evaluation.test_data {
+        Some(dir) => Some(
+            Evaluator::load(
+                architecture.clone(),
+                base.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+                config.aggregation.lora_alpha / f64::from(max_rank),
+                dir,
+                config.evaluation.max_samples,
+            )
+            .context("cannot load the evaluation set")?,
+        ),
+        None => None,
+    };
+    let (worker, initial_evaluation) = AggregationWorker::spawn(
         initial_global,
         WorkerSettings {
             method: config.aggregation.method,
@@ -88,8 +105,12 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
             max_rank,
             run_dir: config.server.run_dir.clone(),
             record_updates: config.aggregation.record_updates,
+            evaluator,
         },
     )?;
+    if !initial_evaluation.is_empty() {
+        info!("[round 0] test accuracy of the base model with the initial adapter: {}", describe(&initial_evaluation));
+    }
 
     let kit = KitPaths::in_dir(&config.tls.kit);
     let endpoint = quic::server_endpoint(config.server.listen, &kit, &config.transport)
@@ -110,7 +131,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
     });
 
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
-    let summary = RoundDriver::new(shared.clone(), worker).run(receiver).await;
+    let summary = RoundDriver::new(shared.clone(), worker, initial_evaluation).run(receiver).await;
     acceptor.abort();
     // Give devices a moment to read `Finished` and close first, then close what is left.
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
@@ -260,7 +281,7 @@ struct RoundDriver {
 }
 
 impl RoundDriver {
-    fn new(shared: Arc<Shared>, worker: AggregationWorker) -> RoundDriver {
+    fn new(shared: Arc<Shared>, worker: AggregationWorker, initial_evaluation: Vec<RankAccuracy>) -> RoundDriver {
         let config = &shared.config;
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
@@ -273,6 +294,7 @@ impl RoundDriver {
             rounds_completed: 0,
             rounds: Vec::new(),
             final_global: None,
+            initial_evaluation,
         };
         RoundDriver {
             shared,
@@ -368,6 +390,7 @@ impl RoundDriver {
             aggregation_seconds: outcome.seconds,
             round_seconds,
             global_dir: Some(outcome.global_dir),
+            evaluation: outcome.evaluation,
         });
     }
 

@@ -25,4 +25,18 @@ fn quickstart_completes_and_prints_the_round_summary() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["rounds_completed"], 3);
+    // The federated run learns: test accuracy at R_max rises well above the base model's.
+    assert!(stdout.contains("test accuracy of the global model"), "{stdout}");
+    let accuracy_at_r_max = |evaluation: &serde_json::Value| {
+        let first = &evaluation[0];
+        assert_eq!(first["rank"], 8, "R_max comes first: {evaluation}");
+        first["accuracy"].as_f64().unwrap()
+    };
+    let before = accuracy_at_r_max(&summary["initial_evaluation"]);
+    let after = accuracy_at_r_max(&summary["rounds"][2]["evaluation"]);
+    assert!(after > before + 0.3, "test accuracy at R_max: base {before:.3}, after 3 rounds {after:.3}");
+    // Every rank that took part is evaluated.
+    let ranks: Vec<u64> =
+        summary["rounds"][2]["evaluation"].as_array().unwrap().iter().map(|e| e["rank"].as_u64().unwrap()).collect();
+    assert_eq!(ranks, vec![8, 4, 2]);
 }
