@@ -12,6 +12,7 @@ use flotilla_common::aggregate::{Aggregator, ClientUpdate, Method};
 use flotilla_common::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
+use crate::checkpoint::{self, CheckpointState};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
 
 pub enum Command {
@@ -51,6 +52,8 @@ pub struct WorkerSettings {
     pub run_dir: PathBuf,
     pub record_updates: bool,
     pub evaluator: Option<Evaluator>,
+    /// Written into every checkpoint (see `checkpoint::fingerprint`).
+    pub fingerprint: String,
 }
 
 impl WorkerSettings {
@@ -180,13 +183,18 @@ impl Worker {
         self.accumulator =
             Some(self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string())?);
         outcome?;
-        let global_dir = self.settings.run_dir.join("global").join(format!("round-{round}"));
         let config = PeftConfig::for_adapter(&self.global, self.settings.lora_alpha);
         let metadata = HashMap::from([
             ("round".to_string(), round.to_string()),
             ("method".to_string(), self.settings.method.to_string()),
         ]);
-        self.global.save_peft(&global_dir, &config, metadata).map_err(|e| e.to_string())?;
+        let state = CheckpointState {
+            round,
+            method: self.settings.method.to_string(),
+            fingerprint: self.settings.fingerprint.clone(),
+        };
+        let global_dir = checkpoint::write(&self.settings.run_dir, &state, &self.global, &config, metadata)
+            .map_err(|e| format!("cannot write the checkpoint of round {round}: {e:#}"))?;
         let seconds = started.elapsed().as_secs_f64();
         let ranks = std::mem::take(&mut self.round_ranks);
         let evaluation = match &self.settings.evaluator {

@@ -15,6 +15,8 @@ pub struct EngineConfig {
     /// Devices that must be connected before a round starts.
     pub min_devices: usize,
     pub round_deadline: Duration,
+    /// The first round to run: 1, or the round after the checkpoint a restarted run resumes from.
+    pub first_round: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,12 +112,12 @@ pub struct Engine {
 impl Engine {
     pub fn new(config: EngineConfig) -> Engine {
         Engine {
-            config,
+            config: config.clone(),
             connected: BTreeMap::new(),
             phase: Phase::WaitingForDevices,
-            next_round: 1,
+            next_round: config.first_round.max(1),
             participants: BTreeMap::new(),
-            rounds_completed: 0,
+            rounds_completed: config.first_round.max(1) - 1,
         }
     }
 
@@ -247,7 +249,7 @@ mod tests {
     use super::*;
 
     fn engine(rounds: u32, min_devices: usize) -> Engine {
-        Engine::new(EngineConfig { rounds, min_devices, round_deadline: Duration::from_secs(30) })
+        Engine::new(EngineConfig { rounds, min_devices, round_deadline: Duration::from_secs(30), first_round: 1 })
     }
 
     fn join(e: &mut Engine, device: &str, rank: u32) -> Vec<Action> {
@@ -282,6 +284,19 @@ mod tests {
         assert_eq!(upload(&mut e, "c", 2), vec![Action::Aggregate { round: 2, updates: 3 }]);
         assert_eq!(e.handle(Event::AggregationDone { round: 2 }), vec![Action::Finish { rounds_completed: 2 }]);
         assert_eq!(e.phase(), &Phase::Finished);
+    }
+
+    #[test]
+    fn a_resumed_run_starts_after_its_checkpoint() {
+        let mut e = Engine::new(EngineConfig {
+            rounds: 3,
+            min_devices: 1,
+            round_deadline: Duration::from_secs(30),
+            first_round: 3,
+        });
+        assert!(join(&mut e, "a", 2).contains(&Action::SendTask { device: "a".into(), round: 3, rank: 2 }));
+        assert_eq!(upload(&mut e, "a", 3), vec![Action::Aggregate { round: 3, updates: 1 }]);
+        assert_eq!(e.handle(Event::AggregationDone { round: 3 }), vec![Action::Finish { rounds_completed: 3 }]);
     }
 
     #[test]

@@ -9,9 +9,9 @@ use flotilla_common::adapter::Adapter;
 use flotilla_common::data::idx::{load_split, Split};
 use flotilla_common::data::Dataset;
 use flotilla_common::model::{Architecture, BaseWeights, LoraModel};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RankAccuracy {
     pub rank: usize,
     pub loss: f64,

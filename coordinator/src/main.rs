@@ -1,6 +1,7 @@
 //! `flotilla-coordinator`: the cloud side of Flotilla.
 
 mod aggregation;
+mod checkpoint;
 mod config;
 mod engine;
 mod evaluation;
@@ -42,6 +43,11 @@ enum Command {
         /// Override `server.address_file`.
         #[arg(long)]
         address_file: Option<PathBuf>,
+        /// Start at round 1 even if the run directory holds checkpoints (they are moved aside to
+        /// `global.before-<time>/`, never deleted). Without it, a run resumes after its last
+        /// finished round.
+        #[arg(long)]
+        fresh: bool,
     },
     /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
     /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
@@ -72,7 +78,7 @@ fn main() {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { config, listen, run_dir, address_file } => {
+        Command::Serve { config, listen, run_dir, address_file, fresh } => {
             let mut config = config::CoordinatorConfig::load(&config)?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
@@ -84,7 +90,7 @@ fn run(command: Command) -> Result<()> {
                 config.server.address_file = address_file;
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let summary = runtime.block_on(server::serve(config))?;
+            let summary = runtime.block_on(server::serve(config, fresh))?;
             print_summary(&summary);
             Ok(())
         }

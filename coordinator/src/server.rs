@@ -15,14 +15,16 @@ use flotilla_common::protocol::{
 use flotilla_common::quic;
 use flotilla_common::tensor::{DType, WireTensors};
 use flotilla_common::tls::{self, KitPaths};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::aggregation::{AggregationWorker, Command, RoundOutcome, WorkerSettings};
+use crate::checkpoint;
 use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, EngineConfig, Event};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
+use flotilla_common::adapter::write_atomically;
 
 /// Limits for the frames a device sends before it is admitted.
 const HELLO_LIMITS: FrameLimits =
@@ -38,8 +40,9 @@ enum Input {
     AggregationDone { round: u32, result: Result<RoundOutcome, String> },
 }
 
-/// What the coordinator reports at the end of a run (also written to `<run_dir>/summary.json`).
-#[derive(Debug, Serialize)]
+/// What the coordinator reports at the end of a run; `<run_dir>/summary.json` is rewritten after
+/// every round, and a resumed run continues it.
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RunSummary {
     pub method: String,
     pub max_rank: u32,
@@ -50,7 +53,7 @@ pub struct RunSummary {
     pub initial_evaluation: Vec<RankAccuracy>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct RoundSummary {
     pub round: u32,
     pub updates: Vec<UpdateSummary>,
@@ -60,7 +63,7 @@ pub struct RoundSummary {
     pub evaluation: Vec<RankAccuracy>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct UpdateSummary {
     pub device: String,
     pub rank: u32,
@@ -76,14 +79,31 @@ struct Shared {
     inputs: mpsc::UnboundedSender<Input>,
 }
 
-pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
-    std::fs::create_dir_all(&config.server.run_dir)
-        .with_context(|| format!("cannot create run directory {}", config.server.run_dir.display()))?;
+pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<RunSummary> {
+    let run_dir = config.server.run_dir.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     let architecture = config.model.architecture.clone();
     let max_rank = config.aggregation.max_rank;
     let base = architecture.init_base(config.model.seed);
     let welcome_tensors = WireTensors::from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?;
-    let initial_global = architecture.init_adapter(max_rank as usize, config.model.seed)?;
+    if fresh {
+        if let Some(aside) = checkpoint::set_aside(&run_dir)? {
+            info!("--fresh: earlier checkpoints moved to {}", aside.display());
+        }
+    }
+    let (initial_global, first_round, history) = match checkpoint::latest(&run_dir)? {
+        Some((dir, state)) => {
+            let global = checkpoint::resume(&dir, &state, &config)?;
+            info!(round = state.round, checkpoint = %dir.display(), "resuming after the last finished round");
+            (global, state.round + 1, previous_summary(&run_dir, state.round))
+        }
+        None => (architecture.init_adapter(max_rank as usize, config.model.seed)?, 1, None),
+    };
+    if first_round > config.round.rounds {
+        info!("all {} rounds were already completed; nothing to do", config.round.rounds);
+        return history
+            .ok_or_else(|| anyhow::anyhow!("run complete, but {}/summary.json is unreadable", run_dir.display()));
+    }
     let evaluator = match &config.evaluation.test_data {
         Some(dir) => Some(
             Evaluator::load(
@@ -106,6 +126,7 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
             run_dir: config.server.run_dir.clone(),
             record_updates: config.aggregation.record_updates,
             evaluator,
+            fingerprint: checkpoint::fingerprint(&config),
         },
     )?;
     if !initial_evaluation.is_empty() {
@@ -131,16 +152,54 @@ pub async fn serve(config: CoordinatorConfig) -> anyhow::Result<RunSummary> {
     });
 
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
-    let summary = RoundDriver::new(shared.clone(), worker, initial_evaluation).run(receiver).await;
+    let summary = RunSummary {
+        method: config.aggregation.method.to_string(),
+        max_rank,
+        rounds_completed: first_round - 1,
+        rounds: Vec::new(),
+        final_global: None,
+        initial_evaluation,
+    };
+    // A resumed run continues the summary of the rounds before its checkpoint.
+    let summary = match history {
+        Some(previous) => RunSummary {
+            rounds: previous.rounds,
+            final_global: previous.final_global,
+            initial_evaluation: previous.initial_evaluation,
+            ..summary
+        },
+        None => summary,
+    };
+    let summary = RoundDriver::new(shared.clone(), worker, summary, first_round).run(receiver).await;
     acceptor.abort();
     // Give devices a moment to read `Finished` and close first, then close what is left.
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     endpoint.close(0u32.into(), b"run finished");
     let summary = summary?;
-    let path = config.server.run_dir.join("summary.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(&summary)?)
-        .with_context(|| format!("cannot write {}", path.display()))?;
+    write_summary(&run_dir, &summary)?;
     Ok(summary)
+}
+
+fn write_summary(run_dir: &std::path::Path, summary: &RunSummary) -> anyhow::Result<()> {
+    let path = run_dir.join("summary.json");
+    write_atomically(&path, &serde_json::to_vec_pretty(summary)?).map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The summary written before a restart, trimmed to the rounds the checkpoint covers.
+fn previous_summary(run_dir: &std::path::Path, checkpoint_round: u32) -> Option<RunSummary> {
+    let path = run_dir.join("summary.json");
+    let text = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<RunSummary>(&text) {
+        Ok(mut summary) => {
+            summary.rounds.retain(|r| r.round <= checkpoint_round);
+            summary.rounds_completed = checkpoint_round;
+            Some(summary)
+        }
+        Err(error) => {
+            warn!(path = %path.display(), "cannot read the previous summary ({error}); starting a new one");
+            None
+        }
+    }
 }
 
 async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
@@ -281,21 +340,14 @@ struct RoundDriver {
 }
 
 impl RoundDriver {
-    fn new(shared: Arc<Shared>, worker: AggregationWorker, initial_evaluation: Vec<RankAccuracy>) -> RoundDriver {
+    fn new(shared: Arc<Shared>, worker: AggregationWorker, summary: RunSummary, first_round: u32) -> RoundDriver {
         let config = &shared.config;
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
             min_devices: config.round.min_devices,
             round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
+            first_round,
         });
-        let summary = RunSummary {
-            method: config.aggregation.method.to_string(),
-            max_rank: config.aggregation.max_rank,
-            rounds_completed: 0,
-            rounds: Vec::new(),
-            final_global: None,
-            initial_evaluation,
-        };
         RoundDriver {
             shared,
             worker: Arc::new(worker),
@@ -392,6 +444,10 @@ impl RoundDriver {
             global_dir: Some(outcome.global_dir),
             evaluation: outcome.evaluation,
         });
+        self.summary.rounds_completed = self.summary.rounds.last().map_or(0, |r| r.round);
+        if let Err(error) = write_summary(&self.shared.config.server.run_dir, &self.summary) {
+            warn!("cannot write summary.json: {error:#}");
+        }
     }
 
     /// Carries out actions; returns `Some(rounds_completed)` when the run is finished.

@@ -81,6 +81,13 @@ struct RunArgs {
     /// Connection attempts before giving up on transient failures.
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
+    /// Seconds without any packet from the coordinator before the connection counts as lost (and
+    /// the device reconnects).
+    #[arg(long, default_value_t = TransportSettings::default().idle_timeout_secs)]
+    idle_timeout_secs: u64,
+    /// Seconds between keep-alive packets while idle (e.g. during long local training).
+    #[arg(long, default_value_t = TransportSettings::default().keep_alive_secs)]
+    keep_alive_secs: u64,
 }
 
 fn main() {
@@ -139,7 +146,18 @@ fn run(args: RunArgs) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        let endpoint = quic::client_endpoint(&kit, &TransportSettings::default())?;
+        anyhow::ensure!(
+            args.keep_alive_secs < args.idle_timeout_secs,
+            "--keep-alive-secs ({}) must be below --idle-timeout-secs ({})",
+            args.keep_alive_secs,
+            args.idle_timeout_secs
+        );
+        let transport = TransportSettings {
+            idle_timeout_secs: args.idle_timeout_secs,
+            keep_alive_secs: args.keep_alive_secs,
+            ..TransportSettings::default()
+        };
+        let endpoint = quic::client_endpoint(&kit, &transport)?;
         let settings = session::SessionSettings {
             coordinator: args.coordinator,
             server_name: args.server_name,

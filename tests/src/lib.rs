@@ -80,6 +80,12 @@ impl Process {
         }
     }
 
+    /// SIGKILL, and reap the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     pub fn logs(&self) -> String {
         format!(
             "--- {} stdout\n{}\n--- {} stderr\n{}",

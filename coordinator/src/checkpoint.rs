@@ -1,0 +1,213 @@
+//! Crash-safe checkpoints. Each finished round's global adapter is a checkpoint directory
+//! `<run_dir>/global/round-N/` (PEFT layout plus `state.json`), written in `round-N.tmp/`, fsynced
+//! and renamed into place, so a crash at any point leaves either the complete checkpoint or a
+//! `.tmp` directory that resume ignores. The coordinator resumes from the newest complete one.
+//!
+//! What a checkpoint holds: the global adapter, the round, the method and a fingerprint of the
+//! configuration that must not change across a restart (architecture, model seed, R_max,
+//! lora_alpha). Training seeds are derived from (model seed, round), so no other RNG state exists.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use flotilla_common::adapter::{write_atomically, Adapter, PeftConfig};
+use serde::{Deserialize, Serialize};
+
+use crate::config::CoordinatorConfig;
+
+pub const STATE_FILE: &str = "state.json";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub round: u32,
+    pub method: String,
+    pub fingerprint: String,
+}
+
+/// FNV-1a over the canonical JSON of the settings a resumed run must share with its checkpoint.
+pub fn fingerprint(config: &CoordinatorConfig) -> String {
+    let identity = serde_json::json!({
+        "architecture": config.model.architecture,
+        "seed": config.model.seed,
+        "max_rank": config.aggregation.max_rank,
+        "lora_alpha": config.aggregation.lora_alpha,
+    });
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in identity.to_string().bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+fn global_root(run_dir: &Path) -> PathBuf {
+    run_dir.join("global")
+}
+
+pub fn checkpoint_dir(run_dir: &Path, round: u32) -> PathBuf {
+    global_root(run_dir).join(format!("round-{round}"))
+}
+
+/// Writes the checkpoint of `round` atomically; returns its directory.
+pub fn write(
+    run_dir: &Path,
+    state: &CheckpointState,
+    global: &Adapter,
+    config: &PeftConfig,
+    metadata: HashMap<String, String>,
+) -> Result<PathBuf> {
+    let done = checkpoint_dir(run_dir, state.round);
+    let tmp = done.with_extension("tmp");
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("cannot remove {}", tmp.display()))?;
+    }
+    global.save_peft(&tmp, config, metadata).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let state_json = serde_json::to_vec_pretty(state)?;
+    write_atomically(&tmp.join(STATE_FILE), &state_json).map_err(|e| anyhow::anyhow!("{e}"))?;
+    sync_dir(&tmp)?;
+    if done.exists() {
+        // A round re-run after a crash that happened after its rename: replace it.
+        fs::remove_dir_all(&done).with_context(|| format!("cannot replace {}", done.display()))?;
+    }
+    fs::rename(&tmp, &done).with_context(|| format!("cannot move {} into place", tmp.display()))?;
+    sync_dir(&global_root(run_dir))?;
+    Ok(done)
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("cannot sync {}", dir.display()))
+}
+
+/// The newest complete checkpoint, if any: its directory and state. Incomplete (`.tmp`) directories
+/// and directories without a readable state are skipped.
+pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
+    let root = global_root(run_dir);
+    let entries = match fs::read_dir(&root) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("cannot list {}", root.display())),
+    };
+    let mut best: Option<(PathBuf, CheckpointState)> = None;
+    for entry in entries {
+        let path = entry?.path();
+        let Some(round) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.strip_prefix("round-"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(text) = fs::read(path.join(STATE_FILE)) else { continue };
+        match serde_json::from_slice::<CheckpointState>(&text) {
+            Ok(state) if state.round == round => {
+                if best.as_ref().is_none_or(|(_, b)| state.round > b.round) {
+                    best = Some((path, state));
+                }
+            }
+            _ => tracing::warn!(path = %path.display(), "ignoring a checkpoint with an unreadable state"),
+        }
+    }
+    Ok(best)
+}
+
+/// Loads a checkpoint's global adapter and checks it against the current configuration.
+pub fn resume(dir: &Path, state: &CheckpointState, config: &CoordinatorConfig) -> Result<Adapter> {
+    let expected = fingerprint(config);
+    if state.fingerprint != expected {
+        bail!(
+            "the configuration changed incompatibly since the checkpoint in {} (model architecture, model \
+             seed, max_rank or lora_alpha differ); restore the old settings, or start over with --fresh",
+            dir.display()
+        );
+    }
+    let loaded = Adapter::load_peft(dir).map_err(|e| anyhow::anyhow!("cannot load checkpoint: {e}"))?;
+    if loaded.adapter.rank() != config.aggregation.max_rank as usize {
+        bail!(
+            "{}: checkpoint has rank {}, expected R_max {}",
+            dir.display(),
+            loaded.adapter.rank(),
+            config.aggregation.max_rank
+        );
+    }
+    Ok(loaded.adapter)
+}
+
+/// `--fresh`: moves earlier checkpoints aside (never deletes them) so the new run starts at round 1.
+pub fn set_aside(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let root = global_root(run_dir);
+    if !root.exists() {
+        return Ok(None);
+    }
+    let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let aside = run_dir.join(format!("global.before-{stamp}"));
+    fs::rename(&root, &aside).with_context(|| format!("cannot move {} aside", root.display()))?;
+    Ok(Some(aside))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_common::model::Architecture;
+
+    fn config(dir: &Path) -> CoordinatorConfig {
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n[model.architecture.mlp]\ninput = 8\nhidden = [4]\nclasses = 3\n",
+            dir.display()
+        );
+        toml::from_str(&text).unwrap()
+    }
+
+    fn save(dir: &Path, config: &CoordinatorConfig, round: u32, global: &Adapter) {
+        let state = CheckpointState { round, method: "rbla".into(), fingerprint: fingerprint(config) };
+        write(dir, &state, global, &PeftConfig::for_adapter(global, 16.0), HashMap::new()).unwrap();
+    }
+
+    #[test]
+    fn resume_takes_the_newest_complete_checkpoint_and_ignores_torn_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let arch = Architecture::Mlp { input: 8, hidden: vec![4], classes: 3 };
+        let g1 = arch.init_adapter(8, 1).unwrap();
+        let g2 = arch.init_adapter(8, 2).unwrap();
+        save(dir.path(), &config, 1, &g1);
+        save(dir.path(), &config, 2, &g2);
+        // A crash mid-checkpoint of round 3 leaves a .tmp directory; one after the rename but with a
+        // broken state is skipped too.
+        fs::create_dir_all(dir.path().join("global/round-3.tmp")).unwrap();
+        fs::create_dir_all(dir.path().join("global/round-4")).unwrap();
+        fs::write(dir.path().join("global/round-4/state.json"), b"{ torn").unwrap();
+        let (path, state) = latest(dir.path()).unwrap().unwrap();
+        assert_eq!(state.round, 2);
+        let resumed = resume(&path, &state, &config).unwrap();
+        for (name, t) in g2.tensors() {
+            assert!(t.equal(resumed.get(name).unwrap()), "{name}");
+        }
+        // Re-writing round 3 over the leftover .tmp works.
+        save(dir.path(), &config, 3, &g2);
+        assert_eq!(latest(dir.path()).unwrap().unwrap().1.round, 3);
+    }
+
+    #[test]
+    fn an_incompatible_config_is_refused_and_fresh_sets_old_checkpoints_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path());
+        let g = Architecture::Mlp { input: 8, hidden: vec![4], classes: 3 }.init_adapter(8, 1).unwrap();
+        save(dir.path(), &config, 1, &g);
+        let mut changed = config.clone();
+        changed.aggregation.max_rank = 16;
+        let (path, state) = latest(dir.path()).unwrap().unwrap();
+        let err = resume(&path, &state, &changed).unwrap_err().to_string();
+        assert!(err.contains("changed incompatibly") && err.contains("--fresh"), "{err}");
+        let aside = set_aside(dir.path()).unwrap().unwrap();
+        assert!(aside.join("round-1/state.json").exists());
+        assert!(latest(dir.path()).unwrap().is_none());
+    }
+
+    #[test]
+    fn no_checkpoint_is_not_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(latest(dir.path()).unwrap().is_none());
+    }
+}

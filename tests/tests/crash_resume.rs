@@ -1,0 +1,140 @@
+//! The coordinator is SIGKILLed mid-run and restarted: it resumes after the last finished round,
+//! the devices reconnect on their own, the run completes, and the finished round's checkpoint is
+//! byte-for-byte what it was. A restart with an incompatible configuration is refused, and a restart
+//! of a complete run does nothing.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use flotilla_tests::{binary, certs, Process};
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn write_config(run: &Path, port: u16, max_rank: u32) -> std::path::PathBuf {
+    let config = format!(
+        r#"
+[server]
+listen = "127.0.0.1:{port}"
+run_dir = "{run}"
+
+[tls]
+kit = "{run}/pki/kits/coordinator"
+
+[round]
+rounds = 3
+min_devices = 2
+deadline_secs = 120
+local_steps = 1500
+batch_size = 32
+learning_rate = 0.005
+
+[aggregation]
+max_rank = {max_rank}
+
+[model.architecture.mlp]
+input = 64
+hidden = [64]
+classes = 10
+"#,
+        run = run.display()
+    );
+    let path = run.join(format!("coordinator-{max_rank}.toml"));
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
+fn coordinator(config: &Path, logs: &Path, name: &str) -> Process {
+    Process::spawn(name, Command::new(binary("flotilla-coordinator")).arg("serve").arg("--config").arg(config), logs)
+}
+
+fn wait_for(path: &Path, timeout: Duration, process: &mut Process) {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "{} never appeared\n{}", path.display(), process.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigkill_mid_run_then_restart_resumes_after_the_last_finished_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    certs(&pki, &["init"]);
+    certs(&pki, &["issue", "coordinator", "--name", "localhost"]);
+    let devices = [("dev-a", 2u32), ("dev-b", 8u32)];
+    for (id, _) in devices {
+        certs(&pki, &["issue", "device", "--id", id]);
+    }
+    let port = free_udp_port();
+    let config = write_config(run, port, 8);
+    let logs = run.join("logs");
+
+    let mut first = coordinator(&config, &logs, "coordinator-1");
+    std::thread::sleep(Duration::from_millis(300));
+    let address = format!("127.0.0.1:{port}");
+    let mut edges: Vec<Process> = devices
+        .iter()
+        .map(|(id, rank)| {
+            Process::spawn(
+                id,
+                Command::new(binary("flotilla-edge"))
+                    .args(["run", "--coordinator", &address, "--rank", &rank.to_string(), "--samples", "256"])
+                    .args(["--max-attempts", "30", "--idle-timeout-secs", "3", "--keep-alive-secs", "1"])
+                    .arg("--kit")
+                    .arg(pki.join("kits").join(id)),
+                &logs,
+            )
+        })
+        .collect();
+
+    // Round 1's checkpoint is complete once its state is in place: kill the coordinator right then,
+    // in the middle of round 2.
+    let round_1 = run.join("global/round-1");
+    wait_for(&round_1.join("state.json"), Duration::from_secs(120), &mut first);
+    let weights_before = std::fs::read(round_1.join("adapter_model.safetensors")).unwrap();
+    first.kill();
+    let killed_after = (1..=3).filter(|r| run.join(format!("global/round-{r}/state.json")).exists()).max().unwrap();
+    assert!(killed_after < 3, "the kill must land before the run ends");
+
+    // An incompatible configuration is refused.
+    let changed = write_config(run, port, 16);
+    let output =
+        Command::new(binary("flotilla-coordinator")).arg("serve").arg("--config").arg(&changed).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("changed incompatibly"), "{stderr}");
+
+    let mut second = coordinator(&config, &logs, "coordinator-2");
+    let status = second.wait(Duration::from_secs(240));
+    assert!(status.success(), "restarted coordinator failed\n{}", second.logs());
+    assert!(
+        second.stderr_text().contains(&format!("round={killed_after}")) && second.stderr_text().contains("resuming"),
+        "{}",
+        second.logs()
+    );
+    for edge in &mut edges {
+        let status = edge.wait(Duration::from_secs(60));
+        assert!(status.success(), "{} failed\n{}", edge.name, edge.logs());
+    }
+    assert!(second.stdout_text().contains("run finished: 3 round(s)"), "{}", second.logs());
+    assert_eq!(std::fs::read(round_1.join("adapter_model.safetensors")).unwrap(), weights_before, "round 1 intact");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["rounds_completed"], 3);
+    let rounds: Vec<u64> = summary["rounds"].as_array().unwrap().iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, vec![1, 2, 3], "one entry per round, before and after the restart");
+    assert!(!run.join("global").read_dir().unwrap().any(|e| e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .ends_with(".tmp")));
+
+    // A complete run restarted does nothing.
+    let output =
+        Command::new(binary("flotilla-coordinator")).arg("serve").arg("--config").arg(&config).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("already completed"));
+}
