@@ -26,6 +26,15 @@ pub struct CoordinatorConfig {
     pub model: ModelSection,
     #[serde(default)]
     pub evaluation: EvaluationSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Plain-HTTP address for `/metrics` (Prometheus) and `/healthz`; off when unset.
+    pub listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

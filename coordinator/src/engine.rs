@@ -65,6 +65,7 @@ pub enum Action {
     RejectUpdate {
         device: DeviceId,
         round: u32,
+        kind: RejectKind,
         reason: String,
     },
     ScheduleDeadline {
@@ -84,6 +85,28 @@ pub enum Action {
     },
 }
 
+/// Why the engine refused an update (a bounded label for metrics; the reason text says more).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectKind {
+    Stale,
+    Duplicate,
+    Dropped,
+    NotParticipant,
+    NoRound,
+}
+
+impl RejectKind {
+    pub fn label(self) -> &'static str {
+        match self {
+            RejectKind::Stale => "stale",
+            RejectKind::Duplicate => "duplicate",
+            RejectKind::Dropped => "dropped",
+            RejectKind::NotParticipant => "not_participant",
+            RejectKind::NoRound => "no_round",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Participation {
     Training,
@@ -98,6 +121,17 @@ pub enum Phase {
     Training { round: u32 },
     Aggregating { round: u32 },
     Finished,
+}
+
+impl Phase {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Phase::WaitingForDevices => "waiting_for_devices",
+            Phase::Training { .. } => "training",
+            Phase::Aggregating { .. } => "aggregating",
+            Phase::Finished => "finished",
+        }
+    }
 }
 
 pub struct Engine {
@@ -121,7 +155,6 @@ impl Engine {
         }
     }
 
-    #[cfg(test)]
     pub fn phase(&self) -> &Phase {
         &self.phase
     }
@@ -146,24 +179,31 @@ impl Engine {
                 self.maybe_close_round(&mut actions);
             }
             Event::UpdateArrived { device, round } => {
-                let reason = match (&self.phase, self.participants.get(&device)) {
+                let refusal = match (&self.phase, self.participants.get(&device)) {
                     (Phase::Training { round: current }, _) if *current != round => {
-                        Some(format!("stale update for round {round}; round {current} is running"))
+                        Some((RejectKind::Stale, format!("stale update for round {round}; round {current} is running")))
                     }
                     (Phase::Training { .. }, Some(Participation::Training)) => None,
                     (Phase::Training { .. }, Some(Participation::Failed)) => {
-                        Some("this device was dropped from the round".into())
+                        Some((RejectKind::Dropped, "this device was dropped from the round".into()))
                     }
-                    (Phase::Training { .. }, Some(_)) => Some("duplicate update for this round".into()),
-                    (Phase::Training { .. }, None) => Some("this device is not part of the round".into()),
-                    _ => Some(format!("no round is accepting updates (update was for round {round})")),
+                    (Phase::Training { .. }, Some(_)) => {
+                        Some((RejectKind::Duplicate, "duplicate update for this round".into()))
+                    }
+                    (Phase::Training { .. }, None) => {
+                        Some((RejectKind::NotParticipant, "this device is not part of the round".into()))
+                    }
+                    _ => Some((
+                        RejectKind::NoRound,
+                        format!("no round is accepting updates (update was for round {round})"),
+                    )),
                 };
-                match reason {
+                match refusal {
                     None => {
                         self.participants.insert(device.clone(), Participation::Folding);
                         actions.push(Action::FoldUpdate { device, round });
                     }
-                    Some(reason) => actions.push(Action::RejectUpdate { device, round, reason }),
+                    Some((kind, reason)) => actions.push(Action::RejectUpdate { device, round, kind, reason }),
                 }
             }
             Event::UpdateFolded { device, round } | Event::UpdateInvalid { device, round }
@@ -199,6 +239,21 @@ impl Engine {
             }
         }
         actions
+    }
+
+    /// Devices taking part in the current round, counted by rank.
+    pub fn participants_by_rank(&self) -> BTreeMap<u32, usize> {
+        let mut counts = BTreeMap::new();
+        for device in self.participants.keys() {
+            if let Some(&rank) = self.connected.get(device) {
+                *counts.entry(rank).or_insert(0) += 1;
+            }
+        }
+        counts
+    }
+
+    pub fn connected(&self) -> usize {
+        self.connected.len()
     }
 
     fn try_start_round(&mut self, actions: &mut Vec<Action>) {

@@ -5,6 +5,7 @@ mod checkpoint;
 mod config;
 mod engine;
 mod evaluation;
+mod metrics;
 mod offline;
 mod server;
 

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::aggregation::{AggregationWorker, Command, RoundOutcome, WorkerSettings};
 use crate::checkpoint;
 use crate::config::CoordinatorConfig;
-use crate::engine::{Action, Engine, EngineConfig, Event};
+use crate::engine::{Action, Engine, EngineConfig, Event, Phase};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
 use flotilla_common::adapter::write_atomically;
 
@@ -151,6 +151,10 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         inputs,
     });
 
+    if let Some(listen) = config.metrics.listen {
+        let bound = crate::metrics::serve(listen).await?;
+        info!(address = %bound, "metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+    }
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     let summary = RunSummary {
         method: config.aggregation.method.to_string(),
@@ -260,6 +264,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
             }),
             Err(error) => {
                 warn!(device = %identity, "malformed upload: {error}");
+                metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "malformed").increment(1);
                 CoordinatorMessage::Reject(Reject { round: 0, reason: format!("malformed upload: {error}") })
             }
         };
@@ -380,6 +385,7 @@ impl RoundDriver {
                 }
                 Input::UpdateArrived { device, update, tensors, reply } => {
                     let round = update.round;
+                    metrics::counter!("fl_update_bytes_total").increment(tensors.body.len() as u64);
                     self.uploads.insert(device.clone(), (update, tensors, reply));
                     Event::UpdateArrived { device, round }
                 }
@@ -390,6 +396,8 @@ impl RoundDriver {
                             info!(device = %device, round, rank = update.rank, samples = update.num_samples,
                                 loss = update.metrics.loss_after, "[round {round}] update accepted");
                             let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
+                            metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok")
+                                .increment(1);
                             self.accepted.entry(round).or_default().push(UpdateSummary {
                                 device: device.clone(),
                                 rank: update.rank,
@@ -401,6 +409,8 @@ impl RoundDriver {
                         Err(reason) => {
                             warn!(device = %device, round, "[round {round}] update rejected: {reason}");
                             let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+                            metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "invalid")
+                                .increment(1);
                             Event::UpdateInvalid { device, round }
                         }
                     }
@@ -413,6 +423,7 @@ impl RoundDriver {
                 }
             };
             let actions = self.engine.handle(event);
+            self.publish_state();
             if let Some(rounds_completed) = self.perform(actions).await? {
                 self.summary.rounds_completed = rounds_completed;
                 return Ok(self.summary);
@@ -421,7 +432,27 @@ impl RoundDriver {
         anyhow::bail!("round driver stopped unexpectedly")
     }
 
+    /// Gauges that mirror the engine's state.
+    fn publish_state(&self) {
+        let phase = self.engine.phase();
+        crate::metrics::set_phase(phase.name());
+        if let Phase::Training { round } | Phase::Aggregating { round } = phase {
+            metrics::gauge!("fl_round").set(f64::from(*round));
+        }
+        metrics::gauge!("fl_clients_connected").set(self.engine.connected() as f64);
+        let by_rank = self.engine.participants_by_rank();
+        for rank in self.ranks.values().copied().collect::<std::collections::BTreeSet<_>>() {
+            let count = by_rank.get(&rank).copied().unwrap_or(0);
+            metrics::gauge!("fl_round_participants", "rank" => rank.to_string()).set(count as f64);
+        }
+    }
+
     fn record_round(&mut self, outcome: RoundOutcome) {
+        metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.shared.config.aggregation.method.name())
+            .record(outcome.seconds);
+        for result in &outcome.evaluation {
+            metrics::gauge!("fl_eval_accuracy", "rank" => result.rank.to_string()).set(result.accuracy);
+        }
         let total = self.shared.config.round.rounds;
         let updates = self.accepted.remove(&outcome.round).unwrap_or_default();
         let ranks: Vec<String> = updates.iter().map(|u| u.rank.to_string()).collect();
@@ -435,6 +466,7 @@ impl RoundDriver {
             outcome.global_dir.display()
         );
         let round_seconds = self.round_started.get(&outcome.round).map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
+        metrics::histogram!("fl_round_duration_seconds").record(round_seconds);
         self.summary.final_global = Some(outcome.global_dir.clone());
         self.summary.rounds.push(RoundSummary {
             round: outcome.round,
@@ -457,8 +489,10 @@ impl RoundDriver {
             match action {
                 Action::SendTask { device, round, rank } => tasks.push((device, round, rank)),
                 Action::FoldUpdate { device, round } => self.fold(device, round),
-                Action::RejectUpdate { device, round, reason } => {
+                Action::RejectUpdate { device, round, kind, reason } => {
                     warn!(device = %device, round, "update refused: {reason}");
+                    metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => kind.label())
+                        .increment(1);
                     if let Some((_, _, reply)) = self.uploads.remove(&device) {
                         let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
                     }
@@ -536,6 +570,7 @@ impl RoundDriver {
                 deadline_secs: config.round.deadline_secs,
             });
             let slices = slices.clone();
+            metrics::counter!("fl_task_bytes_total").increment(slices[&rank].body.len() as u64);
             tokio::spawn(async move {
                 let result = async {
                     let mut send = connection.open_uni().await?;

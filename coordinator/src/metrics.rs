@@ -1,0 +1,64 @@
+//! Prometheus metrics and a health endpoint, on their own plain-HTTP port (`[metrics] listen`).
+//!
+//! Names follow Prometheus conventions: snake_case, base units, `_total` only on counters, and no
+//! per-device labels (devices appear in logs). Labels are bounded: `status`, `reason`, `rank`,
+//! `method`, `phase`.
+//!
+//! - `fl_round`: the round in progress (or last finished)
+//! - `fl_phase{phase}`: 1 for the current phase, 0 for the others
+//! - `fl_clients_connected`: devices with a live session
+//! - `fl_round_participants{rank}`: devices taking part in the current round, by rank
+//! - `fl_updates_total{status="accepted"|"rejected", reason}`: updates, by outcome
+//! - `fl_update_bytes_total` / `fl_task_bytes_total`: tensor bytes received in updates / sent in tasks
+//! - `fl_aggregation_duration_seconds{method}`, `fl_round_duration_seconds`: histograms
+//! - `fl_eval_accuracy{rank}`: test accuracy of the global model at each rank, last round
+
+use std::net::SocketAddr;
+
+use anyhow::Context;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const PHASES: [&str; 4] = ["waiting_for_devices", "training", "aggregating", "finished"];
+
+/// Installs the global recorder and serves `/metrics` and `/healthz` on `listen`; returns the bound
+/// address.
+pub async fn serve(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+    let handle: PrometheusHandle =
+        PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
+    describe();
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(handle.render())))
+        .route("/healthz", get(|| std::future::ready("ok\n")));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("cannot bind the metrics port {listen}"))?;
+    let bound = listener.local_addr()?;
+    tokio::spawn(async move {
+        if let Err(error) = axum::serve(listener, app).await {
+            tracing::error!("metrics server stopped: {error}");
+        }
+    });
+    Ok(bound)
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_gauge!("fl_round", "The round in progress, or the last one finished");
+    describe_gauge!("fl_phase", "1 for the current phase of the round engine");
+    describe_gauge!("fl_clients_connected", "Devices with a live session");
+    describe_gauge!("fl_round_participants", "Devices taking part in the current round, by rank");
+    describe_counter!("fl_updates_total", "Updates received, by outcome");
+    describe_counter!("fl_update_bytes_total", Unit::Bytes, "Tensor bytes received in updates");
+    describe_counter!("fl_task_bytes_total", Unit::Bytes, "Tensor bytes sent in round tasks");
+    describe_histogram!("fl_aggregation_duration_seconds", Unit::Seconds, "Time to finish a round's aggregation");
+    describe_histogram!("fl_round_duration_seconds", Unit::Seconds, "Time from a round's tasks to its global adapter");
+    describe_gauge!("fl_eval_accuracy", "Test accuracy of the global model at each rank, last round");
+}
+
+pub fn set_phase(current: &str) {
+    for phase in PHASES {
+        metrics::gauge!("fl_phase", "phase" => phase).set(if phase == current { 1.0 } else { 0.0 });
+    }
+}

@@ -1,0 +1,103 @@
+//! A live coordinator exposes Prometheus metrics and a health endpoint on a separate plain-HTTP
+//! port: scraped in the middle of a run, they show the round, the connected devices, the
+//! participants by rank and the accepted updates, with no per-device labels.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use flotilla_tests::{binary, certs, wait_for_file, Process};
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+fn metric(body: &str, line_start: &str) -> f64 {
+    body.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no '{line_start}' in:\n{body}"))
+}
+
+#[test]
+fn metrics_and_health_during_a_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    certs(&pki, &["init"]);
+    certs(&pki, &["issue", "coordinator", "--name", "localhost"]);
+    for id in ["m-phone", "m-desktop"] {
+        certs(&pki, &["issue", "device", "--id", id]);
+    }
+    let metrics_port = free_port();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 2\nmin_devices = 2\nlocal_steps = 1500\n\
+         [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
+         [model.architecture.mlp]\ninput = 64\nhidden = [64]\nclasses = 10\n",
+        run = run.display()
+    );
+    std::fs::write(run.join("c.toml"), config).unwrap();
+    let logs = run.join("logs");
+    let mut coordinator = Process::spawn(
+        "coordinator",
+        Command::new(binary("flotilla-coordinator")).args(["serve", "--config"]).arg(run.join("c.toml")),
+        &logs,
+    );
+    let address = wait_for_file(&run.join("addr"), Duration::from_secs(30), &mut coordinator);
+    let health = http_get(metrics_port, "/healthz");
+    assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
+
+    let mut edges: Vec<Process> = [("m-phone", "2"), ("m-desktop", "8")]
+        .iter()
+        .map(|(id, rank)| {
+            Process::spawn(
+                id,
+                Command::new(binary("flotilla-edge"))
+                    .args(["run", "--coordinator", &address, "--rank", rank, "--samples", "256", "--kit"])
+                    .arg(pki.join("kits").join(id)),
+                &logs,
+            )
+        })
+        .collect();
+
+    // Mid-run: round 1 is checkpointed, round 2 is training.
+    let checkpoint = run.join("global/round-1/state.json");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !checkpoint.exists() {
+        assert!(Instant::now() < deadline, "round 1 never finished\n{}", coordinator.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let body = http_get(metrics_port, "/metrics");
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(metric(&body, "fl_round ") >= 1.0);
+    assert_eq!(metric(&body, "fl_clients_connected "), 2.0);
+    assert!(metric(&body, "fl_updates_total{status=\"accepted\",reason=\"ok\"}") >= 2.0);
+    assert_eq!(metric(&body, "fl_round_participants{rank=\"2\"}"), 1.0);
+    assert_eq!(metric(&body, "fl_round_participants{rank=\"8\"}"), 1.0);
+    assert!(metric(&body, "fl_update_bytes_total ") > 0.0);
+    assert!(metric(&body, "fl_aggregation_duration_seconds_count{method=\"rbla\"}") >= 1.0);
+    let in_round = metric(&body, "fl_phase{phase=\"training\"}") + metric(&body, "fl_phase{phase=\"aggregating\"}");
+    assert_eq!(in_round, 1.0, "{body}");
+    assert!(!body.contains("m-phone") && !body.contains("m-desktop"), "no per-device labels:\n{body}");
+    assert!(http_get(metrics_port, "/nope").starts_with("HTTP/1.1 404"));
+
+    assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.logs());
+    for edge in &mut edges {
+        assert!(edge.wait(Duration::from_secs(30)).success(), "{}", edge.logs());
+    }
+    let _ = Path::new(run);
+}
