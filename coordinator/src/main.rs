@@ -50,6 +50,14 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
+    /// Show a running coordinator's state (round, phase, devices) from its metrics port.
+    Status {
+        /// The coordinator's `[metrics] listen` address.
+        #[arg(long, env = "FLOTILLA_METRICS_ADDRESS")]
+        address: SocketAddr,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
     /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
     /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
     Aggregate {
@@ -95,6 +103,28 @@ fn run(command: Command) -> Result<()> {
             print_summary(&summary);
             Ok(())
         }
+        Command::Status { address, format } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = runtime.block_on(fetch_status(address))?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                let ranks: Vec<String> =
+                    status.participants_by_rank.iter().map(|(rank, n)| format!("{n}×rank {rank}")).collect();
+                println!(
+                    "round {}/{} ({}), {} completed; method {} (R_max {}); {} device(s) connected; in this round: {}",
+                    status.round,
+                    status.rounds_total,
+                    status.phase,
+                    status.rounds_completed,
+                    status.method,
+                    status.max_rank,
+                    status.devices_connected,
+                    if ranks.is_empty() { "none".to_string() } else { ranks.join(", ") }
+                );
+            }
+            Ok(())
+        }
         Command::Aggregate { method, out, max_rank, clients } => {
             let report = offline::aggregate(&offline::OfflineRequest { method, out: out.clone(), max_rank, clients })?;
             let ranks: Vec<String> = report.ranks.iter().map(|r| r.to_string()).collect();
@@ -112,6 +142,27 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
     }
+}
+
+/// GET /status over plain HTTP/1.1 (the metrics port never speaks TLS); the reply is bounded.
+async fn fetch_status(address: SocketAddr) -> Result<metrics::Status> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream.write_all(b"GET /status HTTP/1.1\r\nHost: flotilla\r\nConnection: close\r\n\r\n").await?;
+        let mut response = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut response).await?;
+        std::io::Result::Ok(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), request)
+        .await
+        .with_context(|| format!("{address}: no answer within 10 s"))?
+        .with_context(|| format!("cannot reach the coordinator's metrics port at {address}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("{address}: not an HTTP response"))?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{address}: {}", head.lines().next().unwrap_or(""));
+    serde_json::from_str(body).with_context(|| format!("{address}: unexpected /status reply"))
 }
 
 fn print_summary(summary: &server::RunSummary) {

@@ -22,15 +22,38 @@ use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 
 pub const PHASES: [&str; 4] = ["waiting_for_devices", "training", "aggregating", "finished"];
 
-/// Installs the global recorder and serves `/metrics` and `/healthz` on `listen`; returns the bound
-/// address.
-pub async fn serve(listen: SocketAddr) -> anyhow::Result<SocketAddr> {
+/// What `/status` reports (and `flotilla-coordinator status` prints).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct Status {
+    pub phase: String,
+    pub round: u32,
+    pub rounds_total: u32,
+    pub rounds_completed: u32,
+    pub method: String,
+    pub max_rank: u32,
+    pub devices_connected: usize,
+    /// Devices in the current round, by rank.
+    pub participants_by_rank: std::collections::BTreeMap<u32, usize>,
+}
+
+pub type SharedStatus = std::sync::Arc<std::sync::RwLock<Status>>;
+
+/// Installs the global recorder and serves `/metrics`, `/healthz` and `/status` on `listen`;
+/// returns the bound address.
+pub async fn serve(listen: SocketAddr, status: SharedStatus) -> anyhow::Result<SocketAddr> {
     let handle: PrometheusHandle =
         PrometheusBuilder::new().install_recorder().context("cannot install the metrics recorder")?;
     describe();
     let app = Router::new()
         .route("/metrics", get(move || std::future::ready(handle.render())))
-        .route("/healthz", get(|| std::future::ready("ok\n")));
+        .route("/healthz", get(|| std::future::ready("ok\n")))
+        .route(
+            "/status",
+            get(move || {
+                let snapshot = status.read().map(|s| s.clone()).unwrap_or_default();
+                std::future::ready(axum::Json(snapshot))
+            }),
+        );
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("cannot bind the metrics port {listen}"))?;

@@ -24,6 +24,7 @@ use crate::checkpoint;
 use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, EngineConfig, Event, Phase};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
+use crate::metrics::{SharedStatus, Status};
 use flotilla_common::adapter::write_atomically;
 
 /// Limits for the frames a device sends before it is admitted.
@@ -151,9 +152,10 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         inputs,
     });
 
+    let status = SharedStatus::default();
     if let Some(listen) = config.metrics.listen {
-        let bound = crate::metrics::serve(listen).await?;
-        info!(address = %bound, "metrics on http://{bound}/metrics, health on http://{bound}/healthz");
+        let bound = crate::metrics::serve(listen, status.clone()).await?;
+        info!(address = %bound, "metrics on http://{bound}/metrics, health on /healthz, state on /status");
     }
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     let summary = RunSummary {
@@ -174,7 +176,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         },
         None => summary,
     };
-    let summary = RoundDriver::new(shared.clone(), worker, summary, first_round).run(receiver).await;
+    let summary = RoundDriver::new(shared.clone(), worker, summary, first_round, status).run(receiver).await;
     acceptor.abort();
     // Give devices a moment to read `Finished` and close first, then close what is left.
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
@@ -342,10 +344,17 @@ struct RoundDriver {
     accepted: BTreeMap<u32, Vec<UpdateSummary>>,
     round_started: HashMap<u32, Instant>,
     summary: RunSummary,
+    status: SharedStatus,
 }
 
 impl RoundDriver {
-    fn new(shared: Arc<Shared>, worker: AggregationWorker, summary: RunSummary, first_round: u32) -> RoundDriver {
+    fn new(
+        shared: Arc<Shared>,
+        worker: AggregationWorker,
+        summary: RunSummary,
+        first_round: u32,
+        status: SharedStatus,
+    ) -> RoundDriver {
         let config = &shared.config;
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
@@ -363,6 +372,7 @@ impl RoundDriver {
             accepted: BTreeMap::new(),
             round_started: HashMap::new(),
             summary,
+            status,
         }
     }
 
@@ -432,15 +442,29 @@ impl RoundDriver {
         anyhow::bail!("round driver stopped unexpectedly")
     }
 
-    /// Gauges that mirror the engine's state.
+    /// Gauges and the `/status` snapshot that mirror the engine's state.
     fn publish_state(&self) {
         let phase = self.engine.phase();
         crate::metrics::set_phase(phase.name());
-        if let Phase::Training { round } | Phase::Aggregating { round } = phase {
-            metrics::gauge!("fl_round").set(f64::from(*round));
-        }
+        let round = match phase {
+            Phase::Training { round } | Phase::Aggregating { round } => *round,
+            _ => self.summary.rounds.last().map_or(0, |r| r.round),
+        };
+        metrics::gauge!("fl_round").set(f64::from(round));
         metrics::gauge!("fl_clients_connected").set(self.engine.connected() as f64);
         let by_rank = self.engine.participants_by_rank();
+        if let Ok(mut status) = self.status.write() {
+            *status = Status {
+                phase: phase.name().to_string(),
+                round,
+                rounds_total: self.shared.config.round.rounds,
+                rounds_completed: self.summary.rounds.last().map_or(self.summary.rounds_completed, |r| r.round),
+                method: self.shared.config.aggregation.method.to_string(),
+                max_rank: self.shared.config.aggregation.max_rank,
+                devices_connected: self.engine.connected(),
+                participants_by_rank: by_rank.clone(),
+            };
+        }
         for rank in self.ranks.values().copied().collect::<std::collections::BTreeSet<_>>() {
             let count = by_rank.get(&rank).copied().unwrap_or(0);
             metrics::gauge!("fl_round_participants", "rank" => rank.to_string()).set(count as f64);

@@ -45,7 +45,7 @@ fn metrics_and_health_during_a_run() {
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
-         [round]\nrounds = 2\nmin_devices = 2\nlocal_steps = 1500\n\
+         [round]\nrounds = 2\nmin_devices = 2\nlocal_steps = 10000\n\
          [metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n\
          [model.architecture.mlp]\ninput = 64\nhidden = [64]\nclasses = 10\n",
         run = run.display()
@@ -95,9 +95,34 @@ fn metrics_and_health_during_a_run() {
     assert!(!body.contains("m-phone") && !body.contains("m-desktop"), "no per-device labels:\n{body}");
     assert!(http_get(metrics_port, "/nope").starts_with("HTTP/1.1 404"));
 
+    // `flotilla-coordinator status` reads the same state.
+    let status = |format: &str| {
+        Command::new(binary("flotilla-coordinator"))
+            .args(["status", "--address", &format!("127.0.0.1:{metrics_port}"), "--format", format])
+            .output()
+            .unwrap()
+    };
+    let json = status("json");
+    assert!(json.status.success(), "{}", String::from_utf8_lossy(&json.stderr));
+    let state: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(state["devices_connected"], 2);
+    assert_eq!(state["rounds_total"], 2);
+    assert_eq!(state["method"], "rbla");
+    assert!(state["round"].as_u64().unwrap() >= 1 && state["rounds_completed"].as_u64().unwrap() >= 1, "{state}");
+    let text = String::from_utf8_lossy(&status("text").stdout).to_string();
+    assert!(text.contains("/2") && text.contains("2 device(s) connected"), "{text}");
+
     assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.logs());
     for edge in &mut edges {
         assert!(edge.wait(Duration::from_secs(30)).success(), "{}", edge.logs());
     }
     let _ = Path::new(run);
+
+    // Nobody there: a clear error, not a hang.
+    let output = Command::new(binary("flotilla-coordinator"))
+        .args(["status", "--address", &format!("127.0.0.1:{metrics_port}")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("cannot reach the coordinator's metrics port"), "{stderr}");
 }
