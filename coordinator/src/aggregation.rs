@@ -33,6 +33,10 @@ pub enum Command {
         round: u32,
         reply: oneshot::Sender<Result<RoundOutcome, String>>,
     },
+    /// Drop what the current round folded (a skipped round); the global adapter is unchanged.
+    Discard {
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +123,12 @@ impl Worker {
                 }
                 Command::Finish { round, reply } => {
                     let _ = reply.send(self.finish(round));
+                }
+                Command::Discard { reply } => {
+                    self.round_ranks.clear();
+                    let fresh =
+                        self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string());
+                    let _ = reply.send(fresh.map(|acc| self.accumulator = Some(acc)));
                 }
             }
         }

@@ -28,6 +28,9 @@ pub struct CoordinatorConfig {
     pub evaluation: EvaluationSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    /// Highest rank a device class gets, e.g. `phone = 2` (devices report their class in Hello).
+    #[serde(default)]
+    pub rank_caps: std::collections::BTreeMap<String, u32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -69,7 +72,15 @@ pub struct TlsSection {
 #[serde(default, deny_unknown_fields)]
 pub struct RoundSection {
     pub rounds: u32,
+    /// Devices that must be connected before a round starts.
     pub min_devices: usize,
+    /// Fraction of the connected devices sampled into each round (at least min_devices).
+    pub fraction: f64,
+    /// Updates that make a round's quorum; a round short of it at the deadline gets one extension,
+    /// then is skipped.
+    pub min_updates: usize,
+    /// Seconds to wait for stragglers once the quorum is in.
+    pub grace_secs: u32,
     pub deadline_secs: u32,
     pub local_steps: u32,
     pub batch_size: u32,
@@ -81,6 +92,9 @@ impl Default for RoundSection {
         RoundSection {
             rounds: 3,
             min_devices: 2,
+            fraction: 1.0,
+            min_updates: 1,
+            grace_secs: 10,
             deadline_secs: 120,
             local_steps: 50,
             batch_size: 32,
@@ -132,6 +146,15 @@ impl CoordinatorConfig {
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.round.rounds >= 1, "round.rounds must be at least 1");
         anyhow::ensure!(self.round.deadline_secs >= 1, "round.deadline_secs must be at least 1");
+        anyhow::ensure!(
+            self.round.fraction > 0.0 && self.round.fraction <= 1.0,
+            "round.fraction must be in (0, 1], got {}",
+            self.round.fraction
+        );
+        anyhow::ensure!(self.round.min_updates >= 1, "round.min_updates must be at least 1");
+        if let Some((class, _)) = self.rank_caps.iter().find(|(_, &cap)| cap == 0) {
+            anyhow::bail!("rank_caps.{class} must be at least 1");
+        }
         anyhow::ensure!(self.round.local_steps >= 1, "round.local_steps must be at least 1");
         anyhow::ensure!(self.round.batch_size >= 1, "round.batch_size must be at least 1");
         anyhow::ensure!(

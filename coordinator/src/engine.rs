@@ -2,21 +2,45 @@
 //! (deadlines are requested as timer actions and come back as events), so every path can be driven
 //! in tests with virtual time.
 //!
-//! Phases: waiting for devices → training (with a deadline) → aggregating → next round or finished.
+//! Phases: waiting for devices → training (deadline) → aggregating → next round or finished.
+//!
+//! A round samples `fraction` of the connected devices (at least `min_devices`), reproducibly from
+//! the seed and the round. It closes when every participant has answered, or once `min_updates`
+//! updates are in and the grace period after that quorum has passed. At the deadline, a round
+//! short of its quorum is extended once. If the extension also ends short, the round is skipped:
+//! its partial aggregate is discarded and the global adapter stays as it was.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use rand::seq::IndexedRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+
 pub type DeviceId = String;
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct EngineConfig {
     pub rounds: u32,
     /// Devices that must be connected before a round starts.
     pub min_devices: usize,
+    /// Fraction of the connected devices sampled into each round (0 < f ≤ 1).
+    pub fraction: f64,
+    /// Updates that make a round's quorum.
+    pub min_updates: usize,
     pub round_deadline: Duration,
+    /// How long to wait for stragglers once the quorum is in.
+    pub grace: Duration,
     /// The first round to run: 1, or the round after the checkpoint a restarted run resumes from.
     pub first_round: u32,
+    /// Seeds the per-round sampling.
+    pub seed: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Timer {
+    Deadline,
+    Grace,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -43,45 +67,12 @@ pub enum Event {
         device: DeviceId,
         round: u32,
     },
-    DeadlineReached {
+    TimerFired {
         round: u32,
+        timer: Timer,
     },
     AggregationDone {
         round: u32,
-    },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Action {
-    SendTask {
-        device: DeviceId,
-        round: u32,
-        rank: u32,
-    },
-    FoldUpdate {
-        device: DeviceId,
-        round: u32,
-    },
-    RejectUpdate {
-        device: DeviceId,
-        round: u32,
-        kind: RejectKind,
-        reason: String,
-    },
-    ScheduleDeadline {
-        round: u32,
-        after: Duration,
-    },
-    Aggregate {
-        round: u32,
-        updates: usize,
-    },
-    /// No usable update arrived before the deadline: the global adapter stays as it was.
-    SkipRound {
-        round: u32,
-    },
-    Finish {
-        rounds_completed: u32,
     },
 }
 
@@ -105,6 +96,42 @@ impl RejectKind {
             RejectKind::NoRound => "no_round",
         }
     }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    SendTask {
+        device: DeviceId,
+        round: u32,
+        rank: u32,
+    },
+    FoldUpdate {
+        device: DeviceId,
+        round: u32,
+    },
+    RejectUpdate {
+        device: DeviceId,
+        round: u32,
+        kind: RejectKind,
+        reason: String,
+    },
+    ScheduleTimer {
+        round: u32,
+        timer: Timer,
+        after: Duration,
+    },
+    Aggregate {
+        round: u32,
+        updates: usize,
+    },
+    /// The round ended short of its quorum: discard what was folded, keep the global adapter.
+    SkipRound {
+        round: u32,
+        updates: usize,
+    },
+    Finish {
+        rounds_completed: u32,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,23 +167,43 @@ pub struct Engine {
     phase: Phase,
     next_round: u32,
     participants: BTreeMap<DeviceId, Participation>,
+    deadline_extended: bool,
+    grace_started: bool,
     rounds_completed: u32,
 }
 
 impl Engine {
     pub fn new(config: EngineConfig) -> Engine {
+        let first = config.first_round.max(1);
         Engine {
-            config: config.clone(),
+            config,
             connected: BTreeMap::new(),
             phase: Phase::WaitingForDevices,
-            next_round: config.first_round.max(1),
+            next_round: first,
             participants: BTreeMap::new(),
-            rounds_completed: config.first_round.max(1) - 1,
+            deadline_extended: false,
+            grace_started: false,
+            rounds_completed: first - 1,
         }
     }
 
     pub fn phase(&self) -> &Phase {
         &self.phase
+    }
+
+    pub fn connected(&self) -> usize {
+        self.connected.len()
+    }
+
+    /// Devices taking part in the current round, counted by rank.
+    pub fn participants_by_rank(&self) -> BTreeMap<u32, usize> {
+        let mut counts = BTreeMap::new();
+        for device in self.participants.keys() {
+            if let Some(&rank) = self.connected.get(device) {
+                *counts.entry(rank).or_insert(0) += 1;
+            }
+        }
+        counts
     }
 
     pub fn handle(&mut self, event: Event) -> Vec<Action> {
@@ -178,34 +225,13 @@ impl Engine {
                 }
                 self.maybe_close_round(&mut actions);
             }
-            Event::UpdateArrived { device, round } => {
-                let refusal = match (&self.phase, self.participants.get(&device)) {
-                    (Phase::Training { round: current }, _) if *current != round => {
-                        Some((RejectKind::Stale, format!("stale update for round {round}; round {current} is running")))
-                    }
-                    (Phase::Training { .. }, Some(Participation::Training)) => None,
-                    (Phase::Training { .. }, Some(Participation::Failed)) => {
-                        Some((RejectKind::Dropped, "this device was dropped from the round".into()))
-                    }
-                    (Phase::Training { .. }, Some(_)) => {
-                        Some((RejectKind::Duplicate, "duplicate update for this round".into()))
-                    }
-                    (Phase::Training { .. }, None) => {
-                        Some((RejectKind::NotParticipant, "this device is not part of the round".into()))
-                    }
-                    _ => Some((
-                        RejectKind::NoRound,
-                        format!("no round is accepting updates (update was for round {round})"),
-                    )),
-                };
-                match refusal {
-                    None => {
-                        self.participants.insert(device.clone(), Participation::Folding);
-                        actions.push(Action::FoldUpdate { device, round });
-                    }
-                    Some((kind, reason)) => actions.push(Action::RejectUpdate { device, round, kind, reason }),
+            Event::UpdateArrived { device, round } => match self.refusal(&device, round) {
+                None => {
+                    self.participants.insert(device.clone(), Participation::Folding);
+                    actions.push(Action::FoldUpdate { device, round });
                 }
-            }
+                Some((kind, reason)) => actions.push(Action::RejectUpdate { device, round, kind, reason }),
+            },
             Event::UpdateFolded { device, round } | Event::UpdateInvalid { device, round }
                 if self.phase != (Phase::Training { round }) =>
             {
@@ -221,16 +247,21 @@ impl Engine {
                 self.participants.insert(device, Participation::Failed);
                 self.maybe_close_round(&mut actions);
             }
-            Event::DeadlineReached { round } => {
-                if self.phase == (Phase::Training { round }) {
-                    for state in self.participants.values_mut() {
-                        if *state == Participation::Training {
-                            *state = Participation::Failed;
-                        }
-                    }
+            Event::TimerFired { round, timer } if self.phase == (Phase::Training { round }) => match timer {
+                Timer::Deadline if self.folded() < self.quorum() && !self.deadline_extended => {
+                    self.deadline_extended = true;
+                    actions.push(Action::ScheduleTimer {
+                        round,
+                        timer: Timer::Deadline,
+                        after: self.config.round_deadline,
+                    });
+                }
+                Timer::Deadline | Timer::Grace => {
+                    self.drop_stragglers();
                     self.maybe_close_round(&mut actions);
                 }
-            }
+            },
+            Event::TimerFired { .. } => {} // a timer of a round that is over
             Event::AggregationDone { round } => {
                 if self.phase == (Phase::Aggregating { round }) {
                     self.rounds_completed += 1;
@@ -241,19 +272,40 @@ impl Engine {
         actions
     }
 
-    /// Devices taking part in the current round, counted by rank.
-    pub fn participants_by_rank(&self) -> BTreeMap<u32, usize> {
-        let mut counts = BTreeMap::new();
-        for device in self.participants.keys() {
-            if let Some(&rank) = self.connected.get(device) {
-                *counts.entry(rank).or_insert(0) += 1;
+    fn refusal(&self, device: &str, round: u32) -> Option<(RejectKind, String)> {
+        match (&self.phase, self.participants.get(device)) {
+            (Phase::Training { round: current }, _) if *current != round => {
+                Some((RejectKind::Stale, format!("stale update for round {round}; round {current} is running")))
             }
+            (Phase::Training { .. }, Some(Participation::Training)) => None,
+            (Phase::Training { .. }, Some(Participation::Failed)) => {
+                Some((RejectKind::Dropped, "this device was dropped from the round".into()))
+            }
+            (Phase::Training { .. }, Some(_)) => {
+                Some((RejectKind::Duplicate, "duplicate update for this round".into()))
+            }
+            (Phase::Training { .. }, None) => {
+                Some((RejectKind::NotParticipant, "this device is not part of the round".into()))
+            }
+            _ => Some((RejectKind::NoRound, format!("no round is accepting updates (update was for round {round})"))),
         }
-        counts
     }
 
-    pub fn connected(&self) -> usize {
-        self.connected.len()
+    fn folded(&self) -> usize {
+        self.participants.values().filter(|&&s| s == Participation::Folded).count()
+    }
+
+    /// The quorum, never more than the round's participants.
+    fn quorum(&self) -> usize {
+        self.config.min_updates.clamp(1, self.participants.len().max(1))
+    }
+
+    fn drop_stragglers(&mut self) {
+        for state in self.participants.values_mut() {
+            if *state == Participation::Training {
+                *state = Participation::Failed;
+            }
+        }
     }
 
     fn try_start_round(&mut self, actions: &mut Vec<Action>) {
@@ -264,26 +316,40 @@ impl Engine {
         let round = self.next_round;
         self.next_round += 1;
         self.phase = Phase::Training { round };
-        self.participants = self.connected.keys().map(|d| (d.clone(), Participation::Training)).collect();
-        for (device, &rank) in &self.connected {
+        self.deadline_extended = false;
+        self.grace_started = false;
+        let connected: Vec<(&DeviceId, &u32)> = self.connected.iter().collect();
+        let wanted = ((self.config.fraction * connected.len() as f64).ceil() as usize)
+            .max(self.config.min_devices)
+            .clamp(1, connected.len());
+        let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ (u64::from(round) << 32));
+        let mut chosen: Vec<(&DeviceId, &u32)> = connected.choose_multiple(&mut rng, wanted).copied().collect();
+        chosen.sort();
+        self.participants = chosen.iter().map(|(d, _)| ((*d).clone(), Participation::Training)).collect();
+        for (device, &rank) in chosen {
             actions.push(Action::SendTask { device: device.clone(), round, rank });
         }
-        actions.push(Action::ScheduleDeadline { round, after: self.config.round_deadline });
+        actions.push(Action::ScheduleTimer { round, timer: Timer::Deadline, after: self.config.round_deadline });
     }
 
-    /// Closes the round once no participant can still contribute.
+    /// Closes the round when no participant can still contribute; starts the grace period once the
+    /// quorum is in.
     fn maybe_close_round(&mut self, actions: &mut Vec<Action>) {
         let Phase::Training { round } = self.phase else { return };
         let pending = self.participants.values().any(|s| matches!(s, Participation::Training | Participation::Folding));
+        let updates = self.folded();
         if pending {
+            if updates >= self.quorum() && !self.grace_started {
+                self.grace_started = true;
+                actions.push(Action::ScheduleTimer { round, timer: Timer::Grace, after: self.config.grace });
+            }
             return;
         }
-        let updates = self.participants.values().filter(|&&s| s == Participation::Folded).count();
-        if updates > 0 {
+        if updates >= self.quorum() {
             self.phase = Phase::Aggregating { round };
             actions.push(Action::Aggregate { round, updates });
         } else {
-            actions.push(Action::SkipRound { round });
+            actions.push(Action::SkipRound { round, updates });
             self.next_round_or_finish(actions);
         }
     }
@@ -303,8 +369,24 @@ impl Engine {
 mod tests {
     use super::*;
 
+    const DEADLINE: Duration = Duration::from_secs(30);
+    const GRACE: Duration = Duration::from_secs(5);
+
+    fn config(rounds: u32, min_devices: usize) -> EngineConfig {
+        EngineConfig {
+            rounds,
+            min_devices,
+            fraction: 1.0,
+            min_updates: 1,
+            round_deadline: DEADLINE,
+            grace: GRACE,
+            first_round: 1,
+            seed: 7,
+        }
+    }
+
     fn engine(rounds: u32, min_devices: usize) -> Engine {
-        Engine::new(EngineConfig { rounds, min_devices, round_deadline: Duration::from_secs(30), first_round: 1 })
+        Engine::new(config(rounds, min_devices))
     }
 
     fn join(e: &mut Engine, device: &str, rank: u32) -> Vec<Action> {
@@ -319,16 +401,31 @@ mod tests {
         actions
     }
 
+    fn fire(e: &mut Engine, round: u32, timer: Timer) -> Vec<Action> {
+        e.handle(Event::TimerFired { round, timer })
+    }
+
+    fn tasks(actions: &[Action]) -> Vec<&str> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::SendTask { device, .. } => Some(device.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
     #[test]
-    fn waits_for_quorum_then_runs_all_rounds() {
+    fn waits_for_devices_then_runs_all_rounds() {
         let mut e = engine(2, 3);
         assert!(join(&mut e, "a", 2).is_empty());
         assert!(join(&mut e, "b", 4).is_empty());
         let start = join(&mut e, "c", 8);
-        assert_eq!(start.len(), 4);
+        assert_eq!(tasks(&start), vec!["a", "b", "c"]);
         assert!(start.contains(&Action::SendTask { device: "c".into(), round: 1, rank: 8 }));
-        assert!(start.contains(&Action::ScheduleDeadline { round: 1, after: Duration::from_secs(30) }));
-        assert!(upload(&mut e, "a", 1).is_empty());
+        assert!(start.contains(&Action::ScheduleTimer { round: 1, timer: Timer::Deadline, after: DEADLINE }));
+        // The quorum (1) is in after the first update: the grace period starts once.
+        assert_eq!(upload(&mut e, "a", 1), vec![Action::ScheduleTimer { round: 1, timer: Timer::Grace, after: GRACE }]);
         assert!(upload(&mut e, "b", 1).is_empty());
         assert_eq!(upload(&mut e, "c", 1), vec![Action::Aggregate { round: 1, updates: 3 }]);
         let next = e.handle(Event::AggregationDone { round: 1 });
@@ -342,16 +439,36 @@ mod tests {
     }
 
     #[test]
-    fn a_resumed_run_starts_after_its_checkpoint() {
-        let mut e = Engine::new(EngineConfig {
-            rounds: 3,
-            min_devices: 1,
-            round_deadline: Duration::from_secs(30),
-            first_round: 3,
-        });
-        assert!(join(&mut e, "a", 2).contains(&Action::SendTask { device: "a".into(), round: 3, rank: 2 }));
-        assert_eq!(upload(&mut e, "a", 3), vec![Action::Aggregate { round: 3, updates: 1 }]);
-        assert_eq!(e.handle(Event::AggregationDone { round: 3 }), vec![Action::Finish { rounds_completed: 3 }]);
+    fn the_grace_period_after_the_quorum_drops_stragglers() {
+        let mut e = Engine::new(EngineConfig { min_updates: 2, ..config(1, 3) });
+        for d in ["a", "b", "c"] {
+            join(&mut e, d, 4);
+        }
+        assert!(upload(&mut e, "a", 1).is_empty(), "quorum of 2 not yet reached");
+        assert_eq!(upload(&mut e, "b", 1), vec![Action::ScheduleTimer { round: 1, timer: Timer::Grace, after: GRACE }]);
+        assert_eq!(fire(&mut e, 1, Timer::Grace), vec![Action::Aggregate { round: 1, updates: 2 }]);
+        let late = e.handle(Event::UpdateArrived { device: "c".into(), round: 1 });
+        assert!(matches!(&late[..], [Action::RejectUpdate { kind: RejectKind::NoRound, .. }]), "{late:?}");
+    }
+
+    #[test]
+    fn short_of_quorum_the_deadline_is_extended_once_then_the_round_is_skipped() {
+        let mut e = Engine::new(EngineConfig { min_updates: 2, ..config(2, 2) });
+        join(&mut e, "a", 2);
+        join(&mut e, "b", 2);
+        upload(&mut e, "a", 1);
+        assert_eq!(
+            fire(&mut e, 1, Timer::Deadline),
+            vec![Action::ScheduleTimer { round: 1, timer: Timer::Deadline, after: DEADLINE }],
+            "first deadline short of quorum: extend"
+        );
+        let skipped = fire(&mut e, 1, Timer::Deadline);
+        assert_eq!(skipped[0], Action::SkipRound { round: 1, updates: 1 });
+        assert_eq!(tasks(&skipped), vec!["a", "b"], "the next round starts");
+        // Reaching the quorum after an extension aggregates as usual.
+        upload(&mut e, "a", 2);
+        fire(&mut e, 2, Timer::Deadline);
+        assert_eq!(upload(&mut e, "b", 2), vec![Action::Aggregate { round: 2, updates: 2 }]);
     }
 
     #[test]
@@ -359,8 +476,8 @@ mod tests {
         let mut e = engine(1, 2);
         join(&mut e, "fast", 2);
         join(&mut e, "slow", 2);
-        assert!(upload(&mut e, "fast", 1).is_empty());
-        assert_eq!(e.handle(Event::DeadlineReached { round: 1 }), vec![Action::Aggregate { round: 1, updates: 1 }]);
+        upload(&mut e, "fast", 1);
+        assert_eq!(fire(&mut e, 1, Timer::Deadline), vec![Action::Aggregate { round: 1, updates: 1 }]);
         let late = e.handle(Event::UpdateArrived { device: "slow".into(), round: 1 });
         assert!(matches!(&late[..], [Action::RejectUpdate { .. }]));
     }
@@ -381,26 +498,42 @@ mod tests {
     fn a_round_without_updates_is_skipped() {
         let mut e = engine(2, 1);
         join(&mut e, "a", 2);
-        let actions = e.handle(Event::DeadlineReached { round: 1 });
-        assert_eq!(actions[0], Action::SkipRound { round: 1 });
+        fire(&mut e, 1, Timer::Deadline); // extended once
+        let actions = fire(&mut e, 1, Timer::Deadline);
+        assert_eq!(actions[0], Action::SkipRound { round: 1, updates: 0 });
         assert!(actions.contains(&Action::SendTask { device: "a".into(), round: 2, rank: 2 }));
     }
 
     #[test]
     fn duplicates_stale_rounds_and_strangers_are_rejected() {
-        let mut e = engine(1, 2);
+        let mut e = Engine::new(EngineConfig { min_updates: 2, ..config(1, 2) });
         join(&mut e, "a", 2);
         join(&mut e, "b", 2);
         upload(&mut e, "a", 1);
         let dup = e.handle(Event::UpdateArrived { device: "a".into(), round: 1 });
-        assert!(matches!(&dup[..], [Action::RejectUpdate { reason, .. }] if reason.contains("duplicate")));
+        assert!(matches!(&dup[..], [Action::RejectUpdate { kind: RejectKind::Duplicate, .. }]));
         let stale = e.handle(Event::UpdateArrived { device: "b".into(), round: 0 });
-        assert!(matches!(&stale[..], [Action::RejectUpdate { reason, .. }] if reason.contains("stale")));
+        assert!(matches!(&stale[..], [Action::RejectUpdate { kind: RejectKind::Stale, .. }]));
         join(&mut e, "late-joiner", 4);
         let stranger = e.handle(Event::UpdateArrived { device: "late-joiner".into(), round: 1 });
-        assert!(matches!(&stranger[..], [Action::RejectUpdate { .. }]));
-        // Stale timers are ignored.
-        assert!(e.handle(Event::DeadlineReached { round: 7 }).is_empty());
+        assert!(matches!(&stranger[..], [Action::RejectUpdate { kind: RejectKind::NotParticipant, .. }]));
+        // Timers of other rounds are ignored.
+        assert!(fire(&mut e, 7, Timer::Deadline).is_empty());
+    }
+
+    #[test]
+    fn a_device_reconnecting_mid_round_gets_the_next_round() {
+        let mut e = engine(2, 2);
+        join(&mut e, "a", 2);
+        join(&mut e, "b", 2);
+        upload(&mut e, "a", 1);
+        // b drops out and comes back while round 1 is still open: it is out of round 1 ...
+        let left = e.handle(Event::DeviceLeft { device: "b".into() });
+        assert_eq!(left, vec![Action::Aggregate { round: 1, updates: 1 }]);
+        assert!(join(&mut e, "b", 2).is_empty());
+        // ... and in round 2.
+        let next = e.handle(Event::AggregationDone { round: 1 });
+        assert_eq!(tasks(&next), vec!["a", "b"]);
     }
 
     #[test]
@@ -414,5 +547,59 @@ mod tests {
             e.handle(Event::UpdateInvalid { device: "b".into(), round: 1 }),
             vec![Action::Aggregate { round: 1, updates: 1 }]
         );
+    }
+
+    #[test]
+    fn a_fraction_of_the_connected_devices_is_sampled_reproducibly() {
+        let run = |seed: u64| {
+            let mut e = Engine::new(EngineConfig { fraction: 0.25, seed, ..config(3, 8) });
+            let mut rounds = Vec::new();
+            let mut actions = Vec::new();
+            for k in 0..8 {
+                actions = join(&mut e, &format!("d{k}"), 2);
+            }
+            for round in 1..=3 {
+                let chosen: Vec<String> = tasks(&actions).iter().map(|s| s.to_string()).collect();
+                assert_eq!(chosen.len(), 8, "at least min_devices (8) are sampled");
+                rounds.push(chosen.clone());
+                for d in &chosen {
+                    upload(&mut e, d, round);
+                }
+                actions = e.handle(Event::AggregationDone { round });
+            }
+            rounds
+        };
+        assert_eq!(run(1), run(1));
+        // With min_devices below the fraction: 2 of 8 per round, varying across rounds.
+        let mut e = Engine::new(EngineConfig { fraction: 0.25, ..config(3, 1) });
+        let mut seen = std::collections::BTreeSet::new();
+        let mut actions = join(&mut e, "d0", 2);
+        for k in 1..8 {
+            assert!(join(&mut e, &format!("d{k}"), 2).is_empty(), "later devices wait for round 2");
+        }
+        assert_eq!(tasks(&actions), vec!["d0"], "the first device to connect starts round 1 (min_devices 1)");
+        for d in tasks(&actions).iter().map(|s| s.to_string()).collect::<Vec<_>>() {
+            upload(&mut e, &d, 1);
+        }
+        let mut round = 1;
+        for _ in 0..2 {
+            actions = e.handle(Event::AggregationDone { round });
+            round += 1;
+            let chosen: Vec<String> = tasks(&actions).iter().map(|s| s.to_string()).collect();
+            assert_eq!(chosen.len(), 2, "ceil(0.25 × 8)");
+            seen.extend(chosen.iter().cloned());
+            for d in &chosen {
+                upload(&mut e, d, round);
+            }
+        }
+        assert!(seen.len() >= 2);
+    }
+
+    #[test]
+    fn a_resumed_run_starts_after_its_checkpoint() {
+        let mut e = Engine::new(EngineConfig { first_round: 3, ..config(3, 1) });
+        assert!(join(&mut e, "a", 2).contains(&Action::SendTask { device: "a".into(), round: 3, rank: 2 }));
+        assert_eq!(upload(&mut e, "a", 3), vec![Action::Aggregate { round: 3, updates: 1 }]);
+        assert_eq!(e.handle(Event::AggregationDone { round: 3 }), vec![Action::Finish { rounds_completed: 3 }]);
     }
 }

@@ -22,7 +22,7 @@ use tracing::{info, warn};
 use crate::aggregation::{AggregationWorker, Command, RoundOutcome, WorkerSettings};
 use crate::checkpoint;
 use crate::config::CoordinatorConfig;
-use crate::engine::{Action, Engine, EngineConfig, Event, Phase};
+use crate::engine::{Action, Engine, EngineConfig, Event, Phase, Timer};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
 use crate::metrics::{SharedStatus, Status};
 use flotilla_common::adapter::write_atomically;
@@ -37,7 +37,7 @@ enum Input {
     Left { device: String, connection_id: usize },
     UpdateArrived { device: String, update: Update, tensors: WireTensors, reply: oneshot::Sender<CoordinatorMessage> },
     FoldDone { device: String, update: Update, result: Result<(), String>, reply: oneshot::Sender<CoordinatorMessage> },
-    DeadlineReached { round: u32 },
+    TimerFired { round: u32, timer: Timer },
     AggregationDone { round: u32, result: Result<RoundOutcome, String> },
 }
 
@@ -309,7 +309,7 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) 
         reply_and_finish(&mut send, &refusal(reason.clone())).await?;
         anyhow::bail!(reason);
     }
-    let assigned_rank = hello.requested_rank.min(shared.model.max_rank);
+    let assigned_rank = assign_rank(hello.requested_rank, &hello.hardware.device_class, &shared.config);
     let welcome = CoordinatorMessage::Welcome(Welcome {
         assigned_rank,
         model: shared.model.clone(),
@@ -318,6 +318,12 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) 
     write_frame(&mut send, &welcome, &shared.welcome_tensors).await?;
     send.finish()?;
     Ok(assigned_rank)
+}
+
+/// The rank a device gets: what it asked for, lowered to R_max and to its device class's cap.
+fn assign_rank(requested: u32, device_class: &str, config: &CoordinatorConfig) -> u32 {
+    let cap = config.rank_caps.get(device_class).copied().unwrap_or(u32::MAX);
+    requested.min(config.aggregation.max_rank).min(cap).max(1)
 }
 
 async fn reply_and_finish(send: &mut quinn::SendStream, message: &CoordinatorMessage) -> anyhow::Result<()> {
@@ -360,7 +366,11 @@ impl RoundDriver {
             rounds: config.round.rounds,
             min_devices: config.round.min_devices,
             round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
+            fraction: config.round.fraction,
+            min_updates: config.round.min_updates,
+            grace: Duration::from_secs(config.round.grace_secs.into()),
             first_round,
+            seed: config.model.seed,
         });
         RoundDriver {
             shared,
@@ -425,7 +435,7 @@ impl RoundDriver {
                         }
                     }
                 }
-                Input::DeadlineReached { round } => Event::DeadlineReached { round },
+                Input::TimerFired { round, timer } => Event::TimerFired { round, timer },
                 Input::AggregationDone { round, result } => {
                     let outcome = result.map_err(|e| anyhow::anyhow!("round {round}: aggregation failed: {e}"))?;
                     self.record_round(outcome);
@@ -521,11 +531,11 @@ impl RoundDriver {
                         let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
                     }
                 }
-                Action::ScheduleDeadline { round, after } => {
+                Action::ScheduleTimer { round, timer, after } => {
                     let inputs = self.shared.inputs.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
-                        let _ = inputs.send(Input::DeadlineReached { round });
+                        let _ = inputs.send(Input::TimerFired { round, timer });
                     });
                 }
                 Action::Aggregate { round, .. } => {
@@ -536,12 +546,19 @@ impl RoundDriver {
                         let _ = inputs.send(Input::AggregationDone { round, result });
                     });
                 }
-                Action::SkipRound { round } => {
+                Action::SkipRound { round, updates } => {
                     warn!(
-                        "[round {round}/{}] no usable update before the deadline; global adapter unchanged",
-                        self.shared.config.round.rounds
+                        "[round {round}/{}] only {updates} update(s), short of the quorum of {} after the extended \
+                         deadline: round skipped, global adapter unchanged",
+                        self.shared.config.round.rounds, self.shared.config.round.min_updates
                     );
                     self.accepted.remove(&round);
+                    if updates > 0 {
+                        self.worker
+                            .request(|reply| Command::Discard { reply })
+                            .await
+                            .map_err(|e| anyhow::anyhow!("round {round}: cannot discard the partial aggregate: {e}"))?;
+                    }
                 }
                 Action::Finish { rounds_completed } => {
                     self.finish_sessions(rounds_completed).await;
@@ -635,5 +652,23 @@ impl RoundDriver {
         for wait in waits {
             let _ = wait.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_are_capped_by_r_max_and_device_class() {
+        let mut config: CoordinatorConfig = toml::from_str(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"r\"\n[tls]\nkit = \"k\"\n[rank_caps]\nphone = 2\n",
+        )
+        .unwrap();
+        config.aggregation.max_rank = 8;
+        assert_eq!(assign_rank(4, "phone", &config), 2);
+        assert_eq!(assign_rank(1, "phone", &config), 1);
+        assert_eq!(assign_rank(16, "laptop", &config), 8);
+        assert_eq!(assign_rank(4, "laptop", &config), 4);
     }
 }
