@@ -79,7 +79,8 @@ pub struct RoundSection {
     /// Updates that make a round's quorum; a round short of it at the deadline gets one extension,
     /// then is skipped.
     pub min_updates: usize,
-    /// Seconds to wait for stragglers once the quorum is in.
+    /// Seconds to wait for stragglers once the quorum is in (default: as long as the deadline, so a
+    /// round waits for every participant unless configured otherwise).
     pub grace_secs: u32,
     pub deadline_secs: u32,
     pub local_steps: u32,
@@ -94,7 +95,8 @@ impl Default for RoundSection {
             min_devices: 2,
             fraction: 1.0,
             min_updates: 1,
-            grace_secs: 10,
+            // As long as the deadline: by default a round waits for all its participants.
+            grace_secs: 120,
             deadline_secs: 120,
             local_steps: 50,
             batch_size: 32,
