@@ -42,6 +42,15 @@ pub fn certs(pki: &Path, args: &[&str]) -> Output {
     run_ok(Command::new(binary("flotilla-certs")).arg("--dir").arg(pki).args(args))
 }
 
+/// A CA in `pki`, a coordinator kit for `localhost`, and one kit per device id.
+pub fn provision(pki: &Path, devices: &[&str]) {
+    certs(pki, &["init"]);
+    certs(pki, &["issue", "coordinator", "--name", "localhost"]);
+    for id in devices {
+        certs(pki, &["issue", "device", "--id", id]);
+    }
+}
+
 /// A background process whose stdout and stderr go to files; killed if dropped while running.
 pub struct Process {
     pub name: String,

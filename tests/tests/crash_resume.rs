@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, certs, Process};
+use flotilla_tests::{binary, provision, Process};
 
 fn free_udp_port() -> u16 {
     std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -63,12 +63,8 @@ fn sigkill_mid_run_then_restart_resumes_after_the_last_finished_round() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let pki = run.join("pki");
-    certs(&pki, &["init"]);
-    certs(&pki, &["issue", "coordinator", "--name", "localhost"]);
     let devices = [("dev-a", 2u32), ("dev-b", 8u32)];
-    for (id, _) in devices {
-        certs(&pki, &["issue", "device", "--id", id]);
-    }
+    provision(&pki, &["dev-a", "dev-b"]);
     let port = free_udp_port();
     let config = write_config(run, port, 8);
     let logs = run.join("logs");

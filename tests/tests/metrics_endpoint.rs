@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, certs, wait_for_file, Process};
+use flotilla_tests::{binary, provision, wait_for_file, Process};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -36,11 +36,7 @@ fn metrics_and_health_during_a_run() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let pki = run.join("pki");
-    certs(&pki, &["init"]);
-    certs(&pki, &["issue", "coordinator", "--name", "localhost"]);
-    for id in ["m-phone", "m-desktop"] {
-        certs(&pki, &["issue", "device", "--id", id]);
-    }
+    provision(&pki, &["m-phone", "m-desktop"]);
     let metrics_port = free_port();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, certs, read_safetensors, wait_for_file, Matrix, Process};
+use flotilla_tests::{binary, certs, provision, read_safetensors, wait_for_file, Matrix, Process};
 
 const FLEET: [(&str, u32); 3] = [("phone-1", 2), ("laptop-1", 4), ("desktop-1", 8)];
 const MAX_RANK: usize = 8;
@@ -111,11 +111,7 @@ fn three_ranks_one_rbla_round_and_a_foreign_device_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let pki = run.join("pki");
-    certs(&pki, &["init"]);
-    certs(&pki, &["issue", "coordinator", "--name", "localhost"]);
-    for (id, _) in FLEET {
-        certs(&pki, &["issue", "device", "--id", id]);
-    }
+    provision(&pki, &FLEET.map(|(id, _)| id));
     let rogue_pki = run.join("rogue-pki");
     certs(&rogue_pki, &["init", "--name", "Some other CA"]);
     certs(&rogue_pki, &["issue", "device", "--id", "intruder"]);
