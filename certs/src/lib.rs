@@ -6,7 +6,8 @@
 //! ```text
 //! <pki>/ca/ca.crt              the CA certificate (public; copied into every kit)
 //! <pki>/ca/ca.key              the CA private key (mode 0600; never leaves this directory)
-//! <pki>/registry.json          every certificate issued: kind, id, serial, expiry
+//! <pki>/registry.json          every certificate issued: kind, id, serial, expiry; revocations
+//! <pki>/crl.pem                the signed revocation list the coordinator loads
 //! <pki>/kits/<name>/           one self-contained kit per participant:
 //!     ca.crt, cert.pem, key.pem (0600)
 //! ```
@@ -19,6 +20,6 @@ mod pki;
 
 pub use identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
 pub use pki::{
-    CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, PkiError, Registry, DEFAULT_CA_DAYS,
+    CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, PkiError, Registry, RevokedCertificate, DEFAULT_CA_DAYS,
     DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS,
 };

@@ -36,8 +36,13 @@ enum Command {
         #[command(subcommand)]
         what: IssueCommand,
     },
-    /// List every certificate issued by this CA.
+    /// List every certificate issued by this CA, with revocations.
     List,
+    /// Revoke a device's certificate: it goes into crl.pem, which a running coordinator reloads.
+    Revoke {
+        #[arg(long)]
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -97,9 +102,28 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::List => {
             let pki = Pki::open(&cli.dir)?;
-            for cert in pki.registry()?.issued {
-                println!("{:<12} {:<24} serial {:<6} until {}", cert.kind, cert.id, cert.serial, cert.not_after);
+            let registry = pki.registry()?;
+            for cert in &registry.issued {
+                let revoked = registry.revoked.iter().any(|r| r.serial == cert.serial);
+                println!(
+                    "{:<12} {:<24} serial {:<6} until {}{}",
+                    cert.kind,
+                    cert.id,
+                    cert.serial,
+                    cert.not_after,
+                    if revoked { "  REVOKED" } else { "" }
+                );
             }
+        }
+        Command::Revoke { id } => {
+            let pki = Pki::open(&cli.dir)?;
+            let revoked = pki.revoke(&id).with_context(|| format!("cannot revoke '{id}'"))?;
+            println!(
+                "revoked device '{}' (serial {}); the CRL is {}",
+                revoked.id,
+                revoked.serial,
+                Pki::crl_path(&cli.dir).display()
+            );
         }
     }
     Ok(())

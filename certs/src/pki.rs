@@ -54,11 +54,25 @@ pub struct IssuedCertificate {
     pub kit: PathBuf,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RevokedCertificate {
+    pub id: String,
+    pub serial: String,
+    pub revoked_at: String,
+}
+
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Registry {
     pub next_serial: u64,
     pub issued: Vec<IssuedCertificate>,
+    #[serde(default)]
+    pub revoked: Vec<RevokedCertificate>,
+    #[serde(default)]
+    pub crl_number: u64,
 }
+
+/// Validity of each CRL; `revoke` re-signs it.
+const CRL_DAYS: i64 = 30;
 
 pub struct CoordinatorRequest<'a> {
     pub name: &'a str,
@@ -84,6 +98,11 @@ impl Pki {
 
     fn ca_key_path(root: &Path) -> PathBuf {
         root.join("ca").join("ca.key")
+    }
+
+    /// The certificate revocation list the coordinator loads (`[tls] crl`).
+    pub fn crl_path(root: &Path) -> PathBuf {
+        root.join("crl.pem")
     }
 
     fn registry_path(&self) -> PathBuf {
@@ -118,7 +137,9 @@ impl Pki {
         write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
         write_file(&Self::ca_key_path(root), key.serialize_pem().as_bytes(), 0o600)?;
         let pki = Pki { root: root.to_path_buf() };
-        pki.save_registry(&Registry { next_serial: 2, issued: Vec::new() })?;
+        let mut registry = Registry { next_serial: 2, ..Registry::default() };
+        pki.write_crl(&mut registry)?;
+        pki.save_registry(&registry)?;
         Ok(pki)
     }
 
@@ -158,6 +179,66 @@ impl Pki {
         let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
         Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| PkiError::Invalid(format!("{}: not a valid CA certificate: {e}", cert_path.display())))
+    }
+
+    /// Revokes a device's certificate: it is listed in a freshly signed `crl.pem`, which a running
+    /// coordinator reloads without a restart.
+    pub fn revoke(&self, id: &str) -> Result<RevokedCertificate, PkiError> {
+        let mut registry = self.registry()?;
+        let issued = registry
+            .issued
+            .iter()
+            .rev()
+            .find(|c| c.kind == "device" && c.id == id)
+            .ok_or_else(|| PkiError::Invalid(format!("no device certificate with id '{id}' was issued by this CA")))?
+            .clone();
+        if registry.revoked.iter().any(|r| r.serial == issued.serial) {
+            return Err(PkiError::Invalid(format!("device '{id}' (serial {}) is already revoked", issued.serial)));
+        }
+        let entry = RevokedCertificate {
+            id: id.to_string(),
+            serial: issued.serial,
+            revoked_at: OffsetDateTime::now_utc()
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default(),
+        };
+        registry.revoked.push(entry.clone());
+        self.write_crl(&mut registry)?;
+        self.save_registry(&registry)?;
+        Ok(entry)
+    }
+
+    /// Signs the CRL of every revoked serial and writes it atomically (a reader never sees half).
+    fn write_crl(&self, registry: &mut Registry) -> Result<(), PkiError> {
+        registry.crl_number += 1;
+        let now = OffsetDateTime::now_utc();
+        let revoked_certs = registry
+            .revoked
+            .iter()
+            .map(|r| {
+                let serial = u64::from_str_radix(&r.serial, 16)
+                    .map_err(|_| PkiError::Invalid(format!("registry: bad serial '{}' for '{}'", r.serial, r.id)))?;
+                Ok(rcgen::RevokedCertParams {
+                    serial_number: SerialNumber::from_slice(&serial.to_be_bytes()),
+                    revocation_time: now,
+                    reason_code: Some(rcgen::RevocationReason::Unspecified),
+                    invalidity_date: None,
+                })
+            })
+            .collect::<Result<Vec<_>, PkiError>>()?;
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - CLOCK_SKEW,
+            next_update: now + Duration::days(CRL_DAYS),
+            crl_number: SerialNumber::from_slice(&registry.crl_number.to_be_bytes()),
+            issuing_distribution_point: None,
+            revoked_certs,
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        let crl = params.signed_by(&self.issuer()?)?;
+        let path = Self::crl_path(&self.root);
+        let tmp = path.with_extension("pem.tmp");
+        write_file(&tmp, crl.pem()?.as_bytes(), 0o644)?;
+        fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
     /// Issues the coordinator's server certificate; SANs always include `name`, `localhost` and
@@ -301,6 +382,26 @@ mod tests {
         for bad in ["", "a/b", "coordinator", "a.b"] {
             assert!(pki.issue_device(&DeviceRequest { id: bad, days: 1 }).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn revocation_lists_the_serial_in_a_signed_crl() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::init(dir.path(), "test CA", 10).unwrap();
+        let empty = fs::read_to_string(Pki::crl_path(dir.path())).unwrap();
+        assert!(empty.contains("BEGIN X509 CRL"));
+        pki.issue_device(&DeviceRequest { id: "lost-phone", days: 5 }).unwrap();
+        let revoked = pki.revoke("lost-phone").unwrap();
+        assert_eq!(revoked.serial, "2");
+        let pem = fs::read(Pki::crl_path(dir.path())).unwrap();
+        let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+        use x509_parser::prelude::FromDer;
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der.contents).unwrap();
+        let serials: Vec<u64> =
+            crl.iter_revoked_certificates().map(|r| r.user_certificate.to_u64_digits()[0]).collect();
+        assert_eq!(serials, vec![2]);
+        assert!(pki.revoke("lost-phone").unwrap_err().to_string().contains("already revoked"));
+        assert!(pki.revoke("nobody").unwrap_err().to_string().contains("no device certificate"));
     }
 
     #[test]

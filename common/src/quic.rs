@@ -93,15 +93,26 @@ pub enum EndpointError {
     },
 }
 
-pub fn server_endpoint(
-    addr: SocketAddr,
+/// The coordinator's QUIC server configuration (also rebuilt when the CRL changes).
+pub fn server_config(
     kit: &KitPaths,
+    crl: Option<&std::path::Path>,
     transport: &TransportSettings,
-) -> Result<quinn::Endpoint, EndpointError> {
-    let tls = tls::server_config(kit)?;
+) -> Result<quinn::ServerConfig, EndpointError> {
+    let tls = tls::server_config(kit, crl)?;
     let crypto = QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport.to_quinn().map_err(EndpointError::Transport)?));
+    Ok(config)
+}
+
+pub fn server_endpoint(
+    addr: SocketAddr,
+    kit: &KitPaths,
+    crl: Option<&std::path::Path>,
+    transport: &TransportSettings,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let config = server_config(kit, crl, transport)?;
     quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
 }
 

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
@@ -72,13 +72,23 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server side: TLS 1.3, a client certificate chaining to the kit's CA is required.
-pub fn server_config(kit: &KitPaths) -> Result<rustls::ServerConfig, TlsError> {
+/// Server side: TLS 1.3, a client certificate chaining to the kit's CA is required, and is refused
+/// when it is listed in the revocation list `crl` (PEM, from `flotilla-certs`).
+pub fn server_config(kit: &KitPaths, crl: Option<&Path>) -> Result<rustls::ServerConfig, TlsError> {
     let loaded = load_kit(kit)?;
     let provider = provider();
-    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(loaded.roots), provider.clone())
-        .build()
-        .map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(loaded.roots), provider.clone());
+    if let Some(path) = crl {
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("cannot read the CRL: {e}") })?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("not a valid PEM CRL: {e}") })?;
+        if crls.is_empty() {
+            return Err(TlsError::File { path: path.to_path_buf(), message: "contains no CRL".into() });
+        }
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?

@@ -66,6 +66,16 @@ pub struct ServerSection {
 pub struct TlsSection {
     /// The coordinator's kit directory from `flotilla-certs issue coordinator` (ca.crt, cert.pem, key.pem).
     pub kit: PathBuf,
+    /// The CA's revocation list (`<pki>/crl.pem`); revoked devices are refused in the handshake.
+    #[serde(default)]
+    pub crl: Option<PathBuf>,
+    /// How often the CRL file is checked for changes (reloaded without a restart).
+    #[serde(default = "default_crl_reload_secs")]
+    pub crl_reload_secs: u64,
+}
+
+fn default_crl_reload_secs() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -135,8 +135,12 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     }
 
     let kit = KitPaths::in_dir(&config.tls.kit);
-    let endpoint = quic::server_endpoint(config.server.listen, &kit, &config.transport)
+    let crl = config.tls.crl.clone();
+    let endpoint = quic::server_endpoint(config.server.listen, &kit, crl.as_deref(), &config.transport)
         .context("cannot start the QUIC endpoint")?;
+    if let Some(crl) = crl {
+        tokio::spawn(reload_crl(endpoint.clone(), kit.clone(), crl, config.clone()));
+    }
     let local = endpoint.local_addr()?;
     if let Some(path) = &config.server.address_file {
         std::fs::write(path, local.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
@@ -204,6 +208,29 @@ fn previous_summary(run_dir: &std::path::Path, checkpoint_round: u32) -> Option<
         Err(error) => {
             warn!(path = %path.display(), "cannot read the previous summary ({error}); starting a new one");
             None
+        }
+    }
+}
+
+/// Watches the CRL file and swaps the endpoint's TLS configuration when it changes: new handshakes
+/// see revocations without a restart. A broken CRL is logged and the previous one stays in force.
+async fn reload_crl(endpoint: quinn::Endpoint, kit: KitPaths, crl: PathBuf, config: CoordinatorConfig) {
+    let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut last = modified(&crl);
+    let mut ticker = tokio::time::interval(Duration::from_secs(config.tls.crl_reload_secs.max(1)));
+    loop {
+        ticker.tick().await;
+        let now = modified(&crl);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match quic::server_config(&kit, Some(&crl), &config.transport) {
+            Ok(server_config) => {
+                endpoint.set_server_config(Some(server_config));
+                info!(crl = %crl.display(), "revocation list reloaded");
+            }
+            Err(error) => warn!(crl = %crl.display(), "revocation list not reloaded, the previous one stays: {error}"),
         }
     }
 }
