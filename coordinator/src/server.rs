@@ -141,6 +141,12 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     if let Some(crl) = crl {
         tokio::spawn(reload_crl(endpoint.clone(), kit.clone(), crl, config.clone()));
     }
+    // Every port listens before the address file says the coordinator is up.
+    let status = SharedStatus::default();
+    if let Some(listen) = config.metrics.listen {
+        let bound = crate::metrics::serve(listen, status.clone()).await?;
+        info!(address = %bound, "metrics on http://{bound}/metrics, health on /healthz, state on /status");
+    }
     let local = endpoint.local_addr()?;
     if let Some(path) = &config.server.address_file {
         std::fs::write(path, local.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
@@ -156,11 +162,6 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         inputs,
     });
 
-    let status = SharedStatus::default();
-    if let Some(listen) = config.metrics.listen {
-        let bound = crate::metrics::serve(listen, status.clone()).await?;
-        info!(address = %bound, "metrics on http://{bound}/metrics, health on /healthz, state on /status");
-    }
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
     let summary = RunSummary {
         method: config.aggregation.method.to_string(),

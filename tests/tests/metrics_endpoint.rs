@@ -77,8 +77,16 @@ fn metrics_and_health_during_a_run() {
         assert!(Instant::now() < deadline, "round 1 never finished\n{}", coordinator.logs());
         std::thread::sleep(Duration::from_millis(20));
     }
-    let body = http_get(metrics_port, "/metrics");
-    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    // The driver records the round just after the worker's checkpoint: poll until it has.
+    let body = loop {
+        let body = http_get(metrics_port, "/metrics");
+        assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+        if body.contains("fl_aggregation_duration_seconds_count") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "round 1 never reached the metrics:\n{body}");
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(metric(&body, "fl_round ") >= 1.0);
     assert_eq!(metric(&body, "fl_clients_connected "), 2.0);
     assert!(metric(&body, "fl_updates_total{status=\"accepted\",reason=\"ok\"}") >= 2.0);
