@@ -11,6 +11,7 @@
 //!   for the device's rank) or `Finished`.
 //! - device opens a bidirectional stream per upload: `Update` (with the trained adapter) → `Ack` or
 //!   `Reject`.
+//!
 //! Liveness is QUIC's own keep-alive and idle timeout.
 
 use serde::{Deserialize, Serialize};

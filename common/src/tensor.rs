@@ -56,6 +56,8 @@ pub enum TensorError {
 /// # Safety
 /// `t` must be a contiguous f32 tensor on the CPU with at least one element, it must outlive the
 /// slice, and no other slice or libtorch operation may use the same storage while the slice lives.
+// tch hands out a tensor's storage through `&self` (`data_ptr`); exclusivity is the caller's promise.
+#[allow(clippy::mut_from_ref)]
 pub(crate) unsafe fn f32_storage_mut(t: &Tensor) -> &mut [f32] {
     std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
 }

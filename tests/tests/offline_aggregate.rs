@@ -157,7 +157,7 @@ fn bad_inputs_get_one_clear_line_naming_the_file() {
     assert_fails(&mut aggregate("rbla", &out, &[good[2].clone(), other_layer]), &["other-layer", "other.lora_A"]);
 
     assert_fails(&mut aggregate("fedavg", &out, &good), &["c2", "fedavg"]);
-    assert_fails(&mut aggregate("rbla", &out, &good).args(["--max-rank", "4"]), &["--max-rank 4"]);
+    assert_fails(aggregate("rbla", &out, &good).args(["--max-rank", "4"]), &["--max-rank 4"]);
     // An unknown method is refused by the argument parser, which lists the known ones.
     let output = aggregate("mean", &out, &good).output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -9,14 +9,10 @@ use tch::{Device, Kind, Tensor};
 
 use super::AggregateError;
 
-/// Row-major f32 CPU storage of a contiguous 2-D tensor, as a slice.
-///
-/// SAFETY (for the callers below): `t` is a contiguous f32 CPU tensor that outlives the slice, and
-/// no other slice of the same storage is alive at the same time; `acc` tensors are created and
-/// owned by the accumulators, `x` tensors by the update, so they never share storage.
-unsafe fn storage<'a>(t: &'a Tensor) -> &'a mut [f32] {
-    std::slice::from_raw_parts_mut(t.data_ptr() as *mut f32, t.numel())
-}
+// SAFETY (for both kernels' storage views): `fast_path` checked that both tensors are contiguous
+// f32 CPU tensors with at least one element; `acc` tensors are created and owned by the
+// accumulators and `x` tensors by the update, so they never share storage.
+use crate::tensor::f32_storage_mut as storage;
 
 fn fast_path(acc: &Tensor, x: &Tensor) -> bool {
     acc.kind() == Kind::Float
@@ -27,6 +23,8 @@ fn fast_path(acc: &Tensor, x: &Tensor) -> bool {
         && x.is_contiguous()
         && acc.dim() == 2
         && x.dim() == 2
+        && acc.numel() > 0
+        && x.numel() > 0
 }
 
 /// `acc[i, :] += f·x[i, :]` for rows `start..end` (A factors: slot = row).
@@ -37,7 +35,7 @@ pub(super) fn add_rows(acc: &Tensor, x: &Tensor, start: usize, end: usize, f: f3
         return Ok(());
     }
     let width = acc.size()[1] as usize;
-    // SAFETY: see `storage`; `acc` and `x` are distinct contiguous f32 CPU tensors.
+    // SAFETY: see the note on `storage` above; `acc` and `x` are distinct contiguous f32 CPU tensors.
     let (acc, x) = unsafe { (storage(acc), storage(x) as &[f32]) };
     let range = start * width..end * width;
     for (a, v) in acc[range.clone()].iter_mut().zip(&x[range]) {
@@ -54,7 +52,7 @@ pub(super) fn add_cols(acc: &Tensor, x: &Tensor, start: usize, end: usize, f: f3
         return Ok(());
     }
     let (acc_width, x_width) = (acc.size()[1] as usize, x.size()[1] as usize);
-    // SAFETY: see `storage`; `acc` and `x` are distinct contiguous f32 CPU tensors.
+    // SAFETY: see the note on `storage` above; `acc` and `x` are distinct contiguous f32 CPU tensors.
     let (acc, x) = unsafe { (storage(acc), storage(x) as &[f32]) };
     for (acc_row, x_row) in acc.chunks_exact_mut(acc_width).zip(x.chunks_exact(x_width)) {
         for (a, v) in acc_row[start..end].iter_mut().zip(&x_row[start..end]) {

@@ -158,8 +158,8 @@ impl SlotSums {
             for (slot, d) in divisors.iter().enumerate() {
                 if d.is_none() {
                     let slot = slot as i64;
-                    let _ = a.f_narrow(0, slot, 1)?.f_copy_(&prev_a.f_narrow(0, slot, 1)?)?;
-                    let _ = b.f_narrow(1, slot, 1)?.f_copy_(&prev_b.f_narrow(1, slot, 1)?)?;
+                    a.f_narrow(0, slot, 1)?.f_copy_(&prev_a.f_narrow(0, slot, 1)?)?;
+                    b.f_narrow(1, slot, 1)?.f_copy_(&prev_b.f_narrow(1, slot, 1)?)?;
                 }
             }
             tensors.insert(lora_a_name(&module), a);
