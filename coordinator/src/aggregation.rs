@@ -14,13 +14,11 @@ use tokio::sync::oneshot;
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
+use crate::report::RoundSummary;
 
 pub enum Command {
     /// The global adapter sliced to each rank, packed for the wire.
-    Slices {
-        ranks: Vec<u32>,
-        reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>>,
-    },
+    Slices { ranks: Vec<u32>, reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>> },
     Fold {
         device: String,
         round: u32,
@@ -29,14 +27,11 @@ pub enum Command {
         tensors: WireTensors,
         reply: oneshot::Sender<Result<(), String>>,
     },
-    Finish {
-        round: u32,
-        reply: oneshot::Sender<Result<RoundOutcome, String>>,
-    },
+    /// Ends the round: `record` holds what the driver knows (updates, duration); the worker adds
+    /// the aggregation time and the evaluation and keeps it in the checkpoint.
+    Finish { round: u32, record: RoundSummary, reply: oneshot::Sender<Result<RoundOutcome, String>> },
     /// Drop what the current round folded (a skipped round); the global adapter is unchanged.
-    Discard {
-        reply: oneshot::Sender<Result<(), String>>,
-    },
+    Discard { reply: oneshot::Sender<Result<(), String>> },
 }
 
 #[derive(Debug, Clone)]
@@ -45,8 +40,8 @@ pub struct RoundOutcome {
     pub updates: usize,
     pub global_dir: PathBuf,
     pub seconds: f64,
-    /// Test-set results at R_max and at each rank that took part (empty without a test set).
-    pub evaluation: Vec<RankAccuracy>,
+    /// The round's complete record, as kept in its checkpoint.
+    pub record: RoundSummary,
 }
 
 pub struct WorkerSettings {
@@ -121,8 +116,8 @@ impl Worker {
                 Command::Fold { device, round, rank, num_samples, tensors, reply } => {
                     let _ = reply.send(self.fold(&device, round, rank, num_samples, &tensors));
                 }
-                Command::Finish { round, reply } => {
-                    let _ = reply.send(self.finish(round));
+                Command::Finish { round, record, reply } => {
+                    let _ = reply.send(self.finish(round, record));
                 }
                 Command::Discard { reply } => {
                     self.round_ranks.clear();
@@ -176,7 +171,7 @@ impl Worker {
         Ok(())
     }
 
-    fn finish(&mut self, round: u32) -> Result<RoundOutcome, String> {
+    fn finish(&mut self, round: u32, mut record: RoundSummary) -> Result<RoundOutcome, String> {
         let started = Instant::now();
         let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
         let updates = finished.folded();
@@ -193,18 +188,6 @@ impl Worker {
         self.accumulator =
             Some(self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string())?);
         outcome?;
-        let config = PeftConfig::for_adapter(&self.global, self.settings.lora_alpha);
-        let metadata = HashMap::from([
-            ("round".to_string(), round.to_string()),
-            ("method".to_string(), self.settings.method.to_string()),
-        ]);
-        let state = CheckpointState {
-            round,
-            method: self.settings.method.to_string(),
-            fingerprint: self.settings.fingerprint.clone(),
-        };
-        let global_dir = checkpoint::write(&self.settings.run_dir, &state, &self.global, &config, metadata)
-            .map_err(|e| format!("cannot write the checkpoint of round {round}: {e:#}"))?;
         let seconds = started.elapsed().as_secs_f64();
         let ranks = std::mem::take(&mut self.round_ranks);
         let evaluation = match &self.settings.evaluator {
@@ -215,6 +198,22 @@ impl Worker {
             }
             None => Vec::new(),
         };
-        Ok(RoundOutcome { round, updates, global_dir, seconds, evaluation })
+        record.aggregation_seconds = seconds;
+        record.evaluation = evaluation;
+        record.global_dir = Some(checkpoint::checkpoint_dir(&self.settings.run_dir, round));
+        let config = PeftConfig::for_adapter(&self.global, self.settings.lora_alpha);
+        let metadata = HashMap::from([
+            ("round".to_string(), round.to_string()),
+            ("method".to_string(), self.settings.method.to_string()),
+        ]);
+        let state = CheckpointState {
+            round,
+            method: self.settings.method.to_string(),
+            fingerprint: self.settings.fingerprint.clone(),
+            record: Some(record.clone()),
+        };
+        let global_dir = checkpoint::write(&self.settings.run_dir, &state, &self.global, &config, metadata)
+            .map_err(|e| format!("cannot write the checkpoint of round {round}: {e:#}"))?;
+        Ok(RoundOutcome { round, updates, global_dir, seconds, record })
     }
 }

@@ -16,14 +16,19 @@ use flotilla_common::adapter::{write_atomically, Adapter, PeftConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
+use crate::report::RoundSummary;
 
 pub const STATE_FILE: &str = "state.json";
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CheckpointState {
     pub round: u32,
     pub method: String,
     pub fingerprint: String,
+    /// What happened in the round (updates, evaluation), kept with its adapter so a restart never
+    /// loses it.
+    #[serde(default)]
+    pub record: Option<RoundSummary>,
 }
 
 /// FNV-1a over the canonical JSON of the settings a resumed run must share with its checkpoint.
@@ -112,6 +117,17 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
     Ok(best)
 }
 
+/// The round records kept in the checkpoints of rounds `1..=upto`, in order (rounds whose checkpoint
+/// has no record are left out).
+pub fn records(run_dir: &Path, upto: u32) -> Vec<RoundSummary> {
+    (1..=upto)
+        .filter_map(|round| {
+            let text = fs::read(checkpoint_dir(run_dir, round).join(STATE_FILE)).ok()?;
+            serde_json::from_slice::<CheckpointState>(&text).ok()?.record
+        })
+        .collect()
+}
+
 /// Loads a checkpoint's global adapter and checks it against the current configuration.
 pub fn resume(dir: &Path, state: &CheckpointState, config: &CoordinatorConfig) -> Result<Adapter> {
     let expected = fingerprint(config);
@@ -160,7 +176,7 @@ mod tests {
     }
 
     fn save(dir: &Path, config: &CoordinatorConfig, round: u32, global: &Adapter) {
-        let state = CheckpointState { round, method: "rbla".into(), fingerprint: fingerprint(config) };
+        let state = CheckpointState { round, method: "rbla".into(), fingerprint: fingerprint(config), record: None };
         write(dir, &state, global, &PeftConfig::for_adapter(global, 16.0), HashMap::new()).unwrap();
     }
 

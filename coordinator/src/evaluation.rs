@@ -11,7 +11,7 @@ use flotilla_common::data::Dataset;
 use flotilla_common::model::{Architecture, BaseWeights, LoraModel};
 use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankAccuracy {
     pub rank: usize,
     pub loss: f64,

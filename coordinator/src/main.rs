@@ -7,6 +7,7 @@ mod engine;
 mod evaluation;
 mod metrics;
 mod offline;
+mod report;
 mod server;
 
 use std::net::SocketAddr;
@@ -165,7 +166,7 @@ async fn fetch_status(address: SocketAddr) -> Result<metrics::Status> {
     serde_json::from_str(body).with_context(|| format!("{address}: unexpected /status reply"))
 }
 
-fn print_summary(summary: &server::RunSummary) {
+fn print_summary(summary: &report::RunSummary) {
     println!(
         "run finished: {} round(s) with {} (R_max {})",
         summary.rounds_completed, summary.method, summary.max_rank

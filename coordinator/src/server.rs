@@ -9,13 +9,12 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_common::protocol::{
-    Ack, CoordinatorMessage, DeviceMessage, Finished, LocalMetrics, ModelSpec, Refusal, Reject, RoundTask,
-    TrainingSettings, Update, Welcome, PROTOCOL_VERSION,
+    Ack, CoordinatorMessage, DeviceMessage, Finished, ModelSpec, Refusal, Reject, RoundTask, TrainingSettings, Update,
+    Welcome, PROTOCOL_VERSION,
 };
 use flotilla_common::quic;
 use flotilla_common::tensor::{DType, WireTensors};
 use flotilla_common::tls::{self, KitPaths};
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -25,7 +24,7 @@ use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, EngineConfig, Event, Phase, Timer};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
 use crate::metrics::{SharedStatus, Status};
-use flotilla_common::adapter::write_atomically;
+use crate::report::{previous_initial_evaluation, write_summary, RoundSummary, RunSummary, UpdateSummary};
 
 /// Limits for the frames a device sends before it is admitted.
 const HELLO_LIMITS: FrameLimits =
@@ -39,37 +38,6 @@ enum Input {
     FoldDone { device: String, update: Update, result: Result<(), String>, reply: oneshot::Sender<CoordinatorMessage> },
     TimerFired { round: u32, timer: Timer },
     AggregationDone { round: u32, result: Result<RoundOutcome, String> },
-}
-
-/// What the coordinator reports at the end of a run; `<run_dir>/summary.json` is rewritten after
-/// every round, and a resumed run continues it.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RunSummary {
-    pub method: String,
-    pub max_rank: u32,
-    pub rounds_completed: u32,
-    pub rounds: Vec<RoundSummary>,
-    pub final_global: Option<PathBuf>,
-    /// Test-set results of the initial global model (base + untrained adapter): the lower bound.
-    pub initial_evaluation: Vec<RankAccuracy>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct RoundSummary {
-    pub round: u32,
-    pub updates: Vec<UpdateSummary>,
-    pub aggregation_seconds: f64,
-    pub round_seconds: f64,
-    pub global_dir: Option<PathBuf>,
-    pub evaluation: Vec<RankAccuracy>,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-pub struct UpdateSummary {
-    pub device: String,
-    pub rank: u32,
-    pub num_samples: u64,
-    pub metrics: LocalMetrics,
 }
 
 struct Shared {
@@ -96,14 +64,22 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         Some((dir, state)) => {
             let global = checkpoint::resume(&dir, &state, &config)?;
             info!(round = state.round, checkpoint = %dir.display(), "resuming after the last finished round");
-            (global, state.round + 1, previous_summary(&run_dir, state.round))
+            (global, state.round + 1, Some(checkpoint::records(&run_dir, state.round)))
         }
         None => (architecture.init_adapter(max_rank as usize, config.model.seed)?, 1, None),
     };
+    let resumed_summary = |rounds: Vec<RoundSummary>, initial_evaluation: Vec<RankAccuracy>| RunSummary {
+        method: config.aggregation.method.to_string(),
+        max_rank,
+        rounds_completed: first_round - 1,
+        final_global: rounds.last().and_then(|r| r.global_dir.clone()),
+        rounds,
+        initial_evaluation,
+    };
     if first_round > config.round.rounds {
         info!("all {} rounds were already completed; nothing to do", config.round.rounds);
-        return history
-            .ok_or_else(|| anyhow::anyhow!("run complete, but {}/summary.json is unreadable", run_dir.display()));
+        let initial = previous_initial_evaluation(&run_dir).unwrap_or_default();
+        return Ok(resumed_summary(history.unwrap_or_default(), initial));
     }
     let evaluator = match &config.evaluation.test_data {
         Some(dir) => Some(
@@ -163,23 +139,13 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     });
 
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
-    let summary = RunSummary {
-        method: config.aggregation.method.to_string(),
-        max_rank,
-        rounds_completed: first_round - 1,
-        rounds: Vec::new(),
-        final_global: None,
-        initial_evaluation,
-    };
-    // A resumed run continues the summary of the rounds before its checkpoint.
+    // A resumed run continues the records of the rounds before its checkpoint.
     let summary = match history {
-        Some(previous) => RunSummary {
-            rounds: previous.rounds,
-            final_global: previous.final_global,
-            initial_evaluation: previous.initial_evaluation,
-            ..summary
-        },
-        None => summary,
+        Some(rounds) => {
+            let initial = previous_initial_evaluation(&run_dir).unwrap_or(initial_evaluation);
+            resumed_summary(rounds, initial)
+        }
+        None => resumed_summary(Vec::new(), initial_evaluation),
     };
     let summary = RoundDriver::new(shared.clone(), worker, summary, first_round, status).run(receiver).await;
     acceptor.abort();
@@ -189,28 +155,6 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let summary = summary?;
     write_summary(&run_dir, &summary)?;
     Ok(summary)
-}
-
-fn write_summary(run_dir: &std::path::Path, summary: &RunSummary) -> anyhow::Result<()> {
-    let path = run_dir.join("summary.json");
-    write_atomically(&path, &serde_json::to_vec_pretty(summary)?).map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// The summary written before a restart, trimmed to the rounds the checkpoint covers.
-fn previous_summary(run_dir: &std::path::Path, checkpoint_round: u32) -> Option<RunSummary> {
-    let path = run_dir.join("summary.json");
-    let text = std::fs::read(&path).ok()?;
-    match serde_json::from_slice::<RunSummary>(&text) {
-        Ok(mut summary) => {
-            summary.rounds.retain(|r| r.round <= checkpoint_round);
-            summary.rounds_completed = checkpoint_round;
-            Some(summary)
-        }
-        Err(error) => {
-            warn!(path = %path.display(), "cannot read the previous summary ({error}); starting a new one");
-            None
-        }
-    }
 }
 
 /// Watches the CRL file and swaps the endpoint's TLS configuration when it changes: new handshakes
@@ -510,34 +454,26 @@ impl RoundDriver {
     }
 
     fn record_round(&mut self, outcome: RoundOutcome) {
+        let record = outcome.record;
         metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.shared.config.aggregation.method.name())
             .record(outcome.seconds);
-        for result in &outcome.evaluation {
+        metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
+        for result in &record.evaluation {
             metrics::gauge!("fl_eval_accuracy", "rank" => result.rank.to_string()).set(result.accuracy);
         }
-        let total = self.shared.config.round.rounds;
-        let updates = self.accepted.remove(&outcome.round).unwrap_or_default();
-        let ranks: Vec<String> = updates.iter().map(|u| u.rank.to_string()).collect();
+        let ranks: Vec<String> = record.updates.iter().map(|u| u.rank.to_string()).collect();
         info!(
-            "[round {}/{total}] aggregated {} updates (ranks {}) with {} in {:.1} ms → {}",
+            "[round {}/{}] aggregated {} updates (ranks {}) with {} in {:.1} ms → {}",
             outcome.round,
+            self.shared.config.round.rounds,
             outcome.updates,
             ranks.join(","),
             self.shared.config.aggregation.method,
             outcome.seconds * 1e3,
             outcome.global_dir.display()
         );
-        let round_seconds = self.round_started.get(&outcome.round).map(|t| t.elapsed().as_secs_f64()).unwrap_or(0.0);
-        metrics::histogram!("fl_round_duration_seconds").record(round_seconds);
-        self.summary.final_global = Some(outcome.global_dir.clone());
-        self.summary.rounds.push(RoundSummary {
-            round: outcome.round,
-            updates,
-            aggregation_seconds: outcome.seconds,
-            round_seconds,
-            global_dir: Some(outcome.global_dir),
-            evaluation: outcome.evaluation,
-        });
+        self.summary.final_global = Some(outcome.global_dir);
+        self.summary.rounds.push(record);
         self.summary.rounds_completed = self.summary.rounds.last().map_or(0, |r| r.round);
         if let Err(error) = write_summary(&self.shared.config.server.run_dir, &self.summary) {
             warn!("cannot write summary.json: {error:#}");
@@ -569,8 +505,16 @@ impl RoundDriver {
                 Action::Aggregate { round, .. } => {
                     let worker = self.worker.clone();
                     let inputs = self.shared.inputs.clone();
+                    let record = RoundSummary {
+                        round,
+                        updates: self.accepted.remove(&round).unwrap_or_default(),
+                        aggregation_seconds: 0.0,
+                        round_seconds: self.round_started.get(&round).map_or(0.0, |t| t.elapsed().as_secs_f64()),
+                        global_dir: None,
+                        evaluation: Vec::new(),
+                    };
                     tokio::spawn(async move {
-                        let result = worker.request(|reply| Command::Finish { round, reply }).await;
+                        let result = worker.request(|reply| Command::Finish { round, record, reply }).await;
                         let _ = inputs.send(Input::AggregationDone { round, result });
                     });
                 }

@@ -122,6 +122,8 @@ fn sigkill_mid_run_then_restart_resumes_after_the_last_finished_round() {
     assert_eq!(summary["rounds_completed"], 3);
     let rounds: Vec<u64> = summary["rounds"].as_array().unwrap().iter().map(|r| r["round"].as_u64().unwrap()).collect();
     assert_eq!(rounds, vec![1, 2, 3], "one entry per round, before and after the restart");
+    // Round 1's record survived the kill with its checkpoint, even if summary.json had not caught up.
+    assert_eq!(summary["rounds"][0]["updates"].as_array().unwrap().len(), 2, "{summary}");
     assert!(!run.join("global").read_dir().unwrap().any(|e| e
         .unwrap()
         .file_name()
