@@ -241,6 +241,14 @@ impl LoraModel {
         let started = Instant::now();
         let eval_batch = 1024;
         let (loss_before, _) = self.evaluate(data, eval_batch);
+        self.train_steps(data, settings)?;
+        let (loss_after, accuracy) = self.evaluate(data, eval_batch);
+        Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds: started.elapsed().as_secs_f64() })
+    }
+
+    /// `settings.local_steps` AdamW steps on minibatches drawn with `settings.seed`, without
+    /// evaluation (what the probe times).
+    pub fn train_steps(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<(), ModelError> {
         let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(&self.store, settings.learning_rate)?;
         // Our own generator, not libtorch's process-global one: simulated devices train concurrently.
         let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
@@ -254,8 +262,7 @@ impl LoraModel {
             let loss = self.forward(&x).cross_entropy_for_logits(&y);
             optimizer.backward_step(&loss);
         }
-        let (loss_after, accuracy) = self.evaluate(data, eval_batch);
-        Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds: started.elapsed().as_secs_f64() })
+        Ok(())
     }
 
     pub fn layer_names(&self) -> impl Iterator<Item = &str> {

@@ -1,5 +1,7 @@
 //! `flotilla-edge`: the device side of Flotilla.
 
+mod probe;
+mod rank_policy;
 mod session;
 mod trainer;
 
@@ -34,6 +36,32 @@ struct Cli {
 enum Command {
     /// Join the coordinator's run and train every round until it is finished.
     Run(RunArgs),
+    /// Show this device's hardware, a timed LoRA training step, and the rank the policy picks.
+    Probe(ProbeArgs),
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Device class whose budgets to apply (phone, laptop, desktop, gpu); unset: this device's own.
+    #[arg(long)]
+    device_class: Option<String>,
+    #[arg(long, default_value_t = 1)]
+    min_rank: u32,
+    #[arg(long, default_value_t = 64)]
+    max_rank: u32,
+    /// The model to time (an MLP): inputs, hidden layer sizes (comma-separated), classes.
+    #[arg(long, default_value_t = 784)]
+    input: u32,
+    #[arg(long, default_value = "128,64", value_delimiter = ',')]
+    hidden: Vec<u32>,
+    #[arg(long, default_value_t = 10)]
+    classes: u32,
+    #[arg(long, default_value_t = 32)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    format: String,
 }
 
 #[derive(clap::Args)]
@@ -94,6 +122,13 @@ fn main() {
     let cli = Cli::parse();
     flotilla_common::logging::init(&cli.log_format);
     let code = match cli.command {
+        Command::Probe(args) => match run_probe(args) {
+            Ok(()) => 0,
+            Err(error) => {
+                eprintln!("flotilla-edge: {error:#}");
+                1
+            }
+        },
         Command::Run(args) => match run(args) {
             Ok(()) => 0,
             Err(error) => {
@@ -111,6 +146,72 @@ fn main() {
         },
     };
     std::process::exit(code);
+}
+
+fn run_probe(args: ProbeArgs) -> Result<()> {
+    anyhow::ensure!(args.min_rank >= 1 && args.min_rank <= args.max_rank, "need 1 <= --min-rank <= --max-rank");
+    anyhow::ensure!(!args.hidden.is_empty() && args.hidden.iter().all(|&h| h > 0), "--hidden needs sizes > 0");
+    let device_class = args.device_class.unwrap_or_else(|| "this-device".into());
+    if device_class != "this-device" && probe::class_budgets(&device_class).is_none() {
+        anyhow::bail!("unknown device class '{device_class}' (known: phone, laptop, desktop, gpu)");
+    }
+    let report = probe::probe(&probe::ProbeSettings {
+        architecture: flotilla_common::model::Architecture::Mlp {
+            input: args.input,
+            hidden: args.hidden,
+            classes: args.classes,
+        },
+        device_class,
+        r_min: args.min_rank,
+        r_max: args.max_rank,
+        threads: args.threads,
+        batch_size: args.batch_size,
+        time_budget: Duration::from_secs(2),
+    })?;
+    if args.format == "json" {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    println!(
+        "cpu: {} ({} logical cores, {} physical)",
+        report.cpu_model,
+        report.logical_cores,
+        report.physical_cores.map_or("?".into(), |n| n.to_string())
+    );
+    println!(
+        "memory: {:.0} MiB available of {:.0} MiB{}",
+        mib(report.memory_available_bytes),
+        mib(report.memory_total_bytes),
+        report.cgroup_memory_limit_bytes.map_or(String::new(), |l| format!(" (container limit {:.0} MiB)", mib(l)))
+    );
+    println!(
+        "cuda: {} ({} device(s)); training on {}",
+        report.cuda_available, report.cuda_devices, report.training_device
+    );
+    for (rank, ms) in &report.step_ms {
+        println!("training step at rank {rank}: {ms:.2} ms (median)");
+    }
+    println!(
+        "budgets ({}): memory {:.0} MiB, upload {:.0} MiB per round, step {:.0} ms",
+        report.device_class,
+        mib(report.budgets.memory_bytes),
+        mib(report.budgets.upload_bytes),
+        report.budgets.step_ms
+    );
+    println!("{:>5} {:>12} {:>12} {:>9}  fits", "rank", "train mem", "upload", "step");
+    for row in &report.choice.candidates {
+        println!(
+            "{:>5} {:>10.2}Mi {:>10.2}Mi {:>7.2}ms  {}",
+            row.rank,
+            mib(row.training_memory_bytes),
+            mib(row.upload_bytes),
+            row.step_ms,
+            row.exceeds.map_or("yes".to_string(), |b| format!("no ({b})"))
+        );
+    }
+    println!("chosen rank: {} — {}", report.choice.rank, report.choice.reason);
+    Ok(())
 }
 
 fn run(args: RunArgs) -> Result<()> {

@@ -1,0 +1,163 @@
+//! `flotilla-edge probe`: what this device can do — CPU, memory (container limits respected), CUDA
+//! through libtorch — and how long one real LoRA training step of the model takes here, measured on
+//! a dedicated thread. The rank policy turns that into the rank to ask for.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use flotilla_common::data::synthetic_classification;
+use flotilla_common::model::{Architecture, LoraModel};
+use flotilla_common::protocol::TrainingSettings;
+use serde::Serialize;
+
+use crate::rank_policy::{self, AdapterSize, Budgets, RankChoice};
+
+/// Budgets for a device class, to emulate weaker hardware in trials. `None` (no class given) uses
+/// the device's own measurements: a quarter of the available memory, 64 MiB of upload and 250 ms
+/// per step.
+pub fn class_budgets(class: &str) -> Option<Budgets> {
+    const MIB: u64 = 1 << 20;
+    Some(match class {
+        "phone" => Budgets { memory_bytes: 256 * MIB, upload_bytes: 4 * MIB, step_ms: 50.0 },
+        "laptop" => Budgets { memory_bytes: 1024 * MIB, upload_bytes: 16 * MIB, step_ms: 100.0 },
+        "desktop" => Budgets { memory_bytes: 4096 * MIB, upload_bytes: 64 * MIB, step_ms: 200.0 },
+        "gpu" => Budgets { memory_bytes: 16384 * MIB, upload_bytes: 256 * MIB, step_ms: 200.0 },
+        _ => return None,
+    })
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProbeReport {
+    pub cpu_model: String,
+    pub logical_cores: usize,
+    pub physical_cores: Option<usize>,
+    pub memory_total_bytes: u64,
+    pub memory_available_bytes: u64,
+    /// The container (cgroup) memory limit, when one applies.
+    pub cgroup_memory_limit_bytes: Option<u64>,
+    pub cuda_available: bool,
+    pub cuda_devices: i64,
+    pub training_device: String,
+    /// Median LoRA training step time (ms) at the ranks measured.
+    pub step_ms: BTreeMap<u32, f64>,
+    pub device_class: String,
+    pub budgets: Budgets,
+    pub choice: RankChoice,
+}
+
+pub struct ProbeSettings {
+    pub architecture: Architecture,
+    pub device_class: String,
+    pub r_min: u32,
+    pub r_max: u32,
+    pub threads: usize,
+    pub batch_size: usize,
+    /// Time allowed for each rank's measurement.
+    pub time_budget: Duration,
+}
+
+pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
+    let mut system = sysinfo::System::new().map_err(|e| anyhow::anyhow!("cannot read system information: {e}"))?;
+    system.refresh_memory();
+    system.refresh_cpu_all();
+    let cgroup = system.cgroup_limits();
+    let memory_available = match &cgroup {
+        Some(limits) => limits.free_memory.min(system.available_memory()),
+        None => system.available_memory(),
+    };
+    let cpu_model = system.cpus().first().map(|c| c.brand().trim().to_string()).unwrap_or_default();
+    let logical_cores = system.cpus().len().max(1);
+
+    let candidates = rank_policy::candidates(settings.r_min, settings.r_max);
+    let measured: Vec<u32> = match (candidates.first(), candidates.last()) {
+        (Some(&lo), Some(&hi)) if lo != hi => vec![lo, hi],
+        (Some(&only), _) => vec![only],
+        _ => Vec::new(),
+    };
+    let step_ms = measure_steps(settings, &measured)?;
+    let interpolate = |rank: u32| -> f64 {
+        match (measured.first(), measured.last()) {
+            (Some(&lo), Some(&hi)) if hi > lo => {
+                let t = f64::from(rank - lo) / f64::from(hi - lo);
+                step_ms[&lo] + t * (step_ms[&hi] - step_ms[&lo])
+            }
+            (Some(&only), _) => step_ms[&only],
+            _ => 0.0,
+        }
+    };
+    let budgets = class_budgets(&settings.device_class).unwrap_or(Budgets {
+        memory_bytes: memory_available / 4,
+        upload_bytes: 64 << 20,
+        step_ms: 250.0,
+    });
+    let per_rank: u64 = settings.architecture.adapted_layers().iter().map(|l| (l.d_in + l.d_out) as u64).sum();
+    let head = (settings.architecture.classes()
+        * (settings.architecture.adapted_layers().last().map_or(settings.architecture.input_size(), |l| l.d_out) + 1))
+        as u64;
+    let choice = rank_policy::choose(
+        AdapterSize { per_rank, fixed: head },
+        interpolate,
+        budgets,
+        settings.r_min,
+        settings.r_max,
+    );
+    Ok(ProbeReport {
+        cpu_model,
+        logical_cores,
+        physical_cores: sysinfo::System::physical_core_count().ok(),
+        memory_total_bytes: cgroup
+            .as_ref()
+            .map_or(system.total_memory(), |c| c.total_memory.min(system.total_memory())),
+        memory_available_bytes: memory_available,
+        cgroup_memory_limit_bytes: cgroup.map(|c| c.total_memory),
+        cuda_available: tch::Cuda::is_available(),
+        cuda_devices: tch::Cuda::device_count(),
+        training_device: format!("{:?}", tch::Device::cuda_if_available()),
+        step_ms,
+        device_class: settings.device_class.clone(),
+        budgets,
+        choice,
+    })
+}
+
+/// Median step time at each rank, on a dedicated thread (as training runs), after 3 warm-up steps.
+fn measure_steps(settings: &ProbeSettings, ranks: &[u32]) -> anyhow::Result<BTreeMap<u32, f64>> {
+    let (architecture, ranks, threads, batch, budget) =
+        (settings.architecture.clone(), ranks.to_vec(), settings.threads, settings.batch_size, settings.time_budget);
+    std::thread::Builder::new()
+        .name("probe".into())
+        .spawn(move || -> anyhow::Result<BTreeMap<u32, f64>> {
+            tch::set_num_threads(threads.max(1) as i32);
+            let device = tch::Device::cuda_if_available();
+            let base = architecture.init_base(1);
+            let data =
+                synthetic_classification(batch.max(1) * 8, architecture.input_size(), architecture.classes(), 1, 2);
+            let mut out = BTreeMap::new();
+            for rank in ranks {
+                let adapter = architecture.init_adapter(rank as usize, 3)?;
+                let mut model = LoraModel::new(&architecture, &base, &adapter, 1.0, device)?;
+                const STEPS: u32 = 5; // per sample, so the optimizer's creation is amortised
+                let step =
+                    TrainingSettings { local_steps: STEPS, batch_size: batch as u32, learning_rate: 1e-3, seed: 1 };
+                let mut times = Vec::new();
+                let started = Instant::now();
+                for i in 0..53 {
+                    let t = Instant::now();
+                    model.train_steps(&data, &step)?;
+                    if i >= 3 {
+                        times.push(t.elapsed().as_secs_f64() * 1e3 / f64::from(STEPS));
+                    }
+                    if started.elapsed() > budget && times.len() >= 5 {
+                        break;
+                    }
+                }
+                times.sort_by(f64::total_cmp);
+                out.insert(rank, times[times.len() / 2]);
+            }
+            Ok(out)
+        })
+        .context("cannot start the probe thread")?
+        .join()
+        .map_err(|_| anyhow::anyhow!("the probe thread panicked"))?
+}
