@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::tensor::{f32_tensor_from_le_bytes, DType, TensorError, WireTensors};
+use crate::tensor::{all_finite_bytes, f32_tensor_from_le_bytes, DType, FloatBits, TensorError, WireTensors};
 
 pub const LORA_A_SUFFIX: &str = ".lora_A.weight";
 pub const LORA_B_SUFFIX: &str = ".lora_B.weight";
@@ -292,30 +292,6 @@ impl Adapter {
             message: format!("not a valid adapter config: {e}"),
         })?;
         Ok(LoadedAdapter { adapter, config, metadata: header.metadata().clone().unwrap_or_default() })
-    }
-}
-
-/// Floating-point layouts whose finiteness can be read off the bits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FloatBits {
-    F32,
-    F16,
-    BF16,
-}
-
-/// Whether every little-endian value in `bytes` is finite: a value is NaN or infinite exactly when
-/// its exponent bits are all ones. One pass, no allocation.
-pub fn all_finite_bytes(bytes: &[u8], bits: FloatBits) -> bool {
-    match bits {
-        FloatBits::F32 => bytes
-            .chunks_exact(4)
-            .fold(true, |ok, c| ok & (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 != 0x7f80_0000)),
-        FloatBits::BF16 => {
-            bytes.chunks_exact(2).fold(true, |ok, c| ok & (u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80))
-        }
-        FloatBits::F16 => {
-            bytes.chunks_exact(2).fold(true, |ok, c| ok & (u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00))
-        }
     }
 }
 

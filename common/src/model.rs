@@ -264,10 +264,6 @@ impl LoraModel {
         }
         Ok(())
     }
-
-    pub fn layer_names(&self) -> impl Iterator<Item = &str> {
-        self.layers.iter().map(|l| l.name.as_str())
-    }
 }
 
 #[cfg(test)]

@@ -51,6 +51,30 @@ pub enum TensorError {
     },
 }
 
+/// Floating-point layouts whose finiteness can be read off the bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FloatBits {
+    F32,
+    F16,
+    BF16,
+}
+
+/// Whether every little-endian value in `bytes` is finite: a value is NaN or infinite exactly when
+/// its exponent bits are all ones. One pass, no allocation.
+pub fn all_finite_bytes(bytes: &[u8], bits: FloatBits) -> bool {
+    match bits {
+        FloatBits::F32 => bytes
+            .chunks_exact(4)
+            .fold(true, |ok, c| ok & (u32::from_le_bytes([c[0], c[1], c[2], c[3]]) & 0x7f80_0000 != 0x7f80_0000)),
+        FloatBits::BF16 => {
+            bytes.chunks_exact(2).fold(true, |ok, c| ok & (u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80))
+        }
+        FloatBits::F16 => {
+            bytes.chunks_exact(2).fold(true, |ok, c| ok & (u16::from_le_bytes([c[0], c[1]]) & 0x7c00 != 0x7c00))
+        }
+    }
+}
+
 /// The storage of a contiguous f32 CPU tensor as a mutable slice.
 ///
 /// # Safety
@@ -171,7 +195,7 @@ impl WireTensors {
                     tensor
                 }
                 DType::BF16 => {
-                    all_finite &= bytes.chunks_exact(2).all(|c| u16::from_le_bytes([c[0], c[1]]) & 0x7f80 != 0x7f80);
+                    all_finite &= all_finite_bytes(bytes, FloatBits::BF16);
                     Tensor::f_from_data_size(bytes, &shape, Kind::BFloat16)
                         .and_then(|t| t.f_to_kind(Kind::Float))
                         .map_err(|source| TensorError::Torch { name: desc.name.clone(), source })?

@@ -72,22 +72,6 @@ fn main() {
     let ranks: Vec<usize> = (0..CLIENTS).map(|k| RANKS[k % RANKS.len()]).collect();
     let wires: Vec<WireTensors> =
         ranks.iter().map(|&r| client_adapter(layers, r).to_wire(DType::F32).expect("wire")).collect();
-    if std::env::var_os("FLOTILLA_BENCH_DECODE_PARTS").is_some() {
-        let scan = seconds(|| {
-            for w in &wires {
-                std::hint::black_box(flotilla_common::adapter::all_finite_bytes(
-                    &w.body,
-                    flotilla_common::adapter::FloatBits::F32,
-                ));
-            }
-        });
-        let copy = seconds(|| {
-            for w in &wires {
-                std::hint::black_box(w.to_tensors().expect("tensors"));
-            }
-        });
-        eprintln!("decode parts: finiteness scan {scan:.3} s, copy into tensors {copy:.3} s");
-    }
     let mut clients: Vec<(Adapter, u64)> = Vec::new();
     let decode = seconds(|| {
         clients = wires

@@ -140,6 +140,21 @@ pub fn wait_for_file(path: &Path, timeout: Duration, process: &mut Process) -> S
     }
 }
 
+/// Writes `config` (TOML whose `[server]` has `address_file = "<run>/addr"`) to `<run>/c.toml`,
+/// starts `flotilla-coordinator serve` on it (logs in `<run>/logs`) and waits until it listens.
+/// Returns the process and its QUIC address.
+pub fn start_coordinator(run: &Path, config: &str) -> (Process, String) {
+    let path = run.join("c.toml");
+    std::fs::write(&path, config).expect("config file");
+    let mut coordinator = Process::spawn(
+        "coordinator",
+        Command::new(binary("flotilla-coordinator")).args(["serve", "--config"]).arg(&path),
+        &run.join("logs"),
+    );
+    let address = wait_for_file(&run.join("addr"), Duration::from_secs(30), &mut coordinator);
+    (coordinator, address)
+}
+
 /// A 2-D f32 matrix read from a safetensors file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {

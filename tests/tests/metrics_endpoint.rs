@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, provision, wait_for_file, Process};
+use flotilla_tests::{binary, provision, start_coordinator, Process};
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -46,14 +46,8 @@ fn metrics_and_health_during_a_run() {
          [model.architecture.mlp]\ninput = 64\nhidden = [64]\nclasses = 10\n",
         run = run.display()
     );
-    std::fs::write(run.join("c.toml"), config).unwrap();
+    let (mut coordinator, address) = start_coordinator(run, &config);
     let logs = run.join("logs");
-    let mut coordinator = Process::spawn(
-        "coordinator",
-        Command::new(binary("flotilla-coordinator")).args(["serve", "--config"]).arg(run.join("c.toml")),
-        &logs,
-    );
-    let address = wait_for_file(&run.join("addr"), Duration::from_secs(30), &mut coordinator);
     let health = http_get(metrics_port, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
 

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, certs, provision, wait_for_file, Process};
+use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
 
 #[test]
 fn a_device_revoked_while_the_coordinator_runs_is_refused() {
@@ -20,14 +20,8 @@ fn a_device_revoked_while_the_coordinator_runs_is_refused() {
          [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
         run = run.display()
     );
-    std::fs::write(run.join("c.toml"), config).unwrap();
+    let (mut coordinator, address) = start_coordinator(run, &config);
     let logs = run.join("logs");
-    let mut coordinator = Process::spawn(
-        "coordinator",
-        Command::new(binary("flotilla-coordinator")).args(["serve", "--config"]).arg(run.join("c.toml")),
-        &logs,
-    );
-    let address = wait_for_file(&run.join("addr"), Duration::from_secs(30), &mut coordinator);
 
     let revoked = certs(&pki, &["revoke", "--id", "stolen"]);
     assert!(String::from_utf8_lossy(&revoked.stdout).contains("revoked device 'stolen'"));
