@@ -19,6 +19,7 @@ use crate::tensor::{TensorDesc, WireTensors};
 pub const HARD_MAX_HEADER_BYTES: u32 = 4 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct FrameLimits {
     pub max_header_bytes: u32,
     pub max_tensors: u32,

@@ -127,18 +127,21 @@ pub fn client_endpoint(kit: &KitPaths, transport: &TransportSettings) -> Result<
     Ok(endpoint)
 }
 
-/// A crypto (TLS) close code is `0x100 + alert`; such failures are permanent (bad or revoked
-/// certificate, unknown CA, wrong protocol) and must not be retried.
+/// TLS alert `no_application_protocol`: the peers share no ALPN id, i.e. no protocol version.
+pub const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
+
+/// The TLS alert behind a connection failure: a crypto close code is `0x100 + alert`.
+pub fn tls_alert(error: &quinn::ConnectionError) -> Option<u8> {
+    let code = match error {
+        quinn::ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
+        quinn::ConnectionError::TransportError(e) => u64::from(e.code),
+        _ => return None,
+    };
+    (0x100..0x200).contains(&code).then(|| (code - 0x100) as u8)
+}
+
+/// TLS failures are permanent (bad or revoked certificate, unknown CA, wrong protocol version) and
+/// must not be retried.
 pub fn is_certificate_failure(error: &quinn::ConnectionError) -> bool {
-    match error {
-        quinn::ConnectionError::ConnectionClosed(close) => {
-            let code = u64::from(close.error_code);
-            (0x100..0x200).contains(&code)
-        }
-        quinn::ConnectionError::TransportError(e) => {
-            let code = u64::from(e.code);
-            (0x100..0x200).contains(&code)
-        }
-        _ => false,
-    }
+    tls_alert(error).is_some()
 }

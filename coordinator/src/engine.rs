@@ -56,6 +56,8 @@ pub enum Event {
     UpdateArrived {
         device: DeviceId,
         round: u32,
+        /// The rank the update declares; it may not exceed the rank the device was assigned.
+        rank: u32,
     },
     /// The aggregator validated and folded the update.
     UpdateFolded {
@@ -80,6 +82,8 @@ pub enum Event {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RejectKind {
     Stale,
+    FutureRound,
+    RankAboveAssigned,
     Duplicate,
     Dropped,
     NotParticipant,
@@ -90,6 +94,8 @@ impl RejectKind {
     pub fn label(self) -> &'static str {
         match self {
             RejectKind::Stale => "stale",
+            RejectKind::FutureRound => "future_round",
+            RejectKind::RankAboveAssigned => "rank_above_assigned",
             RejectKind::Duplicate => "duplicate",
             RejectKind::Dropped => "dropped",
             RejectKind::NotParticipant => "not_participant",
@@ -225,7 +231,7 @@ impl Engine {
                 }
                 self.maybe_close_round(&mut actions);
             }
-            Event::UpdateArrived { device, round } => match self.refusal(&device, round) {
+            Event::UpdateArrived { device, round, rank } => match self.refusal(&device, round, rank) {
                 None => {
                     self.participants.insert(device.clone(), Participation::Folding);
                     actions.push(Action::FoldUpdate { device, round });
@@ -272,11 +278,20 @@ impl Engine {
         actions
     }
 
-    fn refusal(&self, device: &str, round: u32) -> Option<(RejectKind, String)> {
+    fn refusal(&self, device: &str, round: u32, rank: u32) -> Option<(RejectKind, String)> {
+        let assigned = self.connected.get(device).copied();
         match (&self.phase, self.participants.get(device)) {
-            (Phase::Training { round: current }, _) if *current != round => {
+            (Phase::Training { round: current }, _) if round < *current => {
                 Some((RejectKind::Stale, format!("stale update for round {round}; round {current} is running")))
             }
+            (Phase::Training { round: current }, _) if round > *current => Some((
+                RejectKind::FutureRound,
+                format!("update for round {round}, which has not started; round {current} is running"),
+            )),
+            (Phase::Training { .. }, Some(Participation::Training)) if assigned.is_some_and(|a| rank > a) => Some((
+                RejectKind::RankAboveAssigned,
+                format!("update of rank {rank} is above the rank {} this device was assigned", assigned.unwrap_or(0)),
+            )),
             (Phase::Training { .. }, Some(Participation::Training)) => None,
             (Phase::Training { .. }, Some(Participation::Failed)) => {
                 Some((RejectKind::Dropped, "this device was dropped from the round".into()))
@@ -394,7 +409,7 @@ mod tests {
     }
 
     fn upload(e: &mut Engine, device: &str, round: u32) -> Vec<Action> {
-        let mut actions = e.handle(Event::UpdateArrived { device: device.into(), round });
+        let mut actions = e.handle(Event::UpdateArrived { device: device.into(), round, rank: 1 });
         if actions == vec![Action::FoldUpdate { device: device.into(), round }] {
             actions = e.handle(Event::UpdateFolded { device: device.into(), round });
         }
@@ -447,7 +462,7 @@ mod tests {
         assert!(upload(&mut e, "a", 1).is_empty(), "quorum of 2 not yet reached");
         assert_eq!(upload(&mut e, "b", 1), vec![Action::ScheduleTimer { round: 1, timer: Timer::Grace, after: GRACE }]);
         assert_eq!(fire(&mut e, 1, Timer::Grace), vec![Action::Aggregate { round: 1, updates: 2 }]);
-        let late = e.handle(Event::UpdateArrived { device: "c".into(), round: 1 });
+        let late = e.handle(Event::UpdateArrived { device: "c".into(), round: 1, rank: 1 });
         assert!(matches!(&late[..], [Action::RejectUpdate { kind: RejectKind::NoRound, .. }]), "{late:?}");
     }
 
@@ -478,7 +493,7 @@ mod tests {
         join(&mut e, "slow", 2);
         upload(&mut e, "fast", 1);
         assert_eq!(fire(&mut e, 1, Timer::Deadline), vec![Action::Aggregate { round: 1, updates: 1 }]);
-        let late = e.handle(Event::UpdateArrived { device: "slow".into(), round: 1 });
+        let late = e.handle(Event::UpdateArrived { device: "slow".into(), round: 1, rank: 1 });
         assert!(matches!(&late[..], [Action::RejectUpdate { .. }]));
     }
 
@@ -510,13 +525,20 @@ mod tests {
         join(&mut e, "a", 2);
         join(&mut e, "b", 2);
         upload(&mut e, "a", 1);
-        let dup = e.handle(Event::UpdateArrived { device: "a".into(), round: 1 });
+        let dup = e.handle(Event::UpdateArrived { device: "a".into(), round: 1, rank: 1 });
         assert!(matches!(&dup[..], [Action::RejectUpdate { kind: RejectKind::Duplicate, .. }]));
-        let stale = e.handle(Event::UpdateArrived { device: "b".into(), round: 0 });
+        let stale = e.handle(Event::UpdateArrived { device: "b".into(), round: 0, rank: 1 });
         assert!(matches!(&stale[..], [Action::RejectUpdate { kind: RejectKind::Stale, .. }]));
         join(&mut e, "late-joiner", 4);
-        let stranger = e.handle(Event::UpdateArrived { device: "late-joiner".into(), round: 1 });
+        let stranger = e.handle(Event::UpdateArrived { device: "late-joiner".into(), round: 1, rank: 1 });
         assert!(matches!(&stranger[..], [Action::RejectUpdate { kind: RejectKind::NotParticipant, .. }]));
+        let future = e.handle(Event::UpdateArrived { device: "b".into(), round: 2, rank: 1 });
+        assert!(matches!(&future[..], [Action::RejectUpdate { kind: RejectKind::FutureRound, .. }]));
+        // b was assigned rank 2: a rank-4 update is refused and b may still send a proper one.
+        let greedy = e.handle(Event::UpdateArrived { device: "b".into(), round: 1, rank: 4 });
+        assert!(matches!(&greedy[..], [Action::RejectUpdate { kind: RejectKind::RankAboveAssigned, .. }]));
+        let proper = e.handle(Event::UpdateArrived { device: "b".into(), round: 1, rank: 2 });
+        assert_eq!(proper, vec![Action::FoldUpdate { device: "b".into(), round: 1 }]);
         // Timers of other rounds are ignored.
         assert!(fire(&mut e, 7, Timer::Deadline).is_empty());
     }
@@ -542,7 +564,7 @@ mod tests {
         join(&mut e, "a", 2);
         join(&mut e, "b", 2);
         upload(&mut e, "a", 1);
-        e.handle(Event::UpdateArrived { device: "b".into(), round: 1 });
+        e.handle(Event::UpdateArrived { device: "b".into(), round: 1, rank: 1 });
         assert_eq!(
             e.handle(Event::UpdateInvalid { device: "b".into(), round: 1 }),
             vec![Action::Aggregate { round: 1, updates: 1 }]

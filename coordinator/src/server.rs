@@ -30,6 +30,10 @@ use crate::report::{previous_initial_evaluation, write_summary, RoundSummary, Ru
 const HELLO_LIMITS: FrameLimits =
     FrameLimits { max_header_bytes: 16 << 10, max_tensors: 0, max_tensor_dims: 0, max_body_bytes: 0 };
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a refused device gets to receive the Refusal before its connection is closed.
+const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
+/// QUIC close reasons travel in one packet: keep them short.
+const MAX_CLOSE_REASON: usize = 200;
 
 enum Input {
     Joined { device: String, rank: u32, connection: quinn::Connection },
@@ -208,7 +212,9 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
         Ok(rank) => rank,
         Err(error) => {
             warn!(device = %identity, %remote, "not admitted: {error:#}");
-            connection.close(1u32.into(), b"not admitted");
+            // The close reason repeats the refusal for peers that did not wait for the answer.
+            let reason = format!("not admitted: {error:#}");
+            connection.close(1u32.into(), &reason.as_bytes()[..reason.len().min(MAX_CLOSE_REASON)]);
             return;
         }
     };
@@ -262,6 +268,7 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) 
         other => {
             let reason = format!("expected Hello, got {}", message_name(&other));
             reply_and_finish(&mut send, &refusal(reason.clone())).await?;
+            let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
             anyhow::bail!(reason);
         }
     };
@@ -279,6 +286,8 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) 
     };
     if let Some(reason) = problem {
         reply_and_finish(&mut send, &refusal(reason.clone())).await?;
+        // Let the Refusal reach the device before the connection is closed under it.
+        let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
         anyhow::bail!(reason);
     }
     let assigned_rank = assign_rank(hello.requested_rank, &hello.hardware.device_class, &shared.config);
@@ -376,10 +385,10 @@ impl RoundDriver {
                     Event::DeviceLeft { device }
                 }
                 Input::UpdateArrived { device, update, tensors, reply } => {
-                    let round = update.round;
+                    let (round, rank) = (update.round, update.rank);
                     metrics::counter!("fl_update_bytes_total").increment(tensors.body.len() as u64);
                     self.uploads.insert(device.clone(), (update, tensors, reply));
-                    Event::UpdateArrived { device, round }
+                    Event::UpdateArrived { device, round, rank }
                 }
                 Input::FoldDone { device, update, result, reply } => {
                     let round = update.round;

@@ -6,8 +6,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_common::protocol::ALPN;
 use flotilla_common::protocol::{CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, Update, PROTOCOL_VERSION};
-use flotilla_common::quic::is_certificate_failure;
+use flotilla_common::quic::{is_certificate_failure, tls_alert, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_common::tensor::WireTensors;
 use rand::Rng;
 use tracing::{info, warn};
@@ -101,6 +102,14 @@ async fn connect_and_serve(
         .map_err(|e| SessionError::Fatal(format!("cannot connect to {}: {e}", settings.coordinator)))?;
     let connection = match connecting.await {
         Ok(c) => c,
+        Err(error) if tls_alert(&error) == Some(ALERT_NO_APPLICATION_PROTOCOL) => {
+            return Err(SessionError::Fatal(format!(
+                "the coordinator at {} does not speak {} ({error}): this device and the coordinator run \
+                 incompatible protocol versions; install matching releases",
+                settings.coordinator,
+                String::from_utf8_lossy(ALPN)
+            )))
+        }
         Err(error) if is_certificate_failure(&error) => {
             return Err(SessionError::Fatal(format!(
                 "TLS handshake with {} failed ({error}); check the kit's CA certificate and the server name '{}'",
