@@ -8,16 +8,25 @@
 //! <pki>/ca/ca.key              the CA private key (mode 0600; never leaves this directory)
 //! <pki>/registry.json          every certificate issued: kind, id, serial, expiry; revocations
 //! <pki>/crl.pem                the signed revocation list the coordinator loads
+//! <pki>/issued/<serial>.pem    a copy of every certificate issued
 //! <pki>/kits/<name>/           one self-contained kit per participant:
-//!     ca.crt, cert.pem, key.pem (0600)
+//!     ca.crt, cert.pem, key.pem (0600), coordinator.toml or edge.env, README.txt
 //! ```
+//!
+//! Devices that make their own key: `request` (device) → `sign` (CA) → `install` (device);
+//! `renew` (device) → `sign --renew` (CA) → `install` (device) before the certificate expires.
 //!
 //! A device's identity is carried in a URI SAN `urn:flotilla:device:<id>`; the coordinator binds a
 //! session to it (see `flotilla_common::tls::device_identity`).
 
+mod ca_key;
+pub mod csr;
 mod identity;
+pub mod inspect;
+pub mod kit;
 mod pki;
 
+pub use ca_key::read_password_file;
 pub use identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
 pub use pki::{
     CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, PkiError, Registry, RevokedCertificate, DEFAULT_CA_DAYS,

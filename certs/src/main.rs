@@ -4,8 +4,11 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use flotilla_certs::inspect::{describe_pem, CertificateInfo};
+use flotilla_certs::kit::{Placement, DEFAULT_COORDINATOR_ADDRESS, DEFAULT_INSTALL_DIR};
 use flotilla_certs::{
-    CoordinatorRequest, DeviceRequest, Pki, DEFAULT_CA_DAYS, DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS,
+    csr, read_password_file, CoordinatorRequest, DeviceRequest, Pki, DEFAULT_CA_DAYS, DEFAULT_COORDINATOR_DAYS,
+    DEFAULT_DEVICE_DAYS,
 };
 
 /// Provision credentials for a Flotilla deployment: a CA, the coordinator's certificate and one
@@ -14,10 +17,42 @@ use flotilla_certs::{
 #[command(name = "flotilla-certs", version)]
 struct Cli {
     /// The PKI directory (holds the CA, the registry of issued certificates and the kits).
-    #[arg(long, default_value = "pki", env = "FLOTILLA_PKI_DIR")]
+    #[arg(long, global = true, default_value = "pki", env = "FLOTILLA_PKI_DIR")]
     dir: PathBuf,
+    /// File whose first line is the CA key's password (`init` encrypts the key with it).
+    #[arg(long, global = true, env = "FLOTILLA_CA_PASSWORD_FILE")]
+    ca_password_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct PlacementArgs {
+    /// Where the kit will live on its machine (written into its configuration snippet).
+    #[arg(long, default_value = DEFAULT_INSTALL_DIR)]
+    install_dir: PathBuf,
+    /// Devices: the coordinator's host:port. Coordinator: the address to listen on.
+    #[arg(long, default_value = DEFAULT_COORDINATOR_ADDRESS)]
+    address: String,
+    /// Devices: the name in the coordinator's certificate.
+    #[arg(long, default_value = "coordinator")]
+    server_name: String,
+}
+
+impl PlacementArgs {
+    fn placement(&self) -> Placement {
+        Placement {
+            install_dir: self.install_dir.clone(),
+            address: self.address.clone(),
+            server_name: self.server_name.clone(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum Format {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -36,8 +71,61 @@ enum Command {
         #[command(subcommand)]
         what: IssueCommand,
     },
+    /// On a device: make a key and a certificate request (the key never leaves the device).
+    Request {
+        /// The device's id.
+        #[arg(long)]
+        id: String,
+        /// The device's kit directory (created if missing).
+        #[arg(long)]
+        kit: PathBuf,
+        #[command(flatten)]
+        placement: PlacementArgs,
+    },
+    /// At the CA: sign a device's request.csr; writes cert.pem and ca.crt for `install`.
+    Sign {
+        #[arg(long)]
+        csr: PathBuf,
+        /// Directory for the signed certificate (default: <pki>/signed/<id>).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[arg(long, default_value_t = DEFAULT_DEVICE_DAYS)]
+        days: u32,
+        /// The request renews the certificate of a device that already has one.
+        #[arg(long)]
+        renew: bool,
+    },
+    /// On a device: install a signed certificate into the kit (checked against the CA and the key).
+    Install {
+        #[arg(long)]
+        kit: PathBuf,
+        /// The signed certificate (from `sign`).
+        #[arg(long)]
+        cert: PathBuf,
+        /// The CA certificate, when the kit has none yet.
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+    /// On a device: a new key and request for the kit's id, for `sign --renew`; the current
+    /// certificate keeps working until the new one is installed.
+    Renew {
+        #[arg(long)]
+        kit: PathBuf,
+    },
     /// List every certificate issued by this CA, with revocations.
-    List,
+    List {
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
+    /// Show one certificate: by id (from this CA's records) or from a file.
+    Inspect {
+        #[arg(long, conflicts_with = "cert", required_unless_present = "cert")]
+        id: Option<String>,
+        #[arg(long)]
+        cert: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+    },
     /// Revoke a device's certificate: it goes into crl.pem, which a running coordinator reloads.
     Revoke {
         #[arg(long)]
@@ -57,6 +145,8 @@ enum IssueCommand {
         san: Vec<String>,
         #[arg(long, default_value_t = DEFAULT_COORDINATOR_DAYS)]
         days: u32,
+        #[command(flatten)]
+        placement: PlacementArgs,
     },
     /// A device's client certificate; the device id goes into a URI SAN.
     Device {
@@ -65,6 +155,8 @@ enum IssueCommand {
         id: String,
         #[arg(long, default_value_t = DEFAULT_DEVICE_DAYS)]
         days: u32,
+        #[command(flatten)]
+        placement: PlacementArgs,
     },
 }
 
@@ -75,20 +167,31 @@ fn main() {
     }
 }
 
+fn print(info: &CertificateInfo, format: Format) -> Result<()> {
+    match format {
+        Format::Text => print!("{}", info.to_text()),
+        Format::Json => println!("{}", serde_json::to_string_pretty(info)?),
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
+    let password = cli.ca_password_file.as_deref().map(read_password_file).transpose()?;
+    let open = || Pki::open(&cli.dir, password.clone());
     match cli.command {
         Command::Init { name, days } => {
-            Pki::init(&cli.dir, &name, days).context("cannot create the CA")?;
-            println!("created CA in {}", cli.dir.display());
+            Pki::init(&cli.dir, &name, days, password.as_deref()).context("cannot create the CA")?;
+            let protected = if password.is_some() { " (key password-protected)" } else { "" };
+            println!("created CA in {}{protected}", cli.dir.display());
         }
         Command::Issue { what } => {
-            let pki = Pki::open(&cli.dir)?;
+            let pki = open()?;
             let issued = match what {
-                IssueCommand::Coordinator { name, san, days } => pki
-                    .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days })
+                IssueCommand::Coordinator { name, san, days, placement } => pki
+                    .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days }, &placement.placement())
                     .context("cannot issue the coordinator certificate")?,
-                IssueCommand::Device { id, days } => pki
-                    .issue_device(&DeviceRequest { id: &id, days })
+                IssueCommand::Device { id, days, placement } => pki
+                    .issue_device(&DeviceRequest { id: &id, days }, &placement.placement())
                     .with_context(|| format!("cannot issue a certificate for device '{id}'"))?,
             };
             println!(
@@ -100,23 +203,107 @@ fn run(cli: Cli) -> Result<()> {
                 issued.kit.display()
             );
         }
-        Command::List => {
-            let pki = Pki::open(&cli.dir)?;
+        Command::Request { id, kit, placement } => {
+            let request = csr::request(&kit, &id, &placement.placement())
+                .with_context(|| format!("cannot make a request for device '{id}'"))?;
+            println!("request for device '{id}' in {}; have the CA sign it, then `install`", request.display());
+        }
+        Command::Sign { csr, out, days, renew } => {
+            let pki = open()?;
+            let pem = std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
+            // The output directory is named after the id, which is known only once the request is checked.
+            let staging = cli.dir.join("signed").join(".incoming");
+            let target = out.clone().unwrap_or_else(|| staging.clone());
+            let issued = pki
+                .sign_request(&pem, days, renew, &target)
+                .with_context(|| format!("cannot sign {}", csr.display()))?;
+            let written = match out {
+                Some(dir) => dir,
+                None => {
+                    let dir = cli.dir.join("signed").join(&issued.id);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    std::fs::rename(&staging, &dir).with_context(|| format!("cannot move to {}", dir.display()))?;
+                    dir
+                }
+            };
+            let what = if issued.renews.is_some() { "renewed" } else { "signed" };
+            println!(
+                "{what} device '{}' (serial {}, valid until {}): cert.pem and ca.crt in {}",
+                issued.id,
+                issued.serial,
+                issued.not_after,
+                written.display()
+            );
+        }
+        Command::Install { kit, cert, ca } => {
+            let id = csr::install(&kit, &cert, ca.as_deref())
+                .with_context(|| format!("cannot install {} into {}", cert.display(), kit.display()))?;
+            let info = describe_pem(&std::fs::read(kit.join("cert.pem"))?)?;
+            println!(
+                "installed the certificate of device '{id}' in {} (valid until {})",
+                kit.display(),
+                info.not_after
+            );
+        }
+        Command::Renew { kit } => {
+            let (id, request) = csr::renew(&kit).with_context(|| format!("cannot renew {}", kit.display()))?;
+            println!(
+                "renewal request for device '{id}' in {}; have the CA run `sign --renew`, then `install`",
+                request.display()
+            );
+        }
+        Command::List { format } => {
+            let pki = open()?;
             let registry = pki.registry()?;
-            for cert in &registry.issued {
-                let revoked = registry.revoked.iter().any(|r| r.serial == cert.serial);
-                println!(
-                    "{:<12} {:<24} serial {:<6} until {}{}",
-                    cert.kind,
-                    cert.id,
-                    cert.serial,
-                    cert.not_after,
-                    if revoked { "  REVOKED" } else { "" }
-                );
+            let revoked = |serial: &str| registry.revoked.iter().any(|r| r.serial == serial);
+            match format {
+                Format::Json => {
+                    let rows: Vec<serde_json::Value> = registry
+                        .issued
+                        .iter()
+                        .map(|c| {
+                            let mut row = serde_json::to_value(c).unwrap_or_default();
+                            row["revoked"] = serde_json::Value::Bool(revoked(&c.serial));
+                            row
+                        })
+                        .collect();
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                }
+                Format::Text => {
+                    for cert in &registry.issued {
+                        println!(
+                            "{:<12} {:<24} serial {:<6} until {}{}",
+                            cert.kind,
+                            cert.id,
+                            cert.serial,
+                            cert.not_after,
+                            if revoked(&cert.serial) { "  REVOKED" } else { "" }
+                        );
+                    }
+                }
             }
         }
+        Command::Inspect { id, cert, format } => {
+            let info = match (id, cert) {
+                (Some(id), _) => open()?.inspect_id(&id)?,
+                (None, Some(path)) => {
+                    let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+                    let mut info = describe_pem(&pem).with_context(|| path.display().to_string())?;
+                    // Revocation is known only for certificates of this directory's CA.
+                    let ca = std::fs::read(Pki::ca_cert_path(&cli.dir)).ok().and_then(|pem| describe_pem(&pem).ok());
+                    if let (Some(ca), Ok(pki)) = (ca, Pki::open(&cli.dir, None)) {
+                        if ca.subject == info.issuer {
+                            info.revoked = pki.is_revoked(&info.serial).ok();
+                        }
+                    }
+                    info
+                }
+                (None, None) => anyhow::bail!("give --id or --cert"),
+            };
+            print(&info, format)?;
+        }
         Command::Revoke { id } => {
-            let pki = Pki::open(&cli.dir)?;
+            let pki = open()?;
             let revoked = pki.revoke(&id).with_context(|| format!("cannot revoke '{id}'"))?;
             println!(
                 "revoked device '{}' (serial {}); the CRL is {}",

@@ -13,7 +13,9 @@ use rcgen::{
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
+use crate::ca_key::{read_ca_key, write_ca_key};
 use crate::identity::{device_uri, validate_device_id};
+use crate::kit::{self, Placement};
 
 pub const DEFAULT_CA_DAYS: u32 = 365;
 pub const DEFAULT_COORDINATOR_DAYS: u32 = 90;
@@ -50,8 +52,14 @@ pub struct IssuedCertificate {
     pub kind: String,
     pub id: String,
     pub serial: String,
+    #[serde(default)]
+    pub not_before: String,
     pub not_after: String,
+    /// The kit directory (CA-made keys) or where a signed request's certificate was written.
     pub kit: PathBuf,
+    /// The serial of the certificate this one renews.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renews: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -89,6 +97,7 @@ pub struct DeviceRequest<'a> {
 /// A PKI directory with an initialised CA.
 pub struct Pki {
     root: PathBuf,
+    password: Option<String>,
 }
 
 impl Pki {
@@ -113,14 +122,23 @@ impl Pki {
         self.root.join("kits").join(name)
     }
 
-    /// Creates a new CA (ECDSA P-256) in `root`. Refuses to overwrite an existing one.
-    pub fn init(root: &Path, common_name: &str, days: u32) -> Result<Pki, PkiError> {
+    /// A copy of every certificate issued, by serial (for `inspect` and audits).
+    pub fn issued_path(&self, serial: &str) -> PathBuf {
+        self.root.join("issued").join(format!("{serial}.pem"))
+    }
+
+    /// Creates a new CA (ECDSA P-256) in `root`; its key is encrypted when a password is given.
+    /// Refuses to overwrite an existing CA.
+    pub fn init(root: &Path, common_name: &str, days: u32, password: Option<&str>) -> Result<Pki, PkiError> {
         let cert_path = Self::ca_cert_path(root);
         if cert_path.exists() {
             return Err(PkiError::Invalid(format!(
                 "{}: a CA already exists here; use another directory or remove it first",
                 cert_path.display()
             )));
+        }
+        if days == 0 {
+            return Err(PkiError::Invalid("the CA must be valid for at least one day (--days)".into()));
         }
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let mut params = CertificateParams::default();
@@ -135,15 +153,16 @@ impl Pki {
         let ca_dir = root.join("ca");
         fs::create_dir_all(&ca_dir).map_err(io_err(&ca_dir))?;
         write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
-        write_file(&Self::ca_key_path(root), key.serialize_pem().as_bytes(), 0o600)?;
-        let pki = Pki { root: root.to_path_buf() };
+        write_ca_key(&Self::ca_key_path(root), &key, password)?;
+        let pki = Pki { root: root.to_path_buf(), password: password.map(str::to_string) };
         let mut registry = Registry { next_serial: 2, ..Registry::default() };
         pki.write_crl(&mut registry)?;
         pki.save_registry(&registry)?;
         Ok(pki)
     }
 
-    pub fn open(root: &Path) -> Result<Pki, PkiError> {
+    /// Opens the CA in `root`; `password` unlocks a password-protected CA key.
+    pub fn open(root: &Path, password: Option<String>) -> Result<Pki, PkiError> {
         let cert_path = Self::ca_cert_path(root);
         if !cert_path.exists() {
             return Err(PkiError::Invalid(format!(
@@ -152,7 +171,7 @@ impl Pki {
                 root.display()
             )));
         }
-        Ok(Pki { root: root.to_path_buf() })
+        Ok(Pki { root: root.to_path_buf(), password })
     }
 
     pub fn registry(&self) -> Result<Registry, PkiError> {
@@ -170,15 +189,31 @@ impl Pki {
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
-    fn issuer(&self) -> Result<Issuer<'static, KeyPair>, PkiError> {
-        let key_path = Self::ca_key_path(&self.root);
-        let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
-        let key = KeyPair::from_pem(&key_pem)
-            .map_err(|e| PkiError::Invalid(format!("{}: not a valid key: {e}", key_path.display())))?;
+    fn ca_pem(&self) -> Result<String, PkiError> {
         let cert_path = Self::ca_cert_path(&self.root);
-        let cert_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
-        Issuer::from_ca_cert_pem(&cert_pem, key)
-            .map_err(|e| PkiError::Invalid(format!("{}: not a valid CA certificate: {e}", cert_path.display())))
+        fs::read_to_string(&cert_path).map_err(io_err(&cert_path))
+    }
+
+    /// The CA as an issuer; refused once the CA certificate has expired.
+    fn issuer(&self) -> Result<(Issuer<'static, KeyPair>, OffsetDateTime), PkiError> {
+        let key = read_ca_key(&Self::ca_key_path(&self.root), self.password.as_deref())?;
+        let cert_path = Self::ca_cert_path(&self.root);
+        let cert_pem = self.ca_pem()?;
+        let info = crate::inspect::describe_pem(cert_pem.as_bytes())
+            .map_err(|e| PkiError::Invalid(format!("{}: {e}", cert_path.display())))?;
+        let not_after = OffsetDateTime::parse(&info.not_after, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| PkiError::Invalid(format!("{}: bad expiry: {e}", cert_path.display())))?;
+        if info.expired {
+            return Err(PkiError::Invalid(format!(
+                "{}: the CA certificate expired on {}; create a new CA (`init` in a new directory) and \
+                 re-provision the fleet",
+                cert_path.display(),
+                info.not_after
+            )));
+        }
+        let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
+            .map_err(|e| PkiError::Invalid(format!("{}: not a valid CA certificate: {e}", cert_path.display())))?;
+        Ok((issuer, not_after))
     }
 
     /// Revokes a device's certificate: it is listed in a freshly signed `crl.pem`, which a running
@@ -234,7 +269,7 @@ impl Pki {
             revoked_certs,
             key_identifier_method: rcgen::KeyIdMethod::Sha256,
         };
-        let crl = params.signed_by(&self.issuer()?)?;
+        let crl = params.signed_by(&self.issuer()?.0)?;
         let path = Self::crl_path(&self.root);
         let tmp = path.with_extension("pem.tmp");
         write_file(&tmp, crl.pem()?.as_bytes(), 0o644)?;
@@ -243,7 +278,11 @@ impl Pki {
 
     /// Issues the coordinator's server certificate; SANs always include `name`, `localhost` and
     /// 127.0.0.1 so a local run works out of the box.
-    pub fn issue_coordinator(&self, request: &CoordinatorRequest) -> Result<IssuedCertificate, PkiError> {
+    pub fn issue_coordinator(
+        &self,
+        request: &CoordinatorRequest,
+        placement: &Placement,
+    ) -> Result<IssuedCertificate, PkiError> {
         let mut sans: Vec<String> = vec![request.name.to_string()];
         for extra in ["localhost", "127.0.0.1"].iter().map(|s| s.to_string()).chain(request.sans.iter().cloned()) {
             if !sans.contains(&extra) {
@@ -254,37 +293,103 @@ impl Pki {
         params.distinguished_name = dn(request.name);
         params.subject_alt_names = sans.iter().map(|s| parse_san(s)).collect::<Result<_, _>>()?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        self.issue("coordinator", "coordinator", params, request.days)
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let (record, cert_pem) =
+            self.certify("coordinator", "coordinator", params, request.days, None, |p, issuer| {
+                p.signed_by(&key, issuer)
+            })?;
+        let kit = self.kit_dir("coordinator");
+        let snippet = (kit::COORDINATOR_SNIPPET, kit::coordinator_snippet(placement));
+        let readme = kit::readme("coordinator", request.name, &record.not_after, placement);
+        kit::write_kit(&kit, self.ca_pem()?.as_bytes(), &cert_pem, Some(&key.serialize_pem()), snippet, readme)?;
+        let crl = fs::read(Self::crl_path(&self.root)).map_err(io_err(&self.root))?;
+        write_file(&kit.join(kit::CRL), &crl, 0o644)?;
+        Ok(record)
     }
 
-    /// Issues a device's client certificate, its id in a URI SAN.
-    pub fn issue_device(&self, request: &DeviceRequest) -> Result<IssuedCertificate, PkiError> {
+    /// Issues a device's client certificate (its id in a URI SAN) with a key made here: the whole
+    /// kit is written at once. Devices that make their own key use `request` and [`Pki::sign_request`].
+    pub fn issue_device(&self, request: &DeviceRequest, placement: &Placement) -> Result<IssuedCertificate, PkiError> {
         validate_device_id(request.id).map_err(PkiError::Invalid)?;
-        let registry = self.registry()?;
-        if registry.issued.iter().any(|c| c.kind == "device" && c.id == request.id) {
-            return Err(PkiError::Invalid(format!(
-                "device '{}' already has a certificate; each id is issued once",
-                request.id
-            )));
-        }
-        let mut params = CertificateParams::default();
-        params.distinguished_name = dn(request.id);
-        let uri = device_uri(request.id)
-            .try_into()
-            .map_err(|e| PkiError::Invalid(format!("device id '{}': {e}", request.id)))?;
-        params.subject_alt_names = vec![SanType::URI(uri)];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        self.issue("device", request.id, params, request.days)
+        self.check_new_id(request.id, false)?;
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let params = device_params(request.id)?;
+        let (record, cert_pem) =
+            self.certify("device", request.id, params, request.days, None, |p, issuer| p.signed_by(&key, issuer))?;
+        let snippet = (kit::DEVICE_SNIPPET, kit::device_snippet(placement));
+        let readme = kit::readme("device", request.id, &record.not_after, placement);
+        let kit = self.kit_dir(request.id);
+        kit::write_kit(&kit, self.ca_pem()?.as_bytes(), &cert_pem, Some(&key.serialize_pem()), snippet, readme)?;
+        Ok(record)
     }
 
-    fn issue(
+    /// Signs a device's certificate request. A second certificate for an id is refused unless
+    /// `renew` is set, in which case the id's current certificate must not be revoked. Writes
+    /// `cert.pem` and `ca.crt` into `out` for the device's `install`.
+    pub fn sign_request(
+        &self,
+        csr_pem: &str,
+        days: u32,
+        renew: bool,
+        out: &Path,
+    ) -> Result<IssuedCertificate, PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Invalid(format!("not a valid certificate signing request: {e}")))?;
+        let id = crate::csr::requested_device_id(&csr)?;
+        let renews = self.check_new_id(&id, renew)?;
+        let (mut record, cert_pem) =
+            self.certify("device", &id, device_params(&id)?, days, renews, |params, issuer| {
+                // Only the public key is taken from the request; everything else is the CA's choice.
+                csr.params = params;
+                csr.signed_by(issuer)
+            })?;
+        fs::create_dir_all(out).map_err(io_err(out))?;
+        write_file(&out.join(kit::CERT), cert_pem.as_bytes(), 0o644)?;
+        write_file(&out.join(kit::CA_CERT), self.ca_pem()?.as_bytes(), 0o644)?;
+        record.kit = out.to_path_buf();
+        self.update_record(&record)?;
+        Ok(record)
+    }
+
+    /// Refuses an id that already has a certificate, unless this is a renewal of a live one;
+    /// returns the serial being renewed.
+    fn check_new_id(&self, id: &str, renew: bool) -> Result<Option<String>, PkiError> {
+        let registry = self.registry()?;
+        let previous = registry.issued.iter().rev().find(|c| c.kind == "device" && c.id == id);
+        match (previous, renew) {
+            (None, false) => Ok(None),
+            (None, true) => Err(PkiError::Invalid(format!("device '{id}' has no certificate to renew"))),
+            (Some(_), false) => Err(PkiError::Invalid(format!(
+                "device '{id}' already has a certificate; each id is issued once (use `sign --renew` to renew it)"
+            ))),
+            (Some(cert), true) if registry.revoked.iter().any(|r| r.serial == cert.serial) => Err(PkiError::Invalid(
+                format!("device '{id}' was revoked; a revoked id is not renewed, issue a new id"),
+            )),
+            (Some(cert), true) => Ok(Some(cert.serial.clone())),
+        }
+    }
+
+    /// Assigns a serial and validity, signs, keeps a copy under `issued/` and records it.
+    fn certify(
         &self,
         kind: &str,
         id: &str,
         mut params: CertificateParams,
         days: u32,
-    ) -> Result<IssuedCertificate, PkiError> {
-        let issuer = self.issuer()?;
+        renews: Option<String>,
+        sign: impl FnOnce(CertificateParams, &Issuer<'static, KeyPair>) -> Result<rcgen::Certificate, rcgen::Error>,
+    ) -> Result<(IssuedCertificate, String), PkiError> {
+        let (issuer, ca_not_after) = self.issuer()?;
+        if days == 0 {
+            return Err(PkiError::Invalid("a certificate must be valid for at least one day (--days)".into()));
+        }
+        let until = OffsetDateTime::now_utc() + Duration::days(i64::from(days));
+        if until > ca_not_after {
+            return Err(PkiError::Invalid(format!(
+                "{days} days would outlast the CA, which expires on {}; ask for fewer days or create a new CA",
+                ca_not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+            )));
+        }
         let mut registry = self.registry()?;
         let serial = registry.next_serial;
         registry.next_serial += 1;
@@ -292,30 +397,68 @@ impl Pki {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
         set_validity(&mut params, days);
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-        let cert = params.signed_by(&key, &issuer)?;
-
-        let kit = self.kit_dir(id);
-        fs::create_dir_all(&kit).map_err(io_err(&kit))?;
-        let ca_pem = fs::read(Self::ca_cert_path(&self.root)).map_err(io_err(&self.root))?;
-        write_file(&kit.join("ca.crt"), &ca_pem, 0o644)?;
-        write_file(&kit.join("cert.pem"), cert.pem().as_bytes(), 0o644)?;
-        write_file(&kit.join("key.pem"), key.serialize_pem().as_bytes(), 0o600)?;
-
+        let (not_before, not_after) = (params.not_before, params.not_after);
+        let cert = sign(params, &issuer)?;
+        let serial_hex = format!("{serial:x}");
+        let copy = self.issued_path(&serial_hex);
+        fs::create_dir_all(self.root.join("issued")).map_err(io_err(&self.root))?;
+        write_file(&copy, cert.pem().as_bytes(), 0o644)?;
+        let rfc = |t: OffsetDateTime| t.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         let record = IssuedCertificate {
             kind: kind.to_string(),
             id: id.to_string(),
-            serial: format!("{serial:x}"),
-            not_after: params.not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
-            kit,
+            serial: serial_hex,
+            not_before: rfc(not_before),
+            not_after: rfc(not_after),
+            kit: self.kit_dir(id),
+            renews,
         };
         registry.issued.push(record.clone());
         self.save_registry(&registry)?;
-        Ok(record)
+        Ok((record, cert.pem()))
+    }
+
+    fn update_record(&self, record: &IssuedCertificate) -> Result<(), PkiError> {
+        let mut registry = self.registry()?;
+        if let Some(entry) = registry.issued.iter_mut().find(|c| c.serial == record.serial) {
+            *entry = record.clone();
+        }
+        self.save_registry(&registry)
+    }
+
+    /// The latest certificate issued for `id` (a device id or `coordinator`), with its revocation status.
+    pub fn inspect_id(&self, id: &str) -> Result<crate::inspect::CertificateInfo, PkiError> {
+        let registry = self.registry()?;
+        let record = registry
+            .issued
+            .iter()
+            .rev()
+            .find(|c| c.id == id)
+            .ok_or_else(|| PkiError::Invalid(format!("no certificate with id '{id}' was issued by this CA")))?;
+        let path = self.issued_path(&record.serial);
+        let pem = fs::read(&path).map_err(io_err(&path))?;
+        let mut info =
+            crate::inspect::describe_pem(&pem).map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))?;
+        info.revoked = Some(registry.revoked.iter().any(|r| r.serial == record.serial));
+        Ok(info)
+    }
+
+    /// The revocation status of a certificate this CA issued, by serial (hex, no leading zeros).
+    pub fn is_revoked(&self, serial: &str) -> Result<bool, PkiError> {
+        Ok(self.registry()?.revoked.iter().any(|r| r.serial == serial))
     }
 }
 
-fn dn(common_name: &str) -> DistinguishedName {
+fn device_params(id: &str) -> Result<CertificateParams, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn(id);
+    let uri = device_uri(id).try_into().map_err(|e| PkiError::Invalid(format!("device id '{id}': {e}")))?;
+    params.subject_alt_names = vec![SanType::URI(uri)];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
+}
+
+pub(crate) fn dn(common_name: &str) -> DistinguishedName {
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "Flotilla");
     dn.push(DnType::CommonName, common_name);
@@ -341,7 +484,7 @@ fn parse_san(value: &str) -> Result<SanType, PkiError> {
 
 /// Writes a file with the given mode, creating it with that mode from the start so a private key is
 /// never readable by others, even briefly.
-fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
+pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
     let _ = fs::remove_file(path);
     let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_err(path))?;
     file.write_all(contents).map_err(io_err(path))?;
@@ -351,46 +494,206 @@ fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::csr;
     use std::os::unix::fs::PermissionsExt;
+
+    fn here(dir: &Path) -> Placement {
+        Placement {
+            install_dir: dir.to_path_buf(),
+            address: "127.0.0.1:4433".into(),
+            server_name: "coordinator".into(),
+        }
+    }
+
+    fn new_ca(dir: &Path) -> Pki {
+        Pki::init(dir, "test CA", 10, None).unwrap()
+    }
+
+    fn device(pki: &Pki, id: &str, days: u32) -> Result<IssuedCertificate, PkiError> {
+        pki.issue_device(&DeviceRequest { id, days }, &here(&pki.kit_dir(id)))
+    }
 
     #[test]
     fn init_then_issue_writes_kits_with_private_keys_0600() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path(), "test CA", 10).unwrap();
+        let pki = new_ca(dir.path());
         let mode = fs::metadata(dir.path().join("ca/ca.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        pki.issue_coordinator(&CoordinatorRequest { name: "coord", sans: &[], days: 5 }).unwrap();
-        let dev = pki.issue_device(&DeviceRequest { id: "phone-1", days: 5 }).unwrap();
+        let kit_dir = pki.kit_dir("coordinator");
+        pki.issue_coordinator(&CoordinatorRequest { name: "coord", sans: &[], days: 5 }, &here(&kit_dir)).unwrap();
+        for file in ["ca.crt", "cert.pem", "key.pem", "coordinator.toml", "README.txt", "crl.pem"] {
+            assert!(kit_dir.join(file).exists(), "{file}");
+        }
+        let snippet = fs::read_to_string(kit_dir.join("coordinator.toml")).unwrap();
+        assert!(snippet.contains(&format!("kit = \"{}\"", kit_dir.display())), "{snippet}");
+        let dev = device(&pki, "phone-1", 5).unwrap();
         assert_eq!(dev.serial, "3");
-        for file in ["ca.crt", "cert.pem", "key.pem"] {
+        for file in ["ca.crt", "cert.pem", "key.pem", "edge.env", "README.txt"] {
             assert!(pki.kit_dir("phone-1").join(file).exists(), "{file}");
         }
+        let env = fs::read_to_string(pki.kit_dir("phone-1").join("edge.env")).unwrap();
+        assert!(env.contains("FLOTILLA_COORDINATOR=127.0.0.1:4433"), "{env}");
         let mode = fs::metadata(pki.kit_dir("phone-1").join("key.pem")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
-        let registry = pki.registry().unwrap();
-        assert_eq!(registry.issued.len(), 2);
+        assert_eq!(pki.registry().unwrap().issued.len(), 2);
+        let info = pki.inspect_id("phone-1").unwrap();
+        assert_eq!(
+            (info.kind.as_str(), info.extended_key_usage.as_slice()),
+            ("device", &["clientAuth".to_string()][..])
+        );
+        assert_eq!(info.revoked, Some(false));
+        assert!(info.days_left >= 4 && !info.expired, "{info:?}");
     }
 
     #[test]
-    fn refuses_second_ca_duplicate_ids_and_bad_ids() {
+    fn refuses_second_ca_duplicate_ids_bad_ids_and_validity_past_the_ca() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path(), "test CA", 10).unwrap();
-        assert!(Pki::init(dir.path(), "again", 10).is_err());
-        pki.issue_device(&DeviceRequest { id: "d1", days: 1 }).unwrap();
-        let err = pki.issue_device(&DeviceRequest { id: "d1", days: 1 }).unwrap_err();
+        let pki = new_ca(dir.path());
+        assert!(Pki::init(dir.path(), "again", 10, None).is_err());
+        device(&pki, "d1", 1).unwrap();
+        let err = device(&pki, "d1", 1).unwrap_err();
         assert!(err.to_string().contains("already has a certificate"), "{err}");
         for bad in ["", "a/b", "coordinator", "a.b"] {
-            assert!(pki.issue_device(&DeviceRequest { id: bad, days: 1 }).is_err(), "{bad}");
+            assert!(device(&pki, bad, 1).is_err(), "{bad}");
         }
+        let err = device(&pki, "d2", 30).unwrap_err();
+        assert!(err.to_string().contains("would outlast the CA"), "{err}");
+    }
+
+    #[test]
+    fn a_password_protected_ca_needs_the_right_password() {
+        let dir = tempfile::tempdir().unwrap();
+        Pki::init(dir.path(), "locked CA", 10, Some("correct horse")).unwrap();
+        let key = fs::read_to_string(dir.path().join("ca/ca.key")).unwrap();
+        assert!(key.contains("ENCRYPTED PRIVATE KEY"));
+        let missing = device(&Pki::open(dir.path(), None).unwrap(), "d1", 1).unwrap_err();
+        assert!(missing.to_string().contains("password-protected"), "{missing}");
+        let wrong = device(&Pki::open(dir.path(), Some("battery staple".into())).unwrap(), "d1", 1).unwrap_err();
+        assert!(wrong.to_string().contains("wrong CA password"), "{wrong}");
+        device(&Pki::open(dir.path(), Some("correct horse".into())).unwrap(), "d1", 1).unwrap();
+    }
+
+    #[test]
+    fn a_ca_key_readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = new_ca(dir.path());
+        let key = dir.path().join("ca/ca.key");
+        fs::set_permissions(&key, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = device(&pki, "d1", 1).unwrap_err().to_string();
+        assert!(err.contains("accessible to other users (mode 0644)") && err.contains("chmod 600"), "{err}");
+    }
+
+    #[test]
+    fn an_expired_ca_issues_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = new_ca(dir.path());
+        // Replace the CA certificate by one for the same key that expired yesterday.
+        let key = KeyPair::from_pem(&fs::read_to_string(dir.path().join("ca/ca.key")).unwrap()).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn("old CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.not_before = OffsetDateTime::now_utc() - Duration::days(30);
+        params.not_after = OffsetDateTime::now_utc() - Duration::days(1);
+        let expired = params.self_signed(&key).unwrap();
+        write_file(&Pki::ca_cert_path(dir.path()), expired.pem().as_bytes(), 0o644).unwrap();
+        let err = device(&pki, "d1", 1).unwrap_err().to_string();
+        assert!(err.contains("the CA certificate expired on"), "{err}");
+    }
+
+    #[test]
+    fn request_sign_install_then_renew_keeps_the_key_on_the_device() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = new_ca(&dir.path().join("pki"));
+        let kit = dir.path().join("device-kit");
+        let request = csr::request(&kit, "field-7", &here(&kit)).unwrap();
+        let pending = fs::read_to_string(kit.join("pending-key.pem")).unwrap();
+        assert_eq!(fs::metadata(kit.join("pending-key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
+        let out = dir.path().join("signed");
+        let signed = pki.sign_request(&fs::read_to_string(&request).unwrap(), 5, false, &out).unwrap();
+        assert_eq!(signed.id, "field-7");
+        assert!(!out.join("key.pem").exists(), "the CA never sees the device key");
+        // The CA's copy of the certificate is for the device's key.
+        let id = csr::install(&kit, &out.join("cert.pem"), Some(&out.join("ca.crt"))).unwrap();
+        assert_eq!(id, "field-7");
+        assert_eq!(fs::read_to_string(kit.join("key.pem")).unwrap(), pending);
+        assert!(!kit.join("pending-key.pem").exists() && !kit.join("request.csr").exists());
+
+        // Signing the same id again is refused; a renewal is not.
+        let (renew_id, renewal) = csr::renew(&kit).unwrap();
+        assert_eq!(renew_id, "field-7");
+        let renewal = fs::read_to_string(renewal).unwrap();
+        let err = pki.sign_request(&renewal, 5, false, &out).unwrap_err().to_string();
+        assert!(err.contains("already has a certificate"), "{err}");
+        let renewed = pki.sign_request(&renewal, 5, true, &out).unwrap();
+        assert_eq!(renewed.renews.as_deref(), Some(signed.serial.as_str()));
+        // The old certificate stays in force until the new one is installed.
+        assert_eq!(fs::read_to_string(kit.join("key.pem")).unwrap(), pending);
+        csr::install(&kit, &out.join("cert.pem"), None).unwrap();
+        assert_ne!(fs::read_to_string(kit.join("key.pem")).unwrap(), pending);
+        assert_eq!(pki.inspect_id("field-7").unwrap().serial, renewed.serial);
+
+        // A revoked id is not renewed.
+        pki.revoke("field-7").unwrap();
+        csr::renew(&kit).unwrap();
+        let again = fs::read_to_string(kit.join("request.csr")).unwrap();
+        let err = pki.sign_request(&again, 5, true, &out).unwrap_err().to_string();
+        assert!(err.contains("was revoked"), "{err}");
+    }
+
+    #[test]
+    fn requests_for_reserved_names_or_extra_powers_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = new_ca(&dir.path().join("pki"));
+        let out = dir.path().join("out");
+        let sign = |params: CertificateParams| {
+            let key = KeyPair::generate().unwrap();
+            let pem = params.serialize_request(&key).unwrap().pem().unwrap();
+            pki.sign_request(&pem, 5, false, &out).unwrap_err().to_string()
+        };
+        let mut reserved = CertificateParams::default();
+        reserved.subject_alt_names = vec![SanType::URI(device_uri("coordinator").try_into().unwrap())];
+        assert!(sign(reserved).contains("reserved"));
+        let mut server = CertificateParams::new(vec!["coordinator".to_string()]).unwrap();
+        server.subject_alt_names.push(SanType::URI(device_uri("sneaky").try_into().unwrap()));
+        assert!(sign(server).contains("may carry only"));
+        let mut usages = CertificateParams::default();
+        usages.subject_alt_names = vec![SanType::URI(device_uri("sneaky").try_into().unwrap())];
+        usages.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        assert!(sign(usages).contains("client authentication only"));
+        assert!(sign(CertificateParams::default()).contains("no urn:flotilla:device:"));
+        let garbage = pki.sign_request("not a request", 5, false, &out).unwrap_err().to_string();
+        assert!(garbage.contains("not a valid certificate signing request"), "{garbage}");
+    }
+
+    #[test]
+    fn install_refuses_a_certificate_for_another_key_or_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = new_ca(&dir.path().join("pki"));
+        let kit = dir.path().join("kit");
+        csr::request(&kit, "d1", &here(&kit)).unwrap();
+        // A certificate issued for someone else's key.
+        let other = dir.path().join("other");
+        csr::request(&other, "d2", &here(&other)).unwrap();
+        let out = dir.path().join("out");
+        pki.sign_request(&fs::read_to_string(other.join("request.csr")).unwrap(), 5, false, &out).unwrap();
+        let err = csr::install(&kit, &out.join("cert.pem"), Some(&out.join("ca.crt"))).unwrap_err().to_string();
+        assert!(err.contains("for another key"), "{err}");
+        // A certificate from another CA.
+        let rogue = new_ca(&dir.path().join("rogue"));
+        let rogue_out = dir.path().join("rogue-out");
+        rogue.sign_request(&fs::read_to_string(kit.join("request.csr")).unwrap(), 5, false, &rogue_out).unwrap();
+        let err = csr::install(&kit, &rogue_out.join("cert.pem"), Some(&out.join("ca.crt"))).unwrap_err().to_string();
+        assert!(err.contains("not a valid device certificate from this CA"), "{err}");
     }
 
     #[test]
     fn revocation_lists_the_serial_in_a_signed_crl() {
         let dir = tempfile::tempdir().unwrap();
-        let pki = Pki::init(dir.path(), "test CA", 10).unwrap();
+        let pki = new_ca(dir.path());
         let empty = fs::read_to_string(Pki::crl_path(dir.path())).unwrap();
         assert!(empty.contains("BEGIN X509 CRL"));
-        pki.issue_device(&DeviceRequest { id: "lost-phone", days: 5 }).unwrap();
+        device(&pki, "lost-phone", 5).unwrap();
         let revoked = pki.revoke("lost-phone").unwrap();
         assert_eq!(revoked.serial, "2");
         let pem = fs::read(Pki::crl_path(dir.path())).unwrap();
@@ -402,12 +705,13 @@ mod tests {
         assert_eq!(serials, vec![2]);
         assert!(pki.revoke("lost-phone").unwrap_err().to_string().contains("already revoked"));
         assert!(pki.revoke("nobody").unwrap_err().to_string().contains("no device certificate"));
+        assert_eq!(pki.inspect_id("lost-phone").unwrap().revoked, Some(true));
     }
 
     #[test]
     fn open_without_ca_names_the_fix() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Pki::open(dir.path()).err().unwrap();
+        let err = Pki::open(dir.path(), None).err().unwrap();
         assert!(err.to_string().contains("init"), "{err}");
     }
 }

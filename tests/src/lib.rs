@@ -144,11 +144,21 @@ pub fn wait_for_file(path: &Path, timeout: Duration, process: &mut Process) -> S
 /// starts `flotilla-coordinator serve` on it (logs in `<run>/logs`) and waits until it listens.
 /// Returns the process and its QUIC address.
 pub fn start_coordinator(run: &Path, config: &str) -> (Process, String) {
+    start_coordinator_with(run, config, &[])
+}
+
+/// [`start_coordinator`] with extra `serve` arguments; the address file is always `<run>/addr`.
+pub fn start_coordinator_with(run: &Path, config: &str, args: &[&str]) -> (Process, String) {
     let path = run.join("c.toml");
     std::fs::write(&path, config).expect("config file");
     let mut coordinator = Process::spawn(
         "coordinator",
-        Command::new(binary("flotilla-coordinator")).args(["serve", "--config"]).arg(&path),
+        Command::new(binary("flotilla-coordinator"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .arg("--address-file")
+            .arg(run.join("addr"))
+            .args(args),
         &run.join("logs"),
     );
     let address = wait_for_file(&run.join("addr"), Duration::from_secs(30), &mut coordinator);
