@@ -24,6 +24,13 @@ pub fn request(kit_dir: &Path, id: &str, placement: &Placement) -> Result<PathBu
     fs::create_dir_all(kit_dir).map_err(io(kit_dir))?;
     let path = write_request(kit_dir, id)?;
     write_file(&kit_dir.join(kit::DEVICE_SNIPPET), kit::device_snippet(placement).as_bytes(), 0o644)?;
+    let readme = kit::readme(
+        "device",
+        id,
+        "certificate pending: have the CA sign request.csr, then `flotilla-certs install`",
+        placement,
+    );
+    write_file(&kit_dir.join(kit::README), readme.as_bytes(), 0o644)?;
     Ok(path)
 }
 

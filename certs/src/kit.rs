@@ -70,7 +70,8 @@ pub fn device_snippet(placement: &Placement) -> String {
     )
 }
 
-pub fn readme(kind: &str, id: &str, not_after: &str, placement: &Placement) -> String {
+/// `status`: what the certificate's state is, e.g. "certificate valid until …".
+pub fn readme(kind: &str, id: &str, status: &str, placement: &Placement) -> String {
     let (snippet, usage) = if kind == "coordinator" {
         (
             COORDINATOR_SNIPPET,
@@ -86,17 +87,22 @@ pub fn readme(kind: &str, id: &str, not_after: &str, placement: &Placement) -> S
         )
     };
     format!(
-        "Flotilla credential kit for {kind} '{id}' (certificate valid until {not_after}).\n\n\
+        "Flotilla credential kit for {kind} '{id}' ({status}).\n\n\
          Copy this whole directory to {dir} on that machine, keep key.pem private (mode 0600),\n\
          then run:\n\n    {usage}\n\n\
          Files:\n\
          \x20 ca.crt      the CA certificate: the only authority this participant trusts\n\
          \x20 cert.pem    this participant's certificate\n\
          \x20 key.pem     this participant's private key (never share it)\n\
-         \x20 {snippet:<11} configuration the daemon uses as is\n\n\
+         \x20 {snippet:<11} configuration the daemon uses as is\n{extra}\n\
          Check the certificate with `flotilla-certs inspect --cert cert.pem`; renew a device\n\
          certificate before it expires with `flotilla-certs renew --kit <this directory>`.\n",
         dir = placement.install_dir.display(),
+        extra = if kind == "coordinator" {
+            "  crl.pem     the CA's revocation list; replace it after each `flotilla-certs revoke`\n"
+        } else {
+            ""
+        },
     )
 }
 

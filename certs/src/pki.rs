@@ -300,7 +300,12 @@ impl Pki {
             })?;
         let kit = self.kit_dir("coordinator");
         let snippet = (kit::COORDINATOR_SNIPPET, kit::coordinator_snippet(placement));
-        let readme = kit::readme("coordinator", request.name, &record.not_after, placement);
+        let readme = kit::readme(
+            "coordinator",
+            request.name,
+            &format!("certificate valid until {}", record.not_after),
+            placement,
+        );
         kit::write_kit(&kit, self.ca_pem()?.as_bytes(), &cert_pem, Some(&key.serialize_pem()), snippet, readme)?;
         let crl = fs::read(Self::crl_path(&self.root)).map_err(io_err(&self.root))?;
         write_file(&kit.join(kit::CRL), &crl, 0o644)?;
@@ -317,7 +322,8 @@ impl Pki {
         let (record, cert_pem) =
             self.certify("device", request.id, params, request.days, None, |p, issuer| p.signed_by(&key, issuer))?;
         let snippet = (kit::DEVICE_SNIPPET, kit::device_snippet(placement));
-        let readme = kit::readme("device", request.id, &record.not_after, placement);
+        let readme =
+            kit::readme("device", request.id, &format!("certificate valid until {}", record.not_after), placement);
         let kit = self.kit_dir(request.id);
         kit::write_kit(&kit, self.ca_pem()?.as_bytes(), &cert_pem, Some(&key.serialize_pem()), snippet, readme)?;
         Ok(record)
@@ -466,7 +472,8 @@ pub(crate) fn dn(common_name: &str) -> DistinguishedName {
 }
 
 fn set_validity(params: &mut CertificateParams, days: u32) {
-    let now = OffsetDateTime::now_utc();
+    // Certificates hold whole seconds; so do the records.
+    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
     params.not_before = now - CLOCK_SKEW;
     params.not_after = now + Duration::days(i64::from(days));
 }

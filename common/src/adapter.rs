@@ -12,7 +12,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
-use crate::tensor::{all_finite_bytes, f32_tensor_from_le_bytes, DType, FloatBits, TensorError, WireTensors};
+use crate::tensor::{
+    all_finite_bytes, f32_tensor_from_le_bytes, DType, DecodedTensors, FloatBits, TensorError, WireTensors,
+};
 
 pub const LORA_A_SUFFIX: &str = ".lora_A.weight";
 pub const LORA_B_SUFFIX: &str = ".lora_B.weight";
@@ -197,13 +199,18 @@ impl Adapter {
     /// Decodes untrusted tensors; every value is checked finite while it is copied.
     pub fn from_wire(wire: &WireTensors) -> Result<Adapter, AdapterError> {
         let (decoded, all_finite) = wire.to_tensors_checked()?;
+        Adapter::from_decoded(DecodedTensors { tensors: decoded, all_finite, wire_bytes: wire.body.len() as u64 })
+    }
+
+    /// An adapter from tensors decoded off the wire (see `framing::read_frame_decoded`); refused
+    /// when a value is not finite (the error names the first such tensor) or a name repeats.
+    pub fn from_decoded(decoded: DecodedTensors) -> Result<Adapter, AdapterError> {
+        let DecodedTensors { tensors: decoded, all_finite, .. } = decoded;
         if !all_finite {
-            let name = wire
-                .descs
+            let name = decoded
                 .iter()
-                .zip(&decoded)
-                .find(|(_, (_, t))| t.isfinite().all().int64_value(&[]) == 0)
-                .map_or("<some tensor>".to_string(), |(d, _)| d.name.clone());
+                .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
+                .map_or("<some tensor>".to_string(), |(name, _)| name.clone());
             return Err(AdapterError::Tensor { name, message: "contains NaN or infinite values".into() });
         }
         let mut tensors = BTreeMap::new();

@@ -13,7 +13,10 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-use crate::tensor::{TensorDesc, WireTensors};
+use crate::tensor::{
+    all_finite_bytes, bf16_tensor_from_le_bytes, f32_storage_mut, DType, DecodedTensors, FloatBits, TensorDesc,
+    WireTensors,
+};
 
 /// Upper bound on any header, whatever the configuration says.
 pub const HARD_MAX_HEADER_BYTES: u32 = 4 << 20;
@@ -59,6 +62,8 @@ pub enum FrameError {
     SizeOverflow,
     #[error("bytes after the end of the frame")]
     TrailingBytes,
+    #[error("{0}")]
+    Tensor(String),
     #[error("cannot encode frame: {0}")]
     Encode(String),
     #[error("stream i/o: {0}")]
@@ -108,26 +113,115 @@ where
 {
     let mut len_bytes = [0u8; 4];
     read_exact(reader, &mut len_bytes).await?;
-    let header_len = u32::from_le_bytes(len_bytes);
-    let header_limit = limits.max_header_bytes.min(HARD_MAX_HEADER_BYTES);
-    if header_len > header_limit {
-        return Err(FrameError::HeaderTooLarge { got: header_len, limit: header_limit });
-    }
-    let mut header_bytes = vec![0u8; header_len as usize];
+    let header_len = check_header_len(len_bytes, limits)?;
+    let mut header_bytes = vec![0u8; header_len];
     read_exact(reader, &mut header_bytes).await?;
-    let (header, used): (FrameHeader<M>, usize) = bincode::serde::decode_from_slice(&header_bytes, bincode_config())
-        .map_err(|e| FrameError::BadHeader(e.to_string()))?;
-    if used != header_bytes.len() {
-        return Err(FrameError::HeaderTrailingBytes(header_bytes.len() - used));
-    }
-    let body_len = check_descriptors(&header.tensors, limits)?;
-    let mut body = vec![0u8; body_len as usize];
+    let (message, descs, body_len) = parse_header(&header_bytes, limits)?;
+    let mut body = vec![0u8; body_len];
     read_exact(reader, &mut body).await?;
     let mut probe = [0u8; 1];
     if reader.read(&mut probe).await? != 0 {
         return Err(FrameError::TrailingBytes);
     }
-    Ok((header.message, WireTensors { descs: header.tensors, body }))
+    Ok((message, WireTensors { descs, body }))
+}
+
+/// Like [`read_frame`], but each f32 tensor's bytes are read straight into the storage of a new
+/// tensor and checked finite while still in cache: no body buffer and no second copy. This is how
+/// the coordinator receives updates.
+pub async fn read_frame_decoded<R, M>(reader: &mut R, limits: &FrameLimits) -> Result<(M, DecodedTensors), FrameError>
+where
+    R: AsyncRead + Unpin,
+    M: DeserializeOwned,
+{
+    let mut len_bytes = [0u8; 4];
+    read_exact(reader, &mut len_bytes).await?;
+    let header_len = check_header_len(len_bytes, limits)?;
+    let mut header_bytes = vec![0u8; header_len];
+    read_exact(reader, &mut header_bytes).await?;
+    let (message, descs, body_len) = parse_header::<M>(&header_bytes, limits)?;
+    let mut decoded =
+        DecodedTensors { tensors: Vec::with_capacity(descs.len()), all_finite: true, wire_bytes: body_len as u64 };
+    for desc in descs {
+        let tensor_error = |e: crate::tensor::TensorError| FrameError::Tensor(e.to_string());
+        let shape = desc.shape_i64().map_err(tensor_error)?;
+        let len = desc.byte_len().and_then(|l| usize::try_from(l).ok()).ok_or(FrameError::SizeOverflow)?;
+        let tensor = match desc.dtype {
+            DType::F32 => {
+                let tensor = tch::Tensor::f_empty(shape.as_slice(), (tch::Kind::Float, tch::Device::Cpu))
+                    .map_err(|e| FrameError::Tensor(format!("tensor '{}': libtorch: {e}", desc.name)))?;
+                if len > 0 {
+                    // SAFETY: a fresh, contiguous, non-empty f32 CPU tensor that nothing else
+                    // references; it holds exactly `len` bytes (numel × 4 = the declared length).
+                    let values = unsafe { f32_storage_mut(&tensor) };
+                    for chunk in values.chunks_mut(16 << 10) {
+                        // SAFETY: any bytes are a valid f32; the byte view covers the chunk exactly.
+                        let bytes =
+                            unsafe { std::slice::from_raw_parts_mut(chunk.as_mut_ptr() as *mut u8, chunk.len() * 4) };
+                        read_exact(reader, bytes).await?;
+                        if cfg!(target_endian = "big") {
+                            for v in chunk.iter_mut() {
+                                *v = f32::from_bits(u32::from_le(v.to_bits()));
+                            }
+                        }
+                        decoded.all_finite &= all_finite_bytes(bytes, FloatBits::F32);
+                    }
+                }
+                tensor
+            }
+            DType::BF16 => {
+                let mut bytes = vec![0u8; len];
+                read_exact(reader, &mut bytes).await?;
+                let (tensor, finite) = bf16_tensor_from_le_bytes(&desc.name, &bytes, &shape).map_err(tensor_error)?;
+                decoded.all_finite &= finite;
+                tensor
+            }
+        };
+        decoded.tensors.push((desc.name, tensor));
+    }
+    let mut probe = [0u8; 1];
+    if reader.read(&mut probe).await? != 0 {
+        return Err(FrameError::TrailingBytes);
+    }
+    Ok((message, decoded))
+}
+
+/// Decodes one frame held whole in memory, with the same checks as [`read_frame`].
+pub fn decode_frame<M: DeserializeOwned>(bytes: &[u8], limits: &FrameLimits) -> Result<(M, WireTensors), FrameError> {
+    let len_bytes = bytes.get(..4).ok_or(FrameError::Truncated)?;
+    let header_len = check_header_len([len_bytes[0], len_bytes[1], len_bytes[2], len_bytes[3]], limits)?;
+    let header = bytes.get(4..4 + header_len).ok_or(FrameError::Truncated)?;
+    let (message, descs, body_len) = parse_header(header, limits)?;
+    let rest = &bytes[4 + header_len..];
+    match rest.len().cmp(&body_len) {
+        std::cmp::Ordering::Less => Err(FrameError::Truncated),
+        std::cmp::Ordering::Greater => Err(FrameError::TrailingBytes),
+        std::cmp::Ordering::Equal => Ok((message, WireTensors { descs, body: rest.to_vec() })),
+    }
+}
+
+fn check_header_len(len_bytes: [u8; 4], limits: &FrameLimits) -> Result<usize, FrameError> {
+    let header_len = u32::from_le_bytes(len_bytes);
+    let header_limit = limits.max_header_bytes.min(HARD_MAX_HEADER_BYTES);
+    if header_len > header_limit {
+        return Err(FrameError::HeaderTooLarge { got: header_len, limit: header_limit });
+    }
+    Ok(header_len as usize)
+}
+
+/// The message, the descriptors and the body length they imply.
+fn parse_header<M: DeserializeOwned>(
+    header_bytes: &[u8],
+    limits: &FrameLimits,
+) -> Result<(M, Vec<TensorDesc>, usize), FrameError> {
+    let (header, used): (FrameHeader<M>, usize) = bincode::serde::decode_from_slice(header_bytes, bincode_config())
+        .map_err(|e| FrameError::BadHeader(e.to_string()))?;
+    if used != header_bytes.len() {
+        return Err(FrameError::HeaderTrailingBytes(header_bytes.len() - used));
+    }
+    let body_len = check_descriptors(&header.tensors, limits)?;
+    let body_len = usize::try_from(body_len).map_err(|_| FrameError::SizeOverflow)?;
+    Ok((header.message, header.tensors, body_len))
 }
 
 /// Validates the descriptors against the limits and returns the body length they imply.
@@ -223,6 +317,54 @@ mod tests {
         };
         let buf = encode_frame(&msg, &huge).unwrap();
         assert!(matches!(read(&buf, &FrameLimits::default()).await, Err(FrameError::BodyTooLarge { .. })));
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, decoding ends in a value or an error, never a panic, and never
+        /// allocates more than the limits allow (a huge allocation would abort the test).
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let limits = FrameLimits { max_body_bytes: 1 << 20, ..FrameLimits::default() };
+            let _ = decode_frame::<crate::protocol::DeviceMessage>(&bytes, &limits);
+            let _ = decode_frame::<CoordinatorMessage>(&bytes, &limits);
+        }
+
+        /// Corrupting any byte of a valid frame, or cutting it anywhere, gives an error or a frame,
+        /// and the async reader agrees with the in-memory decoder.
+        #[test]
+        fn mutated_frames_never_panic(index in 0usize..64, value in proptest::prelude::any::<u8>(), cut in 0usize..80) {
+            let (msg, tensors) = sample();
+            let mut buf = encode_frame(&msg, &tensors).unwrap();
+            let i = index % buf.len();
+            buf[i] = value;
+            buf.truncate(cut.min(buf.len()));
+            let limits = FrameLimits::default();
+            let in_memory = decode_frame::<CoordinatorMessage>(&buf, &limits);
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let streamed = runtime.block_on(read(&buf, &limits));
+            proptest::prop_assert_eq!(in_memory.is_ok(), streamed.is_ok());
+            if let (Ok(a), Ok(b)) = (in_memory, streamed) {
+                proptest::prop_assert_eq!(a, b);
+            }
+        }
+    }
+
+    #[test]
+    fn the_in_memory_decoder_matches_the_stream_reader() {
+        let (msg, tensors) = sample();
+        let buf = encode_frame(&msg, &tensors).unwrap();
+        let (got, got_tensors) = decode_frame::<CoordinatorMessage>(&buf, &FrameLimits::default()).unwrap();
+        assert_eq!((got, got_tensors), (msg, tensors));
+        let mut long = buf.clone();
+        long.push(1);
+        assert!(matches!(
+            decode_frame::<CoordinatorMessage>(&long, &FrameLimits::default()),
+            Err(FrameError::TrailingBytes)
+        ));
+        assert!(matches!(
+            decode_frame::<CoordinatorMessage>(&buf[..buf.len() - 1], &FrameLimits::default()),
+            Err(FrameError::Truncated)
+        ));
     }
 
     #[tokio::test]

@@ -33,6 +33,12 @@ pub struct TransportSettings {
     pub max_concurrent_uni_streams: u32,
     pub congestion_controller: CongestionController,
     pub segmentation_offload: bool,
+    /// Kernel receive buffer of the UDP socket. The default (~200 KB) overflows when many
+    /// handshakes or uploads arrive at once, and every dropped datagram costs a retransmission
+    /// timeout. Linux caps it at `net.core.rmem_max` (a warning says so).
+    pub socket_receive_buffer_bytes: u32,
+    /// Kernel send buffer of the UDP socket (capped by `net.core.wmem_max`).
+    pub socket_send_buffer_bytes: u32,
 }
 
 impl Default for TransportSettings {
@@ -47,6 +53,8 @@ impl Default for TransportSettings {
             max_concurrent_uni_streams: 8,
             congestion_controller: CongestionController::Cubic,
             segmentation_offload: true,
+            socket_receive_buffer_bytes: 8 << 20,
+            socket_send_buffer_bytes: 8 << 20,
         }
     }
 }
@@ -113,7 +121,7 @@ pub fn server_endpoint(
     transport: &TransportSettings,
 ) -> Result<quinn::Endpoint, EndpointError> {
     let config = server_config(kit, crl, transport)?;
-    quinn::Endpoint::server(config, addr).map_err(|source| EndpointError::Bind { addr, source })
+    endpoint(addr, Some(config), transport)
 }
 
 pub fn client_endpoint(kit: &KitPaths, transport: &TransportSettings) -> Result<quinn::Endpoint, EndpointError> {
@@ -121,10 +129,55 @@ pub fn client_endpoint(kit: &KitPaths, transport: &TransportSettings) -> Result<
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport.to_quinn().map_err(EndpointError::Transport)?));
-    let bind: SocketAddr = ([0, 0, 0, 0], 0).into();
-    let mut endpoint = quinn::Endpoint::client(bind).map_err(|source| EndpointError::Bind { addr: bind, source })?;
+    let mut endpoint = endpoint(([0, 0, 0, 0], 0).into(), None, transport)?;
     endpoint.set_default_client_config(config);
     Ok(endpoint)
+}
+
+/// An endpoint on a UDP socket with the configured kernel buffers (a server when `server` is given).
+pub fn endpoint(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    transport: &TransportSettings,
+) -> Result<quinn::Endpoint, EndpointError> {
+    let socket =
+        udp_socket(addr, transport, server.is_some()).map_err(|source| EndpointError::Bind { addr, source })?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| EndpointError::Transport("no async runtime: start the endpoint inside tokio".into()))?;
+    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
+        .map_err(|source| EndpointError::Bind { addr, source })
+}
+
+fn udp_socket(addr: SocketAddr, transport: &TransportSettings, server: bool) -> std::io::Result<std::net::UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
+    if addr.is_ipv6() {
+        // Dual stack where the system allows it, as quinn's own bind does.
+        let _ = socket.set_only_v6(false);
+    }
+    let wanted = (transport.socket_receive_buffer_bytes as usize, transport.socket_send_buffer_bytes as usize);
+    socket.set_recv_buffer_size(wanted.0)?;
+    socket.set_send_buffer_size(wanted.1)?;
+    // Linux reports twice the usable size it granted, capped by net.core.{r,w}mem_max.
+    let (got_recv, got_send) = (socket.recv_buffer_size()? / 2, socket.send_buffer_size()? / 2);
+    if got_recv < wanted.0 || got_send < wanted.1 {
+        let message = "UDP socket buffers are smaller than configured; raise net.core.rmem_max / \
+                       net.core.wmem_max (bursts of handshakes or uploads may be dropped and retransmitted)";
+        // Matters for a coordinator facing a fleet; a device's single connection barely notices.
+        if server {
+            tracing::warn!(
+                requested_receive = wanted.0,
+                granted_receive = got_recv,
+                requested_send = wanted.1,
+                granted_send = got_send,
+                "{message}"
+            );
+        } else {
+            tracing::debug!(granted_receive = got_recv, granted_send = got_send, "{message}");
+        }
+    }
+    socket.bind(&addr.into())?;
+    Ok(socket.into())
 }
 
 /// TLS alert `no_application_protocol`: the peers share no ALPN id, i.e. no protocol version.

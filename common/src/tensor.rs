@@ -122,6 +122,41 @@ pub fn f32_tensor_from_le_bytes(name: &str, bytes: &[u8], shape: &[i64]) -> Resu
     Ok((tensor, non_finite == 0))
 }
 
+/// An f32 CPU tensor widened from little-endian bf16 bytes (built from bytes, never through
+/// `half::bf16`, which tch maps to f16), and whether every value is finite.
+pub fn bf16_tensor_from_le_bytes(name: &str, bytes: &[u8], shape: &[i64]) -> Result<(Tensor, bool), TensorError> {
+    let finite = all_finite_bytes(bytes, FloatBits::BF16);
+    let tensor = Tensor::f_from_data_size(bytes, shape, Kind::BFloat16)
+        .and_then(|t| t.f_to_kind(Kind::Float))
+        .map_err(|source| TensorError::Torch { name: name.to_string(), source })?;
+    Ok((tensor, finite))
+}
+
+impl TensorDesc {
+    /// The shape as libtorch wants it.
+    pub fn shape_i64(&self) -> Result<Vec<i64>, TensorError> {
+        self.shape
+            .iter()
+            .map(|&d| {
+                i64::try_from(d).map_err(|_| TensorError::Invalid {
+                    name: self.name.clone(),
+                    message: format!("dimension {d} too large"),
+                })
+            })
+            .collect()
+    }
+}
+
+/// Tensors decoded straight off the wire into f32 CPU tensors, in descriptor order.
+#[derive(Debug, Default)]
+pub struct DecodedTensors {
+    pub tensors: Vec<(String, Tensor)>,
+    /// Whether every value was finite (checked while the bytes arrived).
+    pub all_finite: bool,
+    /// Bytes the tensors took on the wire.
+    pub wire_bytes: u64,
+}
+
 /// A list of tensors that share one contiguous byte buffer, in descriptor order.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct WireTensors {
@@ -183,11 +218,7 @@ impl WireTensors {
                 .get(offset..offset + len)
                 .ok_or_else(|| invalid("body shorter than the declared shapes".into()))?;
             offset += len;
-            let shape: Vec<i64> = desc
-                .shape
-                .iter()
-                .map(|&d| i64::try_from(d).map_err(|_| invalid(format!("dimension {d} too large"))))
-                .collect::<Result<_, _>>()?;
+            let shape = desc.shape_i64()?;
             let tensor = match desc.dtype {
                 DType::F32 => {
                     let (tensor, finite) = f32_tensor_from_le_bytes(&desc.name, bytes, &shape)?;
@@ -195,10 +226,9 @@ impl WireTensors {
                     tensor
                 }
                 DType::BF16 => {
-                    all_finite &= all_finite_bytes(bytes, FloatBits::BF16);
-                    Tensor::f_from_data_size(bytes, &shape, Kind::BFloat16)
-                        .and_then(|t| t.f_to_kind(Kind::Float))
-                        .map_err(|source| TensorError::Torch { name: desc.name.clone(), source })?
+                    let (tensor, finite) = bf16_tensor_from_le_bytes(&desc.name, bytes, &shape)?;
+                    all_finite &= finite;
+                    tensor
                 }
             };
             out.push((desc.name.clone(), tensor));

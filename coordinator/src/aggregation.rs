@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use flotilla_common::adapter::{Adapter, PeftConfig, NUM_SAMPLES_KEY};
 use flotilla_common::aggregate::{Aggregator, ClientUpdate, Method};
-use flotilla_common::tensor::{DType, WireTensors};
+use flotilla_common::tensor::{DType, DecodedTensors, WireTensors};
 use tokio::sync::oneshot;
 
 use crate::checkpoint::{self, CheckpointState};
@@ -24,7 +24,7 @@ pub enum Command {
         round: u32,
         rank: u32,
         num_samples: u64,
-        tensors: WireTensors,
+        tensors: DecodedTensors,
         reply: oneshot::Sender<Result<(), String>>,
     },
     /// Ends the round: `record` holds what the driver knows (updates, duration); the worker adds
@@ -114,7 +114,7 @@ impl Worker {
                     let _ = reply.send(self.slices(&ranks));
                 }
                 Command::Fold { device, round, rank, num_samples, tensors, reply } => {
-                    let _ = reply.send(self.fold(&device, round, rank, num_samples, &tensors));
+                    let _ = reply.send(self.fold(&device, round, rank, num_samples, tensors));
                 }
                 Command::Finish { round, record, reply } => {
                     let _ = reply.send(self.finish(round, record));
@@ -146,9 +146,9 @@ impl Worker {
         round: u32,
         rank: u32,
         num_samples: u64,
-        tensors: &WireTensors,
+        tensors: DecodedTensors,
     ) -> Result<(), String> {
-        let adapter = Adapter::from_wire(tensors).map_err(|e| format!("update from '{device}' rejected: {e}"))?;
+        let adapter = Adapter::from_decoded(tensors).map_err(|e| format!("update from '{device}' rejected: {e}"))?;
         let update = ClientUpdate {
             client: device,
             declared_rank: rank as usize,

@@ -7,13 +7,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_common::framing::{read_frame, read_frame_decoded, write_frame, FrameLimits};
 use flotilla_common::protocol::{
     Ack, CoordinatorMessage, DeviceMessage, Finished, ModelSpec, Refusal, Reject, RoundTask, TrainingSettings, Update,
     Welcome, PROTOCOL_VERSION,
 };
 use flotilla_common::quic;
-use flotilla_common::tensor::{DType, WireTensors};
+use flotilla_common::tensor::{DType, DecodedTensors, WireTensors};
 use flotilla_common::tls::{self, KitPaths};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
@@ -36,12 +36,35 @@ const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
 const MAX_CLOSE_REASON: usize = 200;
 
 enum Input {
-    Joined { device: String, rank: u32, connection: quinn::Connection },
-    Left { device: String, connection_id: usize },
-    UpdateArrived { device: String, update: Update, tensors: WireTensors, reply: oneshot::Sender<CoordinatorMessage> },
-    FoldDone { device: String, update: Update, result: Result<(), String>, reply: oneshot::Sender<CoordinatorMessage> },
-    TimerFired { round: u32, timer: Timer },
-    AggregationDone { round: u32, result: Result<RoundOutcome, String> },
+    Joined {
+        device: String,
+        rank: u32,
+        connection: quinn::Connection,
+    },
+    Left {
+        device: String,
+        connection_id: usize,
+    },
+    UpdateArrived {
+        device: String,
+        update: Update,
+        tensors: DecodedTensors,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    },
+    FoldDone {
+        device: String,
+        update: Update,
+        result: Result<(), String>,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    },
+    TimerFired {
+        round: u32,
+        timer: Timer,
+    },
+    AggregationDone {
+        round: u32,
+        result: Result<RoundOutcome, String>,
+    },
 }
 
 struct Shared {
@@ -229,7 +252,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
                 break;
             }
         };
-        let response = match read_frame::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
+        let response = match read_frame_decoded::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
             Ok((DeviceMessage::Update(update), tensors)) => {
                 let (reply, answer) = oneshot::channel();
                 let round = update.round;
@@ -327,7 +350,7 @@ struct RoundDriver {
     engine: Engine,
     sessions: HashMap<String, quinn::Connection>,
     ranks: HashMap<String, u32>,
-    uploads: HashMap<String, (Update, WireTensors, oneshot::Sender<CoordinatorMessage>)>,
+    uploads: HashMap<String, (Update, DecodedTensors, oneshot::Sender<CoordinatorMessage>)>,
     accepted: BTreeMap<u32, Vec<UpdateSummary>>,
     round_started: HashMap<u32, Instant>,
     summary: RunSummary,
@@ -386,7 +409,7 @@ impl RoundDriver {
                 }
                 Input::UpdateArrived { device, update, tensors, reply } => {
                     let (round, rank) = (update.round, update.rank);
-                    metrics::counter!("fl_update_bytes_total").increment(tensors.body.len() as u64);
+                    metrics::counter!("fl_update_bytes_total").increment(tensors.wire_bytes);
                     self.uploads.insert(device.clone(), (update, tensors, reply));
                     Event::UpdateArrived { device, round, rank }
                 }
