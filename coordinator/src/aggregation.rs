@@ -189,6 +189,7 @@ impl Worker {
             Some(self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string())?);
         outcome?;
         let seconds = started.elapsed().as_secs_f64();
+        crate::fault::point("mid-aggregation", round);
         let ranks = std::mem::take(&mut self.round_ranks);
         let evaluation = match &self.settings.evaluator {
             Some(evaluator) => {

@@ -71,6 +71,7 @@ pub fn write(
     let state_json = serde_json::to_vec_pretty(state)?;
     write_atomically(&tmp.join(STATE_FILE), &state_json).map_err(|e| anyhow::anyhow!("{e}"))?;
     sync_dir(&tmp)?;
+    crate::fault::point("mid-checkpoint", state.round);
     if done.exists() {
         // A round re-run after a crash that happened after its rename: replace it.
         fs::remove_dir_all(&done).with_context(|| format!("cannot replace {}", done.display()))?;

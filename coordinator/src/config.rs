@@ -146,12 +146,32 @@ impl Default for ModelSection {
 }
 
 impl CoordinatorConfig {
+    /// Reads the TOML file, applies the `FLOTILLA__SECTION__KEY=value` environment overrides
+    /// (see [`apply_env_overrides`]) and validates the result.
     pub fn load(path: &Path) -> anyhow::Result<CoordinatorConfig> {
+        Self::load_with_env(path, std::env::vars())
+    }
+
+    pub fn load_with_env(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> anyhow::Result<CoordinatorConfig> {
         use anyhow::Context;
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config {}", path.display()))?;
-        let config: CoordinatorConfig =
+        let mut table: toml::Table =
             toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        let applied = apply_env_overrides(&mut table, env)?;
+        let config: CoordinatorConfig = table.try_into().with_context(|| {
+            if applied.is_empty() {
+                format!("invalid config {}", path.display())
+            } else {
+                format!("invalid config {} with overrides {}", path.display(), applied.join(", "))
+            }
+        })?;
         config.validate().with_context(|| format!("invalid config {}", path.display()))?;
+        for key in &applied {
+            tracing::info!("config: {key} set from the environment");
+        }
         Ok(config)
     }
 
@@ -192,6 +212,50 @@ impl CoordinatorConfig {
     }
 }
 
+/// Prefix of environment variables that override config keys: `FLOTILLA__ROUND__DEADLINE_SECS=30`
+/// sets `[round] deadline_secs = 30`; `FLOTILLA__RANK_CAPS__PHONE=2` sets `[rank_caps] phone = 2`.
+/// Sections and keys are separated by `__`; names are lower-cased. A value is read as a TOML value
+/// (number, boolean, array, quoted string) and otherwise taken as a plain string. Unknown keys are
+/// refused like unknown keys in the file.
+pub const ENV_PREFIX: &str = "FLOTILLA__";
+
+/// Applies the overrides found in `env`; returns the dotted keys it set, sorted.
+pub fn apply_env_overrides(
+    table: &mut toml::Table,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> anyhow::Result<Vec<String>> {
+    let mut applied = Vec::new();
+    let mut overrides: Vec<(String, String)> =
+        env.into_iter().filter(|(name, _)| name.starts_with(ENV_PREFIX)).collect();
+    overrides.sort();
+    for (name, raw) in overrides {
+        let path: Vec<String> = name[ENV_PREFIX.len()..].split("__").map(str::to_lowercase).collect();
+        if path.iter().any(String::is_empty) {
+            anyhow::bail!("environment variable {name}: expected {ENV_PREFIX}SECTION__KEY");
+        }
+        let value = parse_env_value(&raw);
+        let (last, parents) = path.split_last().ok_or_else(|| anyhow::anyhow!("{name}: no key"))?;
+        let mut cursor = &mut *table;
+        for part in parents {
+            let entry = cursor.entry(part.clone()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            cursor = entry.as_table_mut().ok_or_else(|| {
+                anyhow::anyhow!("environment variable {name}: '{part}' is a value in the config, not a section")
+            })?;
+        }
+        cursor.insert(last.clone(), value);
+        applied.push(path.join("."));
+    }
+    Ok(applied)
+}
+
+fn parse_env_value(raw: &str) -> toml::Value {
+    // `v = <raw>` parses as TOML when raw is a number, boolean, array or quoted string.
+    match format!("v = {raw}").parse::<toml::Table>() {
+        Ok(mut table) => table.remove("v").unwrap_or_else(|| toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -215,6 +279,41 @@ mod tests {
         assert_eq!(config.model.architecture, Architecture::Mlp { input: 784, hidden: vec![128], classes: 10 });
         let typo = text.replace("[tls]", "[tls]\nkitt = 1");
         assert!(toml::from_str::<CoordinatorConfig>(&typo).is_err());
+    }
+
+    #[test]
+    fn environment_overrides_any_key_and_refuses_unknown_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"r\"\n[tls]\nkit = \"k\"\n").unwrap();
+        let env = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let config = CoordinatorConfig::load_with_env(
+            &path,
+            env(&[
+                ("FLOTILLA__ROUND__ROUNDS", "7"),
+                ("FLOTILLA__ROUND__FRACTION", "0.25"),
+                ("FLOTILLA__AGGREGATION__METHOD", "zero-pad"),
+                ("FLOTILLA__SERVER__RUN_DIR", "/var/lib/elsewhere"),
+                ("FLOTILLA__RANK_CAPS__PHONE", "2"),
+                ("FLOTILLA__TRANSPORT__SEGMENTATION_OFFLOAD", "false"),
+                ("FLOTILLA_LOG_FORMAT", "json"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(config.round.rounds, 7);
+        assert_eq!(config.round.fraction, 0.25);
+        assert_eq!(config.aggregation.method, Method::ZeroPad);
+        assert_eq!(config.server.run_dir, Path::new("/var/lib/elsewhere"));
+        assert_eq!(config.rank_caps.get("phone"), Some(&2));
+        assert!(!config.transport.segmentation_offload);
+        let typo = CoordinatorConfig::load_with_env(&path, env(&[("FLOTILLA__ROUND__ROUNSD", "7")])).unwrap_err();
+        assert!(format!("{typo:#}").contains("rounsd"), "{typo:#}");
+        let bad = CoordinatorConfig::load_with_env(&path, env(&[("FLOTILLA__ROUND__ROUNDS", "many")])).unwrap_err();
+        assert!(format!("{bad:#}").contains("round.rounds"), "{bad:#}");
+        let zero = CoordinatorConfig::load_with_env(&path, env(&[("FLOTILLA__ROUND__ROUNDS", "0")])).unwrap_err();
+        assert!(format!("{zero:#}").contains("round.rounds must be at least 1"), "{zero:#}");
     }
 
     #[test]

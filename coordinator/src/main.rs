@@ -5,6 +5,7 @@ mod checkpoint;
 mod config;
 mod engine;
 mod evaluation;
+mod fault;
 mod metrics;
 mod offline;
 mod report;

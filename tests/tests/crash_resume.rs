@@ -136,3 +136,100 @@ fn sigkill_mid_run_then_restart_resumes_after_the_last_finished_round() {
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stderr).contains("already completed"));
 }
+
+fn wait_for_log(process: &mut Process, needle: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !process.stderr_text().contains(needle) {
+        assert!(Instant::now() < deadline, "never logged '{needle}'\n{}", process.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The coordinator is SIGKILLed in the middle of round 2's aggregation, restarted, SIGKILLed again
+/// in the middle of round 2's checkpoint (its files written, not yet renamed into place), and
+/// restarted once more: each restart resumes after round 1, the half-written checkpoint is ignored
+/// and replaced, round 1's checkpoint never changes, and the run completes with one record per round.
+#[test]
+fn sigkill_mid_aggregation_and_mid_checkpoint_lose_nothing_finished() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["dev-a", "dev-b"]);
+    let port = free_udp_port();
+    let config = write_config(run, port, 8);
+    let text = std::fs::read_to_string(&config).unwrap().replace("local_steps = 1500", "local_steps = 20");
+    std::fs::write(&config, text).unwrap();
+    let logs = run.join("logs");
+    let start = |name: &str, fault: Option<&str>| {
+        let mut command = Command::new(binary("flotilla-coordinator"));
+        command.arg("serve").arg("--config").arg(&config);
+        if let Some(fault) = fault {
+            command.env("FLOTILLA_FAULT_PAUSE", fault);
+        }
+        Process::spawn(name, &mut command, &logs)
+    };
+
+    let mut first = start("coordinator-1", Some("mid-aggregation@2"));
+    std::thread::sleep(Duration::from_millis(300));
+    let address = format!("127.0.0.1:{port}");
+    let mut edges: Vec<Process> = [("dev-a", "2"), ("dev-b", "8")]
+        .iter()
+        .map(|(id, rank)| {
+            Process::spawn(
+                id,
+                Command::new(binary("flotilla-edge"))
+                    .args(["run", "--coordinator", &address, "--rank", rank, "--samples", "256"])
+                    .args(["--max-attempts", "30", "--idle-timeout-secs", "3", "--keep-alive-secs", "1"])
+                    .arg("--kit")
+                    .arg(pki.join("kits").join(id)),
+                &logs,
+            )
+        })
+        .collect();
+
+    let round_1 = run.join("global/round-1");
+    let round_2 = run.join("global/round-2");
+    wait_for_log(&mut first, "paused at mid-aggregation@2", Duration::from_secs(120));
+    let round_1_files: Vec<Vec<u8>> = ["adapter_model.safetensors", "state.json", "adapter_config.json"]
+        .iter()
+        .map(|f| std::fs::read(round_1.join(f)).unwrap())
+        .collect();
+    first.kill();
+    assert!(!round_2.exists() && !run.join("global/round-2.tmp").exists(), "nothing of round 2 was written");
+
+    let mut second = start("coordinator-2", Some("mid-checkpoint@2"));
+    wait_for_log(&mut second, "paused at mid-checkpoint@2", Duration::from_secs(120));
+    assert!(second.stderr_text().contains("resuming after the last finished round round=1"), "{}", second.logs());
+    second.kill();
+    assert!(!round_2.exists(), "round 2 was never renamed into place");
+    assert!(run.join("global/round-2.tmp/state.json").exists(), "the kill landed mid-checkpoint");
+
+    let mut third = start("coordinator-3", None);
+    assert!(third.wait(Duration::from_secs(240)).success(), "{}", third.logs());
+    assert!(third.stderr_text().contains("resuming after the last finished round round=1"), "{}", third.logs());
+    for edge in &mut edges {
+        assert!(edge.wait(Duration::from_secs(60)).success(), "{}", edge.logs());
+    }
+    let after: Vec<Vec<u8>> = ["adapter_model.safetensors", "state.json", "adapter_config.json"]
+        .iter()
+        .map(|f| std::fs::read(round_1.join(f)).unwrap())
+        .collect();
+    assert_eq!(after, round_1_files, "round 1's checkpoint is untouched");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    let rounds: Vec<u64> = summary["rounds"].as_array().unwrap().iter().map(|r| r["round"].as_u64().unwrap()).collect();
+    assert_eq!(rounds, vec![1, 2, 3]);
+    let leftovers: Vec<String> = run
+        .join("global")
+        .read_dir()
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .filter(|name| name.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    for round in 1..=3 {
+        let (tensors, _) =
+            flotilla_tests::read_safetensors(&run.join(format!("global/round-{round}/adapter_model.safetensors")));
+        assert!(tensors.values().all(|m| m.values.iter().all(|v| v.is_finite())), "round {round} is sound");
+    }
+}
