@@ -8,6 +8,7 @@ mod evaluation;
 mod fault;
 mod metrics;
 mod offline;
+mod plots;
 mod report;
 mod server;
 

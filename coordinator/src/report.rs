@@ -1,6 +1,7 @@
 //! What a run reports: one record per round (kept in that round's checkpoint, so a restart never
 //! loses it) and the run summary, `<run_dir>/summary.json`, rewritten after every round.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 use flotilla_common::adapter::write_atomically;
@@ -26,6 +27,12 @@ pub struct RunSummary {
 pub struct RoundSummary {
     pub round: u32,
     pub updates: Vec<UpdateSummary>,
+    /// Bytes of the accepted updates' tensors.
+    #[serde(default)]
+    pub update_bytes: u64,
+    /// Bytes of the round tasks' adapter slices sent to devices.
+    #[serde(default)]
+    pub task_bytes: u64,
     pub aggregation_seconds: f64,
     pub round_seconds: f64,
     pub global_dir: Option<PathBuf>,
@@ -38,15 +45,219 @@ pub struct UpdateSummary {
     pub rank: u32,
     pub num_samples: u64,
     pub metrics: LocalMetrics,
+    #[serde(default)]
+    pub wire_bytes: u64,
 }
 
+/// Writes `summary.json` and the per-round reports: `rounds.csv`, `rounds.json` and the plots
+/// (`accuracy.{png,svg}`, `participation.{png,svg}`). A plot that cannot be drawn is logged; the
+/// run goes on.
 pub fn write_summary(run_dir: &Path, summary: &RunSummary) -> anyhow::Result<()> {
     let path = run_dir.join("summary.json");
-    write_atomically(&path, &serde_json::to_vec_pretty(summary)?).map_err(|e| anyhow::anyhow!("{e}"))
+    write_atomically(&path, &serde_json::to_vec_pretty(summary)?).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let rows = round_rows(summary);
+    write_atomically(&run_dir.join("rounds.json"), &serde_json::to_vec_pretty(&rows)?)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    write_atomically(&run_dir.join("rounds.csv"), rounds_csv(&rows).as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Err(error) = crate::plots::draw(run_dir, &rows) {
+        tracing::warn!("cannot draw the round plots: {error:#}");
+    }
+    Ok(())
+}
+
+/// One round in the reports; round 0 is the initial model (base + untrained adapter).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RoundRow {
+    pub round: u32,
+    pub updates: usize,
+    /// Accepted updates by rank.
+    pub participants: BTreeMap<u32, usize>,
+    /// Test accuracy and loss of the global model at R_max (absent without an evaluation set).
+    pub accuracy: Option<f64>,
+    pub loss: Option<f64>,
+    /// Test accuracy of the global model sliced to each rank that took part (and R_max).
+    pub accuracy_by_rank: BTreeMap<usize, f64>,
+    pub samples: u64,
+    /// Mean over updates of the local training loss after training.
+    pub mean_local_loss: Option<f64>,
+    pub update_bytes: u64,
+    pub task_bytes: u64,
+    pub aggregation_seconds: f64,
+    pub round_seconds: f64,
+}
+
+pub fn round_rows(summary: &RunSummary) -> Vec<RoundRow> {
+    let max_rank = summary.max_rank as usize;
+    let evaluation = |results: &[RankAccuracy]| {
+        let at_max = results.iter().find(|r| r.rank == max_rank);
+        (
+            at_max.map(|r| r.accuracy),
+            at_max.map(|r| r.loss),
+            results.iter().map(|r| (r.rank, r.accuracy)).collect::<BTreeMap<_, _>>(),
+        )
+    };
+    let mut rows = Vec::with_capacity(summary.rounds.len() + 1);
+    if !summary.initial_evaluation.is_empty() {
+        let (accuracy, loss, accuracy_by_rank) = evaluation(&summary.initial_evaluation);
+        rows.push(RoundRow {
+            round: 0,
+            updates: 0,
+            participants: BTreeMap::new(),
+            accuracy,
+            loss,
+            accuracy_by_rank,
+            samples: 0,
+            mean_local_loss: None,
+            update_bytes: 0,
+            task_bytes: 0,
+            aggregation_seconds: 0.0,
+            round_seconds: 0.0,
+        });
+    }
+    for round in &summary.rounds {
+        let (accuracy, loss, accuracy_by_rank) = evaluation(&round.evaluation);
+        let mut participants = BTreeMap::new();
+        for update in &round.updates {
+            *participants.entry(update.rank).or_insert(0) += 1;
+        }
+        let n = round.updates.len();
+        rows.push(RoundRow {
+            round: round.round,
+            updates: n,
+            participants,
+            accuracy,
+            loss,
+            accuracy_by_rank,
+            samples: round.updates.iter().map(|u| u.num_samples).sum(),
+            mean_local_loss: (n > 0)
+                .then(|| round.updates.iter().map(|u| u.metrics.loss_after).sum::<f64>() / n as f64),
+            update_bytes: round.update_bytes,
+            task_bytes: round.task_bytes,
+            aggregation_seconds: round.aggregation_seconds,
+            round_seconds: round.round_seconds,
+        });
+    }
+    rows
+}
+
+/// The rows as CSV: fixed columns, then one accuracy column per rank evaluated and one participant
+/// count per rank that took part in any round.
+pub fn rounds_csv(rows: &[RoundRow]) -> String {
+    let eval_ranks: BTreeSet<usize> = rows.iter().flat_map(|r| r.accuracy_by_rank.keys().copied()).collect();
+    let part_ranks: BTreeSet<u32> = rows.iter().flat_map(|r| r.participants.keys().copied()).collect();
+    let mut out = String::from(
+        "round,updates,accuracy,loss,samples,mean_local_loss,update_bytes,task_bytes,aggregation_seconds,round_seconds",
+    );
+    for rank in &eval_ranks {
+        out.push_str(&format!(",accuracy_rank_{rank}"));
+    }
+    for rank in &part_ranks {
+        out.push_str(&format!(",participants_rank_{rank}"));
+    }
+    out.push('\n');
+    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+    for row in rows {
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{},{},{:.6},{:.6}",
+            row.round,
+            row.updates,
+            opt(row.accuracy),
+            opt(row.loss),
+            row.samples,
+            opt(row.mean_local_loss),
+            row.update_bytes,
+            row.task_bytes,
+            row.aggregation_seconds,
+            row.round_seconds
+        ));
+        for rank in &eval_ranks {
+            out.push_str(&format!(",{}", opt(row.accuracy_by_rank.get(rank).copied())));
+        }
+        for rank in &part_ranks {
+            out.push_str(&format!(",{}", row.participants.get(rank).copied().unwrap_or(0)));
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// The initial evaluation recorded before a restart (best effort: it is not part of a checkpoint).
 pub fn previous_initial_evaluation(run_dir: &Path) -> Option<Vec<RankAccuracy>> {
     let text = std::fs::read(run_dir.join("summary.json")).ok()?;
     serde_json::from_slice::<RunSummary>(&text).ok().map(|s| s.initial_evaluation)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(device: &str, rank: u32, loss: f64) -> UpdateSummary {
+        UpdateSummary {
+            device: device.into(),
+            rank,
+            num_samples: 10,
+            metrics: LocalMetrics { loss_after: loss, ..LocalMetrics::default() },
+            wire_bytes: 100,
+        }
+    }
+
+    fn eval(pairs: &[(usize, f64)]) -> Vec<RankAccuracy> {
+        pairs.iter().map(|&(rank, accuracy)| RankAccuracy { rank, loss: 1.0 - accuracy, accuracy }).collect()
+    }
+
+    #[test]
+    fn reports_have_one_row_per_round_and_the_plots_are_drawn() {
+        let summary = RunSummary {
+            method: "rbla".into(),
+            max_rank: 8,
+            rounds_completed: 2,
+            rounds: vec![
+                RoundSummary {
+                    round: 1,
+                    updates: vec![update("a", 2, 1.0), update("b", 8, 0.5)],
+                    update_bytes: 200,
+                    task_bytes: 300,
+                    aggregation_seconds: 0.01,
+                    round_seconds: 1.5,
+                    global_dir: None,
+                    evaluation: eval(&[(2, 0.4), (8, 0.6)]),
+                },
+                RoundSummary {
+                    round: 2,
+                    updates: vec![update("b", 8, 0.25)],
+                    update_bytes: 100,
+                    task_bytes: 300,
+                    aggregation_seconds: 0.01,
+                    round_seconds: 1.0,
+                    global_dir: None,
+                    evaluation: eval(&[(8, 0.7)]),
+                },
+            ],
+            final_global: None,
+            initial_evaluation: eval(&[(8, 0.1)]),
+        };
+        let rows = round_rows(&summary);
+        assert_eq!(rows.iter().map(|r| r.round).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(rows[1].participants, BTreeMap::from([(2, 1), (8, 1)]));
+        assert_eq!(rows[1].accuracy, Some(0.6));
+        assert_eq!(rows[1].mean_local_loss, Some(0.75));
+        let csv = rounds_csv(&rows);
+        let lines: Vec<&str> = csv.lines().collect();
+        assert_eq!(lines.len(), 4);
+        assert!(lines[0].ends_with("accuracy_rank_2,accuracy_rank_8,participants_rank_2,participants_rank_8"));
+        assert!(lines[2].starts_with("1,2,0.600000,"), "{}", lines[2]);
+        assert!(lines[3].ends_with(",,0.700000,0,1"), "{}", lines[3]);
+
+        let dir = tempfile::tempdir().unwrap();
+        write_summary(dir.path(), &summary).unwrap();
+        for file in ["summary.json", "rounds.json", "rounds.csv", "accuracy.svg", "participation.svg"] {
+            assert!(dir.path().join(file).exists(), "{file}");
+        }
+        for png in ["accuracy.png", "participation.png"] {
+            let bytes = std::fs::read(dir.path().join(png)).unwrap();
+            assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{png}");
+        }
+        let svg = std::fs::read_to_string(dir.path().join("accuracy.svg")).unwrap();
+        assert!(svg.contains("rank 8 (R_max, global)"), "the legend is in the SVG");
+    }
 }

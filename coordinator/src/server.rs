@@ -54,6 +54,7 @@ enum Input {
     FoldDone {
         device: String,
         update: Update,
+        wire_bytes: u64,
         result: Result<(), String>,
         reply: oneshot::Sender<CoordinatorMessage>,
     },
@@ -353,6 +354,8 @@ struct RoundDriver {
     uploads: HashMap<String, (Update, DecodedTensors, oneshot::Sender<CoordinatorMessage>)>,
     accepted: BTreeMap<u32, Vec<UpdateSummary>>,
     round_started: HashMap<u32, Instant>,
+    /// Bytes of round tasks sent, by round.
+    task_bytes: HashMap<u32, u64>,
     summary: RunSummary,
     status: SharedStatus,
 }
@@ -385,6 +388,7 @@ impl RoundDriver {
             uploads: HashMap::new(),
             accepted: BTreeMap::new(),
             round_started: HashMap::new(),
+            task_bytes: HashMap::new(),
             summary,
             status,
         }
@@ -413,7 +417,7 @@ impl RoundDriver {
                     self.uploads.insert(device.clone(), (update, tensors, reply));
                     Event::UpdateArrived { device, round, rank }
                 }
-                Input::FoldDone { device, update, result, reply } => {
+                Input::FoldDone { device, update, wire_bytes, result, reply } => {
                     let round = update.round;
                     match result {
                         Ok(()) => {
@@ -427,6 +431,7 @@ impl RoundDriver {
                                 rank: update.rank,
                                 num_samples: update.num_samples,
                                 metrics: update.metrics,
+                                wire_bytes,
                             });
                             Event::UpdateFolded { device, round }
                         }
@@ -537,9 +542,12 @@ impl RoundDriver {
                 Action::Aggregate { round, .. } => {
                     let worker = self.worker.clone();
                     let inputs = self.shared.inputs.clone();
+                    let updates = self.accepted.remove(&round).unwrap_or_default();
                     let record = RoundSummary {
                         round,
-                        updates: self.accepted.remove(&round).unwrap_or_default(),
+                        update_bytes: updates.iter().map(|u| u.wire_bytes).sum(),
+                        task_bytes: self.task_bytes.remove(&round).unwrap_or(0),
+                        updates,
                         aggregation_seconds: 0.0,
                         round_seconds: self.round_started.get(&round).map_or(0.0, |t| t.elapsed().as_secs_f64()),
                         global_dir: None,
@@ -581,11 +589,11 @@ impl RoundDriver {
         let worker = self.worker.clone();
         let inputs = self.shared.inputs.clone();
         tokio::spawn(async move {
-            let (rank, num_samples) = (update.rank, update.num_samples);
+            let (rank, num_samples, wire_bytes) = (update.rank, update.num_samples, tensors.wire_bytes);
             let dev = device.clone();
             let result =
                 worker.request(|reply| Command::Fold { device: dev, round, rank, num_samples, tensors, reply }).await;
-            let _ = inputs.send(Input::FoldDone { device, update, result, reply });
+            let _ = inputs.send(Input::FoldDone { device, update, wire_bytes, result, reply });
         });
     }
 
@@ -615,7 +623,9 @@ impl RoundDriver {
                 deadline_secs: config.round.deadline_secs,
             });
             let slices = slices.clone();
-            metrics::counter!("fl_task_bytes_total").increment(slices[&rank].body.len() as u64);
+            let task_bytes = slices[&rank].body.len() as u64;
+            metrics::counter!("fl_task_bytes_total").increment(task_bytes);
+            *self.task_bytes.entry(round).or_insert(0) += task_bytes;
             tokio::spawn(async move {
                 let result = async {
                     let mut send = connection.open_uni().await?;
