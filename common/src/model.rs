@@ -136,6 +136,107 @@ impl Architecture {
     }
 }
 
+/// Names of the shared classifier head in a full (merged or pretrained) model.
+pub const HEAD_WEIGHT: &str = "head.weight";
+pub const HEAD_BIAS: &str = "head.bias";
+
+/// Settings of the coordinator's central pretraining of the base model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PretrainSettings {
+    pub steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub seed: u64,
+}
+
+impl Architecture {
+    /// Trains every weight of the full model (base layers and head, no LoRA) on `data` with AdamW:
+    /// the centrally pretrained base that federated LoRA fine-tuning starts from. Returns the base
+    /// weights and the head (`head.weight`, `head.bias`).
+    pub fn pretrain(
+        &self,
+        base: &BaseWeights,
+        head: (&Tensor, &Tensor),
+        data: &Dataset,
+        settings: &PretrainSettings,
+    ) -> Result<(BaseWeights, Tensor, Tensor), ModelError> {
+        self.check_base(base)?;
+        let store = nn::VarStore::new(Device::Cpu);
+        let root = store.root();
+        let mut layers = Vec::new();
+        for layer in self.adapted_layers() {
+            let w = root.f_var_copy(&format!("{}_weight", layer.name), &base[&format!("{}.weight", layer.name)])?;
+            let b = root.f_var_copy(&format!("{}_bias", layer.name), &base[&format!("{}.bias", layer.name)])?;
+            layers.push((layer.name, w, b));
+        }
+        let head_w = root.f_var_copy("head_weight", head.0)?;
+        let head_b = root.f_var_copy("head_bias", head.1)?;
+        let forward = |x: &Tensor| {
+            let mut h = x.shallow_clone();
+            for (_, w, b) in &layers {
+                h = h.linear(w, Some(b)).relu();
+            }
+            h.linear(&head_w, Some(&head_b))
+        };
+        let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(&store, settings.learning_rate)?;
+        let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+        let n = data.len() as i64;
+        let batch = (settings.batch_size as i64).min(n).max(1);
+        for _ in 0..settings.steps {
+            let picks: Vec<i64> = (0..batch).map(|_| rng.random_range(0..n)).collect();
+            let index = Tensor::from_slice(&picks);
+            let x = data.features.f_index_select(0, &index)?;
+            let y = data.labels.f_index_select(0, &index)?;
+            optimizer.backward_step(&forward(&x).cross_entropy_for_logits(&y));
+        }
+        let mut trained = BTreeMap::new();
+        for (name, w, b) in &layers {
+            trained.insert(format!("{name}.weight"), w.detach().copy());
+            trained.insert(format!("{name}.bias"), b.detach().copy());
+        }
+        Ok((trained, head_w.detach().copy(), head_b.detach().copy()))
+    }
+
+    /// The full model with the adapter merged in: each adapted layer's weight becomes
+    /// `W0 + scale·B·A`, and the adapter's head becomes `head.weight` / `head.bias`. The result is
+    /// a plain MLP (see [`Architecture::forward_merged`]) that needs no LoRA support to run.
+    pub fn merge(&self, base: &BaseWeights, adapter: &Adapter, scale: f64) -> Result<BaseWeights, ModelError> {
+        self.check_base(base)?;
+        let get = |name: String| adapter.get(&name).ok_or(ModelError::Missing(name));
+        let mut merged = BTreeMap::new();
+        for layer in self.adapted_layers() {
+            let module = format!("{ADAPTER_PREFIX}{}", layer.name);
+            let (a, b) = (get(lora_a_name(&module))?, get(lora_b_name(&module))?);
+            let delta = b.f_matmul(a)? * scale;
+            merged.insert(format!("{}.weight", layer.name), base[&format!("{}.weight", layer.name)].f_add(&delta)?);
+            merged.insert(format!("{}.bias", layer.name), base[&format!("{}.bias", layer.name)].copy());
+        }
+        merged.insert(HEAD_WEIGHT.to_string(), get(format!("{ADAPTER_PREFIX}head.weight"))?.copy());
+        merged.insert(HEAD_BIAS.to_string(), get(format!("{ADAPTER_PREFIX}head.bias"))?.copy());
+        Ok(merged)
+    }
+
+    /// Logits of a merged model (see [`Architecture::merge`]).
+    pub fn forward_merged(&self, weights: &BaseWeights, x: &Tensor) -> Result<Tensor, ModelError> {
+        let get = |name: String| weights.get(&name).ok_or(ModelError::Missing(name));
+        let mut h = x.shallow_clone();
+        for layer in self.adapted_layers() {
+            h = h
+                .f_linear(get(format!("{}.weight", layer.name))?, Some(get(format!("{}.bias", layer.name))?))?
+                .f_relu()?;
+        }
+        Ok(h.f_linear(get(HEAD_WEIGHT.to_string())?, Some(get(HEAD_BIAS.to_string())?))?)
+    }
+}
+
+/// The adapter with its head replaced (the pretrained head becomes the initial global head).
+pub fn with_head(adapter: &Adapter, weight: &Tensor, bias: &Tensor) -> Result<Adapter, ModelError> {
+    let mut tensors: BTreeMap<String, Tensor> = adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), weight.copy());
+    tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), bias.copy());
+    Ok(Adapter::new(tensors)?)
+}
+
 struct LoraLayer {
     name: String,
     weight: Tensor,
@@ -292,6 +393,36 @@ mod tests {
         // B starts at zero, so it must have moved; the base never changes.
         let (_, b) = trained.factors(&format!("{ADAPTER_PREFIX}fc1"));
         assert!(b.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn pretraining_learns_and_a_merged_model_computes_what_base_plus_adapter_computes() {
+        let arch = arch();
+        let data = synthetic_classification(512, 16, 4, 3, 4);
+        let base = arch.init_base(1);
+        let initial = arch.init_adapter(8, 2).unwrap();
+        let head =
+            (initial.get("base_model.model.head.weight").unwrap(), initial.get("base_model.model.head.bias").unwrap());
+        let settings = PretrainSettings { steps: 200, batch_size: 32, learning_rate: 1e-2, seed: 3 };
+        let (pretrained, head_w, head_b) = arch.pretrain(&base, head, &data, &settings).unwrap();
+        let adapter = with_head(&initial, &head_w, &head_b).unwrap();
+        let before = LoraModel::new(&arch, &base, &initial, 1.0, Device::Cpu).unwrap().evaluate(&data, 256);
+        let after = LoraModel::new(&arch, &pretrained, &adapter, 1.0, Device::Cpu).unwrap().evaluate(&data, 256);
+        assert!(after.1 > before.1 + 0.2, "accuracy {before:?} -> {after:?}");
+        let (again, _, _) = arch.pretrain(&base, head, &data, &settings).unwrap();
+        assert!(again.iter().all(|(n, t)| t.equal(&pretrained[n])), "pretraining is deterministic");
+
+        // Train an adapter, merge it, and compare the plain MLP with base + LoRA.
+        let mut model = LoraModel::new(&arch, &pretrained, &adapter, 2.0, Device::Cpu).unwrap();
+        model
+            .train_steps(&data, &TrainingSettings { local_steps: 50, batch_size: 32, learning_rate: 1e-2, seed: 5 })
+            .unwrap();
+        let trained = model.adapter().unwrap();
+        let merged = arch.merge(&pretrained, &trained, 2.0).unwrap();
+        let lora = LoraModel::new(&arch, &pretrained, &trained, 2.0, Device::Cpu).unwrap().forward(&data.features);
+        let plain = arch.forward_merged(&merged, &data.features).unwrap();
+        let diff = (lora - plain).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "max difference {diff}");
     }
 
     #[test]

@@ -33,12 +33,16 @@ pub struct CheckpointState {
 
 /// FNV-1a over the canonical JSON of the settings a resumed run must share with its checkpoint.
 pub fn fingerprint(config: &CoordinatorConfig) -> String {
-    let identity = serde_json::json!({
+    let mut identity = serde_json::json!({
         "architecture": config.model.architecture,
         "seed": config.model.seed,
         "max_rank": config.aggregation.max_rank,
         "lora_alpha": config.aggregation.lora_alpha,
     });
+    // Only when set, so that runs without pretraining keep their fingerprints.
+    if let Some(pretrain) = &config.model.pretrain {
+        identity["pretrain"] = serde_json::json!(pretrain);
+    }
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in identity.to_string().bytes() {
         hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
@@ -135,7 +139,7 @@ pub fn resume(dir: &Path, state: &CheckpointState, config: &CoordinatorConfig) -
     if state.fingerprint != expected {
         bail!(
             "the configuration changed incompatibly since the checkpoint in {} (model architecture, model \
-             seed, max_rank or lora_alpha differ); restore the old settings, or start over with --fresh",
+             seed, pretraining, max_rank or lora_alpha differ); restore the old settings, or start over with --fresh",
             dir.display()
         );
     }

@@ -46,8 +46,10 @@ pub struct EvaluationSection {
     /// An MNIST-style IDX directory whose test split (t10k-*) is the held-out set; no evaluation
     /// when unset.
     pub test_data: Option<PathBuf>,
-    /// Evaluate on the first N test samples only.
+    /// Evaluate on at most N test samples.
     pub max_samples: Option<usize>,
+    /// Skip the first N test samples (those `[model.pretrain]` trained the base on).
+    pub skip_samples: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -137,11 +139,43 @@ pub struct ModelSection {
     pub architecture: Architecture,
     /// Seeds the base model and the initial global adapter.
     pub seed: u64,
+    /// Pretrain the base centrally before round 1; without it the base is a seeded random init.
+    pub pretrain: Option<PretrainSection>,
 }
 
 impl Default for ModelSection {
     fn default() -> Self {
-        ModelSection { architecture: Architecture::Mlp { input: 64, hidden: vec![64, 64], classes: 10 }, seed: 42 }
+        ModelSection {
+            architecture: Architecture::Mlp { input: 64, hidden: vec![64, 64], classes: 10 },
+            seed: 42,
+            pretrain: None,
+        }
+    }
+}
+
+/// Central pretraining of the base model (every weight, plus the head) on public data the devices
+/// do not hold: the first `samples` images of the test split of `data`. Evaluation must then skip
+/// them (`[evaluation] skip_samples`). The result is kept in `<run_dir>/base/` and reused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainSection {
+    /// An MNIST-style IDX directory.
+    pub data: PathBuf,
+    pub samples: usize,
+    pub steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+}
+
+impl Default for PretrainSection {
+    fn default() -> Self {
+        PretrainSection {
+            data: PathBuf::from(flotilla_common::data::idx::DEBIAN_FASHION_MNIST),
+            samples: 5000,
+            steps: 300,
+            batch_size: 64,
+            learning_rate: 2e-3,
+        }
     }
 }
 
@@ -194,6 +228,24 @@ impl CoordinatorConfig {
             "round.learning_rate must be a positive number"
         );
         anyhow::ensure!((1..=1024).contains(&self.aggregation.max_rank), "aggregation.max_rank must be in 1..=1024");
+        if let Some(pretrain) = &self.model.pretrain {
+            anyhow::ensure!(pretrain.samples >= 1, "model.pretrain.samples must be at least 1");
+            anyhow::ensure!(pretrain.steps >= 1, "model.pretrain.steps must be at least 1");
+            anyhow::ensure!(pretrain.batch_size >= 1, "model.pretrain.batch_size must be at least 1");
+            anyhow::ensure!(
+                pretrain.learning_rate.is_finite() && pretrain.learning_rate > 0.0,
+                "model.pretrain.learning_rate must be a positive number"
+            );
+            if self.evaluation.test_data.as_deref() == Some(pretrain.data.as_path()) {
+                anyhow::ensure!(
+                    self.evaluation.skip_samples >= pretrain.samples,
+                    "the evaluation set would include the {} test images the base is pretrained on: set \
+                     [evaluation] skip_samples = {} (or more)",
+                    pretrain.samples,
+                    pretrain.samples
+                );
+            }
+        }
         anyhow::ensure!(
             self.aggregation.lora_alpha.is_finite() && self.aggregation.lora_alpha > 0.0,
             "aggregation.lora_alpha must be a positive number"

@@ -26,13 +26,15 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Loads the test split of an MNIST-style directory (the first `max_samples` if given).
+    /// Loads the test split of an MNIST-style directory: after the first `skip_samples`, at most
+    /// `max_samples`.
     pub fn load(
         architecture: Architecture,
         base: BaseWeights,
         scale: f64,
         dir: &Path,
         max_samples: Option<usize>,
+        skip_samples: usize,
     ) -> anyhow::Result<Evaluator> {
         let test = load_split(dir, Split::Test, architecture.classes())?;
         anyhow::ensure!(
@@ -42,9 +44,17 @@ impl Evaluator {
             test.features.size()[1],
             architecture.input_size()
         );
-        let test = match max_samples {
-            Some(n) if n < test.len() => test.subset(&(0..n).collect::<Vec<_>>()),
-            _ => test,
+        anyhow::ensure!(
+            skip_samples < test.len(),
+            "{}: evaluation.skip_samples = {skip_samples} leaves none of the {} test images",
+            dir.display(),
+            test.len()
+        );
+        let end = max_samples.map_or(test.len(), |n| (skip_samples + n).min(test.len()));
+        let test = if skip_samples == 0 && end == test.len() {
+            test
+        } else {
+            test.subset(&(skip_samples..end).collect::<Vec<_>>())
         };
         Ok(Evaluator { architecture, base, scale, test })
     }

@@ -1,10 +1,12 @@
 //! `flotilla-coordinator`: the cloud side of Flotilla.
 
 mod aggregation;
+mod base;
 mod checkpoint;
 mod config;
 mod engine;
 mod evaluation;
+mod export;
 mod fault;
 mod metrics;
 mod offline;
@@ -61,6 +63,25 @@ enum Command {
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
     },
+    /// Export a finished round's global adapter (PEFT layout) and, with --merged, the full model
+    /// with the adapter merged into the base (one safetensors file, no LoRA needed to run it).
+    Export {
+        /// The run's configuration (for its run directory, model and base).
+        #[arg(long, env = "FLOTILLA_CONFIG")]
+        config: PathBuf,
+        /// Output directory: adapter/ (adapter_model.safetensors, adapter_config.json) and, with
+        /// --merged, model.safetensors and model.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Round to export (default: the last finished one).
+        #[arg(long)]
+        round: Option<u32>,
+        /// Slice the adapter to this rank first (default: R_max).
+        #[arg(long)]
+        rank: Option<u32>,
+        #[arg(long)]
+        merged: bool,
+    },
     /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
     /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
     Aggregate {
@@ -104,6 +125,18 @@ fn run(command: Command) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(server::serve(config, fresh))?;
             print_summary(&summary);
+            Ok(())
+        }
+        Command::Export { config, out, round, rank, merged } => {
+            let config = config::CoordinatorConfig::load(&config)?;
+            let done = export::export(&config, &export::ExportRequest { out, round, rank, merged })?;
+            println!(
+                "exported round {} at rank {}: adapter in {}{}",
+                done.round,
+                done.rank,
+                done.adapter_dir.display(),
+                done.merged_model.map(|p| format!(", merged model in {}", p.display())).unwrap_or_default()
+            );
             Ok(())
         }
         Command::Status { address, format } => {

@@ -81,8 +81,8 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     let architecture = config.model.architecture.clone();
     let max_rank = config.aggregation.max_rank;
-    let base = architecture.init_base(config.model.seed);
-    let welcome_tensors = WireTensors::from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?;
+    let base = crate::base::prepare(&config)?;
+    let welcome_tensors = WireTensors::from_tensors(base.weights.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?;
     if fresh {
         if let Some(aside) = checkpoint::set_aside(&run_dir)? {
             info!("--fresh: earlier checkpoints moved to {}", aside.display());
@@ -94,7 +94,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
             info!(round = state.round, checkpoint = %dir.display(), "resuming after the last finished round");
             (global, state.round + 1, Some(checkpoint::records(&run_dir, state.round)))
         }
-        None => (architecture.init_adapter(max_rank as usize, config.model.seed)?, 1, None),
+        None => (base.initial_adapter(&config)?, 1, None),
     };
     let resumed_summary = |rounds: Vec<RoundSummary>, initial_evaluation: Vec<RankAccuracy>| RunSummary {
         method: config.aggregation.method.to_string(),
@@ -113,10 +113,11 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         Some(dir) => Some(
             Evaluator::load(
                 architecture.clone(),
-                base.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+                base.weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
                 config.aggregation.lora_alpha / f64::from(max_rank),
                 dir,
                 config.evaluation.max_samples,
+                config.evaluation.skip_samples,
             )
             .context("cannot load the evaluation set")?,
         ),
@@ -160,7 +161,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let (inputs, receiver) = mpsc::unbounded_channel();
     let shared = Arc::new(Shared {
         model: ModelSpec { architecture, lora_alpha: config.aggregation.lora_alpha, max_rank },
-        base_version: format!("seed-{}", config.model.seed),
+        base_version: base.version.clone(),
         welcome_tensors,
         config: config.clone(),
         inputs,

@@ -1,0 +1,119 @@
+//! The frozen base model every participant shares. Without `[model.pretrain]` it is a seeded
+//! random initialisation; with it, the coordinator first trains the whole model centrally on public
+//! data the devices do not hold, and the pretrained head becomes the initial global head. The result
+//! is kept in `<run_dir>/base/` (model.safetensors + fingerprint) and reused by restarts and `export`.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use flotilla_common::adapter::{write_atomically, Adapter};
+use flotilla_common::data::idx::{load_split, Split};
+use flotilla_common::model::{with_head, BaseWeights, PretrainSettings, HEAD_BIAS, HEAD_WEIGHT};
+use tch::Tensor;
+use tracing::info;
+
+use crate::config::CoordinatorConfig;
+
+pub struct Base {
+    pub weights: BaseWeights,
+    /// The pretrained head, when the base was pretrained.
+    pub head: Option<(Tensor, Tensor)>,
+    /// Identifies the base in `Welcome` and round tasks.
+    pub version: String,
+}
+
+impl Base {
+    /// The initial global adapter at R_max: seeded, with the pretrained head when there is one.
+    pub fn initial_adapter(&self, config: &CoordinatorConfig) -> Result<Adapter> {
+        let adapter =
+            config.model.architecture.init_adapter(config.aggregation.max_rank as usize, config.model.seed)?;
+        Ok(match &self.head {
+            Some((weight, bias)) => with_head(&adapter, weight, bias)?,
+            None => adapter,
+        })
+    }
+}
+
+fn base_dir(run_dir: &Path) -> PathBuf {
+    run_dir.join("base")
+}
+
+/// What determines the base: a different value means a different base.
+fn fingerprint(config: &CoordinatorConfig) -> String {
+    let identity = serde_json::json!({
+        "architecture": config.model.architecture,
+        "seed": config.model.seed,
+        "pretrain": config.model.pretrain,
+    });
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in identity.to_string().bytes() {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// The base for `config`: loaded from `<run_dir>/base/` when it was made for the same settings,
+/// otherwise made (and pretrained, if configured) and saved there.
+pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
+    let architecture = &config.model.architecture;
+    let seed_base = architecture.init_base(config.model.seed);
+    let Some(pretrain) = &config.model.pretrain else {
+        return Ok(Base { weights: seed_base, head: None, version: format!("seed-{}", config.model.seed) });
+    };
+    let fingerprint = fingerprint(config);
+    let version = format!("seed-{}-pretrained-{fingerprint}", config.model.seed);
+    let dir = base_dir(&config.server.run_dir);
+    let model_path = dir.join("model.safetensors");
+    let fingerprint_path = dir.join("fingerprint");
+    if std::fs::read_to_string(&fingerprint_path).ok().as_deref() == Some(fingerprint.as_str()) {
+        let mut weights: BaseWeights = Tensor::read_safetensors(&model_path)
+            .with_context(|| format!("cannot read the pretrained base {}", model_path.display()))?
+            .into_iter()
+            .collect();
+        let head = match (weights.remove(HEAD_WEIGHT), weights.remove(HEAD_BIAS)) {
+            (Some(w), Some(b)) => (w, b),
+            _ => anyhow::bail!("{}: the pretrained head is missing", model_path.display()),
+        };
+        architecture.check_base(&weights).with_context(|| model_path.display().to_string())?;
+        info!(base = %model_path.display(), "using the pretrained base");
+        return Ok(Base { weights, head: Some(head), version });
+    }
+
+    let data = load_split(&pretrain.data, Split::Test, architecture.classes())
+        .with_context(|| format!("cannot load the pretraining data in {}", pretrain.data.display()))?;
+    anyhow::ensure!(
+        data.len() >= pretrain.samples,
+        "{}: the test split has {} images, fewer than model.pretrain.samples = {}",
+        pretrain.data.display(),
+        data.len(),
+        pretrain.samples
+    );
+    let public = data.subset(&(0..pretrain.samples).collect::<Vec<_>>());
+    let initial = architecture.init_adapter(1, config.model.seed)?;
+    let head = (
+        initial.get("base_model.model.head.weight").context("initial head")?,
+        initial.get("base_model.model.head.bias").context("initial head")?,
+    );
+    info!(samples = pretrain.samples, steps = pretrain.steps, "pretraining the base model on public data");
+    let started = Instant::now();
+    let settings = PretrainSettings {
+        steps: pretrain.steps,
+        batch_size: pretrain.batch_size,
+        learning_rate: pretrain.learning_rate,
+        seed: config.model.seed,
+    };
+    let (weights, head_w, head_b) = architecture.pretrain(&seed_base, head, &public, &settings)?;
+    info!(seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "base model pretrained");
+
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = dir.join("model.safetensors.tmp");
+    let mut named: Vec<(String, &Tensor)> = weights.iter().map(|(n, t)| (n.clone(), t)).collect();
+    named.push((HEAD_WEIGHT.to_string(), &head_w));
+    named.push((HEAD_BIAS.to_string(), &head_b));
+    Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
+    std::fs::rename(&tmp, &model_path).with_context(|| format!("cannot write {}", model_path.display()))?;
+    write_atomically(&fingerprint_path, fingerprint.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(Base { weights, head: Some((head_w, head_b)), version })
+}

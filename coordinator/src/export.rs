@@ -1,0 +1,143 @@
+//! `flotilla-coordinator export`: a finished round's global adapter in the PEFT layout, optionally
+//! sliced to a rank, and optionally the merged full model (base + scale·B·A, head included) as one
+//! safetensors file that needs no LoRA support to run.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use flotilla_common::adapter::PeftConfig;
+use tch::Tensor;
+
+use crate::checkpoint::{self, CheckpointState, STATE_FILE};
+use crate::config::CoordinatorConfig;
+
+pub struct ExportRequest {
+    pub out: PathBuf,
+    /// The round to export (default: the last finished one).
+    pub round: Option<u32>,
+    /// Slice the adapter to this rank (default: R_max), e.g. to ship what a rank-2 phone gets.
+    pub rank: Option<u32>,
+    pub merged: bool,
+}
+
+pub struct Exported {
+    pub round: u32,
+    pub rank: usize,
+    pub adapter_dir: PathBuf,
+    pub merged_model: Option<PathBuf>,
+}
+
+pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exported> {
+    let run_dir = &config.server.run_dir;
+    let (dir, state) = match request.round {
+        None => checkpoint::latest(run_dir)?
+            .with_context(|| format!("{}: no finished round to export yet", run_dir.display()))?,
+        Some(round) => {
+            let dir = checkpoint::checkpoint_dir(run_dir, round);
+            let text = std::fs::read(dir.join(STATE_FILE))
+                .with_context(|| format!("round {round} has no finished checkpoint in {}", run_dir.display()))?;
+            let state: CheckpointState = serde_json::from_slice(&text)
+                .with_context(|| format!("{}: unreadable state", dir.join(STATE_FILE).display()))?;
+            (dir, state)
+        }
+    };
+    let global = checkpoint::resume(&dir, &state, config)?;
+    let max_rank = global.rank();
+    let rank = request.rank.map_or(max_rank, |r| r as usize);
+    if rank == 0 || rank > max_rank {
+        bail!("--rank {rank}: the global adapter has rank {max_rank}; ask for 1..={max_rank}");
+    }
+    let adapter = if rank == max_rank { global } else { global.slice_to_rank(rank)? };
+    let lora_alpha = config.aggregation.lora_alpha;
+    // One scale for every rank: lora_alpha / R_max. PEFT computes lora_alpha / r, so a slice's
+    // alpha is lowered in proportion.
+    let peft_alpha = lora_alpha * rank as f64 / max_rank as f64;
+    let adapter_dir = request.out.join("adapter");
+    let metadata = HashMap::from([
+        ("round".to_string(), state.round.to_string()),
+        ("method".to_string(), state.method.clone()),
+        ("max_rank".to_string(), max_rank.to_string()),
+    ]);
+    adapter
+        .save_peft(&adapter_dir, &PeftConfig::for_adapter(&adapter, peft_alpha), metadata.clone())
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", adapter_dir.display()))?;
+
+    let merged_model = if request.merged {
+        let base = crate::base::prepare(config)?;
+        let merged = config.model.architecture.merge(&base.weights, &adapter, lora_alpha / max_rank as f64)?;
+        let path = request.out.join("model.safetensors");
+        write_safetensors(&path, &merged)?;
+        let architecture = serde_json::to_string_pretty(&config.model.architecture)?;
+        std::fs::write(request.out.join("model.json"), architecture)
+            .with_context(|| format!("cannot write {}", request.out.join("model.json").display()))?;
+        Some(path)
+    } else {
+        None
+    };
+    Ok(Exported { round: state.round, rank, adapter_dir, merged_model })
+}
+
+fn write_safetensors(path: &Path, tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_common::model::LoraModel;
+    use tch::{Device, Kind};
+
+    #[test]
+    fn the_merged_export_computes_what_the_base_and_the_exported_adapter_compute() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config: CoordinatorConfig = toml::from_str(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n\
+             [model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        config.aggregation.max_rank = 4;
+        let architecture = config.model.architecture.clone();
+        let base = crate::base::prepare(&config).unwrap();
+        // A "trained" global adapter: the initial one with B made non-zero.
+        let initial = base.initial_adapter(&config).unwrap();
+        let tensors = initial
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), if n.contains("lora_B") { t.rand_like() * 0.1 } else { t.copy() }))
+            .collect();
+        let global = flotilla_common::adapter::Adapter::new(tensors).unwrap();
+        let state = CheckpointState {
+            round: 2,
+            method: "rbla".into(),
+            fingerprint: checkpoint::fingerprint(&config),
+            record: None,
+        };
+        checkpoint::write(dir.path(), &state, &global, &PeftConfig::for_adapter(&global, 16.0), HashMap::new())
+            .unwrap();
+
+        let out = dir.path().join("export");
+        let done =
+            export(&config, &ExportRequest { out: out.clone(), round: None, rank: Some(2), merged: true }).unwrap();
+        assert_eq!((done.round, done.rank), (2, 2));
+        let loaded = flotilla_common::adapter::Adapter::load_peft(&done.adapter_dir).unwrap();
+        assert_eq!(loaded.adapter.rank(), 2);
+        let merged: std::collections::BTreeMap<String, Tensor> =
+            Tensor::read_safetensors(done.merged_model.unwrap()).unwrap().into_iter().collect();
+        let x = Tensor::randn([5, 12], (Kind::Float, Device::Cpu));
+        let scale = 16.0 / 4.0;
+        let lora =
+            LoraModel::new(&architecture, &base.weights, &loaded.adapter, scale, Device::Cpu).unwrap().forward(&x);
+        let plain = architecture.forward_merged(&merged, &x).unwrap();
+        assert!((lora - plain).abs().max().double_value(&[]) < 1e-5);
+        let err = export(&config, &ExportRequest { out, round: Some(9), rank: None, merged: false }).err().unwrap();
+        assert!(format!("{err:#}").contains("round 9 has no finished checkpoint"), "{err:#}");
+    }
+}
