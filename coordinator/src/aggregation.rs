@@ -194,7 +194,12 @@ impl Worker {
         let evaluation = match &self.settings.evaluator {
             Some(evaluator) => {
                 let results = evaluator.evaluate(&self.global, &ranks)?;
-                tracing::info!(round, "test accuracy ({} samples): {}", evaluator.samples(), describe(&results));
+                tracing::info!(
+                    round,
+                    "[round {round}] test accuracy ({} samples): {}",
+                    evaluator.samples(),
+                    describe(&results)
+                );
                 results
             }
             None => Vec::new(),

@@ -206,48 +206,47 @@ fn print_summary(summary: &report::RunSummary) {
         "run finished: {} round(s) with {} (R_max {})",
         summary.rounds_completed, summary.method, summary.max_rank
     );
-    println!(
-        "{:>5}  {:<16} {:>4} {:>8} {:>11} {:>10} {:>9}",
-        "round", "device", "rank", "samples", "loss before", "loss after", "accuracy"
-    );
-    for round in &summary.rounds {
-        for u in &round.updates {
-            println!(
-                "{:>5}  {:<16} {:>4} {:>8} {:>11.4} {:>10.4} {:>8.1}%",
-                round.round,
-                u.device,
-                u.rank,
-                u.num_samples,
-                u.metrics.loss_before,
-                u.metrics.loss_after,
-                u.metrics.accuracy * 100.0
-            );
-        }
-    }
-    if !summary.initial_evaluation.is_empty() {
+    let mut all_ranks: Vec<usize> = summary
+        .rounds
+        .iter()
+        .flat_map(|r| r.evaluation.iter().map(|e| e.rank))
+        .chain(summary.initial_evaluation.iter().map(|r| r.rank))
+        .collect();
+    all_ranks.sort_unstable_by(|a, b| b.cmp(a));
+    all_ranks.dedup();
+    if !all_ranks.is_empty() {
         println!();
         println!("test accuracy of the global model (frozen base + global adapter sliced to each rank):");
-        let ranks: Vec<usize> = summary.initial_evaluation.iter().map(|r| r.rank).collect();
-        let mut all_ranks: Vec<usize> =
-            summary.rounds.iter().flat_map(|r| r.evaluation.iter().map(|e| e.rank)).chain(ranks).collect();
-        all_ranks.sort_unstable_by(|a, b| b.cmp(a));
-        all_ranks.dedup();
-        let header: Vec<String> = all_ranks.iter().map(|r| format!("{:>9}", format!("rank {r}"))).collect();
-        println!("{:>7}  {}", "round", header.join(" "));
-        let row = |label: String, results: &[evaluation::RankAccuracy]| {
-            let cells: Vec<String> = all_ranks
-                .iter()
-                .map(|rank| match results.iter().find(|r| r.rank == *rank) {
-                    Some(r) => format!("{:>8.1}%", r.accuracy * 100.0),
-                    None => format!("{:>9}", "-"),
-                })
-                .collect();
-            println!("{label:>7}  {}", cells.join(" "));
-        };
-        row("base".into(), &summary.initial_evaluation);
-        for round in &summary.rounds {
-            row(round.round.to_string(), &round.evaluation);
-        }
+    }
+    let header: Vec<String> = all_ranks.iter().map(|r| format!("{:>8}", format!("rank {r}"))).collect();
+    println!("{:>5}  {:>7}  {:<22} {:>10}  {}", "round", "updates", "ranks", "local loss", header.join(" "));
+    let cells = |results: &[evaluation::RankAccuracy]| -> String {
+        all_ranks
+            .iter()
+            .map(|rank| match results.iter().find(|r| r.rank == *rank) {
+                Some(r) => format!("{:>7.1}%", r.accuracy * 100.0),
+                None => format!("{:>8}", "-"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if !summary.initial_evaluation.is_empty() {
+        println!("{:>5}  {:>7}  {:<22} {:>10}  {}", "base", "-", "-", "-", cells(&summary.initial_evaluation));
+    }
+    for round in &summary.rounds {
+        let mut ranks: Vec<u32> = round.updates.iter().map(|u| u.rank).collect();
+        ranks.sort_unstable();
+        let ranks: Vec<String> = ranks.iter().map(u32::to_string).collect();
+        let n = round.updates.len().max(1) as f64;
+        let loss = round.updates.iter().map(|u| u.metrics.loss_after).sum::<f64>() / n;
+        println!(
+            "{:>5}  {:>7}  {:<22} {:>10.4}  {}",
+            round.round,
+            round.updates.len(),
+            ranks.join(","),
+            loss,
+            cells(&round.evaluation)
+        );
     }
     if let Some(path) = &summary.final_global {
         println!("global adapter: {}", path.display());
