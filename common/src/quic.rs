@@ -125,13 +125,19 @@ pub fn server_endpoint(
 }
 
 pub fn client_endpoint(kit: &KitPaths, transport: &TransportSettings) -> Result<quinn::Endpoint, EndpointError> {
+    let mut endpoint = endpoint(([0, 0, 0, 0], 0).into(), None, transport)?;
+    endpoint.set_default_client_config(client_config(kit, transport)?);
+    Ok(endpoint)
+}
+
+/// A device's QUIC client configuration: its kit's identity and the transport settings. Several
+/// devices can share one endpoint (one UDP socket), each connecting with its own configuration.
+pub fn client_config(kit: &KitPaths, transport: &TransportSettings) -> Result<quinn::ClientConfig, EndpointError> {
     let tls = tls::client_config(kit)?;
     let crypto = QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(Arc::new(transport.to_quinn().map_err(EndpointError::Transport)?));
-    let mut endpoint = endpoint(([0, 0, 0, 0], 0).into(), None, transport)?;
-    endpoint.set_default_client_config(config);
-    Ok(endpoint)
+    Ok(config)
 }
 
 /// An endpoint on a UDP socket with the configured kernel buffers (a server when `server` is given).

@@ -3,6 +3,7 @@
 mod probe;
 mod rank_policy;
 mod session;
+mod sim;
 mod trainer;
 
 use trainer::DataSource;
@@ -38,6 +39,52 @@ enum Command {
     Run(RunArgs),
     /// Show this device's hardware, a timed LoRA training step, and the rank the policy picks.
     Probe(ProbeArgs),
+    /// Run many virtual devices in this process, each with its own kit and QUIC connection, through
+    /// the same session and training code as `run`.
+    Sim(SimArgs),
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    /// Coordinator address (IP:port).
+    #[arg(long, env = "FLOTILLA_COORDINATOR")]
+    coordinator: SocketAddr,
+    /// Name in the coordinator's certificate.
+    #[arg(long, default_value = "localhost", env = "FLOTILLA_SERVER_NAME")]
+    server_name: String,
+    /// A directory of device kits (e.g. <pki>/kits); the first --clients device kits by id are used.
+    #[arg(long)]
+    kits: PathBuf,
+    /// Number of virtual devices.
+    #[arg(long)]
+    clients: usize,
+    /// The fleet's make-up: class[:rank]=weight, comma-separated (default ranks: phone 2, laptop 8,
+    /// desktop 16, gpu 32), e.g. `phone=3,laptop:4=2,gpu=1`.
+    #[arg(long, default_value = "phone=2,laptop=1,desktop=1")]
+    profile_mix: sim::ProfileMix,
+    /// Local data: `synthetic`, `fashion-mnist` or an MNIST-style IDX directory.
+    #[arg(long, default_value = "synthetic")]
+    data: String,
+    /// How the IDX training set is split among the virtual devices: iid, dirichlet:<alpha>, shards:<k>.
+    #[arg(long)]
+    partition: Option<Scheme>,
+    #[arg(long, default_value_t = 1)]
+    partition_seed: u64,
+    /// Synthetic data: local training samples per device.
+    #[arg(long, default_value_t = 512)]
+    samples: usize,
+    /// Synthetic data: seed of the task shared by all devices.
+    #[arg(long, default_value_t = 7)]
+    task_seed: u64,
+    /// Virtual devices training at the same time (one thread each).
+    #[arg(long, default_value_t = 1)]
+    concurrency: usize,
+    /// libtorch threads per training thread.
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    /// Connection attempts per device before giving up on transient failures.
+    #[arg(long, default_value_t = 8)]
+    max_attempts: u32,
 }
 
 #[derive(clap::Args)]
@@ -129,6 +176,13 @@ fn main() {
                 1
             }
         },
+        Command::Sim(args) => match run_sim(args) {
+            Ok(code) => code,
+            Err(error) => {
+                eprintln!("flotilla-edge: {error:#}");
+                1
+            }
+        },
         Command::Run(args) => match run(args) {
             Ok(()) => 0,
             Err(error) => {
@@ -214,6 +268,48 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
     Ok(())
 }
 
+fn run_sim(args: SimArgs) -> Result<i32> {
+    anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
+    anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    if args.data == "synthetic" && args.partition.is_some() {
+        anyhow::bail!("--partition applies to IDX data (--data fashion-mnist or a directory)");
+    }
+    let partition =
+        args.partition.map(|scheme| PartitionSpec { scheme, devices: args.clients, seed: args.partition_seed });
+    let data = sim::data_source(&args.data, args.samples, args.task_seed, partition)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let report = runtime.block_on(sim::run(sim::SimSettings {
+        coordinator: args.coordinator,
+        server_name: args.server_name,
+        kits: args.kits,
+        clients: args.clients,
+        mix: args.profile_mix,
+        data,
+        concurrency: args.concurrency,
+        threads: args.threads,
+        max_attempts: args.max_attempts,
+        transport: TransportSettings::default(),
+    }))?;
+    let rounds: u32 = report.rounds_trained.values().sum();
+    println!(
+        "sim: {} of {} device(s) finished, {rounds} local round(s) trained in all; {} refused, {} gave up",
+        report.finished,
+        args.clients,
+        report.fatal.len(),
+        report.transient.len()
+    );
+    for (id, message) in report.fatal.iter().chain(&report.transient) {
+        eprintln!("device {id}: {message}");
+    }
+    Ok(if !report.fatal.is_empty() {
+        2
+    } else if !report.transient.is_empty() {
+        1
+    } else {
+        0
+    })
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let kit = KitPaths::in_dir(&args.kit);
     let device_id = tls::own_device_id(&kit)?;
@@ -260,6 +356,7 @@ fn run(args: RunArgs) -> Result<()> {
         };
         let endpoint = quic::client_endpoint(&kit, &transport)?;
         let settings = session::SessionSettings {
+            client_config: quic::client_config(&kit, &transport)?,
             coordinator: args.coordinator,
             server_name: args.server_name,
             device_id: device_id.clone(),

@@ -16,6 +16,8 @@ use tracing::{info, warn};
 use crate::trainer::Trainer;
 
 pub struct SessionSettings {
+    /// This device's identity and transport settings (`quic::client_config`).
+    pub client_config: quinn::ClientConfig,
     pub coordinator: SocketAddr,
     pub server_name: String,
     pub device_id: String,
@@ -98,7 +100,7 @@ async fn connect_and_serve(
     rounds_trained: &mut u32,
 ) -> Result<u32, SessionError> {
     let connecting = endpoint
-        .connect(settings.coordinator, &settings.server_name)
+        .connect_with(settings.client_config.clone(), settings.coordinator, &settings.server_name)
         .map_err(|e| SessionError::Fatal(format!("cannot connect to {}: {e}", settings.coordinator)))?;
     let connection = match connecting.await {
         Ok(c) => c,

@@ -1,7 +1,8 @@
 //! The training thread: owns libtorch on the device (its own thread count, CUDA when available),
 //! the local dataset and the frozen base model. The network side sends it jobs and awaits replies.
 
-use std::sync::mpsc;
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Mutex};
 
 use flotilla_common::adapter::Adapter;
 use flotilla_common::data::idx::{load_split, Split};
@@ -63,31 +64,80 @@ impl DataSource {
     }
 }
 
-/// Handle to the training thread.
+/// Training threads shared by one or many devices: a real device has a pool of one; the simulator
+/// runs many virtual devices on a few threads, which bounds how many train at once. Each device's
+/// data and base model stay in the pool between rounds.
+pub struct TrainerPool {
+    jobs: mpsc::Sender<(usize, Job)>,
+    states: Arc<Mutex<HashMap<usize, DeviceState>>>,
+    next_key: std::sync::atomic::AtomicUsize,
+}
+
+impl TrainerPool {
+    /// Starts `workers` training threads, each using `threads` libtorch threads.
+    pub fn new(workers: usize, threads: usize) -> anyhow::Result<TrainerPool> {
+        let (jobs, receiver) = mpsc::channel::<(usize, Job)>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        let states: Arc<Mutex<HashMap<usize, DeviceState>>> = Arc::default();
+        for worker in 0..workers.max(1) {
+            let receiver = receiver.clone();
+            let states = states.clone();
+            std::thread::Builder::new().name(format!("training-{worker}")).spawn(move || {
+                tch::set_num_threads(threads.max(1) as i32);
+                let device = tch::Device::cuda_if_available();
+                loop {
+                    let next = receiver.lock().map_err(|_| ()).and_then(|r| r.recv().map_err(|_| ()));
+                    let Ok((key, job)) = next else { return };
+                    // Take the device's state out while working on it; other workers serve others.
+                    let state = states.lock().ok().and_then(|mut s| s.remove(&key));
+                    let Some(mut state) = state else { continue };
+                    match job {
+                        Job::SetBase { architecture, scale, base, reply } => {
+                            let _ = reply.send(state.set_base(architecture, scale, &base));
+                        }
+                        Job::Train { slice, settings, reply } => {
+                            let _ = reply.send(state.train(&slice, &settings, device));
+                        }
+                    }
+                    if let Ok(mut states) = states.lock() {
+                        states.insert(key, state);
+                    }
+                }
+            })?;
+        }
+        Ok(TrainerPool { jobs, states, next_key: Default::default() })
+    }
+
+    /// A handle for one device whose local data comes from `source` (loaded once the model is known).
+    pub fn trainer(&self, source: DataSource) -> anyhow::Result<Trainer> {
+        let key = self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.states.lock().map_err(|_| stopped())?.insert(key, DeviceState { source, data: None, model: None });
+        Ok(Trainer { key, jobs: self.jobs.clone() })
+    }
+}
+
+/// Handle to a device's training, on its pool's threads.
 pub struct Trainer {
-    jobs: mpsc::Sender<Job>,
+    key: usize,
+    jobs: mpsc::Sender<(usize, Job)>,
 }
 
 impl Trainer {
-    /// Starts the thread. The data is loaded there once the model is known (tensors stay on it).
+    /// A device with its own training thread (what a real device runs).
     pub fn spawn(threads: usize, source: DataSource) -> anyhow::Result<Trainer> {
-        let (jobs, receiver) = mpsc::channel::<Job>();
-        std::thread::Builder::new().name("training".into()).spawn(move || {
-            tch::set_num_threads(threads.max(1) as i32);
-            TrainingThread { source, data: None, device: tch::Device::cuda_if_available(), model: None }.run(receiver)
-        })?;
-        Ok(Trainer { jobs })
+        // The pool's threads live as long as a handle does; the pool itself can go.
+        TrainerPool::new(1, threads)?.trainer(source)
     }
 
     pub async fn set_base(&self, architecture: Architecture, scale: f64, base: WireTensors) -> anyhow::Result<()> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job::SetBase { architecture, scale, base, reply }).map_err(|_| stopped())?;
+        self.jobs.send((self.key, Job::SetBase { architecture, scale, base, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 
     pub async fn train(&self, slice: WireTensors, settings: TrainingSettings) -> anyhow::Result<TrainedUpdate> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(Job::Train { slice, settings, reply }).map_err(|_| stopped())?;
+        self.jobs.send((self.key, Job::Train { slice, settings, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 }
@@ -96,29 +146,20 @@ fn stopped() -> anyhow::Error {
     anyhow::anyhow!("training thread stopped")
 }
 
-struct TrainingThread {
+/// What the pool keeps for one device between jobs.
+struct DeviceState {
     source: DataSource,
     data: Option<Dataset>,
-    device: tch::Device,
     model: Option<(Architecture, f64, BaseWeights)>,
 }
 
-impl TrainingThread {
-    fn run(mut self, receiver: mpsc::Receiver<Job>) {
-        while let Ok(job) = receiver.recv() {
-            match job {
-                Job::SetBase { architecture, scale, base, reply } => {
-                    let _ = reply.send(self.set_base(architecture, scale, &base));
-                }
-                Job::Train { slice, settings, reply } => {
-                    let _ = reply.send(self.train(&slice, &settings));
-                }
-            }
-        }
-    }
-
+impl DeviceState {
     fn set_base(&mut self, architecture: Architecture, scale: f64, base: &WireTensors) -> Result<(), String> {
-        let data = self.source.load(&architecture)?;
+        // A reconnect brings the same base again: keep the data already loaded.
+        let data = match self.data.take() {
+            Some(data) => data,
+            None => self.source.load(&architecture)?,
+        };
         if architecture.input_size() as i64 != data.features.size()[1] {
             return Err(format!(
                 "the coordinator's model takes {} inputs but the local data has {} features",
@@ -133,11 +174,16 @@ impl TrainingThread {
         Ok(())
     }
 
-    fn train(&mut self, slice: &WireTensors, settings: &TrainingSettings) -> Result<TrainedUpdate, String> {
+    fn train(
+        &mut self,
+        slice: &WireTensors,
+        settings: &TrainingSettings,
+        device: tch::Device,
+    ) -> Result<TrainedUpdate, String> {
         let (architecture, scale, base) = self.model.as_ref().ok_or("no base model received yet")?;
         let data = self.data.as_ref().ok_or("no local data loaded")?;
         let adapter = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
-        let mut model = LoraModel::new(architecture, base, &adapter, *scale, self.device).map_err(|e| e.to_string())?;
+        let mut model = LoraModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
         let metrics = model.train(data, settings).map_err(|e| e.to_string())?;
         let trained = model.adapter().map_err(|e| e.to_string())?;
         Ok(TrainedUpdate {

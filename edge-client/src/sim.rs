@@ -1,0 +1,250 @@
+//! `flotilla-edge sim`: many virtual devices in one process. Each has its own kit (certificate),
+//! its own QUIC connection (all on one UDP socket) and its own shard of the data, and runs the very
+//! session and training code of a real device; training runs on a bounded pool of threads.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use flotilla_common::data::partition::PartitionSpec;
+use flotilla_common::framing::FrameLimits;
+use flotilla_common::protocol::HardwareProfile;
+use flotilla_common::quic::{self, TransportSettings};
+use flotilla_common::tls::{self, KitPaths};
+
+use crate::session::{self, SessionError, SessionSettings};
+use crate::trainer::{DataSource, TrainerPool};
+
+/// Default rank each device class asks for when the mix does not say.
+pub fn default_class_rank(class: &str) -> Option<u32> {
+    match class {
+        "phone" => Some(2),
+        "laptop" => Some(8),
+        "desktop" => Some(16),
+        "gpu" => Some(32),
+        _ => None,
+    }
+}
+
+/// A device profile of the fleet: its class, the rank it asks for, and its share of the fleet.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Profile {
+    pub class: String,
+    pub rank: u32,
+    pub weight: u32,
+}
+
+/// `class[:rank]=weight,...`, e.g. `phone=3,laptop:4=2,gpu:32=1`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProfileMix(pub Vec<Profile>);
+
+impl FromStr for ProfileMix {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        let mut profiles = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (who, weight) = item.split_once('=').unwrap_or((item, "1"));
+            let weight: u32 =
+                weight.parse().map_err(|_| format!("'{item}': the weight after '=' must be a whole number"))?;
+            let (class, rank) = match who.split_once(':') {
+                Some((class, rank)) => {
+                    (class, rank.parse::<u32>().map_err(|_| format!("'{item}': the rank after ':' must be a number"))?)
+                }
+                None => (
+                    who,
+                    default_class_rank(who).ok_or_else(|| {
+                        format!("'{item}': unknown class '{who}'; give its rank as {who}:<rank>=<weight>")
+                    })?,
+                ),
+            };
+            if class.is_empty() || rank == 0 || weight == 0 {
+                return Err(format!("'{item}': need a class, a rank ≥ 1 and a weight ≥ 1"));
+            }
+            profiles.push(Profile { class: class.to_string(), rank, weight });
+        }
+        if profiles.is_empty() {
+            return Err("the profile mix is empty".into());
+        }
+        Ok(ProfileMix(profiles))
+    }
+}
+
+impl ProfileMix {
+    /// The profile of each of `n` devices: counts in proportion to the weights (largest
+    /// remainders), classes interleaved so that any prefix of the fleet is mixed too.
+    pub fn assign(&self, n: usize) -> Vec<Profile> {
+        let total: u64 = self.0.iter().map(|p| u64::from(p.weight)).sum();
+        let mut counts: Vec<(usize, u64)> =
+            self.0.iter().map(|p| ((n as u64 * u64::from(p.weight) / total) as usize, 0)).collect();
+        let mut remainders: Vec<(u64, usize)> =
+            self.0.iter().enumerate().map(|(i, p)| ((n as u64 * u64::from(p.weight)) % total, i)).collect();
+        remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let assigned: usize = counts.iter().map(|c| c.0).sum();
+        for &(_, i) in remainders.iter().take(n - assigned) {
+            counts[i].0 += 1;
+        }
+        // Interleave: the k-th device of a class sits at position (k + 0.5) / count of the fleet.
+        let mut slots: Vec<(f64, usize)> = Vec::with_capacity(n);
+        for (i, (count, _)) in counts.iter_mut().enumerate() {
+            for k in 0..*count {
+                slots.push(((k as f64 + 0.5) / *count as f64, i));
+            }
+        }
+        slots.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+        slots.into_iter().map(|(_, i)| self.0[i].clone()).collect()
+    }
+}
+
+pub struct SimSettings {
+    pub coordinator: std::net::SocketAddr,
+    pub server_name: String,
+    pub kits: PathBuf,
+    pub clients: usize,
+    pub mix: ProfileMix,
+    /// The data source of device `index` among `clients`.
+    pub data: Arc<dyn Fn(usize, &str) -> DataSource + Send + Sync>,
+    pub concurrency: usize,
+    pub threads: usize,
+    pub max_attempts: u32,
+    pub transport: TransportSettings,
+}
+
+/// The device kits in `dir` (subdirectories holding a device certificate), sorted by name.
+fn device_kits(dir: &Path) -> Result<Vec<(String, KitPaths)>> {
+    let mut kits = Vec::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list kits in {}", dir.display()))? {
+        let path = entry?.path();
+        if !path.join("cert.pem").exists() {
+            continue;
+        }
+        let kit = KitPaths::in_dir(&path);
+        if let Ok(id) = tls::own_device_id(&kit) {
+            kits.push((id, kit));
+        }
+    }
+    kits.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(kits)
+}
+
+#[derive(Debug, Default)]
+pub struct SimReport {
+    pub finished: usize,
+    pub rounds_trained: BTreeMap<String, u32>,
+    pub fatal: Vec<(String, String)>,
+    pub transient: Vec<(String, String)>,
+}
+
+pub async fn run(settings: SimSettings) -> Result<SimReport> {
+    let kits = device_kits(&settings.kits)?;
+    if kits.len() < settings.clients {
+        bail!(
+            "{} holds {} device kits, fewer than --clients {}; issue more with `flotilla-certs issue device`",
+            settings.kits.display(),
+            kits.len(),
+            settings.clients
+        );
+    }
+    let profiles = settings.mix.assign(settings.clients);
+    let pool = TrainerPool::new(settings.concurrency, settings.threads)?;
+    let endpoint = quic::endpoint(([0, 0, 0, 0], 0).into(), None, &settings.transport)?;
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut by_class: BTreeMap<(String, u32), usize> = BTreeMap::new();
+    for (index, ((id, kit), profile)) in kits.into_iter().take(settings.clients).zip(profiles).enumerate() {
+        *by_class.entry((profile.class.clone(), profile.rank)).or_default() += 1;
+        let trainer = pool.trainer((settings.data)(index, &id))?;
+        let session = SessionSettings {
+            client_config: quic::client_config(&kit, &settings.transport)?,
+            coordinator: settings.coordinator,
+            server_name: settings.server_name.clone(),
+            device_id: id.clone(),
+            requested_rank: profile.rank,
+            hardware: HardwareProfile { device_class: profile.class, cpu_cores: 1, memory_bytes: 0, cuda_devices: 0 },
+            limits: FrameLimits::default(),
+            max_attempts: settings.max_attempts,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        };
+        let endpoint = endpoint.clone();
+        tasks.spawn(async move {
+            let outcome = session::run(&endpoint, &trainer, &session).await;
+            (id, outcome)
+        });
+    }
+    let fleet: Vec<String> = by_class.iter().map(|((class, rank), n)| format!("{n}×{class}(rank {rank})")).collect();
+    tracing::info!(
+        clients = settings.clients,
+        concurrency = settings.concurrency,
+        "simulated fleet: {}",
+        fleet.join(", ")
+    );
+    let mut report = SimReport::default();
+    while let Some(joined) = tasks.join_next().await {
+        let (id, outcome) = joined.context("a virtual device panicked")?;
+        match outcome {
+            Ok(done) => {
+                report.finished += 1;
+                report.rounds_trained.insert(id, done.rounds_trained);
+            }
+            Err(SessionError::Fatal(message)) => report.fatal.push((id, message)),
+            Err(SessionError::Transient(message)) => report.transient.push((id, message)),
+        }
+    }
+    endpoint.wait_idle().await;
+    Ok(report)
+}
+
+/// Shared data-source choice for `sim`: synthetic samples per device, or a shard of an IDX set.
+pub fn data_source(
+    data: &str,
+    samples: usize,
+    task_seed: u64,
+    partition: Option<PartitionSpec>,
+) -> Result<Arc<dyn Fn(usize, &str) -> DataSource + Send + Sync>> {
+    let seed_of =
+        |id: &str| id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
+    if data == "synthetic" {
+        return Ok(Arc::new(move |_, id: &str| DataSource::Synthetic { samples, task_seed, sample_seed: seed_of(id) }));
+    }
+    let dir = if data == "fashion-mnist" {
+        PathBuf::from(flotilla_common::data::idx::DEBIAN_FASHION_MNIST)
+    } else {
+        PathBuf::from(data)
+    };
+    anyhow::ensure!(dir.is_dir(), "--data {data}: {} is not a directory", dir.display());
+    Ok(Arc::new(move |index, _: &str| DataSource::Idx {
+        dir: dir.clone(),
+        shard: partition.clone().map(|p| (p, index)),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mix_is_proportional_interleaved_and_refuses_nonsense() {
+        let mix: ProfileMix = "phone=3,laptop:4=2,gpu=1".parse().unwrap();
+        let fleet = mix.assign(12);
+        let count = |class: &str| fleet.iter().filter(|p| p.class == class).count();
+        assert_eq!((count("phone"), count("laptop"), count("gpu")), (6, 4, 2));
+        assert!(fleet.iter().all(|p| p.rank
+            == match p.class.as_str() {
+                "phone" => 2,
+                "laptop" => 4,
+                _ => 32,
+            }));
+        // Interleaved: the first half of the fleet already holds every class.
+        let first: std::collections::BTreeSet<&str> = fleet[..6].iter().map(|p| p.class.as_str()).collect();
+        assert_eq!(first.len(), 3, "{fleet:?}");
+        // Any size, including fewer devices than classes.
+        assert_eq!(mix.assign(1).len(), 1);
+        assert_eq!(mix.assign(7).len(), 7);
+        for bad in ["", "toaster=1", "phone=x", "phone:0=1", "phone=0", "laptop:y=1"] {
+            assert!(bad.parse::<ProfileMix>().is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `flotilla-edge sim`: twelve virtual devices in one process — each with its own certificate and
+//! QUIC connection, a profile mix of three ranks, training two at a time — take part in every round
+//! of a real coordinator, exactly like separate device processes would.
+
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_tests::{binary, provision, start_coordinator, Process};
+
+#[test]
+fn a_simulated_fleet_takes_part_in_every_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    let ids: Vec<String> = (0..12).map(|i| format!("sim-{i:02}")).collect();
+    provision(&pki, &ids.iter().map(String::as_str).collect::<Vec<_>>());
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 2\nmin_devices = 12\nlocal_steps = 10\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    );
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut sim = Process::spawn(
+        "sim",
+        Command::new(binary("flotilla-edge"))
+            .args(["sim", "--coordinator", &address, "--clients", "12", "--concurrency", "2", "--samples", "64"])
+            .args(["--profile-mix", "phone=2,laptop:4=1,gpu:8=1", "--kits"])
+            .arg(pki.join("kits")),
+        &run.join("logs"),
+    );
+    assert!(sim.wait(Duration::from_secs(120)).success(), "{}", sim.logs());
+    assert!(coordinator.wait(Duration::from_secs(30)).success(), "{}", coordinator.logs());
+    assert!(sim.stdout_text().contains("sim: 12 of 12 device(s) finished, 24 local round(s)"), "{}", sim.logs());
+    assert!(sim.stderr_text().contains("6×phone(rank 2)"), "{}", sim.logs());
+
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    for round in summary["rounds"].as_array().unwrap() {
+        let updates = round["updates"].as_array().unwrap();
+        let mut devices: Vec<&str> = updates.iter().map(|u| u["device"].as_str().unwrap()).collect();
+        devices.sort_unstable();
+        assert_eq!(devices, ids.iter().map(String::as_str).collect::<Vec<_>>(), "every virtual device, once");
+        let rank_count = |r: u64| updates.iter().filter(|u| u["rank"] == r).count();
+        assert_eq!((rank_count(2), rank_count(4), rank_count(8)), (6, 3, 3));
+    }
+
+    // Too few kits for the fleet: a clear error.
+    let output = Command::new(binary("flotilla-edge"))
+        .args(["sim", "--coordinator", &address, "--clients", "50", "--kits"])
+        .arg(pki.join("kits"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("fewer than --clients 50"), "{stderr}");
+}
