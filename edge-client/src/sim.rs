@@ -99,6 +99,9 @@ impl ProfileMix {
     }
 }
 
+/// Which data virtual device `index` (with this id) trains on.
+pub type DataFor = Arc<dyn Fn(usize, &str) -> DataSource + Send + Sync>;
+
 pub struct SimSettings {
     pub coordinator: std::net::SocketAddr,
     pub server_name: String,
@@ -106,7 +109,7 @@ pub struct SimSettings {
     pub clients: usize,
     pub mix: ProfileMix,
     /// The data source of device `index` among `clients`.
-    pub data: Arc<dyn Fn(usize, &str) -> DataSource + Send + Sync>,
+    pub data: DataFor,
     pub concurrency: usize,
     pub threads: usize,
     pub max_attempts: u32,
@@ -198,12 +201,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
 }
 
 /// Shared data-source choice for `sim`: synthetic samples per device, or a shard of an IDX set.
-pub fn data_source(
-    data: &str,
-    samples: usize,
-    task_seed: u64,
-    partition: Option<PartitionSpec>,
-) -> Result<Arc<dyn Fn(usize, &str) -> DataSource + Send + Sync>> {
+pub fn data_source(data: &str, samples: usize, task_seed: u64, partition: Option<PartitionSpec>) -> Result<DataFor> {
     let seed_of =
         |id: &str| id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
     if data == "synthetic" {
@@ -215,10 +213,7 @@ pub fn data_source(
         PathBuf::from(data)
     };
     anyhow::ensure!(dir.is_dir(), "--data {data}: {} is not a directory", dir.display());
-    Ok(Arc::new(move |index, _: &str| DataSource::Idx {
-        dir: dir.clone(),
-        shard: partition.clone().map(|p| (p, index)),
-    }))
+    Ok(Arc::new(move |index, _: &str| DataSource::Idx { dir: dir.clone(), shard: partition.map(|p| (p, index)) }))
 }
 
 #[cfg(test)]
