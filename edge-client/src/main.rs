@@ -87,11 +87,9 @@ struct SimArgs {
     max_attempts: u32,
 }
 
-#[derive(clap::Args)]
-struct ProbeArgs {
-    /// Device class whose budgets to apply (phone, laptop, desktop, gpu); unset: this device's own.
-    #[arg(long)]
-    device_class: Option<String>,
+/// What the rank policy weighs: the rank range and the model whose training step is timed.
+#[derive(clap::Args, Clone)]
+struct PolicyArgs {
     #[arg(long, default_value_t = 1)]
     min_rank: u32,
     #[arg(long, default_value_t = 64)]
@@ -105,10 +103,43 @@ struct ProbeArgs {
     classes: u32,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
+    /// Replace the step-time budget (milliseconds per training step) of the class or this device.
+    #[arg(long)]
+    step_budget_ms: Option<f64>,
+}
+
+#[derive(clap::Args)]
+struct ProbeArgs {
+    /// Device class whose budgets to apply (phone, laptop, desktop, gpu); unset: this device's own.
+    #[arg(long)]
+    device_class: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     #[arg(long, default_value_t = 1)]
     threads: usize,
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     format: String,
+}
+
+/// `--rank`: a number, or `auto` to let the probe and the rank policy choose.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RankRequest {
+    Auto,
+    Fixed(u32),
+}
+
+impl std::str::FromStr for RankRequest {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "auto" => Ok(RankRequest::Auto),
+            n => match n.parse::<u32>() {
+                Ok(r) if r >= 1 => Ok(RankRequest::Fixed(r)),
+                _ => Err(format!("'{text}': expected `auto` or a rank ≥ 1")),
+            },
+        }
+    }
 }
 
 #[derive(clap::Args)]
@@ -122,12 +153,17 @@ struct RunArgs {
     /// This device's kit directory from `flotilla-certs issue device` (ca.crt, cert.pem, key.pem).
     #[arg(long, env = "FLOTILLA_KIT")]
     kit: PathBuf,
-    /// LoRA rank to ask for (the coordinator may lower it).
-    #[arg(long, default_value_t = 4)]
-    rank: u32,
-    /// Device class reported to the coordinator (phone, laptop, desktop, gpu, ...).
-    #[arg(long, default_value = "laptop")]
-    device_class: String,
+    /// LoRA rank to ask for (the coordinator may lower it): a number, or `auto` to probe this
+    /// device (hardware, a timed training step of the --input/--hidden/--classes model) and let the
+    /// rank policy choose within --min-rank..--max-rank.
+    #[arg(long, default_value = "auto")]
+    rank: RankRequest,
+    /// Device class reported to the coordinator (phone, laptop, desktop, gpu, ...); with
+    /// `--rank auto` a known class's budgets apply instead of this device's own, to emulate it.
+    #[arg(long)]
+    device_class: Option<String>,
+    #[command(flatten)]
+    policy: PolicyArgs,
     /// Local data: `synthetic`, `fashion-mnist` (Debian's dataset-fashion-mnist) or an MNIST-style
     /// IDX directory (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]).
     #[arg(long, default_value = "synthetic")]
@@ -202,26 +238,34 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run_probe(args: ProbeArgs) -> Result<()> {
-    anyhow::ensure!(args.min_rank >= 1 && args.min_rank <= args.max_rank, "need 1 <= --min-rank <= --max-rank");
-    anyhow::ensure!(!args.hidden.is_empty() && args.hidden.iter().all(|&h| h > 0), "--hidden needs sizes > 0");
-    let device_class = args.device_class.unwrap_or_else(|| "this-device".into());
-    if device_class != "this-device" && probe::class_budgets(&device_class).is_none() {
-        anyhow::bail!("unknown device class '{device_class}' (known: phone, laptop, desktop, gpu)");
-    }
-    let report = probe::probe(&probe::ProbeSettings {
+/// Probes this device (or, with a known `device_class`, applies that class's budgets).
+fn probe_with(policy: &PolicyArgs, device_class: Option<&str>, threads: usize) -> Result<probe::ProbeReport> {
+    anyhow::ensure!(policy.min_rank >= 1 && policy.min_rank <= policy.max_rank, "need 1 <= --min-rank <= --max-rank");
+    anyhow::ensure!(!policy.hidden.is_empty() && policy.hidden.iter().all(|&h| h > 0), "--hidden needs sizes > 0");
+    let device_class = device_class.unwrap_or("this-device").to_string();
+    probe::probe(&probe::ProbeSettings {
         architecture: flotilla_common::model::Architecture::Mlp {
-            input: args.input,
-            hidden: args.hidden,
-            classes: args.classes,
+            input: policy.input,
+            hidden: policy.hidden.clone(),
+            classes: policy.classes,
         },
         device_class,
-        r_min: args.min_rank,
-        r_max: args.max_rank,
-        threads: args.threads,
-        batch_size: args.batch_size,
+        r_min: policy.min_rank,
+        r_max: policy.max_rank,
+        threads,
+        batch_size: policy.batch_size,
         time_budget: Duration::from_secs(2),
-    })?;
+        step_budget_ms: policy.step_budget_ms,
+    })
+}
+
+fn run_probe(args: ProbeArgs) -> Result<()> {
+    if let Some(class) = args.device_class.as_deref() {
+        if probe::class_budgets(class).is_none() {
+            anyhow::bail!("unknown device class '{class}' (known: phone, laptop, desktop, gpu)");
+        }
+    }
+    let report = probe_with(&args.policy, args.device_class.as_deref(), args.threads)?;
     if args.format == "json" {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(());
@@ -313,7 +357,21 @@ fn run_sim(args: SimArgs) -> Result<i32> {
 fn run(args: RunArgs) -> Result<()> {
     let kit = KitPaths::in_dir(&args.kit);
     let device_id = tls::own_device_id(&kit)?;
-    anyhow::ensure!(args.rank >= 1, "--rank must be at least 1");
+    let requested_rank = match args.rank {
+        RankRequest::Fixed(rank) => rank,
+        RankRequest::Auto => {
+            // A class name that has budgets is emulated; any other name is only a label.
+            let emulated = args.device_class.as_deref().filter(|c| probe::class_budgets(c).is_some());
+            let report = probe_with(&args.policy, emulated, args.threads)?;
+            tracing::info!(
+                rank = report.choice.rank,
+                device_class = %report.device_class,
+                "rank chosen by the probe: {}",
+                report.choice.reason
+            );
+            report.choice.rank
+        }
+    };
 
     let sample_seed =
         device_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
@@ -360,9 +418,9 @@ fn run(args: RunArgs) -> Result<()> {
             coordinator: args.coordinator,
             server_name: args.server_name,
             device_id: device_id.clone(),
-            requested_rank: args.rank,
+            requested_rank,
             hardware: HardwareProfile {
-                device_class: args.device_class,
+                device_class: args.device_class.clone().unwrap_or_else(|| "unspecified".into()),
                 cpu_cores: std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1),
                 memory_bytes: 0,
                 cuda_devices: tch::Cuda::device_count() as u32,

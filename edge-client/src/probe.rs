@@ -55,6 +55,8 @@ pub struct ProbeSettings {
     pub batch_size: usize,
     /// Time allowed for each rank's measurement.
     pub time_budget: Duration,
+    /// Replaces the step-time budget (of the class, or this device's own).
+    pub step_budget_ms: Option<f64>,
 }
 
 pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
@@ -86,11 +88,14 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
             _ => 0.0,
         }
     };
-    let budgets = class_budgets(&settings.device_class).unwrap_or(Budgets {
+    let mut budgets = class_budgets(&settings.device_class).unwrap_or(Budgets {
         memory_bytes: memory_available / 4,
         upload_bytes: 64 << 20,
         step_ms: 250.0,
     });
+    if let Some(step_ms) = settings.step_budget_ms {
+        budgets.step_ms = step_ms;
+    }
     let per_rank: u64 = settings.architecture.adapted_layers().iter().map(|l| (l.d_in + l.d_out) as u64).sum();
     let head = (settings.architecture.classes()
         * (settings.architecture.adapted_layers().last().map_or(settings.architecture.input_size(), |l| l.d_out) + 1))
