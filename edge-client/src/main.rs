@@ -223,18 +223,25 @@ fn main() {
             Ok(()) => 0,
             Err(error) => {
                 eprintln!("flotilla-edge: {error:#}");
-                // 2: refused (certificate, identity, version) — retrying will not help.
-                if error
-                    .downcast_ref::<session::SessionError>()
-                    .is_some_and(|e| matches!(e, session::SessionError::Fatal(_)))
-                {
-                    2
-                } else {
-                    1
+                match error.downcast_ref::<session::SessionError>() {
+                    // 2: refused (certificate, identity, version) — retrying will not help.
+                    Some(session::SessionError::Fatal(_)) => 2,
+                    // 130: stopped by Ctrl-C (SIGINT), as shells report it.
+                    Some(session::SessionError::Stopped(_)) => 130,
+                    _ => 1,
                 }
             }
         },
     };
+    if code == 130 {
+        // Stopped by Ctrl-C, perhaps while the training thread is inside libtorch: end without
+        // running libtorch's static destructors under it (everything to say has been said).
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        let _ = std::io::stderr().flush();
+        // SAFETY: _exit only ends the process; no Rust state is used after it.
+        unsafe { libc::_exit(code) }
+    }
     std::process::exit(code);
 }
 
@@ -312,6 +319,25 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
     Ok(())
 }
 
+/// Ctrl-C once: finish the upload in flight (if any), then stop; twice: stop now.
+fn stop_on_ctrl_c() -> tokio::sync::watch::Receiver<session::Stop> {
+    let (sender, receiver) = tokio::sync::watch::channel(session::Stop::Running);
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return;
+        }
+        tracing::warn!("interrupted: stopping after the upload in flight, if any (Ctrl-C again to abandon it)");
+        let _ = sender.send(session::Stop::AfterUpload);
+        if tokio::signal::ctrl_c().await.is_ok() {
+            tracing::warn!("interrupted again: abandoning now");
+            let _ = sender.send(session::Stop::Now);
+        }
+        // Keep the sender alive so sessions can still see the request.
+        std::future::pending::<()>().await;
+    });
+    receiver
+}
+
 fn run_sim(args: SimArgs) -> Result<i32> {
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
@@ -322,31 +348,38 @@ fn run_sim(args: SimArgs) -> Result<i32> {
         args.partition.map(|scheme| PartitionSpec { scheme, devices: args.clients, seed: args.partition_seed });
     let data = sim::data_source(&args.data, args.samples, args.task_seed, partition)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    let report = runtime.block_on(sim::run(sim::SimSettings {
-        coordinator: args.coordinator,
-        server_name: args.server_name,
-        kits: args.kits,
-        clients: args.clients,
-        mix: args.profile_mix,
-        data,
-        concurrency: args.concurrency,
-        threads: args.threads,
-        max_attempts: args.max_attempts,
-        transport: TransportSettings::default(),
-    }))?;
+    let report = runtime.block_on(async {
+        sim::run(sim::SimSettings {
+            coordinator: args.coordinator,
+            server_name: args.server_name,
+            kits: args.kits,
+            clients: args.clients,
+            mix: args.profile_mix,
+            data,
+            concurrency: args.concurrency,
+            threads: args.threads,
+            max_attempts: args.max_attempts,
+            transport: TransportSettings::default(),
+            stop: stop_on_ctrl_c(),
+        })
+        .await
+    })?;
     let rounds: u32 = report.rounds_trained.values().sum();
     println!(
-        "sim: {} of {} device(s) finished, {rounds} local round(s) trained in all; {} refused, {} gave up",
+        "sim: {} of {} device(s) finished, {rounds} local round(s) trained in all; {} refused, {} gave up, {} stopped",
         report.finished,
         args.clients,
         report.fatal.len(),
-        report.transient.len()
+        report.transient.len(),
+        report.stopped.len()
     );
-    for (id, message) in report.fatal.iter().chain(&report.transient) {
+    for (id, message) in report.fatal.iter().chain(&report.transient).chain(&report.stopped) {
         eprintln!("device {id}: {message}");
     }
     Ok(if !report.fatal.is_empty() {
         2
+    } else if !report.stopped.is_empty() {
+        130
     } else if !report.transient.is_empty() {
         1
     } else {
@@ -429,6 +462,7 @@ fn run(args: RunArgs) -> Result<()> {
             max_attempts: args.max_attempts,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            stop: stop_on_ctrl_c(),
         };
         tracing::info!(device = %device_id, coordinator = %settings.coordinator, rank = settings.requested_rank, "starting");
         tracing::info!(
@@ -437,8 +471,10 @@ fn run(args: RunArgs) -> Result<()> {
             training_on = ?tch::Device::cuda_if_available(),
             "libtorch devices"
         );
-        let report = session::run(&endpoint, &trainer, &settings).await?;
-        endpoint.wait_idle().await;
+        let outcome = session::run(&endpoint, &trainer, &settings).await;
+        // Let the connection's close reach the coordinator before the process ends.
+        let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+        let report = outcome?;
         println!(
             "device {device_id}: trained {} round(s); run finished after {} round(s)",
             report.rounds_trained, report.rounds_completed

@@ -15,6 +15,22 @@ use tracing::{info, warn};
 
 use crate::trainer::Trainer;
 
+/// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
+/// abandons it. Either abandons local training (its result is never sent).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Stop {
+    Running,
+    AfterUpload,
+    Now,
+}
+
+/// Resolves once the stop request reaches `level`; never, if nobody can ask any more.
+async fn stop_reached(stop: &mut tokio::sync::watch::Receiver<Stop>, level: Stop) {
+    if stop.wait_for(|s| *s >= level).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
 pub struct SessionSettings {
     /// This device's identity and transport settings (`quic::client_config`).
     pub client_config: quinn::ClientConfig,
@@ -27,6 +43,7 @@ pub struct SessionSettings {
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    pub stop: tokio::sync::watch::Receiver<Stop>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +53,9 @@ pub enum SessionError {
     Fatal(String),
     #[error("{0}")]
     Transient(String),
+    /// Asked to stop (Ctrl-C); the message says what became of the round in progress.
+    #[error("{0}")]
+    Stopped(String),
 }
 
 pub struct SessionReport {
@@ -54,6 +74,7 @@ pub async fn run(
         match connect_and_serve(endpoint, trainer, settings, &mut rounds_trained).await {
             Ok(rounds_completed) => return Ok(SessionReport { rounds_trained, rounds_completed }),
             Err(SessionError::Fatal(message)) => return Err(SessionError::Fatal(message)),
+            Err(SessionError::Stopped(message)) => return Err(SessionError::Stopped(message)),
             Err(SessionError::Transient(message)) => {
                 failures += 1;
                 if failures >= settings.max_attempts {
@@ -63,7 +84,13 @@ pub async fn run(
                 }
                 let delay = backoff(failures, settings.initial_backoff, settings.max_backoff);
                 warn!(attempt = failures, "connection to the coordinator lost: {message}; retrying in {delay:?}");
-                tokio::time::sleep(delay).await;
+                let mut stop = settings.stop.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = stop_reached(&mut stop, Stop::AfterUpload) => {
+                        return Err(SessionError::Stopped("stopped while reconnecting".into()));
+                    }
+                }
             }
         }
     }
@@ -133,8 +160,19 @@ async fn connect_and_serve(
         .await
         .map_err(|e| SessionError::Fatal(format!("cannot use the coordinator's model: {e:#}")))?;
 
+    let mut stop = settings.stop.clone();
+    let stopping = |connection: &quinn::Connection, message: String| {
+        connection.close(0u32.into(), b"device stopping");
+        SessionError::Stopped(message)
+    };
     loop {
-        let mut recv = connection.accept_uni().await.map_err(|e| classify(&connection, "waiting for a task", e))?;
+        let accepted = tokio::select! {
+            accepted = connection.accept_uni() => accepted,
+            _ = stop_reached(&mut stop, Stop::AfterUpload) => {
+                return Err(stopping(&connection, "stopped while waiting for a round".into()));
+            }
+        };
+        let mut recv = accepted.map_err(|e| classify(&connection, "waiting for a task", e))?;
         let (message, tensors) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits)
             .await
             .map_err(|e| classify(&connection, "reading a task", e))?;
@@ -142,10 +180,13 @@ async fn connect_and_serve(
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
                 info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
-                let trained = trainer
-                    .train(tensors, task.training.clone())
-                    .await
-                    .map_err(|e| SessionError::Fatal(format!("[round {round}] training failed: {e:#}")))?;
+                let trained = tokio::select! {
+                    trained = trainer.train(tensors, task.training.clone()) => trained,
+                    _ = stop_reached(&mut stop, Stop::AfterUpload) => {
+                        return Err(stopping(&connection, format!("stopped: round {round}'s training abandoned, nothing sent")));
+                    }
+                }
+                .map_err(|e| SessionError::Fatal(format!("[round {round}] training failed: {e:#}")))?;
                 let update =
                     Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
                 info!(
@@ -156,8 +197,17 @@ async fn connect_and_serve(
                     update.metrics.accuracy * 100.0,
                     update.metrics.train_seconds
                 );
-                upload(&connection, &update, &trained.tensors, &settings.limits).await?;
+                tokio::select! {
+                    uploaded = upload(&connection, &update, &trained.tensors, &settings.limits) => uploaded?,
+                    _ = stop_reached(&mut stop, Stop::Now) => {
+                        // Closing resets the stream: the coordinator discards the partial frame.
+                        return Err(stopping(&connection, format!("stopped: round {round}'s upload abandoned")));
+                    }
+                }
                 *rounds_trained += 1;
+                if *stop.borrow() >= Stop::AfterUpload {
+                    return Err(stopping(&connection, format!("stopped after round {round}'s upload")));
+                }
             }
             CoordinatorMessage::Finished(finished) => {
                 info!(rounds = finished.rounds_completed, "run finished: {}", finished.reason);

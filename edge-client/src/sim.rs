@@ -114,6 +114,7 @@ pub struct SimSettings {
     pub threads: usize,
     pub max_attempts: u32,
     pub transport: TransportSettings,
+    pub stop: tokio::sync::watch::Receiver<crate::session::Stop>,
 }
 
 /// The device kits in `dir` (subdirectories holding a device certificate), sorted by name.
@@ -139,6 +140,7 @@ pub struct SimReport {
     pub rounds_trained: BTreeMap<String, u32>,
     pub fatal: Vec<(String, String)>,
     pub transient: Vec<(String, String)>,
+    pub stopped: Vec<(String, String)>,
 }
 
 pub async fn run(settings: SimSettings) -> Result<SimReport> {
@@ -170,6 +172,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
             max_attempts: settings.max_attempts,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            stop: settings.stop.clone(),
         };
         let endpoint = endpoint.clone();
         tasks.spawn(async move {
@@ -194,9 +197,10 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
             }
             Err(SessionError::Fatal(message)) => report.fatal.push((id, message)),
             Err(SessionError::Transient(message)) => report.transient.push((id, message)),
+            Err(SessionError::Stopped(message)) => report.stopped.push((id, message)),
         }
     }
-    endpoint.wait_idle().await;
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     Ok(report)
 }
 

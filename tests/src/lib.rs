@@ -89,6 +89,11 @@ impl Process {
         }
     }
 
+    /// The process id (e.g. to send it a signal with `kill`).
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGKILL, and reap the process.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
