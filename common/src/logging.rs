@@ -3,8 +3,13 @@
 
 /// Installs the global subscriber. `format` is `text` or `json`.
 pub fn init(format: &str) {
+    init_with_default(format, "info")
+}
+
+/// Like [`init`], with another level when `RUST_LOG` is unset (e.g. `warn` under a progress bar).
+pub fn init_with_default(format: &str, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

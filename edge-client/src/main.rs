@@ -1,6 +1,7 @@
 //! `flotilla-edge`: the device side of Flotilla.
 
 mod probe;
+mod progress;
 mod rank_policy;
 mod session;
 mod sim;
@@ -203,7 +204,13 @@ struct RunArgs {
 
 fn main() {
     let cli = Cli::parse();
-    flotilla_common::logging::init(&cli.log_format);
+    // On a terminal, `run` shows a progress bar and only warnings as log lines (RUST_LOG still
+    // rules when set); anywhere else, structured logs at info.
+    let bar = matches!(cli.command, Command::Run(_))
+        && cli.log_format == "text"
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("RUST_LOG").is_none();
+    flotilla_common::logging::init_with_default(&cli.log_format, if bar { "warn" } else { "info" });
     let code = match cli.command {
         Command::Probe(args) => match run_probe(args) {
             Ok(()) => 0,
@@ -219,7 +226,7 @@ fn main() {
                 1
             }
         },
-        Command::Run(args) => match run(args) {
+        Command::Run(args) => match run(args, progress::Progress::new(bar)) {
             Ok(()) => 0,
             Err(error) => {
                 eprintln!("flotilla-edge: {error:#}");
@@ -387,7 +394,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
     })
 }
 
-fn run(args: RunArgs) -> Result<()> {
+fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
     let kit = KitPaths::in_dir(&args.kit);
     let device_id = tls::own_device_id(&kit)?;
     let requested_rank = match args.rank {
@@ -463,7 +470,9 @@ fn run(args: RunArgs) -> Result<()> {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
             stop: stop_on_ctrl_c(),
+            progress: progress.clone(),
         };
+        progress.connecting(&settings.coordinator.to_string());
         tracing::info!(device = %device_id, coordinator = %settings.coordinator, rank = settings.requested_rank, "starting");
         tracing::info!(
             cuda_available = tch::Cuda::is_available(),

@@ -44,6 +44,7 @@ pub struct SessionSettings {
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
     pub stop: tokio::sync::watch::Receiver<Stop>,
+    pub progress: crate::progress::Progress,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,7 @@ pub async fn run(
                 }
                 let delay = backoff(failures, settings.initial_backoff, settings.max_backoff);
                 warn!(attempt = failures, "connection to the coordinator lost: {message}; retrying in {delay:?}");
+                settings.progress.reconnecting(delay);
                 let mut stop = settings.stop.clone();
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
@@ -154,6 +156,7 @@ async fn connect_and_serve(
     })?;
     let (welcome, base) = welcome;
     info!(rank = welcome.assigned_rank, max_rank = welcome.model.max_rank, "admitted by the coordinator");
+    settings.progress.admitted(welcome.assigned_rank);
     let scale = welcome.model.lora_alpha / f64::from(welcome.model.max_rank);
     trainer
         .set_base(welcome.model.architecture.clone(), scale, base)
@@ -180,6 +183,7 @@ async fn connect_and_serve(
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
                 info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
+                settings.progress.training(round, task.total_rounds, task.rank);
                 let trained = tokio::select! {
                     trained = trainer.train(tensors, task.training.clone()) => trained,
                     _ = stop_reached(&mut stop, Stop::AfterUpload) => {
@@ -197,8 +201,11 @@ async fn connect_and_serve(
                     update.metrics.accuracy * 100.0,
                     update.metrics.train_seconds
                 );
+                settings.progress.uploading(round, update.metrics.loss_before, update.metrics.loss_after);
                 tokio::select! {
-                    uploaded = upload(&connection, &update, &trained.tensors, &settings.limits) => uploaded?,
+                    uploaded = upload(&connection, &update, &trained.tensors, &settings.limits) => {
+                        settings.progress.uploaded(round, uploaded?);
+                    }
                     _ = stop_reached(&mut stop, Stop::Now) => {
                         // Closing resets the stream: the coordinator discards the partial frame.
                         return Err(stopping(&connection, format!("stopped: round {round}'s upload abandoned")));
@@ -211,6 +218,7 @@ async fn connect_and_serve(
             }
             CoordinatorMessage::Finished(finished) => {
                 info!(rounds = finished.rounds_completed, "run finished: {}", finished.reason);
+                settings.progress.finish(&format!("run finished after {} round(s)", finished.rounds_completed));
                 connection.close(0u32.into(), b"done");
                 return Ok(finished.rounds_completed);
             }
@@ -251,7 +259,7 @@ async fn upload(
     update: &Update,
     tensors: &WireTensors,
     limits: &FrameLimits,
-) -> Result<(), SessionError> {
+) -> Result<&'static str, SessionError> {
     let round = update.round;
     let result = async {
         let (mut send, mut recv) = connection.open_bi().await?;
@@ -262,12 +270,20 @@ async fn upload(
     }
     .await
     .map_err(|e| classify(connection, "uploading", format!("{e:#}")))?;
-    match result {
-        CoordinatorMessage::Ack(_) => info!("[round {round}] update accepted"),
-        CoordinatorMessage::Reject(reject) => warn!("[round {round}] update rejected: {}", reject.reason),
-        other => warn!("[round {round}] unexpected reply to an upload: {other:?}"),
-    }
-    Ok(())
+    Ok(match result {
+        CoordinatorMessage::Ack(_) => {
+            info!("[round {round}] update accepted");
+            "accepted"
+        }
+        CoordinatorMessage::Reject(reject) => {
+            warn!("[round {round}] update rejected: {}", reject.reason);
+            "rejected"
+        }
+        other => {
+            warn!("[round {round}] unexpected reply to an upload: {other:?}");
+            "answered oddly"
+        }
+    })
 }
 
 #[cfg(test)]

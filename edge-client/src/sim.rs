@@ -173,6 +173,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
             stop: settings.stop.clone(),
+            progress: crate::progress::Progress::none(),
         };
         let endpoint = endpoint.clone();
         tasks.spawn(async move {
