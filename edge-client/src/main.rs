@@ -1,5 +1,6 @@
 //! `flotilla-edge`: the device side of Flotilla.
 
+mod nvml;
 mod probe;
 mod progress;
 mod rank_policy;
@@ -301,6 +302,19 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
         "cuda: {} ({} device(s)); training on {}",
         report.cuda_available, report.cuda_devices, report.training_device
     );
+    for gpu in &report.nvml.gpus {
+        println!(
+            "gpu {}: {} — {:.0} MiB free of {:.0} MiB (driver {})",
+            gpu.index,
+            gpu.name,
+            mib(gpu.memory_free_bytes),
+            mib(gpu.memory_total_bytes),
+            report.nvml.driver_version.as_deref().unwrap_or("?")
+        );
+    }
+    if let Some(reason) = &report.nvml.unavailable {
+        println!("nvml: {reason}");
+    }
     for (rank, ms) in &report.step_ms {
         println!("training step at rank {rank}: {ms:.2} ms (median)");
     }

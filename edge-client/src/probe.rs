@@ -38,6 +38,8 @@ pub struct ProbeReport {
     pub cgroup_memory_limit_bytes: Option<u64>,
     pub cuda_available: bool,
     pub cuda_devices: i64,
+    /// GPU names and memory from the NVIDIA driver (NVML), or why there are none.
+    pub nvml: crate::nvml::NvmlReport,
     pub training_device: String,
     /// Median LoRA training step time (ms) at the ranks measured.
     pub step_ms: BTreeMap<u32, f64>,
@@ -118,6 +120,7 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
         cgroup_memory_limit_bytes: cgroup.map(|c| c.total_memory),
         cuda_available: tch::Cuda::is_available(),
         cuda_devices: tch::Cuda::device_count(),
+        nvml: crate::nvml::query(),
         training_device: format!("{:?}", tch::Device::cuda_if_available()),
         step_ms,
         device_class: settings.device_class.clone(),

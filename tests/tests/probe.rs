@@ -18,6 +18,13 @@ fn probe_reports_this_machine_and_a_rank() {
     let cuda = report["cuda_available"].as_bool().unwrap();
     assert_eq!(cuda, report["cuda_devices"].as_i64().unwrap() > 0);
     assert_eq!(report["training_device"], if cuda { "Cuda(0)" } else { "Cpu" });
+    // NVML: GPU names and memory where a driver is present, otherwise the reason there are none.
+    let gpus = report["nvml"]["gpus"].as_array().unwrap();
+    if gpus.is_empty() {
+        assert!(report["nvml"]["unavailable"].is_string() || !cuda, "{report}");
+    } else {
+        assert!(gpus.iter().all(|g| g["memory_total_bytes"].as_u64().unwrap() > 0 && g["name"].is_string()));
+    }
     for (rank, ms) in report["step_ms"].as_object().unwrap() {
         assert!(ms.as_f64().unwrap() > 0.0, "rank {rank}");
     }
