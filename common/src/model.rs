@@ -23,14 +23,78 @@ pub const ADAPTER_PREFIX: &str = "base_model.model.";
 pub enum Architecture {
     /// Fully connected layers with ReLU, LoRA on each hidden layer, then a trainable linear head.
     Mlp { input: u32, hidden: Vec<u32>, classes: u32 },
+    /// A small CNN for `side`×`side` images with `channels` planes (given flattened): 3×3
+    /// convolutions ('same' padding, ReLU, 2×2 max-pool) with `conv` output channels each, one
+    /// hidden linear layer, then a trainable head. LoRA on every convolution and on the linear layer.
+    Cnn { side: u32, channels: u32, conv: Vec<u32>, hidden: u32, classes: u32 },
 }
 
-/// One adapted layer: its name and `d_in → d_out`.
+/// Kernel size of the CNN's convolutions.
+pub const CONV_KERNEL: usize = 3;
+
+/// What kind of layer an adapted layer is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerKind {
+    Linear,
+    /// A k×k convolution from `c_in` to `c_out` channels. Its LoRA factors are kept as matrices:
+    /// A is `[r, c_in·k·k]` (a k×k convolution to r channels, flattened) and B is `[c_out, r]` (a
+    /// 1×1 convolution), so that `B·A` has the shape of the flattened kernel and every
+    /// aggregation method treats them like a linear layer's.
+    Conv {
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+    },
+}
+
+/// One adapted layer: its name, kind and `d_in → d_out` (for a convolution, `c_in·k·k → c_out`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerShape {
     pub name: String,
     pub d_in: usize,
     pub d_out: usize,
+    pub kind: LayerKind,
+}
+
+impl LayerShape {
+    /// The shape of the base layer's weight.
+    pub fn weight_shape(&self) -> Vec<i64> {
+        match self.kind {
+            LayerKind::Linear => vec![self.d_out as i64, self.d_in as i64],
+            LayerKind::Conv { c_in, c_out, kernel } => vec![c_out as i64, c_in as i64, kernel as i64, kernel as i64],
+        }
+    }
+}
+
+/// One layer's forward pass: base weight and bias, plus `scale·B·A` when LoRA factors are given;
+/// ReLU, and for a convolution a 2×2 max-pool.
+fn layer_forward(h: &Tensor, kind: LayerKind, w: &Tensor, b: &Tensor, lora: Option<(&Tensor, &Tensor, f64)>) -> Tensor {
+    match kind {
+        LayerKind::Linear => {
+            let h = if h.dim() > 2 { h.flatten(1, -1) } else { h.shallow_clone() };
+            let out = h.linear(w, Some(b));
+            let out = match lora {
+                Some((a, bb, scale)) => out + h.matmul(&a.tr()).matmul(&bb.tr()) * scale,
+                None => out,
+            };
+            out.relu()
+        }
+        LayerKind::Conv { c_in, c_out, kernel } => {
+            let pad = (kernel / 2) as i64;
+            let out = h.conv2d(w, Some(b), [1, 1], [pad, pad], [1, 1], 1);
+            let out = match lora {
+                Some((a, bb, scale)) => {
+                    let r = a.size()[0];
+                    let a4 = a.view([r, c_in as i64, kernel as i64, kernel as i64]);
+                    let b4 = bb.view([c_out as i64, r, 1, 1]);
+                    let down = h.conv2d(&a4, None::<&Tensor>, [1, 1], [pad, pad], [1, 1], 1);
+                    out + down.conv2d(&b4, None::<&Tensor>, [1, 1], [0, 0], [1, 1], 1) * scale
+                }
+                None => out,
+            };
+            out.relu().max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false)
+        }
+    }
 }
 
 pub type BaseWeights = BTreeMap<String, Tensor>;
@@ -56,11 +120,31 @@ impl Architecture {
                     .iter()
                     .enumerate()
                     .map(|(i, &h)| {
-                        let shape = LayerShape { name: format!("fc{}", i + 1), d_in, d_out: h as usize };
+                        let shape = LayerShape {
+                            name: format!("fc{}", i + 1),
+                            d_in,
+                            d_out: h as usize,
+                            kind: LayerKind::Linear,
+                        };
                         d_in = h as usize;
                         shape
                     })
                     .collect()
+            }
+            Architecture::Cnn { side, channels, conv, hidden, .. } => {
+                let mut layers = Vec::new();
+                let (mut c_in, mut side) = (*channels as usize, *side as usize);
+                for (i, &c_out) in conv.iter().enumerate() {
+                    let c_out = c_out as usize;
+                    let kind = LayerKind::Conv { c_in, c_out, kernel: CONV_KERNEL };
+                    let d_in = c_in * CONV_KERNEL * CONV_KERNEL;
+                    layers.push(LayerShape { name: format!("conv{}", i + 1), d_in, d_out: c_out, kind });
+                    c_in = c_out;
+                    side /= 2;
+                }
+                let d_in = c_in * side * side;
+                layers.push(LayerShape { name: "fc1".into(), d_in, d_out: *hidden as usize, kind: LayerKind::Linear });
+                layers
             }
         }
     }
@@ -70,18 +154,48 @@ impl Architecture {
             Architecture::Mlp { input, hidden, classes } => {
                 (hidden.last().copied().unwrap_or(*input) as usize, *classes as usize)
             }
+            Architecture::Cnn { hidden, classes, .. } => (*hidden as usize, *classes as usize),
         }
     }
 
     pub fn input_size(&self) -> usize {
         match self {
             Architecture::Mlp { input, .. } => *input as usize,
+            Architecture::Cnn { side, channels, .. } => (*side * *side * *channels) as usize,
         }
     }
 
     pub fn classes(&self) -> usize {
         match self {
-            Architecture::Mlp { classes, .. } => *classes as usize,
+            Architecture::Mlp { classes, .. } | Architecture::Cnn { classes, .. } => *classes as usize,
+        }
+    }
+
+    /// Checks that the architecture makes sense (sizes ≥ 1, a CNN's image survives its pools).
+    pub fn validate(&self) -> Result<(), String> {
+        match self {
+            Architecture::Mlp { input, hidden, classes } => {
+                if *input < 1 || *classes < 2 || hidden.is_empty() || hidden.contains(&0) {
+                    return Err("mlp: input must be ≥ 1, classes ≥ 2, and hidden layers non-empty and ≥ 1".into());
+                }
+            }
+            Architecture::Cnn { side, channels, conv, hidden, classes } => {
+                if *channels < 1 || *hidden < 1 || *classes < 2 || conv.is_empty() || conv.contains(&0) {
+                    return Err("cnn: channels, hidden ≥ 1, classes ≥ 2, and conv layers non-empty and ≥ 1".into());
+                }
+                if *side >> conv.len() == 0 {
+                    return Err(format!("cnn: a {side}×{side} image does not survive {} 2×2 pools", conv.len()));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reshapes flattened inputs into what the first layer takes.
+    fn input_view(&self, x: &Tensor) -> Tensor {
+        match self {
+            Architecture::Mlp { .. } => x.shallow_clone(),
+            Architecture::Cnn { side, channels, .. } => x.view([-1, *channels as i64, *side as i64, *side as i64]),
         }
     }
 
@@ -91,7 +205,8 @@ impl Architecture {
         for (i, layer) in self.adapted_layers().iter().enumerate() {
             let bound = 1.0 / (layer.d_in as f64).sqrt();
             let s = seed.wrapping_mul(1000).wrapping_add(2 * i as u64);
-            weights.insert(format!("{}.weight", layer.name), seeded_uniform(&[layer.d_out, layer.d_in], bound, s));
+            let shape: Vec<usize> = layer.weight_shape().iter().map(|&d| d as usize).collect();
+            weights.insert(format!("{}.weight", layer.name), seeded_uniform(&shape, bound, s));
             weights.insert(format!("{}.bias", layer.name), seeded_uniform(&[layer.d_out], bound, s + 1));
         }
         weights
@@ -122,9 +237,7 @@ impl Architecture {
     /// Checks that `base` has exactly the tensors and shapes this architecture needs.
     pub fn check_base(&self, base: &BaseWeights) -> Result<(), ModelError> {
         for layer in self.adapted_layers() {
-            for (suffix, want) in
-                [("weight", vec![layer.d_out as i64, layer.d_in as i64]), ("bias", vec![layer.d_out as i64])]
-            {
+            for (suffix, want) in [("weight", layer.weight_shape()), ("bias", vec![layer.d_out as i64])] {
                 let name = format!("{}.{suffix}", layer.name);
                 let got = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?.size();
                 if got != want {
@@ -167,16 +280,16 @@ impl Architecture {
         for layer in self.adapted_layers() {
             let w = root.f_var_copy(&format!("{}_weight", layer.name), &base[&format!("{}.weight", layer.name)])?;
             let b = root.f_var_copy(&format!("{}_bias", layer.name), &base[&format!("{}.bias", layer.name)])?;
-            layers.push((layer.name, w, b));
+            layers.push((layer.name, layer.kind, w, b));
         }
         let head_w = root.f_var_copy("head_weight", head.0)?;
         let head_b = root.f_var_copy("head_bias", head.1)?;
         let forward = |x: &Tensor| {
-            let mut h = x.shallow_clone();
-            for (_, w, b) in &layers {
-                h = h.linear(w, Some(b)).relu();
+            let mut h = self.input_view(x);
+            for (_, kind, w, b) in &layers {
+                h = layer_forward(&h, *kind, w, b, None);
             }
-            h.linear(&head_w, Some(&head_b))
+            h.flatten(1, -1).linear(&head_w, Some(&head_b))
         };
         let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(&store, settings.learning_rate)?;
         let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
@@ -190,7 +303,7 @@ impl Architecture {
             optimizer.backward_step(&forward(&x).cross_entropy_for_logits(&y));
         }
         let mut trained = BTreeMap::new();
-        for (name, w, b) in &layers {
+        for (name, _, w, b) in &layers {
             trained.insert(format!("{name}.weight"), w.detach().copy());
             trained.insert(format!("{name}.bias"), b.detach().copy());
         }
@@ -207,7 +320,7 @@ impl Architecture {
         for layer in self.adapted_layers() {
             let module = format!("{ADAPTER_PREFIX}{}", layer.name);
             let (a, b) = (get(lora_a_name(&module))?, get(lora_b_name(&module))?);
-            let delta = b.f_matmul(a)? * scale;
+            let delta = (b.f_matmul(a)? * scale).f_view(layer.weight_shape().as_slice())?;
             merged.insert(format!("{}.weight", layer.name), base[&format!("{}.weight", layer.name)].f_add(&delta)?);
             merged.insert(format!("{}.bias", layer.name), base[&format!("{}.bias", layer.name)].copy());
         }
@@ -219,13 +332,12 @@ impl Architecture {
     /// Logits of a merged model (see [`Architecture::merge`]).
     pub fn forward_merged(&self, weights: &BaseWeights, x: &Tensor) -> Result<Tensor, ModelError> {
         let get = |name: String| weights.get(&name).ok_or(ModelError::Missing(name));
-        let mut h = x.shallow_clone();
+        let mut h = self.input_view(x);
         for layer in self.adapted_layers() {
-            h = h
-                .f_linear(get(format!("{}.weight", layer.name))?, Some(get(format!("{}.bias", layer.name))?))?
-                .f_relu()?;
+            let (w, b) = (get(format!("{}.weight", layer.name))?, get(format!("{}.bias", layer.name))?);
+            h = layer_forward(&h, layer.kind, w, b, None);
         }
-        Ok(h.f_linear(get(HEAD_WEIGHT.to_string())?, Some(get(HEAD_BIAS.to_string())?))?)
+        Ok(h.flatten(1, -1).f_linear(get(HEAD_WEIGHT.to_string())?, Some(get(HEAD_BIAS.to_string())?))?)
     }
 }
 
@@ -239,6 +351,7 @@ pub fn with_head(adapter: &Adapter, weight: &Tensor, bias: &Tensor) -> Result<Ad
 
 struct LoraLayer {
     name: String,
+    kind: LayerKind,
     weight: Tensor,
     bias: Tensor,
     a: Tensor,
@@ -248,6 +361,7 @@ struct LoraLayer {
 /// A model ready to train or evaluate: frozen base tensors plus adapter variables in their own
 /// `VarStore`, so the optimizer only ever sees the adapter.
 pub struct LoraModel {
+    architecture: Architecture,
     layers: Vec<LoraLayer>,
     head_weight: Tensor,
     head_bias: Tensor,
@@ -278,6 +392,7 @@ impl LoraModel {
             layers.push(LoraLayer {
                 weight: base[&format!("{}.weight", layer.name)].to_device(device),
                 bias: base[&format!("{}.bias", layer.name)].to_device(device),
+                kind: layer.kind,
                 name: layer.name,
                 a,
                 b,
@@ -285,17 +400,24 @@ impl LoraModel {
         }
         let head_weight = root.f_var_copy("head_weight", adapter_tensor(format!("{ADAPTER_PREFIX}head.weight"))?)?;
         let head_bias = root.f_var_copy("head_bias", adapter_tensor(format!("{ADAPTER_PREFIX}head.bias"))?)?;
-        Ok(LoraModel { layers, head_weight, head_bias, scale, rank: adapter.rank(), device, store })
+        Ok(LoraModel {
+            architecture: architecture.clone(),
+            layers,
+            head_weight,
+            head_bias,
+            scale,
+            rank: adapter.rank(),
+            device,
+            store,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = x.shallow_clone();
+        let mut h = self.architecture.input_view(x);
         for layer in &self.layers {
-            let base = h.linear(&layer.weight, Some(&layer.bias));
-            let lora = h.matmul(&layer.a.tr()).matmul(&layer.b.tr());
-            h = (base + lora * self.scale).relu();
+            h = layer_forward(&h, layer.kind, &layer.weight, &layer.bias, Some((&layer.a, &layer.b, self.scale)));
         }
-        h.linear(&self.head_weight, Some(&self.head_bias))
+        h.flatten(1, -1).linear(&self.head_weight, Some(&self.head_bias))
     }
 
     /// The adapter's current values under their PEFT names (on the CPU).
@@ -462,6 +584,67 @@ mod tests {
         model.train(&local, &settings).unwrap();
         let (_, after) = model.evaluate(&held_out, 1000);
         assert!(before < 0.25 && after > 0.70, "held-out accuracy {before:.3} → {after:.3}");
+    }
+
+    fn cnn() -> Architecture {
+        Architecture::Cnn { side: 28, channels: 1, conv: vec![8, 16], hidden: 64, classes: 10 }
+    }
+
+    #[test]
+    fn a_cnn_has_lora_on_its_convolutions_and_its_merged_form_computes_the_same() {
+        let arch = cnn();
+        arch.validate().unwrap();
+        let layers = arch.adapted_layers();
+        let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+        assert_eq!(names, ["conv1", "conv2", "fc1"]);
+        assert_eq!(layers[1].kind, LayerKind::Conv { c_in: 8, c_out: 16, kernel: 3 });
+        assert_eq!((layers[1].d_in, layers[1].d_out), (8 * 9, 16));
+        assert_eq!(layers[2].d_in, 16 * 7 * 7, "two 2×2 pools take 28 to 7");
+        let base = arch.init_base(1);
+        assert_eq!(base["conv1.weight"].size(), [8, 1, 3, 3]);
+        let adapter = arch.init_adapter(4, 2).unwrap();
+        assert_eq!(adapter.get("base_model.model.conv2.lora_A.weight").unwrap().size(), [4, 72]);
+        // Train a little so that B is not zero, then compare LoRA and merged forwards.
+        let data = synthetic_classification(256, 784, 10, 3, 4);
+        let mut model = LoraModel::new(&arch, &base, &adapter, 2.0, Device::Cpu).unwrap();
+        model
+            .train_steps(&data, &TrainingSettings { local_steps: 20, batch_size: 32, learning_rate: 1e-2, seed: 5 })
+            .unwrap();
+        let trained = model.adapter().unwrap();
+        let (_, b) = trained.factors("base_model.model.conv1");
+        assert!(b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "the conv LoRA trained");
+        let merged = arch.merge(&base, &trained, 2.0).unwrap();
+        let x = data.features.narrow(0, 0, 16);
+        let lora = LoraModel::new(&arch, &base, &trained, 2.0, Device::Cpu).unwrap().forward(&x);
+        let plain = arch.forward_merged(&merged, &x).unwrap();
+        let diff = (lora - plain).abs().max().double_value(&[]);
+        assert!(diff < 1e-4, "max difference {diff}");
+        // A rank-2 slice runs too (what a phone gets).
+        let slice = trained.slice_to_rank(2).unwrap();
+        assert_eq!(LoraModel::new(&arch, &base, &slice, 2.0, Device::Cpu).unwrap().forward(&x).size(), [16, 10]);
+        let tiny = Architecture::Cnn { side: 2, channels: 1, conv: vec![4, 4], hidden: 8, classes: 2 };
+        assert!(tiny.validate().unwrap_err().contains("does not survive"));
+    }
+
+    #[test]
+    fn cnn_lora_training_on_fashion_mnist_improves_held_out_accuracy() {
+        use crate::data::idx::{load_split, Split, DEBIAN_FASHION_MNIST};
+        let dir = std::env::var_os("FLOTILLA_FASHION_MNIST")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| DEBIAN_FASHION_MNIST.into());
+        let train = load_split(&dir, Split::Train, 10).expect("Fashion-MNIST (bash deploy/test.sh installs it)");
+        let test = load_split(&dir, Split::Test, 10).expect("Fashion-MNIST");
+        let local = train.subset(&(0..4000).collect::<Vec<_>>());
+        let held_out = test.subset(&(0..1000).collect::<Vec<_>>());
+        let arch = cnn();
+        let base = arch.init_base(1);
+        let global = arch.init_adapter(8, 2).unwrap();
+        let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
+        let (_, before) = model.evaluate(&held_out, 500);
+        let settings = TrainingSettings { local_steps: 150, batch_size: 32, learning_rate: 5e-3, seed: 3 };
+        model.train(&local, &settings).unwrap();
+        let (_, after) = model.evaluate(&held_out, 500);
+        assert!(before < 0.25 && after > 0.5, "held-out accuracy {before:.3} → {after:.3}");
     }
 
     #[test]

@@ -256,9 +256,7 @@ impl CoordinatorConfig {
              their base weights); the coordinator runs it only offline for now: `flotilla-coordinator aggregate`",
             self.aggregation.method
         );
-        let Architecture::Mlp { input, hidden, classes } = &self.model.architecture;
-        anyhow::ensure!(*input >= 1 && *classes >= 2, "model: input must be ≥ 1 and classes ≥ 2");
-        anyhow::ensure!(!hidden.is_empty() && hidden.iter().all(|&h| h >= 1), "model: hidden layers must be non-empty");
+        self.model.architecture.validate().map_err(|e| anyhow::anyhow!("model.architecture.{e}"))?;
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
         Ok(())
     }
