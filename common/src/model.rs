@@ -469,15 +469,19 @@ impl LoraModel {
         Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds: started.elapsed().as_secs_f64() })
     }
 
-    /// `settings.local_steps` AdamW steps on minibatches drawn with `settings.seed`, without
-    /// evaluation (what the probe times).
+    /// `settings.local_steps` AdamW steps (or `local_epochs` passes over the data) on minibatches
+    /// drawn with `settings.seed`, without evaluation (what the probe times).
     pub fn train_steps(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<(), ModelError> {
         let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(&self.store, settings.learning_rate)?;
         // Our own generator, not libtorch's process-global one: simulated devices train concurrently.
         let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
         let n = data.len() as i64;
         let batch = (settings.batch_size as i64).min(n).max(1);
-        for _ in 0..settings.local_steps {
+        let steps = match settings.local_epochs {
+            0 => i64::from(settings.local_steps),
+            epochs => i64::from(epochs) * ((n + batch - 1) / batch),
+        };
+        for _ in 0..steps {
             let picks: Vec<i64> = (0..batch).map(|_| rng.random_range(0..n)).collect();
             let index = Tensor::from_slice(&picks);
             let x = data.features.f_index_select(0, &index)?.f_to_device(self.device)?;
@@ -507,7 +511,8 @@ mod tests {
         let slice = global.slice_to_rank(4).unwrap();
         let mut model = LoraModel::new(&arch, &base, &slice, 2.0, Device::Cpu).unwrap();
         let data = synthetic_classification(512, 16, 4, 3, 4);
-        let settings = TrainingSettings { local_steps: 150, batch_size: 32, learning_rate: 1e-2, seed: 5 };
+        let settings =
+            TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 };
         let metrics = model.train(&data, &settings).unwrap();
         assert!(metrics.loss_after < metrics.loss_before * 0.8, "{metrics:?}");
         let trained = model.adapter().unwrap();
@@ -537,7 +542,10 @@ mod tests {
         // Train an adapter, merge it, and compare the plain MLP with base + LoRA.
         let mut model = LoraModel::new(&arch, &pretrained, &adapter, 2.0, Device::Cpu).unwrap();
         model
-            .train_steps(&data, &TrainingSettings { local_steps: 50, batch_size: 32, learning_rate: 1e-2, seed: 5 })
+            .train_steps(
+                &data,
+                &TrainingSettings { local_steps: 50, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 },
+            )
             .unwrap();
         let trained = model.adapter().unwrap();
         let merged = arch.merge(&pretrained, &trained, 2.0).unwrap();
@@ -553,7 +561,8 @@ mod tests {
         let base = arch.init_base(1);
         let global = arch.init_adapter(4, 2).unwrap();
         let data = synthetic_classification(128, 16, 4, 3, 4);
-        let settings = TrainingSettings { local_steps: 10, batch_size: 16, learning_rate: 1e-2, seed: 9 };
+        let settings =
+            TrainingSettings { local_steps: 10, local_epochs: 0, batch_size: 16, learning_rate: 1e-2, seed: 9 };
         let run = || {
             let mut m = LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).unwrap();
             m.train(&data, &settings).unwrap();
@@ -580,7 +589,8 @@ mod tests {
         let global = arch.init_adapter(8, 2).unwrap();
         let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
         let (_, before) = model.evaluate(&held_out, 1000);
-        let settings = TrainingSettings { local_steps: 300, batch_size: 64, learning_rate: 5e-3, seed: 3 };
+        let settings =
+            TrainingSettings { local_steps: 300, local_epochs: 0, batch_size: 64, learning_rate: 5e-3, seed: 3 };
         model.train(&local, &settings).unwrap();
         let (_, after) = model.evaluate(&held_out, 1000);
         assert!(before < 0.25 && after > 0.70, "held-out accuracy {before:.3} → {after:.3}");
@@ -608,7 +618,10 @@ mod tests {
         let data = synthetic_classification(256, 784, 10, 3, 4);
         let mut model = LoraModel::new(&arch, &base, &adapter, 2.0, Device::Cpu).unwrap();
         model
-            .train_steps(&data, &TrainingSettings { local_steps: 20, batch_size: 32, learning_rate: 1e-2, seed: 5 })
+            .train_steps(
+                &data,
+                &TrainingSettings { local_steps: 20, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 },
+            )
             .unwrap();
         let trained = model.adapter().unwrap();
         let (_, b) = trained.factors("base_model.model.conv1");
@@ -641,10 +654,31 @@ mod tests {
         let global = arch.init_adapter(8, 2).unwrap();
         let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
         let (_, before) = model.evaluate(&held_out, 500);
-        let settings = TrainingSettings { local_steps: 150, batch_size: 32, learning_rate: 5e-3, seed: 3 };
+        let settings =
+            TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 5e-3, seed: 3 };
         model.train(&local, &settings).unwrap();
         let (_, after) = model.evaluate(&held_out, 500);
         assert!(before < 0.25 && after > 0.5, "held-out accuracy {before:.3} → {after:.3}");
+    }
+
+    #[test]
+    fn local_epochs_are_passes_over_the_local_data() {
+        let arch = arch();
+        let base = arch.init_base(1);
+        let global = arch.init_adapter(4, 2).unwrap();
+        let data = synthetic_classification(100, 16, 4, 3, 4);
+        let train = |local_steps, local_epochs| {
+            let mut model = LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).unwrap();
+            let settings = TrainingSettings { local_steps, local_epochs, batch_size: 32, learning_rate: 1e-2, seed: 7 };
+            model.train_steps(&data, &settings).unwrap();
+            model.adapter().unwrap()
+        };
+        // 2 epochs of ⌈100 / 32⌉ = 4 steps: the same 8 steps, whatever local_steps says.
+        let by_epochs = train(1, 2);
+        let by_steps = train(8, 0);
+        assert!(by_epochs.tensors().iter().all(|(n, t)| t.equal(by_steps.get(n).unwrap())));
+        let fewer = train(7, 0);
+        assert!(!by_epochs.tensors().iter().all(|(n, t)| t.equal(fewer.get(n).unwrap())));
     }
 
     #[test]

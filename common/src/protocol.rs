@@ -77,7 +77,11 @@ pub struct Refusal {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainingSettings {
+    /// Minibatch steps of local training ...
     pub local_steps: u32,
+    /// ... unless this is above 0: then this many passes over the local data (⌈n / batch_size⌉
+    /// steps each), so devices with more data train more.
+    pub local_epochs: u32,
     pub batch_size: u32,
     pub learning_rate: f64,
     pub seed: u64,

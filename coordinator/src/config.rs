@@ -96,6 +96,8 @@ pub struct RoundSection {
     pub grace_secs: u32,
     pub deadline_secs: u32,
     pub local_steps: u32,
+    /// Passes over each device's local data instead of `local_steps` (0: use `local_steps`).
+    pub local_epochs: u32,
     pub batch_size: u32,
     pub learning_rate: f64,
 }
@@ -111,6 +113,7 @@ impl Default for RoundSection {
             grace_secs: 120,
             deadline_secs: 120,
             local_steps: 50,
+            local_epochs: 0,
             batch_size: 32,
             learning_rate: 5e-3,
         }

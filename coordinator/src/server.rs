@@ -617,6 +617,7 @@ impl RoundDriver {
                 base_version: self.shared.base_version.clone(),
                 training: TrainingSettings {
                     local_steps: config.round.local_steps,
+                    local_epochs: config.round.local_epochs,
                     batch_size: config.round.batch_size,
                     learning_rate: config.round.learning_rate,
                     seed: config.model.seed ^ (u64::from(round) << 32),

@@ -146,8 +146,13 @@ fn measure_steps(settings: &ProbeSettings, ranks: &[u32]) -> anyhow::Result<BTre
                 let adapter = architecture.init_adapter(rank as usize, 3)?;
                 let mut model = LoraModel::new(&architecture, &base, &adapter, 1.0, device)?;
                 const STEPS: u32 = 5; // per sample, so the optimizer's creation is amortised
-                let step =
-                    TrainingSettings { local_steps: STEPS, batch_size: batch as u32, learning_rate: 1e-3, seed: 1 };
+                let step = TrainingSettings {
+                    local_steps: STEPS,
+                    local_epochs: 0,
+                    batch_size: batch as u32,
+                    learning_rate: 1e-3,
+                    seed: 1,
+                };
                 let mut times = Vec::new();
                 let started = Instant::now();
                 for i in 0..53 {

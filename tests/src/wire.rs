@@ -72,6 +72,7 @@ pub struct TensorDesc {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainingSettings {
     pub local_steps: u32,
+    pub local_epochs: u32,
     pub batch_size: u32,
     pub learning_rate: f64,
     pub seed: u64,
