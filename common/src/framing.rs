@@ -111,12 +111,7 @@ where
     R: AsyncRead + Unpin,
     M: DeserializeOwned,
 {
-    let mut len_bytes = [0u8; 4];
-    read_exact(reader, &mut len_bytes).await?;
-    let header_len = check_header_len(len_bytes, limits)?;
-    let mut header_bytes = vec![0u8; header_len];
-    read_exact(reader, &mut header_bytes).await?;
-    let (message, descs, body_len) = parse_header(&header_bytes, limits)?;
+    let (message, descs, body_len) = read_header(reader, limits).await?;
     let mut body = vec![0u8; body_len];
     read_exact(reader, &mut body).await?;
     let mut probe = [0u8; 1];
@@ -134,12 +129,7 @@ where
     R: AsyncRead + Unpin,
     M: DeserializeOwned,
 {
-    let mut len_bytes = [0u8; 4];
-    read_exact(reader, &mut len_bytes).await?;
-    let header_len = check_header_len(len_bytes, limits)?;
-    let mut header_bytes = vec![0u8; header_len];
-    read_exact(reader, &mut header_bytes).await?;
-    let (message, descs, body_len) = parse_header::<M>(&header_bytes, limits)?;
+    let (message, descs, body_len) = read_header::<_, M>(reader, limits).await?;
     let mut decoded =
         DecodedTensors { tensors: Vec::with_capacity(descs.len()), all_finite: true, wire_bytes: body_len as u64 };
     for desc in descs {
@@ -184,6 +174,20 @@ where
         return Err(FrameError::TrailingBytes);
     }
     Ok((message, decoded))
+}
+
+/// Reads the length prefix and the header: the message, the descriptors and the body length.
+async fn read_header<R, M>(reader: &mut R, limits: &FrameLimits) -> Result<(M, Vec<TensorDesc>, usize), FrameError>
+where
+    R: AsyncRead + Unpin,
+    M: DeserializeOwned,
+{
+    let mut len_bytes = [0u8; 4];
+    read_exact(reader, &mut len_bytes).await?;
+    let header_len = check_header_len(len_bytes, limits)?;
+    let mut header_bytes = vec![0u8; header_len];
+    read_exact(reader, &mut header_bytes).await?;
+    parse_header(&header_bytes, limits)
 }
 
 /// Decodes one frame held whole in memory, with the same checks as [`read_frame`].
