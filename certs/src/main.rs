@@ -148,6 +148,20 @@ enum IssueCommand {
         #[command(flatten)]
         placement: PlacementArgs,
     },
+    /// Many device kits at once, for trials and simulations: ids `<prefix>-0000`, `<prefix>-0001`, ...
+    Devices {
+        #[arg(long)]
+        prefix: String,
+        #[arg(long)]
+        count: usize,
+        /// Number of the first id.
+        #[arg(long, default_value_t = 0)]
+        start: usize,
+        #[arg(long, default_value_t = DEFAULT_DEVICE_DAYS)]
+        days: u32,
+        #[command(flatten)]
+        placement: PlacementArgs,
+    },
     /// A device's client certificate; the device id goes into a URI SAN.
     Device {
         /// Device id: letters, digits, '-' and '_' (at most 64).
@@ -175,6 +189,36 @@ fn print(info: &CertificateInfo, format: Format) -> Result<()> {
     Ok(())
 }
 
+/// `issue devices`: kits `<prefix>-<n>` for n in start..start+count, zero-padded so they sort.
+fn issue_devices(
+    pki: &Pki,
+    dir: &std::path::Path,
+    prefix: &str,
+    count: usize,
+    start: usize,
+    days: u32,
+    placement: &PlacementArgs,
+) -> Result<()> {
+    anyhow::ensure!(count >= 1, "--count must be at least 1");
+    let width = (start + count - 1).to_string().len().max(4);
+    for n in start..start + count {
+        let id = format!("{prefix}-{n:0width$}");
+        // Each kit's snippet points at its own directory unless an install dir is given.
+        let mut placement = placement.placement();
+        if placement.install_dir.as_os_str() == flotilla_certs::kit::DEFAULT_INSTALL_DIR {
+            placement.install_dir = pki.kit_dir(&id);
+        }
+        pki.issue_device(&DeviceRequest { id: &id, days }, &placement)
+            .with_context(|| format!("cannot issue a certificate for device '{id}'"))?;
+    }
+    println!(
+        "issued {count} device kits {prefix}-{start:0width$} .. {prefix}-{:0width$} in {}",
+        start + count - 1,
+        dir.join("kits").display()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let password = cli.ca_password_file.as_deref().map(read_password_file).transpose()?;
     let open = || Pki::open(&cli.dir, password.clone());
@@ -190,6 +234,9 @@ fn run(cli: Cli) -> Result<()> {
                 IssueCommand::Coordinator { name, san, days, placement } => pki
                     .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days }, &placement.placement())
                     .context("cannot issue the coordinator certificate")?,
+                IssueCommand::Devices { prefix, count, start, days, placement } => {
+                    return issue_devices(&pki, &cli.dir, &prefix, count, start, days, &placement);
+                }
                 IssueCommand::Device { id, days, placement } => pki
                     .issue_device(&DeviceRequest { id: &id, days }, &placement.placement())
                     .with_context(|| format!("cannot issue a certificate for device '{id}'"))?,

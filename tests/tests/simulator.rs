@@ -5,15 +5,17 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, provision, start_coordinator, Process};
+use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
 
 #[test]
 fn a_simulated_fleet_takes_part_in_every_round() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let pki = run.join("pki");
-    let ids: Vec<String> = (0..12).map(|i| format!("sim-{i:02}")).collect();
-    provision(&pki, &ids.iter().map(String::as_str).collect::<Vec<_>>());
+    let ids: Vec<String> = (0..12).map(|i| format!("sim-{i:04}")).collect();
+    provision(&pki, &[]);
+    let issued = certs(&pki, &["issue", "devices", "--prefix", "sim", "--count", "12"]);
+    assert!(String::from_utf8_lossy(&issued.stdout).contains("issued 12 device kits sim-0000 .. sim-0011"));
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
