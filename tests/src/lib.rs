@@ -236,4 +236,5 @@ pub fn write_peft_adapter(
     std::fs::write(dir.join("adapter_config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
 }
 
+pub mod impair;
 pub mod wire;
