@@ -11,6 +11,8 @@
 pub mod adapter;
 pub mod aggregate;
 pub mod data;
+pub mod fault;
+pub mod fingerprint;
 pub mod framing;
 pub mod logging;
 pub mod model;

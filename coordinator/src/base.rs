@@ -35,6 +35,18 @@ impl Base {
     }
 }
 
+/// Writes tensors as safetensors via a temporary file, fsynced and renamed into place: a reader
+/// never sees half a file.
+pub fn write_safetensors_atomically(path: &Path, named: &[(&str, &Tensor)]) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    }
+    let tmp = path.with_extension("safetensors.tmp");
+    Tensor::write_safetensors(named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+}
+
 fn base_dir(run_dir: &Path) -> PathBuf {
     run_dir.join("base")
 }
@@ -46,11 +58,7 @@ fn fingerprint(config: &CoordinatorConfig) -> String {
         "seed": config.model.seed,
         "pretrain": config.model.pretrain,
     });
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in identity.to_string().bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    flotilla_common::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
 }
 
 /// The base for `config`: loaded from `<run_dir>/base/` when it was made for the same settings,
@@ -107,13 +115,10 @@ pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
     info!(seconds = format!("{:.1}", started.elapsed().as_secs_f64()), "base model pretrained");
 
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let tmp = dir.join("model.safetensors.tmp");
-    let mut named: Vec<(String, &Tensor)> = weights.iter().map(|(n, t)| (n.clone(), t)).collect();
-    named.push((HEAD_WEIGHT.to_string(), &head_w));
-    named.push((HEAD_BIAS.to_string(), &head_b));
-    Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
-    std::fs::rename(&tmp, &model_path).with_context(|| format!("cannot write {}", model_path.display()))?;
+    let mut named: Vec<(&str, &Tensor)> = weights.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    named.push((HEAD_WEIGHT, &head_w));
+    named.push((HEAD_BIAS, &head_b));
+    write_safetensors_atomically(&model_path, &named)?;
     write_atomically(&fingerprint_path, fingerprint.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Base { weights, head: Some((head_w, head_b)), version })
 }

@@ -43,11 +43,7 @@ pub fn fingerprint(config: &CoordinatorConfig) -> String {
     if let Some(pretrain) = &config.model.pretrain {
         identity["pretrain"] = serde_json::json!(pretrain);
     }
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in identity.to_string().bytes() {
-        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
+    flotilla_common::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
 }
 
 fn global_root(run_dir: &Path) -> PathBuf {

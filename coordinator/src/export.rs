@@ -3,7 +3,7 @@
 //! safetensors file that needs no LoRA support to run.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use flotilla_common::adapter::PeftConfig;
@@ -67,7 +67,8 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
         let base = crate::base::prepare(config)?;
         let merged = config.model.architecture.merge(&base.weights, &adapter, lora_alpha / max_rank as f64)?;
         let path = request.out.join("model.safetensors");
-        write_safetensors(&path, &merged)?;
+        let named: Vec<(&str, &Tensor)> = merged.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        crate::base::write_safetensors_atomically(&path, &named)?;
         let architecture = serde_json::to_string_pretty(&config.model.architecture)?;
         std::fs::write(request.out.join("model.json"), architecture)
             .with_context(|| format!("cannot write {}", request.out.join("model.json").display()))?;
@@ -76,16 +77,6 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
         None
     };
     Ok(Exported { round: state.round, rank, adapter_dir, merged_model })
-}
-
-fn write_safetensors(path: &Path, tensors: &std::collections::BTreeMap<String, Tensor>) -> Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    }
-    let tmp = path.with_extension("safetensors.tmp");
-    let named: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ mod session;
 mod sim;
 mod trainer;
 
-use trainer::DataSource;
+use trainer::DataChoice;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,7 +16,6 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use flotilla_common::data::idx::DEBIAN_FASHION_MNIST;
 use flotilla_common::data::partition::{PartitionSpec, Scheme};
 use flotilla_common::framing::FrameLimits;
 use flotilla_common::protocol::HardwareProfile;
@@ -46,14 +45,21 @@ enum Command {
     Sim(SimArgs),
 }
 
+/// Where the coordinator is, for `run` and `sim`.
 #[derive(clap::Args)]
-struct SimArgs {
+struct CoordinatorTarget {
     /// Coordinator address (IP:port).
     #[arg(long, env = "FLOTILLA_COORDINATOR")]
     coordinator: SocketAddr,
     /// Name in the coordinator's certificate.
     #[arg(long, default_value = "localhost", env = "FLOTILLA_SERVER_NAME")]
     server_name: String,
+}
+
+#[derive(clap::Args)]
+struct SimArgs {
+    #[command(flatten)]
+    target: CoordinatorTarget,
     /// A directory of device kits (e.g. <pki>/kits); the first --clients device kits by id are used.
     #[arg(long)]
     kits: PathBuf,
@@ -146,12 +152,8 @@ impl std::str::FromStr for RankRequest {
 
 #[derive(clap::Args)]
 struct RunArgs {
-    /// Coordinator address (IP:port).
-    #[arg(long, env = "FLOTILLA_COORDINATOR")]
-    coordinator: SocketAddr,
-    /// Name in the coordinator's certificate.
-    #[arg(long, default_value = "localhost", env = "FLOTILLA_SERVER_NAME")]
-    server_name: String,
+    #[command(flatten)]
+    target: CoordinatorTarget,
     /// This device's kit directory from `flotilla-certs issue device` (ca.crt, cert.pem, key.pem).
     #[arg(long, env = "FLOTILLA_KIT")]
     kit: PathBuf,
@@ -367,16 +369,17 @@ fn run_sim(args: SimArgs) -> Result<i32> {
     }
     let partition =
         args.partition.map(|scheme| PartitionSpec { scheme, devices: args.clients, seed: args.partition_seed });
-    let data = sim::data_source(&args.data, args.samples, args.task_seed, partition)?;
+    let data = DataChoice::parse(&args.data, args.samples, args.task_seed)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let report = runtime.block_on(async {
         sim::run(sim::SimSettings {
-            coordinator: args.coordinator,
-            server_name: args.server_name,
+            coordinator: args.target.coordinator,
+            server_name: args.target.server_name,
             kits: args.kits,
             clients: args.clients,
             mix: args.profile_mix,
             data,
+            partition,
             concurrency: args.concurrency,
             threads: args.threads,
             max_attempts: args.max_attempts,
@@ -427,30 +430,17 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         }
     };
 
-    let sample_seed =
-        device_id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    let data = match args.data.as_str() {
-        "synthetic" => DataSource::Synthetic { samples: args.samples, task_seed: args.task_seed, sample_seed },
-        other => {
-            let dir = if other == "fashion-mnist" { PathBuf::from(DEBIAN_FASHION_MNIST) } else { PathBuf::from(other) };
-            anyhow::ensure!(
-                dir.is_dir(),
-                "--data {other}: {} is not a directory{}",
-                dir.display(),
-                if other == "fashion-mnist" { " (install Debian's dataset-fashion-mnist)" } else { "" }
-            );
-            let shard = args.partition.map(|scheme| {
-                (PartitionSpec { scheme, devices: args.devices, seed: args.partition_seed }, args.device_index)
-            });
-            anyhow::ensure!(
-                shard.is_none() || args.device_index < args.devices,
-                "--device-index {} must be below --devices {}",
-                args.device_index,
-                args.devices
-            );
-            DataSource::Idx { dir, shard }
-        }
-    };
+    let choice = DataChoice::parse(&args.data, args.samples, args.task_seed)?;
+    let shard = args
+        .partition
+        .map(|scheme| (PartitionSpec { scheme, devices: args.devices, seed: args.partition_seed }, args.device_index));
+    anyhow::ensure!(
+        matches!(choice, DataChoice::Synthetic { .. }) || shard.is_none() || args.device_index < args.devices,
+        "--device-index {} must be below --devices {}",
+        args.device_index,
+        args.devices
+    );
+    let data = choice.for_device(&device_id, shard);
     let trainer = trainer::Trainer::spawn(args.threads, data)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
@@ -469,8 +459,8 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         let endpoint = quic::client_endpoint(&kit, &transport)?;
         let settings = session::SessionSettings {
             client_config: quic::client_config(&kit, &transport)?,
-            coordinator: args.coordinator,
-            server_name: args.server_name,
+            coordinator: args.target.coordinator,
+            server_name: args.target.server_name,
             device_id: device_id.clone(),
             requested_rank,
             hardware: HardwareProfile {

@@ -254,14 +254,6 @@ async fn hello(
     }
 }
 
-/// Crash-test hook, as the coordinator's: `FLOTILLA_FAULT_PAUSE=mid-upload@<round>` stops the
-/// device halfway through that round's upload so a test can kill it there. Unset, it does nothing.
-const FAULT_ENV: &str = "FLOTILLA_FAULT_PAUSE";
-
-fn fault_pause_mid_upload(round: u32) -> bool {
-    std::env::var(FAULT_ENV).is_ok_and(|spec| spec.split(',').any(|p| p.trim() == format!("mid-upload@{round}")))
-}
-
 async fn upload(
     connection: &quinn::Connection,
     update: &Update,
@@ -272,11 +264,14 @@ async fn upload(
     let result = async {
         let (mut send, mut recv) = connection.open_bi().await?;
         let message = DeviceMessage::Update(update.clone());
-        if fault_pause_mid_upload(round) {
-            // Crash-test hook: send half the frame, then stop dead until killed.
+        if flotilla_common::fault::pause_requested("mid-upload", round) {
+            // Crash-test hook (`flotilla_common::fault`): send half the frame, then stop dead until killed.
             let frame = flotilla_common::framing::encode_frame(&message, tensors)?;
             send.write_all(&frame[..frame.len() / 2]).await?;
-            warn!("fault injection: paused at mid-upload@{round} ({FAULT_ENV}); waiting to be killed");
+            warn!(
+                "fault injection: paused at mid-upload@{round} ({}); waiting to be killed",
+                flotilla_common::fault::ENV
+            );
             std::future::pending::<()>().await;
         }
         write_frame(&mut send, &message, tensors).await?;

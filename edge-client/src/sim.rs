@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -16,7 +15,7 @@ use flotilla_common::quic::{self, TransportSettings};
 use flotilla_common::tls::{self, KitPaths};
 
 use crate::session::{self, SessionError, SessionSettings};
-use crate::trainer::{DataSource, TrainerPool};
+use crate::trainer::{DataChoice, TrainerPool};
 
 /// Default rank each device class asks for when the mix does not say.
 pub fn default_class_rank(class: &str) -> Option<u32> {
@@ -99,17 +98,15 @@ impl ProfileMix {
     }
 }
 
-/// Which data virtual device `index` (with this id) trains on.
-pub type DataFor = Arc<dyn Fn(usize, &str) -> DataSource + Send + Sync>;
-
 pub struct SimSettings {
     pub coordinator: std::net::SocketAddr,
     pub server_name: String,
     pub kits: PathBuf,
     pub clients: usize,
     pub mix: ProfileMix,
-    /// The data source of device `index` among `clients`.
-    pub data: DataFor,
+    pub data: DataChoice,
+    /// How the IDX training set is split among the clients (device `index` gets part `index`).
+    pub partition: Option<PartitionSpec>,
     pub concurrency: usize,
     pub threads: usize,
     pub max_attempts: u32,
@@ -160,7 +157,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
     let mut by_class: BTreeMap<(String, u32), usize> = BTreeMap::new();
     for (index, ((id, kit), profile)) in kits.into_iter().take(settings.clients).zip(profiles).enumerate() {
         *by_class.entry((profile.class.clone(), profile.rank)).or_default() += 1;
-        let trainer = pool.trainer((settings.data)(index, &id))?;
+        let trainer = pool.trainer(settings.data.for_device(&id, settings.partition.map(|p| (p, index))))?;
         let session = SessionSettings {
             client_config: quic::client_config(&kit, &settings.transport)?,
             coordinator: settings.coordinator,
@@ -203,22 +200,6 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     Ok(report)
-}
-
-/// Shared data-source choice for `sim`: synthetic samples per device, or a shard of an IDX set.
-pub fn data_source(data: &str, samples: usize, task_seed: u64, partition: Option<PartitionSpec>) -> Result<DataFor> {
-    let seed_of =
-        |id: &str| id.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100000001b3));
-    if data == "synthetic" {
-        return Ok(Arc::new(move |_, id: &str| DataSource::Synthetic { samples, task_seed, sample_seed: seed_of(id) }));
-    }
-    let dir = if data == "fashion-mnist" {
-        PathBuf::from(flotilla_common::data::idx::DEBIAN_FASHION_MNIST)
-    } else {
-        PathBuf::from(data)
-    };
-    anyhow::ensure!(dir.is_dir(), "--data {data}: {} is not a directory", dir.display());
-    Ok(Arc::new(move |index, _: &str| DataSource::Idx { dir: dir.clone(), shard: partition.map(|p| (p, index)) }))
 }
 
 #[cfg(test)]

@@ -35,6 +35,49 @@ pub enum DataSource {
     Idx { dir: std::path::PathBuf, shard: Option<(PartitionSpec, usize)> },
 }
 
+/// What `--data` names, checked once: synthetic samples, or an MNIST-style IDX directory. Each
+/// device (a real one, or each of the simulator's) then gets its own [`DataSource`] from it.
+#[derive(Debug, Clone)]
+pub enum DataChoice {
+    Synthetic { samples: usize, task_seed: u64 },
+    Idx(std::path::PathBuf),
+}
+
+impl DataChoice {
+    /// `synthetic`, `fashion-mnist` (Debian's dataset-fashion-mnist) or a directory.
+    pub fn parse(data: &str, samples: usize, task_seed: u64) -> anyhow::Result<DataChoice> {
+        if data == "synthetic" {
+            return Ok(DataChoice::Synthetic { samples, task_seed });
+        }
+        let debian = data == "fashion-mnist";
+        let dir = if debian {
+            std::path::PathBuf::from(flotilla_common::data::idx::DEBIAN_FASHION_MNIST)
+        } else {
+            std::path::PathBuf::from(data)
+        };
+        anyhow::ensure!(
+            dir.is_dir(),
+            "--data {data}: {} is not a directory{}",
+            dir.display(),
+            if debian { " (install Debian's dataset-fashion-mnist)" } else { "" }
+        );
+        Ok(DataChoice::Idx(dir))
+    }
+
+    /// The data of device `device_id`: its own synthetic samples (seeded by its id), or its part
+    /// `shard` of the IDX training set (all of it without a partition).
+    pub fn for_device(&self, device_id: &str, shard: Option<(PartitionSpec, usize)>) -> DataSource {
+        match self {
+            DataChoice::Synthetic { samples, task_seed } => DataSource::Synthetic {
+                samples: *samples,
+                task_seed: *task_seed,
+                sample_seed: flotilla_common::fingerprint::fnv1a(device_id.as_bytes()),
+            },
+            DataChoice::Idx(dir) => DataSource::Idx { dir: dir.clone(), shard },
+        }
+    }
+}
+
 impl DataSource {
     fn load(&self, architecture: &Architecture) -> Result<Dataset, String> {
         match *self {

@@ -89,6 +89,15 @@ impl Process {
         }
     }
 
+    /// Waits until the process's stderr contains `needle`; panics with its logs after `timeout`.
+    pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr_text().contains(needle) {
+            assert!(Instant::now() < deadline, "{} never logged '{needle}'\n{}", self.name, self.logs());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// The process id (e.g. to send it a signal with `kill`).
     pub fn id(&self) -> u32 {
         self.child.id()

@@ -50,6 +50,24 @@ fn coordinator(config: &Path, logs: &Path, name: &str) -> Process {
     Process::spawn(name, Command::new(binary("flotilla-coordinator")).arg("serve").arg("--config").arg(config), logs)
 }
 
+/// The two devices of these runs (ranks 2 and 8), patient enough to outlive coordinator restarts.
+fn spawn_edges(address: &str, pki: &Path, logs: &Path) -> Vec<Process> {
+    [("dev-a", "2"), ("dev-b", "8")]
+        .iter()
+        .map(|(id, rank)| {
+            Process::spawn(
+                id,
+                Command::new(binary("flotilla-edge"))
+                    .args(["run", "--coordinator", address, "--rank", rank, "--samples", "256"])
+                    .args(["--max-attempts", "30", "--idle-timeout-secs", "3", "--keep-alive-secs", "1"])
+                    .arg("--kit")
+                    .arg(pki.join("kits").join(id)),
+                logs,
+            )
+        })
+        .collect()
+}
+
 fn wait_for(path: &Path, timeout: Duration, process: &mut Process) {
     let deadline = Instant::now() + timeout;
     while !path.exists() {
@@ -63,7 +81,6 @@ fn sigkill_mid_run_then_restart_resumes_after_the_last_finished_round() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let pki = run.join("pki");
-    let devices = [("dev-a", 2u32), ("dev-b", 8u32)];
     provision(&pki, &["dev-a", "dev-b"]);
     let port = free_udp_port();
     let config = write_config(run, port, 8);
@@ -72,20 +89,7 @@ fn sigkill_mid_run_then_restart_resumes_after_the_last_finished_round() {
     let mut first = coordinator(&config, &logs, "coordinator-1");
     std::thread::sleep(Duration::from_millis(300));
     let address = format!("127.0.0.1:{port}");
-    let mut edges: Vec<Process> = devices
-        .iter()
-        .map(|(id, rank)| {
-            Process::spawn(
-                id,
-                Command::new(binary("flotilla-edge"))
-                    .args(["run", "--coordinator", &address, "--rank", &rank.to_string(), "--samples", "256"])
-                    .args(["--max-attempts", "30", "--idle-timeout-secs", "3", "--keep-alive-secs", "1"])
-                    .arg("--kit")
-                    .arg(pki.join("kits").join(id)),
-                &logs,
-            )
-        })
-        .collect();
+    let mut edges = spawn_edges(&address, &pki, &logs);
 
     // Round 1's checkpoint is complete once its state is in place: kill the coordinator right then,
     // in the middle of round 2.
@@ -137,14 +141,6 @@ fn sigkill_mid_run_then_restart_resumes_after_the_last_finished_round() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("already completed"));
 }
 
-fn wait_for_log(process: &mut Process, needle: &str, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !process.stderr_text().contains(needle) {
-        assert!(Instant::now() < deadline, "never logged '{needle}'\n{}", process.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// The coordinator is SIGKILLed in the middle of round 2's aggregation, restarted, SIGKILLed again
 /// in the middle of round 2's checkpoint (its files written, not yet renamed into place), and
 /// restarted once more: each restart resumes after round 1, the half-written checkpoint is ignored
@@ -172,24 +168,11 @@ fn sigkill_mid_aggregation_and_mid_checkpoint_lose_nothing_finished() {
     let mut first = start("coordinator-1", Some("mid-aggregation@2"));
     std::thread::sleep(Duration::from_millis(300));
     let address = format!("127.0.0.1:{port}");
-    let mut edges: Vec<Process> = [("dev-a", "2"), ("dev-b", "8")]
-        .iter()
-        .map(|(id, rank)| {
-            Process::spawn(
-                id,
-                Command::new(binary("flotilla-edge"))
-                    .args(["run", "--coordinator", &address, "--rank", rank, "--samples", "256"])
-                    .args(["--max-attempts", "30", "--idle-timeout-secs", "3", "--keep-alive-secs", "1"])
-                    .arg("--kit")
-                    .arg(pki.join("kits").join(id)),
-                &logs,
-            )
-        })
-        .collect();
+    let mut edges = spawn_edges(&address, &pki, &logs);
 
     let round_1 = run.join("global/round-1");
     let round_2 = run.join("global/round-2");
-    wait_for_log(&mut first, "paused at mid-aggregation@2", Duration::from_secs(120));
+    first.wait_for_stderr("paused at mid-aggregation@2", Duration::from_secs(120));
     let round_1_files: Vec<Vec<u8>> = ["adapter_model.safetensors", "state.json", "adapter_config.json"]
         .iter()
         .map(|f| std::fs::read(round_1.join(f)).unwrap())
@@ -198,7 +181,7 @@ fn sigkill_mid_aggregation_and_mid_checkpoint_lose_nothing_finished() {
     assert!(!round_2.exists() && !run.join("global/round-2.tmp").exists(), "nothing of round 2 was written");
 
     let mut second = start("coordinator-2", Some("mid-checkpoint@2"));
-    wait_for_log(&mut second, "paused at mid-checkpoint@2", Duration::from_secs(120));
+    second.wait_for_stderr("paused at mid-checkpoint@2", Duration::from_secs(120));
     assert!(second.stderr_text().contains("resuming after the last finished round round=1"), "{}", second.logs());
     second.kill();
     assert!(!round_2.exists(), "round 2 was never renamed into place");

@@ -3,7 +3,7 @@
 //! aggregate — the round's records and recorded updates hold the other device only.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_tests::{binary, provision, start_coordinator, Process};
 
@@ -36,11 +36,7 @@ fn a_device_killed_mid_upload_leaves_nothing_in_the_aggregate() {
     let mut victim = edge("victim", Some("mid-upload@1"));
     let mut steady = edge("steady", None);
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !victim.stderr_text().contains("paused at mid-upload@1") {
-        assert!(Instant::now() < deadline, "the victim never reached its upload\n{}", victim.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    victim.wait_for_stderr("paused at mid-upload@1", Duration::from_secs(60));
     victim.kill();
 
     assert!(steady.wait(Duration::from_secs(60)).success(), "{}", steady.logs());

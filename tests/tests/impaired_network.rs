@@ -80,11 +80,7 @@ fn a_device_whose_address_keeps_changing_uploads_without_reconnecting() {
     let proxy = rt.block_on(ImpairProxy::start(address.parse().unwrap(), link, 7)).unwrap();
     let mut device = edge("mover", proxy.address, "64", &pki, &run.join("logs"));
     // QUIC forbids migrating during the handshake: move only once admitted, then every 25 ms.
-    let admitted = std::time::Instant::now() + Duration::from_secs(60);
-    while !device.stderr_text().contains("admitted by the coordinator") {
-        assert!(std::time::Instant::now() < admitted, "never admitted\n{}", device.logs());
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    device.wait_for_stderr("admitted by the coordinator", Duration::from_secs(60));
     let mover = proxy.clone();
     let moves = rt.spawn(async move {
         loop {

@@ -31,11 +31,7 @@ fn ctrl_c_while_training_abandons_the_round_cleanly() {
     let mut steady = edge("steady");
     let mut quitter = edge("quitter");
 
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !quitter.stderr_text().contains("[round 1/1] training at rank") {
-        assert!(Instant::now() < deadline, "the quitter never started training\n{}", quitter.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    quitter.wait_for_stderr("[round 1/1] training at rank", Duration::from_secs(60));
     let interrupted = Instant::now();
     let status = Command::new("kill").args(["-INT", &quitter.id().to_string()]).status().unwrap();
     assert!(status.success());

@@ -3,7 +3,7 @@
 //! and a clear message), and the run goes on with the others.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
 
@@ -28,11 +28,7 @@ fn a_device_revoked_while_the_coordinator_runs_is_refused() {
     let listing = String::from_utf8_lossy(&certs(&pki, &["list"]).stdout).to_string();
     assert!(listing.lines().any(|l| l.contains("stolen") && l.contains("REVOKED")), "{listing}");
     assert!(!listing.lines().any(|l| l.contains("good-1") && l.contains("REVOKED")), "{listing}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !coordinator.stderr_text().contains("revocation list reloaded") {
-        assert!(Instant::now() < deadline, "the CRL was never reloaded\n{}", coordinator.logs());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    coordinator.wait_for_stderr("revocation list reloaded", Duration::from_secs(20));
 
     let edge = |id: &str| {
         let mut command = Command::new(binary("flotilla-edge"));
