@@ -1,7 +1,11 @@
 //! A UDP impairment proxy for one device, written for the tests because `netem` is not available
 //! here: it sits between a device and the coordinator and, in each direction, drops, delays (with
-//! jitter, which also reorders) and duplicates datagrams; `rebind` makes the device appear from a
-//! new address mid-connection (QUIC connection migration).
+//! jitter, which also reorders) and duplicates datagrams, and it can make the device appear from a
+//! new address mid-connection (QUIC connection migration): `move_while_sending` gives it a new
+//! address each time it sends after a given interval, the way a phone's address changes under it while it
+//! talks. Moves ride on the device's own datagrams so the coordinator always learns the newest
+//! address from the packet that made it: a device that is quiet keeps its address, and what the
+//! coordinator sends it then arrives.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -29,6 +33,10 @@ struct State {
     /// The socket that talks to the coordinator; replaced by `rebind`.
     upstream: Arc<UdpSocket>,
     generation: u64,
+    /// Move before forwarding a device datagram when the last move is at least this old.
+    move_every: Option<Duration>,
+    last_move: std::time::Instant,
+    moves: u64,
 }
 
 #[derive(Clone)]
@@ -55,6 +63,9 @@ impl ImpairProxy {
                 device: None,
                 upstream: upstream.clone(),
                 generation: 0,
+                move_every: None,
+                last_move: std::time::Instant::now(),
+                moves: 0,
             })),
         };
         // Device → coordinator.
@@ -62,12 +73,17 @@ impl ImpairProxy {
         tokio::spawn(async move {
             let mut buf = vec![0u8; 65536];
             while let Ok((n, from)) = forward.downstream.recv_from(&mut buf).await {
-                let (upstream, plan) = {
+                let (upstream, plan, moved) = {
                     let mut state = forward.state.lock().unwrap();
                     state.device = Some(from);
+                    let due = state.move_every.is_some_and(|every| state.last_move.elapsed() >= every);
+                    let moved = if due { forward.replace_upstream(&mut state) } else { None };
                     let plan = plan(&mut state);
-                    (state.upstream.clone(), plan)
+                    (state.upstream.clone(), plan, moved)
                 };
+                if let Some((socket, generation)) = moved {
+                    forward.spawn_backward(socket, generation);
+                }
                 let to = forward.coordinator;
                 send_planned(upstream, to, buf[..n].to_vec(), plan);
             }
@@ -97,17 +113,28 @@ impl ImpairProxy {
         });
     }
 
-    /// The device now appears from a new address (a new upstream port).
-    pub async fn rebind(&self) -> std::io::Result<()> {
-        let fresh = Arc::new(UdpSocket::bind("127.0.0.1:0").await?);
-        let generation = {
-            let mut state = self.state.lock().unwrap();
-            state.upstream = fresh.clone();
-            state.generation += 1;
-            state.generation
-        };
-        self.spawn_backward(fresh, generation);
-        Ok(())
+    /// From now on, the device moves to a new address whenever it sends and its last move is at
+    /// least `every` old.
+    pub fn move_while_sending(&self, every: Duration) {
+        let mut state = self.state.lock().unwrap();
+        state.move_every = Some(every);
+        state.last_move = std::time::Instant::now();
+    }
+
+    /// How many times the device has moved.
+    pub fn moves(&self) -> u64 {
+        self.state.lock().unwrap().moves
+    }
+
+    fn replace_upstream(&self, state: &mut State) -> Option<(Arc<UdpSocket>, u64)> {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").ok()?;
+        socket.set_nonblocking(true).ok()?;
+        let fresh = Arc::new(UdpSocket::from_std(socket).ok()?);
+        state.upstream = fresh.clone();
+        state.generation += 1;
+        state.moves += 1;
+        state.last_move = std::time::Instant::now();
+        Some((fresh, state.generation))
     }
 
     pub fn set(&self, impairment: Impairment) {

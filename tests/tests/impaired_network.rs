@@ -79,18 +79,14 @@ fn a_device_whose_address_keeps_changing_uploads_without_reconnecting() {
     let link = Impairment { delay: Duration::from_millis(5), ..Impairment::default() };
     let proxy = rt.block_on(ImpairProxy::start(address.parse().unwrap(), link, 7)).unwrap();
     let mut device = edge("mover", proxy.address, "64", &pki, &run.join("logs"));
-    // QUIC forbids migrating during the handshake: move only once admitted, then every 25 ms.
+    // QUIC forbids migrating during the handshake: move only once admitted; from then on the
+    // device gets a new address whenever it sends and 25 ms have passed since its last move.
     device.wait_for_stderr("admitted by the coordinator", Duration::from_secs(60));
-    let mover = proxy.clone();
-    let moves = rt.spawn(async move {
-        loop {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-            mover.rebind().await.unwrap();
-        }
-    });
+    proxy.move_while_sending(Duration::from_millis(25));
     assert!(device.wait(Duration::from_secs(120)).success(), "{}", device.logs());
     assert!(coordinator.wait(Duration::from_secs(30)).success(), "{}", coordinator.logs());
-    moves.abort();
+    // Two 1.8 MB uploads at this pace span many moves.
+    assert!(proxy.moves() >= 10, "the device moved only {} times", proxy.moves());
     let device_log = device.stderr_text();
     assert!(!device_log.contains("connection to the coordinator lost"), "{device_log}");
     let log = coordinator.stderr_text();
