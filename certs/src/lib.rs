@@ -30,5 +30,5 @@ pub use ca_key::read_password_file;
 pub use identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
 pub use pki::{
     CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, PkiError, Registry, RevokedCertificate, DEFAULT_CA_DAYS,
-    DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS,
+    DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS, DEFAULT_DEVICE_VALIDITY, MIN_VALIDITY,
 };

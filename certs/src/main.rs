@@ -8,7 +8,6 @@ use flotilla_certs::inspect::{describe_pem, CertificateInfo};
 use flotilla_certs::kit::{Placement, DEFAULT_COORDINATOR_ADDRESS, DEFAULT_INSTALL_DIR};
 use flotilla_certs::{
     csr, read_password_file, CoordinatorRequest, DeviceRequest, Pki, DEFAULT_CA_DAYS, DEFAULT_COORDINATOR_DAYS,
-    DEFAULT_DEVICE_DAYS,
 };
 
 /// Provision credentials for a Flotilla deployment: a CA, the coordinator's certificate and one
@@ -89,8 +88,9 @@ enum Command {
         /// Directory for the signed certificate (default: <pki>/signed/<id>).
         #[arg(long)]
         out: Option<PathBuf>,
-        #[arg(long, default_value_t = DEFAULT_DEVICE_DAYS)]
-        days: u32,
+        /// Validity of the certificate: 30d, 12h, 90s, ...
+        #[arg(long, default_value = "30days", value_parser = parse_validity)]
+        valid_for: std::time::Duration,
         /// The request renews the certificate of a device that already has one.
         #[arg(long)]
         renew: bool,
@@ -157,8 +157,9 @@ enum IssueCommand {
         /// Number of the first id.
         #[arg(long, default_value_t = 0)]
         start: usize,
-        #[arg(long, default_value_t = DEFAULT_DEVICE_DAYS)]
-        days: u32,
+        /// Validity of each certificate: 30d, 12h, 90s, ...
+        #[arg(long, default_value = "30days", value_parser = parse_validity)]
+        valid_for: std::time::Duration,
         #[command(flatten)]
         placement: PlacementArgs,
     },
@@ -167,11 +168,17 @@ enum IssueCommand {
         /// Device id: letters, digits, '-' and '_' (at most 64).
         #[arg(long)]
         id: String,
-        #[arg(long, default_value_t = DEFAULT_DEVICE_DAYS)]
-        days: u32,
+        /// Validity of each certificate: 30d, 12h, 90s, ...
+        #[arg(long, default_value = "30days", value_parser = parse_validity)]
+        valid_for: std::time::Duration,
         #[command(flatten)]
         placement: PlacementArgs,
     },
+}
+
+/// A validity such as `30d`, `12h` or `90s` (humantime syntax).
+fn parse_validity(text: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(text).map_err(|e| format!("'{text}': {e} (examples: 30d, 12h, 90s)"))
 }
 
 fn main() {
@@ -196,7 +203,7 @@ fn issue_devices(
     prefix: &str,
     count: usize,
     start: usize,
-    days: u32,
+    validity: std::time::Duration,
     placement: &PlacementArgs,
 ) -> Result<()> {
     anyhow::ensure!(count >= 1, "--count must be at least 1");
@@ -208,7 +215,7 @@ fn issue_devices(
         if placement.install_dir.as_os_str() == flotilla_certs::kit::DEFAULT_INSTALL_DIR {
             placement.install_dir = pki.kit_dir(&id);
         }
-        pki.issue_device(&DeviceRequest { id: &id, days }, &placement)
+        pki.issue_device(&DeviceRequest { id: &id, validity }, &placement)
             .with_context(|| format!("cannot issue a certificate for device '{id}'"))?;
     }
     println!(
@@ -234,11 +241,11 @@ fn run(cli: Cli) -> Result<()> {
                 IssueCommand::Coordinator { name, san, days, placement } => pki
                     .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days }, &placement.placement())
                     .context("cannot issue the coordinator certificate")?,
-                IssueCommand::Devices { prefix, count, start, days, placement } => {
-                    return issue_devices(&pki, &cli.dir, &prefix, count, start, days, &placement);
+                IssueCommand::Devices { prefix, count, start, valid_for, placement } => {
+                    return issue_devices(&pki, &cli.dir, &prefix, count, start, valid_for, &placement);
                 }
-                IssueCommand::Device { id, days, placement } => pki
-                    .issue_device(&DeviceRequest { id: &id, days }, &placement.placement())
+                IssueCommand::Device { id, valid_for, placement } => pki
+                    .issue_device(&DeviceRequest { id: &id, validity: valid_for }, &placement.placement())
                     .with_context(|| format!("cannot issue a certificate for device '{id}'"))?,
             };
             println!(
@@ -255,14 +262,14 @@ fn run(cli: Cli) -> Result<()> {
                 .with_context(|| format!("cannot make a request for device '{id}'"))?;
             println!("request for device '{id}' in {}; have the CA sign it, then `install`", request.display());
         }
-        Command::Sign { csr, out, days, renew } => {
+        Command::Sign { csr, out, valid_for, renew } => {
             let pki = open()?;
             let pem = std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
             // The output directory is named after the id, which is known only once the request is checked.
             let staging = cli.dir.join("signed").join(".incoming");
             let target = out.clone().unwrap_or_else(|| staging.clone());
             let issued = pki
-                .sign_request(&pem, days, renew, &target)
+                .sign_request(&pem, valid_for, renew, &target)
                 .with_context(|| format!("cannot sign {}", csr.display()))?;
             let written = match out {
                 Some(dir) => dir,

@@ -91,8 +91,15 @@ pub struct CoordinatorRequest<'a> {
 
 pub struct DeviceRequest<'a> {
     pub id: &'a str,
-    pub days: u32,
+    /// Device certificates are short-lived; for trials they can live minutes.
+    pub validity: std::time::Duration,
 }
+
+/// The default validity of a device certificate.
+pub const DEFAULT_DEVICE_VALIDITY: std::time::Duration =
+    std::time::Duration::from_secs(DEFAULT_DEVICE_DAYS as u64 * 86_400);
+/// The shortest certificate this CA signs.
+pub const MIN_VALIDITY: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// A PKI directory with an initialised CA.
 pub struct Pki {
@@ -146,7 +153,7 @@ impl Pki {
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages =
             vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        set_validity(&mut params, days);
+        set_validity(&mut params, Duration::days(i64::from(days)));
         params.serial_number = Some(SerialNumber::from_slice(&[1]));
         let cert = params.self_signed(&key)?;
 
@@ -172,6 +179,11 @@ impl Pki {
             )));
         }
         Ok(Pki { root: root.to_path_buf(), password })
+    }
+
+    /// Checks that this CA can sign now: its key opens (with the password) and it has not expired.
+    pub fn check_signing(&self) -> Result<(), PkiError> {
+        self.issuer().map(|_| ())
     }
 
     pub fn registry(&self) -> Result<Registry, PkiError> {
@@ -295,7 +307,7 @@ impl Pki {
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let (record, cert_pem) =
-            self.certify("coordinator", "coordinator", params, request.days, None, |p, issuer| {
+            self.certify("coordinator", "coordinator", params, days(request.days), None, |p, issuer| {
                 p.signed_by(&key, issuer)
             })?;
         let kit = self.kit_dir("coordinator");
@@ -320,7 +332,7 @@ impl Pki {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let params = device_params(request.id)?;
         let (record, cert_pem) =
-            self.certify("device", request.id, params, request.days, None, |p, issuer| p.signed_by(&key, issuer))?;
+            self.certify("device", request.id, params, request.validity, None, |p, issuer| p.signed_by(&key, issuer))?;
         let snippet = (kit::DEVICE_SNIPPET, kit::device_snippet(placement));
         let readme =
             kit::readme("device", request.id, &format!("certificate valid until {}", record.not_after), placement);
@@ -335,26 +347,54 @@ impl Pki {
     pub fn sign_request(
         &self,
         csr_pem: &str,
-        days: u32,
+        validity: std::time::Duration,
         renew: bool,
         out: &Path,
     ) -> Result<IssuedCertificate, PkiError> {
-        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| PkiError::Invalid(format!("not a valid certificate signing request: {e}")))?;
-        let id = crate::csr::requested_device_id(&csr)?;
-        let renews = self.check_new_id(&id, renew)?;
-        let (mut record, cert_pem) =
-            self.certify("device", &id, device_params(&id)?, days, renews, |params, issuer| {
-                // Only the public key is taken from the request; everything else is the CA's choice.
-                csr.params = params;
-                csr.signed_by(issuer)
-            })?;
+        let (mut record, cert_pem) = self.sign_device_request(csr_pem, validity, renew)?;
         fs::create_dir_all(out).map_err(io_err(out))?;
         write_file(&out.join(kit::CERT), cert_pem.as_bytes(), 0o644)?;
         write_file(&out.join(kit::CA_CERT), self.ca_pem()?.as_bytes(), 0o644)?;
         record.kit = out.to_path_buf();
         self.update_record(&record)?;
         Ok(record)
+    }
+
+    /// Renews the certificate of device `id` from its request, for a coordinator that renews
+    /// certificates online: the request must be for `id` (the identity the session proved).
+    /// Returns the record and the certificate (PEM).
+    pub fn renew_device(
+        &self,
+        id: &str,
+        csr_pem: &str,
+        validity: std::time::Duration,
+    ) -> Result<(IssuedCertificate, String), PkiError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Invalid(format!("not a valid certificate signing request: {e}")))?;
+        let requested = crate::csr::requested_device_id(&csr)?;
+        if requested != id {
+            return Err(PkiError::Invalid(format!(
+                "the request is for device '{requested}', but the session is device '{id}'"
+            )));
+        }
+        self.sign_device_request(csr_pem, validity, true)
+    }
+
+    fn sign_device_request(
+        &self,
+        csr_pem: &str,
+        validity: std::time::Duration,
+        renew: bool,
+    ) -> Result<(IssuedCertificate, String), PkiError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| PkiError::Invalid(format!("not a valid certificate signing request: {e}")))?;
+        let id = crate::csr::requested_device_id(&csr)?;
+        let renews = self.check_new_id(&id, renew)?;
+        self.certify("device", &id, device_params(&id)?, validity, renews, |params, issuer| {
+            // Only the public key is taken from the request; everything else is the CA's choice.
+            csr.params = params;
+            csr.signed_by(issuer)
+        })
     }
 
     /// Refuses an id that already has a certificate, unless this is a renewal of a live one;
@@ -381,18 +421,24 @@ impl Pki {
         kind: &str,
         id: &str,
         mut params: CertificateParams,
-        days: u32,
+        validity: std::time::Duration,
         renews: Option<String>,
         sign: impl FnOnce(CertificateParams, &Issuer<'static, KeyPair>) -> Result<rcgen::Certificate, rcgen::Error>,
     ) -> Result<(IssuedCertificate, String), PkiError> {
         let (issuer, ca_not_after) = self.issuer()?;
-        if days == 0 {
-            return Err(PkiError::Invalid("a certificate must be valid for at least one day (--days)".into()));
-        }
-        let until = OffsetDateTime::now_utc() + Duration::days(i64::from(days));
-        if until > ca_not_after {
+        if validity < MIN_VALIDITY {
             return Err(PkiError::Invalid(format!(
-                "{days} days would outlast the CA, which expires on {}; ask for fewer days or create a new CA",
+                "a certificate must be valid for at least {} s (asked for {validity:?})",
+                MIN_VALIDITY.as_secs()
+            )));
+        }
+        let span = Duration::try_from(validity)
+            .map_err(|_| PkiError::Invalid(format!("a validity of {validity:?} is out of range")))?;
+        let until = OffsetDateTime::now_utc().checked_add(span);
+        if until.is_none_or(|until| until > ca_not_after) {
+            return Err(PkiError::Invalid(format!(
+                "{} would outlast the CA, which expires on {}; ask for less or create a new CA",
+                describe_span(validity),
                 ca_not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
             )));
         }
@@ -402,7 +448,7 @@ impl Pki {
         params.serial_number = Some(SerialNumber::from_slice(&serial.to_be_bytes()));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
-        set_validity(&mut params, days);
+        set_validity(&mut params, span);
         let (not_before, not_after) = (params.not_before, params.not_after);
         let cert = sign(params, &issuer)?;
         let serial_hex = format!("{serial:x}");
@@ -471,11 +517,25 @@ pub(crate) fn dn(common_name: &str) -> DistinguishedName {
     dn
 }
 
-fn set_validity(params: &mut CertificateParams, days: u32) {
+/// `days` whole days, as the validity of a certificate.
+fn days(days: u32) -> std::time::Duration {
+    std::time::Duration::from_secs(u64::from(days) * 86_400)
+}
+
+fn describe_span(span: std::time::Duration) -> String {
+    let secs = span.as_secs();
+    if secs.is_multiple_of(86_400) {
+        format!("{} days", secs / 86_400)
+    } else {
+        format!("{secs} s")
+    }
+}
+
+fn set_validity(params: &mut CertificateParams, span: Duration) {
     // Certificates hold whole seconds; so do the records.
     let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
     params.not_before = now - CLOCK_SKEW;
-    params.not_after = now + Duration::days(i64::from(days));
+    params.not_after = now + span;
 }
 
 fn parse_san(value: &str) -> Result<SanType, PkiError> {
@@ -517,7 +577,7 @@ mod tests {
     }
 
     fn device(pki: &Pki, id: &str, days: u32) -> Result<IssuedCertificate, PkiError> {
-        pki.issue_device(&DeviceRequest { id, days }, &here(&pki.kit_dir(id)))
+        pki.issue_device(&DeviceRequest { id, validity: super::days(days) }, &here(&pki.kit_dir(id)))
     }
 
     #[test]
@@ -617,7 +677,7 @@ mod tests {
         let pending = fs::read_to_string(kit.join("pending-key.pem")).unwrap();
         assert_eq!(fs::metadata(kit.join("pending-key.pem")).unwrap().permissions().mode() & 0o777, 0o600);
         let out = dir.path().join("signed");
-        let signed = pki.sign_request(&fs::read_to_string(&request).unwrap(), 5, false, &out).unwrap();
+        let signed = pki.sign_request(&fs::read_to_string(&request).unwrap(), super::days(5), false, &out).unwrap();
         assert_eq!(signed.id, "field-7");
         assert!(!out.join("key.pem").exists(), "the CA never sees the device key");
         // The CA's copy of the certificate is for the device's key.
@@ -630,9 +690,9 @@ mod tests {
         let (renew_id, renewal) = csr::renew(&kit).unwrap();
         assert_eq!(renew_id, "field-7");
         let renewal = fs::read_to_string(renewal).unwrap();
-        let err = pki.sign_request(&renewal, 5, false, &out).unwrap_err().to_string();
+        let err = pki.sign_request(&renewal, super::days(5), false, &out).unwrap_err().to_string();
         assert!(err.contains("already has a certificate"), "{err}");
-        let renewed = pki.sign_request(&renewal, 5, true, &out).unwrap();
+        let renewed = pki.sign_request(&renewal, super::days(5), true, &out).unwrap();
         assert_eq!(renewed.renews.as_deref(), Some(signed.serial.as_str()));
         // The old certificate stays in force until the new one is installed.
         assert_eq!(fs::read_to_string(kit.join("key.pem")).unwrap(), pending);
@@ -644,8 +704,43 @@ mod tests {
         pki.revoke("field-7").unwrap();
         csr::renew(&kit).unwrap();
         let again = fs::read_to_string(kit.join("request.csr")).unwrap();
-        let err = pki.sign_request(&again, 5, true, &out).unwrap_err().to_string();
+        let err = pki.sign_request(&again, super::days(5), true, &out).unwrap_err().to_string();
         assert!(err.contains("was revoked"), "{err}");
+    }
+
+    #[test]
+    fn online_renewal_is_for_the_sessions_own_id_and_short_validity_is_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = new_ca(&dir.path().join("pki"));
+        let short = pki
+            .issue_device(
+                &DeviceRequest { id: "brief", validity: std::time::Duration::from_secs(30) },
+                &here(&pki.kit_dir("brief")),
+            )
+            .unwrap();
+        let info = pki.inspect_id("brief").unwrap();
+        assert!(!info.expired && info.days_left == 0, "{info:?}");
+        assert_eq!(info.serial, short.serial);
+        let err = pki
+            .issue_device(
+                &DeviceRequest { id: "blink", validity: std::time::Duration::from_secs(2) },
+                &here(&pki.kit_dir("blink")),
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 10 s"), "{err}");
+
+        let kit = pki.kit_dir("brief");
+        csr::renew(&kit).unwrap();
+        let request = fs::read_to_string(kit.join("request.csr")).unwrap();
+        let err = pki.renew_device("someone-else", &request, super::days(5)).unwrap_err().to_string();
+        assert!(err.contains("the session is device 'someone-else'"), "{err}");
+        let (record, pem) = pki.renew_device("brief", &request, super::days(5)).unwrap();
+        assert_eq!(record.renews.as_deref(), Some(short.serial.as_str()));
+        let renewed = kit.join("renewed.pem");
+        fs::write(&renewed, pem).unwrap();
+        assert_eq!(csr::install(&kit, &renewed, None).unwrap(), "brief");
+        assert!(pki.inspect_id("brief").unwrap().days_left >= 4);
     }
 
     #[test]
@@ -656,7 +751,7 @@ mod tests {
         let sign = |params: CertificateParams| {
             let key = KeyPair::generate().unwrap();
             let pem = params.serialize_request(&key).unwrap().pem().unwrap();
-            pki.sign_request(&pem, 5, false, &out).unwrap_err().to_string()
+            pki.sign_request(&pem, super::days(5), false, &out).unwrap_err().to_string()
         };
         let mut reserved = CertificateParams::default();
         reserved.subject_alt_names = vec![SanType::URI(device_uri("coordinator").try_into().unwrap())];
@@ -669,7 +764,7 @@ mod tests {
         usages.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         assert!(sign(usages).contains("client authentication only"));
         assert!(sign(CertificateParams::default()).contains("no urn:flotilla:device:"));
-        let garbage = pki.sign_request("not a request", 5, false, &out).unwrap_err().to_string();
+        let garbage = pki.sign_request("not a request", super::days(5), false, &out).unwrap_err().to_string();
         assert!(garbage.contains("not a valid certificate signing request"), "{garbage}");
     }
 
@@ -683,13 +778,15 @@ mod tests {
         let other = dir.path().join("other");
         csr::request(&other, "d2", &here(&other)).unwrap();
         let out = dir.path().join("out");
-        pki.sign_request(&fs::read_to_string(other.join("request.csr")).unwrap(), 5, false, &out).unwrap();
+        pki.sign_request(&fs::read_to_string(other.join("request.csr")).unwrap(), super::days(5), false, &out).unwrap();
         let err = csr::install(&kit, &out.join("cert.pem"), Some(&out.join("ca.crt"))).unwrap_err().to_string();
         assert!(err.contains("for another key"), "{err}");
         // A certificate from another CA.
         let rogue = new_ca(&dir.path().join("rogue"));
         let rogue_out = dir.path().join("rogue-out");
-        rogue.sign_request(&fs::read_to_string(kit.join("request.csr")).unwrap(), 5, false, &rogue_out).unwrap();
+        rogue
+            .sign_request(&fs::read_to_string(kit.join("request.csr")).unwrap(), super::days(5), false, &rogue_out)
+            .unwrap();
         let err = csr::install(&kit, &rogue_out.join("cert.pem"), Some(&out.join("ca.crt"))).unwrap_err().to_string();
         assert!(err.contains("not a valid device certificate from this CA"), "{err}");
     }

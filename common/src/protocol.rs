@@ -11,6 +11,8 @@
 //!   for the device's rank) or `Finished`.
 //! - device opens a bidirectional stream per upload: `Update` (with the trained adapter) → `Ack` or
 //!   `Reject`.
+//! - device opens a bidirectional stream to renew its certificate: `RenewCertificate` →
+//!   `CertificateRenewed` or `Refusal` (a coordinator that does not renew certificates).
 //!
 //! Liveness is QUIC's own keep-alive and idle timeout.
 
@@ -24,6 +26,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 pub enum DeviceMessage {
     Hello(Hello),
     Update(Update),
+    RenewCertificate(RenewCertificate),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,6 +37,19 @@ pub enum CoordinatorMessage {
     Ack(Ack),
     Reject(Reject),
     Finished(Finished),
+    CertificateRenewed(CertificateRenewed),
+}
+
+/// Application close codes (`CONNECTION_CLOSE` of type application).
+pub mod close {
+    /// Orderly end: the run finished, or the device is done.
+    pub const DONE: u32 = 0;
+    /// Not admitted; the reason text follows.
+    pub const REFUSED: u32 = 1;
+    /// Replaced by a newer connection of the same device.
+    pub const REPLACED: u32 = 2;
+    /// The certificate the session was opened with has expired.
+    pub const CERTIFICATE_EXPIRED: u32 = 3;
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -129,4 +145,16 @@ pub struct Reject {
 pub struct Finished {
     pub rounds_completed: u32,
     pub reason: String,
+}
+
+/// A certificate signing request for the device's own id, with a key the device just made; the
+/// current certificate stays in use until the new one is installed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RenewCertificate {
+    pub csr_pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CertificateRenewed {
+    pub certificate_pem: String,
 }

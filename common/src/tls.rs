@@ -133,6 +133,22 @@ pub fn device_id_from_certificate(der: &[u8]) -> Result<String, TlsError> {
     Ok(id.to_string())
 }
 
+/// When a certificate stops being valid.
+pub fn certificate_not_after(der: &[u8]) -> Result<std::time::SystemTime, TlsError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| TlsError::PeerCertificate(format!("cannot parse: {e}")))?;
+    let seconds = cert.validity().not_after.timestamp();
+    let seconds = u64::try_from(seconds).map_err(|_| TlsError::PeerCertificate("expires before 1970".into()))?;
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
+/// When the certificate in a kit stops being valid.
+pub fn own_certificate_not_after(kit: &KitPaths) -> Result<std::time::SystemTime, TlsError> {
+    let cert = CertificateDer::from_pem_file(&kit.cert)
+        .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a PEM certificate: {e}") })?;
+    certificate_not_after(&cert).map_err(|e| TlsError::File { path: kit.cert.clone(), message: e.to_string() })
+}
+
 /// The device id in the certificate of a kit (the identity this device must claim in its Hello).
 pub fn own_device_id(kit: &KitPaths) -> Result<String, TlsError> {
     let cert = CertificateDer::from_pem_file(&kit.cert)
@@ -141,13 +157,13 @@ pub fn own_device_id(kit: &KitPaths) -> Result<String, TlsError> {
         .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a device certificate: {e}") })
 }
 
-/// The device id bound to an authenticated QUIC connection.
-pub fn peer_device_id(connection: &quinn::Connection) -> Result<String, TlsError> {
+/// The device id bound to an authenticated QUIC connection, and when its certificate expires.
+pub fn peer_device(connection: &quinn::Connection) -> Result<(String, std::time::SystemTime), TlsError> {
     let identity =
         connection.peer_identity().ok_or_else(|| TlsError::PeerCertificate("peer presented no certificate".into()))?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::PeerCertificate("unexpected peer identity type".into()))?;
     let leaf = chain.first().ok_or_else(|| TlsError::PeerCertificate("empty certificate chain".into()))?;
-    device_id_from_certificate(leaf)
+    Ok((device_id_from_certificate(leaf)?, certificate_not_after(leaf)?))
 }

@@ -163,7 +163,7 @@ async fn handshakes(
                 accepted.push(tokio::spawn(async move {
                     let connection = incoming.await.expect("handshake");
                     if mutual {
-                        tls::peer_device_id(&connection).expect("device id");
+                        tls::peer_device(&connection).expect("device id");
                     }
                     connection
                 }));
@@ -216,8 +216,11 @@ fn main() {
         &placement(&pki.kit_dir("coordinator")),
     )
     .unwrap();
-    pki.issue_device(&DeviceRequest { id: "bench-device", days: 10 }, &placement(&pki.kit_dir("bench-device")))
-        .unwrap();
+    pki.issue_device(
+        &DeviceRequest { id: "bench-device", validity: std::time::Duration::from_secs(10 * 86_400) },
+        &placement(&pki.kit_dir("bench-device")),
+    )
+    .unwrap();
     let server_kit = KitPaths::in_dir(&pki.kit_dir("coordinator"));
     let device_kit = KitPaths::in_dir(&pki.kit_dir("bench-device"));
     let transport = TransportSettings::default();

@@ -28,6 +28,8 @@ pub struct CoordinatorConfig {
     pub evaluation: EvaluationSection,
     #[serde(default)]
     pub metrics: MetricsSection,
+    #[serde(default)]
+    pub renewal: RenewalSection,
     /// Highest rank a device class gets, e.g. `phone = 2` (devices report their class in Hello).
     #[serde(default)]
     pub rank_caps: std::collections::BTreeMap<String, u32>,
@@ -38,6 +40,26 @@ pub struct CoordinatorConfig {
 pub struct MetricsSection {
     /// Plain-HTTP address for `/metrics` (Prometheus) and `/healthz`; off when unset.
     pub listen: Option<SocketAddr>,
+}
+
+/// Online certificate renewal: a device whose certificate nears its end sends a signing request
+/// over its authenticated session and gets a new certificate for the same id. Off unless `pki` is
+/// set; then the coordinator holds the CA key, so keep that directory as private as the CA itself.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RenewalSection {
+    /// The CA directory from `flotilla-certs init`.
+    pub pki: Option<PathBuf>,
+    /// The CA key's password file, if `init` was given one.
+    pub ca_password_file: Option<PathBuf>,
+    /// Validity of a renewed certificate, in days.
+    pub device_validity_days: u32,
+}
+
+impl Default for RenewalSection {
+    fn default() -> Self {
+        RenewalSection { pki: None, ca_password_file: None, device_validity_days: 30 }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -221,6 +243,11 @@ impl CoordinatorConfig {
             self.round.fraction
         );
         anyhow::ensure!(self.round.min_updates >= 1, "round.min_updates must be at least 1");
+        anyhow::ensure!(self.renewal.device_validity_days >= 1, "renewal.device_validity_days must be at least 1");
+        anyhow::ensure!(
+            self.renewal.pki.is_some() || self.renewal.ca_password_file.is_none(),
+            "renewal.ca_password_file is set but renewal.pki is not"
+        );
         if let Some((class, _)) = self.rank_caps.iter().find(|(_, &cap)| cap == 0) {
             anyhow::bail!("rank_caps.{class} must be at least 1");
         }

@@ -11,6 +11,7 @@ mod fault;
 mod metrics;
 mod offline;
 mod plots;
+mod renewal;
 mod report;
 mod server;
 

@@ -78,6 +78,8 @@ fn describe() {
     describe_histogram!("fl_aggregation_duration_seconds", Unit::Seconds, "Time to finish a round's aggregation");
     describe_histogram!("fl_round_duration_seconds", Unit::Seconds, "Time from a round's tasks to its global adapter");
     describe_gauge!("fl_eval_accuracy", "Test accuracy of the global model at each rank, last round");
+    describe_counter!("fl_sessions_closed_total", "Sessions the coordinator closed, by reason");
+    describe_counter!("fl_certificate_renewals_total", "Online certificate renewals, by outcome");
 }
 
 pub fn set_phase(current: &str) {

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use flotilla_common::framing::{read_frame, read_frame_decoded, write_frame, FrameLimits};
 use flotilla_common::protocol::{
-    Ack, CoordinatorMessage, DeviceMessage, Finished, ModelSpec, Refusal, Reject, RoundTask, TrainingSettings, Update,
-    Welcome, PROTOCOL_VERSION,
+    close, Ack, CertificateRenewed, CoordinatorMessage, DeviceMessage, Finished, ModelSpec, Refusal, Reject, RoundTask,
+    TrainingSettings, Update, Welcome, PROTOCOL_VERSION,
 };
 use flotilla_common::quic;
 use flotilla_common::tensor::{DType, DecodedTensors, WireTensors};
@@ -74,11 +74,16 @@ struct Shared {
     model: ModelSpec,
     base_version: String,
     inputs: mpsc::UnboundedSender<Input>,
+    renewal: Option<crate::renewal::Renewal>,
 }
 
 pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<RunSummary> {
     let run_dir = config.server.run_dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    let renewal = crate::renewal::Renewal::open(&config.renewal)?;
+    if renewal.is_some() {
+        info!("devices may renew their certificates online ([renewal])");
+    }
     let architecture = config.model.architecture.clone();
     let max_rank = config.aggregation.max_rank;
     let base = crate::base::prepare(&config)?;
@@ -165,6 +170,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         welcome_tensors,
         config: config.clone(),
         inputs,
+        renewal,
     });
 
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), shared.clone()));
@@ -180,7 +186,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     acceptor.abort();
     // Give devices a moment to read `Finished` and close first, then close what is left.
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
-    endpoint.close(0u32.into(), b"run finished");
+    endpoint.close(close::DONE.into(), b"run finished");
     let summary = summary?;
     write_summary(&run_dir, &summary)?;
     Ok(summary)
@@ -225,11 +231,11 @@ async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<Shared>) {
 
 async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
     let remote = connection.remote_address();
-    let identity = match tls::peer_device_id(&connection) {
-        Ok(id) => id,
+    let (identity, certificate_expiry) = match tls::peer_device(&connection) {
+        Ok(peer) => peer,
         Err(error) => {
             warn!(%remote, "refusing connection: {error}");
-            connection.close(1u32.into(), b"no device identity in certificate");
+            connection.close(close::REFUSED.into(), b"no device identity in certificate");
             return;
         }
     };
@@ -239,15 +245,29 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
             warn!(device = %identity, %remote, "not admitted: {error:#}");
             // The close reason repeats the refusal for peers that did not wait for the answer.
             let reason = format!("not admitted: {error:#}");
-            connection.close(1u32.into(), &reason.as_bytes()[..reason.len().min(MAX_CLOSE_REASON)]);
+            connection.close(close::REFUSED.into(), &reason.as_bytes()[..reason.len().min(MAX_CLOSE_REASON)]);
             return;
         }
     };
     info!(device = %identity, %remote, rank, "device joined");
     let _ = shared.inputs.send(Input::Joined { device: identity.clone(), rank, connection: connection.clone() });
 
+    // The handshake checked the certificate once; a session does not outlive it. What the device
+    // is sending when it expires is still taken.
+    let expires_in = certificate_expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    let expired = tokio::time::sleep(expires_in);
+    tokio::pin!(expired);
     loop {
-        let (mut send, mut recv) = match connection.accept_bi().await {
+        let accepted = tokio::select! {
+            accepted = connection.accept_bi() => accepted,
+            () = &mut expired => {
+                info!(device = %identity, "certificate expired; closing the session");
+                metrics::counter!("fl_sessions_closed_total", "reason" => "certificate_expired").increment(1);
+                connection.close(close::CERTIFICATE_EXPIRED.into(), b"certificate expired");
+                break;
+            }
+        };
+        let (mut send, mut recv) = match accepted {
             Ok(streams) => streams,
             Err(error) => {
                 info!(device = %identity, "device left: {error}");
@@ -263,6 +283,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
                     CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
                 })
             }
+            Ok((DeviceMessage::RenewCertificate(request), _)) => renew(&identity, request.csr_pem, &shared).await,
             Ok((other, _)) => CoordinatorMessage::Reject(Reject {
                 round: 0,
                 reason: format!("unexpected message {}", message_name(&other)),
@@ -278,6 +299,29 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
         }
     }
     let _ = shared.inputs.send(Input::Left { device: identity, connection_id: connection.stable_id() });
+}
+
+/// RenewCertificate → CertificateRenewed, or Refusal when renewal is off or the request is not
+/// for this session's own id.
+async fn renew(identity: &str, csr_pem: String, shared: &Shared) -> CoordinatorMessage {
+    let Some(renewal) = &shared.renewal else {
+        metrics::counter!("fl_certificate_renewals_total", "status" => "refused").increment(1);
+        return CoordinatorMessage::Refusal(Refusal {
+            reason: "this coordinator does not renew certificates; renew at the CA (flotilla-certs renew, sign --renew, install)".into(),
+        });
+    };
+    match renewal.renew(identity, csr_pem).await {
+        Ok((certificate_pem, not_after)) => {
+            info!(device = %identity, %not_after, "certificate renewed");
+            metrics::counter!("fl_certificate_renewals_total", "status" => "renewed").increment(1);
+            CoordinatorMessage::CertificateRenewed(CertificateRenewed { certificate_pem })
+        }
+        Err(reason) => {
+            warn!(device = %identity, "certificate renewal refused: {reason}");
+            metrics::counter!("fl_certificate_renewals_total", "status" => "refused").increment(1);
+            CoordinatorMessage::Refusal(Refusal { reason })
+        }
+    }
 }
 
 /// Hello → Welcome or Refusal. The session is bound to the identity in the certificate.
@@ -342,6 +386,7 @@ fn message_name(message: &DeviceMessage) -> &'static str {
     match message {
         DeviceMessage::Hello(_) => "Hello",
         DeviceMessage::Update(_) => "Update",
+        DeviceMessage::RenewCertificate(_) => "RenewCertificate",
     }
 }
 
@@ -400,7 +445,7 @@ impl RoundDriver {
             let event = match input {
                 Input::Joined { device, rank, connection } => {
                     if let Some(old) = self.sessions.insert(device.clone(), connection) {
-                        old.close(2u32.into(), b"replaced by a newer connection");
+                        old.close(close::REPLACED.into(), b"replaced by a newer connection");
                     }
                     self.ranks.insert(device.clone(), rank);
                     Event::DeviceJoined { device, rank }

@@ -93,6 +93,8 @@ struct SimArgs {
     /// Connection attempts per device before giving up on transient failures.
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
+    #[command(flatten)]
+    renewal: RenewalArgs,
 }
 
 /// What the rank policy weighs: the rank range and the model whose training step is timed.
@@ -203,6 +205,23 @@ struct RunArgs {
     /// Seconds between keep-alive packets while idle (e.g. during long local training).
     #[arg(long, default_value_t = TransportSettings::default().keep_alive_secs)]
     keep_alive_secs: u64,
+    #[command(flatten)]
+    renewal: RenewalArgs,
+}
+
+#[derive(clap::Args)]
+struct RenewalArgs {
+    /// Ask the coordinator to renew this device's certificate once it ends within this time
+    /// (30d, 12h, 90s, ...; 0s: never ask). A coordinator without [renewal] refuses, and the
+    /// certificate serves until it ends.
+    #[arg(long, env = "FLOTILLA_RENEW_WITHIN", default_value = "7days", value_parser = humantime::parse_duration)]
+    renew_within: Duration,
+}
+
+impl RenewalArgs {
+    fn window(&self) -> Option<Duration> {
+        (!self.renew_within.is_zero()).then_some(self.renew_within)
+    }
 }
 
 fn main() {
@@ -384,6 +403,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
             threads: args.threads,
             max_attempts: args.max_attempts,
             transport: TransportSettings::default(),
+            renew_within: args.renewal.window(),
             stop: stop_on_ctrl_c(),
         })
         .await
@@ -458,7 +478,9 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         };
         let endpoint = quic::client_endpoint(&kit, &transport)?;
         let settings = session::SessionSettings {
-            client_config: quic::client_config(&kit, &transport)?,
+            kit: kit.clone(),
+            transport: transport.clone(),
+            renew_within: args.renewal.window(),
             coordinator: args.target.coordinator,
             server_name: args.target.server_name,
             device_id: device_id.clone(),

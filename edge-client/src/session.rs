@@ -1,15 +1,27 @@
 //! A device's session with the coordinator: connect, Hello, then serve round tasks until the run is
 //! finished. Transient losses reconnect with exponential backoff and jitter; certificate failures
 //! and refusals are fatal (retrying cannot fix them).
+//!
+//! Certificates: the kit is read at every connection, so a renewed certificate is used from the
+//! next one on. When the certificate is within `renew_within` of its end, the device asks the
+//! coordinator to renew it (a new key made here, a signing request, the answer installed into the
+//! kit); a coordinator that does not renew says so, and the device carries on until expiry. When
+//! the certificate expires the coordinator closes the session; the device reconnects if it holds a
+//! renewed certificate and stops with a clear message if not.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_common::protocol::ALPN;
-use flotilla_common::protocol::{CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, Update, PROTOCOL_VERSION};
-use flotilla_common::quic::{is_certificate_failure, tls_alert, ALERT_NO_APPLICATION_PROTOCOL};
+use flotilla_common::protocol::{
+    close, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, RenewCertificate, Update, PROTOCOL_VERSION,
+};
+use flotilla_common::quic::{
+    self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL,
+};
 use flotilla_common::tensor::WireTensors;
+use flotilla_common::tls::{own_certificate_not_after, KitPaths};
 use rand::Rng;
 use tracing::{info, warn};
 
@@ -32,8 +44,11 @@ async fn stop_reached(stop: &mut tokio::sync::watch::Receiver<Stop>, level: Stop
 }
 
 pub struct SessionSettings {
-    /// This device's identity and transport settings (`quic::client_config`).
-    pub client_config: quinn::ClientConfig,
+    /// This device's credentials; read at every connection.
+    pub kit: KitPaths,
+    pub transport: TransportSettings,
+    /// Ask the coordinator for a new certificate when the current one ends within this time.
+    pub renew_within: Option<Duration>,
     pub coordinator: SocketAddr,
     pub server_name: String,
     pub device_id: String,
@@ -106,20 +121,55 @@ fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
 }
 
 /// Classifies a failure by how the connection ended.
-fn classify(connection: &quinn::Connection, context: &str, error: impl std::fmt::Display) -> SessionError {
+fn classify(
+    connection: &quinn::Connection,
+    settings: &SessionSettings,
+    context: &str,
+    error: impl std::fmt::Display,
+) -> SessionError {
     match connection.close_reason() {
         Some(reason) if is_certificate_failure(&reason) => SessionError::Fatal(format!(
             "the coordinator refused this device's certificate ({reason}); check that the kit comes \
              from the coordinator's CA and has not expired or been revoked"
         )),
-        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == 1u32.into() => {
+        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == close::REFUSED.into() => {
             SessionError::Fatal(format!(
                 "the coordinator refused this device: {}",
                 String::from_utf8_lossy(&close.reason)
             ))
         }
+        Some(quinn::ConnectionError::ApplicationClosed(close))
+            if close.error_code == close::CERTIFICATE_EXPIRED.into() =>
+        {
+            match certificate_check(settings) {
+                Ok(_) => SessionError::Transient(
+                    "the session's certificate expired; reconnecting with the renewed certificate".into(),
+                ),
+                Err(fatal) => fatal,
+            }
+        }
         _ => SessionError::Transient(format!("{context}: {error}")),
     }
+}
+
+/// When the kit's certificate expires; fatal if it already has.
+fn certificate_check(settings: &SessionSettings) -> Result<std::time::SystemTime, SessionError> {
+    let not_after = own_certificate_not_after(&settings.kit).map_err(|e| SessionError::Fatal(e.to_string()))?;
+    if not_after <= std::time::SystemTime::now() {
+        return Err(SessionError::Fatal(format!(
+            "this device's certificate ({}) expired at {}; renew it: `flotilla-certs renew --kit {}`, have the \
+             CA sign the request with `sign --renew`, then `flotilla-certs install` (or let a coordinator \
+             with [renewal] renew it before it ends)",
+            settings.kit.cert.display(),
+            humantime::format_rfc3339_seconds(not_after),
+            kit_dir(&settings.kit).display()
+        )));
+    }
+    Ok(not_after)
+}
+
+fn kit_dir(kit: &KitPaths) -> &std::path::Path {
+    kit.cert.parent().unwrap_or(std::path::Path::new("."))
 }
 
 async fn connect_and_serve(
@@ -128,8 +178,11 @@ async fn connect_and_serve(
     settings: &SessionSettings,
     rounds_trained: &mut u32,
 ) -> Result<u32, SessionError> {
+    certificate_check(settings)?;
+    let client_config = quic::client_config(&settings.kit, &settings.transport)
+        .map_err(|e| SessionError::Fatal(format!("cannot use the kit: {e:#}")))?;
     let connecting = endpoint
-        .connect_with(settings.client_config.clone(), settings.coordinator, &settings.server_name)
+        .connect_with(client_config, settings.coordinator, &settings.server_name)
         .map_err(|e| SessionError::Fatal(format!("cannot connect to {}: {e}", settings.coordinator)))?;
     let connection = match connecting.await {
         Ok(c) => c,
@@ -151,7 +204,7 @@ async fn connect_and_serve(
     };
 
     let welcome = hello(&connection, settings).await.map_err(|e| match e {
-        SessionError::Transient(msg) => classify(&connection, "hello", msg),
+        SessionError::Transient(msg) => classify(&connection, settings, "hello", msg),
         fatal => fatal,
     })?;
     let (welcome, base) = welcome;
@@ -165,20 +218,25 @@ async fn connect_and_serve(
 
     let mut stop = settings.stop.clone();
     let stopping = |connection: &quinn::Connection, message: String| {
-        connection.close(0u32.into(), b"device stopping");
+        connection.close(close::DONE.into(), b"device stopping");
         SessionError::Stopped(message)
     };
+    let mut renewal_asked = false;
     loop {
+        if !renewal_asked && renewal_due(settings)? {
+            renewal_asked = true;
+            renew_certificate(&connection, settings).await?;
+        }
         let accepted = tokio::select! {
             accepted = connection.accept_uni() => accepted,
             _ = stop_reached(&mut stop, Stop::AfterUpload) => {
                 return Err(stopping(&connection, "stopped while waiting for a round".into()));
             }
         };
-        let mut recv = accepted.map_err(|e| classify(&connection, "waiting for a task", e))?;
+        let mut recv = accepted.map_err(|e| classify(&connection, settings, "waiting for a task", e))?;
         let (message, tensors) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits)
             .await
-            .map_err(|e| classify(&connection, "reading a task", e))?;
+            .map_err(|e| classify(&connection, settings, "reading a task", e))?;
         match message {
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
@@ -203,7 +261,7 @@ async fn connect_and_serve(
                 );
                 settings.progress.uploading(round, update.metrics.loss_before, update.metrics.loss_after);
                 tokio::select! {
-                    uploaded = upload(&connection, &update, &trained.tensors, &settings.limits) => {
+                    uploaded = upload(&connection, settings, &update, &trained.tensors) => {
                         settings.progress.uploaded(round, uploaded?);
                     }
                     _ = stop_reached(&mut stop, Stop::Now) => {
@@ -219,7 +277,7 @@ async fn connect_and_serve(
             CoordinatorMessage::Finished(finished) => {
                 info!(rounds = finished.rounds_completed, "run finished: {}", finished.reason);
                 settings.progress.finish(&format!("run finished after {} round(s)", finished.rounds_completed));
-                connection.close(0u32.into(), b"done");
+                connection.close(close::DONE.into(), b"done");
                 return Ok(finished.rounds_completed);
             }
             other => {
@@ -256,10 +314,11 @@ async fn hello(
 
 async fn upload(
     connection: &quinn::Connection,
+    settings: &SessionSettings,
     update: &Update,
     tensors: &WireTensors,
-    limits: &FrameLimits,
 ) -> Result<&'static str, SessionError> {
+    let limits = &settings.limits;
     let round = update.round;
     let result = async {
         let (mut send, mut recv) = connection.open_bi().await?;
@@ -280,7 +339,7 @@ async fn upload(
         anyhow::Ok(reply)
     }
     .await
-    .map_err(|e| classify(connection, "uploading", format!("{e:#}")))?;
+    .map_err(|e| classify(connection, settings, "uploading", format!("{e:#}")))?;
     Ok(match result {
         CoordinatorMessage::Ack(_) => {
             info!("[round {round}] update accepted");
@@ -295,6 +354,62 @@ async fn upload(
             "answered oddly"
         }
     })
+}
+
+/// Whether the kit's certificate ends within `renew_within`.
+fn renewal_due(settings: &SessionSettings) -> Result<bool, SessionError> {
+    let Some(window) = settings.renew_within else { return Ok(false) };
+    let not_after = certificate_check(settings)?;
+    Ok(not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default() < window)
+}
+
+/// RenewCertificate → CertificateRenewed (installed into the kit, used from the next connection
+/// on) or Refusal (logged; the current certificate serves until it ends). Only a lost connection
+/// is an error.
+async fn renew_certificate(connection: &quinn::Connection, settings: &SessionSettings) -> Result<(), SessionError> {
+    let dir = kit_dir(&settings.kit).to_path_buf();
+    let expires = certificate_check(settings).map(humantime::format_rfc3339_seconds)?;
+    let csr_path = match flotilla_certs::csr::renew(&dir) {
+        Ok((_, path)) => path,
+        Err(error) => {
+            warn!("cannot make a renewal request in {}: {error}; the certificate expires at {expires}", dir.display());
+            return Ok(());
+        }
+    };
+    let csr_pem = std::fs::read_to_string(&csr_path)
+        .map_err(|e| SessionError::Fatal(format!("cannot read {}: {e}", csr_path.display())))?;
+    info!("certificate expires at {expires}; asking the coordinator to renew it");
+    let reply = async {
+        let (mut send, mut recv) = connection.open_bi().await?;
+        let message = DeviceMessage::RenewCertificate(RenewCertificate { csr_pem });
+        write_frame(&mut send, &message, &WireTensors::default()).await?;
+        send.finish()?;
+        let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits).await?;
+        anyhow::Ok(reply)
+    }
+    .await
+    .map_err(|e| classify(connection, settings, "renewing the certificate", format!("{e:#}")))?;
+    match reply {
+        CoordinatorMessage::CertificateRenewed(renewed) => {
+            let received = dir.join("renewed.pem");
+            let installed = std::fs::write(&received, renewed.certificate_pem)
+                .map_err(|e| e.to_string())
+                .and_then(|()| flotilla_certs::csr::install(&dir, &received, None).map_err(|e| e.to_string()));
+            let _ = std::fs::remove_file(&received);
+            match installed.and_then(|_| own_certificate_not_after(&settings.kit).map_err(|e| e.to_string())) {
+                Ok(until) => info!(
+                    "certificate renewed: valid until {}; used from the next connection on",
+                    humantime::format_rfc3339_seconds(until)
+                ),
+                Err(error) => warn!("the renewed certificate could not be installed: {error}"),
+            }
+        }
+        CoordinatorMessage::Refusal(refusal) => {
+            warn!("certificate not renewed: {}; it expires at {expires}", refusal.reason)
+        }
+        other => warn!("unexpected reply to a renewal request: {other:?}"),
+    }
+    Ok(())
 }
 
 #[cfg(test)]

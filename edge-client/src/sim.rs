@@ -111,6 +111,7 @@ pub struct SimSettings {
     pub threads: usize,
     pub max_attempts: u32,
     pub transport: TransportSettings,
+    pub renew_within: Option<Duration>,
     pub stop: tokio::sync::watch::Receiver<crate::session::Stop>,
 }
 
@@ -159,7 +160,9 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
         *by_class.entry((profile.class.clone(), profile.rank)).or_default() += 1;
         let trainer = pool.trainer(settings.data.for_device(&id, settings.partition.map(|p| (p, index))))?;
         let session = SessionSettings {
-            client_config: quic::client_config(&kit, &settings.transport)?,
+            kit,
+            transport: settings.transport.clone(),
+            renew_within: settings.renew_within,
             coordinator: settings.coordinator,
             server_name: settings.server_name.clone(),
             device_id: id.clone(),
