@@ -114,14 +114,37 @@ pub fn server_config(
     Ok(config)
 }
 
+/// A server endpoint. `reset_secret` keys QUIC stateless resets: a server restarted with the same
+/// secret answers packets of the connections its previous life held with a valid reset, so those
+/// peers learn at once that the connection is gone and reconnect, instead of waiting for their idle
+/// timeout. Keep it as secret as a private key (whoever has it can end any session).
 pub fn server_endpoint(
     addr: SocketAddr,
     kit: &KitPaths,
     crl: Option<&std::path::Path>,
     transport: &TransportSettings,
+    reset_secret: &[u8],
 ) -> Result<quinn::Endpoint, EndpointError> {
     let config = server_config(kit, crl, transport)?;
-    endpoint(addr, Some(config), transport)
+    endpoint_with(addr, Some(config), transport, restartable_endpoint_config(reset_secret))
+}
+
+/// Stateless resets keyed by `secret`, and connection ids a restarted server still recognises as
+/// its own: quinn answers a packet for an unknown connection only if its id passes the generator's
+/// check, which a fresh random generator key would fail.
+fn restartable_endpoint_config(secret: &[u8]) -> quinn::EndpointConfig {
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secret);
+    let derived = ring::hmac::sign(&reset_key, b"flotilla connection-id generator");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&derived.as_ref()[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    // quinn sends at most one reset per 20 ms by default (50/s, for the whole endpoint): after a
+    // restart, 1,000 devices competing for those slots left a few to their idle timeout. A reset is
+    // always smaller than the packet that incites it, so a faster rate cannot amplify anything.
+    config.min_reset_interval(Duration::from_millis(1));
+    config
 }
 
 pub fn client_endpoint(kit: &KitPaths, transport: &TransportSettings) -> Result<quinn::Endpoint, EndpointError> {
@@ -146,12 +169,20 @@ pub fn endpoint(
     server: Option<quinn::ServerConfig>,
     transport: &TransportSettings,
 ) -> Result<quinn::Endpoint, EndpointError> {
+    endpoint_with(addr, server, transport, quinn::EndpointConfig::default())
+}
+
+fn endpoint_with(
+    addr: SocketAddr,
+    server: Option<quinn::ServerConfig>,
+    transport: &TransportSettings,
+    config: quinn::EndpointConfig,
+) -> Result<quinn::Endpoint, EndpointError> {
     let socket =
         udp_socket(addr, transport, server.is_some()).map_err(|source| EndpointError::Bind { addr, source })?;
     let runtime = quinn::default_runtime()
         .ok_or_else(|| EndpointError::Transport("no async runtime: start the endpoint inside tokio".into()))?;
-    quinn::Endpoint::new(quinn::EndpointConfig::default(), server, socket, runtime)
-        .map_err(|source| EndpointError::Bind { addr, source })
+    quinn::Endpoint::new(config, server, socket, runtime).map_err(|source| EndpointError::Bind { addr, source })
 }
 
 fn udp_socket(addr: SocketAddr, transport: &TransportSettings, server: bool) -> std::io::Result<std::net::UdpSocket> {

@@ -231,7 +231,8 @@ fn main() {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     runtime.block_on(async {
-        let server = quic::server_endpoint(([127, 0, 0, 1], 0).into(), &server_kit, None, &transport).unwrap();
+        let server =
+            quic::server_endpoint(([127, 0, 0, 1], 0).into(), &server_kit, None, &transport, b"bench").unwrap();
         let client = quic::client_endpoint(&device_kit, &transport).unwrap();
         let address = server.local_addr().unwrap();
         let (client_conn, server_conn) =

@@ -13,6 +13,7 @@ mod offline;
 mod plots;
 mod renewal;
 mod report;
+mod reset_secret;
 mod server;
 
 use std::net::SocketAddr;

@@ -146,7 +146,8 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
 
     let kit = KitPaths::in_dir(&config.tls.kit);
     let crl = config.tls.crl.clone();
-    let endpoint = quic::server_endpoint(config.server.listen, &kit, crl.as_deref(), &config.transport)
+    let reset_secret = crate::reset_secret::load_or_create(&run_dir)?;
+    let endpoint = quic::server_endpoint(config.server.listen, &kit, crl.as_deref(), &config.transport, &reset_secret)
         .context("cannot start the QUIC endpoint")?;
     if let Some(crl) = crl {
         tokio::spawn(reload_crl(endpoint.clone(), kit.clone(), crl, config.clone()));

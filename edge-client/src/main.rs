@@ -94,6 +94,8 @@ struct SimArgs {
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
     #[command(flatten)]
+    liveness: LivenessArgs,
+    #[command(flatten)]
     renewal: RenewalArgs,
 }
 
@@ -198,15 +200,38 @@ struct RunArgs {
     /// Connection attempts before giving up on transient failures.
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
+    #[command(flatten)]
+    liveness: LivenessArgs,
+    #[command(flatten)]
+    renewal: RenewalArgs,
+}
+
+#[derive(clap::Args)]
+struct LivenessArgs {
     /// Seconds without any packet from the coordinator before the connection counts as lost (and
     /// the device reconnects).
     #[arg(long, default_value_t = TransportSettings::default().idle_timeout_secs)]
     idle_timeout_secs: u64,
-    /// Seconds between keep-alive packets while idle (e.g. during long local training).
+    /// Seconds between keep-alive packets while idle (e.g. during long local training); also how
+    /// soon a device learns that a restarted coordinator has forgotten its connection.
     #[arg(long, default_value_t = TransportSettings::default().keep_alive_secs)]
     keep_alive_secs: u64,
-    #[command(flatten)]
-    renewal: RenewalArgs,
+}
+
+impl LivenessArgs {
+    fn transport(&self) -> Result<TransportSettings> {
+        anyhow::ensure!(
+            self.keep_alive_secs < self.idle_timeout_secs,
+            "--keep-alive-secs ({}) must be below --idle-timeout-secs ({})",
+            self.keep_alive_secs,
+            self.idle_timeout_secs
+        );
+        Ok(TransportSettings {
+            idle_timeout_secs: self.idle_timeout_secs,
+            keep_alive_secs: self.keep_alive_secs,
+            ..TransportSettings::default()
+        })
+    }
 }
 
 #[derive(clap::Args)]
@@ -402,7 +427,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
             concurrency: args.concurrency,
             threads: args.threads,
             max_attempts: args.max_attempts,
-            transport: TransportSettings::default(),
+            transport: args.liveness.transport()?,
             renew_within: args.renewal.window(),
             stop: stop_on_ctrl_c(),
         })
@@ -465,17 +490,7 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {
-        anyhow::ensure!(
-            args.keep_alive_secs < args.idle_timeout_secs,
-            "--keep-alive-secs ({}) must be below --idle-timeout-secs ({})",
-            args.keep_alive_secs,
-            args.idle_timeout_secs
-        );
-        let transport = TransportSettings {
-            idle_timeout_secs: args.idle_timeout_secs,
-            keep_alive_secs: args.keep_alive_secs,
-            ..TransportSettings::default()
-        };
+        let transport = args.liveness.transport()?;
         let endpoint = quic::client_endpoint(&kit, &transport)?;
         let settings = session::SessionSettings {
             kit: kit.clone(),
