@@ -57,6 +57,13 @@ enum Command {
         #[arg(long)]
         fresh: bool,
     },
+    /// Check a configuration as `serve` would use it (environment overrides included): the
+    /// settings, the TLS kit and CRL, the renewal CA, and that the run directory is writable.
+    /// Exit status 1 with every problem found.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Show a running coordinator's state (round, phase, devices) from its metrics port.
     Status {
         /// The coordinator's `[metrics] listen` address.
@@ -102,6 +109,40 @@ enum Command {
     },
 }
 
+/// `check`: everything `serve` needs before it listens, each problem reported.
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = config::CoordinatorConfig::load(path)?;
+    let mut problems = Vec::new();
+    let kit = flotilla_common::tls::KitPaths::in_dir(&config.tls.kit);
+    if let Err(error) = flotilla_common::tls::server_config(&kit, config.tls.crl.as_deref()) {
+        problems.push(format!("[tls]: {error}"));
+    }
+    if let Err(error) = renewal::Renewal::open(&config.renewal) {
+        problems.push(format!("[renewal]: {error:#}"));
+    }
+    let run_dir = &config.server.run_dir;
+    let probe = run_dir.join(".flotilla-check");
+    if let Err(error) = std::fs::create_dir_all(run_dir).and_then(|()| std::fs::write(&probe, b"")) {
+        problems.push(format!("server.run_dir {}: not writable: {error}", run_dir.display()));
+    }
+    let _ = std::fs::remove_file(&probe);
+    if !problems.is_empty() {
+        anyhow::bail!("{} problem(s) in {}:\n  {}", problems.len(), path.display(), problems.join("\n  "));
+    }
+    println!(
+        "{}: OK — QUIC on {}, metrics on {}, run directory {}, {} rounds of {} at R_max {}, online renewal {}",
+        path.display(),
+        config.server.listen,
+        config.metrics.listen.map(|a| a.to_string()).unwrap_or_else(|| "(off)".into()),
+        run_dir.display(),
+        config.round.rounds,
+        config.aggregation.method,
+        config.aggregation.max_rank,
+        if config.renewal.pki.is_some() { "on" } else { "off" }
+    );
+    Ok(())
+}
+
 fn main() {
     let cli = Cli::parse();
     flotilla_common::logging::init(&cli.log_format);
@@ -129,6 +170,7 @@ fn run(command: Command) -> Result<()> {
             print_summary(&summary);
             Ok(())
         }
+        Command::Check { config } => check(&config),
         Command::Export { config, out, round, rank, merged } => {
             let config = config::CoordinatorConfig::load(&config)?;
             let done = export::export(&config, &export::ExportRequest { out, round, rank, merged })?;
