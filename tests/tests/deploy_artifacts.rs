@@ -35,7 +35,7 @@ fn the_kubernetes_configuration_passes_check_with_a_real_kit() {
     );
     let stdout = String::from_utf8_lossy(&ok.stdout);
     assert!(ok.status.success(), "{stdout}{}", String::from_utf8_lossy(&ok.stderr));
-    assert!(stdout.contains("QUIC on 0.0.0.0:7443, metrics on 0.0.0.0:9100"), "{stdout}");
+    assert!(stdout.contains("QUIC on 0.0.0.0:4433, metrics on 0.0.0.0:9100"), "{stdout}");
 
     // Every file the Secret is generated from is one a coordinator kit has.
     let kustomization = read("deploy/kubernetes/kustomization.yaml");
@@ -63,11 +63,11 @@ fn manifests_and_container_agree_on_ports_paths_user_and_libtorch() {
     let bootstrap = read("deploy/bootstrap-libtorch.sh");
 
     // Ports: QUIC over UDP, metrics and health over TCP.
-    assert!(config.contains("listen = \"0.0.0.0:7443\"") && config.contains("listen = \"0.0.0.0:9100\""));
-    assert!(statefulset.contains("containerPort: 7443\n              protocol: UDP"), "{statefulset}");
+    assert!(config.contains("listen = \"0.0.0.0:4433\"") && config.contains("listen = \"0.0.0.0:9100\""));
+    assert!(statefulset.contains("containerPort: 4433\n              protocol: UDP"), "{statefulset}");
     assert!(statefulset.contains("containerPort: 9100\n              protocol: TCP"), "{statefulset}");
-    assert!(service.contains("protocol: UDP\n      port: 7443"), "{service}");
-    assert!(dockerfile.contains("EXPOSE 7443/udp 9100/tcp"));
+    assert!(service.contains("protocol: UDP\n      port: 4433"), "{service}");
+    assert!(dockerfile.contains("EXPOSE 4433/udp 9100/tcp"));
     assert_eq!(statefulset.matches("path: /healthz").count(), 3, "readiness, liveness and startup probes");
 
     // Paths: the config file, the kit and the run directory are where the config says.
