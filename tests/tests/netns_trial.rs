@@ -2,13 +2,16 @@
 //! device's link capped by `tbf` for its class, run two real rounds on Fashion-MNIST; the caps bind
 //! (a 1 Mbit/s phone takes at least what its token bucket allows, and far longer than the 1 Gbit/s
 //! box to receive the base model). Needs root and iproute2, as the CI machine has; where network
-//! namespaces cannot be made at all, the test says so and does nothing.
+//! namespaces cannot be made or iproute2's `tc` is missing, the test says so and does nothing.
 
 use std::process::Command;
 
 use flotilla_tests::{binary, workspace_root};
 
 fn namespaces_available() -> Result<(), String> {
+    for tool in ["tc", "python3"] {
+        Command::new(tool).arg("-V").output().map_err(|e| format!("no `{tool}`: {e}"))?;
+    }
     let probe = format!("fl-probe-{}", std::process::id());
     let added = Command::new("ip").args(["netns", "add", &probe]).output().map_err(|e| format!("no `ip`: {e}"))?;
     if !added.status.success() {
