@@ -94,12 +94,18 @@ fn free_port(udp: bool) -> u16 {
     }
 }
 
-fn connected(port: u16) -> Option<usize> {
+fn http_get(port: u16, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
     let mut body = String::new();
     stream.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+/// Devices with a live session; `None` until the gauge is first set.
+fn connected(port: u16) -> Option<usize> {
+    let body = http_get(port, "/metrics")?;
     let line = body.lines().find(|l| l.starts_with("fl_clients_connected "))?;
     line.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as usize)
 }
@@ -144,7 +150,8 @@ fn run_fleet(pki: &Path, work: &Path, shape: &Shape, devices: usize, fraction: f
         Command::new(binary("flotilla-coordinator")).arg("serve").arg("--config").arg(&config),
         &logs,
     );
-    while connected(metrics).is_none() {
+    while !http_get(metrics, "/healthz").is_some_and(|r| r.starts_with("HTTP/1.1 200")) {
+        assert!(std::fs::read_to_string(&coordinator.stdout).is_ok(), "{}", coordinator.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
     let started = Instant::now();
