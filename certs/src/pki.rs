@@ -351,7 +351,7 @@ impl Pki {
         renew: bool,
         out: &Path,
     ) -> Result<IssuedCertificate, PkiError> {
-        let (mut record, cert_pem) = self.sign_device_request(csr_pem, validity, renew)?;
+        let (mut record, cert_pem) = self.sign_device_request(csr_pem, validity, renew, None)?;
         fs::create_dir_all(out).map_err(io_err(out))?;
         write_file(&out.join(kit::CERT), cert_pem.as_bytes(), 0o644)?;
         write_file(&out.join(kit::CA_CERT), self.ca_pem()?.as_bytes(), 0o644)?;
@@ -369,26 +369,26 @@ impl Pki {
         csr_pem: &str,
         validity: std::time::Duration,
     ) -> Result<(IssuedCertificate, String), PkiError> {
-        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
-            .map_err(|e| PkiError::Invalid(format!("not a valid certificate signing request: {e}")))?;
-        let requested = crate::csr::requested_device_id(&csr)?;
-        if requested != id {
-            return Err(PkiError::Invalid(format!(
-                "the request is for device '{requested}', but the session is device '{id}'"
-            )));
-        }
-        self.sign_device_request(csr_pem, validity, true)
+        self.sign_device_request(csr_pem, validity, true, Some(id))
     }
 
+    /// Signs a request after `requested_device_id`'s checks; with `session_id`, only a request for
+    /// that id.
     fn sign_device_request(
         &self,
         csr_pem: &str,
         validity: std::time::Duration,
         renew: bool,
+        session_id: Option<&str>,
     ) -> Result<(IssuedCertificate, String), PkiError> {
         let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
             .map_err(|e| PkiError::Invalid(format!("not a valid certificate signing request: {e}")))?;
         let id = crate::csr::requested_device_id(&csr)?;
+        if let Some(session) = session_id.filter(|session| *session != id) {
+            return Err(PkiError::Invalid(format!(
+                "the request is for device '{id}', but the session is device '{session}'"
+            )));
+        }
         let renews = self.check_new_id(&id, renew)?;
         self.certify("device", &id, device_params(&id)?, validity, renews, |params, issuer| {
             // Only the public key is taken from the request; everything else is the CA's choice.

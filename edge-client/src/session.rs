@@ -223,9 +223,11 @@ async fn connect_and_serve(
     };
     let mut renewal_asked = false;
     loop {
-        if !renewal_asked && renewal_due(settings)? {
-            renewal_asked = true;
-            renew_certificate(&connection, settings).await?;
+        if !renewal_asked {
+            if let Some(expires) = renewal_due(settings)? {
+                renewal_asked = true;
+                renew_certificate(&connection, settings, expires).await?;
+            }
         }
         let accepted = tokio::select! {
             accepted = connection.accept_uni() => accepted,
@@ -356,19 +358,24 @@ async fn upload(
     })
 }
 
-/// Whether the kit's certificate ends within `renew_within`.
-fn renewal_due(settings: &SessionSettings) -> Result<bool, SessionError> {
-    let Some(window) = settings.renew_within else { return Ok(false) };
+/// When the kit's certificate ends, if that is within `renew_within`.
+fn renewal_due(settings: &SessionSettings) -> Result<Option<std::time::SystemTime>, SessionError> {
+    let Some(window) = settings.renew_within else { return Ok(None) };
     let not_after = certificate_check(settings)?;
-    Ok(not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default() < window)
+    let left = not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    Ok((left < window).then_some(not_after))
 }
 
 /// RenewCertificate → CertificateRenewed (installed into the kit, used from the next connection
 /// on) or Refusal (logged; the current certificate serves until it ends). Only a lost connection
 /// is an error.
-async fn renew_certificate(connection: &quinn::Connection, settings: &SessionSettings) -> Result<(), SessionError> {
+async fn renew_certificate(
+    connection: &quinn::Connection,
+    settings: &SessionSettings,
+    expires: std::time::SystemTime,
+) -> Result<(), SessionError> {
     let dir = kit_dir(&settings.kit).to_path_buf();
-    let expires = certificate_check(settings).map(humantime::format_rfc3339_seconds)?;
+    let expires = humantime::format_rfc3339_seconds(expires);
     let csr_path = match flotilla_certs::csr::renew(&dir) {
         Ok((_, path)) => path,
         Err(error) => {

@@ -12,13 +12,13 @@
 //! memory sweep keeps the fleet fixed and grows the number of devices per round (`[round]
 //! fraction`), with updates large enough that buffering them would show.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, certs, provision, Process};
+use flotilla_tests::{
+    binary, certs, free_tcp_port, free_udp_port, http_get, metric_value, proc_status_kib, provision, Process,
+};
 
 struct Args {
     devices: Vec<usize>,
@@ -86,33 +86,9 @@ struct Measured {
     complete: bool,
 }
 
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
-}
-
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    Some(body)
-}
-
 /// Devices with a live session; `None` until the gauge is first set.
 fn connected(port: u16) -> Option<usize> {
-    let body = http_get(port, "/metrics")?;
-    let line = body.lines().find(|l| l.starts_with("fl_clients_connected "))?;
-    line.rsplit(' ').next()?.parse::<f64>().ok().map(|v| v as usize)
-}
-
-fn peak_rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse().ok()
+    metric_value(&http_get(port, "/metrics")?, "fl_clients_connected ").map(|v| v as usize)
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -124,7 +100,7 @@ fn median(values: &[f64]) -> f64 {
 fn run_fleet(pki: &Path, work: &Path, shape: &Shape, devices: usize, fraction: f64, args: &Args) -> Measured {
     let run = work.join(format!("run-{devices}-{fraction}-{}", shape.max_rank));
     std::fs::create_dir_all(&run).unwrap();
-    let (port, metrics) = (free_port(true), free_port(false));
+    let (port, metrics) = (free_udp_port(), free_tcp_port());
     let per_round = ((devices as f64 * fraction).ceil() as usize).max(1);
     let config = run.join("coordinator.toml");
     std::fs::write(
@@ -167,7 +143,7 @@ fn run_fleet(pki: &Path, work: &Path, shape: &Shape, devices: usize, fraction: f
     let mut admitted = None;
     let mut peak = 0u64;
     loop {
-        if let Some(kib) = peak_rss_kib(coordinator.id()) {
+        if let Some(kib) = proc_status_kib(coordinator.id(), "VmHWM") {
             peak = peak.max(kib);
         }
         if admitted.is_none() && connected(metrics).is_some_and(|n| n >= devices) {
@@ -209,7 +185,7 @@ fn run_fleet(pki: &Path, work: &Path, shape: &Shape, devices: usize, fraction: f
         training_seconds,
         aggregation_seconds: rounds.iter().map(|r| field(r, "aggregation_seconds")).collect(),
         update_bytes: rounds.first().map(|r| r["update_bytes"].as_u64().unwrap_or(0)).unwrap_or(0),
-        coordinator_peak_mib: peak.max(peak_rss_kib(coordinator.id()).unwrap_or(0)) as f64 / 1024.0,
+        coordinator_peak_mib: peak as f64 / 1024.0,
         complete,
     }
 }

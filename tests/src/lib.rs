@@ -91,9 +91,20 @@ impl Process {
 
     /// Waits until the process's stderr contains `needle`; panics with its logs after `timeout`.
     pub fn wait_for_stderr(&self, needle: &str, timeout: Duration) {
+        self.wait_for_stderr_count(needle, 1, timeout);
+    }
+
+    /// Waits until the process's stderr contains `needle` at least `count` times; panics with its
+    /// logs after `timeout`.
+    pub fn wait_for_stderr_count(&self, needle: &str, count: usize, timeout: Duration) {
         let deadline = Instant::now() + timeout;
-        while !self.stderr_text().contains(needle) {
-            assert!(Instant::now() < deadline, "{} never logged '{needle}'\n{}", self.name, self.logs());
+        while self.stderr_text().matches(needle).count() < count {
+            assert!(
+                Instant::now() < deadline,
+                "{} logged '{needle}' fewer than {count} times\n{}",
+                self.name,
+                self.logs()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -247,3 +258,43 @@ pub fn write_peft_adapter(
 
 pub mod impair;
 pub mod wire;
+
+/// A UDP port free right now on 127.0.0.1 (for a coordinator that must keep its port across restarts).
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+}
+
+/// A TCP port free right now on 127.0.0.1 (for a metrics endpoint).
+pub fn free_tcp_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("address").port()
+}
+
+/// One plain-HTTP GET on 127.0.0.1, the whole response (status line, headers, body); `None` if
+/// nothing answers.
+pub fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    Some(response)
+}
+
+/// The value of the first Prometheus sample whose line starts with `line_start`
+/// (e.g. `"fl_clients_connected "` or `"fl_phase{phase=\"training\"}"`).
+pub fn metric_value(body: &str, line_start: &str) -> Option<f64> {
+    body.lines().find(|l| l.starts_with(line_start))?.rsplit(' ').next()?.parse().ok()
+}
+
+/// A `/proc/<pid>/status` memory figure in KiB, e.g. `VmRSS` or `VmHWM` (peak).
+pub fn proc_status_kib(pid: u32, field: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.starts_with(field) && l[field.len()..].starts_with(':'))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}

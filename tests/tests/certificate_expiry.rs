@@ -4,7 +4,7 @@
 //! message (exit 2), and the run goes on with the others.
 
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
 
@@ -33,19 +33,6 @@ fn edge(id: &str, address: &str, run: &std::path::Path, log_name: &str) -> Proce
     )
 }
 
-fn wait_for_count(process: &Process, needle: &str, count: usize, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while process.stderr_text().matches(needle).count() < count {
-        assert!(
-            Instant::now() < deadline,
-            "{} logged '{needle}' fewer than {count} times\n{}",
-            process.name,
-            process.logs()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_device_renews_online_and_comes_back_after_its_old_certificate_expires() {
     let dir = tempfile::tempdir().unwrap();
@@ -61,7 +48,7 @@ fn a_device_renews_online_and_comes_back_after_its_old_certificate_expires() {
     // The session still runs on the old certificate; at its end the coordinator closes it, and the
     // device reconnects with the renewed one.
     coordinator.wait_for_stderr("certificate expired; closing the session", Duration::from_secs(90));
-    wait_for_count(&brief, "admitted by the coordinator", 2, Duration::from_secs(60));
+    brief.wait_for_stderr_count("admitted by the coordinator", 2, Duration::from_secs(60));
     assert!(brief.stderr_text().contains("reconnecting with the renewed certificate"), "{}", brief.logs());
 
     let mut steady = edge("steady", &address, run, "steady");

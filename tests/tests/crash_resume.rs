@@ -7,11 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, provision, Process};
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
+use flotilla_tests::{binary, free_udp_port, provision, Process};
 
 fn write_config(run: &Path, port: u16, max_rank: u32) -> std::path::PathBuf {
     let config = format!(

@@ -2,33 +2,18 @@
 //! port: scraped in the middle of a run, they show the round, the connected devices, the
 //! participants by rank and the accepted updates, with no per-device labels.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, provision, start_coordinator, Process};
+use flotilla_tests::{binary, free_tcp_port, http_get, metric_value, provision, start_coordinator, Process};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
+fn get(port: u16, path: &str) -> String {
+    http_get(port, path).unwrap_or_else(|| panic!("nothing answers GET {path} on port {port}"))
 }
 
 fn metric(body: &str, line_start: &str) -> f64 {
-    body.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no '{line_start}' in:\n{body}"))
+    metric_value(body, line_start).unwrap_or_else(|| panic!("no '{line_start}' in:\n{body}"))
 }
 
 #[test]
@@ -37,7 +22,7 @@ fn metrics_and_health_during_a_run() {
     let run = dir.path();
     let pki = run.join("pki");
     provision(&pki, &["m-phone", "m-desktop"]);
-    let metrics_port = free_port();
+    let metrics_port = free_tcp_port();
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
@@ -48,7 +33,7 @@ fn metrics_and_health_during_a_run() {
     );
     let (mut coordinator, address) = start_coordinator(run, &config);
     let logs = run.join("logs");
-    let health = http_get(metrics_port, "/healthz");
+    let health = get(metrics_port, "/healthz");
     assert!(health.starts_with("HTTP/1.1 200") && health.ends_with("ok\n"), "{health}");
 
     let mut edges: Vec<Process> = [("m-phone", "2"), ("m-desktop", "8")]
@@ -73,7 +58,7 @@ fn metrics_and_health_during_a_run() {
     }
     // The driver records the round just after the worker's checkpoint: poll until it has.
     let body = loop {
-        let body = http_get(metrics_port, "/metrics");
+        let body = get(metrics_port, "/metrics");
         assert!(body.starts_with("HTTP/1.1 200"), "{body}");
         if body.contains("fl_aggregation_duration_seconds_count") {
             break body;
@@ -91,7 +76,7 @@ fn metrics_and_health_during_a_run() {
     let in_round = metric(&body, "fl_phase{phase=\"training\"}") + metric(&body, "fl_phase{phase=\"aggregating\"}");
     assert_eq!(in_round, 1.0, "{body}");
     assert!(!body.contains("m-phone") && !body.contains("m-desktop"), "no per-device labels:\n{body}");
-    assert!(http_get(metrics_port, "/nope").starts_with("HTTP/1.1 404"));
+    assert!(get(metrics_port, "/nope").starts_with("HTTP/1.1 404"));
 
     // `flotilla-coordinator status` reads the same state.
     let status = |format: &str| {

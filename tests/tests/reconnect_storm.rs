@@ -6,47 +6,15 @@
 //! backoff and jitter. The coordinator keeps answering `/healthz` through the storm, every device
 //! rejoins, and every round holds every device's update.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use flotilla_tests::{binary, certs, provision, Process};
+use flotilla_tests::{
+    binary, certs, free_tcp_port, free_udp_port, http_get, metric_value, proc_status_kib, provision, Process,
+};
 
 const ROUNDS: usize = 4;
-
-fn free_port(udp: bool) -> u16 {
-    if udp {
-        std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    } else {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-    }
-}
-
-/// One plain-HTTP GET; `None` if nothing answers.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    Some(response)
-}
-
-fn connected_devices(metrics: &str) -> Option<usize> {
-    metrics
-        .lines()
-        .find(|l| l.starts_with("fl_clients_connected "))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as usize)
-}
-
-fn resident_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
-}
 
 fn coordinator(config: &Path, logs: &Path, name: &str) -> Process {
     Process::spawn(name, Command::new(binary("flotilla-coordinator")).arg("serve").arg("--config").arg(config), logs)
@@ -63,7 +31,7 @@ fn a_fleet_reconnects_at_once_after_a_coordinator_restart_and_nothing_is_lost() 
     let logs = run.join("logs");
     provision(&pki, &[]);
     certs(&pki, &["issue", "devices", "--prefix", "storm", "--count", &devices.to_string()]);
-    let (port, metrics_port) = (free_port(true), free_port(false));
+    let (port, metrics_port) = (free_udp_port(), free_tcp_port());
     let config = run.join("coordinator.toml");
     std::fs::write(
         &config,
@@ -114,8 +82,10 @@ fn a_fleet_reconnects_at_once_after_a_coordinator_restart_and_nothing_is_lost() 
             back_up.get_or_insert(killed.elapsed());
             slowest_health = slowest_health.max(asked.elapsed());
             polls += 1;
-            peak_rss_kib = peak_rss_kib.max(resident_kib(second.id()).unwrap_or(0));
-            let connected = http_get(metrics_port, "/metrics").as_deref().and_then(connected_devices).unwrap_or(0);
+            peak_rss_kib = peak_rss_kib.max(proc_status_kib(second.id(), "VmRSS").unwrap_or(0));
+            let connected = http_get(metrics_port, "/metrics")
+                .and_then(|body| metric_value(&body, "fl_clients_connected "))
+                .unwrap_or(0.0) as usize;
             if connected >= devices {
                 break killed.elapsed();
             }
