@@ -287,16 +287,15 @@ fn main() {
             }
         },
     };
-    if code == 130 {
-        // Stopped by Ctrl-C, perhaps while the training thread is inside libtorch: end without
-        // running libtorch's static destructors under it (everything to say has been said).
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        let _ = std::io::stderr().flush();
-        // SAFETY: _exit only ends the process; no Rust state is used after it.
-        unsafe { libc::_exit(code) }
-    }
-    std::process::exit(code);
+    // A training thread may still be inside libtorch (starting up, or stopped mid-step by Ctrl-C
+    // or a fatal refusal): end without running libtorch's static destructors under it, which can
+    // crash the process after everything has been said. Rust's own exit runs no destructors of
+    // live state either, so flushing the standard streams is all that is lost.
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: _exit only ends the process; no Rust state is used after it.
+    unsafe { libc::_exit(code) }
 }
 
 /// Probes this device (or, with a known `device_class`, applies that class's budgets).
