@@ -18,6 +18,10 @@ use crate::tensor::{
 
 pub const LORA_A_SUFFIX: &str = ".lora_A.weight";
 pub const LORA_B_SUFFIX: &str = ".lora_B.weight";
+/// A module's merged update `ΔW` (d_out × d_in, in weight units): online FLoRA folds each round's
+/// exact aggregate into it, and a model adds it to the frozen base weight. Only the coordinator
+/// makes it; it is never trained, so updates must not carry it.
+pub const MERGED_DELTA_SUFFIX: &str = ".merged_delta";
 pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 /// safetensors metadata key holding a client's sample count (a decimal string).
@@ -40,6 +44,8 @@ pub enum AdapterError {
 pub enum TensorRole<'a> {
     LoraA(&'a str),
     LoraB(&'a str),
+    /// A module's merged update (see [`MERGED_DELTA_SUFFIX`]).
+    MergedDelta(&'a str),
     Other,
 }
 
@@ -48,6 +54,8 @@ pub fn tensor_role(name: &str) -> TensorRole<'_> {
         TensorRole::LoraA(module)
     } else if let Some(module) = name.strip_suffix(LORA_B_SUFFIX) {
         TensorRole::LoraB(module)
+    } else if let Some(module) = name.strip_suffix(MERGED_DELTA_SUFFIX) {
+        TensorRole::MergedDelta(module)
     } else {
         TensorRole::Other
     }
@@ -59,6 +67,10 @@ pub fn lora_a_name(module: &str) -> String {
 
 pub fn lora_b_name(module: &str) -> String {
     format!("{module}{LORA_B_SUFFIX}")
+}
+
+pub fn merged_delta_name(module: &str) -> String {
+    format!("{module}{MERGED_DELTA_SUFFIX}")
 }
 
 /// A validated adapter: every module has both factors, all factors are 2-D and share one rank.
@@ -84,6 +96,26 @@ impl Adapter {
                         return Err(AdapterError::Tensor {
                             name: name.clone(),
                             message: "has no matching lora_A".into(),
+                        });
+                    }
+                    continue;
+                }
+                TensorRole::MergedDelta(module) => {
+                    let factors = tensors.get(&lora_a_name(module)).zip(tensors.get(&lora_b_name(module)));
+                    let Some((a, b)) = factors else {
+                        return Err(AdapterError::Tensor {
+                            name: name.clone(),
+                            message: "a merged delta needs the module's lora_A and lora_B".into(),
+                        });
+                    };
+                    let want = vec![b.size().first().copied().unwrap_or(0), a.size().last().copied().unwrap_or(0)];
+                    if tensors[name].size() != want {
+                        return Err(AdapterError::Tensor {
+                            name: name.clone(),
+                            message: format!(
+                                "shape {:?}, expected {want:?} (B's rows × A's columns)",
+                                tensors[name].size()
+                            ),
                         });
                     }
                     continue;
@@ -149,7 +181,17 @@ impl Adapter {
         (&self.tensors[&lora_a_name(module)], &self.tensors[&lora_b_name(module)])
     }
 
-    /// Names of the non-LoRA tensors.
+    /// A module's merged update, when online FLoRA has made one.
+    pub fn merged_delta(&self, module: &str) -> Option<&Tensor> {
+        self.tensors.get(&merged_delta_name(module))
+    }
+
+    /// Names of the merged updates (never trained; carried from round to round).
+    pub fn merged_delta_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().filter(|n| matches!(tensor_role(n), TensorRole::MergedDelta(_))).map(String::as_str)
+    }
+
+    /// Names of the trainable non-LoRA tensors.
     pub fn other_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().filter(|n| tensor_role(n) == TensorRole::Other).map(String::as_str)
     }
@@ -170,12 +212,26 @@ impl Adapter {
                 let sliced = match tensor_role(name) {
                     TensorRole::LoraA(_) => t.narrow(0, 0, r).copy(),
                     TensorRole::LoraB(_) => t.narrow(1, 0, r).copy(),
-                    TensorRole::Other => t.copy(),
+                    TensorRole::MergedDelta(_) | TensorRole::Other => t.copy(),
                 };
                 (name.clone(), sliced)
             })
             .collect();
         Adapter::new(tensors)
+    }
+
+    /// Sets slots `rank..` of every module to zero (A's rows and B's columns), in place.
+    pub fn zero_slots_from(&self, rank: usize) -> Result<(), tch::TchError> {
+        if rank >= self.rank {
+            return Ok(());
+        }
+        let (start, len) = (rank as i64, (self.rank - rank) as i64);
+        for module in &self.modules {
+            let (a, b) = self.factors(module);
+            let _ = a.f_narrow(0, start, len)?.f_zero_()?;
+            let _ = b.f_narrow(1, start, len)?.f_zero_()?;
+        }
+        Ok(())
     }
 
     pub fn deep_copy(&self) -> Adapter {
@@ -430,6 +486,21 @@ mod tests {
         assert_eq!(s.get("m.head.weight").unwrap().size(), vec![4, 2]);
         assert!(a.slice_to_rank(5).is_err());
         assert!(a.slice_to_rank(0).is_err());
+    }
+
+    #[test]
+    fn zeroing_slots_keeps_the_leading_ones_and_the_rank() {
+        let a = adapter(4);
+        a.zero_slots_from(2).unwrap();
+        let (fa, fb) = a.factors("m.fc1");
+        assert_eq!(a.rank(), 4);
+        assert_eq!(fa.narrow(0, 0, 2), Tensor::arange(6, (Kind::Float, tch::Device::Cpu)).reshape([2, 3]));
+        assert_eq!(fa.narrow(0, 2, 2).abs().sum(Kind::Double).double_value(&[]), 0.0);
+        assert_eq!(fb.double_value(&[1, 1]), 5.0);
+        assert_eq!(fb.narrow(1, 2, 2).abs().sum(Kind::Double).double_value(&[]), 0.0);
+        assert_eq!(a.get("m.head.weight").unwrap().sum(Kind::Double).double_value(&[]), 8.0);
+        a.zero_slots_from(4).unwrap();
+        assert_eq!(fb.double_value(&[1, 1]), 5.0);
     }
 
     #[test]

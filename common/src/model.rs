@@ -311,7 +311,7 @@ impl Architecture {
     }
 
     /// The full model with the adapter merged in: each adapted layer's weight becomes
-    /// `W0 + scale·B·A`, and the adapter's head becomes `head.weight` / `head.bias`. The result is
+    /// `W0 + ΔW + scale·B·A` (ΔW: online FLoRA's merged update, zero otherwise), and the adapter's head becomes `head.weight` / `head.bias`. The result is
     /// a plain MLP (see [`Architecture::forward_merged`]) that needs no LoRA support to run.
     pub fn merge(&self, base: &BaseWeights, adapter: &Adapter, scale: f64) -> Result<BaseWeights, ModelError> {
         self.check_base(base)?;
@@ -320,7 +320,11 @@ impl Architecture {
         for layer in self.adapted_layers() {
             let module = format!("{ADAPTER_PREFIX}{}", layer.name);
             let (a, b) = (get(lora_a_name(&module))?, get(lora_b_name(&module))?);
-            let delta = (b.f_matmul(a)? * scale).f_view(layer.weight_shape().as_slice())?;
+            let mut delta = b.f_matmul(a)? * scale;
+            if let Some(merged_delta) = adapter.merged_delta(&module) {
+                delta = delta.f_add(merged_delta)?;
+            }
+            let delta = delta.f_view(layer.weight_shape().as_slice())?;
             merged.insert(format!("{}.weight", layer.name), base[&format!("{}.weight", layer.name)].f_add(&delta)?);
             merged.insert(format!("{}.bias", layer.name), base[&format!("{}.bias", layer.name)].copy());
         }
@@ -389,8 +393,14 @@ impl LoraModel {
             let module = format!("{ADAPTER_PREFIX}{}", layer.name);
             let a = root.f_var_copy(&format!("{}_lora_a", layer.name), adapter_tensor(lora_a_name(&module))?)?;
             let b = root.f_var_copy(&format!("{}_lora_b", layer.name), adapter_tensor(lora_b_name(&module))?)?;
+            // Online FLoRA's merged update joins the frozen weight: W = W0 + ΔW.
+            let base_weight = &base[&format!("{}.weight", layer.name)];
+            let weight = match adapter.merged_delta(&module) {
+                Some(delta) => base_weight.f_add(&delta.f_view(layer.weight_shape().as_slice())?)?,
+                None => base_weight.shallow_clone(),
+            };
             layers.push(LoraLayer {
-                weight: base[&format!("{}.weight", layer.name)].to_device(device),
+                weight: weight.to_device(device),
                 bias: base[&format!("{}.bias", layer.name)].to_device(device),
                 kind: layer.kind,
                 name: layer.name,
@@ -520,6 +530,28 @@ mod tests {
         // B starts at zero, so it must have moved; the base never changes.
         let (_, b) = trained.factors(&format!("{ADAPTER_PREFIX}fc1"));
         assert!(b.abs().sum(Kind::Float).double_value(&[]) > 0.0);
+    }
+
+    #[test]
+    fn a_merged_delta_joins_the_frozen_weight_in_training_evaluation_and_merging() {
+        let arch = arch();
+        let base = arch.init_base(1);
+        let global = arch.init_adapter(8, 2).unwrap();
+        let x = synthetic_classification(64, 16, 4, 3, 4).features;
+        let without = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap().forward(&x);
+        let mut tensors: BTreeMap<String, Tensor> =
+            global.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        let module = format!("{ADAPTER_PREFIX}fc1");
+        tensors.insert(crate::adapter::merged_delta_name(&module), crate::data::seeded_uniform(&[32, 16], 0.5, 9));
+        let with_delta = Adapter::new(tensors).unwrap();
+        let model = LoraModel::new(&arch, &base, &with_delta.slice_to_rank(2).unwrap(), 2.0, Device::Cpu).unwrap();
+        let logits = model.forward(&x);
+        assert!((&logits - &without).abs().max().double_value(&[]) > 1e-3, "ΔW changes the model");
+        let merged = arch.merge(&base, &with_delta, 2.0).unwrap();
+        let plain = arch.forward_merged(&merged, &x).unwrap();
+        assert!((&logits - &plain).abs().max().double_value(&[]) < 1e-5, "merging keeps ΔW");
+        // The trained adapter a device sends back has no ΔW.
+        assert_eq!(model.adapter().unwrap().merged_delta_names().count(), 0);
     }
 
     #[test]

@@ -31,7 +31,7 @@ pub enum Command {
     /// the aggregation time and the evaluation and keeps it in the checkpoint.
     Finish { round: u32, record: RoundSummary, reply: oneshot::Sender<Result<RoundOutcome, String>> },
     /// Drop what the current round folded (a skipped round); the global adapter is unchanged.
-    Discard { reply: oneshot::Sender<Result<(), String>> },
+    Discard { round: u32, reply: oneshot::Sender<Result<(), String>> },
 }
 
 #[derive(Debug, Clone)]
@@ -50,15 +50,27 @@ pub struct WorkerSettings {
     pub max_rank: u32,
     pub run_dir: PathBuf,
     pub record_updates: bool,
+    /// `[aggregation] ablation_shrink_to_round_rank`.
+    pub shrink_to_round_rank: bool,
     pub evaluator: Option<Evaluator>,
     /// Written into every checkpoint (see `checkpoint::fingerprint`).
     pub fingerprint: String,
+    /// The model seed; with the round number it seeds what a method draws afresh (FLoRA's factors).
+    pub seed: u64,
+    /// The round the first accumulator aggregates (1, or the one after a resumed checkpoint).
+    pub first_round: u32,
 }
 
 impl WorkerSettings {
     /// The one LoRA scale every rank uses: `lora_alpha / R_max`.
     fn scale(&self) -> f64 {
         self.lora_alpha / f64::from(self.max_rank)
+    }
+
+    /// A fresh accumulator for `round`, seeded with the current global adapter.
+    fn start(&self, global: &Adapter, round: u32) -> Result<Box<dyn Aggregator>, String> {
+        let round_seed = self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(round);
+        self.method.start_online(global, self.scale(), round_seed).map_err(|e| e.to_string())
     }
 }
 
@@ -77,7 +89,7 @@ impl AggregationWorker {
             None => Vec::new(),
         };
         let (commands, receiver) = mpsc::channel();
-        let accumulator = settings.method.start(&initial_global, settings.scale())?;
+        let accumulator = settings.start(&initial_global, settings.first_round).map_err(anyhow::Error::msg)?;
         std::thread::Builder::new().name("aggregation".into()).spawn(move || {
             // One core for tensor work; the rest serve the network.
             tch::set_num_threads(1);
@@ -119,10 +131,9 @@ impl Worker {
                 Command::Finish { round, record, reply } => {
                     let _ = reply.send(self.finish(round, record));
                 }
-                Command::Discard { reply } => {
+                Command::Discard { round, reply } => {
                     self.round_ranks.clear();
-                    let fresh =
-                        self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string());
+                    let fresh = self.settings.start(&self.global, round + 1);
                     let _ = reply.send(fresh.map(|acc| self.accumulator = Some(acc)));
                 }
             }
@@ -176,17 +187,22 @@ impl Worker {
         let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
         let updates = finished.folded();
         // Whatever happens, the next round starts from the newest good global adapter.
+        let round_rank = self.round_ranks.iter().copied().max();
+        let shrink = self.settings.shrink_to_round_rank;
         let outcome = finished
             .finish()
-            .map(|aggregated| {
+            .and_then(|aggregated| {
                 for note in &aggregated.notes {
                     tracing::info!(round, "{note}");
                 }
+                if let (true, Some(rank)) = (shrink, round_rank) {
+                    aggregated.adapter.zero_slots_from(rank)?;
+                }
                 self.global = aggregated.adapter;
+                Ok(())
             })
             .map_err(|e| e.to_string());
-        self.accumulator =
-            Some(self.settings.method.start(&self.global, self.settings.scale()).map_err(|e| e.to_string())?);
+        self.accumulator = Some(self.settings.start(&self.global, round + 1)?);
         outcome?;
         let seconds = started.elapsed().as_secs_f64();
         crate::fault::point("mid-aggregation", round);

@@ -150,11 +150,22 @@ pub struct AggregationSection {
     pub lora_alpha: f64,
     /// Also write every accepted update to `<run_dir>/updates/round-N/<device>/` (for audits and tests).
     pub record_updates: bool,
+    /// Ablation only (docs/study.md): after each round, zero every slot above the round's largest
+    /// participating rank, as the RBLA authors' published code does. Zero is a dead point for LoRA
+    /// (both factors' gradients vanish), so a round without an R_max device loses those slots for
+    /// good; the default keeps a persistent R_max global adapter.
+    pub ablation_shrink_to_round_rank: bool,
 }
 
 impl Default for AggregationSection {
     fn default() -> Self {
-        AggregationSection { method: Method::Rbla, max_rank: 8, lora_alpha: 16.0, record_updates: false }
+        AggregationSection {
+            method: Method::Rbla,
+            max_rank: 8,
+            lora_alpha: 16.0,
+            record_updates: false,
+            ablation_shrink_to_round_rank: false,
+        }
     }
 }
 
@@ -279,12 +290,6 @@ impl CoordinatorConfig {
         anyhow::ensure!(
             self.aggregation.lora_alpha.is_finite() && self.aggregation.lora_alpha > 0.0,
             "aggregation.lora_alpha must be a positive number"
-        );
-        anyhow::ensure!(
-            self.aggregation.method.keeps_rank(),
-            "aggregation.method = \"{}\" changes the adapter's rank every round (clients must merge it into \
-             their base weights); the coordinator runs it only offline for now: `flotilla-coordinator aggregate`",
-            self.aggregation.method
         );
         self.model.architecture.validate().map_err(|e| anyhow::anyhow!("model.architecture.{e}"))?;
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;

@@ -109,6 +109,9 @@ fn template(shapes: &BTreeMap<String, Vec<usize>>, max_rank: usize) -> Result<Ad
                 index += 1;
             }
             TensorRole::LoraB(_) => {}
+            TensorRole::MergedDelta(_) => {
+                bail!("tensor '{name}' is a merged delta (online FLoRA's global state), not part of a client update")
+            }
             TensorRole::Other => {
                 let shape: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
                 tensors.insert(name.clone(), Tensor::zeros(shape, (Kind::Float, tch::Device::Cpu)));

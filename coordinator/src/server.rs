@@ -136,8 +136,11 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
             max_rank,
             run_dir: config.server.run_dir.clone(),
             record_updates: config.aggregation.record_updates,
+            shrink_to_round_rank: config.aggregation.ablation_shrink_to_round_rank,
             evaluator,
             fingerprint: checkpoint::fingerprint(&config),
+            seed: config.model.seed,
+            first_round,
         },
     )?;
     if !initial_evaluation.is_empty() {
@@ -614,7 +617,7 @@ impl RoundDriver {
                     self.accepted.remove(&round);
                     if updates > 0 {
                         self.worker
-                            .request(|reply| Command::Discard { reply })
+                            .request(|reply| Command::Discard { round, reply })
                             .await
                             .map_err(|e| anyhow::anyhow!("round {round}: cannot discard the partial aggregate: {e}"))?;
                     }

@@ -9,7 +9,23 @@
 //! The result has the stacked rank `Σ r_k`, not R_max: it is the one method whose memory and output
 //! grow with the number of clients (inherent to FLoRA). What clients receive and do with it: the
 //! stacked adapter, which each client merges into its frozen base weights (`W0 ← W0 + s·B_s·A_s`)
-//! before starting a fresh LoRA adapter for the next round, so the downlink grows with Σ r_k.
+//! before starting a fresh LoRA adapter for the next round, so the downlink grows with Σ r_k. This
+//! is [`Flora`], what `flotilla-coordinator aggregate --method flora` writes.
+//!
+//! Online, the coordinator runs [`FloraMerged`]: the same exact `T`, already merged. It keeps one
+//! dense `ΔW` per module (`<module>.merged_delta`) and every round
+//!
+//! ```text
+//! ΔW ← ΔW + T = ΔW + Σ_k p_k·s_k·B_k·A_k          (p_k = n_k / Σ n_j)
+//! A  ← fresh uniform ±1/√d_in (seeded by the round), B ← 0, head ← Σ p_k·head_k
+//! ```
+//!
+//! Each device receives `ΔW` with its rank-r slice of the fresh adapter and trains on
+//! `W0 + ΔW + s·B·A`: merging into the base and restarting LoRA, as FLoRA prescribes. A device that
+//! sat out some rounds still gets every merge, because it receives the sum rather than each round's
+//! stack (so partial participation needs no history). Downlink per device: one dense matrix per
+//! module plus the slice; uplink: the rank-r factors, as in every method. Memory: one dense
+//! accumulator per module, whatever the number of clients.
 
 use std::collections::BTreeMap;
 
@@ -18,7 +34,8 @@ use tch::{Kind, Tensor};
 use super::others::OtherMeans;
 use super::padded::scaled_b;
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
-use crate::adapter::{lora_a_name, lora_b_name, Adapter};
+use crate::adapter::{lora_a_name, lora_b_name, merged_delta_name, Adapter};
+use crate::data::seeded_uniform;
 
 pub struct Flora {
     previous: Adapter,
@@ -76,5 +93,99 @@ impl Aggregator for Flora {
         let notes =
             vec![format!("flora: stacked rank {} (Σ r_k); merge into the base weights, do not slice", adapter.rank())];
         Ok(Aggregated { adapter, notes })
+    }
+}
+
+/// Online FLoRA: the round's exact aggregate merged into `ΔW`, and a fresh adapter (see the module
+/// documentation).
+pub struct FloraMerged {
+    previous: Adapter,
+    /// Per module, `Σ n_k·s_k·B_k·A_k` in f64.
+    sums: BTreeMap<String, Tensor>,
+    others: OtherMeans,
+    total_samples: f64,
+    folded: usize,
+    fresh_seed: u64,
+}
+
+impl FloraMerged {
+    /// `fresh_seed` seeds the fresh A of the next global adapter (pass something that changes
+    /// every round).
+    pub fn new(global: &Adapter, fresh_seed: u64) -> Result<FloraMerged, AggregateError> {
+        let sums = global
+            .modules()
+            .iter()
+            .map(|m| {
+                let (a, b) = global.factors(m);
+                Ok((m.clone(), Tensor::f_zeros([b.size()[0], a.size()[1]], (Kind::Double, a.device()))?))
+            })
+            .collect::<Result<_, tch::TchError>>()?;
+        Ok(FloraMerged {
+            others: OtherMeans::new(global)?,
+            previous: global.deep_copy(),
+            sums,
+            total_samples: 0.0,
+            folded: 0,
+            fresh_seed,
+        })
+    }
+}
+
+impl Aggregator for FloraMerged {
+    fn method(&self) -> Method {
+        Method::Flora
+    }
+
+    fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
+        validate_update(&self.previous, update)?;
+        let n = update.num_samples as f64;
+        let products = self
+            .sums
+            .keys()
+            .map(|module| {
+                let (a, b) = update.adapter.factors(module);
+                b.f_to_kind(Kind::Double)?.f_matmul(&a.f_to_kind(Kind::Double)?)?.f_mul_scalar(n * update.scale)
+            })
+            .collect::<Result<Vec<Tensor>, tch::TchError>>()?;
+        for (sum, product) in self.sums.values_mut().zip(products) {
+            let _ = sum.f_add_(&product)?;
+        }
+        self.others.add(update)?;
+        self.total_samples += n;
+        self.folded += 1;
+        Ok(())
+    }
+
+    fn folded(&self) -> usize {
+        self.folded
+    }
+
+    fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
+        if self.total_samples == 0.0 {
+            return Ok(Aggregated::plain(self.previous));
+        }
+        let r_max = self.previous.rank();
+        let mut tensors = BTreeMap::new();
+        for (index, (module, sum)) in self.sums.iter().enumerate() {
+            let (a, b) = self.previous.factors(module);
+            let d_in = a.size()[1] as usize;
+            let mut delta = sum.f_div_scalar(self.total_samples)?;
+            if let Some(previous) = self.previous.merged_delta(module) {
+                delta = delta.f_add(previous)?;
+            }
+            tensors.insert(merged_delta_name(module), delta.f_to_kind(Kind::Float)?);
+            let seed = self.fresh_seed.wrapping_mul(1000).wrapping_add(index as u64);
+            tensors.insert(lora_a_name(module), seeded_uniform(&[r_max, d_in], 1.0 / (d_in as f64).sqrt(), seed));
+            tensors.insert(lora_b_name(module), Tensor::f_zeros(b.size(), (Kind::Float, b.device()))?);
+        }
+        self.others.finish(&self.previous, &mut tensors)?;
+        let adapter = Adapter::new(tensors)?;
+        Ok(Aggregated {
+            adapter,
+            notes: vec![format!(
+                "flora: {} updates merged into ΔW; fresh rank-{r_max} adapter for the next round",
+                self.folded
+            )],
+        })
     }
 }

@@ -27,7 +27,7 @@ use std::str::FromStr;
 use crate::adapter::{Adapter, AdapterError};
 
 pub use flexlora::{singular_values, top_components, FlexLora, EXACT_SVD_MAX_DIM};
-pub use flora::Flora;
+pub use flora::{Flora, FloraMerged};
 pub use hetlora::HetLora;
 pub use validate::validate_update;
 
@@ -125,6 +125,23 @@ impl Method {
             Method::Flora => Box::new(Flora::new(global, scale)?),
             Method::FedAvg => Box::new(fedavg::start(global, scale)?),
         })
+    }
+}
+
+impl Method {
+    /// The accumulator the coordinator runs each round: as [`Method::start`], except that FLoRA
+    /// merges its exact aggregate into the global adapter's `ΔW` and restarts the factors
+    /// ([`FloraMerged`]), so the global adapter keeps R_max. `round_seed` seeds the fresh factors.
+    pub fn start_online(
+        self,
+        global: &Adapter,
+        scale: f64,
+        round_seed: u64,
+    ) -> Result<Box<dyn Aggregator>, AggregateError> {
+        match self {
+            Method::Flora => Ok(Box::new(FloraMerged::new(global, round_seed)?)),
+            other => other.start(global, scale),
+        }
     }
 }
 

@@ -1,5 +1,6 @@
 //! Trainable non-LoRA tensors (a classifier head, biases, norms): the sample-weighted mean
-//! `Σ n_k·X_k / Σ n_k` in every method.
+//! `Σ n_k·X_k / Σ n_k` in every method. Merged deltas (online FLoRA) are not trained: every method
+//! carries them over unchanged.
 
 use std::collections::BTreeMap;
 
@@ -43,6 +44,9 @@ impl OtherMeans {
                 previous.tensors()[name].copy()
             };
             out.insert(name.clone(), value);
+        }
+        for name in previous.merged_delta_names() {
+            out.entry(name.to_string()).or_insert_with(|| previous.tensors()[name].copy());
         }
         Ok(())
     }

@@ -429,6 +429,80 @@ fn flora_stacks_exactly_to_the_dense_target() {
     }
 }
 
+fn aggregate_online(global: &Adapter, clients: &[&Client], round_seed: u64) -> Adapter {
+    let mut acc = Method::Flora.start_online(global, 1.0, round_seed).unwrap();
+    for c in clients {
+        acc.fold(&update(c)).unwrap();
+    }
+    acc.finish().unwrap().adapter
+}
+
+fn merged_delta_values(adapter: &Adapter, module: &str) -> Vec<f64> {
+    values(adapter.merged_delta(module).unwrap_or_else(|| panic!("{module}: no merged delta")))
+}
+
+#[test]
+fn online_flora_merges_the_exact_target_and_restarts_the_factors() {
+    let global = random_adapter(R_MAX, 1);
+    let round_1 = [client(2, 30, 2), client(8, 50, 3), client(4, 70, 4)];
+    let refs: Vec<&Client> = round_1.iter().collect();
+    let out = aggregate_online(&global, &refs, 11);
+    assert_eq!(out.rank(), R_MAX, "online FLoRA keeps R_max");
+    let dense = reference_dense(&refs);
+    for (module, d_in, _) in MODULES {
+        for (g, w) in merged_delta_values(&out, module).iter().zip(&dense[module]) {
+            assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{module}");
+        }
+        let (a, b) = out.factors(module);
+        assert_eq!(b.abs().sum(Kind::Double).double_value(&[]), 0.0, "B restarts at zero");
+        let bound = 1.0 / (d_in as f64).sqrt();
+        assert!(values(a).iter().all(|v| v.abs() <= bound) && values(a).iter().any(|v| *v != 0.0));
+    }
+    assert_close_head(&out, &refs);
+    // Fresh factors differ from round to round and are reproducible.
+    let again = aggregate_online(&global, &refs, 11);
+    let other_round = aggregate_online(&global, &refs, 12);
+    assert_eq!(as_map(&again), as_map(&out));
+    assert_ne!(values(other_round.factors("m.q").0), values(out.factors("m.q").0));
+
+    // Round 2 folds into the merged delta; devices never send it, and one that does is refused.
+    let round_2 = [client(4, 40, 5), client(2, 10, 6)];
+    let refs_2: Vec<&Client> = round_2.iter().collect();
+    let next = aggregate_online(&out, &refs_2, 12);
+    let dense_2 = reference_dense(&refs_2);
+    for (module, _, _) in MODULES {
+        let want: Vec<f64> = dense[module].iter().zip(&dense_2[module]).map(|(x, y)| x + y).collect();
+        for (g, w) in merged_delta_values(&next, module).iter().zip(&want) {
+            assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "{module}");
+        }
+    }
+    let mut forged: BTreeMap<String, Tensor> =
+        round_2[0].adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    forged.insert(crate::adapter::merged_delta_name("m.q"), Tensor::zeros([4, 5], (Kind::Float, Device::Cpu)));
+    let forged = Client { name: "forger".into(), adapter: Adapter::new(forged).unwrap(), n: 5, scale: 1.0 };
+    let mut acc = Method::Flora.start_online(&out, 1.0, 13).unwrap();
+    let error = acc.fold(&update(&forged)).unwrap_err().to_string();
+    assert!(error.contains("forger") && error.contains("merged_delta"), "{error}");
+    assert_eq!(acc.folded(), 0);
+
+    // Other methods carry a merged delta over unchanged (a run that switches methods keeps it).
+    let carried = aggregate(Method::Rbla, &out, &refs_2);
+    assert_eq!(merged_delta_values(&carried, "m.v"), merged_delta_values(&out, "m.v"));
+    // Slices carry it whole.
+    assert_eq!(merged_delta_values(&out.slice_to_rank(2).unwrap(), "m.q"), merged_delta_values(&out, "m.q"));
+}
+
+#[test]
+fn a_merged_delta_of_the_wrong_shape_or_without_factors_is_refused() {
+    let mut t: BTreeMap<String, Tensor> =
+        random_adapter(2, 1).tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    t.insert(crate::adapter::merged_delta_name("m.q"), Tensor::zeros([5, 4], (Kind::Float, Device::Cpu)));
+    assert!(Adapter::new(t).unwrap_err().to_string().contains("expected [4, 5]"));
+    let mut t = BTreeMap::new();
+    t.insert(crate::adapter::merged_delta_name("m.x"), Tensor::zeros([4, 5], (Kind::Float, Device::Cpu)));
+    assert!(Adapter::new(t).unwrap_err().to_string().contains("lora_A and lora_B"));
+}
+
 #[test]
 fn flexlora_is_exact_when_the_rank_suffices_and_eckart_young_otherwise() {
     // d_out ≤ 4 here, so rank(T) ≤ 4 ≤ R_max = 8: exact.
@@ -602,6 +676,12 @@ proptest! {
             assert_close(&aggregate(method, &global, &shuffled), &want, 1e-5);
         }
         let dense = reference_dense(&in_order);
+        for (module, _, _) in MODULES {
+            let online = aggregate_online(&global, &shuffled, seed);
+            for (g, w) in merged_delta_values(&online, module).iter().zip(&dense[module]) {
+                prop_assert!((g - w).abs() < 1e-4 * (1.0 + w.abs()), "online flora {}: {} vs {}", module, g, w);
+            }
+        }
         for method in [Method::Flora, Method::FlexLora] {
             let out = aggregate(method, &global, &shuffled);
             for (module, d_in, d_out) in MODULES {

@@ -24,10 +24,14 @@ pub fn validate_update(global: &Adapter, update: &ClientUpdate<'_>) -> Result<()
         return Err(invalid(format!("declared rank {rank} is outside 1..={} (R_max)", global.rank())));
     }
     let adapter = update.adapter;
+    if let Some(merged) = adapter.merged_delta_names().next() {
+        return Err(bad_tensor(merged, "a merged delta is made by the coordinator, never sent in an update".into()));
+    }
     if let Some(unknown) = adapter.tensors().keys().find(|n| global.get(n).is_none()) {
         return Err(bad_tensor(unknown, "not part of the global adapter".into()));
     }
-    if let Some(missing) = global.tensors().keys().find(|n| adapter.get(n).is_none()) {
+    let trainable = |n: &&String| !matches!(tensor_role(n), TensorRole::MergedDelta(_));
+    if let Some(missing) = global.tensors().keys().filter(trainable).find(|n| adapter.get(n).is_none()) {
         return Err(bad_tensor(missing, "missing from the update".into()));
     }
     for (name, tensor) in adapter.tensors() {
@@ -36,7 +40,7 @@ pub fn validate_update(global: &Adapter, update: &ClientUpdate<'_>) -> Result<()
         let want = match tensor_role(name) {
             TensorRole::LoraA(_) => vec![rank as i64, expected[1]],
             TensorRole::LoraB(_) => vec![expected[0], rank as i64],
-            TensorRole::Other => expected,
+            TensorRole::MergedDelta(_) | TensorRole::Other => expected,
         };
         if got != want {
             return Err(bad_tensor(name, format!("shape {got:?}, expected {want:?} for declared rank {rank}")));

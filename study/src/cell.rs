@@ -1,0 +1,217 @@
+//! Runs one cell of the study through the real system: a coordinator process and a simulator
+//! process whose virtual devices connect to it over mutual-TLS QUIC on loopback, each with its
+//! own kit, its own Dirichlet shard of Fashion-MNIST and its own rank.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::grid::{fleet_size, profile_mix, Arm, Cell, Plan, MAX_RANK};
+
+pub struct Setup {
+    pub bin_dir: PathBuf,
+    pub data: PathBuf,
+    pub work: PathBuf,
+    /// Virtual devices training at once in the simulator.
+    pub concurrency: usize,
+}
+
+impl Setup {
+    pub fn pki(&self) -> PathBuf {
+        self.work.join("pki")
+    }
+
+    fn binary(&self, name: &str) -> PathBuf {
+        self.bin_dir.join(name)
+    }
+
+    /// Provisions a CA, the coordinator and one kit per device, once per work directory.
+    pub fn provision(&self) -> Result<()> {
+        let pki = self.pki();
+        if pki.join("kits/coordinator/cert.pem").exists() {
+            return Ok(());
+        }
+        let certs = |args: &[&str]| -> Result<()> {
+            let output = Command::new(self.binary("flotilla-certs"))
+                .arg("--dir")
+                .arg(&pki)
+                .args(args)
+                .output()
+                .with_context(|| format!("cannot run {}", self.binary("flotilla-certs").display()))?;
+            if !output.status.success() {
+                bail!("flotilla-certs {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr));
+            }
+            Ok(())
+        };
+        certs(&["init", "--name", "Flotilla study CA"])?;
+        certs(&["issue", "coordinator", "--name", "localhost"])?;
+        certs(&["issue", "devices", "--prefix", "device", "--count", &fleet_size().to_string()])?;
+        Ok(())
+    }
+}
+
+fn coordinator_config(plan: &Plan, cell: &Cell, setup: &Setup, run_dir: &Path) -> String {
+    let rounds = plan.rounds(cell.participation);
+    let devices = fleet_size();
+    let shrink = cell.arm == Arm::RblaShrinkingGlobal;
+    format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+run_dir = "{run_dir}"
+address_file = "{run_dir}/coordinator.addr"
+
+[tls]
+kit = "{pki}/kits/coordinator"
+
+[round]
+rounds = {rounds}
+min_devices = {devices}
+fraction = {fraction}
+deadline_secs = 900
+local_steps = {local_steps}
+batch_size = {batch_size}
+learning_rate = {learning_rate}
+
+[aggregation]
+method = "{method}"
+max_rank = {MAX_RANK}
+lora_alpha = {lora_alpha}
+ablation_shrink_to_round_rank = {shrink}
+
+[evaluation]
+test_data = "{data}"
+skip_samples = {pretrain_samples}
+
+[model]
+seed = {seed}
+[model.pretrain]
+data = "{data}"
+samples = {pretrain_samples}
+steps = {pretrain_steps}
+batch_size = 64
+learning_rate = 0.002
+[model.architecture.mlp]
+input = 784
+hidden = [128, 64]
+classes = 10
+"#,
+        run_dir = run_dir.display(),
+        pki = setup.pki().display(),
+        fraction = cell.participation.fraction(),
+        local_steps = plan.local_steps,
+        batch_size = plan.batch_size,
+        learning_rate = plan.learning_rate,
+        method = cell.arm.method(),
+        lora_alpha = plan.lora_alpha,
+        data = setup.data.display(),
+        pretrain_samples = plan.pretrain_samples,
+        pretrain_steps = plan.pretrain_steps,
+        seed = cell.seed,
+    )
+}
+
+/// Kills a child process when dropped (a failed cell leaves nothing running).
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Guard {
+    fn wait(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.0.try_wait()? {
+                return Ok(Some(status));
+            }
+            if Instant::now() > deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(15)..].join("\n")
+}
+
+/// Runs `cell` in `<work>/cells/<key>/`; returns the coordinator's `summary.json` and the wall time.
+pub fn run(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::Value, f64)> {
+    let run_dir = setup.work.join("cells").join(cell.key());
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot clear {}", run_dir.display()))?;
+    }
+    std::fs::create_dir_all(run_dir.join("logs"))?;
+    let run_dir = run_dir.canonicalize()?;
+    let config = run_dir.join("coordinator.toml");
+    std::fs::write(&config, coordinator_config(plan, cell, setup, &run_dir))?;
+
+    let started = Instant::now();
+    let coordinator_log = run_dir.join("logs/coordinator.log");
+    let mut coordinator = Guard(
+        Command::new(setup.binary("flotilla-coordinator"))
+            .args(["--log-format", "json", "serve", "--config"])
+            .arg(&config)
+            .stdout(File::create(run_dir.join("summary.txt"))?)
+            .stderr(File::create(&coordinator_log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", setup.binary("flotilla-coordinator").display()))?,
+    );
+    let address_file = run_dir.join("coordinator.addr");
+    let address = loop {
+        if let Ok(address) = std::fs::read_to_string(&address_file) {
+            if !address.trim().is_empty() {
+                break address.trim().to_string();
+            }
+        }
+        if let Some(status) = coordinator.0.try_wait()? {
+            bail!("the coordinator stopped before listening ({status}):\n{}", tail(&coordinator_log));
+        }
+        if started.elapsed() > Duration::from_secs(600) {
+            bail!("the coordinator did not start listening within 10 minutes:\n{}", tail(&coordinator_log));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+
+    let sim_log = run_dir.join("logs/sim.log");
+    let mut sim = Guard(
+        Command::new(setup.binary("flotilla-edge"))
+            .args(["--log-format", "json", "sim", "--coordinator", &address, "--kits"])
+            .arg(setup.pki().join("kits"))
+            .args(["--clients", &fleet_size().to_string(), "--profile-mix", &profile_mix(cell.arm), "--data"])
+            .arg(&setup.data)
+            .args(["--partition", &format!("dirichlet:{}", cell.alpha), "--partition-seed", &cell.seed.to_string()])
+            .args(["--concurrency", &setup.concurrency.to_string(), "--threads", "1"])
+            .stdout(Stdio::null())
+            .stderr(File::create(&sim_log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", setup.binary("flotilla-edge").display()))?,
+    );
+
+    let status = coordinator.wait(Duration::from_secs(4 * 3600))?;
+    let wall_seconds = started.elapsed().as_secs_f64();
+    match status {
+        Some(status) if status.success() => {}
+        Some(status) => bail!("the coordinator failed ({status}):\n{}", tail(&coordinator_log)),
+        None => bail!("the coordinator did not finish within 4 hours:\n{}", tail(&coordinator_log)),
+    }
+    match sim.wait(Duration::from_secs(60))? {
+        Some(status) if status.success() => {}
+        other => bail!("the simulator did not finish cleanly ({other:?}):\n{}", tail(&sim_log)),
+    }
+    let summary_path = run_dir.join("summary.json");
+    let summary: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(&summary_path).with_context(|| format!("cannot read {}", summary_path.display()))?,
+    )
+    .with_context(|| format!("{} is not JSON", summary_path.display()))?;
+    Ok((summary, wall_seconds))
+}

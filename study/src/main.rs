@@ -1,0 +1,135 @@
+//! `flotilla-study`: RBLA against every baseline on label-skewed Fashion-MNIST with a
+//! heterogeneous fleet, run through the real coordinator and simulated devices over QUIC, then
+//! written up as the generated block of `docs/study.md` with one plot per setting.
+//!
+//! Every finished cell is cached in `<work>/results/`; a rerun only runs what is missing, so an
+//! interrupted study resumes. `deploy/study.sh` builds the binaries and runs this.
+
+mod cell;
+mod grid;
+mod report;
+mod results;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+
+use crate::grid::Plan;
+use crate::results::CellResult;
+
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    /// One label skew, one seed, a few short rounds: checks the whole pipeline in minutes. Writes
+    /// into `runs/study-quick/` unless told otherwise.
+    #[arg(long)]
+    quick: bool,
+    /// Where flotilla-coordinator, flotilla-edge and flotilla-certs are.
+    #[arg(long, default_value = "target/release")]
+    bin_dir: PathBuf,
+    /// Fashion-MNIST in IDX format (Debian's dataset-fashion-mnist by default).
+    #[arg(long, env = "FLOTILLA_FASHION_MNIST", default_value = "/usr/share/datasets/fashion-mnist")]
+    data: PathBuf,
+    /// Run directories, credentials and cached results [default: runs/study or runs/study-quick].
+    #[arg(long)]
+    work: Option<PathBuf>,
+    /// The document whose generated block is rewritten [default: docs/study.md, or
+    /// <work>/study.md with --quick]; figures go to `figures/study/` beside it.
+    #[arg(long)]
+    doc: Option<PathBuf>,
+    /// Virtual devices training at once.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Only rewrite the document and figures from the cached results.
+    #[arg(long)]
+    report_only: bool,
+}
+
+fn main() {
+    if let Err(error) = run(Cli::parse()) {
+        eprintln!("flotilla-study: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn load_results(plan: &Plan, dir: &Path) -> Result<BTreeMap<String, CellResult>> {
+    let mut results = BTreeMap::new();
+    for cell in plan.cells() {
+        let path = dir.join(format!("{}.json", cell.key()));
+        let Ok(bytes) = std::fs::read(&path) else { continue };
+        let cached: serde_json::Value =
+            serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))?;
+        let wall = cached["wall_seconds"].as_f64().unwrap_or(0.0);
+        let result = CellResult::from_summary(&cached["summary"], wall).with_context(|| path.display().to_string())?;
+        results.insert(cell.key(), result);
+    }
+    Ok(results)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let plan = if cli.quick { Plan::quick() } else { Plan::full() };
+    let work = cli.work.unwrap_or_else(|| PathBuf::from(if cli.quick { "runs/study-quick" } else { "runs/study" }));
+    let doc = cli.doc.unwrap_or_else(|| if cli.quick { work.join("study.md") } else { PathBuf::from("docs/study.md") });
+    let results_dir = work.join("results");
+    std::fs::create_dir_all(&results_dir).with_context(|| format!("cannot create {}", results_dir.display()))?;
+    let work = work.canonicalize()?;
+    let setup = cell::Setup {
+        bin_dir: cli.bin_dir.canonicalize().with_context(|| format!("no binaries in {}", cli.bin_dir.display()))?,
+        data: cli.data.canonicalize().with_context(|| format!("no Fashion-MNIST in {}", cli.data.display()))?,
+        work: work.clone(),
+        concurrency: cli.concurrency.max(1),
+    };
+
+    if !cli.report_only {
+        setup.provision()?;
+        let cells = plan.cells();
+        let mut failed = Vec::new();
+        for (i, cell) in cells.iter().enumerate() {
+            let cached = results_dir.join(format!("{}.json", cell.key()));
+            if cached.exists() {
+                continue;
+            }
+            let started = Instant::now();
+            eprintln!("[{}/{}] {} ...", i + 1, cells.len(), cell.key());
+            match cell::run(&plan, cell, &setup) {
+                Ok((summary, wall_seconds)) => {
+                    let result = CellResult::from_summary(&summary, wall_seconds)?;
+                    eprintln!(
+                        "[{}/{}] {}: final accuracy {:.2}% in {:.0} s",
+                        i + 1,
+                        cells.len(),
+                        cell.key(),
+                        100.0 * result.final_accuracy().unwrap_or(f64::NAN),
+                        started.elapsed().as_secs_f64()
+                    );
+                    let record = serde_json::json!({ "wall_seconds": wall_seconds, "summary": summary });
+                    let tmp = cached.with_extension("json.tmp");
+                    std::fs::write(&tmp, serde_json::to_vec(&record)?)?;
+                    std::fs::rename(&tmp, &cached)?;
+                }
+                Err(error) => {
+                    eprintln!("[{}/{}] {} failed: {error:#}", i + 1, cells.len(), cell.key());
+                    failed.push(cell.key());
+                }
+            }
+        }
+        if !failed.is_empty() {
+            eprintln!("{} cell(s) failed (rerun to retry them): {}", failed.len(), failed.join(", "));
+        }
+    }
+
+    let results = load_results(&plan, &results_dir)?;
+    let doc_dir = doc.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    report::draw_figures(&plan, &results, &doc_dir.join("figures/study"))?;
+    report::write_document(&doc, &report::markdown(&plan, &results, "figures/study"))?;
+    eprintln!(
+        "wrote {} ({} cells) and its figures in {}",
+        doc.display(),
+        results.len(),
+        doc_dir.join("figures/study").display()
+    );
+    Ok(())
+}
