@@ -76,7 +76,11 @@ fn bincode_config() -> impl bincode::config::Config {
 
 /// The length prefix and the encoded header of a frame.
 fn encode_header<M: Serialize>(message: &M, tensors: &WireTensors) -> Result<Vec<u8>, FrameError> {
-    let header = FrameHeader { message, tensors: tensors.descs.clone() };
+    encode_header_for(message, &tensors.descs)
+}
+
+fn encode_header_for<M: Serialize>(message: &M, descs: &[TensorDesc]) -> Result<Vec<u8>, FrameError> {
+    let header = FrameHeader { message, tensors: descs.to_vec() };
     let mut out = vec![0u8; 4];
     bincode::serde::encode_into_std_write(&header, &mut out, bincode_config())
         .map_err(|e| FrameError::Encode(e.to_string()))?;
@@ -102,6 +106,33 @@ where
 {
     writer.write_all(&encode_header(message, tensors)?).await?;
     writer.write_all(&tensors.body).await?;
+    Ok(())
+}
+
+/// Tensors encoded once and sent to many peers (a round's adapter slices): the body is
+/// reference-counted, and [`write_frame_shared`] hands it to QUIC without copying it, so the
+/// coordinator holds one copy per rank however many devices it is sending to at once.
+#[derive(Debug, Clone, Default)]
+pub struct SharedTensors {
+    pub descs: Vec<TensorDesc>,
+    pub body: bytes::Bytes,
+}
+
+impl From<WireTensors> for SharedTensors {
+    fn from(wire: WireTensors) -> SharedTensors {
+        SharedTensors { descs: wire.descs, body: bytes::Bytes::from(wire.body) }
+    }
+}
+
+/// [`write_frame`] for a QUIC stream and a shared body: the header is written (copied, it is
+/// small), the body is queued by reference.
+pub async fn write_frame_shared<M: Serialize>(
+    send: &mut quinn::SendStream,
+    message: &M,
+    tensors: &SharedTensors,
+) -> Result<(), FrameError> {
+    send.write_all(&encode_header_for(message, &tensors.descs)?).await.map_err(std::io::Error::from)?;
+    send.write_chunk(tensors.body.clone()).await.map_err(std::io::Error::from)?;
     Ok(())
 }
 

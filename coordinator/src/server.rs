@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flotilla_common::framing::{read_frame, read_frame_decoded, write_frame, FrameLimits};
+use flotilla_common::framing::{
+    read_frame, read_frame_decoded, write_frame, write_frame_shared, FrameLimits, SharedTensors,
+};
 use flotilla_common::protocol::{
     close, Ack, CertificateRenewed, CoordinatorMessage, DeviceMessage, Finished, ModelSpec, Refusal, Reject, RoundTask,
     TrainingSettings, Update, Welcome, PROTOCOL_VERSION,
@@ -649,11 +651,15 @@ impl RoundDriver {
 
     async fn send_tasks(&mut self, tasks: Vec<(String, u32, u32)>) -> anyhow::Result<()> {
         let ranks: Vec<u32> = tasks.iter().map(|t| t.2).collect();
-        let slices = Arc::new(
+        // One encoded slice per rank, shared by every device's stream (no copy per device).
+        let slices: Arc<BTreeMap<u32, SharedTensors>> = Arc::new(
             self.worker
                 .request(|reply| Command::Slices { ranks, reply })
                 .await
-                .map_err(|e| anyhow::anyhow!("cannot slice the global adapter: {e}"))?,
+                .map_err(|e| anyhow::anyhow!("cannot slice the global adapter: {e}"))?
+                .into_iter()
+                .map(|(rank, wire)| (rank, SharedTensors::from(wire)))
+                .collect(),
         );
         let config = &self.shared.config;
         for (device, round, rank) in tasks {
@@ -680,7 +686,7 @@ impl RoundDriver {
             tokio::spawn(async move {
                 let result = async {
                     let mut send = connection.open_uni().await?;
-                    write_frame(&mut send, &task, &slices[&rank]).await?;
+                    write_frame_shared(&mut send, &task, &slices[&rank]).await?;
                     send.finish()?;
                     anyhow::Ok(())
                 }

@@ -190,11 +190,12 @@ impl Plan {
     }
 
     pub fn cells(&self) -> Vec<Cell> {
+        // Seed by seed, so that a study cut short still covers every setting.
         let mut cells = Vec::new();
-        for &alpha in &self.alphas {
-            for &participation in &self.participations {
-                for arm in self.arms(participation) {
-                    for &seed in &self.seeds {
+        for &seed in &self.seeds {
+            for &alpha in &self.alphas {
+                for &participation in &self.participations {
+                    for arm in self.arms(participation) {
                         cells.push(Cell { alpha, participation, arm, seed });
                     }
                 }
