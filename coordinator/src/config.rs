@@ -108,8 +108,11 @@ pub struct RoundSection {
     pub rounds: u32,
     /// Devices that must be connected before a round starts.
     pub min_devices: usize,
-    /// Fraction of the connected devices sampled into each round (at least min_devices).
+    /// Fraction of the connected devices sampled into each round (at least `min_participants`).
     pub fraction: f64,
+    /// Fewest devices sampled into a round (default: `min_devices`). Set it below `min_devices` to
+    /// wait for a whole fleet and still train a fraction of it per round.
+    pub min_participants: Option<usize>,
     /// Updates that make a round's quorum; a round short of it at the deadline gets one extension,
     /// then is skipped.
     pub min_updates: usize,
@@ -130,6 +133,7 @@ impl Default for RoundSection {
             rounds: 3,
             min_devices: 2,
             fraction: 1.0,
+            min_participants: None,
             min_updates: 1,
             // As long as the deadline: by default a round waits for all its participants.
             grace_secs: 120,

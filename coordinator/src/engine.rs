@@ -26,6 +26,8 @@ pub struct EngineConfig {
     pub min_devices: usize,
     /// Fraction of the connected devices sampled into each round (0 < f ≤ 1).
     pub fraction: f64,
+    /// Fewest devices sampled into a round.
+    pub min_participants: usize,
     /// Updates that make a round's quorum.
     pub min_updates: usize,
     pub round_deadline: Duration,
@@ -335,7 +337,7 @@ impl Engine {
         self.grace_started = false;
         let connected: Vec<(&DeviceId, &u32)> = self.connected.iter().collect();
         let wanted = ((self.config.fraction * connected.len() as f64).ceil() as usize)
-            .max(self.config.min_devices)
+            .max(self.config.min_participants)
             .clamp(1, connected.len());
         let mut rng = ChaCha8Rng::seed_from_u64(self.config.seed ^ (u64::from(round) << 32));
         let mut chosen: Vec<(&DeviceId, &u32)> = connected.choose_multiple(&mut rng, wanted).copied().collect();
@@ -392,6 +394,7 @@ mod tests {
             rounds,
             min_devices,
             fraction: 1.0,
+            min_participants: min_devices,
             min_updates: 1,
             round_deadline: DEADLINE,
             grace: GRACE,
@@ -592,6 +595,12 @@ mod tests {
             rounds
         };
         assert_eq!(run(1), run(1));
+        // A whole fleet of 8 must connect, then a quarter of it trains per round.
+        let mut e = Engine::new(EngineConfig { fraction: 0.25, min_participants: 1, ..config(3, 8) });
+        for k in 0..7 {
+            assert!(join(&mut e, &format!("d{k}"), 2).is_empty(), "round 1 waits for min_devices");
+        }
+        assert_eq!(tasks(&join(&mut e, "d7", 2)).len(), 2, "then samples ceil(0.25 × 8), not min_devices");
         // With min_devices below the fraction: 2 of 8 per round, varying across rounds.
         let mut e = Engine::new(EngineConfig { fraction: 0.25, ..config(3, 1) });
         let mut seen = std::collections::BTreeSet::new();

@@ -426,6 +426,7 @@ impl RoundDriver {
             min_devices: config.round.min_devices,
             round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
             fraction: config.round.fraction,
+            min_participants: config.round.min_participants.unwrap_or(config.round.min_devices),
             min_updates: config.round.min_updates,
             grace: Duration::from_secs(config.round.grace_secs.into()),
             first_round,

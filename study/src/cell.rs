@@ -69,6 +69,7 @@ kit = "{pki}/kits/coordinator"
 [round]
 rounds = {rounds}
 min_devices = {devices}
+min_participants = 1
 fraction = {fraction}
 deadline_secs = 900
 local_steps = {local_steps}

@@ -148,7 +148,7 @@ impl Plan {
             participations: vec![Participation::Full, Participation::Quarter],
             seeds: vec![1, 2, 3],
             rounds_full: 20,
-            rounds_quarter: 40,
+            rounds_quarter: 30,
             local_steps: 30,
             batch_size: 32,
             learning_rate: 0.005,
@@ -165,7 +165,7 @@ impl Plan {
             alphas: vec![0.5],
             seeds: vec![1],
             rounds_full: 4,
-            rounds_quarter: 8,
+            rounds_quarter: 6,
             local_steps: 15,
             ..Plan::full()
         }
