@@ -109,7 +109,8 @@ fn run_fleet(pki: &Path, work: &Path, shape: &Shape, devices: usize, fraction: f
             "[server]\nlisten = \"127.0.0.1:{port}\"\nrun_dir = \"{run}\"\n\
              [tls]\nkit = \"{pki}/kits/coordinator\"\n\
              [metrics]\nlisten = \"127.0.0.1:{metrics}\"\n\
-             [round]\nrounds = {rounds}\nmin_devices = {per_round}\nfraction = {fraction}\nmin_updates = {per_round}\n\
+             [round]\nrounds = {rounds}\nmin_devices = {devices}\nmin_participants = 1\nfraction = {fraction}\n\
+             min_updates = {per_round}\n\
              local_steps = 1\nbatch_size = 8\ndeadline_secs = 3600\n\
              [aggregation]\nmax_rank = {max_rank}\n{architecture}",
             run = run.display(),
