@@ -27,6 +27,11 @@ fn results_of<'a>(
     plan.seeds.iter().filter_map(|&seed| results.get(&Cell { alpha, participation, arm, seed }.key())).collect()
 }
 
+/// (rank, devices) of the fleet an arm runs.
+fn fleet_ranks(arm: Arm) -> Vec<(u32, u32)> {
+    FLEET.iter().map(|c| (if arm == Arm::FedAvgAtMaxRank { MAX_RANK } else { c.rank }, c.devices)).collect()
+}
+
 fn cell_text(stat: Option<Stat>) -> String {
     stat.map(Stat::percent).unwrap_or_else(|| "–".into())
 }
@@ -53,7 +58,7 @@ pub fn markdown(plan: &Plan, results: &Results, figures_link: &str) -> String {
         plan.name,
         done,
         cells.len(),
-        FLEET.iter().map(|c| format!("{} {}s at rank {}", c.devices, c.class, c.rank)).collect::<Vec<_>>().join(", "),
+        FLEET.iter().map(|c| format!("{} × {} at rank {}", c.devices, c.class, c.rank)).collect::<Vec<_>>().join(", "),
         plan.local_steps,
         plan.batch_size,
         plan.learning_rate,
@@ -78,18 +83,20 @@ pub fn markdown(plan: &Plan, results: &Results, figures_link: &str) -> String {
             );
             let _ = writeln!(
                 out,
-                "| method | final accuracy (%) | best accuracy (%) | MB up / round | MB down / round | wall time (s) | seeds |"
+                "| method | final accuracy at R_max (%) | best at R_max (%) | fleet mean (%) | MB up / round | MB down / round | wall time (s) | seeds |"
             );
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|");
+            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
             for arm in plan.arms(participation) {
                 let runs = results_of(plan, results, alpha, participation, arm);
                 let mean = |f: &dyn Fn(&CellResult) -> f64| Stat::of(runs.iter().map(|r| f(r))).map(|s| s.mean);
+                let fleet = fleet_ranks(arm);
                 let _ = writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
                     arm.label(),
                     cell_text(Stat::of(runs.iter().filter_map(|r| r.final_accuracy()))),
                     cell_text(Stat::of(runs.iter().filter_map(|r| r.best_accuracy()))),
+                    cell_text(Stat::of(runs.iter().filter_map(|r| r.fleet_accuracy(&fleet)))),
                     mean(&|r| r.upload_bytes_per_round).map(megabytes).unwrap_or_else(|| "–".into()),
                     mean(&|r| r.download_bytes_per_round).map(megabytes).unwrap_or_else(|| "–".into()),
                     mean(&|r| r.wall_seconds).map(|s| format!("{s:.0}")).unwrap_or_else(|| "–".into()),
@@ -255,7 +262,7 @@ mod tests {
         results.insert(cell.key(), r);
         let block = markdown(&plan, &results, "figures/study");
         assert!(block.contains(&format!("1 of {} cells finished", plan.cells().len())), "{block}");
-        assert!(block.contains("| rbla | 80.0 ± 0.0 | 80.0 ± 0.0 |"), "{block}");
+        assert!(block.contains("| rbla | 80.0 ± 0.0 | 80.0 ± 0.0 | – |"), "{block}");
         assert!(block.contains("| zero-pad | – | – |"), "{block}");
         assert!(block.contains("| rbla | 75.0 | – |"), "{block}");
 

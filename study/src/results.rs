@@ -57,6 +57,17 @@ impl CellResult {
         self.accuracy_per_round.last().copied()
     }
 
+    /// The accuracy each device of `fleet` (rank, devices) gets from the slice of its rank, averaged
+    /// over the devices; `None` when a rank was never evaluated.
+    pub fn fleet_accuracy(&self, fleet: &[(u32, u32)]) -> Option<f64> {
+        let devices: u32 = fleet.iter().map(|&(_, n)| n).sum();
+        let mut total = 0.0;
+        for &(rank, n) in fleet {
+            total += f64::from(n) * self.last_accuracy_per_rank.get(&rank)?;
+        }
+        Some(total / f64::from(devices.max(1)))
+    }
+
     pub fn best_accuracy(&self) -> Option<f64> {
         self.accuracy_per_round.iter().copied().reduce(f64::max)
     }
@@ -128,6 +139,8 @@ mod tests {
         assert_eq!(r.last_accuracy_per_rank[&2], 0.75);
         assert_eq!(r.last_accuracy_per_rank[&64], 0.78);
         assert_eq!((r.upload_bytes_per_round, r.download_bytes_per_round), (150.0, 400.0));
+        assert!((r.fleet_accuracy(&[(2, 3), (64, 1)]).unwrap() - (3.0 * 0.75 + 0.78) / 4.0).abs() < 1e-12);
+        assert_eq!(r.fleet_accuracy(&[(8, 1)]), None);
         let missing = serde_json::json!({"rounds": [{"round": 1, "evaluation": []}]});
         assert!(CellResult::from_summary(&missing, 1.0).is_err());
     }
