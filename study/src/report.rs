@@ -181,7 +181,8 @@ pub fn write_document(doc: &Path, block: &str) -> Result<()> {
     std::fs::write(doc, text).with_context(|| format!("cannot write {}", doc.display()))
 }
 
-const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
+// The coordinator's embedded font (licence beside it); one copy in the repository.
+const FONT: &[u8] = include_bytes!("../../coordinator/assets/DejaVuSans.ttf");
 
 /// One SVG per setting: mean test accuracy at R_max per round, one line per arm.
 pub fn draw_figures(plan: &Plan, results: &Results, dir: &Path) -> Result<()> {

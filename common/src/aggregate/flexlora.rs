@@ -16,8 +16,8 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+use super::dense::DenseSums;
 use super::others::OtherMeans;
-use super::padded::scaled_b;
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::seeded_normal;
@@ -30,25 +30,18 @@ const POWER_ITERATIONS: usize = 2;
 pub struct FlexLora {
     previous: Adapter,
     scale: f64,
-    dense: BTreeMap<String, Tensor>,
+    dense: DenseSums,
     others: OtherMeans,
-    total_samples: f64,
     folded: usize,
 }
 
 impl FlexLora {
     pub fn new(global: &Adapter, scale: f64) -> Result<FlexLora, AggregateError> {
-        let mut dense = BTreeMap::new();
-        for module in global.modules() {
-            let (a, b) = global.factors(module);
-            dense.insert(module.clone(), Tensor::f_zeros([b.size()[0], a.size()[1]], (Kind::Float, a.device()))?);
-        }
         Ok(FlexLora {
             others: OtherMeans::new(global)?,
             previous: global.deep_copy(),
             scale,
-            dense,
-            total_samples: 0.0,
+            dense: DenseSums::new(global, scale, Kind::Float)?,
             folded: 0,
         })
     }
@@ -92,19 +85,8 @@ impl Aggregator for FlexLora {
 
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
         validate_update(&self.previous, update)?;
-        let n = update.num_samples as f64;
-        let mut products = Vec::with_capacity(self.dense.len());
-        for module in self.dense.keys() {
-            let (a, b) = update.adapter.factors(module);
-            // n_k·(s_k/s)·B_k·A_k in the global scale; divided by Σ n at the end.
-            let b = scaled_b(b, update.scale, self.scale)?.f_mul_scalar(n)?.f_to_kind(Kind::Float)?;
-            products.push(b.f_matmul(&a.f_to_kind(Kind::Float)?)?);
-        }
-        for (sum, product) in self.dense.values_mut().zip(products) {
-            let _ = sum.f_add_(&product)?;
-        }
+        self.dense.add(update)?;
         self.others.add(update)?;
-        self.total_samples += n;
         self.folded += 1;
         Ok(())
     }
@@ -117,14 +99,12 @@ impl Aggregator for FlexLora {
         let mut tensors = BTreeMap::new();
         let mut notes = Vec::new();
         let r_max = self.previous.rank() as i64;
-        for (index, (module, sum)) in self.dense.iter().enumerate() {
+        if self.dense.is_empty() {
+            return Ok(Aggregated::plain(self.previous));
+        }
+        for (index, mean) in self.dense.means().enumerate() {
+            let (module, target) = mean?;
             let (prev_a, prev_b) = self.previous.factors(module);
-            if self.total_samples == 0.0 {
-                tensors.insert(lora_a_name(module), prev_a.copy());
-                tensors.insert(lora_b_name(module), prev_b.copy());
-                continue;
-            }
-            let target = sum.f_div_scalar(self.total_samples)?;
             let k = r_max.min(target.size()[0]).min(target.size()[1]);
             let (u, s, vh, exact) = top_components(&target, k, 0x5eed + index as u64)?;
             let b_new = u.f_mul(&s.f_unsqueeze(0)?)?.f_div_scalar(self.scale)?;

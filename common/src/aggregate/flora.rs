@@ -31,6 +31,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+use super::dense::DenseSums;
 use super::others::OtherMeans;
 use super::padded::scaled_b;
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
@@ -100,31 +101,22 @@ impl Aggregator for Flora {
 /// documentation).
 pub struct FloraMerged {
     previous: Adapter,
-    /// Per module, `Σ n_k·s_k·B_k·A_k` in f64.
-    sums: BTreeMap<String, Tensor>,
+    scale: f64,
+    dense: DenseSums,
     others: OtherMeans,
-    total_samples: f64,
     folded: usize,
     fresh_seed: u64,
 }
 
 impl FloraMerged {
-    /// `fresh_seed` seeds the fresh A of the next global adapter (pass something that changes
-    /// every round).
-    pub fn new(global: &Adapter, fresh_seed: u64) -> Result<FloraMerged, AggregateError> {
-        let sums = global
-            .modules()
-            .iter()
-            .map(|m| {
-                let (a, b) = global.factors(m);
-                Ok((m.clone(), Tensor::f_zeros([b.size()[0], a.size()[1]], (Kind::Double, a.device()))?))
-            })
-            .collect::<Result<_, tch::TchError>>()?;
+    /// `scale` is the global LoRA scale; `fresh_seed` seeds the fresh A of the next global adapter
+    /// (pass something that changes every round).
+    pub fn new(global: &Adapter, scale: f64, fresh_seed: u64) -> Result<FloraMerged, AggregateError> {
         Ok(FloraMerged {
             others: OtherMeans::new(global)?,
             previous: global.deep_copy(),
-            sums,
-            total_samples: 0.0,
+            scale,
+            dense: DenseSums::new(global, scale, Kind::Double)?,
             folded: 0,
             fresh_seed,
         })
@@ -138,20 +130,8 @@ impl Aggregator for FloraMerged {
 
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
         validate_update(&self.previous, update)?;
-        let n = update.num_samples as f64;
-        let products = self
-            .sums
-            .keys()
-            .map(|module| {
-                let (a, b) = update.adapter.factors(module);
-                b.f_to_kind(Kind::Double)?.f_matmul(&a.f_to_kind(Kind::Double)?)?.f_mul_scalar(n * update.scale)
-            })
-            .collect::<Result<Vec<Tensor>, tch::TchError>>()?;
-        for (sum, product) in self.sums.values_mut().zip(products) {
-            let _ = sum.f_add_(&product)?;
-        }
+        self.dense.add(update)?;
         self.others.add(update)?;
-        self.total_samples += n;
         self.folded += 1;
         Ok(())
     }
@@ -161,15 +141,17 @@ impl Aggregator for FloraMerged {
     }
 
     fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
-        if self.total_samples == 0.0 {
+        if self.dense.is_empty() {
             return Ok(Aggregated::plain(self.previous));
         }
         let r_max = self.previous.rank();
         let mut tensors = BTreeMap::new();
-        for (index, (module, sum)) in self.sums.iter().enumerate() {
+        for (index, mean) in self.dense.means().enumerate() {
+            let (module, target) = mean?;
             let (a, b) = self.previous.factors(module);
             let d_in = a.size()[1] as usize;
-            let mut delta = sum.f_div_scalar(self.total_samples)?;
+            // T = s · (T / s), in weight units.
+            let mut delta = target.f_mul_scalar(self.scale)?;
             if let Some(previous) = self.previous.merged_delta(module) {
                 delta = delta.f_add(previous)?;
             }

@@ -7,6 +7,7 @@
 //!
 //! One file per method; the formulas are in each file's doc comment.
 
+mod dense;
 mod fedavg;
 mod flexlora;
 mod flora;
@@ -109,12 +110,6 @@ impl Method {
         }
     }
 
-    /// Whether the result keeps the global adapter's rank (every method but FLoRA, whose result has
-    /// the stacked rank Σ r_k).
-    pub fn keeps_rank(self) -> bool {
-        self != Method::Flora
-    }
-
     /// A fresh accumulator seeded with the current global adapter, whose factors use LoRA scale `scale`.
     pub fn start(self, global: &Adapter, scale: f64) -> Result<Box<dyn Aggregator>, AggregateError> {
         Ok(match self {
@@ -139,7 +134,7 @@ impl Method {
         round_seed: u64,
     ) -> Result<Box<dyn Aggregator>, AggregateError> {
         match self {
-            Method::Flora => Ok(Box::new(FloraMerged::new(global, round_seed)?)),
+            Method::Flora => Ok(Box::new(FloraMerged::new(global, scale, round_seed)?)),
             other => other.start(global, scale),
         }
     }
