@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! T = Σ_k p_k·s_k·B_k·A_k                       (per adapted layer, d_out × d_in)
-//! T ≈ U·Σ·Vᵀ (top R_max components)  →  B = U·Σ / s,  A = Vᵀ
+//! T/s ≈ U·Σ·Vᵀ (top R_max components)  →  B = U·Σ,  A = Vᵀ     (so s·B·A ≈ T)
 //! ```
 //!
 //! A client of rank r receives the first r slots, which are the top r components (error
@@ -29,7 +29,6 @@ const POWER_ITERATIONS: usize = 2;
 
 pub struct FlexLora {
     previous: Adapter,
-    scale: f64,
     dense: DenseSums,
     others: OtherMeans,
     folded: usize,
@@ -40,7 +39,6 @@ impl FlexLora {
         Ok(FlexLora {
             others: OtherMeans::new(global)?,
             previous: global.deep_copy(),
-            scale,
             dense: DenseSums::new(global, scale, Kind::Float)?,
             folded: 0,
         })
@@ -107,7 +105,8 @@ impl Aggregator for FlexLora {
             let (prev_a, prev_b) = self.previous.factors(module);
             let k = r_max.min(target.size()[0]).min(target.size()[1]);
             let (u, s, vh, exact) = top_components(&target, k, 0x5eed + index as u64)?;
-            let b_new = u.f_mul(&s.f_unsqueeze(0)?)?.f_div_scalar(self.scale)?;
+            // `target` is already T/s (the dense sums are kept in the global scale).
+            let b_new = u.f_mul(&s.f_unsqueeze(0)?)?;
             let (a, b) = (prev_a.copy(), prev_b.zeros_like());
             a.f_narrow(0, 0, k)?.f_copy_(&vh)?;
             b.f_narrow(1, 0, k)?.f_copy_(&b_new)?;

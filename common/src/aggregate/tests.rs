@@ -558,6 +558,33 @@ fn different_client_scales_are_folded_into_b() {
 }
 
 #[test]
+fn product_methods_reproduce_the_target_at_a_global_scale_other_than_one() {
+    // Every client and the global use s = 2: s·B·A of the result must be T = Σ p_k·s·B_k·A_k.
+    let global = random_adapter(R_MAX, 1);
+    let mut clients = [client(2, 30, 2), client(8, 50, 3), client(4, 70, 4)];
+    for c in clients.iter_mut() {
+        c.scale = 2.0;
+    }
+    let refs: Vec<&Client> = clients.iter().collect();
+    let dense = reference_dense(&refs);
+    let mut flexlora = Method::FlexLora.start(&global, 2.0).unwrap();
+    let mut online_flora = Method::Flora.start_online(&global, 2.0, 1).unwrap();
+    for c in &refs {
+        flexlora.fold(&update(c)).unwrap();
+        online_flora.fold(&update(c)).unwrap();
+    }
+    let (flexlora, online_flora) = (flexlora.finish().unwrap().adapter, online_flora.finish().unwrap().adapter);
+    for (module, d_in, d_out) in MODULES {
+        for (g, w) in product_of(&flexlora, module, d_in, d_out).iter().zip(&dense[module]) {
+            assert!((2.0 * g - w).abs() < 1e-4 * (1.0 + w.abs()), "flexlora {module}: s·B·A {} vs T {w}", 2.0 * g);
+        }
+        for (g, w) in merged_delta_values(&online_flora, module).iter().zip(&dense[module]) {
+            assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()), "online flora {module}: ΔW {g} vs T {w}");
+        }
+    }
+}
+
+#[test]
 fn invalid_updates_are_rejected_naming_client_and_tensor_and_change_nothing() {
     let global = random_adapter(R_MAX, 1);
     let good = client(4, 10, 2);
