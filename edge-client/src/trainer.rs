@@ -134,16 +134,24 @@ impl TrainerPool {
                     // Take the device's state out while working on it; other workers serve others.
                     let state = states.lock().ok().and_then(|mut s| s.remove(&key));
                     let Some(mut state) = state else { continue };
+                    // The state goes back before the answer: the device's next job may be taken by
+                    // another worker the moment it is answered, and must find it.
+                    let put_back = |state| {
+                        if let Ok(mut states) = states.lock() {
+                            states.insert(key, state);
+                        }
+                    };
                     match job {
                         Job::SetBase { architecture, scale, base, reply } => {
-                            let _ = reply.send(state.set_base(architecture, scale, &base));
+                            let result = state.set_base(architecture, scale, &base);
+                            put_back(state);
+                            let _ = reply.send(result);
                         }
                         Job::Train { slice, settings, reply } => {
-                            let _ = reply.send(state.train(&slice, &settings, device));
+                            let result = state.train(&slice, &settings, device);
+                            put_back(state);
+                            let _ = reply.send(result);
                         }
-                    }
-                    if let Ok(mut states) = states.lock() {
-                        states.insert(key, state);
                     }
                 }
             })?;
@@ -235,5 +243,35 @@ impl DeviceState {
             num_samples: data.len() as u64,
             metrics,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A device's jobs follow one another at once (Welcome → base, then task → train) and may land
+    /// on different workers; each must find the device's state (a job that did not was dropped,
+    /// and the device stopped with "training thread stopped").
+    #[test]
+    fn back_to_back_jobs_of_one_device_on_several_workers_all_complete() {
+        let architecture = Architecture::Mlp { input: 8, hidden: vec![4], classes: 2 };
+        let base = architecture.init_base(1);
+        let base_wire = WireTensors::from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).unwrap();
+        let slice = architecture.init_adapter(2, 2).unwrap().to_wire(DType::F32).unwrap();
+        let settings =
+            TrainingSettings { local_steps: 1, local_epochs: 0, batch_size: 4, learning_rate: 0.01, seed: 3 };
+        let pool = TrainerPool::new(4, 1).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        runtime.block_on(async {
+            for device in 0..50u64 {
+                let source = DataSource::Synthetic { samples: 8, task_seed: 1, sample_seed: device };
+                let trainer = pool.trainer(source).unwrap();
+                trainer.set_base(architecture.clone(), 1.0, base_wire.clone()).await.unwrap();
+                for _ in 0..4 {
+                    trainer.train(slice.clone(), settings.clone()).await.unwrap();
+                }
+            }
+        });
     }
 }
