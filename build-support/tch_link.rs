@@ -5,7 +5,15 @@
 //   unavailable even on a GPU host. Link it explicitly with `--no-as-needed`.
 // - Without an rpath the binaries need LD_LIBRARY_PATH. torch-sys reports its lib dir to crates that
 //   depend on it directly as DEP_TCH_LIBTORCH_LIB.
+#[allow(dead_code)]
 fn link_libtorch() {
+    link_libtorch_into(&["cargo:rustc-link-arg="]);
+}
+
+/// As [`link_libtorch`], for only the targets each directive names (e.g.
+/// `cargo:rustc-link-arg-bin=NAME=`, `cargo:rustc-link-arg-benches=`): a binary that never calls
+/// libtorch then does not load it at start-up.
+fn link_libtorch_into(directives: &[&str]) {
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib_dir = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(dir) => dir,
@@ -22,13 +30,15 @@ fn link_libtorch() {
         );
     }
     check_libtorch_version(lib_path);
-    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib_dir}");
-    println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    if lib_path.join("libtorch_cuda.so").exists() {
-        println!("cargo:rustc-link-arg=-ltorch_cuda");
+    for directive in directives {
+        println!("{directive}-Wl,-rpath,{lib_dir}");
+        println!("{directive}-Wl,--no-as-needed");
+        if lib_path.join("libtorch_cuda.so").exists() {
+            println!("{directive}-ltorch_cuda");
+        }
+        println!("{directive}-ltorch");
+        println!("{directive}-Wl,--as-needed");
     }
-    println!("cargo:rustc-link-arg=-ltorch");
-    println!("cargo:rustc-link-arg=-Wl,--as-needed");
 }
 
 /// torch-sys only checks the version of a libtorch that has a `build-version` file; a PyTorch

@@ -1,5 +1,6 @@
 include!("../build-support/tch_link.rs");
 
 fn main() {
-    link_libtorch();
+    // Not the front end `flotilla-coordinator` (src/launcher.rs), which must start without libtorch.
+    link_libtorch_into(&["cargo:rustc-link-arg-bin=flotilla-coordinator-torch=", "cargo:rustc-link-arg-benches="]);
 }

@@ -9,23 +9,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 use crate::tensor::{
     all_finite_bytes, f32_tensor_from_le_bytes, DType, DecodedTensors, FloatBits, TensorError, WireTensors,
 };
 
-pub const LORA_A_SUFFIX: &str = ".lora_A.weight";
-pub const LORA_B_SUFFIX: &str = ".lora_B.weight";
-/// A module's merged update `ΔW` (d_out × d_in, in weight units): online FLoRA folds each round's
-/// exact aggregate into it, and a model adds it to the frozen base weight. Only the coordinator
-/// makes it; it is never trained, so updates must not carry it.
-pub const MERGED_DELTA_SUFFIX: &str = ".merged_delta";
-pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
-pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
-/// safetensors metadata key holding a client's sample count (a decimal string).
-pub const NUM_SAMPLES_KEY: &str = "num_samples";
+pub use flotilla_merge::peft::{
+    lora_a_name, lora_b_name, merged_delta_name, tensor_role, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE, LORA_A_SUFFIX, LORA_B_SUFFIX, MERGED_DELTA_SUFFIX, NUM_SAMPLES_KEY,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
@@ -37,40 +30,6 @@ pub enum AdapterError {
     Wire(#[from] TensorError),
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
-}
-
-/// What a tensor is, from its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TensorRole<'a> {
-    LoraA(&'a str),
-    LoraB(&'a str),
-    /// A module's merged update (see [`MERGED_DELTA_SUFFIX`]).
-    MergedDelta(&'a str),
-    Other,
-}
-
-pub fn tensor_role(name: &str) -> TensorRole<'_> {
-    if let Some(module) = name.strip_suffix(LORA_A_SUFFIX) {
-        TensorRole::LoraA(module)
-    } else if let Some(module) = name.strip_suffix(LORA_B_SUFFIX) {
-        TensorRole::LoraB(module)
-    } else if let Some(module) = name.strip_suffix(MERGED_DELTA_SUFFIX) {
-        TensorRole::MergedDelta(module)
-    } else {
-        TensorRole::Other
-    }
-}
-
-pub fn lora_a_name(module: &str) -> String {
-    format!("{module}{LORA_A_SUFFIX}")
-}
-
-pub fn lora_b_name(module: &str) -> String {
-    format!("{module}{LORA_B_SUFFIX}")
-}
-
-pub fn merged_delta_name(module: &str) -> String {
-    format!("{module}{MERGED_DELTA_SUFFIX}")
 }
 
 /// A validated adapter: every module has both factors, all factors are 2-D and share one rank.
@@ -386,63 +345,9 @@ pub struct LoadedAdapter {
     pub metadata: HashMap<String, String>,
 }
 
-/// The subset of HF PEFT's `adapter_config.json` that Flotilla writes and reads.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct PeftConfig {
-    #[serde(default = "lora")]
-    pub peft_type: String,
-    pub r: usize,
-    pub lora_alpha: f64,
-    #[serde(default)]
-    pub target_modules: Vec<String>,
-    #[serde(default)]
-    pub modules_to_save: Option<Vec<String>>,
-    #[serde(default)]
-    pub lora_dropout: f64,
-    #[serde(default = "none")]
-    pub bias: String,
-    #[serde(default)]
-    pub fan_in_fan_out: bool,
-    #[serde(default)]
-    pub base_model_name_or_path: Option<String>,
-    #[serde(default)]
-    pub task_type: Option<String>,
-    #[serde(default = "yes")]
-    pub inference_mode: bool,
-}
-
-fn lora() -> String {
-    "LORA".into()
-}
-fn none() -> String {
-    "none".into()
-}
-fn yes() -> bool {
-    true
-}
-
-impl PeftConfig {
-    pub fn for_adapter(adapter: &Adapter, lora_alpha: f64) -> PeftConfig {
-        let strip = |m: &str| m.rsplit('.').next().unwrap_or(m).to_string();
-        let mut target_modules: Vec<String> = adapter.modules().iter().map(|m| strip(m)).collect();
-        target_modules.dedup();
-        let mut to_save: Vec<String> =
-            adapter.other_names().filter_map(|n| n.rsplit_once('.').map(|(module, _)| strip(module))).collect();
-        to_save.dedup();
-        PeftConfig {
-            peft_type: lora(),
-            r: adapter.rank(),
-            lora_alpha,
-            target_modules,
-            modules_to_save: (!to_save.is_empty()).then_some(to_save),
-            lora_dropout: 0.0,
-            bias: none(),
-            fan_in_fan_out: false,
-            base_model_name_or_path: None,
-            task_type: None,
-            inference_mode: true,
-        }
-    }
+/// The PEFT config of `adapter` (its rank, its modules, its non-LoRA tensors) with `lora_alpha`.
+pub fn peft_config_for(adapter: &Adapter, lora_alpha: f64) -> PeftConfig {
+    PeftConfig::for_tensors(adapter.tensors().keys().map(String::as_str), adapter.rank(), lora_alpha)
 }
 
 /// Writes `path` so that a crash leaves either the old or the new file, never a torn one.
@@ -534,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = adapter(4);
         let meta = HashMap::from([(NUM_SAMPLES_KEY.to_string(), "123".to_string())]);
-        a.save_peft(dir.path(), &PeftConfig::for_adapter(&a, 16.0), meta).unwrap();
+        a.save_peft(dir.path(), &peft_config_for(&a, 16.0), meta).unwrap();
         let loaded = Adapter::load_peft(dir.path()).unwrap();
         assert_eq!(loaded.metadata[NUM_SAMPLES_KEY], "123");
         assert_eq!(loaded.config.r, 4);

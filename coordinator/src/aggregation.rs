@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use flotilla_common::adapter::{Adapter, PeftConfig, NUM_SAMPLES_KEY};
+use flotilla_common::adapter::{peft_config_for, Adapter, NUM_SAMPLES_KEY};
 use flotilla_common::aggregate::{Aggregator, ClientUpdate, Method};
 use flotilla_common::tensor::{DType, DecodedTensors, WireTensors};
 use tokio::sync::oneshot;
@@ -173,8 +173,7 @@ impl Worker {
         if self.settings.record_updates {
             let dir = self.settings.run_dir.join("updates").join(format!("round-{round}")).join(device);
             let metadata = HashMap::from([(NUM_SAMPLES_KEY.to_string(), num_samples.to_string())]);
-            let config =
-                PeftConfig::for_adapter(&adapter, self.settings.lora_alpha * rank as f64 / self.global.rank() as f64);
+            let config = peft_config_for(&adapter, self.settings.lora_alpha * rank as f64 / self.global.rank() as f64);
             if let Err(e) = adapter.save_peft(&dir, &config, metadata) {
                 tracing::error!(device, round, "cannot record update: {e}");
             }
@@ -223,7 +222,7 @@ impl Worker {
         record.aggregation_seconds = seconds;
         record.evaluation = evaluation;
         record.global_dir = Some(checkpoint::checkpoint_dir(&self.settings.run_dir, round));
-        let config = PeftConfig::for_adapter(&self.global, self.settings.lora_alpha);
+        let config = peft_config_for(&self.global, self.settings.lora_alpha);
         let metadata = HashMap::from([
             ("round".to_string(), round.to_string()),
             ("method".to_string(), self.settings.method.to_string()),

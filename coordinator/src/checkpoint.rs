@@ -166,6 +166,7 @@ pub fn set_aside(run_dir: &Path) -> Result<Option<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_common::adapter::peft_config_for;
     use flotilla_common::model::Architecture;
 
     fn config(dir: &Path) -> CoordinatorConfig {
@@ -178,7 +179,7 @@ mod tests {
 
     fn save(dir: &Path, config: &CoordinatorConfig, round: u32, global: &Adapter) {
         let state = CheckpointState { round, method: "rbla".into(), fingerprint: fingerprint(config), record: None };
-        write(dir, &state, global, &PeftConfig::for_adapter(global, 16.0), HashMap::new()).unwrap();
+        write(dir, &state, global, &peft_config_for(global, 16.0), HashMap::new()).unwrap();
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use flotilla_common::adapter::PeftConfig;
+use flotilla_common::adapter::peft_config_for;
 use tch::Tensor;
 
 use crate::checkpoint::{self, CheckpointState, STATE_FILE};
@@ -60,7 +60,7 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
         ("max_rank".to_string(), max_rank.to_string()),
     ]);
     adapter
-        .save_peft(&adapter_dir, &PeftConfig::for_adapter(&adapter, peft_alpha), metadata.clone())
+        .save_peft(&adapter_dir, &peft_config_for(&adapter, peft_alpha), metadata.clone())
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", adapter_dir.display()))?;
 
     let merged_model = if request.merged {
@@ -111,8 +111,7 @@ mod tests {
             fingerprint: checkpoint::fingerprint(&config),
             record: None,
         };
-        checkpoint::write(dir.path(), &state, &global, &PeftConfig::for_adapter(&global, 16.0), HashMap::new())
-            .unwrap();
+        checkpoint::write(dir.path(), &state, &global, &peft_config_for(&global, 16.0), HashMap::new()).unwrap();
 
         let out = dir.path().join("export");
         let done =

@@ -1,5 +1,9 @@
 //! `flotilla-coordinator aggregate`: merge PEFT adapters from disk with any method.
 //!
+//! The front end (`flotilla-coordinator`, no libtorch) runs RBLA, zero-padding and FedAvg on clean
+//! f32 inputs itself (`flotilla_merge::offline`); this is the libtorch path for every other method
+//! and every input the fast path declines, and it reports every input problem.
+//!
 //! Streaming, like the online path: the adapter configs are read first (ranks and scales), then each
 //! client is loaded, validated, folded in and dropped, so memory holds the accumulator and one
 //! client at a time (FLoRA's stacked result excepted).
@@ -122,6 +126,9 @@ fn template(shapes: &BTreeMap<String, Vec<usize>>, max_rank: usize) -> Result<Ad
 }
 
 pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
+    if let Ok(reason) = std::env::var("FLOTILLA_FAST_PATH_DECLINED") {
+        tracing::debug!(%reason, "the libtorch-free fast path declined this command; aggregating with libtorch");
+    }
     let headers: Vec<ClientHeader> = request
         .clients
         .iter()

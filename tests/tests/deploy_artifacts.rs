@@ -70,6 +70,12 @@ fn manifests_and_container_agree_on_ports_paths_user_and_libtorch() {
     assert!(dockerfile.contains("EXPOSE 4433/udp 9100/tcp"));
     assert_eq!(statefulset.matches("path: /healthz").count(), 3, "readiness, liveness and startup probes");
 
+    // Binaries: every one the workspace builds is in the image; the coordinator's front end needs
+    // flotilla-coordinator-torch beside it.
+    for bin in ["flotilla-coordinator", "flotilla-coordinator-torch", "flotilla-edge", "flotilla-certs"] {
+        assert!(dockerfile.contains(&format!("target/release/{bin} ")), "the image lacks {bin}");
+    }
+
     // Paths: the config file, the kit and the run directory are where the config says.
     assert!(config.contains("run_dir = \"/var/lib/flotilla\"") && statefulset.contains("mountPath: /var/lib/flotilla"));
     assert!(config.contains("kit = \"/etc/flotilla/kit\"") && statefulset.contains("mountPath: /etc/flotilla/kit"));

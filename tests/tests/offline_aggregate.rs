@@ -167,3 +167,91 @@ fn bad_inputs_get_one_clear_line_naming_the_file() {
     );
     assert!(!out.exists(), "nothing is written when an input is bad");
 }
+
+/// A client with two modules (16 → 24, 16 → 8) and a head, pseudo-random values from `seed`.
+fn random_client(dir: &Path, rank: usize, samples: u64, alpha: f64, seed: u32) -> PathBuf {
+    let value = |i: usize, salt: u32| {
+        let x = (i as u32).wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)).wrapping_add(salt * 977);
+        (x >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+    };
+    let mut tensors = Vec::new();
+    for (k, (module, d_in, d_out)) in [("q_proj", 16, 24), ("v_proj", 16, 8)].into_iter().enumerate() {
+        let name = format!("base_model.model.layers.0.{module}");
+        let salt = 2 * k as u32;
+        tensors.push((format!("{name}.lora_A.weight"), rank, d_in, (0..rank * d_in).map(|i| value(i, salt)).collect()));
+        tensors.push((
+            format!("{name}.lora_B.weight"),
+            d_out,
+            rank,
+            (0..d_out * rank).map(|i| value(i, salt + 1)).collect(),
+        ));
+    }
+    tensors.push(("base_model.model.score.weight".into(), 3, 24, (0..72).map(|i| value(i, 9)).collect()));
+    write_peft_adapter(dir, &tensors, rank, alpha, Some(samples));
+    dir.to_path_buf()
+}
+
+/// `flotilla-coordinator` (the front end) runs RBLA, zero-padding and FedAvg itself, without libtorch;
+/// its output must equal the libtorch binary's: LoRA factors bit for bit (the same accumulator code,
+/// in the same order), non-LoRA tensors to f32 rounding, metadata and config exactly.
+#[test]
+fn the_fast_path_writes_what_the_libtorch_path_writes_without_loading_libtorch() {
+    let ldd = Command::new("ldd").arg(binary("flotilla-coordinator")).output().unwrap();
+    let linked = String::from_utf8_lossy(&ldd.stdout);
+    assert!(ldd.status.success() && !linked.contains("libtorch"), "the front end must not link libtorch:\n{linked}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let mixed: Vec<PathBuf> = [(2, 120, 4.0), (4, 80, 8.0), (8, 40, 32.0), (4, 9, 8.0)]
+        .into_iter()
+        .enumerate()
+        .map(|(i, (r, n, alpha))| random_client(&dir.path().join(format!("m{i}")), r, n, alpha, i as u32 + 1))
+        .collect();
+    let equal: Vec<PathBuf> = (0..3)
+        .map(|i| random_client(&dir.path().join(format!("e{i}")), 4, 10 + i as u64, 8.0, 50 + i as u32))
+        .collect();
+    let cases: [(&str, &[PathBuf], Option<&str>); 4] =
+        [("rbla", &mixed, None), ("rbla", &mixed, Some("12")), ("zero-pad", &mixed, None), ("fedavg", &equal, None)];
+    for (method, clients, max_rank) in cases {
+        let label = format!("{method} --max-rank {max_rank:?}");
+        let run = |path: &str| {
+            let out = dir.path().join(format!("{method}-{}-{path}", max_rank.unwrap_or("none")));
+            let mut command = aggregate(method, &out, clients);
+            if let Some(r) = max_rank {
+                command.args(["--max-rank", r]);
+            }
+            command.env("RUST_LOG", "debug");
+            if path == "torch" {
+                command.env("FLOTILLA_AGGREGATE_PATH", "torch");
+            }
+            (run_ok(&mut command), out)
+        };
+        let (fast, fast_out) = run("fast");
+        let (torch, torch_out) = run("torch");
+        let summary = |output: &Output, out: &Path| {
+            String::from_utf8_lossy(&output.stdout).replace(&out.display().to_string(), "OUT")
+        };
+        assert_eq!(summary(&fast, &fast_out), summary(&torch, &torch_out), "{label}: the same summary");
+        assert!(fast.stderr.is_empty(), "{label}: the fast path ran (no libtorch logs)");
+        assert!(!torch.stderr.is_empty(), "{label}: the libtorch path ran and logged its timings");
+        let (fast_tensors, fast_meta) = read_safetensors(&fast_out.join("adapter_model.safetensors"));
+        let (torch_tensors, torch_meta) = read_safetensors(&torch_out.join("adapter_model.safetensors"));
+        assert_eq!(fast_meta, torch_meta, "{label}");
+        assert_eq!(fast_tensors.len(), torch_tensors.len(), "{label}");
+        for (name, want) in &torch_tensors {
+            let got = &fast_tensors[name];
+            assert_eq!((got.rows, got.cols), (want.rows, want.cols), "{label} {name}");
+            for (g, w) in got.values.iter().zip(&want.values) {
+                if name.contains(".lora_") {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{label} {name}: {g} vs {w}");
+                } else {
+                    assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{label} {name}: {g} vs {w}");
+                }
+            }
+        }
+        assert_eq!(
+            std::fs::read_to_string(fast_out.join("adapter_config.json")).unwrap(),
+            std::fs::read_to_string(torch_out.join("adapter_config.json")).unwrap(),
+            "{label}"
+        );
+    }
+}

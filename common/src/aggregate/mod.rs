@@ -12,7 +12,6 @@ mod fedavg;
 mod flexlora;
 mod flora;
 mod hetlora;
-mod kernels;
 mod others;
 mod padded;
 mod rbla;

@@ -2,59 +2,59 @@
 //! zero-pad, hetlora, fedavg). They differ only in each client's weight per module and in the
 //! denominator; see each method's file for its formula.
 //!
-//! Per module it keeps `Σ (w_k/ρ_i)·A_k` (R_max × d_in) and `Σ (w_k/ρ_i)·B_k` (d_out × R_max) in f32,
-//! where `ρ_i` is the weight of the first client that covered slot i this round: the first
-//! contribution to a slot is added with factor exactly 1, so a slot only one client covers passes
-//! through bit-identical, and f32 keeps the accumulator traffic at twice the input bytes. Alongside:
-//! the per-slot relative weight `Σ_{k∈S_i} w_k/ρ_i`, the module's total weight and how many clients
-//! covered each slot. Memory is fixed by the global adapter's size, whatever the number of clients.
+//! The arithmetic and the per-slot bookkeeping are `flotilla_merge::slots` (shared with the offline
+//! fast path); here the sums live in f32 CPU tensors, one pair per module.
 
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use flotilla_merge::slots::{Factors, ModuleSlots};
+use tch::{Device, Kind, Tensor};
 
-use super::kernels;
 use super::others::OtherMeans;
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
+use crate::tensor::f32_storage_mut;
+
+pub(super) use flotilla_merge::slots::Denominator;
 
 struct ModuleSums {
     a: Tensor,
     b: Tensor,
-    /// ρ_i: the weight of slot i's first contributor (0 while none).
-    reference: Vec<f64>,
-    /// Σ_{k∈S_i} w_k / ρ_i.
-    relative_weight: Vec<f64>,
-    slot_clients: Vec<u32>,
-    total_weight: f64,
+    slots: ModuleSlots,
 }
 
-impl ModuleSums {
-    /// Runs of consecutive slots in `0..rank` that share a reference weight, after giving
-    /// uncovered slots the reference `w`: `(start, end, factor = w / ρ)`.
-    fn segments(&mut self, rank: usize, w: f64) -> Vec<(usize, usize, f64)> {
-        let mut out: Vec<(usize, usize, f64)> = Vec::new();
-        for slot in 0..rank {
-            if self.reference[slot] == 0.0 {
-                self.reference[slot] = w;
-            }
-            let factor = w / self.reference[slot];
-            match out.last_mut() {
-                Some((_, end, f)) if *f == factor => *end = slot + 1,
-                _ => out.push((slot, slot + 1, factor)),
-            }
-        }
-        out
+/// `t` as a contiguous f32 CPU tensor: itself (shallow) when it already is one, else a copy.
+fn contiguous_f32(t: &Tensor) -> Result<Tensor, AggregateError> {
+    if t.kind() == Kind::Float && t.device() == Device::Cpu && t.is_contiguous() {
+        Ok(t.shallow_clone())
+    } else {
+        Ok(t.f_to_device(Device::Cpu)?.f_to_kind(Kind::Float)?.f_contiguous()?)
     }
 }
 
-/// What a covered slot's weighted sum is divided by.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Denominator {
-    /// The weight of the clients that have the slot (RBLA, FedAvg).
-    Coverage,
-    /// The weight of every client of the round, as if missing slots were zeros (zero-pad, HetLoRA).
-    AllClients,
+/// The values of a contiguous f32 CPU tensor.
+///
+/// # Safety
+/// `t` must be a contiguous f32 CPU tensor not aliased by any live mutable view.
+unsafe fn values(t: &Tensor) -> &[f32] {
+    if t.numel() == 0 {
+        &[]
+    } else {
+        f32_storage_mut(t)
+    }
+}
+
+/// The values of a contiguous f32 CPU tensor, mutably.
+///
+/// # Safety
+/// `t` must be a contiguous f32 CPU tensor with no other live view of its storage.
+#[allow(clippy::mut_from_ref)] // a tensor handle is shared; its storage is what is borrowed
+unsafe fn values_mut(t: &Tensor) -> &mut [f32] {
+    if t.numel() == 0 {
+        &mut []
+    } else {
+        f32_storage_mut(t)
+    }
 }
 
 pub(super) struct SlotSums {
@@ -74,12 +74,9 @@ impl SlotSums {
             modules.insert(
                 module.clone(),
                 ModuleSums {
-                    a: Tensor::f_zeros(a.size(), (Kind::Float, a.device()))?,
-                    b: Tensor::f_zeros(b.size(), (Kind::Float, b.device()))?,
-                    reference: vec![0.0; r_max],
-                    relative_weight: vec![0.0; r_max],
-                    slot_clients: vec![0; r_max],
-                    total_weight: 0.0,
+                    a: Tensor::f_zeros(a.size(), (Kind::Float, Device::Cpu))?,
+                    b: Tensor::f_zeros(b.size(), (Kind::Float, Device::Cpu))?,
+                    slots: ModuleSlots::new(r_max),
                 },
             );
         }
@@ -100,9 +97,8 @@ impl SlotSums {
         self.folded
     }
 
-    /// Adds a validated update, `weight(module)` being its weight for a module:
-    /// `acc[s..e] += (w/ρ)·x[s..e]` for each run of slots sharing a reference. Shapes were
-    /// validated, so the only possible failure is libtorch itself.
+    /// Adds a validated update, `weight(module)` being its weight for a module (see
+    /// `ModuleSlots::fold`). Shapes were validated, so the only possible failure is libtorch itself.
     pub(super) fn add(
         &mut self,
         update: &ClientUpdate<'_>,
@@ -111,22 +107,12 @@ impl SlotSums {
         let rank = update.declared_rank;
         let b_factor = update.scale / self.target_scale;
         for (module, sums) in self.modules.iter_mut() {
-            let w = weight(module);
-            for slot in 0..rank {
-                sums.slot_clients[slot] += 1;
-            }
-            sums.total_weight += w;
-            if w == 0.0 {
-                continue; // covers its slots, contributes nothing
-            }
             let (a, b) = update.adapter.factors(module);
-            for (start, end, factor) in sums.segments(rank, w) {
-                kernels::add_rows(&sums.a, a, start, end, factor as f32)?;
-                kernels::add_cols(&sums.b, b, start, end, (factor * b_factor) as f32)?;
-                for slot in start..end {
-                    sums.relative_weight[slot] += factor;
-                }
-            }
+            let (a, b) = (contiguous_f32(a)?, contiguous_f32(b)?);
+            // SAFETY: the sums are contiguous f32 CPU tensors owned by this accumulator, with no other
+            // view; `a` and `b` are contiguous f32 CPU tensors only read here.
+            let (acc_a, acc_b, a, b) = unsafe { (values_mut(&sums.a), values_mut(&sums.b), values(&a), values(&b)) };
+            sums.slots.fold(acc_a, acc_b, Factors { a, b, rank }, weight(module), b_factor);
         }
         self.others.add(update)?;
         self.folded += 1;
@@ -139,31 +125,13 @@ impl SlotSums {
         let mut tensors = BTreeMap::new();
         for (module, sums) in std::mem::take(&mut self.modules) {
             let (prev_a, prev_b) = self.previous.factors(&module);
-            let ModuleSums { mut a, mut b, reference, relative_weight, slot_clients, total_weight } = sums;
-            // Per slot: the divisor in units of ρ_i, or None to keep the previous value.
-            let divisors: Vec<Option<f64>> = (0..relative_weight.len())
-                .map(|i| {
-                    let d = match denominator {
-                        Denominator::Coverage => relative_weight[i],
-                        Denominator::AllClients if reference[i] > 0.0 => total_weight / reference[i],
-                        Denominator::AllClients => 0.0,
-                    };
-                    (slot_clients[i] > 0 && d > 0.0).then_some(d)
-                })
-                .collect();
-            let scale =
-                Tensor::from_slice(&divisors.iter().map(|d| (1.0 / d.unwrap_or(1.0)) as f32).collect::<Vec<_>>());
-            let _ = a.f_mul_(&scale.f_unsqueeze(1)?)?;
-            let _ = b.f_mul_(&scale.f_unsqueeze(0)?)?;
-            for (slot, d) in divisors.iter().enumerate() {
-                if d.is_none() {
-                    let slot = slot as i64;
-                    a.f_narrow(0, slot, 1)?.f_copy_(&prev_a.f_narrow(0, slot, 1)?)?;
-                    b.f_narrow(1, slot, 1)?.f_copy_(&prev_b.f_narrow(1, slot, 1)?)?;
-                }
-            }
-            tensors.insert(lora_a_name(&module), a);
-            tensors.insert(lora_b_name(&module), b);
+            let (prev_a, prev_b) = (contiguous_f32(prev_a)?, contiguous_f32(prev_b)?);
+            // SAFETY: as in `add`; the previous factors are only read.
+            let (acc_a, acc_b, prev_a, prev_b) =
+                unsafe { (values_mut(&sums.a), values_mut(&sums.b), values(&prev_a), values(&prev_b)) };
+            sums.slots.finish(denominator, acc_a, acc_b, Some(prev_a), Some(prev_b));
+            tensors.insert(lora_a_name(&module), sums.a);
+            tensors.insert(lora_b_name(&module), sums.b);
         }
         self.others.finish(&self.previous, &mut tensors)?;
         Ok(Adapter::new(tensors)?)

@@ -78,9 +78,7 @@ pub fn seeded_normal(shape: &[usize], std: f64, seed: u64) -> Tensor {
 
 /// An f32 tensor uniform in `[-bound, bound)`, reproducible from `seed`.
 pub fn seeded_uniform(shape: &[usize], bound: f64, seed: u64) -> Tensor {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let values: Vec<f32> = (0..n).map(|_| rng.random_range(-bound..bound) as f32).collect();
+    let values = flotilla_merge::init::seeded_uniform_values(shape.iter().product(), bound, seed);
     Tensor::from_slice(&values).reshape(shape.iter().map(|&d| d as i64).collect::<Vec<_>>())
 }
 
