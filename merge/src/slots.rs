@@ -112,13 +112,17 @@ impl ModuleSlots {
                 (None, None) => row.fill(0.0),
             }
         }
-        for (o, row) in acc_b.chunks_exact_mut(r_max).enumerate() {
-            for (slot, v) in row.iter_mut().enumerate() {
-                *v = match (divisors[slot], previous_b) {
-                    (Some(_), _) => *v * scale[slot],
-                    (None, Some(previous)) => previous[o * r_max + slot],
-                    (None, None) => 0.0,
-                };
+        for row in acc_b.chunks_exact_mut(r_max) {
+            for (v, s) in row.iter_mut().zip(&scale) {
+                *v *= s;
+            }
+        }
+        let uncovered: Vec<usize> = (0..r_max).filter(|&slot| divisors[slot].is_none()).collect();
+        if !uncovered.is_empty() {
+            for (o, row) in acc_b.chunks_exact_mut(r_max).enumerate() {
+                for &slot in &uncovered {
+                    row[slot] = previous_b.map_or(0.0, |p| p[o * r_max + slot]);
+                }
             }
         }
     }
