@@ -50,6 +50,10 @@ pub mod close {
     pub const REPLACED: u32 = 2;
     /// The certificate the session was opened with has expired.
     pub const CERTIFICATE_EXPIRED: u32 = 3;
+    /// Admission did not complete in time (no Hello); the device reconnects with backoff. Under a
+    /// burst of thousands of handshakes a device may be too slow to send its Hello, which is no
+    /// reason to refuse it for good.
+    pub const TRY_AGAIN: u32 = 4;
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -83,6 +83,14 @@ pub struct ServerSection {
     /// If set, the bound address is written here once listening (useful with port 0).
     #[serde(default)]
     pub address_file: Option<PathBuf>,
+    /// How long a device has, once its handshake is done, to send its Hello. One that is late is
+    /// closed with "try again" (close code 4) and reconnects; it is not refused.
+    #[serde(default = "default_hello_timeout_secs")]
+    pub hello_timeout_secs: u64,
+}
+
+fn default_hello_timeout_secs() -> u64 {
+    10
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

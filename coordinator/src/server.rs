@@ -31,7 +31,6 @@ use crate::report::{previous_initial_evaluation, write_summary, RoundSummary, Ru
 /// Limits for the frames a device sends before it is admitted.
 const HELLO_LIMITS: FrameLimits =
     FrameLimits { max_header_bytes: 16 << 10, max_tensors: 0, max_tensor_dims: 0, max_body_bytes: 0 };
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a refused device gets to receive the Refusal before its connection is closed.
 const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
 /// QUIC close reasons travel in one packet: keep them short.
@@ -247,6 +246,12 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<Shared>) {
     };
     let rank = match admit(&connection, &identity, &shared).await {
         Ok(rank) => rank,
+        Err(error) if error.chain().any(|e| e.is::<tokio::time::error::Elapsed>()) => {
+            warn!(device = %identity, %remote, "admission timed out, the device may try again: {error:#}");
+            metrics::counter!("fl_admission_timeouts_total").increment(1);
+            connection.close(close::TRY_AGAIN.into(), b"no hello in time; try again");
+            return;
+        }
         Err(error) => {
             warn!(device = %identity, %remote, "not admitted: {error:#}");
             // The close reason repeats the refusal for peers that did not wait for the answer.
@@ -332,9 +337,10 @@ async fn renew(identity: &str, csr_pem: String, shared: &Shared) -> CoordinatorM
 
 /// Hello → Welcome or Refusal. The session is bound to the identity in the certificate.
 async fn admit(connection: &quinn::Connection, identity: &str, shared: &Shared) -> anyhow::Result<u32> {
+    let hello_timeout = Duration::from_secs(shared.config.server.hello_timeout_secs);
     let (mut send, mut recv) =
-        tokio::time::timeout(HELLO_TIMEOUT, connection.accept_bi()).await.context("no hello in time")??;
-    let (message, _) = tokio::time::timeout(HELLO_TIMEOUT, read_frame::<_, DeviceMessage>(&mut recv, &HELLO_LIMITS))
+        tokio::time::timeout(hello_timeout, connection.accept_bi()).await.context("no hello in time")??;
+    let (message, _) = tokio::time::timeout(hello_timeout, read_frame::<_, DeviceMessage>(&mut recv, &HELLO_LIMITS))
         .await
         .context("no hello in time")??;
     let refusal = |reason: String| CoordinatorMessage::Refusal(Refusal { reason });

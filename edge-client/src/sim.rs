@@ -196,8 +196,14 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
                 report.finished += 1;
                 report.rounds_trained.insert(id, done.rounds_trained);
             }
-            Err(SessionError::Fatal(message)) => report.fatal.push((id, message)),
-            Err(SessionError::Transient(message)) => report.transient.push((id, message)),
+            Err(SessionError::Fatal(message)) => {
+                tracing::error!(device = %id, "virtual device stopped: {message}");
+                report.fatal.push((id, message));
+            }
+            Err(SessionError::Transient(message)) => {
+                tracing::warn!(device = %id, "virtual device gave up: {message}");
+                report.transient.push((id, message));
+            }
             Err(SessionError::Stopped(message)) => report.stopped.push((id, message)),
         }
     }

@@ -85,7 +85,7 @@ fn hostile_peers_are_refused_with_reasons_while_an_honest_device_trains() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let pki = run.join("pki");
-    provision(&pki, &["honest", "mallory", "eve", "stolen"]);
+    provision(&pki, &["honest", "mallory", "eve", "stolen", "silent"]);
     certs(&pki, &["revoke", "--id", "stolen"]);
     let rogue = run.join("rogue-pki");
     certs(&rogue, &["init", "--name", "Rogue CA"]);
@@ -93,7 +93,7 @@ fn hostile_peers_are_refused_with_reasons_while_an_honest_device_trains() {
     expired_kit(&pki, "expired", &run.join("expired-kit"));
 
     let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\nhello_timeout_secs = 2\n\
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\ncrl = \"{run}/pki/crl.pem\"\n\
          [limits]\nmax_body_bytes = 65536\n\
          [round]\nrounds = 2\nmin_devices = 2\nmin_updates = 1\ngrace_secs = 60\ndeadline_secs = 120\nlocal_steps = 5\n\
@@ -139,6 +139,16 @@ fn hostile_peers_are_refused_with_reasons_while_an_honest_device_trains() {
         match wire::hello(&liar, "honest", 2).await.unwrap() {
             Reply::Refusal { reason } => assert!(reason.contains("claims device id 'honest'"), "{reason}"),
             other => panic!("a Hello claiming another id was answered with {other:?}"),
+        }
+
+        // ---- A peer that completes the handshake and says nothing: closed with "try again" (code 4),
+        // not refused, so a device too slow under a burst of handshakes reconnects. ----
+        let silent = wire::connect(&wire::endpoint(&kit("silent")).unwrap(), address).await.unwrap();
+        match tokio::time::timeout(Duration::from_secs(30), silent.closed()).await {
+            Ok(quinn::ConnectionError::ApplicationClosed(close)) => {
+                assert_eq!(close.error_code, quinn::VarInt::from_u32(4), "{close:?}")
+            }
+            other => panic!("a silent peer should be closed with code 4, got {other:?}"),
         }
 
         // ---- Mallory joins properly and gets round 1. ----
