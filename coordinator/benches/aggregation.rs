@@ -112,42 +112,56 @@ fn main() {
     );
 
     for method in methods {
-        let mut fold_time = 0.0;
-        let mut finish_time = 0.0;
-        let mut notes = Vec::new();
+        let names: Vec<String> = (0..clients.len()).map(|k| format!("client-{k}")).collect();
+        let updates: Vec<ClientUpdate<'_>> = clients
+            .iter()
+            .zip(&names)
+            .map(|((adapter, n), name)| ClientUpdate {
+                client: name,
+                declared_rank: adapter.rank(),
+                num_samples: *n,
+                scale: 1.0,
+                adapter,
+            })
+            .collect();
+        // One at a time, as updates that trickle in are folded; then all together, as the
+        // coordinator folds updates that queued up (`Aggregator::fold_batch`).
         let runs = if method == Method::FlexLora { 1 } else { 2 };
-        let mut best = f64::INFINITY;
-        for _ in 0..runs {
-            let mut acc = method.start(&global, 1.0).expect("start");
-            let fold = seconds(|| {
-                for (k, (adapter, n)) in clients.iter().enumerate() {
-                    let name = format!("client-{k}");
-                    acc.fold(&ClientUpdate {
-                        client: &name,
-                        declared_rank: adapter.rank(),
-                        num_samples: *n,
-                        scale: 1.0,
-                        adapter,
-                    })
-                    .expect("valid update");
-                }
-            });
-            let mut result = None;
-            let finish = seconds(|| result = Some(acc.finish().expect("finish")));
-            if fold + finish < best {
-                best = fold + finish;
-                fold_time = fold;
-                finish_time = finish;
-                notes = result.map(|r| r.notes).unwrap_or_default();
+        let mut notes = Vec::new();
+        for together in [false, true] {
+            if together && !matches!(method, Method::Rbla | Method::ZeroPad | Method::HetLora) {
+                continue; // the other methods fold one at a time either way
             }
+            let (mut fold_time, mut finish_time, mut best) = (0.0, 0.0, f64::INFINITY);
+            for _ in 0..runs {
+                let mut acc = method.start(&global, 1.0).expect("start");
+                let fold = seconds(|| {
+                    if together {
+                        assert!(acc.fold_batch(&updates).iter().all(Result::is_ok), "valid updates");
+                    } else {
+                        for update in &updates {
+                            acc.fold(update).expect("valid update");
+                        }
+                    }
+                });
+                let mut result = None;
+                let finish = seconds(|| result = Some(acc.finish().expect("finish")));
+                if fold + finish < best {
+                    best = fold + finish;
+                    fold_time = fold;
+                    finish_time = finish;
+                    notes = result.map(|r| r.notes).unwrap_or_default();
+                }
+            }
+            let how = if together { "together" } else { "one at a time" };
+            println!(
+                "| {method}: fold {CLIENTS} updates {how} {:.3} s + finish {:.3} s | {:.3} s | {:.2} |",
+                fold_time,
+                finish_time,
+                fold_time + finish_time,
+                (fold_time + finish_time) / read
+            );
         }
-        println!(
-            "| {method}: fold {CLIENTS} updates {:.3} s + finish {:.3} s | {:.3} s | {:.2} |",
-            fold_time,
-            finish_time,
-            fold_time + finish_time,
-            (fold_time + finish_time) / read
-        );
         if method == Method::FlexLora {
             let worst = notes
                 .iter()

@@ -34,6 +34,18 @@ pub enum Command {
     Discard { round: u32, reply: oneshot::Sender<Result<(), String>> },
 }
 
+/// The most updates folded together; the rest of the queue waits for the next batch.
+const MAX_BATCH: usize = 64;
+
+struct PendingFold {
+    device: String,
+    round: u32,
+    rank: u32,
+    num_samples: u64,
+    tensors: DecodedTensors,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
 #[derive(Debug, Clone)]
 pub struct RoundOutcome {
     pub round: u32,
@@ -120,13 +132,29 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, receiver: mpsc::Receiver<Command>) {
-        while let Ok(command) = receiver.recv() {
+        let mut next = None;
+        while let Some(command) = next.take().or_else(|| receiver.recv().ok()) {
             match command {
                 Command::Slices { ranks, reply } => {
                     let _ = reply.send(self.slices(&ranks));
                 }
                 Command::Fold { device, round, rank, num_samples, tensors, reply } => {
-                    let _ = reply.send(self.fold(&device, round, rank, num_samples, tensors));
+                    // Updates that queued up meanwhile are folded together (module by module, the
+                    // same result as one by one); the first other command waits for them.
+                    let mut batch = vec![PendingFold { device, round, rank, num_samples, tensors, reply }];
+                    while batch.len() < MAX_BATCH {
+                        match receiver.try_recv() {
+                            Ok(Command::Fold { device, round, rank, num_samples, tensors, reply }) => {
+                                batch.push(PendingFold { device, round, rank, num_samples, tensors, reply })
+                            }
+                            Ok(other) => {
+                                next = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    self.fold_batch(batch);
                 }
                 Command::Finish { round, record, reply } => {
                     let _ = reply.send(self.finish(round, record));
@@ -151,34 +179,55 @@ impl Worker {
         Ok(out)
     }
 
-    fn fold(
-        &mut self,
-        device: &str,
-        round: u32,
-        rank: u32,
-        num_samples: u64,
-        tensors: DecodedTensors,
-    ) -> Result<(), String> {
-        let adapter = Adapter::from_decoded(tensors).map_err(|e| format!("update from '{device}' rejected: {e}"))?;
-        let update = ClientUpdate {
-            client: device,
-            declared_rank: rank as usize,
-            num_samples,
-            scale: self.settings.scale(),
-            adapter: &adapter,
-        };
-        let accumulator = self.accumulator.as_mut().ok_or("no round is being aggregated")?;
-        accumulator.fold(&update).map_err(|e| e.to_string())?;
-        self.round_ranks.insert(rank as usize);
-        if self.settings.record_updates {
-            let dir = self.settings.run_dir.join("updates").join(format!("round-{round}")).join(device);
-            let metadata = HashMap::from([(NUM_SAMPLES_KEY.to_string(), num_samples.to_string())]);
-            let config = peft_config_for(&adapter, self.settings.lora_alpha * rank as f64 / self.global.rank() as f64);
-            if let Err(e) = adapter.save_peft(&dir, &config, metadata) {
-                tracing::error!(device, round, "cannot record update: {e}");
+    /// Folds the batch and answers each update.
+    fn fold_batch(&mut self, batch: Vec<PendingFold>) {
+        let mut replies = Vec::with_capacity(batch.len());
+        let mut decoded = Vec::with_capacity(batch.len());
+        for PendingFold { device, round, rank, num_samples, tensors, reply } in batch {
+            match Adapter::from_decoded(tensors) {
+                Ok(adapter) => decoded.push((device, round, rank, num_samples, adapter, reply)),
+                Err(e) => replies.push((reply, Err(format!("update from '{device}' rejected: {e}")))),
             }
         }
-        Ok(())
+        let scale = self.settings.scale();
+        let updates: Vec<ClientUpdate<'_>> = decoded
+            .iter()
+            .map(|(device, _, rank, num_samples, adapter, _)| ClientUpdate {
+                client: device,
+                declared_rank: *rank as usize,
+                num_samples: *num_samples,
+                scale,
+                adapter,
+            })
+            .collect();
+        let results: Vec<Result<(), String>> = match self.accumulator.as_mut() {
+            Some(accumulator) => {
+                accumulator.fold_batch(&updates).into_iter().map(|r| r.map_err(|e| e.to_string())).collect()
+            }
+            None => updates.iter().map(|_| Err("no round is being aggregated".to_string())).collect(),
+        };
+        drop(updates);
+        for ((device, round, rank, num_samples, adapter, reply), result) in decoded.into_iter().zip(results) {
+            if result.is_ok() {
+                self.round_ranks.insert(rank as usize);
+                if self.settings.record_updates {
+                    self.record_update(&device, round, rank, num_samples, &adapter);
+                }
+            }
+            replies.push((reply, result));
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+    }
+
+    fn record_update(&self, device: &str, round: u32, rank: u32, num_samples: u64, adapter: &Adapter) {
+        let dir = self.settings.run_dir.join("updates").join(format!("round-{round}")).join(device);
+        let metadata = HashMap::from([(NUM_SAMPLES_KEY.to_string(), num_samples.to_string())]);
+        let config = peft_config_for(adapter, self.settings.lora_alpha * rank as f64 / self.global.rank() as f64);
+        if let Err(e) = adapter.save_peft(&dir, &config, metadata) {
+            tracing::error!(device, round, "cannot record update: {e}");
+        }
     }
 
     fn finish(&mut self, round: u32, mut record: RoundSummary) -> Result<RoundOutcome, String> {

@@ -29,6 +29,16 @@ impl HetLora {
     pub fn new(global: &Adapter, scale: f64) -> Result<HetLora, AggregateError> {
         Ok(HetLora { sums: SlotSums::new(global, scale)?, scale })
     }
+
+    /// Each module's weight `‖s_k·B_k·A_k‖_F` for a validated update.
+    fn norms(&self, update: &ClientUpdate<'_>) -> Result<BTreeMap<String, f64>, AggregateError> {
+        let mut norms = BTreeMap::new();
+        for module in update.adapter.modules() {
+            let (a, b) = update.adapter.factors(module);
+            norms.insert(module.clone(), product_norm(a, &scaled_b(b, update.scale, self.scale)?)?);
+        }
+        Ok(norms)
+    }
 }
 
 /// `‖B·A‖_F` through the r × r Gram matrices.
@@ -48,12 +58,35 @@ impl Aggregator for HetLora {
 
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
         validate_update(self.sums.previous(), update)?;
-        let mut norms = BTreeMap::new();
-        for module in update.adapter.modules() {
-            let (a, b) = update.adapter.factors(module);
-            norms.insert(module.clone(), product_norm(a, &scaled_b(b, update.scale, self.scale)?)?);
-        }
+        let norms = self.norms(update)?;
         self.sums.add(update, |module| norms[module])
+    }
+
+    fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
+        let mut results = Vec::with_capacity(updates.len());
+        let mut valid = Vec::new();
+        for update in updates {
+            match validate_update(self.sums.previous(), update).and_then(|()| self.norms(update)) {
+                Ok(norms) => {
+                    valid.push((update, norms));
+                    results.push(Ok(()));
+                }
+                Err(error) => results.push(Err(error)),
+            }
+        }
+        let batch: Vec<&ClientUpdate<'_>> = valid.iter().map(|(u, _)| *u).collect();
+        if let Err(error) = self.sums.add_batch(&batch, |i, module| valid[i].1[module]) {
+            let message = error.to_string();
+            for (update, result) in updates.iter().zip(results.iter_mut()) {
+                if result.is_ok() {
+                    *result = Err(AggregateError::InvalidUpdate {
+                        client: update.client.to_string(),
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
+        results
     }
 
     fn folded(&self) -> usize {

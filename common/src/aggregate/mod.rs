@@ -74,6 +74,13 @@ pub trait Aggregator: Send {
     /// Validates `update` against the global adapter and folds it in. On error the accumulator is
     /// untouched.
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError>;
+    /// Folds updates that arrived together, each validated on its own (one result per update, in
+    /// order); the accumulator ends as if they had been folded one by one in that order. The
+    /// slot-wise methods fold them module by module, so a module's sums stay in cache while the
+    /// updates stream past once (about half the memory traffic of one at a time).
+    fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
+        updates.iter().map(|update| self.fold(update)).collect()
+    }
     /// How many updates were folded in.
     fn folded(&self) -> usize;
     /// The next global adapter.

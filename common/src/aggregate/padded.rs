@@ -104,18 +104,33 @@ impl SlotSums {
         update: &ClientUpdate<'_>,
         weight: impl Fn(&str) -> f64,
     ) -> Result<(), AggregateError> {
-        let rank = update.declared_rank;
-        let b_factor = update.scale / self.target_scale;
+        self.add_batch(&[update], |_, module| weight(module))
+    }
+
+    /// Adds validated updates in order, module by module: the same sums as adding them one at a
+    /// time, with each module's sums read and written once for the whole batch. `weight(i, module)`
+    /// is update i's weight for a module.
+    pub(super) fn add_batch(
+        &mut self,
+        updates: &[&ClientUpdate<'_>],
+        weight: impl Fn(usize, &str) -> f64,
+    ) -> Result<(), AggregateError> {
         for (module, sums) in self.modules.iter_mut() {
-            let (a, b) = update.adapter.factors(module);
-            let (a, b) = (contiguous_f32(a)?, contiguous_f32(b)?);
-            // SAFETY: the sums are contiguous f32 CPU tensors owned by this accumulator, with no other
-            // view; `a` and `b` are contiguous f32 CPU tensors only read here.
-            let (acc_a, acc_b, a, b) = unsafe { (values_mut(&sums.a), values_mut(&sums.b), values(&a), values(&b)) };
-            sums.slots.fold(acc_a, acc_b, Factors { a, b, rank }, weight(module), b_factor);
+            for (i, update) in updates.iter().enumerate() {
+                let (a, b) = update.adapter.factors(module);
+                let (a, b) = (contiguous_f32(a)?, contiguous_f32(b)?);
+                // SAFETY: the sums are contiguous f32 CPU tensors owned by this accumulator, with no
+                // other view; `a` and `b` are contiguous f32 CPU tensors only read here.
+                let (acc_a, acc_b, a, b) =
+                    unsafe { (values_mut(&sums.a), values_mut(&sums.b), values(&a), values(&b)) };
+                let factors = Factors { a, b, rank: update.declared_rank };
+                sums.slots.fold(acc_a, acc_b, factors, weight(i, module), update.scale / self.target_scale);
+            }
         }
-        self.others.add(update)?;
-        self.folded += 1;
+        for update in updates {
+            self.others.add(update)?;
+        }
+        self.folded += updates.len();
         Ok(())
     }
 
@@ -177,6 +192,24 @@ impl Aggregator for SampleWeighted {
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
         self.check(update)?;
         self.sums.add(update, |_| update.num_samples as f64)
+    }
+
+    fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
+        let mut results: Vec<Result<(), AggregateError>> = updates.iter().map(|u| self.check(u)).collect();
+        let valid: Vec<&ClientUpdate<'_>> =
+            updates.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(u, _)| u).collect();
+        if let Err(error) = self.sums.add_batch(&valid, |i, _| valid[i].num_samples as f64) {
+            let message = error.to_string();
+            for (update, result) in updates.iter().zip(results.iter_mut()) {
+                if result.is_ok() {
+                    *result = Err(AggregateError::InvalidUpdate {
+                        client: update.client.to_string(),
+                        message: message.clone(),
+                    });
+                }
+            }
+        }
+        results
     }
 
     fn folded(&self) -> usize {

@@ -726,3 +726,42 @@ fn assert_close_head(out: &Adapter, clients: &[&Client]) {
         assert!((g - w).abs() < 1e-5 * (1.0 + w.abs()));
     }
 }
+
+// ---------- folding queued updates together equals folding them one by one ----------
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
+
+    #[test]
+    fn a_batch_folds_exactly_as_one_by_one_and_rejects_only_its_bad_updates(
+        (members, seed, order) in fleet(),
+        bad_at in 0usize..6,
+    ) {
+        let global = random_adapter(R_MAX, seed % 1000);
+        let mut clients: Vec<Client> = order
+            .iter()
+            .map(|&k| client(members[k].0, members[k].1, seed % 997 + 1 + k as u64))
+            .collect();
+        // A rank above R_max, somewhere in the batch: rejected, and nothing of it folded.
+        let bad = Client { name: "too-big".into(), adapter: random_adapter(R_MAX * 2, seed % 991), n: 5, scale: 1.0 };
+        let bad_at = bad_at.min(clients.len());
+        clients.insert(bad_at, bad);
+        let updates: Vec<ClientUpdate<'_>> = clients.iter().map(update).collect();
+        for method in Method::ALL {
+            let mut one_by_one = method.start(&global, 1.0).unwrap();
+            let singles: Vec<bool> = updates.iter().map(|u| one_by_one.fold(u).is_ok()).collect();
+            let mut together = method.start(&global, 1.0).unwrap();
+            let batch: Vec<bool> = together.fold_batch(&updates).iter().map(Result::is_ok).collect();
+            prop_assert_eq!(&batch, &singles, "{}: the same updates accepted", method);
+            prop_assert!(!batch[bad_at], "{}: the bad update is rejected", method);
+            prop_assert_eq!(together.folded(), one_by_one.folded());
+            if one_by_one.folded() == 0 {
+                continue;
+            }
+            let (a, b) = (one_by_one.finish().unwrap().adapter, together.finish().unwrap().adapter);
+            for (name, t) in a.tensors() {
+                prop_assert!(t.equal(&b.tensors()[name]), "{} {}: not bit-identical", method, name);
+            }
+        }
+    }
+}
