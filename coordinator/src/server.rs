@@ -409,6 +409,8 @@ struct RoundDriver {
     engine: Engine,
     sessions: HashMap<String, quinn::Connection>,
     ranks: HashMap<String, u32>,
+    /// Every rank a device has joined with: the `fl_round_participants` gauges' labels.
+    rank_labels: std::collections::BTreeSet<u32>,
     uploads: HashMap<String, (Update, DecodedTensors, oneshot::Sender<CoordinatorMessage>)>,
     accepted: BTreeMap<u32, Vec<UpdateSummary>>,
     round_started: HashMap<u32, Instant>,
@@ -444,6 +446,7 @@ impl RoundDriver {
             engine,
             sessions: HashMap::new(),
             ranks: HashMap::new(),
+            rank_labels: std::collections::BTreeSet::new(),
             uploads: HashMap::new(),
             accepted: BTreeMap::new(),
             round_started: HashMap::new(),
@@ -461,6 +464,7 @@ impl RoundDriver {
                         old.close(close::REPLACED.into(), b"replaced by a newer connection");
                     }
                     self.ranks.insert(device.clone(), rank);
+                    self.rank_labels.insert(rank);
                     Event::DeviceJoined { device, rank }
                 }
                 Input::Left { device, connection_id } => {
@@ -530,7 +534,7 @@ impl RoundDriver {
         };
         metrics::gauge!("fl_round").set(f64::from(round));
         metrics::gauge!("fl_clients_connected").set(self.engine.connected() as f64);
-        let by_rank = self.engine.participants_by_rank();
+        let by_rank = self.engine.participants_by_rank().clone();
         if let Ok(mut status) = self.status.write() {
             *status = Status {
                 phase: phase.name().to_string(),
@@ -543,7 +547,7 @@ impl RoundDriver {
                 participants_by_rank: by_rank.clone(),
             };
         }
-        for rank in self.ranks.values().copied().collect::<std::collections::BTreeSet<_>>() {
+        for &rank in &self.rank_labels {
             let count = by_rank.get(&rank).copied().unwrap_or(0);
             metrics::gauge!("fl_round_participants", "rank" => rank.to_string()).set(count as f64);
         }
