@@ -60,6 +60,7 @@ block="$out/block.md"
     echo "Run: $(date -u +%Y-%m-%d), \`bash deploy/benchmarks.sh$([ "$full" = 1 ] && echo " --full")\`."
     echo "Machine: $(nproc) CPUs ($(sed -n 's/^model name\s*: //p' /proc/cpuinfo | head -1)), $(free -g | awk '/^Mem:/ {print $2}') GiB RAM,"
     echo "$(uname -sr), $(rustc --version | cut -d' ' -f1-2), libtorch $(sed -n "s/^__version__ = '\([^']*\)'.*/\1/p" "$LIBTORCH/version.py") on the CPU, one libtorch thread per trainer."
+    echo "UDP socket buffers: net.core.rmem_max = $(cat /proc/sys/net/core/rmem_max), net.core.wmem_max = $(cat /proc/sys/net/core/wmem_max) bytes (the endpoints ask for 8 MiB)."
     echo
     echo "### Local training step: tch against PyTorch"
     echo
