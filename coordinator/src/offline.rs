@@ -24,6 +24,7 @@ use flotilla_common::adapter::{
 };
 use flotilla_common::aggregate::{ClientUpdate, Method};
 use flotilla_common::data::seeded_uniform;
+use flotilla_merge::peft::MAX_RANK;
 use tch::{Kind, Tensor};
 
 pub struct OfflineRequest {
@@ -52,8 +53,8 @@ fn read_config(dir: &Path) -> Result<PeftConfig> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
     let config: PeftConfig =
         serde_json::from_str(&text).with_context(|| format!("{}: not a valid adapter config", path.display()))?;
-    if config.r == 0 {
-        bail!("{}: r must be at least 1", path.display());
+    if config.r == 0 || config.r > MAX_RANK {
+        bail!("{}: r = {} is outside 1..={MAX_RANK}", path.display(), config.r);
     }
     if !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
         bail!("{}: lora_alpha must be a positive number, got {}", path.display(), config.lora_alpha);
@@ -139,6 +140,7 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     };
     let max_input_rank = largest.config.r;
     let out_rank_slots = match request.max_rank {
+        Some(r) if r > MAX_RANK => bail!("--max-rank {r} is above the largest supported rank, {MAX_RANK}"),
         Some(r) if r < max_input_rank => bail!(
             "--max-rank {r} is below the rank of {} ({max_input_rank}); it must be at least the largest input rank",
             largest.dir.display()
@@ -157,6 +159,18 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     }
 
     let shapes = peft_shapes(&largest.dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    // The template is sized by the largest input's declared rank: check it against its tensors
+    // first, so that a config that lies about r cannot size anything.
+    if let Some((name, shape)) = shapes.iter().find(|(n, _)| matches!(tensor_role(n), TensorRole::LoraA(_))) {
+        if shape.first() != Some(&max_input_rank) {
+            bail!(
+                "{}: {} says r = {max_input_rank} but the tensors have rank {} ('{name}')",
+                largest.dir.display(),
+                ADAPTER_CONFIG_FILE,
+                shape.first().copied().unwrap_or(0)
+            );
+        }
+    }
     let global = template(&shapes, out_rank_slots).with_context(|| format!("{}", largest.dir.display()))?;
     let mut accumulator = request.method.start(&global, target_scale)?;
     let (mut load_s, mut fold_s) = (0.0, 0.0);

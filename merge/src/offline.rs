@@ -30,7 +30,7 @@ use std::time::Instant;
 
 use crate::init::seeded_uniform_values;
 use crate::peft::{
-    lora_a_name, lora_b_name, tensor_role, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
+    lora_a_name, lora_b_name, tensor_role, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MAX_RANK,
     NUM_SAMPLES_KEY,
 };
 use crate::slots::{Denominator, Factors, ModuleSlots};
@@ -140,7 +140,7 @@ fn open_client(dir: &Path) -> Result<Client, Declined> {
     let Ok(config) = serde_json::from_str::<PeftConfig>(&text) else {
         return decline(format!("{}: not a valid adapter config", config_path.display()));
     };
-    if config.r == 0 || !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
+    if config.r == 0 || config.r > MAX_RANK || !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
         return decline(format!("{}: r or lora_alpha out of range", config_path.display()));
     }
     let path = dir.join(ADAPTER_WEIGHTS_FILE);
@@ -245,8 +245,8 @@ pub fn merge(request: &Request) -> Result<Report, Declined> {
     let Some(template) = clients.iter().max_by_key(|c| c.config.r) else { return decline("no inputs") };
     let max_input_rank = template.config.r;
     let r_max = request.max_rank.unwrap_or(max_input_rank);
-    if r_max < max_input_rank {
-        return decline("--max-rank below the largest input rank");
+    if r_max < max_input_rank || r_max > MAX_RANK {
+        return decline("--max-rank below the largest input rank or above MAX_RANK");
     }
     for client in &clients {
         check_against(template, client)?;

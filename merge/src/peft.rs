@@ -17,6 +17,9 @@ pub const ADAPTER_WEIGHTS_FILE: &str = "adapter_model.safetensors";
 pub const ADAPTER_CONFIG_FILE: &str = "adapter_config.json";
 /// safetensors metadata key holding a client's sample count (a decimal string).
 pub const NUM_SAMPLES_KEY: &str = "num_samples";
+/// The largest LoRA rank an adapter config or `--max-rank` may ask for: far above any useful rank,
+/// low enough that a lying config cannot make the merge allocate without bound.
+pub const MAX_RANK: usize = 65_536;
 
 /// What a tensor is, from its name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

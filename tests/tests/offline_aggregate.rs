@@ -156,6 +156,17 @@ fn bad_inputs_get_one_clear_line_naming_the_file() {
     );
     assert_fails(&mut aggregate("rbla", &out, &[good[2].clone(), other_layer]), &["other-layer", "other.lora_A"]);
 
+    // The largest input sizes the result, so its rank is checked before anything is allocated.
+    let giant = root.join("giant");
+    worked_client(&giant, 1.0, 2, Some(5), 4.0);
+    let config =
+        std::fs::read_to_string(giant.join("adapter_config.json")).unwrap().replace("\"r\": 2", "\"r\": 60000");
+    std::fs::write(giant.join("adapter_config.json"), config).unwrap();
+    assert_fails(&mut aggregate("rbla", &out, &[good[2].clone(), giant.clone()]), &["giant", "r = 60000", "rank 2"]);
+    std::fs::write(giant.join("adapter_config.json"), r#"{"r": 100000000000, "lora_alpha": 4}"#).unwrap();
+    assert_fails(&mut aggregate("rbla", &out, &[good[2].clone(), giant]), &["giant", "outside 1..=65536"]);
+    assert_fails(aggregate("rbla", &out, &good).args(["--max-rank", "1000000000"]), &["--max-rank 1000000000"]);
+
     assert_fails(&mut aggregate("fedavg", &out, &good), &["c2", "fedavg"]);
     assert_fails(aggregate("rbla", &out, &good).args(["--max-rank", "4"]), &["--max-rank 4"]);
     // An unknown method is refused by the argument parser, which lists the known ones.
