@@ -18,32 +18,36 @@ use crate::report::RoundSummary;
 
 pub enum Command {
     /// The global adapter sliced to each rank, packed for the wire.
-    Slices { ranks: Vec<u32>, reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>> },
-    Fold {
-        device: String,
-        round: u32,
-        rank: u32,
-        num_samples: u64,
-        tensors: DecodedTensors,
-        reply: oneshot::Sender<Result<(), String>>,
+    Slices {
+        ranks: Vec<u32>,
+        reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>>,
     },
+    Fold(FoldRequest),
     /// Ends the round: `record` holds what the driver knows (updates, duration); the worker adds
     /// the aggregation time and the evaluation and keeps it in the checkpoint.
-    Finish { round: u32, record: RoundSummary, reply: oneshot::Sender<Result<RoundOutcome, String>> },
+    Finish {
+        round: u32,
+        record: RoundSummary,
+        reply: oneshot::Sender<Result<RoundOutcome, String>>,
+    },
     /// Drop what the current round folded (a skipped round); the global adapter is unchanged.
-    Discard { round: u32, reply: oneshot::Sender<Result<(), String>> },
+    Discard {
+        round: u32,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// The most updates folded together; the rest of the queue waits for the next batch.
 const MAX_BATCH: usize = 64;
 
-struct PendingFold {
-    device: String,
-    round: u32,
-    rank: u32,
-    num_samples: u64,
-    tensors: DecodedTensors,
-    reply: oneshot::Sender<Result<(), String>>,
+/// One device's update to fold into the current round, and where the result goes.
+pub struct FoldRequest {
+    pub device: String,
+    pub round: u32,
+    pub rank: u32,
+    pub num_samples: u64,
+    pub tensors: DecodedTensors,
+    pub reply: oneshot::Sender<Result<(), String>>,
 }
 
 #[derive(Debug, Clone)]
@@ -138,15 +142,13 @@ impl Worker {
                 Command::Slices { ranks, reply } => {
                     let _ = reply.send(self.slices(&ranks));
                 }
-                Command::Fold { device, round, rank, num_samples, tensors, reply } => {
+                Command::Fold(first) => {
                     // Updates that queued up meanwhile are folded together (module by module, the
                     // same result as one by one); the first other command waits for them.
-                    let mut batch = vec![PendingFold { device, round, rank, num_samples, tensors, reply }];
+                    let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match receiver.try_recv() {
-                            Ok(Command::Fold { device, round, rank, num_samples, tensors, reply }) => {
-                                batch.push(PendingFold { device, round, rank, num_samples, tensors, reply })
-                            }
+                            Ok(Command::Fold(request)) => batch.push(request),
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -180,10 +182,10 @@ impl Worker {
     }
 
     /// Folds the batch and answers each update.
-    fn fold_batch(&mut self, batch: Vec<PendingFold>) {
+    fn fold_batch(&mut self, batch: Vec<FoldRequest>) {
         let mut replies = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
-        for PendingFold { device, round, rank, num_samples, tensors, reply } in batch {
+        for FoldRequest { device, round, rank, num_samples, tensors, reply } in batch {
             match Adapter::from_decoded(tensors) {
                 Ok(adapter) => decoded.push((device, round, rank, num_samples, adapter, reply)),
                 Err(e) => replies.push((reply, Err(format!("update from '{device}' rejected: {e}")))),

@@ -207,18 +207,7 @@ fn run(command: Command) -> Result<()> {
         }
         Command::Aggregate { method, out, max_rank, clients } => {
             let report = offline::aggregate(&offline::OfflineRequest { method, out: out.clone(), max_rank, clients })?;
-            let ranks: Vec<String> = report.ranks.iter().map(|r| r.to_string()).collect();
-            println!(
-                "aggregated {} adapters (ranks {}) with {method} → {} (r = {}, lora_alpha = {})",
-                report.clients,
-                ranks.join(","),
-                out.display(),
-                report.out_rank,
-                report.lora_alpha
-            );
-            for note in &report.notes {
-                println!("note: {note}");
-            }
+            flotilla_merge::command::print_summary(method.name(), &out, &report);
             Ok(())
         }
     }

@@ -34,14 +34,7 @@ pub struct OfflineRequest {
     pub clients: Vec<PathBuf>,
 }
 
-#[derive(Debug)]
-pub struct OfflineReport {
-    pub clients: usize,
-    pub ranks: Vec<usize>,
-    pub out_rank: usize,
-    pub lora_alpha: f64,
-    pub notes: Vec<String>,
-}
+pub use flotilla_merge::offline::Report as OfflineReport;
 
 struct ClientHeader {
     dir: PathBuf,
@@ -222,5 +215,5 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
         .save_peft(&request.out, &config, metadata)
         .with_context(|| format!("cannot write the result to {}", request.out.display()))?;
     tracing::debug!(load_s, fold_s, finish_s, write_s = started.elapsed().as_secs_f64(), "offline aggregation timings");
-    Ok(OfflineReport { clients: headers.len(), ranks, out_rank, lora_alpha, notes })
+    Ok(OfflineReport { clients: headers.len(), ranks, out_rank, lora_alpha, notes, phases: Vec::new() })
 }

@@ -20,7 +20,7 @@ use flotilla_common::tls::{self, KitPaths};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::aggregation::{AggregationWorker, Command, RoundOutcome, WorkerSettings};
+use crate::aggregation::{AggregationWorker, Command, FoldRequest, RoundOutcome, WorkerSettings};
 use crate::checkpoint;
 use crate::config::CoordinatorConfig;
 use crate::engine::{Action, Engine, EngineConfig, Event, Phase, Timer};
@@ -654,8 +654,9 @@ impl RoundDriver {
         tokio::spawn(async move {
             let (rank, num_samples, wire_bytes) = (update.rank, update.num_samples, tensors.wire_bytes);
             let dev = device.clone();
-            let result =
-                worker.request(|reply| Command::Fold { device: dev, round, rank, num_samples, tensors, reply }).await;
+            let result = worker
+                .request(|reply| Command::Fold(FoldRequest { device: dev, round, rank, num_samples, tensors, reply }))
+                .await;
             let _ = inputs.send(Input::FoldDone { device, update, wire_bytes, result, reply });
         });
     }

@@ -2,11 +2,11 @@
 //! as the libtorch binary's `aggregate` subcommand.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Parser;
 
-use crate::offline::{merge, Declined, Request, SlotMethod};
+use crate::offline::{merge, Declined, Report, Request, SlotMethod};
 
 /// The arguments of `flotilla-coordinator aggregate`.
 #[derive(Parser)]
@@ -25,6 +25,22 @@ struct AggregateArgs {
     clients: Vec<PathBuf>,
 }
 
+/// The command's summary on stdout, the same on both paths.
+pub fn print_summary(method: &str, out: &Path, report: &Report) {
+    let ranks: Vec<String> = report.ranks.iter().map(|r| r.to_string()).collect();
+    println!(
+        "aggregated {} adapters (ranks {}) with {method} → {} (r = {}, lora_alpha = {})",
+        report.clients,
+        ranks.join(","),
+        out.display(),
+        report.out_rank,
+        report.lora_alpha
+    );
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+}
+
 /// Runs `aggregate` with `args` (everything after the word `aggregate`) and prints its summary, or
 /// declines with the reason, having written nothing, when the arguments, the method or an input
 /// are anything this path does not handle (`--help` and argument errors included).
@@ -35,19 +51,7 @@ pub fn run_aggregate(args: &[OsString]) -> Result<(), Declined> {
         return Err(Declined(format!("method '{}' needs libtorch", args.method)));
     };
     let report = merge(&Request { method, out: args.out.clone(), max_rank: args.max_rank, clients: args.clients })?;
-    let ranks: Vec<String> = report.ranks.iter().map(|r| r.to_string()).collect();
-    println!(
-        "aggregated {} adapters (ranks {}) with {} → {} (r = {}, lora_alpha = {})",
-        report.clients,
-        ranks.join(","),
-        method.name(),
-        args.out.display(),
-        report.out_rank,
-        report.lora_alpha
-    );
-    for note in &report.notes {
-        println!("note: {note}");
-    }
+    print_summary(method.name(), &args.out, &report);
     if std::env::var_os("FLOTILLA_AGGREGATE_TIMINGS").is_some() {
         let phases: Vec<String> = report.phases.iter().map(|(name, s)| format!("{name} {s:.3} s")).collect();
         eprintln!("fast path: {}", phases.join(", "));

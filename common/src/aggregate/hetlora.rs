@@ -63,29 +63,21 @@ impl Aggregator for HetLora {
     }
 
     fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
+        let mut norms = Vec::with_capacity(updates.len());
         let mut results = Vec::with_capacity(updates.len());
-        let mut valid = Vec::new();
         for update in updates {
             match validate_update(self.sums.previous(), update).and_then(|()| self.norms(update)) {
-                Ok(norms) => {
-                    valid.push((update, norms));
+                Ok(n) => {
+                    norms.push(n);
                     results.push(Ok(()));
                 }
-                Err(error) => results.push(Err(error)),
-            }
-        }
-        let batch: Vec<&ClientUpdate<'_>> = valid.iter().map(|(u, _)| *u).collect();
-        if let Err(error) = self.sums.add_batch(&batch, |i, module| valid[i].1[module]) {
-            let message = error.to_string();
-            for (update, result) in updates.iter().zip(results.iter_mut()) {
-                if result.is_ok() {
-                    *result = Err(AggregateError::InvalidUpdate {
-                        client: update.client.to_string(),
-                        message: message.clone(),
-                    });
+                Err(error) => {
+                    norms.push(BTreeMap::new());
+                    results.push(Err(error));
                 }
             }
         }
+        self.sums.add_accepted(updates, &mut results, |i, module| norms[i][module]);
         results
     }
 

@@ -134,6 +134,27 @@ impl SlotSums {
         Ok(())
     }
 
+    /// Adds, as one batch, the updates whose result is still `Ok` (the validated ones), update i
+    /// with weight `weight(i, module)`; should libtorch fail, each of them gets the error instead.
+    pub(super) fn add_accepted(
+        &mut self,
+        updates: &[ClientUpdate<'_>],
+        results: &mut [Result<(), AggregateError>],
+        weight: impl Fn(usize, &str) -> f64,
+    ) {
+        let accepted: Vec<usize> = (0..updates.len()).filter(|&i| results[i].is_ok()).collect();
+        let batch: Vec<&ClientUpdate<'_>> = accepted.iter().map(|&i| &updates[i]).collect();
+        if let Err(error) = self.add_batch(&batch, |k, module| weight(accepted[k], module)) {
+            let message = error.to_string();
+            for &i in &accepted {
+                results[i] = Err(AggregateError::InvalidUpdate {
+                    client: updates[i].client.to_string(),
+                    message: message.clone(),
+                });
+            }
+        }
+    }
+
     /// The averaged adapter, divided in place. A slot no client covered keeps its previous value; so
     /// does a whole module whose total weight is zero (nothing to average).
     pub(super) fn finish(mut self, denominator: Denominator) -> Result<Adapter, AggregateError> {
@@ -196,19 +217,7 @@ impl Aggregator for SampleWeighted {
 
     fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
         let mut results: Vec<Result<(), AggregateError>> = updates.iter().map(|u| self.check(u)).collect();
-        let valid: Vec<&ClientUpdate<'_>> =
-            updates.iter().zip(&results).filter(|(_, r)| r.is_ok()).map(|(u, _)| u).collect();
-        if let Err(error) = self.sums.add_batch(&valid, |i, _| valid[i].num_samples as f64) {
-            let message = error.to_string();
-            for (update, result) in updates.iter().zip(results.iter_mut()) {
-                if result.is_ok() {
-                    *result = Err(AggregateError::InvalidUpdate {
-                        client: update.client.to_string(),
-                        message: message.clone(),
-                    });
-                }
-            }
-        }
+        self.sums.add_accepted(updates, &mut results, |i, _| updates[i].num_samples as f64);
         results
     }
 
