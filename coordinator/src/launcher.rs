@@ -13,8 +13,6 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
 const TORCH_BINARY: &str = "flotilla-coordinator-torch";
-/// Tells the libtorch binary why the fast path declined, for its debug log.
-const DECLINED_ENV: &str = "FLOTILLA_FAST_PATH_DECLINED";
 
 fn main() -> ExitCode {
     let args: Vec<OsString> = std::env::args_os().skip(1).collect();
@@ -37,7 +35,7 @@ fn main() -> ExitCode {
     let mut command = Command::new(&torch);
     command.arg0("flotilla-coordinator").args(&args);
     if let Some(reason) = declined {
-        command.env(DECLINED_ENV, reason);
+        command.env(flotilla_merge::command::DECLINED_ENV, reason);
     }
     let error = command.exec();
     eprintln!(

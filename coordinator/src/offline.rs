@@ -120,7 +120,7 @@ fn template(shapes: &BTreeMap<String, Vec<usize>>, max_rank: usize) -> Result<Ad
 }
 
 pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
-    if let Ok(reason) = std::env::var("FLOTILLA_FAST_PATH_DECLINED") {
+    if let Ok(reason) = std::env::var(flotilla_merge::command::DECLINED_ENV) {
         tracing::debug!(%reason, "the libtorch-free fast path declined this command; aggregating with libtorch");
     }
     let headers: Vec<ClientHeader> = request

@@ -408,7 +408,6 @@ struct RoundDriver {
     worker: Arc<AggregationWorker>,
     engine: Engine,
     sessions: HashMap<String, quinn::Connection>,
-    ranks: HashMap<String, u32>,
     /// Every rank a device has joined with: the `fl_round_participants` gauges' labels.
     rank_labels: std::collections::BTreeSet<u32>,
     uploads: HashMap<String, (Update, DecodedTensors, oneshot::Sender<CoordinatorMessage>)>,
@@ -445,7 +444,6 @@ impl RoundDriver {
             worker: Arc::new(worker),
             engine,
             sessions: HashMap::new(),
-            ranks: HashMap::new(),
             rank_labels: std::collections::BTreeSet::new(),
             uploads: HashMap::new(),
             accepted: BTreeMap::new(),
@@ -463,7 +461,6 @@ impl RoundDriver {
                     if let Some(old) = self.sessions.insert(device.clone(), connection) {
                         old.close(close::REPLACED.into(), b"replaced by a newer connection");
                     }
-                    self.ranks.insert(device.clone(), rank);
                     self.rank_labels.insert(rank);
                     Event::DeviceJoined { device, rank }
                 }

@@ -25,6 +25,9 @@ struct AggregateArgs {
     clients: Vec<PathBuf>,
 }
 
+/// Set by the front end for the libtorch binary when this path declined: the reason, for its log.
+pub const DECLINED_ENV: &str = "FLOTILLA_FAST_PATH_DECLINED";
+
 /// The command's summary on stdout, the same on both paths.
 pub fn print_summary(method: &str, out: &Path, report: &Report) {
     let ranks: Vec<String> = report.ranks.iter().map(|r| r.to_string()).collect();

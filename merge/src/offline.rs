@@ -151,9 +151,7 @@ fn open_client(dir: &Path) -> Result<Client, Declined> {
     let Ok(map) = (unsafe { memmap2::Mmap::map(&file) }) else {
         return decline(format!("{}: cannot map", path.display()));
     };
-    if safetensors::SafeTensors::deserialize(&map).is_err() {
-        return decline(format!("{}: not a valid safetensors file", path.display()));
-    }
+    // Parses and validates the header: offsets in order, inside the file, covering it exactly.
     let Ok((header_len, metadata)) = safetensors::SafeTensors::read_metadata(&map) else {
         return decline(format!("{}: not a valid safetensors file", path.display()));
     };
@@ -340,6 +338,7 @@ fn fold_modules(
     b_factors: &[f64],
     output: &OutputFile,
 ) -> Result<(), Declined> {
+    let max_input_rank = template.config.r;
     let next = AtomicUsize::new(0);
     let failure: Mutex<Option<Declined>> = Mutex::new(None);
     let workers = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 8).min(modules.len().max(1));
@@ -353,7 +352,8 @@ fn fold_modules(
                     if failure.lock().map_or(true, |f| f.is_some()) {
                         break;
                     }
-                    let job = ModuleJob { method, clients, template, module, seed_index, r_max, b_factors };
+                    let job =
+                        ModuleJob { method, clients, template, module, seed_index, r_max, b_factors, max_input_rank };
                     if let Err(declined) = job.run(&mut buffers, output) {
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(declined);
@@ -388,6 +388,8 @@ struct ModuleJob<'a> {
     seed_index: usize,
     r_max: usize,
     b_factors: &'a [f64],
+    /// Slots from here to R_max are covered by no input.
+    max_input_rank: usize,
 }
 
 impl ModuleJob<'_> {
@@ -411,8 +413,7 @@ impl ModuleJob<'_> {
         }
         // Slots no input covers start as a fresh LoRA init (A uniform ±1/√d_in, B zero), seeded as
         // the libtorch path seeds them.
-        let max_input_rank = self.clients.iter().map(|c| c.config.r).max().unwrap_or(0);
-        let previous_a = (r_max > max_input_rank)
+        let previous_a = (r_max > self.max_input_rank)
             .then(|| seeded_uniform_values(r_max * d_in, 1.0 / (d_in as f64).sqrt(), 0xada9 + self.seed_index as u64));
         slots.finish(self.method.denominator(), acc_a, acc_b, previous_a.as_deref(), None);
         output.write(&a_name, acc_a)?;

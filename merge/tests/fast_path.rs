@@ -91,7 +91,7 @@ fn read(path: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
 fn reference_rbla(clients: &[Client], name: &str) -> Vec<f64> {
     let largest = clients.iter().max_by_key(|c| c.rank).unwrap();
     let target = largest.alpha / largest.rank as f64;
-    let (shape, _) = &largest.tensors.iter().find(|t| t.0 == name).map(|t| (t.1.clone(), ())).unwrap();
+    let shape = &largest.tensors.iter().find(|t| t.0 == name).unwrap().1;
     let is_a = name.ends_with("lora_A.weight");
     let is_b = name.ends_with("lora_B.weight");
     let mut out = vec![0.0f64; shape.iter().product()];
