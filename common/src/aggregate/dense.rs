@@ -7,9 +7,40 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
+use super::others::OtherMeans;
 use super::padded::scaled_b;
-use super::{AggregateError, ClientUpdate};
+use super::{validate_update, AggregateError, ClientUpdate};
 use crate::adapter::Adapter;
+
+/// What FlexLoRA and online FLoRA keep through a round: the global adapter it started from, the
+/// dense target, the non-LoRA means and how many updates went in. They differ only at the finish.
+pub(super) struct DenseRound {
+    pub(super) previous: Adapter,
+    pub(super) dense: DenseSums,
+    pub(super) others: OtherMeans,
+    pub(super) folded: usize,
+}
+
+impl DenseRound {
+    /// A round starting from `global` (LoRA scale `scale`), with the dense sums in `kind`.
+    pub(super) fn new(global: &Adapter, scale: f64, kind: Kind) -> Result<DenseRound, AggregateError> {
+        Ok(DenseRound {
+            others: OtherMeans::new(global)?,
+            previous: global.deep_copy(),
+            dense: DenseSums::new(global, scale, kind)?,
+            folded: 0,
+        })
+    }
+
+    /// Validates `update` and adds it to the dense target and the non-LoRA means.
+    pub(super) fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
+        validate_update(&self.previous, update)?;
+        self.dense.add(update)?;
+        self.others.add(update)?;
+        self.folded += 1;
+        Ok(())
+    }
+}
 
 pub(super) struct DenseSums {
     scale: f64,

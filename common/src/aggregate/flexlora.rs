@@ -16,9 +16,8 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::dense::DenseSums;
-use super::others::OtherMeans;
-use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
+use super::dense::DenseRound;
+use super::{AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::seeded_normal;
 
@@ -28,20 +27,12 @@ const OVERSAMPLING: i64 = 16;
 const POWER_ITERATIONS: usize = 2;
 
 pub struct FlexLora {
-    previous: Adapter,
-    dense: DenseSums,
-    others: OtherMeans,
-    folded: usize,
+    round: DenseRound,
 }
 
 impl FlexLora {
     pub fn new(global: &Adapter, scale: f64) -> Result<FlexLora, AggregateError> {
-        Ok(FlexLora {
-            others: OtherMeans::new(global)?,
-            previous: global.deep_copy(),
-            dense: DenseSums::new(global, scale, Kind::Float)?,
-            folded: 0,
-        })
+        Ok(FlexLora { round: DenseRound::new(global, scale, Kind::Float)? })
     }
 }
 
@@ -82,27 +73,24 @@ impl Aggregator for FlexLora {
     }
 
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
-        validate_update(&self.previous, update)?;
-        self.dense.add(update)?;
-        self.others.add(update)?;
-        self.folded += 1;
-        Ok(())
+        self.round.fold(update)
     }
 
     fn folded(&self) -> usize {
-        self.folded
+        self.round.folded
     }
 
     fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
+        let DenseRound { previous, dense, others, .. } = self.round;
         let mut tensors = BTreeMap::new();
         let mut notes = Vec::new();
-        let r_max = self.previous.rank() as i64;
-        if self.dense.is_empty() {
-            return Ok(Aggregated::plain(self.previous));
+        let r_max = previous.rank() as i64;
+        if dense.is_empty() {
+            return Ok(Aggregated::plain(previous));
         }
-        for (index, mean) in self.dense.means().enumerate() {
+        for (index, mean) in dense.means().enumerate() {
             let (module, target) = mean?;
-            let (prev_a, prev_b) = self.previous.factors(module);
+            let (prev_a, prev_b) = previous.factors(module);
             let k = r_max.min(target.size()[0]).min(target.size()[1]);
             let (u, s, vh, exact) = top_components(&target, k, 0x5eed + index as u64)?;
             // `target` is already T/s (the dense sums are kept in the global scale).
@@ -119,7 +107,7 @@ impl Aggregator for FlexLora {
             tensors.insert(lora_a_name(module), a);
             tensors.insert(lora_b_name(module), b);
         }
-        self.others.finish(&self.previous, &mut tensors)?;
+        others.finish(&previous, &mut tensors)?;
         Ok(Aggregated { adapter: Adapter::new(tensors)?, notes })
     }
 }

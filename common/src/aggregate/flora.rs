@@ -31,7 +31,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::dense::DenseSums;
+use super::dense::DenseRound;
 use super::others::OtherMeans;
 use super::padded::scaled_b;
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
@@ -100,11 +100,8 @@ impl Aggregator for Flora {
 /// Online FLoRA: the round's exact aggregate merged into `ΔW`, and a fresh adapter (see the module
 /// documentation).
 pub struct FloraMerged {
-    previous: Adapter,
+    round: DenseRound,
     scale: f64,
-    dense: DenseSums,
-    others: OtherMeans,
-    folded: usize,
     fresh_seed: u64,
 }
 
@@ -112,14 +109,7 @@ impl FloraMerged {
     /// `scale` is the global LoRA scale; `fresh_seed` seeds the fresh A of the next global adapter
     /// (pass something that changes every round).
     pub fn new(global: &Adapter, scale: f64, fresh_seed: u64) -> Result<FloraMerged, AggregateError> {
-        Ok(FloraMerged {
-            others: OtherMeans::new(global)?,
-            previous: global.deep_copy(),
-            scale,
-            dense: DenseSums::new(global, scale, Kind::Double)?,
-            folded: 0,
-            fresh_seed,
-        })
+        Ok(FloraMerged { round: DenseRound::new(global, scale, Kind::Double)?, scale, fresh_seed })
     }
 }
 
@@ -129,44 +119,40 @@ impl Aggregator for FloraMerged {
     }
 
     fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
-        validate_update(&self.previous, update)?;
-        self.dense.add(update)?;
-        self.others.add(update)?;
-        self.folded += 1;
-        Ok(())
+        self.round.fold(update)
     }
 
     fn folded(&self) -> usize {
-        self.folded
+        self.round.folded
     }
 
     fn finish(self: Box<Self>) -> Result<Aggregated, AggregateError> {
-        if self.dense.is_empty() {
-            return Ok(Aggregated::plain(self.previous));
+        let DenseRound { previous, dense, others, folded } = self.round;
+        if dense.is_empty() {
+            return Ok(Aggregated::plain(previous));
         }
-        let r_max = self.previous.rank();
+        let r_max = previous.rank();
         let mut tensors = BTreeMap::new();
-        for (index, mean) in self.dense.means().enumerate() {
+        for (index, mean) in dense.means().enumerate() {
             let (module, target) = mean?;
-            let (a, b) = self.previous.factors(module);
+            let (a, b) = previous.factors(module);
             let d_in = a.size()[1] as usize;
             // T = s · (T / s), in weight units.
             let mut delta = target.f_mul_scalar(self.scale)?;
-            if let Some(previous) = self.previous.merged_delta(module) {
-                delta = delta.f_add(previous)?;
+            if let Some(merged) = previous.merged_delta(module) {
+                delta = delta.f_add(merged)?;
             }
             tensors.insert(merged_delta_name(module), delta.f_to_kind(Kind::Float)?);
             let seed = self.fresh_seed.wrapping_mul(1000).wrapping_add(index as u64);
             tensors.insert(lora_a_name(module), seeded_uniform(&[r_max, d_in], 1.0 / (d_in as f64).sqrt(), seed));
             tensors.insert(lora_b_name(module), Tensor::f_zeros(b.size(), (Kind::Float, b.device()))?);
         }
-        self.others.finish(&self.previous, &mut tensors)?;
+        others.finish(&previous, &mut tensors)?;
         let adapter = Adapter::new(tensors)?;
         Ok(Aggregated {
             adapter,
             notes: vec![format!(
-                "flora: {} updates merged into ΔW; fresh rank-{r_max} adapter for the next round",
-                self.folded
+                "flora: {folded} updates merged into ΔW; fresh rank-{r_max} adapter for the next round"
             )],
         })
     }
