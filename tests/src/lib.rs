@@ -190,6 +190,19 @@ pub fn start_coordinator_with(run: &Path, config: &str, args: &[&str]) -> (Proce
     (coordinator, address)
 }
 
+/// `flotilla-edge sim` with `clients` devices of the profile `mix`, their kits in `<pki>/kits`,
+/// two training at a time on 64 samples each, against `address`; logs in `<run>/logs`.
+pub fn start_sim(run: &Path, pki: &Path, address: &str, clients: usize, mix: &str) -> Process {
+    Process::spawn(
+        "sim",
+        Command::new(binary("flotilla-edge"))
+            .args(["sim", "--coordinator", address, "--clients", &clients.to_string()])
+            .args(["--concurrency", "2", "--samples", "64", "--profile-mix", mix, "--kits"])
+            .arg(pki.join("kits")),
+        &run.join("logs"),
+    )
+}
+
 /// A 2-D f32 matrix read from a safetensors file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Matrix {

@@ -2,10 +2,9 @@
 //! into the global adapter's ΔW, the factors restart, and every device — including one that sat a
 //! round out under partial participation — receives ΔW with its slice and trains on top of it.
 
-use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
+use flotilla_tests::{certs, provision, start_coordinator, start_sim};
 
 #[test]
 fn online_flora_merges_every_round_and_devices_receive_the_merged_delta() {
@@ -23,14 +22,7 @@ fn online_flora_merges_every_round_and_devices_receive_the_merged_delta() {
         run = run.display()
     );
     let (mut coordinator, address) = start_coordinator(run, &config);
-    let mut sim = Process::spawn(
-        "sim",
-        Command::new(binary("flotilla-edge"))
-            .args(["sim", "--coordinator", &address, "--clients", "6", "--concurrency", "2", "--samples", "64"])
-            .args(["--profile-mix", "phone=1,laptop:4=1,gpu:8=1", "--kits"])
-            .arg(pki.join("kits")),
-        &run.join("logs"),
-    );
+    let mut sim = start_sim(run, &pki, &address, 6, "phone=1,laptop:4=1,gpu:8=1");
     assert!(sim.wait(Duration::from_secs(120)).success(), "{}", sim.logs());
     assert!(coordinator.wait(Duration::from_secs(30)).success(), "{}", coordinator.logs());
     let log = coordinator.stderr_text();

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
+use flotilla_tests::{binary, certs, provision, start_coordinator, start_sim};
 
 #[test]
 fn a_simulated_fleet_takes_part_in_every_round() {
@@ -24,14 +24,7 @@ fn a_simulated_fleet_takes_part_in_every_round() {
         run = run.display()
     );
     let (mut coordinator, address) = start_coordinator(run, &config);
-    let mut sim = Process::spawn(
-        "sim",
-        Command::new(binary("flotilla-edge"))
-            .args(["sim", "--coordinator", &address, "--clients", "12", "--concurrency", "2", "--samples", "64"])
-            .args(["--profile-mix", "phone=2,laptop:4=1,gpu:8=1", "--kits"])
-            .arg(pki.join("kits")),
-        &run.join("logs"),
-    );
+    let mut sim = start_sim(run, &pki, &address, 12, "phone=2,laptop:4=1,gpu:8=1");
     assert!(sim.wait(Duration::from_secs(120)).success(), "{}", sim.logs());
     assert!(coordinator.wait(Duration::from_secs(30)).success(), "{}", coordinator.logs());
     assert!(sim.stdout_text().contains("sim: 12 of 12 device(s) finished, 24 local round(s)"), "{}", sim.logs());
