@@ -1,19 +1,15 @@
 // Shared by the build.rs of every crate whose binaries or tests link libtorch (via `include!`).
 //
-// Two problems this solves (shared notes, stack.md):
-// - `--as-needed` drops `libtorch_cuda` because nothing references it by symbol, so CUDA is silently
-//   unavailable even on a GPU host. Link it explicitly with `--no-as-needed`.
+// Two problems this solves:
+// - The linker's `--as-needed` drops `libtorch_cuda`, because no Rust code references it by symbol
+//   (libtorch registers its CUDA kernels from static initialisers), so CUDA is silently unavailable
+//   even on a GPU host. Link it explicitly with `--no-as-needed`.
 // - Without an rpath the binaries need LD_LIBRARY_PATH. torch-sys reports its lib dir to crates that
 //   depend on it directly as DEP_TCH_LIBTORCH_LIB.
-#[allow(dead_code)]
+// Link arguments printed by a dependency's build script do not reach the binaries downstream, so
+// each crate whose targets link libtorch has its own build.rs that includes this file.
 fn link_libtorch() {
-    link_libtorch_into(&["cargo:rustc-link-arg="]);
-}
-
-/// As [`link_libtorch`], for only the targets each directive names (e.g.
-/// `cargo:rustc-link-arg-bin=NAME=`, `cargo:rustc-link-arg-benches=`): a binary that never calls
-/// libtorch then does not load it at start-up.
-fn link_libtorch_into(directives: &[&str]) {
+    let directives = ["cargo:rustc-link-arg="];
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let lib_dir = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(dir) => dir,

@@ -9,7 +9,8 @@ use pkcs8::der::Decode;
 use pkcs8::{EncryptedPrivateKeyInfo, LineEnding, PrivateKeyInfo};
 use rcgen::KeyPair;
 
-use crate::pki::{write_file, PkiError};
+use crate::error::PkiError;
+use crate::files::write_file;
 
 const ENCRYPTED_LABEL: &str = "ENCRYPTED PRIVATE KEY";
 

@@ -12,7 +12,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
 use crate::kit::{self, Placement};
-use crate::pki::{dn, write_file, PkiError};
+use crate::error::PkiError;
+use crate::files::write_file;
+use crate::subject::dn;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
     move |source| PkiError::Io { path: path.to_path_buf(), source }

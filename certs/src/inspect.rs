@@ -4,7 +4,7 @@ use serde::Serialize;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 use crate::identity::DEVICE_URI_PREFIX;
-use crate::pki::PkiError;
+use crate::error::PkiError;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CertificateInfo {

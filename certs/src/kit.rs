@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::pki::{write_file, PkiError};
+use crate::error::PkiError;
+use crate::files::write_file;
 
 pub const CA_CERT: &str = "ca.crt";
 pub const CERT: &str = "cert.pem";

@@ -17,18 +17,23 @@
 //! `renew` (device) → `sign --renew` (CA) → `install` (device) before the certificate expires.
 //!
 //! A device's identity is carried in a URI SAN `urn:flotilla:device:<id>`; the coordinator binds a
-//! session to it (see `flotilla_common::tls::device_identity`).
+//! session to it (see `flotilla_wire::tls::device_id_from_certificate`). The prefix and the id rules
+//! are defined once, in `flotilla_wire::identity`.
 
 mod ca_key;
 pub mod csr;
-mod identity;
+mod error;
+mod files;
 pub mod inspect;
 pub mod kit;
 mod pki;
+mod subject;
 
 pub use ca_key::read_password_file;
-pub use identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
+pub(crate) use flotilla_wire::identity;
+pub use flotilla_wire::identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
+pub use error::PkiError;
 pub use pki::{
-    CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, PkiError, Registry, RevokedCertificate, DEFAULT_CA_DAYS,
+    CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, Registry, RevokedCertificate, DEFAULT_CA_DAYS,
     DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS, DEFAULT_DEVICE_VALIDITY, MIN_VALIDITY,
 };

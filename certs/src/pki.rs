@@ -1,19 +1,20 @@
 //! The CA and the kits it issues.
 
 use std::fs;
-use std::io::Write;
 use std::net::IpAddr;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
 
 use crate::ca_key::{read_ca_key, write_ca_key};
+use crate::error::{io_err, PkiError};
+use crate::files::write_file;
+use crate::subject::dn;
 use crate::identity::{device_uri, validate_device_id};
 use crate::kit::{self, Placement};
 
@@ -22,30 +23,6 @@ pub const DEFAULT_COORDINATOR_DAYS: u32 = 90;
 pub const DEFAULT_DEVICE_DAYS: u32 = 30;
 /// Certificates start this long in the past: phone clocks drift.
 const CLOCK_SKEW: Duration = Duration::minutes(5);
-
-#[derive(Debug, thiserror::Error)]
-pub enum PkiError {
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{0}")]
-    Invalid(String),
-    #[error("certificate generation failed: {0}")]
-    Rcgen(#[from] rcgen::Error),
-    #[error("{path}: registry is not valid JSON: {source}")]
-    Registry {
-        path: PathBuf,
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {
-    move |source| PkiError::Io { path: path.to_path_buf(), source }
-}
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IssuedCertificate {
@@ -510,13 +487,6 @@ fn device_params(id: &str) -> Result<CertificateParams, PkiError> {
     Ok(params)
 }
 
-pub(crate) fn dn(common_name: &str) -> DistinguishedName {
-    let mut dn = DistinguishedName::new();
-    dn.push(DnType::OrganizationName, "Flotilla");
-    dn.push(DnType::CommonName, common_name);
-    dn
-}
-
 /// `days` whole days, as the validity of a certificate.
 fn days(days: u32) -> std::time::Duration {
     std::time::Duration::from_secs(u64::from(days) * 86_400)
@@ -547,15 +517,6 @@ fn parse_san(value: &str) -> Result<SanType, PkiError> {
         .try_into()
         .map_err(|e| PkiError::Invalid(format!("subject alternative name '{value}': {e}")))?;
     Ok(SanType::DnsName(name))
-}
-
-/// Writes a file with the given mode, creating it with that mode from the start so a private key is
-/// never readable by others, even briefly.
-pub(crate) fn write_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    let _ = fs::remove_file(path);
-    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(mode).open(path).map_err(io_err(path))?;
-    file.write_all(contents).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))
 }
 
 #[cfg(test)]

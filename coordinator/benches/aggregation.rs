@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use flotilla_common::adapter::{lora_a_name, lora_b_name, peft_config_for, Adapter, NUM_SAMPLES_KEY};
-use flotilla_common::aggregate::{ClientUpdate, Method};
-use flotilla_common::tensor::{DType, WireTensors};
+use flotilla_torch::adapter::{lora_a_name, lora_b_name, peft_config_for, Adapter, NUM_SAMPLES_KEY};
+use flotilla_torch::aggregate::{ClientUpdate, Method, MethodExt};
+use flotilla_wire::tensor::{DType, WireTensors};
 use tch::{Device, Kind, Tensor};
 
 const CLIENTS: usize = 20;
@@ -198,9 +198,15 @@ fn main() {
     let cat_time = best_of(3, cat);
     let out = dir.path().join("out");
     // The front end runs RBLA without libtorch; FLOTILLA_AGGREGATE_PATH=torch forces the libtorch binary.
+    // It is another package's binary: built beside this bench (deploy/benchmarks.sh builds --bins).
+    let front_end = std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("flotilla-coordinator")))
+        .filter(|path| path.exists())
+        .expect("target/<profile>/flotilla-coordinator: build it first (cargo build --release --bins)");
     let offline = |method: &str, torch: bool| -> f64 {
         best_of(3, || {
-            let mut command = Command::new(env!("CARGO_BIN_EXE_flotilla-coordinator"));
+            let mut command = Command::new(&front_end);
             command.args(["aggregate", "--method", method, "--out"]).arg(&out).args(&dirs);
             if torch {
                 command.env("FLOTILLA_AGGREGATE_PATH", "torch");

@@ -20,12 +20,13 @@ use std::time::Instant;
 
 use flotilla_certs::kit::Placement;
 use flotilla_certs::{CoordinatorRequest, DeviceRequest, Pki};
-use flotilla_common::adapter::{lora_a_name, lora_b_name, Adapter};
-use flotilla_common::framing::{read_frame, read_frame_decoded, write_frame, FrameLimits};
-use flotilla_common::protocol::{Ack, CoordinatorMessage, DeviceMessage, LocalMetrics, Update};
-use flotilla_common::quic::{self, TransportSettings};
-use flotilla_common::tensor::{DType, WireTensors};
-use flotilla_common::tls::{self, KitPaths};
+use flotilla_torch::adapter::{lora_a_name, lora_b_name, Adapter};
+use flotilla_torch::tensor::read_frame_decoded;
+use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_wire::protocol::{Ack, CoordinatorMessage, DeviceMessage, LocalMetrics, Update};
+use flotilla_wire::quic::{self, TransportSettings};
+use flotilla_wire::tensor::{DType, WireTensors};
+use flotilla_wire::tls::{self, KitPaths};
 use tch::{Device, Kind, Tensor};
 
 const RUNS: usize = 5;
@@ -43,7 +44,7 @@ fn update_tensors(megabytes: usize) -> WireTensors {
         tensors.push((lora_a_name(&module), Tensor::randn([64, 4096], (Kind::Float, Device::Cpu)) * 0.02));
         tensors.push((lora_b_name(&module), Tensor::randn([4096, 64], (Kind::Float, Device::Cpu)) * 0.02));
     }
-    WireTensors::from_tensors(tensors.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).expect("wire tensors")
+    flotilla_torch::tensor::wire_from_tensors(tensors.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).expect("wire tensors")
 }
 
 fn client_without_resumption(kit: &KitPaths, transport: &TransportSettings) -> quinn::Endpoint {
@@ -69,7 +70,7 @@ fn server_auth_only(kit: &KitPaths, transport: &TransportSettings) -> quinn::End
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .unwrap();
-    tls.alpn_protocols = vec![flotilla_common::protocol::ALPN.to_vec()];
+    tls.alpn_protocols = vec![flotilla_wire::protocol::ALPN.to_vec()];
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).unwrap();
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport.to_quinn().unwrap()));

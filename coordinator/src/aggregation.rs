@@ -7,9 +7,10 @@ use std::path::PathBuf;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use flotilla_common::adapter::{peft_config_for, Adapter, NUM_SAMPLES_KEY};
-use flotilla_common::aggregate::{Aggregator, ClientUpdate, Method};
-use flotilla_common::tensor::{DType, DecodedTensors, WireTensors};
+use flotilla_torch::adapter::{peft_config_for, Adapter, NUM_SAMPLES_KEY};
+use flotilla_torch::aggregate::{Aggregator, ClientUpdate, Method, MethodExt};
+use flotilla_torch::tensor::DecodedTensors;
+use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
 use crate::checkpoint::{self, CheckpointState};
@@ -71,8 +72,8 @@ pub struct WorkerSettings {
     pub evaluator: Option<Evaluator>,
     /// Written into every checkpoint (see `checkpoint::fingerprint`).
     pub fingerprint: String,
-    /// The model seed; with the round number it seeds what a method draws afresh (FLoRA's factors).
-    pub seed: u64,
+    /// The run's round policy: it seeds what a method draws afresh each round (FLoRA's factors).
+    pub policy: flotilla_engine::RoundPolicy,
     /// The round the first accumulator aggregates (1, or the one after a resumed checkpoint).
     pub first_round: u32,
 }
@@ -85,8 +86,7 @@ impl WorkerSettings {
 
     /// A fresh accumulator for `round`, seeded with the current global adapter.
     fn start(&self, global: &Adapter, round: u32) -> Result<Box<dyn Aggregator>, String> {
-        let round_seed = self.seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ u64::from(round);
-        self.method.start_online(global, self.scale(), round_seed).map_err(|e| e.to_string())
+        self.method.start_online(global, self.scale(), self.policy.aggregation_seed(round)).map_err(|e| e.to_string())
     }
 }
 

@@ -7,9 +7,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use flotilla_common::adapter::{write_atomically, Adapter};
-use flotilla_common::data::idx::{load_split, Split};
-use flotilla_common::model::{with_head, BaseWeights, PretrainSettings, HEAD_BIAS, HEAD_WEIGHT};
+use flotilla_torch::model::ArchitectureExt;
+use flotilla_torch::adapter::{write_atomically, Adapter};
+use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::model::{with_head, BaseWeights, PretrainSettings, HEAD_BIAS, HEAD_WEIGHT};
 use tch::Tensor;
 use tracing::info;
 
@@ -58,7 +59,7 @@ fn fingerprint(config: &CoordinatorConfig) -> String {
         "seed": config.model.seed,
         "pretrain": config.model.pretrain,
     });
-    flotilla_common::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
+    flotilla_wire::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
 }
 
 /// The base for `config`: loaded from `<run_dir>/base/` when it was made for the same settings,

@@ -12,7 +12,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use flotilla_common::adapter::{write_atomically, Adapter, PeftConfig};
+use flotilla_torch::adapter::{write_atomically, Adapter, PeftConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
@@ -43,7 +43,7 @@ pub fn fingerprint(config: &CoordinatorConfig) -> String {
     if let Some(pretrain) = &config.model.pretrain {
         identity["pretrain"] = serde_json::json!(pretrain);
     }
-    flotilla_common::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
+    flotilla_wire::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
 }
 
 fn global_root(run_dir: &Path) -> PathBuf {
@@ -166,8 +166,8 @@ pub fn set_aside(run_dir: &Path) -> Result<Option<PathBuf>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_common::adapter::peft_config_for;
-    use flotilla_common::model::Architecture;
+    use flotilla_torch::adapter::peft_config_for;
+    use flotilla_torch::model::{Architecture, ArchitectureExt};
 
     fn config(dir: &Path) -> CoordinatorConfig {
         let text = format!(

@@ -3,10 +3,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use flotilla_common::aggregate::Method;
-use flotilla_common::framing::FrameLimits;
-use flotilla_common::model::Architecture;
-use flotilla_common::quic::TransportSettings;
+use flotilla_merge::method::Method;
+use flotilla_wire::framing::FrameLimits;
+use flotilla_torch::model::Architecture;
+use flotilla_wire::quic::TransportSettings;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -218,7 +218,7 @@ pub struct PretrainSection {
 impl Default for PretrainSection {
     fn default() -> Self {
         PretrainSection {
-            data: PathBuf::from(flotilla_common::data::idx::DEBIAN_FASHION_MNIST),
+            data: PathBuf::from(flotilla_torch::data::idx::DEBIAN_FASHION_MNIST),
             samples: 5000,
             steps: 300,
             batch_size: 64,
@@ -228,6 +228,23 @@ impl Default for PretrainSection {
 }
 
 impl CoordinatorConfig {
+    /// The per-round policy these settings define: sampling, seeds and training settings.
+    pub fn round_policy(&self) -> flotilla_engine::RoundPolicy {
+        let round = &self.round;
+        flotilla_engine::RoundPolicy {
+            seed: self.model.seed,
+            fraction: round.fraction,
+            min_participants: round.min_participants.unwrap_or(round.min_devices),
+            training: flotilla_engine::TrainingPlan {
+                local_steps: round.local_steps,
+                local_epochs: round.local_epochs,
+                batch_size: round.batch_size,
+                learning_rate: round.learning_rate,
+                seed: self.model.seed,
+            },
+        }
+    }
+
     /// Reads the TOML file, applies the `FLOTILLA__SECTION__KEY=value` environment overrides
     /// (see [`apply_env_overrides`]) and validates the result.
     pub fn load(path: &Path) -> anyhow::Result<CoordinatorConfig> {

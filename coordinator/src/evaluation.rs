@@ -5,10 +5,10 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use flotilla_common::adapter::Adapter;
-use flotilla_common::data::idx::{load_split, Split};
-use flotilla_common::data::Dataset;
-use flotilla_common::model::{Architecture, BaseWeights, LoraModel};
+use flotilla_torch::adapter::Adapter;
+use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::data::Dataset;
+use flotilla_torch::model::{Architecture, BaseWeights, LoraModel};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

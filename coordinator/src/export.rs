@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use flotilla_common::adapter::peft_config_for;
+use flotilla_torch::model::ArchitectureExt;
+use flotilla_torch::adapter::peft_config_for;
 use tch::Tensor;
 
 use crate::checkpoint::{self, CheckpointState, STATE_FILE};
@@ -82,7 +83,7 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_common::model::LoraModel;
+    use flotilla_torch::model::LoraModel;
     use tch::{Device, Kind};
 
     #[test]
@@ -104,7 +105,7 @@ mod tests {
             .iter()
             .map(|(n, t)| (n.clone(), if n.contains("lora_B") { t.rand_like() * 0.1 } else { t.copy() }))
             .collect();
-        let global = flotilla_common::adapter::Adapter::new(tensors).unwrap();
+        let global = flotilla_torch::adapter::Adapter::new(tensors).unwrap();
         let state = CheckpointState {
             round: 2,
             method: "rbla".into(),
@@ -117,7 +118,7 @@ mod tests {
         let done =
             export(&config, &ExportRequest { out: out.clone(), round: None, rank: Some(2), merged: true }).unwrap();
         assert_eq!((done.round, done.rank), (2, 2));
-        let loaded = flotilla_common::adapter::Adapter::load_peft(&done.adapter_dir).unwrap();
+        let loaded = flotilla_torch::adapter::Adapter::load_peft(&done.adapter_dir).unwrap();
         assert_eq!(loaded.adapter.rank(), 2);
         let merged: std::collections::BTreeMap<String, Tensor> =
             Tensor::read_safetensors(done.merged_model.unwrap()).unwrap().into_iter().collect();

@@ -18,22 +18,16 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use flotilla_common::adapter::{
+use flotilla_torch::adapter::{
     lora_a_name, lora_b_name, peft_shapes, tensor_role, Adapter, LoadedAdapter, PeftConfig, TensorRole,
     ADAPTER_CONFIG_FILE, NUM_SAMPLES_KEY,
 };
-use flotilla_common::aggregate::{ClientUpdate, Method};
-use flotilla_common::data::seeded_uniform;
+use flotilla_torch::aggregate::{ClientUpdate, MethodExt};
+use flotilla_torch::data::seeded_uniform;
 use flotilla_merge::peft::MAX_RANK;
 use tch::{Kind, Tensor};
 
-pub struct OfflineRequest {
-    pub method: Method,
-    pub out: PathBuf,
-    pub max_rank: Option<usize>,
-    pub clients: Vec<PathBuf>,
-}
-
+pub use flotilla_coordinator_front::aggregate::AggregateArgs as OfflineRequest;
 pub use flotilla_merge::offline::Report as OfflineReport;
 
 struct ClientHeader {
@@ -57,7 +51,7 @@ fn read_config(dir: &Path) -> Result<PeftConfig> {
 
 fn load_client(dir: &Path) -> Result<(LoadedAdapter, u64)> {
     let loaded = Adapter::load_peft(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let weights = dir.join(flotilla_common::adapter::ADAPTER_WEIGHTS_FILE);
+    let weights = dir.join(flotilla_torch::adapter::ADAPTER_WEIGHTS_FILE);
     if loaded.adapter.rank() != loaded.config.r {
         bail!(
             "{}: {} says r = {} but the tensors have rank {}",
@@ -120,7 +114,7 @@ fn template(shapes: &BTreeMap<String, Vec<usize>>, max_rank: usize) -> Result<Ad
 }
 
 pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
-    if let Ok(reason) = std::env::var(flotilla_merge::command::DECLINED_ENV) {
+    if let Ok(reason) = std::env::var(flotilla_coordinator_front::aggregate::DECLINED_ENV) {
         tracing::debug!(%reason, "the libtorch-free fast path declined this command; aggregating with libtorch");
     }
     let headers: Vec<ClientHeader> = request

@@ -4,8 +4,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use flotilla_common::adapter::write_atomically;
-use flotilla_common::protocol::LocalMetrics;
+use flotilla_torch::adapter::write_atomically;
+use flotilla_wire::protocol::LocalMetrics;
 use serde::{Deserialize, Serialize};
 
 use crate::evaluation::RankAccuracy;

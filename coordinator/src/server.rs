@@ -7,23 +7,23 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flotilla_common::framing::{
-    read_frame, read_frame_decoded, write_frame, write_frame_shared, FrameLimits, SharedTensors,
-};
-use flotilla_common::protocol::{
+use flotilla_torch::tensor::{read_frame_decoded, wire_from_tensors};
+use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_wire::protocol::{
     close, Ack, CertificateRenewed, CoordinatorMessage, DeviceMessage, Finished, ModelSpec, Refusal, Reject, RoundTask,
     TrainingSettings, Update, Welcome, PROTOCOL_VERSION,
 };
-use flotilla_common::quic;
-use flotilla_common::tensor::{DType, DecodedTensors, WireTensors};
-use flotilla_common::tls::{self, KitPaths};
+use flotilla_wire::quic::{self, write_frame_shared};
+use flotilla_torch::tensor::DecodedTensors;
+use flotilla_wire::tensor::{DType, SharedTensors, WireTensors};
+use flotilla_wire::tls::{self, KitPaths};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
 use crate::aggregation::{AggregationWorker, Command, FoldRequest, RoundOutcome, WorkerSettings};
 use crate::checkpoint;
 use crate::config::CoordinatorConfig;
-use crate::engine::{Action, Engine, EngineConfig, Event, Phase, Timer};
+use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, Timer, TrainingPlan};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
 use crate::metrics::{SharedStatus, Status};
 use crate::report::{previous_initial_evaluation, write_summary, RoundSummary, RunSummary, UpdateSummary};
@@ -88,7 +88,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let architecture = config.model.architecture.clone();
     let max_rank = config.aggregation.max_rank;
     let base = crate::base::prepare(&config)?;
-    let welcome_tensors = WireTensors::from_tensors(base.weights.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?;
+    let welcome_tensors = wire_from_tensors(base.weights.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?;
     if fresh {
         if let Some(aside) = checkpoint::set_aside(&run_dir)? {
             info!("--fresh: earlier checkpoints moved to {}", aside.display());
@@ -140,7 +140,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
             shrink_to_round_rank: config.aggregation.ablation_shrink_to_round_rank,
             evaluator,
             fingerprint: checkpoint::fingerprint(&config),
-            seed: config.model.seed,
+            policy: config.round_policy(),
             first_round,
         },
     )?;
@@ -432,12 +432,10 @@ impl RoundDriver {
             rounds: config.round.rounds,
             min_devices: config.round.min_devices,
             round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
-            fraction: config.round.fraction,
-            min_participants: config.round.min_participants.unwrap_or(config.round.min_devices),
             min_updates: config.round.min_updates,
             grace: Duration::from_secs(config.round.grace_secs.into()),
             first_round,
-            seed: config.model.seed,
+            policy: config.round_policy(),
         });
         RoundDriver {
             shared,
@@ -679,13 +677,7 @@ impl RoundDriver {
                 total_rounds: config.round.rounds,
                 rank,
                 base_version: self.shared.base_version.clone(),
-                training: TrainingSettings {
-                    local_steps: config.round.local_steps,
-                    local_epochs: config.round.local_epochs,
-                    batch_size: config.round.batch_size,
-                    learning_rate: config.round.learning_rate,
-                    seed: config.model.seed ^ (u64::from(round) << 32),
-                },
+                training: training_settings(self.engine.policy().training(round)),
                 deadline_secs: config.round.deadline_secs,
             });
             let slices = slices.clone();
@@ -733,6 +725,12 @@ impl RoundDriver {
             let _ = wait.await;
         }
     }
+}
+
+/// The engine's training plan as the protocol carries it.
+fn training_settings(plan: TrainingPlan) -> TrainingSettings {
+    let TrainingPlan { local_steps, local_epochs, batch_size, learning_rate, seed } = plan;
+    TrainingSettings { local_steps, local_epochs, batch_size, learning_rate, seed }
 }
 
 #[cfg(test)]

@@ -8,9 +8,9 @@
 
 use std::time::Instant;
 
-use flotilla_common::data::synthetic_classification;
-use flotilla_common::model::{Architecture, LoraModel};
-use flotilla_common::protocol::TrainingSettings;
+use flotilla_torch::data::synthetic_classification;
+use flotilla_torch::model::{ArchitectureExt, Architecture, LoraModel};
+use flotilla_wire::protocol::TrainingSettings;
 
 const STEPS: u32 = 20;
 

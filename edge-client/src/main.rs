@@ -16,11 +16,11 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use flotilla_common::data::partition::{PartitionSpec, Scheme};
-use flotilla_common::framing::FrameLimits;
-use flotilla_common::protocol::HardwareProfile;
-use flotilla_common::quic::{self, TransportSettings};
-use flotilla_common::tls::{self, KitPaths};
+use flotilla_torch::data::partition::{PartitionSpec, Scheme};
+use flotilla_wire::framing::FrameLimits;
+use flotilla_wire::protocol::HardwareProfile;
+use flotilla_wire::quic::{self, TransportSettings};
+use flotilla_wire::tls::{self, KitPaths};
 
 /// Trains LoRA adapters on this device's own data and exchanges rank-tagged updates with a
 /// Flotilla coordinator over mutual-TLS QUIC. Data never leaves the device.
@@ -257,7 +257,7 @@ fn main() {
         && cli.log_format == "text"
         && std::io::IsTerminal::is_terminal(&std::io::stderr())
         && std::env::var_os("RUST_LOG").is_none();
-    flotilla_common::logging::init_with_default(&cli.log_format, if bar { "warn" } else { "info" });
+    flotilla_wire::logging::init_with_default(&cli.log_format, if bar { "warn" } else { "info" });
     let code = match cli.command {
         Command::Probe(args) => match run_probe(args) {
             Ok(()) => 0,
@@ -304,7 +304,7 @@ fn probe_with(policy: &PolicyArgs, device_class: Option<&str>, threads: usize) -
     anyhow::ensure!(!policy.hidden.is_empty() && policy.hidden.iter().all(|&h| h > 0), "--hidden needs sizes > 0");
     let device_class = device_class.unwrap_or("this-device").to_string();
     probe::probe(&probe::ProbeSettings {
-        architecture: flotilla_common::model::Architecture::Mlp {
+        architecture: flotilla_torch::model::Architecture::Mlp {
             input: policy.input,
             hidden: policy.hidden.clone(),
             classes: policy.classes,

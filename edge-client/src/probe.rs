@@ -6,9 +6,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flotilla_common::data::synthetic_classification;
-use flotilla_common::model::{Architecture, LoraModel};
-use flotilla_common::protocol::TrainingSettings;
+use flotilla_torch::data::synthetic_classification;
+use flotilla_torch::model::{ArchitectureExt, Architecture, LoraModel};
+use flotilla_wire::protocol::TrainingSettings;
 use serde::Serialize;
 
 use crate::rank_policy::{self, AdapterSize, Budgets, RankChoice};

@@ -12,16 +12,16 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flotilla_common::framing::{read_frame, write_frame, FrameLimits};
-use flotilla_common::protocol::ALPN;
-use flotilla_common::protocol::{
+use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_wire::protocol::ALPN;
+use flotilla_wire::protocol::{
     close, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, RenewCertificate, Update, PROTOCOL_VERSION,
 };
-use flotilla_common::quic::{
+use flotilla_wire::quic::{
     self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL,
 };
-use flotilla_common::tensor::WireTensors;
-use flotilla_common::tls::{own_certificate_not_after, KitPaths};
+use flotilla_wire::tensor::WireTensors;
+use flotilla_wire::tls::{own_certificate_not_after, KitPaths};
 use rand::Rng;
 use tracing::{info, warn};
 
@@ -292,7 +292,7 @@ async fn connect_and_serve(
 async fn hello(
     connection: &quinn::Connection,
     settings: &SessionSettings,
-) -> Result<(flotilla_common::protocol::Welcome, WireTensors), SessionError> {
+) -> Result<(flotilla_wire::protocol::Welcome, WireTensors), SessionError> {
     let transient = |e: &dyn std::fmt::Display| SessionError::Transient(e.to_string());
     let (mut send, mut recv) = connection.open_bi().await.map_err(|e| transient(&e))?;
     let hello = DeviceMessage::Hello(Hello {
@@ -325,13 +325,13 @@ async fn upload(
     let result = async {
         let (mut send, mut recv) = connection.open_bi().await?;
         let message = DeviceMessage::Update(update.clone());
-        if flotilla_common::fault::pause_requested("mid-upload", round) {
-            // Crash-test hook (`flotilla_common::fault`): send half the frame, then stop dead until killed.
-            let frame = flotilla_common::framing::encode_frame(&message, tensors)?;
+        if flotilla_wire::fault::pause_requested("mid-upload", round) {
+            // Crash-test hook (`flotilla_wire::fault`): send half the frame, then stop dead until killed.
+            let frame = flotilla_wire::framing::encode_frame(&message, tensors)?;
             send.write_all(&frame[..frame.len() / 2]).await?;
             warn!(
                 "fault injection: paused at mid-upload@{round} ({}); waiting to be killed",
-                flotilla_common::fault::ENV
+                flotilla_wire::fault::ENV
             );
             std::future::pending::<()>().await;
         }

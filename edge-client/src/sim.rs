@@ -8,11 +8,11 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use flotilla_common::data::partition::PartitionSpec;
-use flotilla_common::framing::FrameLimits;
-use flotilla_common::protocol::HardwareProfile;
-use flotilla_common::quic::{self, TransportSettings};
-use flotilla_common::tls::{self, KitPaths};
+use flotilla_torch::data::partition::PartitionSpec;
+use flotilla_wire::framing::FrameLimits;
+use flotilla_wire::protocol::HardwareProfile;
+use flotilla_wire::quic::{self, TransportSettings};
+use flotilla_wire::tls::{self, KitPaths};
 
 use crate::session::{self, SessionError, SessionSettings};
 use crate::trainer::{DataChoice, TrainerPool};

@@ -4,13 +4,13 @@
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Mutex};
 
-use flotilla_common::adapter::Adapter;
-use flotilla_common::data::idx::{load_split, Split};
-use flotilla_common::data::partition::{partition, PartitionSpec};
-use flotilla_common::data::{synthetic_classification, Dataset};
-use flotilla_common::model::{Architecture, BaseWeights, LoraModel};
-use flotilla_common::protocol::{LocalMetrics, TrainingSettings};
-use flotilla_common::tensor::{DType, WireTensors};
+use flotilla_torch::adapter::Adapter;
+use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::data::partition::{partition, PartitionSpec};
+use flotilla_torch::data::{synthetic_classification, Dataset};
+use flotilla_torch::model::{ArchitectureExt, Architecture, BaseWeights, LoraModel};
+use flotilla_wire::protocol::{LocalMetrics, TrainingSettings};
+use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
 pub struct TrainedUpdate {
@@ -29,7 +29,7 @@ enum Job {
 #[derive(Debug, Clone)]
 pub enum DataSource {
     /// A synthetic classification task shaped for the coordinator's model (see
-    /// `flotilla_common::data::synthetic_classification`); devices sharing `task_seed` share the task.
+    /// `flotilla_torch::data::synthetic_classification`); devices sharing `task_seed` share the task.
     Synthetic { samples: usize, task_seed: u64, sample_seed: u64 },
     /// The training split of an MNIST-style IDX directory, optionally only this device's part of it.
     Idx { dir: std::path::PathBuf, shard: Option<(PartitionSpec, usize)> },
@@ -51,7 +51,7 @@ impl DataChoice {
         }
         let debian = data == "fashion-mnist";
         let dir = if debian {
-            std::path::PathBuf::from(flotilla_common::data::idx::DEBIAN_FASHION_MNIST)
+            std::path::PathBuf::from(flotilla_torch::data::idx::DEBIAN_FASHION_MNIST)
         } else {
             std::path::PathBuf::from(data)
         };
@@ -71,7 +71,7 @@ impl DataChoice {
             DataChoice::Synthetic { samples, task_seed } => DataSource::Synthetic {
                 samples: *samples,
                 task_seed: *task_seed,
-                sample_seed: flotilla_common::fingerprint::fnv1a(device_id.as_bytes()),
+                sample_seed: flotilla_wire::fingerprint::fnv1a(device_id.as_bytes()),
             },
             DataChoice::Idx(dir) => DataSource::Idx { dir: dir.clone(), shard },
         }
@@ -218,7 +218,7 @@ impl DeviceState {
                 data.features.size()[1]
             ));
         }
-        let weights: BaseWeights = base.to_tensors().map_err(|e| format!("base model: {e}"))?.into_iter().collect();
+        let weights: BaseWeights = flotilla_torch::tensor::tensors_from_wire(base).map_err(|e| format!("base model: {e}"))?.0.into_iter().collect();
         architecture.check_base(&weights).map_err(|e| format!("base model: {e}"))?;
         self.model = Some((architecture, scale, weights));
         self.data = Some(data);
@@ -257,7 +257,7 @@ mod tests {
     fn back_to_back_jobs_of_one_device_on_several_workers_all_complete() {
         let architecture = Architecture::Mlp { input: 8, hidden: vec![4], classes: 2 };
         let base = architecture.init_base(1);
-        let base_wire = WireTensors::from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).unwrap();
+        let base_wire = flotilla_torch::tensor::wire_from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).unwrap();
         let slice = architecture.init_adapter(2, 2).unwrap().to_wire(DType::F32).unwrap();
         let settings =
             TrainingSettings { local_steps: 1, local_epochs: 0, batch_size: 4, learning_rate: 0.01, seed: 3 };

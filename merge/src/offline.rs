@@ -29,49 +29,16 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::init::seeded_uniform_values;
+use crate::method::Method;
 use crate::peft::{
     lora_a_name, lora_b_name, tensor_role, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MAX_RANK,
     NUM_SAMPLES_KEY,
 };
 use crate::slots::{Denominator, Factors, ModuleSlots};
 
-/// The methods this path runs: client weights are the sample counts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotMethod {
-    Rbla,
-    ZeroPad,
-    FedAvg,
-}
-
-impl SlotMethod {
-    /// The method named `name` if this path runs it.
-    pub fn from_name(name: &str) -> Option<SlotMethod> {
-        match name {
-            "rbla" => Some(SlotMethod::Rbla),
-            "zero-pad" => Some(SlotMethod::ZeroPad),
-            "fedavg" => Some(SlotMethod::FedAvg),
-            _ => None,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            SlotMethod::Rbla => "rbla",
-            SlotMethod::ZeroPad => "zero-pad",
-            SlotMethod::FedAvg => "fedavg",
-        }
-    }
-
-    fn denominator(self) -> Denominator {
-        match self {
-            SlotMethod::Rbla | SlotMethod::FedAvg => Denominator::Coverage,
-            SlotMethod::ZeroPad => Denominator::AllClients,
-        }
-    }
-}
-
 pub struct Request {
-    pub method: SlotMethod,
+    /// RBLA, zero-padding or FedAvg (any other method is declined: it needs libtorch).
+    pub method: Method,
     pub out: PathBuf,
     pub max_rank: Option<usize>,
     pub clients: Vec<PathBuf>,
@@ -232,6 +199,9 @@ fn check_against(template: &Client, client: &Client) -> Result<(), Declined> {
 
 /// Merges the clients with `request.method` and writes `request.out`, or declines without writing.
 pub fn merge(request: &Request) -> Result<Report, Declined> {
+    let Some(denominator) = request.method.sample_weighted_denominator() else {
+        return decline(format!("method '{}' needs libtorch", request.method));
+    };
     let mut phases = Vec::new();
     let mut started = Instant::now();
     let mut lap = |name: &'static str| {
@@ -248,7 +218,7 @@ pub fn merge(request: &Request) -> Result<Report, Declined> {
     }
     for client in &clients {
         check_against(template, client)?;
-        if request.method == SlotMethod::FedAvg && client.config.r != r_max {
+        if request.method == Method::FedAvg && client.config.r != r_max {
             return decline(format!("fedavg with {} at rank {}", client.dir.display(), client.config.r));
         }
     }
@@ -303,7 +273,7 @@ pub fn merge(request: &Request) -> Result<Report, Declined> {
 
     let output = OutputFile::create(&request.out, &layout, &metadata)
         .map_err(|e| Declined(format!("cannot write {}: {e}", request.out.display())))?;
-    let result = fold_modules(request.method, &clients, template, &modules, r_max, &b_factors, &output)
+    let result = fold_modules(denominator, &clients, template, &modules, r_max, &b_factors, &output)
         .inspect(|()| lap("fold"))
         .and_then(|()| mean_of_others(&clients, template, &others, &output))
         .inspect(|()| lap("others"))
@@ -330,7 +300,7 @@ pub fn merge(request: &Request) -> Result<Report, Declined> {
 /// infinity in any input makes them non-finite, since every factor is positive), divides, and
 /// writes the module's A and B to their place in the output.
 fn fold_modules(
-    method: SlotMethod,
+    denominator: Denominator,
     clients: &[Client],
     template: &Client,
     modules: &[(usize, &str)],
@@ -353,7 +323,7 @@ fn fold_modules(
                         break;
                     }
                     let job =
-                        ModuleJob { method, clients, template, module, seed_index, r_max, b_factors, max_input_rank };
+                        ModuleJob { denominator, clients, template, module, seed_index, r_max, b_factors, max_input_rank };
                     if let Err(declined) = job.run(&mut buffers, output) {
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(declined);
@@ -381,7 +351,7 @@ struct Buffers {
 }
 
 struct ModuleJob<'a> {
-    method: SlotMethod,
+    denominator: Denominator,
     clients: &'a [Client],
     template: &'a Client,
     module: &'a str,
@@ -415,7 +385,7 @@ impl ModuleJob<'_> {
         // the libtorch path seeds them.
         let previous_a = (r_max > self.max_input_rank)
             .then(|| seeded_uniform_values(r_max * d_in, 1.0 / (d_in as f64).sqrt(), 0xada9 + self.seed_index as u64));
-        slots.finish(self.method.denominator(), acc_a, acc_b, previous_a.as_deref(), None);
+        slots.finish(self.denominator, acc_a, acc_b, previous_a.as_deref(), None);
         output.write(&a_name, acc_a)?;
         output.write(&b_name, acc_b)
     }

@@ -1,5 +1,5 @@
 //! Slot-wise sums of zero-padded LoRA factors: the arithmetic behind RBLA, zero-padding, HetLoRA
-//! and FedAvg (their formulas are in `flotilla_common::aggregate`, one file per method). They
+//! and FedAvg (their formulas are in `flotilla_torch::aggregate`, one file per method). They
 //! differ only in each client's weight per module and in the denominator.
 //!
 //! Per module the caller owns two f32 sums, `Σ (w_k/ρ_i)·A_k` (R_max × d_in, row-major) and

@@ -4,7 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use flotilla_merge::offline::{merge, Request, SlotMethod};
+use flotilla_merge::method::Method;
+use flotilla_merge::offline::{merge, Request};
 use safetensors::{Dtype, SafeTensors};
 
 const HEAD: &str = "base_model.model.head.weight";
@@ -115,7 +116,7 @@ fn reference_rbla(clients: &[Client], name: &str) -> Vec<f64> {
     out
 }
 
-fn request(method: SlotMethod, out: &Path, dirs: Vec<PathBuf>) -> Request {
+fn request(method: Method, out: &Path, dirs: Vec<PathBuf>) -> Request {
     Request { method, out: out.to_path_buf(), max_rank: None, clients: dirs }
 }
 
@@ -126,7 +127,7 @@ fn rbla_matches_the_formula_with_mixed_ranks_and_scales() {
     let dirs: Vec<PathBuf> =
         clients.iter().enumerate().map(|(i, c)| write(&dir.path().join(format!("c{i}")), c, Dtype::F32)).collect();
     let out = dir.path().join("out");
-    let report = merge(&request(SlotMethod::Rbla, &out, dirs)).unwrap();
+    let report = merge(&request(Method::Rbla, &out, dirs)).unwrap();
     assert_eq!((report.out_rank, report.ranks.clone()), (8, vec![2, 4, 8, 4]));
     assert_eq!(report.lora_alpha, 16.0);
     assert!(report.notes[0].contains("different LoRA scales"), "{:?}", report.notes);
@@ -151,7 +152,7 @@ fn a_lone_top_slot_passes_through_bit_identical_and_uncovered_slots_get_a_fresh_
     let dirs: Vec<PathBuf> =
         clients.iter().enumerate().map(|(i, c)| write(&dir.path().join(format!("c{i}")), c, Dtype::F32)).collect();
     let out = dir.path().join("out");
-    let mut req = request(SlotMethod::Rbla, &out, dirs);
+    let mut req = request(Method::Rbla, &out, dirs);
     req.max_rank = Some(6);
     merge(&req).unwrap();
     let got = read(&out.join("adapter_model.safetensors"));
@@ -172,9 +173,9 @@ fn zero_pad_and_fedavg() {
     let dirs: Vec<PathBuf> =
         same.iter().enumerate().map(|(i, c)| write(&dir.path().join(format!("s{i}")), c, Dtype::F32)).collect();
     let fedavg = dir.path().join("fedavg");
-    merge(&request(SlotMethod::FedAvg, &fedavg, dirs.clone())).unwrap();
+    merge(&request(Method::FedAvg, &fedavg, dirs.clone())).unwrap();
     let rbla = dir.path().join("rbla");
-    merge(&request(SlotMethod::Rbla, &rbla, dirs)).unwrap();
+    merge(&request(Method::Rbla, &rbla, dirs)).unwrap();
     assert_eq!(
         read(&fedavg.join("adapter_model.safetensors")),
         read(&rbla.join("adapter_model.safetensors")),
@@ -185,10 +186,10 @@ fn zero_pad_and_fedavg() {
     let dirs: Vec<PathBuf> =
         mixed.iter().enumerate().map(|(i, c)| write(&dir.path().join(format!("m{i}")), c, Dtype::F32)).collect();
     let refused = dir.path().join("refused");
-    assert!(merge(&request(SlotMethod::FedAvg, &refused, dirs.clone())).is_err());
+    assert!(merge(&request(Method::FedAvg, &refused, dirs.clone())).is_err());
     assert!(!refused.exists());
     let padded = dir.path().join("zero-pad");
-    merge(&request(SlotMethod::ZeroPad, &padded, dirs)).unwrap();
+    merge(&request(Method::ZeroPad, &padded, dirs)).unwrap();
     let (_, a) = &read(&padded.join("adapter_model.safetensors"))["base_model.model.layer.v.lora_A.weight"];
     // Slot 3 is the rank-4 client's alone, weighted by its share of the samples (denominator: everyone).
     let lone = &mixed[1].tensors[2].2;
@@ -213,17 +214,17 @@ fn unusual_inputs_are_declined_and_nothing_is_written() {
         ("missing", dir.path().join("missing")),
     ];
     for (label, bad) in cases {
-        let declined = merge(&request(SlotMethod::Rbla, &out, vec![good.clone(), bad]));
+        let declined = merge(&request(Method::Rbla, &out, vec![good.clone(), bad]));
         assert!(declined.is_err(), "{label}");
         assert!(!out.exists(), "{label}: nothing written");
     }
     let liar = write(&dir.path().join("liar"), &client(2, 10, 4.0, 15), Dtype::F32);
     std::fs::write(liar.join("adapter_config.json"), r#"{"r": 4, "lora_alpha": 8}"#).unwrap();
-    assert!(merge(&request(SlotMethod::Rbla, &out, vec![good.clone(), liar])).is_err());
+    assert!(merge(&request(Method::Rbla, &out, vec![good.clone(), liar])).is_err());
     let mut mismatch = client(2, 10, 4.0, 16);
     mismatch.tensors[0].1 = vec![2, 2];
     mismatch.tensors[0].2.truncate(4);
     let mismatch = write(&dir.path().join("mismatch"), &mismatch, Dtype::F32);
-    assert!(merge(&request(SlotMethod::Rbla, &out, vec![good, mismatch])).is_err());
+    assert!(merge(&request(Method::Rbla, &out, vec![good, mismatch])).is_err());
     assert!(!out.exists());
 }

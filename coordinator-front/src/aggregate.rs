@@ -1,0 +1,100 @@
+//! `flotilla-coordinator aggregate`: the command's arguments and summary, defined once for both
+//! paths, and its fast path.
+//!
+//! The front end runs RBLA, zero-padding and FedAvg on clean f32 inputs itself
+//! ([`flotilla_merge::offline`]). Any other method, and any input that path declines, goes to
+//! `flotilla-coordinator-torch`, which parses the same [`AggregateArgs`], runs the libtorch path
+//! and prints the same [`print_summary`].
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser};
+use flotilla_merge::method::Method;
+use flotilla_merge::offline::{merge, Declined, Report, Request};
+
+/// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
+/// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
+#[derive(Debug, Clone, Args)]
+pub struct AggregateArgs {
+    /// rbla, zero-pad, hetlora, flexlora, flora or fedavg.
+    #[arg(long, default_value = "rbla")]
+    pub method: Method,
+    /// Output directory (adapter_model.safetensors in f32 + adapter_config.json).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Rank of the result (default: the largest input rank). FLoRA's result has rank Σ r_k.
+    #[arg(long)]
+    pub max_rank: Option<usize>,
+    /// Client adapter directories.
+    #[arg(required = true)]
+    pub clients: Vec<PathBuf>,
+}
+
+/// What the front end parses after the word `aggregate`: the command's arguments, and the global
+/// `--log-format` that may follow the subcommand (accepted and unused: this path logs nothing).
+#[derive(Parser)]
+#[command(name = "flotilla-coordinator aggregate", disable_help_flag = true, disable_version_flag = true)]
+struct FrontArgs {
+    #[command(flatten)]
+    args: AggregateArgs,
+    #[arg(long)]
+    log_format: Option<String>,
+}
+
+/// Set by the front end for the libtorch binary when the fast path declined: the reason, for its log.
+pub const DECLINED_ENV: &str = "FLOTILLA_FAST_PATH_DECLINED";
+
+/// The command's summary on stdout, the same on both paths.
+pub fn print_summary(method: Method, out: &Path, report: &Report) {
+    let ranks: Vec<String> = report.ranks.iter().map(|r| r.to_string()).collect();
+    println!(
+        "aggregated {} adapters (ranks {}) with {method} → {} (r = {}, lora_alpha = {})",
+        report.clients,
+        ranks.join(","),
+        out.display(),
+        report.out_rank,
+        report.lora_alpha
+    );
+    for note in &report.notes {
+        println!("note: {note}");
+    }
+}
+
+/// Runs `aggregate` with `args` (everything after the word `aggregate`) on the fast path and prints
+/// its summary, or declines with the reason, having written nothing, when the arguments, the method
+/// or an input are anything this path does not handle (`--help` and argument errors included: the
+/// libtorch binary reports those in clap's words).
+pub fn run_fast_path(args: &[OsString]) -> Result<(), Declined> {
+    let argv = std::iter::once(OsString::from("aggregate")).chain(args.iter().cloned());
+    let FrontArgs { args, .. } = FrontArgs::try_parse_from(argv).map_err(|e| Declined(format!("arguments: {}", e.kind())))?;
+    let report = merge(&Request {
+        method: args.method,
+        out: args.out.clone(),
+        max_rank: args.max_rank,
+        clients: args.clients,
+    })?;
+    print_summary(args.method, &args.out, &report);
+    if std::env::var_os("FLOTILLA_AGGREGATE_TIMINGS").is_some() {
+        let phases: Vec<String> = report.phases.iter().map(|(name, s)| format!("{name} {s:.3} s")).collect();
+        eprintln!("fast path: {}", phases.join(", "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn methods_that_need_libtorch_and_bad_arguments_are_declined_before_anything_is_read() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        let out = std::env::temp_dir().join("flotilla-front-never-written");
+        let declined = run_fast_path(&os(&["--method", "hetlora", "--out", out.to_str().unwrap(), "a", "b"]));
+        assert!(declined.unwrap_err().0.contains("needs libtorch"));
+        assert!(!out.exists());
+        assert!(run_fast_path(&os(&["--method", "nope", "--out", "x", "a"])).unwrap_err().0.starts_with("arguments"));
+        assert!(run_fast_path(&os(&["--help"])).is_err());
+        assert!(run_fast_path(&os(&["--out", "x"])).is_err(), "clients are required");
+    }
+}

@@ -1,0 +1,262 @@
+//! The command line of `flotilla-coordinator-torch` (run as `flotilla-coordinator` through the
+//! front end): `serve`, `check`, `status`, `export`, and `aggregate` on the libtorch path.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use flotilla_coordinator_front::aggregate::AggregateArgs;
+
+use crate::{config, evaluation, export, metrics, offline, renewal, report, server};
+
+/// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
+/// updates of different ranks (RBLA by default) into one global adapter.
+#[derive(Parser)]
+#[command(name = "flotilla-coordinator", version)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"], env = "FLOTILLA_LOG_FORMAT")]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve rounds until the configured number is done, then write the summary and exit.
+    Serve {
+        /// TOML configuration file (sections: server, tls, transport, limits, round, aggregation, model).
+        #[arg(long, env = "FLOTILLA_CONFIG")]
+        config: PathBuf,
+        /// Override `server.listen`.
+        #[arg(long, env = "FLOTILLA_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Override `server.run_dir`.
+        #[arg(long, env = "FLOTILLA_RUN_DIR")]
+        run_dir: Option<PathBuf>,
+        /// Override `server.address_file`.
+        #[arg(long)]
+        address_file: Option<PathBuf>,
+        /// Start at round 1 even if the run directory holds checkpoints (they are moved aside to
+        /// `global.before-<time>/`, never deleted). Without it, a run resumes after its last
+        /// finished round.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Check a configuration as `serve` would use it (environment overrides included): the
+    /// settings, the TLS kit and CRL, the renewal CA, and that the run directory is writable.
+    /// Exit status 1 with every problem found.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Show a running coordinator's state (round, phase, devices) from its metrics port.
+    Status {
+        /// The coordinator's `[metrics] listen` address.
+        #[arg(long, env = "FLOTILLA_METRICS_ADDRESS")]
+        address: SocketAddr,
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+    },
+    /// Export a finished round's global adapter (PEFT layout) and, with --merged, the full model
+    /// with the adapter merged into the base (one safetensors file, no LoRA needed to run it).
+    Export {
+        /// The run's configuration (for its run directory, model and base).
+        #[arg(long, env = "FLOTILLA_CONFIG")]
+        config: PathBuf,
+        /// Output directory: adapter/ (adapter_model.safetensors, adapter_config.json) and, with
+        /// --merged, model.safetensors and model.json.
+        #[arg(long)]
+        out: PathBuf,
+        /// Round to export (default: the last finished one).
+        #[arg(long)]
+        round: Option<u32>,
+        /// Slice the adapter to this rank first (default: R_max).
+        #[arg(long)]
+        rank: Option<u32>,
+        #[arg(long)]
+        merged: bool,
+    },
+    /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
+    /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
+    Aggregate(AggregateArgs),
+}
+
+/// `check`: everything `serve` needs before it listens, each problem reported.
+fn check(path: &std::path::Path) -> anyhow::Result<()> {
+    let config = config::CoordinatorConfig::load(path)?;
+    let mut problems = Vec::new();
+    let kit = flotilla_wire::tls::KitPaths::in_dir(&config.tls.kit);
+    if let Err(error) = flotilla_wire::tls::server_config(&kit, config.tls.crl.as_deref()) {
+        problems.push(format!("[tls]: {error}"));
+    }
+    if let Err(error) = renewal::Renewal::open(&config.renewal) {
+        problems.push(format!("[renewal]: {error:#}"));
+    }
+    let run_dir = &config.server.run_dir;
+    let probe = run_dir.join(".flotilla-check");
+    if let Err(error) = std::fs::create_dir_all(run_dir).and_then(|()| std::fs::write(&probe, b"")) {
+        problems.push(format!("server.run_dir {}: not writable: {error}", run_dir.display()));
+    }
+    let _ = std::fs::remove_file(&probe);
+    if !problems.is_empty() {
+        anyhow::bail!("{} problem(s) in {}:\n  {}", problems.len(), path.display(), problems.join("\n  "));
+    }
+    println!(
+        "{}: OK — QUIC on {}, metrics on {}, run directory {}, {} rounds of {} at R_max {}, online renewal {}",
+        path.display(),
+        config.server.listen,
+        config.metrics.listen.map(|a| a.to_string()).unwrap_or_else(|| "(off)".into()),
+        run_dir.display(),
+        config.round.rounds,
+        config.aggregation.method,
+        config.aggregation.max_rank,
+        if config.renewal.pki.is_some() { "on" } else { "off" }
+    );
+    Ok(())
+}
+
+/// The `flotilla-coordinator-torch` binary.
+pub fn main() {
+    let cli = Cli::parse();
+    flotilla_wire::logging::init(&cli.log_format);
+    if let Err(error) = run(cli.command) {
+        eprintln!("flotilla-coordinator: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Serve { config, listen, run_dir, address_file, fresh } => {
+            let mut config = config::CoordinatorConfig::load(&config)?;
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if let Some(run_dir) = run_dir {
+                config.server.run_dir = run_dir;
+            }
+            if address_file.is_some() {
+                config.server.address_file = address_file;
+            }
+            let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let summary = runtime.block_on(server::serve(config, fresh))?;
+            print_summary(&summary);
+            Ok(())
+        }
+        Command::Check { config } => check(&config),
+        Command::Export { config, out, round, rank, merged } => {
+            let config = config::CoordinatorConfig::load(&config)?;
+            let done = export::export(&config, &export::ExportRequest { out, round, rank, merged })?;
+            println!(
+                "exported round {} at rank {}: adapter in {}{}",
+                done.round,
+                done.rank,
+                done.adapter_dir.display(),
+                done.merged_model.map(|p| format!(", merged model in {}", p.display())).unwrap_or_default()
+            );
+            Ok(())
+        }
+        Command::Status { address, format } => {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let status = runtime.block_on(fetch_status(address))?;
+            if format == "json" {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                let ranks: Vec<String> =
+                    status.participants_by_rank.iter().map(|(rank, n)| format!("{n}×rank {rank}")).collect();
+                println!(
+                    "round {}/{} ({}), {} completed; method {} (R_max {}); {} device(s) connected; in this round: {}",
+                    status.round,
+                    status.rounds_total,
+                    status.phase,
+                    status.rounds_completed,
+                    status.method,
+                    status.max_rank,
+                    status.devices_connected,
+                    if ranks.is_empty() { "none".to_string() } else { ranks.join(", ") }
+                );
+            }
+            Ok(())
+        }
+        Command::Aggregate(args) => {
+            let report = offline::aggregate(&args)?;
+            flotilla_coordinator_front::aggregate::print_summary(args.method, &args.out, &report);
+            Ok(())
+        }
+    }
+}
+
+/// GET /status over plain HTTP/1.1 (the metrics port never speaks TLS); the reply is bounded.
+async fn fetch_status(address: SocketAddr) -> Result<metrics::Status> {
+    use anyhow::Context;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let request = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await?;
+        stream.write_all(b"GET /status HTTP/1.1\r\nHost: flotilla\r\nConnection: close\r\n\r\n").await?;
+        let mut response = Vec::new();
+        stream.take(1 << 20).read_to_end(&mut response).await?;
+        std::io::Result::Ok(response)
+    };
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), request)
+        .await
+        .with_context(|| format!("{address}: no answer within 10 s"))?
+        .with_context(|| format!("cannot reach the coordinator's metrics port at {address}"))?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("{address}: not an HTTP response"))?;
+    anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{address}: {}", head.lines().next().unwrap_or(""));
+    serde_json::from_str(body).with_context(|| format!("{address}: unexpected /status reply"))
+}
+
+fn print_summary(summary: &report::RunSummary) {
+    println!(
+        "run finished: {} round(s) with {} (R_max {})",
+        summary.rounds_completed, summary.method, summary.max_rank
+    );
+    let mut all_ranks: Vec<usize> = summary
+        .rounds
+        .iter()
+        .flat_map(|r| r.evaluation.iter().map(|e| e.rank))
+        .chain(summary.initial_evaluation.iter().map(|r| r.rank))
+        .collect();
+    all_ranks.sort_unstable_by(|a, b| b.cmp(a));
+    all_ranks.dedup();
+    if !all_ranks.is_empty() {
+        println!();
+        println!("test accuracy of the global model (frozen base + global adapter sliced to each rank):");
+    }
+    let header: Vec<String> = all_ranks.iter().map(|r| format!("{:>8}", format!("rank {r}"))).collect();
+    println!("{:>5}  {:>7}  {:<22} {:>10}  {}", "round", "updates", "ranks", "local loss", header.join(" "));
+    let cells = |results: &[evaluation::RankAccuracy]| -> String {
+        all_ranks
+            .iter()
+            .map(|rank| match results.iter().find(|r| r.rank == *rank) {
+                Some(r) => format!("{:>7.1}%", r.accuracy * 100.0),
+                None => format!("{:>8}", "-"),
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    if !summary.initial_evaluation.is_empty() {
+        println!("{:>5}  {:>7}  {:<22} {:>10}  {}", "base", "-", "-", "-", cells(&summary.initial_evaluation));
+    }
+    for round in &summary.rounds {
+        let mut ranks: Vec<u32> = round.updates.iter().map(|u| u.rank).collect();
+        ranks.sort_unstable();
+        let ranks: Vec<String> = ranks.iter().map(u32::to_string).collect();
+        let n = round.updates.len().max(1) as f64;
+        let loss = round.updates.iter().map(|u| u.metrics.loss_after).sum::<f64>() / n;
+        println!(
+            "{:>5}  {:>7}  {:<22} {:>10.4}  {}",
+            round.round,
+            round.updates.len(),
+            ranks.join(","),
+            loss,
+            cells(&round.evaluation)
+        );
+    }
+    if let Some(path) = &summary.final_global {
+        println!("global adapter: {}", path.display());
+    }
+}

@@ -1,0 +1,17 @@
+//! The round engine, kept pure so that every path can be driven in tests with virtual time and no
+//! I/O: its dependency list (no libtorch, no tokio, no quinn) is the proof.
+//!
+//! - [`round`]: the state machine. Events in (devices joining and leaving, updates arriving and
+//!   folded, timers firing, aggregation done), actions out (send a task, fold or reject an update,
+//!   schedule a timer, aggregate, skip, finish).
+//! - [`policy`]: what each round is made of — which devices are sampled, the seeds a round uses,
+//!   and the training settings devices receive — in one place, as a strategy object.
+
+pub mod policy;
+pub mod round;
+
+pub use policy::{RoundPolicy, TrainingPlan};
+pub use round::{Action, Engine, EngineConfig, Event, Phase, RejectKind, Timer};
+
+/// A device, by the identity in its certificate.
+pub type DeviceId = String;

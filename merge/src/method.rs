@@ -1,0 +1,80 @@
+//! The aggregation methods by name: the one table of names that the configuration, both paths of
+//! the offline `aggregate` command, the reports and the metrics use.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::slots::Denominator;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    Rbla,
+    ZeroPad,
+    #[serde(rename = "hetlora")]
+    HetLora,
+    #[serde(rename = "flexlora")]
+    FlexLora,
+    Flora,
+    #[serde(rename = "fedavg")]
+    FedAvg,
+}
+
+impl Method {
+    pub const ALL: [Method; 6] =
+        [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::FlexLora, Method::Flora, Method::FedAvg];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Rbla => "rbla",
+            Method::ZeroPad => "zero-pad",
+            Method::HetLora => "hetlora",
+            Method::FlexLora => "flexlora",
+            Method::Flora => "flora",
+            Method::FedAvg => "fedavg",
+        }
+    }
+
+    /// For the methods that average sample-weighted, zero-padded factors slot by slot (RBLA,
+    /// zero-padding, FedAvg), what each slot's sum is divided by; they run without libtorch on the
+    /// offline fast path. `None` for the methods that need libtorch.
+    pub fn sample_weighted_denominator(self) -> Option<Denominator> {
+        match self {
+            Method::Rbla | Method::FedAvg => Some(Denominator::Coverage),
+            Method::ZeroPad => Some(Denominator::AllClients),
+            Method::HetLora | Method::FlexLora | Method::Flora => None,
+        }
+    }
+}
+
+impl fmt::Display for Method {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Method {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Method::ALL.into_iter().find(|m| m.name() == s).ok_or_else(|| {
+            let names: Vec<_> = Method::ALL.iter().map(|m| m.name()).collect();
+            format!("unknown aggregation method '{s}' (known: {})", names.join(", "))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_through_text_and_serde() {
+        for m in Method::ALL {
+            assert_eq!(m.name().parse::<Method>().unwrap(), m);
+            assert_eq!(serde_json::to_string(&m).unwrap(), format!("\"{}\"", m.name()));
+        }
+        assert!("nope".parse::<Method>().unwrap_err().contains("known: rbla, zero-pad"));
+        let fast: Vec<_> = Method::ALL.into_iter().filter(|m| m.sample_weighted_denominator().is_some()).collect();
+        assert_eq!(fast, [Method::Rbla, Method::ZeroPad, Method::FedAvg]);
+    }
+}

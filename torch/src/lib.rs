@@ -1,0 +1,13 @@
+//! Flotilla's libtorch side: the one crate (with the binaries above it) that links libtorch.
+//!
+//! - [`tensor`]: wire tensors to and from tch tensors, and the sink through which the streaming
+//!   frame decoder writes an update straight into tensor storage.
+//! - [`adapter`]: a LoRA adapter (PEFT naming), rank slicing and safetensors I/O.
+//! - [`aggregate`]: the online aggregation methods (one file each) behind a single streaming trait.
+//! - [`model`]: the LoRA models trained on devices and evaluated by the coordinator; [`data`]: datasets.
+
+pub mod adapter;
+pub mod aggregate;
+pub mod data;
+pub mod model;
+pub mod tensor;

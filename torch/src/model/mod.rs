@@ -1,0 +1,175 @@
+//! LoRA models: a frozen base and a trainable adapter (LoRA factors plus a shared classifier head).
+//!
+//! Each adapted layer computes `y = W0·x + b0 + s·B·(A·x)` with one scale `s = lora_alpha / R_max`
+//! for every rank, so a rank-r slice of the global adapter means the same thing on every device.
+//!
+//! The architecture itself is plain data in `flotilla_wire::model`; [`ArchitectureExt`] adds what
+//! libtorch does with it, [`LoraModel`] trains and evaluates, and `pretrain` trains a base centrally.
+
+mod layers;
+mod lora_model;
+mod pretrain;
+#[cfg(test)]
+mod tests;
+
+use std::collections::BTreeMap;
+
+use tch::{Device, Kind, Tensor};
+
+pub use flotilla_wire::model::{Architecture, LayerKind, LayerShape, ADAPTER_PREFIX, CONV_KERNEL};
+pub use lora_model::LoraModel;
+pub use pretrain::PretrainSettings;
+
+use crate::adapter::{lora_a_name, lora_b_name, Adapter, AdapterError};
+use crate::data::{seeded_uniform, Dataset};
+use layers::layer_forward;
+
+pub type BaseWeights = BTreeMap<String, Tensor>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("model: tensor '{0}' is missing")]
+    Missing(String),
+    #[error("model: tensor '{name}' has shape {got:?}, expected {want:?}")]
+    Shape { name: String, got: Vec<i64>, want: Vec<i64> },
+    #[error("model: libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+}
+
+/// What libtorch does with an [`Architecture`]: initialise, check, pretrain, merge and run it.
+pub trait ArchitectureExt {
+    /// Reshapes flattened inputs into what the first layer takes.
+    fn input_view(&self, x: &Tensor) -> Tensor;
+    /// A base model initialised like PyTorch's `nn.Linear` (uniform ±1/√d_in), reproducible from `seed`.
+    fn init_base(&self, seed: u64) -> BaseWeights;
+    /// The initial global adapter at rank `max_rank`: A uniform ±1/√d_in (as PEFT), B zero, so the
+    /// model starts as the base; the head is initialised like `nn.Linear`.
+    fn init_adapter(&self, max_rank: usize, seed: u64) -> Result<Adapter, ModelError>;
+    /// Checks that `base` has exactly the tensors and shapes this architecture needs.
+    fn check_base(&self, base: &BaseWeights) -> Result<(), ModelError>;
+    /// Trains every weight of the full model (base layers and head, no LoRA) on `data` with AdamW:
+    /// the centrally pretrained base that federated LoRA fine-tuning starts from. Returns the base
+    /// weights and the head (`head.weight`, `head.bias`).
+    fn pretrain(
+        &self,
+        base: &BaseWeights,
+        head: (&Tensor, &Tensor),
+        data: &Dataset,
+        settings: &PretrainSettings,
+    ) -> Result<(BaseWeights, Tensor, Tensor), ModelError>;
+    /// The full model with the adapter merged in: each adapted layer's weight becomes
+    /// `W0 + ΔW + scale·B·A` (ΔW: online FLoRA's merged update, zero otherwise), and the adapter's
+    /// head becomes `head.weight` / `head.bias`. The result is a plain network (see
+    /// [`ArchitectureExt::forward_merged`]) that needs no LoRA support to run.
+    fn merge(&self, base: &BaseWeights, adapter: &Adapter, scale: f64) -> Result<BaseWeights, ModelError>;
+    /// Logits of a merged model (see [`ArchitectureExt::merge`]).
+    fn forward_merged(&self, weights: &BaseWeights, x: &Tensor) -> Result<Tensor, ModelError>;
+}
+
+impl ArchitectureExt for Architecture {
+    fn input_view(&self, x: &Tensor) -> Tensor {
+        match self {
+            Architecture::Mlp { .. } => x.shallow_clone(),
+            Architecture::Cnn { side, channels, .. } => x.view([-1, *channels as i64, *side as i64, *side as i64]),
+        }
+    }
+
+    fn init_base(&self, seed: u64) -> BaseWeights {
+        let mut weights = BTreeMap::new();
+        for (i, layer) in self.adapted_layers().iter().enumerate() {
+            let bound = 1.0 / (layer.d_in as f64).sqrt();
+            let s = seed.wrapping_mul(1000).wrapping_add(2 * i as u64);
+            let shape: Vec<usize> = layer.weight_shape().iter().map(|&d| d as usize).collect();
+            weights.insert(format!("{}.weight", layer.name), seeded_uniform(&shape, bound, s));
+            weights.insert(format!("{}.bias", layer.name), seeded_uniform(&[layer.d_out], bound, s + 1));
+        }
+        weights
+    }
+
+    fn init_adapter(&self, max_rank: usize, seed: u64) -> Result<Adapter, ModelError> {
+        let mut tensors = BTreeMap::new();
+        for (i, layer) in self.adapted_layers().iter().enumerate() {
+            let module = format!("{ADAPTER_PREFIX}{}", layer.name);
+            let bound = 1.0 / (layer.d_in as f64).sqrt();
+            let s = seed.wrapping_mul(1000).wrapping_add(500 + i as u64);
+            tensors.insert(lora_a_name(&module), seeded_uniform(&[max_rank, layer.d_in], bound, s));
+            tensors.insert(
+                lora_b_name(&module),
+                Tensor::zeros([layer.d_out as i64, max_rank as i64], (Kind::Float, Device::Cpu)),
+            );
+        }
+        let (d_in, classes) = self.head_shape();
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let s = seed.wrapping_mul(1000).wrapping_add(900);
+        tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), seeded_uniform(&[classes, d_in], bound, s));
+        tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), seeded_uniform(&[classes], bound, s + 1));
+        Ok(Adapter::new(tensors)?)
+    }
+
+    fn check_base(&self, base: &BaseWeights) -> Result<(), ModelError> {
+        for layer in self.adapted_layers() {
+            for (suffix, want) in [("weight", layer.weight_shape()), ("bias", vec![layer.d_out as i64])] {
+                let name = format!("{}.{suffix}", layer.name);
+                let got = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?.size();
+                if got != want {
+                    return Err(ModelError::Shape { name, got, want });
+                }
+            }
+        }
+        Ok(())
+    }
+    fn pretrain(
+        &self,
+        base: &BaseWeights,
+        head: (&Tensor, &Tensor),
+        data: &Dataset,
+        settings: &PretrainSettings,
+    ) -> Result<(BaseWeights, Tensor, Tensor), ModelError> {
+        pretrain::pretrain(self, base, head, data, settings)
+    }
+
+    fn merge(&self, base: &BaseWeights, adapter: &Adapter, scale: f64) -> Result<BaseWeights, ModelError> {
+        self.check_base(base)?;
+        let get = |name: String| adapter.get(&name).ok_or(ModelError::Missing(name));
+        let mut merged = BTreeMap::new();
+        for layer in self.adapted_layers() {
+            let module = format!("{ADAPTER_PREFIX}{}", layer.name);
+            let (a, b) = (get(lora_a_name(&module))?, get(lora_b_name(&module))?);
+            let mut delta = b.f_matmul(a)? * scale;
+            if let Some(merged_delta) = adapter.merged_delta(&module) {
+                delta = delta.f_add(merged_delta)?;
+            }
+            let delta = delta.f_view(layer.weight_shape().as_slice())?;
+            merged.insert(format!("{}.weight", layer.name), base[&format!("{}.weight", layer.name)].f_add(&delta)?);
+            merged.insert(format!("{}.bias", layer.name), base[&format!("{}.bias", layer.name)].copy());
+        }
+        merged.insert(HEAD_WEIGHT.to_string(), get(format!("{ADAPTER_PREFIX}head.weight"))?.copy());
+        merged.insert(HEAD_BIAS.to_string(), get(format!("{ADAPTER_PREFIX}head.bias"))?.copy());
+        Ok(merged)
+    }
+
+    fn forward_merged(&self, weights: &BaseWeights, x: &Tensor) -> Result<Tensor, ModelError> {
+        let get = |name: String| weights.get(&name).ok_or(ModelError::Missing(name));
+        let mut h = self.input_view(x);
+        for layer in self.adapted_layers() {
+            let (w, b) = (get(format!("{}.weight", layer.name))?, get(format!("{}.bias", layer.name))?);
+            h = layer_forward(&h, layer.kind, w, b, None);
+        }
+        Ok(h.flatten(1, -1).f_linear(get(HEAD_WEIGHT.to_string())?, Some(get(HEAD_BIAS.to_string())?))?)
+    }
+}
+
+/// Names of the shared classifier head in a full (merged or pretrained) model.
+pub const HEAD_WEIGHT: &str = "head.weight";
+pub const HEAD_BIAS: &str = "head.bias";
+
+/// The adapter with its head replaced (the pretrained head becomes the initial global head).
+pub fn with_head(adapter: &Adapter, weight: &Tensor, bias: &Tensor) -> Result<Adapter, ModelError> {
+    let mut tensors: BTreeMap<String, Tensor> = adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), weight.copy());
+    tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), bias.copy());
+    Ok(Adapter::new(tensors)?)
+}
+

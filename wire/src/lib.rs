@@ -1,0 +1,22 @@
+//! Flotilla's wire: everything two parties need to talk, and nothing that needs libtorch.
+//!
+//! - [`protocol`]: the messages devices and the coordinator exchange; [`framing`]: how a message and
+//!   its tensors are laid out on a QUIC stream, every length bounded, decoded by one streaming
+//!   decoder that writes tensor bytes into whatever storage a [`framing::TensorSink`] hands out.
+//! - [`tensor`]: tensor descriptors and raw little-endian bodies.
+//! - [`model`]: the model description (architecture, adapted layer shapes) as plain data.
+//! - [`tls`], [`quic`], [`identity`]: mutual-TLS configuration (ring only), QUIC endpoints and
+//!   transport settings, and how a device identity is written into a certificate.
+//! - [`logging`], [`fault`], [`fingerprint`]: what both daemons share beside the protocol: log
+//!   set-up, the crash-test pause hook, and a stable hash for fingerprints and seeds.
+
+pub mod fault;
+pub mod fingerprint;
+pub mod framing;
+pub mod identity;
+pub mod logging;
+pub mod model;
+pub mod protocol;
+pub mod quic;
+pub mod tensor;
+pub mod tls;

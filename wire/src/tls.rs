@@ -1,0 +1,167 @@
+//! Mutual TLS for QUIC: rustls configurations built with the ring provider only, and the device
+//! identity read from a peer certificate.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+use crate::identity::DEVICE_URI_PREFIX;
+use crate::protocol::ALPN;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("TLS configuration: {0}")]
+    Config(String),
+    #[error("peer certificate: {0}")]
+    PeerCertificate(String),
+}
+
+/// A participant's credential kit on disk: CA certificate, own certificate chain and private key.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct KitPaths {
+    pub ca_cert: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl KitPaths {
+    /// The standard file names inside a kit directory written by `flotilla-certs`.
+    pub fn in_dir(dir: &Path) -> KitPaths {
+        KitPaths { ca_cert: dir.join("ca.crt"), cert: dir.join("cert.pem"), key: dir.join("key.pem") }
+    }
+}
+
+struct LoadedKit {
+    roots: RootCertStore,
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+}
+
+fn load_kit(kit: &KitPaths) -> Result<LoadedKit, TlsError> {
+    let file_err = |path: &Path, message: String| TlsError::File { path: path.to_path_buf(), message };
+    let read_certs = |path: &Path| -> Result<Vec<CertificateDer<'static>>, TlsError> {
+        let certs = CertificateDer::pem_file_iter(path)
+            .map_err(|e| file_err(path, format!("cannot read certificates: {e}")))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| file_err(path, format!("not a valid PEM certificate: {e}")))?;
+        if certs.is_empty() {
+            return Err(file_err(path, "contains no certificate".into()));
+        }
+        Ok(certs)
+    };
+    let mut roots = RootCertStore::empty();
+    for ca in read_certs(&kit.ca_cert)? {
+        roots.add(ca).map_err(|e| file_err(&kit.ca_cert, format!("not a usable CA certificate: {e}")))?;
+    }
+    let chain = read_certs(&kit.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&kit.key)
+        .map_err(|e| file_err(&kit.key, format!("cannot read the private key: {e}")))?;
+    Ok(LoadedKit { roots, chain, key })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Server side: TLS 1.3, a client certificate chaining to the kit's CA is required, and is refused
+/// when it is listed in the revocation list `crl` (PEM, from `flotilla-certs`).
+pub fn server_config(kit: &KitPaths, crl: Option<&Path>) -> Result<rustls::ServerConfig, TlsError> {
+    let loaded = load_kit(kit)?;
+    let provider = provider();
+    let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(loaded.roots), provider.clone());
+    if let Some(path) = crl {
+        let crls = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("cannot read the CRL: {e}") })?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("not a valid PEM CRL: {e}") })?;
+        if crls.is_empty() {
+            return Err(TlsError::File { path: path.to_path_buf(), message: "contains no CRL".into() });
+        }
+        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(loaded.chain, loaded.key)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", kit.cert.display())))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// Client side: trusts only the kit's CA (no system roots) and presents the kit's certificate.
+pub fn client_config(kit: &KitPaths) -> Result<rustls::ClientConfig, TlsError> {
+    let loaded = load_kit(kit)?;
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_root_certificates(loaded.roots)
+        .with_client_auth_cert(loaded.chain, loaded.key)
+        .map_err(|e| TlsError::Config(format!("{}: {e}", kit.cert.display())))?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+/// The device id in a certificate's `urn:flotilla:device:<id>` URI SAN.
+pub fn device_id_from_certificate(der: &[u8]) -> Result<String, TlsError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| TlsError::PeerCertificate(format!("cannot parse: {e}")))?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|e| TlsError::PeerCertificate(format!("bad subjectAltName: {e}")))?
+        .ok_or_else(|| TlsError::PeerCertificate("no subjectAltName".into()))?;
+    let mut ids = san.value.general_names.iter().filter_map(|name| match name {
+        GeneralName::URI(uri) => uri.strip_prefix(DEVICE_URI_PREFIX),
+        _ => None,
+    });
+    let id = ids.next().ok_or_else(|| {
+        TlsError::PeerCertificate("no device identity (urn:flotilla:device:) in subjectAltName".into())
+    })?;
+    if ids.next().is_some() {
+        return Err(TlsError::PeerCertificate("more than one device identity".into()));
+    }
+    Ok(id.to_string())
+}
+
+/// When a certificate stops being valid.
+pub fn certificate_not_after(der: &[u8]) -> Result<std::time::SystemTime, TlsError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| TlsError::PeerCertificate(format!("cannot parse: {e}")))?;
+    let seconds = cert.validity().not_after.timestamp();
+    let seconds = u64::try_from(seconds).map_err(|_| TlsError::PeerCertificate("expires before 1970".into()))?;
+    Ok(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
+/// When the certificate in a kit stops being valid.
+pub fn own_certificate_not_after(kit: &KitPaths) -> Result<std::time::SystemTime, TlsError> {
+    let cert = CertificateDer::from_pem_file(&kit.cert)
+        .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a PEM certificate: {e}") })?;
+    certificate_not_after(&cert).map_err(|e| TlsError::File { path: kit.cert.clone(), message: e.to_string() })
+}
+
+/// The device id in the certificate of a kit (the identity this device must claim in its Hello).
+pub fn own_device_id(kit: &KitPaths) -> Result<String, TlsError> {
+    let cert = CertificateDer::from_pem_file(&kit.cert)
+        .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a PEM certificate: {e}") })?;
+    device_id_from_certificate(&cert)
+        .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a device certificate: {e}") })
+}
+
+/// The device id bound to an authenticated QUIC connection, and when its certificate expires.
+pub fn peer_device(connection: &quinn::Connection) -> Result<(String, std::time::SystemTime), TlsError> {
+    let identity =
+        connection.peer_identity().ok_or_else(|| TlsError::PeerCertificate("peer presented no certificate".into()))?;
+    let chain = identity
+        .downcast::<Vec<CertificateDer<'static>>>()
+        .map_err(|_| TlsError::PeerCertificate("unexpected peer identity type".into()))?;
+    let leaf = chain.first().ok_or_else(|| TlsError::PeerCertificate("empty certificate chain".into()))?;
+    Ok((device_id_from_certificate(leaf)?, certificate_not_after(leaf)?))
+}
