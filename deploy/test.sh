@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: bootstraps libtorch if missing, builds every binary (the integration tests
-# drive them as real processes), then runs all unit, property and integration tests.
+# The whole test suite: bootstraps libtorch if missing, checks formatting and lints (rustfmt, clippy
+# with warnings as errors), builds every binary (the integration tests drive them as real
+# processes), then runs all unit, property and integration tests, the architecture checks included.
 #
 #   bash deploy/test.sh              # extra arguments go to `cargo test`, e.g. -- --nocapture
 set -euo pipefail
@@ -10,6 +11,11 @@ cd "$root"
 source "$root/deploy/env.sh"
 
 flotilla_ensure_fashion_mnist
+echo "==> formatting (cargo fmt --check)"
+cargo fmt --all --check
+cargo fmt --check --manifest-path fuzz/Cargo.toml
+echo "==> lints (cargo clippy, warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> building (the first build takes about 4 minutes on 2 cores)"
 cargo build --workspace --bins --locked
 echo "==> testing"

@@ -10,10 +10,10 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
-use crate::kit::{self, Placement};
 use crate::error::PkiError;
 use crate::files::write_file;
+use crate::identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
+use crate::kit::{self, Placement};
 use crate::subject::dn;
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PkiError + '_ {

@@ -3,8 +3,8 @@
 use serde::Serialize;
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::identity::DEVICE_URI_PREFIX;
 use crate::error::PkiError;
+use crate::identity::DEVICE_URI_PREFIX;
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct CertificateInfo {

@@ -30,9 +30,9 @@ mod pki;
 mod subject;
 
 pub use ca_key::read_password_file;
+pub use error::PkiError;
 pub(crate) use flotilla_wire::identity;
 pub use flotilla_wire::identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
-pub use error::PkiError;
 pub use pki::{
     CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, Registry, RevokedCertificate, DEFAULT_CA_DAYS,
     DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS, DEFAULT_DEVICE_VALIDITY, MIN_VALIDITY,

@@ -1,6 +1,7 @@
 //! `flotilla-certs`: provisioning of the CA, the coordinator and the devices.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -235,60 +236,13 @@ fn run(cli: Cli) -> Result<()> {
             let protected = if password.is_some() { " (key password-protected)" } else { "" };
             println!("created CA in {}{protected}", cli.dir.display());
         }
-        Command::Issue { what } => {
-            let pki = open()?;
-            let issued = match what {
-                IssueCommand::Coordinator { name, san, days, placement } => pki
-                    .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days }, &placement.placement())
-                    .context("cannot issue the coordinator certificate")?,
-                IssueCommand::Devices { prefix, count, start, valid_for, placement } => {
-                    return issue_devices(&pki, &cli.dir, &prefix, count, start, valid_for, &placement);
-                }
-                IssueCommand::Device { id, valid_for, placement } => pki
-                    .issue_device(&DeviceRequest { id: &id, validity: valid_for }, &placement.placement())
-                    .with_context(|| format!("cannot issue a certificate for device '{id}'"))?,
-            };
-            println!(
-                "issued {} '{}' (serial {}, valid until {}): kit in {}",
-                issued.kind,
-                issued.id,
-                issued.serial,
-                issued.not_after,
-                issued.kit.display()
-            );
-        }
+        Command::Issue { what } => issue(&open()?, &cli.dir, what)?,
         Command::Request { id, kit, placement } => {
             let request = csr::request(&kit, &id, &placement.placement())
                 .with_context(|| format!("cannot make a request for device '{id}'"))?;
             println!("request for device '{id}' in {}; have the CA sign it, then `install`", request.display());
         }
-        Command::Sign { csr, out, valid_for, renew } => {
-            let pki = open()?;
-            let pem = std::fs::read_to_string(&csr).with_context(|| format!("cannot read {}", csr.display()))?;
-            // The output directory is named after the id, which is known only once the request is checked.
-            let staging = cli.dir.join("signed").join(".incoming");
-            let target = out.clone().unwrap_or_else(|| staging.clone());
-            let issued = pki
-                .sign_request(&pem, valid_for, renew, &target)
-                .with_context(|| format!("cannot sign {}", csr.display()))?;
-            let written = match out {
-                Some(dir) => dir,
-                None => {
-                    let dir = cli.dir.join("signed").join(&issued.id);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    std::fs::rename(&staging, &dir).with_context(|| format!("cannot move to {}", dir.display()))?;
-                    dir
-                }
-            };
-            let what = if issued.renews.is_some() { "renewed" } else { "signed" };
-            println!(
-                "{what} device '{}' (serial {}, valid until {}): cert.pem and ca.crt in {}",
-                issued.id,
-                issued.serial,
-                issued.not_after,
-                written.display()
-            );
-        }
+        Command::Sign { csr, out, valid_for, renew } => sign(&open()?, &cli.dir, &csr, out, valid_for, renew)?,
         Command::Install { kit, cert, ca } => {
             let id = csr::install(&kit, &cert, ca.as_deref())
                 .with_context(|| format!("cannot install {} into {}", cert.display(), kit.display()))?;
@@ -306,53 +260,11 @@ fn run(cli: Cli) -> Result<()> {
                 request.display()
             );
         }
-        Command::List { format } => {
-            let pki = open()?;
-            let registry = pki.registry()?;
-            let revoked = |serial: &str| registry.revoked.iter().any(|r| r.serial == serial);
-            match format {
-                Format::Json => {
-                    let rows: Vec<serde_json::Value> = registry
-                        .issued
-                        .iter()
-                        .map(|c| {
-                            let mut row = serde_json::to_value(c).unwrap_or_default();
-                            row["revoked"] = serde_json::Value::Bool(revoked(&c.serial));
-                            row
-                        })
-                        .collect();
-                    println!("{}", serde_json::to_string_pretty(&rows)?);
-                }
-                Format::Text => {
-                    for cert in &registry.issued {
-                        println!(
-                            "{:<12} {:<24} serial {:<6} until {}{}",
-                            cert.kind,
-                            cert.id,
-                            cert.serial,
-                            cert.not_after,
-                            if revoked(&cert.serial) { "  REVOKED" } else { "" }
-                        );
-                    }
-                }
-            }
-        }
+        Command::List { format } => list(&open()?, format)?,
         Command::Inspect { id, cert, format } => {
-            let info = match (id, cert) {
-                (Some(id), _) => open()?.inspect_id(&id)?,
-                (None, Some(path)) => {
-                    let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
-                    let mut info = describe_pem(&pem).with_context(|| path.display().to_string())?;
-                    // Revocation is known only for certificates of this directory's CA.
-                    let ca = std::fs::read(Pki::ca_cert_path(&cli.dir)).ok().and_then(|pem| describe_pem(&pem).ok());
-                    if let (Some(ca), Ok(pki)) = (ca, Pki::open(&cli.dir, None)) {
-                        if ca.subject == info.issuer {
-                            info.revoked = pki.is_revoked(&info.serial).ok();
-                        }
-                    }
-                    info
-                }
-                (None, None) => anyhow::bail!("give --id or --cert"),
+            let info = match id {
+                Some(id) => open()?.inspect_id(&id)?,
+                None => inspect_file(&cli.dir, cert)?,
             };
             print(&info, format)?;
         }
@@ -368,4 +280,104 @@ fn run(cli: Cli) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `issue coordinator|device|devices`.
+fn issue(pki: &Pki, dir: &Path, what: IssueCommand) -> Result<()> {
+    let issued = match what {
+        IssueCommand::Coordinator { name, san, days, placement } => pki
+            .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days }, &placement.placement())
+            .context("cannot issue the coordinator certificate")?,
+        IssueCommand::Devices { prefix, count, start, valid_for, placement } => {
+            return issue_devices(pki, dir, &prefix, count, start, valid_for, &placement);
+        }
+        IssueCommand::Device { id, valid_for, placement } => pki
+            .issue_device(&DeviceRequest { id: &id, validity: valid_for }, &placement.placement())
+            .with_context(|| format!("cannot issue a certificate for device '{id}'"))?,
+    };
+    println!(
+        "issued {} '{}' (serial {}, valid until {}): kit in {}",
+        issued.kind,
+        issued.id,
+        issued.serial,
+        issued.not_after,
+        issued.kit.display()
+    );
+    Ok(())
+}
+
+/// `sign`: a device's request, into `out` or `<pki>/signed/<id>/`.
+fn sign(pki: &Pki, dir: &Path, csr: &Path, out: Option<PathBuf>, valid_for: Duration, renew: bool) -> Result<()> {
+    let pem = std::fs::read_to_string(csr).with_context(|| format!("cannot read {}", csr.display()))?;
+    // The output directory is named after the id, which is known only once the request is checked.
+    let staging = dir.join("signed").join(".incoming");
+    let target = out.clone().unwrap_or_else(|| staging.clone());
+    let issued =
+        pki.sign_request(&pem, valid_for, renew, &target).with_context(|| format!("cannot sign {}", csr.display()))?;
+    let written = match out {
+        Some(dir) => dir,
+        None => {
+            let dir = dir.join("signed").join(&issued.id);
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::rename(&staging, &dir).with_context(|| format!("cannot move to {}", dir.display()))?;
+            dir
+        }
+    };
+    let what = if issued.renews.is_some() { "renewed" } else { "signed" };
+    println!(
+        "{what} device '{}' (serial {}, valid until {}): cert.pem and ca.crt in {}",
+        issued.id,
+        issued.serial,
+        issued.not_after,
+        written.display()
+    );
+    Ok(())
+}
+
+/// `list`: every certificate issued, with its revocation.
+fn list(pki: &Pki, format: Format) -> Result<()> {
+    let registry = pki.registry()?;
+    let revoked = |serial: &str| registry.revoked.iter().any(|r| r.serial == serial);
+    match format {
+        Format::Json => {
+            let rows: Vec<serde_json::Value> = registry
+                .issued
+                .iter()
+                .map(|c| {
+                    let mut row = serde_json::to_value(c).unwrap_or_default();
+                    row["revoked"] = serde_json::Value::Bool(revoked(&c.serial));
+                    row
+                })
+                .collect();
+            println!("{}", serde_json::to_string_pretty(&rows)?);
+        }
+        Format::Text => {
+            for cert in &registry.issued {
+                println!(
+                    "{:<12} {:<24} serial {:<6} until {}{}",
+                    cert.kind,
+                    cert.id,
+                    cert.serial,
+                    cert.not_after,
+                    if revoked(&cert.serial) { "  REVOKED" } else { "" }
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `inspect --cert`: a certificate file, with its revocation when this directory's CA issued it.
+fn inspect_file(dir: &Path, cert: Option<PathBuf>) -> Result<CertificateInfo> {
+    let Some(path) = cert else { anyhow::bail!("give --id or --cert") };
+    let pem = std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut info = describe_pem(&pem).with_context(|| path.display().to_string())?;
+    // Revocation is known only for certificates of this directory's CA.
+    let ca = std::fs::read(Pki::ca_cert_path(dir)).ok().and_then(|pem| describe_pem(&pem).ok());
+    if let (Some(ca), Ok(pki)) = (ca, Pki::open(dir, None)) {
+        if ca.subject == info.issuer {
+            info.revoked = pki.is_revoked(&info.serial).ok();
+        }
+    }
+    Ok(info)
 }

@@ -5,8 +5,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -14,9 +14,9 @@ use time::{Duration, OffsetDateTime};
 use crate::ca_key::{read_ca_key, write_ca_key};
 use crate::error::{io_err, PkiError};
 use crate::files::write_file;
-use crate::subject::dn;
 use crate::identity::{device_uri, validate_device_id};
 use crate::kit::{self, Placement};
+use crate::subject::dn;
 
 pub const DEFAULT_CA_DAYS: u32 = 365;
 pub const DEFAULT_COORDINATOR_DAYS: u32 = 90;

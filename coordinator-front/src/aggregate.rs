@@ -2,7 +2,7 @@
 //! paths, and its fast path.
 //!
 //! The front end runs RBLA, zero-padding and FedAvg on clean f32 inputs itself
-//! ([`flotilla_merge::offline`]). Any other method, and any input that path declines, goes to
+//! ([`flotilla_merge::fast_path`]). Any other method, and any input that path declines, goes to
 //! `flotilla-coordinator-torch`, which parses the same [`AggregateArgs`], runs the libtorch path
 //! and prints the same [`print_summary`].
 
@@ -10,8 +10,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser};
+use flotilla_merge::fast_path::{merge, Declined, Report, Request};
 use flotilla_merge::method::Method;
-use flotilla_merge::offline::{merge, Declined, Report, Request};
 
 /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
 /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
@@ -67,13 +67,10 @@ pub fn print_summary(method: Method, out: &Path, report: &Report) {
 /// libtorch binary reports those in clap's words).
 pub fn run_fast_path(args: &[OsString]) -> Result<(), Declined> {
     let argv = std::iter::once(OsString::from("aggregate")).chain(args.iter().cloned());
-    let FrontArgs { args, .. } = FrontArgs::try_parse_from(argv).map_err(|e| Declined(format!("arguments: {}", e.kind())))?;
-    let report = merge(&Request {
-        method: args.method,
-        out: args.out.clone(),
-        max_rank: args.max_rank,
-        clients: args.clients,
-    })?;
+    let FrontArgs { args, .. } =
+        FrontArgs::try_parse_from(argv).map_err(|e| Declined(format!("arguments: {}", e.kind())))?;
+    let report =
+        merge(&Request { method: args.method, out: args.out.clone(), max_rank: args.max_rank, clients: args.clients })?;
     print_summary(args.method, &args.out, &report);
     if std::env::var_os("FLOTILLA_AGGREGATE_TIMINGS").is_some() {
         let phases: Vec<String> = report.phases.iter().map(|(name, s)| format!("{name} {s:.3} s")).collect();

@@ -44,7 +44,8 @@ fn update_tensors(megabytes: usize) -> WireTensors {
         tensors.push((lora_a_name(&module), Tensor::randn([64, 4096], (Kind::Float, Device::Cpu)) * 0.02));
         tensors.push((lora_b_name(&module), Tensor::randn([4096, 64], (Kind::Float, Device::Cpu)) * 0.02));
     }
-    flotilla_torch::tensor::wire_from_tensors(tensors.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).expect("wire tensors")
+    flotilla_torch::tensor::wire_from_tensors(tensors.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)
+        .expect("wire tensors")
 }
 
 fn client_without_resumption(kit: &KitPaths, transport: &TransportSettings) -> quinn::Endpoint {

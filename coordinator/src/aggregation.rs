@@ -1,6 +1,7 @@
 //! The aggregation worker: a dedicated thread that owns libtorch state on the coordinator — the
 //! global adapter and the streaming accumulator of the current round — so no tensor work runs on
-//! the async runtime. It receives commands and reports results back to the round driver.
+//! the async runtime. It folds updates and answers their devices itself, makes the round tasks'
+//! slices, and at round end builds the round's record, evaluates and checkpoints.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
@@ -10,26 +11,49 @@ use std::time::Instant;
 use flotilla_torch::adapter::{peft_config_for, Adapter, NUM_SAMPLES_KEY};
 use flotilla_torch::aggregate::{Aggregator, ClientUpdate, Method, MethodExt};
 use flotilla_torch::tensor::DecodedTensors;
+use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, Update};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
+use tracing::{info, warn};
 
 use crate::checkpoint::{self, CheckpointState};
 use crate::evaluation::{describe, Evaluator, RankAccuracy};
-use crate::report::RoundSummary;
+use crate::report::{RoundFacts, RoundRecord, UpdateRecord};
 
-pub enum Command {
+/// An update as a session decoded it, with the way back to the device.
+pub struct Upload {
+    pub device: String,
+    pub update: Update,
+    pub tensors: DecodedTensors,
+    pub reply: oneshot::Sender<CoordinatorMessage>,
+}
+
+/// One update to fold into `round`. The worker answers the device through the upload's reply
+/// (Ack, or Reject with the reason) and then calls `done`.
+pub struct FoldRequest {
+    pub upload: Upload,
+    pub round: u32,
+    pub done: Box<dyn FnOnce(FoldDone) + Send>,
+}
+
+/// What became of a fold: the accepted update's record, or `None` when it was invalid.
+pub struct FoldDone {
+    pub device: String,
+    pub round: u32,
+    pub accepted: Option<UpdateRecord>,
+}
+
+enum WorkerCommand {
     /// The global adapter sliced to each rank, packed for the wire.
     Slices {
         ranks: Vec<u32>,
         reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>>,
     },
     Fold(FoldRequest),
-    /// Ends the round: `record` holds what the driver knows (updates, duration); the worker adds
-    /// the aggregation time and the evaluation and keeps it in the checkpoint.
+    /// Ends the round: aggregates, evaluates, checkpoints, and answers with the round's record.
     Finish {
-        round: u32,
-        record: RoundSummary,
-        reply: oneshot::Sender<Result<RoundOutcome, String>>,
+        facts: RoundFacts,
+        reply: oneshot::Sender<Result<RoundRecord, String>>,
     },
     /// Drop what the current round folded (a skipped round); the global adapter is unchanged.
     Discard {
@@ -40,26 +64,6 @@ pub enum Command {
 
 /// The most updates folded together; the rest of the queue waits for the next batch.
 const MAX_BATCH: usize = 64;
-
-/// One device's update to fold into the current round, and where the result goes.
-pub struct FoldRequest {
-    pub device: String,
-    pub round: u32,
-    pub rank: u32,
-    pub num_samples: u64,
-    pub tensors: DecodedTensors,
-    pub reply: oneshot::Sender<Result<(), String>>,
-}
-
-#[derive(Debug, Clone)]
-pub struct RoundOutcome {
-    pub round: u32,
-    pub updates: usize,
-    pub global_dir: PathBuf,
-    pub seconds: f64,
-    /// The round's complete record, as kept in its checkpoint.
-    pub record: RoundSummary,
-}
 
 pub struct WorkerSettings {
     pub method: Method,
@@ -90,8 +94,9 @@ impl WorkerSettings {
     }
 }
 
+/// The handle through which the async side talks to the worker thread.
 pub struct AggregationWorker {
-    commands: mpsc::Sender<Command>,
+    commands: mpsc::Sender<WorkerCommand>,
 }
 
 impl AggregationWorker {
@@ -109,15 +114,40 @@ impl AggregationWorker {
         std::thread::Builder::new().name("aggregation".into()).spawn(move || {
             // One core for tensor work; the rest serve the network.
             tch::set_num_threads(1);
-            Worker { global: initial_global, accumulator: Some(accumulator), settings, round_ranks: BTreeSet::new() }
-                .run(receiver)
+            let state = AggregationThread {
+                global: initial_global,
+                accumulator: Some(accumulator),
+                settings,
+                round_ranks: BTreeSet::new(),
+            };
+            state.run(receiver)
         })?;
         Ok((AggregationWorker { commands }, initial))
     }
 
-    pub async fn request<T>(
+    /// Queues an update (never waits); gives the request back if the worker has stopped.
+    pub fn fold(&self, request: FoldRequest) -> Result<(), Box<FoldRequest>> {
+        self.commands.send(WorkerCommand::Fold(request)).map_err(|e| match e.0 {
+            WorkerCommand::Fold(request) => Box::new(request),
+            _ => unreachable!("the command sent was a fold"),
+        })
+    }
+
+    pub async fn slices(&self, ranks: Vec<u32>) -> Result<BTreeMap<u32, WireTensors>, String> {
+        self.request(|reply| WorkerCommand::Slices { ranks, reply }).await
+    }
+
+    pub async fn finish(&self, facts: RoundFacts) -> Result<RoundRecord, String> {
+        self.request(|reply| WorkerCommand::Finish { facts, reply }).await
+    }
+
+    pub async fn discard(&self, round: u32) -> Result<(), String> {
+        self.request(|reply| WorkerCommand::Discard { round, reply }).await
+    }
+
+    async fn request<T>(
         &self,
-        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> Command,
+        make: impl FnOnce(oneshot::Sender<Result<T, String>>) -> WorkerCommand,
     ) -> Result<T, String> {
         let (reply, answer) = oneshot::channel();
         self.commands.send(make(reply)).map_err(|_| "aggregation worker stopped".to_string())?;
@@ -125,7 +155,8 @@ impl AggregationWorker {
     }
 }
 
-struct Worker {
+/// The worker thread's state.
+struct AggregationThread {
     global: Adapter,
     /// `None` only between finishing a round and starting the next accumulator.
     accumulator: Option<Box<dyn Aggregator>>,
@@ -134,21 +165,21 @@ struct Worker {
     round_ranks: BTreeSet<usize>,
 }
 
-impl Worker {
-    fn run(mut self, receiver: mpsc::Receiver<Command>) {
+impl AggregationThread {
+    fn run(mut self, receiver: mpsc::Receiver<WorkerCommand>) {
         let mut next = None;
         while let Some(command) = next.take().or_else(|| receiver.recv().ok()) {
             match command {
-                Command::Slices { ranks, reply } => {
+                WorkerCommand::Slices { ranks, reply } => {
                     let _ = reply.send(self.slices(&ranks));
                 }
-                Command::Fold(first) => {
+                WorkerCommand::Fold(first) => {
                     // Updates that queued up meanwhile are folded together (module by module, the
                     // same result as one by one); the first other command waits for them.
                     let mut batch = vec![first];
                     while batch.len() < MAX_BATCH {
                         match receiver.try_recv() {
-                            Ok(Command::Fold(request)) => batch.push(request),
+                            Ok(WorkerCommand::Fold(request)) => batch.push(request),
                             Ok(other) => {
                                 next = Some(other);
                                 break;
@@ -158,10 +189,10 @@ impl Worker {
                     }
                     self.fold_batch(batch);
                 }
-                Command::Finish { round, record, reply } => {
-                    let _ = reply.send(self.finish(round, record));
+                WorkerCommand::Finish { facts, reply } => {
+                    let _ = reply.send(self.finish(facts));
                 }
-                Command::Discard { round, reply } => {
+                WorkerCommand::Discard { round, reply } => {
                     self.round_ranks.clear();
                     let fresh = self.settings.start(&self.global, round + 1);
                     let _ = reply.send(fresh.map(|acc| self.accumulator = Some(acc)));
@@ -181,23 +212,27 @@ impl Worker {
         Ok(out)
     }
 
-    /// Folds the batch and answers each update.
+    /// Folds the batch, answers each device and reports each result to the driver.
     fn fold_batch(&mut self, batch: Vec<FoldRequest>) {
-        let mut replies = Vec::with_capacity(batch.len());
         let mut decoded = Vec::with_capacity(batch.len());
-        for FoldRequest { device, round, rank, num_samples, tensors, reply } in batch {
+        for FoldRequest { upload, round, done } in batch {
+            let Upload { device, update, tensors, reply } = upload;
+            let wire_bytes = tensors.wire_bytes;
             match Adapter::from_decoded(tensors) {
-                Ok(adapter) => decoded.push((device, round, rank, num_samples, adapter, reply)),
-                Err(e) => replies.push((reply, Err(format!("update from '{device}' rejected: {e}")))),
+                Ok(adapter) => decoded.push((device, round, update, wire_bytes, adapter, reply, done)),
+                Err(e) => {
+                    let reason = format!("update from '{device}' rejected: {e}");
+                    answer_invalid(device, round, reason, reply, done)
+                }
             }
         }
         let scale = self.settings.scale();
         let updates: Vec<ClientUpdate<'_>> = decoded
             .iter()
-            .map(|(device, _, rank, num_samples, adapter, _)| ClientUpdate {
+            .map(|(device, _, update, _, adapter, _, _)| ClientUpdate {
                 client: device,
-                declared_rank: *rank as usize,
-                num_samples: *num_samples,
+                declared_rank: update.rank as usize,
+                num_samples: update.num_samples,
                 scale,
                 adapter,
             })
@@ -209,17 +244,27 @@ impl Worker {
             None => updates.iter().map(|_| Err("no round is being aggregated".to_string())).collect(),
         };
         drop(updates);
-        for ((device, round, rank, num_samples, adapter, reply), result) in decoded.into_iter().zip(results) {
-            if result.is_ok() {
-                self.round_ranks.insert(rank as usize);
-                if self.settings.record_updates {
-                    self.record_update(&device, round, rank, num_samples, &adapter);
-                }
+        for ((device, round, update, wire_bytes, adapter, reply, done), result) in decoded.into_iter().zip(results) {
+            if let Err(reason) = result {
+                answer_invalid(device, round, reason, reply, done);
+                continue;
             }
-            replies.push((reply, result));
-        }
-        for (reply, result) in replies {
-            let _ = reply.send(result);
+            self.round_ranks.insert(update.rank as usize);
+            if self.settings.record_updates {
+                self.record_update(&device, round, update.rank, update.num_samples, &adapter);
+            }
+            info!(device = %device, round, rank = update.rank, samples = update.num_samples,
+                loss = update.metrics.loss_after, "[round {round}] update accepted");
+            metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
+            let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
+            let record = UpdateRecord {
+                device: device.clone(),
+                rank: update.rank,
+                num_samples: update.num_samples,
+                metrics: update.metrics,
+                wire_bytes,
+            };
+            done(FoldDone { device, round, accepted: Some(record) });
         }
     }
 
@@ -232,47 +277,23 @@ impl Worker {
         }
     }
 
-    fn finish(&mut self, round: u32, mut record: RoundSummary) -> Result<RoundOutcome, String> {
+    fn finish(&mut self, facts: RoundFacts) -> Result<RoundRecord, String> {
+        let round = facts.round;
         let started = Instant::now();
-        let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
-        let updates = finished.folded();
-        // Whatever happens, the next round starts from the newest good global adapter.
-        let round_rank = self.round_ranks.iter().copied().max();
-        let shrink = self.settings.shrink_to_round_rank;
-        let outcome = finished
-            .finish()
-            .and_then(|aggregated| {
-                for note in &aggregated.notes {
-                    tracing::info!(round, "{note}");
-                }
-                if let (true, Some(rank)) = (shrink, round_rank) {
-                    aggregated.adapter.zero_slots_from(rank)?;
-                }
-                self.global = aggregated.adapter;
-                Ok(())
-            })
-            .map_err(|e| e.to_string());
-        self.accumulator = Some(self.settings.start(&self.global, round + 1)?);
-        outcome?;
-        let seconds = started.elapsed().as_secs_f64();
-        crate::fault::point("mid-aggregation", round);
+        self.aggregate(round)?;
+        let aggregation_seconds = started.elapsed().as_secs_f64();
+        crate::crash_points::point("mid-aggregation", round);
         let ranks = std::mem::take(&mut self.round_ranks);
         let evaluation = match &self.settings.evaluator {
             Some(evaluator) => {
                 let results = evaluator.evaluate(&self.global, &ranks)?;
-                tracing::info!(
-                    round,
-                    "[round {round}] test accuracy ({} samples): {}",
-                    evaluator.samples(),
-                    describe(&results)
-                );
+                info!(round, "[round {round}] test accuracy ({} samples): {}", evaluator.samples(), describe(&results));
                 results
             }
             None => Vec::new(),
         };
-        record.aggregation_seconds = seconds;
-        record.evaluation = evaluation;
-        record.global_dir = Some(checkpoint::checkpoint_dir(&self.settings.run_dir, round));
+        let global_dir = checkpoint::checkpoint_dir(&self.settings.run_dir, round);
+        let record = RoundRecord::new(facts, aggregation_seconds, global_dir, evaluation);
         let config = peft_config_for(&self.global, self.settings.lora_alpha);
         let metadata = HashMap::from([
             ("round".to_string(), round.to_string()),
@@ -284,8 +305,176 @@ impl Worker {
             fingerprint: self.settings.fingerprint.clone(),
             record: Some(record.clone()),
         };
-        let global_dir = checkpoint::write(&self.settings.run_dir, &state, &self.global, &config, metadata)
+        checkpoint::write(&self.settings.run_dir, &state, &self.global, &config, metadata)
             .map_err(|e| format!("cannot write the checkpoint of round {round}: {e:#}"))?;
-        Ok(RoundOutcome { round, updates, global_dir, seconds, record })
+        Ok(record)
+    }
+
+    /// Makes the next global adapter from the round's accumulator and starts the next one.
+    fn aggregate(&mut self, round: u32) -> Result<(), String> {
+        let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
+        // Whatever happens, the next round starts from the newest good global adapter.
+        let round_rank = self.round_ranks.iter().copied().max();
+        let shrink = self.settings.shrink_to_round_rank;
+        let outcome = finished
+            .finish()
+            .and_then(|aggregated| {
+                for note in &aggregated.notes {
+                    info!(round, "{note}");
+                }
+                if let (true, Some(rank)) = (shrink, round_rank) {
+                    aggregated.adapter.zero_slots_from(rank)?;
+                }
+                self.global = aggregated.adapter;
+                Ok(())
+            })
+            .map_err(|e| e.to_string());
+        self.accumulator = Some(self.settings.start(&self.global, round + 1)?);
+        outcome
+    }
+}
+
+/// Tells the device its update was invalid, and the driver.
+fn answer_invalid(
+    device: String,
+    round: u32,
+    reason: String,
+    reply: oneshot::Sender<CoordinatorMessage>,
+    done: Box<dyn FnOnce(FoldDone) + Send>,
+) {
+    warn!(device = %device, round, "[round {round}] update rejected: {reason}");
+    metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "invalid").increment(1);
+    let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+    done(FoldDone { device, round, accepted: None });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc as std_mpsc;
+
+    use flotilla_torch::model::{Architecture, ArchitectureExt};
+    use flotilla_torch::tensor::DecodedTensors;
+    use flotilla_wire::protocol::LocalMetrics;
+    use tch::{Kind, Tensor};
+
+    use super::*;
+
+    const R_MAX: u32 = 4;
+
+    fn worker(run_dir: &std::path::Path) -> (AggregationWorker, Adapter) {
+        let global =
+            Architecture::Mlp { input: 6, hidden: vec![5], classes: 3 }.init_adapter(R_MAX as usize, 1).unwrap();
+        let settings = WorkerSettings {
+            method: Method::Rbla,
+            lora_alpha: 8.0,
+            max_rank: R_MAX,
+            run_dir: run_dir.to_path_buf(),
+            record_updates: false,
+            shrink_to_round_rank: false,
+            evaluator: None,
+            fingerprint: "test".into(),
+            policy: flotilla_engine::RoundPolicy {
+                seed: 1,
+                fraction: 1.0,
+                min_participants: 1,
+                training: flotilla_engine::TrainingPlan {
+                    local_steps: 1,
+                    local_epochs: 0,
+                    batch_size: 1,
+                    learning_rate: 0.1,
+                    seed: 1,
+                },
+            },
+            first_round: 1,
+        };
+        let (worker, _) = AggregationWorker::spawn(global.deep_copy(), settings).unwrap();
+        (worker, global)
+    }
+
+    /// The global's tensors at `rank`, as a device would send them, after `edit`.
+    fn tensors(global: &Adapter, rank: usize, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) -> DecodedTensors {
+        let slice = global.slice_to_rank(rank).unwrap();
+        let mut tensors: Vec<(String, Tensor)> = slice.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+        edit(&mut tensors);
+        let all_finite = tensors.iter().all(|(_, t)| t.isfinite().all().int64_value(&[]) != 0);
+        DecodedTensors { tensors, all_finite, wire_bytes: 0 }
+    }
+
+    /// Sends one update through the worker; returns the device's answer and whether it was folded.
+    fn fold(
+        worker: &AggregationWorker,
+        device: &str,
+        rank: u32,
+        tensors: DecodedTensors,
+    ) -> (CoordinatorMessage, bool) {
+        let (reply, answer) = oneshot::channel();
+        let (done_tx, done_rx) = std_mpsc::channel();
+        let update = Update { round: 1, rank, num_samples: 10, metrics: LocalMetrics::default() };
+        let upload = Upload { device: device.into(), update, tensors, reply };
+        let done = Box::new(move |done: FoldDone| {
+            let _ = done_tx.send(done.accepted.is_some());
+        });
+        assert!(worker.fold(FoldRequest { upload, round: 1, done }).is_ok(), "the worker is running");
+        let message = answer.blocking_recv().expect("the worker answers the device");
+        (message, done_rx.recv().expect("the worker reports to the driver"))
+    }
+
+    #[test]
+    fn crafted_updates_are_rejected_and_the_worker_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        let (worker, global) = worker(dir.path());
+        let a = "base_model.model.fc1.lora_A.weight";
+        let crafted: Vec<(&str, u32, DecodedTensors)> = vec![
+            (
+                "nan",
+                2,
+                tensors(&global, 2, |t| t[0].1 = Tensor::full([2, 6], f64::NAN, (Kind::Float, tch::Device::Cpu))),
+            ),
+            (
+                "inf",
+                2,
+                tensors(&global, 2, |t| t[1].1 = Tensor::full([5, 2], f64::INFINITY, (Kind::Float, tch::Device::Cpu))),
+            ),
+            ("lying-rank", 3, tensors(&global, 2, |_| {})),
+            ("above-r-max", R_MAX + 1, tensors(&global, R_MAX as usize, |_| {})),
+            (
+                "one-dimensional",
+                2,
+                tensors(&global, 2, |t| t[0].1 = Tensor::zeros([12], (Kind::Float, tch::Device::Cpu))),
+            ),
+            ("empty", 2, tensors(&global, 2, |t| t[0].1 = Tensor::zeros([0, 6], (Kind::Float, tch::Device::Cpu)))),
+            ("duplicate", 2, tensors(&global, 2, |t| t.push((t[0].0.clone(), t[0].1.copy())))),
+            (
+                "merged-delta",
+                2,
+                tensors(&global, 2, |t| {
+                    t.push((
+                        "base_model.model.fc1.merged_delta".into(),
+                        Tensor::zeros([5, 6], (Kind::Float, tch::Device::Cpu)),
+                    ))
+                }),
+            ),
+            (
+                "stranger",
+                2,
+                tensors(&global, 2, |t| {
+                    t.push(("x.weight".into(), Tensor::zeros([1], (Kind::Float, tch::Device::Cpu))))
+                }),
+            ),
+            ("missing", 2, tensors(&global, 2, |t| t.retain(|(n, _)| n != a))),
+        ];
+        for (device, rank, tensors) in crafted {
+            let (message, folded) = fold(&worker, device, rank, tensors);
+            assert!(matches!(message, CoordinatorMessage::Reject(_)), "{device}: {message:?}");
+            assert!(!folded, "{device} was not folded");
+        }
+        let (message, folded) = fold(&worker, "honest", 2, tensors(&global, 2, |_| {}));
+        assert_eq!(message, CoordinatorMessage::Ack(Ack { round: 1 }));
+        assert!(folded);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let facts = RoundFacts { round: 1, updates: Vec::new(), update_bytes: 0, task_bytes: 0, round_seconds: 0.0 };
+        let record = runtime.block_on(worker.finish(facts)).expect("the round finishes after every rejection");
+        assert_eq!(record.round, 1);
+        assert!(record.global_dir.is_some_and(|d| d.join("state.json").exists()));
     }
 }

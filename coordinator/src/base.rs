@@ -7,9 +7,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
-use flotilla_torch::model::ArchitectureExt;
 use flotilla_torch::adapter::{write_atomically, Adapter};
 use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::model::ArchitectureExt;
 use flotilla_torch::model::{with_head, BaseWeights, PretrainSettings, HEAD_BIAS, HEAD_WEIGHT};
 use tch::Tensor;
 use tracing::info;

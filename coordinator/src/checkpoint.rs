@@ -16,7 +16,7 @@ use flotilla_torch::adapter::{write_atomically, Adapter, PeftConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::config::CoordinatorConfig;
-use crate::report::RoundSummary;
+use crate::report::RoundRecord;
 
 pub const STATE_FILE: &str = "state.json";
 
@@ -28,7 +28,7 @@ pub struct CheckpointState {
     /// What happened in the round (updates, evaluation), kept with its adapter so a restart never
     /// loses it.
     #[serde(default)]
-    pub record: Option<RoundSummary>,
+    pub record: Option<RoundRecord>,
 }
 
 /// FNV-1a over the canonical JSON of the settings a resumed run must share with its checkpoint.
@@ -71,7 +71,7 @@ pub fn write(
     let state_json = serde_json::to_vec_pretty(state)?;
     write_atomically(&tmp.join(STATE_FILE), &state_json).map_err(|e| anyhow::anyhow!("{e}"))?;
     sync_dir(&tmp)?;
-    crate::fault::point("mid-checkpoint", state.round);
+    crate::crash_points::point("mid-checkpoint", state.round);
     if done.exists() {
         // A round re-run after a crash that happened after its rename: replace it.
         fs::remove_dir_all(&done).with_context(|| format!("cannot replace {}", done.display()))?;
@@ -120,7 +120,7 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
 
 /// The round records kept in the checkpoints of rounds `1..=upto`, in order (rounds whose checkpoint
 /// has no record are left out).
-pub fn records(run_dir: &Path, upto: u32) -> Vec<RoundSummary> {
+pub fn records(run_dir: &Path, upto: u32) -> Vec<RoundRecord> {
     (1..=upto)
         .filter_map(|round| {
             let text = fs::read(checkpoint_dir(run_dir, round).join(STATE_FILE)).ok()?;

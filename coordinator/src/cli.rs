@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flotilla_coordinator_front::aggregate::AggregateArgs;
 
-use crate::{config, evaluation, export, metrics, offline, renewal, report, server};
+use crate::{aggregate_torch, config, evaluation, export, metrics, renewal, report, setup};
 
 /// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
 /// updates of different ranks (RBLA by default) into one global adapter.
@@ -141,7 +141,7 @@ fn run(command: Command) -> Result<()> {
                 config.server.address_file = address_file;
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let summary = runtime.block_on(server::serve(config, fresh))?;
+            let summary = runtime.block_on(setup::serve(config, fresh))?;
             print_summary(&summary);
             Ok(())
         }
@@ -181,7 +181,7 @@ fn run(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Aggregate(args) => {
-            let report = offline::aggregate(&args)?;
+            let report = aggregate_torch::aggregate(&args)?;
             flotilla_coordinator_front::aggregate::print_summary(args.method, &args.out, &report);
             Ok(())
         }

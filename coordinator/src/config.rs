@@ -4,8 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use flotilla_merge::method::Method;
-use flotilla_wire::framing::FrameLimits;
 use flotilla_torch::model::Architecture;
+use flotilla_wire::framing::FrameLimits;
 use flotilla_wire::quic::TransportSettings;
 use serde::{Deserialize, Serialize};
 

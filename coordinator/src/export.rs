@@ -6,8 +6,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use flotilla_torch::model::ArchitectureExt;
 use flotilla_torch::adapter::peft_config_for;
+use flotilla_torch::model::ArchitectureExt;
 use tch::Tensor;
 
 use crate::checkpoint::{self, CheckpointState, STATE_FILE};

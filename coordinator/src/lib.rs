@@ -1,26 +1,34 @@
 //! The Flotilla coordinator as a library; `flotilla-coordinator-torch` (`src/bin/`) is a thin
 //! binary over [`cli`].
 //!
-//! - [`server`]: accepts mutual-TLS QUIC sessions and drives the round engine (`flotilla_engine`).
-//! - [`aggregation`]: the worker thread that owns the global adapter and the round's accumulator.
-//! - [`checkpoint`], [`report`], [`plots`]: crash-safe checkpoints, per-round records and plots.
+//! - [`setup`]: `serve`, everything a run needs before its first round, then the driver.
+//! - [`session`]: device sessions over mutual-TLS QUIC (admission, uploads, renewals).
+//! - [`driver`]: the round driver, which runs the round engine (`flotilla_engine`) and carries out
+//!   its actions.
+//! - [`aggregation`]: the worker thread that owns the global adapter and the round's accumulator,
+//!   folds updates and answers their devices.
+//! - [`checkpoint`], [`report`], [`report_files`], [`plots`]: crash-safe checkpoints, the run's
+//!   records, and the report files and plots written from them.
 //! - [`base`], [`evaluation`], [`export`]: the frozen base model, test-set evaluation, PEFT export.
-//! - [`offline`]: `aggregate` on the libtorch path.
-//! - [`config`], [`metrics`], [`renewal`], [`reset_secret`], [`fault`]: configuration, Prometheus
+//! - [`aggregate_torch`]: `aggregate` on the libtorch path.
+//! - [`config`], [`metrics`], [`renewal`], [`reset_secret`], [`crash_points`]: configuration, Prometheus
 //!   metrics and `/status`, online certificate renewal, the QUIC reset key, crash-test hooks.
 
+pub mod aggregate_torch;
 pub mod aggregation;
 pub mod base;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod crash_points;
+pub mod driver;
 pub mod evaluation;
 pub mod export;
-pub mod fault;
 pub mod metrics;
-pub mod offline;
 pub mod plots;
 pub mod renewal;
 pub mod report;
+pub mod report_files;
 pub mod reset_secret;
-pub mod server;
+pub mod session;
+pub mod setup;

@@ -11,7 +11,7 @@ use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::report::RoundRow;
+use crate::report::ReportRow;
 
 const SIZE: (u32, u32) = (900, 520);
 const FONT: &[u8] = include_bytes!("../assets/DejaVuSans.ttf");
@@ -33,7 +33,7 @@ enum Chart {
 }
 
 /// Writes accuracy.{png,svg} and participation.{png,svg} into `dir`.
-pub fn draw(dir: &Path, rows: &[RoundRow]) -> Result<()> {
+pub fn draw(dir: &Path, rows: &[ReportRow]) -> Result<()> {
     register_font()?;
     if rows.is_empty() {
         return Ok(());
@@ -48,7 +48,7 @@ pub fn draw(dir: &Path, rows: &[RoundRow]) -> Result<()> {
     Ok(())
 }
 
-fn chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, chart: Chart, rows: &[RoundRow]) -> Result<()>
+fn chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, chart: Chart, rows: &[ReportRow]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -59,7 +59,7 @@ where
 }
 
 /// Draws into a temporary file and renames it into place, so a reader never sees half a plot.
-fn render(path: &Path, which: Chart, rows: &[RoundRow]) -> Result<()> {
+fn render(path: &Path, which: Chart, rows: &[ReportRow]) -> Result<()> {
     let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let tmp = path.with_extension(format!("tmp.{ext}"));
     if ext == "svg" {
@@ -88,13 +88,13 @@ fn draw_legend<'a, DB: DrawingBackend + 'a>(
         .draw()
 }
 
-fn rounds_range(rows: &[RoundRow]) -> std::ops::Range<f64> {
+fn rounds_range(rows: &[ReportRow]) -> std::ops::Range<f64> {
     let first = rows.first().map_or(0, |r| r.round) as f64;
     let last = rows.last().map_or(1, |r| r.round) as f64;
     first..last.max(first + 1.0)
 }
 
-fn accuracy_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, rows: &[RoundRow]) -> Result<()>
+fn accuracy_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, rows: &[ReportRow]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
@@ -138,13 +138,13 @@ where
     draw_legend(&mut chart).map_err(err)
 }
 
-fn participation_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, rows: &[RoundRow]) -> Result<()>
+fn participation_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, rows: &[ReportRow]) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
     area.fill(&WHITE).map_err(err)?;
-    let rows: Vec<&RoundRow> = rows.iter().filter(|r| r.round > 0).collect();
+    let rows: Vec<&ReportRow> = rows.iter().filter(|r| r.round > 0).collect();
     let most = rows.iter().map(|r| r.updates).max().unwrap_or(1).max(1);
     let first = rows.first().map_or(1, |r| r.round) as f64;
     let last = rows.last().map_or(1, |r| r.round) as f64;

@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use flotilla_torch::adapter::write_atomically;
 use flotilla_wire::protocol::LocalMetrics;
 use serde::{Deserialize, Serialize};
 
@@ -12,21 +11,23 @@ use crate::evaluation::RankAccuracy;
 
 /// What the coordinator reports at the end of a run; `<run_dir>/summary.json` is rewritten after
 /// every round, and a resumed run continues it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RunSummary {
     pub method: String,
     pub max_rank: u32,
     pub rounds_completed: u32,
-    pub rounds: Vec<RoundSummary>,
+    pub rounds: Vec<RoundRecord>,
     pub final_global: Option<PathBuf>,
     /// Test-set results of the initial global model (base + untrained adapter): the lower bound.
     pub initial_evaluation: Vec<RankAccuracy>,
 }
 
+/// One round's result: what the driver saw (updates, bytes, duration) and what the aggregation
+/// worker made of it (aggregation time, checkpoint, evaluation). Built once, by [`RoundRecord::new`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RoundSummary {
+pub struct RoundRecord {
     pub round: u32,
-    pub updates: Vec<UpdateSummary>,
+    pub updates: Vec<UpdateRecord>,
     /// Bytes of the accepted updates' tensors.
     #[serde(default)]
     pub update_bytes: u64,
@@ -39,8 +40,40 @@ pub struct RoundSummary {
     pub evaluation: Vec<RankAccuracy>,
 }
 
+/// What the round driver knows of a finished round; the worker completes it into the record.
+pub struct RoundFacts {
+    pub round: u32,
+    pub updates: Vec<UpdateRecord>,
+    pub update_bytes: u64,
+    pub task_bytes: u64,
+    pub round_seconds: f64,
+}
+
+impl RoundRecord {
+    /// The record of a round the worker aggregated in `aggregation_seconds` and checkpointed in
+    /// `global_dir`.
+    pub fn new(
+        facts: RoundFacts,
+        aggregation_seconds: f64,
+        global_dir: PathBuf,
+        evaluation: Vec<RankAccuracy>,
+    ) -> Self {
+        let RoundFacts { round, updates, update_bytes, task_bytes, round_seconds } = facts;
+        RoundRecord {
+            round,
+            updates,
+            update_bytes,
+            task_bytes,
+            aggregation_seconds,
+            round_seconds,
+            global_dir: Some(global_dir),
+            evaluation,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct UpdateSummary {
+pub struct UpdateRecord {
     pub device: String,
     pub rank: u32,
     pub num_samples: u64,
@@ -49,25 +82,9 @@ pub struct UpdateSummary {
     pub wire_bytes: u64,
 }
 
-/// Writes `summary.json` and the per-round reports: `rounds.csv`, `rounds.json` and the plots
-/// (`accuracy.{png,svg}`, `participation.{png,svg}`). A plot that cannot be drawn is logged; the
-/// run goes on.
-pub fn write_summary(run_dir: &Path, summary: &RunSummary) -> anyhow::Result<()> {
-    let path = run_dir.join("summary.json");
-    write_atomically(&path, &serde_json::to_vec_pretty(summary)?).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let rows = round_rows(summary);
-    write_atomically(&run_dir.join("rounds.json"), &serde_json::to_vec_pretty(&rows)?)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    write_atomically(&run_dir.join("rounds.csv"), rounds_csv(&rows).as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Err(error) = crate::plots::draw(run_dir, &rows) {
-        tracing::warn!("cannot draw the round plots: {error:#}");
-    }
-    Ok(())
-}
-
 /// One round in the reports; round 0 is the initial model (base + untrained adapter).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct RoundRow {
+pub struct ReportRow {
     pub round: u32,
     pub updates: usize,
     /// Accepted updates by rank.
@@ -86,7 +103,7 @@ pub struct RoundRow {
     pub round_seconds: f64,
 }
 
-pub fn round_rows(summary: &RunSummary) -> Vec<RoundRow> {
+pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
     let max_rank = summary.max_rank as usize;
     let evaluation = |results: &[RankAccuracy]| {
         let at_max = results.iter().find(|r| r.rank == max_rank);
@@ -99,7 +116,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<RoundRow> {
     let mut rows = Vec::with_capacity(summary.rounds.len() + 1);
     if !summary.initial_evaluation.is_empty() {
         let (accuracy, loss, accuracy_by_rank) = evaluation(&summary.initial_evaluation);
-        rows.push(RoundRow {
+        rows.push(ReportRow {
             round: 0,
             updates: 0,
             participants: BTreeMap::new(),
@@ -121,7 +138,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<RoundRow> {
             *participants.entry(update.rank).or_insert(0) += 1;
         }
         let n = round.updates.len();
-        rows.push(RoundRow {
+        rows.push(ReportRow {
             round: round.round,
             updates: n,
             participants,
@@ -142,7 +159,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<RoundRow> {
 
 /// The rows as CSV: fixed columns, then one accuracy column per rank evaluated and one participant
 /// count per rank that took part in any round.
-pub fn rounds_csv(rows: &[RoundRow]) -> String {
+pub fn rounds_csv(rows: &[ReportRow]) -> String {
     let eval_ranks: BTreeSet<usize> = rows.iter().flat_map(|r| r.accuracy_by_rank.keys().copied()).collect();
     let part_ranks: BTreeSet<u32> = rows.iter().flat_map(|r| r.participants.keys().copied()).collect();
     let mut out = String::from(
@@ -190,9 +207,10 @@ pub fn previous_initial_evaluation(run_dir: &Path) -> Option<Vec<RankAccuracy>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::report_files::write_summary;
 
-    fn update(device: &str, rank: u32, loss: f64) -> UpdateSummary {
-        UpdateSummary {
+    fn update(device: &str, rank: u32, loss: f64) -> UpdateRecord {
+        UpdateRecord {
             device: device.into(),
             rank,
             num_samples: 10,
@@ -212,7 +230,7 @@ mod tests {
             max_rank: 8,
             rounds_completed: 2,
             rounds: vec![
-                RoundSummary {
+                RoundRecord {
                     round: 1,
                     updates: vec![update("a", 2, 1.0), update("b", 8, 0.5)],
                     update_bytes: 200,
@@ -222,7 +240,7 @@ mod tests {
                     global_dir: None,
                     evaluation: eval(&[(2, 0.4), (8, 0.6)]),
                 },
-                RoundSummary {
+                RoundRecord {
                     round: 2,
                     updates: vec![update("b", 8, 0.25)],
                     update_bytes: 100,

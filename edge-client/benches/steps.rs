@@ -9,7 +9,7 @@
 use std::time::Instant;
 
 use flotilla_torch::data::synthetic_classification;
-use flotilla_torch::model::{ArchitectureExt, Architecture, LoraModel};
+use flotilla_torch::model::{Architecture, ArchitectureExt, LoraModel};
 use flotilla_wire::protocol::TrainingSettings;
 
 const STEPS: u32 = 20;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_torch::data::synthetic_classification;
-use flotilla_torch::model::{ArchitectureExt, Architecture, LoraModel};
+use flotilla_torch::model::{Architecture, ArchitectureExt, LoraModel};
 use flotilla_wire::protocol::TrainingSettings;
 use serde::Serialize;
 

@@ -15,11 +15,10 @@ use std::time::Duration;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::ALPN;
 use flotilla_wire::protocol::{
-    close, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, RenewCertificate, Update, PROTOCOL_VERSION,
+    close, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, RenewCertificate, RoundTask, Update,
+    PROTOCOL_VERSION,
 };
-use flotilla_wire::quic::{
-    self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL,
-};
+use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_wire::tensor::WireTensors;
 use flotilla_wire::tls::{own_certificate_not_after, KitPaths};
 use rand::Rng;
@@ -178,49 +177,9 @@ async fn connect_and_serve(
     settings: &SessionSettings,
     rounds_trained: &mut u32,
 ) -> Result<u32, SessionError> {
-    certificate_check(settings)?;
-    let client_config = quic::client_config(&settings.kit, &settings.transport)
-        .map_err(|e| SessionError::Fatal(format!("cannot use the kit: {e:#}")))?;
-    let connecting = endpoint
-        .connect_with(client_config, settings.coordinator, &settings.server_name)
-        .map_err(|e| SessionError::Fatal(format!("cannot connect to {}: {e}", settings.coordinator)))?;
-    let connection = match connecting.await {
-        Ok(c) => c,
-        Err(error) if tls_alert(&error) == Some(ALERT_NO_APPLICATION_PROTOCOL) => {
-            return Err(SessionError::Fatal(format!(
-                "the coordinator at {} does not speak {} ({error}): this device and the coordinator run \
-                 incompatible protocol versions; install matching releases",
-                settings.coordinator,
-                String::from_utf8_lossy(ALPN)
-            )))
-        }
-        Err(error) if is_certificate_failure(&error) => {
-            return Err(SessionError::Fatal(format!(
-                "TLS handshake with {} failed ({error}); check the kit's CA certificate and the server name '{}'",
-                settings.coordinator, settings.server_name
-            )))
-        }
-        Err(error) => return Err(SessionError::Transient(format!("cannot reach {}: {error}", settings.coordinator))),
-    };
-
-    let welcome = hello(&connection, settings).await.map_err(|e| match e {
-        SessionError::Transient(msg) => classify(&connection, settings, "hello", msg),
-        fatal => fatal,
-    })?;
-    let (welcome, base) = welcome;
-    info!(rank = welcome.assigned_rank, max_rank = welcome.model.max_rank, "admitted by the coordinator");
-    settings.progress.admitted(welcome.assigned_rank);
-    let scale = welcome.model.lora_alpha / f64::from(welcome.model.max_rank);
-    trainer
-        .set_base(welcome.model.architecture.clone(), scale, base)
-        .await
-        .map_err(|e| SessionError::Fatal(format!("cannot use the coordinator's model: {e:#}")))?;
-
+    let connection = connect(endpoint, settings).await?;
+    admit(&connection, trainer, settings).await?;
     let mut stop = settings.stop.clone();
-    let stopping = |connection: &quinn::Connection, message: String| {
-        connection.close(close::DONE.into(), b"device stopping");
-        SessionError::Stopped(message)
-    };
     let mut renewal_asked = false;
     loop {
         if !renewal_asked {
@@ -242,35 +201,7 @@ async fn connect_and_serve(
         match message {
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
-                info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
-                settings.progress.training(round, task.total_rounds, task.rank);
-                let trained = tokio::select! {
-                    trained = trainer.train(tensors, task.training.clone()) => trained,
-                    _ = stop_reached(&mut stop, Stop::AfterUpload) => {
-                        return Err(stopping(&connection, format!("stopped: round {round}'s training abandoned, nothing sent")));
-                    }
-                }
-                .map_err(|e| SessionError::Fatal(format!("[round {round}] training failed: {e:#}")))?;
-                let update =
-                    Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
-                info!(
-                    "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",
-                    task.total_rounds,
-                    update.metrics.loss_before,
-                    update.metrics.loss_after,
-                    update.metrics.accuracy * 100.0,
-                    update.metrics.train_seconds
-                );
-                settings.progress.uploading(round, update.metrics.loss_before, update.metrics.loss_after);
-                tokio::select! {
-                    uploaded = upload(&connection, settings, &update, &trained.tensors) => {
-                        settings.progress.uploaded(round, uploaded?);
-                    }
-                    _ = stop_reached(&mut stop, Stop::Now) => {
-                        // Closing resets the stream: the coordinator discards the partial frame.
-                        return Err(stopping(&connection, format!("stopped: round {round}'s upload abandoned")));
-                    }
-                }
+                train_and_upload(&connection, trainer, settings, &mut stop, task, tensors).await?;
                 *rounds_trained += 1;
                 if *stop.borrow() >= Stop::AfterUpload {
                     return Err(stopping(&connection, format!("stopped after round {round}'s upload")));
@@ -287,6 +218,98 @@ async fn connect_and_serve(
             }
         }
     }
+}
+
+/// Closes the connection because the device is stopping.
+fn stopping(connection: &quinn::Connection, message: String) -> SessionError {
+    connection.close(close::DONE.into(), b"device stopping");
+    SessionError::Stopped(message)
+}
+
+/// A mutual-TLS QUIC connection to the coordinator; handshake failures that retrying cannot fix
+/// (wrong protocol version, a certificate refused) are fatal.
+async fn connect(endpoint: &quinn::Endpoint, settings: &SessionSettings) -> Result<quinn::Connection, SessionError> {
+    certificate_check(settings)?;
+    let client_config = quic::client_config(&settings.kit, &settings.transport)
+        .map_err(|e| SessionError::Fatal(format!("cannot use the kit: {e:#}")))?;
+    let connecting = endpoint
+        .connect_with(client_config, settings.coordinator, &settings.server_name)
+        .map_err(|e| SessionError::Fatal(format!("cannot connect to {}: {e}", settings.coordinator)))?;
+    match connecting.await {
+        Ok(connection) => Ok(connection),
+        Err(error) if tls_alert(&error) == Some(ALERT_NO_APPLICATION_PROTOCOL) => Err(SessionError::Fatal(format!(
+            "the coordinator at {} does not speak {} ({error}): this device and the coordinator run \
+             incompatible protocol versions; install matching releases",
+            settings.coordinator,
+            String::from_utf8_lossy(ALPN)
+        ))),
+        Err(error) if is_certificate_failure(&error) => Err(SessionError::Fatal(format!(
+            "TLS handshake with {} failed ({error}); check the kit's CA certificate and the server name '{}'",
+            settings.coordinator, settings.server_name
+        ))),
+        Err(error) => Err(SessionError::Transient(format!("cannot reach {}: {error}", settings.coordinator))),
+    }
+}
+
+/// Hello → Welcome, then the coordinator's model and base weights go to the training thread.
+async fn admit(
+    connection: &quinn::Connection,
+    trainer: &Trainer,
+    settings: &SessionSettings,
+) -> Result<(), SessionError> {
+    let (welcome, base) = hello(connection, settings).await.map_err(|e| match e {
+        SessionError::Transient(msg) => classify(connection, settings, "hello", msg),
+        fatal => fatal,
+    })?;
+    info!(rank = welcome.assigned_rank, max_rank = welcome.model.max_rank, "admitted by the coordinator");
+    settings.progress.admitted(welcome.assigned_rank);
+    let scale = welcome.model.lora_alpha / f64::from(welcome.model.max_rank);
+    trainer
+        .set_base(welcome.model.architecture.clone(), scale, base)
+        .await
+        .map_err(|e| SessionError::Fatal(format!("cannot use the coordinator's model: {e:#}")))
+}
+
+/// One round: trains the task's slice on the training thread and uploads the update; a stop
+/// request abandons the round (nothing half-sent is kept by the coordinator).
+async fn train_and_upload(
+    connection: &quinn::Connection,
+    trainer: &Trainer,
+    settings: &SessionSettings,
+    stop: &mut tokio::sync::watch::Receiver<Stop>,
+    task: RoundTask,
+    tensors: WireTensors,
+) -> Result<(), SessionError> {
+    let round = task.round;
+    info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
+    settings.progress.training(round, task.total_rounds, task.rank);
+    let trained = tokio::select! {
+        trained = trainer.train(tensors, task.training.clone()) => trained,
+        _ = stop_reached(stop, Stop::AfterUpload) => {
+            return Err(stopping(connection, format!("stopped: round {round}'s training abandoned, nothing sent")));
+        }
+    }
+    .map_err(|e| SessionError::Fatal(format!("[round {round}] training failed: {e:#}")))?;
+    let update = Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
+    info!(
+        "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",
+        task.total_rounds,
+        update.metrics.loss_before,
+        update.metrics.loss_after,
+        update.metrics.accuracy * 100.0,
+        update.metrics.train_seconds
+    );
+    settings.progress.uploading(round, update.metrics.loss_before, update.metrics.loss_after);
+    tokio::select! {
+        uploaded = upload(connection, settings, &update, &trained.tensors) => {
+            settings.progress.uploaded(round, uploaded?);
+        }
+        _ = stop_reached(stop, Stop::Now) => {
+            // Closing resets the stream: the coordinator discards the partial frame.
+            return Err(stopping(connection, format!("stopped: round {round}'s upload abandoned")));
+        }
+    }
+    Ok(())
 }
 
 async fn hello(
@@ -325,13 +348,13 @@ async fn upload(
     let result = async {
         let (mut send, mut recv) = connection.open_bi().await?;
         let message = DeviceMessage::Update(update.clone());
-        if flotilla_wire::fault::pause_requested("mid-upload", round) {
-            // Crash-test hook (`flotilla_wire::fault`): send half the frame, then stop dead until killed.
+        if flotilla_wire::crash_test::pause_requested("mid-upload", round) {
+            // Crash-test hook (`flotilla_wire::crash_test`): send half the frame, then stop dead until killed.
             let frame = flotilla_wire::framing::encode_frame(&message, tensors)?;
             send.write_all(&frame[..frame.len() / 2]).await?;
             warn!(
                 "fault injection: paused at mid-upload@{round} ({}); waiting to be killed",
-                flotilla_wire::fault::ENV
+                flotilla_wire::crash_test::ENV
             );
             std::future::pending::<()>().await;
         }

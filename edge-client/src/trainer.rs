@@ -8,7 +8,7 @@ use flotilla_torch::adapter::Adapter;
 use flotilla_torch::data::idx::{load_split, Split};
 use flotilla_torch::data::partition::{partition, PartitionSpec};
 use flotilla_torch::data::{synthetic_classification, Dataset};
-use flotilla_torch::model::{ArchitectureExt, Architecture, BaseWeights, LoraModel};
+use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, LoraModel};
 use flotilla_wire::protocol::{LocalMetrics, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
@@ -218,7 +218,11 @@ impl DeviceState {
                 data.features.size()[1]
             ));
         }
-        let weights: BaseWeights = flotilla_torch::tensor::tensors_from_wire(base).map_err(|e| format!("base model: {e}"))?.0.into_iter().collect();
+        let weights: BaseWeights = flotilla_torch::tensor::tensors_from_wire(base)
+            .map_err(|e| format!("base model: {e}"))?
+            .0
+            .into_iter()
+            .collect();
         architecture.check_base(&weights).map_err(|e| format!("base model: {e}"))?;
         self.model = Some((architecture, scale, weights));
         self.data = Some(data);
@@ -257,7 +261,8 @@ mod tests {
     fn back_to_back_jobs_of_one_device_on_several_workers_all_complete() {
         let architecture = Architecture::Mlp { input: 8, hidden: vec![4], classes: 2 };
         let base = architecture.init_base(1);
-        let base_wire = flotilla_torch::tensor::wire_from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).unwrap();
+        let base_wire =
+            flotilla_torch::tensor::wire_from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).unwrap();
         let slice = architecture.init_adapter(2, 2).unwrap().to_wire(DType::F32).unwrap();
         let settings =
             TrainingSettings { local_steps: 1, local_epochs: 0, batch_size: 4, learning_rate: 0.01, seed: 3 };

@@ -41,8 +41,9 @@ impl RoundPolicy {
         if connected.is_empty() {
             return Vec::new();
         }
-        let wanted =
-            ((self.fraction * connected.len() as f64).ceil() as usize).max(self.min_participants).clamp(1, connected.len());
+        let wanted = ((self.fraction * connected.len() as f64).ceil() as usize)
+            .max(self.min_participants)
+            .clamp(1, connected.len());
         let mut rng = ChaCha8Rng::seed_from_u64(self.sampling_seed(round));
         let mut chosen: Vec<(&DeviceId, &u32)> = connected.choose_multiple(&mut rng, wanted).copied().collect();
         chosen.sort();

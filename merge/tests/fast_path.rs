@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use flotilla_merge::fast_path::{merge, Request};
 use flotilla_merge::method::Method;
-use flotilla_merge::offline::{merge, Request};
 use safetensors::{Dtype, SafeTensors};
 
 const HEAD: &str = "base_model.model.head.weight";

@@ -48,9 +48,25 @@ fn figure_name(alpha: f64, participation: Participation) -> String {
 /// The generated block: setup figures, one section per setting, the ablation.
 pub fn markdown(plan: &Plan, results: &Results, figures_link: &str) -> String {
     let mut out = String::new();
+    let _ = writeln!(out, "{BEGIN}");
+    setup_section(&mut out, plan, results);
+    for &alpha in &plan.alphas {
+        let _ = writeln!(out, "### Dirichlet α = {alpha}\n");
+        for &participation in &plan.participations {
+            setting_section(&mut out, plan, results, alpha, participation, figures_link);
+        }
+    }
+    if plan.participations.contains(&Participation::Quarter) {
+        ablation_section(&mut out, plan, results);
+    }
+    let _ = writeln!(out, "{END}");
+    out
+}
+
+/// The plan, the fleet, the training settings and the base model's accuracy.
+fn setup_section(out: &mut String, plan: &Plan, results: &Results) {
     let cells = plan.cells();
     let done = cells.iter().filter(|c| results.contains_key(&c.key())).count();
-    let _ = writeln!(out, "{BEGIN}");
     let _ = writeln!(
         out,
         "Plan `{}`: {} of {} cells finished. Fleet: {} (R_max {MAX_RANK}). {} local steps of batch {} at \
@@ -72,99 +88,100 @@ pub fn markdown(plan: &Plan, results: &Results, figures_link: &str) -> String {
          **{}%** test accuracy.\n",
         cell_text(base)
     );
-    for &alpha in &plan.alphas {
-        let _ = writeln!(out, "### Dirichlet α = {alpha}\n");
-        for &participation in &plan.participations {
-            let _ = writeln!(
-                out,
-                "#### {} participation, {} rounds\n",
-                if participation == Participation::Full { "Full" } else { "25%" },
-                plan.rounds(participation)
-            );
-            let _ = writeln!(
-                out,
-                "| method | final accuracy at R_max (%) | best at R_max (%) | fleet mean (%) | MB up / round | MB down / round | wall time (s) | seeds |"
-            );
-            let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
-            for arm in plan.arms(participation) {
-                let runs = results_of(plan, results, alpha, participation, arm);
-                let mean = |f: &dyn Fn(&CellResult) -> f64| Stat::of(runs.iter().map(|r| f(r))).map(|s| s.mean);
-                let fleet = fleet_ranks(arm);
-                let _ = writeln!(
-                    out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
-                    arm.label(),
-                    cell_text(Stat::of(runs.iter().filter_map(|r| r.final_accuracy()))),
-                    cell_text(Stat::of(runs.iter().filter_map(|r| r.best_accuracy()))),
-                    cell_text(Stat::of(runs.iter().filter_map(|r| r.fleet_accuracy(&fleet)))),
-                    mean(&|r| r.upload_bytes_per_round).map(megabytes).unwrap_or_else(|| "–".into()),
-                    mean(&|r| r.download_bytes_per_round).map(megabytes).unwrap_or_else(|| "–".into()),
-                    mean(&|r| r.wall_seconds).map(|s| format!("{s:.0}")).unwrap_or_else(|| "–".into()),
-                    runs.len(),
-                );
-            }
-            let ranks: Vec<u32> = {
-                let mut r: Vec<u32> = FLEET.iter().map(|c| c.rank).collect();
-                r.dedup();
-                r
-            };
-            let _ = writeln!(
-                out,
-                "\nAccuracy of the slice each device rank receives (%, mean over seeds; the last round in which \
-                 that rank took part):\n"
-            );
-            let _ = writeln!(
-                out,
-                "| method | {} |",
-                ranks.iter().map(|r| format!("r = {r}")).collect::<Vec<_>>().join(" | ")
-            );
-            let _ = writeln!(out, "|---|{}", "---|".repeat(ranks.len()));
-            for arm in plan.arms(participation).into_iter().filter(|a| *a != Arm::FedAvgAtMaxRank) {
-                let runs = results_of(plan, results, alpha, participation, arm);
-                let cells: Vec<String> = ranks
-                    .iter()
-                    .map(|rank| {
-                        Stat::of(runs.iter().filter_map(|r| r.last_accuracy_per_rank.get(rank).copied()))
-                            .map(|s| format!("{:.1}", 100.0 * s.mean))
-                            .unwrap_or_else(|| "–".into())
-                    })
-                    .collect();
-                let _ = writeln!(out, "| {} | {} |", arm.label(), cells.join(" | "));
-            }
-            let _ = writeln!(
-                out,
-                "\n![Test accuracy per round at α = {alpha}, {} participation]({figures_link}/{})\n",
-                participation.label(),
-                figure_name(alpha, participation)
-            );
-        }
-    }
-    if plan.participations.contains(&Participation::Quarter) {
-        let _ =
-            writeln!(out, "### Ablation: persistent R_max global against a global that shrinks (25% participation)\n");
+}
+
+/// One setting (α, participation): every arm at R_max, then the slice each rank receives.
+fn setting_section(
+    out: &mut String,
+    plan: &Plan,
+    results: &Results,
+    alpha: f64,
+    participation: Participation,
+    figures_link: &str,
+) {
+    let _ = writeln!(
+        out,
+        "#### {} participation, {} rounds\n",
+        if participation == Participation::Full { "Full" } else { "25%" },
+        plan.rounds(participation)
+    );
+    let _ = writeln!(
+        out,
+        "| method | final accuracy at R_max (%) | best at R_max (%) | fleet mean (%) | MB up / round | MB down / round | wall time (s) | seeds |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    for arm in plan.arms(participation) {
+        let runs = results_of(plan, results, alpha, participation, arm);
+        let mean = |f: &dyn Fn(&CellResult) -> f64| Stat::of(runs.iter().map(|r| f(r))).map(|s| s.mean);
+        let fleet = fleet_ranks(arm);
         let _ = writeln!(
             out,
-            "| α | persistent: final (%) | shrinking: final (%) | persistent: best (%) | shrinking: best (%) |"
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
+            arm.label(),
+            cell_text(Stat::of(runs.iter().filter_map(|r| r.final_accuracy()))),
+            cell_text(Stat::of(runs.iter().filter_map(|r| r.best_accuracy()))),
+            cell_text(Stat::of(runs.iter().filter_map(|r| r.fleet_accuracy(&fleet)))),
+            mean(&|r| r.upload_bytes_per_round).map(megabytes).unwrap_or_else(|| "–".into()),
+            mean(&|r| r.download_bytes_per_round).map(megabytes).unwrap_or_else(|| "–".into()),
+            mean(&|r| r.wall_seconds).map(|s| format!("{s:.0}")).unwrap_or_else(|| "–".into()),
+            runs.len(),
         );
-        let _ = writeln!(out, "|---|---|---|---|---|");
-        for &alpha in &plan.alphas {
-            let persistent = results_of(plan, results, alpha, Participation::Quarter, Arm::Method("rbla"));
-            let shrinking = results_of(plan, results, alpha, Participation::Quarter, Arm::RblaShrinkingGlobal);
-            let fin = |runs: &[&CellResult]| cell_text(Stat::of(runs.iter().filter_map(|r| r.final_accuracy())));
-            let best = |runs: &[&CellResult]| cell_text(Stat::of(runs.iter().filter_map(|r| r.best_accuracy())));
-            let _ = writeln!(
-                out,
-                "| {alpha} | {} | {} | {} | {} |",
-                fin(&persistent),
-                fin(&shrinking),
-                best(&persistent),
-                best(&shrinking)
-            );
-        }
-        let _ = writeln!(out);
     }
-    let _ = writeln!(out, "{END}");
-    out
+    let ranks: Vec<u32> = {
+        let mut r: Vec<u32> = FLEET.iter().map(|c| c.rank).collect();
+        r.dedup();
+        r
+    };
+    let _ = writeln!(
+        out,
+        "\nAccuracy of the slice each device rank receives (%, mean over seeds; the last round in which \
+         that rank took part):\n"
+    );
+    let _ = writeln!(out, "| method | {} |", ranks.iter().map(|r| format!("r = {r}")).collect::<Vec<_>>().join(" | "));
+    let _ = writeln!(out, "|---|{}", "---|".repeat(ranks.len()));
+    for arm in plan.arms(participation).into_iter().filter(|a| *a != Arm::FedAvgAtMaxRank) {
+        let runs = results_of(plan, results, alpha, participation, arm);
+        let cells: Vec<String> = ranks
+            .iter()
+            .map(|rank| {
+                Stat::of(runs.iter().filter_map(|r| r.last_accuracy_per_rank.get(rank).copied()))
+                    .map(|s| format!("{:.1}", 100.0 * s.mean))
+                    .unwrap_or_else(|| "–".into())
+            })
+            .collect();
+        let _ = writeln!(out, "| {} | {} |", arm.label(), cells.join(" | "));
+    }
+    let _ = writeln!(
+        out,
+        "\n![Test accuracy per round at α = {alpha}, {} participation]({figures_link}/{})\n",
+        participation.label(),
+        figure_name(alpha, participation)
+    );
+}
+
+/// The persistent R_max global against the authors' shrinking one (25% participation).
+fn ablation_section(out: &mut String, plan: &Plan, results: &Results) {
+    let _ = writeln!(out, "### Ablation: persistent R_max global against a global that shrinks (25% participation)\n");
+    let _ = writeln!(
+        out,
+        "| α | persistent: final (%) | shrinking: final (%) | persistent: best (%) | shrinking: best (%) |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|---|");
+    for &alpha in &plan.alphas {
+        let persistent = results_of(plan, results, alpha, Participation::Quarter, Arm::Method("rbla"));
+        let shrinking = results_of(plan, results, alpha, Participation::Quarter, Arm::RblaShrinkingGlobal);
+        let fin = |runs: &[&CellResult]| cell_text(Stat::of(runs.iter().filter_map(|r| r.final_accuracy())));
+        let best = |runs: &[&CellResult]| cell_text(Stat::of(runs.iter().filter_map(|r| r.best_accuracy())));
+        let _ = writeln!(
+            out,
+            "| {alpha} | {} | {} | {} | {} |",
+            fin(&persistent),
+            fin(&shrinking),
+            best(&persistent),
+            best(&shrinking)
+        );
+    }
+    let _ = writeln!(out);
 }
 
 /// Replaces the generated block of `doc` (or writes a new document around it).

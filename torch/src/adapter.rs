@@ -13,7 +13,9 @@ use tch::{Kind, Tensor};
 
 use flotilla_wire::tensor::{all_finite_bytes, DType, FloatBits, WireTensors};
 
-use crate::tensor::{f32_tensor_from_le_bytes, tensors_from_wire, wire_from_tensors, DecodedTensors, TensorError};
+use crate::tensor::{
+    f32_tensor_from_le_bytes, tensors_from_wire, try_copy, wire_from_tensors, DecodedTensors, TensorError,
+};
 
 pub use flotilla_merge::peft::{
     lora_a_name, lora_b_name, merged_delta_name, tensor_role, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE,
@@ -164,18 +166,16 @@ impl Adapter {
             )));
         }
         let r = rank as i64;
-        let tensors = self
-            .tensors
-            .iter()
-            .map(|(name, t)| {
-                let sliced = match tensor_role(name) {
-                    TensorRole::LoraA(_) => t.narrow(0, 0, r).copy(),
-                    TensorRole::LoraB(_) => t.narrow(1, 0, r).copy(),
-                    TensorRole::MergedDelta(_) | TensorRole::Other => t.copy(),
-                };
-                (name.clone(), sliced)
-            })
-            .collect();
+        let mut tensors = BTreeMap::new();
+        for (name, t) in &self.tensors {
+            let sliced = match tensor_role(name) {
+                TensorRole::LoraA(_) => t.f_narrow(0, 0, r).and_then(|t| try_copy(&t)),
+                TensorRole::LoraB(_) => t.f_narrow(1, 0, r).and_then(|t| try_copy(&t)),
+                TensorRole::MergedDelta(_) | TensorRole::Other => try_copy(t),
+            }
+            .map_err(|source| TensorError::Torch { name: name.clone(), source })?;
+            tensors.insert(name.clone(), sliced);
+        }
         Adapter::new(tensors)
     }
 
@@ -222,9 +222,11 @@ impl Adapter {
     pub fn from_decoded(decoded: DecodedTensors) -> Result<Adapter, AdapterError> {
         let DecodedTensors { tensors: decoded, all_finite, .. } = decoded;
         if !all_finite {
+            // Which tensor: read with the fallible calls, as everything an update reaches is.
+            let finite = |t: &Tensor| t.f_isfinite()?.f_all()?.f_int64_value(&[]).map(|all| all != 0);
             let name = decoded
                 .iter()
-                .find(|(_, t)| t.isfinite().all().int64_value(&[]) == 0)
+                .find(|(_, t)| !finite(t).unwrap_or(false))
                 .map_or("<some tensor>".to_string(), |(name, _)| name.clone());
             return Err(AdapterError::Tensor { name, message: "contains NaN or infinite values".into() });
         }
@@ -430,7 +432,8 @@ mod tests {
         assert!(!all_finite_bytes(&[0x80, 0x7f], FloatBits::BF16)); // +inf
         assert!(!all_finite_bytes(&[0xc1, 0xff], FloatBits::BF16)); // NaN
         assert!(!all_finite_bytes(&[0x00, 0x7c], FloatBits::F16)); // +inf
-        let wire = crate::tensor::wire_from_tensors([("x", &Tensor::from_slice(&[1.0f32, f32::NAN]))], DType::F32).unwrap();
+        let wire =
+            crate::tensor::wire_from_tensors([("x", &Tensor::from_slice(&[1.0f32, f32::NAN]))], DType::F32).unwrap();
         assert!(Adapter::from_wire(&wire).unwrap_err().to_string().contains("NaN"));
     }
 

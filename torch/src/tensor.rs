@@ -34,6 +34,14 @@ pub fn kind_of(dtype: DType) -> Kind {
     }
 }
 
+/// A copy of `t` with its own storage, through libtorch's fallible calls (tch's `copy` panics on
+/// failure; everything an update reaches uses this instead).
+pub fn try_copy(t: &Tensor) -> Result<Tensor, tch::TchError> {
+    let mut out = t.f_empty_like()?;
+    out.f_copy_(t)?;
+    Ok(out)
+}
+
 /// The storage of a contiguous f32 CPU tensor as a mutable slice.
 ///
 /// # Safety
@@ -174,6 +182,7 @@ impl TensorSink for TorchSink {
                 // nothing else references; the byte view covers its storage exactly, and any bytes
                 // are a valid f32.
                 let values = unsafe { f32_storage_mut(tensor) };
+                // SAFETY: the same storage viewed as its bytes (4 per f32, u8 has no alignment).
                 unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr() as *mut u8, values.len() * 4) }
             }
             PendingTensor::Bf16(bytes) => bytes,

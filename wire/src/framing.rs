@@ -188,7 +188,8 @@ where
     S: TensorSink,
 {
     let (message, descs, body_len) = read_header::<_, M>(reader, limits).await?;
-    let mut decoded = Decoded { tensors: Vec::with_capacity(descs.len()), all_finite: true, wire_bytes: body_len as u64 };
+    let mut decoded =
+        Decoded { tensors: Vec::with_capacity(descs.len()), all_finite: true, wire_bytes: body_len as u64 };
     for desc in descs {
         let len = desc.byte_len().and_then(|l| usize::try_from(l).ok()).ok_or(FrameError::SizeOverflow)?;
         let bits = desc.dtype.float_bits();
@@ -217,9 +218,8 @@ where
 /// Decodes one frame held whole in memory: the streaming decoder ([`read_frame_into`]) run over
 /// the bytes, so the fuzzer and the property tests exercise exactly the code that reads streams.
 pub fn decode_frame<M: DeserializeOwned>(bytes: &[u8], limits: &FrameLimits) -> Result<(M, WireTensors), FrameError> {
-    decode_frame_into(bytes, limits, BodySink::default()).map(|(message, decoded, sink)| {
-        (message, WireTensors { descs: decoded.tensors, body: sink.body })
-    })
+    decode_frame_into(bytes, limits, BodySink::default())
+        .map(|(message, decoded, sink)| (message, WireTensors { descs: decoded.tensors, body: sink.body }))
 }
 
 /// [`decode_frame`] with any sink; returns the sink too.

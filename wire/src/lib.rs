@@ -7,10 +7,10 @@
 //! - [`model`]: the model description (architecture, adapted layer shapes) as plain data.
 //! - [`tls`], [`quic`], [`identity`]: mutual-TLS configuration (ring only), QUIC endpoints and
 //!   transport settings, and how a device identity is written into a certificate.
-//! - [`logging`], [`fault`], [`fingerprint`]: what both daemons share beside the protocol: log
+//! - [`logging`], [`crash_test`], [`fingerprint`]: what both daemons share beside the protocol: log
 //!   set-up, the crash-test pause hook, and a stable hash for fingerprints and seeds.
 
-pub mod fault;
+pub mod crash_test;
 pub mod fingerprint;
 pub mod framing;
 pub mod identity;

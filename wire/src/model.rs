@@ -135,5 +135,4 @@ impl Architecture {
         }
         Ok(())
     }
-
 }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::others::OtherMeans;
-use super::padded::scaled_b;
+use super::non_lora::NonLoraMeans;
+use super::slot_sums::scaled_b;
 use super::{validate_update, AggregateError, ClientUpdate};
 use crate::adapter::Adapter;
 
@@ -17,7 +17,7 @@ use crate::adapter::Adapter;
 pub(super) struct DenseRound {
     pub(super) previous: Adapter,
     pub(super) dense: DenseSums,
-    pub(super) others: OtherMeans,
+    pub(super) others: NonLoraMeans,
     pub(super) folded: usize,
 }
 
@@ -25,7 +25,7 @@ impl DenseRound {
     /// A round starting from `global` (LoRA scale `scale`), with the dense sums in `kind`.
     pub(super) fn new(global: &Adapter, scale: f64, kind: Kind) -> Result<DenseRound, AggregateError> {
         Ok(DenseRound {
-            others: OtherMeans::new(global)?,
+            others: NonLoraMeans::new(global)?,
             previous: global.deep_copy(),
             dense: DenseSums::new(global, scale, kind)?,
             folded: 0,

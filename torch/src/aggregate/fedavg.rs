@@ -7,7 +7,7 @@
 //! defined only when every client has the global adapter's rank; an update of another rank is
 //! refused with an error naming the client.
 
-use super::padded::{Denominator, SampleWeighted};
+use super::slot_sums::{Denominator, SampleWeighted};
 use super::{AggregateError, Method};
 use crate::adapter::Adapter;
 

@@ -20,6 +20,7 @@ use super::dense::DenseRound;
 use super::{AggregateError, Aggregated, Aggregator, ClientUpdate};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::seeded_normal;
+use crate::tensor::try_copy;
 
 /// Above this (smaller) layer dimension the SVD is randomized.
 pub const EXACT_SVD_MAX_DIM: i64 = 1024;
@@ -91,7 +92,7 @@ impl Aggregator for FlexLora {
             let (u, s, vh, exact) = top_components(&target, k, 0x5eed + index as u64)?;
             // `target` is already T/s (the dense sums are kept in the global scale).
             let b_new = u.f_mul(&s.f_unsqueeze(0)?)?;
-            let (a, b) = (prev_a.copy(), prev_b.zeros_like());
+            let (a, b) = (try_copy(prev_a)?, prev_b.f_zeros_like()?);
             a.f_narrow(0, 0, k)?.f_copy_(&vh)?;
             b.f_narrow(1, 0, k)?.f_copy_(&b_new)?;
             if !exact {

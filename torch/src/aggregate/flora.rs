@@ -32,8 +32,8 @@ use std::collections::BTreeMap;
 use tch::{Kind, Tensor};
 
 use super::dense::DenseRound;
-use super::others::OtherMeans;
-use super::padded::scaled_b;
+use super::non_lora::NonLoraMeans;
+use super::slot_sums::scaled_b;
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate};
 use crate::adapter::{lora_a_name, lora_b_name, merged_delta_name, Adapter};
 use crate::data::seeded_uniform;
@@ -42,14 +42,20 @@ pub struct Flora {
     previous: Adapter,
     scale: f64,
     stacks: BTreeMap<String, (Vec<Tensor>, Vec<Tensor>)>,
-    others: OtherMeans,
+    others: NonLoraMeans,
     total_samples: f64,
 }
 
 impl Flora {
     pub fn new(global: &Adapter, scale: f64) -> Result<Flora, AggregateError> {
         let stacks = global.modules().iter().map(|m| (m.clone(), (Vec::new(), Vec::new()))).collect();
-        Ok(Flora { others: OtherMeans::new(global)?, previous: global.deep_copy(), scale, stacks, total_samples: 0.0 })
+        Ok(Flora {
+            others: NonLoraMeans::new(global)?,
+            previous: global.deep_copy(),
+            scale,
+            stacks,
+            total_samples: 0.0,
+        })
     }
 }
 

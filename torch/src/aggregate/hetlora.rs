@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 
 use tch::{Kind, Tensor};
 
-use super::padded::{scaled_b, Denominator, SlotSums};
+use super::slot_sums::{scaled_b, Denominator, SlotSums};
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate};
 use crate::adapter::Adapter;
 

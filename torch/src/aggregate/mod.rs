@@ -12,9 +12,9 @@ mod fedavg;
 mod flexlora;
 mod flora;
 mod hetlora;
-mod others;
-mod padded;
+mod non_lora;
 mod rbla;
+mod slot_sums;
 mod validate;
 mod zero_pad;
 
@@ -25,8 +25,8 @@ use crate::adapter::{Adapter, AdapterError};
 
 pub use flexlora::{singular_values, top_components, FlexLora, EXACT_SVD_MAX_DIM};
 pub use flora::{Flora, FloraMerged};
-pub use hetlora::HetLora;
 pub use flotilla_merge::method::Method;
+pub use hetlora::HetLora;
 pub use validate::validate_update;
 
 /// One client's contribution to a round.

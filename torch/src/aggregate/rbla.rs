@@ -13,7 +13,7 @@
 //! to the round's largest rank; that is a defect). Non-LoRA tensors get the `p_k`-weighted mean.
 //! Streaming: weights `n_k` (the normalisation by `Σ n_j` cancels), denominator = coverage.
 
-use super::padded::{Denominator, SampleWeighted};
+use super::slot_sums::{Denominator, SampleWeighted};
 use super::{AggregateError, Method};
 use crate::adapter::Adapter;
 

@@ -9,7 +9,7 @@
 //! This equals RBLA's value times the coverage `q_i = Σ_{k∈S_i} p_k`, so rarely covered slots decay
 //! geometrically across rounds. A slot no participant covered keeps its previous value.
 
-use super::padded::{Denominator, SampleWeighted};
+use super::slot_sums::{Denominator, SampleWeighted};
 use super::{AggregateError, Method};
 use crate::adapter::Adapter;
 

@@ -5,7 +5,13 @@ use tch::Tensor;
 
 /// One layer's forward pass: base weight and bias, plus `scale·B·A` when LoRA factors are given;
 /// ReLU, and for a convolution a 2×2 max-pool.
-pub(super) fn layer_forward(h: &Tensor, kind: LayerKind, w: &Tensor, b: &Tensor, lora: Option<(&Tensor, &Tensor, f64)>) -> Tensor {
+pub(super) fn layer_forward(
+    h: &Tensor,
+    kind: LayerKind,
+    w: &Tensor,
+    b: &Tensor,
+    lora: Option<(&Tensor, &Tensor, f64)>,
+) -> Tensor {
     match kind {
         LayerKind::Linear => {
             let h = if h.dim() > 2 { h.flatten(1, -1) } else { h.shallow_clone() };

@@ -172,4 +172,3 @@ pub fn with_head(adapter: &Adapter, weight: &Tensor, bias: &Tensor) -> Result<Ad
     tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), bias.copy());
     Ok(Adapter::new(tensors)?)
 }
-

@@ -1,6 +1,6 @@
 use super::*;
-use flotilla_wire::protocol::TrainingSettings;
 use crate::data::synthetic_classification;
+use flotilla_wire::protocol::TrainingSettings;
 
 fn arch() -> Architecture {
     Architecture::Mlp { input: 16, hidden: vec![32, 32], classes: 4 }
@@ -15,8 +15,7 @@ fn a_fresh_adapter_leaves_the_base_unchanged_and_training_improves_it() {
     let slice = global.slice_to_rank(4).unwrap();
     let mut model = LoraModel::new(&arch, &base, &slice, 2.0, Device::Cpu).unwrap();
     let data = synthetic_classification(512, 16, 4, 3, 4);
-    let settings =
-        TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 };
+    let settings = TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 };
     let metrics = model.train(&data, &settings).unwrap();
     assert!(metrics.loss_after < metrics.loss_before * 0.8, "{metrics:?}");
     let trained = model.adapter().unwrap();
@@ -33,8 +32,7 @@ fn a_merged_delta_joins_the_frozen_weight_in_training_evaluation_and_merging() {
     let global = arch.init_adapter(8, 2).unwrap();
     let x = synthetic_classification(64, 16, 4, 3, 4).features;
     let without = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap().forward(&x);
-    let mut tensors: BTreeMap<String, Tensor> =
-        global.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
+    let mut tensors: BTreeMap<String, Tensor> = global.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
     let module = format!("{ADAPTER_PREFIX}fc1");
     tensors.insert(crate::adapter::merged_delta_name(&module), crate::data::seeded_uniform(&[32, 16], 0.5, 9));
     let with_delta = Adapter::new(tensors).unwrap();
@@ -87,8 +85,7 @@ fn training_is_deterministic_given_the_seed() {
     let base = arch.init_base(1);
     let global = arch.init_adapter(4, 2).unwrap();
     let data = synthetic_classification(128, 16, 4, 3, 4);
-    let settings =
-        TrainingSettings { local_steps: 10, local_epochs: 0, batch_size: 16, learning_rate: 1e-2, seed: 9 };
+    let settings = TrainingSettings { local_steps: 10, local_epochs: 0, batch_size: 16, learning_rate: 1e-2, seed: 9 };
     let run = || {
         let mut m = LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).unwrap();
         m.train(&data, &settings).unwrap();
@@ -115,8 +112,7 @@ fn lora_training_on_fashion_mnist_improves_held_out_accuracy() {
     let global = arch.init_adapter(8, 2).unwrap();
     let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
     let (_, before) = model.evaluate(&held_out, 1000);
-    let settings =
-        TrainingSettings { local_steps: 300, local_epochs: 0, batch_size: 64, learning_rate: 5e-3, seed: 3 };
+    let settings = TrainingSettings { local_steps: 300, local_epochs: 0, batch_size: 64, learning_rate: 5e-3, seed: 3 };
     model.train(&local, &settings).unwrap();
     let (_, after) = model.evaluate(&held_out, 1000);
     assert!(before < 0.25 && after > 0.70, "held-out accuracy {before:.3} → {after:.3}");
@@ -180,8 +176,7 @@ fn cnn_lora_training_on_fashion_mnist_improves_held_out_accuracy() {
     let global = arch.init_adapter(8, 2).unwrap();
     let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
     let (_, before) = model.evaluate(&held_out, 500);
-    let settings =
-        TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 5e-3, seed: 3 };
+    let settings = TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 5e-3, seed: 3 };
     model.train(&local, &settings).unwrap();
     let (_, after) = model.evaluate(&held_out, 500);
     assert!(before < 0.25 && after > 0.5, "held-out accuracy {before:.3} → {after:.3}");

@@ -8,14 +8,15 @@ use tch::{Kind, Tensor};
 
 use super::{AggregateError, ClientUpdate};
 use crate::adapter::Adapter;
+use crate::tensor::try_copy;
 
-pub(super) struct OtherMeans {
+pub(super) struct NonLoraMeans {
     sums: BTreeMap<String, Tensor>,
     weight: f64,
 }
 
-impl OtherMeans {
-    pub(super) fn new(global: &Adapter) -> Result<OtherMeans, AggregateError> {
+impl NonLoraMeans {
+    pub(super) fn new(global: &Adapter) -> Result<NonLoraMeans, AggregateError> {
         let sums = global
             .other_names()
             .map(|name| {
@@ -23,7 +24,7 @@ impl OtherMeans {
                 Ok((name.to_string(), Tensor::f_zeros(t.size(), (Kind::Double, t.device()))?))
             })
             .collect::<Result<_, tch::TchError>>()?;
-        Ok(OtherMeans { sums, weight: 0.0 })
+        Ok(NonLoraMeans { sums, weight: 0.0 })
     }
 
     /// `sum += n_k·X_k` for every tensor, fused.
@@ -41,12 +42,14 @@ impl OtherMeans {
             let value = if self.weight > 0.0 {
                 sum.f_div_scalar(self.weight)?.f_to_kind(Kind::Float)?
             } else {
-                previous.tensors()[name].copy()
+                try_copy(&previous.tensors()[name])?
             };
             out.insert(name.clone(), value);
         }
         for name in previous.merged_delta_names() {
-            out.entry(name.to_string()).or_insert_with(|| previous.tensors()[name].copy());
+            if !out.contains_key(name) {
+                out.insert(name.to_string(), try_copy(&previous.tensors()[name])?);
+            }
         }
         Ok(())
     }

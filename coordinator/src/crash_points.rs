@@ -1,8 +1,8 @@
-//! The coordinator's crash-test points (see `flotilla_wire::fault`): `mid-aggregation` (the
+//! The coordinator's crash-test points (see `flotilla_wire::crash_test`): `mid-aggregation` (the
 //! round's aggregate is computed, nothing is written yet) and `mid-checkpoint` (the checkpoint's
 //! files are in `round-N.tmp/`, not yet renamed into place).
 
-use flotilla_wire::fault::{pause_requested, ENV};
+use flotilla_wire::crash_test::{pause_requested, ENV};
 
 /// Stops the calling thread for good when the environment asks for `name` in `round`.
 pub fn point(name: &str, round: u32) {

@@ -29,10 +29,10 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use crate::init::seeded_uniform_values;
+use crate::inputs::{self, InputError, Plan};
 use crate::method::Method;
 use crate::peft::{
-    lora_a_name, lora_b_name, tensor_role, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, MAX_RANK,
-    NUM_SAMPLES_KEY,
+    lora_a_name, lora_b_name, tensor_role, PeftConfig, TensorRole, ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE,
 };
 use crate::slots::{Denominator, Factors, ModuleSlots};
 
@@ -60,6 +60,12 @@ pub struct Report {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Declined(pub String);
 
+impl From<InputError> for Declined {
+    fn from(e: InputError) -> Declined {
+        Declined(e.0)
+    }
+}
+
 fn decline<T>(reason: impl Into<String>) -> Result<T, Declined> {
     Err(Declined(reason.into()))
 }
@@ -80,7 +86,7 @@ struct Client {
 
 impl Client {
     fn scale(&self) -> f64 {
-        self.config.lora_alpha / self.config.r as f64
+        inputs::scale(&self.config)
     }
 
     /// Reads tensor `name` into the front of `buffer` (grown if needed) and returns those values.
@@ -100,16 +106,7 @@ impl Client {
 }
 
 fn open_client(dir: &Path) -> Result<Client, Declined> {
-    let config_path = dir.join(ADAPTER_CONFIG_FILE);
-    let Ok(text) = fs::read_to_string(&config_path) else {
-        return decline(format!("{}: unreadable", config_path.display()));
-    };
-    let Ok(config) = serde_json::from_str::<PeftConfig>(&text) else {
-        return decline(format!("{}: not a valid adapter config", config_path.display()));
-    };
-    if config.r == 0 || config.r > MAX_RANK || !(config.lora_alpha.is_finite() && config.lora_alpha > 0.0) {
-        return decline(format!("{}: r or lora_alpha out of range", config_path.display()));
-    }
+    let config = inputs::read_config(dir)?;
     let path = dir.join(ADAPTER_WEIGHTS_FILE);
     let Ok(file) = fs::File::open(&path) else { return decline(format!("{}: unreadable", path.display())) };
     // The map is only for the header: the values are read with pread (see `Client::read`).
@@ -122,13 +119,7 @@ fn open_client(dir: &Path) -> Result<Client, Declined> {
     let Ok((header_len, metadata)) = safetensors::SafeTensors::read_metadata(&map) else {
         return decline(format!("{}: not a valid safetensors file", path.display()));
     };
-    let samples = metadata
-        .metadata()
-        .as_ref()
-        .and_then(|m| m.get(NUM_SAMPLES_KEY))
-        .and_then(|s| s.trim().parse::<u64>().ok())
-        .filter(|&n| n > 0);
-    let Some(samples) = samples else { return decline(format!("{}: no positive '{NUM_SAMPLES_KEY}'", path.display())) };
+    let samples = inputs::num_samples(metadata.metadata().as_ref(), &path)?;
     let data_start = 8 + header_len;
     let mut tensors = BTreeMap::new();
     for (name, info) in metadata.tensors() {
@@ -209,26 +200,14 @@ pub fn merge(request: &Request) -> Result<Report, Declined> {
         started = Instant::now();
     };
     let clients: Vec<Client> = request.clients.iter().map(|dir| open_client(dir)).collect::<Result<_, _>>()?;
-    // The last of the largest, as the libtorch path picks it.
-    let Some(template) = clients.iter().max_by_key(|c| c.config.r) else { return decline("no inputs") };
-    let max_input_rank = template.config.r;
-    let r_max = request.max_rank.unwrap_or(max_input_rank);
-    if r_max < max_input_rank || r_max > MAX_RANK {
-        return decline("--max-rank below the largest input rank or above MAX_RANK");
-    }
+    let configs: Vec<(&Path, &PeftConfig)> = clients.iter().map(|c| (c.dir.as_path(), &c.config)).collect();
+    let Plan { largest, out_rank: r_max, target_scale, notes } = inputs::plan(&configs, request.max_rank)?;
+    let template = &clients[largest];
     for client in &clients {
         check_against(template, client)?;
         if request.method == Method::FedAvg && client.config.r != r_max {
             return decline(format!("fedavg with {} at rank {}", client.dir.display(), client.config.r));
         }
-    }
-    let target_scale = template.scale();
-    let mut notes = Vec::new();
-    if clients.iter().any(|c| (c.scale() - target_scale).abs() > 1e-12 * target_scale) {
-        notes.push(format!(
-            "inputs use different LoRA scales (lora_alpha / r); B factors were rescaled to the scale {target_scale} of {}",
-            template.dir.display()
-        ));
     }
     let b_factors: Vec<f64> = clients.iter().map(|c| c.scale() / target_scale).collect();
 
@@ -247,16 +226,7 @@ pub fn merge(request: &Request) -> Result<Report, Declined> {
     let mut config = clients[0].config.clone();
     config.r = r_max;
     config.lora_alpha = lora_alpha;
-    let mut metadata = BTreeMap::from([
-        ("format".to_string(), "pt".to_string()),
-        ("flotilla_method".to_string(), request.method.name().to_string()),
-        ("flotilla_clients".to_string(), clients.len().to_string()),
-        (NUM_SAMPLES_KEY.to_string(), total_samples.to_string()),
-        ("flotilla_lora_scale".to_string(), target_scale.to_string()),
-    ]);
-    if !notes.is_empty() {
-        metadata.insert("flotilla_notes".to_string(), notes.join("; "));
-    }
+    let metadata = inputs::output_metadata(request.method, clients.len(), total_samples, target_scale, &notes);
     // Output layout: each module's A then B, in module order, then the other tensors.
     let mut layout = Vec::new();
     for &(_, module) in &modules {
@@ -322,8 +292,16 @@ fn fold_modules(
                     if failure.lock().map_or(true, |f| f.is_some()) {
                         break;
                     }
-                    let job =
-                        ModuleJob { denominator, clients, template, module, seed_index, r_max, b_factors, max_input_rank };
+                    let job = ModuleJob {
+                        denominator,
+                        clients,
+                        template,
+                        module,
+                        seed_index,
+                        r_max,
+                        b_factors,
+                        max_input_rank,
+                    };
                     if let Err(declined) = job.run(&mut buffers, output) {
                         if let Ok(mut f) = failure.lock() {
                             f.get_or_insert(declined);
@@ -383,8 +361,13 @@ impl ModuleJob<'_> {
         }
         // Slots no input covers start as a fresh LoRA init (A uniform ±1/√d_in, B zero), seeded as
         // the libtorch path seeds them.
-        let previous_a = (r_max > self.max_input_rank)
-            .then(|| seeded_uniform_values(r_max * d_in, 1.0 / (d_in as f64).sqrt(), 0xada9 + self.seed_index as u64));
+        let previous_a = (r_max > self.max_input_rank).then(|| {
+            seeded_uniform_values(
+                r_max * d_in,
+                1.0 / (d_in as f64).sqrt(),
+                inputs::uncovered_slot_seed(self.seed_index),
+            )
+        });
         slots.finish(self.denominator, acc_a, acc_b, previous_a.as_deref(), None);
         output.write(&a_name, acc_a)?;
         output.write(&b_name, acc_b)

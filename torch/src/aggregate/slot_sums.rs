@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use flotilla_merge::slots::{Factors, ModuleSlots};
 use tch::{Device, Kind, Tensor};
 
-use super::others::OtherMeans;
+use super::non_lora::NonLoraMeans;
 use super::{validate_update, AggregateError, Aggregated, Aggregator, ClientUpdate, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::tensor::f32_storage_mut;
@@ -63,7 +63,7 @@ pub(super) struct SlotSums {
     previous: Adapter,
     target_scale: f64,
     modules: BTreeMap<String, ModuleSums>,
-    others: OtherMeans,
+    others: NonLoraMeans,
     folded: usize,
 }
 
@@ -83,7 +83,7 @@ impl SlotSums {
             );
         }
         Ok(SlotSums {
-            others: OtherMeans::new(global)?,
+            others: NonLoraMeans::new(global)?,
             previous: global.deep_copy(),
             target_scale,
             modules,

@@ -1,0 +1,429 @@
+//! The round driver: owns the round engine and the live sessions, turns what sessions and the
+//! aggregation worker report into engine events, and carries out the engine's actions.
+//!
+//! An update's path: the session decodes it ([`Upload`]) → the driver asks the engine whether it
+//! may be folded → a [`FoldRequest`] carrying the upload (and the device's reply) goes to the
+//! aggregation worker, which folds it, answers the device itself and reports [`FoldDone`] → the
+//! driver tells the engine. Nothing waits in a side table.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, Timer, TrainingPlan};
+use flotilla_wire::framing::write_frame;
+use flotilla_wire::protocol::{close, CoordinatorMessage, Finished, Reject, RoundTask, TrainingSettings};
+use flotilla_wire::quic::write_frame_shared;
+use flotilla_wire::tensor::{SharedTensors, WireTensors};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
+use crate::config::CoordinatorConfig;
+use crate::metrics::{SharedStatus, Status};
+use crate::report::{RoundFacts, RoundRecord, RunSummary, UpdateRecord};
+use crate::report_files::ReportWriter;
+
+/// What sessions, timers and the aggregation worker tell the driver.
+pub enum DriverInput {
+    Joined {
+        device: String,
+        rank: u32,
+        connection: quinn::Connection,
+    },
+    Left {
+        device: String,
+        connection_id: usize,
+    },
+    UpdateArrived(Upload),
+    FoldDone(FoldDone),
+    /// Round tasks of `bytes` in all are on their way to devices.
+    TasksSent {
+        round: u32,
+        bytes: u64,
+    },
+    TimerFired {
+        round: u32,
+        timer: Timer,
+    },
+    AggregationDone {
+        round: u32,
+        result: Result<RoundRecord, String>,
+    },
+    /// Something the run cannot go on without failed (the reason).
+    Fatal(String),
+}
+
+/// Owns the engine and the live sessions; runs until the engine says the run is finished.
+pub(crate) struct RoundDriver {
+    config: Arc<CoordinatorConfig>,
+    base_version: String,
+    inputs: mpsc::UnboundedSender<DriverInput>,
+    worker: Arc<AggregationWorker>,
+    engine: Engine,
+    sessions: HashMap<String, quinn::Connection>,
+    /// Every rank a device has joined with: the `fl_round_participants` gauges' labels.
+    rank_labels: BTreeSet<u32>,
+    accepted: BTreeMap<u32, Vec<UpdateRecord>>,
+    round_started: HashMap<u32, Instant>,
+    /// Bytes of round tasks sent, by round.
+    task_bytes: HashMap<u32, u64>,
+    summary: RunSummary,
+    reports: ReportWriter,
+    status: SharedStatus,
+}
+
+/// What the driver starts from.
+pub(crate) struct DriverStart {
+    pub config: Arc<CoordinatorConfig>,
+    pub base_version: String,
+    pub inputs: mpsc::UnboundedSender<DriverInput>,
+    pub worker: AggregationWorker,
+    pub summary: RunSummary,
+    pub first_round: u32,
+    pub status: SharedStatus,
+}
+
+impl RoundDriver {
+    pub(crate) fn new(start: DriverStart) -> RoundDriver {
+        let DriverStart { config, base_version, inputs, worker, summary, first_round, status } = start;
+        let engine = Engine::new(EngineConfig {
+            rounds: config.round.rounds,
+            min_devices: config.round.min_devices,
+            round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
+            min_updates: config.round.min_updates,
+            grace: Duration::from_secs(config.round.grace_secs.into()),
+            first_round,
+            policy: config.round_policy(),
+        });
+        let reports = ReportWriter::start(config.server.run_dir.clone());
+        RoundDriver {
+            config,
+            base_version,
+            inputs,
+            worker: Arc::new(worker),
+            engine,
+            sessions: HashMap::new(),
+            rank_labels: BTreeSet::new(),
+            accepted: BTreeMap::new(),
+            round_started: HashMap::new(),
+            task_bytes: HashMap::new(),
+            summary,
+            reports,
+            status,
+        }
+    }
+
+    /// Runs the rounds; returns the run's summary once the reports of every round are written.
+    pub(crate) async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<DriverInput>) -> anyhow::Result<RunSummary> {
+        let outcome = self.drive(&mut inputs).await;
+        let reports = self.reports;
+        // The last reports are written before the run's result is returned.
+        tokio::task::spawn_blocking(move || reports.finish()).await?;
+        outcome
+    }
+
+    async fn drive(&mut self, inputs: &mut mpsc::UnboundedReceiver<DriverInput>) -> anyhow::Result<RunSummary> {
+        while let Some(input) = inputs.recv().await {
+            let mut upload = None;
+            let event = match input {
+                DriverInput::Joined { device, rank, connection } => {
+                    if let Some(old) = self.sessions.insert(device.clone(), connection) {
+                        old.close(close::REPLACED.into(), b"replaced by a newer connection");
+                    }
+                    self.rank_labels.insert(rank);
+                    Event::DeviceJoined { device, rank }
+                }
+                DriverInput::Left { device, connection_id } => {
+                    if self.sessions.get(&device).map(|c| c.stable_id()) != Some(connection_id) {
+                        continue; // an older connection of a device that has reconnected
+                    }
+                    self.sessions.remove(&device);
+                    Event::DeviceLeft { device }
+                }
+                DriverInput::UpdateArrived(arrived) => {
+                    metrics::counter!("fl_update_bytes_total").increment(arrived.tensors.wire_bytes);
+                    let event = Event::UpdateArrived {
+                        device: arrived.device.clone(),
+                        round: arrived.update.round,
+                        rank: arrived.update.rank,
+                    };
+                    upload = Some(arrived);
+                    event
+                }
+                DriverInput::FoldDone(FoldDone { device, round, accepted }) => match accepted {
+                    Some(record) => {
+                        self.accepted.entry(round).or_default().push(record);
+                        Event::UpdateFolded { device, round }
+                    }
+                    None => Event::UpdateInvalid { device, round },
+                },
+                DriverInput::TasksSent { round, bytes } => {
+                    *self.task_bytes.entry(round).or_insert(0) += bytes;
+                    continue;
+                }
+                DriverInput::TimerFired { round, timer } => Event::TimerFired { round, timer },
+                DriverInput::Fatal(reason) => anyhow::bail!(reason),
+                DriverInput::AggregationDone { round, result } => {
+                    let record = result.map_err(|e| anyhow::anyhow!("round {round}: aggregation failed: {e}"))?;
+                    self.record_round(record);
+                    Event::AggregationDone { round }
+                }
+            };
+            let actions = self.engine.handle(event);
+            self.publish_state();
+            if let Some(rounds_completed) = self.perform(actions, upload).await? {
+                self.summary.rounds_completed = rounds_completed;
+                return Ok(self.summary.clone());
+            }
+        }
+        anyhow::bail!("round driver stopped unexpectedly")
+    }
+
+    /// Gauges and the `/status` snapshot that mirror the engine's state.
+    fn publish_state(&self) {
+        let phase = self.engine.phase();
+        crate::metrics::set_phase(phase.name());
+        let round = match phase {
+            Phase::Training { round } | Phase::Aggregating { round } => *round,
+            _ => self.summary.rounds.last().map_or(0, |r| r.round),
+        };
+        metrics::gauge!("fl_round").set(f64::from(round));
+        metrics::gauge!("fl_clients_connected").set(self.engine.connected() as f64);
+        let by_rank = self.engine.participants_by_rank().clone();
+        if let Ok(mut status) = self.status.write() {
+            *status = Status {
+                phase: phase.name().to_string(),
+                round,
+                rounds_total: self.config.round.rounds,
+                rounds_completed: self.summary.rounds.last().map_or(self.summary.rounds_completed, |r| r.round),
+                method: self.config.aggregation.method.to_string(),
+                max_rank: self.config.aggregation.max_rank,
+                devices_connected: self.engine.connected(),
+                participants_by_rank: by_rank.clone(),
+            };
+        }
+        for &rank in &self.rank_labels {
+            let count = by_rank.get(&rank).copied().unwrap_or(0);
+            metrics::gauge!("fl_round_participants", "rank" => rank.to_string()).set(count as f64);
+        }
+    }
+
+    fn record_round(&mut self, record: RoundRecord) {
+        metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.config.aggregation.method.name())
+            .record(record.aggregation_seconds);
+        metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
+        for result in &record.evaluation {
+            metrics::gauge!("fl_eval_accuracy", "rank" => result.rank.to_string()).set(result.accuracy);
+        }
+        let ranks: Vec<String> = record.updates.iter().map(|u| u.rank.to_string()).collect();
+        info!(
+            "[round {}/{}] aggregated {} updates (ranks {}) with {} in {:.1} ms → {}",
+            record.round,
+            self.config.round.rounds,
+            record.updates.len(),
+            ranks.join(","),
+            self.config.aggregation.method,
+            record.aggregation_seconds * 1e3,
+            record.global_dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default()
+        );
+        self.summary.final_global.clone_from(&record.global_dir);
+        self.summary.rounds_completed = record.round;
+        self.summary.rounds.push(record);
+        // Written by the report thread, off this loop.
+        self.reports.submit(self.summary.clone());
+    }
+
+    /// Carries out actions; returns `Some(rounds_completed)` when the run is finished. `upload` is
+    /// the update whose arrival produced these actions, if any: the engine folds or refuses it.
+    async fn perform(&mut self, actions: Vec<Action>, mut upload: Option<Upload>) -> anyhow::Result<Option<u32>> {
+        let mut tasks = Vec::new();
+        for action in actions {
+            match action {
+                Action::SendTask { device, round, rank } => tasks.push((device, round, rank)),
+                Action::FoldUpdate { device, round } => {
+                    if let Some(upload) = upload.take_if(|u| u.device == device) {
+                        self.fold(upload, round);
+                    }
+                }
+                Action::RejectUpdate { device, round, kind, reason } => {
+                    warn!(device = %device, round, "update refused: {reason}");
+                    metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => kind.label())
+                        .increment(1);
+                    if let Some(upload) = upload.take_if(|u| u.device == device) {
+                        let _ = upload.reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+                    }
+                }
+                Action::ScheduleTimer { round, timer, after } => {
+                    let inputs = self.inputs.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = inputs.send(DriverInput::TimerFired { round, timer });
+                    });
+                }
+                Action::Aggregate { round, .. } => self.aggregate(round),
+                Action::SkipRound { round, updates } => self.skip(round, updates).await?,
+                Action::Finish { rounds_completed } => {
+                    self.finish_sessions(rounds_completed).await;
+                    return Ok(Some(rounds_completed));
+                }
+            }
+        }
+        if !tasks.is_empty() {
+            self.send_tasks(tasks);
+        }
+        Ok(None)
+    }
+
+    /// Hands the update to the aggregation worker, which answers the device and reports back.
+    fn fold(&self, upload: Upload, round: u32) {
+        let inputs = self.inputs.clone();
+        let request = FoldRequest {
+            upload,
+            round,
+            done: Box::new(move |done| {
+                let _ = inputs.send(DriverInput::FoldDone(done));
+            }),
+        };
+        if let Err(request) = self.worker.fold(request) {
+            let Upload { device, reply, .. } = request.upload;
+            let reason = "coordinator is shutting down".to_string();
+            let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+            let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted: None }));
+        }
+    }
+
+    /// Asks the worker to finish the round; its record comes back as `AggregationDone`.
+    fn aggregate(&mut self, round: u32) {
+        let updates = self.accepted.remove(&round).unwrap_or_default();
+        let facts = RoundFacts {
+            round,
+            update_bytes: updates.iter().map(|u| u.wire_bytes).sum(),
+            task_bytes: self.task_bytes.remove(&round).unwrap_or(0),
+            updates,
+            round_seconds: self.round_started.get(&round).map_or(0.0, |t| t.elapsed().as_secs_f64()),
+        };
+        let worker = self.worker.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let result = worker.finish(facts).await;
+            let _ = inputs.send(DriverInput::AggregationDone { round, result });
+        });
+    }
+
+    async fn skip(&mut self, round: u32, updates: usize) -> anyhow::Result<()> {
+        warn!(
+            "[round {round}/{}] only {updates} update(s), short of the quorum of {} after the extended \
+             deadline: round skipped, global adapter unchanged",
+            self.config.round.rounds, self.config.round.min_updates
+        );
+        self.accepted.remove(&round);
+        if updates > 0 {
+            // Rare, and the next round's folds must not reach the discarded accumulator: wait.
+            self.worker
+                .discard(round)
+                .await
+                .map_err(|e| anyhow::anyhow!("round {round}: cannot discard the partial aggregate: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Sends each device its round task from a task of its own: the slices are made by the
+    /// aggregation worker (one encoded slice per rank, shared by every device's stream), and this
+    /// loop does not wait for them.
+    fn send_tasks(&mut self, tasks: Vec<(String, u32, u32)>) {
+        let mut deliveries = Vec::with_capacity(tasks.len());
+        for (device, round, rank) in tasks {
+            self.round_started.entry(round).or_insert_with(Instant::now);
+            let Some(connection) = self.sessions.get(&device).cloned() else { continue };
+            let task = CoordinatorMessage::RoundTask(RoundTask {
+                round,
+                total_rounds: self.config.round.rounds,
+                rank,
+                base_version: self.base_version.clone(),
+                training: training_settings(self.engine.policy().training(round)),
+                deadline_secs: self.config.round.deadline_secs,
+            });
+            deliveries.push(TaskDelivery { device, round, rank, connection, task });
+        }
+        let Some(round) = deliveries.first().map(|d| d.round) else { return };
+        let ranks: Vec<u32> = deliveries.iter().map(|d| d.rank).collect();
+        let worker = self.worker.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let slices: BTreeMap<u32, SharedTensors> = match worker.slices(ranks).await {
+                Ok(slices) => slices.into_iter().map(|(rank, wire)| (rank, SharedTensors::from(wire))).collect(),
+                Err(error) => {
+                    let _ = inputs.send(DriverInput::Fatal(format!("cannot slice the global adapter: {error}")));
+                    return;
+                }
+            };
+            // Counted before any task leaves, so before any update of this round can arrive.
+            let bytes = deliveries.iter().filter_map(|d| slices.get(&d.rank)).map(|s| s.body.len() as u64).sum();
+            let _ = inputs.send(DriverInput::TasksSent { round, bytes });
+            deliver_tasks(deliveries, Arc::new(slices));
+        });
+    }
+
+    /// Tells every device the run is over and waits briefly for them to hang up.
+    async fn finish_sessions(&mut self, rounds_completed: u32) {
+        let message =
+            CoordinatorMessage::Finished(Finished { rounds_completed, reason: "all rounds completed".into() });
+        let mut waits = Vec::new();
+        for (device, connection) in self.sessions.drain() {
+            let message = message.clone();
+            waits.push(tokio::spawn(async move {
+                let sent = async {
+                    let mut send = connection.open_uni().await?;
+                    write_frame(&mut send, &message, &WireTensors::default()).await?;
+                    send.finish()?;
+                    anyhow::Ok(())
+                }
+                .await;
+                if let Err(error) = sent {
+                    warn!(device = %device, "cannot send Finished: {error:#}");
+                }
+                let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
+            }));
+        }
+        for wait in waits {
+            let _ = wait.await;
+        }
+    }
+}
+
+/// One device's round task, waiting for its rank's slice.
+struct TaskDelivery {
+    device: String,
+    round: u32,
+    rank: u32,
+    connection: quinn::Connection,
+    task: CoordinatorMessage,
+}
+
+/// Sends each task with its rank's shared slice, each on its own stream and task.
+fn deliver_tasks(deliveries: Vec<TaskDelivery>, slices: Arc<BTreeMap<u32, SharedTensors>>) {
+    for TaskDelivery { device, round, rank, connection, task } in deliveries {
+        let Some(slice) = slices.get(&rank) else { continue };
+        metrics::counter!("fl_task_bytes_total").increment(slice.body.len() as u64);
+        let slices = slices.clone();
+        tokio::spawn(async move {
+            let result = async {
+                let mut send = connection.open_uni().await?;
+                write_frame_shared(&mut send, &task, &slices[&rank]).await?;
+                send.finish()?;
+                anyhow::Ok(())
+            }
+            .await;
+            if let Err(error) = result {
+                warn!(device = %device, round, "cannot send round task: {error:#}");
+            }
+        });
+    }
+}
+
+/// The engine's training plan as the protocol carries it.
+fn training_settings(plan: TrainingPlan) -> TrainingSettings {
+    let TrainingPlan { local_steps, local_epochs, batch_size, learning_rate, seed } = plan;
+    TrainingSettings { local_steps, local_epochs, batch_size, learning_rate, seed }
+}

@@ -1,0 +1,243 @@
+//! Device sessions: accepts mutual-TLS QUIC connections, admits each device (Hello → Welcome or
+//! Refusal, bound to the identity in its certificate), then reads its uploads and certificate
+//! renewals, handing updates to the round driver and answering each stream.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_torch::tensor::read_frame_decoded;
+use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_wire::protocol::{
+    close, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Welcome, PROTOCOL_VERSION,
+};
+use flotilla_wire::tensor::WireTensors;
+use flotilla_wire::tls;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use crate::aggregation::Upload;
+use crate::config::CoordinatorConfig;
+use crate::driver::DriverInput;
+
+/// Limits for the frames a device sends before it is admitted.
+const HELLO_LIMITS: FrameLimits =
+    FrameLimits { max_header_bytes: 16 << 10, max_tensors: 0, max_tensor_dims: 0, max_body_bytes: 0 };
+/// How long a refused device gets to receive the Refusal before its connection is closed.
+const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
+/// QUIC close reasons travel in one packet: keep them short.
+const MAX_CLOSE_REASON: usize = 200;
+
+/// What every session needs: the configuration, the Welcome (model and base weights), the round
+/// driver's input, and the CA for online renewal.
+pub(crate) struct SessionContext {
+    pub config: CoordinatorConfig,
+    pub welcome_tensors: WireTensors,
+    pub model: ModelSpec,
+    pub base_version: String,
+    pub inputs: mpsc::UnboundedSender<DriverInput>,
+    pub renewal: Option<crate::renewal::Renewal>,
+}
+
+pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SessionContext>) {
+    while let Some(incoming) = endpoint.accept().await {
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            match incoming.await {
+                Ok(connection) => serve_connection(connection, shared).await,
+                // Bad certificates, unknown CAs and wrong ALPN end here; the server keeps serving.
+                Err(error) => warn!(%remote, "handshake failed: {error}"),
+            }
+        });
+    }
+}
+
+async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionContext>) {
+    let remote = connection.remote_address();
+    let (identity, certificate_expiry) = match tls::peer_device(&connection) {
+        Ok(peer) => peer,
+        Err(error) => {
+            warn!(%remote, "refusing connection: {error}");
+            connection.close(close::REFUSED.into(), b"no device identity in certificate");
+            return;
+        }
+    };
+    let rank = match admit(&connection, &identity, &shared).await {
+        Ok(rank) => rank,
+        Err(error) if error.chain().any(|e| e.is::<tokio::time::error::Elapsed>()) => {
+            warn!(device = %identity, %remote, "admission timed out, the device may try again: {error:#}");
+            metrics::counter!("fl_admission_timeouts_total").increment(1);
+            connection.close(close::TRY_AGAIN.into(), b"no hello in time; try again");
+            return;
+        }
+        Err(error) => {
+            warn!(device = %identity, %remote, "not admitted: {error:#}");
+            // The close reason repeats the refusal for peers that did not wait for the answer.
+            let reason = format!("not admitted: {error:#}");
+            connection.close(close::REFUSED.into(), &reason.as_bytes()[..reason.len().min(MAX_CLOSE_REASON)]);
+            return;
+        }
+    };
+    info!(device = %identity, %remote, rank, "device joined");
+    let _ = shared.inputs.send(DriverInput::Joined { device: identity.clone(), rank, connection: connection.clone() });
+
+    // The handshake checked the certificate once; a session does not outlive it. What the device
+    // is sending when it expires is still taken.
+    let expires_in = certificate_expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    let expired = tokio::time::sleep(expires_in);
+    tokio::pin!(expired);
+    loop {
+        let accepted = tokio::select! {
+            accepted = connection.accept_bi() => accepted,
+            () = &mut expired => {
+                info!(device = %identity, "certificate expired; closing the session");
+                metrics::counter!("fl_sessions_closed_total", "reason" => "certificate_expired").increment(1);
+                connection.close(close::CERTIFICATE_EXPIRED.into(), b"certificate expired");
+                break;
+            }
+        };
+        let (mut send, mut recv) = match accepted {
+            Ok(streams) => streams,
+            Err(error) => {
+                info!(device = %identity, "device left: {error}");
+                break;
+            }
+        };
+        let response = match read_frame_decoded::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
+            Ok((DeviceMessage::Update(update), tensors)) => {
+                let (reply, answer) = oneshot::channel();
+                let round = update.round;
+                let upload = Upload { device: identity.clone(), update, tensors, reply };
+                let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
+                // The answer comes from the aggregation worker (folded or invalid) or the driver
+                // (refused by the engine).
+                answer.await.unwrap_or_else(|_| {
+                    CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
+                })
+            }
+            Ok((DeviceMessage::RenewCertificate(request), _)) => renew(&identity, request.csr_pem, &shared).await,
+            Ok((other, _)) => CoordinatorMessage::Reject(Reject {
+                round: 0,
+                reason: format!("unexpected message {}", message_name(&other)),
+            }),
+            Err(error) => {
+                warn!(device = %identity, "malformed upload: {error}");
+                metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "malformed").increment(1);
+                CoordinatorMessage::Reject(Reject { round: 0, reason: format!("malformed upload: {error}") })
+            }
+        };
+        if let Err(error) = reply_and_finish(&mut send, &response).await {
+            warn!(device = %identity, "cannot answer upload: {error}");
+        }
+    }
+    let _ = shared.inputs.send(DriverInput::Left { device: identity, connection_id: connection.stable_id() });
+}
+
+/// RenewCertificate → CertificateRenewed, or Refusal when renewal is off or the request is not
+/// for this session's own id.
+async fn renew(identity: &str, csr_pem: String, shared: &SessionContext) -> CoordinatorMessage {
+    let Some(renewal) = &shared.renewal else {
+        metrics::counter!("fl_certificate_renewals_total", "status" => "refused").increment(1);
+        return CoordinatorMessage::Refusal(Refusal {
+            reason: "this coordinator does not renew certificates; renew at the CA (flotilla-certs renew, sign --renew, install)".into(),
+        });
+    };
+    match renewal.renew(identity, csr_pem).await {
+        Ok((certificate_pem, not_after)) => {
+            info!(device = %identity, %not_after, "certificate renewed");
+            metrics::counter!("fl_certificate_renewals_total", "status" => "renewed").increment(1);
+            CoordinatorMessage::CertificateRenewed(CertificateRenewed { certificate_pem })
+        }
+        Err(reason) => {
+            warn!(device = %identity, "certificate renewal refused: {reason}");
+            metrics::counter!("fl_certificate_renewals_total", "status" => "refused").increment(1);
+            CoordinatorMessage::Refusal(Refusal { reason })
+        }
+    }
+}
+
+/// Hello → Welcome or Refusal. The session is bound to the identity in the certificate.
+async fn admit(connection: &quinn::Connection, identity: &str, shared: &SessionContext) -> anyhow::Result<u32> {
+    let hello_timeout = Duration::from_secs(shared.config.server.hello_timeout_secs);
+    let (mut send, mut recv) =
+        tokio::time::timeout(hello_timeout, connection.accept_bi()).await.context("no hello in time")??;
+    let (message, _) = tokio::time::timeout(hello_timeout, read_frame::<_, DeviceMessage>(&mut recv, &HELLO_LIMITS))
+        .await
+        .context("no hello in time")??;
+    let refusal = |reason: String| CoordinatorMessage::Refusal(Refusal { reason });
+    let hello = match message {
+        DeviceMessage::Hello(hello) => hello,
+        other => {
+            let reason = format!("expected Hello, got {}", message_name(&other));
+            reply_and_finish(&mut send, &refusal(reason.clone())).await?;
+            let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
+            anyhow::bail!(reason);
+        }
+    };
+    let problem = if hello.device_id != identity {
+        Some(format!("hello claims device id '{}' but the certificate is for '{identity}'", hello.device_id))
+    } else if hello.protocol_version != PROTOCOL_VERSION {
+        Some(format!(
+            "protocol version {} is not supported (this coordinator speaks {PROTOCOL_VERSION})",
+            hello.protocol_version
+        ))
+    } else if hello.requested_rank == 0 {
+        Some("requested rank must be at least 1".into())
+    } else {
+        None
+    };
+    if let Some(reason) = problem {
+        reply_and_finish(&mut send, &refusal(reason.clone())).await?;
+        // Let the Refusal reach the device before the connection is closed under it.
+        let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
+        anyhow::bail!(reason);
+    }
+    let assigned_rank = assign_rank(hello.requested_rank, &hello.hardware.device_class, &shared.config);
+    let welcome = CoordinatorMessage::Welcome(Welcome {
+        assigned_rank,
+        model: shared.model.clone(),
+        base_version: shared.base_version.clone(),
+    });
+    write_frame(&mut send, &welcome, &shared.welcome_tensors).await?;
+    send.finish()?;
+    Ok(assigned_rank)
+}
+
+/// The rank a device gets: what it asked for, lowered to R_max and to its device class's cap.
+fn assign_rank(requested: u32, device_class: &str, config: &CoordinatorConfig) -> u32 {
+    let cap = config.rank_caps.get(device_class).copied().unwrap_or(u32::MAX);
+    requested.min(config.aggregation.max_rank).min(cap).max(1)
+}
+
+async fn reply_and_finish(send: &mut quinn::SendStream, message: &CoordinatorMessage) -> anyhow::Result<()> {
+    write_frame(send, message, &WireTensors::default()).await?;
+    send.finish()?;
+    Ok(())
+}
+
+fn message_name(message: &DeviceMessage) -> &'static str {
+    match message {
+        DeviceMessage::Hello(_) => "Hello",
+        DeviceMessage::Update(_) => "Update",
+        DeviceMessage::RenewCertificate(_) => "RenewCertificate",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranks_are_capped_by_r_max_and_device_class() {
+        let mut config: CoordinatorConfig = toml::from_str(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"r\"\n[tls]\nkit = \"k\"\n[rank_caps]\nphone = 2\n",
+        )
+        .unwrap();
+        config.aggregation.max_rank = 8;
+        assert_eq!(assign_rank(4, "phone", &config), 2);
+        assert_eq!(assign_rank(1, "phone", &config), 1);
+        assert_eq!(assign_rank(16, "laptop", &config), 8);
+        assert_eq!(assign_rank(4, "laptop", &config), 4);
+    }
+}

@@ -1,0 +1,226 @@
+//! `serve`: everything a run needs before its first round — the run directory, the frozen base
+//! model (pretrained if configured), the checkpoint to resume from, the evaluation set, the
+//! aggregation worker, the QUIC endpoint and the metrics port — then the round driver.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use flotilla_torch::adapter::Adapter;
+use flotilla_torch::tensor::wire_from_tensors;
+use flotilla_wire::protocol::{close, ModelSpec};
+use flotilla_wire::quic;
+use flotilla_wire::tensor::DType;
+use flotilla_wire::tls::KitPaths;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use crate::aggregation::{AggregationWorker, WorkerSettings};
+use crate::base::Base;
+use crate::checkpoint;
+use crate::config::CoordinatorConfig;
+use crate::driver::{DriverStart, RoundDriver};
+use crate::evaluation::{describe, Evaluator, RankAccuracy};
+use crate::metrics::SharedStatus;
+use crate::report::{previous_initial_evaluation, RoundRecord, RunSummary};
+use crate::report_files::write_summary;
+use crate::session::{accept_loop, SessionContext};
+
+/// Where a run starts: the global adapter, the first round, and the records of earlier rounds
+/// (when resuming after a checkpoint).
+struct RunStart {
+    initial_global: Adapter,
+    first_round: u32,
+    history: Option<Vec<RoundRecord>>,
+}
+
+/// Runs the configured rounds (resuming after the last checkpoint unless `fresh`) and returns the
+/// run's summary, also written to `<run_dir>/summary.json`.
+pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<RunSummary> {
+    let run_dir = config.server.run_dir.clone();
+    std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    let renewal = crate::renewal::Renewal::open(&config.renewal)?;
+    if renewal.is_some() {
+        info!("devices may renew their certificates online ([renewal])");
+    }
+    let base = crate::base::prepare(&config)?;
+    let start = run_start(&config, &base, fresh)?;
+    if start.first_round > config.round.rounds {
+        info!("all {} rounds were already completed; nothing to do", config.round.rounds);
+        let initial = previous_initial_evaluation(&run_dir).unwrap_or_default();
+        return Ok(summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial));
+    }
+    let (worker, initial_evaluation) = start_worker(&config, &base, start.initial_global, start.first_round)?;
+    let endpoint = open_endpoint(&config)?;
+    let status = open_ports(&config, &endpoint).await?;
+
+    let (inputs, receiver) = mpsc::unbounded_channel();
+    let context = Arc::new(SessionContext {
+        model: ModelSpec {
+            architecture: config.model.architecture.clone(),
+            lora_alpha: config.aggregation.lora_alpha,
+            max_rank: config.aggregation.max_rank,
+        },
+        base_version: base.version.clone(),
+        welcome_tensors: wire_from_tensors(base.weights.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?,
+        config: config.clone(),
+        inputs: inputs.clone(),
+        renewal,
+    });
+    let acceptor = tokio::spawn(accept_loop(endpoint.clone(), context));
+    // A resumed run continues the records of the rounds before its checkpoint.
+    let initial = match &start.history {
+        Some(_) => previous_initial_evaluation(&run_dir).unwrap_or(initial_evaluation),
+        None => initial_evaluation,
+    };
+    let summary = summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial);
+    let driver = RoundDriver::new(DriverStart {
+        config: Arc::new(config),
+        base_version: base.version,
+        inputs,
+        worker,
+        summary,
+        first_round: start.first_round,
+        status,
+    });
+    let summary = driver.run(receiver).await;
+    acceptor.abort();
+    // Give devices a moment to read `Finished` and close first, then close what is left.
+    let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
+    endpoint.close(close::DONE.into(), b"run finished");
+    let summary = summary?;
+    write_summary(&run_dir, &summary)?;
+    Ok(summary)
+}
+
+/// The global adapter and round to start from: the last checkpoint's, or the base's initial adapter.
+fn run_start(config: &CoordinatorConfig, base: &Base, fresh: bool) -> anyhow::Result<RunStart> {
+    let run_dir = &config.server.run_dir;
+    if fresh {
+        if let Some(aside) = checkpoint::set_aside(run_dir)? {
+            info!("--fresh: earlier checkpoints moved to {}", aside.display());
+        }
+    }
+    Ok(match checkpoint::latest(run_dir)? {
+        Some((dir, state)) => {
+            let initial_global = checkpoint::resume(&dir, &state, config)?;
+            info!(round = state.round, checkpoint = %dir.display(), "resuming after the last finished round");
+            let history = Some(checkpoint::records(run_dir, state.round));
+            RunStart { initial_global, first_round: state.round + 1, history }
+        }
+        None => RunStart { initial_global: base.initial_adapter(config)?, first_round: 1, history: None },
+    })
+}
+
+/// The run summary as it stands before `first_round`.
+fn summary_so_far(
+    config: &CoordinatorConfig,
+    first_round: u32,
+    rounds: Vec<RoundRecord>,
+    initial_evaluation: Vec<RankAccuracy>,
+) -> RunSummary {
+    RunSummary {
+        method: config.aggregation.method.to_string(),
+        max_rank: config.aggregation.max_rank,
+        rounds_completed: first_round - 1,
+        final_global: rounds.last().and_then(|r| r.global_dir.clone()),
+        rounds,
+        initial_evaluation,
+    }
+}
+
+/// The evaluator (when a test set is configured) and the aggregation worker that owns it.
+fn start_worker(
+    config: &CoordinatorConfig,
+    base: &Base,
+    initial_global: Adapter,
+    first_round: u32,
+) -> anyhow::Result<(AggregationWorker, Vec<RankAccuracy>)> {
+    let max_rank = config.aggregation.max_rank;
+    let evaluator = match &config.evaluation.test_data {
+        Some(dir) => Some(
+            Evaluator::load(
+                config.model.architecture.clone(),
+                base.weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+                config.aggregation.lora_alpha / f64::from(max_rank),
+                dir,
+                config.evaluation.max_samples,
+                config.evaluation.skip_samples,
+            )
+            .context("cannot load the evaluation set")?,
+        ),
+        None => None,
+    };
+    let (worker, initial_evaluation) = AggregationWorker::spawn(
+        initial_global,
+        WorkerSettings {
+            method: config.aggregation.method,
+            lora_alpha: config.aggregation.lora_alpha,
+            max_rank,
+            run_dir: config.server.run_dir.clone(),
+            record_updates: config.aggregation.record_updates,
+            shrink_to_round_rank: config.aggregation.ablation_shrink_to_round_rank,
+            evaluator,
+            fingerprint: checkpoint::fingerprint(config),
+            policy: config.round_policy(),
+            first_round,
+        },
+    )?;
+    if !initial_evaluation.is_empty() {
+        info!("[round 0] test accuracy of the base model with the initial adapter: {}", describe(&initial_evaluation));
+    }
+    Ok((worker, initial_evaluation))
+}
+
+/// The QUIC endpoint, with the CRL watched for changes.
+fn open_endpoint(config: &CoordinatorConfig) -> anyhow::Result<quinn::Endpoint> {
+    let kit = KitPaths::in_dir(&config.tls.kit);
+    let crl = config.tls.crl.clone();
+    let reset_secret = crate::reset_secret::load_or_create(&config.server.run_dir)?;
+    let endpoint = quic::server_endpoint(config.server.listen, &kit, crl.as_deref(), &config.transport, &reset_secret)
+        .context("cannot start the QUIC endpoint")?;
+    if let Some(crl) = crl {
+        tokio::spawn(reload_crl(endpoint.clone(), kit, crl, config.clone()));
+    }
+    Ok(endpoint)
+}
+
+/// The metrics port, then the address file: every port listens before the file says the
+/// coordinator is up.
+async fn open_ports(config: &CoordinatorConfig, endpoint: &quinn::Endpoint) -> anyhow::Result<SharedStatus> {
+    let status = SharedStatus::default();
+    if let Some(listen) = config.metrics.listen {
+        let bound = crate::metrics::serve(listen, status.clone()).await?;
+        info!(address = %bound, "metrics on http://{bound}/metrics, health on /healthz, state on /status");
+    }
+    let local = endpoint.local_addr()?;
+    if let Some(path) = &config.server.address_file {
+        std::fs::write(path, local.to_string()).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    info!(address = %local, method = %config.aggregation.method, max_rank = config.aggregation.max_rank, "coordinator listening");
+    Ok(status)
+}
+
+/// Watches the CRL file and swaps the endpoint's TLS configuration when it changes: new handshakes
+/// see revocations without a restart. A broken CRL is logged and the previous one stays in force.
+async fn reload_crl(endpoint: quinn::Endpoint, kit: KitPaths, crl: PathBuf, config: CoordinatorConfig) {
+    let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let mut last = modified(&crl);
+    let mut ticker = tokio::time::interval(Duration::from_secs(config.tls.crl_reload_secs.max(1)));
+    loop {
+        ticker.tick().await;
+        let now = modified(&crl);
+        if now == last {
+            continue;
+        }
+        last = now;
+        match quic::server_config(&kit, Some(&crl), &config.transport) {
+            Ok(server_config) => {
+                endpoint.set_server_config(Some(server_config));
+                info!(crl = %crl.display(), "revocation list reloaded");
+            }
+            Err(error) => warn!(crl = %crl.display(), "revocation list not reloaded, the previous one stays: {error}"),
+        }
+    }
+}

@@ -1,0 +1,313 @@
+//! The architecture, checked: crate boundaries from `cargo tree`, no import cycles between the
+//! modules of a crate, and size limits on files and functions (docs/architecture.md). A future
+//! edit that breaks one of these fails the suite.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use flotilla_tests::workspace_root;
+
+/// The packages `package` depends on (normal and build dependencies, all features), by name.
+fn dependencies(manifest: &Path, package: &str) -> BTreeSet<String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["tree", "--locked", "--edges", "normal,build", "--prefix", "none", "--format", "{p}", "--package"])
+        .arg(package)
+        .arg("--manifest-path")
+        .arg(manifest)
+        .output()
+        .expect("run cargo tree");
+    assert!(output.status.success(), "cargo tree -p {package}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .map(str::to_string)
+        .collect()
+}
+
+fn assert_free_of(manifest: &Path, package: &str, forbidden: &[&str]) {
+    let deps = dependencies(manifest, package);
+    assert!(deps.contains(package), "cargo tree did not list {package} itself: {deps:?}");
+    for name in forbidden {
+        assert!(!deps.contains(*name), "{package} must not depend on {name}, but its dependency graph has it");
+    }
+}
+
+const LIBTORCH: &[&str] = &["tch", "torch-sys"];
+
+#[test]
+fn the_wire_engine_merge_and_front_end_do_not_depend_on_libtorch() {
+    let manifest = workspace_root().join("Cargo.toml");
+    for package in ["flotilla-wire", "flotilla-engine", "flotilla-merge", "flotilla-coordinator-front"] {
+        assert_free_of(&manifest, package, LIBTORCH);
+    }
+}
+
+#[test]
+fn the_engine_has_no_async_runtime_and_no_network() {
+    let manifest = workspace_root().join("Cargo.toml");
+    assert_free_of(&manifest, "flotilla-engine", &["tokio", "quinn", "quinn-proto", "rustls", "tch", "torch-sys"]);
+}
+
+#[test]
+fn the_fuzz_crate_does_not_link_libtorch() {
+    let manifest = workspace_root().join("fuzz/Cargo.toml");
+    assert_free_of(&manifest, "flotilla-fuzz", LIBTORCH);
+    assert!(dependencies(&manifest, "flotilla-fuzz").contains("flotilla-wire"), "it fuzzes the wire crate");
+}
+
+#[test]
+fn libtorch_enters_only_through_the_torch_side() {
+    // The crates that may link libtorch: the torch side and what is built on it.
+    let manifest = workspace_root().join("Cargo.toml");
+    let deps = dependencies(&manifest, "flotilla-torch");
+    assert!(deps.contains("tch"), "flotilla-torch is where libtorch lives");
+    for package in ["flotilla-certs", "flotilla-study", "flotilla-tests"] {
+        assert_free_of(&manifest, package, LIBTORCH);
+    }
+}
+
+/// The crate's top-level modules (`src/x.rs` or `src/x/mod.rs`) and, for each, the other
+/// top-level modules its files name as `crate::y`.
+fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in rust_files(src) {
+        let relative = file.strip_prefix(src).expect("under src");
+        let top = relative.components().next().expect("a path").as_os_str().to_string_lossy().to_string();
+        let top = top.trim_end_matches(".rs").to_string();
+        if matches!(top.as_str(), "lib" | "main" | "bin") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).expect("read source");
+        // Code only: a module named in a comment or a string is not an import.
+        let code: String = non_test_part(&text).lines().map(strip_literals).collect::<Vec<_>>().join("\n");
+        let uses = graph.entry(top.clone()).or_default();
+        for (i, _) in code.match_indices("crate::") {
+            let name: String =
+                code[i + "crate::".len()..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+            if !name.is_empty() && name != top {
+                uses.insert(name);
+            }
+        }
+    }
+    let modules: BTreeSet<String> = graph.keys().cloned().collect();
+    for uses in graph.values_mut() {
+        uses.retain(|m| modules.contains(m)); // items re-exported at the crate root are not modules
+    }
+    graph
+}
+
+/// A cycle in `graph`, if there is one.
+fn find_cycle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|n| n == node) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, path, done) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph.keys().find_map(|node| visit(node, graph, &mut Vec::new(), &mut done))
+}
+
+#[test]
+fn the_cycle_finder_finds_cycles() {
+    let graph = |edges: &[(&str, &str)]| {
+        let mut g: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (a, b) in edges {
+            g.entry(a.to_string()).or_default().insert(b.to_string());
+            g.entry(b.to_string()).or_default();
+        }
+        g
+    };
+    assert_eq!(find_cycle(&graph(&[("a", "b"), ("b", "c")])), None);
+    assert_eq!(find_cycle(&graph(&[("a", "b"), ("b", "c"), ("c", "a")])).map(|c| c.len()), Some(4));
+}
+
+#[test]
+fn no_crate_has_an_import_cycle_between_its_modules() {
+    let root = workspace_root();
+    for krate in ["wire", "engine", "merge", "torch", "certs", "coordinator", "coordinator-front", "edge-client"] {
+        let graph = module_graph(&root.join(krate).join("src"));
+        assert!(graph.len() > 1 || krate == "coordinator-front", "{krate}: no modules found");
+        if let Some(cycle) = find_cycle(&graph) {
+            panic!("{krate}: modules import each other in a cycle: {}", cycle.join(" → "));
+        }
+    }
+}
+
+fn rust_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).expect("read dir").flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push(path);
+            }
+        }
+    }
+    files.sort();
+    files
+}
+
+/// The text before the file's unit-test module (the whole file when it has none).
+fn non_test_part(text: &str) -> &str {
+    text.find("#[cfg(test)]\nmod tests").map_or(text, |i| &text[..i])
+}
+
+/// Source files of the product (not tests, benches or test helpers).
+fn product_files() -> Vec<PathBuf> {
+    let root = workspace_root();
+    ["wire", "engine", "merge", "torch", "certs", "coordinator", "coordinator-front", "edge-client", "study"]
+        .iter()
+        .flat_map(|krate| rust_files(&root.join(krate).join("src")))
+        .filter(|path| path.file_name().is_some_and(|n| n != "tests.rs"))
+        .collect()
+}
+
+const MAX_FILE_LINES: usize = 600;
+const MAX_FUNCTION_LINES: usize = 80;
+/// Written in a comment just above a longer function, with the reason.
+const LONG_FUNCTION_REASON: &str = "// Long function:";
+
+/// Functions (name, first line, length in lines) of `code`, found by brace matching outside string
+/// and character literals and comments.
+fn functions(code: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = code.lines().collect();
+    let mut found = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim_start();
+        let Some(after) = [
+            "fn ",
+            "pub fn ",
+            "pub(crate) fn ",
+            "pub(super) fn ",
+            "async fn ",
+            "pub async fn ",
+            "pub(crate) async fn ",
+            "unsafe fn ",
+            "pub unsafe fn ",
+            "pub(crate) unsafe fn ",
+        ]
+        .iter()
+        .find_map(|prefix| trimmed.strip_prefix(prefix)) else {
+            continue;
+        };
+        let name: String = after.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
+        let mut depth = 0i64;
+        let mut opened = false;
+        let mut end = None;
+        'lines: for (j, body_line) in lines.iter().enumerate().skip(i) {
+            for c in strip_literals(body_line).chars() {
+                match c {
+                    '{' => {
+                        depth += 1;
+                        opened = true;
+                    }
+                    '}' => depth -= 1,
+                    ';' if !opened && depth == 0 => break 'lines, // a declaration without a body
+                    _ => {}
+                }
+                if opened && depth == 0 {
+                    end = Some(j);
+                    break 'lines;
+                }
+            }
+        }
+        if let Some(end) = end {
+            found.push((name, i, end - i + 1));
+        }
+    }
+    found
+}
+
+/// A line without its string and character literals and its `//` comment.
+fn strip_literals(line: &str) -> String {
+    let mut out = String::new();
+    let mut chars = line.chars().peekable();
+    let mut in_string = false;
+    while let Some(c) = chars.next() {
+        if in_string {
+            match c {
+                '\\' => {
+                    chars.next();
+                }
+                '"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_string = true,
+            '/' if chars.peek() == Some(&'/') => break,
+            '\'' => {
+                // A character literal ('x', '\n', '{') or a lifetime ('a): skip a literal whole.
+                let rest: String = chars.clone().take(3).collect();
+                if let Some(escaped) = rest.strip_prefix('\\') {
+                    let close = escaped.find('\'').map_or(0, |k| k + 2);
+                    for _ in 0..close {
+                        chars.next();
+                    }
+                } else if rest.chars().nth(1) == Some('\'') {
+                    chars.next();
+                    chars.next();
+                }
+            }
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+#[test]
+fn the_function_finder_measures_bodies() {
+    let code =
+        "fn a() {\n    let s = \"{\";\n    let c = '{';\n}\nfn b();\npub fn c<'x>(v: &'x str) -> &'x str {\n    v\n}\n";
+    assert_eq!(functions(code), vec![("a".to_string(), 0, 4), ("c".to_string(), 5, 3)]);
+}
+
+#[test]
+fn no_product_file_or_function_is_too_long_without_a_reason() {
+    let mut problems = Vec::new();
+    for file in product_files() {
+        let text = std::fs::read_to_string(&file).expect("read source");
+        let code = non_test_part(&text);
+        let lines: Vec<&str> = code.lines().collect();
+        if lines.len() > MAX_FILE_LINES {
+            problems.push(format!("{}: {} lines (limit {MAX_FILE_LINES})", file.display(), lines.len()));
+        }
+        for (name, start, length) in functions(code) {
+            let reasoned =
+                lines[start.saturating_sub(3)..start].iter().any(|l| l.trim_start().starts_with(LONG_FUNCTION_REASON));
+            if length > MAX_FUNCTION_LINES && !reasoned {
+                problems.push(format!(
+                    "{}:{}: fn {name} has {length} lines (limit {MAX_FUNCTION_LINES}; or say why in a `{LONG_FUNCTION_REASON}` comment above it)",
+                    file.display(),
+                    start + 1
+                ));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
+}
