@@ -50,8 +50,8 @@ impl RoundPolicy {
         chosen.into_iter().map(|(d, &r)| (d.clone(), r)).collect()
     }
 
-    /// Seeds the round's sampling; also the devices' training seed (one draw per round, as before
-    /// the policy had its own type, so runs reproduce earlier results).
+    /// Seeds the round's sampling, and is also the devices' training seed for the round: one value
+    /// for both keeps every earlier run reproducible with the same seed.
     fn sampling_seed(&self, round: u32) -> u64 {
         self.seed ^ (u64::from(round) << 32)
     }
