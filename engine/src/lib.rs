@@ -6,7 +6,10 @@
 //!   schedule a timer, aggregate, skip, finish).
 //! - [`policy`]: what each round is made of — which devices are sampled, the seeds a round uses,
 //!   and the training settings devices receive — in one place, as a strategy object.
+//! - [`accountant`]: the Rényi-DP accountant of the subsampled Gaussian mechanism (what
+//!   device-level differential privacy spends per round, and a run's (ε, δ)).
 
+pub mod accountant;
 pub mod policy;
 pub mod round;
 
