@@ -36,6 +36,17 @@ pub struct FoldRequest {
     pub done: Box<dyn FnOnce(FoldDone) + Send>,
 }
 
+/// An upload whose tensors made an adapter, waiting to be folded.
+struct DecodedUpload {
+    device: String,
+    round: u32,
+    update: Update,
+    wire_bytes: u64,
+    adapter: Adapter,
+    reply: oneshot::Sender<CoordinatorMessage>,
+    done: Box<dyn FnOnce(FoldDone) + Send>,
+}
+
 /// What became of a fold: the accepted update's record, or `None` when it was invalid.
 pub struct FoldDone {
     pub device: String,
@@ -219,7 +230,7 @@ impl AggregationThread {
             let Upload { device, update, tensors, reply } = upload;
             let wire_bytes = tensors.wire_bytes;
             match Adapter::from_decoded(tensors) {
-                Ok(adapter) => decoded.push((device, round, update, wire_bytes, adapter, reply, done)),
+                Ok(adapter) => decoded.push(DecodedUpload { device, round, update, wire_bytes, adapter, reply, done }),
                 Err(e) => {
                     let reason = format!("update from '{device}' rejected: {e}");
                     answer_invalid(device, round, reason, reply, done)
@@ -229,12 +240,12 @@ impl AggregationThread {
         let scale = self.settings.scale();
         let updates: Vec<ClientUpdate<'_>> = decoded
             .iter()
-            .map(|(device, _, update, _, adapter, _, _)| ClientUpdate {
-                client: device,
-                declared_rank: update.rank as usize,
-                num_samples: update.num_samples,
+            .map(|d| ClientUpdate {
+                client: &d.device,
+                declared_rank: d.update.rank as usize,
+                num_samples: d.update.num_samples,
                 scale,
-                adapter,
+                adapter: &d.adapter,
             })
             .collect();
         let results: Vec<Result<(), String>> = match self.accumulator.as_mut() {
@@ -244,28 +255,33 @@ impl AggregationThread {
             None => updates.iter().map(|_| Err("no round is being aggregated".to_string())).collect(),
         };
         drop(updates);
-        for ((device, round, update, wire_bytes, adapter, reply, done), result) in decoded.into_iter().zip(results) {
-            if let Err(reason) = result {
-                answer_invalid(device, round, reason, reply, done);
-                continue;
+        for (upload, result) in decoded.into_iter().zip(results) {
+            match result {
+                Ok(()) => self.accepted(upload),
+                Err(reason) => answer_invalid(upload.device, upload.round, reason, upload.reply, upload.done),
             }
-            self.round_ranks.insert(update.rank as usize);
-            if self.settings.record_updates {
-                self.record_update(&device, round, update.rank, update.num_samples, &adapter);
-            }
-            info!(device = %device, round, rank = update.rank, samples = update.num_samples,
-                loss = update.metrics.loss_after, "[round {round}] update accepted");
-            metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
-            let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
-            let record = UpdateRecord {
-                device: device.clone(),
-                rank: update.rank,
-                num_samples: update.num_samples,
-                metrics: update.metrics,
-                wire_bytes,
-            };
-            done(FoldDone { device, round, accepted: Some(record) });
         }
+    }
+
+    /// A folded update: recorded if configured, logged, counted, acked, and reported to the driver.
+    fn accepted(&mut self, upload: DecodedUpload) {
+        let DecodedUpload { device, round, update, wire_bytes, adapter, reply, done } = upload;
+        self.round_ranks.insert(update.rank as usize);
+        if self.settings.record_updates {
+            self.record_update(&device, round, update.rank, update.num_samples, &adapter);
+        }
+        info!(device = %device, round, rank = update.rank, samples = update.num_samples,
+            loss = update.metrics.loss_after, "[round {round}] update accepted");
+        metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
+        let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
+        let record = UpdateRecord {
+            device: device.clone(),
+            rank: update.rank,
+            num_samples: update.num_samples,
+            metrics: update.metrics,
+            wire_bytes,
+        };
+        done(FoldDone { device, round, accepted: Some(record) });
     }
 
     fn record_update(&self, device: &str, round: u32, rank: u32, num_samples: u64, adapter: &Adapter) {

@@ -31,7 +31,7 @@ const MAX_CLOSE_REASON: usize = 200;
 /// What every session needs: the configuration, the Welcome (model and base weights), the round
 /// driver's input, and the CA for online renewal.
 pub(crate) struct SessionContext {
-    pub config: CoordinatorConfig,
+    pub config: Arc<CoordinatorConfig>,
     pub welcome_tensors: WireTensors,
     pub model: ModelSpec,
     pub base_version: String,

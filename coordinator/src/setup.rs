@@ -56,6 +56,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let status = open_ports(&config, &endpoint).await?;
 
     let (inputs, receiver) = mpsc::unbounded_channel();
+    let config = Arc::new(config);
     let context = Arc::new(SessionContext {
         model: ModelSpec {
             architecture: config.model.architecture.clone(),
@@ -76,7 +77,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     };
     let summary = summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial);
     let driver = RoundDriver::new(DriverStart {
-        config: Arc::new(config),
+        config,
         base_version: base.version,
         inputs,
         worker,
