@@ -30,7 +30,7 @@ impl Base {
         let adapter =
             config.model.architecture.init_adapter(config.aggregation.max_rank as usize, config.model.seed)?;
         Ok(match &self.head {
-            Some((weight, bias)) => with_head(&adapter, weight, bias)?,
+            Some((weight, bias)) => with_head(&config.model.architecture, &adapter, weight, bias)?,
             None => adapter,
         })
     }

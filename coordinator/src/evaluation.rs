@@ -73,7 +73,7 @@ impl Evaluator {
                 let slice = global.slice_to_rank(rank).map_err(|e| e.to_string())?;
                 let model = LoraModel::new(&self.architecture, &self.base, &slice, self.scale, tch::Device::Cpu)
                     .map_err(|e| e.to_string())?;
-                let (loss, accuracy) = model.evaluate(&self.test, 2048);
+                let (loss, accuracy) = model.evaluate(&self.test, 2048).map_err(|e| e.to_string())?;
                 Ok(RankAccuracy { rank, loss, accuracy })
             })
             .collect()

@@ -124,9 +124,11 @@ mod tests {
             Tensor::read_safetensors(done.merged_model.unwrap()).unwrap().into_iter().collect();
         let x = Tensor::randn([5, 12], (Kind::Float, Device::Cpu));
         let scale = 16.0 / 4.0;
-        let lora =
-            LoraModel::new(&architecture, &base.weights, &loaded.adapter, scale, Device::Cpu).unwrap().forward(&x);
-        let plain = architecture.forward_merged(&merged, &x).unwrap();
+        let lora = LoraModel::new(&architecture, &base.weights, &loaded.adapter, scale, Device::Cpu)
+            .unwrap()
+            .forward(&x, None)
+            .unwrap();
+        let plain = architecture.forward_merged(&merged, &x, None).unwrap();
         assert!((lora - plain).abs().max().double_value(&[]) < 1e-5);
         let err = export(&config, &ExportRequest { out, round: Some(9), rank: None, merged: false }).err().unwrap();
         assert!(format!("{err:#}").contains("round 9 has no finished checkpoint"), "{err:#}");

@@ -16,6 +16,175 @@ pub enum Architecture {
     /// convolutions ('same' padding, ReLU, 2×2 max-pool) with `conv` output channels each, one
     /// hidden linear layer, then a trainable head. LoRA on every convolution and on the linear layer.
     Cnn { side: u32, channels: u32, conv: Vec<u32>, hidden: u32, classes: u32 },
+    /// A pretrained BERT-family encoder (HF `BertModel`) with LoRA on the linear modules that
+    /// `target_modules` names, and a trainable sequence-classification head on the pooled output.
+    Bert(BertSpec),
+}
+
+/// A BERT-family encoder as its `config.json` describes it, plus what fine-tuning adds: where LoRA
+/// goes, how the sequence is pooled, the classes and the longest input.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BertSpec {
+    pub layers: u32,
+    pub hidden: u32,
+    pub heads: u32,
+    pub intermediate: u32,
+    pub vocab: u32,
+    pub max_positions: u32,
+    pub type_vocab: u32,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+    pub pooling: Pooling,
+    /// PEFT's `target_modules`: a module is adapted when its name ends with `.<target>`, so
+    /// `output.dense` adapts both `attention.output.dense` and the layer's `output.dense`.
+    pub target_modules: Vec<String>,
+    /// The class names, in the head's output order (a text's label must be one of them).
+    pub labels: Vec<String>,
+    /// Tokens per input: longer texts are truncated, batches padded to their longest input.
+    pub max_length: u32,
+}
+
+/// The feed-forward activation (`hidden_act` in `config.json`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    /// The exact (erf) GELU, HF's `gelu`.
+    Gelu,
+    /// The tanh approximation, HF's `gelu_new` / `gelu_pytorch_tanh`.
+    GeluTanh,
+    Relu,
+}
+
+impl Activation {
+    /// The activation that HF's `hidden_act` names.
+    pub fn from_hf(name: &str) -> Option<Activation> {
+        match name {
+            "gelu" => Some(Activation::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Some(Activation::GeluTanh),
+            "relu" => Some(Activation::Relu),
+            _ => None,
+        }
+    }
+}
+
+/// How the encoder's output becomes one vector per input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    /// The [CLS] token through the checkpoint's pooler (dense + tanh), as HF's
+    /// `BertForSequenceClassification` does: exports load there with the same logits.
+    Cls,
+    /// The mean of the last hidden states over the real (unpadded) tokens, as sentence-transformers do.
+    Mean,
+}
+
+/// The linear modules of one BERT layer, by their path under `bert.encoder.layer.<i>.`, with
+/// `(d_in, d_out)` as multiples of (hidden, intermediate).
+const BERT_LAYER_MODULES: [(&str, BertDim, BertDim); 6] = [
+    ("attention.self.query", BertDim::Hidden, BertDim::Hidden),
+    ("attention.self.key", BertDim::Hidden, BertDim::Hidden),
+    ("attention.self.value", BertDim::Hidden, BertDim::Hidden),
+    ("attention.output.dense", BertDim::Hidden, BertDim::Hidden),
+    ("intermediate.dense", BertDim::Hidden, BertDim::Intermediate),
+    ("output.dense", BertDim::Intermediate, BertDim::Hidden),
+];
+
+#[derive(Clone, Copy)]
+enum BertDim {
+    Hidden,
+    Intermediate,
+}
+
+/// The target modules PEFT users most often name; any suffix of a module path works.
+pub const DEFAULT_TARGET_MODULES: [&str; 2] = ["query", "value"];
+
+impl BertSpec {
+    fn dim(&self, dim: BertDim) -> usize {
+        match dim {
+            BertDim::Hidden => self.hidden as usize,
+            BertDim::Intermediate => self.intermediate as usize,
+        }
+    }
+
+    /// The adapted modules' paths within one layer (e.g. `attention.self.query`), in layer order.
+    pub fn targeted_layer_modules(&self) -> Vec<&'static str> {
+        BERT_LAYER_MODULES
+            .iter()
+            .filter(|(path, ..)| self.target_modules.iter().any(|t| targets(path, t)))
+            .map(|(path, ..)| *path)
+            .collect()
+    }
+
+    fn adapted_layers(&self) -> Vec<LayerShape> {
+        let mut shapes = Vec::new();
+        for layer in 0..self.layers {
+            for (path, d_in, d_out) in BERT_LAYER_MODULES {
+                if self.target_modules.iter().any(|t| targets(path, t)) {
+                    shapes.push(LayerShape {
+                        name: format!("bert.encoder.layer.{layer}.{path}"),
+                        d_in: self.dim(d_in),
+                        d_out: self.dim(d_out),
+                        kind: LayerKind::Linear,
+                    });
+                }
+            }
+        }
+        shapes
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.layers < 1 || self.hidden < 1 || self.heads < 1 || self.intermediate < 1 || self.vocab < 1 {
+            return Err("bert: layers, hidden, heads, intermediate and vocab must be ≥ 1".into());
+        }
+        if self.hidden % self.heads != 0 {
+            return Err(format!("bert: hidden {} is not a multiple of heads {}", self.hidden, self.heads));
+        }
+        if self.type_vocab < 1 || self.max_positions < 2 {
+            return Err("bert: type_vocab must be ≥ 1 and max_positions ≥ 2".into());
+        }
+        if !(self.layer_norm_eps.is_finite() && self.layer_norm_eps > 0.0) {
+            return Err(format!("bert: layer_norm_eps {} must be a positive number", self.layer_norm_eps));
+        }
+        if self.labels.len() < 2 {
+            return Err("bert: at least 2 labels (classes)".into());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for label in &self.labels {
+            if label.trim().is_empty() || !seen.insert(label.as_str()) {
+                return Err(format!("bert: label '{label}' is empty or repeated; labels must be distinct names"));
+            }
+        }
+        if self.max_length < 2 || self.max_length > self.max_positions {
+            return Err(format!(
+                "bert: max_length {} must be between 2 and the model's {} positions",
+                self.max_length, self.max_positions
+            ));
+        }
+        if self.target_modules.is_empty() {
+            return Err("bert: target_modules is empty; name at least one (e.g. query, value)".into());
+        }
+        if self.target_modules.iter().any(|t| t == "dense") {
+            return Err("bert: target module 'dense' would also adapt the pooler under PEFT's rule; name the \
+                        modules (attention.output.dense, intermediate.dense, output.dense)"
+                .into());
+        }
+        let known: Vec<&str> = BERT_LAYER_MODULES.iter().map(|(p, ..)| *p).collect();
+        for target in &self.target_modules {
+            if !known.iter().any(|p| targets(p, target)) {
+                return Err(format!(
+                    "bert: target module '{target}' matches no linear module of a BERT layer ({})",
+                    known.join(", ")
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// PEFT's rule: a module is targeted when its path is the target or ends with `.<target>`.
+fn targets(path: &str, target: &str) -> bool {
+    !target.is_empty() && (path == target || path.ends_with(&format!(".{target}")))
 }
 
 /// Kernel size of the CNN's convolutions.
@@ -90,7 +259,28 @@ impl Architecture {
                 layers.push(LayerShape { name: "fc1".into(), d_in, d_out: *hidden as usize, kind: LayerKind::Linear });
                 layers
             }
+            Architecture::Bert(spec) => spec.adapted_layers(),
         }
+    }
+
+    /// The classifier head's module name: `head` for the small models, `classifier` for a
+    /// transformer (HF's name in `...ForSequenceClassification`).
+    pub fn head_module(&self) -> &'static str {
+        match self {
+            Architecture::Mlp { .. } | Architecture::Cnn { .. } => "head",
+            Architecture::Bert(_) => "classifier",
+        }
+    }
+
+    /// The adapter's head tensors, `(weight, bias)`, under their PEFT names.
+    pub fn head_names(&self) -> (String, String) {
+        let module = self.head_module();
+        (format!("{ADAPTER_PREFIX}{module}.weight"), format!("{ADAPTER_PREFIX}{module}.bias"))
+    }
+
+    /// Whether inputs are token ids (a transformer) rather than f32 features.
+    pub fn takes_tokens(&self) -> bool {
+        matches!(self, Architecture::Bert(_))
     }
 
     /// `(d_in, classes)` of the trainable classifier head.
@@ -100,19 +290,23 @@ impl Architecture {
                 (hidden.last().copied().unwrap_or(*input) as usize, *classes as usize)
             }
             Architecture::Cnn { hidden, classes, .. } => (*hidden as usize, *classes as usize),
+            Architecture::Bert(spec) => (spec.hidden as usize, spec.labels.len()),
         }
     }
 
+    /// Features per input: for a transformer, the longest input in tokens.
     pub fn input_size(&self) -> usize {
         match self {
             Architecture::Mlp { input, .. } => *input as usize,
             Architecture::Cnn { side, channels, .. } => (*side * *side * *channels) as usize,
+            Architecture::Bert(spec) => spec.max_length as usize,
         }
     }
 
     pub fn classes(&self) -> usize {
         match self {
             Architecture::Mlp { classes, .. } | Architecture::Cnn { classes, .. } => *classes as usize,
+            Architecture::Bert(spec) => spec.labels.len(),
         }
     }
 
@@ -132,7 +326,73 @@ impl Architecture {
                     return Err(format!("cnn: a {side}×{side} image does not survive {} 2×2 pools", conv.len()));
                 }
             }
+            Architecture::Bert(spec) => spec.validate()?,
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(targets: &[&str]) -> BertSpec {
+        BertSpec {
+            layers: 2,
+            hidden: 8,
+            heads: 2,
+            intermediate: 16,
+            vocab: 50,
+            max_positions: 32,
+            type_vocab: 2,
+            layer_norm_eps: 1e-12,
+            activation: Activation::Gelu,
+            pooling: Pooling::Cls,
+            target_modules: targets.iter().map(|t| t.to_string()).collect(),
+            labels: vec!["a".into(), "b".into(), "c".into()],
+            max_length: 16,
+        }
+    }
+
+    #[test]
+    fn target_modules_match_by_suffix_as_in_peft() {
+        let names = |targets: &[&str]| -> Vec<String> {
+            Architecture::Bert(spec(targets)).adapted_layers().into_iter().map(|l| l.name).collect()
+        };
+        assert_eq!(
+            names(&["query", "value"]),
+            [
+                "bert.encoder.layer.0.attention.self.query",
+                "bert.encoder.layer.0.attention.self.value",
+                "bert.encoder.layer.1.attention.self.query",
+                "bert.encoder.layer.1.attention.self.value"
+            ]
+        );
+        // `output.dense` is a suffix of both the attention output and the feed-forward output.
+        let shapes = Architecture::Bert(spec(&["output.dense"])).adapted_layers();
+        let first: Vec<(&str, usize, usize)> =
+            shapes.iter().take(2).map(|l| (l.name.as_str(), l.d_in, l.d_out)).collect();
+        assert_eq!(
+            first,
+            [("bert.encoder.layer.0.attention.output.dense", 8, 8), ("bert.encoder.layer.0.output.dense", 16, 8)]
+        );
+        assert_eq!(names(&["intermediate.dense"]).len(), 2);
+    }
+
+    #[test]
+    fn bad_bert_settings_are_clear_errors() {
+        let check = |edit: &dyn Fn(&mut BertSpec)| {
+            let mut s = spec(&["query"]);
+            edit(&mut s);
+            Architecture::Bert(s).validate().unwrap_err()
+        };
+        assert!(check(&|s| s.target_modules = vec!["attention".into()]).contains("matches no linear module"));
+        assert!(check(&|s| s.target_modules.clear()).contains("target_modules is empty"));
+        assert!(check(&|s| s.heads = 3).contains("not a multiple of heads"));
+        assert!(check(&|s| s.max_length = 64).contains("max_length 64"));
+        assert!(check(&|s| s.labels.truncate(1)).contains("at least 2 labels"));
+        assert!(check(&|s| s.labels[1] = "a".into()).contains("repeated"));
+        assert!(check(&|s| s.target_modules = vec!["dense".into()]).contains("pooler"));
+        assert!(Architecture::Bert(spec(&["query", "value"])).validate().is_ok());
     }
 }

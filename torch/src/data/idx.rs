@@ -131,7 +131,7 @@ pub fn load_split(dir: &Path, split: Split, classes: usize) -> Result<Dataset, D
     let pixels: Vec<f32> = images.data.iter().map(|&p| f32::from(p) / 255.0).collect();
     let features = Tensor::from_slice(&pixels).reshape([n as i64, (rows * cols) as i64]);
     let labels = Tensor::from_slice(&labels.data).to_kind(Kind::Int64);
-    Ok(Dataset { features, labels })
+    Ok(Dataset::new(features, labels))
 }
 
 #[cfg(test)]

@@ -1,8 +1,11 @@
 //! Datasets held on a device: features as an `N × d` f32 tensor, labels as an `N` i64 tensor.
-//! [`idx`] reads MNIST-style files, [`partition`] splits a dataset among devices.
+//! [`idx`] reads MNIST-style files, [`text`] labelled texts that [`tokenizer`] turns into token
+//! ids, [`partition`] splits a dataset among devices.
 
 pub mod idx;
 pub mod partition;
+pub mod text;
+pub mod tokenizer;
 
 use std::path::PathBuf;
 
@@ -18,13 +21,60 @@ pub struct DataError {
     pub message: String,
 }
 
+/// Inputs and labels. Features are `N × d` f32 for the small models; for a transformer they are
+/// token ids `N × L` (i64, padded with 0 past each input's length) and `lengths` holds each
+/// input's real length.
 #[derive(Debug)]
 pub struct Dataset {
     pub features: Tensor,
     pub labels: Tensor,
+    pub lengths: Option<Tensor>,
+}
+
+/// A minibatch, ready for the model: token batches are cut to their longest input.
+#[derive(Debug)]
+pub struct Batch {
+    pub x: Tensor,
+    pub y: Tensor,
+    pub lengths: Option<Tensor>,
+}
+
+impl Batch {
+    pub fn to_device(&self, device: tch::Device) -> Result<Batch, tch::TchError> {
+        Ok(Batch {
+            x: self.x.f_to_device(device)?,
+            y: self.y.f_to_device(device)?,
+            lengths: self.lengths.as_ref().map(|l| l.f_to_device(device)).transpose()?,
+        })
+    }
 }
 
 impl Dataset {
+    /// A dataset of f32 features (`N × d`).
+    pub fn new(features: Tensor, labels: Tensor) -> Dataset {
+        Dataset { features, labels, lengths: None }
+    }
+
+    /// A dataset of token ids (`N × L`, 0 past each length) with each input's length.
+    pub fn tokens(ids: Tensor, lengths: Tensor, labels: Tensor) -> Dataset {
+        Dataset { features: ids, labels, lengths: Some(lengths) }
+    }
+
+    /// The samples at `index` (an i64 tensor) as a batch; token ids are cut to the longest input.
+    pub fn batch(&self, index: &Tensor) -> Result<Batch, tch::TchError> {
+        let x = self.features.f_index_select(0, index)?;
+        let y = self.labels.f_index_select(0, index)?;
+        let Some(lengths) = &self.lengths else { return Ok(Batch { x, y, lengths: None }) };
+        let lengths = lengths.f_index_select(0, index)?;
+        let longest = if lengths.numel() == 0 { 1 } else { lengths.f_max()?.f_int64_value(&[])?.max(1) };
+        Ok(Batch { x: x.f_narrow(1, 0, longest.min(x.size()[1]))?, y, lengths: Some(lengths) })
+    }
+
+    /// The batch of `len` samples from `start`.
+    pub fn range(&self, start: usize, len: usize) -> Result<Batch, tch::TchError> {
+        self.batch(&Tensor::f_arange_start(start as i64, (start + len) as i64, (Kind::Int64, tch::Device::Cpu))?)
+    }
+
     pub fn len(&self) -> usize {
         self.labels.size()[0] as usize
     }
@@ -36,7 +86,11 @@ impl Dataset {
     /// The samples at `indices`, in that order.
     pub fn subset(&self, indices: &[usize]) -> Dataset {
         let index = Tensor::from_slice(&indices.iter().map(|&i| i as i64).collect::<Vec<_>>());
-        Dataset { features: self.features.index_select(0, &index), labels: self.labels.index_select(0, &index) }
+        Dataset {
+            features: self.features.index_select(0, &index),
+            labels: self.labels.index_select(0, &index),
+            lengths: self.lengths.as_ref().map(|l| l.index_select(0, &index)),
+        }
     }
 
     pub fn labels_vec(&self) -> Vec<i64> {
@@ -57,7 +111,7 @@ pub fn synthetic_classification(
     let teacher = seeded_normal(&[classes, input], 1.0, task_seed);
     let features = seeded_normal(&[samples, input], 1.0, sample_seed);
     let labels = features.matmul(&teacher.tr()).argmax(1, false).to_kind(Kind::Int64);
-    Dataset { features, labels }
+    Dataset::new(features, labels)
 }
 
 /// An f32 tensor of normal samples with standard deviation `std`, reproducible from `seed` on any

@@ -8,25 +8,18 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
 
-use super::layers::layer_forward;
-use super::{Architecture, ArchitectureExt, BaseWeights, LayerKind, ModelError, ADAPTER_PREFIX};
+use super::{Architecture, ArchitectureExt, BaseWeights, Lora, ModelError, ADAPTER_PREFIX};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::Dataset;
 
-struct LoraLayer {
-    name: String,
-    kind: LayerKind,
-    weight: Tensor,
-    bias: Tensor,
-    a: Tensor,
-    b: Tensor,
-}
-
-/// A model ready to train or evaluate: frozen base tensors plus adapter variables in their own
-/// `VarStore`, so the optimizer only ever sees the adapter.
+/// A model ready to train or evaluate: frozen base tensors (on the training device, with online
+/// FLoRA's merged update already added) plus adapter variables in their own `VarStore`, so the
+/// optimizer only ever sees the adapter.
 pub struct LoraModel {
     architecture: Architecture,
-    layers: Vec<LoraLayer>,
+    base: BaseWeights,
+    /// `(A, B)` by adapted module name (`fc1`, `bert.encoder.layer.0.attention.self.query`).
+    factors: BTreeMap<String, (Tensor, Tensor)>,
     head_weight: Tensor,
     head_bias: Tensor,
     scale: f64,
@@ -48,31 +41,29 @@ impl LoraModel {
         let root = store.root();
         let adapter_tensor =
             |name: String| -> Result<&Tensor, ModelError> { adapter.get(&name).ok_or(ModelError::Missing(name)) };
-        let mut layers = Vec::new();
-        for layer in architecture.adapted_layers() {
+        let mut weights: BaseWeights =
+            base.iter().map(|(n, t)| Ok((n.clone(), t.f_to_device(device)?))).collect::<Result<_, ModelError>>()?;
+        let mut factors = BTreeMap::new();
+        for (i, layer) in architecture.adapted_layers().iter().enumerate() {
             let module = format!("{ADAPTER_PREFIX}{}", layer.name);
-            let a = root.f_var_copy(&format!("{}_lora_a", layer.name), adapter_tensor(lora_a_name(&module))?)?;
-            let b = root.f_var_copy(&format!("{}_lora_b", layer.name), adapter_tensor(lora_b_name(&module))?)?;
+            let a = root.f_var_copy(&format!("lora_a_{i}"), adapter_tensor(lora_a_name(&module))?)?;
+            let b = root.f_var_copy(&format!("lora_b_{i}"), adapter_tensor(lora_b_name(&module))?)?;
             // Online FLoRA's merged update joins the frozen weight: W = W0 + ΔW.
-            let base_weight = &base[&format!("{}.weight", layer.name)];
-            let weight = match adapter.merged_delta(&module) {
-                Some(delta) => base_weight.f_add(&delta.f_view(layer.weight_shape().as_slice())?)?,
-                None => base_weight.shallow_clone(),
-            };
-            layers.push(LoraLayer {
-                weight: weight.to_device(device),
-                bias: base[&format!("{}.bias", layer.name)].to_device(device),
-                kind: layer.kind,
-                name: layer.name,
-                a,
-                b,
-            });
+            if let Some(delta) = adapter.merged_delta(&module) {
+                let name = architecture.base_weight_name(&layer.name);
+                let base_weight = weights.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
+                let merged = base_weight.f_add(&delta.f_view(layer.weight_shape().as_slice())?.f_to_device(device)?)?;
+                weights.insert(name, merged);
+            }
+            factors.insert(layer.name.clone(), (a, b));
         }
-        let head_weight = root.f_var_copy("head_weight", adapter_tensor(format!("{ADAPTER_PREFIX}head.weight"))?)?;
-        let head_bias = root.f_var_copy("head_bias", adapter_tensor(format!("{ADAPTER_PREFIX}head.bias"))?)?;
+        let (head_weight_name, head_bias_name) = architecture.head_names();
+        let head_weight = root.f_var_copy("head_weight", adapter_tensor(head_weight_name)?)?;
+        let head_bias = root.f_var_copy("head_bias", adapter_tensor(head_bias_name)?)?;
         Ok(LoraModel {
             architecture: architecture.clone(),
-            layers,
+            base: weights,
+            factors,
             head_weight,
             head_bias,
             scale,
@@ -82,24 +73,25 @@ impl LoraModel {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Tensor {
-        let mut h = self.architecture.input_view(x);
-        for layer in &self.layers {
-            h = layer_forward(&h, layer.kind, &layer.weight, &layer.bias, Some((&layer.a, &layer.b, self.scale)));
-        }
-        h.flatten(1, -1).linear(&self.head_weight, Some(&self.head_bias))
+    /// Logits for inputs `x` (features, or token ids with their `lengths` for a transformer).
+    pub fn forward(&self, x: &Tensor, lengths: Option<&Tensor>) -> Result<Tensor, ModelError> {
+        let lora = Lora { factors: &self.factors, scale: self.scale };
+        let features = super::forward_features(&self.architecture, &self.base, Some(&lora), x, lengths)?;
+        Ok(features.f_linear(&self.head_weight, Some(&self.head_bias))?)
     }
 
     /// The adapter's current values under their PEFT names (on the CPU).
     pub fn adapter(&self) -> Result<Adapter, ModelError> {
         let mut tensors = BTreeMap::new();
-        for layer in &self.layers {
-            let module = format!("{ADAPTER_PREFIX}{}", layer.name);
-            tensors.insert(lora_a_name(&module), layer.a.detach().to_device(Device::Cpu).copy());
-            tensors.insert(lora_b_name(&module), layer.b.detach().to_device(Device::Cpu).copy());
+        for (name, (a, b)) in &self.factors {
+            let module = format!("{ADAPTER_PREFIX}{name}");
+            tensors.insert(lora_a_name(&module), crate::tensor::try_copy(&a.detach().f_to_device(Device::Cpu)?)?);
+            tensors.insert(lora_b_name(&module), crate::tensor::try_copy(&b.detach().f_to_device(Device::Cpu)?)?);
         }
-        tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), self.head_weight.detach().to_device(Device::Cpu).copy());
-        tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), self.head_bias.detach().to_device(Device::Cpu).copy());
+        let (head_weight_name, head_bias_name) = self.architecture.head_names();
+        tensors
+            .insert(head_weight_name, crate::tensor::try_copy(&self.head_weight.detach().f_to_device(Device::Cpu)?)?);
+        tensors.insert(head_bias_name, crate::tensor::try_copy(&self.head_bias.detach().f_to_device(Device::Cpu)?)?);
         Ok(Adapter::new(tensors)?)
     }
 
@@ -108,34 +100,36 @@ impl LoraModel {
     }
 
     /// Mean cross-entropy and accuracy over `data`, in batches, without gradients.
-    pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> (f64, f64) {
+    pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<(f64, f64), ModelError> {
         tch::no_grad(|| {
             let n = data.len();
             if n == 0 {
-                return (0.0, 0.0);
+                return Ok((0.0, 0.0));
             }
             let (mut loss_sum, mut correct) = (0.0, 0.0);
             let mut start = 0;
             while start < n {
-                let len = batch_size.min(n - start) as i64;
-                let x = data.features.narrow(0, start as i64, len).to_device(self.device);
-                let y = data.labels.narrow(0, start as i64, len).to_device(self.device);
-                let logits = self.forward(&x);
-                loss_sum += logits.cross_entropy_for_logits(&y).double_value(&[]) * len as f64;
-                correct += logits.argmax(1, false).eq_tensor(&y).sum(Kind::Float).double_value(&[]);
-                start += len as usize;
+                let len = batch_size.max(1).min(n - start);
+                let batch = data.range(start, len)?.to_device(self.device)?;
+                let logits = self.forward(&batch.x, batch.lengths.as_ref())?;
+                loss_sum += logits
+                    .f_cross_entropy_loss::<Tensor>(&batch.y, None, tch::Reduction::Mean, -100, 0.0)?
+                    .f_double_value(&[])?
+                    * len as f64;
+                correct += logits.f_argmax(1, false)?.f_eq_tensor(&batch.y)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+                start += len;
             }
-            (loss_sum / n as f64, correct / n as f64)
+            Ok((loss_sum / n as f64, correct / n as f64))
         })
     }
 
     /// Local training: AdamW on the adapter only, `local_steps` minibatches drawn with `seed`.
     pub fn train(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<LocalMetrics, ModelError> {
         let started = Instant::now();
-        let eval_batch = 1024;
-        let (loss_before, _) = self.evaluate(data, eval_batch);
+        let eval_batch = if self.architecture.takes_tokens() { 64 } else { 1024 };
+        let (loss_before, _) = self.evaluate(data, eval_batch)?;
         self.train_steps(data, settings)?;
-        let (loss_after, accuracy) = self.evaluate(data, eval_batch);
+        let (loss_after, accuracy) = self.evaluate(data, eval_batch)?;
         Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds: started.elapsed().as_secs_f64() })
     }
 
@@ -153,10 +147,14 @@ impl LoraModel {
         };
         for _ in 0..steps {
             let picks: Vec<i64> = (0..batch).map(|_| rng.random_range(0..n)).collect();
-            let index = Tensor::from_slice(&picks);
-            let x = data.features.f_index_select(0, &index)?.f_to_device(self.device)?;
-            let y = data.labels.f_index_select(0, &index)?.f_to_device(self.device)?;
-            let loss = self.forward(&x).cross_entropy_for_logits(&y);
+            let batch = data.batch(&Tensor::from_slice(&picks))?.to_device(self.device)?;
+            let loss = self.forward(&batch.x, batch.lengths.as_ref())?.f_cross_entropy_loss::<Tensor>(
+                &batch.y,
+                None,
+                tch::Reduction::Mean,
+                -100,
+                0.0,
+            )?;
             optimizer.backward_step(&loss);
         }
         Ok(())

@@ -6,6 +6,8 @@
 //! The architecture itself is plain data in `flotilla_wire::model`; [`ArchitectureExt`] adds what
 //! libtorch does with it, [`LoraModel`] trains and evaluates, and `pretrain` trains a base centrally.
 
+pub mod bert;
+pub mod checkpoint;
 mod layers;
 mod lora_model;
 mod pretrain;
@@ -16,7 +18,9 @@ use std::collections::BTreeMap;
 
 use tch::{Device, Kind, Tensor};
 
-pub use flotilla_wire::model::{Architecture, LayerKind, LayerShape, ADAPTER_PREFIX, CONV_KERNEL};
+pub use flotilla_wire::model::{
+    Activation, Architecture, BertSpec, LayerKind, LayerShape, Pooling, ADAPTER_PREFIX, CONV_KERNEL,
+};
 pub use lora_model::LoraModel;
 pub use pretrain::PretrainSettings;
 
@@ -32,14 +36,51 @@ pub enum ModelError {
     Missing(String),
     #[error("model: tensor '{name}' has shape {got:?}, expected {want:?}")]
     Shape { name: String, got: Vec<i64>, want: Vec<i64> },
+    #[error("model: tensor '{name}' is {kind}, expected f32")]
+    Kind { name: String, kind: String },
+    #[error("model: {0}")]
+    Unsupported(String),
+    #[error("model: a transformer needs each input's length")]
+    NoLengths,
     #[error("model: libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Adapter(#[from] AdapterError),
 }
 
+/// LoRA factors `(A, B)` by adapted module name and the one scale `s` they are applied with.
+pub(crate) struct Lora<'a> {
+    pub factors: &'a BTreeMap<String, (Tensor, Tensor)>,
+    pub scale: f64,
+}
+
+/// What the head sees: the last hidden layer's output (small models) or the pooled encoding
+/// (transformer), with LoRA when given.
+pub(crate) fn forward_features(
+    architecture: &Architecture,
+    weights: &BaseWeights,
+    lora: Option<&Lora>,
+    x: &Tensor,
+    lengths: Option<&Tensor>,
+) -> Result<Tensor, ModelError> {
+    if let Architecture::Bert(spec) = architecture {
+        return bert::encode(spec, weights, lora, x, lengths.ok_or(ModelError::NoLengths)?);
+    }
+    let get = |name: String| weights.get(&name).ok_or(ModelError::Missing(name));
+    let mut h = architecture.input_view(x);
+    for layer in architecture.adapted_layers() {
+        let (w, b) = (get(format!("{}.weight", layer.name))?, get(format!("{}.bias", layer.name))?);
+        let factors = lora.and_then(|l| l.factors.get(&layer.name).map(|(a, b)| (a, b, l.scale)));
+        h = layer_forward(&h, layer.kind, w, b, factors);
+    }
+    Ok(h.f_flatten(1, -1)?)
+}
+
 /// What libtorch does with an [`Architecture`]: initialise, check, pretrain, merge and run it.
 pub trait ArchitectureExt {
+    /// The base tensor that an adapted layer's LoRA update adds to (`fc1` → `fc1.weight`;
+    /// `bert.encoder.layer.0.attention.self.query` → `encoder.layer.0.attention.self.query.weight`).
+    fn base_weight_name(&self, layer: &str) -> String;
     /// Reshapes flattened inputs into what the first layer takes.
     fn input_view(&self, x: &Tensor) -> Tensor;
     /// A base model initialised like PyTorch's `nn.Linear` (uniform ±1/√d_in), reproducible from `seed`.
@@ -64,19 +105,30 @@ pub trait ArchitectureExt {
     /// head becomes `head.weight` / `head.bias`. The result is a plain network (see
     /// [`ArchitectureExt::forward_merged`]) that needs no LoRA support to run.
     fn merge(&self, base: &BaseWeights, adapter: &Adapter, scale: f64) -> Result<BaseWeights, ModelError>;
-    /// Logits of a merged model (see [`ArchitectureExt::merge`]).
-    fn forward_merged(&self, weights: &BaseWeights, x: &Tensor) -> Result<Tensor, ModelError>;
+    /// Logits of a merged model (see [`ArchitectureExt::merge`]); `lengths` for a transformer.
+    fn forward_merged(&self, weights: &BaseWeights, x: &Tensor, lengths: Option<&Tensor>)
+        -> Result<Tensor, ModelError>;
 }
 
 impl ArchitectureExt for Architecture {
+    fn base_weight_name(&self, layer: &str) -> String {
+        match self {
+            Architecture::Bert(_) => bert::base_weight_name(layer),
+            _ => format!("{layer}.weight"),
+        }
+    }
+
     fn input_view(&self, x: &Tensor) -> Tensor {
         match self {
-            Architecture::Mlp { .. } => x.shallow_clone(),
+            Architecture::Mlp { .. } | Architecture::Bert(_) => x.shallow_clone(),
             Architecture::Cnn { side, channels, .. } => x.view([-1, *channels as i64, *side as i64, *side as i64]),
         }
     }
 
     fn init_base(&self, seed: u64) -> BaseWeights {
+        if let Architecture::Bert(spec) = self {
+            return bert::init_base(spec, seed);
+        }
         let mut weights = BTreeMap::new();
         for (i, layer) in self.adapted_layers().iter().enumerate() {
             let bound = 1.0 / (layer.d_in as f64).sqrt();
@@ -103,12 +155,16 @@ impl ArchitectureExt for Architecture {
         let (d_in, classes) = self.head_shape();
         let bound = 1.0 / (d_in as f64).sqrt();
         let s = seed.wrapping_mul(1000).wrapping_add(900);
-        tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), seeded_uniform(&[classes, d_in], bound, s));
-        tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), seeded_uniform(&[classes], bound, s + 1));
+        let (head_weight, head_bias) = self.head_names();
+        tensors.insert(head_weight, seeded_uniform(&[classes, d_in], bound, s));
+        tensors.insert(head_bias, seeded_uniform(&[classes], bound, s + 1));
         Ok(Adapter::new(tensors)?)
     }
 
     fn check_base(&self, base: &BaseWeights) -> Result<(), ModelError> {
+        if let Architecture::Bert(spec) = self {
+            return bert::check_base(spec, base);
+        }
         for layer in self.adapted_layers() {
             for (suffix, want) in [("weight", layer.weight_shape()), ("bias", vec![layer.d_out as i64])] {
                 let name = format!("{}.{suffix}", layer.name);
@@ -127,37 +183,50 @@ impl ArchitectureExt for Architecture {
         data: &Dataset,
         settings: &PretrainSettings,
     ) -> Result<(BaseWeights, Tensor, Tensor), ModelError> {
+        if self.takes_tokens() {
+            return Err(ModelError::Unsupported(
+                "central pretraining is for the small image models; a transformer starts from its checkpoint".into(),
+            ));
+        }
         pretrain::pretrain(self, base, head, data, settings)
     }
 
     fn merge(&self, base: &BaseWeights, adapter: &Adapter, scale: f64) -> Result<BaseWeights, ModelError> {
         self.check_base(base)?;
         let get = |name: String| adapter.get(&name).ok_or(ModelError::Missing(name));
-        let mut merged = BTreeMap::new();
+        let mut merged: BaseWeights = base
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), crate::tensor::try_copy(t)?)))
+            .collect::<Result<_, ModelError>>()?;
         for layer in self.adapted_layers() {
             let module = format!("{ADAPTER_PREFIX}{}", layer.name);
             let (a, b) = (get(lora_a_name(&module))?, get(lora_b_name(&module))?);
-            let mut delta = b.f_matmul(a)? * scale;
+            let mut delta = b.f_matmul(a)?.f_mul_scalar(scale)?;
             if let Some(merged_delta) = adapter.merged_delta(&module) {
                 delta = delta.f_add(merged_delta)?;
             }
             let delta = delta.f_view(layer.weight_shape().as_slice())?;
-            merged.insert(format!("{}.weight", layer.name), base[&format!("{}.weight", layer.name)].f_add(&delta)?);
-            merged.insert(format!("{}.bias", layer.name), base[&format!("{}.bias", layer.name)].copy());
+            let name = self.base_weight_name(&layer.name);
+            let weight = merged.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?.f_add(&delta)?;
+            merged.insert(name, weight);
         }
-        merged.insert(HEAD_WEIGHT.to_string(), get(format!("{ADAPTER_PREFIX}head.weight"))?.copy());
-        merged.insert(HEAD_BIAS.to_string(), get(format!("{ADAPTER_PREFIX}head.bias"))?.copy());
+        let (head_weight, head_bias) = self.head_names();
+        let module = self.head_module();
+        merged.insert(format!("{module}.weight"), crate::tensor::try_copy(get(head_weight)?)?);
+        merged.insert(format!("{module}.bias"), crate::tensor::try_copy(get(head_bias)?)?);
         Ok(merged)
     }
 
-    fn forward_merged(&self, weights: &BaseWeights, x: &Tensor) -> Result<Tensor, ModelError> {
+    fn forward_merged(
+        &self,
+        weights: &BaseWeights,
+        x: &Tensor,
+        lengths: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let module = self.head_module();
         let get = |name: String| weights.get(&name).ok_or(ModelError::Missing(name));
-        let mut h = self.input_view(x);
-        for layer in self.adapted_layers() {
-            let (w, b) = (get(format!("{}.weight", layer.name))?, get(format!("{}.bias", layer.name))?);
-            h = layer_forward(&h, layer.kind, w, b, None);
-        }
-        Ok(h.flatten(1, -1).f_linear(get(HEAD_WEIGHT.to_string())?, Some(get(HEAD_BIAS.to_string())?))?)
+        let features = forward_features(self, weights, None, x, lengths)?;
+        Ok(features.f_linear(get(format!("{module}.weight"))?, Some(get(format!("{module}.bias"))?))?)
     }
 }
 
@@ -166,9 +235,15 @@ pub const HEAD_WEIGHT: &str = "head.weight";
 pub const HEAD_BIAS: &str = "head.bias";
 
 /// The adapter with its head replaced (the pretrained head becomes the initial global head).
-pub fn with_head(adapter: &Adapter, weight: &Tensor, bias: &Tensor) -> Result<Adapter, ModelError> {
+pub fn with_head(
+    architecture: &Architecture,
+    adapter: &Adapter,
+    weight: &Tensor,
+    bias: &Tensor,
+) -> Result<Adapter, ModelError> {
     let mut tensors: BTreeMap<String, Tensor> = adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-    tensors.insert(format!("{ADAPTER_PREFIX}head.weight"), weight.copy());
-    tensors.insert(format!("{ADAPTER_PREFIX}head.bias"), bias.copy());
+    let (head_weight, head_bias) = architecture.head_names();
+    tensors.insert(head_weight, weight.copy());
+    tensors.insert(head_bias, bias.copy());
     Ok(Adapter::new(tensors)?)
 }

@@ -31,16 +31,16 @@ fn a_merged_delta_joins_the_frozen_weight_in_training_evaluation_and_merging() {
     let base = arch.init_base(1);
     let global = arch.init_adapter(8, 2).unwrap();
     let x = synthetic_classification(64, 16, 4, 3, 4).features;
-    let without = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap().forward(&x);
+    let without = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap().forward(&x, None).unwrap();
     let mut tensors: BTreeMap<String, Tensor> = global.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
     let module = format!("{ADAPTER_PREFIX}fc1");
     tensors.insert(crate::adapter::merged_delta_name(&module), crate::data::seeded_uniform(&[32, 16], 0.5, 9));
     let with_delta = Adapter::new(tensors).unwrap();
     let model = LoraModel::new(&arch, &base, &with_delta.slice_to_rank(2).unwrap(), 2.0, Device::Cpu).unwrap();
-    let logits = model.forward(&x);
+    let logits = model.forward(&x, None).unwrap();
     assert!((&logits - &without).abs().max().double_value(&[]) > 1e-3, "ΔW changes the model");
     let merged = arch.merge(&base, &with_delta, 2.0).unwrap();
-    let plain = arch.forward_merged(&merged, &x).unwrap();
+    let plain = arch.forward_merged(&merged, &x, None).unwrap();
     assert!((&logits - &plain).abs().max().double_value(&[]) < 1e-5, "merging keeps ΔW");
     // The trained adapter a device sends back has no ΔW.
     assert_eq!(model.adapter().unwrap().merged_delta_names().count(), 0);
@@ -56,9 +56,9 @@ fn pretraining_learns_and_a_merged_model_computes_what_base_plus_adapter_compute
         (initial.get("base_model.model.head.weight").unwrap(), initial.get("base_model.model.head.bias").unwrap());
     let settings = PretrainSettings { steps: 200, batch_size: 32, learning_rate: 1e-2, seed: 3 };
     let (pretrained, head_w, head_b) = arch.pretrain(&base, head, &data, &settings).unwrap();
-    let adapter = with_head(&initial, &head_w, &head_b).unwrap();
-    let before = LoraModel::new(&arch, &base, &initial, 1.0, Device::Cpu).unwrap().evaluate(&data, 256);
-    let after = LoraModel::new(&arch, &pretrained, &adapter, 1.0, Device::Cpu).unwrap().evaluate(&data, 256);
+    let adapter = with_head(&arch, &initial, &head_w, &head_b).unwrap();
+    let before = LoraModel::new(&arch, &base, &initial, 1.0, Device::Cpu).unwrap().evaluate(&data, 256).unwrap();
+    let after = LoraModel::new(&arch, &pretrained, &adapter, 1.0, Device::Cpu).unwrap().evaluate(&data, 256).unwrap();
     assert!(after.1 > before.1 + 0.2, "accuracy {before:?} -> {after:?}");
     let (again, _, _) = arch.pretrain(&base, head, &data, &settings).unwrap();
     assert!(again.iter().all(|(n, t)| t.equal(&pretrained[n])), "pretraining is deterministic");
@@ -73,8 +73,9 @@ fn pretraining_learns_and_a_merged_model_computes_what_base_plus_adapter_compute
         .unwrap();
     let trained = model.adapter().unwrap();
     let merged = arch.merge(&pretrained, &trained, 2.0).unwrap();
-    let lora = LoraModel::new(&arch, &pretrained, &trained, 2.0, Device::Cpu).unwrap().forward(&data.features);
-    let plain = arch.forward_merged(&merged, &data.features).unwrap();
+    let lora =
+        LoraModel::new(&arch, &pretrained, &trained, 2.0, Device::Cpu).unwrap().forward(&data.features, None).unwrap();
+    let plain = arch.forward_merged(&merged, &data.features, None).unwrap();
     let diff = (lora - plain).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max difference {diff}");
 }
@@ -111,10 +112,10 @@ fn lora_training_on_fashion_mnist_improves_held_out_accuracy() {
     let base = arch.init_base(1);
     let global = arch.init_adapter(8, 2).unwrap();
     let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
-    let (_, before) = model.evaluate(&held_out, 1000);
+    let (_, before) = model.evaluate(&held_out, 1000).unwrap();
     let settings = TrainingSettings { local_steps: 300, local_epochs: 0, batch_size: 64, learning_rate: 5e-3, seed: 3 };
     model.train(&local, &settings).unwrap();
-    let (_, after) = model.evaluate(&held_out, 1000);
+    let (_, after) = model.evaluate(&held_out, 1000).unwrap();
     assert!(before < 0.25 && after > 0.70, "held-out accuracy {before:.3} → {after:.3}");
 }
 
@@ -150,13 +151,16 @@ fn a_cnn_has_lora_on_its_convolutions_and_its_merged_form_computes_the_same() {
     assert!(b.abs().sum(Kind::Float).double_value(&[]) > 0.0, "the conv LoRA trained");
     let merged = arch.merge(&base, &trained, 2.0).unwrap();
     let x = data.features.narrow(0, 0, 16);
-    let lora = LoraModel::new(&arch, &base, &trained, 2.0, Device::Cpu).unwrap().forward(&x);
-    let plain = arch.forward_merged(&merged, &x).unwrap();
+    let lora = LoraModel::new(&arch, &base, &trained, 2.0, Device::Cpu).unwrap().forward(&x, None).unwrap();
+    let plain = arch.forward_merged(&merged, &x, None).unwrap();
     let diff = (lora - plain).abs().max().double_value(&[]);
     assert!(diff < 1e-4, "max difference {diff}");
     // A rank-2 slice runs too (what a phone gets).
     let slice = trained.slice_to_rank(2).unwrap();
-    assert_eq!(LoraModel::new(&arch, &base, &slice, 2.0, Device::Cpu).unwrap().forward(&x).size(), [16, 10]);
+    assert_eq!(
+        LoraModel::new(&arch, &base, &slice, 2.0, Device::Cpu).unwrap().forward(&x, None).unwrap().size(),
+        [16, 10]
+    );
     let tiny = Architecture::Cnn { side: 2, channels: 1, conv: vec![4, 4], hidden: 8, classes: 2 };
     assert!(tiny.validate().unwrap_err().contains("does not survive"));
 }
@@ -175,10 +179,10 @@ fn cnn_lora_training_on_fashion_mnist_improves_held_out_accuracy() {
     let base = arch.init_base(1);
     let global = arch.init_adapter(8, 2).unwrap();
     let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
-    let (_, before) = model.evaluate(&held_out, 500);
+    let (_, before) = model.evaluate(&held_out, 500).unwrap();
     let settings = TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 5e-3, seed: 3 };
     model.train(&local, &settings).unwrap();
-    let (_, after) = model.evaluate(&held_out, 500);
+    let (_, after) = model.evaluate(&held_out, 500).unwrap();
     assert!(before < 0.25 && after > 0.5, "held-out accuracy {before:.3} → {after:.3}");
 }
 
