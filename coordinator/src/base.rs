@@ -14,7 +14,10 @@ use flotilla_torch::model::{with_head, BaseWeights, PretrainSettings, HEAD_BIAS,
 use tch::Tensor;
 use tracing::info;
 
-use crate::config::CoordinatorConfig;
+use crate::config::{CoordinatorConfig, TransformerSection};
+use flotilla_torch::model::checkpoint::{sha256_file, HfCheckpoint, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
+use flotilla_torch::model::Architecture;
+use flotilla_wire::protocol::CheckpointFile;
 
 pub struct Base {
     pub weights: BaseWeights,
@@ -22,6 +25,50 @@ pub struct Base {
     pub head: Option<(Tensor, Tensor)>,
     /// Identifies the base in `Welcome` and round tasks.
     pub version: String,
+    /// For a transformer: the checkpoint directory and its files' digests, which devices are sent
+    /// instead of the weights and may fetch.
+    pub checkpoint: Option<ServedCheckpoint>,
+}
+
+/// A checkpoint directory whose files devices may fetch, by name and digest.
+#[derive(Debug, Clone)]
+pub struct ServedCheckpoint {
+    pub dir: PathBuf,
+    pub files: Vec<CheckpointFile>,
+}
+
+/// The files a device needs of a checkpoint.
+pub const CHECKPOINT_FILES: [&str; 3] = [CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE];
+
+/// Loads the configured transformer checkpoint, checks its weights' digest against the pin, and
+/// names the base by that digest.
+fn prepare_transformer(config: &CoordinatorConfig, transformer: &TransformerSection) -> Result<Base> {
+    let Architecture::Bert(spec) = &config.model.architecture else {
+        anyhow::bail!("[model.transformer] is set but the configuration was not resolved against its checkpoint");
+    };
+    let checkpoint = HfCheckpoint::open(&transformer.checkpoint)?;
+    let mut files = Vec::new();
+    for name in CHECKPOINT_FILES {
+        let path = checkpoint.dir.join(name);
+        let size = std::fs::metadata(&path).with_context(|| format!("cannot read {}", path.display()))?.len();
+        files.push(CheckpointFile { name: name.to_string(), size, sha256: sha256_file(&path)? });
+    }
+    let weights_digest = files.iter().find(|f| f.name == WEIGHTS_FILE).map(|f| f.sha256.clone()).unwrap_or_default();
+    if let Some(pinned) = &transformer.sha256 {
+        anyhow::ensure!(
+            pinned.eq_ignore_ascii_case(&weights_digest),
+            "{}: sha256 is {weights_digest}, but model.transformer.sha256 pins {pinned}",
+            checkpoint.weights_path().display()
+        );
+    }
+    let weights = checkpoint.load_weights(spec)?;
+    info!(checkpoint = %checkpoint.dir.display(), sha256 = %weights_digest, "using the pretrained transformer");
+    Ok(Base {
+        weights,
+        head: None,
+        version: format!("sha256:{weights_digest}"),
+        checkpoint: Some(ServedCheckpoint { dir: checkpoint.dir.clone(), files }),
+    })
 }
 
 impl Base {
@@ -65,10 +112,14 @@ fn fingerprint(config: &CoordinatorConfig) -> String {
 /// The base for `config`: loaded from `<run_dir>/base/` when it was made for the same settings,
 /// otherwise made (and pretrained, if configured) and saved there.
 pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
+    if let Some(transformer) = &config.model.transformer {
+        return prepare_transformer(config, transformer);
+    }
     let architecture = &config.model.architecture;
     let seed_base = architecture.init_base(config.model.seed);
     let Some(pretrain) = &config.model.pretrain else {
-        return Ok(Base { weights: seed_base, head: None, version: format!("seed-{}", config.model.seed) });
+        let version = format!("seed-{}", config.model.seed);
+        return Ok(Base { weights: seed_base, head: None, version, checkpoint: None });
     };
     let fingerprint = fingerprint(config);
     let version = format!("seed-{}-pretrained-{fingerprint}", config.model.seed);
@@ -86,7 +137,7 @@ pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
         };
         architecture.check_base(&weights).with_context(|| model_path.display().to_string())?;
         info!(base = %model_path.display(), "using the pretrained base");
-        return Ok(Base { weights, head: Some(head), version });
+        return Ok(Base { weights, head: Some(head), version, checkpoint: None });
     }
 
     let data = load_split(&pretrain.data, Split::Test, architecture.classes())
@@ -121,5 +172,5 @@ pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
     named.push((HEAD_BIAS, &head_b));
     write_safetensors_atomically(&model_path, &named)?;
     write_atomically(&fingerprint_path, fingerprint.as_bytes()).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(Base { weights, head: Some((head_w, head_b)), version })
+    Ok(Base { weights, head: Some((head_w, head_b)), version, checkpoint: None })
 }

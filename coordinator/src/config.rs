@@ -184,7 +184,11 @@ impl Default for AggregationSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ModelSection {
+    /// A small model trained from a seeded (or centrally pretrained) base. Ignored when
+    /// `[model.transformer]` is set: the checkpoint then defines the architecture.
     pub architecture: Architecture,
+    /// A pretrained HF BERT-family checkpoint to fine-tune (`[model.transformer]`).
+    pub transformer: Option<TransformerSection>,
     /// Seeds the base model and the initial global adapter.
     pub seed: u64,
     /// Pretrain the base centrally before round 1; without it the base is a seeded random init.
@@ -197,6 +201,52 @@ impl Default for ModelSection {
             architecture: Architecture::Mlp { input: 64, hidden: vec![64, 64], classes: 10 },
             seed: 42,
             pretrain: None,
+            transformer: None,
+        }
+    }
+}
+
+/// A pretrained transformer: an HF checkpoint directory (`config.json`, `model.safetensors`,
+/// `tokenizer.json`) and how to fine-tune it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransformerSection {
+    pub checkpoint: PathBuf,
+    /// The sha256 that `model.safetensors` must have (refused otherwise); unset: any.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// PEFT's `target_modules` (a module is adapted when its name ends with `.<target>`).
+    #[serde(default = "default_target_modules")]
+    pub target_modules: Vec<String>,
+    /// `cls` (the checkpoint's pooler on [CLS], as HF's sequence classifier) or `mean`.
+    #[serde(default = "default_pooling")]
+    pub pooling: flotilla_torch::model::Pooling,
+    /// The class names, in the head's order; every text's label must be one of them.
+    pub labels: Vec<String>,
+    /// Tokens per text (longer texts are truncated; batches are padded to their longest text).
+    #[serde(default = "default_max_length")]
+    pub max_length: u32,
+}
+
+fn default_target_modules() -> Vec<String> {
+    flotilla_wire::model::DEFAULT_TARGET_MODULES.iter().map(|t| t.to_string()).collect()
+}
+
+fn default_pooling() -> flotilla_torch::model::Pooling {
+    flotilla_torch::model::Pooling::Cls
+}
+
+fn default_max_length() -> u32 {
+    64
+}
+
+impl TransformerSection {
+    pub fn fine_tuning(&self) -> flotilla_torch::model::checkpoint::FineTuning {
+        flotilla_torch::model::checkpoint::FineTuning {
+            target_modules: self.target_modules.clone(),
+            pooling: self.pooling,
+            labels: self.labels.clone(),
+            max_length: self.max_length,
         }
     }
 }
@@ -267,11 +317,31 @@ impl CoordinatorConfig {
                 format!("invalid config {} with overrides {}", path.display(), applied.join(", "))
             }
         })?;
+        let mut config = config;
+        config.resolve_transformer().with_context(|| format!("invalid config {}", path.display()))?;
         config.validate().with_context(|| format!("invalid config {}", path.display()))?;
         for key in &applied {
             tracing::info!("config: {key} set from the environment");
         }
         Ok(config)
+    }
+
+    /// With `[model.transformer]`, reads the checkpoint's `config.json` and makes
+    /// `model.architecture` the encoder it describes with the configured targets, pooling and labels.
+    pub fn resolve_transformer(&mut self) -> anyhow::Result<()> {
+        let Some(transformer) = &self.model.transformer else { return Ok(()) };
+        anyhow::ensure!(
+            self.model.architecture == ModelSection::default().architecture
+                || matches!(self.model.architecture, Architecture::Bert(_)),
+            "[model] architecture and [model.transformer] are exclusive: the checkpoint defines the architecture"
+        );
+        anyhow::ensure!(self.model.pretrain.is_none(), "[model.pretrain] is for the small models, not a transformer");
+        let checkpoint = flotilla_torch::model::checkpoint::HfCheckpoint::open(&transformer.checkpoint)
+            .map_err(|e| anyhow::anyhow!("model.transformer.checkpoint: {e}"))?;
+        let spec =
+            checkpoint.spec(&transformer.fine_tuning()).map_err(|e| anyhow::anyhow!("model.transformer: {e}"))?;
+        self.model.architecture = Architecture::Bert(spec);
+        Ok(())
     }
 
     pub fn validate(&self) -> anyhow::Result<()> {

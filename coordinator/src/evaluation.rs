@@ -5,17 +5,32 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use anyhow::Context;
 use flotilla_torch::adapter::Adapter;
 use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::data::text::{load_text, TextSplit};
+use flotilla_torch::data::tokenizer::TextTokenizer;
 use flotilla_torch::data::Dataset;
-use flotilla_torch::model::{Architecture, BaseWeights, LoraModel};
+use flotilla_torch::model::{Architecture, BaseWeights, BertSpec, LoraModel};
 use serde::{Deserialize, Serialize};
+use tracing::warn;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankAccuracy {
     pub rank: usize,
     pub loss: f64,
     pub accuracy: f64,
+}
+
+/// Where the held-out set comes from and how much of it to use.
+pub struct EvaluationSet<'a> {
+    pub dir: &'a Path,
+    pub max_samples: Option<usize>,
+    pub skip_samples: usize,
+    /// A transformer's `tokenizer.json`.
+    pub tokenizer: Option<&'a Path>,
+    /// Where the list of evaluated texts is written.
+    pub run_dir: &'a Path,
 }
 
 pub struct Evaluator {
@@ -26,16 +41,22 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Loads the test split of an MNIST-style directory: after the first `skip_samples`, at most
-    /// `max_samples`.
+    /// Loads the test split (after the first `skip_samples`, at most `max_samples`): of an
+    /// MNIST-style directory, or for a transformer of labelled texts (see
+    /// `flotilla_torch::data::text`), tokenized with `tokenizer`. The texts' keys are written to
+    /// `<run_dir>/evaluation-examples.txt`, so a report says exactly what was evaluated.
     pub fn load(
         architecture: Architecture,
         base: BaseWeights,
         scale: f64,
-        dir: &Path,
-        max_samples: Option<usize>,
-        skip_samples: usize,
+        set: &EvaluationSet,
     ) -> anyhow::Result<Evaluator> {
+        let EvaluationSet { dir, max_samples, skip_samples, tokenizer, run_dir } = *set;
+        if let Architecture::Bert(spec) = &architecture {
+            let tokenizer = tokenizer.context("a transformer's evaluation needs its tokenizer.json")?;
+            let test = load_text_test(spec, dir, max_samples, skip_samples, tokenizer, run_dir)?;
+            return Ok(Evaluator { architecture, base, scale, test });
+        }
         let test = load_split(dir, Split::Test, architecture.classes())?;
         anyhow::ensure!(
             test.features.size()[1] == architecture.input_size() as i64,
@@ -73,11 +94,45 @@ impl Evaluator {
                 let slice = global.slice_to_rank(rank).map_err(|e| e.to_string())?;
                 let model = LoraModel::new(&self.architecture, &self.base, &slice, self.scale, tch::Device::Cpu)
                     .map_err(|e| e.to_string())?;
-                let (loss, accuracy) = model.evaluate(&self.test, 2048).map_err(|e| e.to_string())?;
+                let batch = if self.architecture.takes_tokens() { 64 } else { 2048 };
+                let (loss, accuracy) = model.evaluate(&self.test, batch).map_err(|e| e.to_string())?;
                 Ok(RankAccuracy { rank, loss, accuracy })
             })
             .collect()
     }
+}
+
+/// The held-out texts: the test split of `dir`, after `skip` and at most `max`, tokenized. Their
+/// keys go to `<run_dir>/evaluation-examples.txt`, one per line.
+fn load_text_test(
+    spec: &BertSpec,
+    dir: &Path,
+    max: Option<usize>,
+    skip: usize,
+    tokenizer: &Path,
+    run_dir: &Path,
+) -> anyhow::Result<Dataset> {
+    let corpus = load_text(dir, &spec.labels, TextSplit::Test)?;
+    for file in &corpus.lossy_files {
+        warn!(file = %file.display(), "not valid UTF-8; decoded with replacement characters");
+    }
+    anyhow::ensure!(
+        skip < corpus.examples.len(),
+        "{}: evaluation.skip_samples = {skip} leaves none of the {} test texts",
+        dir.display(),
+        corpus.examples.len()
+    );
+    let end = max.map_or(corpus.examples.len(), |n| (skip + n).min(corpus.examples.len()));
+    let examples = &corpus.examples[skip..end];
+    let tokenizer = TextTokenizer::from_file(tokenizer, spec.max_length as usize, spec.vocab as usize)?;
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let labels: Vec<i64> = examples.iter().map(|e| e.label as i64).collect();
+    let data = tokenizer.dataset(&texts, &labels)?;
+    let keys: String = examples.iter().map(|e| format!("{}\n", e.key)).collect();
+    let list = run_dir.join("evaluation-examples.txt");
+    std::fs::write(&list, keys).with_context(|| format!("cannot write {}", list.display()))?;
+    tracing::info!(texts = examples.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
+    Ok(data)
 }
 
 /// "R_max 8 → 81.2%, rank 4 → 78.9%, …" for logs.

@@ -17,6 +17,7 @@
 pub mod aggregate_torch;
 pub mod aggregation;
 pub mod base;
+mod base_fetch;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;

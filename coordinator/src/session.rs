@@ -9,7 +9,8 @@ use anyhow::Context;
 use flotilla_torch::tensor::read_frame_decoded;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::{
-    close, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Welcome, PROTOCOL_VERSION,
+    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Welcome,
+    PROTOCOL_VERSION,
 };
 use flotilla_wire::tensor::WireTensors;
 use flotilla_wire::tls;
@@ -33,6 +34,8 @@ const MAX_CLOSE_REASON: usize = 200;
 pub(crate) struct SessionContext {
     pub config: Arc<CoordinatorConfig>,
     pub welcome_tensors: WireTensors,
+    /// A transformer's checkpoint, whose files devices may fetch (`FetchBase`).
+    pub served_checkpoint: Option<crate::base::ServedCheckpoint>,
     pub model: ModelSpec,
     pub base_version: String,
     pub inputs: mpsc::UnboundedSender<DriverInput>,
@@ -97,41 +100,64 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
                 break;
             }
         };
-        let (mut send, mut recv) = match accepted {
+        let (send, recv) = match accepted {
             Ok(streams) => streams,
             Err(error) => {
                 info!(device = %identity, "device left: {error}");
                 break;
             }
         };
-        let response = match read_frame_decoded::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
-            Ok((DeviceMessage::Update(update), tensors)) => {
-                let (reply, answer) = oneshot::channel();
-                let round = update.round;
-                let upload = Upload { device: identity.clone(), update, tensors, reply };
-                let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
-                // The answer comes from the aggregation worker (folded or invalid) or the driver
-                // (refused by the engine).
-                answer.await.unwrap_or_else(|_| {
-                    CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
-                })
-            }
-            Ok((DeviceMessage::RenewCertificate(request), _)) => renew(&identity, request.csr_pem, &shared).await,
-            Ok((other, _)) => CoordinatorMessage::Reject(Reject {
-                round: 0,
-                reason: format!("unexpected message {}", message_name(&other)),
-            }),
-            Err(error) => {
-                warn!(device = %identity, "malformed upload: {error}");
-                metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "malformed").increment(1);
-                CoordinatorMessage::Reject(Reject { round: 0, reason: format!("malformed upload: {error}") })
-            }
-        };
-        if let Err(error) = reply_and_finish(&mut send, &response).await {
-            warn!(device = %identity, "cannot answer upload: {error}");
-        }
+        answer_stream(&identity, &shared, send, recv).await;
     }
     let _ = shared.inputs.send(DriverInput::Left { device: identity, connection_id: connection.stable_id() });
+}
+
+/// Reads one device-opened stream's message and answers it: an upload goes to the round driver,
+/// a renewal to the CA, a checkpoint fetch to its own task.
+async fn answer_stream(
+    identity: &str,
+    shared: &Arc<SessionContext>,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let response = match read_frame_decoded::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
+        Ok((DeviceMessage::FetchBase(request), _)) => {
+            // Served on its own task: a device's uploads do not wait behind its download.
+            let (identity, shared) = (identity.to_string(), shared.clone());
+            tokio::spawn(async move {
+                if let Err(error) =
+                    crate::base_fetch::serve(&mut send, &request, shared.served_checkpoint.as_ref()).await
+                {
+                    warn!(device = %identity, file = %request.name, "checkpoint fetch ended: {error:#}");
+                }
+            });
+            return;
+        }
+        Ok((DeviceMessage::Update(update), tensors)) => {
+            let (reply, answer) = oneshot::channel();
+            let round = update.round;
+            let upload = Upload { device: identity.to_string(), update, tensors, reply };
+            let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
+            // The answer comes from the aggregation worker (folded or invalid) or the driver
+            // (refused by the engine).
+            answer.await.unwrap_or_else(|_| {
+                CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
+            })
+        }
+        Ok((DeviceMessage::RenewCertificate(request), _)) => renew(identity, request.csr_pem, shared).await,
+        Ok((other, _)) => CoordinatorMessage::Reject(Reject {
+            round: 0,
+            reason: format!("unexpected message {}", message_name(&other)),
+        }),
+        Err(error) => {
+            warn!(device = %identity, "malformed upload: {error}");
+            metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "malformed").increment(1);
+            CoordinatorMessage::Reject(Reject { round: 0, reason: format!("malformed upload: {error}") })
+        }
+    };
+    if let Err(error) = reply_and_finish(&mut send, &response).await {
+        warn!(device = %identity, "cannot answer upload: {error}");
+    }
 }
 
 /// RenewCertificate → CertificateRenewed, or Refusal when renewal is off or the request is not
@@ -198,6 +224,10 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &SessionC
         assigned_rank,
         model: shared.model.clone(),
         base_version: shared.base_version.clone(),
+        base: match &shared.served_checkpoint {
+            Some(checkpoint) => BaseDelivery::Checkpoint { files: checkpoint.files.clone() },
+            None => BaseDelivery::Inline,
+        },
     });
     write_frame(&mut send, &welcome, &shared.welcome_tensors).await?;
     send.finish()?;
@@ -221,6 +251,7 @@ fn message_name(message: &DeviceMessage) -> &'static str {
         DeviceMessage::Hello(_) => "Hello",
         DeviceMessage::Update(_) => "Update",
         DeviceMessage::RenewCertificate(_) => "RenewCertificate",
+        DeviceMessage::FetchBase(_) => "FetchBase",
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flotilla_torch::adapter::Adapter;
+use flotilla_torch::model::checkpoint::TOKENIZER_FILE;
 use flotilla_torch::tensor::wire_from_tensors;
 use flotilla_wire::protocol::{close, ModelSpec};
 use flotilla_wire::quic;
@@ -21,7 +22,7 @@ use crate::base::Base;
 use crate::checkpoint;
 use crate::config::CoordinatorConfig;
 use crate::driver::{DriverStart, RoundDriver};
-use crate::evaluation::{describe, Evaluator, RankAccuracy};
+use crate::evaluation::{describe, EvaluationSet, Evaluator, RankAccuracy};
 use crate::metrics::SharedStatus;
 use crate::report::{previous_initial_evaluation, RoundRecord, RunSummary};
 use crate::report_files::write_summary;
@@ -64,7 +65,13 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
             max_rank: config.aggregation.max_rank,
         },
         base_version: base.version.clone(),
-        welcome_tensors: wire_from_tensors(base.weights.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?,
+        // A checkpoint's weights are not sent with every Welcome: devices use their own copy or
+        // fetch the files once.
+        welcome_tensors: match &base.checkpoint {
+            Some(_) => Default::default(),
+            None => wire_from_tensors(base.weights.iter().map(|(n, t)| (n.as_str(), t)), DType::F32)?,
+        },
+        served_checkpoint: base.checkpoint.clone(),
         config: config.clone(),
         inputs: inputs.clone(),
         renewal,
@@ -139,15 +146,20 @@ fn start_worker(
     first_round: u32,
 ) -> anyhow::Result<(AggregationWorker, Vec<RankAccuracy>)> {
     let max_rank = config.aggregation.max_rank;
+    let tokenizer = config.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE));
     let evaluator = match &config.evaluation.test_data {
         Some(dir) => Some(
             Evaluator::load(
                 config.model.architecture.clone(),
                 base.weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
                 config.aggregation.lora_alpha / f64::from(max_rank),
-                dir,
-                config.evaluation.max_samples,
-                config.evaluation.skip_samples,
+                &EvaluationSet {
+                    dir,
+                    max_samples: config.evaluation.max_samples,
+                    skip_samples: config.evaluation.skip_samples,
+                    tokenizer: tokenizer.as_deref(),
+                    run_dir: &config.server.run_dir,
+                },
             )
             .context("cannot load the evaluation set")?,
         ),

@@ -1,5 +1,6 @@
 //! `flotilla-edge`: the device side of Flotilla.
 
+mod base_store;
 mod nvml;
 mod probe;
 mod progress;
@@ -70,9 +71,12 @@ struct SimArgs {
     /// desktop 16, gpu 32), e.g. `phone=3,laptop:4=2,gpu=1`.
     #[arg(long, default_value = "phone=2,laptop=1,desktop=1")]
     profile_mix: sim::ProfileMix,
-    /// Local data: `synthetic`, `fashion-mnist` or an MNIST-style IDX directory.
+    /// Local data: `synthetic`, `fashion-mnist`, an MNIST-style IDX directory, or for a
+    /// transformer `bbc-news`, `rotten-tomatoes` or labelled texts (class folders, CSV, JSONL).
     #[arg(long, default_value = "synthetic")]
     data: String,
+    #[command(flatten)]
+    base: BaseArgs,
     /// How the IDX training set is split among the virtual devices: iid, dirichlet:<alpha>, shards:<k>.
     #[arg(long)]
     partition: Option<Scheme>,
@@ -97,6 +101,29 @@ struct SimArgs {
     liveness: LivenessArgs,
     #[command(flatten)]
     renewal: RenewalArgs,
+}
+
+/// Where a transformer's base checkpoint comes from, for `run` and `sim`.
+#[derive(clap::Args, Clone)]
+struct BaseArgs {
+    /// A local copy of the coordinator's checkpoint (config.json, model.safetensors,
+    /// tokenizer.json); it must match the coordinator's digests. Unset: the cache, else fetched
+    /// once from the coordinator.
+    #[arg(long, env = "FLOTILLA_MODEL_DIR")]
+    model_dir: Option<PathBuf>,
+    /// Cache for fetched checkpoints (`<cache>/bases/<sha256>/`); default: $FLOTILLA_CACHE, else
+    /// ~/.cache/flotilla.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+}
+
+impl BaseArgs {
+    fn store(&self) -> std::sync::Arc<base_store::BaseStore> {
+        std::sync::Arc::new(base_store::BaseStore {
+            model_dir: self.model_dir.clone(),
+            cache: self.cache_dir.clone().unwrap_or_else(base_store::BaseStore::default_cache),
+        })
+    }
 }
 
 /// What the rank policy weighs: the rank range and the model whose training step is timed.
@@ -172,10 +199,14 @@ struct RunArgs {
     device_class: Option<String>,
     #[command(flatten)]
     policy: PolicyArgs,
-    /// Local data: `synthetic`, `fashion-mnist` (Debian's dataset-fashion-mnist) or an MNIST-style
-    /// IDX directory (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]).
+    /// Local data: `synthetic`, `fashion-mnist` (Debian's dataset-fashion-mnist), an MNIST-style
+    /// IDX directory (train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz]), or for a
+    /// transformer `bbc-news`, `rotten-tomatoes` (deploy/fetch-text-assets.sh) or labelled texts
+    /// (a directory of class folders of .txt files, a CSV or JSONL file with text and label).
     #[arg(long, default_value = "synthetic")]
     data: String,
+    #[command(flatten)]
+    base: BaseArgs,
     /// How the IDX training set is split among the trial's devices: iid, dirichlet:<alpha> or shards:<k>.
     #[arg(long)]
     partition: Option<Scheme>,
@@ -408,7 +439,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
     anyhow::ensure!(args.clients >= 1, "--clients must be at least 1");
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     if args.data == "synthetic" && args.partition.is_some() {
-        anyhow::bail!("--partition applies to IDX data (--data fashion-mnist or a directory)");
+        anyhow::bail!("--partition applies to data on disk (--data fashion-mnist, bbc-news, a directory or a file)");
     }
     let partition =
         args.partition.map(|scheme| PartitionSpec { scheme, devices: args.clients, seed: args.partition_seed });
@@ -429,6 +460,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
             transport: args.liveness.transport()?,
             renew_within: args.renewal.window(),
             stop: stop_on_ctrl_c(),
+            base_store: args.base.store(),
         })
         .await
     })?;
@@ -511,6 +543,7 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
             max_backoff: Duration::from_secs(10),
             stop: stop_on_ctrl_c(),
             progress: progress.clone(),
+            base_store: args.base.store(),
         };
         progress.connecting(&settings.coordinator.to_string());
         tracing::info!(device = %device_id, coordinator = %settings.coordinator, rank = settings.requested_rank, "starting");

@@ -15,8 +15,8 @@ use std::time::Duration;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::ALPN;
 use flotilla_wire::protocol::{
-    close, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, RenewCertificate, RoundTask, Update,
-    PROTOCOL_VERSION,
+    close, BaseDelivery, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, RenewCertificate, RoundTask,
+    Update, PROTOCOL_VERSION,
 };
 use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_wire::tensor::WireTensors;
@@ -24,7 +24,8 @@ use flotilla_wire::tls::{own_certificate_not_after, KitPaths};
 use rand::Rng;
 use tracing::{info, warn};
 
-use crate::trainer::Trainer;
+use crate::base_store::StoreError;
+use crate::trainer::{BaseSource, Trainer};
 
 /// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
 /// abandons it. Either abandons local training (its result is never sent).
@@ -59,6 +60,8 @@ pub struct SessionSettings {
     pub max_backoff: Duration,
     pub stop: tokio::sync::watch::Receiver<Stop>,
     pub progress: crate::progress::Progress,
+    /// Where a transformer's checkpoint is found or fetched to.
+    pub base_store: std::sync::Arc<crate::base_store::BaseStore>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -264,6 +267,17 @@ async fn admit(
     info!(rank = welcome.assigned_rank, max_rank = welcome.model.max_rank, "admitted by the coordinator");
     settings.progress.admitted(welcome.assigned_rank);
     let scale = welcome.model.lora_alpha / f64::from(welcome.model.max_rank);
+    let base = match &welcome.base {
+        BaseDelivery::Inline => BaseSource::Tensors(base),
+        BaseDelivery::Checkpoint { files } => {
+            let dir = settings.base_store.obtain(connection, files).await.map_err(|e| match e {
+                StoreError::Transient(msg) => classify(connection, settings, "checkpoint fetch", msg),
+                StoreError::Fatal(msg) => SessionError::Fatal(msg),
+            })?;
+            info!(base = %welcome.base_version, dir = %dir.display(), "using the base checkpoint");
+            BaseSource::Checkpoint(dir)
+        }
+    };
     trainer
         .set_base(welcome.model.architecture.clone(), scale, base)
         .await

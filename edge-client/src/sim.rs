@@ -113,6 +113,7 @@ pub struct SimSettings {
     pub transport: TransportSettings,
     pub renew_within: Option<Duration>,
     pub stop: tokio::sync::watch::Receiver<crate::session::Stop>,
+    pub base_store: std::sync::Arc<crate::base_store::BaseStore>,
 }
 
 /// The device kits in `dir` (subdirectories holding a device certificate), sorted by name.
@@ -174,6 +175,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
             max_backoff: Duration::from_secs(10),
             stop: settings.stop.clone(),
             progress: crate::progress::Progress::none(),
+            base_store: settings.base_store.clone(),
         };
         let endpoint = endpoint.clone();
         tasks.spawn(async move {

@@ -2,13 +2,17 @@
 //! the local dataset and the frozen base model. The network side sends it jobs and awaits replies.
 
 use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
 use flotilla_torch::adapter::Adapter;
 use flotilla_torch::data::idx::{load_split, Split};
 use flotilla_torch::data::partition::{partition, PartitionSpec};
+use flotilla_torch::data::text::{load_text, TextSplit};
+use flotilla_torch::data::tokenizer::TextTokenizer;
 use flotilla_torch::data::{synthetic_classification, Dataset};
-use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, LoraModel};
+use flotilla_torch::model::checkpoint::HfCheckpoint;
+use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, LoraModel};
 use flotilla_wire::protocol::{LocalMetrics, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
@@ -20,8 +24,15 @@ pub struct TrainedUpdate {
     pub metrics: LocalMetrics,
 }
 
+/// Where the frozen base comes from: tensors sent with the Welcome, or a checkpoint directory
+/// (weights and tokenizer) whose files match the coordinator's digests.
+pub enum BaseSource {
+    Tensors(WireTensors),
+    Checkpoint(PathBuf),
+}
+
 enum Job {
-    SetBase { architecture: Architecture, scale: f64, base: WireTensors, reply: oneshot::Sender<Result<(), String>> },
+    SetBase { architecture: Architecture, scale: f64, base: BaseSource, reply: oneshot::Sender<Result<(), String>> },
     Train { slice: WireTensors, settings: TrainingSettings, reply: oneshot::Sender<Result<TrainedUpdate, String>> },
 }
 
@@ -31,37 +42,39 @@ pub enum DataSource {
     /// A synthetic classification task shaped for the coordinator's model (see
     /// `flotilla_torch::data::synthetic_classification`); devices sharing `task_seed` share the task.
     Synthetic { samples: usize, task_seed: u64, sample_seed: u64 },
-    /// The training split of an MNIST-style IDX directory, optionally only this device's part of it.
-    Idx { dir: std::path::PathBuf, shard: Option<(PartitionSpec, usize)> },
+    /// A data set on disk, optionally only this device's part of it: the training split of an
+    /// MNIST-style IDX directory for the small models, of labelled texts for a transformer.
+    Path { path: PathBuf, shard: Option<(PartitionSpec, usize)> },
 }
 
-/// What `--data` names, checked once: synthetic samples, or an MNIST-style IDX directory. Each
-/// device (a real one, or each of the simulator's) then gets its own [`DataSource`] from it.
+/// What `--data` names, checked once: synthetic samples, or a data set on disk (an MNIST-style
+/// IDX directory, or labelled texts for a transformer). Each device (a real one, or each of the
+/// simulator's) then gets its own [`DataSource`] from it.
 #[derive(Debug, Clone)]
 pub enum DataChoice {
     Synthetic { samples: usize, task_seed: u64 },
-    Idx(std::path::PathBuf),
+    Path(PathBuf),
 }
 
 impl DataChoice {
-    /// `synthetic`, `fashion-mnist` (Debian's dataset-fashion-mnist) or a directory.
+    /// `synthetic`, `fashion-mnist` (Debian's dataset-fashion-mnist), `bbc-news` or
+    /// `rotten-tomatoes` (fetched into the cache by deploy/fetch-text-assets.sh), or a path.
     pub fn parse(data: &str, samples: usize, task_seed: u64) -> anyhow::Result<DataChoice> {
         if data == "synthetic" {
             return Ok(DataChoice::Synthetic { samples, task_seed });
         }
-        let debian = data == "fashion-mnist";
-        let dir = if debian {
-            std::path::PathBuf::from(flotilla_torch::data::idx::DEBIAN_FASHION_MNIST)
-        } else {
-            std::path::PathBuf::from(data)
+        let cache = crate::base_store::BaseStore::default_cache();
+        let (path, hint) = match data {
+            "fashion-mnist" => (
+                PathBuf::from(flotilla_torch::data::idx::DEBIAN_FASHION_MNIST),
+                " (install Debian's dataset-fashion-mnist)",
+            ),
+            "bbc-news" => (cache.join("datasets/bbc-news"), " (run deploy/fetch-text-assets.sh)"),
+            "rotten-tomatoes" => (cache.join("datasets/rotten-tomatoes.csv"), " (run deploy/fetch-text-assets.sh)"),
+            other => (PathBuf::from(other), ""),
         };
-        anyhow::ensure!(
-            dir.is_dir(),
-            "--data {data}: {} is not a directory{}",
-            dir.display(),
-            if debian { " (install Debian's dataset-fashion-mnist)" } else { "" }
-        );
-        Ok(DataChoice::Idx(dir))
+        anyhow::ensure!(path.exists(), "--data {data}: {} does not exist{hint}", path.display());
+        Ok(DataChoice::Path(path))
     }
 
     /// The data of device `device_id`: its own synthetic samples (seeded by its id), or its part
@@ -73,38 +86,57 @@ impl DataChoice {
                 task_seed: *task_seed,
                 sample_seed: flotilla_wire::fingerprint::fnv1a(device_id.as_bytes()),
             },
-            DataChoice::Idx(dir) => DataSource::Idx { dir: dir.clone(), shard },
+            DataChoice::Path(path) => DataSource::Path { path: path.clone(), shard },
         }
     }
 }
 
 impl DataSource {
-    fn load(&self, architecture: &Architecture) -> Result<Dataset, String> {
-        match *self {
+    /// The local data for `architecture`; a transformer's texts are tokenized with `tokenizer`.
+    fn load(&self, architecture: &Architecture, tokenizer: Option<&Path>) -> Result<Dataset, String> {
+        match self {
             DataSource::Synthetic { samples, task_seed, sample_seed } => {
-                if samples == 0 {
+                if *samples == 0 {
                     return Err("no local samples".into());
                 }
+                if architecture.takes_tokens() {
+                    return Err("synthetic data is for the small models; give a transformer text data (--data bbc-news, a CSV, ...)".into());
+                }
                 Ok(synthetic_classification(
-                    samples,
+                    *samples,
                     architecture.input_size(),
                     architecture.classes(),
-                    task_seed,
-                    sample_seed,
+                    *task_seed,
+                    *sample_seed,
                 ))
             }
-            DataSource::Idx { ref dir, shard } => {
-                let data = load_split(dir, Split::Train, architecture.classes()).map_err(|e| e.to_string())?;
+            DataSource::Path { path, shard } => {
+                let data = match architecture {
+                    Architecture::Bert(spec) => load_texts(spec, path, tokenizer)?,
+                    _ => load_split(path, Split::Train, architecture.classes()).map_err(|e| e.to_string())?,
+                };
                 let Some((spec, index)) = shard else { return Ok(data) };
-                let parts = partition(&data.labels_vec(), architecture.classes(), &spec)?;
-                let mine = parts.get(index).ok_or_else(|| {
+                let parts = partition(&data.labels_vec(), architecture.classes(), spec)?;
+                let mine = parts.get(*index).ok_or_else(|| {
                     format!("device index {index} is outside the partition's {} devices", spec.devices)
                 })?;
-                tracing::info!(samples = mine.len(), partition = %spec.scheme, index, "local data: shard of {}", dir.display());
+                tracing::info!(samples = mine.len(), partition = %spec.scheme, index, "local data: shard of {}", path.display());
                 Ok(data.subset(mine))
             }
         }
     }
+}
+
+/// The training split of the labelled texts at `path`, tokenized.
+fn load_texts(spec: &BertSpec, path: &Path, tokenizer: Option<&Path>) -> Result<Dataset, String> {
+    let tokenizer = tokenizer.ok_or("a transformer needs its tokenizer.json")?;
+    let corpus = load_text(path, &spec.labels, TextSplit::Train).map_err(|e| e.to_string())?;
+    for file in &corpus.lossy_files {
+        tracing::warn!(file = %file.display(), "not valid UTF-8; decoded with replacement characters");
+    }
+    let tokenizer = TextTokenizer::from_file(tokenizer, spec.max_length as usize, spec.vocab as usize)
+        .map_err(|e| e.to_string())?;
+    tokenizer.dataset(&corpus.texts(), &corpus.labels()).map_err(|e| e.to_string())
 }
 
 /// Training threads shared by one or many devices: a real device has a pool of one; the simulator
@@ -180,7 +212,7 @@ impl Trainer {
         TrainerPool::new(1, threads)?.trainer(source)
     }
 
-    pub async fn set_base(&self, architecture: Architecture, scale: f64, base: WireTensors) -> anyhow::Result<()> {
+    pub async fn set_base(&self, architecture: Architecture, scale: f64, base: BaseSource) -> anyhow::Result<()> {
         let (reply, answer) = oneshot::channel();
         self.jobs.send((self.key, Job::SetBase { architecture, scale, base, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
@@ -205,25 +237,38 @@ struct DeviceState {
 }
 
 impl DeviceState {
-    fn set_base(&mut self, architecture: Architecture, scale: f64, base: &WireTensors) -> Result<(), String> {
+    fn set_base(&mut self, architecture: Architecture, scale: f64, base: &BaseSource) -> Result<(), String> {
+        let (weights, tokenizer) = match (base, &architecture) {
+            (BaseSource::Tensors(tensors), _) => {
+                let weights: BaseWeights = flotilla_torch::tensor::tensors_from_wire(tensors)
+                    .map_err(|e| format!("base model: {e}"))?
+                    .0
+                    .into_iter()
+                    .collect();
+                (weights, None)
+            }
+            (BaseSource::Checkpoint(dir), Architecture::Bert(spec)) => {
+                let checkpoint = HfCheckpoint::open(dir).map_err(|e| e.to_string())?;
+                let weights = checkpoint.load_weights(spec).map_err(|e| e.to_string())?;
+                (weights, Some(checkpoint.tokenizer_path()))
+            }
+            (BaseSource::Checkpoint(_), _) => {
+                return Err("a checkpoint base for a model that is not a transformer".into())
+            }
+        };
+        architecture.check_base(&weights).map_err(|e| format!("base model: {e}"))?;
         // A reconnect brings the same base again: keep the data already loaded.
         let data = match self.data.take() {
             Some(data) => data,
-            None => self.source.load(&architecture)?,
+            None => self.source.load(&architecture, tokenizer.as_deref())?,
         };
-        if architecture.input_size() as i64 != data.features.size()[1] {
+        if !architecture.takes_tokens() && architecture.input_size() as i64 != data.features.size()[1] {
             return Err(format!(
                 "the coordinator's model takes {} inputs but the local data has {} features",
                 architecture.input_size(),
                 data.features.size()[1]
             ));
         }
-        let weights: BaseWeights = flotilla_torch::tensor::tensors_from_wire(base)
-            .map_err(|e| format!("base model: {e}"))?
-            .0
-            .into_iter()
-            .collect();
-        architecture.check_base(&weights).map_err(|e| format!("base model: {e}"))?;
         self.model = Some((architecture, scale, weights));
         self.data = Some(data);
         Ok(())
@@ -272,7 +317,7 @@ mod tests {
             for device in 0..50u64 {
                 let source = DataSource::Synthetic { samples: 8, task_seed: 1, sample_seed: device };
                 let trainer = pool.trainer(source).unwrap();
-                trainer.set_base(architecture.clone(), 1.0, base_wire.clone()).await.unwrap();
+                trainer.set_base(architecture.clone(), 1.0, BaseSource::Tensors(base_wire.clone())).await.unwrap();
                 for _ in 0..4 {
                     trainer.train(slice.clone(), settings.clone()).await.unwrap();
                 }

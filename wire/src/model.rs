@@ -137,7 +137,7 @@ impl BertSpec {
         if self.layers < 1 || self.hidden < 1 || self.heads < 1 || self.intermediate < 1 || self.vocab < 1 {
             return Err("bert: layers, hidden, heads, intermediate and vocab must be ≥ 1".into());
         }
-        if self.hidden % self.heads != 0 {
+        if !self.hidden.is_multiple_of(self.heads) {
             return Err(format!("bert: hidden {} is not a multiple of heads {}", self.hidden, self.heads));
         }
         if self.type_vocab < 1 || self.max_positions < 2 {

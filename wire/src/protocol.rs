@@ -5,8 +5,10 @@
 //! tensor bytes. The protocol version is negotiated by ALPN ([`ALPN`]).
 //!
 //! Exchanges:
-//! - device opens a bidirectional stream: `Hello` → `Welcome` (with the frozen base model's tensors)
-//!   or `Refusal`.
+//! - device opens a bidirectional stream: `Hello` → `Welcome` (with the frozen base model's tensors,
+//!   or for a transformer the digests of its checkpoint files) or `Refusal`.
+//! - device opens a bidirectional stream per checkpoint file it lacks: `FetchBase` → `BaseChunk`
+//!   frames up to the file's end (resumable from any offset), or `Refusal`.
 //! - coordinator opens a unidirectional stream per push: `RoundTask` (with the global adapter slice
 //!   for the device's rank) or `Finished`.
 //! - device opens a bidirectional stream per upload: `Update` (with the trained adapter) → `Ack` or
@@ -27,6 +29,7 @@ pub enum DeviceMessage {
     Hello(Hello),
     Update(Update),
     RenewCertificate(RenewCertificate),
+    FetchBase(FetchBase),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,6 +41,7 @@ pub enum CoordinatorMessage {
     Reject(Reject),
     Finished(Finished),
     CertificateRenewed(CertificateRenewed),
+    BaseChunk(BaseChunk),
 }
 
 /// Application close codes (`CONNECTION_CLOSE` of type application).
@@ -86,9 +90,51 @@ pub struct ModelSpec {
 pub struct Welcome {
     pub assigned_rank: u32,
     pub model: ModelSpec,
-    /// Identifies the base weights carried with this message.
+    /// Identifies the base (for a checkpoint, `sha256:<digest of model.safetensors>`).
     pub base_version: String,
+    pub base: BaseDelivery,
 }
+
+/// How a device gets the frozen base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum BaseDelivery {
+    /// Its tensors travel with the Welcome (the small models).
+    Inline,
+    /// A checkpoint directory's files, by name, size and sha256: a device uses its own copy when
+    /// the digests match, and otherwise fetches the files once with `FetchBase` and caches them.
+    Checkpoint { files: Vec<CheckpointFile> },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CheckpointFile {
+    /// A plain file name (`model.safetensors`), never a path.
+    pub name: String,
+    pub size: u64,
+    /// Lower-case hex.
+    pub sha256: String,
+}
+
+/// Asks for one of the Welcome's checkpoint files from `offset` on (a resumed fetch starts where
+/// the bytes on disk end). The file is named by its digest too: a coordinator whose base changed
+/// since the Welcome refuses rather than send other bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FetchBase {
+    pub name: String,
+    pub sha256: String,
+    pub offset: u64,
+}
+
+/// Bytes `offset..offset + bytes.len()` of a checkpoint file of `size` bytes. The coordinator sends
+/// these on the request's stream until the file's end, then finishes the stream.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BaseChunk {
+    pub offset: u64,
+    pub size: u64,
+    pub bytes: Vec<u8>,
+}
+
+/// Largest `BaseChunk::bytes`: well inside the default frame header limit.
+pub const BASE_CHUNK_BYTES: usize = 256 << 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Refusal {

@@ -93,12 +93,14 @@ impl HfCheckpoint {
             serde_json::from_str(&text).map_err(|e| error(&config_path, format!("not a BERT config: {e}")))?;
         match config.model_type.as_deref() {
             Some("bert") => {}
-            other => return Err(error(
-                &config_path,
-                format!(
+            other => {
+                return Err(error(
+                    &config_path,
+                    format!(
                     "model_type {other:?} is not supported; Flotilla runs BERT-family encoders (model_type \"bert\")"
                 ),
-            )),
+                ))
+            }
         }
         if let Some(kind) = config.position_embedding_type.as_deref().filter(|k| *k != "absolute") {
             return Err(error(

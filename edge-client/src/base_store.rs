@@ -1,0 +1,249 @@
+//! Where a device keeps a transformer's checkpoint. The coordinator's Welcome names the files by
+//! digest; the device uses, in order:
+//!
+//! 1. `--model-dir`, when given: it must hold exactly those files (a different base is refused
+//!    with both digests, since training it would poison the federation);
+//! 2. its cache, `<cache>/bases/<sha256 of model.safetensors>/`, filled by an earlier fetch;
+//! 3. the coordinator: each missing file is fetched over the session (`FetchBase`), appended to
+//!    `<file>.partial` so that a lost connection resumes where it stopped, verified against its
+//!    digest, then moved into place. The whole 90 MB is sent once per device, not per session.
+//!
+//! Several devices in one process (the simulator) or on one machine share the cache: a lock file
+//! makes one of them fetch while the others wait and then find the files.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use flotilla_torch::model::checkpoint::{sha256_file, WEIGHTS_FILE};
+use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_wire::protocol::{CheckpointFile, CoordinatorMessage, DeviceMessage, FetchBase, BASE_CHUNK_BYTES};
+use flotilla_wire::tensor::WireTensors;
+use tracing::info;
+
+/// Why the checkpoint could not be had: `Fatal` needs the operator (a different local copy, a
+/// disk error), `Transient` may pass on reconnecting (a lost connection, a bad chunk).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0}")]
+    Fatal(String),
+    #[error("{0}")]
+    Transient(String),
+}
+
+/// Frames of a fetch: one chunk each, no tensors.
+const CHUNK_LIMITS: FrameLimits = FrameLimits {
+    max_header_bytes: (BASE_CHUNK_BYTES + (4 << 10)) as u32,
+    max_tensors: 0,
+    max_tensor_dims: 0,
+    max_body_bytes: 0,
+};
+
+#[derive(Debug, Clone)]
+pub struct BaseStore {
+    /// A local copy of the checkpoint the operator pointed this device at.
+    pub model_dir: Option<PathBuf>,
+    /// `<cache>/bases/<digest>/` holds fetched checkpoints.
+    pub cache: PathBuf,
+}
+
+impl BaseStore {
+    /// The default cache: `$FLOTILLA_CACHE`, else `$XDG_CACHE_HOME/flotilla`, else `~/.cache/flotilla`.
+    pub fn default_cache() -> PathBuf {
+        if let Some(dir) = std::env::var_os("FLOTILLA_CACHE") {
+            return PathBuf::from(dir);
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
+            std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".cache")
+        });
+        base.join("flotilla")
+    }
+
+    /// A directory holding exactly `files`: the model directory, the cache, or fetched now.
+    pub async fn obtain(
+        &self,
+        connection: &quinn::Connection,
+        files: &[CheckpointFile],
+    ) -> Result<PathBuf, StoreError> {
+        for file in files {
+            if !is_plain_name(&file.name)
+                || file.sha256.len() != 64
+                || !file.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                return Err(StoreError::Fatal(format!(
+                    "the coordinator named a checkpoint file '{}' (sha256 '{}') that cannot be stored safely",
+                    file.name, file.sha256
+                )));
+            }
+        }
+        if let Some(dir) = &self.model_dir {
+            let dir = dir.clone();
+            let wanted = files.to_vec();
+            let differences = tokio::task::spawn_blocking(move || differences(&dir, &wanted))
+                .await
+                .map_err(|e| StoreError::Fatal(e.to_string()))?;
+            if differences.is_empty() {
+                return Ok(self.model_dir.clone().unwrap_or_default());
+            }
+            return Err(StoreError::Fatal(format!(
+                "--model-dir {} is not the coordinator's base: {}",
+                self.model_dir.as_deref().unwrap_or(Path::new("")).display(),
+                differences.join("; ")
+            )));
+        }
+        let weights = files
+            .iter()
+            .find(|f| f.name == WEIGHTS_FILE)
+            .ok_or_else(|| StoreError::Fatal(format!("the coordinator's checkpoint has no {WEIGHTS_FILE}")))?;
+        let dir = self.cache.join("bases").join(&weights.sha256);
+        std::fs::create_dir_all(&dir).map_err(|e| fatal_io(&dir, e))?;
+        let lock = open_lock(&dir).await?;
+        for file in files {
+            let target = dir.join(&file.name);
+            if verified_marker(&dir, file).is_file() && target.is_file() {
+                continue;
+            }
+            fetch(connection, &dir, file).await?;
+        }
+        drop(lock);
+        Ok(dir)
+    }
+}
+
+/// A file name without directories, so that it cannot point outside the cache.
+fn is_plain_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains(['/', '\\']) && !name.starts_with('.')
+}
+
+fn verified_marker(dir: &Path, file: &CheckpointFile) -> PathBuf {
+    dir.join(format!(".{}.{}.verified", file.name, file.sha256))
+}
+
+fn fatal_io(path: &Path, error: std::io::Error) -> StoreError {
+    StoreError::Fatal(format!("{}: {error}", path.display()))
+}
+
+/// What differs between the files in `dir` and `wanted` (empty: the same base).
+fn differences(dir: &Path, wanted: &[CheckpointFile]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter_map(|file| {
+            let path = dir.join(&file.name);
+            match sha256_file(&path) {
+                Ok(digest) if digest == file.sha256 => None,
+                Ok(digest) => Some(format!("{} has sha256 {digest}, the coordinator's has {}", file.name, file.sha256)),
+                Err(e) => Some(e.to_string()),
+            }
+        })
+        .collect()
+}
+
+/// An exclusive lock on `<dir>/.lock` (held until dropped), waited for off the async threads.
+async fn open_lock(dir: &Path) -> Result<std::fs::File, StoreError> {
+    let path = dir.join(".lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| fatal_io(&path, e))?;
+    tokio::task::spawn_blocking(move || {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a file descriptor this closure owns; no memory is shared with libc.
+        let result = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+        if result == 0 {
+            Ok(lock)
+        } else {
+            Err(fatal_io(&path, std::io::Error::last_os_error()))
+        }
+    })
+    .await
+    .map_err(|e| StoreError::Fatal(e.to_string()))?
+}
+
+/// Fetches `file` into `dir`, resuming a partial download, and verifies it.
+async fn fetch(connection: &quinn::Connection, dir: &Path, file: &CheckpointFile) -> Result<(), StoreError> {
+    let partial = dir.join(format!("{}.partial", file.name));
+    let mut have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
+    if have > file.size {
+        std::fs::remove_file(&partial).map_err(|e| fatal_io(&partial, e))?;
+        have = 0;
+    }
+    info!(file = %file.name, bytes = file.size, resume_at = have, "fetching the base checkpoint from the coordinator");
+    let transient = |e: &dyn std::fmt::Display| StoreError::Transient(format!("fetching {}: {e}", file.name));
+    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| transient(&e))?;
+    let request =
+        DeviceMessage::FetchBase(FetchBase { name: file.name.clone(), sha256: file.sha256.clone(), offset: have });
+    write_frame(&mut send, &request, &WireTensors::default()).await.map_err(|e| transient(&e))?;
+    send.finish().map_err(|e| transient(&e))?;
+    let mut out =
+        std::fs::OpenOptions::new().create(true).append(true).open(&partial).map_err(|e| fatal_io(&partial, e))?;
+    while have < file.size {
+        let (message, _) =
+            read_frame::<_, CoordinatorMessage>(&mut recv, &CHUNK_LIMITS).await.map_err(|e| transient(&e))?;
+        let chunk = match message {
+            CoordinatorMessage::BaseChunk(chunk) => chunk,
+            CoordinatorMessage::Refusal(refusal) => {
+                return Err(StoreError::Transient(format!("the coordinator refused {}: {}", file.name, refusal.reason)))
+            }
+            other => return Err(StoreError::Transient(format!("expected BaseChunk, got {other:?}"))),
+        };
+        if chunk.offset != have
+            || chunk.size != file.size
+            || chunk.bytes.is_empty()
+            || have + chunk.bytes.len() as u64 > file.size
+        {
+            return Err(StoreError::Transient(format!(
+                "{}: chunk at {} ({} bytes) does not continue the {have} bytes held",
+                file.name,
+                chunk.offset,
+                chunk.bytes.len()
+            )));
+        }
+        out.write_all(&chunk.bytes).map_err(|e| fatal_io(&partial, e))?;
+        have += chunk.bytes.len() as u64;
+    }
+    out.sync_all().map_err(|e| fatal_io(&partial, e))?;
+    drop(out);
+    let path = partial.clone();
+    let digest =
+        tokio::task::spawn_blocking(move || sha256_file(&path)).await.map_err(|e| StoreError::Fatal(e.to_string()))?;
+    let digest = digest.map_err(|e| StoreError::Fatal(e.to_string()))?;
+    if digest != file.sha256 {
+        // Bad bytes are not kept: the next attempt starts over.
+        let _ = std::fs::remove_file(&partial);
+        return Err(StoreError::Transient(format!(
+            "{}: fetched bytes have sha256 {digest}, expected {}; fetching again",
+            file.name, file.sha256
+        )));
+    }
+    let target = dir.join(&file.name);
+    std::fs::rename(&partial, &target).map_err(|e| fatal_io(&target, e))?;
+    std::fs::write(verified_marker(dir, file), b"").map_err(|e| fatal_io(dir, e))?;
+    info!(file = %file.name, "base checkpoint file fetched and verified");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_file_names_are_stored() {
+        assert!(is_plain_name("model.safetensors"));
+        for bad in ["", ".", "..", "../x", "a/b", "a\\b", ".lock"] {
+            assert!(!is_plain_name(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_local_copy_is_compared_file_by_file() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.json"), b"{}").unwrap();
+        let digest = sha256_file(&dir.path().join("a.json")).unwrap();
+        let same = CheckpointFile { name: "a.json".into(), size: 2, sha256: digest };
+        assert!(differences(dir.path(), std::slice::from_ref(&same)).is_empty());
+        let other = CheckpointFile { sha256: "0".repeat(64), ..same };
+        let found = differences(dir.path(), &[other]);
+        assert!(found[0].contains("a.json has sha256"), "{found:?}");
+    }
+}
