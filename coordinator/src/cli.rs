@@ -1,5 +1,5 @@
 //! The command line of `flotilla-coordinator-torch` (run as `flotilla-coordinator` through the
-//! front end): `serve`, `check`, `status`, `export`, and `aggregate` on the libtorch path.
+//! front end): `serve`, `check`, `status`, `export`, `classify`, and `aggregate` on the libtorch path.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +8,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flotilla_coordinator_front::aggregate::AggregateArgs;
 
-use crate::{aggregate_torch, config, evaluation, export, metrics, renewal, report, setup};
+use crate::{aggregate_torch, config, evaluation, export, hf_model, metrics, renewal, report, setup};
 
 /// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
 /// updates of different ranks (RBLA by default) into one global adapter.
@@ -66,7 +66,8 @@ enum Command {
         #[arg(long, env = "FLOTILLA_CONFIG")]
         config: PathBuf,
         /// Output directory: adapter/ (adapter_model.safetensors, adapter_config.json) and, with
-        /// --merged, model.safetensors and model.json.
+        /// --merged, model.safetensors and model.json (a transformer: merged/, an HF model
+        /// directory that AutoModelForSequenceClassification loads).
         #[arg(long)]
         out: PathBuf,
         /// Round to export (default: the last finished one).
@@ -77,6 +78,26 @@ enum Command {
         rank: Option<u32>,
         #[arg(long)]
         merged: bool,
+    },
+    /// Label texts with an exported transformer (`export --merged`'s merged/ directory, or any HF
+    /// BertForSequenceClassification directory with id2label): one text per line of --input or
+    /// stdin.
+    Classify {
+        /// The model directory (config.json, model.safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// A file of texts, one per line (default: stdin).
+        #[arg(long)]
+        input: Option<PathBuf>,
+        /// `text`: label, probability and the text's start per line; `json`: one JSON object per
+        /// line with the label, its probability and the logits.
+        #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+        format: String,
+        /// Tokens per text (default: the fine-tuning's maximum length).
+        #[arg(long)]
+        max_length: Option<u32>,
+        #[arg(long, default_value_t = 32)]
+        batch_size: usize,
     },
     /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
     /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
@@ -177,6 +198,19 @@ fn run(command: Command) -> Result<()> {
                     status.devices_connected,
                     if ranks.is_empty() { "none".to_string() } else { ranks.join(", ") }
                 );
+            }
+            Ok(())
+        }
+        Command::Classify { model, input, format, max_length, batch_size } => {
+            let classifier = hf_model::Classifier::load(&model, max_length)?;
+            let texts = hf_model::read_texts(input.as_ref())?;
+            for verdict in classifier.classify(&texts, batch_size)? {
+                if format == "json" {
+                    println!("{}", serde_json::to_string(&verdict)?);
+                } else {
+                    let start: String = verdict.text.chars().take(60).collect();
+                    println!("{}\t{:.3}\t{start}", verdict.label, verdict.probability);
+                }
             }
             Ok(())
         }

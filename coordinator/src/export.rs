@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use flotilla_torch::adapter::peft_config_for;
-use flotilla_torch::model::ArchitectureExt;
+use flotilla_torch::model::{Architecture, ArchitectureExt};
 use tch::Tensor;
 
 use crate::checkpoint::{self, CheckpointState, STATE_FILE};
@@ -60,13 +60,24 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
         ("method".to_string(), state.method.clone()),
         ("max_rank".to_string(), max_rank.to_string()),
     ]);
+    let mut peft_config = peft_config_for(&adapter, peft_alpha);
+    if let Some(transformer) = &config.model.transformer {
+        // What PeftModel.from_pretrained needs to rebuild a sequence classifier over the base.
+        peft_config.task_type = Some("SEQ_CLS".into());
+        peft_config.base_model_name_or_path = Some(transformer.checkpoint.display().to_string());
+    }
     adapter
-        .save_peft(&adapter_dir, &peft_config_for(&adapter, peft_alpha), metadata.clone())
+        .save_peft(&adapter_dir, &peft_config, metadata.clone())
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", adapter_dir.display()))?;
 
     let merged_model = if request.merged {
         let base = crate::base::prepare(config)?;
         let merged = config.model.architecture.merge(&base.weights, &adapter, lora_alpha / max_rank as f64)?;
+        if let (Architecture::Bert(spec), Some(transformer)) = (&config.model.architecture, &config.model.transformer) {
+            let dir = request.out.join("merged");
+            crate::hf_model::write_merged(&dir, spec, &merged, &transformer.checkpoint)?;
+            return Ok(Exported { round: state.round, rank, adapter_dir, merged_model: Some(dir) });
+        }
         let path = request.out.join("model.safetensors");
         let named: Vec<(&str, &Tensor)> = merged.iter().map(|(n, t)| (n.as_str(), t)).collect();
         crate::base::write_safetensors_atomically(&path, &named)?;

@@ -9,7 +9,8 @@
 //!   folds updates and answers their devices.
 //! - [`checkpoint`], [`report`], [`report_files`], [`plots`]: crash-safe checkpoints, the run's
 //!   records, and the report files and plots written from them.
-//! - [`base`], [`evaluation`], [`export`]: the frozen base model, test-set evaluation, PEFT export.
+//! - [`base`], [`evaluation`], [`export`], [`hf_model`]: the frozen base model, test-set evaluation,
+//!   PEFT export, HF model directories and `classify`.
 //! - [`aggregate_torch`]: `aggregate` on the libtorch path.
 //! - [`config`], [`metrics`], [`renewal`], [`reset_secret`], [`crash_points`]: configuration, Prometheus
 //!   metrics and `/status`, online certificate renewal, the QUIC reset key, crash-test hooks.
@@ -25,6 +26,7 @@ pub mod crash_points;
 pub mod driver;
 pub mod evaluation;
 pub mod export;
+pub mod hf_model;
 pub mod metrics;
 pub mod plots;
 pub mod renewal;

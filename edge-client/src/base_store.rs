@@ -4,9 +4,10 @@
 //! 1. `--model-dir`, when given: it must hold exactly those files (a different base is refused
 //!    with both digests, since training it would poison the federation);
 //! 2. its cache, `<cache>/bases/<sha256 of model.safetensors>/`, filled by an earlier fetch;
-//! 3. the coordinator: each missing file is fetched over the session (`FetchBase`), appended to
-//!    `<file>.partial` so that a lost connection resumes where it stopped, verified against its
-//!    digest, then moved into place. The whole 90 MB is sent once per device, not per session.
+//! 3. the coordinator: each missing file is fetched over the session a piece at a time
+//!    (`FetchBase` → `BaseChunk`), appended to `<file>.partial` so that a lost connection resumes
+//!    where it stopped, verified against its digest, then moved into place. The 90 MB of
+//!    all-MiniLM-L6-v2 cross the network once per machine, not once per session.
 //!
 //! Several devices in one process (the simulator) or on one machine share the cache: a lock file
 //! makes one of them fetch while the others wait and then find the files.
@@ -44,6 +45,8 @@ pub struct BaseStore {
     pub model_dir: Option<PathBuf>,
     /// `<cache>/bases/<digest>/` holds fetched checkpoints.
     pub cache: PathBuf,
+    /// Bytes asked for per `FetchBase` (the coordinator sends at most `BASE_CHUNK_BYTES`).
+    pub chunk_bytes: u32,
 }
 
 impl BaseStore {
@@ -102,7 +105,7 @@ impl BaseStore {
             if verified_marker(&dir, file).is_file() && target.is_file() {
                 continue;
             }
-            fetch(connection, &dir, file).await?;
+            fetch(connection, &dir, file, self.chunk_bytes).await?;
         }
         drop(lock);
         Ok(dir)
@@ -161,7 +164,12 @@ async fn open_lock(dir: &Path) -> Result<std::fs::File, StoreError> {
 }
 
 /// Fetches `file` into `dir`, resuming a partial download, and verifies it.
-async fn fetch(connection: &quinn::Connection, dir: &Path, file: &CheckpointFile) -> Result<(), StoreError> {
+async fn fetch(
+    connection: &quinn::Connection,
+    dir: &Path,
+    file: &CheckpointFile,
+    chunk_bytes: u32,
+) -> Result<(), StoreError> {
     let partial = dir.join(format!("{}.partial", file.name));
     let mut have = std::fs::metadata(&partial).map(|m| m.len()).unwrap_or(0);
     if have > file.size {
@@ -170,14 +178,18 @@ async fn fetch(connection: &quinn::Connection, dir: &Path, file: &CheckpointFile
     }
     info!(file = %file.name, bytes = file.size, resume_at = have, "fetching the base checkpoint from the coordinator");
     let transient = |e: &dyn std::fmt::Display| StoreError::Transient(format!("fetching {}: {e}", file.name));
-    let (mut send, mut recv) = connection.open_bi().await.map_err(|e| transient(&e))?;
-    let request =
-        DeviceMessage::FetchBase(FetchBase { name: file.name.clone(), sha256: file.sha256.clone(), offset: have });
-    write_frame(&mut send, &request, &WireTensors::default()).await.map_err(|e| transient(&e))?;
-    send.finish().map_err(|e| transient(&e))?;
     let mut out =
         std::fs::OpenOptions::new().create(true).append(true).open(&partial).map_err(|e| fatal_io(&partial, e))?;
     while have < file.size {
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| transient(&e))?;
+        let request = DeviceMessage::FetchBase(FetchBase {
+            name: file.name.clone(),
+            sha256: file.sha256.clone(),
+            offset: have,
+            length: chunk_bytes,
+        });
+        write_frame(&mut send, &request, &WireTensors::default()).await.map_err(|e| transient(&e))?;
+        send.finish().map_err(|e| transient(&e))?;
         let (message, _) =
             read_frame::<_, CoordinatorMessage>(&mut recv, &CHUNK_LIMITS).await.map_err(|e| transient(&e))?;
         let chunk = match message {
@@ -187,20 +199,17 @@ async fn fetch(connection: &quinn::Connection, dir: &Path, file: &CheckpointFile
             }
             other => return Err(StoreError::Transient(format!("expected BaseChunk, got {other:?}"))),
         };
-        if chunk.offset != have
-            || chunk.size != file.size
-            || chunk.bytes.is_empty()
-            || have + chunk.bytes.len() as u64 > file.size
-        {
+        let end = have + chunk.bytes.len() as u64;
+        if chunk.offset != have || chunk.size != file.size || chunk.bytes.is_empty() || end > file.size {
             return Err(StoreError::Transient(format!(
-                "{}: chunk at {} ({} bytes) does not continue the {have} bytes held",
+                "{}: a chunk of {} bytes at {} does not continue the {have} bytes held",
                 file.name,
-                chunk.offset,
-                chunk.bytes.len()
+                chunk.bytes.len(),
+                chunk.offset
             )));
         }
         out.write_all(&chunk.bytes).map_err(|e| fatal_io(&partial, e))?;
-        have += chunk.bytes.len() as u64;
+        have = end;
     }
     out.sync_all().map_err(|e| fatal_io(&partial, e))?;
     drop(out);

@@ -115,6 +115,9 @@ struct BaseArgs {
     /// ~/.cache/flotilla.
     #[arg(long)]
     cache_dir: Option<PathBuf>,
+    /// KiB asked for per checkpoint fetch request (the coordinator sends at most 768).
+    #[arg(long, default_value_t = 768, value_parser = clap::value_parser!(u32).range(1..=768))]
+    fetch_chunk_kib: u32,
 }
 
 impl BaseArgs {
@@ -122,6 +125,7 @@ impl BaseArgs {
         std::sync::Arc::new(base_store::BaseStore {
             model_dir: self.model_dir.clone(),
             cache: self.cache_dir.clone().unwrap_or_else(base_store::BaseStore::default_cache),
+            chunk_bytes: self.fetch_chunk_kib * 1024,
         })
     }
 }

@@ -1,13 +1,73 @@
 //! The README's main command, run as written (against the debug binaries, to skip a release build):
-//! provisioning, a pretrained base, a fleet of six devices with four ranks, twelve rounds of RBLA on
-//! Fashion-MNIST, the printed table, the reports and plots, and the exported adapter and merged model.
+//! provisioning, all-MiniLM-L6-v2 fetched by the devices from the coordinator, four devices of ranks
+//! 2 to 16 on label-skewed BBC News shards, rounds of RBLA (fewer and shorter than the default, to
+//! keep the suite quick), the per-rank table, the reports and plots, the exported adapter; and the
+//! Fashion-MNIST demo behind `FLOTILLA_TASK=fashion-mnist`, with its pretrained base.
 
 use std::process::Command;
 
 use flotilla_tests::{binary, read_safetensors, run_ok, workspace_root};
 
 #[test]
-fn quickstart_completes_and_prints_the_round_summary() {
+fn quickstart_fine_tunes_minilm_on_bbc_news_across_ranks() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    let bin_dir = binary("flotilla-coordinator").parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(run_dir.join("texts.txt"), "The striker scored twice in the final.\nShares fell sharply.\n")
+        .unwrap();
+    let output = run_ok(
+        Command::new("bash")
+            .arg(workspace_root().join("deploy/quickstart.sh"))
+            .env("FLOTILLA_BIN_DIR", &bin_dir)
+            .env("FLOTILLA_RUN_DIR", &run_dir)
+            .env("FLOTILLA_ROUNDS", "3")
+            .env("FLOTILLA_LOCAL_STEPS", "12")
+            .env("FLOTILLA_EVAL_SAMPLES", "100"),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("run finished: 3 round(s) with rbla (R_max 16)"), "{stdout}");
+    for round in 1..=3 {
+        assert!(stdout.contains(&format!("[round {round}/3] aggregated 4 updates")), "{stdout}");
+    }
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run_dir.join("summary.json")).unwrap()).unwrap();
+    let accuracy = |evaluation: &serde_json::Value, rank: u64| {
+        evaluation.as_array().unwrap().iter().find(|e| e["rank"] == rank).unwrap()["accuracy"].as_f64().unwrap()
+    };
+    let before = accuracy(&summary["initial_evaluation"], 16);
+    let last = &summary["rounds"][2]["evaluation"];
+    let ranks: Vec<u64> = last.as_array().unwrap().iter().map(|e| e["rank"].as_u64().unwrap()).collect();
+    assert_eq!(ranks, vec![16, 8, 4, 2], "every rank that took part is evaluated");
+    let best = ranks.iter().map(|&r| accuracy(last, r)).fold(0.0, f64::max);
+    assert!(best > before + 0.1, "held-out accuracy: base {before:.3}, best slice after 3 rounds {best:.3}");
+    assert_eq!(std::fs::read_to_string(run_dir.join("evaluation-examples.txt")).unwrap().lines().count(), 100);
+    let fetched = std::fs::read_dir(run_dir.join("device-cache/bases")).unwrap().count();
+    assert_eq!(fetched, 1, "one base, fetched from the coordinator once into the devices' cache");
+    let (adapter, _) = read_safetensors(&run_dir.join("export/adapter/adapter_model.safetensors"));
+    let query = &adapter["base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight"];
+    assert_eq!((query.rows, query.cols), (16, 384));
+    assert!(adapter.contains_key("base_model.model.classifier.weight"));
+    for file in ["config.json", "model.safetensors", "tokenizer.json"] {
+        assert!(run_dir.join("export/merged").join(file).exists(), "{file}");
+    }
+    assert!(run_dir.join("accuracy.png").exists());
+    // The exported model labels texts.
+    let classify = run_ok(
+        Command::new(binary("flotilla-coordinator"))
+            .args(["classify", "--format", "json", "--input"])
+            .arg(run_dir.join("texts.txt"))
+            .arg("--model")
+            .arg(run_dir.join("export/merged")),
+    );
+    let verdicts: Vec<serde_json::Value> =
+        String::from_utf8_lossy(&classify.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(verdicts.len(), 2);
+    assert!(verdicts.iter().all(|v| v["logits"].as_array().unwrap().len() == 5));
+}
+
+#[test]
+fn quickstart_fashion_mnist_demo_completes_and_prints_the_round_summary() {
     let dir = tempfile::tempdir().unwrap();
     let run_dir = dir.path().join("run");
     let bin_dir = binary("flotilla-coordinator").parent().unwrap().to_path_buf();
@@ -15,7 +75,8 @@ fn quickstart_completes_and_prints_the_round_summary() {
         Command::new("bash")
             .arg(workspace_root().join("deploy/quickstart.sh"))
             .env("FLOTILLA_BIN_DIR", &bin_dir)
-            .env("FLOTILLA_RUN_DIR", &run_dir),
+            .env("FLOTILLA_RUN_DIR", &run_dir)
+            .env("FLOTILLA_TASK", "fashion-mnist"),
     );
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("run finished: 12 round(s) with rbla (R_max 16)"), "{stdout}");

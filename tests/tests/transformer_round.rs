@@ -81,6 +81,8 @@ fn devices_fine_tune_a_transformer_fetching_the_base_once_and_accuracy_rises() {
             .args(["--partition", "iid", "--devices", "2", "--device-index", index])
             .arg("--cache-dir")
             .arg(run.join(format!("cache-{id}")))
+            // Small pieces: the 100 KB checkpoint takes several requests, as a real one does.
+            .args(["--fetch-chunk-kib", "16"])
             .arg("--kit")
             .arg(pki.join("kits").join(id));
         command

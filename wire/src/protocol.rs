@@ -7,8 +7,8 @@
 //! Exchanges:
 //! - device opens a bidirectional stream: `Hello` → `Welcome` (with the frozen base model's tensors,
 //!   or for a transformer the digests of its checkpoint files) or `Refusal`.
-//! - device opens a bidirectional stream per checkpoint file it lacks: `FetchBase` → `BaseChunk`
-//!   frames up to the file's end (resumable from any offset), or `Refusal`.
+//! - device opens a bidirectional stream per piece of a checkpoint file it lacks: `FetchBase` →
+//!   `BaseChunk` or `Refusal` (so a fetch resumes from any offset).
 //! - coordinator opens a unidirectional stream per push: `RoundTask` (with the global adapter slice
 //!   for the device's rank) or `Finished`.
 //! - device opens a bidirectional stream per upload: `Update` (with the trained adapter) → `Ack` or
@@ -114,18 +114,19 @@ pub struct CheckpointFile {
     pub sha256: String,
 }
 
-/// Asks for one of the Welcome's checkpoint files from `offset` on (a resumed fetch starts where
-/// the bytes on disk end). The file is named by its digest too: a coordinator whose base changed
-/// since the Welcome refuses rather than send other bytes.
+/// Asks for `length` bytes (at most [`BASE_CHUNK_BYTES`]) of one of the Welcome's checkpoint files
+/// from `offset` on (a resumed fetch starts where the bytes on disk end). The file is named by its
+/// digest too: a coordinator whose base changed since the Welcome refuses rather than send other bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FetchBase {
     pub name: String,
     pub sha256: String,
     pub offset: u64,
+    pub length: u32,
 }
 
-/// Bytes `offset..offset + bytes.len()` of a checkpoint file of `size` bytes. The coordinator sends
-/// these on the request's stream until the file's end, then finishes the stream.
+/// Bytes `offset..offset + bytes.len()` of a checkpoint file of `size` bytes: what was asked for,
+/// shortened at the file's end and at [`BASE_CHUNK_BYTES`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BaseChunk {
     pub offset: u64,
@@ -133,8 +134,8 @@ pub struct BaseChunk {
     pub bytes: Vec<u8>,
 }
 
-/// Largest `BaseChunk::bytes`: well inside the default frame header limit.
-pub const BASE_CHUNK_BYTES: usize = 256 << 10;
+/// Largest `BaseChunk::bytes`: inside the default frame header limit (1 MiB).
+pub const BASE_CHUNK_BYTES: usize = 768 << 10;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Refusal {

@@ -91,16 +91,14 @@ impl HfCheckpoint {
         let text = std::fs::read_to_string(&config_path).map_err(|e| error(&config_path, e.to_string()))?;
         let config: HfBertConfig =
             serde_json::from_str(&text).map_err(|e| error(&config_path, format!("not a BERT config: {e}")))?;
-        match config.model_type.as_deref() {
-            Some("bert") => {}
-            other => {
-                return Err(error(
-                    &config_path,
-                    format!(
-                    "model_type {other:?} is not supported; Flotilla runs BERT-family encoders (model_type \"bert\")"
+        if config.model_type.as_deref() != Some("bert") {
+            let named = config.model_type.as_ref().map_or("missing".to_string(), |t| format!("\"{t}\""));
+            return Err(error(
+                &config_path,
+                format!(
+                    "model_type {named} is not supported; Flotilla runs BERT-family encoders (model_type \"bert\")"
                 ),
-                ))
-            }
+            ));
         }
         if let Some(kind) = config.position_embedding_type.as_deref().filter(|k| *k != "absolute") {
             return Err(error(

@@ -12,6 +12,21 @@ use super::{Architecture, ArchitectureExt, BaseWeights, Lora, ModelError, ADAPTE
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::Dataset;
 
+/// Local samples a transformer's loss and accuracy before and after training are measured on.
+pub const TRANSFORMER_METRICS_SAMPLES: usize = 64;
+
+/// At most `cap` of `n` sample indices, drawn without replacement with `seed`.
+fn local_metrics_sample(n: usize, cap: usize, seed: u64) -> Vec<usize> {
+    let mut indices: Vec<usize> = (0..n).collect();
+    if n > cap {
+        use rand::seq::SliceRandom;
+        indices.shuffle(&mut ChaCha8Rng::seed_from_u64(seed ^ 0x006d_6574_7269_6373));
+        indices.truncate(cap);
+        indices.sort_unstable();
+    }
+    indices
+}
+
 /// A model ready to train or evaluate: frozen base tensors (on the training device, with online
 /// FLoRA's merged update already added) plus adapter variables in their own `VarStore`, so the
 /// optimizer only ever sees the adapter.
@@ -126,10 +141,17 @@ impl LoraModel {
     /// Local training: AdamW on the adapter only, `local_steps` minibatches drawn with `seed`.
     pub fn train(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<LocalMetrics, ModelError> {
         let started = Instant::now();
-        let eval_batch = if self.architecture.takes_tokens() { 64 } else { 1024 };
-        let (loss_before, _) = self.evaluate(data, eval_batch)?;
+        // A transformer's forward pass is costly: its local metrics come from a seeded sample.
+        let (eval_batch, sample) = if self.architecture.takes_tokens() {
+            (64, Some(local_metrics_sample(data.len(), TRANSFORMER_METRICS_SAMPLES, settings.seed)))
+        } else {
+            (1024, None)
+        };
+        let sampled = sample.map(|indices| data.subset(&indices));
+        let measured = sampled.as_ref().unwrap_or(data);
+        let (loss_before, _) = self.evaluate(measured, eval_batch)?;
         self.train_steps(data, settings)?;
-        let (loss_after, accuracy) = self.evaluate(data, eval_batch)?;
+        let (loss_after, accuracy) = self.evaluate(measured, eval_batch)?;
         Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds: started.elapsed().as_secs_f64() })
     }
 
