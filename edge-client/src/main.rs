@@ -137,6 +137,13 @@ struct PolicyArgs {
     min_rank: u32,
     #[arg(long, default_value_t = 64)]
     max_rank: u32,
+    /// Time this transformer checkpoint (config.json, model.safetensors, tokenizer.json) at
+    /// --max-length tokens instead of the MLP below; with `run`, default: --model-dir.
+    #[arg(long)]
+    transformer: Option<PathBuf>,
+    /// Tokens per input when timing a transformer.
+    #[arg(long, default_value_t = 64)]
+    max_length: u32,
     /// The model to time (an MLP): inputs, hidden layer sizes (comma-separated), classes.
     #[arg(long, default_value_t = 784)]
     input: u32,
@@ -338,12 +345,25 @@ fn probe_with(policy: &PolicyArgs, device_class: Option<&str>, threads: usize) -
     anyhow::ensure!(policy.min_rank >= 1 && policy.min_rank <= policy.max_rank, "need 1 <= --min-rank <= --max-rank");
     anyhow::ensure!(!policy.hidden.is_empty() && policy.hidden.iter().all(|&h| h > 0), "--hidden needs sizes > 0");
     let device_class = device_class.unwrap_or("this-device").to_string();
-    probe::probe(&probe::ProbeSettings {
-        architecture: flotilla_torch::model::Architecture::Mlp {
+    let architecture = match &policy.transformer {
+        Some(dir) => {
+            let checkpoint = flotilla_torch::model::checkpoint::HfCheckpoint::open(dir)?;
+            let spec = checkpoint.spec(&flotilla_torch::model::checkpoint::FineTuning {
+                target_modules: flotilla_wire::model::DEFAULT_TARGET_MODULES.iter().map(|t| t.to_string()).collect(),
+                pooling: flotilla_torch::model::Pooling::Cls,
+                labels: (0..policy.classes.max(2)).map(|c| format!("class-{c}")).collect(),
+                max_length: policy.max_length,
+            })?;
+            flotilla_torch::model::Architecture::Bert(spec)
+        }
+        None => flotilla_torch::model::Architecture::Mlp {
             input: policy.input,
             hidden: policy.hidden.clone(),
             classes: policy.classes,
         },
+    };
+    probe::probe(&probe::ProbeSettings {
+        architecture,
         device_class,
         r_min: policy.min_rank,
         r_max: policy.max_rank,
@@ -499,7 +519,11 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         RankRequest::Auto => {
             // A class name that has budgets is emulated; any other name is only a label.
             let emulated = args.device_class.as_deref().filter(|c| probe::class_budgets(c).is_some());
-            let report = probe_with(&args.policy, emulated, args.threads)?;
+            let mut policy = args.policy.clone();
+            if policy.transformer.is_none() {
+                policy.transformer = args.base.model_dir.clone();
+            }
+            let report = probe_with(&policy, emulated, args.threads)?;
             tracing::info!(
                 rank = report.choice.rank,
                 device_class = %report.device_class,

@@ -6,12 +6,13 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use flotilla_torch::data::synthetic_classification;
+use flotilla_torch::data::{synthetic_classification, Dataset};
 use flotilla_torch::model::{Architecture, ArchitectureExt, LoraModel};
 use flotilla_wire::protocol::TrainingSettings;
 use serde::Serialize;
+use tch::{Kind, Tensor};
 
-use crate::rank_policy::{self, AdapterSize, Budgets, RankChoice};
+use crate::rank_policy::{self, AdapterSize, Budgets, RankChoice, TrainingFootprint};
 
 /// Budgets for a device class, to emulate weaker hardware in trials. `None` (no class given) uses
 /// the device's own measurements: a quarter of the available memory, 64 MiB of upload and 250 ms
@@ -99,11 +100,11 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
         budgets.step_ms = step_ms;
     }
     let per_rank: u64 = settings.architecture.adapted_layers().iter().map(|l| (l.d_in + l.d_out) as u64).sum();
-    let head = (settings.architecture.classes()
-        * (settings.architecture.adapted_layers().last().map_or(settings.architecture.input_size(), |l| l.d_out) + 1))
-        as u64;
+    let (head_in, classes) = settings.architecture.head_shape();
+    let head = (classes * (head_in + 1)) as u64;
     let choice = rank_policy::choose(
         AdapterSize { per_rank, fixed: head },
+        TrainingFootprint::estimate(&settings.architecture, settings.batch_size),
         interpolate,
         budgets,
         settings.r_min,
@@ -130,6 +131,23 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
 }
 
 /// Median step time at each rank, on a dedicated thread (as training runs), after 3 warm-up steps.
+/// Inputs to time steps on: synthetic features, or for a transformer random token ids of the full
+/// configured length (the most a step costs).
+fn probe_data(architecture: &Architecture, samples: usize) -> Dataset {
+    match architecture {
+        Architecture::Bert(spec) => {
+            let (n, length) = (samples as i64, i64::from(spec.max_length));
+            let cpu = (Kind::Int64, tch::Device::Cpu);
+            Dataset::tokens(
+                Tensor::randint_low(1, i64::from(spec.vocab), [n, length], cpu),
+                Tensor::full([n], length, cpu),
+                Tensor::randint(spec.labels.len() as i64, [n], cpu),
+            )
+        }
+        _ => synthetic_classification(samples, architecture.input_size(), architecture.classes(), 1, 2),
+    }
+}
+
 fn measure_steps(settings: &ProbeSettings, ranks: &[u32]) -> anyhow::Result<BTreeMap<u32, f64>> {
     let (architecture, ranks, threads, batch, budget) =
         (settings.architecture.clone(), ranks.to_vec(), settings.threads, settings.batch_size, settings.time_budget);
@@ -139,8 +157,7 @@ fn measure_steps(settings: &ProbeSettings, ranks: &[u32]) -> anyhow::Result<BTre
             tch::set_num_threads(threads.max(1) as i32);
             let device = tch::Device::cuda_if_available();
             let base = architecture.init_base(1);
-            let data =
-                synthetic_classification(batch.max(1) * 8, architecture.input_size(), architecture.classes(), 1, 2);
+            let data = probe_data(&architecture, batch.max(1) * 8);
             let mut out = BTreeMap::new();
             for rank in ranks {
                 let adapter = architecture.init_adapter(rank as usize, 3)?;

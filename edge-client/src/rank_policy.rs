@@ -2,11 +2,14 @@
 //! budgets for training memory, upload per round and training-step time.
 //!
 //! - Training memory: every adapter parameter costs 16 bytes while training (the f32 value, its
-//!   gradient and AdamW's two moments).
+//!   gradient and AdamW's two moments), plus the [`TrainingFootprint`]: the frozen base, held once,
+//!   and the activations the backward pass keeps (for a transformer these dominate: all-MiniLM-L6-v2
+//!   at batch 16 and 64 tokens: about 245 MB of activations and 91 MB of base, whatever the rank).
 //! - Upload: 4 bytes per adapter parameter per round (f32 on the wire).
 //! - Step time: measured by the probe at the smallest and largest candidate ranks, interpolated
 //!   linearly in between.
 
+use flotilla_torch::model::Architecture;
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -26,6 +29,62 @@ pub struct AdapterSize {
 impl AdapterSize {
     pub fn params(&self, rank: u32) -> u64 {
         self.per_rank * u64::from(rank) + self.fixed
+    }
+}
+
+/// What training needs besides the adapter's own parameters: `fixed_bytes` (the frozen base and
+/// the activations autograd keeps, whatever the rank) and `per_rank_bytes` (each LoRA module's
+/// `x·Aᵀ`, kept for the backward pass, per unit of rank).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct TrainingFootprint {
+    pub fixed_bytes: u64,
+    pub per_rank_bytes: u64,
+}
+
+impl TrainingFootprint {
+    /// Estimated for `architecture` training on batches of `batch` inputs (f32 throughout):
+    /// - the base's parameters;
+    /// - small models: each layer's output, its activation and a mask (3 values per output);
+    /// - a transformer, per layer and token: the layer input, Q, K, V, the attention context, its
+    ///   projection and the two LayerNorms' inputs and outputs (about 12·hidden), the feed-forward
+    ///   block's input, pre- and post-activation (2·intermediate + 4·hidden), and the attention
+    ///   weights (heads · length);
+    /// - per unit of rank: one value per token for every adapted module.
+    ///
+    /// `cargo bench -p flotilla-edge --bench transformer_step` measures the real peak
+    /// (docs/benchmarks.md) to check the estimate against.
+    pub fn estimate(architecture: &Architecture, batch: usize) -> TrainingFootprint {
+        const F32: u64 = 4;
+        let batch = batch.max(1) as u64;
+        let adapted = architecture.adapted_layers();
+        match architecture {
+            Architecture::Bert(spec) => {
+                let (h, i, heads, tokens) = (
+                    u64::from(spec.hidden),
+                    u64::from(spec.intermediate),
+                    u64::from(spec.heads),
+                    u64::from(spec.max_length),
+                );
+                let per_token = 16 * h + 2 * i + heads * tokens;
+                TrainingFootprint {
+                    fixed_bytes: spec.base_parameters() * F32
+                        + u64::from(spec.layers) * batch * tokens * per_token * F32,
+                    per_rank_bytes: adapted.len() as u64 * batch * tokens * F32,
+                }
+            }
+            _ => {
+                let base: u64 = adapted.iter().map(|l| ((l.d_in + 1) * l.d_out) as u64).sum();
+                let outputs: u64 = adapted.iter().map(|l| l.d_out as u64).sum();
+                TrainingFootprint {
+                    fixed_bytes: base * F32 + 3 * batch * outputs * F32,
+                    per_rank_bytes: adapted.len() as u64 * batch * F32,
+                }
+            }
+        }
+    }
+
+    fn bytes(&self, rank: u32) -> u64 {
+        self.fixed_bytes + self.per_rank_bytes * u64::from(rank)
     }
 }
 
@@ -58,13 +117,20 @@ pub fn candidates(r_min: u32, r_max: u32) -> Vec<u32> {
     ranks
 }
 
-pub fn choose(size: AdapterSize, step_ms: impl Fn(u32) -> f64, budgets: Budgets, r_min: u32, r_max: u32) -> RankChoice {
+pub fn choose(
+    size: AdapterSize,
+    footprint: TrainingFootprint,
+    step_ms: impl Fn(u32) -> f64,
+    budgets: Budgets,
+    r_min: u32,
+    r_max: u32,
+) -> RankChoice {
     let rows: Vec<RankRow> = candidates(r_min, r_max)
         .into_iter()
         .map(|rank| {
             let params = size.params(rank);
-            let (memory, upload, step) =
-                (params * TRAINING_BYTES_PER_PARAM, params * UPLOAD_BYTES_PER_PARAM, step_ms(rank));
+            let memory = params * TRAINING_BYTES_PER_PARAM + footprint.bytes(rank);
+            let (upload, step) = (params * UPLOAD_BYTES_PER_PARAM, step_ms(rank));
             let exceeds = if memory > budgets.memory_bytes {
                 Some("memory")
             } else if upload > budgets.upload_bytes {
@@ -110,6 +176,7 @@ mod tests {
     use super::*;
 
     const SIZE: AdapterSize = AdapterSize { per_rank: 1000, fixed: 500 };
+    const NO_FOOTPRINT: TrainingFootprint = TrainingFootprint { fixed_bytes: 0, per_rank_bytes: 0 };
     const ROOMY: Budgets = Budgets { memory_bytes: u64::MAX, upload_bytes: u64::MAX, step_ms: f64::MAX };
 
     #[test]
@@ -122,7 +189,7 @@ mod tests {
 
     #[test]
     fn roomy_budgets_give_r_max() {
-        let choice = choose(SIZE, |_| 1.0, ROOMY, 1, 64);
+        let choice = choose(SIZE, NO_FOOTPRINT, |_| 1.0, ROOMY, 1, 64);
         assert_eq!(choice.rank, 64);
         assert!(choice.reason.contains("every budget"), "{}", choice.reason);
     }
@@ -131,23 +198,63 @@ mod tests {
     fn each_budget_can_bind_and_is_named() {
         // rank 8: 8,500 params → 136,000 bytes of training memory, 34,000 bytes of upload.
         let memory = Budgets { memory_bytes: 136_000, ..ROOMY };
-        let choice = choose(SIZE, |_| 1.0, memory, 1, 64);
+        let choice = choose(SIZE, NO_FOOTPRINT, |_| 1.0, memory, 1, 64);
         assert_eq!(choice.rank, 8);
         assert!(choice.reason.contains("rank 16") && choice.reason.contains("memory"), "{}", choice.reason);
         let upload = Budgets { upload_bytes: 34_000, ..ROOMY };
-        assert_eq!(choose(SIZE, |_| 1.0, upload, 1, 64).rank, 8);
+        assert_eq!(choose(SIZE, NO_FOOTPRINT, |_| 1.0, upload, 1, 64).rank, 8);
         let step = Budgets { step_ms: 10.0, ..ROOMY };
-        let choice = choose(SIZE, f64::from, step, 1, 64);
+        let choice = choose(SIZE, NO_FOOTPRINT, f64::from, step, 1, 64);
         assert_eq!(choice.rank, 8);
         assert!(choice.reason.contains("step time"), "{}", choice.reason);
     }
 
     #[test]
+    fn the_training_footprint_counts_against_the_memory_budget() {
+        let memory = Budgets { memory_bytes: 136_000, ..ROOMY };
+        // 100,000 bytes of base and activations leave room for rank 1 only (24,000 + 100,000).
+        let footprint = TrainingFootprint { fixed_bytes: 100_000, per_rank_bytes: 0 };
+        assert_eq!(choose(SIZE, footprint, |_| 1.0, memory, 1, 64).rank, 1);
+        // Per-rank activations: rank 8 needs 136,000 + 8·2,000; rank 4 fits.
+        let footprint = TrainingFootprint { fixed_bytes: 0, per_rank_bytes: 2_000 };
+        assert_eq!(choose(SIZE, footprint, |_| 1.0, memory, 1, 64).rank, 4);
+    }
+
+    #[test]
+    fn a_transformer_footprint_is_dominated_by_activations_and_the_base() {
+        use flotilla_torch::model::{Activation, BertSpec, Pooling};
+        let minilm = Architecture::Bert(BertSpec {
+            layers: 6,
+            hidden: 384,
+            heads: 12,
+            intermediate: 1536,
+            vocab: 30522,
+            max_positions: 512,
+            type_vocab: 2,
+            layer_norm_eps: 1e-12,
+            activation: Activation::Gelu,
+            pooling: Pooling::Cls,
+            target_modules: vec!["query".into(), "value".into()],
+            labels: vec!["a".into(), "b".into()],
+            max_length: 64,
+        });
+        let footprint = TrainingFootprint::estimate(&minilm, 16);
+        let mib = |b: u64| b as f64 / f64::from(1 << 20);
+        // 22.7 M parameters (86.6 MiB) and 6 layers · 16 · 64 tokens · 9,984 values (234 MiB).
+        assert!((mib(footprint.fixed_bytes) - (86.6 + 234.0)).abs() < 1.0, "{}", mib(footprint.fixed_bytes));
+        assert_eq!(footprint.per_rank_bytes, 12 * 16 * 64 * 4);
+        // So a phone's 256 MiB cannot train it at this batch and length, whatever the rank.
+        let phone = Budgets { memory_bytes: 256 << 20, ..ROOMY };
+        let size = AdapterSize { per_rank: 12 * 768, fixed: 5 * 385 };
+        assert!(choose(size, footprint, |_| 1.0, phone, 1, 16).reason.contains("exceeds the memory budget"));
+    }
+
+    #[test]
     fn nothing_fits_falls_back_to_the_minimum_and_says_so() {
         let tiny = Budgets { memory_bytes: 1, ..ROOMY };
-        let choice = choose(SIZE, |_| 1.0, tiny, 2, 64);
+        let choice = choose(SIZE, NO_FOOTPRINT, |_| 1.0, tiny, 2, 64);
         assert_eq!(choice.rank, 2);
         assert!(choice.reason.contains("exceeds the memory budget"), "{}", choice.reason);
-        assert_eq!(choose(SIZE, |_| 1.0, ROOMY, 16, 8).rank, 16);
+        assert_eq!(choose(SIZE, NO_FOOTPRINT, |_| 1.0, ROOMY, 16, 8).rank, 16);
     }
 }

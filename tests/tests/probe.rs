@@ -103,3 +103,28 @@ fn run_with_rank_auto_asks_for_the_rank_the_probe_chooses() {
     let report = probe(&["--device-class", "phone", "--input", "16", "--hidden", "8", "--classes", "4"]);
     assert_eq!(report["choice"]["rank"].as_u64(), Some(chosen), "the same policy as `probe`");
 }
+
+/// With `--transformer`, the probe times the checkpoint's LoRA step at the configured length, and
+/// the memory column counts the frozen base and the activations, not only the adapter: a memory
+/// budget below them rules out every rank.
+#[test]
+fn a_transformer_is_timed_at_its_length_and_its_activations_count_against_memory() {
+    let tiny = flotilla_tests::workspace_root().join("torch/tests/fixtures/tiny-bert");
+    let tiny = tiny.to_str().unwrap();
+    let short = probe(&["--transformer", tiny, "--max-length", "8", "--batch-size", "4", "--max-rank", "4"]);
+    let long = probe(&["--transformer", tiny, "--max-length", "64", "--batch-size", "4", "--max-rank", "4"]);
+    let memory = |report: &serde_json::Value, rank: u64| {
+        report["choice"]["candidates"].as_array().unwrap().iter().find(|c| c["rank"] == rank).unwrap()
+            ["training_memory_bytes"]
+            .as_u64()
+            .unwrap()
+    };
+    // Adapter at rank 1: 2 layers × 2 modules × (32 + 32) values + the head, 16 bytes each: under 10 KB.
+    // The base alone (about 24,000 parameters) adds 96 KB; activations grow with the length.
+    assert!(memory(&short, 1) > 100_000, "{short}");
+    assert!(memory(&long, 1) > memory(&short, 1) + 100_000, "{} vs {}", memory(&long, 1), memory(&short, 1));
+    assert!(memory(&long, 4) > memory(&long, 1));
+    for report in [&short, &long] {
+        assert!(report["step_ms"].as_object().unwrap().values().all(|ms| ms.as_f64().unwrap() > 0.0));
+    }
+}

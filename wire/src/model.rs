@@ -107,6 +107,15 @@ impl BertSpec {
         }
     }
 
+    /// Parameters of the encoder (embeddings, layers, pooler), without the head.
+    pub fn base_parameters(&self) -> u64 {
+        let (h, i) = (u64::from(self.hidden), u64::from(self.intermediate));
+        let embeddings =
+            (u64::from(self.vocab) + u64::from(self.max_positions) + u64::from(self.type_vocab)) * h + 2 * h;
+        let layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h;
+        embeddings + u64::from(self.layers) * layer + (h * h + h)
+    }
+
     /// The adapted modules' paths within one layer (e.g. `attention.self.query`), in layer order.
     pub fn targeted_layer_modules(&self) -> Vec<&'static str> {
         BERT_LAYER_MODULES
