@@ -94,6 +94,9 @@ fn main() {
             .map(|_| {
                 let start = Instant::now();
                 model.train_steps(&data, &settings).expect("steps");
+                if let tch::Device::Cuda(index) = device {
+                    tch::Cuda::synchronize(index as i64);
+                }
                 start.elapsed().as_secs_f64() * 1000.0 / f64::from(STEPS)
             })
             .collect(),

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The transformer's LoRA training step in Flotilla (tch) against the identical step in PyTorch +
+# PEFT, on this machine, interleaved so both see the same conditions; prints each run and the
+# ratios (docs/benchmarks.md).
+#
+#   bash deploy/transformer/bench.sh [RUNS]     # default 2 runs of each; about 2 minutes each
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+cd "$root"
+# shellcheck source=deploy/env.sh
+source "$root/deploy/env.sh"
+# shellcheck source=deploy/fetch-text-assets.sh
+source "$root/deploy/fetch-text-assets.sh"
+runs="${1:-2}"
+cargo bench -q -p flotilla-edge --bench transformer_step --no-run 2>/dev/null
+for run in $(seq 1 "$runs"); do
+    ours="$(cargo bench -q -p flotilla-edge --bench transformer_step -- --json 2>/dev/null | tail -n 1)"
+    theirs="$(bash deploy/transformer/hf-env.sh python deploy/transformer/bench_step.py "$FLOTILLA_MINILM" 2>/dev/null | tail -n 1)"
+    python3 - "$run" "$ours" "$theirs" <<'PY'
+import json, sys
+run, ours, theirs = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+print(f"run {run}: step {ours['step_ms']:.1f} ms (tch) vs {theirs['step_ms']:.1f} ms (PyTorch+PEFT) = "
+      f"{ours['step_ms'] / theirs['step_ms']:.3f}x; peak RSS {ours['peak_rss_mib']:.0f} vs "
+      f"{theirs['peak_rss_mib']:.0f} MiB = {ours['peak_rss_mib'] / theirs['peak_rss_mib']:.2f}x; "
+      f"evaluation {ours['eval_ms_per_text']:.1f} ms/text; tokenization {ours['tokenized_texts_per_s']:.0f} texts/s")
+PY
+done
