@@ -17,7 +17,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use crate::checkpoint::{self, CheckpointState};
-use crate::evaluation::{describe, Evaluator, RankAccuracy};
+use crate::evaluation::{EvaluationReport, EvaluationThread, Evaluator, RankAccuracy};
 use crate::report::{RoundFacts, RoundRecord, UpdateRecord};
 
 /// An update as a session decoded it, with the way back to the device.
@@ -61,7 +61,7 @@ enum WorkerCommand {
         reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>>,
     },
     Fold(FoldRequest),
-    /// Ends the round: aggregates, evaluates, checkpoints, and answers with the round's record.
+    /// Ends the round: aggregates, checkpoints, queues the evaluation, and answers with the round's record.
     Finish {
         facts: RoundFacts,
         reply: oneshot::Sender<Result<RoundRecord, String>>,
@@ -114,11 +114,16 @@ impl AggregationWorker {
     /// Starts the worker; returns it and the initial global model's test results (the lower bound).
     pub fn spawn(
         initial_global: Adapter,
-        settings: WorkerSettings,
+        mut settings: WorkerSettings,
+        report_evaluation: EvaluationReport,
     ) -> anyhow::Result<(AggregationWorker, Vec<RankAccuracy>)> {
         let initial = match &settings.evaluator {
             Some(evaluator) => evaluator.evaluate(&initial_global, &BTreeSet::new()).map_err(anyhow::Error::msg)?,
             None => Vec::new(),
+        };
+        let evaluations = match settings.evaluator.take() {
+            Some(evaluator) => Some(EvaluationThread::spawn(evaluator, report_evaluation)?),
+            None => None,
         };
         let (commands, receiver) = mpsc::channel();
         let accumulator = settings.start(&initial_global, settings.first_round).map_err(anyhow::Error::msg)?;
@@ -129,6 +134,7 @@ impl AggregationWorker {
                 global: initial_global,
                 accumulator: Some(accumulator),
                 settings,
+                evaluations,
                 round_ranks: BTreeSet::new(),
             };
             state.run(receiver)
@@ -172,6 +178,7 @@ struct AggregationThread {
     /// `None` only between finishing a round and starting the next accumulator.
     accumulator: Option<Box<dyn Aggregator>>,
     settings: WorkerSettings,
+    evaluations: Option<EvaluationThread>,
     /// Ranks folded into the current round.
     round_ranks: BTreeSet<usize>,
 }
@@ -300,16 +307,9 @@ impl AggregationThread {
         let aggregation_seconds = started.elapsed().as_secs_f64();
         crate::crash_points::point("mid-aggregation", round);
         let ranks = std::mem::take(&mut self.round_ranks);
-        let evaluation = match &self.settings.evaluator {
-            Some(evaluator) => {
-                let results = evaluator.evaluate(&self.global, &ranks)?;
-                info!(round, "[round {round}] test accuracy ({} samples): {}", evaluator.samples(), describe(&results));
-                results
-            }
-            None => Vec::new(),
-        };
         let global_dir = checkpoint::checkpoint_dir(&self.settings.run_dir, round);
-        let record = RoundRecord::new(facts, aggregation_seconds, global_dir, evaluation);
+        // The test results follow from the evaluation thread.
+        let record = RoundRecord::new(facts, aggregation_seconds, global_dir.clone(), Vec::new());
         let config = peft_config_for(&self.global, self.settings.lora_alpha);
         let metadata = HashMap::from([
             ("round".to_string(), round.to_string()),
@@ -323,6 +323,9 @@ impl AggregationThread {
         };
         checkpoint::write(&self.settings.run_dir, &state, &self.global, &config, metadata)
             .map_err(|e| format!("cannot write the checkpoint of round {round}: {e:#}"))?;
+        if let Some(evaluations) = &self.evaluations {
+            evaluations.submit(round, self.global.deep_copy(), ranks, global_dir);
+        }
         Ok(record)
     }
 
@@ -403,7 +406,7 @@ mod tests {
             },
             first_round: 1,
         };
-        let (worker, _) = AggregationWorker::spawn(global.deep_copy(), settings).unwrap();
+        let (worker, _) = AggregationWorker::spawn(global.deep_copy(), settings, Box::new(|_, _| {})).unwrap();
         (worker, global)
     }
 

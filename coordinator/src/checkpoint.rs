@@ -119,12 +119,20 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
 }
 
 /// The round records kept in the checkpoints of rounds `1..=upto`, in order (rounds whose checkpoint
-/// has no record are left out).
+/// has no record are left out), with each round's test results when its evaluation finished.
 pub fn records(run_dir: &Path, upto: u32) -> Vec<RoundRecord> {
     (1..=upto)
         .filter_map(|round| {
-            let text = fs::read(checkpoint_dir(run_dir, round).join(STATE_FILE)).ok()?;
-            serde_json::from_slice::<CheckpointState>(&text).ok()?.record
+            let dir = checkpoint_dir(run_dir, round);
+            let text = fs::read(dir.join(STATE_FILE)).ok()?;
+            let mut record = serde_json::from_slice::<CheckpointState>(&text).ok()?.record?;
+            if let Some(results) = fs::read(dir.join(crate::evaluation::EVALUATION_FILE))
+                .ok()
+                .and_then(|t| serde_json::from_slice(&t).ok())
+            {
+                record.evaluation = results;
+            }
+            Some(record)
         })
         .collect()
 }

@@ -20,6 +20,7 @@ use tracing::{info, warn};
 
 use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
 use crate::config::CoordinatorConfig;
+use crate::evaluation::RankAccuracy;
 use crate::metrics::{SharedStatus, Status};
 use crate::report::{RoundFacts, RoundRecord, RunSummary, UpdateRecord};
 use crate::report_files::ReportWriter;
@@ -50,6 +51,11 @@ pub enum DriverInput {
         round: u32,
         result: Result<RoundRecord, String>,
     },
+    /// A round's test results, from the evaluation thread (which runs beside the next round).
+    Evaluated {
+        round: u32,
+        result: Result<Vec<RankAccuracy>, String>,
+    },
     /// Something the run cannot go on without failed (the reason).
     Fatal(String),
 }
@@ -71,6 +77,10 @@ pub(crate) struct RoundDriver {
     summary: RunSummary,
     reports: ReportWriter,
     status: SharedStatus,
+    /// Rounds aggregated whose evaluation has not come back yet (empty without an evaluation set).
+    evaluations_pending: BTreeSet<u32>,
+    /// Results that came back before their round's record (a fast evaluation can overtake it).
+    early_evaluations: HashMap<u32, Vec<RankAccuracy>>,
 }
 
 /// What the driver starts from.
@@ -111,6 +121,8 @@ impl RoundDriver {
             summary,
             reports,
             status,
+            evaluations_pending: BTreeSet::new(),
+            early_evaluations: HashMap::new(),
         }
     }
 
@@ -169,15 +181,52 @@ impl RoundDriver {
                     self.record_round(record);
                     Event::AggregationDone { round }
                 }
+                DriverInput::Evaluated { round, result } => {
+                    self.record_evaluation(round, result);
+                    continue;
+                }
             };
             let actions = self.engine.handle(event);
             self.publish_state();
             if let Some(rounds_completed) = self.perform(actions, upload).await? {
                 self.summary.rounds_completed = rounds_completed;
+                self.await_evaluations(inputs).await;
                 return Ok(self.summary.clone());
             }
         }
         anyhow::bail!("round driver stopped unexpectedly")
+    }
+
+    /// Once the last round is done: waits for the evaluations still running, so that the summary
+    /// holds every round's results. Anything else arriving now is answered by being dropped (a
+    /// session then tells its device the coordinator is shutting down).
+    async fn await_evaluations(&mut self, inputs: &mut mpsc::UnboundedReceiver<DriverInput>) {
+        while !self.evaluations_pending.is_empty() {
+            match inputs.recv().await {
+                Some(DriverInput::Evaluated { round, result }) => self.record_evaluation(round, result),
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// Puts a round's test results into its record (or keeps them until the record arrives). A
+    /// failed evaluation (the evaluation thread logged why) leaves the record without results.
+    fn record_evaluation(&mut self, round: u32, result: Result<Vec<RankAccuracy>, String>) {
+        let results = result.unwrap_or_default();
+        for result in &results {
+            metrics::gauge!("fl_eval_accuracy", "rank" => result.rank.to_string()).set(result.accuracy);
+        }
+        match self.summary.rounds.iter_mut().find(|r| r.round == round) {
+            Some(record) => {
+                self.evaluations_pending.remove(&round);
+                record.evaluation = results;
+                self.reports.submit(self.summary.clone());
+            }
+            None => {
+                self.early_evaluations.insert(round, results);
+            }
+        }
     }
 
     /// Gauges and the `/status` snapshot that mirror the engine's state.
@@ -213,8 +262,13 @@ impl RoundDriver {
         metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.config.aggregation.method.name())
             .record(record.aggregation_seconds);
         metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
-        for result in &record.evaluation {
-            metrics::gauge!("fl_eval_accuracy", "rank" => result.rank.to_string()).set(result.accuracy);
+        let mut record = record;
+        match self.early_evaluations.remove(&record.round) {
+            Some(results) => record.evaluation = results,
+            None if self.config.evaluation.test_data.is_some() => {
+                self.evaluations_pending.insert(record.round);
+            }
+            None => {}
         }
         let ranks: Vec<String> = record.updates.iter().map(|u| u.rank.to_string()).collect();
         info!(

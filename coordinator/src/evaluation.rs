@@ -1,19 +1,22 @@
 //! Evaluation of the global model (frozen base + global adapter) on a held-out test set, at R_max
 //! and at every rank that took part, so operators see what a rank-2 phone actually gets.
-//! Runs on the aggregation thread, which owns the global adapter.
+//!
+//! The initial model is evaluated before the first round. Each round's global adapter is then
+//! evaluated on its own thread ([`EvaluationThread`]), from a copy, while the next round trains:
+//! a transformer's evaluation takes seconds, and the round does not wait for it.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use flotilla_torch::adapter::Adapter;
+use flotilla_torch::adapter::{write_atomically, Adapter};
 use flotilla_torch::data::idx::{load_split, Split};
 use flotilla_torch::data::text::{load_text, TextSplit};
 use flotilla_torch::data::tokenizer::TextTokenizer;
 use flotilla_torch::data::Dataset;
 use flotilla_torch::model::{Architecture, BaseWeights, BertSpec, LoraModel};
 use serde::{Deserialize, Serialize};
-use tracing::warn;
+use tracing::{info, warn};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RankAccuracy {
@@ -133,6 +136,67 @@ fn load_text_test(
     std::fs::write(&list, keys).with_context(|| format!("cannot write {}", list.display()))?;
     tracing::info!(texts = examples.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
     Ok(data)
+}
+
+/// A round's test results, written into its checkpoint directory once its evaluation is done
+/// (after the checkpoint itself: evaluation runs beside the next round).
+pub const EVALUATION_FILE: &str = "evaluation.json";
+
+/// Called with each round's results (or why there are none).
+pub type EvaluationReport = Box<dyn Fn(u32, Result<Vec<RankAccuracy>, String>) + Send>;
+
+struct EvaluationJob {
+    round: u32,
+    global: Adapter,
+    ranks: BTreeSet<usize>,
+    /// The round's checkpoint directory, where the results are written too.
+    checkpoint_dir: PathBuf,
+}
+
+/// Evaluates rounds one after another, off the aggregation thread.
+pub struct EvaluationThread {
+    jobs: std::sync::mpsc::Sender<EvaluationJob>,
+}
+
+impl EvaluationThread {
+    pub fn spawn(evaluator: Evaluator, report: EvaluationReport) -> anyhow::Result<EvaluationThread> {
+        let (jobs, receiver) = std::sync::mpsc::channel::<EvaluationJob>();
+        std::thread::Builder::new().name("evaluation".into()).spawn(move || {
+            // One core: the other serves the network and the aggregation.
+            tch::set_num_threads(1);
+            while let Ok(job) = receiver.recv() {
+                let round = job.round;
+                let result = evaluator.evaluate(&job.global, &job.ranks);
+                match &result {
+                    Ok(results) => {
+                        info!(
+                            round,
+                            "[round {round}] test accuracy ({} samples): {}",
+                            evaluator.samples(),
+                            describe(results)
+                        );
+                        let path = job.checkpoint_dir.join(EVALUATION_FILE);
+                        let written = serde_json::to_vec(results)
+                            .map_err(|e| e.to_string())
+                            .and_then(|bytes| write_atomically(&path, &bytes).map_err(|e| e.to_string()));
+                        if let Err(error) = written {
+                            warn!(round, "cannot write {}: {error}", path.display());
+                        }
+                    }
+                    Err(error) => warn!(round, "[round {round}] evaluation failed: {error}"),
+                }
+                report(round, result);
+            }
+        })?;
+        Ok(EvaluationThread { jobs })
+    }
+
+    /// Queues `global` of `round` for evaluation at R_max and at `ranks`.
+    pub fn submit(&self, round: u32, global: Adapter, ranks: BTreeSet<usize>, checkpoint_dir: PathBuf) {
+        if self.jobs.send(EvaluationJob { round, global, ranks, checkpoint_dir }).is_err() {
+            warn!(round, "the evaluation thread has stopped; round {round} is not evaluated");
+        }
+    }
 }
 
 /// "R_max 8 → 81.2%, rank 4 → 78.9%, …" for logs.

@@ -21,8 +21,9 @@ use crate::aggregation::{AggregationWorker, WorkerSettings};
 use crate::base::Base;
 use crate::checkpoint;
 use crate::config::CoordinatorConfig;
+use crate::driver::DriverInput;
 use crate::driver::{DriverStart, RoundDriver};
-use crate::evaluation::{describe, EvaluationSet, Evaluator, RankAccuracy};
+use crate::evaluation::{describe, EvaluationReport, EvaluationSet, Evaluator, RankAccuracy};
 use crate::metrics::SharedStatus;
 use crate::report::{previous_initial_evaluation, RoundRecord, RunSummary};
 use crate::report_files::write_summary;
@@ -52,11 +53,15 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         let initial = previous_initial_evaluation(&run_dir).unwrap_or_default();
         return Ok(summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial));
     }
-    let (worker, initial_evaluation) = start_worker(&config, &base, start.initial_global, start.first_round)?;
+    let (inputs, receiver) = mpsc::unbounded_channel();
+    let evaluated = inputs.clone();
+    let report_evaluation: EvaluationReport =
+        Box::new(move |round, result| drop(evaluated.send(DriverInput::Evaluated { round, result })));
+    let (worker, initial_evaluation) =
+        start_worker(&config, &base, start.initial_global, start.first_round, report_evaluation)?;
     let endpoint = open_endpoint(&config)?;
     let status = open_ports(&config, &endpoint).await?;
 
-    let (inputs, receiver) = mpsc::unbounded_channel();
     let config = Arc::new(config);
     let context = Arc::new(SessionContext {
         model: ModelSpec {
@@ -144,6 +149,7 @@ fn start_worker(
     base: &Base,
     initial_global: Adapter,
     first_round: u32,
+    report_evaluation: EvaluationReport,
 ) -> anyhow::Result<(AggregationWorker, Vec<RankAccuracy>)> {
     let max_rank = config.aggregation.max_rank;
     let tokenizer = config.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE));
@@ -179,6 +185,7 @@ fn start_worker(
             policy: config.round_policy(),
             first_round,
         },
+        report_evaluation,
     )?;
     if !initial_evaluation.is_empty() {
         info!("[round 0] test accuracy of the base model with the initial adapter: {}", describe(&initial_evaluation));

@@ -511,10 +511,10 @@ fn run_sim(args: SimArgs) -> Result<i32> {
     })
 }
 
-fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
-    let kit = KitPaths::in_dir(&args.kit);
-    let device_id = tls::own_device_id(&kit)?;
-    let requested_rank = match args.rank {
+/// The rank to ask for: `--rank`, or with `--rank auto` the probe's choice (timing the
+/// `--transformer` or `--model-dir` checkpoint when there is one, else the MLP).
+fn requested_rank(args: &RunArgs) -> Result<u32> {
+    Ok(match args.rank {
         RankRequest::Fixed(rank) => rank,
         RankRequest::Auto => {
             // A class name that has budgets is emulated; any other name is only a label.
@@ -532,7 +532,13 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
             );
             report.choice.rank
         }
-    };
+    })
+}
+
+fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
+    let kit = KitPaths::in_dir(&args.kit);
+    let device_id = tls::own_device_id(&kit)?;
+    let requested_rank = requested_rank(&args)?;
 
     let choice = DataChoice::parse(&args.data, args.samples, args.task_seed)?;
     let shard = args

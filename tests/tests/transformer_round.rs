@@ -126,6 +126,14 @@ fn devices_fine_tune_a_transformer_fetching_the_base_once_and_accuracy_rises() {
     assert_eq!(rounds.len(), 5, "{summary}");
     let after = summary_accuracy(&rounds[4]["evaluation"]);
     assert!(after >= 0.7 && after > before + 0.2, "held-out accuracy {before} → {after}\n{summary}");
+    // Each round was evaluated beside the next one, and its results kept with its checkpoint.
+    for round in 1..=5 {
+        let kept: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(run.join(format!("run/global/round-{round}/evaluation.json"))).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(kept, rounds[round - 1]["evaluation"], "round {round}");
+    }
     let evaluated = std::fs::read_to_string(run.join("run/evaluation-examples.txt")).unwrap();
     assert_eq!(evaluated.lines().count(), 90);
     assert!(evaluated.lines().all(|key| key.starts_with("test.csv:")), "{evaluated}");
