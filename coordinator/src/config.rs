@@ -507,4 +507,43 @@ mod tests {
         config.aggregation.max_rank = 0;
         assert!(config.validate().unwrap_err().to_string().contains("max_rank"));
     }
+
+    #[test]
+    fn a_transformer_is_resolved_against_its_checkpoint_and_its_pin_is_checked() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("../torch/tests/fixtures/tiny-bert");
+        let dir = tempfile::tempdir().unwrap();
+        let write = |extra: &str| {
+            let path = dir.path().join("c.toml");
+            let text = format!(
+                "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\n[tls]\nkit = \"k\"\n\
+                 [model.transformer]\ncheckpoint = \"{fixture}\"\nlabels = [\"a\", \"b\"]\n{extra}",
+                run = dir.path().join("run").display(),
+                fixture = fixture.display()
+            );
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let config = CoordinatorConfig::load(&write("")).unwrap();
+        let Architecture::Bert(spec) = &config.model.architecture else { panic!("not resolved") };
+        assert_eq!((spec.layers, spec.hidden, spec.max_length), (2, 32, 64));
+        assert_eq!(spec.target_modules, ["query", "value"]);
+
+        let pinned = CoordinatorConfig::load(&write(&format!("sha256 = \"{}\"\n", "0".repeat(64)))).unwrap();
+        let err = crate::base::prepare(&pinned).err().unwrap();
+        assert!(format!("{err:#}").contains("but model.transformer.sha256 pins"), "{err:#}");
+        let digest = flotilla_torch::model::checkpoint::sha256_file(&fixture.join("model.safetensors")).unwrap();
+        let pinned = CoordinatorConfig::load(&write(&format!("sha256 = \"{digest}\"\n"))).unwrap();
+        assert_eq!(crate::base::prepare(&pinned).unwrap().version, format!("sha256:{digest}"));
+
+        let err = CoordinatorConfig::load(&write("target_modules = [\"attention\"]\n")).unwrap_err();
+        assert!(format!("{err:#}").contains("matches no linear module"), "{err:#}");
+        let err = CoordinatorConfig::load(&write("[model.architecture.mlp]\ninput = 4\nhidden = [4]\nclasses = 2\n"))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("exclusive"), "{err:#}");
+        let text = std::fs::read_to_string(write("")).unwrap().replace("tiny-bert", "no-such-model");
+        let missing = dir.path().join("missing.toml");
+        std::fs::write(&missing, text).unwrap();
+        let err = CoordinatorConfig::load(&missing).unwrap_err();
+        assert!(format!("{err:#}").contains("model.transformer.checkpoint"), "{err:#}");
+    }
 }

@@ -97,6 +97,13 @@ fn devices_fine_tune_a_transformer_fetching_the_base_once_and_accuracy_rises() {
         stranger.logs()
     );
 
+    // The laptop lost an earlier fetch after 10,000 bytes: it resumes from there.
+    let weights_digest = flotilla_torch_digest(&checkpoint.join("model.safetensors"));
+    let cached = run.join("cache-laptop-1/bases").join(&weights_digest);
+    std::fs::create_dir_all(&cached).unwrap();
+    let weights = std::fs::read(checkpoint.join("model.safetensors")).unwrap();
+    std::fs::write(cached.join("model.safetensors.partial"), &weights[..10_000]).unwrap();
+
     let mut devices = vec![
         Process::spawn("phone-1", edge("phone-1", "2", "0").arg("--model-dir").arg(&checkpoint), &run.join("logs")),
         Process::spawn("laptop-1", &mut edge("laptop-1", "4", "1"), &run.join("logs")),
@@ -106,9 +113,10 @@ fn devices_fine_tune_a_transformer_fetching_the_base_once_and_accuracy_rises() {
     }
     assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
 
-    // The laptop had no copy: it fetched each file once into its cache, verified.
-    let weights_digest = flotilla_torch_digest(&checkpoint.join("model.safetensors"));
-    let cached = run.join("cache-laptop-1/bases").join(&weights_digest);
+    // The laptop had no copy: it fetched each file once into its cache, verified, resuming the
+    // weights where the earlier attempt stopped.
+    assert!(devices[1].logs().contains("file=model.safetensors bytes=100420 resume_at=10000"), "{}", devices[1].logs());
+    assert!(!cached.join("model.safetensors.partial").exists());
     for file in ["config.json", "model.safetensors", "tokenizer.json"] {
         assert_eq!(
             std::fs::read(cached.join(file)).unwrap(),

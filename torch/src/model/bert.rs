@@ -128,8 +128,10 @@ pub(super) fn encode(
 
     let heads = spec.heads as i64;
     let head_dim = hidden / heads;
-    // [B, 1, 1, L]: every query attends to the real tokens only.
-    let attention_mask = mask.f_view([batch, 1, 1, seq_len])?;
+    // [B, 1, 1, L]: every query attends to the real tokens only. A batch without padding needs no
+    // mask, which lets libtorch pick its unmasked attention kernel.
+    let padded = batch > 0 && lengths.f_min()?.f_int64_value(&[])? < seq_len;
+    let attention_mask = if padded { Some(mask.f_view([batch, 1, 1, seq_len])?) } else { None };
     for layer in 0..spec.layers {
         let p = format!("encoder.layer.{layer}");
         let split = |t: Tensor| t.f_view([batch, seq_len, heads, head_dim])?.f_transpose(1, 2);
@@ -137,7 +139,7 @@ pub(super) fn encode(
         let k = split(linear(&h, weights, lora, &format!("{p}.attention.self.key"))?)?;
         let v = split(linear(&h, weights, lora, &format!("{p}.attention.self.value"))?)?;
         let context =
-            Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(&attention_mask), 0.0, false, None, false)?
+            Tensor::f_scaled_dot_product_attention(&q, &k, &v, attention_mask.as_ref(), 0.0, false, None, false)?
                 .f_transpose(1, 2)?
                 .f_reshape([batch, seq_len, hidden])?;
         let attended = linear(&context, weights, lora, &format!("{p}.attention.output.dense"))?.f_add(&h)?;
