@@ -111,6 +111,13 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     if let Ok(reason) = std::env::var(flotilla_coordinator_front::aggregate::DECLINED_ENV) {
         tracing::debug!(%reason, "the libtorch-free fast path declined this command; aggregating with libtorch");
     }
+    if request.method.needs_previous_global() {
+        bail!(
+            "{} fills the slots a client lacks from the previous global adapter, which `aggregate` does not take; \
+             it runs in `serve` (or use rbla, zero-pad, hetlora, flexlora, flora or fedavg here)",
+            request.method
+        );
+    }
     let configs: Vec<(PathBuf, PeftConfig)> =
         request.clients.iter().map(|dir| Ok((dir.clone(), inputs::read_config(dir)?))).collect::<Result<_>>()?;
     let views: Vec<(&Path, &PeftConfig)> = configs.iter().map(|(d, c)| (d.as_path(), c)).collect();

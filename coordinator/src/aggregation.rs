@@ -223,7 +223,13 @@ impl AggregationThread {
         let mut out = BTreeMap::new();
         for &rank in ranks {
             if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(rank) {
-                let slice = self.global.slice_to_rank(rank as usize).map_err(|e| e.to_string())?;
+                // Fold-and-Fill: the rest of the global adapter rides along, folded into a merged delta.
+                let slice = if self.settings.method.folds_tail() {
+                    self.global.slice_with_folded_tail(rank as usize, self.settings.scale())
+                } else {
+                    self.global.slice_to_rank(rank as usize)
+                }
+                .map_err(|e| e.to_string())?;
                 slot.insert(slice.to_wire(DType::F32).map_err(|e| e.to_string())?);
             }
         }

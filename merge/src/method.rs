@@ -18,11 +18,19 @@ pub enum Method {
     Flora,
     #[serde(rename = "fedavg")]
     FedAvg,
+    FoldAndFill,
 }
 
 impl Method {
-    pub const ALL: [Method; 6] =
-        [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::FlexLora, Method::Flora, Method::FedAvg];
+    pub const ALL: [Method; 7] = [
+        Method::Rbla,
+        Method::ZeroPad,
+        Method::HetLora,
+        Method::FlexLora,
+        Method::Flora,
+        Method::FedAvg,
+        Method::FoldAndFill,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -32,7 +40,20 @@ impl Method {
             Method::FlexLora => "flexlora",
             Method::Flora => "flora",
             Method::FedAvg => "fedavg",
+            Method::FoldAndFill => "fold-and-fill",
         }
+    }
+
+    /// Whether a device of rank r < R_max gets the rest of the global adapter folded into its
+    /// frozen weight (`s·B_g[:, r:]·A_g[r:, :]`) with its slice (Fold-and-Fill).
+    pub fn folds_tail(self) -> bool {
+        self == Method::FoldAndFill
+    }
+
+    /// Whether the method needs the previous global adapter to aggregate (so the offline
+    /// `aggregate`, which has none, cannot run it).
+    pub fn needs_previous_global(self) -> bool {
+        self == Method::FoldAndFill
     }
 
     /// For the methods that average sample-weighted, zero-padded factors slot by slot (RBLA,
@@ -42,7 +63,8 @@ impl Method {
         match self {
             Method::Rbla | Method::FedAvg => Some(Denominator::Coverage),
             Method::ZeroPad => Some(Denominator::AllClients),
-            Method::HetLora | Method::FlexLora | Method::Flora => None,
+            // Fold-and-Fill fills from the previous global adapter, which the fast path does not have.
+            Method::HetLora | Method::FlexLora | Method::Flora | Method::FoldAndFill => None,
         }
     }
 }

@@ -18,6 +18,9 @@ pub enum Denominator {
     Coverage,
     /// The weight of every client of the round, as if missing slots were zeros (zero-pad, HetLoRA).
     AllClients,
+    /// The weight of every client of the round, a client that lacks the slot counting with the
+    /// previous global value (Fold-and-Fill): `(Σ_{k∈S_i} w_k·x_k + (W − W_i)·g_i) / W`.
+    AllClientsFilled,
 }
 
 /// One module's per-slot bookkeeping.
@@ -94,8 +97,10 @@ impl ModuleSlots {
             .map(|i| {
                 let d = match denominator {
                     Denominator::Coverage => self.relative_weight[i],
-                    Denominator::AllClients if self.reference[i] > 0.0 => self.total_weight / self.reference[i],
-                    Denominator::AllClients => 0.0,
+                    Denominator::AllClients | Denominator::AllClientsFilled if self.reference[i] > 0.0 => {
+                        self.total_weight / self.reference[i]
+                    }
+                    Denominator::AllClients | Denominator::AllClientsFilled => 0.0,
                 };
                 (self.slot_clients[i] > 0 && d > 0.0).then_some(d)
             })
@@ -117,11 +122,46 @@ impl ModuleSlots {
                 *v *= s;
             }
         }
+        if denominator == Denominator::AllClientsFilled {
+            self.fill(&divisors, acc_a, acc_b, previous_a, previous_b);
+        }
         let uncovered: Vec<usize> = (0..r_max).filter(|&slot| divisors[slot].is_none()).collect();
         if !uncovered.is_empty() {
             for (o, row) in acc_b.chunks_exact_mut(r_max).enumerate() {
                 for &slot in &uncovered {
                     row[slot] = previous_b.map_or(0.0, |p| p[o * r_max + slot]);
+                }
+            }
+        }
+    }
+
+    /// Fold-and-Fill's second term: adds `(1 − q_i)·g_i` to every covered slot, where
+    /// `q_i = W_i / W` is the share of the round's weight that covered slot i.
+    fn fill(
+        &self,
+        divisors: &[Option<f64>],
+        acc_a: &mut [f32],
+        acc_b: &mut [f32],
+        previous_a: Option<&[f32]>,
+        previous_b: Option<&[f32]>,
+    ) {
+        let r_max = self.r_max();
+        // In units of ρ_i, the divisor is W/ρ_i and the covered weight W_i/ρ_i: q_i = W_i / W.
+        let keep: Vec<f32> = (0..r_max)
+            .map(|i| divisors[i].map_or(0.0, |d| (1.0 - (self.relative_weight[i] / d).min(1.0)) as f32))
+            .collect();
+        let d_in = (acc_a.len() / r_max.max(1)).max(1);
+        if let Some(previous) = previous_a {
+            for (slot, (row, prev)) in acc_a.chunks_exact_mut(d_in).zip(previous.chunks_exact(d_in)).enumerate() {
+                if keep[slot] != 0.0 {
+                    row.iter_mut().zip(prev).for_each(|(v, g)| *v += keep[slot] * g);
+                }
+            }
+        }
+        if let Some(previous) = previous_b {
+            for (row, prev) in acc_b.chunks_exact_mut(r_max).zip(previous.chunks_exact(r_max)) {
+                for ((v, g), k) in row.iter_mut().zip(prev).zip(&keep) {
+                    *v += k * g;
                 }
             }
         }
@@ -201,6 +241,16 @@ mod tests {
             [(1, 1.0, vec![1.0, 2.0], vec![3.0, 4.0]), (2, 3.0, vec![5.0, 6.0, 7.0, 8.0], vec![1.0, 2.0, 3.0, 4.0])];
         let (a, _) = run(2, &clients, Denominator::AllClients);
         assert_eq!(a, vec![4.0, 5.0, 5.25, 6.0]);
+    }
+
+    #[test]
+    fn fold_and_fill_counts_a_missing_slot_as_the_previous_value() {
+        let clients =
+            [(1, 1.0, vec![1.0, 2.0], vec![3.0, 4.0]), (2, 3.0, vec![5.0, 6.0, 7.0, 8.0], vec![1.0, 2.0, 3.0, 4.0])];
+        let (a, _) = run(3, &clients, Denominator::AllClientsFilled);
+        // Slot 0: (1·x + 3·y) / 4, covered by all. Slot 1: (3·[7, 8] + 1·[7, 7]) / 4 with the
+        // previous value 7 standing in for the rank-1 client. Slot 2: nobody, previous kept.
+        assert_eq!(a, vec![4.0, 5.0, 7.0, 7.75, 7.0, 7.0]);
     }
 
     #[test]

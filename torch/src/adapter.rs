@@ -179,6 +179,34 @@ impl Adapter {
         Adapter::new(tensors)
     }
 
+    /// The first `rank` slots, with the rest of every module folded into a merged delta
+    /// `scale·B[:, rank:]·A[rank:, :]` (added to any merged delta already there): what a
+    /// Fold-and-Fill device of rank `rank` receives. At the full rank, the plain slice.
+    pub fn slice_with_folded_tail(&self, rank: usize, scale: f64) -> Result<Adapter, AdapterError> {
+        let slice = self.slice_to_rank(rank)?;
+        if rank >= self.rank {
+            return Ok(slice);
+        }
+        let (start, len) = (rank as i64, (self.rank - rank) as i64);
+        let mut tensors: BTreeMap<String, Tensor> =
+            slice.tensors.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        for module in &self.modules {
+            let (a, b) = self.factors(module);
+            let name = merged_delta_name(module);
+            let tail = b
+                .f_narrow(1, start, len)
+                .and_then(|b| b.f_matmul(&a.f_narrow(0, start, len)?))
+                .and_then(|t| t.f_mul_scalar(scale))
+                .and_then(|t| match self.merged_delta(module) {
+                    Some(existing) => t.f_add(existing),
+                    None => Ok(t),
+                })
+                .map_err(|source| TensorError::Torch { name: name.clone(), source })?;
+            tensors.insert(name, tail);
+        }
+        Adapter::new(tensors)
+    }
+
     /// Sets slots `rank..` of every module to zero (A's rows and B's columns), in place.
     pub fn zero_slots_from(&self, rank: usize) -> Result<(), tch::TchError> {
         if rank >= self.rank {

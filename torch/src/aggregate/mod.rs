@@ -11,6 +11,7 @@ mod dense;
 mod fedavg;
 mod flexlora;
 mod flora;
+mod fold_and_fill;
 mod hetlora;
 mod non_lora;
 mod rbla;
@@ -105,6 +106,7 @@ impl MethodExt for Method {
             Method::FlexLora => Box::new(FlexLora::new(global, scale)?),
             Method::Flora => Box::new(Flora::new(global, scale)?),
             Method::FedAvg => Box::new(fedavg::start(global, scale)?),
+            Method::FoldAndFill => Box::new(fold_and_fill::start(global, scale)?),
         })
     }
 

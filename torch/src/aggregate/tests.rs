@@ -109,18 +109,22 @@ fn reference_slotwise(global: &Adapter, clients: &[&Client], method: Method) -> 
         let mut b_out = vec![0.0; d_out * R_MAX];
         for slot in 0..R_MAX {
             let covering: Vec<usize> = (0..clients.len()).filter(|&k| clients[k].adapter.rank() > slot).collect();
+            let covered: f64 = covering.iter().map(|&k| weights[k]).sum();
             let denominator = match method {
-                Method::Rbla | Method::FedAvg => covering.iter().map(|&k| weights[k]).sum::<f64>(),
+                Method::Rbla | Method::FedAvg => covered,
                 _ => total,
             };
+            // Fold-and-Fill: the clients that lack the slot count with the previous value.
+            let filled = if method == Method::FoldAndFill { total - covered } else { 0.0 };
             for j in 0..d_in {
                 a_out[slot * d_in + j] = if covering.is_empty() || denominator == 0.0 {
                     ga[slot * d_in + j]
                 } else {
-                    covering
+                    (covering
                         .iter()
                         .map(|&k| weights[k] * values(clients[k].adapter.factors(module).0)[slot * d_in + j])
                         .sum::<f64>()
+                        + filled * ga[slot * d_in + j])
                         / denominator
                 };
             }
@@ -128,13 +132,14 @@ fn reference_slotwise(global: &Adapter, clients: &[&Client], method: Method) -> 
                 b_out[o * R_MAX + slot] = if covering.is_empty() || denominator == 0.0 {
                     gb[o * R_MAX + slot]
                 } else {
-                    covering
+                    (covering
                         .iter()
                         .map(|&k| {
                             let c = clients[k];
                             weights[k] * c.scale * values(c.adapter.factors(module).1)[o * c.adapter.rank() + slot]
                         })
                         .sum::<f64>()
+                        + filled * gb[o * R_MAX + slot])
                         / denominator
                 };
             }
@@ -697,7 +702,7 @@ proptest! {
             .collect();
         let in_order: Vec<&Client> = clients.iter().collect();
         let shuffled: Vec<&Client> = order.iter().map(|&k| &clients[k]).collect();
-        for method in [Method::Rbla, Method::ZeroPad, Method::HetLora] {
+        for method in [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::FoldAndFill] {
             let want = reference_slotwise(&global, &in_order, method);
             assert_close(&aggregate(method, &global, &in_order), &want, 1e-5);
             assert_close(&aggregate(method, &global, &shuffled), &want, 1e-5);
@@ -761,6 +766,93 @@ proptest! {
             let (a, b) = (one_by_one.finish().unwrap().adapter, together.finish().unwrap().adapter);
             for (name, t) in a.tensors() {
                 prop_assert!(t.equal(&b.tensors()[name]), "{} {}: not bit-identical", method, name);
+            }
+        }
+    }
+}
+
+// ---------- Fold-and-Fill ----------
+
+/// `client`'s adapter at R_max: its own slots, then the global adapter's from its rank on.
+fn filled_from(global: &Adapter, client: &Client) -> Adapter {
+    let r = client.adapter.rank();
+    let mut tensors = BTreeMap::new();
+    for (module, _, _) in MODULES {
+        let (a, b) = client.adapter.factors(module);
+        let (ga, gb) = global.factors(module);
+        let tail = (R_MAX - r) as i64;
+        tensors.insert(lora_a_name(module), Tensor::cat(&[a.shallow_clone(), ga.narrow(0, r as i64, tail)], 0));
+        tensors.insert(lora_b_name(module), Tensor::cat(&[b.shallow_clone(), gb.narrow(1, r as i64, tail)], 1));
+    }
+    tensors.insert(HEAD.into(), client.adapter.get(HEAD).unwrap().shallow_clone());
+    Adapter::new(tensors).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    /// Fold-and-Fill equals FedAvg of full adapters in which each device froze the slots above
+    /// its rank at the global values, in any order.
+    #[test]
+    fn fold_and_fill_is_fedavg_of_updates_filled_from_the_global((members, seed, order) in fleet()) {
+        let global = random_adapter(R_MAX, seed % 1000);
+        let clients: Vec<Client> = members
+            .iter()
+            .enumerate()
+            .map(|(k, &(rank, n))| client(rank, n, seed % 997 + 1 + k as u64))
+            .collect();
+        let shuffled: Vec<&Client> = order.iter().map(|&k| &clients[k]).collect();
+        let filled: Vec<Client> = clients
+            .iter()
+            .map(|c| Client { name: c.name.clone(), adapter: filled_from(&global, c), n: c.n, scale: 1.0 })
+            .collect();
+        let want = aggregate(Method::FedAvg, &global, &filled.iter().collect::<Vec<_>>());
+        let got = aggregate(Method::FoldAndFill, &global, &shuffled);
+        for (name, t) in want.tensors() {
+            let difference = (t - &got.tensors()[name]).abs().max().double_value(&[]);
+            prop_assert!(difference < 1e-5, "{}: {}", name, difference);
+        }
+    }
+
+    /// Devices that send back what they received leave the global adapter where it was.
+    #[test]
+    fn fold_and_fill_has_the_global_as_fixed_point((members, seed, _order) in fleet()) {
+        let global = random_adapter(R_MAX, seed % 1000);
+        let clients: Vec<Client> = members
+            .iter()
+            .enumerate()
+            .map(|(k, &(rank, n))| Client {
+                name: format!("c{k}"),
+                adapter: global.slice_to_rank(rank).unwrap(),
+                n,
+                scale: 1.0,
+            })
+            .collect();
+        let got = aggregate(Method::FoldAndFill, &global, &clients.iter().collect::<Vec<_>>());
+        for (name, t) in global.tensors() {
+            let difference = (t - &got.tensors()[name]).abs().max().double_value(&[]);
+            prop_assert!(difference < 1e-6, "{}: moved by {}", name, difference);
+        }
+    }
+
+    /// A slot only one device covers moves by that device's share of the round, p·(x − g), not
+    /// all the way to its values (as under RBLA).
+    #[test]
+    fn a_lone_supporter_moves_its_slots_by_its_share(n_lone in 1u64..1000, n_rest in 1u64..1000, seed in 0u64..500) {
+        let global = random_adapter(R_MAX, seed);
+        let lone = client(R_MAX, n_lone, seed + 1);
+        let others = [client(2, n_rest, seed + 2), client(2, n_rest, seed + 3)];
+        let got = aggregate(Method::FoldAndFill, &global, &[&lone, &others[0], &others[1]]);
+        let p = n_lone as f64 / (n_lone + 2 * n_rest) as f64;
+        for (module, d_in, _) in MODULES {
+            let (x, g, out) = (
+                values(lone.adapter.factors(module).0),
+                values(global.factors(module).0),
+                values(got.factors(module).0),
+            );
+            for j in 2 * d_in..R_MAX * d_in {
+                let want = g[j] + p * (x[j] - g[j]);
+                prop_assert!((out[j] - want).abs() < 1e-5 * (1.0 + want.abs()), "{} [{}]: {} vs {}", module, j, out[j], want);
             }
         }
     }
