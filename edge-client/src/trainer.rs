@@ -154,9 +154,11 @@ impl TrainerPool {
         let (jobs, receiver) = mpsc::channel::<(usize, Job)>();
         let receiver = Arc::new(Mutex::new(receiver));
         let states: Arc<Mutex<HashMap<usize, DeviceState>>> = Arc::default();
+        let checkpoints = SharedCheckpoints::default();
         for worker in 0..workers.max(1) {
             let receiver = receiver.clone();
             let states = states.clone();
+            let checkpoints = checkpoints.clone();
             std::thread::Builder::new().name(format!("training-{worker}")).spawn(move || {
                 tch::set_num_threads(threads.max(1) as i32);
                 let device = tch::Device::cuda_if_available();
@@ -175,7 +177,7 @@ impl TrainerPool {
                     };
                     match job {
                         Job::SetBase { architecture, scale, base, reply } => {
-                            let result = state.set_base(architecture, scale, &base);
+                            let result = state.set_base(architecture, scale, &base, &checkpoints);
                             put_back(state);
                             let _ = reply.send(result);
                         }
@@ -229,6 +231,26 @@ fn stopped() -> anyhow::Error {
     anyhow::anyhow!("training thread stopped")
 }
 
+/// The frozen weights of the checkpoints this pool's devices use, loaded once and shared: the
+/// simulator's virtual devices all train on one copy of a transformer's 90 MB (libtorch tensors
+/// share storage, and frozen weights are never written).
+#[derive(Clone, Default)]
+struct SharedCheckpoints(Arc<Mutex<HashMap<(PathBuf, String), BaseWeights>>>);
+
+impl SharedCheckpoints {
+    fn weights(&self, checkpoint: &HfCheckpoint, spec: &BertSpec) -> Result<BaseWeights, String> {
+        let key = (checkpoint.dir.clone(), serde_json::to_string(spec).unwrap_or_default());
+        let mut loaded = self.0.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
+        if let Some(weights) = loaded.get(&key) {
+            return Ok(weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+        }
+        let weights = checkpoint.load_weights(spec).map_err(|e| e.to_string())?;
+        let shared = weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        loaded.insert(key, weights);
+        Ok(shared)
+    }
+}
+
 /// What the pool keeps for one device between jobs.
 struct DeviceState {
     source: DataSource,
@@ -237,7 +259,13 @@ struct DeviceState {
 }
 
 impl DeviceState {
-    fn set_base(&mut self, architecture: Architecture, scale: f64, base: &BaseSource) -> Result<(), String> {
+    fn set_base(
+        &mut self,
+        architecture: Architecture,
+        scale: f64,
+        base: &BaseSource,
+        checkpoints: &SharedCheckpoints,
+    ) -> Result<(), String> {
         let (weights, tokenizer) = match (base, &architecture) {
             (BaseSource::Tensors(tensors), _) => {
                 let weights: BaseWeights = flotilla_torch::tensor::tensors_from_wire(tensors)
@@ -249,8 +277,7 @@ impl DeviceState {
             }
             (BaseSource::Checkpoint(dir), Architecture::Bert(spec)) => {
                 let checkpoint = HfCheckpoint::open(dir).map_err(|e| e.to_string())?;
-                let weights = checkpoint.load_weights(spec).map_err(|e| e.to_string())?;
-                (weights, Some(checkpoint.tokenizer_path()))
+                (checkpoints.weights(&checkpoint, spec)?, Some(checkpoint.tokenizer_path()))
             }
             (BaseSource::Checkpoint(_), _) => {
                 return Err("a checkpoint base for a model that is not a transformer".into())

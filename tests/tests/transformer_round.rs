@@ -153,3 +153,42 @@ fn flotilla_torch_digest(path: &std::path::Path) -> String {
     let bytes = std::fs::read(path).unwrap();
     sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// The simulator runs a fleet of virtual devices on the transformer through the same code, sharing
+/// one copy of the frozen weights.
+#[test]
+fn the_simulator_fine_tunes_the_transformer_with_virtual_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["v-1", "v-2", "v-3"]);
+    let data = run.join("keywords.csv");
+    std::fs::write(&data, texts(200, 3)).unwrap();
+    let checkpoint = workspace_root().join("torch/tests/fixtures/tiny-bert");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}/run\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 2\nmin_devices = 3\nlocal_steps = 10\nbatch_size = 8\nlearning_rate = 0.02\n\
+         [aggregation]\nmax_rank = 4\n\
+         [model.transformer]\ncheckpoint = \"{checkpoint}\"\nlabels = [\"food\", \"animals\", \"travel\"]\nmax_length = 16\n",
+        run = run.display(),
+        checkpoint = checkpoint.display(),
+    );
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut sim = Process::spawn(
+        "sim",
+        Command::new(binary("flotilla-edge"))
+            .args(["sim", "--coordinator", &address, "--clients", "3", "--concurrency", "2"])
+            .args(["--profile-mix", "phone:2=2,laptop:4=1", "--partition", "dirichlet:1.0", "--data"])
+            .arg(&data)
+            .arg("--model-dir")
+            .arg(&checkpoint)
+            .arg("--kits")
+            .arg(pki.join("kits")),
+        &run.join("logs"),
+    );
+    assert!(sim.wait(Duration::from_secs(120)).success(), "{}", sim.logs());
+    assert!(sim.stdout_text().contains("sim: 3 of 3 device(s) finished, 6 local round(s)"), "{}", sim.logs());
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    assert!(run.join("run/global/round-2/adapter_model.safetensors").exists());
+}
