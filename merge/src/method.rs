@@ -19,10 +19,11 @@ pub enum Method {
     #[serde(rename = "fedavg")]
     FedAvg,
     FoldAndFill,
+    RblaCoverage,
 }
 
 impl Method {
-    pub const ALL: [Method; 7] = [
+    pub const ALL: [Method; 8] = [
         Method::Rbla,
         Method::ZeroPad,
         Method::HetLora,
@@ -30,6 +31,7 @@ impl Method {
         Method::Flora,
         Method::FedAvg,
         Method::FoldAndFill,
+        Method::RblaCoverage,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +43,7 @@ impl Method {
             Method::Flora => "flora",
             Method::FedAvg => "fedavg",
             Method::FoldAndFill => "fold-and-fill",
+            Method::RblaCoverage => "rbla-coverage",
         }
     }
 
@@ -57,12 +60,13 @@ impl Method {
     }
 
     /// For the methods that average sample-weighted, zero-padded factors slot by slot (RBLA,
-    /// zero-padding, FedAvg), what each slot's sum is divided by; they run without libtorch on the
+    /// zero-padding, FedAvg, coverage-scaled RBLA), what each slot's sum is divided by; they run without libtorch on the
     /// offline fast path. `None` for the methods that need libtorch.
     pub fn sample_weighted_denominator(self) -> Option<Denominator> {
         match self {
             Method::Rbla | Method::FedAvg => Some(Denominator::Coverage),
             Method::ZeroPad => Some(Denominator::AllClients),
+            Method::RblaCoverage => Some(Denominator::CoverageScaled),
             // Fold-and-Fill fills from the previous global adapter, which the fast path does not have.
             Method::HetLora | Method::FlexLora | Method::Flora | Method::FoldAndFill => None,
         }
@@ -97,6 +101,6 @@ mod tests {
         }
         assert!("nope".parse::<Method>().unwrap_err().contains("known: rbla, zero-pad"));
         let fast: Vec<_> = Method::ALL.into_iter().filter(|m| m.sample_weighted_denominator().is_some()).collect();
-        assert_eq!(fast, [Method::Rbla, Method::ZeroPad, Method::FedAvg]);
+        assert_eq!(fast, [Method::Rbla, Method::ZeroPad, Method::FedAvg, Method::RblaCoverage]);
     }
 }

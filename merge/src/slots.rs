@@ -16,6 +16,9 @@
 pub enum Denominator {
     /// The weight of the clients that have the slot (RBLA, FedAvg).
     Coverage,
+    /// RBLA's coverage mean, then both factors of slot i multiplied by `√q_i`, `q_i = W_i / W`
+    /// (coverage-scaled RBLA: the slot's product `B·A` gets the weight `q_i`).
+    CoverageScaled,
     /// The weight of every client of the round, as if missing slots were zeros (zero-pad, HetLoRA).
     AllClients,
     /// The weight of every client of the round, a client that lacks the slot counting with the
@@ -97,6 +100,15 @@ impl ModuleSlots {
             .map(|i| {
                 let d = match denominator {
                     Denominator::Coverage => self.relative_weight[i],
+                    Denominator::CoverageScaled if self.total_weight > 0.0 => {
+                        let q = self.relative_weight[i] * self.reference[i] / self.total_weight;
+                        if q > 0.0 {
+                            self.relative_weight[i] / q.sqrt()
+                        } else {
+                            0.0
+                        }
+                    }
+                    Denominator::CoverageScaled => 0.0,
                     Denominator::AllClients | Denominator::AllClientsFilled if self.reference[i] > 0.0 => {
                         self.total_weight / self.reference[i]
                     }
@@ -251,6 +263,17 @@ mod tests {
         // Slot 0: (1·x + 3·y) / 4, covered by all. Slot 1: (3·[7, 8] + 1·[7, 7]) / 4 with the
         // previous value 7 standing in for the rank-1 client. Slot 2: nobody, previous kept.
         assert_eq!(a, vec![4.0, 5.0, 7.0, 7.75, 7.0, 7.0]);
+    }
+
+    #[test]
+    fn coverage_scaling_multiplies_each_factor_by_the_root_of_its_share() {
+        let clients =
+            [(1, 1.0, vec![1.0, 2.0], vec![3.0, 4.0]), (2, 3.0, vec![5.0, 6.0, 7.0, 8.0], vec![1.0, 2.0, 3.0, 4.0])];
+        let (a, _) = run(3, &clients, Denominator::CoverageScaled);
+        // Slot 0 is covered by all (q = 1): RBLA's [4, 5]; slot 1 by weight 3 of 4: RBLA's [7, 8]·√0.75.
+        let root = 0.75f32.sqrt();
+        let want = [4.0, 5.0, 7.0 * root, 8.0 * root, 7.0, 7.0];
+        assert!(a.iter().zip(want).all(|(x, y)| (x - y).abs() < 1e-6), "{a:?}");
     }
 
     #[test]

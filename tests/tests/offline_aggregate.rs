@@ -82,11 +82,21 @@ fn worked_example_through_the_command() {
     assert_eq!(config["lora_alpha"], 16.0);
     assert_eq!(config["peft_type"], "LORA");
 
+    let rbla_21 = tensors[A].at(2, 1);
+
     // Zero-padding on the same inputs (A row 2 = [6, 6.75, 7.5]).
     let out = dir.path().join("zp");
     run_ok(&mut aggregate("zero-pad", &out, &clients));
     let (tensors, _) = read_safetensors(&out.join("adapter_model.safetensors"));
     assert!((tensors[A].at(2, 1) - 6.75).abs() < 1e-5);
+
+    // Coverage-scaled RBLA: RBLA·√q, and zero-pad is RBLA·q, so it is their geometric mean.
+    let out = dir.path().join("rbla-coverage");
+    run_ok(&mut aggregate("rbla-coverage", &out, &clients));
+    let (scaled, _) = read_safetensors(&out.join("adapter_model.safetensors"));
+    assert!((scaled[A].at(2, 1) - (rbla_21 * 6.75).sqrt()).abs() < 1e-5, "{} vs {rbla_21}", scaled[A].at(2, 1));
+    // Fold-and-Fill fills from a previous global adapter, which `aggregate` does not take.
+    assert_fails(&mut aggregate("fold-and-fill", &dir.path().join("ff"), &clients), &["previous global adapter"]);
 
     // FLoRA: stacked rank 14, and s·B_s·A_s = T = [[353.25, 376, 398.75], [518, 553.25, 588.5]] (s = 2 ⇒ B_s·A_s = T/2).
     let out = dir.path().join("flora");

@@ -15,6 +15,7 @@ mod fold_and_fill;
 mod hetlora;
 mod non_lora;
 mod rbla;
+mod rbla_coverage;
 mod slot_sums;
 mod validate;
 mod zero_pad;
@@ -107,6 +108,7 @@ impl MethodExt for Method {
             Method::Flora => Box::new(Flora::new(global, scale)?),
             Method::FedAvg => Box::new(fedavg::start(global, scale)?),
             Method::FoldAndFill => Box::new(fold_and_fill::start(global, scale)?),
+            Method::RblaCoverage => Box::new(rbla_coverage::start(global, scale)?),
         })
     }
 

@@ -112,6 +112,9 @@ fn reference_slotwise(global: &Adapter, clients: &[&Client], method: Method) -> 
             let covered: f64 = covering.iter().map(|&k| weights[k]).sum();
             let denominator = match method {
                 Method::Rbla | Method::FedAvg => covered,
+                // RBLA's mean times √q: divide by W_i / √(W_i / W).
+                Method::RblaCoverage if covered > 0.0 => covered / (covered / total).sqrt(),
+                Method::RblaCoverage => 0.0,
                 _ => total,
             };
             // Fold-and-Fill: the clients that lack the slot count with the previous value.
@@ -702,7 +705,7 @@ proptest! {
             .collect();
         let in_order: Vec<&Client> = clients.iter().collect();
         let shuffled: Vec<&Client> = order.iter().map(|&k| &clients[k]).collect();
-        for method in [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::FoldAndFill] {
+        for method in [Method::Rbla, Method::ZeroPad, Method::HetLora, Method::FoldAndFill, Method::RblaCoverage] {
             let want = reference_slotwise(&global, &in_order, method);
             assert_close(&aggregate(method, &global, &in_order), &want, 1e-5);
             assert_close(&aggregate(method, &global, &shuffled), &want, 1e-5);
