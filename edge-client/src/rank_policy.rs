@@ -65,11 +65,13 @@ impl TrainingFootprint {
                     u64::from(spec.heads),
                     u64::from(spec.max_length),
                 );
-                let per_token = 16 * h + 2 * i + heads * tokens;
+                // Saturating: the sizes come from a checkpoint's config.json.
+                let per_token = (16 * h).saturating_add(2 * i).saturating_add(heads.saturating_mul(tokens));
+                let activations =
+                    [u64::from(spec.layers), batch, tokens, per_token, F32].into_iter().fold(1u64, u64::saturating_mul);
                 TrainingFootprint {
-                    fixed_bytes: spec.base_parameters() * F32
-                        + u64::from(spec.layers) * batch * tokens * per_token * F32,
-                    per_rank_bytes: adapted.len() as u64 * batch * tokens * F32,
+                    fixed_bytes: spec.base_parameters().saturating_mul(F32).saturating_add(activations),
+                    per_rank_bytes: [adapted.len() as u64, batch, tokens, F32].into_iter().fold(1, u64::saturating_mul),
                 }
             }
             _ => {
@@ -84,7 +86,7 @@ impl TrainingFootprint {
     }
 
     fn bytes(&self, rank: u32) -> u64 {
-        self.fixed_bytes + self.per_rank_bytes * u64::from(rank)
+        self.fixed_bytes.saturating_add(self.per_rank_bytes.saturating_mul(u64::from(rank)))
     }
 }
 
@@ -129,7 +131,7 @@ pub fn choose(
         .into_iter()
         .map(|rank| {
             let params = size.params(rank);
-            let memory = params * TRAINING_BYTES_PER_PARAM + footprint.bytes(rank);
+            let memory = params.saturating_mul(TRAINING_BYTES_PER_PARAM).saturating_add(footprint.bytes(rank));
             let (upload, step) = (params * UPLOAD_BYTES_PER_PARAM, step_ms(rank));
             let exceeds = if memory > budgets.memory_bytes {
                 Some("memory")

@@ -108,12 +108,18 @@ impl BertSpec {
     }
 
     /// Parameters of the encoder (embeddings, layers, pooler), without the head.
+    /// Saturates instead of overflowing: the sizes may come from an untrusted description.
     pub fn base_parameters(&self) -> u64 {
         let (h, i) = (u64::from(self.hidden), u64::from(self.intermediate));
-        let embeddings =
-            (u64::from(self.vocab) + u64::from(self.max_positions) + u64::from(self.type_vocab)) * h + 2 * h;
-        let layer = 4 * (h * h + h) + (h * i + i) + (i * h + h) + 4 * h;
-        embeddings + u64::from(self.layers) * layer + (h * h + h)
+        let rows = u64::from(self.vocab) + u64::from(self.max_positions) + u64::from(self.type_vocab);
+        let embeddings = rows.saturating_mul(h).saturating_add(2 * h);
+        let square = h.saturating_mul(h);
+        let layer = square
+            .saturating_add(h)
+            .saturating_mul(4)
+            .saturating_add(h.saturating_mul(i).saturating_mul(2))
+            .saturating_add(i + 5 * h);
+        embeddings.saturating_add(u64::from(self.layers).saturating_mul(layer)).saturating_add(square + h)
     }
 
     /// The adapted modules' paths within one layer (e.g. `attention.self.query`), in layer order.
