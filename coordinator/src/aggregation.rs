@@ -223,13 +223,10 @@ impl AggregationThread {
         let mut out = BTreeMap::new();
         for &rank in ranks {
             if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(rank) {
-                // Fold-and-Fill: the rest of the global adapter rides along, folded into a merged delta.
-                let slice = if self.settings.method.folds_tail() {
-                    self.global.slice_with_folded_tail(rank as usize, self.settings.scale())
-                } else {
-                    self.global.slice_to_rank(rank as usize)
-                }
-                .map_err(|e| e.to_string())?;
+                // Fold-and-Fill: every device gets the whole R_max adapter and folds the slots above
+                // its rank (the task's rank) into its frozen weight.
+                let sent_rank = if self.settings.method.folds_tail() { self.global.rank() } else { rank as usize };
+                let slice = self.global.slice_to_rank(sent_rank).map_err(|e| e.to_string())?;
                 slot.insert(slice.to_wire(DType::F32).map_err(|e| e.to_string())?);
             }
         }

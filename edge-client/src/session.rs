@@ -298,7 +298,7 @@ async fn train_and_upload(
     info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
     settings.progress.training(round, task.total_rounds, task.rank);
     let trained = tokio::select! {
-        trained = trainer.train(tensors, task.training.clone()) => trained,
+        trained = trainer.train(tensors, task.rank, task.training.clone()) => trained,
         _ = stop_reached(stop, Stop::AfterUpload) => {
             return Err(stopping(connection, format!("stopped: round {round}'s training abandoned, nothing sent")));
         }

@@ -32,8 +32,18 @@ pub enum BaseSource {
 }
 
 enum Job {
-    SetBase { architecture: Architecture, scale: f64, base: BaseSource, reply: oneshot::Sender<Result<(), String>> },
-    Train { slice: WireTensors, settings: TrainingSettings, reply: oneshot::Sender<Result<TrainedUpdate, String>> },
+    SetBase {
+        architecture: Architecture,
+        scale: f64,
+        base: BaseSource,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Train {
+        slice: WireTensors,
+        rank: u32,
+        settings: TrainingSettings,
+        reply: oneshot::Sender<Result<TrainedUpdate, String>>,
+    },
 }
 
 /// Where the local training data comes from.
@@ -181,8 +191,8 @@ impl TrainerPool {
                             put_back(state);
                             let _ = reply.send(result);
                         }
-                        Job::Train { slice, settings, reply } => {
-                            let result = state.train(&slice, &settings, device);
+                        Job::Train { slice, rank, settings, reply } => {
+                            let result = state.train(&slice, rank, &settings, device);
                             put_back(state);
                             let _ = reply.send(result);
                         }
@@ -220,9 +230,16 @@ impl Trainer {
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 
-    pub async fn train(&self, slice: WireTensors, settings: TrainingSettings) -> anyhow::Result<TrainedUpdate> {
+    /// Trains the round's `slice` at `rank`: slots of the slice beyond `rank` (Fold-and-Fill sends
+    /// the whole R_max adapter) are folded into the frozen weight and not trained.
+    pub async fn train(
+        &self,
+        slice: WireTensors,
+        rank: u32,
+        settings: TrainingSettings,
+    ) -> anyhow::Result<TrainedUpdate> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send((self.key, Job::Train { slice, settings, reply })).map_err(|_| stopped())?;
+        self.jobs.send((self.key, Job::Train { slice, rank, settings, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 }
@@ -304,12 +321,21 @@ impl DeviceState {
     fn train(
         &mut self,
         slice: &WireTensors,
+        rank: u32,
         settings: &TrainingSettings,
         device: tch::Device,
     ) -> Result<TrainedUpdate, String> {
         let (architecture, scale, base) = self.model.as_ref().ok_or("no base model received yet")?;
         let data = self.data.as_ref().ok_or("no local data loaded")?;
-        let adapter = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
+        let mut adapter = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
+        let rank = rank as usize;
+        if rank == 0 || rank > adapter.rank() {
+            return Err(format!("the round task asks for rank {rank}, but its adapter has rank {}", adapter.rank()));
+        }
+        if rank < adapter.rank() {
+            // The rest of the global adapter stays, frozen: W ← W0 + s·B[:, rank:]·A[rank:, :].
+            adapter = adapter.slice_with_folded_tail(rank, *scale).map_err(|e| format!("global adapter: {e}"))?;
+        }
         let mut model = LoraModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
         let metrics = model.train(data, settings).map_err(|e| e.to_string())?;
         let trained = model.adapter().map_err(|e| e.to_string())?;
@@ -346,7 +372,7 @@ mod tests {
                 let trainer = pool.trainer(source).unwrap();
                 trainer.set_base(architecture.clone(), 1.0, BaseSource::Tensors(base_wire.clone())).await.unwrap();
                 for _ in 0..4 {
-                    trainer.train(slice.clone(), settings.clone()).await.unwrap();
+                    trainer.train(slice.clone(), 2, settings.clone()).await.unwrap();
                 }
             }
         });

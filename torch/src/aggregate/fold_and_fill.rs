@@ -8,13 +8,13 @@
 //! ```
 //!
 //! It is FedAvg of full R_max adapters in which each device froze the slots above its rank: a
-//! device of rank r receives its slice plus the rest of the global adapter folded into its frozen
-//! weight, `W ← W0 + s·B_g[:, r:]·A_g[r:, :]` (the coordinator sends that product as the slice's
+//! device of rank r receives the whole R_max global adapter, folds the slots above its rank into
+//! its frozen weight, `W ← W0 + s·B_g[:, r:]·A_g[r:, :]` (`Adapter::slice_with_folded_tail`, as a
 //! merged delta, the path online FLoRA uses), trains its prefix and the head, and uploads its
 //! prefix as under RBLA. A slot only a small share of the round covers moves by that share, not
 //! all the way to its few supporters' values; devices that return what they received give back the
-//! global adapter; no slot is ever zeroed. Server cost is RBLA's; the downlink grows by the folded
-//! tail (`d_out × d_in` per adapted module for a device below R_max).
+//! global adapter; no slot is ever zeroed. Server cost is RBLA's; the downlink grows to the R_max
+//! adapter for every device.
 
 use super::slot_sums::{Denominator, SampleWeighted};
 use super::{AggregateError, Method};
