@@ -5,7 +5,7 @@
 //!
 //!   bash deploy/fetch-text-assets.sh
 //!   cargo bench -p flotilla-edge --bench rank_sweep -- [--task rotten-tomatoes|bbc-news]
-//!       [--ranks 2,4,8,16,32,64] [--steps 120] [--eval 400] [--threads 2]
+//!       [--ranks 2,4,8,16,32,64] [--steps 120] [--lr 0.002] [--eval 400] [--threads 2]
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -26,6 +26,7 @@ fn main() {
     let ranks: String = arg(&args, "--ranks", "2,4,8,16,32,64".to_string());
     let ranks: Vec<usize> = ranks.split(',').filter_map(|r| r.parse().ok()).collect();
     let steps: u32 = arg(&args, "--steps", 120);
+    let learning_rate: f64 = arg(&args, "--lr", 2e-3);
     let eval: usize = arg(&args, "--eval", 400);
     tch::set_num_threads(arg(&args, "--threads", 2));
     let cache = std::env::var_os("FLOTILLA_CACHE")
@@ -57,10 +58,9 @@ fn main() {
     let test_labels: Vec<i64> = test.labels().into_iter().take(eval).collect();
     let test_set = tokenizer.dataset(&test_texts, &test_labels).expect("tokenize");
     let architecture = Architecture::Bert(spec);
-    let settings =
-        TrainingSettings { local_steps: steps, local_epochs: 0, batch_size: 16, learning_rate: 2e-3, seed: 7 };
+    let settings = TrainingSettings { local_steps: steps, local_epochs: 0, batch_size: 16, learning_rate, seed: 7 };
     println!(
-        "{task}: {} training texts, {} held out; all-MiniLM-L6-v2, LoRA on query+value, scale 2, {steps} AdamW steps of 16 at lr 2e-3",
+        "{task}: {} training texts, {} held out; all-MiniLM-L6-v2, LoRA on query+value, scale 2, {steps} AdamW steps of 16 at lr {learning_rate}",
         train_set.len(),
         test_set.len()
     );
