@@ -69,8 +69,8 @@ for member in "${fleet[@]}"; do
 done
 "$bin/flotilla-certs" --dir "$run_dir/pki" list
 
-if [ "$task" = text ]; then
-    cat > "$run_dir/coordinator.toml" <<TOML
+# What both tasks share; each then adds its training settings, evaluation set and model.
+cat > "$run_dir/coordinator.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
 run_dir = "$run_dir"
@@ -79,6 +79,14 @@ address_file = "$run_dir/coordinator.addr"
 [tls]
 kit = "$run_dir/pki/kits/coordinator"
 
+[aggregation]
+method = "rbla"
+max_rank = 16
+lora_alpha = 32.0
+
+TOML
+if [ "$task" = text ]; then
+    cat >> "$run_dir/coordinator.toml" <<TOML
 [round]
 rounds = $rounds
 min_devices = ${#fleet[@]}
@@ -86,11 +94,6 @@ deadline_secs = 300
 local_steps = ${FLOTILLA_LOCAL_STEPS:-20}
 batch_size = 16
 learning_rate = 0.002
-
-[aggregation]
-method = "rbla"
-max_rank = 16
-lora_alpha = 32.0
 
 # Held out: the articles whose key hashes into the test split (20%); 150 of them, listed in
 # evaluation-examples.txt.
@@ -108,15 +111,7 @@ labels = ["business", "entertainment", "politics", "sports", "tech"]
 max_length = 64
 TOML
 else
-    cat > "$run_dir/coordinator.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-run_dir = "$run_dir"
-address_file = "$run_dir/coordinator.addr"
-
-[tls]
-kit = "$run_dir/pki/kits/coordinator"
-
+    cat >> "$run_dir/coordinator.toml" <<TOML
 [round]
 rounds = $rounds
 min_devices = ${#fleet[@]}
@@ -124,11 +119,6 @@ deadline_secs = 120
 local_steps = 150
 batch_size = 64
 learning_rate = 0.005
-
-[aggregation]
-method = "rbla"
-max_rank = 16
-lora_alpha = 32.0
 
 # Test images 5000-9999 are the held-out set; 0-4999 are the public data the base is pretrained on.
 [evaluation]

@@ -220,14 +220,20 @@ impl AggregationThread {
     }
 
     fn slices(&self, ranks: &[u32]) -> Result<BTreeMap<u32, WireTensors>, String> {
+        let encode = |rank: usize| -> Result<WireTensors, String> {
+            let slice = self.global.slice_to_rank(rank).map_err(|e| e.to_string())?;
+            slice.to_wire(DType::F32).map_err(|e| e.to_string())
+        };
+        if self.settings.method.folds_tail() {
+            // Fold-and-Fill: every device gets the whole R_max adapter, encoded once, and folds the
+            // slots above its task's rank into its frozen weight.
+            let whole = encode(self.global.rank())?;
+            return Ok(ranks.iter().map(|&rank| (rank, whole.clone())).collect());
+        }
         let mut out = BTreeMap::new();
         for &rank in ranks {
             if let std::collections::btree_map::Entry::Vacant(slot) = out.entry(rank) {
-                // Fold-and-Fill: every device gets the whole R_max adapter and folds the slots above
-                // its rank (the task's rank) into its frozen weight.
-                let sent_rank = if self.settings.method.folds_tail() { self.global.rank() } else { rank as usize };
-                let slice = self.global.slice_to_rank(sent_rank).map_err(|e| e.to_string())?;
-                slot.insert(slice.to_wire(DType::F32).map_err(|e| e.to_string())?);
+                slot.insert(encode(rank as usize)?);
             }
         }
         Ok(out)

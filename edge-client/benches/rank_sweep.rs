@@ -29,9 +29,7 @@ fn main() {
     let learning_rate: f64 = arg(&args, "--lr", 2e-3);
     let eval: usize = arg(&args, "--eval", 400);
     tch::set_num_threads(arg(&args, "--threads", 2));
-    let cache = std::env::var_os("FLOTILLA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flotilla"));
+    let cache = flotilla_torch::cache::root();
     let (data, labels): (PathBuf, Vec<&str>) = match task.as_str() {
         "bbc-news" => {
             (cache.join("datasets/bbc-news"), vec!["business", "entertainment", "politics", "sports", "tech"])
@@ -40,7 +38,7 @@ fn main() {
     };
     let labels: Vec<String> = labels.into_iter().map(String::from).collect();
     let checkpoint =
-        HfCheckpoint::open(&cache.join("models/all-MiniLM-L6-v2")).expect("bash deploy/fetch-text-assets.sh");
+        HfCheckpoint::open(&flotilla_torch::cache::minilm_dir()).expect("bash deploy/fetch-text-assets.sh");
     let spec = checkpoint
         .spec(&FineTuning {
             target_modules: vec!["query".into(), "value".into()],

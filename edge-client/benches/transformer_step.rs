@@ -8,7 +8,6 @@
 //! `deploy/transformer/bench_step.py` times the identical step in PyTorch + PEFT on the same
 //! machine; docs/benchmarks.md has both and the command that compares them.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use flotilla_torch::data::text::{load_text, TextSplit};
@@ -22,12 +21,6 @@ use tch::{Kind, Tensor};
 const BATCH: i64 = 16;
 const LENGTH: i64 = 64;
 const STEPS: u32 = 10;
-
-fn cache() -> PathBuf {
-    std::env::var_os("FLOTILLA_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/flotilla"))
-}
 
 /// Peak resident memory of this process so far (VmHWM), in MiB.
 fn peak_rss_mib() -> f64 {
@@ -57,8 +50,7 @@ fn main() {
     let json = args.iter().any(|a| a == "--json");
     tch::set_num_threads(threads);
     let device = tch::Device::cuda_if_available();
-    let model_dir =
-        std::env::var_os("FLOTILLA_MINILM").map(PathBuf::from).unwrap_or(cache().join("models/all-MiniLM-L6-v2"));
+    let model_dir = flotilla_torch::cache::minilm_dir();
     let labels: Vec<String> = ["business", "entertainment", "politics", "sports", "tech"].map(String::from).to_vec();
     let checkpoint = HfCheckpoint::open(&model_dir).expect("all-MiniLM-L6-v2 (bash deploy/fetch-text-assets.sh)");
     let spec = checkpoint
@@ -115,7 +107,7 @@ fn main() {
     );
 
     // Tokenization of BBC News's training texts at length 64, when the cache has them.
-    let bbc = cache().join("datasets/bbc-news");
+    let bbc = flotilla_torch::cache::root().join("datasets/bbc-news");
     let tokenization = load_text(&bbc, &labels, TextSplit::Train).ok().map(|corpus| {
         let tokenizer = TextTokenizer::from_file(&checkpoint.tokenizer_path(), LENGTH as usize, spec.vocab as usize)
             .expect("tokenizer");

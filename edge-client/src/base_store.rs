@@ -50,15 +50,9 @@ pub struct BaseStore {
 }
 
 impl BaseStore {
-    /// The default cache: `$FLOTILLA_CACHE`, else `$XDG_CACHE_HOME/flotilla`, else `~/.cache/flotilla`.
+    /// The default cache (`flotilla_torch::cache::root`).
     pub fn default_cache() -> PathBuf {
-        if let Some(dir) = std::env::var_os("FLOTILLA_CACHE") {
-            return PathBuf::from(dir);
-        }
-        let base = std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| {
-            std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(".")).join(".cache")
-        });
-        base.join("flotilla")
+        flotilla_torch::cache::root()
     }
 
     /// A directory holding exactly `files`: the model directory, the cache, or fetched now.

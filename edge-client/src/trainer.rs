@@ -73,7 +73,7 @@ impl DataChoice {
         if data == "synthetic" {
             return Ok(DataChoice::Synthetic { samples, task_seed });
         }
-        let cache = crate::base_store::BaseStore::default_cache();
+        let cache = flotilla_torch::cache::root();
         let (path, hint) = match data {
             "fashion-mnist" => (
                 PathBuf::from(flotilla_torch::data::idx::DEBIAN_FASHION_MNIST),

@@ -8,6 +8,7 @@
 
 pub mod adapter;
 pub mod aggregate;
+pub mod cache;
 pub mod data;
 pub mod model;
 pub mod tensor;

@@ -85,10 +85,7 @@ fn tiny_checkpoint_matches_hf() {
 /// (set by `deploy/test.sh`) makes its absence a failure instead of a skip.
 #[test]
 fn minilm_matches_hf_when_the_cache_has_it() {
-    let dir = std::env::var_os("FLOTILLA_MINILM").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_default();
-        home.join(".cache/flotilla/models/all-MiniLM-L6-v2")
-    });
+    let dir = flotilla_torch::cache::minilm_dir();
     if !dir.join("model.safetensors").is_file() {
         assert!(std::env::var_os("FLOTILLA_REQUIRE_MINILM").is_none(), "{} has no all-MiniLM-L6-v2", dir.display());
         eprintln!("skipped: {} has no all-MiniLM-L6-v2 (bash deploy/fetch-text-assets.sh)", dir.display());
