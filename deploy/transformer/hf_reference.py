@@ -40,13 +40,19 @@ def tokenize(tokenizer, max_length):
     return [tokenizer.encode(s).ids for s in SENTENCES]
 
 
-def pooled_outputs(model, ids):
+def padded(ids):
+    """Token id lists as a batch padded to the longest (with 0), and its attention mask."""
     longest = max(len(i) for i in ids)
     input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
     mask = torch.zeros(len(ids), longest, dtype=torch.long)
     for row, tokens in enumerate(ids):
         input_ids[row, : len(tokens)] = torch.tensor(tokens)
         mask[row, : len(tokens)] = 1
+    return input_ids, mask
+
+
+def pooled_outputs(model, ids):
+    input_ids, mask = padded(ids)
     with torch.no_grad():
         out = model(input_ids=input_ids, attention_mask=mask)
     hidden = out.last_hidden_state

@@ -25,6 +25,8 @@ from peft import PeftModel
 from tokenizers import Tokenizer
 from transformers import AutoModelForSequenceClassification
 
+from hf_reference import padded
+
 TOLERANCE = 1e-4
 
 
@@ -32,14 +34,7 @@ def batch(tokenizer_path, texts, max_length):
     tokenizer = Tokenizer.from_file(tokenizer_path)
     tokenizer.no_padding()
     tokenizer.enable_truncation(max_length)
-    ids = [tokenizer.encode(t).ids for t in texts]
-    longest = max(len(i) for i in ids)
-    input_ids = torch.zeros(len(ids), longest, dtype=torch.long)
-    mask = torch.zeros(len(ids), longest, dtype=torch.long)
-    for row, tokens in enumerate(ids):
-        input_ids[row, : len(tokens)] = torch.tensor(tokens)
-        mask[row, : len(tokens)] = 1
-    return input_ids, mask
+    return padded([tokenizer.encode(t).ids for t in texts])
 
 
 def logits(model, inputs):
