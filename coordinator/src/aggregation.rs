@@ -9,7 +9,10 @@ use std::sync::mpsc;
 use std::time::Instant;
 
 use flotilla_torch::adapter::{peft_config_for, Adapter, NUM_SAMPLES_KEY};
-use flotilla_torch::aggregate::{Aggregator, ClientUpdate, Method, MethodExt};
+use flotilla_torch::aggregate::{
+    AggregateError, Aggregated, Aggregator, ClientUpdate, Method, MethodExt, PrivacyParameters, PrivateSums,
+};
+use rand::SeedableRng;
 use flotilla_torch::tensor::DecodedTensors;
 use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, Update};
 use flotilla_wire::tensor::{DType, WireTensors};
@@ -91,6 +94,35 @@ pub struct WorkerSettings {
     pub policy: flotilla_engine::RoundPolicy,
     /// The round the first accumulator aggregates (1, or the one after a resumed checkpoint).
     pub first_round: u32,
+    /// `[privacy]`: clipped changes, noised sums (see `flotilla_torch::aggregate::PrivateSums`).
+    pub privacy: Option<PrivacyParameters>,
+}
+
+/// A round's accumulator: a method's own, or its differentially private form.
+enum RoundAccumulator {
+    Plain(Box<dyn Aggregator>),
+    Private(PrivateSums),
+}
+
+impl RoundAccumulator {
+    fn fold_batch(&mut self, updates: &[ClientUpdate<'_>]) -> Vec<Result<(), AggregateError>> {
+        match self {
+            RoundAccumulator::Plain(accumulator) => accumulator.fold_batch(updates),
+            RoundAccumulator::Private(sums) => updates.iter().map(|update| sums.fold(update)).collect(),
+        }
+    }
+
+    /// The next global adapter. A private round draws its noise from the operating system's
+    /// entropy: noise anyone could replay would protect nothing.
+    fn finish(self, facts: &RoundFacts, sampling_rate: f64) -> Result<Aggregated, AggregateError> {
+        match self {
+            RoundAccumulator::Plain(accumulator) => accumulator.finish(),
+            RoundAccumulator::Private(sums) => {
+                let mut rng = rand_chacha::ChaCha20Rng::from_os_rng();
+                sums.finish(&facts.population_by_rank, sampling_rate, &mut rng)
+            }
+        }
+    }
 }
 
 impl WorkerSettings {
@@ -100,8 +132,17 @@ impl WorkerSettings {
     }
 
     /// A fresh accumulator for `round`, seeded with the current global adapter.
-    fn start(&self, global: &Adapter, round: u32) -> Result<Box<dyn Aggregator>, String> {
-        self.method.start_online(global, self.scale(), self.policy.aggregation_seed(round)).map_err(|e| e.to_string())
+    fn start(&self, global: &Adapter, round: u32) -> Result<RoundAccumulator, String> {
+        match self.privacy {
+            Some(parameters) => PrivateSums::new(global, self.method, self.scale(), parameters)
+                .map(RoundAccumulator::Private)
+                .map_err(|e| e.to_string()),
+            None => self
+                .method
+                .start_online(global, self.scale(), self.policy.aggregation_seed(round))
+                .map(RoundAccumulator::Plain)
+                .map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -176,7 +217,7 @@ impl AggregationWorker {
 struct AggregationThread {
     global: Adapter,
     /// `None` only between finishing a round and starting the next accumulator.
-    accumulator: Option<Box<dyn Aggregator>>,
+    accumulator: Option<RoundAccumulator>,
     settings: WorkerSettings,
     evaluations: Option<EvaluationThread>,
     /// Ranks folded into the current round.
@@ -312,7 +353,7 @@ impl AggregationThread {
     fn finish(&mut self, facts: RoundFacts) -> Result<RoundRecord, String> {
         let round = facts.round;
         let started = Instant::now();
-        self.aggregate(round)?;
+        self.aggregate(&facts)?;
         let aggregation_seconds = started.elapsed().as_secs_f64();
         crate::crash_points::point("mid-aggregation", round);
         let ranks = std::mem::take(&mut self.round_ranks);
@@ -339,13 +380,14 @@ impl AggregationThread {
     }
 
     /// Makes the next global adapter from the round's accumulator and starts the next one.
-    fn aggregate(&mut self, round: u32) -> Result<(), String> {
+    fn aggregate(&mut self, facts: &RoundFacts) -> Result<(), String> {
+        let round = facts.round;
         let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
         // Whatever happens, the next round starts from the newest good global adapter.
         let round_rank = self.round_ranks.iter().copied().max();
         let shrink = self.settings.shrink_to_round_rank;
         let outcome = finished
-            .finish()
+            .finish(facts, self.settings.policy.fraction)
             .and_then(|aggregated| {
                 for note in &aggregated.notes {
                     info!(round, "{note}");
@@ -401,10 +443,12 @@ mod tests {
             shrink_to_round_rank: false,
             evaluator: None,
             fingerprint: "test".into(),
+            privacy: None,
             policy: flotilla_engine::RoundPolicy {
                 seed: 1,
                 fraction: 1.0,
                 min_participants: 1,
+                sampling: flotilla_engine::Sampling::FixedSize,
                 training: flotilla_engine::TrainingPlan {
                     local_steps: 1,
                     local_epochs: 0,
@@ -500,7 +544,14 @@ mod tests {
         assert_eq!(message, CoordinatorMessage::Ack(Ack { round: 1 }));
         assert!(folded);
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-        let facts = RoundFacts { round: 1, updates: Vec::new(), update_bytes: 0, task_bytes: 0, round_seconds: 0.0 };
+        let facts = RoundFacts {
+            round: 1,
+            population_by_rank: BTreeMap::new(),
+            updates: Vec::new(),
+            update_bytes: 0,
+            task_bytes: 0,
+            round_seconds: 0.0,
+        };
         let record = runtime.block_on(worker.finish(facts)).expect("the round finishes after every rejection");
         assert_eq!(record.round, 1);
         assert!(record.global_dir.is_some_and(|d| d.join("state.json").exists()));

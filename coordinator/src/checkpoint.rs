@@ -43,6 +43,12 @@ pub fn fingerprint(config: &CoordinatorConfig) -> String {
     if let Some(pretrain) = &config.model.pretrain {
         identity["pretrain"] = serde_json::json!(pretrain);
     }
+    // A run resumed under other privacy settings would spend a budget its earlier rounds did not
+    // account for.
+    if let Some(privacy) = &config.privacy {
+        identity["privacy"] = serde_json::json!(privacy);
+        identity["fraction"] = serde_json::json!(config.round.fraction);
+    }
     flotilla_wire::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
 }
 

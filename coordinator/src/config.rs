@@ -33,6 +33,9 @@ pub struct CoordinatorConfig {
     /// Highest rank a device class gets, e.g. `phone = 2` (devices report their class in Hello).
     #[serde(default)]
     pub rank_caps: std::collections::BTreeMap<String, u32>,
+    /// Device-level differential privacy (off when absent); see `privacy.rs`.
+    #[serde(default)]
+    pub privacy: Option<crate::privacy::PrivacySection>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -285,6 +288,13 @@ impl CoordinatorConfig {
             seed: self.model.seed,
             fraction: round.fraction,
             min_participants: round.min_participants.unwrap_or(round.min_devices),
+            // The accountant's amplification by subsampling assumes each device joins a round on
+            // its own coin flip.
+            sampling: if self.privacy.is_some() {
+                flotilla_engine::Sampling::Poisson
+            } else {
+                flotilla_engine::Sampling::FixedSize
+            },
             training: flotilla_engine::TrainingPlan {
                 local_steps: round.local_steps,
                 local_epochs: round.local_epochs,
@@ -391,6 +401,14 @@ impl CoordinatorConfig {
             "aggregation.lora_alpha must be a positive number"
         );
         self.model.architecture.validate().map_err(|e| anyhow::anyhow!("model.architecture.{e}"))?;
+        if let Some(privacy) = &self.privacy {
+            privacy.validate(
+                self.aggregation.method,
+                self.round.min_devices,
+                self.round.fraction,
+                self.aggregation.ablation_shrink_to_round_rank,
+            )?;
+        }
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
         Ok(())
     }

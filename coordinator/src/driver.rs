@@ -250,6 +250,11 @@ impl RoundDriver {
                 max_rank: self.config.aggregation.max_rank,
                 devices_connected: self.engine.connected(),
                 participants_by_rank: by_rank.clone(),
+                privacy: self.summary.privacy.as_ref().map(|p| crate::metrics::PrivacyStatus {
+                    epsilon: p.epsilon_spent,
+                    epsilon_budget: p.epsilon_budget,
+                    delta: p.delta,
+                }),
             };
         }
         for &rank in &self.rank_labels {
@@ -258,11 +263,25 @@ impl RoundDriver {
         }
     }
 
+    /// Under `[privacy]`: the run's ε once `round` is over (aggregated or skipped: its devices were
+    /// sampled either way), in the summary, the metrics and the log.
+    fn spend_privacy(&mut self, round: u32) -> Option<f64> {
+        let privacy = self.config.privacy.as_ref()?;
+        let epsilon = privacy.epsilon_after(self.config.round.fraction, round).unwrap_or(f64::INFINITY);
+        metrics::gauge!("fl_privacy_epsilon").set(epsilon);
+        if let Some(summary) = self.summary.privacy.as_mut() {
+            summary.epsilon_spent = epsilon;
+        }
+        info!("[round {round}] privacy spent: ε = {epsilon:.3} at δ = {} (budget {})", privacy.delta, privacy.epsilon);
+        Some(epsilon)
+    }
+
     fn record_round(&mut self, record: RoundRecord) {
         metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.config.aggregation.method.name())
             .record(record.aggregation_seconds);
         metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
         let mut record = record;
+        record.privacy_epsilon = self.spend_privacy(record.round);
         match self.early_evaluations.remove(&record.round) {
             Some(results) => record.evaluation = results,
             None if self.config.evaluation.test_data.is_some() => {
@@ -352,6 +371,7 @@ impl RoundDriver {
         let updates = self.accepted.remove(&round).unwrap_or_default();
         let facts = RoundFacts {
             round,
+            population_by_rank: self.engine.population_by_rank().clone(),
             update_bytes: updates.iter().map(|u| u.wire_bytes).sum(),
             task_bytes: self.task_bytes.remove(&round).unwrap_or(0),
             updates,
@@ -372,6 +392,7 @@ impl RoundDriver {
             self.config.round.rounds, self.config.round.min_updates
         );
         self.accepted.remove(&round);
+        self.spend_privacy(round);
         if updates > 0 {
             // Rare, and the next round's folds must not reach the discarded accumulator: wait.
             self.worker
@@ -397,6 +418,7 @@ impl RoundDriver {
                 base_version: self.base_version.clone(),
                 training: training_settings(self.engine.policy().training(round)),
                 deadline_secs: self.config.round.deadline_secs,
+                clip_norm: self.config.privacy.as_ref().map(|p| p.clip_norm),
             });
             deliveries.push(TaskDelivery { device, round, rank, connection, task });
         }

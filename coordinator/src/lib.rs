@@ -28,6 +28,7 @@ pub mod evaluation;
 pub mod export;
 pub mod hf_model;
 pub mod metrics;
+pub mod privacy;
 pub mod plots;
 pub mod renewal;
 pub mod report;

@@ -34,6 +34,16 @@ pub struct Status {
     pub devices_connected: usize,
     /// Devices in the current round, by rank.
     pub participants_by_rank: std::collections::BTreeMap<u32, usize>,
+    /// Under `[privacy]`: the ε spent so far, its budget and δ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<PrivacyStatus>,
+}
+
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct PrivacyStatus {
+    pub epsilon: f64,
+    pub epsilon_budget: f64,
+    pub delta: f64,
 }
 
 pub type SharedStatus = std::sync::Arc<std::sync::RwLock<Status>>;
@@ -80,6 +90,7 @@ fn describe() {
     describe_gauge!("fl_eval_accuracy", "Test accuracy of the global model at each rank, last round");
     describe_counter!("fl_sessions_closed_total", "Sessions the coordinator closed, by reason");
     describe_counter!("fl_certificate_renewals_total", "Online certificate renewals, by outcome");
+    describe_gauge!("fl_privacy_epsilon", "Under [privacy]: the run's ε so far, at the configured δ");
 }
 
 pub fn set_phase(current: &str) {

@@ -20,6 +20,9 @@ pub struct RunSummary {
     pub final_global: Option<PathBuf>,
     /// Test-set results of the initial global model (base + untrained adapter): the lower bound.
     pub initial_evaluation: Vec<RankAccuracy>,
+    /// `[privacy]`: the settings and the (ε, δ) spent so far.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy: Option<crate::privacy::PrivacySummary>,
 }
 
 /// One round's result: what the driver saw (updates, bytes, duration) and what the aggregation
@@ -38,11 +41,17 @@ pub struct RoundRecord {
     pub round_seconds: f64,
     pub global_dir: Option<PathBuf>,
     pub evaluation: Vec<RankAccuracy>,
+    /// Under `[privacy]`: the run's ε once this round is done (at the summary's δ).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_epsilon: Option<f64>,
 }
 
 /// What the round driver knows of a finished round; the worker completes it into the record.
 pub struct RoundFacts {
     pub round: u32,
+    /// The connected devices by rank when the round drew its participants (the denominators of
+    /// a differentially private aggregate).
+    pub population_by_rank: std::collections::BTreeMap<u32, usize>,
     pub updates: Vec<UpdateRecord>,
     pub update_bytes: u64,
     pub task_bytes: u64,
@@ -58,7 +67,7 @@ impl RoundRecord {
         global_dir: PathBuf,
         evaluation: Vec<RankAccuracy>,
     ) -> Self {
-        let RoundFacts { round, updates, update_bytes, task_bytes, round_seconds } = facts;
+        let RoundFacts { round, updates, update_bytes, task_bytes, round_seconds, .. } = facts;
         RoundRecord {
             round,
             updates,
@@ -68,6 +77,7 @@ impl RoundRecord {
             round_seconds,
             global_dir: Some(global_dir),
             evaluation,
+            privacy_epsilon: None,
         }
     }
 }
@@ -239,6 +249,7 @@ mod tests {
                     round_seconds: 1.5,
                     global_dir: None,
                     evaluation: eval(&[(2, 0.4), (8, 0.6)]),
+                    privacy_epsilon: None,
                 },
                 RoundRecord {
                     round: 2,
@@ -249,10 +260,12 @@ mod tests {
                     round_seconds: 1.0,
                     global_dir: None,
                     evaluation: eval(&[(8, 0.7)]),
+                    privacy_epsilon: None,
                 },
             ],
             final_global: None,
             initial_evaluation: eval(&[(8, 0.1)]),
+            privacy: None,
         };
         let rows = round_rows(&summary);
         assert_eq!(rows.iter().map(|r| r.round).collect::<Vec<_>>(), vec![0, 1, 2]);

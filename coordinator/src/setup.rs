@@ -40,6 +40,8 @@ struct RunStart {
 /// Runs the configured rounds (resuming after the last checkpoint unless `fresh`) and returns the
 /// run's summary, also written to `<run_dir>/summary.json`.
 pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<RunSummary> {
+    let configured_rounds = config.round.rounds;
+    let config = limit_rounds_to_privacy_budget(config)?;
     let run_dir = config.server.run_dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     let renewal = crate::renewal::Renewal::open(&config.renewal)?;
@@ -51,7 +53,13 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     if start.first_round > config.round.rounds {
         info!("all {} rounds were already completed; nothing to do", config.round.rounds);
         let initial = previous_initial_evaluation(&run_dir).unwrap_or_default();
-        return Ok(summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial));
+        return Ok(summary_so_far(
+            &config,
+            start.first_round,
+            start.history.unwrap_or_default(),
+            initial,
+            configured_rounds,
+        ));
     }
     let (inputs, receiver) = mpsc::unbounded_channel();
     let evaluated = inputs.clone();
@@ -87,7 +95,8 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         Some(_) => previous_initial_evaluation(&run_dir).unwrap_or(initial_evaluation),
         None => initial_evaluation,
     };
-    let summary = summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial);
+    let summary =
+        summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial, configured_rounds);
     let driver = RoundDriver::new(DriverStart {
         config,
         base_version: base.version,
@@ -132,15 +141,57 @@ fn summary_so_far(
     first_round: u32,
     rounds: Vec<RoundRecord>,
     initial_evaluation: Vec<RankAccuracy>,
+    configured_rounds: u32,
 ) -> RunSummary {
     RunSummary {
         method: config.aggregation.method.to_string(),
         max_rank: config.aggregation.max_rank,
         rounds_completed: first_round - 1,
         final_global: rounds.last().and_then(|r| r.global_dir.clone()),
+        privacy: config.privacy.as_ref().map(|p| crate::privacy::PrivacySummary {
+            mode: p.mode,
+            clip_norm: p.clip_norm,
+            noise_multiplier: p.noise_multiplier,
+            sampling_rate: config.round.fraction,
+            delta: p.delta,
+            epsilon_budget: p.epsilon,
+            epsilon_spent: p.epsilon_after(config.round.fraction, first_round - 1).unwrap_or(f64::NAN),
+            rounds_allowed: config.round.rounds,
+            rounds_configured: configured_rounds,
+        }),
         rounds,
         initial_evaluation,
     }
+}
+
+/// Under `[privacy]`, ends the run at the last round the ε budget pays for: the noise and the
+/// sampling rate are fixed, so a round that would take ε past the budget is known before the run.
+fn limit_rounds_to_privacy_budget(mut config: CoordinatorConfig) -> anyhow::Result<CoordinatorConfig> {
+    let Some(privacy) = &config.privacy else { return Ok(config) };
+    let budget = privacy.budget(config.round.fraction, config.round.rounds)?;
+    let allowed = budget.rounds_allowed();
+    if budget.cuts_the_run() {
+        warn!(
+            "privacy budget: ε = {} at δ = {} pays for {allowed} of the {} configured rounds (ε = {:.3} after round              {allowed}, {:.3} after one more); the run ends after round {allowed}",
+            privacy.epsilon,
+            privacy.delta,
+            config.round.rounds,
+            budget.epsilon_at(allowed),
+            privacy.epsilon_after(config.round.fraction, allowed + 1)?,
+        );
+        config.round.rounds = allowed;
+    } else {
+        info!(
+            "privacy: clip {} noise multiplier {} sampling rate {}: ε = {:.3} at δ = {} after all {allowed} rounds              (budget {})",
+            privacy.clip_norm,
+            privacy.noise_multiplier,
+            config.round.fraction,
+            budget.epsilon_at(allowed),
+            privacy.delta,
+            privacy.epsilon
+        );
+    }
+    Ok(config)
 }
 
 /// The evaluator (when a test set is configured) and the aggregation worker that owns it.
@@ -184,6 +235,7 @@ fn start_worker(
             fingerprint: checkpoint::fingerprint(config),
             policy: config.round_policy(),
             first_round,
+            privacy: config.privacy.as_ref().map(|p| p.parameters()),
         },
         report_evaluation,
     )?;

@@ -298,12 +298,18 @@ async fn train_and_upload(
     info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
     settings.progress.training(round, task.total_rounds, task.rank);
     let trained = tokio::select! {
-        trained = trainer.train(tensors, task.rank, task.training.clone()) => trained,
+        trained = trainer.train(tensors, task.rank, task.training.clone(), task.clip_norm) => trained,
         _ = stop_reached(stop, Stop::AfterUpload) => {
             return Err(stopping(connection, format!("stopped: round {round}'s training abandoned, nothing sent")));
         }
     }
     .map_err(|e| SessionError::Fatal(format!("[round {round}] training failed: {e:#}")))?;
+    if let (Some(norm), Some(bound)) = (trained.change_norm, task.clip_norm) {
+        info!(
+            "[round {round}] privacy: update change {norm:.4}{}",
+            if norm > bound { format!(", clipped to {bound}") } else { format!(" within the bound {bound}") }
+        );
+    }
     let update = Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
     info!(
         "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",

@@ -22,6 +22,8 @@ pub struct TrainedUpdate {
     pub rank: u32,
     pub num_samples: u64,
     pub metrics: LocalMetrics,
+    /// Under differential privacy: the L2 norm of the change before it was clipped.
+    pub change_norm: Option<f64>,
 }
 
 /// Where the frozen base comes from: tensors sent with the Welcome, or a checkpoint directory
@@ -42,6 +44,7 @@ enum Job {
         slice: WireTensors,
         rank: u32,
         settings: TrainingSettings,
+        clip_norm: Option<f64>,
         reply: oneshot::Sender<Result<TrainedUpdate, String>>,
     },
 }
@@ -191,8 +194,8 @@ impl TrainerPool {
                             put_back(state);
                             let _ = reply.send(result);
                         }
-                        Job::Train { slice, rank, settings, reply } => {
-                            let result = state.train(&slice, rank, &settings, device);
+                        Job::Train { slice, rank, settings, clip_norm, reply } => {
+                            let result = state.train(&slice, rank, &settings, clip_norm, device);
                             put_back(state);
                             let _ = reply.send(result);
                         }
@@ -231,15 +234,17 @@ impl Trainer {
     }
 
     /// Trains the round's `slice` at `rank`: slots of the slice beyond `rank` (Fold-and-Fill sends
-    /// the whole R_max adapter) are folded into the frozen weight and not trained.
+    /// the whole R_max adapter) are folded into the frozen weight and not trained. With
+    /// `clip_norm`, the change against the slice is clipped to it (differential privacy).
     pub async fn train(
         &self,
         slice: WireTensors,
         rank: u32,
         settings: TrainingSettings,
+        clip_norm: Option<f64>,
     ) -> anyhow::Result<TrainedUpdate> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send((self.key, Job::Train { slice, rank, settings, reply })).map_err(|_| stopped())?;
+        self.jobs.send((self.key, Job::Train { slice, rank, settings, clip_norm, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 }
@@ -323,6 +328,7 @@ impl DeviceState {
         slice: &WireTensors,
         rank: u32,
         settings: &TrainingSettings,
+        clip_norm: Option<f64>,
         device: tch::Device,
     ) -> Result<TrainedUpdate, String> {
         let (architecture, scale, base) = self.model.as_ref().ok_or("no base model received yet")?;
@@ -338,12 +344,17 @@ impl DeviceState {
         }
         let mut model = LoraModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
         let metrics = model.train(data, settings).map_err(|e| e.to_string())?;
-        let trained = model.adapter().map_err(|e| e.to_string())?;
+        let mut trained = model.adapter().map_err(|e| e.to_string())?;
+        let change_norm = match clip_norm {
+            Some(bound) => Some(trained.clip_change(&adapter, bound).map_err(|e| format!("clipping the update: {e}"))?),
+            None => None,
+        };
         Ok(TrainedUpdate {
             tensors: trained.to_wire(DType::F32).map_err(|e| e.to_string())?,
             rank: trained.rank() as u32,
             num_samples: data.len() as u64,
             metrics,
+            change_norm,
         })
     }
 }
@@ -372,7 +383,7 @@ mod tests {
                 let trainer = pool.trainer(source).unwrap();
                 trainer.set_base(architecture.clone(), 1.0, BaseSource::Tensors(base_wire.clone())).await.unwrap();
                 for _ in 0..4 {
-                    trainer.train(slice.clone(), 2, settings.clone()).await.unwrap();
+                    trainer.train(slice.clone(), 2, settings.clone(), None).await.unwrap();
                 }
             }
         });

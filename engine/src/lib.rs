@@ -13,7 +13,7 @@ pub mod accountant;
 pub mod policy;
 pub mod round;
 
-pub use policy::{RoundPolicy, TrainingPlan};
+pub use policy::{RoundPolicy, Sampling, TrainingPlan};
 pub use round::{Action, Engine, EngineConfig, Event, Phase, RejectKind, Timer};
 
 /// A device, by the identity in its certificate.

@@ -3,7 +3,7 @@
 //! settings and the aggregation seed from it, so a round's randomness has one owner.
 
 use rand::seq::IndexedRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::DeviceId;
@@ -27,19 +27,39 @@ pub struct RoundPolicy {
     pub seed: u64,
     /// Fraction of the connected devices sampled into each round (0 < f ≤ 1).
     pub fraction: f64,
-    /// Fewest devices sampled into a round.
+    /// Fewest devices sampled into a round (fixed-size sampling only).
     pub min_participants: usize,
+    /// How devices are drawn into a round.
+    pub sampling: Sampling,
     /// The local training settings (its seed is replaced by the round's).
     pub training: TrainingPlan,
 }
 
+/// How a round's participants are drawn from the connected devices.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Sampling {
+    /// ⌈fraction · connected⌉ of them (at least `min_participants`, at least one), uniformly
+    /// without replacement.
+    #[default]
+    FixedSize,
+    /// Each one independently with probability `fraction` (so a round may draw none): the
+    /// subsampling that the differential-privacy accountant's amplification assumes.
+    Poisson,
+}
+
 impl RoundPolicy {
-    /// The devices (with their ranks) sampled into `round` from `connected`: `fraction` of them,
-    /// at least `min_participants`, at least one, reproducibly from the seed and the round, in
-    /// device order.
+    /// The devices (with their ranks) sampled into `round` from `connected`, reproducibly from the
+    /// seed and the round, in device order (see [`Sampling`]).
     pub fn sample(&self, round: u32, connected: &[(&DeviceId, &u32)]) -> Vec<(DeviceId, u32)> {
         if connected.is_empty() {
             return Vec::new();
+        }
+        if self.sampling == Sampling::Poisson {
+            let mut rng = ChaCha8Rng::seed_from_u64(self.sampling_seed(round));
+            let mut chosen: Vec<(&DeviceId, &u32)> = connected.to_vec();
+            chosen.sort();
+            chosen.retain(|_| rng.random::<f64>() < self.fraction);
+            return chosen.into_iter().map(|(d, &r)| (d.clone(), r)).collect();
         }
         let wanted = ((self.fraction * connected.len() as f64).ceil() as usize)
             .max(self.min_participants)
@@ -76,6 +96,7 @@ mod tests {
             seed: 7,
             fraction,
             min_participants,
+            sampling: Sampling::FixedSize,
             training: TrainingPlan { local_steps: 10, local_epochs: 0, batch_size: 32, learning_rate: 0.01, seed: 0 },
         }
     }
@@ -92,6 +113,28 @@ mod tests {
         assert!(policy(0.5, 1).sample(1, &[]).is_empty());
         let rounds: Vec<_> = (1..6).map(|r| policy(0.25, 1).sample(r, &connected)).collect();
         assert!(rounds.windows(2).any(|w| w[0] != w[1]), "different rounds sample differently");
+    }
+
+    #[test]
+    fn poisson_sampling_draws_each_device_with_the_fraction_independently() {
+        let ids: Vec<DeviceId> = (0..1000).map(|i| format!("d{i:04}")).collect();
+        let ranks = [4u32; 1000];
+        let connected: Vec<(&DeviceId, &u32)> = ids.iter().zip(ranks.iter()).collect();
+        let poisson = RoundPolicy { sampling: Sampling::Poisson, ..policy(0.3, 50) };
+        let counts: Vec<usize> = (1..=20).map(|r| poisson.sample(r, &connected).len()).collect();
+        // Binomial(1000, 0.3): sd 14.5; 5 sd either side, and the sizes vary (not a fixed size).
+        assert!(counts.iter().all(|&c| (228..=372).contains(&c)), "{counts:?}");
+        assert!(counts.windows(2).any(|w| w[0] != w[1]), "{counts:?}");
+        let mean = counts.iter().sum::<usize>() as f64 / 20.0;
+        assert!((mean - 300.0).abs() < 15.0, "{mean}");
+        assert_eq!(poisson.sample(3, &connected), poisson.sample(3, &connected));
+        // The draw does not depend on the order the devices are listed in.
+        let reversed: Vec<(&DeviceId, &u32)> = connected.iter().rev().copied().collect();
+        assert_eq!(poisson.sample(3, &connected), poisson.sample(3, &reversed));
+        // min_participants does not apply: two devices at 1% usually draw none.
+        let few: Vec<(&DeviceId, &u32)> = connected[..2].to_vec();
+        let rare = RoundPolicy { sampling: Sampling::Poisson, ..policy(0.01, 5) };
+        assert!((1..=20).any(|r| rare.sample(r, &few).is_empty()));
     }
 
     #[test]

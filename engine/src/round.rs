@@ -188,6 +188,8 @@ impl Tally {
 pub struct Engine {
     config: EngineConfig,
     connected: BTreeMap<DeviceId, u32>,
+    /// The connected devices by rank when the current round drew its participants.
+    population_by_rank: BTreeMap<u32, usize>,
     phase: Phase,
     next_round: u32,
     participants: BTreeMap<DeviceId, Participation>,
@@ -206,6 +208,7 @@ impl Engine {
         Engine {
             config,
             connected: BTreeMap::new(),
+            population_by_rank: BTreeMap::new(),
             phase: Phase::WaitingForDevices,
             next_round: first,
             participants: BTreeMap::new(),
@@ -227,6 +230,12 @@ impl Engine {
     /// The run's per-round policy (sampling, seeds, training settings).
     pub fn policy(&self) -> &RoundPolicy {
         &self.config.policy
+    }
+
+    /// The devices connected when the current (or last) round drew its participants, counted by
+    /// rank: the population its sampling rate applies to.
+    pub fn population_by_rank(&self) -> &BTreeMap<u32, usize> {
+        &self.population_by_rank
     }
 
     /// Devices taking part in the current round (and connected), counted by rank.
@@ -392,11 +401,20 @@ impl Engine {
         self.grace_started = false;
         let connected: Vec<(&DeviceId, &u32)> = self.connected.iter().collect();
         let chosen = self.config.policy.sample(round, &connected);
+        self.population_by_rank.clear();
+        for &rank in self.connected.values() {
+            *self.population_by_rank.entry(rank).or_default() += 1;
+        }
         self.reset_participants(chosen.iter().map(|(d, _)| (d.clone(), Participation::Training)).collect());
+        let drew_none = chosen.is_empty();
         for (device, rank) in chosen {
             actions.push(Action::SendTask { device, round, rank });
         }
         actions.push(Action::ScheduleTimer { round, timer: Timer::Deadline, after: self.config.round_deadline });
+        if drew_none {
+            // Poisson sampling drew no device: nothing can arrive, so the round closes now.
+            self.maybe_close_round(actions);
+        }
     }
 
     /// Closes the round when no participant can still contribute; starts the grace period once the
@@ -455,6 +473,7 @@ mod tests {
                 seed: 7,
                 fraction: 1.0,
                 min_participants: min_devices,
+                sampling: crate::Sampling::FixedSize,
                 training: crate::TrainingPlan {
                     local_steps: 1,
                     local_epochs: 0,
@@ -527,6 +546,23 @@ mod tests {
         assert_eq!(upload(&mut e, "c", 2), vec![Action::Aggregate { round: 2, updates: 3 }]);
         assert_eq!(e.handle(Event::AggregationDone { round: 2 }), vec![Action::Finish { rounds_completed: 2 }]);
         assert_eq!(e.phase(), &Phase::Finished);
+    }
+
+    #[test]
+    fn a_poisson_round_that_draws_no_device_is_skipped_at_once_and_the_population_is_kept() {
+        let mut config = sampled(config(3, 2), 0.001, Some(2), 5);
+        config.policy.sampling = crate::Sampling::Poisson;
+        let mut e = Engine::new(config);
+        join(&mut e, "a", 2);
+        let actions = join(&mut e, "b", 8);
+        // At q = 0.001 no device is drawn (with this seed): each round is skipped without waiting
+        // for its deadline, and the run finishes.
+        assert!(tasks(&actions).is_empty(), "{actions:?}");
+        for round in 1..=3 {
+            assert!(actions.contains(&Action::SkipRound { round, updates: 0 }), "{actions:?}");
+        }
+        assert!(actions.contains(&Action::Finish { rounds_completed: 0 }));
+        assert_eq!(e.population_by_rank(), &BTreeMap::from([(2, 1), (8, 1)]));
     }
 
     #[test]

@@ -13,7 +13,6 @@ use crate::grid::{fleet_size, profile_mix, Arm, Cell, Plan, MAX_RANK};
 
 pub struct Setup {
     pub bin_dir: PathBuf,
-    pub data: PathBuf,
     pub work: PathBuf,
     /// Virtual devices training at once in the simulator.
     pub concurrency: usize,
@@ -28,8 +27,8 @@ impl Setup {
         self.bin_dir.join(name)
     }
 
-    /// Provisions a CA, the coordinator and one kit per device, once per work directory.
-    pub fn provision(&self) -> Result<()> {
+    /// Provisions a CA, the coordinator and `devices` device kits, once per work directory.
+    pub fn provision(&self, devices: u32) -> Result<()> {
         let pki = self.pki();
         if pki.join("kits/coordinator/cert.pem").exists() {
             return Ok(());
@@ -48,12 +47,12 @@ impl Setup {
         };
         certs(&["init", "--name", "Flotilla study CA"])?;
         certs(&["issue", "coordinator", "--name", "localhost"])?;
-        certs(&["issue", "devices", "--prefix", "device", "--count", &fleet_size().to_string()])?;
+        certs(&["issue", "devices", "--prefix", "device", "--count", &devices.to_string()])?;
         Ok(())
     }
 }
 
-fn coordinator_config(plan: &Plan, cell: &Cell, setup: &Setup, run_dir: &Path) -> String {
+fn coordinator_config(plan: &Plan, cell: &Cell, setup: &Setup, data: &Path, run_dir: &Path) -> String {
     let rounds = plan.rounds(cell.participation);
     let devices = fleet_size();
     let shrink = cell.arm == Arm::RblaShrinkingGlobal;
@@ -107,7 +106,7 @@ classes = 10
         learning_rate = plan.learning_rate,
         method = cell.arm.method(),
         lora_alpha = plan.lora_alpha,
-        data = setup.data.display(),
+        data = data.display(),
         pretrain_samples = plan.pretrain_samples,
         pretrain_steps = plan.pretrain_steps,
         seed = cell.seed,
@@ -145,23 +144,39 @@ fn tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(15)..].join("\n")
 }
 
-/// Runs `cell` in `<work>/cells/<key>/`; returns the coordinator's `summary.json` and the wall time.
-pub fn run(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::Value, f64)> {
-    let run_dir = setup.work.join("cells").join(cell.key());
+/// Runs `cell` of the Fashion-MNIST study; returns the coordinator's `summary.json` and the wall time.
+pub fn run(plan: &Plan, cell: &Cell, setup: &Setup, data: &Path) -> Result<(serde_json::Value, f64)> {
+    let mut sim_args: Vec<std::ffi::OsString> = vec!["--clients".into(), fleet_size().to_string().into()];
+    sim_args.extend(["--profile-mix".into(), profile_mix(cell.arm).into(), "--data".into(), data.into()]);
+    sim_args.extend(["--partition".into(), format!("dirichlet:{}", cell.alpha).into()]);
+    sim_args.extend(["--partition-seed".into(), cell.seed.to_string().into()]);
+    run_processes(setup, &cell.key(), |run_dir| coordinator_config(plan, cell, setup, data, run_dir), &sim_args)
+}
+
+/// Runs one study run in `<work>/cells/<key>/`: a coordinator with the config `config` writes for
+/// its run directory, and a simulator with `sim_args` (after its kits and coordinator address).
+/// Returns the coordinator's `summary.json` and the wall time.
+pub fn run_processes(
+    setup: &Setup,
+    key: &str,
+    config: impl FnOnce(&Path) -> String,
+    sim_args: &[std::ffi::OsString],
+) -> Result<(serde_json::Value, f64)> {
+    let run_dir = setup.work.join("cells").join(key);
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot clear {}", run_dir.display()))?;
     }
     std::fs::create_dir_all(run_dir.join("logs"))?;
     let run_dir = run_dir.canonicalize()?;
-    let config = run_dir.join("coordinator.toml");
-    std::fs::write(&config, coordinator_config(plan, cell, setup, &run_dir))?;
+    let config_path = run_dir.join("coordinator.toml");
+    std::fs::write(&config_path, config(&run_dir))?;
 
     let started = Instant::now();
     let coordinator_log = run_dir.join("logs/coordinator.log");
     let mut coordinator = Guard(
         Command::new(setup.binary("flotilla-coordinator"))
             .args(["--log-format", "json", "serve", "--config"])
-            .arg(&config)
+            .arg(&config_path)
             .stdout(File::create(run_dir.join("summary.txt"))?)
             .stderr(File::create(&coordinator_log)?)
             .spawn()
@@ -188,9 +203,7 @@ pub fn run(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::Value
         Command::new(setup.binary("flotilla-edge"))
             .args(["--log-format", "json", "sim", "--coordinator", &address, "--kits"])
             .arg(setup.pki().join("kits"))
-            .args(["--clients", &fleet_size().to_string(), "--profile-mix", &profile_mix(cell.arm), "--data"])
-            .arg(&setup.data)
-            .args(["--partition", &format!("dirichlet:{}", cell.alpha), "--partition-seed", &cell.seed.to_string()])
+            .args(sim_args)
             .args(["--concurrency", &setup.concurrency.to_string(), "--threads", "1"])
             .stdout(Stdio::null())
             .stderr(File::create(&sim_log)?)

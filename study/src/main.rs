@@ -1,6 +1,11 @@
-//! `flotilla-study`: RBLA against every baseline on label-skewed Fashion-MNIST with a
-//! heterogeneous fleet, run through the real coordinator and simulated devices over QUIC, then
-//! written up as the generated block of `docs/study.md` with one plot per setting.
+//! `flotilla-study`: the aggregation methods against each other and against their bounds, run
+//! through the real coordinator and simulated devices over QUIC, then written up as generated
+//! blocks of `docs/study.md` with plots.
+//!
+//! - `--suite image` (the first edition): RBLA against every baseline on label-skewed
+//!   Fashion-MNIST with an MLP.
+//! - `--suite text` (the second edition's transformer suite, [`text`]): all-MiniLM-L6-v2 on text
+//!   tasks, learning rates tuned on a validation split, bounds, gain recovered.
 //!
 //! Every finished cell is cached in `<work>/results/`; a rerun only runs what is missing, so an
 //! interrupted study resumes. `deploy/study.sh` builds the binaries and runs this.
@@ -9,6 +14,7 @@ mod cell;
 mod grid;
 mod report;
 mod results;
+mod text;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,6 +29,10 @@ use crate::results::CellResult;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Which study: `image` (Fashion-MNIST, MLP) or `text` (all-MiniLM-L6-v2 on BBC News and
+    /// Rotten Tomatoes; needs deploy/fetch-text-assets.sh).
+    #[arg(long, default_value = "image", value_parser = ["image", "text"])]
+    suite: String,
     /// One label skew, one seed, a few short rounds: checks the whole pipeline in minutes. Writes
     /// into `runs/study-quick/` unless told otherwise.
     #[arg(long)]
@@ -74,6 +84,9 @@ fn load_results(plan: &Plan, dir: &Path) -> Result<BTreeMap<String, CellResult>>
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if cli.suite == "text" {
+        return run_text(cli);
+    }
     let plan = if cli.quick { Plan::quick() } else { Plan::full() };
     let work = cli.work.unwrap_or_else(|| PathBuf::from(if cli.quick { "runs/study-quick" } else { "runs/study" }));
     let doc = cli.doc.unwrap_or_else(|| if cli.quick { work.join("study.md") } else { PathBuf::from("docs/study.md") });
@@ -82,14 +95,14 @@ fn run(cli: Cli) -> Result<()> {
     let work = work.canonicalize()?;
     let setup = cell::Setup {
         bin_dir: cli.bin_dir.canonicalize().with_context(|| format!("no binaries in {}", cli.bin_dir.display()))?,
-        data: cli.data.canonicalize().with_context(|| format!("no Fashion-MNIST in {}", cli.data.display()))?,
         work: work.clone(),
         concurrency: cli.concurrency.max(1),
     };
+    let data = cli.data.canonicalize().with_context(|| format!("no Fashion-MNIST in {}", cli.data.display()))?;
 
     let mut failed_any = false;
     if !cli.report_only {
-        setup.provision()?;
+        setup.provision(grid::fleet_size())?;
         let cells: Vec<_> = plan
             .cells()
             .into_iter()
@@ -103,7 +116,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let started = Instant::now();
             eprintln!("[{}/{}] {} ...", i + 1, cells.len(), cell.key());
-            match cell::run(&plan, cell, &setup) {
+            match cell::run(&plan, cell, &setup, &data) {
                 Ok((summary, wall_seconds)) => {
                     let result = CellResult::from_summary(&summary, wall_seconds)?;
                     eprintln!(
@@ -143,4 +156,18 @@ fn run(cli: Cli) -> Result<()> {
     );
     anyhow::ensure!(!failed_any, "some cells failed (see above); the report covers the others");
     Ok(())
+}
+
+fn run_text(cli: Cli) -> Result<()> {
+    let plan = if cli.quick { text::TextPlan::quick() } else { text::TextPlan::full() };
+    let work =
+        cli.work.unwrap_or_else(|| PathBuf::from(if cli.quick { "runs/study-text-quick" } else { "runs/study-text" }));
+    let doc = cli.doc.unwrap_or_else(|| if cli.quick { work.join("study.md") } else { PathBuf::from("docs/study.md") });
+    std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let setup = cell::Setup {
+        bin_dir: cli.bin_dir.canonicalize().with_context(|| format!("no binaries in {}", cli.bin_dir.display()))?,
+        work: work.canonicalize()?,
+        concurrency: cli.concurrency.max(1),
+    };
+    text::run(&plan, &setup, &doc, &cli.only, cli.report_only)
 }

@@ -186,10 +186,16 @@ fn ablation_section(out: &mut String, plan: &Plan, results: &Results) {
 
 /// Replaces the generated block of `doc` (or writes a new document around it).
 pub fn write_document(doc: &Path, block: &str) -> Result<()> {
+    write_block(doc, BEGIN, END, block)
+}
+
+/// Replaces the part of `doc` from the line `begin` to the line `end` (both included, and both
+/// expected at the ends of `block`), or writes a new document around `block`.
+pub fn write_block(doc: &Path, begin_marker: &str, end_marker: &str, block: &str) -> Result<()> {
     let text = match std::fs::read_to_string(doc) {
-        Ok(existing) => match (existing.find(BEGIN), existing.find(END)) {
+        Ok(existing) => match (existing.find(begin_marker), existing.find(end_marker)) {
             (Some(begin), Some(end)) if begin < end => {
-                format!("{}{}{}", &existing[..begin], block.trim_end(), &existing[end + END.len()..])
+                format!("{}{}{}", &existing[..begin], block.trim_end(), &existing[end + end_marker.len()..])
             }
             _ => anyhow::bail!("{} exists without the generated-block markers; not overwriting it", doc.display()),
         },
@@ -203,29 +209,35 @@ const FONT: &[u8] = include_bytes!("../../coordinator/assets/DejaVuSans.ttf");
 
 /// One SVG per setting: mean test accuracy at R_max per round, one line per arm.
 pub fn draw_figures(plan: &Plan, results: &Results, dir: &Path) -> Result<()> {
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
-        .map_err(|_| anyhow!("the embedded font is invalid"))?;
+    register_font()?;
     std::fs::create_dir_all(dir)?;
     for &alpha in &plan.alphas {
         for &participation in &plan.participations {
-            let curves: Vec<(Arm, Vec<f64>)> = plan
+            let curves: Vec<(String, Vec<f64>)> = plan
                 .arms(participation)
                 .into_iter()
-                .map(|arm| (arm, mean_curve(&results_of(plan, results, alpha, participation, arm))))
+                .map(|arm| (arm.label(), mean_curve(&results_of(plan, results, alpha, participation, arm))))
                 .filter(|(_, curve)| !curve.is_empty())
                 .collect();
             if curves.is_empty() {
                 continue;
             }
             let path = dir.join(figure_name(alpha, participation));
-            draw(&path, &format!("α = {alpha}, {} participation", participation.label()), &curves)
+            let title = format!("Test accuracy of the global model at R_max — α = {alpha}, {} participation", participation.label());
+            draw(&path, &title, &curves)
                 .with_context(|| format!("cannot draw {}", path.display()))?;
         }
     }
     Ok(())
 }
 
-fn draw(path: &Path, title: &str, curves: &[(Arm, Vec<f64>)]) -> Result<()> {
+/// Registers the embedded font for the figures (once per process is enough; repeating is harmless).
+pub fn register_font() -> Result<()> {
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| anyhow!("the embedded font is invalid"))
+}
+
+/// One SVG: accuracy per round, one labelled line per curve.
+pub fn draw(path: &Path, title: &str, curves: &[(String, Vec<f64>)]) -> Result<()> {
     let area = SVGBackend::new(path, (900, 520)).into_drawing_area();
     area.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
     let rounds = curves.iter().map(|(_, c)| c.len()).max().unwrap_or(1) as f64;
@@ -234,7 +246,7 @@ fn draw(path: &Path, title: &str, curves: &[(Arm, Vec<f64>)]) -> Result<()> {
     let high = values.fold(f64::NEG_INFINITY, f64::max);
     let margin = ((high - low) * 0.1).max(0.005);
     let mut chart = ChartBuilder::on(&area)
-        .caption(format!("Test accuracy of the global model at R_max — {title}"), ("sans-serif", 20))
+        .caption(title, ("sans-serif", 20))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -247,13 +259,13 @@ fn draw(path: &Path, title: &str, curves: &[(Arm, Vec<f64>)]) -> Result<()> {
         .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    for (i, (arm, curve)) in curves.iter().enumerate() {
+    for (i, (label, curve)) in curves.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let style = ShapeStyle { color, filled: true, stroke_width: 2 };
         chart
             .draw_series(LineSeries::new(curve.iter().enumerate().map(|(r, &a)| ((r + 1) as f64, a)), style))
             .map_err(|e| anyhow!("{e}"))?
-            .label(arm.label())
+            .label(label.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], style));
     }
     chart

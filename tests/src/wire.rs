@@ -86,6 +86,7 @@ pub struct RoundTask {
     pub base_version: String,
     pub training: TrainingSettings,
     pub deadline_secs: u32,
+    pub clip_norm: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -221,6 +221,84 @@ impl Adapter {
         Ok(())
     }
 
+    /// `reference`'s part matching this adapter's tensor `name`: the first `self.rank` slots of a
+    /// LoRA factor, a non-LoRA tensor whole.
+    fn reference_part(&self, name: &str, reference: &Adapter) -> Result<Tensor, AdapterError> {
+        let missing = || AdapterError::Tensor { name: name.to_string(), message: "is not in the reference adapter".into() };
+        let t = reference.tensors.get(name).ok_or_else(missing)?;
+        let r = self.rank as i64;
+        let part = match tensor_role(name) {
+            TensorRole::LoraA(_) if reference.rank >= self.rank => t.f_narrow(0, 0, r),
+            TensorRole::LoraB(_) if reference.rank >= self.rank => t.f_narrow(1, 0, r),
+            TensorRole::LoraA(_) | TensorRole::LoraB(_) => {
+                return Err(AdapterError::Inconsistent(format!(
+                    "a rank-{} adapter cannot be compared with a rank-{} reference",
+                    self.rank, reference.rank
+                )))
+            }
+            _ => Ok(t.shallow_clone()),
+        }
+        .map_err(|source| TensorError::Torch { name: name.to_string(), source })?;
+        let own = &self.tensors[name];
+        if part.size() != own.size() {
+            return Err(AdapterError::Tensor {
+                name: name.to_string(),
+                message: format!("has shape {:?}, the reference's part {:?}", own.size(), part.size()),
+            });
+        }
+        Ok(part)
+    }
+
+    /// The names whose change differential privacy bounds: the LoRA factors and the trainable
+    /// non-LoRA tensors (merged deltas are frozen on devices).
+    pub fn trainable_names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().filter(|n| !matches!(tensor_role(n), TensorRole::MergedDelta(_))).map(String::as_str)
+    }
+
+    /// The L2 norm of this adapter's change against `reference` (the adapter it was trained from,
+    /// or one it was sliced from: its first `self.rank()` slots are compared), over the LoRA factors
+    /// and the trainable non-LoRA tensors.
+    pub fn change_norm(&self, reference: &Adapter) -> Result<f64, AdapterError> {
+        let mut squares = 0.0;
+        for name in self.trainable_names() {
+            let part = self.reference_part(name, reference)?;
+            let torch = |source| AdapterError::Wire(TensorError::Torch { name: name.to_string(), source });
+            let square = self.tensors[name]
+                .f_to_kind(Kind::Double)
+                .and_then(|t| t.f_sub(&part.f_to_kind(Kind::Double)?))
+                .and_then(|d| d.f_square())
+                .and_then(|d| d.f_sum(Kind::Double))
+                .and_then(|d| d.f_double_value(&[]))
+                .map_err(torch)?;
+            squares += square;
+        }
+        Ok(squares.sqrt())
+    }
+
+    /// Scales this adapter's change against `reference` (see [`Adapter::change_norm`]) so that
+    /// its L2 norm is at most `bound`: each tensor becomes `ref + (t − ref)·min(1, bound/‖Δ‖)`.
+    /// Returns the norm before clipping.
+    pub fn clip_change(&mut self, reference: &Adapter, bound: f64) -> Result<f64, AdapterError> {
+        let norm = self.change_norm(reference)?;
+        if norm <= bound || norm == 0.0 {
+            return Ok(norm);
+        }
+        let factor = bound / norm;
+        let names: Vec<String> = self.trainable_names().map(String::from).collect();
+        for name in names {
+            let part = self.reference_part(&name, reference)?;
+            let own = &self.tensors[&name];
+            let clipped = own
+                .f_sub(&part)
+                .and_then(|d| d.f_mul_scalar(factor))
+                .and_then(|d| d.f_add(&part))
+                .and_then(|t| t.f_to_kind(own.kind()))
+                .map_err(|source| TensorError::Torch { name: name.clone(), source })?;
+            self.tensors.insert(name, clipped);
+        }
+        Ok(norm)
+    }
+
     pub fn deep_copy(&self) -> Adapter {
         Adapter {
             tensors: self.tensors.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),

@@ -163,6 +163,9 @@ pub struct RoundTask {
     pub training: TrainingSettings,
     /// Seconds from receipt until the coordinator stops waiting for this device's update.
     pub deadline_secs: u32,
+    /// Under differential privacy: clip the update's change (its factors and head against what
+    /// this task sent, in L2 norm) to this bound before uploading; the coordinator refuses more.
+    pub clip_norm: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

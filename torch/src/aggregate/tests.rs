@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
+use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
 use super::*;
@@ -858,5 +859,164 @@ proptest! {
                 prop_assert!((out[j] - want).abs() < 1e-5 * (1.0 + want.abs()), "{} [{}]: {} vs {}", module, j, out[j], want);
             }
         }
+    }
+}
+
+// ---------- differential privacy (private.rs) ----------
+
+/// `global` moved by a random change of L2 norm `norm`, sliced to `rank`.
+fn changed_slice(global: &Adapter, rank: usize, norm: f64, seed: u64) -> Adapter {
+    let slice = global.slice_to_rank(rank).unwrap();
+    let change = random_adapter(rank, seed);
+    let raw = change.change_norm(&zeroed(&change)).unwrap();
+    let tensors = slice
+        .tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), t + change.get(n).unwrap() * (norm / raw)))
+        .collect();
+    Adapter::new(tensors).unwrap()
+}
+
+fn zeroed(adapter: &Adapter) -> Adapter {
+    Adapter::new(adapter.tensors().iter().map(|(n, t)| (n.clone(), t.zeros_like())).collect()).unwrap()
+}
+
+fn population(ranks: &[u32]) -> BTreeMap<u32, usize> {
+    let mut p = BTreeMap::new();
+    for &r in ranks {
+        *p.entry(r).or_default() += 1;
+    }
+    p
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// Clipping bounds the change, keeps its direction, and leaves a change within the bound alone.
+    #[test]
+    fn clipping_bounds_each_change_and_keeps_its_direction(
+        rank in 1usize..=R_MAX, seed in 0u64..1000, scale in 0.001f64..50.0, bound in 0.01f64..5.0,
+    ) {
+        let reference = random_adapter(R_MAX, seed + 5000);
+        let trained = changed_slice(&reference, rank, scale, seed);
+        let before = trained.change_norm(&reference).unwrap();
+        prop_assert!((before - scale).abs() <= 1e-4 * scale.max(1.0));
+        let mut clipped = trained.deep_copy();
+        let reported = clipped.clip_change(&reference, bound).unwrap();
+        prop_assert!((reported - before).abs() <= 1e-9 * before.max(1.0));
+        let after = clipped.change_norm(&reference).unwrap();
+        prop_assert!(after <= bound * (1.0 + 1e-5), "{after} > {bound}");
+        let factor = (bound / before).min(1.0);
+        let slice = reference.slice_to_rank(rank).unwrap();
+        for (name, t) in clipped.tensors() {
+            let want = slice.get(name).unwrap() + (trained.get(name).unwrap() - slice.get(name).unwrap()) * factor;
+            let diff = (t - want).abs().max().double_value(&[]);
+            prop_assert!(diff < 1e-5, "{name}: {diff}");
+        }
+    }
+}
+
+#[test]
+fn without_noise_and_with_everyone_private_sums_are_the_plain_methods_with_equal_weights() {
+    let global = random_adapter(R_MAX, 900);
+    let ranks = [2usize, 4, 4, 8];
+    let clients: Vec<Client> = ranks
+        .iter()
+        .enumerate()
+        .map(|(i, &r)| Client {
+            name: format!("c{i}"),
+            adapter: changed_slice(&global, r, 0.7, 40 + i as u64),
+            n: 10,
+            scale: 1.0,
+        })
+        .collect();
+    let parameters = PrivacyParameters { clip_norm: 1.0, noise_multiplier: 1e-12 };
+    let people = population(&ranks.map(|r| r as u32));
+    for method in [Method::Rbla, Method::FoldAndFill] {
+        let mut private = PrivateSums::new(&global, method, 1.0, parameters).unwrap();
+        for c in &clients {
+            private.fold(&update(c)).unwrap();
+        }
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let got = private.finish(&people, 1.0, &mut rng).unwrap().adapter;
+        let want = aggregate(method, &global, &clients.iter().collect::<Vec<_>>());
+        assert_close(&got, &as_map(&want), 1e-5);
+    }
+    for method in [Method::ZeroPad, Method::HetLora, Method::FlexLora, Method::Flora, Method::RblaCoverage] {
+        assert!(PrivateSums::new(&global, method, 1.0, parameters).is_err(), "{method}");
+        assert!(why_not_private(method).is_some());
+    }
+}
+
+#[test]
+fn an_update_beyond_the_clipping_bound_is_refused_and_leaves_the_sums_alone() {
+    let global = random_adapter(R_MAX, 901);
+    let parameters = PrivacyParameters { clip_norm: 0.5, noise_multiplier: 1e-12 };
+    let mut private = PrivateSums::new(&global, Method::Rbla, 1.0, parameters).unwrap();
+    let far = Client { name: "far".into(), adapter: changed_slice(&global, 4, 0.6, 3), n: 5, scale: 1.0 };
+    let error = private.fold(&update(&far)).unwrap_err().to_string();
+    assert!(error.contains("far") && error.contains("clipping bound 0.5"), "{error}");
+    let other_scale = Client { name: "s".into(), adapter: changed_slice(&global, 4, 0.1, 3), n: 5, scale: 2.0 };
+    assert!(private.fold(&update(&other_scale)).unwrap_err().to_string().contains("LoRA scale"));
+    assert_eq!(private.folded(), 0);
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(2);
+    let next = private.finish(&population(&[4]), 1.0, &mut rng).unwrap().adapter;
+    // Nothing folded, noise ~1e-12: the global back; slots 4.. no population device covers are untouched exactly.
+    assert_close(&next, &as_map(&global), 1e-9);
+    for (module, _, _) in MODULES {
+        let (a, _) = next.factors(module);
+        let (ga, _) = global.factors(module);
+        assert!(a.narrow(0, 4, 4).equal(&ga.narrow(0, 4, 4)));
+    }
+}
+
+/// The noise on each slot has standard deviation σ·C / (q·M_i): with no update folded, the new
+/// global minus the old is the noise alone. The draws are standardized by the slot's expected sd and
+/// pooled per denominator class over 200 rounds.
+#[test]
+fn the_noise_has_the_calibrated_scale_per_slot() {
+    let global = random_adapter(R_MAX, 902);
+    let parameters = PrivacyParameters { clip_norm: 0.8, noise_multiplier: 1.5 };
+    let people = population(&[2, 2, 4, 4, 8, 8]);
+    let q = 0.5;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);
+    // Standardized noise per slot class: slots 0-1 (M = 6), 2-3 (M = 4), 4-7 (M = 2), head (M = 6).
+    let mut standardized: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    for _ in 0..200 {
+        let private = PrivateSums::new(&global, Method::Rbla, 1.0, parameters).unwrap();
+        let next = private.finish(&people, q, &mut rng).unwrap().adapter;
+        for (module, _, _) in MODULES {
+            let (a, b) = next.factors(module);
+            let (ga, gb) = global.factors(module);
+            for slot in 0..R_MAX as i64 {
+                let m = match slot {
+                    0..=1 => 6.0,
+                    2..=3 => 4.0,
+                    _ => 2.0,
+                };
+                let sd = 1.5 * 0.8 / (q * m);
+                let class = match slot {
+                    0..=1 => "slots 0-1",
+                    2..=3 => "slots 2-3",
+                    _ => "slots 4-7",
+                };
+                let da = values(&(a.narrow(0, slot, 1) - ga.narrow(0, slot, 1)));
+                let db = values(&(b.narrow(1, slot, 1) - gb.narrow(1, slot, 1)));
+                standardized.entry(class).or_default().extend(da.iter().chain(&db).map(|v| v / sd));
+            }
+        }
+        let head = values(&(next.get(HEAD).unwrap() - global.get(HEAD).unwrap()));
+        standardized.entry("head").or_default().extend(head.iter().map(|v| v / (1.5 * 0.8 / (q * 6.0))));
+    }
+    // Each class has at least 200 × 8 = 1,600 draws (the head) and up to 200 × 4 × 17 = 13,600; the
+    // sample sd of n standard normals has standard error 1/√(2n) ≤ 1.8%, the mean 1/√n ≤ 2.5%: a
+    // 10% band on the sd and 0.1 on the mean is over 5 standard errors wide and still catches a
+    // noise off by the slot's denominator (a factor of 1.5 or more here).
+    for (class, draws) in &standardized {
+        let n = draws.len() as f64;
+        let mean = draws.iter().sum::<f64>() / n;
+        let sd = (draws.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+        assert!((sd - 1.0).abs() < 0.1, "{class}: sd {sd} over {n} draws");
+        assert!(mean.abs() < 0.1, "{class}: mean {mean}");
     }
 }

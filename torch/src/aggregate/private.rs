@@ -1,0 +1,247 @@
+//! Central differential privacy for the slot-wise methods: clipped changes, summed with fixed
+//! weights, Gaussian noise on the sums, fixed denominators.
+//!
+//! Each device of rank r_k received the global adapter g (its first r_k slots, or all of it under
+//! Fold-and-Fill) and uploads x_k; its change is Δ_k = x_k − g over its slots and the head. The
+//! device clips ‖Δ_k‖₂ ≤ C over everything it uploads, and this accumulator refuses an update whose
+//! change exceeds C. With every device weighing 1 (sample counts are the devices' data and
+//! unbounded, so they cannot weigh a sum whose sensitivity must be bounded), the sums are
+//!
+//! ```text
+//! SA_i = Σ_{k∈S_i} ΔA_k[i,:]    SB_i = Σ_{k∈S_i} ΔB_k[:,i]    SH = Σ_k ΔH_k        (S_i = { k : r_k > i })
+//! ```
+//!
+//! One device is in each of these sums at most once and its changes together have norm ≤ C, so
+//! adding or removing one device moves the vector of all the sums by at most C in L2: the
+//! sensitivity is C. Every coordinate gets independent Gaussian noise of standard deviation σ·C
+//! (σ: the noise multiplier), which is the Gaussian mechanism whose subsampled composition the
+//! accountant (`flotilla_engine::accountant`) tracks. The new global is then post-processing with
+//! denominators that depend only on the round's population (the connected devices and their
+//! ranks, which the coordinator knows without any device's data) and the sampling rate q:
+//!
+//! ```text
+//! rbla:                   A[i,:] = g_A[i,:] + (SA_i + N(0, σ²C²)) / (q·M_i)    M_i = #{population devices of rank > i}
+//! fold-and-fill, fedavg:  A[i,:] = g_A[i,:] + (SA_i + N(0, σ²C²)) / (q·M)      M   = #population
+//! head:                   H      = g_H      + (SH   + N(0, σ²C²)) / (q·M)
+//! ```
+//!
+//! (B likewise.) With q = 1, every device answering and equal sample counts, these are exactly the
+//! plain methods' formulas written as changes (RBLA averages each slot over its supporters;
+//! Fold-and-Fill over the whole round). A slot no device of the population covers stays as it is
+//! and gets no noise. Methods whose result depends on individual updates in other ways (zero-pad
+//! averages the received values too, so a device's mere presence shifts a slot by g/N, beyond C;
+//! HetLoRA's norms, FlexLoRA's products, FLoRA's stacking, coverage-scaled RBLA's √q_i) are not
+//! offered under privacy: [`private_denominator`] is `None` for them.
+
+use std::collections::BTreeMap;
+
+use rand::Rng;
+use rand_distr::{Distribution, Normal};
+use tch::{Device, Kind, Tensor};
+
+use super::{validate_update, AggregateError, Aggregated, ClientUpdate, Method};
+use crate::adapter::{tensor_role, Adapter, TensorRole};
+use crate::tensor::TensorError;
+
+/// How a privately aggregated slot's sum is divided (see the module documentation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PrivateDenominator {
+    /// q·M_i: the expected number of sampled devices covering the slot (RBLA).
+    SlotPopulation,
+    /// q·M: the expected number of sampled devices (Fold-and-Fill, FedAvg).
+    Population,
+}
+
+/// The denominator `method` uses under differential privacy, or `None` when it cannot run under it.
+pub fn private_denominator(method: Method) -> Option<PrivateDenominator> {
+    match method {
+        Method::Rbla => Some(PrivateDenominator::SlotPopulation),
+        Method::FoldAndFill | Method::FedAvg => Some(PrivateDenominator::Population),
+        Method::ZeroPad | Method::HetLora | Method::FlexLora | Method::Flora | Method::RblaCoverage => None,
+    }
+}
+
+/// Why `method` cannot run under differential privacy (for configuration errors).
+pub fn why_not_private(method: Method) -> Option<&'static str> {
+    match method {
+        Method::Rbla | Method::FoldAndFill | Method::FedAvg => None,
+        Method::ZeroPad => Some(
+            "zero-pad averages the values devices received as well as their changes, so one device's presence \
+             moves a slot by g/N whatever the clipping bound",
+        ),
+        Method::HetLora => Some("HetLoRA weighs each update by its own norm, which the sums do not bound"),
+        Method::FlexLora => Some("FlexLoRA needs each device's product B·A, not sums of factors"),
+        Method::Flora => Some("FLoRA stacks the individual updates"),
+        Method::RblaCoverage => {
+            Some("coverage-scaled RBLA scales by the sampled coverage, which depends on who took part")
+        }
+    }
+}
+
+/// The clipping bound C and the noise multiplier σ (noise standard deviation σ·C on each sum).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PrivacyParameters {
+    pub clip_norm: f64,
+    pub noise_multiplier: f64,
+}
+
+/// Slack on the clipping bound for what float rounding does to a clipped change (relative).
+const CLIP_TOLERANCE: f64 = 1e-4;
+
+/// A round's private accumulator: the sums of clipped changes.
+pub struct PrivateSums {
+    previous: Adapter,
+    denominator: PrivateDenominator,
+    parameters: PrivacyParameters,
+    scale: f64,
+    /// Per trainable tensor of the global adapter: the sum of the changes (f64, global-sized).
+    sums: BTreeMap<String, Tensor>,
+    folded: usize,
+    largest_norm: f64,
+}
+
+impl PrivateSums {
+    /// A fresh accumulator over `global` (whose factors use LoRA scale `scale`) for `method`.
+    pub fn new(
+        global: &Adapter,
+        method: Method,
+        scale: f64,
+        parameters: PrivacyParameters,
+    ) -> Result<PrivateSums, AggregateError> {
+        let denominator = private_denominator(method).ok_or_else(|| AggregateError::InvalidUpdate {
+            client: "configuration".into(),
+            message: format!("{method} cannot run under differential privacy"),
+        })?;
+        let mut sums = BTreeMap::new();
+        for name in global.trainable_names() {
+            let t = &global.tensors()[name];
+            sums.insert(name.to_string(), Tensor::f_zeros(t.size(), (Kind::Double, Device::Cpu))?);
+        }
+        Ok(PrivateSums {
+            previous: global.deep_copy(),
+            denominator,
+            parameters,
+            scale,
+            sums,
+            folded: 0,
+            largest_norm: 0.0,
+        })
+    }
+
+    pub fn folded(&self) -> usize {
+        self.folded
+    }
+
+    /// Validates `update`, checks that its change is within the clipping bound, and adds it.
+    pub fn fold(&mut self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
+        validate_update(&self.previous, update)?;
+        let invalid = |message: String| AggregateError::InvalidUpdate { client: update.client.to_string(), message };
+        if (update.scale - self.scale).abs() > 1e-9 * self.scale.abs().max(1.0) {
+            return Err(invalid(format!(
+                "under differential privacy every device trains at the coordinator's LoRA scale {}, not {}",
+                self.scale, update.scale
+            )));
+        }
+        let adapter = update.adapter;
+        let norm = adapter.change_norm(&self.previous)?;
+        let bound = self.parameters.clip_norm;
+        if !norm.is_finite() || norm > bound * (1.0 + CLIP_TOLERANCE) {
+            return Err(invalid(format!(
+                "its change has L2 norm {norm:.6}, above the clipping bound {bound} of [privacy] (devices clip their \
+                 updates under differential privacy; is this device's flotilla-edge too old?)"
+            )));
+        }
+        let r = adapter.rank() as i64;
+        for name in adapter.trainable_names() {
+            let torch = |source| AggregateError::Adapter(TensorError::Torch { name: name.to_string(), source }.into());
+            let sum = self.sums.get(name).ok_or_else(|| invalid(format!("tensor '{name}' is not in the global adapter")))?;
+            let target = match tensor_role(name) {
+                TensorRole::LoraA(_) => sum.f_narrow(0, 0, r),
+                TensorRole::LoraB(_) => sum.f_narrow(1, 0, r),
+                _ => Ok(sum.shallow_clone()),
+            }
+            .map_err(torch)?;
+            let global = &self.previous.tensors()[name];
+            let reference = match tensor_role(name) {
+                TensorRole::LoraA(_) => global.f_narrow(0, 0, r),
+                TensorRole::LoraB(_) => global.f_narrow(1, 0, r),
+                _ => Ok(global.shallow_clone()),
+            }
+            .map_err(torch)?;
+            let change = adapter.tensors()[name]
+                .f_to_kind(Kind::Double)
+                .and_then(|t| t.f_sub(&reference.f_to_kind(Kind::Double)?))
+                .map_err(torch)?;
+            let mut target = target;
+            let _ = target.f_add_(&change).map_err(torch)?;
+        }
+        self.folded += 1;
+        self.largest_norm = self.largest_norm.max(norm);
+        Ok(())
+    }
+
+    /// Noises the sums and makes the next global adapter. `population` counts the devices the
+    /// round sampled from by rank; `sampling_rate` is q; `rng` draws the noise (from the operating
+    /// system's entropy in a real run).
+    pub fn finish(
+        self,
+        population: &BTreeMap<u32, usize>,
+        sampling_rate: f64,
+        rng: &mut impl Rng,
+    ) -> Result<Aggregated, AggregateError> {
+        let sd = self.parameters.noise_multiplier * self.parameters.clip_norm;
+        let normal = Normal::new(0.0, sd).map_err(|e| AggregateError::InvalidUpdate {
+            client: "configuration".into(),
+            message: format!("noise standard deviation {sd}: {e}"),
+        })?;
+        let total: usize = population.values().sum();
+        // M_i: population devices whose rank covers slot i.
+        let covering = |slot: usize| -> usize {
+            population.iter().filter(|(&rank, _)| rank as usize > slot).map(|(_, &n)| n).sum()
+        };
+        let denominator = |slot: Option<usize>| -> f64 {
+            let devices = match (self.denominator, slot) {
+                (PrivateDenominator::SlotPopulation, Some(slot)) => covering(slot),
+                _ => total,
+            };
+            sampling_rate * devices as f64
+        };
+        let mut tensors = BTreeMap::new();
+        for (name, t) in self.previous.tensors() {
+            let torch = |source| AggregateError::Adapter(TensorError::Torch { name: name.clone(), source }.into());
+            let Some(sum) = self.sums.get(name) else {
+                tensors.insert(name.clone(), t.copy());
+                continue;
+            };
+            // The divisor of each element: per slot for the factors, one for anything else.
+            let (slot_dim, slots) = match tensor_role(name) {
+                TensorRole::LoraA(_) => (Some(0), self.previous.rank()),
+                TensorRole::LoraB(_) => (Some(1), self.previous.rank()),
+                _ => (None, 1),
+            };
+            let divisors: Vec<f64> = (0..slots).map(|i| denominator(slot_dim.map(|_| i))).collect();
+            let noise: Vec<f64> = (0..sum.numel()).map(|_| normal.sample(rng)).collect();
+            let noise = Tensor::f_from_slice(&noise).and_then(|n| n.f_reshape(sum.size())).map_err(torch)?;
+            let mut step = sum.f_add(&noise).map_err(torch)?;
+            // A slot (or head) no population device covers: no change, no noise.
+            let divisors_safe: Vec<f64> = divisors.iter().map(|&d| if d > 0.0 { d } else { f64::INFINITY }).collect();
+            let divisor = Tensor::f_from_slice(&divisors_safe).map_err(torch)?;
+            let divisor = match slot_dim {
+                Some(0) => divisor.f_reshape([slots as i64, 1]),
+                Some(_) => divisor.f_reshape([1, slots as i64]),
+                None => divisor.f_reshape(vec![1i64; sum.dim().max(1)].as_slice()),
+            }
+            .map_err(torch)?;
+            step = step.f_div(&divisor).map_err(torch)?;
+            let next = t.f_to_kind(Kind::Double).and_then(|g| g.f_add(&step)).and_then(|n| n.f_to_kind(t.kind())).map_err(torch)?;
+            tensors.insert(name.clone(), next);
+        }
+        let adapter = Adapter::new(tensors)?;
+        let notes = vec![format!(
+            "privacy: {} clipped update(s) (largest change {:.4} ≤ C = {}), Gaussian noise σ·C = {sd:.4} on each sum, \
+             q = {sampling_rate}, population {total}",
+            self.folded, self.largest_norm, self.parameters.clip_norm
+        )];
+        Ok(Aggregated { adapter, notes })
+    }
+}
