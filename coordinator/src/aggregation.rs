@@ -12,10 +12,10 @@ use flotilla_torch::adapter::{peft_config_for, Adapter, NUM_SAMPLES_KEY};
 use flotilla_torch::aggregate::{
     AggregateError, Aggregated, Aggregator, ClientUpdate, Method, MethodExt, PrivacyParameters, PrivateSums,
 };
-use rand::SeedableRng;
 use flotilla_torch::tensor::DecodedTensors;
 use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, Update};
 use flotilla_wire::tensor::{DType, WireTensors};
+use rand::SeedableRng;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 

@@ -135,6 +135,22 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
         config.aggregation.max_rank,
         if config.renewal.pki.is_some() { "on" } else { "off" }
     );
+    if let Some(privacy) = &config.privacy {
+        let budget = privacy.budget(config.round.fraction, config.round.rounds)?;
+        let allowed = budget.rounds_allowed();
+        println!(
+            "privacy: clip {}, noise multiplier {}, sampling rate {}: ε = {:.3} at δ = {} after round 1, {:.3} \
+             after round {allowed}; the budget ε = {} pays for {allowed} of the {} configured rounds",
+            privacy.clip_norm,
+            privacy.noise_multiplier,
+            config.round.fraction,
+            budget.epsilon_at(1),
+            privacy.delta,
+            budget.epsilon_at(allowed),
+            privacy.epsilon,
+            config.round.rounds
+        );
+    }
     Ok(())
 }
 

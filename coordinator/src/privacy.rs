@@ -98,8 +98,8 @@ impl PrivacySection {
         let mut epsilon_after = Vec::new();
         for t in 1..=rounds {
             let total: Vec<f64> = per_round.iter().map(|r| r * f64::from(t)).collect();
-            let (epsilon, _) =
-                epsilon_from_rdp(&orders, &total, self.delta).map_err(|e| anyhow::anyhow!("privacy accountant: {e}"))?;
+            let (epsilon, _) = epsilon_from_rdp(&orders, &total, self.delta)
+                .map_err(|e| anyhow::anyhow!("privacy accountant: {e}"))?;
             if epsilon > self.epsilon {
                 break;
             }

@@ -172,7 +172,8 @@ fn limit_rounds_to_privacy_budget(mut config: CoordinatorConfig) -> anyhow::Resu
     let allowed = budget.rounds_allowed();
     if budget.cuts_the_run() {
         warn!(
-            "privacy budget: ε = {} at δ = {} pays for {allowed} of the {} configured rounds (ε = {:.3} after round              {allowed}, {:.3} after one more); the run ends after round {allowed}",
+            "privacy budget: ε = {} at δ = {} pays for {allowed} of the {} configured rounds (ε = {:.3} after round \
+             {allowed}, {:.3} after one more); the run ends after round {allowed}",
             privacy.epsilon,
             privacy.delta,
             config.round.rounds,
@@ -182,7 +183,8 @@ fn limit_rounds_to_privacy_budget(mut config: CoordinatorConfig) -> anyhow::Resu
         config.round.rounds = allowed;
     } else {
         info!(
-            "privacy: clip {} noise multiplier {} sampling rate {}: ε = {:.3} at δ = {} after all {allowed} rounds              (budget {})",
+            "privacy: clip {} noise multiplier {} sampling rate {}: ε = {:.3} at δ = {} after all {allowed} rounds \
+             (budget {})",
             privacy.clip_norm,
             privacy.noise_multiplier,
             config.round.fraction,

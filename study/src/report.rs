@@ -223,9 +223,11 @@ pub fn draw_figures(plan: &Plan, results: &Results, dir: &Path) -> Result<()> {
                 continue;
             }
             let path = dir.join(figure_name(alpha, participation));
-            let title = format!("Test accuracy of the global model at R_max — α = {alpha}, {} participation", participation.label());
-            draw(&path, &title, &curves)
-                .with_context(|| format!("cannot draw {}", path.display()))?;
+            let title = format!(
+                "Test accuracy of the global model at R_max — α = {alpha}, {} participation",
+                participation.label()
+            );
+            draw(&path, &title, &curves).with_context(|| format!("cannot draw {}", path.display()))?;
         }
     }
     Ok(())
@@ -233,7 +235,8 @@ pub fn draw_figures(plan: &Plan, results: &Results, dir: &Path) -> Result<()> {
 
 /// Registers the embedded font for the figures (once per process is enough; repeating is harmless).
 pub fn register_font() -> Result<()> {
-    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT).map_err(|_| anyhow!("the embedded font is invalid"))
+    plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
+        .map_err(|_| anyhow!("the embedded font is invalid"))
 }
 
 /// One SVG: accuracy per round, one labelled line per curve.

@@ -134,7 +134,8 @@ pub struct TextCell {
 
 impl TextCell {
     pub fn key(&self) -> String {
-        let setting = if self.arm == TextArm::Centralized { "pooled".to_string() } else { format!("alpha{}", self.alpha) };
+        let setting =
+            if self.arm == TextArm::Centralized { "pooled".to_string() } else { format!("alpha{}", self.alpha) };
         format!(
             "{}-{}-{setting}-{}-lr{}-seed{}",
             self.task,
@@ -311,7 +312,14 @@ pub fn prepare_data(task: &TextTask, work: &Path) -> Result<()> {
 // ---------------------------------------------------------------------------------------------
 // Running a cell.
 
-fn coordinator_config(plan: &TextPlan, cell: &TextCell, task: &TextTask, data: &Path, pki: &Path, run_dir: &Path) -> String {
+fn coordinator_config(
+    plan: &TextPlan,
+    cell: &TextCell,
+    task: &TextTask,
+    data: &Path,
+    pki: &Path,
+    run_dir: &Path,
+) -> String {
     let centralized = cell.arm == TextArm::Centralized;
     let devices = if centralized { 1 } else { fleet_size() };
     // The centralized device takes the whole fleet's steps: the same sample budget.
@@ -396,12 +404,7 @@ pub fn run_cell(plan: &TextPlan, cell: &TextCell, setup: &Setup) -> Result<(serd
         sim.extend(["--partition-seed".into(), cell.seed.to_string().into()]);
     }
     let pki = setup.pki();
-    run_processes(
-        setup,
-        &cell.key(),
-        |run_dir| coordinator_config(plan, cell, task, &data, &pki, run_dir),
-        &sim,
-    )
+    run_processes(setup, &cell.key(), |run_dir| coordinator_config(plan, cell, task, &data, &pki, run_dir), &sim)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -444,11 +447,7 @@ impl TextRun {
         };
         for round in rounds {
             let accuracies = by_rank(&round["evaluation"]);
-            anyhow::ensure!(
-                accuracies.contains_key(&max_rank),
-                "round {} has no evaluation at R_max",
-                round["round"]
-            );
+            anyhow::ensure!(accuracies.contains_key(&max_rank), "round {} has no evaluation at R_max", round["round"]);
             run.rounds.push(accuracies);
             run.upload_bytes_per_round += round["update_bytes"].as_f64().unwrap_or(0.0);
             run.download_bytes_per_round += round["task_bytes"].as_f64().unwrap_or(0.0);
@@ -516,9 +515,12 @@ pub fn load_run(dir: &Path, cell: &TextCell) -> Result<Option<TextRun>> {
     Ok(Some(TextRun::from_summary(&cached["summary"], wall).with_context(|| path.display().to_string())?))
 }
 
+/// Per setting key: the chosen learning rate, and the validation score of each rate tried.
+pub type Chosen = BTreeMap<String, (f64, Vec<(f64, f64)>)>;
+
 /// The learning rate each setting keeps: the best validation score among its finished tuning
 /// runs, once every learning rate of the grid has run.
-pub fn choose(plan: &TextPlan, results_dir: &Path) -> Result<BTreeMap<String, (f64, Vec<(f64, f64)>)>> {
+pub fn choose(plan: &TextPlan, results_dir: &Path) -> Result<Chosen> {
     let mut chosen = BTreeMap::new();
     for (task, alpha, arm) in plan.settings() {
         let mut scores = Vec::new();
@@ -564,7 +566,14 @@ fn ratio(s: &Option<Stat>) -> String {
 }
 
 /// Final runs of one setting, seed by seed.
-fn finals(plan: &TextPlan, dir: &Path, chosen: &BTreeMap<String, (f64, Vec<(f64, f64)>)>, task: &'static str, alpha: f64, arm: TextArm) -> Result<Vec<TextRun>> {
+fn finals(
+    plan: &TextPlan,
+    dir: &Path,
+    chosen: &Chosen,
+    task: &'static str,
+    alpha: f64,
+    arm: TextArm,
+) -> Result<Vec<TextRun>> {
     let Some(&(learning_rate, _)) = chosen.get(&setting_key(task, alpha, arm)) else { return Ok(Vec::new()) };
     let mut runs = Vec::new();
     for &seed in &plan.seeds {
@@ -576,7 +585,7 @@ fn finals(plan: &TextPlan, dir: &Path, chosen: &BTreeMap<String, (f64, Vec<(f64,
     Ok(runs)
 }
 
-fn lr_text(chosen: &BTreeMap<String, (f64, Vec<(f64, f64)>)>, key: &str) -> String {
+fn lr_text(chosen: &Chosen, key: &str) -> String {
     chosen.get(key).map_or("—".into(), |(lr, _)| format!("{lr}"))
 }
 
@@ -641,7 +650,10 @@ pub fn markdown(plan: &TextPlan, dir: &Path, figures_link: &str, figures_dir: &P
                 let worst: Vec<f64> = runs
                     .iter()
                     .filter_map(|r| {
-                        let worst = FLEET.iter().filter_map(|&(_, rank, _)| r.rank_accuracy(rank)).fold(f64::INFINITY, f64::min);
+                        let worst = FLEET
+                            .iter()
+                            .filter_map(|&(_, rank, _)| r.rank_accuracy(rank))
+                            .fold(f64::INFINITY, f64::min);
                         let worst = if arm.is_heterogeneous() { worst } else { r.max_rank_accuracy()? };
                         Some(100.0 * (worst - r.base?))
                     })
@@ -697,7 +709,11 @@ pub fn markdown(plan: &TextPlan, dir: &Path, figures_link: &str, figures_dir: &P
                 let runs = finals(plan, dir, &chosen, task.key, alpha, arm)?;
                 write!(out, "| {} |", arm.label())?;
                 for &(_, rank, _) in &FLEET {
-                    write!(out, " {} |", percent(&stat(&runs.iter().filter_map(|r| r.rank_accuracy(rank)).collect::<Vec<_>>())))?;
+                    write!(
+                        out,
+                        " {} |",
+                        percent(&stat(&runs.iter().filter_map(|r| r.rank_accuracy(rank)).collect::<Vec<_>>()))
+                    )?;
                 }
                 writeln!(out)?;
             }
@@ -705,12 +721,17 @@ pub fn markdown(plan: &TextPlan, dir: &Path, figures_link: &str, figures_dir: &P
         }
         // The tuning record.
         writeln!(out, "Tuning (validation score per learning rate, seed 1):\n")?;
-        writeln!(out, "| setting | {} | chosen |", plan.learning_rates.iter().map(|l| format!("lr {l}")).collect::<Vec<_>>().join(" | "))?;
+        writeln!(
+            out,
+            "| setting | {} | chosen |",
+            plan.learning_rates.iter().map(|l| format!("lr {l}")).collect::<Vec<_>>().join(" | ")
+        )?;
         writeln!(out, "|---|{}---|", "---|".repeat(plan.learning_rates.len()))?;
         for (t, alpha, arm) in plan.settings().into_iter().filter(|s| s.0 == task.key) {
             let key = setting_key(t, alpha, arm);
             let Some((best, scores)) = chosen.get(&key) else { continue };
-            let setting = if arm == TextArm::Centralized { arm.label() } else { format!("α {alpha}, {}", arm.label()) };
+            let setting =
+                if arm == TextArm::Centralized { arm.label() } else { format!("α {alpha}, {}", arm.label()) };
             let cells = scores.iter().map(|(_, s)| format!("{:.1}", 100.0 * s)).collect::<Vec<_>>().join(" | ");
             writeln!(out, "| {setting} | {cells} | {best} |")?;
         }
@@ -764,7 +785,8 @@ pub fn run(plan: &TextPlan, setup: &Setup, doc: &Path, only: &[String], report_o
             Ok(())
         };
         run_all(plan.tuning_cells(), &mut failed)?;
-        let chosen: BTreeMap<String, f64> = choose(plan, &results_dir)?.into_iter().map(|(k, (lr, _))| (k, lr)).collect();
+        let chosen: BTreeMap<String, f64> =
+            choose(plan, &results_dir)?.into_iter().map(|(k, (lr, _))| (k, lr)).collect();
         run_all(plan.final_cells(&chosen), &mut failed)?;
     }
     let doc_dir: PathBuf = doc.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();

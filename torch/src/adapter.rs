@@ -224,7 +224,8 @@ impl Adapter {
     /// `reference`'s part matching this adapter's tensor `name`: the first `self.rank` slots of a
     /// LoRA factor, a non-LoRA tensor whole.
     fn reference_part(&self, name: &str, reference: &Adapter) -> Result<Tensor, AdapterError> {
-        let missing = || AdapterError::Tensor { name: name.to_string(), message: "is not in the reference adapter".into() };
+        let missing =
+            || AdapterError::Tensor { name: name.to_string(), message: "is not in the reference adapter".into() };
         let t = reference.tensors.get(name).ok_or_else(missing)?;
         let r = self.rank as i64;
         let part = match tensor_role(name) {

@@ -154,7 +154,8 @@ impl PrivateSums {
         let r = adapter.rank() as i64;
         for name in adapter.trainable_names() {
             let torch = |source| AggregateError::Adapter(TensorError::Torch { name: name.to_string(), source }.into());
-            let sum = self.sums.get(name).ok_or_else(|| invalid(format!("tensor '{name}' is not in the global adapter")))?;
+            let sum =
+                self.sums.get(name).ok_or_else(|| invalid(format!("tensor '{name}' is not in the global adapter")))?;
             let target = match tensor_role(name) {
                 TensorRole::LoraA(_) => sum.f_narrow(0, 0, r),
                 TensorRole::LoraB(_) => sum.f_narrow(1, 0, r),
@@ -233,7 +234,11 @@ impl PrivateSums {
             }
             .map_err(torch)?;
             step = step.f_div(&divisor).map_err(torch)?;
-            let next = t.f_to_kind(Kind::Double).and_then(|g| g.f_add(&step)).and_then(|n| n.f_to_kind(t.kind())).map_err(torch)?;
+            let next = t
+                .f_to_kind(Kind::Double)
+                .and_then(|g| g.f_add(&step))
+                .and_then(|n| n.f_to_kind(t.kind()))
+                .map_err(torch)?;
             tensors.insert(name.clone(), next);
         }
         let adapter = Adapter::new(tensors)?;

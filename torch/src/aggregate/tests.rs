@@ -869,11 +869,7 @@ fn changed_slice(global: &Adapter, rank: usize, norm: f64, seed: u64) -> Adapter
     let slice = global.slice_to_rank(rank).unwrap();
     let change = random_adapter(rank, seed);
     let raw = change.change_norm(&zeroed(&change)).unwrap();
-    let tensors = slice
-        .tensors()
-        .iter()
-        .map(|(n, t)| (n.clone(), t + change.get(n).unwrap() * (norm / raw)))
-        .collect();
+    let tensors = slice.tensors().iter().map(|(n, t)| (n.clone(), t + change.get(n).unwrap() * (norm / raw))).collect();
     Adapter::new(tensors).unwrap()
 }
 

@@ -1,0 +1,165 @@
+//! Differential privacy through the real system (`[privacy]`, central mode): two devices of ranks
+//! 2 and 4 clip their changes, the coordinator adds calibrated noise to the sums, divides by the
+//! fixed denominators, stops when the ε budget would be exceeded, and reports ε. Settings it cannot
+//! honour are refused by `check`.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_tests::{binary, provision, read_safetensors, start_coordinator, Matrix, Process};
+
+const CLIP: f64 = 0.05;
+const NOISE_MULTIPLIER: f64 = 1.0;
+
+fn config(run: &std::path::Path, method: &str, epsilon: f64) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 4\nmin_devices = 2\nlocal_steps = 10\nlearning_rate = 0.05\n\
+         [aggregation]\nmethod = \"{method}\"\nmax_rank = 4\nrecord_updates = true\n\
+         [model.architecture.mlp]\ninput = 64\nhidden = [32]\nclasses = 3\n\
+         [privacy]\nclip_norm = {CLIP}\nnoise_multiplier = {NOISE_MULTIPLIER}\nepsilon = {epsilon}\ndelta = 1e-3\n",
+        run = run.display()
+    )
+}
+
+/// The change of `update` against `global` over the update's tensors (its first `rank` slots).
+fn change(update: &HashMap<String, Matrix>, global: &HashMap<String, Matrix>) -> HashMap<String, Vec<f64>> {
+    update
+        .iter()
+        .map(|(name, u)| {
+            let g = &global[name];
+            let values =
+                (0..u.rows).flat_map(|r| (0..u.cols).map(move |c| (r, c))).map(|(r, c)| u.at(r, c) - g.at(r, c));
+            (name.clone(), values.collect())
+        })
+        .collect()
+}
+
+#[test]
+fn clipped_updates_calibrated_noise_and_a_budget_that_ends_the_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["phone-1", "laptop-1"]);
+    // ε after 1, 2, 3, 4 rounds at σ = 1, q = 1, δ = 1e-3: 3.54, 5.42, 7.00, 8.42 (check prints
+    // them): a budget of 6 pays for 2 of the 4 rounds.
+    let (mut coordinator, address) = start_coordinator(run, &config(run, "rbla", 6.0));
+    let mut devices: Vec<Process> = [("phone-1", "2"), ("laptop-1", "4")]
+        .iter()
+        .map(|(id, rank)| {
+            Process::spawn(
+                id,
+                Command::new(binary("flotilla-edge"))
+                    .args(["run", "--coordinator", &address, "--rank", rank, "--samples", "128", "--kit"])
+                    .arg(pki.join("kits").join(id)),
+                &run.join("logs"),
+            )
+        })
+        .collect();
+    for device in &mut devices {
+        assert!(device.wait(Duration::from_secs(120)).success(), "{}", device.logs());
+        assert!(device.logs().contains(&format!("clipped to {CLIP}")), "the device clips: {}", device.logs());
+    }
+    assert!(coordinator.wait(Duration::from_secs(30)).success(), "{}", coordinator.logs());
+    let logs = coordinator.logs();
+    assert!(logs.contains("privacy budget: ε = 6 at δ = 0.001 pays for"), "{logs}");
+
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let privacy = &summary["privacy"];
+    let allowed = privacy["rounds_allowed"].as_u64().unwrap();
+    assert_eq!(allowed, 2, "{privacy}");
+    assert_eq!(privacy["rounds_configured"], 4);
+    assert_eq!(summary["rounds_completed"].as_u64(), Some(allowed), "the budget ended the run");
+    let spent = privacy["epsilon_spent"].as_f64().unwrap();
+    assert!(spent > 3.0 && spent <= 6.0, "{privacy}");
+    let per_round: Vec<f64> =
+        summary["rounds"].as_array().unwrap().iter().map(|r| r["privacy_epsilon"].as_f64().unwrap()).collect();
+    assert!(per_round.windows(2).all(|w| w[0] < w[1]) && per_round.last() == Some(&spent), "{per_round:?}");
+
+    // Round 2 from round 1: every recorded (clipped) change within C, and the new global minus
+    // the old, times the slot's denominator (q·M_i with q = 1: 2 devices cover slots 0-1 and the
+    // head, 1 covers slots 2-3), minus the sum of the changes, is the noise: N(0, (σC)²).
+    let (before, _) = read_safetensors(&run.join("global/round-1/adapter_model.safetensors"));
+    let (after, _) = read_safetensors(&run.join("global/round-2/adapter_model.safetensors"));
+    let mut sums: HashMap<String, Vec<f64>> = HashMap::new();
+    for device in ["phone-1", "laptop-1"] {
+        let (update, _) = read_safetensors(&run.join(format!("updates/round-2/{device}/adapter_model.safetensors")));
+        let changes = change(&update, &before);
+        let norm = changes.values().flatten().map(|v| v * v).sum::<f64>().sqrt();
+        assert!(norm <= CLIP * 1.0001, "{device}: change {norm} > {CLIP}");
+        assert!(norm > CLIP * 0.99, "{device}: training moved it beyond C, so it was clipped to C: {norm}");
+        for (name, values) in changes {
+            let rows = update[&name].rows;
+            let cols = update[&name].cols;
+            let g = &before[&name];
+            let sum = sums.entry(name.clone()).or_insert_with(|| vec![0.0; g.rows * g.cols]);
+            for r in 0..rows {
+                for c in 0..cols {
+                    sum[r * g.cols + c] += values[r * cols + c];
+                }
+            }
+        }
+    }
+    let mut noise = Vec::new();
+    for (name, g) in &before {
+        let a = &after[name];
+        for r in 0..g.rows {
+            for c in 0..g.cols {
+                let slot = if name.contains("lora_A") {
+                    Some(r)
+                } else if name.contains("lora_B") {
+                    Some(c)
+                } else {
+                    None
+                };
+                let covering = match slot {
+                    Some(slot) => [2usize, 4].iter().filter(|&&rank| rank > slot).count(),
+                    None => 2,
+                } as f64;
+                let sum = sums.get(name).map_or(0.0, |s| s[r * g.cols + c]);
+                noise.push((a.at(r, c) - g.at(r, c)) * covering - sum);
+            }
+        }
+    }
+    // 64·4 + 32·4 + 3·32 + 3 = 483 draws: the sample sd of n normals has standard error
+    // sd/√(2n) ≈ 3.2%; a 20% band is over 6 standard errors wide and still far from the noise one
+    // denominator off (×2) or none at all.
+    let n = noise.len() as f64;
+    let mean = noise.iter().sum::<f64>() / n;
+    let sd = (noise.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let want = NOISE_MULTIPLIER * CLIP;
+    eprintln!("{allowed} rounds, ε {per_round:?}; noise sd {sd:.5} (want {want}) mean {mean:.5} over {n} draws");
+    assert!(n > 450.0, "{n}");
+    assert!((sd / want - 1.0).abs() < 0.2, "noise sd {sd}, want {want} over {n} draws");
+    assert!(mean.abs() < 4.0 * want / n.sqrt(), "noise mean {mean}");
+}
+
+#[test]
+fn check_refuses_what_privacy_cannot_honour() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &[]);
+    let check = |config: String| {
+        let path = run.join("c.toml");
+        std::fs::write(&path, config).unwrap();
+        let output =
+            Command::new(binary("flotilla-coordinator")).args(["check", "--config"]).arg(&path).output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, text) = check(config(run, "rbla", 6.0));
+    assert!(ok, "{text}");
+    assert!(text.contains("privacy: clip 0.05") && text.contains("of the 4 configured rounds"), "{text}");
+    let (ok, text) = check(config(run, "rbla", 1.0));
+    assert!(!ok && text.contains("cannot pay for one round"), "{text}");
+    let (ok, text) = check(config(run, "zero-pad", 6.0));
+    assert!(!ok && text.contains("cannot run under [privacy]"), "{text}");
+    let (ok, text) = check(config(run, "rbla", 6.0).replace("delta = 1e-3", "delta = 0.5"));
+    assert!(!ok && text.contains("privacy.delta"), "{text}");
+    let (ok, text) = check(config(run, "rbla", 6.0).replace("clip_norm = 0.05", "clip_norm = -1"));
+    assert!(!ok && text.contains("privacy.clip_norm"), "{text}");
+}
