@@ -171,11 +171,11 @@ impl TextPlan {
             methods: vec!["rbla", "fold-and-fill", "rbla-coverage", "zero-pad", "hetlora", "flexlora", "flora"],
             learning_rates: vec![1e-3, 3e-3],
             seeds: vec![1, 2, 3],
-            rounds: 6,
-            local_steps: 10,
+            rounds: 5,
+            local_steps: 8,
             batch_size: 8,
             max_length: 64,
-            eval_samples: 300,
+            eval_samples: 200,
         }
     }
 
@@ -666,7 +666,7 @@ pub fn markdown(plan: &TextPlan, dir: &Path, figures_link: &str, figures_dir: &P
                 let worst = stat(&worst);
                 writeln!(
                     out,
-                    "| {} | {} | {} | {} | {} | {} | {} | {:.2} | {:.2} | {:.0} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                     arm.label(),
                     lr_text(&chosen, &setting_key(task.key, alpha, arm)),
                     percent(&stat(&rmax)),
@@ -674,9 +674,9 @@ pub fn markdown(plan: &TextPlan, dir: &Path, figures_link: &str, figures_dir: &P
                     ratio(&g_rmax),
                     if arm.is_heterogeneous() { ratio(&g_fleet) } else { "".into() },
                     worst.as_ref().map_or("—".into(), |s| format!("{:+.1} ± {:.1}", s.mean, s.sd)),
-                    up / 1e6,
-                    down / 1e6,
-                    wall,
+                    if runs.is_empty() { "—".into() } else { format!("{:.2}", up / 1e6) },
+                    if runs.is_empty() { "—".into() } else { format!("{:.2}", down / 1e6) },
+                    if runs.is_empty() { "—".into() } else { format!("{wall:.0}") },
                     runs.len()
                 )?;
                 if arm.is_heterogeneous() && !runs.is_empty() {
@@ -784,10 +784,13 @@ pub fn run(plan: &TextPlan, setup: &Setup, doc: &Path, only: &[String], report_o
             }
             Ok(())
         };
-        run_all(plan.tuning_cells(), &mut failed)?;
-        let chosen: BTreeMap<String, f64> =
-            choose(plan, &results_dir)?.into_iter().map(|(k, (lr, _))| (k, lr)).collect();
-        run_all(plan.final_cells(&chosen), &mut failed)?;
+        // Task by task, tuning then its finals: a study cut short has whole tasks.
+        for task in &plan.tasks {
+            run_all(plan.tuning_cells().into_iter().filter(|c| c.task == task.key).collect(), &mut failed)?;
+            let chosen: BTreeMap<String, f64> =
+                choose(plan, &results_dir)?.into_iter().map(|(k, (lr, _))| (k, lr)).collect();
+            run_all(plan.final_cells(&chosen).into_iter().filter(|c| c.task == task.key).collect(), &mut failed)?;
+        }
     }
     let doc_dir: PathBuf = doc.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let block = markdown(plan, &results_dir, "figures/study", &doc_dir.join("figures/study"))?;
