@@ -82,6 +82,10 @@ struct SimArgs {
     partition: Option<Scheme>,
     #[arg(long, default_value_t = 1)]
     partition_seed: u64,
+    /// Each device keeps (lowest rank of the mix / its rank)^POWER of its part of the data (a
+    /// seeded sample): 0 keeps everything; 0.5 or 1 makes devices of higher rank hold less data.
+    #[arg(long, default_value_t = 0.0, value_name = "POWER")]
+    data_share_by_rank: f64,
     /// Synthetic data: local training samples per device.
     #[arg(long, default_value_t = 512)]
     samples: usize,
@@ -465,6 +469,15 @@ fn run_sim(args: SimArgs) -> Result<i32> {
     if args.data == "synthetic" && args.partition.is_some() {
         anyhow::bail!("--partition applies to data on disk (--data fashion-mnist, bbc-news, a directory or a file)");
     }
+    anyhow::ensure!(
+        args.data_share_by_rank.is_finite() && args.data_share_by_rank >= 0.0,
+        "--data-share-by-rank must be a number ≥ 0, got {}",
+        args.data_share_by_rank
+    );
+    anyhow::ensure!(
+        args.data_share_by_rank == 0.0 || args.partition.is_some(),
+        "--data-share-by-rank applies to a partitioned data set (--partition)"
+    );
     let partition =
         args.partition.map(|scheme| PartitionSpec { scheme, devices: args.clients, seed: args.partition_seed });
     let data = DataChoice::parse(&args.data, args.samples, args.task_seed)?;
@@ -478,6 +491,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
             mix: args.profile_mix,
             data,
             partition,
+            data_share_by_rank: args.data_share_by_rank,
             concurrency: args.concurrency,
             threads: args.threads,
             max_attempts: args.max_attempts,

@@ -15,7 +15,7 @@ use flotilla_wire::quic::{self, TransportSettings};
 use flotilla_wire::tls::{self, KitPaths};
 
 use crate::session::{self, SessionError, SessionSettings};
-use crate::trainer::{DataChoice, TrainerPool};
+use crate::trainer::{DataChoice, DataSource, TrainerPool};
 
 /// Default rank each device class asks for when the mix does not say.
 pub fn default_class_rank(class: &str) -> Option<u32> {
@@ -107,6 +107,9 @@ pub struct SimSettings {
     pub data: DataChoice,
     /// How the IDX training set is split among the clients (device `index` gets part `index`).
     pub partition: Option<PartitionSpec>,
+    /// Each device keeps (lowest rank of the mix / its rank)^this of its part: 0 keeps all; 1
+    /// makes data size inversely proportional to rank.
+    pub data_share_by_rank: f64,
     pub concurrency: usize,
     pub threads: usize,
     pub max_attempts: u32,
@@ -153,13 +156,18 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
         );
     }
     let profiles = settings.mix.assign(settings.clients);
+    let lowest_rank = profiles.iter().map(|p| p.rank).min().unwrap_or(1);
     let pool = TrainerPool::new(settings.concurrency, settings.threads)?;
     let endpoint = quic::endpoint(([0, 0, 0, 0], 0).into(), None, &settings.transport)?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut by_class: BTreeMap<(String, u32), usize> = BTreeMap::new();
     for (index, ((id, kit), profile)) in kits.into_iter().take(settings.clients).zip(profiles).enumerate() {
         *by_class.entry((profile.class.clone(), profile.rank)).or_default() += 1;
-        let trainer = pool.trainer(settings.data.for_device(&id, settings.partition.map(|p| (p, index))))?;
+        let mut source = settings.data.for_device(&id, settings.partition.map(|p| (p, index)));
+        if let DataSource::Path { keep, .. } = &mut source {
+            *keep = (f64::from(lowest_rank) / f64::from(profile.rank)).powf(settings.data_share_by_rank);
+        }
+        let trainer = pool.trainer(source)?;
         let session = SessionSettings {
             kit,
             transport: settings.transport.clone(),

@@ -57,7 +57,9 @@ pub enum DataSource {
     Synthetic { samples: usize, task_seed: u64, sample_seed: u64 },
     /// A data set on disk, optionally only this device's part of it: the training split of an
     /// MNIST-style IDX directory for the small models, of labelled texts for a transformer.
-    Path { path: PathBuf, shard: Option<(PartitionSpec, usize)> },
+    /// `keep` (in (0, 1]) is the share of the shard this device keeps (a seeded sample), so a
+    /// study can make data size depend on rank.
+    Path { path: PathBuf, shard: Option<(PartitionSpec, usize)>, keep: f64 },
 }
 
 /// What `--data` names, checked once: synthetic samples, or a data set on disk (an MNIST-style
@@ -99,7 +101,7 @@ impl DataChoice {
                 task_seed: *task_seed,
                 sample_seed: flotilla_wire::fingerprint::fnv1a(device_id.as_bytes()),
             },
-            DataChoice::Path(path) => DataSource::Path { path: path.clone(), shard },
+            DataChoice::Path(path) => DataSource::Path { path: path.clone(), shard, keep: 1.0 },
         }
     }
 }
@@ -123,7 +125,7 @@ impl DataSource {
                     *sample_seed,
                 ))
             }
-            DataSource::Path { path, shard } => {
+            DataSource::Path { path, shard, keep } => {
                 let data = match architecture {
                     Architecture::Bert(spec) => load_texts(spec, path, tokenizer)?,
                     _ => load_split(path, Split::Train, architecture.classes()).map_err(|e| e.to_string())?,
@@ -133,11 +135,27 @@ impl DataSource {
                 let mine = parts.get(*index).ok_or_else(|| {
                     format!("device index {index} is outside the partition's {} devices", spec.devices)
                 })?;
-                tracing::info!(samples = mine.len(), partition = %spec.scheme, index, "local data: shard of {}", path.display());
-                Ok(data.subset(mine))
+                let mine = kept_share(mine, *keep, spec.seed ^ (*index as u64).rotate_left(32));
+                tracing::info!(samples = mine.len(), partition = %spec.scheme, index, keep, "local data: shard of {}", path.display());
+                Ok(data.subset(&mine))
             }
         }
     }
+}
+
+/// A seeded sample of `keep` (in (0, 1]) of a shard's indices, at least one, in index order (a
+/// shard's indices come grouped by class, so a prefix would not do).
+fn kept_share(shard: &[usize], keep: f64, seed: u64) -> Vec<usize> {
+    use rand::seq::SliceRandom;
+    use rand::SeedableRng;
+    let mut mine = shard.to_vec();
+    if keep < 1.0 {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        mine.shuffle(&mut rng);
+        mine.truncate(((mine.len() as f64 * keep).ceil() as usize).max(1));
+        mine.sort_unstable();
+    }
+    mine
 }
 
 /// The training split of the labelled texts at `path`, tokenized.
@@ -362,6 +380,21 @@ impl DeviceState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kept_share_is_a_seeded_sample_of_its_size() {
+        // A shard grouped by class: 100 of class 0, then 100 of class 1.
+        let shard: Vec<usize> = (0..200).collect();
+        let kept = kept_share(&shard, 0.25, 9);
+        assert_eq!(kept.len(), 50);
+        assert!(kept.windows(2).all(|w| w[0] < w[1]) && kept.iter().all(|i| shard.contains(i)));
+        let class_one = kept.iter().filter(|&&i| i >= 100).count();
+        assert!((10..=40).contains(&class_one), "both classes stay: {class_one} of 50");
+        assert_eq!(kept, kept_share(&shard, 0.25, 9));
+        assert_ne!(kept, kept_share(&shard, 0.25, 10));
+        assert_eq!(kept_share(&shard, 1.0, 9), shard);
+        assert_eq!(kept_share(&shard, 1e-9, 9).len(), 1);
+    }
 
     /// A device's jobs follow one another at once (Welcome → base, then task → train) and may land
     /// on different workers; each must find the device's state (a job that did not was dropped,
