@@ -4,8 +4,9 @@
 //!
 //! - `--suite image` (the first edition): RBLA against every baseline on label-skewed
 //!   Fashion-MNIST with an MLP.
-//! - `--suite text` (the second edition's transformer suite, [`text`]): all-MiniLM-L6-v2 on text
-//!   tasks, learning rates tuned on a validation split, bounds, gain recovered.
+//! - `--suite text` and `--suite image-shift` (the second edition, [`second`]): all-MiniLM-L6-v2
+//!   on text tasks, and the MLP on rotated Fashion-MNIST, with learning rates tuned on a validation
+//!   split, bounds, a centralized rank sweep and gain recovered.
 //!
 //! Every finished cell is cached in `<work>/results/`; a rerun only runs what is missing, so an
 //! interrupted study resumes. `deploy/study.sh` builds the binaries and runs this.
@@ -14,7 +15,7 @@ mod cell;
 mod grid;
 mod report;
 mod results;
-mod text;
+mod second;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,9 +30,10 @@ use crate::results::CellResult;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
-    /// Which study: `image` (Fashion-MNIST, MLP) or `text` (all-MiniLM-L6-v2 on BBC News and
-    /// Rotten Tomatoes; needs deploy/fetch-text-assets.sh).
-    #[arg(long, default_value = "image", value_parser = ["image", "text"])]
+    /// Which study: `image` (the first edition: Fashion-MNIST, MLP), `text` (all-MiniLM-L6-v2 on
+    /// BBC News and Rotten Tomatoes; needs deploy/fetch-text-assets.sh) or `image-shift` (the MLP
+    /// pretrained on upright images, fine-tuned on rotated ones).
+    #[arg(long, default_value = "image", value_parser = ["image", "text", "image-shift"])]
     suite: String,
     /// One label skew, one seed, a few short rounds: checks the whole pipeline in minutes. Writes
     /// into `runs/study-quick/` unless told otherwise.
@@ -84,8 +86,8 @@ fn load_results(plan: &Plan, dir: &Path) -> Result<BTreeMap<String, CellResult>>
 }
 
 fn run(cli: Cli) -> Result<()> {
-    if cli.suite == "text" {
-        return run_text(cli);
+    if cli.suite != "image" {
+        return run_second_edition(cli);
     }
     let plan = if cli.quick { Plan::quick() } else { Plan::full() };
     let work = cli.work.unwrap_or_else(|| PathBuf::from(if cli.quick { "runs/study-quick" } else { "runs/study" }));
@@ -158,10 +160,16 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn run_text(cli: Cli) -> Result<()> {
-    let plan = if cli.quick { text::TextPlan::quick() } else { text::TextPlan::full() };
-    let work =
-        cli.work.unwrap_or_else(|| PathBuf::from(if cli.quick { "runs/study-text-quick" } else { "runs/study-text" }));
+fn run_second_edition(cli: Cli) -> Result<()> {
+    let plan = match (cli.suite.as_str(), cli.quick) {
+        ("text", false) => second::Plan::text(),
+        ("text", true) => second::Plan::text_quick(),
+        (_, false) => second::Plan::image_shift(),
+        (_, true) => second::Plan::image_shift_quick(),
+    };
+    let work = cli.work.unwrap_or_else(|| {
+        PathBuf::from(format!("runs/study-{}{}", plan.suite, if cli.quick { "-quick" } else { "" }))
+    });
     let doc = cli.doc.unwrap_or_else(|| if cli.quick { work.join("study.md") } else { PathBuf::from("docs/study.md") });
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let setup = cell::Setup {
@@ -169,5 +177,5 @@ fn run_text(cli: Cli) -> Result<()> {
         work: work.canonicalize()?,
         concurrency: cli.concurrency.max(1),
     };
-    text::run(&plan, &setup, &doc, &cli.only, cli.report_only)
+    second::run(&plan, &setup, &doc, &cli.only, cli.report_only)
 }
