@@ -66,7 +66,11 @@ pub const BBC_NEWS: Task = Task {
 pub const ROTTEN_TOMATOES: Task = Task {
     key: "rt",
     title: "Rotten Tomatoes (fresh, rotten, plot)",
-    kind: TaskKind::Text { source: "datasets/rotten-tomatoes.csv", labels: &["fresh", "rotten", "plot"], max_length: 64 },
+    kind: TaskKind::Text {
+        source: "datasets/rotten-tomatoes.csv",
+        labels: &["fresh", "rotten", "plot"],
+        max_length: 64,
+    },
 };
 
 pub const ROTATED_FASHION: Task = Task {
@@ -445,7 +449,13 @@ fn prepare_texts(task: &Task, source: &str, labels: &[&str], work: &Path) -> Res
     }
     write_jsonl(&dir.join("tune/test.jsonl"), &validation, labels)?;
     write_jsonl(&dir.join("final/test.jsonl"), &test.examples.iter().collect::<Vec<_>>(), labels)?;
-    eprintln!("{}: {} device texts, {} validation, {} test", task.key, devices.len(), validation.len(), test.examples.len());
+    eprintln!(
+        "{}: {} device texts, {} validation, {} test",
+        task.key,
+        devices.len(),
+        validation.len(),
+        test.examples.len()
+    );
     Ok(())
 }
 
@@ -642,7 +652,12 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
         }
     }
     let pki = setup.pki();
-    run_processes(setup, &plan.cell_key(cell), |run_dir| coordinator_config(plan, cell, task, &data, &pki, run_dir), &sim)
+    run_processes(
+        setup,
+        &plan.cell_key(cell),
+        |run_dir| coordinator_config(plan, cell, task, &data, &pki, run_dir),
+        &sim,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -734,7 +749,12 @@ impl Run {
         if !arm.is_heterogeneous() {
             return self.max_rank_accuracy();
         }
-        fleet.iter().map(|&(_, rank, _)| self.rank_accuracy(rank)).collect::<Option<Vec<f64>>>()?.into_iter().reduce(f64::min)
+        fleet
+            .iter()
+            .map(|&(_, rank, _)| self.rank_accuracy(rank))
+            .collect::<Option<Vec<f64>>>()?
+            .into_iter()
+            .reduce(f64::min)
     }
 
     /// What tuning maximizes (on the validation split).
