@@ -469,15 +469,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
     if args.data == "synthetic" && args.partition.is_some() {
         anyhow::bail!("--partition applies to data on disk (--data fashion-mnist, bbc-news, a directory or a file)");
     }
-    anyhow::ensure!(
-        args.data_share_by_rank.is_finite() && args.data_share_by_rank >= 0.0,
-        "--data-share-by-rank must be a number ≥ 0, got {}",
-        args.data_share_by_rank
-    );
-    anyhow::ensure!(
-        args.data_share_by_rank == 0.0 || args.partition.is_some(),
-        "--data-share-by-rank applies to a partitioned data set (--partition)"
-    );
+    sim::check_data_share(args.data_share_by_rank, args.partition.is_some())?;
     let partition =
         args.partition.map(|scheme| PartitionSpec { scheme, devices: args.clients, seed: args.partition_seed });
     let data = DataChoice::parse(&args.data, args.samples, args.task_seed)?;
@@ -502,27 +494,7 @@ fn run_sim(args: SimArgs) -> Result<i32> {
         })
         .await
     })?;
-    let rounds: u32 = report.rounds_trained.values().sum();
-    println!(
-        "sim: {} of {} device(s) finished, {rounds} local round(s) trained in all; {} refused, {} gave up, {} stopped",
-        report.finished,
-        args.clients,
-        report.fatal.len(),
-        report.transient.len(),
-        report.stopped.len()
-    );
-    for (id, message) in report.fatal.iter().chain(&report.transient).chain(&report.stopped) {
-        eprintln!("device {id}: {message}");
-    }
-    Ok(if !report.fatal.is_empty() {
-        2
-    } else if !report.stopped.is_empty() {
-        130
-    } else if !report.transient.is_empty() {
-        1
-    } else {
-        0
-    })
+    Ok(report.print(args.clients))
 }
 
 /// The rank to ask for: `--rank`, or with `--rank auto` the probe's choice (timing the

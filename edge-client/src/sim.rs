@@ -145,6 +145,41 @@ pub struct SimReport {
     pub stopped: Vec<(String, String)>,
 }
 
+impl SimReport {
+    /// Prints the outcome; returns the exit code: 2 if a device was refused, 130 if stopped, 1 if
+    /// one gave up, else 0.
+    pub fn print(&self, clients: usize) -> i32 {
+        let rounds: u32 = self.rounds_trained.values().sum();
+        println!(
+            "sim: {} of {clients} device(s) finished, {rounds} local round(s) trained in all; {} refused, {} gave up, \
+             {} stopped",
+            self.finished,
+            self.fatal.len(),
+            self.transient.len(),
+            self.stopped.len()
+        );
+        for (id, message) in self.fatal.iter().chain(&self.transient).chain(&self.stopped) {
+            eprintln!("device {id}: {message}");
+        }
+        match (self.fatal.is_empty(), self.stopped.is_empty(), self.transient.is_empty()) {
+            (false, _, _) => 2,
+            (true, false, _) => 130,
+            (true, true, false) => 1,
+            (true, true, true) => 0,
+        }
+    }
+}
+
+/// `--data-share-by-rank`: a number ≥ 0, for a partitioned data set.
+pub fn check_data_share(power: f64, partitioned: bool) -> Result<()> {
+    anyhow::ensure!(power.is_finite() && power >= 0.0, "--data-share-by-rank must be a number ≥ 0, got {power}");
+    anyhow::ensure!(
+        power == 0.0 || partitioned,
+        "--data-share-by-rank applies to a partitioned data set (--partition)"
+    );
+    Ok(())
+}
+
 pub async fn run(settings: SimSettings) -> Result<SimReport> {
     let kits = device_kits(&settings.kits)?;
     if kits.len() < settings.clients {

@@ -37,9 +37,10 @@ fn assert_free_of(manifest: &Path, package: &str, forbidden: &[&str]) {
 const LIBTORCH: &[&str] = &["tch", "torch-sys"];
 
 #[test]
-fn the_wire_engine_merge_and_front_end_do_not_depend_on_libtorch() {
+fn the_wire_engine_merge_data_and_front_end_do_not_depend_on_libtorch() {
     let manifest = workspace_root().join("Cargo.toml");
-    for package in ["flotilla-wire", "flotilla-engine", "flotilla-merge", "flotilla-coordinator-front"] {
+    for package in ["flotilla-wire", "flotilla-engine", "flotilla-merge", "flotilla-data", "flotilla-coordinator-front"]
+    {
         assert_free_of(&manifest, package, LIBTORCH);
     }
 }

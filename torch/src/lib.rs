@@ -8,7 +8,7 @@
 
 pub mod adapter;
 pub mod aggregate;
-pub mod cache;
+pub use flotilla_data::cache;
 pub mod data;
 pub mod model;
 pub mod tensor;

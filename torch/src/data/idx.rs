@@ -1,114 +1,18 @@
-//! The IDX format (MNIST, Fashion-MNIST): `00 00 <type> <ndims>`, `ndims` big-endian u32 sizes,
-//! then the data. Files may be gzip-compressed. Only unsigned bytes (type 0x08) are read.
-//!
-//! Untrusted files: the declared sizes are bounded before anything is allocated, and the data must
-//! be exactly as long as they say (a truncated or over-long file is an error naming the file).
+//! MNIST-style directories as tensors: the IDX files themselves are read by `flotilla_data::idx`.
 
-use std::fs::File;
-use std::io::{BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(test)]
+use std::path::PathBuf;
 
-use flate2::read::GzDecoder;
 use tch::{Kind, Tensor};
+
+use flotilla_data::idx::idx_path;
+pub use flotilla_data::idx::{read_idx, IdxArray, Split, DEBIAN_FASHION_MNIST};
 
 use super::{DataError, Dataset};
 
-/// Largest IDX payload accepted (1 GiB): bounds what a corrupt header can make us allocate.
-const MAX_IDX_BYTES: u64 = 1 << 30;
-const UNSIGNED_BYTE: u8 = 0x08;
-
-/// Which half of an MNIST-style directory.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Split {
-    Train,
-    Test,
-}
-
-impl Split {
-    fn prefix(self) -> &'static str {
-        match self {
-            Split::Train => "train",
-            Split::Test => "t10k",
-        }
-    }
-}
-
-/// The default location of Debian's `dataset-fashion-mnist` package.
-pub const DEBIAN_FASHION_MNIST: &str = "/usr/share/datasets/fashion-mnist";
-
-/// An IDX array of unsigned bytes: its dimensions and data.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdxArray {
-    pub dims: Vec<usize>,
-    pub data: Vec<u8>,
-}
-
 fn err(path: &Path, message: impl Into<String>) -> DataError {
     DataError { path: path.to_path_buf(), message: message.into() }
-}
-
-/// Reads an IDX file (plain or `.gz`) with `expected_dims` dimensions.
-pub fn read_idx(path: &Path, expected_dims: usize) -> Result<IdxArray, DataError> {
-    let file = File::open(path).map_err(|e| err(path, e.to_string()))?;
-    let is_gzip = path.extension().is_some_and(|e| e == "gz");
-    let reader: Box<dyn Read> =
-        if is_gzip { Box::new(GzDecoder::new(BufReader::new(file))) } else { Box::new(BufReader::new(file)) };
-    read_idx_from(reader, path, expected_dims)
-}
-
-fn read_idx_from(mut reader: impl Read, path: &Path, expected_dims: usize) -> Result<IdxArray, DataError> {
-    let io = |e: std::io::Error| {
-        if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            err(path, "file is truncated")
-        } else {
-            err(path, format!("cannot read: {e}"))
-        }
-    };
-    let mut magic = [0u8; 4];
-    reader.read_exact(&mut magic).map_err(io)?;
-    if magic[0] != 0 || magic[1] != 0 {
-        return Err(err(path, "not an IDX file (bad magic number)"));
-    }
-    if magic[2] != UNSIGNED_BYTE {
-        return Err(err(path, format!("unsupported IDX element type 0x{:02x} (only unsigned bytes)", magic[2])));
-    }
-    let ndims = magic[3] as usize;
-    if ndims != expected_dims {
-        return Err(err(path, format!("has {ndims} dimensions, expected {expected_dims}")));
-    }
-    let mut dims = Vec::with_capacity(ndims);
-    let mut total: u64 = 1;
-    for _ in 0..ndims {
-        let mut size = [0u8; 4];
-        reader.read_exact(&mut size).map_err(io)?;
-        let d = u32::from_be_bytes(size);
-        total = total.saturating_mul(u64::from(d));
-        dims.push(d as usize);
-    }
-    if total > MAX_IDX_BYTES {
-        return Err(err(path, format!("declares {total} bytes of data, more than the {MAX_IDX_BYTES} accepted")));
-    }
-    let mut data = vec![0u8; total as usize];
-    reader.read_exact(&mut data).map_err(io)?;
-    let mut probe = [0u8; 1];
-    match reader.read(&mut probe) {
-        Ok(0) => {}
-        Ok(_) => return Err(err(path, format!("has bytes beyond the {total} its header declares"))),
-        Err(e) => return Err(io(e)),
-    }
-    Ok(IdxArray { dims, data })
-}
-
-/// `<prefix>-<kind>-ubyte`, gzip-compressed or plain, whichever exists (the gzip name is reported
-/// when neither does).
-fn idx_path(dir: &Path, split: Split, kind: &str) -> PathBuf {
-    let plain = dir.join(format!("{}-{kind}-ubyte", split.prefix()));
-    let gz = dir.join(format!("{}-{kind}-ubyte.gz", split.prefix()));
-    if !gz.exists() && plain.exists() {
-        plain
-    } else {
-        gz
-    }
 }
 
 /// Images and labels of one split of an MNIST-style directory: features `N × (rows·cols)` scaled to
@@ -139,13 +43,11 @@ mod tests {
     use super::*;
     use std::io::Write;
 
-    pub(crate) fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
-        let mut out = vec![0, 0, UNSIGNED_BYTE, dims.len() as u8];
-        for d in dims {
-            out.extend_from_slice(&d.to_be_bytes());
-        }
-        out.extend_from_slice(data);
-        out
+    fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
+        flotilla_data::idx::encode_idx(&IdxArray {
+            dims: dims.iter().map(|&d| d as usize).collect(),
+            data: data.to_vec(),
+        })
     }
 
     fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -172,30 +74,6 @@ mod tests {
             assert_eq!(Vec::<i64>::try_from(&data.labels).unwrap(), vec![0, 2, 1]);
             assert!((data.features.double_value(&[0, 1]) - 1.0 / 255.0).abs() < 1e-7);
         }
-    }
-
-    #[test]
-    fn corrupt_files_are_errors_naming_the_file() {
-        let check = |bytes: Vec<u8>, dims: usize, mentions: &str| {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("x-ubyte");
-            std::fs::write(&path, bytes).unwrap();
-            let e = read_idx(&path, dims).unwrap_err().to_string();
-            assert!(e.contains("x-ubyte") && e.contains(mentions), "{e}");
-        };
-        check(idx_bytes(&[2, 2, 2], &[0; 7]), 3, "truncated");
-        check(idx_bytes(&[2], &[0; 3]), 1, "beyond");
-        check(vec![1, 2, 3, 4], 1, "magic");
-        check(vec![0, 0, 0x0d, 1, 0, 0, 0, 1], 1, "element type");
-        check(idx_bytes(&[2, 2], &[0; 4]), 3, "dimensions");
-        check(idx_bytes(&[u32::MAX, u32::MAX, 2], &[]), 3, "more than");
-        check(vec![0, 0], 1, "truncated");
-        // A gzip file whose stream is cut short.
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("y-ubyte.gz");
-        let full = gzip(&idx_bytes(&[100], &[1; 100]));
-        std::fs::write(&path, &full[..full.len() / 2]).unwrap();
-        assert!(read_idx(&path, 1).unwrap_err().to_string().contains("y-ubyte.gz"));
     }
 
     #[test]

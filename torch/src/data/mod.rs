@@ -3,23 +3,13 @@
 //! ids, [`partition`] splits a dataset among devices.
 
 pub mod idx;
-pub mod partition;
-pub mod text;
 pub mod tokenizer;
 
-use std::path::PathBuf;
+pub use flotilla_data::{partition, text, DataError};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{Kind, Tensor};
-
-/// A data file that cannot be used, and why.
-#[derive(Debug, thiserror::Error)]
-#[error("{path}: {message}")]
-pub struct DataError {
-    pub path: PathBuf,
-    pub message: String,
-}
 
 /// Inputs and labels. Features are `N × d` f32 for the small models; for a transformer they are
 /// token ids `N × L` (i64, padded with 0 past each input's length) and `lengths` holds each

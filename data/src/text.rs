@@ -14,7 +14,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::DataError;
+use crate::DataError;
 
 /// Percent of the examples held out for testing when the data has no split of its own.
 pub const TEST_PERCENT: u64 = 20;

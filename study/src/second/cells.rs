@@ -1,0 +1,150 @@
+//! One cell of the study: the coordinator's configuration and the simulator's arguments for it,
+//! run through the real processes.
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::{Arm, Cell, Phase, Plan, Task, TaskKind, PUBLIC_IMAGES, VALIDATION_IMAGES};
+use crate::cell::{run_processes, Setup};
+
+// Long function: the coordinator's configuration as one TOML template per task kind, kept whole so
+// that it reads as the file it writes.
+fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &Path, run_dir: &Path) -> String {
+    let centralized = matches!(cell.arm, Arm::Centralized(_));
+    let devices = if centralized { 1 } else { plan.fleet_size() };
+    // The centralized device takes the whole fleet's steps: the same sample budget.
+    let local_steps = if centralized { plan.local_steps * plan.fleet_size() } else { plan.local_steps };
+    let max_rank = cell.arm.max_rank(plan.max_rank());
+    let lora_alpha = plan.scale * f64::from(max_rank);
+    let mut config = format!(
+        r#"[server]
+listen = "127.0.0.1:0"
+run_dir = "{run_dir}"
+address_file = "{run_dir}/coordinator.addr"
+
+[tls]
+kit = "{pki}/kits/coordinator"
+
+[round]
+rounds = {rounds}
+min_devices = {devices}
+deadline_secs = 3600
+local_steps = {local_steps}
+batch_size = {batch_size}
+learning_rate = {learning_rate}
+
+[aggregation]
+method = "{method}"
+max_rank = {max_rank}
+lora_alpha = {lora_alpha}
+"#,
+        run_dir = run_dir.display(),
+        pki = pki.display(),
+        rounds = plan.rounds,
+        batch_size = plan.batch_size,
+        learning_rate = cell.learning_rate,
+        method = cell.arm.method(),
+    );
+    match &task.kind {
+        TaskKind::Text { labels, max_length, .. } => {
+            let labels = labels.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", ");
+            config += &format!(
+                r#"
+[evaluation]
+test_data = "{data}"
+max_samples = {eval_samples}
+
+[model]
+seed = {seed}
+[model.transformer]
+checkpoint = "{checkpoint}"
+target_modules = ["query", "value"]
+labels = [{labels}]
+max_length = {max_length}
+"#,
+                data = data.display(),
+                eval_samples = plan.eval_samples,
+                seed = cell.seed,
+                checkpoint = flotilla_data::cache::minilm_dir().display(),
+            );
+        }
+        TaskKind::RotatedImages => {
+            let skip = match cell.phase {
+                Phase::Tune => PUBLIC_IMAGES,
+                Phase::Final => PUBLIC_IMAGES + VALIDATION_IMAGES,
+            };
+            config += &format!(
+                r#"
+[evaluation]
+test_data = "{data}"
+skip_samples = {skip}
+max_samples = {eval_samples}
+
+[model]
+seed = {seed}
+[model.pretrain]
+data = "{data}"
+samples = {PUBLIC_IMAGES}
+steps = 100
+batch_size = 64
+learning_rate = 0.002
+[model.architecture.mlp]
+input = 784
+hidden = [128, 64]
+classes = 10
+"#,
+                data = data.display(),
+                eval_samples = plan.eval_samples.min(VALIDATION_IMAGES),
+                seed = cell.seed,
+            );
+        }
+    }
+    config
+}
+
+pub(super) fn profile_mix(plan: &Plan, arm: Arm) -> String {
+    plan.fleet
+        .iter()
+        .map(|&(class, rank, n)| match arm {
+            Arm::Homogeneous(all) => format!("{class}:{all}={n}"),
+            _ => format!("{class}:{rank}={n}"),
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::Value, f64)> {
+    let task = plan.task(cell.task).with_context(|| format!("no task {}", cell.task))?;
+    let data = match task.kind {
+        TaskKind::Text { .. } => setup.work.join("data").join(task.key).join(cell.phase.key()),
+        TaskKind::RotatedImages => setup.work.join("data").join(task.key),
+    };
+    let mut sim: Vec<OsString> = vec!["--data".into(), data.clone().into()];
+    if let TaskKind::Text { .. } = task.kind {
+        sim.extend(["--model-dir".into(), flotilla_data::cache::minilm_dir().into()]);
+    }
+    match (cell.arm, cell.skew) {
+        (Arm::Centralized(rank), _) => {
+            sim.extend(["--clients".into(), "1".into(), "--profile-mix".into(), format!("gpu:{rank}=1").into()]);
+        }
+        (arm, skew) => {
+            let skew = skew.context("a federated cell needs a skew")?;
+            sim.extend(["--clients".into(), plan.fleet_size().to_string().into()]);
+            sim.extend(["--profile-mix".into(), profile_mix(plan, arm).into()]);
+            sim.extend(["--partition".into(), format!("dirichlet:{}", skew.alpha).into()]);
+            sim.extend(["--partition-seed".into(), cell.seed.to_string().into()]);
+            if skew.share_power > 0.0 {
+                sim.extend(["--data-share-by-rank".into(), skew.share_power.to_string().into()]);
+            }
+        }
+    }
+    let pki = setup.pki();
+    run_processes(
+        setup,
+        &plan.cell_key(cell),
+        |run_dir| coordinator_config(plan, cell, task, &data, &pki, run_dir),
+        &sim,
+    )
+}

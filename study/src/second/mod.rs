@@ -1,0 +1,506 @@
+//! The study's second edition (issue 15): every rank-heterogeneous method against its bounds, with
+//! learning rates tuned on a validation split, through the real coordinator and simulator. Two
+//! suites share this engine:
+//!
+//! - `--suite text`: all-MiniLM-L6-v2 with LoRA on `query` and `value`, fine-tuned on BBC News and
+//!   Rotten Tomatoes by 12 devices, 3 at each of the ranks 2, 4, 8 and 16.
+//! - `--suite image-shift`: the MLP pretrained on 5,000 upright public Fashion-MNIST images,
+//!   fine-tuned by 18 devices (3 at each rank from 2 to 64) whose images are all rotated by 90°:
+//!   a domain shift large enough that the rank of the correction matters (the centralized rank
+//!   sweep shows it before the grid runs).
+//!
+//! Two phases, both cached cell by cell:
+//!
+//! - **tune**: seed 1, every learning rate of the grid, evaluated on a validation split the devices
+//!   never train on. Each setting (a method under a skew, a homogeneous fleet, a centralized run)
+//!   keeps the learning rate with the best validation score: the mean over the last 3 rounds of
+//!   (R_max accuracy + fleet mean) / 2 for a heterogeneous method, of the R_max accuracy otherwise.
+//! - **final**: every seed at the chosen learning rate, evaluated on the test split. The report
+//!   uses only these.
+//!
+//! The bounds use the same training data and sample budget: the base alone (the coordinator's
+//! evaluation before round 1), centralized LoRA (one device holding every device's data and taking
+//! the whole fleet's steps) at R_max and, for the rank sweep, at other ranks, and FedAvg with every
+//! device at one rank.
+
+mod cells;
+mod data;
+mod report;
+mod results;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+
+use crate::cell::Setup;
+pub use results::Chosen;
+use results::{choose, Run};
+
+/// What a task's data is and how its model is made.
+#[derive(Debug, Clone)]
+pub enum TaskKind {
+    /// Labelled texts from the per-user cache (deploy/fetch-text-assets.sh), fine-tuned from
+    /// all-MiniLM-L6-v2.
+    Text { source: &'static str, labels: &'static [&'static str], max_length: u32 },
+    /// Fashion-MNIST whose device and held-out images are rotated by 90° while the base is
+    /// pretrained on upright public images.
+    RotatedImages,
+}
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub key: &'static str,
+    pub title: &'static str,
+    pub kind: TaskKind,
+}
+
+pub const BBC_NEWS: Task = Task {
+    key: "bbc",
+    title: "BBC News (5 topics)",
+    kind: TaskKind::Text {
+        source: "datasets/bbc-news",
+        labels: &["business", "entertainment", "politics", "sports", "tech"],
+        max_length: 64,
+    },
+};
+
+pub const ROTTEN_TOMATOES: Task = Task {
+    key: "rt",
+    title: "Rotten Tomatoes (fresh, rotten, plot)",
+    kind: TaskKind::Text {
+        source: "datasets/rotten-tomatoes.csv",
+        labels: &["fresh", "rotten", "plot"],
+        max_length: 64,
+    },
+};
+
+pub const ROTATED_FASHION: Task = Task {
+    key: "fashion-rot90",
+    title: "Fashion-MNIST rotated by 90° (base pretrained upright)",
+    kind: TaskKind::RotatedImages,
+};
+
+/// Percent of the training texts held out as the validation split.
+pub const VALIDATION_PERCENT: u64 = 15;
+
+/// The test images the base is pretrained on (upright); the rest of the test set is rotated and
+/// split into validation and test halves.
+pub(crate) const PUBLIC_IMAGES: usize = 5000;
+pub(crate) const VALIDATION_IMAGES: usize = 2500;
+
+/// A label skew, and optionally data that shrinks as rank grows.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Skew {
+    /// Dirichlet α of the label partition.
+    pub alpha: f64,
+    /// Each device keeps (lowest rank / its rank)^this of its shard (`--data-share-by-rank`).
+    pub share_power: f64,
+}
+
+impl Skew {
+    pub const fn labels(alpha: f64) -> Skew {
+        Skew { alpha, share_power: 0.0 }
+    }
+
+    fn key(self) -> String {
+        if self.share_power > 0.0 {
+            format!("alpha{}-share{}", self.alpha, self.share_power)
+        } else {
+            format!("alpha{}", self.alpha)
+        }
+    }
+
+    fn title(self) -> String {
+        if self.share_power > 0.0 {
+            format!(
+                "Dirichlet α = {}, data shrinking with rank (each device keeps (2 / rank)^{} of its shard)",
+                self.alpha, self.share_power
+            )
+        } else {
+            format!("Dirichlet α = {}", self.alpha)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Arm {
+    /// A rank-heterogeneous method on the fleet.
+    Method(&'static str),
+    /// FedAvg with every device at this rank: what the rank can buy in federation.
+    Homogeneous(u32),
+    /// One device holding every device's data and taking the whole fleet's steps, at this rank.
+    Centralized(u32),
+}
+
+impl Arm {
+    fn key(self, max_rank: u32) -> String {
+        match self {
+            Arm::Method(m) => m.to_string(),
+            Arm::Homogeneous(rank) => format!("fedavg-all-r{rank}"),
+            Arm::Centralized(rank) if rank == max_rank => "centralized".into(),
+            Arm::Centralized(rank) => format!("centralized-r{rank}"),
+        }
+    }
+
+    pub fn label(self) -> String {
+        match self {
+            Arm::Method(m) => m.to_string(),
+            Arm::Homogeneous(rank) => format!("fedavg, every device at rank {rank}"),
+            Arm::Centralized(rank) => format!("centralized LoRA at rank {rank}"),
+        }
+    }
+
+    fn method(self) -> &'static str {
+        match self {
+            Arm::Method(m) => m,
+            _ => "fedavg",
+        }
+    }
+
+    fn is_heterogeneous(self) -> bool {
+        matches!(self, Arm::Method(_))
+    }
+
+    /// The run's R_max: FedAvg needs every device at it, so a homogeneous or centralized run's is
+    /// its rank.
+    fn max_rank(self, fleet_max: u32) -> u32 {
+        match self {
+            Arm::Method(_) => fleet_max,
+            Arm::Homogeneous(rank) | Arm::Centralized(rank) => rank,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Tune,
+    Final,
+}
+
+impl Phase {
+    fn key(self) -> &'static str {
+        match self {
+            Phase::Tune => "tune",
+            Phase::Final => "final",
+        }
+    }
+}
+
+/// One run of the study. `skew` is `None` for a centralized run (it holds all the data).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cell {
+    pub task: &'static str,
+    pub phase: Phase,
+    pub skew: Option<Skew>,
+    pub arm: Arm,
+    pub learning_rate: f64,
+    pub seed: u64,
+}
+
+/// A setting compared in the report: a task, a skew (none when centralized) and an arm.
+pub type Setting = (&'static str, Option<Skew>, Arm);
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: &'static str,
+    /// `text` or `image-shift`: names the generated block of docs/study.md.
+    pub suite: &'static str,
+    pub tasks: Vec<Task>,
+    /// (device class, rank, devices), by rank ascending.
+    pub fleet: Vec<(&'static str, u32, u32)>,
+    /// LoRA scale of every rank: lora_alpha = scale · R_max.
+    pub scale: f64,
+    pub skews: Vec<Skew>,
+    pub methods: Vec<&'static str>,
+    pub homogeneous_ranks: Vec<u32>,
+    /// Ranks of the centralized rank sweep (R_max, the reference, is always run).
+    pub sweep_ranks: Vec<u32>,
+    pub learning_rates: Vec<f64>,
+    pub seeds: Vec<u64>,
+    pub rounds: u32,
+    pub local_steps: u32,
+    pub batch_size: u32,
+    /// Held-out samples each evaluation uses.
+    pub eval_samples: usize,
+}
+
+pub const METHODS: [&str; 7] = ["rbla", "fold-and-fill", "rbla-coverage", "zero-pad", "hetlora", "flexlora", "flora"];
+
+impl Plan {
+    pub fn text() -> Plan {
+        Plan {
+            name: "text",
+            suite: "text",
+            tasks: vec![BBC_NEWS, ROTTEN_TOMATOES],
+            fleet: vec![("phone", 2, 3), ("phone", 4, 3), ("laptop", 8, 3), ("desktop", 16, 3)],
+            scale: 2.0,
+            skews: vec![Skew::labels(1.0), Skew::labels(0.1)],
+            methods: METHODS.to_vec(),
+            homogeneous_ranks: vec![2, 4, 8, 16],
+            sweep_ranks: vec![16],
+            learning_rates: vec![1e-3, 3e-3],
+            seeds: vec![1, 2, 3],
+            rounds: 5,
+            local_steps: 8,
+            batch_size: 8,
+            eval_samples: 200,
+        }
+    }
+
+    /// One task, one skew, two methods, one learning rate and seed, 3 short rounds: checks the
+    /// pipeline in about ten minutes.
+    pub fn text_quick() -> Plan {
+        Plan {
+            name: "text-quick",
+            tasks: vec![BBC_NEWS],
+            skews: vec![Skew::labels(1.0)],
+            methods: vec!["rbla", "fold-and-fill"],
+            homogeneous_ranks: vec![2, 16],
+            learning_rates: vec![2e-3],
+            seeds: vec![1],
+            rounds: 3,
+            local_steps: 4,
+            eval_samples: 100,
+            ..Plan::text()
+        }
+    }
+
+    pub fn image_shift() -> Plan {
+        Plan {
+            name: "image-shift",
+            suite: "image-shift",
+            tasks: vec![ROTATED_FASHION],
+            fleet: vec![
+                ("phone", 2, 3),
+                ("phone", 4, 3),
+                ("laptop", 8, 3),
+                ("desktop", 16, 3),
+                ("gpu", 32, 3),
+                ("gpu", 64, 3),
+            ],
+            scale: 2.0,
+            skews: vec![Skew::labels(1.0), Skew::labels(0.1), Skew { alpha: 1.0, share_power: 0.5 }],
+            methods: METHODS.to_vec(),
+            homogeneous_ranks: vec![2, 4, 8, 16, 32, 64],
+            sweep_ranks: vec![2, 4, 8, 16, 32, 64],
+            learning_rates: vec![0.001, 0.002, 0.005],
+            seeds: vec![1, 2, 3],
+            rounds: 20,
+            local_steps: 30,
+            batch_size: 32,
+            eval_samples: 2500,
+        }
+    }
+
+    /// One skew, two methods, one learning rate and seed, 4 rounds: minutes.
+    pub fn image_shift_quick() -> Plan {
+        Plan {
+            name: "image-shift-quick",
+            skews: vec![Skew::labels(1.0)],
+            methods: vec!["rbla", "fold-and-fill"],
+            homogeneous_ranks: vec![2, 64],
+            sweep_ranks: vec![2, 64],
+            learning_rates: vec![0.005],
+            seeds: vec![1],
+            rounds: 4,
+            local_steps: 15,
+            ..Plan::image_shift()
+        }
+    }
+
+    pub fn max_rank(&self) -> u32 {
+        self.fleet.iter().map(|&(_, rank, _)| rank).max().unwrap_or(1)
+    }
+
+    pub fn fleet_size(&self) -> u32 {
+        self.fleet.iter().map(|&(_, _, n)| n).sum()
+    }
+
+    /// The arms run under one skew: the methods, and the homogeneous fleets under a plain label
+    /// skew (a homogeneous fleet has no rank for its data to shrink with).
+    pub fn arms(&self, skew: Skew) -> Vec<Arm> {
+        let mut arms: Vec<Arm> = self.methods.iter().map(|&m| Arm::Method(m)).collect();
+        if skew.share_power == 0.0 {
+            arms.extend(self.homogeneous_ranks.iter().map(|&rank| Arm::Homogeneous(rank)));
+        }
+        arms
+    }
+
+    /// The centralized ranks: the sweep and R_max.
+    pub fn centralized_ranks(&self) -> Vec<u32> {
+        let mut ranks = self.sweep_ranks.clone();
+        ranks.push(self.max_rank());
+        ranks.sort_unstable();
+        ranks.dedup();
+        ranks
+    }
+
+    /// Every setting of `task`: the centralized runs first, then each skew's arms.
+    pub fn settings(&self, task: &'static str) -> Vec<Setting> {
+        let mut settings: Vec<Setting> =
+            self.centralized_ranks().into_iter().map(|rank| (task, None, Arm::Centralized(rank))).collect();
+        for &skew in &self.skews {
+            for arm in self.arms(skew) {
+                settings.push((task, Some(skew), arm));
+            }
+        }
+        settings
+    }
+
+    pub fn tuning_cells(&self, task: &'static str) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for (task, skew, arm) in self.settings(task) {
+            for &learning_rate in &self.learning_rates {
+                cells.push(Cell { task, phase: Phase::Tune, skew, arm, learning_rate, seed: 1 });
+            }
+        }
+        cells
+    }
+
+    /// The final cells of the settings whose tuning is complete, at the chosen learning rate:
+    /// seed by seed, so that a study cut short still covers every setting.
+    pub fn final_cells(&self, task: &'static str, chosen: &Chosen) -> Vec<Cell> {
+        let mut cells = Vec::new();
+        for &seed in &self.seeds {
+            for (task, skew, arm) in self.settings(task) {
+                if let Some(&(learning_rate, _)) = chosen.get(&self.setting_key(task, skew, arm)) {
+                    cells.push(Cell { task, phase: Phase::Final, skew, arm, learning_rate, seed });
+                }
+            }
+        }
+        cells
+    }
+
+    fn task(&self, key: &str) -> Option<&Task> {
+        self.tasks.iter().find(|t| t.key == key)
+    }
+
+    pub fn setting_key(&self, task: &str, skew: Option<Skew>, arm: Arm) -> String {
+        let setting = skew.map_or("pooled".to_string(), Skew::key);
+        format!("{task}-{setting}-{}", arm.key(self.max_rank()))
+    }
+
+    /// A file-name-safe key; results are cached under it.
+    pub fn cell_key(&self, cell: &Cell) -> String {
+        let setting = cell.skew.map_or("pooled".to_string(), Skew::key);
+        format!(
+            "{}-{}-{setting}-{}-lr{}-seed{}",
+            cell.task,
+            cell.phase.key(),
+            cell.arm.key(self.max_rank()),
+            cell.learning_rate,
+            cell.seed
+        )
+    }
+
+    fn begin_marker(&self) -> String {
+        format!("<!-- generated by flotilla-study --suite {}: begin -->", self.suite)
+    }
+
+    fn end_marker(&self) -> String {
+        format!("<!-- generated by flotilla-study --suite {}: end -->", self.suite)
+    }
+}
+
+/// Runs what is missing, task by task (tuning, then the finals it unlocks), and rewrites the
+/// report.
+pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only: bool) -> Result<()> {
+    let results_dir = setup.work.join("results");
+    std::fs::create_dir_all(&results_dir)?;
+    let mut failed = Vec::new();
+    if !report_only {
+        setup.provision(plan.fleet_size())?;
+        for task in &plan.tasks {
+            data::prepare_data(task, &setup.work)?;
+        }
+        let selected = |cell: &Cell| only.is_empty() || only.iter().any(|o| plan.cell_key(cell).contains(o.as_str()));
+        let run_all = |cells: Vec<Cell>, failed: &mut Vec<String>| -> Result<()> {
+            let cells: Vec<Cell> = cells.into_iter().filter(|c| selected(c)).collect();
+            for (i, cell) in cells.iter().enumerate() {
+                let key = plan.cell_key(cell);
+                let cached = results_dir.join(format!("{key}.json"));
+                if cached.exists() {
+                    continue;
+                }
+                eprintln!("[{}/{}] {key} ...", i + 1, cells.len());
+                match cells::run_cell(plan, cell, setup) {
+                    Ok((summary, wall_seconds)) => {
+                        let run = Run::from_summary(&summary, wall_seconds)?;
+                        eprintln!(
+                            "[{}/{}] {key}: R_max {:.1}%, score {:.1}% in {wall_seconds:.0} s",
+                            i + 1,
+                            cells.len(),
+                            100.0 * run.max_rank_accuracy().unwrap_or(f64::NAN),
+                            100.0 * run.score(cell.arm, &plan.fleet).unwrap_or(f64::NAN),
+                        );
+                        let record = serde_json::json!({ "wall_seconds": wall_seconds, "summary": summary });
+                        let tmp = cached.with_extension("json.tmp");
+                        std::fs::write(&tmp, serde_json::to_vec(&record)?)?;
+                        std::fs::rename(&tmp, &cached)?;
+                    }
+                    Err(error) => {
+                        eprintln!("[{}/{}] {key} failed: {error:#}", i + 1, cells.len());
+                        failed.push(key);
+                    }
+                }
+            }
+            Ok(())
+        };
+        for task in &plan.tasks {
+            run_all(plan.tuning_cells(task.key), &mut failed)?;
+            let chosen = choose(plan, &results_dir)?;
+            run_all(plan.final_cells(task.key, &chosen), &mut failed)?;
+        }
+    }
+    let doc_dir: PathBuf = doc.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
+    let block = report::markdown(plan, &results_dir, "figures/study", &doc_dir.join("figures/study"))?;
+    crate::report::write_block(doc, &plan.begin_marker(), &plan.end_marker(), &block)?;
+    eprintln!("wrote {}", doc.display());
+    anyhow::ensure!(failed.is_empty(), "{} cell(s) failed (rerun to retry them): {}", failed.len(), failed.join(", "));
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plans_tune_every_setting_then_run_its_seeds_at_the_chosen_rate() {
+        let plan = Plan::text();
+        let settings = plan.settings("bbc");
+        // The centralized reference, and under each of 2 skews 7 methods and 4 homogeneous fleets.
+        assert_eq!(settings.len(), 1 + 2 * (7 + 4));
+        let tuning = plan.tuning_cells("bbc");
+        assert_eq!(tuning.len(), settings.len() * plan.learning_rates.len());
+        let mut keys: Vec<String> = tuning.iter().map(|c| plan.cell_key(c)).collect();
+        keys.sort();
+        keys.dedup();
+        assert_eq!(keys.len(), tuning.len());
+        // Keys the first text runs were cached under.
+        assert!(keys.contains(&"bbc-tune-pooled-centralized-lr0.001-seed1".to_string()));
+        assert!(keys.contains(&"bbc-tune-alpha1-fedavg-all-r2-lr0.003-seed1".to_string()));
+        let mut chosen = Chosen::new();
+        chosen.insert(plan.setting_key("bbc", Some(Skew::labels(1.0)), Arm::Method("rbla")), (3e-3, Vec::new()));
+        let finals = plan.final_cells("bbc", &chosen);
+        assert_eq!(finals.len(), 3);
+        assert!(finals.iter().all(|c| c.phase == Phase::Final && c.learning_rate == 3e-3));
+        assert_eq!(cells::profile_mix(&plan, Arm::Homogeneous(8)), "phone:8=3,phone:8=3,laptop:8=3,desktop:8=3");
+        assert_eq!(plan.fleet_size(), 12);
+
+        let image = Plan::image_shift();
+        assert_eq!(image.max_rank(), 64);
+        assert_eq!(image.fleet_size(), 18);
+        // The sweep's 6 ranks (R_max among them); under 2 label skews 7 methods and 6 homogeneous
+        // fleets; under the shrinking-data skew the 7 methods.
+        assert_eq!(image.settings("fashion-rot90").len(), 6 + 2 * (7 + 6) + 7);
+        let share = Cell {
+            task: "fashion-rot90",
+            phase: Phase::Tune,
+            skew: Some(Skew { alpha: 1.0, share_power: 0.5 }),
+            arm: Arm::Centralized(8),
+            learning_rate: 0.005,
+            seed: 1,
+        };
+        assert_eq!(image.cell_key(&share), "fashion-rot90-tune-alpha1-share0.5-centralized-r8-lr0.005-seed1");
+    }
+}

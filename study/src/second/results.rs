@@ -1,0 +1,189 @@
+//! A finished run's numbers, read from the coordinator's `summary.json`, and the learning rate
+//! each setting keeps.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+use super::{Arm, Cell, Phase, Plan};
+
+/// One finished run: accuracy per round at R_max and at each rank, bytes and wall time.
+#[derive(Debug, Clone, Default)]
+pub struct Run {
+    /// The run's R_max (a homogeneous or centralized run's rank).
+    pub max_rank: u32,
+    pub base: Option<f64>,
+    /// Per round: rank → accuracy (R_max included).
+    pub rounds: Vec<BTreeMap<u32, f64>>,
+    pub upload_bytes_per_round: f64,
+    pub download_bytes_per_round: f64,
+    pub wall_seconds: f64,
+}
+
+/// Rounds averaged for a run's score: the last 3, not the best (no selection on test).
+pub const LAST_ROUNDS: usize = 3;
+
+impl Run {
+    pub fn from_summary(summary: &serde_json::Value, wall_seconds: f64) -> Result<Run> {
+        let by_rank = |evaluation: &serde_json::Value| -> BTreeMap<u32, f64> {
+            evaluation
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|e| Some((e["rank"].as_u64()? as u32, e["accuracy"].as_f64()?)))
+                .collect()
+        };
+        let rounds = summary["rounds"].as_array().context("summary.json has no rounds")?;
+        anyhow::ensure!(!rounds.is_empty(), "no round finished (see the cell's logs)");
+        let max_rank = summary["max_rank"].as_u64().context("summary.json has no max_rank")? as u32;
+        let mut run = Run {
+            max_rank,
+            base: by_rank(&summary["initial_evaluation"]).values().next().copied(),
+            wall_seconds,
+            ..Run::default()
+        };
+        for round in rounds {
+            let accuracies = by_rank(&round["evaluation"]);
+            anyhow::ensure!(accuracies.contains_key(&max_rank), "round {} has no evaluation at R_max", round["round"]);
+            run.rounds.push(accuracies);
+            run.upload_bytes_per_round += round["update_bytes"].as_f64().unwrap_or(0.0);
+            run.download_bytes_per_round += round["task_bytes"].as_f64().unwrap_or(0.0);
+        }
+        let n = run.rounds.len().max(1) as f64;
+        run.upload_bytes_per_round /= n;
+        run.download_bytes_per_round /= n;
+        Ok(run)
+    }
+
+    fn last_rounds(&self) -> &[BTreeMap<u32, f64>] {
+        &self.rounds[self.rounds.len().saturating_sub(LAST_ROUNDS)..]
+    }
+
+    fn mean(values: impl Iterator<Item = f64>) -> Option<f64> {
+        let values: Vec<f64> = values.collect();
+        (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64)
+    }
+
+    /// The global model at R_max, over the last rounds.
+    pub fn max_rank_accuracy(&self) -> Option<f64> {
+        Run::mean(self.last_rounds().iter().filter_map(|r| r.get(&self.max_rank).copied()))
+    }
+
+    /// One rank's slice, over the last rounds.
+    pub fn rank_accuracy(&self, rank: u32) -> Option<f64> {
+        Run::mean(self.last_rounds().iter().filter_map(|r| r.get(&rank).copied()))
+    }
+
+    /// Each device's own slice, averaged over `fleet`, over the last rounds; the R_max accuracy
+    /// for a run whose devices all have its R_max.
+    pub fn fleet_accuracy(&self, arm: Arm, fleet: &[(&str, u32, u32)]) -> Option<f64> {
+        if !arm.is_heterogeneous() {
+            return self.max_rank_accuracy();
+        }
+        let devices: u32 = fleet.iter().map(|&(_, _, n)| n).sum();
+        let mut total = 0.0;
+        for &(_, rank, n) in fleet {
+            total += f64::from(n) * self.rank_accuracy(rank)?;
+        }
+        Some(total / f64::from(devices.max(1)))
+    }
+
+    /// The lowest slice accuracy of the fleet's ranks (R_max for a single-rank run).
+    pub fn worst_slice(&self, arm: Arm, fleet: &[(&str, u32, u32)]) -> Option<f64> {
+        if !arm.is_heterogeneous() {
+            return self.max_rank_accuracy();
+        }
+        fleet
+            .iter()
+            .map(|&(_, rank, _)| self.rank_accuracy(rank))
+            .collect::<Option<Vec<f64>>>()?
+            .into_iter()
+            .reduce(f64::min)
+    }
+
+    /// What tuning maximizes (on the validation split).
+    pub fn score(&self, arm: Arm, fleet: &[(&str, u32, u32)]) -> Option<f64> {
+        if arm.is_heterogeneous() {
+            Some((self.max_rank_accuracy()? + self.fleet_accuracy(arm, fleet)?) / 2.0)
+        } else {
+            self.max_rank_accuracy()
+        }
+    }
+
+    pub fn accuracy_curve(&self) -> Vec<f64> {
+        self.rounds.iter().filter_map(|r| r.get(&self.max_rank).copied()).collect()
+    }
+}
+
+pub fn load_run(plan: &Plan, dir: &Path, cell: &Cell) -> Result<Option<Run>> {
+    let path = dir.join(format!("{}.json", plan.cell_key(cell)));
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
+    let cached: serde_json::Value =
+        serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))?;
+    let wall = cached["wall_seconds"].as_f64().unwrap_or(0.0);
+    Ok(Some(Run::from_summary(&cached["summary"], wall).with_context(|| path.display().to_string())?))
+}
+
+/// Per setting key: the chosen learning rate, and the validation score of each rate tried.
+pub type Chosen = BTreeMap<String, (f64, Vec<(f64, f64)>)>;
+
+/// The learning rate each setting keeps: the best validation score among its tuning runs, once
+/// every learning rate of the grid has run.
+pub fn choose(plan: &Plan, results_dir: &Path) -> Result<Chosen> {
+    let mut chosen = BTreeMap::new();
+    for task in &plan.tasks {
+        for (task, skew, arm) in plan.settings(task.key) {
+            let mut scores = Vec::new();
+            for &learning_rate in &plan.learning_rates {
+                let cell = Cell { task, phase: Phase::Tune, skew, arm, learning_rate, seed: 1 };
+                if let Some(score) = load_run(plan, results_dir, &cell)?.and_then(|run| run.score(arm, &plan.fleet)) {
+                    scores.push((learning_rate, score));
+                }
+            }
+            if scores.len() == plan.learning_rates.len() {
+                let best =
+                    scores.iter().copied().fold((f64::NAN, f64::NEG_INFINITY), |b, s| if s.1 > b.1 { s } else { b });
+                chosen.insert(plan.setting_key(task, skew, arm), (best.0, scores));
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scores_average_the_last_rounds_and_the_fleet_sees_its_own_slices() {
+        let fleet = Plan::text().fleet;
+        let summary = serde_json::json!({
+            "initial_evaluation": [{"rank": 16, "accuracy": 0.2}],
+            "max_rank": 16,
+            "rounds": (1..=4).map(|r| serde_json::json!({
+                "round": r, "update_bytes": 10, "task_bytes": 30,
+                "evaluation": [
+                    {"rank": 2, "accuracy": 0.5}, {"rank": 4, "accuracy": 0.6},
+                    {"rank": 8, "accuracy": 0.7}, {"rank": 16, "accuracy": 0.1 * f64::from(r)},
+                ],
+            })).collect::<Vec<_>>(),
+        });
+        let run = Run::from_summary(&summary, 5.0).unwrap();
+        assert_eq!(run.base, Some(0.2));
+        // Rounds 2-4 at R_max: 0.2, 0.3, 0.4.
+        assert!((run.max_rank_accuracy().unwrap() - 0.3).abs() < 1e-12);
+        let rbla = Arm::Method("rbla");
+        let mean = (3.0 * 0.5 + 3.0 * 0.6 + 3.0 * 0.7 + 3.0 * 0.3) / 12.0;
+        assert!((run.fleet_accuracy(rbla, &fleet).unwrap() - mean).abs() < 1e-12);
+        assert!((run.score(rbla, &fleet).unwrap() - (0.3 + mean) / 2.0).abs() < 1e-12);
+        assert!((run.worst_slice(rbla, &fleet).unwrap() - 0.3).abs() < 1e-12);
+        assert!((run.score(Arm::Centralized(16), &fleet).unwrap() - 0.3).abs() < 1e-12);
+        assert_eq!(run.upload_bytes_per_round, 10.0);
+        let no_rmax =
+            serde_json::json!({"max_rank": 16, "rounds": [{"round": 1, "evaluation": [{"rank": 2, "accuracy": 0.5}]}]});
+        assert!(Run::from_summary(&no_rmax, 1.0).is_err());
+        let no_rounds = serde_json::json!({"max_rank": 16, "rounds": []});
+        assert!(Run::from_summary(&no_rounds, 1.0).is_err());
+    }
+}
