@@ -60,7 +60,7 @@ pub const BBC_NEWS: Task = Task {
     kind: TaskKind::Text {
         source: "datasets/bbc-news",
         labels: &["business", "entertainment", "politics", "sports", "tech"],
-        max_length: 64,
+        max_length: 32,
     },
 };
 
@@ -70,7 +70,7 @@ pub const ROTTEN_TOMATOES: Task = Task {
     kind: TaskKind::Text {
         source: "datasets/rotten-tomatoes.csv",
         labels: &["fresh", "rotten", "plot"],
-        max_length: 64,
+        max_length: 32,
     },
 };
 
@@ -238,10 +238,10 @@ impl Plan {
             methods: METHODS.to_vec(),
             homogeneous_ranks: vec![2, 4, 8, 16],
             sweep_ranks: vec![16],
-            learning_rates: vec![1e-3, 3e-3],
+            learning_rates: vec![2e-3, 5e-3],
             seeds: vec![1, 2, 3],
-            rounds: 5,
-            local_steps: 8,
+            rounds: 8,
+            local_steps: 15,
             batch_size: 8,
             eval_samples: 200,
         }
@@ -476,9 +476,8 @@ mod tests {
         keys.sort();
         keys.dedup();
         assert_eq!(keys.len(), tuning.len());
-        // Keys the first text runs were cached under.
-        assert!(keys.contains(&"bbc-tune-pooled-centralized-lr0.001-seed1".to_string()));
-        assert!(keys.contains(&"bbc-tune-alpha1-fedavg-all-r2-lr0.003-seed1".to_string()));
+        assert!(keys.contains(&"bbc-tune-pooled-centralized-lr0.002-seed1".to_string()));
+        assert!(keys.contains(&"bbc-tune-alpha1-fedavg-all-r2-lr0.005-seed1".to_string()));
         let mut chosen = Chosen::new();
         chosen.insert(plan.setting_key("bbc", Some(Skew::labels(1.0)), Arm::Method("rbla")), (3e-3, Vec::new()));
         let finals = plan.final_cells("bbc", &chosen);
