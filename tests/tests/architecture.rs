@@ -49,6 +49,8 @@ fn the_wire_engine_merge_data_and_front_end_do_not_depend_on_libtorch() {
 fn the_engine_has_no_async_runtime_and_no_network() {
     let manifest = workspace_root().join("Cargo.toml");
     assert_free_of(&manifest, "flotilla-engine", &["tokio", "quinn", "quinn-proto", "rustls", "tch", "torch-sys"]);
+    // Secure aggregation is the protocol's logic; the coordinator and devices carry its messages.
+    assert_free_of(&manifest, "flotilla-secagg", &["tokio", "quinn", "quinn-proto", "rustls", "tch", "torch-sys"]);
 }
 
 #[test]
