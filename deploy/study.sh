@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The study: RBLA against zero-pad, HetLoRA, FlexLoRA, FLoRA and a FedAvg upper bound on
-# label-skewed Fashion-MNIST, with a 20-device heterogeneous fleet, through the real coordinator and
-# simulator over mutual-TLS QUIC. Rewrites the generated block of docs/study.md and its figures.
+# The study, through the real coordinator and simulator over mutual-TLS QUIC; rewrites its
+# generated block of docs/study.md and its figures (docs/study.md says what each suite is).
 #
-#   bash deploy/study.sh            # the full grid: 117 runs, about 45 minutes on 2 cores
-#   bash deploy/study.sh --quick    # one label skew, one seed, a few rounds: about 2 minutes
-#                                   # (writes runs/study-quick/study.md, leaves docs/ alone)
+#   bash deploy/study.sh --suite image-shift     # second edition, rotated Fashion-MNIST: about 1.5 hours on 2 cores
+#   bash deploy/study.sh --suite text            # second edition, all-MiniLM-L6-v2 on BBC News and Rotten Tomatoes: many hours
+#   bash deploy/study.sh                          # first edition (Fashion-MNIST, MLP): about 45 minutes
+#   bash deploy/study.sh --suite image-shift --quick   # minutes; writes runs/study-<suite>-quick/study.md, leaves docs/ alone
 # Finished runs are cached in runs/study*/results/; rerunning only runs what is missing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -13,6 +13,12 @@ cd "$root"
 # shellcheck source=deploy/env.sh
 source "$root/deploy/env.sh"
 flotilla_ensure_fashion_mnist
+case " $* " in
+    *" --suite text "*|*" --suite=text "*)
+        # shellcheck source=deploy/fetch-text-assets.sh
+        source "$root/deploy/fetch-text-assets.sh"
+        ;;
+esac
 echo "==> building release binaries" >&2
 cargo build --release --bins --quiet
 exec "$root/target/release/flotilla-study" --bin-dir "$root/target/release" "$@"

@@ -39,7 +39,9 @@ fn main() {
         let ranks: BTreeMap<u32, u32> = (0..n as u32).map(|i| (i, [2, 4, 8, 16][i as usize % 4])).collect();
         let values: BTreeMap<u32, Vec<f32>> = ranks
             .iter()
-            .map(|(&id, &rank)| (id, (0..layout.len(rank)).map(|j| ((j * 31 + id as usize) % 97) as f32 / 97.0 - 0.5).collect()))
+            .map(|(&id, &rank)| {
+                (id, (0..layout.len(rank)).map(|j| ((j * 31 + id as usize) % 97) as f32 / 97.0 - 0.5).collect())
+            })
             .collect();
 
         // The plain round's aggregation: the per-coordinate sums of f32 updates.
@@ -99,7 +101,8 @@ fn main() {
             let t = Instant::now();
             let reply = client.unmask(&request).expect("unmask");
             client_seconds += t.elapsed().as_secs_f64();
-            overhead_bytes += reply.self_mask_shares.iter().chain(&reply.key_shares).map(|(_, s)| s.len() + 4).sum::<usize>();
+            overhead_bytes +=
+                reply.self_mask_shares.iter().chain(&reply.key_shares).map(|(_, s)| s.len() + 4).sum::<usize>();
             server.receive_unmask(reply).expect("reply");
         }
         let t = Instant::now();
