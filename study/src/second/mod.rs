@@ -283,7 +283,7 @@ impl Plan {
             methods: METHODS.to_vec(),
             homogeneous_ranks: vec![2, 4, 8, 16, 32, 64],
             sweep_ranks: vec![2, 4, 8, 16, 32, 64],
-            learning_rates: vec![0.001, 0.002, 0.005],
+            learning_rates: vec![0.001, 0.002, 0.005, 0.01],
             seeds: vec![1, 2, 3],
             rounds: 20,
             local_steps: 30,
