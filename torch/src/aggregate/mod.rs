@@ -17,6 +17,7 @@ mod non_lora;
 mod private;
 mod rbla;
 mod rbla_coverage;
+pub mod secure;
 mod slot_sums;
 mod validate;
 mod zero_pad;

@@ -7,6 +7,7 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
+use super::secure::SecureForm;
 use super::*;
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::seeded_uniform;
@@ -1014,5 +1015,104 @@ fn the_noise_has_the_calibrated_scale_per_slot() {
         let sd = (draws.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
         assert!((sd - 1.0).abs() < 0.1, "{class}: sd {sd} over {n} draws");
         assert!(mean.abs() < 0.1, "{class}: mean {mean}");
+    }
+}
+
+// ---------- secure aggregation's sums form (secure.rs) ----------
+
+/// The plain method's result from the packed sums: what a secure round computes, without masks.
+fn through_sums(method: Method, global: &Adapter, clients: &[&Client]) -> Adapter {
+    let layout = secure::layout(global);
+    let cap = clients.iter().map(|c| c.n).max().unwrap() as f64;
+    let mut sums = vec![0.0f64; layout.full_len()];
+    for c in clients {
+        let packed = secure::pack(&c.adapter, c.n as f64 / cap, c.scale, &layout).unwrap();
+        for (s, v) in sums.iter_mut().zip(packed) {
+            *s += f64::from(v);
+        }
+    }
+    secure::unpack(secure::secure_form(method).unwrap(), &sums, global, &layout).unwrap()
+}
+
+#[test]
+fn the_sums_form_gives_each_slot_wise_method_its_plain_result() {
+    let global = random_adapter(R_MAX, 910);
+    let mixed = [client(2, 10, 1), client(4, 30, 2), client(4, 5, 3), client(6, 20, 4)];
+    let mixed: Vec<&Client> = mixed.iter().collect();
+    for method in [Method::Rbla, Method::ZeroPad, Method::FoldAndFill] {
+        let want = aggregate(method, &global, &mixed);
+        assert_close(&through_sums(method, &global, &mixed), &as_map(&want), 1e-5);
+    }
+    let full = [client(R_MAX, 7, 5), client(R_MAX, 9, 6)];
+    let full: Vec<&Client> = full.iter().collect();
+    assert_close(
+        &through_sums(Method::FedAvg, &global, &full),
+        &as_map(&aggregate(Method::FedAvg, &global, &full)),
+        1e-5,
+    );
+    for method in [Method::HetLora, Method::FlexLora, Method::Flora, Method::RblaCoverage] {
+        assert!(secure::secure_form(method).is_none(), "{method}");
+    }
+}
+
+/// The same through the real protocol: six devices of mixed ranks pack, mask and upload, one drops
+/// after sharing its keys, and the coordinator's unmasked sums give RBLA of the five that uploaded
+/// within the quantization bound.
+#[test]
+fn a_secure_round_gives_rbla_of_the_survivors_within_the_quantization_bound() {
+    use flotilla_secagg::client::ClientRound;
+    use flotilla_secagg::server::ServerRound;
+    let global = random_adapter(R_MAX, 911);
+    let layout = secure::layout(&global);
+    let clients = [
+        client(2, 10, 11),
+        client(4, 30, 12),
+        client(8, 5, 13),
+        client(6, 20, 14),
+        client(8, 8, 15),
+        client(3, 12, 16),
+    ];
+    let parameters = flotilla_secagg::Parameters { threshold: 3, degree: 4, range: 4.0, max_participants: 16 };
+    let ranks: BTreeMap<u32, u32> =
+        clients.iter().enumerate().map(|(i, c)| (i as u32, c.adapter.rank() as u32)).collect();
+    let mut server = ServerRound::new(parameters, 1, layout, ranks.clone(), 3).unwrap();
+    let mut devices = BTreeMap::new();
+    for (&id, &rank) in &ranks {
+        let (device, advert) = ClientRound::new(parameters, 1, id, rank, layout).unwrap();
+        server.receive_keys(advert).unwrap();
+        devices.insert(id, device);
+    }
+    for (&id, device) in devices.iter_mut() {
+        let shares = device.share_keys(&server.peers_for(id)).unwrap();
+        server.receive_shares(id, shares).unwrap();
+    }
+    for (&id, device) in devices.iter_mut() {
+        assert!(device.receive_shares(server.shares_for(id)).is_empty());
+    }
+    let cap = 30.0;
+    for (&id, device) in devices.iter_mut() {
+        if id == 3 {
+            continue; // drops after sharing its keys
+        }
+        let c = &clients[id as usize];
+        let packed = secure::pack(&c.adapter, c.n as f64 / cap, c.scale, &layout).unwrap();
+        server.receive_masked(device.masked_input(&packed).unwrap()).unwrap();
+    }
+    let request = server.unmask_request();
+    for (&id, device) in &devices {
+        if id != 3 {
+            server.receive_unmask(device.unmask(&request).unwrap()).unwrap();
+        }
+    }
+    let aggregate_sums = server.finish().unwrap();
+    let got = secure::unpack(SecureForm::Coverage, &aggregate_sums.sums, &global, &layout).unwrap();
+    let survivors: Vec<&Client> = clients.iter().enumerate().filter(|(i, _)| *i != 3).map(|(_, c)| c).collect();
+    let want = aggregate(Method::Rbla, &global, &survivors);
+    // Each sum is off by at most the bound; dividing by a slot weight of at least 5/30 multiplies
+    // that by at most 6 (the coverage weight itself is also a sum).
+    let tolerance = aggregate_sums.error_bound * 6.0 * 4.0;
+    for (name, t) in want.tensors() {
+        let diff = (got.get(name).unwrap() - t).abs().max().double_value(&[]);
+        assert!(diff <= tolerance.max(1e-6), "{name}: {diff} > {tolerance}");
     }
 }
