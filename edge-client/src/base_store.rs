@@ -47,6 +47,8 @@ pub struct BaseStore {
     pub cache: PathBuf,
     /// Bytes asked for per `FetchBase` (the coordinator sends at most `BASE_CHUNK_BYTES`).
     pub chunk_bytes: u32,
+    /// The most bytes a checkpoint may declare before anything is fetched or written.
+    pub max_bytes: u64,
 }
 
 impl BaseStore {
@@ -55,12 +57,9 @@ impl BaseStore {
         flotilla_torch::cache::root()
     }
 
-    /// A directory holding exactly `files`: the model directory, the cache, or fetched now.
-    pub async fn obtain(
-        &self,
-        connection: &quinn::Connection,
-        files: &[CheckpointFile],
-    ) -> Result<PathBuf, StoreError> {
+    /// What the coordinator declares, checked before anything is read or written: plain file
+    /// names, SHA-256 digests, and a total size within `max_bytes`.
+    fn check_declared(&self, files: &[CheckpointFile]) -> Result<(), StoreError> {
         for file in files {
             if !is_plain_name(&file.name)
                 || file.sha256.len() != 64
@@ -72,6 +71,24 @@ impl BaseStore {
                 )));
             }
         }
+        let declared = files.iter().fold(0u64, |total, f| total.saturating_add(f.size));
+        if declared > self.max_bytes {
+            return Err(StoreError::Fatal(format!(
+                "the coordinator's checkpoint declares {declared} bytes, more than this device accepts ({} bytes, \
+                 --max-base-mib); raise it if this coordinator's base is meant to be that large",
+                self.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// A directory holding exactly `files`: the model directory, the cache, or fetched now.
+    pub async fn obtain(
+        &self,
+        connection: &quinn::Connection,
+        files: &[CheckpointFile],
+    ) -> Result<PathBuf, StoreError> {
+        self.check_declared(files)?;
         if let Some(dir) = &self.model_dir {
             let dir = dir.clone();
             let wanted = files.to_vec();
@@ -229,6 +246,22 @@ async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_checkpoint_larger_than_the_device_accepts_is_refused_before_any_fetch() {
+        let store =
+            BaseStore { model_dir: None, cache: PathBuf::from("/nonexistent"), chunk_bytes: 1024, max_bytes: 100 };
+        let file = |name: &str, size| CheckpointFile { name: name.into(), size, sha256: "ab".repeat(32) };
+        store.check_declared(&[file("config.json", 40), file("model.safetensors", 60)]).unwrap();
+        let error = store.check_declared(&[file("config.json", 40), file("model.safetensors", 61)]).unwrap_err();
+        assert!(
+            matches!(&error, StoreError::Fatal(m) if m.contains("101 bytes") && m.contains("--max-base-mib")),
+            "{error}"
+        );
+        let huge = store.check_declared(&[file("a", u64::MAX), file("b", u64::MAX)]).unwrap_err();
+        assert!(huge.to_string().contains(&u64::MAX.to_string()), "saturates: {huge}");
+        assert!(store.check_declared(&[file("../x", 1)]).unwrap_err().to_string().contains("cannot be stored safely"));
+    }
 
     #[test]
     fn only_plain_file_names_are_stored() {

@@ -122,6 +122,9 @@ struct BaseArgs {
     /// KiB asked for per checkpoint fetch request (the coordinator sends at most 768).
     #[arg(long, default_value_t = 768, value_parser = clap::value_parser!(u32).range(1..=768))]
     fetch_chunk_kib: u32,
+    /// The largest checkpoint (all its files) this device stores or fetches, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    max_base_mib: u64,
 }
 
 impl BaseArgs {
@@ -130,6 +133,7 @@ impl BaseArgs {
             model_dir: self.model_dir.clone(),
             cache: self.cache_dir.clone().unwrap_or_else(base_store::BaseStore::default_cache),
             chunk_bytes: self.fetch_chunk_kib * 1024,
+            max_bytes: self.max_base_mib.saturating_mul(1 << 20),
         })
     }
 }
