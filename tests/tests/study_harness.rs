@@ -75,9 +75,12 @@ fn the_second_edition_tunes_then_reports_bounds_and_gain_recovered() {
     let output = run();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    // Tuning (seed 1, validation) then finals (test): the two centralized ranks and rbla, twice.
-    assert_eq!(stderr.matches(": R_max").count(), 6, "{stderr}");
+    // Tuning (seed 1, validation) then finals (test): the two centralized ranks, rbla, and rbla
+    // under differential privacy at ε = 8 (tuned after rbla, at rbla's learning rate), twice.
+    assert_eq!(stderr.matches(": R_max").count(), 8, "{stderr}");
     let tune = stderr.find("fashion-rot90-tune-alpha1-rbla").unwrap();
+    let private = stderr.find("fashion-rot90-tune-alpha1-rbla-dp-eps8-lr0.005-clip0.5").unwrap();
+    assert!(tune < private, "{stderr}");
     let final_run = stderr.find("fashion-rot90-final-alpha1-rbla").unwrap();
     assert!(tune < final_run, "{stderr}");
     assert!(dir.path().join("data/fashion-rot90/t10k-images-idx3-ubyte").exists());
@@ -92,6 +95,7 @@ fn the_second_edition_tunes_then_reports_bounds_and_gain_recovered() {
     // The base on rotated images is near or below chance; federated RBLA recovers part of the
     // centralized gain.
     assert!(accuracy > 30.0 && gain > 0.2 && gain < 1.5, "{row}");
+    assert!(doc.contains("#### Differential privacy") && doc.contains("| rbla | 8 | "), "{doc}");
     assert!(std::fs::read_to_string(dir.path().join("figures/study/image-shift-fashion-rot90-alpha1.svg"))
         .unwrap()
         .contains("<svg"));

@@ -101,6 +101,13 @@ classes = 10
             );
         }
     }
+    if let (Arm::Private { epsilon, .. }, Some(clip_norm)) = (cell.arm, cell.clip_norm) {
+        let delta = super::privacy_delta(plan);
+        let noise = super::noise_for(f64::from(epsilon), plan.rounds, delta);
+        config += &format!(
+            "\n[privacy]\nclip_norm = {clip_norm}\nnoise_multiplier = {noise}\nepsilon = {epsilon}\ndelta = {delta}\n"
+        );
+    }
     config
 }
 

@@ -25,6 +25,7 @@
 
 mod cells;
 mod data;
+mod privacy;
 mod report;
 mod results;
 
@@ -33,6 +34,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 
 use crate::cell::Setup;
+pub use privacy::{noise_for, privacy_delta};
 pub use results::Chosen;
 use results::{choose, Run};
 
@@ -130,6 +132,9 @@ pub enum Arm {
     Homogeneous(u32),
     /// One device holding every device's data and taking the whole fleet's steps, at this rank.
     Centralized(u32),
+    /// A method under device-level differential privacy (central noise) at this ε, its learning
+    /// rate the one the method chose without privacy, its clipping bound tuned.
+    Private { method: &'static str, epsilon: u32 },
 }
 
 impl Arm {
@@ -139,6 +144,7 @@ impl Arm {
             Arm::Homogeneous(rank) => format!("fedavg-all-r{rank}"),
             Arm::Centralized(rank) if rank == max_rank => "centralized".into(),
             Arm::Centralized(rank) => format!("centralized-r{rank}"),
+            Arm::Private { method, epsilon } => format!("{method}-dp-eps{epsilon}"),
         }
     }
 
@@ -147,25 +153,26 @@ impl Arm {
             Arm::Method(m) => m.to_string(),
             Arm::Homogeneous(rank) => format!("fedavg, every device at rank {rank}"),
             Arm::Centralized(rank) => format!("centralized LoRA at rank {rank}"),
+            Arm::Private { method, epsilon } => format!("{method}, differential privacy ε = {epsilon}"),
         }
     }
 
     fn method(self) -> &'static str {
         match self {
-            Arm::Method(m) => m,
+            Arm::Method(m) | Arm::Private { method: m, .. } => m,
             _ => "fedavg",
         }
     }
 
     fn is_heterogeneous(self) -> bool {
-        matches!(self, Arm::Method(_))
+        matches!(self, Arm::Method(_) | Arm::Private { .. })
     }
 
     /// The run's R_max: FedAvg needs every device at it, so a homogeneous or centralized run's is
     /// its rank.
     fn max_rank(self, fleet_max: u32) -> u32 {
         match self {
-            Arm::Method(_) => fleet_max,
+            Arm::Method(_) | Arm::Private { .. } => fleet_max,
             Arm::Homogeneous(rank) | Arm::Centralized(rank) => rank,
         }
     }
@@ -194,6 +201,8 @@ pub struct Cell {
     pub skew: Option<Skew>,
     pub arm: Arm,
     pub learning_rate: f64,
+    /// A private arm's clipping bound.
+    pub clip_norm: Option<f64>,
     pub seed: u64,
 }
 
@@ -222,6 +231,11 @@ pub struct Plan {
     pub batch_size: u32,
     /// Held-out samples each evaluation uses.
     pub eval_samples: usize,
+    /// The privacy axis: these methods, under the first skew, at each ε, with the clipping bound
+    /// chosen from `clip_norms` on the validation split (δ = [`privacy_delta`]).
+    pub private_methods: Vec<&'static str>,
+    pub epsilons: Vec<u32>,
+    pub clip_norms: Vec<f64>,
 }
 
 pub const METHODS: [&str; 7] = ["rbla", "fold-and-fill", "rbla-coverage", "zero-pad", "hetlora", "flexlora", "flora"];
@@ -244,6 +258,9 @@ impl Plan {
             local_steps: 15,
             batch_size: 8,
             eval_samples: 200,
+            private_methods: Vec::new(),
+            epsilons: vec![1, 4, 8],
+            clip_norms: vec![0.05, 0.5],
         }
     }
 
@@ -289,6 +306,9 @@ impl Plan {
             local_steps: 30,
             batch_size: 32,
             eval_samples: 2500,
+            private_methods: vec!["rbla", "fold-and-fill"],
+            epsilons: vec![1, 4, 8],
+            clip_norms: vec![0.05, 0.5],
         }
     }
 
@@ -304,6 +324,9 @@ impl Plan {
             seeds: vec![1],
             rounds: 4,
             local_steps: 15,
+            private_methods: vec!["rbla"],
+            epsilons: vec![8],
+            clip_norms: vec![0.5],
             ..Plan::image_shift()
         }
     }
@@ -335,7 +358,8 @@ impl Plan {
         ranks
     }
 
-    /// Every setting of `task`: the centralized runs first, then each skew's arms.
+    /// Every setting of `task`: the centralized runs first, then each skew's arms, then the
+    /// privacy axis (under the first skew).
     pub fn settings(&self, task: &'static str) -> Vec<Setting> {
         let mut settings: Vec<Setting> =
             self.centralized_ranks().into_iter().map(|rank| (task, None, Arm::Centralized(rank))).collect();
@@ -344,28 +368,61 @@ impl Plan {
                 settings.push((task, Some(skew), arm));
             }
         }
+        if let Some(&skew) = self.skews.first() {
+            for &method in &self.private_methods {
+                for &epsilon in &self.epsilons {
+                    settings.push((task, Some(skew), Arm::Private { method, epsilon }));
+                }
+            }
+        }
         settings
     }
 
-    pub fn tuning_cells(&self, task: &'static str) -> Vec<Cell> {
-        let mut cells = Vec::new();
-        for (task, skew, arm) in self.settings(task) {
-            for &learning_rate in &self.learning_rates {
-                cells.push(Cell { task, phase: Phase::Tune, skew, arm, learning_rate, seed: 1 });
-            }
+    /// A setting's tuning cells (seed 1): one per learning rate; for a private arm, one per
+    /// clipping bound at the learning rate its method chose without privacy (none before that).
+    pub fn candidates(&self, setting: Setting, chosen: &Chosen) -> Vec<Cell> {
+        let (task, skew, arm) = setting;
+        let cell =
+            |learning_rate, clip_norm| Cell { task, phase: Phase::Tune, skew, arm, learning_rate, clip_norm, seed: 1 };
+        match arm {
+            Arm::Private { method, .. } => match chosen.get(&self.setting_key(task, skew, Arm::Method(method))) {
+                Some(&(learning_rate, _)) => self.clip_norms.iter().map(|&c| cell(learning_rate, Some(c))).collect(),
+                None => Vec::new(),
+            },
+            _ => self.learning_rates.iter().map(|&lr| cell(lr, None)).collect(),
         }
-        cells
     }
 
-    /// The final cells of the settings whose tuning is complete, at the chosen learning rate:
-    /// seed by seed, so that a study cut short still covers every setting.
+    /// The value a setting's tuning chose among its candidates: the learning rate, or a private
+    /// arm's clipping bound.
+    pub fn tuned_value(cell: &Cell) -> f64 {
+        cell.clip_norm.unwrap_or(cell.learning_rate)
+    }
+
+    /// A setting's final cell for `seed`, once its tuning (and its method's, for a private arm) chose.
+    pub fn final_cell(&self, setting: Setting, chosen: &Chosen, seed: u64) -> Option<Cell> {
+        let (task, skew, arm) = setting;
+        let &(value, _) = chosen.get(&self.setting_key(task, skew, arm))?;
+        let (learning_rate, clip_norm) = match arm {
+            Arm::Private { method, .. } => {
+                (chosen.get(&self.setting_key(task, skew, Arm::Method(method)))?.0, Some(value))
+            }
+            _ => (value, None),
+        };
+        Some(Cell { task, phase: Phase::Final, skew, arm, learning_rate, clip_norm, seed })
+    }
+
+    pub fn tuning_cells(&self, task: &'static str, chosen: &Chosen) -> Vec<Cell> {
+        self.settings(task).into_iter().flat_map(|setting| self.candidates(setting, chosen)).collect()
+    }
+
+    /// The final cells of the settings whose tuning is complete, at the chosen values: seed by
+    /// seed, so that a study cut short still covers every setting.
     pub fn final_cells(&self, task: &'static str, chosen: &Chosen) -> Vec<Cell> {
         let mut cells = Vec::new();
         for &seed in &self.seeds {
-            for (task, skew, arm) in self.settings(task) {
-                if let Some(&(learning_rate, _)) = chosen.get(&self.setting_key(task, skew, arm)) {
-                    cells.push(Cell { task, phase: Phase::Final, skew, arm, learning_rate, seed });
-                }
+            for setting in self.settings(task) {
+                cells.extend(self.final_cell(setting, chosen, seed));
             }
         }
         cells
@@ -383,8 +440,9 @@ impl Plan {
     /// A file-name-safe key; results are cached under it.
     pub fn cell_key(&self, cell: &Cell) -> String {
         let setting = cell.skew.map_or("pooled".to_string(), Skew::key);
+        let clip = cell.clip_norm.map_or(String::new(), |c| format!("-clip{c}"));
         format!(
-            "{}-{}-{setting}-{}-lr{}-seed{}",
+            "{}-{}-{setting}-{}-lr{}{clip}-seed{}",
             cell.task,
             cell.phase.key(),
             cell.arm.key(self.max_rank()),
@@ -447,7 +505,9 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
             Ok(())
         };
         for task in &plan.tasks {
-            run_all(plan.tuning_cells(task.key), &mut failed)?;
+            // Tuning, then the private arms' tuning (their learning rate comes from the first).
+            run_all(plan.tuning_cells(task.key, &Chosen::new()), &mut failed)?;
+            run_all(plan.tuning_cells(task.key, &choose(plan, &results_dir)?), &mut failed)?;
             let chosen = choose(plan, &results_dir)?;
             run_all(plan.final_cells(task.key, &chosen), &mut failed)?;
         }
@@ -470,7 +530,7 @@ mod tests {
         let settings = plan.settings("bbc");
         // The centralized reference, and under each of 2 skews 7 methods and 4 homogeneous fleets.
         assert_eq!(settings.len(), 1 + 2 * (7 + 4));
-        let tuning = plan.tuning_cells("bbc");
+        let tuning = plan.tuning_cells("bbc", &Chosen::new());
         assert_eq!(tuning.len(), settings.len() * plan.learning_rates.len());
         let mut keys: Vec<String> = tuning.iter().map(|c| plan.cell_key(c)).collect();
         keys.sort();
@@ -490,14 +550,30 @@ mod tests {
         assert_eq!(image.max_rank(), 64);
         assert_eq!(image.fleet_size(), 18);
         // The sweep's 6 ranks (R_max among them); under 2 label skews 7 methods and 6 homogeneous
-        // fleets; under the shrinking-data skew the 7 methods.
-        assert_eq!(image.settings("fashion-rot90").len(), 6 + 2 * (7 + 6) + 7);
+        // fleets; under the shrinking-data skew the 7 methods; 2 methods at 3 ε.
+        assert_eq!(image.settings("fashion-rot90").len(), 6 + 2 * (7 + 6) + 7 + 2 * 3);
+        // A private arm is tuned over the clipping bounds once its method has its learning rate.
+        let private = ("fashion-rot90", Some(Skew::labels(1.0)), Arm::Private { method: "rbla", epsilon: 4 });
+        assert!(image.candidates(private, &Chosen::new()).is_empty());
+        let mut chosen = Chosen::new();
+        chosen.insert(
+            image.setting_key("fashion-rot90", Some(Skew::labels(1.0)), Arm::Method("rbla")),
+            (0.002, Vec::new()),
+        );
+        let candidates = image.candidates(private, &chosen);
+        assert_eq!(candidates.iter().map(|c| c.clip_norm).collect::<Vec<_>>(), vec![Some(0.05), Some(0.5)]);
+        assert!(candidates.iter().all(|c| c.learning_rate == 0.002));
+        assert_eq!(image.cell_key(&candidates[1]), "fashion-rot90-tune-alpha1-rbla-dp-eps4-lr0.002-clip0.5-seed1");
+        chosen.insert(image.setting_key(private.0, private.1, private.2), (0.5, Vec::new()));
+        let last = image.final_cell(private, &chosen, 3).unwrap();
+        assert_eq!((last.learning_rate, last.clip_norm, last.seed), (0.002, Some(0.5), 3));
         let share = Cell {
             task: "fashion-rot90",
             phase: Phase::Tune,
             skew: Some(Skew { alpha: 1.0, share_power: 0.5 }),
             arm: Arm::Centralized(8),
             learning_rate: 0.005,
+            clip_norm: None,
             seed: 1,
         };
         assert_eq!(image.cell_key(&share), "fashion-rot90-tune-alpha1-share0.5-centralized-r8-lr0.005-seed1");

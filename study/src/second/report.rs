@@ -7,7 +7,7 @@ use std::path::Path;
 use anyhow::Result;
 
 use super::results::{choose, load_run, Chosen, Run, LAST_ROUNDS};
-use super::{Arm, Cell, Phase, Plan, Skew};
+use super::{Arm, Plan, Skew};
 
 struct Stat {
     mean: f64,
@@ -44,12 +44,9 @@ struct Report<'a> {
 impl Report<'_> {
     /// Final runs of one setting, seed by seed.
     fn finals(&self, task: &'static str, skew: Option<Skew>, arm: Arm) -> Result<Vec<Run>> {
-        let Some(&(learning_rate, _)) = self.chosen.get(&self.plan.setting_key(task, skew, arm)) else {
-            return Ok(Vec::new());
-        };
         let mut runs = Vec::new();
         for &seed in &self.plan.seeds {
-            let cell = Cell { task, phase: Phase::Final, skew, arm, learning_rate, seed };
+            let Some(cell) = self.plan.final_cell((task, skew, arm), &self.chosen, seed) else { break };
             if let Some(run) = load_run(self.plan, self.dir, &cell)? {
                 runs.push(run);
             }
@@ -90,6 +87,7 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
         for &skew in &plan.skews {
             report.skew_section(&mut out, task.key, task.title, skew, &bounds)?;
         }
+        report.privacy_section(&mut out, task.key, &bounds)?;
         report.tuning_section(&mut out, task.key)?;
     }
     writeln!(out, "{}", plan.end_marker())?;
@@ -226,6 +224,59 @@ impl Report<'_> {
         )
     }
 
+    /// The privacy axis: each private arm against its method without privacy, under the first skew.
+    fn privacy_section(&self, out: &mut String, task: &'static str, bounds: &Bounds) -> Result<()> {
+        let plan = self.plan;
+        let Some(&skew) = plan.skews.first() else { return Ok(()) };
+        if plan.private_methods.is_empty() || plan.epsilons.is_empty() {
+            return Ok(());
+        }
+        let delta = super::privacy_delta(plan);
+        writeln!(
+            out,
+            "#### Differential privacy ({}, central noise, δ = {delta:.2e}, every device every round)\n",
+            skew.title()
+        )?;
+        writeln!(
+            out,
+            "| method | ε | noise multiplier | clipping bound (validation: score per bound) | R_max accuracy (%) | fleet mean (%) | G, R_max | G, fleet | seeds |\n|---|---|---|---|---|---|---|---|---|"
+        )?;
+        for &method in &plan.private_methods {
+            let plain = self.finals(task, Some(skew), Arm::Method(method))?;
+            let row = |label: String, runs: &[Run], noise: String, clip: String| {
+                let rmax: Vec<f64> = runs.iter().filter_map(Run::max_rank_accuracy).collect();
+                let fleet: Vec<f64> =
+                    runs.iter().filter_map(|r| r.fleet_accuracy(Arm::Method(method), &plan.fleet)).collect();
+                let g = |v: &[f64]| ratio(&stat(&v.iter().filter_map(|&a| bounds.gain(a)).collect::<Vec<_>>()));
+                format!(
+                    "| {method} | {label} | {noise} | {clip} | {} | {} | {} | {} | {} |",
+                    percent(&stat(&rmax)),
+                    percent(&stat(&fleet)),
+                    g(&rmax),
+                    g(&fleet),
+                    runs.len()
+                )
+            };
+            writeln!(out, "{}", row("∞ (none)".into(), &plain, "—".into(), "—".into()))?;
+            for &epsilon in &plan.epsilons {
+                let arm = Arm::Private { method, epsilon };
+                let runs = self.finals(task, Some(skew), arm)?;
+                let noise = format!("{:.2}", super::noise_for(f64::from(epsilon), plan.rounds, delta));
+                let clip = match self.chosen.get(&plan.setting_key(task, Some(skew), arm)) {
+                    Some((best, scores)) => {
+                        let tried =
+                            scores.iter().map(|(c, s)| format!("{c}: {:.1}", 100.0 * s)).collect::<Vec<_>>().join(", ");
+                        format!("{best} ({tried})")
+                    }
+                    None => "—".into(),
+                };
+                writeln!(out, "{}", row(epsilon.to_string(), &runs, noise, clip))?;
+            }
+        }
+        writeln!(out)?;
+        Ok(())
+    }
+
     /// The validation score of every learning rate tried, and the one kept.
     fn tuning_section(&self, out: &mut String, task: &'static str) -> Result<()> {
         let plan = self.plan;
@@ -233,7 +284,7 @@ impl Report<'_> {
         let rates = plan.learning_rates.iter().map(|l| format!("lr {l}")).collect::<Vec<_>>().join(" | ");
         writeln!(out, "| setting | {rates} | chosen |")?;
         writeln!(out, "|---|{}---|", "---|".repeat(plan.learning_rates.len()))?;
-        for (t, skew, arm) in plan.settings(task) {
+        for (t, skew, arm) in plan.settings(task).into_iter().filter(|s| !matches!(s.2, Arm::Private { .. })) {
             let Some((best, scores)) = self.chosen.get(&plan.setting_key(t, skew, arm)) else { continue };
             let setting = match skew {
                 None => arm.label(),

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::{Arm, Cell, Phase, Plan};
+use super::{Arm, Cell, Plan};
 
 /// One finished run: accuracy per round at R_max and at each rank, bytes and wall time.
 #[derive(Debug, Clone, Default)]
@@ -133,15 +133,17 @@ pub type Chosen = BTreeMap<String, (f64, Vec<(f64, f64)>)>;
 pub fn choose(plan: &Plan, results_dir: &Path) -> Result<Chosen> {
     let mut chosen = BTreeMap::new();
     for task in &plan.tasks {
-        for (task, skew, arm) in plan.settings(task.key) {
+        // In order: a private arm's candidates need its method's choice.
+        for setting in plan.settings(task.key) {
+            let (task, skew, arm) = setting;
+            let candidates = plan.candidates(setting, &chosen);
             let mut scores = Vec::new();
-            for &learning_rate in &plan.learning_rates {
-                let cell = Cell { task, phase: Phase::Tune, skew, arm, learning_rate, seed: 1 };
-                if let Some(score) = load_run(plan, results_dir, &cell)?.and_then(|run| run.score(arm, &plan.fleet)) {
-                    scores.push((learning_rate, score));
+            for cell in &candidates {
+                if let Some(score) = load_run(plan, results_dir, cell)?.and_then(|run| run.score(arm, &plan.fleet)) {
+                    scores.push((Plan::tuned_value(cell), score));
                 }
             }
-            if scores.len() == plan.learning_rates.len() {
+            if !candidates.is_empty() && scores.len() == candidates.len() {
                 let best =
                     scores.iter().copied().fold((f64::NAN, f64::NEG_INFINITY), |b, s| if s.1 > b.1 { s } else { b });
                 chosen.insert(plan.setting_key(task, skew, arm), (best.0, scores));
