@@ -41,6 +41,9 @@ pub struct Evaluator {
     base: BaseWeights,
     scale: f64,
     test: Dataset,
+    /// Every device receives the whole global adapter (Fold-and-Fill), so what a rank gets is
+    /// the full model, not a truncated slice.
+    whole_adapter_to_every_rank: bool,
 }
 
 impl Evaluator {
@@ -58,7 +61,7 @@ impl Evaluator {
         if let Architecture::Bert(spec) = &architecture {
             let tokenizer = tokenizer.context("a transformer's evaluation needs its tokenizer.json")?;
             let test = load_text_test(spec, dir, max_samples, skip_samples, tokenizer, run_dir)?;
-            return Ok(Evaluator { architecture, base, scale, test });
+            return Ok(Evaluator { architecture, base, scale, test, whole_adapter_to_every_rank: false });
         }
         let test = load_split(dir, Split::Test, architecture.classes())?;
         anyhow::ensure!(
@@ -80,28 +83,50 @@ impl Evaluator {
         } else {
             test.subset(&(skip_samples..end).collect::<Vec<_>>())
         };
-        Ok(Evaluator { architecture, base, scale, test })
+        Ok(Evaluator { architecture, base, scale, test, whole_adapter_to_every_rank: false })
+    }
+
+    /// For a method that sends every device the whole adapter (its slots above the device's rank
+    /// folded into the frozen weight, `Method::folds_tail`): each rank is evaluated as the model its
+    /// devices hold, which computes the full global's logits.
+    pub fn delivering_whole_adapter(mut self, whole: bool) -> Evaluator {
+        self.whole_adapter_to_every_rank = whole;
+        self
     }
 
     pub fn samples(&self) -> usize {
         self.test.len()
     }
 
-    /// Loss and accuracy of the global adapter sliced to each of `ranks` (and to its full rank).
+    /// Loss and accuracy of the global adapter sliced to each of `ranks` (and to its full rank):
+    /// what devices of each rank receive. When every device receives the whole adapter, a rank's
+    /// model (its slice with the rest folded in) computes the full model's logits
+    /// (`torch/tests/fold_and_fill_model.rs`), so the full model is evaluated once and stands for
+    /// every rank.
     pub fn evaluate(&self, global: &Adapter, ranks: &BTreeSet<usize>) -> Result<Vec<RankAccuracy>, String> {
         let mut all: BTreeSet<usize> = ranks.iter().copied().filter(|&r| r >= 1 && r <= global.rank()).collect();
+        if self.whole_adapter_to_every_rank {
+            let (loss, accuracy) = self.evaluate_rank(global, global.rank())?;
+            all.insert(global.rank());
+            return Ok(all.into_iter().rev().map(|rank| RankAccuracy { rank, loss, accuracy }).collect());
+        }
         all.insert(global.rank());
         all.into_iter()
             .rev()
             .map(|rank| {
-                let slice = global.slice_to_rank(rank).map_err(|e| e.to_string())?;
-                let model = LoraModel::new(&self.architecture, &self.base, &slice, self.scale, tch::Device::Cpu)
-                    .map_err(|e| e.to_string())?;
-                let batch = if self.architecture.takes_tokens() { 64 } else { 2048 };
-                let (loss, accuracy) = model.evaluate(&self.test, batch).map_err(|e| e.to_string())?;
+                let (loss, accuracy) = self.evaluate_rank(global, rank)?;
                 Ok(RankAccuracy { rank, loss, accuracy })
             })
             .collect()
+    }
+
+    /// (loss, accuracy) of `global`'s first `rank` slots.
+    fn evaluate_rank(&self, global: &Adapter, rank: usize) -> Result<(f64, f64), String> {
+        let slice = global.slice_to_rank(rank).map_err(|e| e.to_string())?;
+        let model = LoraModel::new(&self.architecture, &self.base, &slice, self.scale, tch::Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        let batch = if self.architecture.takes_tokens() { 64 } else { 2048 };
+        model.evaluate(&self.test, batch).map_err(|e| e.to_string())
     }
 }
 
@@ -202,4 +227,35 @@ impl EvaluationThread {
 /// "R_max 8 → 81.2%, rank 4 → 78.9%, …" for logs.
 pub fn describe(results: &[RankAccuracy]) -> String {
     results.iter().map(|r| format!("rank {} → {:.1}%", r.rank, r.accuracy * 100.0)).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_torch::data::synthetic_classification;
+    use flotilla_torch::model::ArchitectureExt;
+
+    use super::*;
+
+    #[test]
+    fn a_method_that_sends_the_whole_adapter_is_evaluated_as_the_full_model_at_every_rank() {
+        let architecture = Architecture::Mlp { input: 12, hidden: vec![10], classes: 3 };
+        let global = architecture.init_adapter(4, 3).unwrap();
+        // B starts at zero: give every slot a product, so that slices differ from the whole.
+        let tensors = global.tensors().iter().map(|(n, t)| (n.clone(), t.ones_like() * 0.3 + t)).collect();
+        let global = Adapter::new(tensors).unwrap();
+        let evaluator = Evaluator {
+            base: architecture.init_base(1),
+            architecture,
+            scale: 2.0,
+            test: synthetic_classification(400, 12, 3, 5, 6),
+            whole_adapter_to_every_rank: false,
+        };
+        let ranks = BTreeSet::from([1, 2]);
+        let sliced = evaluator.evaluate(&global, &ranks).unwrap();
+        assert_eq!(sliced.iter().map(|r| r.rank).collect::<Vec<_>>(), vec![4, 2, 1]);
+        assert!(sliced[2].loss != sliced[0].loss, "a rank-1 slice is not the full model: {sliced:?}");
+        let whole = evaluator.delivering_whole_adapter(true).evaluate(&global, &ranks).unwrap();
+        assert_eq!(whole.iter().map(|r| r.rank).collect::<Vec<_>>(), vec![4, 2, 1]);
+        assert!(whole.iter().all(|r| r.loss == sliced[0].loss && r.accuracy == sliced[0].accuracy), "{whole:?}");
+    }
 }

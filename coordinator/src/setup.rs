@@ -220,7 +220,8 @@ fn start_worker(
                     run_dir: &config.server.run_dir,
                 },
             )
-            .context("cannot load the evaluation set")?,
+            .context("cannot load the evaluation set")?
+            .delivering_whole_adapter(config.aggregation.method.folds_tail()),
         ),
         None => None,
     };
