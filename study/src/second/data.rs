@@ -13,12 +13,7 @@ use super::{Task, TaskKind, PUBLIC_IMAGES, VALIDATION_PERCENT};
 
 pub(super) fn bucket(key: &str) -> u64 {
     // FNV-1a of a salted key: independent of the data set's own test split.
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in b"validation/".iter().chain(key.as_bytes()) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    hash
+    flotilla_wire::fingerprint::fnv1a(format!("validation/{key}").as_bytes())
 }
 
 fn write_jsonl(path: &Path, examples: &[&TextExample], labels: &[&str]) -> Result<()> {

@@ -8,25 +8,14 @@ use anyhow::Result;
 
 use super::results::{choose, load_run, Chosen, Run, LAST_ROUNDS};
 use super::{Arm, Plan, Skew};
-
-struct Stat {
-    mean: f64,
-    sd: f64,
-    n: usize,
-}
+use crate::results::Stat;
 
 fn stat(values: &[f64]) -> Option<Stat> {
-    if values.is_empty() {
-        return None;
-    }
-    let n = values.len();
-    let mean = values.iter().sum::<f64>() / n as f64;
-    let sd = if n > 1 { (values.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1) as f64).sqrt() } else { 0.0 };
-    Some(Stat { mean, sd, n })
+    Stat::of(values.iter().copied())
 }
 
 fn percent(s: &Option<Stat>) -> String {
-    s.as_ref().map_or("—".into(), |s| format!("{:.1} ± {:.1}", 100.0 * s.mean, 100.0 * s.sd))
+    s.map_or("—".into(), Stat::percent)
 }
 
 fn ratio(s: &Option<Stat>) -> String {
