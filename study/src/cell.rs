@@ -150,18 +150,28 @@ pub fn run(plan: &Plan, cell: &Cell, setup: &Setup, data: &Path) -> Result<(serd
     sim_args.extend(["--profile-mix".into(), profile_mix(cell.arm).into(), "--data".into(), data.into()]);
     sim_args.extend(["--partition".into(), format!("dirichlet:{}", cell.alpha).into()]);
     sim_args.extend(["--partition-seed".into(), cell.seed.to_string().into()]);
-    run_processes(setup, &cell.key(), |run_dir| coordinator_config(plan, cell, setup, data, run_dir), &sim_args)
+    run_processes(
+        setup,
+        &cell.key(),
+        |run_dir| coordinator_config(plan, cell, setup, data, run_dir),
+        &sim_args,
+        fleet_size() as usize,
+    )
 }
 
 /// Runs one study run in `<work>/cells/<key>/`: a coordinator with the config `config` writes for
-/// its run directory, and a simulator with `sim_args` (after its kits and coordinator address).
-/// Returns the coordinator's `summary.json` and the wall time.
+/// its run directory, and a simulator with `sim_args` (after its kits and coordinator address) for
+/// `devices` devices. Returns the coordinator's `summary.json` and the wall time.
 pub fn run_processes(
     setup: &Setup,
     key: &str,
     config: impl FnOnce(&Path) -> String,
     sim_args: &[std::ffi::OsString],
+    devices: usize,
 ) -> Result<(serde_json::Value, f64)> {
+    // Fewer devices than training slots (a centralized run) give each device more libtorch threads.
+    let workers = setup.concurrency.min(devices).max(1);
+    let threads = (setup.concurrency / workers).max(1);
     let run_dir = setup.work.join("cells").join(key);
     if run_dir.exists() {
         std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot clear {}", run_dir.display()))?;
@@ -204,7 +214,7 @@ pub fn run_processes(
             .args(["--log-format", "json", "sim", "--coordinator", &address, "--kits"])
             .arg(setup.pki().join("kits"))
             .args(sim_args)
-            .args(["--concurrency", &setup.concurrency.to_string(), "--threads", "1"])
+            .args(["--concurrency", &workers.to_string(), "--threads", &threads.to_string()])
             .stdout(Stdio::null())
             .stderr(File::create(&sim_log)?)
             .spawn()

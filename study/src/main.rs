@@ -31,9 +31,9 @@ use crate::results::CellResult;
 #[command(version, about)]
 struct Cli {
     /// Which study: `image` (the first edition: Fashion-MNIST, MLP), `text` (all-MiniLM-L6-v2 on
-    /// BBC News and Rotten Tomatoes; needs deploy/fetch-text-assets.sh) or `image-shift` (the MLP
-    /// pretrained on upright images, fine-tuned on rotated ones).
-    #[arg(long, default_value = "image", value_parser = ["image", "text", "image-shift"])]
+    /// BBC News; needs deploy/fetch-text-assets.sh), `text-reviews` (the same on Rotten Tomatoes)
+    /// or `image-shift` (the MLP pretrained on upright images, fine-tuned on rotated ones).
+    #[arg(long, default_value = "image", value_parser = ["image", "text", "text-reviews", "image-shift"])]
     suite: String,
     /// One label skew, one seed, a few short rounds: checks the whole pipeline in minutes. Writes
     /// into `runs/study-quick/` unless told otherwise.
@@ -163,7 +163,8 @@ fn run(cli: Cli) -> Result<()> {
 fn run_second_edition(cli: Cli) -> Result<()> {
     let plan = match (cli.suite.as_str(), cli.quick) {
         ("text", false) => second::Plan::text(),
-        ("text", true) => second::Plan::text_quick(),
+        ("text", true) | ("text-reviews", true) => second::Plan::text_quick(),
+        ("text-reviews", false) => second::Plan::text_reviews(),
         (_, false) => second::Plan::image_shift(),
         (_, true) => second::Plan::image_shift_quick(),
     };

@@ -129,6 +129,7 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
         TaskKind::RotatedImages => setup.work.join("data").join(task.key),
     };
     let mut sim: Vec<OsString> = vec!["--data".into(), data.clone().into()];
+    let devices = if matches!(cell.arm, Arm::Centralized(_)) { 1 } else { plan.fleet_size() as usize };
     if let TaskKind::Text { .. } = task.kind {
         sim.extend(["--model-dir".into(), flotilla_data::cache::minilm_dir().into()]);
     }
@@ -153,5 +154,6 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
         &plan.cell_key(cell),
         |run_dir| coordinator_config(plan, cell, task, &data, &pki, run_dir),
         &sim,
+        devices,
     )
 }
