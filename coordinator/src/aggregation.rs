@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use flotilla_torch::adapter::{peft_config_for, Adapter, NUM_SAMPLES_KEY};
 use flotilla_torch::aggregate::{
-    AggregateError, Aggregated, Aggregator, ClientUpdate, Method, MethodExt, PrivacyParameters, PrivateSums,
+    secure, AggregateError, Aggregated, Aggregator, ClientUpdate, Method, MethodExt, PrivacyParameters, PrivateSums,
 };
 use flotilla_torch::tensor::DecodedTensors;
 use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, Update};
@@ -23,11 +23,13 @@ use crate::checkpoint::{self, CheckpointState};
 use crate::evaluation::{EvaluationReport, EvaluationThread, Evaluator, RankAccuracy};
 use crate::report::{RoundFacts, RoundRecord, UpdateRecord};
 
-/// An update as a session decoded it, with the way back to the device.
+/// An update as a session decoded it, with the way back to the device. A secure round's masked
+/// upload has no tensors (and no sample count in `update`): its values are in `masked`.
 pub struct Upload {
     pub device: String,
     pub update: Update,
     pub tensors: DecodedTensors,
+    pub masked: Option<flotilla_secagg::messages::MaskedInput>,
     pub reply: oneshot::Sender<CoordinatorMessage>,
 }
 
@@ -64,9 +66,11 @@ enum WorkerCommand {
         reply: oneshot::Sender<Result<BTreeMap<u32, WireTensors>, String>>,
     },
     Fold(FoldRequest),
-    /// Ends the round: aggregates, checkpoints, queues the evaluation, and answers with the round's record.
+    /// Ends the round: aggregates (from the accumulator, or from a secure round's unmasked sums),
+    /// checkpoints, queues the evaluation, and answers with the round's record.
     Finish {
         facts: RoundFacts,
+        secure: Option<SecureOutcome>,
         reply: oneshot::Sender<Result<RoundRecord, String>>,
     },
     /// Drop what the current round folded (a skipped round); the global adapter is unchanged.
@@ -74,6 +78,13 @@ enum WorkerCommand {
         round: u32,
         reply: oneshot::Sender<Result<(), String>>,
     },
+}
+
+/// How a secure round ended: its unmasked per-coordinate sums (`flotilla_secagg` layout), or
+/// discarded (the global adapter stays).
+pub enum SecureOutcome {
+    Sums(Vec<f64>),
+    Discarded,
 }
 
 /// The most updates folded together; the rest of the queue waits for the next batch.
@@ -196,7 +207,12 @@ impl AggregationWorker {
     }
 
     pub async fn finish(&self, facts: RoundFacts) -> Result<RoundRecord, String> {
-        self.request(|reply| WorkerCommand::Finish { facts, reply }).await
+        self.request(|reply| WorkerCommand::Finish { facts, secure: None, reply }).await
+    }
+
+    /// Ends a secure round from its outcome (the accumulator holds nothing of it).
+    pub async fn finish_secure(&self, facts: RoundFacts, outcome: SecureOutcome) -> Result<RoundRecord, String> {
+        self.request(|reply| WorkerCommand::Finish { facts, secure: Some(outcome), reply }).await
     }
 
     pub async fn discard(&self, round: u32) -> Result<(), String> {
@@ -248,8 +264,8 @@ impl AggregationThread {
                     }
                     self.fold_batch(batch);
                 }
-                WorkerCommand::Finish { facts, reply } => {
-                    let _ = reply.send(self.finish(facts));
+                WorkerCommand::Finish { facts, secure, reply } => {
+                    let _ = reply.send(self.finish(facts, secure));
                 }
                 WorkerCommand::Discard { round, reply } => {
                     self.round_ranks.clear();
@@ -284,7 +300,7 @@ impl AggregationThread {
     fn fold_batch(&mut self, batch: Vec<FoldRequest>) {
         let mut decoded = Vec::with_capacity(batch.len());
         for FoldRequest { upload, round, done } in batch {
-            let Upload { device, update, tensors, reply } = upload;
+            let Upload { device, update, tensors, reply, .. } = upload;
             let wire_bytes = tensors.wire_bytes;
             match Adapter::from_decoded(tensors) {
                 Ok(adapter) => decoded.push(DecodedUpload { device, round, update, wire_bytes, adapter, reply, done }),
@@ -350,13 +366,18 @@ impl AggregationThread {
         }
     }
 
-    fn finish(&mut self, facts: RoundFacts) -> Result<RoundRecord, String> {
+    fn finish(&mut self, facts: RoundFacts, secure: Option<SecureOutcome>) -> Result<RoundRecord, String> {
         let round = facts.round;
         let started = Instant::now();
-        self.aggregate(&facts)?;
+        match secure {
+            None => self.aggregate(&facts)?,
+            Some(outcome) => self.aggregate_secure(round, outcome)?,
+        }
         let aggregation_seconds = started.elapsed().as_secs_f64();
         crate::crash_points::point("mid-aggregation", round);
-        let ranks = std::mem::take(&mut self.round_ranks);
+        let mut ranks = std::mem::take(&mut self.round_ranks);
+        // A secure round's uploads never pass through this thread: their ranks are in the facts.
+        ranks.extend(facts.updates.iter().map(|u| u.rank as usize));
         let global_dir = checkpoint::checkpoint_dir(&self.settings.run_dir, round);
         // The test results follow from the evaluation thread.
         let record = RoundRecord::new(facts, aggregation_seconds, global_dir.clone(), Vec::new());
@@ -377,6 +398,20 @@ impl AggregationThread {
             evaluations.submit(round, self.global.deep_copy(), ranks, global_dir);
         }
         Ok(record)
+    }
+
+    /// Makes the next global adapter from a secure round's unmasked sums (a discarded round keeps
+    /// the current one).
+    fn aggregate_secure(&mut self, round: u32, outcome: SecureOutcome) -> Result<(), String> {
+        let SecureOutcome::Sums(sums) = outcome else {
+            info!(round, "secure round discarded: the global adapter is unchanged");
+            return Ok(());
+        };
+        let form = secure::secure_form(self.settings.method)
+            .ok_or_else(|| format!("{} has no secure form", self.settings.method))?;
+        let layout = secure::layout(&self.global);
+        self.global = secure::unpack(form, &sums, &self.global, &layout).map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Makes the next global adapter from the round's accumulator and starts the next one.
@@ -482,7 +517,7 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         let (done_tx, done_rx) = std_mpsc::channel();
         let update = Update { round: 1, rank, num_samples: 10, metrics: LocalMetrics::default() };
-        let upload = Upload { device: device.into(), update, tensors, reply };
+        let upload = Upload { device: device.into(), update, tensors, masked: None, reply };
         let done = Box::new(move |done: FoldDone| {
             let _ = done_tx.send(done.accepted.is_some());
         });
@@ -551,6 +586,7 @@ mod tests {
             update_bytes: 0,
             task_bytes: 0,
             round_seconds: 0.0,
+            secure: None,
         };
         let record = runtime.block_on(worker.finish(facts)).expect("the round finishes after every rejection");
         assert_eq!(record.round, 1);

@@ -36,6 +36,9 @@ pub struct CoordinatorConfig {
     /// Device-level differential privacy (off when absent); see `privacy.rs`.
     #[serde(default)]
     pub privacy: Option<crate::privacy::PrivacySection>,
+    /// SecAgg+ rounds (off when absent); see `secure.rs`.
+    #[serde(default)]
+    pub secure_aggregation: Option<crate::secure::SecureAggregationSection>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -408,6 +411,9 @@ impl CoordinatorConfig {
                 self.round.fraction,
                 self.aggregation.ablation_shrink_to_round_rank,
             )?;
+        }
+        if let Some(secure) = &self.secure_aggregation {
+            secure.validate(self)?;
         }
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
         Ok(())

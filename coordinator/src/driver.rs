@@ -15,8 +15,10 @@ use flotilla_wire::framing::write_frame;
 use flotilla_wire::protocol::{close, CoordinatorMessage, Finished, Reject, RoundTask, TrainingSettings};
 use flotilla_wire::quic::write_frame_shared;
 use flotilla_wire::tensor::{SharedTensors, WireTensors};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
+
+mod secure_phases;
 
 use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
 use crate::config::CoordinatorConfig;
@@ -24,6 +26,7 @@ use crate::evaluation::RankAccuracy;
 use crate::metrics::{SharedStatus, Status};
 use crate::report::{RoundFacts, RoundRecord, RunSummary, UpdateRecord};
 use crate::report_files::ReportWriter;
+use crate::secure::{SecurePhase, SecureRound};
 
 /// What sessions, timers and the aggregation worker tell the driver.
 pub enum DriverInput {
@@ -58,6 +61,31 @@ pub enum DriverInput {
     },
     /// Something the run cannot go on without failed (the reason).
     Fatal(String),
+    /// A secure round's request from a device; `reply` is answered when its phase closes.
+    Secure {
+        device: String,
+        request: SecureRequest,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    },
+    /// A secure round's phase deadline.
+    SecureTimer {
+        session: u64,
+        phase: SecurePhase,
+    },
+    /// A secure round's sums are unmasked (or the round is discarded).
+    SecureUnmasked {
+        round: u32,
+        participants: usize,
+        threshold: usize,
+        outcome: Result<flotilla_secagg::server::Aggregate, String>,
+    },
+}
+
+/// What a device asks in a secure round's phases.
+pub enum SecureRequest {
+    Keys(flotilla_secagg::messages::AdvertiseKeys),
+    Shares(flotilla_wire::protocol::SecureShares),
+    Unmask(flotilla_secagg::messages::UnmaskShares),
 }
 
 /// Owns the engine and the live sessions; runs until the engine says the run is finished.
@@ -81,6 +109,11 @@ pub(crate) struct RoundDriver {
     evaluations_pending: BTreeSet<u32>,
     /// Results that came back before their round's record (a fast evaluation can overtake it).
     early_evaluations: HashMap<u32, Vec<RankAccuracy>>,
+    /// Under `[secure_aggregation]`: the layout of the masked vectors, and the round in progress.
+    secure_layout: Option<flotilla_secagg::layout::Layout>,
+    secure: Option<SecureRound>,
+    /// A secure round's facts while its sums are being unmasked, and when unmasking began.
+    unmasking: Option<(RoundFacts, Instant)>,
 }
 
 /// What the driver starts from.
@@ -92,11 +125,12 @@ pub(crate) struct DriverStart {
     pub summary: RunSummary,
     pub first_round: u32,
     pub status: SharedStatus,
+    pub secure_layout: Option<flotilla_secagg::layout::Layout>,
 }
 
 impl RoundDriver {
     pub(crate) fn new(start: DriverStart) -> RoundDriver {
-        let DriverStart { config, base_version, inputs, worker, summary, first_round, status } = start;
+        let DriverStart { config, base_version, inputs, worker, summary, first_round, status, secure_layout } = start;
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
             min_devices: config.round.min_devices,
@@ -123,6 +157,9 @@ impl RoundDriver {
             status,
             evaluations_pending: BTreeSet::new(),
             early_evaluations: HashMap::new(),
+            secure_layout,
+            secure: None,
+            unmasking: None,
         }
     }
 
@@ -185,16 +222,50 @@ impl RoundDriver {
                     self.record_evaluation(round, result);
                     continue;
                 }
+                DriverInput::Secure { device, request, reply } => {
+                    let events = self.secure_request(&device, request, reply);
+                    if let Some(summary) = self.handle_events(events, None, inputs).await? {
+                        return Ok(summary);
+                    }
+                    continue;
+                }
+                DriverInput::SecureTimer { session, phase } => {
+                    let events = self.secure_timer(session, phase);
+                    if let Some(summary) = self.handle_events(events, None, inputs).await? {
+                        return Ok(summary);
+                    }
+                    continue;
+                }
+                DriverInput::SecureUnmasked { round, participants, threshold, outcome } => {
+                    self.secure_unmasked(round, participants, threshold, outcome);
+                    continue;
+                }
             };
-            let actions = self.engine.handle(event);
-            self.publish_state();
-            if let Some(rounds_completed) = self.perform(actions, upload).await? {
-                self.summary.rounds_completed = rounds_completed;
-                self.await_evaluations(inputs).await;
-                return Ok(self.summary.clone());
+            if let Some(summary) = self.handle_events(vec![event], upload, inputs).await? {
+                return Ok(summary);
             }
         }
         anyhow::bail!("round driver stopped unexpectedly")
+    }
+
+    /// Feeds the engine `events` and carries out its actions (`upload` is the update the first
+    /// event is about, if any); returns the run's summary once the engine finishes the run.
+    async fn handle_events(
+        &mut self,
+        events: Vec<Event>,
+        mut upload: Option<Upload>,
+        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
+    ) -> anyhow::Result<Option<RunSummary>> {
+        for event in events {
+            let actions = self.engine.handle(event);
+            self.publish_state();
+            if let Some(rounds_completed) = self.perform(actions, upload.take()).await? {
+                self.summary.rounds_completed = rounds_completed;
+                self.await_evaluations(inputs).await;
+                return Ok(Some(self.summary.clone()));
+            }
+        }
+        Ok(None)
     }
 
     /// Once the last round is done: waits for the evaluations still running, so that the summary
@@ -348,8 +419,21 @@ impl RoundDriver {
         Ok(None)
     }
 
-    /// Hands the update to the aggregation worker, which answers the device and reports back.
-    fn fold(&self, upload: Upload, round: u32) {
+    /// Hands the update to the aggregation worker, which answers the device and reports back; a
+    /// secure round's masked upload stays here, in its round.
+    fn fold(&mut self, mut upload: Upload, round: u32) {
+        if self.config.secure_aggregation.is_some() || upload.masked.is_some() {
+            return match upload.masked.take() {
+                Some(masked) => self.fold_masked(upload, masked, round),
+                None => self.answer_fold(
+                    upload,
+                    round,
+                    Err("this round runs under secure aggregation: the update \
+                    must be masked (a MaskedUpdate)"
+                        .into()),
+                ),
+            };
+        }
         let inputs = self.inputs.clone();
         let request = FoldRequest {
             upload,
@@ -366,7 +450,43 @@ impl RoundDriver {
         }
     }
 
-    /// Asks the worker to finish the round; its record comes back as `AggregationDone`.
+    fn fold_masked(&mut self, upload: Upload, masked: flotilla_secagg::messages::MaskedInput, round: u32) {
+        let wire_bytes = 4 * masked.values.len() as u64;
+        let result = match self.secure.as_mut() {
+            Some(secure) if secure.round == round => secure.masked(&upload.device, masked).map(|()| wire_bytes),
+            _ => Err(format!("round {round} is not a secure round in progress")),
+        };
+        self.answer_fold(upload, round, result);
+    }
+
+    /// Answers a device's upload that the driver itself folded (or refused), and tells the engine.
+    fn answer_fold(&self, upload: Upload, round: u32, result: Result<u64, String>) {
+        let Upload { device, update, reply, .. } = upload;
+        let accepted = match result {
+            Ok(wire_bytes) => {
+                info!(device = %device, round, rank = update.rank, "[round {round}] masked update accepted");
+                metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
+                let _ = reply.send(CoordinatorMessage::Ack(flotilla_wire::protocol::Ack { round }));
+                Some(UpdateRecord {
+                    device: device.clone(),
+                    rank: update.rank,
+                    num_samples: update.num_samples,
+                    metrics: update.metrics,
+                    wire_bytes,
+                })
+            }
+            Err(reason) => {
+                warn!(device = %device, round, "[round {round}] update rejected: {reason}");
+                metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "invalid").increment(1);
+                let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+                None
+            }
+        };
+        let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted }));
+    }
+
+    /// Asks the worker to finish the round; its record comes back as `AggregationDone`. A secure
+    /// round first asks its survivors to unmask.
     fn aggregate(&mut self, round: u32) {
         let updates = self.accepted.remove(&round).unwrap_or_default();
         let facts = RoundFacts {
@@ -376,7 +496,11 @@ impl RoundDriver {
             task_bytes: self.task_bytes.remove(&round).unwrap_or(0),
             updates,
             round_seconds: self.round_started.get(&round).map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            secure: None,
         };
+        if self.secure.as_ref().is_some_and(|s| s.round == round) {
+            return self.begin_unmask(facts);
+        }
         let worker = self.worker.clone();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
@@ -393,6 +517,10 @@ impl RoundDriver {
         );
         self.accepted.remove(&round);
         self.spend_privacy(round);
+        if self.secure.as_ref().is_some_and(|s| s.round == round) {
+            self.secure = None;
+            metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
+        }
         if updates > 0 {
             // Rare, and the next round's folds must not reach the discarded accumulator: wait.
             self.worker
@@ -407,10 +535,15 @@ impl RoundDriver {
     /// aggregation worker (one encoded slice per rank, shared by every device's stream), and this
     /// loop does not wait for them.
     fn send_tasks(&mut self, tasks: Vec<(String, u32, u32)>) {
-        let mut deliveries = Vec::with_capacity(tasks.len());
+        let mut reachable = Vec::with_capacity(tasks.len());
         for (device, round, rank) in tasks {
             self.round_started.entry(round).or_insert_with(Instant::now);
             let Some(connection) = self.sessions.get(&device).cloned() else { continue };
+            reachable.push((device, round, rank, connection));
+        }
+        let mut secure_tasks = self.start_secure_round(&reachable);
+        let mut deliveries = Vec::with_capacity(reachable.len());
+        for (device, round, rank, connection) in reachable {
             let task = CoordinatorMessage::RoundTask(RoundTask {
                 round,
                 total_rounds: self.config.round.rounds,
@@ -419,6 +552,7 @@ impl RoundDriver {
                 training: training_settings(self.engine.policy().training(round)),
                 deadline_secs: self.config.round.deadline_secs,
                 clip_norm: self.config.privacy.as_ref().map(|p| p.clip_norm),
+                secure: secure_tasks.remove(&device),
             });
             deliveries.push(TaskDelivery { device, round, rank, connection, task });
         }

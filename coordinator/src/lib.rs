@@ -34,5 +34,6 @@ pub mod renewal;
 pub mod report;
 pub mod report_files;
 pub mod reset_secret;
+pub mod secure;
 pub mod session;
 pub mod setup;

@@ -44,6 +44,30 @@ pub struct RoundRecord {
     /// Under `[privacy]`: the run's ε once this round is done (at the summary's δ).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy_epsilon: Option<f64>,
+    /// Under `[secure_aggregation]`: how the round's SecAgg+ phases went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<SecureRoundRecord>,
+}
+
+/// A secure round's outcome: what the coordinator learned about who took part (it learns nothing
+/// about any one device's update).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct SecureRoundRecord {
+    /// Devices sent a task.
+    pub participants: usize,
+    /// Devices whose masked upload is in the sums.
+    pub survivors: usize,
+    /// Devices that shared their keys but did not upload: their masks were rebuilt and removed.
+    pub recovered: usize,
+    /// The shares needed to rebuild a secret.
+    pub threshold: usize,
+    /// The largest quantization error of one unmasked sum.
+    pub sum_error_bound: f64,
+    /// Seconds from the first unmask request to the unmasked sums.
+    pub unmask_seconds: f64,
+    /// Why the round was discarded (the global adapter unchanged, nothing revealed), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<String>,
 }
 
 /// What the round driver knows of a finished round; the worker completes it into the record.
@@ -56,6 +80,7 @@ pub struct RoundFacts {
     pub update_bytes: u64,
     pub task_bytes: u64,
     pub round_seconds: f64,
+    pub secure: Option<SecureRoundRecord>,
 }
 
 impl RoundRecord {
@@ -67,7 +92,7 @@ impl RoundRecord {
         global_dir: PathBuf,
         evaluation: Vec<RankAccuracy>,
     ) -> Self {
-        let RoundFacts { round, updates, update_bytes, task_bytes, round_seconds, .. } = facts;
+        let RoundFacts { round, updates, update_bytes, task_bytes, round_seconds, secure, .. } = facts;
         RoundRecord {
             round,
             updates,
@@ -78,6 +103,7 @@ impl RoundRecord {
             global_dir: Some(global_dir),
             evaluation,
             privacy_epsilon: None,
+            secure,
         }
     }
 }
@@ -250,6 +276,7 @@ mod tests {
                     global_dir: None,
                     evaluation: eval(&[(2, 0.4), (8, 0.6)]),
                     privacy_epsilon: None,
+                    secure: None,
                 },
                 RoundRecord {
                     round: 2,
@@ -261,6 +288,7 @@ mod tests {
                     global_dir: None,
                     evaluation: eval(&[(8, 0.7)]),
                     privacy_epsilon: None,
+                    secure: None,
                 },
             ],
             final_global: None,

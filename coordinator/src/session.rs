@@ -9,8 +9,8 @@ use anyhow::Context;
 use flotilla_torch::tensor::read_frame_decoded;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::{
-    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Welcome,
-    PROTOCOL_VERSION,
+    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Update,
+    Welcome, PROTOCOL_VERSION,
 };
 use flotilla_wire::tensor::WireTensors;
 use flotilla_wire::tls;
@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::aggregation::Upload;
 use crate::config::CoordinatorConfig;
-use crate::driver::DriverInput;
+use crate::driver::{DriverInput, SecureRequest};
 
 /// Limits for the frames a device sends before it is admitted.
 const HELLO_LIMITS: FrameLimits =
@@ -136,13 +136,30 @@ async fn answer_stream(
         Ok((DeviceMessage::Update(update), tensors)) => {
             let (reply, answer) = oneshot::channel();
             let round = update.round;
-            let upload = Upload { device: identity.to_string(), update, tensors, reply };
+            let upload = Upload { device: identity.to_string(), update, tensors, masked: None, reply };
             let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
             // The answer comes from the aggregation worker (folded or invalid) or the driver
             // (refused by the engine).
             answer.await.unwrap_or_else(|_| {
                 CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
             })
+        }
+        Ok((DeviceMessage::MaskedUpdate(masked), tensors)) => {
+            let (reply, answer) = oneshot::channel();
+            let round = masked.round;
+            let update = Update { round, rank: masked.rank, num_samples: 0, metrics: masked.metrics };
+            let upload = Upload { device: identity.to_string(), update, tensors, masked: Some(masked.masked), reply };
+            let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
+            answer.await.unwrap_or_else(|_| {
+                CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
+            })
+        }
+        Ok((DeviceMessage::SecureKeys(keys), _)) => secure_request(identity, shared, SecureRequest::Keys(keys)).await,
+        Ok((DeviceMessage::SecureShares(shares), _)) => {
+            secure_request(identity, shared, SecureRequest::Shares(shares)).await
+        }
+        Ok((DeviceMessage::UnmaskShares(shares), _)) => {
+            secure_request(identity, shared, SecureRequest::Unmask(shares)).await
         }
         Ok((DeviceMessage::RenewCertificate(request), _)) => renew(identity, request.csr_pem, shared).await,
         Ok((other, _)) => CoordinatorMessage::Reject(Reject {
@@ -158,6 +175,15 @@ async fn answer_stream(
     if let Err(error) = reply_and_finish(&mut send, &response).await {
         warn!(device = %identity, "cannot answer upload: {error}");
     }
+}
+
+/// A secure round's request, answered by the driver when its phase closes.
+async fn secure_request(identity: &str, shared: &SessionContext, request: SecureRequest) -> CoordinatorMessage {
+    let (reply, answer) = oneshot::channel();
+    let _ = shared.inputs.send(DriverInput::Secure { device: identity.to_string(), request, reply });
+    answer.await.unwrap_or_else(|_| {
+        CoordinatorMessage::Reject(Reject { round: 0, reason: "coordinator is shutting down".into() })
+    })
 }
 
 /// RenewCertificate → CertificateRenewed, or Refusal when renewal is off or the request is not
@@ -252,6 +278,10 @@ fn message_name(message: &DeviceMessage) -> &'static str {
         DeviceMessage::Update(_) => "Update",
         DeviceMessage::RenewCertificate(_) => "RenewCertificate",
         DeviceMessage::FetchBase(_) => "FetchBase",
+        DeviceMessage::SecureKeys(_) => "SecureKeys",
+        DeviceMessage::SecureShares(_) => "SecureShares",
+        DeviceMessage::MaskedUpdate(_) => "MaskedUpdate",
+        DeviceMessage::UnmaskShares(_) => "UnmaskShares",
     }
 }
 

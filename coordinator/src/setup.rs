@@ -65,6 +65,8 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let evaluated = inputs.clone();
     let report_evaluation: EvaluationReport =
         Box::new(move |round, result| drop(evaluated.send(DriverInput::Evaluated { round, result })));
+    let secure_layout =
+        config.secure_aggregation.as_ref().map(|_| flotilla_torch::aggregate::secure::layout(&start.initial_global));
     let (worker, initial_evaluation) =
         start_worker(&config, &base, start.initial_global, start.first_round, report_evaluation)?;
     let endpoint = open_endpoint(&config)?;
@@ -105,6 +107,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         summary,
         first_round: start.first_round,
         status,
+        secure_layout,
     });
     let summary = driver.run(receiver).await;
     acceptor.abort();

@@ -15,8 +15,8 @@ use std::time::Duration;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::ALPN;
 use flotilla_wire::protocol::{
-    close, BaseDelivery, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, RenewCertificate, RoundTask,
-    Update, PROTOCOL_VERSION,
+    close, BaseDelivery, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, MaskedUpdate, RenewCertificate,
+    RoundTask, SecureShares, SecureTask, Update, PROTOCOL_VERSION,
 };
 use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_wire::tensor::WireTensors;
@@ -25,7 +25,9 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use crate::base_store::StoreError;
-use crate::trainer::{BaseSource, Trainer};
+use crate::trainer::{BaseSource, Trainer, UpdateShaping};
+use flotilla_secagg::client::ClientRound;
+use flotilla_secagg::messages::UnmaskRequest;
 
 /// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
 /// abandons it. Either abandons local training (its result is never sent).
@@ -184,6 +186,8 @@ async fn connect_and_serve(
     admit(&connection, trainer, settings).await?;
     let mut stop = settings.stop.clone();
     let mut renewal_asked = false;
+    // A secure round whose masked update is in, until the coordinator asks for unmasking shares.
+    let mut secure_round: Option<ClientRound> = None;
     loop {
         if !renewal_asked {
             if let Some(expires) = renewal_due(settings)? {
@@ -204,12 +208,16 @@ async fn connect_and_serve(
         match message {
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
-                train_and_upload(&connection, trainer, settings, &mut stop, task, tensors).await?;
+                secure_round = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors).await?;
                 *rounds_trained += 1;
                 if *stop.borrow() >= Stop::AfterUpload {
                     return Err(stopping(&connection, format!("stopped after round {round}'s upload")));
                 }
             }
+            CoordinatorMessage::SecureUnmask(request) => match secure_round.take() {
+                Some(client) => reveal_unmasking_shares(&connection, settings, &client, &request).await?,
+                None => warn!("the coordinator asked for unmasking shares, but no secure round is waiting for them"),
+            },
             CoordinatorMessage::Finished(finished) => {
                 info!(rounds = finished.rounds_completed, "run finished: {}", finished.reason);
                 settings.progress.finish(&format!("run finished after {} round(s)", finished.rounds_completed));
@@ -285,7 +293,9 @@ async fn admit(
 }
 
 /// One round: trains the task's slice on the training thread and uploads the update; a stop
-/// request abandons the round (nothing half-sent is kept by the coordinator).
+/// request abandons the round (nothing half-sent is kept by the coordinator). Under secure
+/// aggregation the keys and shares are exchanged first, the update goes up masked, and the round's
+/// state is returned for the unmasking request that follows.
 async fn train_and_upload(
     connection: &quinn::Connection,
     trainer: &Trainer,
@@ -293,12 +303,26 @@ async fn train_and_upload(
     stop: &mut tokio::sync::watch::Receiver<Stop>,
     task: RoundTask,
     tensors: WireTensors,
-) -> Result<(), SessionError> {
+) -> Result<Option<ClientRound>, SessionError> {
     let round = task.round;
+    let mut secure_round = None;
+    if let Some(secure) = &task.secure {
+        secure_round = tokio::select! {
+            agreed = agree_secure_round(connection, settings, secure, round, task.rank) => agreed?,
+            _ = stop_reached(stop, Stop::AfterUpload) => {
+                return Err(stopping(connection, format!("stopped: round {round}'s key agreement abandoned")));
+            }
+        };
+        if secure_round.is_none() {
+            return Ok(None);
+        }
+    }
     info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
     settings.progress.training(round, task.total_rounds, task.rank);
+    let shaping =
+        UpdateShaping { clip_norm: task.clip_norm, secure: task.secure.as_ref().map(|s| (s.layout, s.max_samples)) };
     let trained = tokio::select! {
-        trained = trainer.train(tensors, task.rank, task.training.clone(), task.clip_norm) => trained,
+        trained = trainer.train(tensors, task.rank, task.training.clone(), shaping) => trained,
         _ = stop_reached(stop, Stop::AfterUpload) => {
             return Err(stopping(connection, format!("stopped: round {round}'s training abandoned, nothing sent")));
         }
@@ -310,18 +334,36 @@ async fn train_and_upload(
             if norm > bound { format!(", clipped to {bound}") } else { format!(" within the bound {bound}") }
         );
     }
-    let update = Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
+    let (message, tensors) = match (&mut secure_round, trained.packed) {
+        (Some(client), Some(packed)) => {
+            let masked = client
+                .masked_input(&packed)
+                .map_err(|e| SessionError::Fatal(format!("[round {round}] cannot mask the update: {e}")))?;
+            let update = MaskedUpdate { round, rank: trained.rank, metrics: trained.metrics.clone(), masked };
+            (DeviceMessage::MaskedUpdate(update), WireTensors::default())
+        }
+        _ => {
+            let update = Update {
+                round,
+                rank: trained.rank,
+                num_samples: trained.num_samples,
+                metrics: trained.metrics.clone(),
+            };
+            (DeviceMessage::Update(update), trained.tensors)
+        }
+    };
+    let metrics = trained.metrics;
     info!(
         "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",
         task.total_rounds,
-        update.metrics.loss_before,
-        update.metrics.loss_after,
-        update.metrics.accuracy * 100.0,
-        update.metrics.train_seconds
+        metrics.loss_before,
+        metrics.loss_after,
+        metrics.accuracy * 100.0,
+        metrics.train_seconds
     );
-    settings.progress.uploading(round, update.metrics.loss_before, update.metrics.loss_after);
+    settings.progress.uploading(round, metrics.loss_before, metrics.loss_after);
     tokio::select! {
-        uploaded = upload(connection, settings, &update, &trained.tensors) => {
+        uploaded = upload(connection, settings, round, message, &tensors) => {
             settings.progress.uploaded(round, uploaded?);
         }
         _ = stop_reached(stop, Stop::Now) => {
@@ -329,7 +371,108 @@ async fn train_and_upload(
             return Err(stopping(connection, format!("stopped: round {round}'s upload abandoned")));
         }
     }
+    Ok(secure_round)
+}
+
+/// A secure round's first two phases: fresh keys up, the neighbours' keys back; this device's
+/// encrypted shares up, its neighbours' shares back. `None` when the coordinator discarded the
+/// round or the device cannot take part (it then sits the round out).
+async fn agree_secure_round(
+    connection: &quinn::Connection,
+    settings: &SessionSettings,
+    secure: &SecureTask,
+    round: u32,
+    rank: u32,
+) -> Result<Option<ClientRound>, SessionError> {
+    let sit_out = |why: String| {
+        warn!("[round {round}] secure aggregation: {why}; sitting this round out");
+        Ok(None)
+    };
+    let (mut client, advert) =
+        match ClientRound::new(secure.parameters, secure.session, secure.participant, rank, secure.layout) {
+            Ok(started) => started,
+            Err(error) => return sit_out(format!("cannot start: {error}")),
+        };
+    let peers = match exchange(connection, settings, DeviceMessage::SecureKeys(advert)).await? {
+        CoordinatorMessage::SecurePeers(peers) if peers.session == secure.session => peers.peers,
+        CoordinatorMessage::Reject(reject) => return sit_out(format!("keys refused: {}", reject.reason)),
+        other => return sit_out(format!("unexpected answer to the keys: {}", message_kind(&other))),
+    };
+    let shares = match client.share_keys(&peers) {
+        Ok(shares) => shares,
+        Err(error) => return sit_out(format!("cannot share the keys: {error}")),
+    };
+    let message = DeviceMessage::SecureShares(SecureShares { session: secure.session, shares });
+    let received = match exchange(connection, settings, message).await? {
+        CoordinatorMessage::SecureSharesForYou(shares) if shares.session == secure.session => shares.shares,
+        CoordinatorMessage::Reject(reject) => return sit_out(format!("shares refused: {}", reject.reason)),
+        other => return sit_out(format!("unexpected answer to the shares: {}", message_kind(&other))),
+    };
+    for error in client.receive_shares(&received) {
+        warn!("[round {round}] secure aggregation: a neighbour's share refused: {error}");
+    }
+    if flotilla_wire::crash_test::pause_requested("after-shares", round) {
+        // Crash-test hook (`flotilla_wire::crash_test`): a device that drops after sharing its keys.
+        warn!("fault injection: paused at after-shares@{round}; waiting to be killed");
+        std::future::pending::<()>().await;
+    }
+    info!("[round {round}] secure aggregation: keys agreed with {} neighbour(s)", peers.len());
+    Ok(Some(client))
+}
+
+/// The last phase of a secure round: the shares that let the coordinator remove the masks.
+async fn reveal_unmasking_shares(
+    connection: &quinn::Connection,
+    settings: &SessionSettings,
+    client: &ClientRound,
+    request: &UnmaskRequest,
+) -> Result<(), SessionError> {
+    let shares = match client.unmask(request) {
+        Ok(shares) => shares,
+        Err(error) => {
+            warn!("secure aggregation: unmasking request refused: {error}");
+            return Ok(());
+        }
+    };
+    match exchange(connection, settings, DeviceMessage::UnmaskShares(shares)).await? {
+        CoordinatorMessage::Ack(ack) => info!("[round {}] unmasking shares accepted", ack.round),
+        CoordinatorMessage::Reject(reject) => warn!("unmasking shares refused: {}", reject.reason),
+        other => warn!("unexpected answer to the unmasking shares: {}", message_kind(&other)),
+    }
     Ok(())
+}
+
+/// One request on its own stream and its answer.
+async fn exchange(
+    connection: &quinn::Connection,
+    settings: &SessionSettings,
+    message: DeviceMessage,
+) -> Result<CoordinatorMessage, SessionError> {
+    async {
+        let (mut send, mut recv) = connection.open_bi().await?;
+        write_frame(&mut send, &message, &WireTensors::default()).await?;
+        send.finish()?;
+        let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits).await?;
+        anyhow::Ok(reply)
+    }
+    .await
+    .map_err(|e| classify(connection, settings, "secure aggregation", format!("{e:#}")))
+}
+
+fn message_kind(message: &CoordinatorMessage) -> &'static str {
+    match message {
+        CoordinatorMessage::Welcome(_) => "Welcome",
+        CoordinatorMessage::Refusal(_) => "Refusal",
+        CoordinatorMessage::RoundTask(_) => "RoundTask",
+        CoordinatorMessage::Ack(_) => "Ack",
+        CoordinatorMessage::Reject(_) => "Reject",
+        CoordinatorMessage::Finished(_) => "Finished",
+        CoordinatorMessage::CertificateRenewed(_) => "CertificateRenewed",
+        CoordinatorMessage::BaseChunk(_) => "BaseChunk",
+        CoordinatorMessage::SecurePeers(_) => "SecurePeers",
+        CoordinatorMessage::SecureSharesForYou(_) => "SecureSharesForYou",
+        CoordinatorMessage::SecureUnmask(_) => "SecureUnmask",
+    }
 }
 
 async fn hello(
@@ -360,14 +503,13 @@ async fn hello(
 async fn upload(
     connection: &quinn::Connection,
     settings: &SessionSettings,
-    update: &Update,
+    round: u32,
+    message: DeviceMessage,
     tensors: &WireTensors,
 ) -> Result<&'static str, SessionError> {
     let limits = &settings.limits;
-    let round = update.round;
     let result = async {
         let (mut send, mut recv) = connection.open_bi().await?;
-        let message = DeviceMessage::Update(update.clone());
         if flotilla_wire::crash_test::pause_requested("mid-upload", round) {
             // Crash-test hook (`flotilla_wire::crash_test`): send half the frame, then stop dead until killed.
             let frame = flotilla_wire::framing::encode_frame(&message, tensors)?;

@@ -24,6 +24,17 @@ pub struct TrainedUpdate {
     pub metrics: LocalMetrics,
     /// Under differential privacy: the L2 norm of the change before it was clipped.
     pub change_norm: Option<f64>,
+    /// Under secure aggregation: the update weighted and laid out for masking
+    /// (`flotilla_torch::aggregate::secure::pack`).
+    pub packed: Option<Vec<f32>>,
+}
+
+/// What a round asks of an update besides training: a clipping bound (differential privacy), and
+/// under secure aggregation the layout and sample cap to pack it with.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UpdateShaping {
+    pub clip_norm: Option<f64>,
+    pub secure: Option<(flotilla_secagg::layout::Layout, u64)>,
 }
 
 /// Where the frozen base comes from: tensors sent with the Welcome, or a checkpoint directory
@@ -44,7 +55,7 @@ enum Job {
         slice: WireTensors,
         rank: u32,
         settings: TrainingSettings,
-        clip_norm: Option<f64>,
+        shaping: UpdateShaping,
         reply: oneshot::Sender<Result<TrainedUpdate, String>>,
     },
 }
@@ -212,8 +223,8 @@ impl TrainerPool {
                             put_back(state);
                             let _ = reply.send(result);
                         }
-                        Job::Train { slice, rank, settings, clip_norm, reply } => {
-                            let result = state.train(&slice, rank, &settings, clip_norm, device);
+                        Job::Train { slice, rank, settings, shaping, reply } => {
+                            let result = state.train(&slice, rank, &settings, shaping, device);
                             put_back(state);
                             let _ = reply.send(result);
                         }
@@ -259,10 +270,10 @@ impl Trainer {
         slice: WireTensors,
         rank: u32,
         settings: TrainingSettings,
-        clip_norm: Option<f64>,
+        shaping: UpdateShaping,
     ) -> anyhow::Result<TrainedUpdate> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send((self.key, Job::Train { slice, rank, settings, clip_norm, reply })).map_err(|_| stopped())?;
+        self.jobs.send((self.key, Job::Train { slice, rank, settings, shaping, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 }
@@ -346,7 +357,7 @@ impl DeviceState {
         slice: &WireTensors,
         rank: u32,
         settings: &TrainingSettings,
-        clip_norm: Option<f64>,
+        shaping: UpdateShaping,
         device: tch::Device,
     ) -> Result<TrainedUpdate, String> {
         let (architecture, scale, base) = self.model.as_ref().ok_or("no base model received yet")?;
@@ -363,8 +374,18 @@ impl DeviceState {
         let mut model = LoraModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
         let metrics = model.train(data, settings).map_err(|e| e.to_string())?;
         let mut trained = model.adapter().map_err(|e| e.to_string())?;
-        let change_norm = match clip_norm {
+        let change_norm = match shaping.clip_norm {
             Some(bound) => Some(trained.clip_change(&adapter, bound).map_err(|e| format!("clipping the update: {e}"))?),
+            None => None,
+        };
+        let packed = match shaping.secure {
+            // The weight stands in for the sample count, which never leaves the device.
+            Some((layout, max_samples)) => {
+                let weight = data.len().min(max_samples as usize) as f64 / max_samples.max(1) as f64;
+                let packed = flotilla_torch::aggregate::secure::pack(&trained, weight, 1.0, &layout)
+                    .map_err(|e| format!("packing the update for secure aggregation: {e}"))?;
+                Some(packed)
+            }
             None => None,
         };
         Ok(TrainedUpdate {
@@ -373,6 +394,7 @@ impl DeviceState {
             num_samples: data.len() as u64,
             metrics,
             change_norm,
+            packed,
         })
     }
 }
@@ -416,7 +438,7 @@ mod tests {
                 let trainer = pool.trainer(source).unwrap();
                 trainer.set_base(architecture.clone(), 1.0, BaseSource::Tensors(base_wire.clone())).await.unwrap();
                 for _ in 0..4 {
-                    trainer.train(slice.clone(), 2, settings.clone(), None).await.unwrap();
+                    trainer.train(slice.clone(), 2, settings.clone(), UpdateShaping::default()).await.unwrap();
                 }
             }
         });

@@ -42,7 +42,57 @@ pub struct EncryptedShare {
 pub struct MaskedInput {
     pub round: u64,
     pub from: u32,
+    /// Travels as little-endian bytes: random ring elements would grow under a varint encoding.
+    #[serde(with = "le_words")]
     pub values: Vec<u32>,
+}
+
+/// `Vec<u32>` as one byte string of little-endian words.
+mod le_words {
+    use serde::de::{Error, SeqAccess, Visitor};
+    use serde::{Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(values: &[u32], serializer: S) -> Result<S::Ok, S::Error> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        serializer.serialize_bytes(&bytes)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        deserializer.deserialize_byte_buf(WordsVisitor)
+    }
+
+    struct WordsVisitor;
+
+    fn words<E: Error>(bytes: &[u8]) -> Result<Vec<u32>, E> {
+        if !bytes.len().is_multiple_of(4) {
+            return Err(E::custom(format!("{} bytes are not whole 32-bit words", bytes.len())));
+        }
+        Ok(bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())
+    }
+
+    impl<'de> Visitor<'de> for WordsVisitor {
+        type Value = Vec<u32>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("little-endian 32-bit words as bytes")
+        }
+
+        fn visit_bytes<E: Error>(self, bytes: &[u8]) -> Result<Vec<u32>, E> {
+            words(bytes)
+        }
+
+        fn visit_byte_buf<E: Error>(self, bytes: Vec<u8>) -> Result<Vec<u32>, E> {
+            words(&bytes)
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<u32>, A::Error> {
+            let mut bytes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 20));
+            while let Some(b) = seq.next_element::<u8>()? {
+                bytes.push(b);
+            }
+            words(&bytes)
+        }
+    }
 }
 
 /// Phase 4, coordinator → survivors: who uploaded and who dropped after sharing.

@@ -16,6 +16,15 @@
 //! - device opens a bidirectional stream to renew its certificate: `RenewCertificate` →
 //!   `CertificateRenewed` or `Refusal` (a coordinator that does not renew certificates).
 //!
+//! Under secure aggregation (a `RoundTask` with [`SecureTask`]), a round adds the SecAgg+ phases
+//! (`flotilla_secagg`); each request is answered when its phase closes (every participant heard
+//! from, or the phase's deadline):
+//! - `SecureKeys` → `SecurePeers` (the device's neighbours and their keys) or `Reject`;
+//! - `SecureShares` → `SecureSharesForYou` (the encrypted shares addressed to it) or `Reject`;
+//! - `MaskedUpdate` (instead of `Update`) → `Ack` or `Reject`;
+//! - the coordinator pushes `SecureUnmask` on a unidirectional stream once the uploads are in;
+//!   `UnmaskShares` → `Ack` or `Reject`.
+//!
 //! Liveness is QUIC's own keep-alive and idle timeout.
 
 use serde::{Deserialize, Serialize};
@@ -30,6 +39,10 @@ pub enum DeviceMessage {
     Update(Update),
     RenewCertificate(RenewCertificate),
     FetchBase(FetchBase),
+    SecureKeys(flotilla_secagg::messages::AdvertiseKeys),
+    SecureShares(SecureShares),
+    MaskedUpdate(MaskedUpdate),
+    UnmaskShares(flotilla_secagg::messages::UnmaskShares),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -42,6 +55,9 @@ pub enum CoordinatorMessage {
     Finished(Finished),
     CertificateRenewed(CertificateRenewed),
     BaseChunk(BaseChunk),
+    SecurePeers(SecurePeers),
+    SecureSharesForYou(SecureShares),
+    SecureUnmask(flotilla_secagg::messages::UnmaskRequest),
 }
 
 /// Application close codes (`CONNECTION_CLOSE` of type application).
@@ -166,6 +182,50 @@ pub struct RoundTask {
     /// Under differential privacy: clip the update's change (its factors and head against what
     /// this task sent, in L2 norm) to this bound before uploading; the coordinator refuses more.
     pub clip_norm: Option<f64>,
+    /// Under secure aggregation: this round's SecAgg+ setting; the device then runs the phases and
+    /// uploads a `MaskedUpdate` instead of an `Update`.
+    pub secure: Option<SecureTask>,
+}
+
+/// What a device needs for one round of secure aggregation.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureTask {
+    /// A fresh random id of this round's key agreement: every SecAgg message of the round carries
+    /// it, so a message of another round (or of this round number before a restart) is refused.
+    pub session: u64,
+    /// This device's participant id in the round.
+    pub participant: u32,
+    pub parameters: flotilla_secagg::Parameters,
+    /// Where each value sits in the masked vector (the device checks it against its adapter).
+    pub layout: flotilla_secagg::layout::Layout,
+    /// A device's weight is min(its samples, this) / this: its sample count never leaves it.
+    pub max_samples: u64,
+}
+
+/// A participant's encrypted shares: from it (`SecureShares`), or addressed to it
+/// (`SecureSharesForYou`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureShares {
+    pub session: u64,
+    pub shares: Vec<flotilla_secagg::messages::EncryptedShare>,
+}
+
+/// The neighbours a participant shares its secrets with, and their keys.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecurePeers {
+    pub session: u64,
+    pub peers: Vec<flotilla_secagg::messages::Peer>,
+}
+
+/// A masked upload: the device's weighted, quantized adapter plus its masks, as little-endian u32s
+/// (bytes, so that the header's integer encoding does not grow them). No sample count: the weight
+/// is inside the masked values.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskedUpdate {
+    pub round: u32,
+    pub rank: u32,
+    pub metrics: LocalMetrics,
+    pub masked: flotilla_secagg::messages::MaskedInput,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

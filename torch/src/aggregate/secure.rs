@@ -50,6 +50,19 @@ pub fn secure_form(method: Method) -> Option<SecureForm> {
     }
 }
 
+/// Why `method` cannot run under secure aggregation (`None`: it can).
+pub fn why_not_secure(method: Method) -> Option<&'static str> {
+    match method {
+        Method::Rbla | Method::FedAvg | Method::ZeroPad | Method::FoldAndFill => None,
+        Method::HetLora => Some("HetLoRA weighs each update by its own norm, which needs the update itself"),
+        Method::FlexLora => Some("FlexLoRA needs each device's product B·A, not sums of factors"),
+        Method::Flora => Some("FLoRA stacks the individual updates"),
+        Method::RblaCoverage => Some(
+            "coverage-scaled RBLA is not given a sums form yet (its scaling needs only the coverage, so it could be)",
+        ),
+    }
+}
+
 /// The layout of `global`'s adapters: its non-LoRA values and the weight, then per slot the
 /// coverage weight and every module's A row and B column.
 pub fn layout(global: &Adapter) -> Layout {

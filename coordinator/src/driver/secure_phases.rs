@@ -1,0 +1,257 @@
+//! The round driver's side of `[secure_aggregation]` (see `crate::secure`): it starts each round's
+//! SecAgg+ state with the round's tasks, answers the phases' requests when they close, asks the
+//! survivors to unmask when the engine aggregates, and hands the unmasked sums to the worker.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use flotilla_engine::Event;
+use flotilla_secagg::server::Aggregate;
+use flotilla_wire::framing::write_frame;
+use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, SecureTask};
+use flotilla_wire::tensor::WireTensors;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
+
+use super::{DriverInput, RoundDriver, SecureRequest};
+use crate::aggregation::{FoldDone, SecureOutcome};
+use crate::report::{RoundFacts, SecureRoundRecord};
+use crate::secure::{Closed, SecurePhase, SecureRound};
+
+fn refuse(reply: oneshot::Sender<CoordinatorMessage>, round: u32, reason: String) {
+    let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+}
+
+fn publish_phase(current: Option<SecurePhase>) {
+    for phase in [SecurePhase::Keys, SecurePhase::Shares, SecurePhase::Upload, SecurePhase::Unmask] {
+        let value = if Some(phase) == current { 1.0 } else { 0.0 };
+        metrics::gauge!("fl_secagg_phase", "phase" => phase.name()).set(value);
+    }
+}
+
+impl RoundDriver {
+    /// Under `[secure_aggregation]`: the round's SecAgg+ state for the devices about to get a
+    /// task, and each one's part of its task. A round that cannot be secured gets no tasks' secure
+    /// parts, and its devices are failed at once (the engine skips the round): nothing is sent that
+    /// could be uploaded in the clear.
+    pub(super) fn start_secure_round(
+        &mut self,
+        reachable: &[(String, u32, u32, quinn::Connection)],
+    ) -> BTreeMap<String, SecureTask> {
+        let (Some(section), Some(layout)) = (&self.config.secure_aggregation, self.secure_layout) else {
+            return BTreeMap::new();
+        };
+        let Some(round) = reachable.first().map(|r| r.1) else { return BTreeMap::new() };
+        let participants: Vec<(String, u32)> = reachable.iter().map(|(d, _, rank, _)| (d.clone(), *rank)).collect();
+        match SecureRound::start(round, &participants, section, layout) {
+            Ok((secure, tasks)) => {
+                info!(
+                    "[round {round}] secure aggregation: {} devices, threshold {}",
+                    participants.len(),
+                    secure.threshold()
+                );
+                self.schedule_secure_timer(secure.session, SecurePhase::Keys);
+                self.secure = Some(secure);
+                publish_phase(Some(SecurePhase::Keys));
+                tasks
+            }
+            Err(error) => {
+                warn!("[round {round}] cannot run securely, no device will train: {error:#}");
+                metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
+                self.secure = None;
+                for (device, ..) in &participants {
+                    let done = FoldDone { device: device.clone(), round, accepted: None };
+                    let _ = self.inputs.send(DriverInput::FoldDone(done));
+                }
+                BTreeMap::new()
+            }
+        }
+    }
+
+    fn schedule_secure_timer(&self, session: u64, phase: SecurePhase) {
+        let Some(section) = &self.config.secure_aggregation else { return };
+        let after = Duration::from_secs(section.phase_secs.into());
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(after).await;
+            let _ = inputs.send(DriverInput::SecureTimer { session, phase });
+        });
+    }
+
+    /// A device's keys, shares or unmasking shares; returns what the engine must hear of it.
+    pub(super) fn secure_request(
+        &mut self,
+        device: &str,
+        request: SecureRequest,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    ) -> Vec<Event> {
+        let Some(secure) = self.secure.as_mut() else {
+            refuse(reply, 0, "no secure round is in progress".into());
+            return Vec::new();
+        };
+        let round = secure.round;
+        let (phase, outcome) = match request {
+            SecureRequest::Keys(keys) => (SecurePhase::Keys, secure.keys(device, keys, reply)),
+            SecureRequest::Shares(shares) => (SecurePhase::Shares, secure.shares(device, shares, reply)),
+            SecureRequest::Unmask(shares) => {
+                match secure.unmask(device, shares) {
+                    Ok(all_in) => {
+                        let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
+                        if all_in {
+                            self.finish_unmasking();
+                        }
+                    }
+                    Err(reason) => {
+                        warn!(device, round, "[round {round}] unmasking shares refused: {reason}");
+                        refuse(reply, round, reason);
+                    }
+                }
+                return Vec::new();
+            }
+        };
+        match outcome {
+            Ok(true) => self.close_secure_phase(phase),
+            Ok(false) => Vec::new(),
+            Err((reason, reply)) => {
+                warn!(device, round, "[round {round}] secure {} message refused: {reason}", phase.name());
+                metrics::counter!("fl_secagg_refused_total", "phase" => phase.name()).increment(1);
+                refuse(reply, round, reason);
+                Vec::new()
+            }
+        }
+    }
+
+    /// A phase's deadline: closes it if the round is still in it.
+    pub(super) fn secure_timer(&mut self, session: u64, phase: SecurePhase) -> Vec<Event> {
+        let current = self.secure.as_ref().filter(|s| s.session == session && s.discarded().is_none());
+        match current.map(SecureRound::phase) {
+            Some(now) if now == phase => match phase {
+                SecurePhase::Keys | SecurePhase::Shares => self.close_secure_phase(phase),
+                SecurePhase::Unmask => {
+                    self.finish_unmasking();
+                    Vec::new()
+                }
+                SecurePhase::Upload => Vec::new(),
+            },
+            _ => Vec::new(),
+        }
+    }
+
+    /// Closes the keys or shares phase: the devices that missed it are failed in the engine.
+    fn close_secure_phase(&mut self, phase: SecurePhase) -> Vec<Event> {
+        let Some(secure) = self.secure.as_mut() else { return Vec::new() };
+        let Closed { dropped, discarded } = match phase {
+            SecurePhase::Keys => secure.close_keys(),
+            SecurePhase::Shares => secure.close_shares(),
+            SecurePhase::Upload | SecurePhase::Unmask => return Vec::new(),
+        };
+        let (round, session) = (secure.round, secure.session);
+        if !dropped.is_empty() {
+            info!("[round {round}] secure {} phase closed without {}", phase.name(), dropped.join(", "));
+        }
+        match discarded {
+            Some(reason) => {
+                warn!("[round {round}] secure round discarded, nothing revealed: {reason}");
+                publish_phase(None);
+            }
+            None => {
+                let next = if phase == SecurePhase::Keys { SecurePhase::Shares } else { SecurePhase::Upload };
+                publish_phase(Some(next));
+                if next == SecurePhase::Shares {
+                    self.schedule_secure_timer(session, next);
+                }
+            }
+        }
+        dropped.into_iter().map(|device| Event::UpdateInvalid { device, round }).collect()
+    }
+
+    /// The engine aggregates a secure round: each survivor is asked for its unmasking shares.
+    pub(super) fn begin_unmask(&mut self, facts: RoundFacts) {
+        let Some(secure) = self.secure.as_mut() else { return };
+        let (request, survivors) = secure.begin_unmask();
+        let (round, session) = (secure.round, secure.session);
+        publish_phase(Some(SecurePhase::Unmask));
+        info!("[round {round}] secure round: {} masked updates in; unmasking", survivors.len());
+        self.unmasking = Some((facts, Instant::now()));
+        if survivors.is_empty() {
+            return self.finish_unmasking();
+        }
+        let message = CoordinatorMessage::SecureUnmask(request);
+        for device in survivors {
+            let Some(connection) = self.sessions.get(&device).cloned() else { continue };
+            let message = message.clone();
+            tokio::spawn(async move {
+                let sent = async {
+                    let mut send = connection.open_uni().await?;
+                    write_frame(&mut send, &message, &WireTensors::default()).await?;
+                    send.finish()?;
+                    anyhow::Ok(())
+                }
+                .await;
+                if let Err(error) = sent {
+                    warn!(device = %device, round, "cannot ask for unmasking shares: {error:#}");
+                }
+            });
+        }
+        self.schedule_secure_timer(session, SecurePhase::Unmask);
+    }
+
+    /// Unmasks the sums off the async loop; the result comes back as `SecureUnmasked`.
+    fn finish_unmasking(&mut self) {
+        let Some(secure) = self.secure.take() else { return };
+        let (round, participants, threshold) = (secure.round, secure.participants(), secure.threshold());
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let outcome = tokio::task::spawn_blocking(move || secure.finish().map_err(|e| e.to_string()))
+                .await
+                .unwrap_or_else(|e| Err(format!("unmasking stopped: {e}")));
+            let _ = inputs.send(DriverInput::SecureUnmasked { round, participants, threshold, outcome });
+        });
+    }
+
+    /// The unmasked sums (or why there are none) go to the worker, which finishes the round.
+    pub(super) fn secure_unmasked(
+        &mut self,
+        round: u32,
+        participants: usize,
+        threshold: usize,
+        outcome: Result<Aggregate, String>,
+    ) {
+        publish_phase(None);
+        let Some((mut facts, started)) = self.unmasking.take().filter(|(f, _)| f.round == round) else { return };
+        let mut record = SecureRoundRecord {
+            participants,
+            threshold,
+            unmask_seconds: started.elapsed().as_secs_f64(),
+            ..SecureRoundRecord::default()
+        };
+        let outcome = match outcome {
+            Ok(aggregate) => {
+                record.survivors = aggregate.survivors.len();
+                record.recovered = aggregate.dropped.len();
+                record.sum_error_bound = aggregate.error_bound;
+                metrics::counter!("fl_secagg_rounds_total", "outcome" => "aggregated").increment(1);
+                metrics::counter!("fl_secagg_recovered_total").increment(aggregate.dropped.len() as u64);
+                metrics::gauge!("fl_secagg_survivors").set(aggregate.survivors.len() as f64);
+                info!(
+                    "[round {round}] unmasked the sums of {} device(s) ({} recovered after dropping) in {:.2} s",
+                    record.survivors, record.recovered, record.unmask_seconds
+                );
+                SecureOutcome::Sums(aggregate.sums)
+            }
+            Err(reason) => {
+                warn!("[round {round}] secure round discarded, nothing revealed: {reason}");
+                metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
+                record.discarded = Some(reason);
+                SecureOutcome::Discarded
+            }
+        };
+        facts.secure = Some(record);
+        let worker = self.worker.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let result = worker.finish_secure(facts, outcome).await;
+            let _ = inputs.send(DriverInput::AggregationDone { round, result });
+        });
+    }
+}

@@ -1,0 +1,437 @@
+//! `[secure_aggregation]`: SecAgg+ rounds (docs/security.md). The coordinator relays the devices'
+//! keys and encrypted shares, collects their masked uploads, and removes the masks from the sum
+//! with the shares the survivors reveal: it learns the per-slot sums the slot-wise methods divide,
+//! who took part and their ranks, and nothing about any one device.
+//!
+//! A round's phases, each closed when every participant still in it has answered or when
+//! `phase_secs` pass (whichever comes first):
+//!
+//! 1. **keys**: each device that got a task sends fresh public keys (`SecureKeys`); at the close,
+//!    each is answered with its neighbours' keys (`SecurePeers`).
+//! 2. **shares**: each sends its secrets' shares, encrypted for each neighbour (`SecureShares`);
+//!    at the close, each is answered with the shares addressed to it.
+//! 3. **upload**: the masked uploads (`MaskedUpdate`) go through the round engine like plain ones
+//!    (deadline, grace, quorum).
+//! 4. **unmask**: when the engine aggregates, each survivor is asked for the shares that remove
+//!    the masks (`SecureUnmask` → `UnmaskShares`); at the close the sums are unmasked.
+//!
+//! A device that misses a phase is out of the round: the engine is told it failed, so the round
+//! does not wait for it. Fewer than `threshold` devices left at any close discards the round:
+//! nothing is revealed and the global adapter is unchanged. Nothing of a round is persisted: a
+//! coordinator that restarts mid-round resumes from its last checkpoint with fresh keys.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flotilla_secagg::layout::Layout;
+use flotilla_secagg::messages::{AdvertiseKeys, MaskedInput, UnmaskRequest, UnmaskShares};
+use flotilla_secagg::server::{Aggregate, ServerRound};
+use flotilla_secagg::{Parameters, SecAggError};
+use flotilla_wire::protocol::{CoordinatorMessage, Reject, SecurePeers, SecureShares, SecureTask};
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecureAggregationSection {
+    /// Shares needed to rebuild a device's secret, and the fewest devices a round can finish
+    /// with. Unset: a majority of each device's neighbours (⌊d/2⌋ + 1, at least 2).
+    #[serde(default)]
+    pub threshold: Option<usize>,
+    /// Neighbours each device shares its secrets with (every other device when the round is
+    /// smaller).
+    #[serde(default = "default_degree")]
+    pub degree: usize,
+    /// Every weighted value is clipped to [−range, range] before quantization.
+    #[serde(default = "default_range")]
+    pub range: f32,
+    /// The most devices a round may have: the quantization scale keeps their sum in the ring.
+    #[serde(default = "default_max_participants")]
+    pub max_participants: usize,
+    /// A device weighs its update by min(samples, max_samples) / max_samples.
+    #[serde(default = "default_max_samples")]
+    pub max_samples: u64,
+    /// How long the keys, shares and unmask phases each wait for late devices.
+    #[serde(default = "default_phase_secs")]
+    pub phase_secs: u32,
+}
+
+fn default_degree() -> usize {
+    16
+}
+fn default_range() -> f32 {
+    8.0
+}
+fn default_max_participants() -> usize {
+    1000
+}
+fn default_max_samples() -> u64 {
+    100_000
+}
+fn default_phase_secs() -> u32 {
+    60
+}
+
+impl SecureAggregationSection {
+    /// The settings, and that the rest of the configuration can run under secure aggregation.
+    pub fn validate(&self, config: &crate::config::CoordinatorConfig) -> anyhow::Result<()> {
+        let method = config.aggregation.method;
+        if let Some(why) = flotilla_torch::aggregate::secure::why_not_secure(method) {
+            anyhow::bail!(
+                "[aggregation] method = \"{method}\" cannot run under [secure_aggregation]: {why}; use rbla, \
+                 fold-and-fill, zero-pad or fedavg"
+            );
+        }
+        anyhow::ensure!(
+            config.privacy.is_none(),
+            "[privacy] and [secure_aggregation] cannot be combined yet: central noise needs the clear sums of \
+             clipped updates, and distributed noise is not built (docs/privacy.md)"
+        );
+        anyhow::ensure!(
+            !config.aggregation.record_updates,
+            "[aggregation] record_updates cannot run under [secure_aggregation]: the coordinator never holds one \
+             device's update"
+        );
+        anyhow::ensure!(
+            !config.aggregation.ablation_shrink_to_round_rank,
+            "[aggregation] ablation_shrink_to_round_rank cannot run under [secure_aggregation]"
+        );
+        anyhow::ensure!(self.phase_secs >= 1, "secure_aggregation.phase_secs must be at least 1");
+        anyhow::ensure!(self.max_samples >= 1, "secure_aggregation.max_samples must be at least 1");
+        let parameters = self.parameters_for(self.max_participants.max(3))?;
+        parameters.validate().map_err(|e| anyhow::anyhow!("[secure_aggregation]: {e}"))?;
+        self.parameters_for(config.round.min_devices).map_err(|e| {
+            anyhow::anyhow!("{e}; [round] min_devices = {} lets a round start that small", config.round.min_devices)
+        })?;
+        Ok(())
+    }
+
+    /// The round's parameters for `participants` devices: the degree is at most participants − 1.
+    pub fn parameters_for(&self, participants: usize) -> anyhow::Result<Parameters> {
+        let degree = self.degree.min(participants.saturating_sub(1));
+        let threshold = self.threshold.unwrap_or((degree / 2 + 1).max(2));
+        anyhow::ensure!(
+            threshold <= degree,
+            "in a round of {participants} device(s) each has {degree} neighbour(s), fewer than the secure aggregation \
+             threshold {threshold}: it needs rounds of at least {} devices",
+            threshold + 1
+        );
+        Ok(Parameters { threshold, degree, range: self.range, max_participants: self.max_participants })
+    }
+}
+
+/// Where a secure round is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurePhase {
+    Keys,
+    Shares,
+    Upload,
+    Unmask,
+}
+
+impl SecurePhase {
+    pub fn name(self) -> &'static str {
+        match self {
+            SecurePhase::Keys => "keys",
+            SecurePhase::Shares => "shares",
+            SecurePhase::Upload => "upload",
+            SecurePhase::Unmask => "unmask",
+        }
+    }
+}
+
+/// One reply held until its phase closes.
+type Held = (u32, oneshot::Sender<CoordinatorMessage>);
+
+/// What closing a phase did: devices now out of the round (the engine counts them as failed),
+/// and, when too few are left, why the round is discarded.
+#[derive(Debug, Default)]
+pub struct Closed {
+    pub dropped: Vec<String>,
+    pub discarded: Option<String>,
+}
+
+/// A round of secure aggregation, as the coordinator sees it.
+pub struct SecureRound {
+    pub round: u32,
+    pub session: u64,
+    phase: SecurePhase,
+    server: ServerRound,
+    parameters: Parameters,
+    ids: BTreeMap<String, u32>,
+    names: BTreeMap<u32, String>,
+    advertised: BTreeSet<u32>,
+    shared: BTreeSet<u32>,
+    uploaded: BTreeSet<u32>,
+    unmasked: BTreeSet<u32>,
+    held: Vec<Held>,
+    discarded: Option<String>,
+}
+
+impl SecureRound {
+    /// A round among `participants` (device, rank); returns it and each device's task part.
+    pub fn start(
+        round: u32,
+        participants: &[(String, u32)],
+        section: &SecureAggregationSection,
+        layout: Layout,
+    ) -> anyhow::Result<(SecureRound, BTreeMap<String, SecureTask>)> {
+        use rand::Rng;
+        let mut rng = rand::rng();
+        let session: u64 = rng.random();
+        let parameters = section.parameters_for(participants.len())?;
+        let mut sorted: Vec<&(String, u32)> = participants.iter().collect();
+        sorted.sort();
+        let ids: BTreeMap<String, u32> =
+            sorted.iter().enumerate().map(|(i, (device, _))| (device.clone(), i as u32 + 1)).collect();
+        let ranks: BTreeMap<u32, u32> = sorted.iter().map(|(device, rank)| (ids[device], *rank)).collect();
+        let server = ServerRound::new(parameters, session, layout, ranks, rng.random())
+            .map_err(|e| anyhow::anyhow!("round {round}: secure aggregation cannot start: {e}"))?;
+        let tasks = ids
+            .iter()
+            .map(|(device, &participant)| {
+                let task = SecureTask { session, participant, parameters, layout, max_samples: section.max_samples };
+                (device.clone(), task)
+            })
+            .collect();
+        let names = ids.iter().map(|(d, &i)| (i, d.clone())).collect();
+        let round = SecureRound {
+            round,
+            session,
+            phase: SecurePhase::Keys,
+            server,
+            parameters,
+            ids,
+            names,
+            advertised: BTreeSet::new(),
+            shared: BTreeSet::new(),
+            uploaded: BTreeSet::new(),
+            unmasked: BTreeSet::new(),
+            held: Vec::new(),
+            discarded: None,
+        };
+        Ok((round, tasks))
+    }
+
+    pub fn phase(&self) -> SecurePhase {
+        self.phase
+    }
+
+    pub fn participants(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn threshold(&self) -> usize {
+        self.parameters.threshold
+    }
+
+    pub fn discarded(&self) -> Option<&str> {
+        self.discarded.as_deref()
+    }
+
+    /// The participant id of `device`, if it is in this round and its message is for `session`.
+    fn participant(&self, device: &str, session: u64, phase: SecurePhase) -> Result<u32, String> {
+        if session != self.session {
+            return Err(format!("a message of another secure round (session {session:016x})"));
+        }
+        if let Some(reason) = &self.discarded {
+            return Err(format!("round {} was discarded: {reason}", self.round));
+        }
+        if self.phase != phase {
+            return Err(format!(
+                "a {} message during the {} phase of round {}",
+                phase.name(),
+                self.phase.name(),
+                self.round
+            ));
+        }
+        self.ids.get(device).copied().ok_or_else(|| format!("'{device}' is not in round {}", self.round))
+    }
+
+    /// Phase 1: a device's keys; its answer waits for the close. Returns whether every
+    /// participant has now advertised (close the phase).
+    pub fn keys(
+        &mut self,
+        device: &str,
+        advert: AdvertiseKeys,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    ) -> Result<bool, (String, oneshot::Sender<CoordinatorMessage>)> {
+        let checked = self.participant(device, advert.round, SecurePhase::Keys).and_then(|id| {
+            if advert.from != id {
+                return Err(format!("keys for participant {}, this device is {id}", advert.from));
+            }
+            self.server.receive_keys(advert).map_err(|e| e.to_string()).map(|()| id)
+        });
+        match checked {
+            Ok(id) => {
+                self.advertised.insert(id);
+                self.held.push((id, reply));
+                Ok(self.advertised.len() == self.ids.len())
+            }
+            Err(reason) => Err((reason, reply)),
+        }
+    }
+
+    /// Closes phase 1: each advertiser gets its neighbours' keys.
+    pub fn close_keys(&mut self) -> Closed {
+        let missing = self.missing(&self.advertised.clone());
+        // Each device's secrets need `threshold` other holders.
+        if self.advertised.len() <= self.parameters.threshold {
+            return self.discard(format!(
+                "{} device(s) sent keys; the threshold {} needs more",
+                self.advertised.len(),
+                self.parameters.threshold
+            ));
+        }
+        for (id, reply) in std::mem::take(&mut self.held) {
+            let peers = self.server.peers_for(id);
+            let _ = reply.send(CoordinatorMessage::SecurePeers(SecurePeers { session: self.session, peers }));
+        }
+        self.phase = SecurePhase::Shares;
+        Closed { dropped: missing, discarded: None }
+    }
+
+    /// Phase 2: a device's encrypted shares; its answer waits for the close. Returns whether every
+    /// advertiser has now shared.
+    pub fn shares(
+        &mut self,
+        device: &str,
+        shares: SecureShares,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    ) -> Result<bool, (String, oneshot::Sender<CoordinatorMessage>)> {
+        let checked = self
+            .participant(device, shares.session, SecurePhase::Shares)
+            .and_then(|id| self.server.receive_shares(id, shares.shares).map_err(|e| e.to_string()).map(|()| id));
+        match checked {
+            Ok(id) => {
+                self.shared.insert(id);
+                self.held.push((id, reply));
+                Ok(self.shared.len() == self.advertised.len())
+            }
+            Err(reason) => Err((reason, reply)),
+        }
+    }
+
+    /// Closes phase 2: each device that shared gets the shares addressed to it.
+    pub fn close_shares(&mut self) -> Closed {
+        let missing = self.missing(&self.shared.clone());
+        if self.shared.len() <= self.parameters.threshold {
+            return self.discard(format!(
+                "{} device(s) shared their keys; the threshold {} needs more",
+                self.shared.len(),
+                self.parameters.threshold
+            ));
+        }
+        for (id, reply) in std::mem::take(&mut self.held) {
+            let shares = self.server.shares_for(id).to_vec();
+            let _ = reply.send(CoordinatorMessage::SecureSharesForYou(SecureShares { session: self.session, shares }));
+        }
+        self.phase = SecurePhase::Upload;
+        Closed { dropped: missing, discarded: None }
+    }
+
+    /// Phase 3: a masked upload the engine let in.
+    pub fn masked(&mut self, device: &str, input: MaskedInput) -> Result<(), String> {
+        let id = self.participant(device, input.round, SecurePhase::Upload)?;
+        if input.from != id {
+            return Err(format!("a masked input for participant {}, this device is {id}", input.from));
+        }
+        self.server.receive_masked(input).map_err(|e| e.to_string())?;
+        self.uploaded.insert(id);
+        Ok(())
+    }
+
+    /// Phase 4 begins: the request every survivor is sent, with the survivors' devices.
+    pub fn begin_unmask(&mut self) -> (UnmaskRequest, Vec<String>) {
+        self.phase = SecurePhase::Unmask;
+        let request = self.server.unmask_request();
+        let devices = request.survivors.iter().filter_map(|id| self.names.get(id).cloned()).collect();
+        (request, devices)
+    }
+
+    /// Phase 4: a survivor's revealed shares. Returns whether every survivor has answered.
+    pub fn unmask(&mut self, device: &str, shares: UnmaskShares) -> Result<bool, String> {
+        let id = self.participant(device, shares.round, SecurePhase::Unmask)?;
+        if shares.from != id {
+            return Err(format!("unmasking shares from participant {}, this device is {id}", shares.from));
+        }
+        self.server.receive_unmask(shares).map_err(|e| e.to_string())?;
+        self.unmasked.insert(id);
+        Ok(self.unmasked.len() == self.uploaded.len())
+    }
+
+    /// Unmasks the sums (CPU work: run it off the async loop). Fails, revealing nothing, with
+    /// fewer than the threshold of helpers or a secret that cannot be rebuilt.
+    pub fn finish(self) -> Result<Aggregate, SecAggError> {
+        self.server.finish()
+    }
+
+    /// Participants not in `answered`, by device name.
+    fn missing(&self, answered: &BTreeSet<u32>) -> Vec<String> {
+        self.names.iter().filter(|(id, _)| !answered.contains(id)).map(|(_, d)| d.clone()).collect()
+    }
+
+    /// Ends the round here: every held request is refused and every device counts as failed.
+    fn discard(&mut self, reason: String) -> Closed {
+        for (_, reply) in std::mem::take(&mut self.held) {
+            let _ = reply.send(CoordinatorMessage::Reject(Reject {
+                round: self.round,
+                reason: format!("secure round discarded: {reason}"),
+            }));
+        }
+        self.discarded = Some(reason.clone());
+        Closed { dropped: self.ids.keys().cloned().collect(), discarded: Some(reason) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn section() -> SecureAggregationSection {
+        toml::from_str("").unwrap()
+    }
+
+    #[test]
+    fn default_threshold_is_a_majority_of_the_neighbours() {
+        let s = section();
+        assert_eq!(s.parameters_for(3).unwrap().threshold, 2);
+        assert_eq!(s.parameters_for(5).unwrap().degree, 4);
+        assert_eq!(s.parameters_for(5).unwrap().threshold, 3);
+        assert_eq!(s.parameters_for(100).unwrap().degree, 16);
+        assert_eq!(s.parameters_for(100).unwrap().threshold, 9);
+        let fixed = SecureAggregationSection { threshold: Some(4), ..section() };
+        assert!(fixed.parameters_for(4).is_err(), "4 of 3 neighbours");
+        assert_eq!(fixed.parameters_for(10).unwrap().threshold, 4);
+    }
+
+    #[test]
+    fn a_phase_refuses_other_sessions_strangers_and_out_of_order_messages() {
+        let layout = Layout { shared: 2, per_slot: 3, max_rank: 4 };
+        let participants = vec![("a".to_string(), 2), ("b".to_string(), 4), ("c".to_string(), 4)];
+        let (mut round, tasks) = SecureRound::start(1, &participants, &section(), layout).unwrap();
+        assert_eq!(tasks.len(), 3);
+        let task = &tasks["a"];
+        let advert = |from: u32, session: u64| AdvertiseKeys {
+            round: session,
+            from,
+            encryption_key: [1; 32],
+            mask_key: [2; 32],
+        };
+        let (reply, _answer) = oneshot::channel();
+        let (reason, reply) = round.keys("a", advert(task.participant, task.session ^ 1), reply).unwrap_err();
+        assert!(reason.contains("another secure round"), "{reason}");
+        let (reason, reply) = round.keys("mallory", advert(9, task.session), reply).unwrap_err();
+        assert!(reason.contains("not in round"), "{reason}");
+        let (reason, reply) = round.keys("a", advert(tasks["b"].participant, task.session), reply).unwrap_err();
+        assert!(reason.contains("this device is"), "{reason}");
+        assert_eq!(round.keys("a", advert(task.participant, task.session), reply).ok(), Some(false));
+        let shares = SecureShares { session: task.session, shares: Vec::new() };
+        let (reply, _answer) = oneshot::channel();
+        let (reason, _) = round.shares("a", shares, reply).unwrap_err();
+        assert!(reason.contains("during the keys phase"), "{reason}");
+        // One of three advertised: the threshold of 2 needs more, the round is discarded.
+        let closed = round.close_keys();
+        assert!(closed.discarded.is_some());
+        assert_eq!(closed.dropped.len(), 3);
+    }
+}

@@ -1,0 +1,178 @@
+//! Secure aggregation through the real system (`[secure_aggregation]`, SecAgg+ with masks within
+//! rank tiers): devices of ranks 2 and 4 agree keys through the coordinator, share their secrets,
+//! upload masked vectors, and reveal the shares that remove the masks. The coordinator's global
+//! adapter must equal the plain round's (same devices, same data, same seeds) within the
+//! quantization bound, for every method that has a sums form; a device that drops after sharing
+//! its keys is recovered; settings secure aggregation cannot honour are refused by `check`.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_tests::{binary, provision, read_safetensors, start_coordinator, Matrix, Process};
+
+/// (device id, rank, samples, drops after sharing its keys)
+type Device = (&'static str, u32, u32, bool);
+
+const DEVICES: [Device; 4] =
+    [("phone-1", 2, 32, false), ("phone-2", 2, 64, false), ("laptop-1", 4, 48, false), ("laptop-2", 4, 96, false)];
+
+/// Values are weighted by samples / 128 and clipped to ±2; 16 participants at most: each unmasked
+/// sum is within 16 / (2 · ⌊(2³¹ − 1) / 32⌋) ≈ 1.2e-7 of the exact one, and a slot's mean, divided
+/// by a coverage weight of at least 0.75, within 2e-7. The tolerance leaves room for float
+/// rounding in the two paths' different summation orders.
+const TOLERANCE: f64 = 2e-5;
+
+fn config(run: &Path, method: &str, min_devices: usize, min_updates: usize, secure: bool) -> String {
+    let mut config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 1\nmin_devices = {min_devices}\nmin_updates = {min_updates}\ngrace_secs = 1\n\
+         local_steps = 8\n\
+         learning_rate = 0.05\n\
+         [aggregation]\nmethod = \"{method}\"\nmax_rank = 4\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [12]\nclasses = 3\n",
+        run = run.display()
+    );
+    if secure {
+        config += "[secure_aggregation]\nrange = 2.0\nmax_participants = 16\nmax_samples = 128\nphase_secs = 20\n";
+    }
+    config
+}
+
+/// Runs one round with `devices` (all at `rank` when given); returns the global adapter after it
+/// and the run's summary.
+fn run_round(
+    run: &Path,
+    method: &str,
+    devices: &[Device],
+    rank: Option<u32>,
+    secure: bool,
+) -> (HashMap<String, Matrix>, serde_json::Value) {
+    let ids: Vec<&str> = devices.iter().map(|d| d.0).collect();
+    provision(&run.join("pki"), &ids);
+    let staying = devices.iter().filter(|d| !d.3).count();
+    let (mut coordinator, address) = start_coordinator(run, &config(run, method, devices.len(), staying, secure));
+    let mut processes: Vec<(bool, Process)> = devices
+        .iter()
+        .map(|&(id, device_rank, samples, drops)| {
+            let rank = rank.unwrap_or(device_rank).to_string();
+            let mut command = Command::new(binary("flotilla-edge"));
+            command
+                .args(["run", "--coordinator", &address, "--rank", &rank, "--samples", &samples.to_string()])
+                .arg("--kit")
+                .arg(run.join("pki/kits").join(id));
+            if drops {
+                command.env("FLOTILLA_FAULT_PAUSE", "after-shares@1");
+            }
+            (drops, Process::spawn(id, &mut command, &run.join("logs")))
+        })
+        .collect();
+    for (drops, device) in &mut processes {
+        if *drops {
+            device.wait_for_stderr("paused at after-shares@1", Duration::from_secs(120));
+        }
+    }
+    assert!(coordinator.wait(Duration::from_secs(180)).success(), "{}", coordinator.logs());
+    for (drops, device) in &mut processes {
+        if *drops {
+            device.kill();
+        } else {
+            assert!(device.wait(Duration::from_secs(60)).success(), "{}", device.logs());
+        }
+    }
+    let (global, _) = read_safetensors(&run.join("global/round-1/adapter_model.safetensors"));
+    let summary = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    (global, summary)
+}
+
+fn largest_difference(a: &HashMap<String, Matrix>, b: &HashMap<String, Matrix>) -> f64 {
+    assert_eq!(a.keys().collect::<std::collections::BTreeSet<_>>(), b.keys().collect());
+    a.iter().flat_map(|(name, m)| m.values.iter().zip(&b[name].values).map(|(x, y)| (x - y).abs())).fold(0.0, f64::max)
+}
+
+/// The largest |value| of the B factors, which start at zero.
+fn largest_b(adapter: &HashMap<String, Matrix>) -> f64 {
+    adapter
+        .iter()
+        .filter(|(n, _)| n.contains("lora_B"))
+        .flat_map(|(_, m)| m.values.iter().map(|v| v.abs()))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn a_secure_round_gives_the_plain_rounds_result_for_every_method_with_a_sums_form() {
+    for (method, rank) in [("rbla", None), ("fold-and-fill", None), ("zero-pad", None), ("fedavg", Some(4))] {
+        let plain_dir = tempfile::tempdir().unwrap();
+        let secure_dir = tempfile::tempdir().unwrap();
+        let (plain, _) = run_round(plain_dir.path(), method, &DEVICES, rank, false);
+        let (secure, summary) = run_round(secure_dir.path(), method, &DEVICES, rank, true);
+        let record = &summary["rounds"][0]["secure"];
+        assert_eq!(record["survivors"], 4, "{method}: {record}");
+        assert_eq!(record["recovered"], 0, "{method}: {record}");
+        assert!(record["discarded"].is_null(), "{method}: {record}");
+        let bound = record["sum_error_bound"].as_f64().unwrap();
+        assert!(bound > 0.0 && bound < 1e-6, "{method}: {record}");
+        // The coordinator never learns a device's sample count.
+        let counts: Vec<u64> = summary["rounds"][0]["updates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|u| u["num_samples"].as_u64().unwrap())
+            .collect();
+        assert_eq!(counts, vec![0; 4], "{method}");
+        let difference = largest_difference(&plain, &secure);
+        eprintln!("{method}: secure − plain ≤ {difference:.2e}, largest |B| {:.3}; {record}", largest_b(&plain));
+        assert!(difference < TOLERANCE, "{method}: the secure round differs from the plain one by {difference}");
+        assert!(largest_b(&plain) > 100.0 * TOLERANCE, "{method}: the round trained the adapter");
+    }
+}
+
+#[test]
+fn a_device_that_drops_after_sharing_its_keys_is_recovered() {
+    let survivors = &DEVICES[..3];
+    let mut with_dropout = DEVICES;
+    with_dropout[3].3 = true;
+    let plain_dir = tempfile::tempdir().unwrap();
+    let secure_dir = tempfile::tempdir().unwrap();
+    let (plain, _) = run_round(plain_dir.path(), "rbla", survivors, None, false);
+    let (secure, summary) = run_round(secure_dir.path(), "rbla", &with_dropout, None, true);
+    let record = &summary["rounds"][0]["secure"];
+    assert_eq!(record["participants"], 4, "{record}");
+    assert_eq!(record["survivors"], 3, "{record}");
+    assert_eq!(record["recovered"], 1, "the dropped device's masks were removed: {record}");
+    let difference = largest_difference(&plain, &secure);
+    assert!(difference < TOLERANCE, "the recovered round differs from the survivors' plain round by {difference}");
+}
+
+#[test]
+fn check_refuses_what_secure_aggregation_cannot_honour() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &[]);
+    let check = |config: String| {
+        let path = run.join("c.toml");
+        std::fs::write(&path, config).unwrap();
+        let output =
+            Command::new(binary("flotilla-coordinator")).args(["check", "--config"]).arg(&path).output().unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    let (ok, text) = check(config(run, "rbla", 4, 4, true));
+    assert!(ok, "{text}");
+    for method in ["hetlora", "flexlora", "flora", "rbla-coverage"] {
+        let (ok, text) = check(config(run, method, 4, 4, true));
+        assert!(!ok && text.contains("cannot run under [secure_aggregation]"), "{method}: {text}");
+    }
+    let (ok, text) = check(config(run, "rbla", 2, 2, true));
+    assert!(!ok && text.contains("min_devices"), "{text}");
+    let (ok, text) =
+        check(config(run, "rbla", 4, 4, true).replace("[aggregation]\n", "[aggregation]\nrecord_updates = true\n"));
+    assert!(!ok && text.contains("record_updates"), "{text}");
+    let privacy = "[privacy]\nclip_norm = 0.1\nnoise_multiplier = 1.0\nepsilon = 8.0\ndelta = 1e-3\n";
+    let (ok, text) = check(config(run, "rbla", 4, 4, true) + privacy);
+    assert!(!ok && text.contains("[privacy] and [secure_aggregation]"), "{text}");
+}
