@@ -1,6 +1,7 @@
 //! The coordinator's crash-test points (see `flotilla_wire::crash_test`): `mid-aggregation` (the
 //! round's aggregate is computed, nothing is written yet) and `mid-checkpoint` (the checkpoint's
-//! files are in `round-N.tmp/`, not yet renamed into place).
+//! files are in `round-N.tmp/`, not yet renamed into place), and under secure aggregation
+//! `mid-unmask` (every masked update and unmasking share is in, the sums not yet unmasked).
 
 use flotilla_wire::crash_test::{pause_requested, ENV};
 

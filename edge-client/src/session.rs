@@ -187,7 +187,7 @@ async fn connect_and_serve(
     let mut stop = settings.stop.clone();
     let mut renewal_asked = false;
     // A secure round whose masked update is in, until the coordinator asks for unmasking shares.
-    let mut secure_round: Option<ClientRound> = None;
+    let mut secure_round: Option<(u32, ClientRound)> = None;
     loop {
         if !renewal_asked {
             if let Some(expires) = renewal_due(settings)? {
@@ -208,14 +208,23 @@ async fn connect_and_serve(
         match message {
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
-                secure_round = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors).await?;
+                secure_round = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors)
+                    .await?
+                    .map(|client| (round, client));
                 *rounds_trained += 1;
                 if *stop.borrow() >= Stop::AfterUpload {
                     return Err(stopping(&connection, format!("stopped after round {round}'s upload")));
                 }
             }
             CoordinatorMessage::SecureUnmask(request) => match secure_round.take() {
-                Some(client) => reveal_unmasking_shares(&connection, settings, &client, &request).await?,
+                Some((round, client)) => {
+                    if flotilla_wire::crash_test::pause_requested("before-unmask", round) {
+                        // Crash-test hook: a device that drops after its masked upload.
+                        warn!("fault injection: paused at before-unmask@{round}; waiting to be killed");
+                        std::future::pending::<()>().await;
+                    }
+                    reveal_unmasking_shares(&connection, settings, &client, &request).await?
+                }
                 None => warn!("the coordinator asked for unmasking shares, but no secure round is waiting for them"),
             },
             CoordinatorMessage::Finished(finished) => {
@@ -388,6 +397,11 @@ async fn agree_secure_round(
         warn!("[round {round}] secure aggregation: {why}; sitting this round out");
         Ok(None)
     };
+    if flotilla_wire::crash_test::pause_requested("before-keys", round) {
+        // Crash-test hook: a device that drops before sending its keys.
+        warn!("fault injection: paused at before-keys@{round}; waiting to be killed");
+        std::future::pending::<()>().await;
+    }
     let (mut client, advert) =
         match ClientRound::new(secure.parameters, secure.session, secure.participant, rank, secure.layout) {
             Ok(started) => started,

@@ -10,13 +10,19 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, provision, read_safetensors, start_coordinator, Matrix, Process};
+use flotilla_tests::{binary, free_udp_port, provision, read_safetensors, start_coordinator, Matrix, Process};
 
-/// (device id, rank, samples, drops after sharing its keys)
-type Device = (&'static str, u32, u32, bool);
+/// (device id, rank, samples, the crash-test point where it drops: `before-keys`, `after-shares`
+/// or `before-unmask`)
+type Device = (&'static str, u32, u32, Option<&'static str>);
 
 const DEVICES: [Device; 4] =
-    [("phone-1", 2, 32, false), ("phone-2", 2, 64, false), ("laptop-1", 4, 48, false), ("laptop-2", 4, 96, false)];
+    [("phone-1", 2, 32, None), ("phone-2", 2, 64, None), ("laptop-1", 4, 48, None), ("laptop-2", 4, 96, None)];
+
+/// Whether a device's masked update reaches the coordinator.
+fn uploads(device: &Device) -> bool {
+    matches!(device.3, None | Some("before-unmask"))
+}
 
 /// Values are weighted by samples / 128 and clipped to ±2; 16 participants at most: each unmasked
 /// sum is within 16 / (2 · ⌊(2³¹ − 1) / 32⌋) ≈ 1.2e-7 of the exact one, and a slot's mean, divided
@@ -36,7 +42,7 @@ fn config(run: &Path, method: &str, min_devices: usize, min_updates: usize, secu
         run = run.display()
     );
     if secure {
-        config += "[secure_aggregation]\nrange = 2.0\nmax_participants = 16\nmax_samples = 128\nphase_secs = 20\n";
+        config += "[secure_aggregation]\nrange = 2.0\nmax_participants = 16\nmax_samples = 128\nphase_secs = 5\n";
     }
     config
 }
@@ -50,11 +56,23 @@ fn run_round(
     rank: Option<u32>,
     secure: bool,
 ) -> (HashMap<String, Matrix>, serde_json::Value) {
+    run_round_with(run, method, devices, rank, secure, &|config| config)
+}
+
+/// [`run_round`] with the configuration edited by `edit`.
+fn run_round_with(
+    run: &Path,
+    method: &str,
+    devices: &[Device],
+    rank: Option<u32>,
+    secure: bool,
+    edit: &dyn Fn(String) -> String,
+) -> (HashMap<String, Matrix>, serde_json::Value) {
     let ids: Vec<&str> = devices.iter().map(|d| d.0).collect();
     provision(&run.join("pki"), &ids);
-    let staying = devices.iter().filter(|d| !d.3).count();
-    let (mut coordinator, address) = start_coordinator(run, &config(run, method, devices.len(), staying, secure));
-    let mut processes: Vec<(bool, Process)> = devices
+    let staying = devices.iter().filter(|d| uploads(d)).count();
+    let (mut coordinator, address) = start_coordinator(run, &edit(config(run, method, devices.len(), staying, secure)));
+    let mut processes: Vec<(Option<&str>, Process)> = devices
         .iter()
         .map(|&(id, device_rank, samples, drops)| {
             let rank = rank.unwrap_or(device_rank).to_string();
@@ -63,20 +81,20 @@ fn run_round(
                 .args(["run", "--coordinator", &address, "--rank", &rank, "--samples", &samples.to_string()])
                 .arg("--kit")
                 .arg(run.join("pki/kits").join(id));
-            if drops {
-                command.env("FLOTILLA_FAULT_PAUSE", "after-shares@1");
+            if let Some(point) = drops {
+                command.env("FLOTILLA_FAULT_PAUSE", format!("{point}@1"));
             }
             (drops, Process::spawn(id, &mut command, &run.join("logs")))
         })
         .collect();
     for (drops, device) in &mut processes {
-        if *drops {
-            device.wait_for_stderr("paused at after-shares@1", Duration::from_secs(120));
+        if let Some(point) = drops {
+            device.wait_for_stderr(&format!("paused at {point}@1"), Duration::from_secs(120));
         }
     }
     assert!(coordinator.wait(Duration::from_secs(180)).success(), "{}", coordinator.logs());
     for (drops, device) in &mut processes {
-        if *drops {
+        if drops.is_some() {
             device.kill();
         } else {
             assert!(device.wait(Duration::from_secs(60)).success(), "{}", device.logs());
@@ -130,20 +148,42 @@ fn a_secure_round_gives_the_plain_rounds_result_for_every_method_with_a_sums_for
 }
 
 #[test]
-fn a_device_that_drops_after_sharing_its_keys_is_recovered() {
-    let survivors = &DEVICES[..3];
-    let mut with_dropout = DEVICES;
-    with_dropout[3].3 = true;
-    let plain_dir = tempfile::tempdir().unwrap();
-    let secure_dir = tempfile::tempdir().unwrap();
-    let (plain, _) = run_round(plain_dir.path(), "rbla", survivors, None, false);
-    let (secure, summary) = run_round(secure_dir.path(), "rbla", &with_dropout, None, true);
+fn a_device_that_drops_at_any_phase_is_left_out_or_recovered() {
+    // (where the fourth device drops, whether its update is in the sums, devices recovered)
+    for (point, counted, recovered) in
+        [("before-keys", false, 0), ("after-shares", false, 1), ("before-unmask", true, 0)]
+    {
+        let mut fleet = DEVICES;
+        fleet[3].3 = Some(point);
+        let expected: Vec<Device> = if counted { DEVICES.to_vec() } else { DEVICES[..3].to_vec() };
+        let plain_dir = tempfile::tempdir().unwrap();
+        let secure_dir = tempfile::tempdir().unwrap();
+        let (plain, _) = run_round(plain_dir.path(), "rbla", &expected, None, false);
+        let (secure, summary) = run_round(secure_dir.path(), "rbla", &fleet, None, true);
+        let record = &summary["rounds"][0]["secure"];
+        assert_eq!(record["participants"], 4, "{point}: {record}");
+        assert_eq!(record["survivors"], expected.len(), "{point}: {record}");
+        assert_eq!(record["recovered"], recovered, "{point}: {record}");
+        let difference = largest_difference(&plain, &secure);
+        eprintln!("dropping {point}: secure − plain ≤ {difference:.2e}; {record}");
+        assert!(difference < TOLERANCE, "{point}: the secure round differs from the plain one by {difference}");
+    }
+}
+
+#[test]
+fn a_round_with_fewer_survivors_than_the_threshold_is_discarded_and_reveals_nothing() {
+    let mut fleet = DEVICES;
+    fleet[2].3 = Some("after-shares");
+    fleet[3].3 = Some("after-shares");
+    let dir = tempfile::tempdir().unwrap();
+    let (global, summary) = run_round_with(dir.path(), "rbla", &fleet, None, true, &|config| {
+        config.replace("[secure_aggregation]\n", "[secure_aggregation]\nthreshold = 3\n")
+    });
     let record = &summary["rounds"][0]["secure"];
-    assert_eq!(record["participants"], 4, "{record}");
-    assert_eq!(record["survivors"], 3, "{record}");
-    assert_eq!(record["recovered"], 1, "the dropped device's masks were removed: {record}");
-    let difference = largest_difference(&plain, &secure);
-    assert!(difference < TOLERANCE, "the recovered round differs from the survivors' plain round by {difference}");
+    assert_eq!(record["threshold"], 3, "{record}");
+    let reason = record["discarded"].as_str().unwrap_or_else(|| panic!("the round was not discarded: {record}"));
+    assert!(reason.contains("threshold"), "{reason}");
+    assert_eq!(largest_b(&global), 0.0, "the global adapter is the initial one (B = 0)");
 }
 
 #[test]
@@ -175,4 +215,58 @@ fn check_refuses_what_secure_aggregation_cannot_honour() {
     let privacy = "[privacy]\nclip_norm = 0.1\nnoise_multiplier = 1.0\nepsilon = 8.0\ndelta = 1e-3\n";
     let (ok, text) = check(config(run, "rbla", 4, 4, true) + privacy);
     assert!(!ok && text.contains("[privacy] and [secure_aggregation]"), "{text}");
+}
+
+#[test]
+fn a_coordinator_killed_mid_unmask_discards_the_round_and_resumes_with_fresh_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let ids = ["phone-1", "phone-2", "laptop-1"];
+    provision(&run.join("pki"), &ids);
+    let port = free_udp_port();
+    let config = config(run, "rbla", 3, 3, true)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))
+        .replace("rounds = 1", "rounds = 2");
+    let path = run.join("c.toml");
+    std::fs::write(&path, config).unwrap();
+    let coordinator = |name: &str, pause: Option<&str>| {
+        let mut command = Command::new(binary("flotilla-coordinator"));
+        command.args(["serve", "--config"]).arg(&path);
+        if let Some(pause) = pause {
+            command.env("FLOTILLA_FAULT_PAUSE", pause);
+        }
+        Process::spawn(name, &mut command, &run.join("logs"))
+    };
+    let mut first = coordinator("coordinator-1", Some("mid-unmask@2"));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut devices: Vec<Process> = ids
+        .iter()
+        .zip(["2", "2", "4"])
+        .map(|(id, rank)| {
+            Process::spawn(
+                id,
+                Command::new(binary("flotilla-edge"))
+                    .args(["run", "--coordinator", &format!("127.0.0.1:{port}"), "--rank", rank, "--samples", "64"])
+                    .args(["--max-attempts", "30", "--idle-timeout-secs", "3", "--keep-alive-secs", "1", "--kit"])
+                    .arg(run.join("pki/kits").join(id)),
+                &run.join("logs"),
+            )
+        })
+        .collect();
+    first.wait_for_stderr("paused at mid-unmask@2", Duration::from_secs(120));
+    first.kill();
+    assert!(run.join("global/round-1/state.json").exists() && !run.join("global/round-2").exists());
+    assert!(!run.join("updates").exists(), "nothing of a device's update is written");
+
+    let mut second = coordinator("coordinator-2", None);
+    assert!(second.wait(Duration::from_secs(180)).success(), "{}", second.logs());
+    assert!(second.stderr_text().contains("resuming"), "{}", second.logs());
+    for device in &mut devices {
+        assert!(device.wait(Duration::from_secs(60)).success(), "{}", device.logs());
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["rounds_completed"], 2, "{summary}");
+    let second_round = &summary["rounds"][1]["secure"];
+    assert_eq!(second_round["survivors"], 3, "round 2 ran again, securely: {second_round}");
+    assert!(!run.join("updates").exists());
 }

@@ -202,9 +202,12 @@ impl RoundDriver {
         let (round, participants, threshold) = (secure.round, secure.participants(), secure.threshold());
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
-            let outcome = tokio::task::spawn_blocking(move || secure.finish().map_err(|e| e.to_string()))
-                .await
-                .unwrap_or_else(|e| Err(format!("unmasking stopped: {e}")));
+            let outcome = tokio::task::spawn_blocking(move || {
+                crate::crash_points::point("mid-unmask", round);
+                secure.finish().map_err(|e| e.to_string())
+            })
+            .await
+            .unwrap_or_else(|e| Err(format!("unmasking stopped: {e}")));
             let _ = inputs.send(DriverInput::SecureUnmasked { round, participants, threshold, outcome });
         });
     }
