@@ -413,7 +413,13 @@ impl CoordinatorConfig {
             )?;
         }
         if let Some(secure) = &self.secure_aggregation {
-            secure.validate(self)?;
+            secure.validate(&crate::secure::RestOfConfig {
+                method: self.aggregation.method,
+                privacy: self.privacy.is_some(),
+                record_updates: self.aggregation.record_updates,
+                shrink_to_round_rank: self.aggregation.ablation_shrink_to_round_rank,
+                min_devices: self.round.min_devices,
+            })?;
         }
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
         Ok(())

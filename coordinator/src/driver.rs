@@ -65,6 +65,8 @@ pub enum DriverInput {
     Secure {
         device: String,
         request: SecureRequest,
+        /// The request's frame size.
+        bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     },
     /// A secure round's phase deadline.
@@ -77,6 +79,7 @@ pub enum DriverInput {
         round: u32,
         participants: usize,
         threshold: usize,
+        protocol_bytes: u64,
         outcome: Result<flotilla_secagg::server::Aggregate, String>,
     },
 }
@@ -222,8 +225,8 @@ impl RoundDriver {
                     self.record_evaluation(round, result);
                     continue;
                 }
-                DriverInput::Secure { device, request, reply } => {
-                    let events = self.secure_request(&device, request, reply);
+                DriverInput::Secure { device, request, bytes, reply } => {
+                    let events = self.secure_request(&device, request, bytes, reply);
                     if let Some(summary) = self.handle_events(events, None, inputs).await? {
                         return Ok(summary);
                     }
@@ -236,8 +239,8 @@ impl RoundDriver {
                     }
                     continue;
                 }
-                DriverInput::SecureUnmasked { round, participants, threshold, outcome } => {
-                    self.secure_unmasked(round, participants, threshold, outcome);
+                DriverInput::SecureUnmasked { round, participants, threshold, protocol_bytes, outcome } => {
+                    self.secure_unmasked(round, participants, threshold, protocol_bytes, outcome);
                     continue;
                 }
             };

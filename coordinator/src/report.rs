@@ -61,6 +61,10 @@ pub struct SecureRoundRecord {
     pub recovered: usize,
     /// The shares needed to rebuild a secret.
     pub threshold: usize,
+    /// Bytes of the devices' keys, shares and unmasking shares (the protocol's uplink cost beyond
+    /// the masked updates, which `update_bytes` counts).
+    #[serde(default)]
+    pub protocol_bytes: u64,
     /// The largest quantization error of one unmasked sum.
     pub sum_error_bound: f64,
     /// Seconds from the first unmask request to the unmasked sums.

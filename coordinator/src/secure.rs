@@ -73,8 +73,8 @@ fn default_phase_secs() -> u32 {
 
 impl SecureAggregationSection {
     /// The settings, and that the rest of the configuration can run under secure aggregation.
-    pub fn validate(&self, config: &crate::config::CoordinatorConfig) -> anyhow::Result<()> {
-        let method = config.aggregation.method;
+    pub fn validate(&self, rest: &RestOfConfig) -> anyhow::Result<()> {
+        let method = rest.method;
         if let Some(why) = flotilla_torch::aggregate::secure::why_not_secure(method) {
             anyhow::bail!(
                 "[aggregation] method = \"{method}\" cannot run under [secure_aggregation]: {why}; use rbla, \
@@ -82,25 +82,25 @@ impl SecureAggregationSection {
             );
         }
         anyhow::ensure!(
-            config.privacy.is_none(),
+            !rest.privacy,
             "[privacy] and [secure_aggregation] cannot be combined yet: central noise needs the clear sums of \
              clipped updates, and distributed noise is not built (docs/privacy.md)"
         );
         anyhow::ensure!(
-            !config.aggregation.record_updates,
+            !rest.record_updates,
             "[aggregation] record_updates cannot run under [secure_aggregation]: the coordinator never holds one \
              device's update"
         );
         anyhow::ensure!(
-            !config.aggregation.ablation_shrink_to_round_rank,
+            !rest.shrink_to_round_rank,
             "[aggregation] ablation_shrink_to_round_rank cannot run under [secure_aggregation]"
         );
         anyhow::ensure!(self.phase_secs >= 1, "secure_aggregation.phase_secs must be at least 1");
         anyhow::ensure!(self.max_samples >= 1, "secure_aggregation.max_samples must be at least 1");
         let parameters = self.parameters_for(self.max_participants.max(3))?;
         parameters.validate().map_err(|e| anyhow::anyhow!("[secure_aggregation]: {e}"))?;
-        self.parameters_for(config.round.min_devices).map_err(|e| {
-            anyhow::anyhow!("{e}; [round] min_devices = {} lets a round start that small", config.round.min_devices)
+        self.parameters_for(rest.min_devices).map_err(|e| {
+            anyhow::anyhow!("{e}; [round] min_devices = {} lets a round start that small", rest.min_devices)
         })?;
         Ok(())
     }
@@ -117,6 +117,15 @@ impl SecureAggregationSection {
         );
         Ok(Parameters { threshold, degree, range: self.range, max_participants: self.max_participants })
     }
+}
+
+/// What of the rest of the configuration secure aggregation depends on.
+pub struct RestOfConfig {
+    pub method: flotilla_merge::method::Method,
+    pub privacy: bool,
+    pub record_updates: bool,
+    pub shrink_to_round_rank: bool,
+    pub min_devices: usize,
 }
 
 /// Where a secure round is.
@@ -154,6 +163,8 @@ pub struct Closed {
 pub struct SecureRound {
     pub round: u32,
     pub session: u64,
+    /// Bytes of the devices' protocol messages so far.
+    pub protocol_bytes: u64,
     phase: SecurePhase,
     server: ServerRound,
     parameters: Parameters,
@@ -197,6 +208,7 @@ impl SecureRound {
         let round = SecureRound {
             round,
             session,
+            protocol_bytes: 0,
             phase: SecurePhase::Keys,
             server,
             parameters,

@@ -154,12 +154,20 @@ async fn answer_stream(
                 CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
             })
         }
-        Ok((DeviceMessage::SecureKeys(keys), _)) => secure_request(identity, shared, SecureRequest::Keys(keys)).await,
-        Ok((DeviceMessage::SecureShares(shares), _)) => {
-            secure_request(identity, shared, SecureRequest::Shares(shares)).await
-        }
-        Ok((DeviceMessage::UnmaskShares(shares), _)) => {
-            secure_request(identity, shared, SecureRequest::Unmask(shares)).await
+        Ok((
+            message @ (DeviceMessage::SecureKeys(_) | DeviceMessage::SecureShares(_) | DeviceMessage::UnmaskShares(_)),
+            _,
+        )) => {
+            // What the protocol costs the device's uplink, for the round's record.
+            let bytes =
+                flotilla_wire::framing::encode_frame(&message, &WireTensors::default()).map_or(0, |f| f.len() as u64);
+            let request = match message {
+                DeviceMessage::SecureKeys(keys) => SecureRequest::Keys(keys),
+                DeviceMessage::SecureShares(shares) => SecureRequest::Shares(shares),
+                DeviceMessage::UnmaskShares(shares) => SecureRequest::Unmask(shares),
+                _ => unreachable!("matched above"),
+            };
+            secure_request(identity, shared, request, bytes).await
         }
         Ok((DeviceMessage::RenewCertificate(request), _)) => renew(identity, request.csr_pem, shared).await,
         Ok((other, _)) => CoordinatorMessage::Reject(Reject {
@@ -178,9 +186,14 @@ async fn answer_stream(
 }
 
 /// A secure round's request, answered by the driver when its phase closes.
-async fn secure_request(identity: &str, shared: &SessionContext, request: SecureRequest) -> CoordinatorMessage {
+async fn secure_request(
+    identity: &str,
+    shared: &SessionContext,
+    request: SecureRequest,
+    bytes: u64,
+) -> CoordinatorMessage {
     let (reply, answer) = oneshot::channel();
-    let _ = shared.inputs.send(DriverInput::Secure { device: identity.to_string(), request, reply });
+    let _ = shared.inputs.send(DriverInput::Secure { device: identity.to_string(), request, bytes, reply });
     answer.await.unwrap_or_else(|_| {
         CoordinatorMessage::Reject(Reject { round: 0, reason: "coordinator is shutting down".into() })
     })

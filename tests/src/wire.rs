@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-pub const ALPN: &[u8] = b"flotilla/1";
+pub const ALPN: &[u8] = b"flotilla/2";
 
 // ---- Messages, mirrored field by field from docs/protocol.md (bincode 2, standard config). ----
 

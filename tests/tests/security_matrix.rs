@@ -127,7 +127,7 @@ fn hostile_peers_are_refused_with_reasons_while_an_honest_device_trains() {
             ("expired certificate", ClientCredentials::kit(&run.join("expired-kit"))),
             ("revoked certificate", kit("stolen")),
             ("serverAuth-only certificate", kit("coordinator")),
-            ("wrong ALPN", ClientCredentials { alpn: b"flotilla/2".to_vec(), ..kit("mallory") }),
+            ("wrong ALPN", ClientCredentials { alpn: b"flotilla/1".to_vec(), ..kit("mallory") }),
         ];
         for (case, credentials) in &handshakes {
             let seen = refused_join(address, credentials, "honest").await;
@@ -269,7 +269,7 @@ fn a_device_refuses_a_coordinator_of_another_protocol_version() {
     provision(&pki, &["phone"]);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let server =
-        runtime.block_on(async { wire::server_endpoint(&pki.join("kits/coordinator"), b"flotilla/2") }).unwrap();
+        runtime.block_on(async { wire::server_endpoint(&pki.join("kits/coordinator"), b"flotilla/3") }).unwrap();
     let address = server.local_addr().unwrap();
     let accepting = server.clone();
     runtime.spawn(async move {
@@ -287,6 +287,6 @@ fn a_device_refuses_a_coordinator_of_another_protocol_version() {
         &dir.path().join("logs"),
     );
     assert_eq!(device.wait(Duration::from_secs(60)).code(), Some(2), "{}", device.logs());
-    assert!(device.stderr_text().contains("does not speak flotilla/1"), "{}", device.logs());
+    assert!(device.stderr_text().contains("does not speak flotilla/2"), "{}", device.logs());
     assert!(!device.stderr_text().contains("retrying"), "{}", device.logs());
 }

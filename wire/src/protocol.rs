@@ -30,8 +30,8 @@
 use serde::{Deserialize, Serialize};
 
 /// ALPN protocol id; a peer speaking another version fails the handshake with a clear error.
-pub const ALPN: &[u8] = b"flotilla/1";
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const ALPN: &[u8] = b"flotilla/2";
+pub const PROTOCOL_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceMessage {

@@ -83,6 +83,7 @@ impl RoundDriver {
         &mut self,
         device: &str,
         request: SecureRequest,
+        bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     ) -> Vec<Event> {
         let Some(secure) = self.secure.as_mut() else {
@@ -90,6 +91,8 @@ impl RoundDriver {
             return Vec::new();
         };
         let round = secure.round;
+        secure.protocol_bytes += bytes;
+        metrics::counter!("fl_secagg_protocol_bytes_total").increment(bytes);
         let (phase, outcome) = match request {
             SecureRequest::Keys(keys) => (SecurePhase::Keys, secure.keys(device, keys, reply)),
             SecureRequest::Shares(shares) => (SecurePhase::Shares, secure.shares(device, shares, reply)),
@@ -200,6 +203,7 @@ impl RoundDriver {
     fn finish_unmasking(&mut self) {
         let Some(secure) = self.secure.take() else { return };
         let (round, participants, threshold) = (secure.round, secure.participants(), secure.threshold());
+        let protocol_bytes = secure.protocol_bytes;
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || {
@@ -208,7 +212,8 @@ impl RoundDriver {
             })
             .await
             .unwrap_or_else(|e| Err(format!("unmasking stopped: {e}")));
-            let _ = inputs.send(DriverInput::SecureUnmasked { round, participants, threshold, outcome });
+            let _ =
+                inputs.send(DriverInput::SecureUnmasked { round, participants, threshold, protocol_bytes, outcome });
         });
     }
 
@@ -218,6 +223,7 @@ impl RoundDriver {
         round: u32,
         participants: usize,
         threshold: usize,
+        protocol_bytes: u64,
         outcome: Result<Aggregate, String>,
     ) {
         publish_phase(None);
@@ -225,6 +231,7 @@ impl RoundDriver {
         let mut record = SecureRoundRecord {
             participants,
             threshold,
+            protocol_bytes,
             unmask_seconds: started.elapsed().as_secs_f64(),
             ..SecureRoundRecord::default()
         };
