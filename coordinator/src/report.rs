@@ -141,6 +141,9 @@ pub struct ReportRow {
     pub task_bytes: u64,
     pub aggregation_seconds: f64,
     pub round_seconds: f64,
+    /// Under `[secure_aggregation]`: how the round's protocol went.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secure: Option<SecureRoundRecord>,
 }
 
 pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
@@ -169,6 +172,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
             task_bytes: 0,
             aggregation_seconds: 0.0,
             round_seconds: 0.0,
+            secure: None,
         });
     }
     for round in &summary.rounds {
@@ -192,6 +196,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
             task_bytes: round.task_bytes,
             aggregation_seconds: round.aggregation_seconds,
             round_seconds: round.round_seconds,
+            secure: round.secure.clone(),
         });
     }
     rows
@@ -210,6 +215,10 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
     }
     for rank in &part_ranks {
         out.push_str(&format!(",participants_rank_{rank}"));
+    }
+    let secure = rows.iter().any(|r| r.secure.is_some());
+    if secure {
+        out.push_str(",secure_survivors,secure_recovered,secure_discarded");
     }
     out.push('\n');
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
@@ -232,6 +241,12 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
         }
         for rank in &part_ranks {
             out.push_str(&format!(",{}", row.participants.get(rank).copied().unwrap_or(0)));
+        }
+        if secure {
+            match &row.secure {
+                Some(s) => out.push_str(&format!(",{},{},{}", s.survivors, s.recovered, s.discarded.is_some())),
+                None => out.push_str(",,,"),
+            }
         }
         out.push('\n');
     }

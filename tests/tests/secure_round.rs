@@ -10,7 +10,10 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, free_udp_port, provision, read_safetensors, start_coordinator, Matrix, Process};
+use flotilla_tests::{
+    binary, free_tcp_port, free_udp_port, http_get, metric_value, provision, read_safetensors, start_coordinator,
+    Matrix, Process,
+};
 
 /// (device id, rank, samples, the crash-test point where it drops: `before-keys`, `after-shares`
 /// or `before-unmask`)
@@ -224,9 +227,11 @@ fn a_coordinator_killed_mid_unmask_discards_the_round_and_resumes_with_fresh_key
     let ids = ["phone-1", "phone-2", "laptop-1"];
     provision(&run.join("pki"), &ids);
     let port = free_udp_port();
+    let metrics_port = free_tcp_port();
     let config = config(run, "rbla", 3, 3, true)
         .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""))
-        .replace("rounds = 1", "rounds = 2");
+        .replace("rounds = 1", "rounds = 2")
+        + &format!("[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n");
     let path = run.join("c.toml");
     std::fs::write(&path, config).unwrap();
     let coordinator = |name: &str, pause: Option<&str>| {
@@ -254,6 +259,12 @@ fn a_coordinator_killed_mid_unmask_discards_the_round_and_resumes_with_fresh_key
         })
         .collect();
     first.wait_for_stderr("paused at mid-unmask@2", Duration::from_secs(120));
+    // Paused while unmasking: the metrics show the phase and round 1's outcome.
+    let metrics = http_get(metrics_port, "/metrics").expect("the metrics endpoint answers");
+    assert_eq!(metric_value(&metrics, "fl_secagg_phase{phase=\"unmask\"}"), Some(1.0), "{metrics}");
+    assert_eq!(metric_value(&metrics, "fl_secagg_rounds_total{outcome=\"aggregated\"}"), Some(1.0), "{metrics}");
+    assert_eq!(metric_value(&metrics, "fl_secagg_survivors"), Some(3.0), "{metrics}");
+    assert!(metric_value(&metrics, "fl_secagg_protocol_bytes_total").is_some_and(|b| b > 0.0), "{metrics}");
     first.kill();
     assert!(run.join("global/round-1/state.json").exists() && !run.join("global/round-2").exists());
     assert!(!run.join("updates").exists(), "nothing of a device's update is written");
@@ -268,5 +279,7 @@ fn a_coordinator_killed_mid_unmask_discards_the_round_and_resumes_with_fresh_key
     assert_eq!(summary["rounds_completed"], 2, "{summary}");
     let second_round = &summary["rounds"][1]["secure"];
     assert_eq!(second_round["survivors"], 3, "round 2 ran again, securely: {second_round}");
+    let csv = std::fs::read_to_string(run.join("rounds.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().ends_with("secure_survivors,secure_recovered,secure_discarded"), "{csv}");
     assert!(!run.join("updates").exists());
 }

@@ -537,8 +537,8 @@ mod tests {
     fn the_plans_tune_every_setting_then_run_its_seeds_at_the_chosen_rate() {
         let plan = Plan::text();
         let settings = plan.settings("bbc");
-        // The centralized reference, and under each of 2 skews 7 methods and 4 homogeneous fleets.
-        assert_eq!(settings.len(), 1 + 2 * (7 + 4));
+        // The centralized reference, and under each of 2 skews 7 methods and 2 homogeneous fleets.
+        assert_eq!(settings.len(), 1 + 2 * (7 + 2));
         let tuning = plan.tuning_cells("bbc", &Chosen::new());
         assert_eq!(tuning.len(), settings.len() * plan.learning_rates.len());
         let mut keys: Vec<String> = tuning.iter().map(|c| plan.cell_key(c)).collect();
