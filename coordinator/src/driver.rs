@@ -20,6 +20,8 @@ use tracing::{info, warn};
 
 mod secure_phases;
 
+pub use secure_phases::SecureRequest;
+
 use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
 use crate::config::CoordinatorConfig;
 use crate::evaluation::RankAccuracy;
@@ -82,13 +84,6 @@ pub enum DriverInput {
         protocol_bytes: u64,
         outcome: Result<flotilla_secagg::server::Aggregate, String>,
     },
-}
-
-/// What a device asks in a secure round's phases.
-pub enum SecureRequest {
-    Keys(flotilla_secagg::messages::AdvertiseKeys),
-    Shares(flotilla_wire::protocol::SecureShares),
-    Unmask(flotilla_secagg::messages::UnmaskShares),
 }
 
 /// Owns the engine and the live sessions; runs until the engine says the run is finished.
@@ -225,22 +220,13 @@ impl RoundDriver {
                     self.record_evaluation(round, result);
                     continue;
                 }
-                DriverInput::Secure { device, request, bytes, reply } => {
-                    let events = self.secure_request(&device, request, bytes, reply);
+                secure @ (DriverInput::Secure { .. }
+                | DriverInput::SecureTimer { .. }
+                | DriverInput::SecureUnmasked { .. }) => {
+                    let events = self.secure_input(secure);
                     if let Some(summary) = self.handle_events(events, None, inputs).await? {
                         return Ok(summary);
                     }
-                    continue;
-                }
-                DriverInput::SecureTimer { session, phase } => {
-                    let events = self.secure_timer(session, phase);
-                    if let Some(summary) = self.handle_events(events, None, inputs).await? {
-                        return Ok(summary);
-                    }
-                    continue;
-                }
-                DriverInput::SecureUnmasked { round, participants, threshold, protocol_bytes, outcome } => {
-                    self.secure_unmasked(round, participants, threshold, protocol_bytes, outcome);
                     continue;
                 }
             };
@@ -451,41 +437,6 @@ impl RoundDriver {
             let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
             let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted: None }));
         }
-    }
-
-    fn fold_masked(&mut self, upload: Upload, masked: flotilla_secagg::messages::MaskedInput, round: u32) {
-        let wire_bytes = 4 * masked.values.len() as u64;
-        let result = match self.secure.as_mut() {
-            Some(secure) if secure.round == round => secure.masked(&upload.device, masked).map(|()| wire_bytes),
-            _ => Err(format!("round {round} is not a secure round in progress")),
-        };
-        self.answer_fold(upload, round, result);
-    }
-
-    /// Answers a device's upload that the driver itself folded (or refused), and tells the engine.
-    fn answer_fold(&self, upload: Upload, round: u32, result: Result<u64, String>) {
-        let Upload { device, update, reply, .. } = upload;
-        let accepted = match result {
-            Ok(wire_bytes) => {
-                info!(device = %device, round, rank = update.rank, "[round {round}] masked update accepted");
-                metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
-                let _ = reply.send(CoordinatorMessage::Ack(flotilla_wire::protocol::Ack { round }));
-                Some(UpdateRecord {
-                    device: device.clone(),
-                    rank: update.rank,
-                    num_samples: update.num_samples,
-                    metrics: update.metrics,
-                    wire_bytes,
-                })
-            }
-            Err(reason) => {
-                warn!(device = %device, round, "[round {round}] update rejected: {reason}");
-                metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "invalid").increment(1);
-                let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
-                None
-            }
-        };
-        let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted }));
     }
 
     /// Asks the worker to finish the round; its record comes back as `AggregationDone`. A secure

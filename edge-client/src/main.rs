@@ -5,6 +5,7 @@ mod nvml;
 mod probe;
 mod progress;
 mod rank_policy;
+mod secure_session;
 mod session;
 mod sim;
 mod trainer;

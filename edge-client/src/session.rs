@@ -16,7 +16,7 @@ use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::ALPN;
 use flotilla_wire::protocol::{
     close, BaseDelivery, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, MaskedUpdate, RenewCertificate,
-    RoundTask, SecureShares, SecureTask, Update, PROTOCOL_VERSION,
+    RoundTask, Update, PROTOCOL_VERSION,
 };
 use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_wire::tensor::WireTensors;
@@ -25,9 +25,9 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use crate::base_store::StoreError;
+use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
 use crate::trainer::{BaseSource, Trainer, UpdateShaping};
 use flotilla_secagg::client::ClientRound;
-use flotilla_secagg::messages::UnmaskRequest;
 
 /// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
 /// abandons it. Either abandons local training (its result is never sent).
@@ -223,7 +223,9 @@ async fn connect_and_serve(
                         warn!("fault injection: paused at before-unmask@{round}; waiting to be killed");
                         std::future::pending::<()>().await;
                     }
-                    reveal_unmasking_shares(&connection, settings, &client, &request).await?
+                    reveal_unmasking_shares(&connection, &settings.limits, &client, &request)
+                        .await
+                        .map_err(|e| classify(&connection, settings, "secure aggregation", format!("{e:#}")))?
                 }
                 None => warn!("the coordinator asked for unmasking shares, but no secure round is waiting for them"),
             },
@@ -317,7 +319,9 @@ async fn train_and_upload(
     let mut secure_round = None;
     if let Some(secure) = &task.secure {
         secure_round = tokio::select! {
-            agreed = agree_secure_round(connection, settings, secure, round, task.rank) => agreed?,
+            agreed = agree_secure_round(connection, &settings.limits, secure, round, task.rank) => {
+                agreed.map_err(|e| classify(connection, settings, "secure aggregation", format!("{e:#}")))?
+            }
             _ = stop_reached(stop, Stop::AfterUpload) => {
                 return Err(stopping(connection, format!("stopped: round {round}'s key agreement abandoned")));
             }
@@ -381,112 +385,6 @@ async fn train_and_upload(
         }
     }
     Ok(secure_round)
-}
-
-/// A secure round's first two phases: fresh keys up, the neighbours' keys back; this device's
-/// encrypted shares up, its neighbours' shares back. `None` when the coordinator discarded the
-/// round or the device cannot take part (it then sits the round out).
-async fn agree_secure_round(
-    connection: &quinn::Connection,
-    settings: &SessionSettings,
-    secure: &SecureTask,
-    round: u32,
-    rank: u32,
-) -> Result<Option<ClientRound>, SessionError> {
-    let sit_out = |why: String| {
-        warn!("[round {round}] secure aggregation: {why}; sitting this round out");
-        Ok(None)
-    };
-    if flotilla_wire::crash_test::pause_requested("before-keys", round) {
-        // Crash-test hook: a device that drops before sending its keys.
-        warn!("fault injection: paused at before-keys@{round}; waiting to be killed");
-        std::future::pending::<()>().await;
-    }
-    let (mut client, advert) =
-        match ClientRound::new(secure.parameters, secure.session, secure.participant, rank, secure.layout) {
-            Ok(started) => started,
-            Err(error) => return sit_out(format!("cannot start: {error}")),
-        };
-    let peers = match exchange(connection, settings, DeviceMessage::SecureKeys(advert)).await? {
-        CoordinatorMessage::SecurePeers(peers) if peers.session == secure.session => peers.peers,
-        CoordinatorMessage::Reject(reject) => return sit_out(format!("keys refused: {}", reject.reason)),
-        other => return sit_out(format!("unexpected answer to the keys: {}", message_kind(&other))),
-    };
-    let shares = match client.share_keys(&peers) {
-        Ok(shares) => shares,
-        Err(error) => return sit_out(format!("cannot share the keys: {error}")),
-    };
-    let message = DeviceMessage::SecureShares(SecureShares { session: secure.session, shares });
-    let received = match exchange(connection, settings, message).await? {
-        CoordinatorMessage::SecureSharesForYou(shares) if shares.session == secure.session => shares.shares,
-        CoordinatorMessage::Reject(reject) => return sit_out(format!("shares refused: {}", reject.reason)),
-        other => return sit_out(format!("unexpected answer to the shares: {}", message_kind(&other))),
-    };
-    for error in client.receive_shares(&received) {
-        warn!("[round {round}] secure aggregation: a neighbour's share refused: {error}");
-    }
-    if flotilla_wire::crash_test::pause_requested("after-shares", round) {
-        // Crash-test hook (`flotilla_wire::crash_test`): a device that drops after sharing its keys.
-        warn!("fault injection: paused at after-shares@{round}; waiting to be killed");
-        std::future::pending::<()>().await;
-    }
-    info!("[round {round}] secure aggregation: keys agreed with {} neighbour(s)", peers.len());
-    Ok(Some(client))
-}
-
-/// The last phase of a secure round: the shares that let the coordinator remove the masks.
-async fn reveal_unmasking_shares(
-    connection: &quinn::Connection,
-    settings: &SessionSettings,
-    client: &ClientRound,
-    request: &UnmaskRequest,
-) -> Result<(), SessionError> {
-    let shares = match client.unmask(request) {
-        Ok(shares) => shares,
-        Err(error) => {
-            warn!("secure aggregation: unmasking request refused: {error}");
-            return Ok(());
-        }
-    };
-    match exchange(connection, settings, DeviceMessage::UnmaskShares(shares)).await? {
-        CoordinatorMessage::Ack(ack) => info!("[round {}] unmasking shares accepted", ack.round),
-        CoordinatorMessage::Reject(reject) => warn!("unmasking shares refused: {}", reject.reason),
-        other => warn!("unexpected answer to the unmasking shares: {}", message_kind(&other)),
-    }
-    Ok(())
-}
-
-/// One request on its own stream and its answer.
-async fn exchange(
-    connection: &quinn::Connection,
-    settings: &SessionSettings,
-    message: DeviceMessage,
-) -> Result<CoordinatorMessage, SessionError> {
-    async {
-        let (mut send, mut recv) = connection.open_bi().await?;
-        write_frame(&mut send, &message, &WireTensors::default()).await?;
-        send.finish()?;
-        let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits).await?;
-        anyhow::Ok(reply)
-    }
-    .await
-    .map_err(|e| classify(connection, settings, "secure aggregation", format!("{e:#}")))
-}
-
-fn message_kind(message: &CoordinatorMessage) -> &'static str {
-    match message {
-        CoordinatorMessage::Welcome(_) => "Welcome",
-        CoordinatorMessage::Refusal(_) => "Refusal",
-        CoordinatorMessage::RoundTask(_) => "RoundTask",
-        CoordinatorMessage::Ack(_) => "Ack",
-        CoordinatorMessage::Reject(_) => "Reject",
-        CoordinatorMessage::Finished(_) => "Finished",
-        CoordinatorMessage::CertificateRenewed(_) => "CertificateRenewed",
-        CoordinatorMessage::BaseChunk(_) => "BaseChunk",
-        CoordinatorMessage::SecurePeers(_) => "SecurePeers",
-        CoordinatorMessage::SecureSharesForYou(_) => "SecureSharesForYou",
-        CoordinatorMessage::SecureUnmask(_) => "SecureUnmask",
-    }
 }
 
 async fn hello(

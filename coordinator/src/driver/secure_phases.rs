@@ -13,10 +13,17 @@ use flotilla_wire::tensor::WireTensors;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::{DriverInput, RoundDriver, SecureRequest};
-use crate::aggregation::{FoldDone, SecureOutcome};
-use crate::report::{RoundFacts, SecureRoundRecord};
+use super::{DriverInput, RoundDriver};
+use crate::aggregation::{FoldDone, SecureOutcome, Upload};
+use crate::report::{RoundFacts, SecureRoundRecord, UpdateRecord};
 use crate::secure::{Closed, SecurePhase, SecureRound};
+
+/// What a device asks in a secure round's phases.
+pub enum SecureRequest {
+    Keys(flotilla_secagg::messages::AdvertiseKeys),
+    Shares(flotilla_wire::protocol::SecureShares),
+    Unmask(flotilla_secagg::messages::UnmaskShares),
+}
 
 fn refuse(reply: oneshot::Sender<CoordinatorMessage>, round: u32, reason: String) {
     let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
@@ -30,6 +37,56 @@ fn publish_phase(current: Option<SecurePhase>) {
 }
 
 impl RoundDriver {
+    /// A secure round's input; returns what the engine must hear of it.
+    pub(super) fn secure_input(&mut self, input: DriverInput) -> Vec<Event> {
+        match input {
+            DriverInput::Secure { device, request, bytes, reply } => {
+                self.secure_request(&device, request, bytes, reply)
+            }
+            DriverInput::SecureTimer { session, phase } => self.secure_timer(session, phase),
+            DriverInput::SecureUnmasked { round, participants, threshold, protocol_bytes, outcome } => {
+                self.secure_unmasked(round, participants, threshold, protocol_bytes, outcome);
+                Vec::new()
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    pub(super) fn fold_masked(&mut self, upload: Upload, masked: flotilla_secagg::messages::MaskedInput, round: u32) {
+        let wire_bytes = 4 * masked.values.len() as u64;
+        let result = match self.secure.as_mut() {
+            Some(secure) if secure.round == round => secure.masked(&upload.device, masked).map(|()| wire_bytes),
+            _ => Err(format!("round {round} is not a secure round in progress")),
+        };
+        self.answer_fold(upload, round, result);
+    }
+
+    /// Answers a device's upload that the driver itself folded (or refused), and tells the engine.
+    pub(super) fn answer_fold(&self, upload: Upload, round: u32, result: Result<u64, String>) {
+        let Upload { device, update, reply, .. } = upload;
+        let accepted = match result {
+            Ok(wire_bytes) => {
+                info!(device = %device, round, rank = update.rank, "[round {round}] masked update accepted");
+                metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
+                let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
+                Some(UpdateRecord {
+                    device: device.clone(),
+                    rank: update.rank,
+                    num_samples: update.num_samples,
+                    metrics: update.metrics,
+                    wire_bytes,
+                })
+            }
+            Err(reason) => {
+                warn!(device = %device, round, "[round {round}] update rejected: {reason}");
+                metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "invalid").increment(1);
+                let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+                None
+            }
+        };
+        let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted }));
+    }
+
     /// Under `[secure_aggregation]`: the round's SecAgg+ state for the devices about to get a
     /// task, and each one's part of its task. A round that cannot be secured gets no tasks' secure
     /// parts, and its devices are failed at once (the engine skips the round): nothing is sent that
@@ -79,7 +136,7 @@ impl RoundDriver {
     }
 
     /// A device's keys, shares or unmasking shares; returns what the engine must hear of it.
-    pub(super) fn secure_request(
+    fn secure_request(
         &mut self,
         device: &str,
         request: SecureRequest,
@@ -125,7 +182,7 @@ impl RoundDriver {
     }
 
     /// A phase's deadline: closes it if the round is still in it.
-    pub(super) fn secure_timer(&mut self, session: u64, phase: SecurePhase) -> Vec<Event> {
+    fn secure_timer(&mut self, session: u64, phase: SecurePhase) -> Vec<Event> {
         let current = self.secure.as_ref().filter(|s| s.session == session && s.discarded().is_none());
         match current.map(SecureRound::phase) {
             Some(now) if now == phase => match phase {
@@ -218,7 +275,7 @@ impl RoundDriver {
     }
 
     /// The unmasked sums (or why there are none) go to the worker, which finishes the round.
-    pub(super) fn secure_unmasked(
+    fn secure_unmasked(
         &mut self,
         round: u32,
         participants: usize,

@@ -1,0 +1,116 @@
+//! A device's side of a secure aggregation round (`[secure_aggregation]` on the coordinator; see
+//! `flotilla_secagg` and docs/security.md): the key agreement and share exchange before training,
+//! and the unmasking shares after the masked upload. The session (`session.rs`) calls these around
+//! its training and upload.
+
+use flotilla_secagg::client::ClientRound;
+use flotilla_secagg::messages::UnmaskRequest;
+use flotilla_wire::framing::{read_frame, write_frame};
+use flotilla_wire::protocol::{CoordinatorMessage, DeviceMessage, SecureShares, SecureTask};
+use flotilla_wire::tensor::WireTensors;
+use tracing::{info, warn};
+
+use flotilla_wire::framing::FrameLimits;
+
+/// A secure round's first two phases: fresh keys up, the neighbours' keys back; this device's
+/// encrypted shares up, its neighbours' shares back. `None` when the coordinator discarded the
+/// round or the device cannot take part (it then sits the round out); an error when the
+/// connection fails.
+pub(crate) async fn agree_secure_round(
+    connection: &quinn::Connection,
+    limits: &FrameLimits,
+    secure: &SecureTask,
+    round: u32,
+    rank: u32,
+) -> anyhow::Result<Option<ClientRound>> {
+    let sit_out = |why: String| {
+        warn!("[round {round}] secure aggregation: {why}; sitting this round out");
+        Ok(None)
+    };
+    if flotilla_wire::crash_test::pause_requested("before-keys", round) {
+        // Crash-test hook: a device that drops before sending its keys.
+        warn!("fault injection: paused at before-keys@{round}; waiting to be killed");
+        std::future::pending::<()>().await;
+    }
+    let (mut client, advert) =
+        match ClientRound::new(secure.parameters, secure.session, secure.participant, rank, secure.layout) {
+            Ok(started) => started,
+            Err(error) => return sit_out(format!("cannot start: {error}")),
+        };
+    let peers = match exchange(connection, limits, DeviceMessage::SecureKeys(advert)).await? {
+        CoordinatorMessage::SecurePeers(peers) if peers.session == secure.session => peers.peers,
+        CoordinatorMessage::Reject(reject) => return sit_out(format!("keys refused: {}", reject.reason)),
+        other => return sit_out(format!("unexpected answer to the keys: {}", message_kind(&other))),
+    };
+    let shares = match client.share_keys(&peers) {
+        Ok(shares) => shares,
+        Err(error) => return sit_out(format!("cannot share the keys: {error}")),
+    };
+    let message = DeviceMessage::SecureShares(SecureShares { session: secure.session, shares });
+    let received = match exchange(connection, limits, message).await? {
+        CoordinatorMessage::SecureSharesForYou(shares) if shares.session == secure.session => shares.shares,
+        CoordinatorMessage::Reject(reject) => return sit_out(format!("shares refused: {}", reject.reason)),
+        other => return sit_out(format!("unexpected answer to the shares: {}", message_kind(&other))),
+    };
+    for error in client.receive_shares(&received) {
+        warn!("[round {round}] secure aggregation: a neighbour's share refused: {error}");
+    }
+    if flotilla_wire::crash_test::pause_requested("after-shares", round) {
+        // Crash-test hook (`flotilla_wire::crash_test`): a device that drops after sharing its keys.
+        warn!("fault injection: paused at after-shares@{round}; waiting to be killed");
+        std::future::pending::<()>().await;
+    }
+    info!("[round {round}] secure aggregation: keys agreed with {} neighbour(s)", peers.len());
+    Ok(Some(client))
+}
+
+/// The last phase of a secure round: the shares that let the coordinator remove the masks.
+pub(crate) async fn reveal_unmasking_shares(
+    connection: &quinn::Connection,
+    limits: &FrameLimits,
+    client: &ClientRound,
+    request: &UnmaskRequest,
+) -> anyhow::Result<()> {
+    let shares = match client.unmask(request) {
+        Ok(shares) => shares,
+        Err(error) => {
+            warn!("secure aggregation: unmasking request refused: {error}");
+            return Ok(());
+        }
+    };
+    match exchange(connection, limits, DeviceMessage::UnmaskShares(shares)).await? {
+        CoordinatorMessage::Ack(ack) => info!("[round {}] unmasking shares accepted", ack.round),
+        CoordinatorMessage::Reject(reject) => warn!("unmasking shares refused: {}", reject.reason),
+        other => warn!("unexpected answer to the unmasking shares: {}", message_kind(&other)),
+    }
+    Ok(())
+}
+
+/// One request on its own stream and its answer.
+async fn exchange(
+    connection: &quinn::Connection,
+    limits: &FrameLimits,
+    message: DeviceMessage,
+) -> anyhow::Result<CoordinatorMessage> {
+    let (mut send, mut recv) = connection.open_bi().await?;
+    write_frame(&mut send, &message, &WireTensors::default()).await?;
+    send.finish()?;
+    let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, limits).await?;
+    Ok(reply)
+}
+
+fn message_kind(message: &CoordinatorMessage) -> &'static str {
+    match message {
+        CoordinatorMessage::Welcome(_) => "Welcome",
+        CoordinatorMessage::Refusal(_) => "Refusal",
+        CoordinatorMessage::RoundTask(_) => "RoundTask",
+        CoordinatorMessage::Ack(_) => "Ack",
+        CoordinatorMessage::Reject(_) => "Reject",
+        CoordinatorMessage::Finished(_) => "Finished",
+        CoordinatorMessage::CertificateRenewed(_) => "CertificateRenewed",
+        CoordinatorMessage::BaseChunk(_) => "BaseChunk",
+        CoordinatorMessage::SecurePeers(_) => "SecurePeers",
+        CoordinatorMessage::SecureSharesForYou(_) => "SecureSharesForYou",
+        CoordinatorMessage::SecureUnmask(_) => "SecureUnmask",
+    }
+}
