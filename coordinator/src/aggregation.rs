@@ -371,7 +371,7 @@ impl AggregationThread {
         let started = Instant::now();
         match secure {
             None => self.aggregate(&facts)?,
-            Some(outcome) => self.aggregate_secure(round, outcome)?,
+            Some(outcome) => self.aggregate_secure(&facts, outcome)?,
         }
         let aggregation_seconds = started.elapsed().as_secs_f64();
         crate::crash_points::point("mid-aggregation", round);
@@ -402,14 +402,29 @@ impl AggregationThread {
 
     /// Makes the next global adapter from a secure round's unmasked sums (a discarded round keeps
     /// the current one).
-    fn aggregate_secure(&mut self, round: u32, outcome: SecureOutcome) -> Result<(), String> {
+    fn aggregate_secure(&mut self, facts: &RoundFacts, outcome: SecureOutcome) -> Result<(), String> {
+        let round = facts.round;
         let SecureOutcome::Sums(sums) = outcome else {
             info!(round, "secure round discarded: the global adapter is unchanged");
             return Ok(());
         };
+        let layout = secure::layout(&self.global);
+        if let Some(parameters) = self.settings.privacy {
+            // Distributed privacy: the sums are of clipped changes, already noised by the devices.
+            let by_tensor = secure::sums_by_tensor(&sums, &self.global, &layout).map_err(|e| e.to_string())?;
+            let (method, scale) = (self.settings.method, self.settings.scale());
+            let aggregated =
+                PrivateSums::from_sums(&self.global, method, scale, parameters, by_tensor, facts.updates.len())
+                    .and_then(|s| s.finish_noised(&facts.population_by_rank, self.settings.policy.fraction))
+                    .map_err(|e| e.to_string())?;
+            for note in &aggregated.notes {
+                info!(round, "{note}");
+            }
+            self.global = aggregated.adapter;
+            return Ok(());
+        }
         let form = secure::secure_form(self.settings.method)
             .ok_or_else(|| format!("{} has no secure form", self.settings.method))?;
-        let layout = secure::layout(&self.global);
         self.global = secure::unpack(form, &sums, &self.global, &layout).map_err(|e| e.to_string())?;
         Ok(())
     }

@@ -412,10 +412,16 @@ impl CoordinatorConfig {
                 self.aggregation.ablation_shrink_to_round_rank,
             )?;
         }
+        let distributed = self.privacy.as_ref().is_some_and(|p| p.mode == crate::privacy::PrivacyMode::Distributed);
+        anyhow::ensure!(
+            !distributed || self.secure_aggregation.is_some(),
+            "[privacy] mode = \"distributed\" needs [secure_aggregation]: each device's noise protects nothing unless its \
+             update is masked"
+        );
         if let Some(secure) = &self.secure_aggregation {
             secure.validate(&crate::secure::RestOfConfig {
                 method: self.aggregation.method,
-                privacy: self.privacy.is_some(),
+                central_privacy: self.privacy.is_some() && !distributed,
                 record_updates: self.aggregation.record_updates,
                 shrink_to_round_rank: self.aggregation.ablation_shrink_to_round_rank,
                 min_devices: self.round.min_devices,

@@ -23,6 +23,9 @@ pub enum PrivacyMode {
     /// global models (devices, users of the exported adapter), provided the operator is trusted.
     #[default]
     Central,
+    /// Each device adds its share under secure aggregation, so the sums the coordinator unmasks
+    /// already carry noise of standard deviation σ·C: the guarantee holds against the operator too.
+    Distributed,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,9 +41,24 @@ pub struct PrivacySection {
     pub epsilon: f64,
     /// δ of the (ε, δ) guarantee; below 1/min_devices.
     pub delta: f64,
+    /// Distributed mode: the share of a round's devices covering a slot that may drop while the
+    /// sum keeps its full noise. Each device adds noise for ⌈(1 − max_dropout)·n⌉ contributors of
+    /// the n covering the slot, and a round with fewer survivors is discarded unrevealed.
+    #[serde(default = "default_max_dropout")]
+    pub max_dropout: f64,
+}
+
+fn default_max_dropout() -> f64 {
+    0.2
 }
 
 impl PrivacySection {
+    /// Distributed mode: the fewest devices whose noise a sum covered by `covering` devices must
+    /// hold.
+    pub fn contributors_needed(&self, covering: usize) -> usize {
+        ((1.0 - self.max_dropout) * covering as f64).ceil().max(1.0) as usize
+    }
+
     pub fn parameters(&self) -> PrivacyParameters {
         PrivacyParameters { clip_norm: self.clip_norm, noise_multiplier: self.noise_multiplier }
     }
@@ -54,6 +72,11 @@ impl PrivacySection {
         positive(self.clip_norm, "clip_norm")?;
         positive(self.noise_multiplier, "noise_multiplier")?;
         positive(self.epsilon, "epsilon")?;
+        ensure!(
+            (0.0..1.0).contains(&self.max_dropout),
+            "privacy.max_dropout must be in [0, 1), got {}",
+            self.max_dropout
+        );
         let devices = min_devices.max(1);
         ensure!(
             self.delta > 0.0 && self.delta < 1.0 / devices as f64,
@@ -156,7 +179,14 @@ mod tests {
     use super::*;
 
     fn section(noise_multiplier: f64, epsilon: f64, delta: f64) -> PrivacySection {
-        PrivacySection { mode: PrivacyMode::Central, clip_norm: 1.0, noise_multiplier, epsilon, delta }
+        PrivacySection {
+            mode: PrivacyMode::Central,
+            clip_norm: 1.0,
+            noise_multiplier,
+            epsilon,
+            delta,
+            max_dropout: 0.2,
+        }
     }
 
     #[test]

@@ -82,9 +82,9 @@ impl SecureAggregationSection {
             );
         }
         anyhow::ensure!(
-            !rest.privacy,
-            "[privacy] and [secure_aggregation] cannot be combined yet: central noise needs the clear sums of \
-             clipped updates, and distributed noise is not built (docs/privacy.md)"
+            !rest.central_privacy,
+            "[privacy] mode = \"central\" cannot run under [secure_aggregation]: the coordinator would need each \
+             clipped update in the clear; use mode = \"distributed\" (docs/privacy.md)"
         );
         anyhow::ensure!(
             !rest.record_updates,
@@ -122,7 +122,7 @@ impl SecureAggregationSection {
 /// What of the rest of the configuration secure aggregation depends on.
 pub struct RestOfConfig {
     pub method: flotilla_merge::method::Method,
-    pub privacy: bool,
+    pub central_privacy: bool,
     pub record_updates: bool,
     pub shrink_to_round_rank: bool,
     pub min_devices: usize,
@@ -176,6 +176,9 @@ pub struct SecureRound {
     unmasked: BTreeSet<u32>,
     held: Vec<Held>,
     discarded: Option<String>,
+    ranks: BTreeMap<u32, u32>,
+    /// Distributed privacy: the survivors each sum needs for its full noise, `[head, slot 0, …]`.
+    needed: Vec<usize>,
 }
 
 impl SecureRound {
@@ -185,6 +188,7 @@ impl SecureRound {
         participants: &[(String, u32)],
         section: &SecureAggregationSection,
         layout: Layout,
+        privacy: Option<&crate::privacy::PrivacySection>,
     ) -> anyhow::Result<(SecureRound, BTreeMap<String, SecureTask>)> {
         use rand::Rng;
         let mut rng = rand::rng();
@@ -195,12 +199,35 @@ impl SecureRound {
         let ids: BTreeMap<String, u32> =
             sorted.iter().enumerate().map(|(i, (device, _))| (device.clone(), i as u32 + 1)).collect();
         let ranks: BTreeMap<u32, u32> = sorted.iter().map(|(device, rank)| (ids[device], *rank)).collect();
-        let server = ServerRound::new(parameters, session, layout, ranks, rng.random())
+        // Distributed privacy: the contributors each sum needs ([head, slot 0, …]) and each device's
+        // share of the noise σ·C on it.
+        let covering: Vec<usize> = std::iter::once(ranks.len())
+            .chain((0..layout.max_rank).map(|slot| ranks.values().filter(|&&r| r > slot).count()))
+            .collect();
+        let (needed, noise_std): (Vec<usize>, Vec<f64>) = match privacy {
+            Some(privacy) => covering
+                .iter()
+                .map(|&n| {
+                    let needed = if n == 0 { 0 } else { privacy.contributors_needed(n) };
+                    let sd = privacy.noise_multiplier * privacy.clip_norm / (needed.max(1) as f64).sqrt();
+                    (needed, if n == 0 { 0.0 } else { sd })
+                })
+                .unzip(),
+            None => (Vec::new(), Vec::new()),
+        };
+        let server = ServerRound::new(parameters, session, layout, ranks.clone(), rng.random())
             .map_err(|e| anyhow::anyhow!("round {round}: secure aggregation cannot start: {e}"))?;
         let tasks = ids
             .iter()
             .map(|(device, &participant)| {
-                let task = SecureTask { session, participant, parameters, layout, max_samples: section.max_samples };
+                let task = SecureTask {
+                    session,
+                    participant,
+                    parameters,
+                    layout,
+                    max_samples: section.max_samples,
+                    noise_std: noise_std.clone(),
+                };
                 (device.clone(), task)
             })
             .collect();
@@ -220,6 +247,8 @@ impl SecureRound {
             unmasked: BTreeSet::new(),
             held: Vec::new(),
             discarded: None,
+            ranks,
+            needed,
         };
         Ok((round, tasks))
     }
@@ -352,6 +381,25 @@ impl SecureRound {
         Ok(())
     }
 
+    /// Distributed privacy: why the uploads in cannot be unmasked (a sum would carry less than its
+    /// full noise), if so.
+    pub fn noise_shortfall(&self) -> Option<String> {
+        let survivors: Vec<u32> = self.uploaded.iter().map(|id| self.ranks[id]).collect();
+        self.needed.iter().enumerate().find_map(|(index, &needed)| {
+            let have = match index {
+                0 => survivors.len(),
+                slot => survivors.iter().filter(|&&rank| rank as usize >= slot).count(),
+            };
+            (have < needed).then(|| {
+                let what = if index == 0 { "the head".to_string() } else { format!("slot {}", index - 1) };
+                format!(
+                    "{have} surviving device(s) cover {what}, fewer than the {needed} whose noise it needs \
+                     ([privacy] max_dropout)"
+                )
+            })
+        })
+    }
+
     /// Phase 4 begins: the request every survivor is sent, with the survivors' devices.
     pub fn begin_unmask(&mut self) -> (UnmaskRequest, Vec<String>) {
         self.phase = SecurePhase::Unmask;
@@ -420,7 +468,7 @@ mod tests {
     fn a_phase_refuses_other_sessions_strangers_and_out_of_order_messages() {
         let layout = Layout { shared: 2, per_slot: 3, max_rank: 4 };
         let participants = vec![("a".to_string(), 2), ("b".to_string(), 4), ("c".to_string(), 4)];
-        let (mut round, tasks) = SecureRound::start(1, &participants, &section(), layout).unwrap();
+        let (mut round, tasks) = SecureRound::start(1, &participants, &section(), layout, None).unwrap();
         assert_eq!(tasks.len(), 3);
         let task = &tasks["a"];
         let advert = |from: u32, session: u64| AdvertiseKeys {

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::base_store::StoreError;
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
-use crate::trainer::{BaseSource, Trainer, UpdateShaping};
+use crate::trainer::{BaseSource, SecurePacking, Trainer, UpdateShaping};
 use flotilla_secagg::client::ClientRound;
 
 /// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
@@ -332,8 +332,14 @@ async fn train_and_upload(
     }
     info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
     settings.progress.training(round, task.total_rounds, task.rank);
-    let shaping =
-        UpdateShaping { clip_norm: task.clip_norm, secure: task.secure.as_ref().map(|s| (s.layout, s.max_samples)) };
+    let shaping = UpdateShaping {
+        clip_norm: task.clip_norm,
+        secure: task.secure.as_ref().map(|s| SecurePacking {
+            layout: s.layout,
+            max_samples: s.max_samples,
+            noise_std: s.noise_std.clone(),
+        }),
+    };
     let trained = tokio::select! {
         trained = trainer.train(tensors, task.rank, task.training.clone(), shaping) => trained,
         _ = stop_reached(stop, Stop::AfterUpload) => {

@@ -30,11 +30,22 @@ pub struct TrainedUpdate {
 }
 
 /// What a round asks of an update besides training: a clipping bound (differential privacy), and
-/// under secure aggregation the layout and sample cap to pack it with.
-#[derive(Debug, Clone, Copy, Default)]
+/// under secure aggregation how to pack it.
+#[derive(Debug, Clone, Default)]
 pub struct UpdateShaping {
     pub clip_norm: Option<f64>,
-    pub secure: Option<(flotilla_secagg::layout::Layout, u64)>,
+    pub secure: Option<SecurePacking>,
+}
+
+/// How a secure round's update is packed (`flotilla_torch::aggregate::secure`).
+#[derive(Debug, Clone)]
+pub struct SecurePacking {
+    pub layout: flotilla_secagg::layout::Layout,
+    /// The weight is min(samples, this) / this.
+    pub max_samples: u64,
+    /// Distributed differential privacy: pack the clipped change with weight 1 and add noise of
+    /// these standard deviations (`[head, slot 0, …]`); empty for a plain secure round.
+    pub noise_std: Vec<f64>,
 }
 
 /// Where the frozen base comes from: tensors sent with the Welcome, or a checkpoint directory
@@ -378,14 +389,8 @@ impl DeviceState {
             Some(bound) => Some(trained.clip_change(&adapter, bound).map_err(|e| format!("clipping the update: {e}"))?),
             None => None,
         };
-        let packed = match shaping.secure {
-            // The weight stands in for the sample count, which never leaves the device.
-            Some((layout, max_samples)) => {
-                let weight = data.len().min(max_samples as usize) as f64 / max_samples.max(1) as f64;
-                let packed = flotilla_torch::aggregate::secure::pack(&trained, weight, 1.0, &layout)
-                    .map_err(|e| format!("packing the update for secure aggregation: {e}"))?;
-                Some(packed)
-            }
+        let packed = match &shaping.secure {
+            Some(packing) => Some(pack_secure(&trained, &adapter, data.len(), packing)?),
             None => None,
         };
         Ok(TrainedUpdate {
@@ -397,6 +402,29 @@ impl DeviceState {
             packed,
         })
     }
+}
+
+/// A secure round's vector: the update weighted by min(samples, cap) / cap (the weight stands in
+/// for the sample count, which never leaves the device), or under distributed differential privacy
+/// the clipped change against `received` with weight 1 and this device's share of the noise.
+fn pack_secure(
+    trained: &Adapter,
+    received: &Adapter,
+    samples: usize,
+    packing: &SecurePacking,
+) -> Result<Vec<f32>, String> {
+    use flotilla_torch::aggregate::secure;
+    let failed = |e: &dyn std::fmt::Display| format!("packing the update for secure aggregation: {e}");
+    if packing.noise_std.is_empty() {
+        let weight = samples.min(packing.max_samples as usize) as f64 / packing.max_samples.max(1) as f64;
+        return secure::pack(trained, weight, 1.0, &packing.layout).map_err(|e| failed(&e));
+    }
+    let change = trained.change_from(received).map_err(|e| failed(&e))?;
+    let mut packed = secure::pack(&change, 1.0, 1.0, &packing.layout).map_err(|e| failed(&e))?;
+    // Noise anyone could replay would protect nothing: it comes from the operating system's entropy.
+    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng();
+    secure::add_noise(&mut packed, &packing.layout, &packing.noise_std, &mut rng).map_err(|e| failed(&e))?;
+    Ok(packed)
 }
 
 #[cfg(test)]

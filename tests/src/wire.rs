@@ -87,6 +87,23 @@ pub struct RoundTask {
     pub training: TrainingSettings,
     pub deadline_secs: u32,
     pub clip_norm: Option<f64>,
+    pub secure: Option<Box<SecureTask>>,
+}
+
+/// Under secure aggregation (docs/protocol.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SecureTask {
+    pub session: u64,
+    pub participant: u32,
+    pub threshold: usize,
+    pub degree: usize,
+    pub range: f32,
+    pub max_participants: usize,
+    pub layout_shared: usize,
+    pub layout_per_slot: usize,
+    pub layout_max_rank: u32,
+    pub max_samples: u64,
+    pub noise_std: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -248,7 +265,7 @@ pub async fn request(connection: &quinn::Connection, bytes: &[u8]) -> Result<Rep
 pub async fn hello(connection: &quinn::Connection, device_id: &str, rank: u32) -> Result<Reply> {
     let message = DeviceMessage::Hello(Hello {
         device_id: device_id.to_string(),
-        protocol_version: 1,
+        protocol_version: 2,
         hardware: HardwareProfile {
             device_class: "desktop".into(),
             cpu_cores: 2,

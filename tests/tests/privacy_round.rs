@@ -163,3 +163,104 @@ fn check_refuses_what_privacy_cannot_honour() {
     let (ok, text) = check(config(run, "rbla", 6.0).replace("clip_norm = 0.05", "clip_norm = -1"));
     assert!(!ok && text.contains("privacy.clip_norm"), "{text}");
 }
+
+/// Distributed privacy under secure aggregation, one round of rank-2 and rank-4 devices. A learning
+/// rate so small that each change is ~1e-9: what moves the global is the noise.
+fn distributed_config(run: &std::path::Path, max_dropout: f64, min_updates: usize) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 1\nmin_devices = 4\nmin_updates = {min_updates}\ngrace_secs = 1\nlocal_steps = 1\n\
+         learning_rate = 1e-9\n\
+         [aggregation]\nmethod = \"rbla\"\nmax_rank = 4\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [128]\nclasses = 3\n\
+         [privacy]\nmode = \"distributed\"\nmax_dropout = {max_dropout}\nclip_norm = {CLIP}\n\
+         noise_multiplier = {NOISE_MULTIPLIER}\nepsilon = 6.0\ndelta = 1e-3\n\
+         [secure_aggregation]\nrange = 2.0\nmax_participants = 16\nphase_secs = 20\n",
+        run = run.display()
+    )
+}
+
+#[test]
+fn a_dropout_beyond_max_dropout_discards_the_distributed_round_unrevealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    let devices = [("phone-1", "2"), ("phone-2", "2"), ("laptop-1", "4"), ("laptop-2", "4")];
+    provision(&pki, &devices.map(|d| d.0));
+    // No dropout allowed; laptop-2 drops after sharing its keys: the head (and slots 2-3) would hold
+    // the noise of too few devices.
+    let (mut coordinator, address) = start_coordinator(run, &distributed_config(run, 0.0, 3));
+    let mut processes: Vec<Process> = devices
+        .iter()
+        .map(|(id, rank)| {
+            let mut command = Command::new(binary("flotilla-edge"));
+            command.args(["run", "--coordinator", &address, "--rank", rank, "--samples", "64", "--kit"]);
+            command.arg(pki.join("kits").join(id));
+            if *id == "laptop-2" {
+                command.env("FLOTILLA_FAULT_PAUSE", "after-shares@1");
+            }
+            Process::spawn(id, &mut command, &run.join("logs"))
+        })
+        .collect();
+    assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.logs());
+    for device in &mut processes {
+        device.kill();
+    }
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let reason = summary["rounds"][0]["secure"]["discarded"].as_str().unwrap_or_default().to_string();
+    assert!(reason.contains("3 surviving device(s)") && reason.contains("whose noise it needs"), "{summary}");
+    let (global, _) = read_safetensors(&run.join("global/round-1/adapter_model.safetensors"));
+    let b = &global["base_model.model.fc1.lora_B.weight"];
+    assert!(b.values.iter().all(|v| *v == 0.0), "nothing was unmasked: B is still zero");
+}
+
+#[test]
+fn distributed_noise_under_secure_aggregation_has_the_calibrated_scale() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    let devices = [("phone-1", "2"), ("phone-2", "2"), ("laptop-1", "4"), ("laptop-2", "4")];
+    provision(&pki, &devices.map(|d| d.0));
+    let config = distributed_config(run, 0.0, 4);
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut processes: Vec<Process> = devices
+        .iter()
+        .map(|(id, rank)| {
+            Process::spawn(
+                id,
+                Command::new(binary("flotilla-edge"))
+                    .args(["run", "--coordinator", &address, "--rank", rank, "--samples", "64", "--kit"])
+                    .arg(pki.join("kits").join(id)),
+                &run.join("logs"),
+            )
+        })
+        .collect();
+    for device in &mut processes {
+        assert!(device.wait(Duration::from_secs(120)).success(), "{}", device.logs());
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["privacy"]["mode"], "distributed", "{summary}");
+    assert!(summary["rounds"][0]["privacy_epsilon"].as_f64().is_some_and(|e| e > 3.0 && e < 4.0), "{summary}");
+    assert_eq!(summary["rounds"][0]["secure"]["survivors"], 4, "{summary}");
+
+    // B starts at zero. Each of the n devices covering a slot adds N(0, (σC)²/n) to its values, the
+    // sum carries N(0, (σC)²), and RBLA's private form divides by q·M_i (q = 1; 4 devices cover
+    // slots 0-1, 2 cover slots 2-3): B[:, i]·M_i is the noise.
+    let (global, _) = read_safetensors(&run.join("global/round-1/adapter_model.safetensors"));
+    let b = &global["base_model.model.fc1.lora_B.weight"];
+    let noise: Vec<f64> = (0..b.rows)
+        .flat_map(|r| (0..b.cols).map(move |c| (r, c)))
+        .map(|(r, c)| b.at(r, c) * if c < 2 { 4.0 } else { 2.0 })
+        .collect();
+    // 128·4 = 512 draws: the sample sd has standard error sd/√(2n) ≈ 3.1%; a 20% band is over 6 of
+    // them wide and far from the noise one denominator off (×2) or that of one device alone (×½).
+    let n = noise.len() as f64;
+    let mean = noise.iter().sum::<f64>() / n;
+    let sd = (noise.iter().map(|v| (v - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
+    let want = NOISE_MULTIPLIER * CLIP;
+    eprintln!("distributed noise sd {sd:.5} (want {want}) mean {mean:.5} over {n} draws");
+    assert!((sd / want - 1.0).abs() < 0.2, "noise sd {sd}, want {want} over {n} draws");
+    assert!(mean.abs() < 4.0 * want / n.sqrt(), "noise mean {mean}");
+}

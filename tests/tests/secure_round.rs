@@ -217,7 +217,12 @@ fn check_refuses_what_secure_aggregation_cannot_honour() {
     assert!(!ok && text.contains("record_updates"), "{text}");
     let privacy = "[privacy]\nclip_norm = 0.1\nnoise_multiplier = 1.0\nepsilon = 8.0\ndelta = 1e-3\n";
     let (ok, text) = check(config(run, "rbla", 4, 4, true) + privacy);
-    assert!(!ok && text.contains("[privacy] and [secure_aggregation]"), "{text}");
+    assert!(!ok && text.contains("mode = \"central\" cannot run under [secure_aggregation]"), "{text}");
+    let distributed = privacy.replace("[privacy]\n", "[privacy]\nmode = \"distributed\"\n");
+    let (ok, text) = check(config(run, "rbla", 4, 4, false) + &distributed);
+    assert!(!ok && text.contains("needs [secure_aggregation]"), "{text}");
+    let (ok, text) = check(config(run, "rbla", 4, 4, true) + &distributed);
+    assert!(ok, "{text}");
 }
 
 #[test]

@@ -276,6 +276,20 @@ impl Adapter {
         Ok(squares.sqrt())
     }
 
+    /// This adapter's change against `reference` (see [`Adapter::change_norm`]): its trainable
+    /// tensors, each minus its part of the reference.
+    pub fn change_from(&self, reference: &Adapter) -> Result<Adapter, AdapterError> {
+        let mut changes = BTreeMap::new();
+        for name in self.trainable_names() {
+            let part = self.reference_part(name, reference)?;
+            let change = self.tensors[name]
+                .f_sub(&part)
+                .map_err(|source| TensorError::Torch { name: name.to_string(), source })?;
+            changes.insert(name.to_string(), change);
+        }
+        Adapter::new(changes)
+    }
+
     /// Scales this adapter's change against `reference` (see [`Adapter::change_norm`]) so that
     /// its L2 norm is at most `bound`: each tensor becomes `ref + (t − ref)·min(1, bound/‖Δ‖)`.
     /// Returns the norm before clipping.

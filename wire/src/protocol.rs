@@ -200,6 +200,10 @@ pub struct SecureTask {
     pub layout: flotilla_secagg::layout::Layout,
     /// A device's weight is min(its samples, this) / this: its sample count never leaves it.
     pub max_samples: u64,
+    /// Under `[privacy] mode = "distributed"`: the device uploads its clipped change with weight 1
+    /// and adds Gaussian noise of these standard deviations: `[head, slot 0, slot 1, …]`. Empty
+    /// otherwise.
+    pub noise_std: Vec<f64>,
 }
 
 /// A participant's encrypted shares: from it (`SecureShares`), or addressed to it

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use super::{DriverInput, RoundDriver};
 use crate::aggregation::{FoldDone, SecureOutcome, Upload};
+use crate::privacy::PrivacyMode;
 use crate::report::{RoundFacts, SecureRoundRecord, UpdateRecord};
 use crate::secure::{Closed, SecurePhase, SecureRound};
 
@@ -100,7 +101,8 @@ impl RoundDriver {
         };
         let Some(round) = reachable.first().map(|r| r.1) else { return BTreeMap::new() };
         let participants: Vec<(String, u32)> = reachable.iter().map(|(d, _, rank, _)| (d.clone(), *rank)).collect();
-        match SecureRound::start(round, &participants, section, layout) {
+        let distributed_privacy = self.config.privacy.as_ref().filter(|p| p.mode == PrivacyMode::Distributed);
+        match SecureRound::start(round, &participants, section, layout, distributed_privacy) {
             Ok((secure, tasks)) => {
                 info!(
                     "[round {round}] secure aggregation: {} devices, threshold {}",
@@ -228,6 +230,15 @@ impl RoundDriver {
     /// The engine aggregates a secure round: each survivor is asked for its unmasking shares.
     pub(super) fn begin_unmask(&mut self, facts: RoundFacts) {
         let Some(secure) = self.secure.as_mut() else { return };
+        if let Some(reason) = secure.noise_shortfall() {
+            // Nothing is unmasked: the sums would carry too little noise.
+            let (round, participants, threshold) = (secure.round, secure.participants(), secure.threshold());
+            let protocol_bytes = secure.protocol_bytes;
+            self.secure = None;
+            self.unmasking = Some((facts, Instant::now()));
+            let outcome = Err(reason);
+            return self.secure_unmasked(round, participants, threshold, protocol_bytes, outcome);
+        }
         let (request, survivors) = secure.begin_unmask();
         let (round, session) = (secure.round, secure.session);
         publish_phase(Some(SecurePhase::Unmask));

@@ -128,6 +128,28 @@ impl PrivateSums {
         })
     }
 
+    /// An accumulator holding sums made elsewhere: the unmasked sums of a secure round whose
+    /// devices added the noise themselves (distributed mode; see [`PrivateSums::finish_noised`]).
+    pub fn from_sums(
+        global: &Adapter,
+        method: Method,
+        scale: f64,
+        parameters: PrivacyParameters,
+        sums: BTreeMap<String, Tensor>,
+        devices: usize,
+    ) -> Result<PrivateSums, AggregateError> {
+        let mut accumulator = PrivateSums::new(global, method, scale, parameters)?;
+        for (name, sum) in &mut accumulator.sums {
+            let given = sums.get(name).ok_or_else(|| AggregateError::InvalidUpdate {
+                client: "secure aggregate".into(),
+                message: format!("no sums for tensor '{name}'"),
+            })?;
+            *sum = given.f_to_kind(Kind::Double)?;
+        }
+        accumulator.folded = devices;
+        Ok(accumulator)
+    }
+
     pub fn folded(&self) -> usize {
         self.folded
     }
@@ -191,6 +213,28 @@ impl PrivateSums {
         rng: &mut impl Rng,
     ) -> Result<Aggregated, AggregateError> {
         let sd = self.parameters.noise_multiplier * self.parameters.clip_norm;
+        self.finish_with_noise(population, sampling_rate, Some((sd, rng)))
+    }
+
+    /// Makes the next global adapter from sums the devices already noised (distributed mode): the
+    /// same fixed denominators as [`PrivateSums::finish`], no noise added here.
+    pub fn finish_noised(
+        self,
+        population: &BTreeMap<u32, usize>,
+        sampling_rate: f64,
+    ) -> Result<Aggregated, AggregateError> {
+        self.finish_with_noise::<rand_chacha::ChaCha20Rng>(population, sampling_rate, None)
+    }
+
+    /// The next global adapter, with Gaussian noise of standard deviation `noise.0` drawn from
+    /// `noise.1` on each sum (none: the sums are already noised).
+    fn finish_with_noise<R: Rng>(
+        self,
+        population: &BTreeMap<u32, usize>,
+        sampling_rate: f64,
+        mut noise: Option<(f64, &mut R)>,
+    ) -> Result<Aggregated, AggregateError> {
+        let sd = noise.as_ref().map_or(0.0, |(sd, _)| *sd);
         let normal = Normal::new(0.0, sd).map_err(|e| AggregateError::InvalidUpdate {
             client: "configuration".into(),
             message: format!("noise standard deviation {sd}: {e}"),
@@ -221,9 +265,14 @@ impl PrivateSums {
                 _ => (None, 1),
             };
             let divisors: Vec<f64> = (0..slots).map(|i| denominator(slot_dim.map(|_| i))).collect();
-            let noise: Vec<f64> = (0..sum.numel()).map(|_| normal.sample(rng)).collect();
-            let noise = Tensor::f_from_slice(&noise).and_then(|n| n.f_reshape(sum.size())).map_err(torch)?;
-            let mut step = sum.f_add(&noise).map_err(torch)?;
+            let mut step = match noise.as_mut() {
+                Some((_, rng)) => {
+                    let values: Vec<f64> = (0..sum.numel()).map(|_| normal.sample(*rng)).collect();
+                    let values = Tensor::f_from_slice(&values).and_then(|n| n.f_reshape(sum.size())).map_err(torch)?;
+                    sum.f_add(&values).map_err(torch)?
+                }
+                None => sum.shallow_clone(),
+            };
             // A slot (or head) no population device covers: no change, no noise.
             let divisors_safe: Vec<f64> = divisors.iter().map(|&d| if d > 0.0 { d } else { f64::INFINITY }).collect();
             let divisor = Tensor::f_from_slice(&divisors_safe).map_err(torch)?;
@@ -243,8 +292,8 @@ impl PrivateSums {
         }
         let adapter = Adapter::new(tensors)?;
         let notes = vec![format!(
-            "privacy: {} clipped update(s) (largest change {:.4} ≤ C = {}), Gaussian noise σ·C = {sd:.4} on each sum, \
-             q = {sampling_rate}, population {total}",
+            "privacy: {} clipped update(s) (largest change {:.4} ≤ C = {}), Gaussian noise σ·C = {sd:.4} on each sum \
+             (0: added by the devices), q = {sampling_rate}, population {total}",
             self.folded, self.largest_norm, self.parameters.clip_norm
         )];
         Ok(Aggregated { adapter, notes })

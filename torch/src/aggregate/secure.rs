@@ -129,6 +129,81 @@ pub fn pack(update: &Adapter, weight: f64, b_factor: f64, layout: &Layout) -> Re
     Ok(out)
 }
 
+/// Adds independent Gaussian noise to the values of a packed vector (not to its weight and coverage
+/// coordinates): standard deviation `noise_std[0]` on the shared values (the head), `noise_std[i + 1]`
+/// on slot i's. Distributed differential privacy: each device adds its share of the noise.
+pub fn add_noise(
+    packed: &mut [f32],
+    layout: &Layout,
+    noise_std: &[f64],
+    rng: &mut impl rand::Rng,
+) -> Result<(), String> {
+    use rand_distr::{Distribution, Normal};
+    let normal = |sd: f64| Normal::new(0.0, sd).map_err(|e| format!("noise standard deviation {sd}: {e}"));
+    let shared = normal(noise_std.first().copied().unwrap_or(0.0))?;
+    for value in packed.iter_mut().take(layout.shared.saturating_sub(1)) {
+        *value += shared.sample(rng) as f32;
+    }
+    for (slot, block) in packed.get_mut(layout.shared..).unwrap_or_default().chunks_mut(layout.per_slot).enumerate() {
+        let sd = noise_std.get(slot + 1).copied().ok_or_else(|| format!("no noise level for slot {slot}"))?;
+        let noise = normal(sd)?;
+        for value in block.iter_mut().skip(1) {
+            *value += noise.sample(rng) as f32;
+        }
+    }
+    Ok(())
+}
+
+/// The round's unmasked sums as tensors shaped like `global`'s trainable ones (f64): each LoRA
+/// factor's sums in its slots, the head's in place. For the differentially private forms, which
+/// divide by fixed denominators (`PrivateSums::from_sums`).
+pub fn sums_by_tensor(
+    sums: &[f64],
+    global: &Adapter,
+    layout: &Layout,
+) -> Result<std::collections::BTreeMap<String, Tensor>, AggregateError> {
+    let invalid = |message: String| AggregateError::InvalidUpdate { client: "secure aggregate".into(), message };
+    if sums.len() != layout.full_len() {
+        return Err(invalid(format!("{} sums, the layout has {}", sums.len(), layout.full_len())));
+    }
+    let r_max = global.rank();
+    let mut out = std::collections::BTreeMap::new();
+    let mut at = 0;
+    for name in global.other_names() {
+        let t = &global.tensors()[name];
+        let n = t.numel();
+        let values =
+            Tensor::f_from_slice(&sums[at..at + n]).and_then(|v| v.f_reshape(t.size())).map_err(torch(name))?;
+        out.insert(name.to_string(), values);
+        at += n;
+    }
+    let mut factors = Vec::new();
+    for module in global.modules() {
+        let (a, b) = global.factors(module);
+        factors.push((module.clone(), a.size()[1] as usize, b.size()[0] as usize));
+    }
+    let mut a_sums: Vec<Vec<f64>> = factors.iter().map(|(_, d_in, _)| vec![0.0; r_max * d_in]).collect();
+    let mut b_sums: Vec<Vec<f64>> = factors.iter().map(|(_, _, d_out)| vec![0.0; d_out * r_max]).collect();
+    for slot in 0..r_max {
+        let mut offset = layout.shared + slot * layout.per_slot + 1;
+        for (m, (_, d_in, d_out)) in factors.iter().enumerate() {
+            a_sums[m][slot * d_in..(slot + 1) * d_in].copy_from_slice(&sums[offset..offset + d_in]);
+            offset += d_in;
+            for row in 0..*d_out {
+                b_sums[m][row * r_max + slot] = sums[offset + row];
+            }
+            offset += d_out;
+        }
+    }
+    for (m, (module, d_in, d_out)) in factors.iter().enumerate() {
+        let a = Tensor::f_from_slice(&a_sums[m]).and_then(|t| t.f_reshape([r_max as i64, *d_in as i64]));
+        let b = Tensor::f_from_slice(&b_sums[m]).and_then(|t| t.f_reshape([*d_out as i64, r_max as i64]));
+        out.insert(lora_a_name(module), a.map_err(torch(module))?);
+        out.insert(lora_b_name(module), b.map_err(torch(module))?);
+    }
+    Ok(out)
+}
+
 /// The next global adapter from the round's unmasked sums (the full layout), for `form`.
 pub fn unpack(form: SecureForm, sums: &[f64], global: &Adapter, layout: &Layout) -> Result<Adapter, AggregateError> {
     let invalid = |message: String| AggregateError::InvalidUpdate { client: "secure aggregate".into(), message };
