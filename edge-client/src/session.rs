@@ -353,25 +353,8 @@ async fn train_and_upload(
             if norm > bound { format!(", clipped to {bound}") } else { format!(" within the bound {bound}") }
         );
     }
-    let (message, tensors) = match (&mut secure_round, trained.packed) {
-        (Some(client), Some(packed)) => {
-            let masked = client
-                .masked_input(&packed)
-                .map_err(|e| SessionError::Fatal(format!("[round {round}] cannot mask the update: {e}")))?;
-            let update = MaskedUpdate { round, rank: trained.rank, metrics: trained.metrics.clone(), masked };
-            (DeviceMessage::MaskedUpdate(update), WireTensors::default())
-        }
-        _ => {
-            let update = Update {
-                round,
-                rank: trained.rank,
-                num_samples: trained.num_samples,
-                metrics: trained.metrics.clone(),
-            };
-            (DeviceMessage::Update(update), trained.tensors)
-        }
-    };
-    let metrics = trained.metrics;
+    let metrics = trained.metrics.clone();
+    let (message, tensors) = upload_message(round, trained, secure_round.as_mut())?;
     info!(
         "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",
         task.total_rounds,
@@ -391,6 +374,28 @@ async fn train_and_upload(
         }
     }
     Ok(secure_round)
+}
+
+/// What goes up: the update with its tensors, or in a secure round its masked vector.
+fn upload_message(
+    round: u32,
+    trained: crate::trainer::TrainedUpdate,
+    secure_round: Option<&mut ClientRound>,
+) -> Result<(DeviceMessage, WireTensors), SessionError> {
+    Ok(match (secure_round, trained.packed) {
+        (Some(client), Some(packed)) => {
+            let masked = client
+                .masked_input(&packed)
+                .map_err(|e| SessionError::Fatal(format!("[round {round}] cannot mask the update: {e}")))?;
+            let update = MaskedUpdate { round, rank: trained.rank, metrics: trained.metrics, masked };
+            (DeviceMessage::MaskedUpdate(update), WireTensors::default())
+        }
+        _ => {
+            let update =
+                Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
+            (DeviceMessage::Update(update), trained.tensors)
+        }
+    })
 }
 
 async fn hello(

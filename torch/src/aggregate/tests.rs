@@ -1116,3 +1116,47 @@ fn a_secure_round_gives_rbla_of_the_survivors_within_the_quantization_bound() {
         assert!(diff <= tolerance.max(1e-6), "{name}: {diff} > {tolerance}");
     }
 }
+
+/// Distributed privacy: noise goes on every value at its slot's level, never on the weight or a
+/// coverage coordinate; the sums of changes come back shaped like the global's tensors.
+#[test]
+fn distributed_noise_spares_the_weights_and_the_sums_come_back_by_tensor() {
+    // 1,000 values in the head and in each slot: a sample sd within 10% of its level is over four
+    // standard errors (1/√2000 ≈ 2.2%) wide.
+    let layout = flotilla_secagg::layout::Layout { shared: 1001, per_slot: 1001, max_rank: 4 };
+    let mut packed = vec![0.0f32; layout.full_len()];
+    let levels: Vec<f64> = (0..=4).map(|i| 0.5 + i as f64).collect();
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(7);
+    secure::add_noise(&mut packed, &layout, &levels, &mut rng).unwrap();
+    assert_eq!(packed[layout.shared - 1], 0.0, "the weight");
+    let sd = |values: &[f32]| {
+        let n = values.len() as f64;
+        (values.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    assert!((sd(&packed[..layout.shared - 1]) / levels[0] - 1.0).abs() < 0.1, "the head's level");
+    for slot in 0..4 {
+        let block = &packed[layout.shared + slot * layout.per_slot..layout.shared + (slot + 1) * layout.per_slot];
+        assert_eq!(block[0], 0.0, "slot {slot}'s coverage");
+        assert!((sd(&block[1..]) / levels[slot + 1] - 1.0).abs() < 0.1, "slot {slot}'s level");
+    }
+    // A device's packed change comes back, tensor by tensor, where it was.
+    let global = random_adapter(R_MAX, 912);
+    let layout = secure::layout(&global);
+    let change = client(3, 1, 913).adapter;
+    let packed = secure::pack(&change, 1.0, 1.0, &layout).unwrap();
+    let mut sums = vec![0.0f64; layout.full_len()];
+    for (s, v) in sums.iter_mut().zip(packed) {
+        *s = f64::from(v);
+    }
+    let by_tensor = secure::sums_by_tensor(&sums, &global, &layout).unwrap();
+    for (name, t) in change.tensors() {
+        let back = &by_tensor[name];
+        let part = match crate::adapter::tensor_role(name) {
+            crate::adapter::TensorRole::LoraA(_) => back.narrow(0, 0, 3),
+            crate::adapter::TensorRole::LoraB(_) => back.narrow(1, 0, 3),
+            _ => back.shallow_clone(),
+        };
+        let diff = (part - t.to_kind(Kind::Double)).abs().max().double_value(&[]);
+        assert!(diff < 1e-6, "{name}: {diff}");
+    }
+}
