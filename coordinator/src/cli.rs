@@ -151,6 +151,20 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             config.round.rounds
         );
     }
+    if let Some(secure) = &config.secure_aggregation {
+        let parameters = secure.parameters_for(secure.max_participants)?;
+        let quantizer = flotilla_secagg::quantize::Quantizer::new(&parameters);
+        println!(
+            "secure aggregation: each device shares its secrets with {} neighbours, {} of which rebuild them; \
+             values clipped to ±{} and quantized in steps of {:.2e}; a sum of {} devices is within {:.2e}",
+            parameters.degree,
+            parameters.threshold,
+            secure.range,
+            1.0 / quantizer.scale(),
+            secure.max_participants,
+            quantizer.sum_error_bound(secure.max_participants)
+        );
+    }
     Ok(())
 }
 

@@ -205,7 +205,7 @@ fn check_refuses_what_secure_aggregation_cannot_honour() {
         )
     };
     let (ok, text) = check(config(run, "rbla", 4, 4, true));
-    assert!(ok, "{text}");
+    assert!(ok && text.contains("secure aggregation: each device shares its secrets with"), "{text}");
     for method in ["hetlora", "flexlora", "flora", "rbla-coverage"] {
         let (ok, text) = check(config(run, method, 4, 4, true));
         assert!(!ok && text.contains("cannot run under [secure_aggregation]"), "{method}: {text}");
