@@ -65,7 +65,7 @@ fn default_max_participants() -> usize {
     1000
 }
 fn default_max_samples() -> u64 {
-    100_000
+    1000
 }
 fn default_phase_secs() -> u32 {
     60
