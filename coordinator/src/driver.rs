@@ -537,14 +537,7 @@ impl RoundDriver {
         for (device, connection) in self.sessions.drain() {
             let message = message.clone();
             waits.push(tokio::spawn(async move {
-                let sent = async {
-                    let mut send = connection.open_uni().await?;
-                    write_frame(&mut send, &message, &WireTensors::default()).await?;
-                    send.finish()?;
-                    anyhow::Ok(())
-                }
-                .await;
-                if let Err(error) = sent {
+                if let Err(error) = push(&connection, &message).await {
                     warn!(device = %device, "cannot send Finished: {error:#}");
                 }
                 let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
@@ -554,6 +547,14 @@ impl RoundDriver {
             let _ = wait.await;
         }
     }
+}
+
+/// Sends `message` to a device on a unidirectional stream of its own.
+pub(crate) async fn push(connection: &quinn::Connection, message: &CoordinatorMessage) -> anyhow::Result<()> {
+    let mut send = connection.open_uni().await?;
+    write_frame(&mut send, message, &WireTensors::default()).await?;
+    send.finish()?;
+    Ok(())
 }
 
 /// One device's round task, waiting for its rank's slice.

@@ -190,6 +190,22 @@ pub fn start_coordinator_with(run: &Path, config: &str, args: &[&str]) -> (Proce
     (coordinator, address)
 }
 
+/// `flotilla-coordinator check` on `config` (written to `<run>/c.toml`): whether it passed, and
+/// what it printed.
+pub fn check_config(run: &Path, config: &str) -> (bool, String) {
+    let path = run.join("c.toml");
+    std::fs::write(&path, config).expect("config file");
+    let output = Command::new(binary("flotilla-coordinator"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .expect("flotilla-coordinator runs");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr),
+    )
+}
+
 /// `flotilla-edge sim` with `clients` devices of the profile `mix`, their kits in `<pki>/kits`,
 /// two training at a time on 64 samples each, against `address`; logs in `<run>/logs`.
 pub fn start_sim(run: &Path, pki: &Path, address: &str, clients: usize, mix: &str) -> Process {

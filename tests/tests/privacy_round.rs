@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, provision, read_safetensors, start_coordinator, Matrix, Process};
+use flotilla_tests::{binary, check_config, provision, read_safetensors, start_coordinator, Matrix, Process};
 
 const CLIP: f64 = 0.05;
 const NOISE_MULTIPLIER: f64 = 1.0;
@@ -141,16 +141,7 @@ fn check_refuses_what_privacy_cannot_honour() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     provision(&run.join("pki"), &[]);
-    let check = |config: String| {
-        let path = run.join("c.toml");
-        std::fs::write(&path, config).unwrap();
-        let output =
-            Command::new(binary("flotilla-coordinator")).args(["check", "--config"]).arg(&path).output().unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr),
-        )
-    };
+    let check = |config: String| check_config(run, &config);
     let (ok, text) = check(config(run, "rbla", 6.0));
     assert!(ok, "{text}");
     assert!(text.contains("privacy: clip 0.05") && text.contains("of the 4 configured rounds"), "{text}");

@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use flotilla_tests::{
-    binary, free_tcp_port, free_udp_port, http_get, metric_value, provision, read_safetensors, start_coordinator,
-    Matrix, Process,
+    binary, check_config, free_tcp_port, free_udp_port, http_get, metric_value, provision, read_safetensors,
+    start_coordinator, Matrix, Process,
 };
 
 /// (device id, rank, samples, the crash-test point where it drops: `before-keys`, `after-shares`
@@ -194,16 +194,7 @@ fn check_refuses_what_secure_aggregation_cannot_honour() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     provision(&run.join("pki"), &[]);
-    let check = |config: String| {
-        let path = run.join("c.toml");
-        std::fs::write(&path, config).unwrap();
-        let output =
-            Command::new(binary("flotilla-coordinator")).args(["check", "--config"]).arg(&path).output().unwrap();
-        (
-            output.status.success(),
-            String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr),
-        )
-    };
+    let check = |config: String| check_config(run, &config);
     let (ok, text) = check(config(run, "rbla", 4, 4, true));
     assert!(ok && text.contains("secure aggregation: each device shares its secrets with"), "{text}");
     for method in ["hetlora", "flexlora", "flora", "rbla-coverage"] {

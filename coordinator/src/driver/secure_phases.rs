@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 
 use flotilla_engine::Event;
 use flotilla_secagg::server::Aggregate;
-use flotilla_wire::framing::write_frame;
 use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, SecureTask};
-use flotilla_wire::tensor::WireTensors;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
@@ -252,14 +250,7 @@ impl RoundDriver {
             let Some(connection) = self.sessions.get(&device).cloned() else { continue };
             let message = message.clone();
             tokio::spawn(async move {
-                let sent = async {
-                    let mut send = connection.open_uni().await?;
-                    write_frame(&mut send, &message, &WireTensors::default()).await?;
-                    send.finish()?;
-                    anyhow::Ok(())
-                }
-                .await;
-                if let Err(error) = sent {
+                if let Err(error) = super::push(&connection, &message).await {
                     warn!(device = %device, round, "cannot ask for unmasking shares: {error:#}");
                 }
             });
