@@ -52,12 +52,29 @@ impl Setup {
     }
 }
 
-fn coordinator_config(plan: &Plan, cell: &Cell, setup: &Setup, data: &Path, run_dir: &Path) -> String {
-    let rounds = plan.rounds(cell.participation);
-    let devices = fleet_size();
-    let shrink = cell.arm == Arm::RblaShrinkingGlobal;
-    format!(
-        r#"[server]
+/// The sections of a coordinator configuration every study run has: where it listens and writes,
+/// its TLS kit, its rounds and its aggregation. Each edition appends its own keys to `[round]` and
+/// `[aggregation]` (`round_extra`, `aggregation_extra`) and its own sections after.
+pub struct RunBasics<'a> {
+    pub run_dir: &'a Path,
+    pub pki: &'a Path,
+    pub rounds: u32,
+    pub devices: u32,
+    pub deadline_secs: u32,
+    pub local_steps: u32,
+    pub batch_size: u32,
+    pub learning_rate: f64,
+    pub method: &'a str,
+    pub max_rank: u32,
+    pub lora_alpha: f64,
+    pub round_extra: String,
+    pub aggregation_extra: String,
+}
+
+impl RunBasics<'_> {
+    pub fn toml(&self) -> String {
+        format!(
+            r#"[server]
 listen = "127.0.0.1:0"
 run_dir = "{run_dir}"
 address_file = "{run_dir}/coordinator.addr"
@@ -68,19 +85,53 @@ kit = "{pki}/kits/coordinator"
 [round]
 rounds = {rounds}
 min_devices = {devices}
-min_participants = 1
-fraction = {fraction}
-deadline_secs = 900
+deadline_secs = {deadline_secs}
 local_steps = {local_steps}
 batch_size = {batch_size}
 learning_rate = {learning_rate}
-
+{round_extra}
 [aggregation]
 method = "{method}"
-max_rank = {MAX_RANK}
+max_rank = {max_rank}
 lora_alpha = {lora_alpha}
-ablation_shrink_to_round_rank = {shrink}
+{aggregation_extra}"#,
+            run_dir = self.run_dir.display(),
+            pki = self.pki.display(),
+            rounds = self.rounds,
+            devices = self.devices,
+            deadline_secs = self.deadline_secs,
+            local_steps = self.local_steps,
+            batch_size = self.batch_size,
+            learning_rate = self.learning_rate,
+            round_extra = self.round_extra,
+            method = self.method,
+            max_rank = self.max_rank,
+            lora_alpha = self.lora_alpha,
+            aggregation_extra = self.aggregation_extra,
+        )
+    }
+}
 
+fn coordinator_config(plan: &Plan, cell: &Cell, setup: &Setup, data: &Path, run_dir: &Path) -> String {
+    let pki = setup.pki();
+    let basics = RunBasics {
+        run_dir,
+        pki: &pki,
+        rounds: plan.rounds(cell.participation),
+        devices: fleet_size(),
+        deadline_secs: 900,
+        local_steps: plan.local_steps,
+        batch_size: plan.batch_size,
+        learning_rate: plan.learning_rate,
+        method: cell.arm.method(),
+        max_rank: MAX_RANK,
+        lora_alpha: plan.lora_alpha,
+        round_extra: format!("min_participants = 1\nfraction = {}\n", cell.participation.fraction()),
+        aggregation_extra: format!("ablation_shrink_to_round_rank = {}\n", cell.arm == Arm::RblaShrinkingGlobal),
+    };
+    basics.toml()
+        + &format!(
+            r#"
 [evaluation]
 test_data = "{data}"
 skip_samples = {pretrain_samples}
@@ -98,19 +149,11 @@ input = 784
 hidden = [128, 64]
 classes = 10
 "#,
-        run_dir = run_dir.display(),
-        pki = setup.pki().display(),
-        fraction = cell.participation.fraction(),
-        local_steps = plan.local_steps,
-        batch_size = plan.batch_size,
-        learning_rate = plan.learning_rate,
-        method = cell.arm.method(),
-        lora_alpha = plan.lora_alpha,
-        data = data.display(),
-        pretrain_samples = plan.pretrain_samples,
-        pretrain_steps = plan.pretrain_steps,
-        seed = cell.seed,
-    )
+            data = data.display(),
+            pretrain_samples = plan.pretrain_samples,
+            pretrain_steps = plan.pretrain_steps,
+            seed = cell.seed,
+        )
 }
 
 /// Kills a child process when dropped (a failed cell leaves nothing running).

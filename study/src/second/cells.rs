@@ -7,10 +7,10 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::{Arm, Cell, Phase, Plan, Task, TaskKind, PUBLIC_IMAGES, VALIDATION_IMAGES};
-use crate::cell::{run_processes, Setup};
+use crate::cell::{run_processes, RunBasics, Setup};
 
-// Long function: the coordinator's configuration as one TOML template per task kind, kept whole so
-// that it reads as the file it writes.
+// Long function: the configuration's task-specific sections as one TOML template per task kind,
+// kept whole so that each reads as the file it writes.
 fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &Path, run_dir: &Path) -> String {
     let centralized = matches!(cell.arm, Arm::Centralized(_));
     let devices = if centralized { 1 } else { plan.fleet_size() };
@@ -18,35 +18,22 @@ fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &
     let local_steps = if centralized { plan.local_steps * plan.fleet_size() } else { plan.local_steps };
     let max_rank = cell.arm.max_rank(plan.max_rank());
     let lora_alpha = plan.scale * f64::from(max_rank);
-    let mut config = format!(
-        r#"[server]
-listen = "127.0.0.1:0"
-run_dir = "{run_dir}"
-address_file = "{run_dir}/coordinator.addr"
-
-[tls]
-kit = "{pki}/kits/coordinator"
-
-[round]
-rounds = {rounds}
-min_devices = {devices}
-deadline_secs = 3600
-local_steps = {local_steps}
-batch_size = {batch_size}
-learning_rate = {learning_rate}
-
-[aggregation]
-method = "{method}"
-max_rank = {max_rank}
-lora_alpha = {lora_alpha}
-"#,
-        run_dir = run_dir.display(),
-        pki = pki.display(),
-        rounds = plan.rounds,
-        batch_size = plan.batch_size,
-        learning_rate = cell.learning_rate,
-        method = cell.arm.method(),
-    );
+    let mut config = RunBasics {
+        run_dir,
+        pki,
+        rounds: plan.rounds,
+        devices,
+        deadline_secs: 3600,
+        local_steps,
+        batch_size: plan.batch_size,
+        learning_rate: cell.learning_rate,
+        method: cell.arm.method(),
+        max_rank,
+        lora_alpha,
+        round_extra: String::new(),
+        aggregation_extra: String::new(),
+    }
+    .toml();
     match &task.kind {
         TaskKind::Text { labels, max_length, .. } => {
             let labels = labels.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", ");
