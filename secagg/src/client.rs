@@ -110,8 +110,17 @@ impl ClientRound {
                 message: "the neighbour list repeats a participant or names this one".into(),
             });
         }
-        if peers.len() < threshold || peers.len() > self.parameters.degree.max(threshold) + 1 {
+        if peers.len() < threshold {
             return Err(SecAggError::TooFewSurvivors { survivors: peers.len(), threshold });
+        }
+        // The graph rounds an odd degree up to even (`graph::neighbours`), so a participant may have
+        // degree + 1 neighbours, never more.
+        let most = self.parameters.degree.max(threshold) + 1;
+        if peers.len() > most {
+            return Err(SecAggError::BadMessage {
+                from: u32::MAX,
+                message: format!("{} neighbours listed, more than the {most} the graph gives", peers.len()),
+            });
         }
         let sharks = Sharks(threshold as u8);
         let seed_shares: Vec<Share> = sharks.dealer(&self.self_seed).take(peers.len()).collect();
