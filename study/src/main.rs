@@ -62,6 +62,11 @@ struct Cli {
     /// `alpha0.5-full-rbla,quarter-flora`; the report still covers every cached cell.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// Apply issue 15's rule for the default method across the second edition's suites, from their
+    /// cached results (runs/study-image-shift, runs/study-text, runs/study-text-reviews), and print
+    /// each method's standing and the choice. Runs nothing.
+    #[arg(long)]
+    choose_default: bool,
 }
 
 fn main() {
@@ -86,6 +91,9 @@ fn load_results(plan: &Plan, dir: &Path) -> Result<BTreeMap<String, CellResult>>
 }
 
 fn run(cli: Cli) -> Result<()> {
+    if cli.choose_default {
+        return second::print_default_choice();
+    }
     if cli.suite != "image" {
         return run_second_edition(cli);
     }

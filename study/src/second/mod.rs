@@ -472,6 +472,48 @@ impl Plan {
     }
 }
 
+/// Issue 15's rule across the suites whose results are cached: each method's gains over every
+/// measured cell, its lowest worst slice − base, and the method the rule picks.
+pub fn print_default_choice() -> Result<()> {
+    let mut combined: Vec<report::Standing> = Vec::new();
+    for plan in [Plan::image_shift(), Plan::text(), Plan::text_reviews()] {
+        let dir = PathBuf::from(format!("runs/study-{}/results", plan.suite));
+        if !dir.is_dir() {
+            println!("{}: no results in {}", plan.suite, dir.display());
+            continue;
+        }
+        for standing in report::standings(&plan, &dir)? {
+            match combined.iter_mut().find(|c| c.method == standing.method) {
+                Some(c) => {
+                    c.gains.extend(&standing.gains);
+                    c.cells += standing.cells;
+                    c.worst_slice_minus_base = match (c.worst_slice_minus_base, standing.worst_slice_minus_base) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                }
+                None => combined.push(standing),
+            }
+        }
+    }
+    println!("method | cells measured | mean gain recovered | lowest worst slice − base (points)");
+    for s in &combined {
+        println!(
+            "{} | {} of {} | {} | {}",
+            s.method,
+            s.gains.len(),
+            s.cells,
+            s.mean_gain().map_or("—".into(), |g| format!("{g:.3}")),
+            s.worst_slice_minus_base.map_or("—".into(), |w| format!("{w:+.1}"))
+        );
+    }
+    match report::choose_default(&combined) {
+        Some(method) => println!("the rule picks: {method}"),
+        None => println!("the rule picks none yet: no method has every cell measured without a slice below the base"),
+    }
+    Ok(())
+}
+
 /// Runs what is missing, task by task (tuning, then the finals it unlocks), and rewrites the
 /// report.
 pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only: bool) -> Result<()> {

@@ -79,8 +79,106 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
         report.privacy_section(&mut out, task.key, &bounds)?;
         report.tuning_section(&mut out, task.key)?;
     }
+    rule_section(&mut out, &standings(plan, dir)?)?;
     writeln!(out, "{}", plan.end_marker())?;
     Ok(out)
+}
+
+/// One method's standing under issue 15's rule for the default method, over a suite's cells (a cell:
+/// a task under a skew): its gain recovered in each cell with final runs ((G at R_max + G of the
+/// fleet mean) / 2, means over seeds), and its lowest worst-slice − base (points, mean over seeds).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Standing {
+    pub method: &'static str,
+    pub gains: Vec<f64>,
+    pub worst_slice_minus_base: Option<f64>,
+    /// The cells the suite has for it (a method short of some is not compared).
+    pub cells: usize,
+}
+
+impl Standing {
+    pub fn mean_gain(&self) -> Option<f64> {
+        (!self.gains.is_empty()).then(|| self.gains.iter().sum::<f64>() / self.gains.len() as f64)
+    }
+}
+
+/// Every method's standing in the suite of `plan`, from the results in `dir`.
+pub fn standings(plan: &Plan, dir: &Path) -> Result<Vec<Standing>> {
+    let report = Report { plan, dir, chosen: choose(plan, dir)?, figures_link: "", figures_dir: dir };
+    let mut out: Vec<Standing> = plan
+        .methods
+        .iter()
+        .map(|&method| Standing { method, gains: Vec::new(), worst_slice_minus_base: None, cells: 0 })
+        .collect();
+    for task in &plan.tasks {
+        let bounds = report.bounds(task.key)?;
+        for &skew in &plan.skews {
+            for standing in &mut out {
+                standing.cells += 1;
+                let arm = Arm::Method(standing.method);
+                let runs = report.finals(task.key, Some(skew), arm)?;
+                let mean =
+                    |values: Vec<f64>| (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
+                let g_rmax = mean(runs.iter().filter_map(|r| bounds.gain(r.max_rank_accuracy()?)).collect());
+                let g_fleet =
+                    mean(runs.iter().filter_map(|r| bounds.gain(r.fleet_accuracy(arm, &plan.fleet)?)).collect());
+                if let (Some(a), Some(b)) = (g_rmax, g_fleet) {
+                    standing.gains.push((a + b) / 2.0);
+                }
+                let worst = mean(
+                    runs.iter().filter_map(|r| Some(100.0 * (r.worst_slice(arm, &plan.fleet)? - r.base?))).collect(),
+                );
+                if let Some(worst) = worst {
+                    let lowest = standing.worst_slice_minus_base.map_or(worst, |w| w.min(worst));
+                    standing.worst_slice_minus_base = Some(lowest);
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The rule: among the methods measured in every cell whose slices never end below the base (on
+/// the mean over seeds), the one with the best mean gain recovered. `None` when none qualifies.
+pub fn choose_default(standings: &[Standing]) -> Option<&'static str> {
+    standings
+        .iter()
+        .filter(|s| s.gains.len() == s.cells && s.cells > 0)
+        .filter(|s| s.worst_slice_minus_base.is_some_and(|w| w >= 0.0))
+        .filter_map(|s| Some((s.method, s.mean_gain()?)))
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .map(|(method, _)| method)
+}
+
+/// This suite's side of the default-method rule (`flotilla-study --choose-default` combines the
+/// suites).
+fn rule_section(out: &mut String, standings: &[Standing]) -> Result<()> {
+    writeln!(
+        out,
+        "#### The default-method rule, over this suite's cells
+"
+    )?;
+    writeln!(
+        out,
+        "| method | cells measured | mean gain recovered | lowest worst slice − base (points) |\n|---|---|---|---|"
+    )?;
+    for s in standings {
+        writeln!(
+            out,
+            "| {} | {} of {} | {} | {} |",
+            s.method,
+            s.gains.len(),
+            s.cells,
+            s.mean_gain().map_or("—".into(), |g| format!("{g:.3}")),
+            s.worst_slice_minus_base.map_or("—".into(), |w| format!("{w:+.1}"))
+        )?;
+    }
+    writeln!(
+        out,
+        "\nBy this suite alone the rule picks **{}**.\n",
+        choose_default(standings).unwrap_or("none yet (a method is compared once it has every cell)")
+    )?;
+    Ok(())
 }
 
 /// The base and the centralized reference at R_max: what gain recovered is measured against.
@@ -99,16 +197,21 @@ impl Bounds {
 
 impl Report<'_> {
     /// The bounds line and, when the plan has one, the centralized rank sweep.
-    fn bounds_section(&self, out: &mut String, task: &'static str) -> Result<Bounds> {
-        let plan = self.plan;
-        let max_rank = plan.max_rank();
-        let central = self.finals(task, None, Arm::Centralized(max_rank))?;
+    fn bounds(&self, task: &'static str) -> Result<Bounds> {
+        let central = self.finals(task, None, Arm::Centralized(self.plan.max_rank()))?;
         let centralized = stat(&central.iter().filter_map(Run::max_rank_accuracy).collect::<Vec<_>>());
         let mut everything = Vec::new();
-        for (t, skew, arm) in plan.settings(task) {
+        for (t, skew, arm) in self.plan.settings(task) {
             everything.extend(self.finals(t, skew, arm)?);
         }
         let base = stat(&everything.iter().filter_map(|r| r.base).collect::<Vec<_>>());
+        Ok(Bounds { base, centralized })
+    }
+
+    fn bounds_section(&self, out: &mut String, task: &'static str) -> Result<Bounds> {
+        let plan = self.plan;
+        let max_rank = plan.max_rank();
+        let Bounds { base, centralized } = self.bounds(task)?;
         writeln!(
             out,
             "Bounds: the base alone **{}%**; centralized LoRA at rank {max_rank} on the pooled device data, same sample \
@@ -284,5 +387,27 @@ impl Report<'_> {
         }
         writeln!(out)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn standing(method: &'static str, gains: &[f64], cells: usize, worst: f64) -> Standing {
+        Standing { method, gains: gains.to_vec(), worst_slice_minus_base: Some(worst), cells }
+    }
+
+    #[test]
+    fn the_rule_takes_the_best_mean_gain_among_complete_methods_with_no_slice_below_the_base() {
+        let all = [
+            standing("best-but-below-base", &[0.95, 0.9], 2, -0.5),
+            standing("incomplete", &[0.99], 2, 3.0),
+            standing("good", &[0.9, 0.7], 2, 1.0),
+            standing("fair", &[0.8, 0.7], 2, 0.0),
+        ];
+        assert_eq!(choose_default(&all), Some("good"));
+        assert_eq!(choose_default(&all[..2]), None);
+        assert_eq!(standing("x", &[0.5, 1.0], 2, 0.0).mean_gain(), Some(0.75));
     }
 }
