@@ -79,9 +79,8 @@ pub enum DriverInput {
     /// A secure round's sums are unmasked (or the round is discarded).
     SecureUnmasked {
         round: u32,
-        participants: usize,
-        threshold: usize,
-        protocol_bytes: u64,
+        /// The round's record before unmasking (`SecureRound::record`).
+        record: crate::report::SecureRoundRecord,
         outcome: Result<flotilla_secagg::server::Aggregate, String>,
     },
 }

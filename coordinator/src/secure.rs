@@ -30,6 +30,8 @@ use flotilla_wire::protocol::{CoordinatorMessage, Reject, SecurePeers, SecureSha
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::report::SecureRoundRecord;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecureAggregationSection {
@@ -257,8 +259,15 @@ impl SecureRound {
         self.phase
     }
 
-    pub fn participants(&self) -> usize {
-        self.ids.len()
+    /// The round's record as far as this state knows it: who was in it, the threshold and the
+    /// protocol's bytes (unmasking fills in the rest).
+    pub fn record(&self) -> SecureRoundRecord {
+        SecureRoundRecord {
+            participants: self.ids.len(),
+            threshold: self.parameters.threshold,
+            protocol_bytes: self.protocol_bytes,
+            ..SecureRoundRecord::default()
+        }
     }
 
     pub fn threshold(&self) -> usize {
@@ -302,33 +311,18 @@ impl SecureRound {
             }
             self.server.receive_keys(advert).map_err(|e| e.to_string()).map(|()| id)
         });
-        match checked {
-            Ok(id) => {
-                self.advertised.insert(id);
-                self.held.push((id, reply));
-                Ok(self.advertised.len() == self.ids.len())
-            }
-            Err(reason) => Err((reason, reply)),
-        }
+        self.hold(checked, reply, |r| &mut r.advertised)?;
+        Ok(self.advertised.len() == self.ids.len())
     }
 
     /// Closes phase 1: each advertiser gets its neighbours' keys.
     pub fn close_keys(&mut self) -> Closed {
-        let missing = self.missing(&self.advertised.clone());
-        // Each device's secrets need `threshold` other holders.
-        if self.advertised.len() <= self.parameters.threshold {
-            return self.discard(format!(
-                "{} device(s) sent keys; the threshold {} needs more",
-                self.advertised.len(),
-                self.parameters.threshold
-            ));
-        }
-        for (id, reply) in std::mem::take(&mut self.held) {
-            let peers = self.server.peers_for(id);
-            let _ = reply.send(CoordinatorMessage::SecurePeers(SecurePeers { session: self.session, peers }));
-        }
-        self.phase = SecurePhase::Shares;
-        Closed { dropped: missing, discarded: None }
+        self.close(
+            |r| &r.advertised,
+            "sent keys",
+            SecurePhase::Shares,
+            |server, session, id| CoordinatorMessage::SecurePeers(SecurePeers { session, peers: server.peers_for(id) }),
+        )
     }
 
     /// Phase 2: a device's encrypted shares; its answer waits for the close. Returns whether every
@@ -342,31 +336,60 @@ impl SecureRound {
         let checked = self
             .participant(device, shares.session, SecurePhase::Shares)
             .and_then(|id| self.server.receive_shares(id, shares.shares).map_err(|e| e.to_string()).map(|()| id));
-        match checked {
-            Ok(id) => {
-                self.shared.insert(id);
-                self.held.push((id, reply));
-                Ok(self.shared.len() == self.advertised.len())
-            }
-            Err(reason) => Err((reason, reply)),
-        }
+        self.hold(checked, reply, |r| &mut r.shared)?;
+        Ok(self.shared.len() == self.advertised.len())
     }
 
     /// Closes phase 2: each device that shared gets the shares addressed to it.
     pub fn close_shares(&mut self) -> Closed {
-        let missing = self.missing(&self.shared.clone());
-        if self.shared.len() <= self.parameters.threshold {
-            return self.discard(format!(
-                "{} device(s) shared their keys; the threshold {} needs more",
-                self.shared.len(),
-                self.parameters.threshold
-            ));
+        self.close(
+            |r| &r.shared,
+            "shared their keys",
+            SecurePhase::Upload,
+            |server, session, id| {
+                CoordinatorMessage::SecureSharesForYou(SecureShares { session, shares: server.shares_for(id).to_vec() })
+            },
+        )
+    }
+
+    /// A request `checked` let in: the device is marked in `answered` and its reply held for the
+    /// close; a refused one gives its reply back with the reason.
+    fn hold(
+        &mut self,
+        checked: Result<u32, String>,
+        reply: oneshot::Sender<CoordinatorMessage>,
+        answered: fn(&mut SecureRound) -> &mut BTreeSet<u32>,
+    ) -> Result<(), (String, oneshot::Sender<CoordinatorMessage>)> {
+        let id = match checked {
+            Ok(id) => id,
+            Err(reason) => return Err((reason, reply)),
+        };
+        answered(self).insert(id);
+        self.held.push((id, reply));
+        Ok(())
+    }
+
+    /// Closes the keys or shares phase: with the devices in `answered` (which `did` describes)
+    /// too few for the threshold, the round is discarded; otherwise each held request gets
+    /// `answer` and the round moves to `next`.
+    fn close(
+        &mut self,
+        answered: fn(&SecureRound) -> &BTreeSet<u32>,
+        did: &str,
+        next: SecurePhase,
+        answer: impl Fn(&ServerRound, u64, u32) -> CoordinatorMessage,
+    ) -> Closed {
+        let missing = self.missing(answered(self));
+        let count = answered(self).len();
+        // Each device's secrets need `threshold` other holders.
+        if count <= self.parameters.threshold {
+            let threshold = self.parameters.threshold;
+            return self.discard(format!("{count} device(s) {did}; the threshold {threshold} needs more"));
         }
         for (id, reply) in std::mem::take(&mut self.held) {
-            let shares = self.server.shares_for(id).to_vec();
-            let _ = reply.send(CoordinatorMessage::SecureSharesForYou(SecureShares { session: self.session, shares }));
+            let _ = reply.send(answer(&self.server, self.session, id));
         }
-        self.phase = SecurePhase::Upload;
+        self.phase = next;
         Closed { dropped: missing, discarded: None }
     }
 

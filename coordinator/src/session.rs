@@ -133,26 +133,10 @@ async fn answer_stream(
             });
             return;
         }
-        Ok((DeviceMessage::Update(update), tensors)) => {
-            let (reply, answer) = oneshot::channel();
-            let round = update.round;
-            let upload = Upload { device: identity.to_string(), update, tensors, masked: None, reply };
-            let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
-            // The answer comes from the aggregation worker (folded or invalid) or the driver
-            // (refused by the engine).
-            answer.await.unwrap_or_else(|_| {
-                CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
-            })
-        }
+        Ok((DeviceMessage::Update(update), tensors)) => hand_over(identity, shared, update, tensors, None).await,
         Ok((DeviceMessage::MaskedUpdate(masked), tensors)) => {
-            let (reply, answer) = oneshot::channel();
-            let round = masked.round;
-            let update = Update { round, rank: masked.rank, num_samples: 0, metrics: masked.metrics };
-            let upload = Upload { device: identity.to_string(), update, tensors, masked: Some(masked.masked), reply };
-            let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
-            answer.await.unwrap_or_else(|_| {
-                CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
-            })
+            let update = Update { round: masked.round, rank: masked.rank, num_samples: 0, metrics: masked.metrics };
+            hand_over(identity, shared, update, tensors, Some(masked.masked)).await
         }
         Ok((
             message @ (DeviceMessage::SecureKeys(_) | DeviceMessage::SecureShares(_) | DeviceMessage::UnmaskShares(_)),
@@ -170,10 +154,9 @@ async fn answer_stream(
             secure_request(identity, shared, request, bytes).await
         }
         Ok((DeviceMessage::RenewCertificate(request), _)) => renew(identity, request.csr_pem, shared).await,
-        Ok((other, _)) => CoordinatorMessage::Reject(Reject {
-            round: 0,
-            reason: format!("unexpected message {}", message_name(&other)),
-        }),
+        Ok((other, _)) => {
+            CoordinatorMessage::Reject(Reject { round: 0, reason: format!("unexpected message {}", other.name()) })
+        }
         Err(error) => {
             warn!(device = %identity, "malformed upload: {error}");
             metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "malformed").increment(1);
@@ -185,6 +168,22 @@ async fn answer_stream(
     }
 }
 
+/// Hands an upload to the round driver and waits for its answer, which comes from the
+/// aggregation worker (folded or invalid) or the driver (refused by the engine, or a masked upload).
+async fn hand_over(
+    identity: &str,
+    shared: &SessionContext,
+    update: Update,
+    tensors: flotilla_torch::tensor::DecodedTensors,
+    masked: Option<flotilla_secagg::messages::MaskedInput>,
+) -> CoordinatorMessage {
+    let (reply, answer) = oneshot::channel();
+    let round = update.round;
+    let upload = Upload { device: identity.to_string(), update, tensors, masked, reply };
+    let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
+    answer.await.unwrap_or_else(|_| shutting_down(round))
+}
+
 /// A secure round's request, answered by the driver when its phase closes.
 async fn secure_request(
     identity: &str,
@@ -194,9 +193,12 @@ async fn secure_request(
 ) -> CoordinatorMessage {
     let (reply, answer) = oneshot::channel();
     let _ = shared.inputs.send(DriverInput::Secure { device: identity.to_string(), request, bytes, reply });
-    answer.await.unwrap_or_else(|_| {
-        CoordinatorMessage::Reject(Reject { round: 0, reason: "coordinator is shutting down".into() })
-    })
+    answer.await.unwrap_or_else(|_| shutting_down(0))
+}
+
+/// The answer to a request the coordinator stopped before answering.
+fn shutting_down(round: u32) -> CoordinatorMessage {
+    CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
 }
 
 /// RenewCertificate → CertificateRenewed, or Refusal when renewal is off or the request is not
@@ -234,7 +236,7 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &SessionC
     let hello = match message {
         DeviceMessage::Hello(hello) => hello,
         other => {
-            let reason = format!("expected Hello, got {}", message_name(&other));
+            let reason = format!("expected Hello, got {}", other.name());
             reply_and_finish(&mut send, &refusal(reason.clone())).await?;
             let _ = tokio::time::timeout(REFUSAL_DELIVERY, send.stopped()).await;
             anyhow::bail!(reason);
@@ -283,19 +285,6 @@ async fn reply_and_finish(send: &mut quinn::SendStream, message: &CoordinatorMes
     write_frame(send, message, &WireTensors::default()).await?;
     send.finish()?;
     Ok(())
-}
-
-fn message_name(message: &DeviceMessage) -> &'static str {
-    match message {
-        DeviceMessage::Hello(_) => "Hello",
-        DeviceMessage::Update(_) => "Update",
-        DeviceMessage::RenewCertificate(_) => "RenewCertificate",
-        DeviceMessage::FetchBase(_) => "FetchBase",
-        DeviceMessage::SecureKeys(_) => "SecureKeys",
-        DeviceMessage::SecureShares(_) => "SecureShares",
-        DeviceMessage::MaskedUpdate(_) => "MaskedUpdate",
-        DeviceMessage::UnmaskShares(_) => "UnmaskShares",
-    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use flotilla_secagg::client::ClientRound;
 use flotilla_secagg::messages::UnmaskRequest;
+use flotilla_wire::crash_test::pause_if_requested;
 use flotilla_wire::framing::{read_frame, write_frame};
 use flotilla_wire::protocol::{CoordinatorMessage, DeviceMessage, SecureShares, SecureTask};
 use flotilla_wire::tensor::WireTensors;
@@ -27,11 +28,8 @@ pub(crate) async fn agree_secure_round(
         warn!("[round {round}] secure aggregation: {why}; sitting this round out");
         Ok(None)
     };
-    if flotilla_wire::crash_test::pause_requested("before-keys", round) {
-        // Crash-test hook: a device that drops before sending its keys.
-        warn!("fault injection: paused at before-keys@{round}; waiting to be killed");
-        std::future::pending::<()>().await;
-    }
+    // Crash-test hook (`flotilla_wire::crash_test`): a device that drops before sending its keys.
+    pause_if_requested("before-keys", round).await;
     let (mut client, advert) =
         match ClientRound::new(secure.parameters, secure.session, secure.participant, rank, secure.layout) {
             Ok(started) => started,
@@ -40,7 +38,7 @@ pub(crate) async fn agree_secure_round(
     let peers = match exchange(connection, limits, DeviceMessage::SecureKeys(advert)).await? {
         CoordinatorMessage::SecurePeers(peers) if peers.session == secure.session => peers.peers,
         CoordinatorMessage::Reject(reject) => return sit_out(format!("keys refused: {}", reject.reason)),
-        other => return sit_out(format!("unexpected answer to the keys: {}", message_kind(&other))),
+        other => return sit_out(format!("unexpected answer to the keys: {}", other.name())),
     };
     let shares = match client.share_keys(&peers) {
         Ok(shares) => shares,
@@ -50,16 +48,13 @@ pub(crate) async fn agree_secure_round(
     let received = match exchange(connection, limits, message).await? {
         CoordinatorMessage::SecureSharesForYou(shares) if shares.session == secure.session => shares.shares,
         CoordinatorMessage::Reject(reject) => return sit_out(format!("shares refused: {}", reject.reason)),
-        other => return sit_out(format!("unexpected answer to the shares: {}", message_kind(&other))),
+        other => return sit_out(format!("unexpected answer to the shares: {}", other.name())),
     };
     for error in client.receive_shares(&received) {
         warn!("[round {round}] secure aggregation: a neighbour's share refused: {error}");
     }
-    if flotilla_wire::crash_test::pause_requested("after-shares", round) {
-        // Crash-test hook (`flotilla_wire::crash_test`): a device that drops after sharing its keys.
-        warn!("fault injection: paused at after-shares@{round}; waiting to be killed");
-        std::future::pending::<()>().await;
-    }
+    // Crash-test hook: a device that drops after sharing its keys.
+    pause_if_requested("after-shares", round).await;
     info!("[round {round}] secure aggregation: keys agreed with {} neighbour(s)", peers.len());
     Ok(Some(client))
 }
@@ -81,7 +76,7 @@ pub(crate) async fn reveal_unmasking_shares(
     match exchange(connection, limits, DeviceMessage::UnmaskShares(shares)).await? {
         CoordinatorMessage::Ack(ack) => info!("[round {}] unmasking shares accepted", ack.round),
         CoordinatorMessage::Reject(reject) => warn!("unmasking shares refused: {}", reject.reason),
-        other => warn!("unexpected answer to the unmasking shares: {}", message_kind(&other)),
+        other => warn!("unexpected answer to the unmasking shares: {}", other.name()),
     }
     Ok(())
 }
@@ -97,20 +92,4 @@ async fn exchange(
     send.finish()?;
     let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, limits).await?;
     Ok(reply)
-}
-
-fn message_kind(message: &CoordinatorMessage) -> &'static str {
-    match message {
-        CoordinatorMessage::Welcome(_) => "Welcome",
-        CoordinatorMessage::Refusal(_) => "Refusal",
-        CoordinatorMessage::RoundTask(_) => "RoundTask",
-        CoordinatorMessage::Ack(_) => "Ack",
-        CoordinatorMessage::Reject(_) => "Reject",
-        CoordinatorMessage::Finished(_) => "Finished",
-        CoordinatorMessage::CertificateRenewed(_) => "CertificateRenewed",
-        CoordinatorMessage::BaseChunk(_) => "BaseChunk",
-        CoordinatorMessage::SecurePeers(_) => "SecurePeers",
-        CoordinatorMessage::SecureSharesForYou(_) => "SecureSharesForYou",
-        CoordinatorMessage::SecureUnmask(_) => "SecureUnmask",
-    }
 }

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::base_store::StoreError;
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
-use crate::trainer::{BaseSource, SecurePacking, Trainer, UpdateShaping};
+use crate::trainer::{BaseSource, Trainer, UpdateShaping};
 use flotilla_secagg::client::ClientRound;
 
 /// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
@@ -218,11 +218,8 @@ async fn connect_and_serve(
             }
             CoordinatorMessage::SecureUnmask(request) => match secure_round.take() {
                 Some((round, client)) => {
-                    if flotilla_wire::crash_test::pause_requested("before-unmask", round) {
-                        // Crash-test hook: a device that drops after its masked upload.
-                        warn!("fault injection: paused at before-unmask@{round}; waiting to be killed");
-                        std::future::pending::<()>().await;
-                    }
+                    // Crash-test hook: a device that drops after its masked upload.
+                    flotilla_wire::crash_test::pause_if_requested("before-unmask", round).await;
                     reveal_unmasking_shares(&connection, &settings.limits, &client, &request)
                         .await
                         .map_err(|e| classify(&connection, settings, "secure aggregation", format!("{e:#}")))?
@@ -332,14 +329,7 @@ async fn train_and_upload(
     }
     info!("[round {round}/{}] training at rank {}", task.total_rounds, task.rank);
     settings.progress.training(round, task.total_rounds, task.rank);
-    let shaping = UpdateShaping {
-        clip_norm: task.clip_norm,
-        secure: task.secure.as_ref().map(|s| SecurePacking {
-            layout: s.layout,
-            max_samples: s.max_samples,
-            noise_std: s.noise_std.clone(),
-        }),
-    };
+    let shaping = UpdateShaping { clip_norm: task.clip_norm, secure: task.secure.clone() };
     let trained = tokio::select! {
         trained = trainer.train(tensors, task.rank, task.training.clone(), shaping) => trained,
         _ = stop_reached(stop, Stop::AfterUpload) => {

@@ -13,7 +13,7 @@ use flotilla_torch::data::tokenizer::TextTokenizer;
 use flotilla_torch::data::{synthetic_classification, Dataset};
 use flotilla_torch::model::checkpoint::HfCheckpoint;
 use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, LoraModel};
-use flotilla_wire::protocol::{LocalMetrics, TrainingSettings};
+use flotilla_wire::protocol::{LocalMetrics, SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
@@ -30,22 +30,11 @@ pub struct TrainedUpdate {
 }
 
 /// What a round asks of an update besides training: a clipping bound (differential privacy), and
-/// under secure aggregation how to pack it.
+/// under secure aggregation how to pack it (its layout, sample cap and noise levels).
 #[derive(Debug, Clone, Default)]
 pub struct UpdateShaping {
     pub clip_norm: Option<f64>,
-    pub secure: Option<SecurePacking>,
-}
-
-/// How a secure round's update is packed (`flotilla_torch::aggregate::secure`).
-#[derive(Debug, Clone)]
-pub struct SecurePacking {
-    pub layout: flotilla_secagg::layout::Layout,
-    /// The weight is min(samples, this) / this.
-    pub max_samples: u64,
-    /// Distributed differential privacy: pack the clipped change with weight 1 and add noise of
-    /// these standard deviations (`[head, slot 0, …]`); empty for a plain secure round.
-    pub noise_std: Vec<f64>,
+    pub secure: Option<SecureTask>,
 }
 
 /// Where the frozen base comes from: tensors sent with the Welcome, or a checkpoint directory
@@ -411,7 +400,7 @@ fn pack_secure(
     trained: &Adapter,
     received: &Adapter,
     samples: usize,
-    packing: &SecurePacking,
+    packing: &SecureTask,
 ) -> Result<Vec<f32>, String> {
     use flotilla_torch::aggregate::secure;
     let failed = |e: &dyn std::fmt::Display| format!("packing the update for secure aggregation: {e}");

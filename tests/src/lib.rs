@@ -190,6 +190,15 @@ pub fn start_coordinator_with(run: &Path, config: &str, args: &[&str]) -> (Proce
     (coordinator, address)
 }
 
+/// `flotilla-edge run` against `address` with the kit in `kit`, at `rank`, on `samples` synthetic
+/// samples; callers add their own flags and environment.
+pub fn edge_run(address: &str, kit: &Path, rank: impl std::fmt::Display, samples: impl std::fmt::Display) -> Command {
+    let mut command = Command::new(binary("flotilla-edge"));
+    command.args(["run", "--coordinator", address, "--rank", &rank.to_string(), "--samples", &samples.to_string()]);
+    command.arg("--kit").arg(kit);
+    command
+}
+
 /// `flotilla-coordinator check` on `config` (written to `<run>/c.toml`): whether it passed, and
 /// what it printed.
 pub fn check_config(run: &Path, config: &str) -> (bool, String) {

@@ -4,10 +4,9 @@
 //! honour are refused by `check`.
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, check_config, provision, read_safetensors, start_coordinator, Matrix, Process};
+use flotilla_tests::{check_config, edge_run, provision, read_safetensors, start_coordinator, Matrix, Process};
 
 const CLIP: f64 = 0.05;
 const NOISE_MULTIPLIER: f64 = 1.0;
@@ -49,13 +48,7 @@ fn clipped_updates_calibrated_noise_and_a_budget_that_ends_the_run() {
     let mut devices: Vec<Process> = [("phone-1", "2"), ("laptop-1", "4")]
         .iter()
         .map(|(id, rank)| {
-            Process::spawn(
-                id,
-                Command::new(binary("flotilla-edge"))
-                    .args(["run", "--coordinator", &address, "--rank", rank, "--samples", "128", "--kit"])
-                    .arg(pki.join("kits").join(id)),
-                &run.join("logs"),
-            )
+            Process::spawn(id, &mut edge_run(&address, &pki.join("kits").join(id), rank, 128), &run.join("logs"))
         })
         .collect();
     for device in &mut devices {
@@ -185,9 +178,7 @@ fn a_dropout_beyond_max_dropout_discards_the_distributed_round_unrevealed() {
     let mut processes: Vec<Process> = devices
         .iter()
         .map(|(id, rank)| {
-            let mut command = Command::new(binary("flotilla-edge"));
-            command.args(["run", "--coordinator", &address, "--rank", rank, "--samples", "64", "--kit"]);
-            command.arg(pki.join("kits").join(id));
+            let mut command = edge_run(&address, &pki.join("kits").join(id), rank, 64);
             if *id == "laptop-2" {
                 command.env("FLOTILLA_FAULT_PAUSE", "after-shares@1");
             }
@@ -218,13 +209,7 @@ fn distributed_noise_under_secure_aggregation_has_the_calibrated_scale() {
     let mut processes: Vec<Process> = devices
         .iter()
         .map(|(id, rank)| {
-            Process::spawn(
-                id,
-                Command::new(binary("flotilla-edge"))
-                    .args(["run", "--coordinator", &address, "--rank", rank, "--samples", "64", "--kit"])
-                    .arg(pki.join("kits").join(id)),
-                &run.join("logs"),
-            )
+            Process::spawn(id, &mut edge_run(&address, &pki.join("kits").join(id), rank, 64), &run.join("logs"))
         })
         .collect();
     for device in &mut processes {

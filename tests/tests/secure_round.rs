@@ -11,7 +11,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use flotilla_tests::{
-    binary, check_config, free_tcp_port, free_udp_port, http_get, metric_value, provision, read_safetensors,
+    binary, check_config, edge_run, free_tcp_port, free_udp_port, http_get, metric_value, provision, read_safetensors,
     start_coordinator, Matrix, Process,
 };
 
@@ -79,11 +79,7 @@ fn run_round_with(
         .iter()
         .map(|&(id, device_rank, samples, drops)| {
             let rank = rank.unwrap_or(device_rank).to_string();
-            let mut command = Command::new(binary("flotilla-edge"));
-            command
-                .args(["run", "--coordinator", &address, "--rank", &rank, "--samples", &samples.to_string()])
-                .arg("--kit")
-                .arg(run.join("pki/kits").join(id));
+            let mut command = edge_run(&address, &run.join("pki/kits").join(id), rank, samples);
             if let Some(point) = drops {
                 command.env("FLOTILLA_FAULT_PAUSE", format!("{point}@1"));
             }
@@ -246,10 +242,14 @@ fn a_coordinator_killed_mid_unmask_discards_the_round_and_resumes_with_fresh_key
         .map(|(id, rank)| {
             Process::spawn(
                 id,
-                Command::new(binary("flotilla-edge"))
-                    .args(["run", "--coordinator", &format!("127.0.0.1:{port}"), "--rank", rank, "--samples", "64"])
-                    .args(["--max-attempts", "30", "--idle-timeout-secs", "3", "--keep-alive-secs", "1", "--kit"])
-                    .arg(run.join("pki/kits").join(id)),
+                edge_run(&format!("127.0.0.1:{port}"), &run.join("pki/kits").join(id), rank, 64).args([
+                    "--max-attempts",
+                    "30",
+                    "--idle-timeout-secs",
+                    "3",
+                    "--keep-alive-secs",
+                    "1",
+                ]),
                 &run.join("logs"),
             )
         })

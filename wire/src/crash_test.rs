@@ -10,3 +10,12 @@ pub fn pause_requested(point: &str, round: u32) -> bool {
     let wanted = format!("{point}@{round}");
     spec.split(',').any(|p| p.trim() == wanted)
 }
+
+/// Stops the calling task for good when the environment asks for `point` in `round` (a device's
+/// session; the test then kills the process).
+pub async fn pause_if_requested(point: &str, round: u32) {
+    if pause_requested(point, round) {
+        tracing::warn!("fault injection: paused at {point}@{round} ({ENV}); waiting to be killed");
+        std::future::pending::<()>().await;
+    }
+}

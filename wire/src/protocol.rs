@@ -60,6 +60,41 @@ pub enum CoordinatorMessage {
     SecureUnmask(flotilla_secagg::messages::UnmaskRequest),
 }
 
+impl DeviceMessage {
+    /// The variant's name, for logs and refusals (which must not echo what an untrusted peer sent).
+    pub fn name(&self) -> &'static str {
+        match self {
+            DeviceMessage::Hello(_) => "Hello",
+            DeviceMessage::Update(_) => "Update",
+            DeviceMessage::RenewCertificate(_) => "RenewCertificate",
+            DeviceMessage::FetchBase(_) => "FetchBase",
+            DeviceMessage::SecureKeys(_) => "SecureKeys",
+            DeviceMessage::SecureShares(_) => "SecureShares",
+            DeviceMessage::MaskedUpdate(_) => "MaskedUpdate",
+            DeviceMessage::UnmaskShares(_) => "UnmaskShares",
+        }
+    }
+}
+
+impl CoordinatorMessage {
+    /// The variant's name, for logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            CoordinatorMessage::Welcome(_) => "Welcome",
+            CoordinatorMessage::Refusal(_) => "Refusal",
+            CoordinatorMessage::RoundTask(_) => "RoundTask",
+            CoordinatorMessage::Ack(_) => "Ack",
+            CoordinatorMessage::Reject(_) => "Reject",
+            CoordinatorMessage::Finished(_) => "Finished",
+            CoordinatorMessage::CertificateRenewed(_) => "CertificateRenewed",
+            CoordinatorMessage::BaseChunk(_) => "BaseChunk",
+            CoordinatorMessage::SecurePeers(_) => "SecurePeers",
+            CoordinatorMessage::SecureSharesForYou(_) => "SecureSharesForYou",
+            CoordinatorMessage::SecureUnmask(_) => "SecureUnmask",
+        }
+    }
+}
+
 /// Application close codes (`CONNECTION_CLOSE` of type application).
 pub mod close {
     /// Orderly end: the run finished, or the device is done.

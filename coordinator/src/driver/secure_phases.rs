@@ -43,8 +43,8 @@ impl RoundDriver {
                 self.secure_request(&device, request, bytes, reply)
             }
             DriverInput::SecureTimer { session, phase } => self.secure_timer(session, phase),
-            DriverInput::SecureUnmasked { round, participants, threshold, protocol_bytes, outcome } => {
-                self.secure_unmasked(round, participants, threshold, protocol_bytes, outcome);
+            DriverInput::SecureUnmasked { round, record, outcome } => {
+                self.secure_unmasked(round, record, outcome);
                 Vec::new()
             }
             _ => Vec::new(),
@@ -230,12 +230,10 @@ impl RoundDriver {
         let Some(secure) = self.secure.as_mut() else { return };
         if let Some(reason) = secure.noise_shortfall() {
             // Nothing is unmasked: the sums would carry too little noise.
-            let (round, participants, threshold) = (secure.round, secure.participants(), secure.threshold());
-            let protocol_bytes = secure.protocol_bytes;
+            let (round, record) = (secure.round, secure.record());
             self.secure = None;
             self.unmasking = Some((facts, Instant::now()));
-            let outcome = Err(reason);
-            return self.secure_unmasked(round, participants, threshold, protocol_bytes, outcome);
+            return self.secure_unmasked(round, record, Err(reason));
         }
         let (request, survivors) = secure.begin_unmask();
         let (round, session) = (secure.round, secure.session);
@@ -261,8 +259,7 @@ impl RoundDriver {
     /// Unmasks the sums off the async loop; the result comes back as `SecureUnmasked`.
     fn finish_unmasking(&mut self) {
         let Some(secure) = self.secure.take() else { return };
-        let (round, participants, threshold) = (secure.round, secure.participants(), secure.threshold());
-        let protocol_bytes = secure.protocol_bytes;
+        let (round, record) = (secure.round, secure.record());
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || {
@@ -271,29 +268,15 @@ impl RoundDriver {
             })
             .await
             .unwrap_or_else(|e| Err(format!("unmasking stopped: {e}")));
-            let _ =
-                inputs.send(DriverInput::SecureUnmasked { round, participants, threshold, protocol_bytes, outcome });
+            let _ = inputs.send(DriverInput::SecureUnmasked { round, record, outcome });
         });
     }
 
     /// The unmasked sums (or why there are none) go to the worker, which finishes the round.
-    fn secure_unmasked(
-        &mut self,
-        round: u32,
-        participants: usize,
-        threshold: usize,
-        protocol_bytes: u64,
-        outcome: Result<Aggregate, String>,
-    ) {
+    fn secure_unmasked(&mut self, round: u32, mut record: SecureRoundRecord, outcome: Result<Aggregate, String>) {
         publish_phase(None);
         let Some((mut facts, started)) = self.unmasking.take().filter(|(f, _)| f.round == round) else { return };
-        let mut record = SecureRoundRecord {
-            participants,
-            threshold,
-            protocol_bytes,
-            unmask_seconds: started.elapsed().as_secs_f64(),
-            ..SecureRoundRecord::default()
-        };
+        record.unmask_seconds = started.elapsed().as_secs_f64();
         let outcome = match outcome {
             Ok(aggregate) => {
                 record.survivors = aggregate.survivors.len();

@@ -496,17 +496,7 @@ pub fn print_default_choice() -> Result<()> {
             }
         }
     }
-    println!("method | cells measured | mean gain recovered | lowest worst slice − base (points)");
-    for s in &combined {
-        println!(
-            "{} | {} of {} | {} | {}",
-            s.method,
-            s.gains.len(),
-            s.cells,
-            s.mean_gain().map_or("—".into(), |g| format!("{g:.3}")),
-            s.worst_slice_minus_base.map_or("—".into(), |w| format!("{w:+.1}"))
-        );
-    }
+    print!("{}", report::rule_table(&combined));
     match report::choose_default(&combined) {
         Some(method) => println!("the rule picks: {method}"),
         None => println!("the rule picks none yet: no method has every cell measured without a slice below the base"),

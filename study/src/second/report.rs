@@ -85,8 +85,9 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
 }
 
 /// One method's standing under issue 15's rule for the default method, over a suite's cells (a cell:
-/// a task under a skew): its gain recovered in each cell with final runs ((G at R_max + G of the
-/// fleet mean) / 2, means over seeds), and its lowest worst-slice − base (points, mean over seeds).
+/// a task under a skew): its gain recovered in each cell whose final runs are all in ((G at R_max +
+/// G of the fleet mean) / 2, means over seeds), and its lowest worst-slice − base there (points,
+/// mean over seeds).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Standing {
     pub method: &'static str,
@@ -117,6 +118,10 @@ pub fn standings(plan: &Plan, dir: &Path) -> Result<Vec<Standing>> {
                 standing.cells += 1;
                 let arm = Arm::Method(standing.method);
                 let runs = report.finals(task.key, Some(skew), arm)?;
+                // A cell counts once every seed of it is in: fewer would compare unlike means.
+                if runs.len() < plan.seeds.len() {
+                    continue;
+                }
                 let mean =
                     |values: Vec<f64>| (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
                 let g_rmax = mean(runs.iter().filter_map(|r| bounds.gain(r.max_rank_accuracy()?)).collect());
@@ -138,6 +143,24 @@ pub fn standings(plan: &Plan, dir: &Path) -> Result<Vec<Standing>> {
     Ok(out)
 }
 
+/// Each method's standing as a Markdown table.
+pub fn rule_table(standings: &[Standing]) -> String {
+    let mut out = String::from(
+        "| method | cells measured | mean gain recovered | lowest worst slice − base (points) |\n|---|---|---|---|\n",
+    );
+    for s in standings {
+        out += &format!(
+            "| {} | {} of {} | {} | {} |\n",
+            s.method,
+            s.gains.len(),
+            s.cells,
+            s.mean_gain().map_or("—".into(), |g| format!("{g:.3}")),
+            s.worst_slice_minus_base.map_or("—".into(), |w| format!("{w:+.1}"))
+        );
+    }
+    out
+}
+
 /// The rule: among the methods measured in every cell whose slices never end below the base (on
 /// the mean over seeds), the one with the best mean gain recovered. `None` when none qualifies.
 pub fn choose_default(standings: &[Standing]) -> Option<&'static str> {
@@ -153,26 +176,8 @@ pub fn choose_default(standings: &[Standing]) -> Option<&'static str> {
 /// This suite's side of the default-method rule (`flotilla-study --choose-default` combines the
 /// suites).
 fn rule_section(out: &mut String, standings: &[Standing]) -> Result<()> {
-    writeln!(
-        out,
-        "#### The default-method rule, over this suite's cells
-"
-    )?;
-    writeln!(
-        out,
-        "| method | cells measured | mean gain recovered | lowest worst slice − base (points) |\n|---|---|---|---|"
-    )?;
-    for s in standings {
-        writeln!(
-            out,
-            "| {} | {} of {} | {} | {} |",
-            s.method,
-            s.gains.len(),
-            s.cells,
-            s.mean_gain().map_or("—".into(), |g| format!("{g:.3}")),
-            s.worst_slice_minus_base.map_or("—".into(), |w| format!("{w:+.1}"))
-        )?;
-    }
+    writeln!(out, "#### The default-method rule, over this suite's cells\n")?;
+    write!(out, "{}", rule_table(standings))?;
     writeln!(
         out,
         "\nBy this suite alone the rule picks **{}**.\n",
