@@ -201,10 +201,15 @@ fn run(command: Command) -> Result<()> {
             let config = config::CoordinatorConfig::load(&config)?;
             let done = export::export(&config, &export::ExportRequest { out, round, rank, merged })?;
             println!(
-                "exported round {} at rank {}: adapter in {}{}",
+                "exported round {} at rank {}: adapter in {}{}{}",
                 done.round,
                 done.rank,
                 done.adapter_dir.display(),
+                done.folded_rank
+                    .map(|r| format!(
+                        " (FLoRA's merged update written as a rank-{r} LoRA, as PEFT has no place for it)"
+                    ))
+                    .unwrap_or_default(),
                 done.merged_model.map(|p| format!(", merged model in {}", p.display())).unwrap_or_default()
             );
             Ok(())

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use flotilla_torch::adapter::peft_config_for;
 use flotilla_torch::model::{Architecture, ArchitectureExt};
+use flotilla_torch::peft_lora::fold_merged_deltas;
 use tch::Tensor;
 
 use crate::checkpoint::{self, CheckpointState, STATE_FILE};
@@ -27,6 +28,8 @@ pub struct Exported {
     pub rank: usize,
     pub adapter_dir: PathBuf,
     pub merged_model: Option<PathBuf>,
+    /// Set when online FLoRA's merged deltas were written as plain LoRA factors of this rank.
+    pub folded_rank: Option<usize>,
 }
 
 pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exported> {
@@ -51,32 +54,44 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     }
     let adapter = if rank == max_rank { global } else { global.slice_to_rank(rank)? };
     let lora_alpha = config.aggregation.lora_alpha;
-    // One scale for every rank: lora_alpha / R_max. PEFT computes lora_alpha / r, so a slice's
-    // alpha is lowered in proportion.
-    let peft_alpha = lora_alpha * rank as f64 / max_rank as f64;
-    let adapter_dir = request.out.join("adapter");
-    let metadata = HashMap::from([
+    let scale = lora_alpha / max_rank as f64;
+    let mut metadata = HashMap::from([
         ("round".to_string(), state.round.to_string()),
         ("method".to_string(), state.method.clone()),
         ("max_rank".to_string(), max_rank.to_string()),
     ]);
-    let mut peft_config = peft_config_for(&adapter, peft_alpha);
+    // Online FLoRA's merged deltas have no place in PEFT's layout: the file gets a plain LoRA of
+    // the same function instead (flotilla_torch::peft_lora).
+    let folded = if adapter.merged_delta_names().next().is_some() {
+        let plain = fold_merged_deltas(&adapter, scale)?;
+        metadata.insert("merged_deltas_folded".into(), format!("largest error {:.3e}", plain.largest_error));
+        Some(plain)
+    } else {
+        None
+    };
+    let peft_adapter = folded.as_ref().map_or(&adapter, |plain| &plain.adapter);
+    let folded_rank = folded.as_ref().map(|plain| plain.adapter.rank());
+    // One scale for every rank: lora_alpha / R_max. PEFT computes lora_alpha / r, so an adapter of
+    // another rank r gets alpha = scale·r.
+    let peft_alpha = scale * peft_adapter.rank() as f64;
+    let adapter_dir = request.out.join("adapter");
+    let mut peft_config = peft_config_for(peft_adapter, peft_alpha);
     if let Some(transformer) = &config.model.transformer {
         // What PeftModel.from_pretrained needs to rebuild a sequence classifier over the base.
         peft_config.task_type = Some("SEQ_CLS".into());
         peft_config.base_model_name_or_path = Some(transformer.checkpoint.display().to_string());
     }
-    adapter
-        .save_peft(&adapter_dir, &peft_config, metadata.clone())
+    peft_adapter
+        .save_peft(&adapter_dir, &peft_config, metadata)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", adapter_dir.display()))?;
 
     let merged_model = if request.merged {
         let base = crate::base::prepare(config)?;
-        let merged = config.model.architecture.merge(&base.weights, &adapter, lora_alpha / max_rank as f64)?;
+        let merged = config.model.architecture.merge(&base.weights, &adapter, scale)?;
         if let (Architecture::Bert(spec), Some(transformer)) = (&config.model.architecture, &config.model.transformer) {
             let dir = request.out.join("merged");
             crate::hf_model::write_merged(&dir, spec, &merged, &transformer.checkpoint)?;
-            return Ok(Exported { round: state.round, rank, adapter_dir, merged_model: Some(dir) });
+            return Ok(Exported { round: state.round, rank, adapter_dir, merged_model: Some(dir), folded_rank });
         }
         let path = request.out.join("model.safetensors");
         let named: Vec<(&str, &Tensor)> = merged.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -88,7 +103,7 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     } else {
         None
     };
-    Ok(Exported { round: state.round, rank, adapter_dir, merged_model })
+    Ok(Exported { round: state.round, rank, adapter_dir, merged_model, folded_rank })
 }
 
 #[cfg(test)]
@@ -143,5 +158,53 @@ mod tests {
         assert!((lora - plain).abs().max().double_value(&[]) < 1e-5);
         let err = export(&config, &ExportRequest { out, round: Some(9), rank: None, merged: false }).err().unwrap();
         assert!(format!("{err:#}").contains("round 9 has no finished checkpoint"), "{err:#}");
+    }
+
+    #[test]
+    fn an_online_flora_global_exports_as_a_plain_peft_lora_of_the_same_function() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config: CoordinatorConfig = toml::from_str(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n\
+             [aggregation]\nmethod = \"flora\"\n[model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        config.aggregation.max_rank = 4;
+        let base = crate::base::prepare(&config).unwrap();
+        let initial = base.initial_adapter(&config).unwrap();
+        let mut tensors: std::collections::BTreeMap<String, Tensor> = initial
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), if n.contains("lora_B") { t.rand_like() * 0.1 } else { t.copy() }))
+            .collect();
+        for module in initial.modules() {
+            let (a, b) = initial.factors(module);
+            let delta = Tensor::randn([b.size()[0], a.size()[1]], (Kind::Float, Device::Cpu)) * 0.05;
+            tensors.insert(flotilla_torch::adapter::merged_delta_name(module), delta);
+        }
+        let global = flotilla_torch::adapter::Adapter::new(tensors).unwrap();
+        let state = CheckpointState {
+            round: 3,
+            method: "flora".into(),
+            fingerprint: checkpoint::fingerprint(&config),
+            record: None,
+        };
+        checkpoint::write(dir.path(), &state, &global, &peft_config_for(&global, 16.0), HashMap::new()).unwrap();
+
+        let out = dir.path().join("export");
+        let done = export(&config, &ExportRequest { out, round: None, rank: Some(2), merged: false }).unwrap();
+        let loaded = flotilla_torch::adapter::Adapter::load_peft(&done.adapter_dir).unwrap();
+        assert_eq!(loaded.adapter.merged_delta_names().count(), 0, "PEFT has no place for merged deltas");
+        assert_eq!(done.folded_rank, Some(loaded.adapter.rank()));
+        assert!(loaded.metadata["merged_deltas_folded"].starts_with("largest error"));
+        // PEFT runs the file at lora_alpha / r; the device of rank 2 runs its slice plus ΔW at 16 / 4.
+        let peft_scale = loaded.config.lora_alpha / loaded.config.r as f64;
+        let architecture = &config.model.architecture;
+        let x = Tensor::randn([5, 12], (Kind::Float, Device::Cpu));
+        let slice = global.slice_to_rank(2).unwrap();
+        let device = LoraModel::new(architecture, &base.weights, &slice, 16.0 / 4.0, Device::Cpu).unwrap();
+        let peft = LoraModel::new(architecture, &base.weights, &loaded.adapter, peft_scale, Device::Cpu).unwrap();
+        let difference = (device.forward(&x, None).unwrap() - peft.forward(&x, None).unwrap()).abs().max();
+        assert!(difference.double_value(&[]) < 1e-5, "{difference}");
     }
 }

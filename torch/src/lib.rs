@@ -2,7 +2,8 @@
 //!
 //! - [`tensor`]: wire tensors to and from tch tensors, and the sink through which the streaming
 //!   frame decoder writes an update straight into tensor storage.
-//! - [`adapter`]: a LoRA adapter (PEFT naming), rank slicing and safetensors I/O.
+//! - [`adapter`]: a LoRA adapter (PEFT naming), rank slicing and safetensors I/O; [`peft_lora`]:
+//!   the plain LoRA that stands for an adapter with merged deltas, for PEFT.
 //! - [`aggregate`]: the online aggregation methods (one file each) behind a single streaming trait.
 //! - [`model`]: the LoRA models trained on devices and evaluated by the coordinator; [`data`]: datasets.
 
@@ -11,4 +12,5 @@ pub mod aggregate;
 pub use flotilla_data::cache;
 pub mod data;
 pub mod model;
+pub mod peft_lora;
 pub mod tensor;
