@@ -44,6 +44,7 @@ min_devices = 2
 local_steps = 100
 batch_size = 32
 [aggregation]
+method = "rbla"   # what docs/edge.md measured with; the step cost does not depend on it
 max_rank = 16
 $architecture
 TOML

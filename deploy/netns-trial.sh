@@ -118,6 +118,7 @@ batch_size = 64
 learning_rate = 0.005
 
 [aggregation]
+method = "rbla"   # what docs/faults.md measured: each device receives only its slice
 max_rank = 16
 lora_alpha = 32.0
 

@@ -80,7 +80,9 @@ address_file = "$run_dir/coordinator.addr"
 kit = "$run_dir/pki/kits/coordinator"
 
 [aggregation]
-method = "rbla"
+# FLoRA, the default: the method issue 15's study picked (docs/study.md). Each round stacks the
+# devices' factors exactly into a merged update ΔW that every device then receives in full.
+method = "flora"
 max_rank = 16
 lora_alpha = 32.0
 
@@ -180,7 +182,7 @@ for member in "${fleet[@]}"; do
     index=$((index + 1))
 done
 
-step "federated fine-tuning: $rounds rounds of RBLA on $task, each device on its own $partition shard"
+step "federated fine-tuning: $rounds rounds of FLoRA on $task, each device on its own $partition shard"
 # Follow the coordinator's round lines as they come.
 tail -n +1 -f --pid="$coordinator_pid" "$run_dir/logs/coordinator.log" 2>/dev/null \
     | grep --line-buffered -E "pretrain|\[round [0-9]+(/[0-9]+)?\] (aggregated|test accuracy)" \

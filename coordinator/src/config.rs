@@ -175,10 +175,20 @@ pub struct AggregationSection {
     pub ablation_shrink_to_round_rank: bool,
 }
 
+/// " (the default)" when `method` is the one a configuration gets without naming one, so that an
+/// error about it tells a user who never wrote it where it came from.
+pub fn default_note(method: Method) -> &'static str {
+    if method == Method::DEFAULT {
+        " (the default)"
+    } else {
+        ""
+    }
+}
+
 impl Default for AggregationSection {
     fn default() -> Self {
         AggregationSection {
-            method: Method::Rbla,
+            method: Method::DEFAULT,
             max_rank: 8,
             lora_alpha: 16.0,
             record_updates: false,
@@ -495,7 +505,7 @@ mod tests {
         "#;
         let config: CoordinatorConfig = toml::from_str(text).unwrap();
         config.validate().unwrap();
-        assert_eq!(config.aggregation.method, Method::Rbla);
+        assert_eq!(config.aggregation.method, Method::Flora);
         assert_eq!(config.model.architecture, Architecture::Mlp { input: 784, hidden: vec![128], classes: 10 });
         let typo = text.replace("[tls]", "[tls]\nkitt = 1");
         assert!(toml::from_str::<CoordinatorConfig>(&typo).is_err());

@@ -87,7 +87,9 @@ impl PrivacySection {
         );
         if let Some(why) = why_not_private(method) {
             bail!(
-                "[aggregation] method = \"{method}\" cannot run under [privacy]: {why}; use rbla, fold-and-fill or fedavg"
+                "[aggregation] method = \"{method}\"{} cannot run under [privacy]: {why}; set method to fold-and-fill, \
+                 rbla or fedavg",
+                crate::config::default_note(method)
             );
         }
         ensure!(!shrink, "[aggregation] ablation_shrink_to_round_rank cannot run under [privacy]");

@@ -30,6 +30,7 @@ use flotilla_wire::protocol::{CoordinatorMessage, Reject, SecurePeers, SecureSha
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
+use crate::config::default_note;
 use crate::report::SecureRoundRecord;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,8 +80,9 @@ impl SecureAggregationSection {
         let method = rest.method;
         if let Some(why) = flotilla_torch::aggregate::secure::why_not_secure(method) {
             anyhow::bail!(
-                "[aggregation] method = \"{method}\" cannot run under [secure_aggregation]: {why}; use rbla, \
-                 fold-and-fill, zero-pad or fedavg"
+                "[aggregation] method = \"{method}\"{} cannot run under [secure_aggregation]: {why}; set method to \
+                 fold-and-fill, rbla, zero-pad or fedavg",
+                default_note(method)
             );
         }
         anyhow::ensure!(

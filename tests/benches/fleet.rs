@@ -10,7 +10,8 @@
 //! For each fleet size: how fast the fleet is admitted (handshake, Hello, base model), the round
 //! overhead beyond training, the coordinator's peak RSS, and whether every update arrived. The
 //! memory sweep keeps the fleet fixed and grows the number of devices per round (`[round]
-//! fraction`), with updates large enough that buffering them would show.
+//! fraction`), with updates large enough that buffering them would show. The method is RBLA, as
+//! in the results docs/benchmarks.md records.
 
 use std::path::Path;
 use std::process::Command;
@@ -112,7 +113,7 @@ fn run_fleet(pki: &Path, work: &Path, shape: &Shape, devices: usize, fraction: f
              [round]\nrounds = {rounds}\nmin_devices = {devices}\nmin_participants = 1\nfraction = {fraction}\n\
              min_updates = {per_round}\n\
              local_steps = 1\nbatch_size = 8\ndeadline_secs = 3600\n\
-             [aggregation]\nmax_rank = {max_rank}\n{architecture}",
+             [aggregation]\nmethod = \"rbla\"\nmax_rank = {max_rank}\n{architecture}",
             run = run.display(),
             pki = pki.display(),
             rounds = args.rounds,

@@ -16,7 +16,7 @@ fn a_cnn_round_aggregates_conv_lora_factors_of_different_ranks() {
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
-         [round]\nrounds = 1\nmin_devices = 2\nlocal_steps = 5\n[aggregation]\nmax_rank = 4\n\
+         [round]\nrounds = 1\nmin_devices = 2\nlocal_steps = 5\n[aggregation]\nmethod = \"rbla\"\nmax_rank = 4\n\
          [model.architecture.cnn]\nside = 28\nchannels = 1\nconv = [4, 8]\nhidden = 16\nclasses = 10\n",
         run = run.display()
     );

@@ -92,11 +92,14 @@ fn hostile_peers_are_refused_with_reasons_while_an_honest_device_trains() {
     certs(&rogue, &["issue", "device", "--id", "honest"]);
     expired_kit(&pki, "expired", &run.join("expired-kit"));
 
+    // RBLA: the hand-written clients below echo their task's tensors as a fair update, which a
+    // FLoRA task (it carries ΔW, which no device may send back) would not be.
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\nhello_timeout_secs = 2\n\
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\ncrl = \"{run}/pki/crl.pem\"\n\
          [limits]\nmax_body_bytes = 65536\n\
          [round]\nrounds = 2\nmin_devices = 2\nmin_updates = 1\ngrace_secs = 60\ndeadline_secs = 120\nlocal_steps = 5\n\
+         [aggregation]\nmethod = \"rbla\"\n\
          [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
         run = run.display()
     );
