@@ -67,6 +67,9 @@ struct Cli {
     /// each method's standing and the choice. Runs nothing.
     #[arg(long)]
     choose_default: bool,
+    /// With --choose-default: the suites to combine (comma-separated) [default: all three].
+    #[arg(long, value_delimiter = ',', requires = "choose_default")]
+    suites: Vec<String>,
 }
 
 fn main() {
@@ -92,7 +95,7 @@ fn load_results(plan: &Plan, dir: &Path) -> Result<BTreeMap<String, CellResult>>
 
 fn run(cli: Cli) -> Result<()> {
     if cli.choose_default {
-        return second::print_default_choice();
+        return second::print_default_choice(&cli.suites);
     }
     if cli.suite != "image" {
         return run_second_edition(cli);
