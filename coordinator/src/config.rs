@@ -175,16 +175,6 @@ pub struct AggregationSection {
     pub ablation_shrink_to_round_rank: bool,
 }
 
-/// " (the default)" when `method` is the one a configuration gets without naming one, so that an
-/// error about it tells a user who never wrote it where it came from.
-pub fn default_note(method: Method) -> &'static str {
-    if method == Method::DEFAULT {
-        " (the default)"
-    } else {
-        ""
-    }
-}
-
 impl Default for AggregationSection {
     fn default() -> Self {
         AggregationSection {

@@ -89,7 +89,7 @@ impl PrivacySection {
             bail!(
                 "[aggregation] method = \"{method}\"{} cannot run under [privacy]: {why}; set method to fold-and-fill, \
                  rbla or fedavg",
-                crate::config::default_note(method)
+                method.default_note()
             );
         }
         ensure!(!shrink, "[aggregation] ablation_shrink_to_round_rank cannot run under [privacy]");
@@ -206,7 +206,8 @@ mod tests {
         assert!(error(section(1.0, 8.0, 1.0 / 12.0), Method::Rbla).contains("privacy.delta"));
         assert!(error(section(1.0, 8.0, 0.0), Method::Rbla).contains("privacy.delta"));
         assert!(error(ok.clone(), Method::ZeroPad).contains("zero-pad"));
-        assert!(error(ok.clone(), Method::Flora).contains("cannot run under [privacy]"));
+        let flora = error(ok.clone(), Method::Flora);
+        assert!(flora.contains("cannot run under [privacy]") && flora.contains("\"flora\" (the default)"), "{flora}");
         assert!(ok.validate(Method::Rbla, 12, 1.0, true).unwrap_err().to_string().contains("ablation"));
     }
 

@@ -30,7 +30,6 @@ use flotilla_wire::protocol::{CoordinatorMessage, Reject, SecurePeers, SecureSha
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use crate::config::default_note;
 use crate::report::SecureRoundRecord;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -82,7 +81,7 @@ impl SecureAggregationSection {
             anyhow::bail!(
                 "[aggregation] method = \"{method}\"{} cannot run under [secure_aggregation]: {why}; set method to \
                  fold-and-fill, rbla, zero-pad or fedavg",
-                default_note(method)
+                method.default_note()
             );
         }
         anyhow::ensure!(

@@ -39,6 +39,16 @@ impl Method {
         Method::RblaCoverage,
     ];
 
+    /// " (the default)" for [`Method::DEFAULT`], so that an error about the method tells a user who
+    /// never wrote it where it came from; "" for the others.
+    pub fn default_note(self) -> &'static str {
+        if self == Method::DEFAULT {
+            " (the default)"
+        } else {
+            ""
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Method::Rbla => "rbla",
