@@ -153,6 +153,18 @@ pub fn resume(dir: &Path, state: &CheckpointState, config: &CoordinatorConfig) -
             dir.display()
         );
     }
+    // Not in the fingerprint, whose older values must still match: the method is in the state.
+    let method = config.aggregation.method;
+    if state.method != method.name() {
+        bail!(
+            "the checkpoint in {} was made with method \"{}\" and the configuration now runs \"{method}\"{}; a run \
+             keeps its method: set [aggregation] method = \"{}\" to resume it, or start over with --fresh",
+            dir.display(),
+            state.method,
+            method.default_note(),
+            state.method
+        );
+    }
     let loaded = Adapter::load_peft(dir).map_err(|e| anyhow::anyhow!("cannot load checkpoint: {e}"))?;
     if loaded.adapter.rank() != config.aggregation.max_rank as usize {
         bail!(
@@ -192,7 +204,8 @@ mod tests {
     }
 
     fn save(dir: &Path, config: &CoordinatorConfig, round: u32, global: &Adapter) {
-        let state = CheckpointState { round, method: "rbla".into(), fingerprint: fingerprint(config), record: None };
+        let method = config.aggregation.method.name().into();
+        let state = CheckpointState { round, method, fingerprint: fingerprint(config), record: None };
         write(dir, &state, global, &peft_config_for(global, 16.0), HashMap::new()).unwrap();
     }
 
@@ -232,6 +245,10 @@ mod tests {
         let (path, state) = latest(dir.path()).unwrap().unwrap();
         let err = resume(&path, &state, &changed).unwrap_err().to_string();
         assert!(err.contains("changed incompatibly") && err.contains("--fresh"), "{err}");
+        // A run made by RBLA, resumed by a configuration that names no method (FLoRA now).
+        let rbla = CheckpointState { method: "rbla".into(), ..state.clone() };
+        let err = resume(&path, &rbla, &config).unwrap_err().to_string();
+        assert!(err.contains("\"flora\" (the default)") && err.contains("method = \"rbla\""), "{err}");
         let aside = set_aside(dir.path()).unwrap().unwrap();
         assert!(aside.join("round-1/state.json").exists());
         assert!(latest(dir.path()).unwrap().is_none());

@@ -134,7 +134,7 @@ mod tests {
         let global = flotilla_torch::adapter::Adapter::new(tensors).unwrap();
         let state = CheckpointState {
             round: 2,
-            method: "rbla".into(),
+            method: config.aggregation.method.name().into(),
             fingerprint: checkpoint::fingerprint(&config),
             record: None,
         };
