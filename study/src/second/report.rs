@@ -99,7 +99,7 @@ pub struct Standing {
 
 impl Standing {
     pub fn mean_gain(&self) -> Option<f64> {
-        (!self.gains.is_empty()).then(|| self.gains.iter().sum::<f64>() / self.gains.len() as f64)
+        stat(&self.gains).map(|s| s.mean)
     }
 }
 
@@ -122,8 +122,7 @@ pub fn standings(plan: &Plan, dir: &Path) -> Result<Vec<Standing>> {
                 if runs.len() < plan.seeds.len() {
                     continue;
                 }
-                let mean =
-                    |values: Vec<f64>| (!values.is_empty()).then(|| values.iter().sum::<f64>() / values.len() as f64);
+                let mean = |values: Vec<f64>| stat(&values).map(|s| s.mean);
                 let g_rmax = mean(runs.iter().filter_map(|r| bounds.gain(r.max_rank_accuracy()?)).collect());
                 let g_fleet =
                     mean(runs.iter().filter_map(|r| bounds.gain(r.fleet_accuracy(arm, &plan.fleet)?)).collect());
