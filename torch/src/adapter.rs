@@ -147,6 +147,20 @@ impl Adapter {
         self.tensors.get(&merged_delta_name(module))
     }
 
+    /// A module's whole update, computed in `kind`: `scale·B·A`, plus its merged delta when it has
+    /// one (online FLoRA); `None` when the adapter has no such module.
+    pub fn module_update(&self, module: &str, scale: f64, kind: Kind) -> Option<Result<Tensor, tch::TchError>> {
+        let (a, b) = (self.tensors.get(&lora_a_name(module))?, self.tensors.get(&lora_b_name(module))?);
+        let update = || {
+            let product = b.f_to_kind(kind)?.f_matmul(&a.f_to_kind(kind)?)?.f_mul_scalar(scale)?;
+            match self.merged_delta(module) {
+                Some(delta) => product.f_add(&delta.f_to_kind(kind)?),
+                None => Ok(product),
+            }
+        };
+        Some(update())
+    }
+
     /// Names of the merged updates (never trained; carried from round to round).
     pub fn merged_delta_names(&self) -> impl Iterator<Item = &str> {
         self.tensors.keys().filter(|n| matches!(tensor_role(n), TensorRole::MergedDelta(_))).map(String::as_str)

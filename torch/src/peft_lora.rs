@@ -33,7 +33,7 @@ pub fn fold_merged_deltas(adapter: &Adapter, scale: f64) -> Result<PlainLora, Ad
     let mut decompositions = BTreeMap::new();
     let mut rank = 1;
     for module in adapter.modules() {
-        let whole = whole_update(adapter, module, scale).map_err(|source| torch(module, source))?;
+        let whole = whole_update(adapter, module, scale)?;
         // torch.svd gives V, not Vᵀ.
         let (u, sigma, vh) = whole
             .f_svd(true, true)
@@ -70,14 +70,12 @@ pub fn fold_merged_deltas(adapter: &Adapter, scale: f64) -> Result<PlainLora, Ad
     Ok(PlainLora { adapter: Adapter::new(tensors)?, largest_error })
 }
 
-/// T = D + s·B·A in f64 (D is zero when the module has none).
-fn whole_update(adapter: &Adapter, module: &str, scale: f64) -> Result<Tensor, tch::TchError> {
-    let (a, b) = adapter.factors(module);
-    let product = b.f_to_kind(Kind::Double)?.f_matmul(&a.f_to_kind(Kind::Double)?)?.f_mul_scalar(scale)?;
-    match adapter.merged_delta(module) {
-        Some(delta) => product.f_add(&delta.f_to_kind(Kind::Double)?),
-        None => Ok(product),
-    }
+/// T = D + s·B·A ([`Adapter::module_update`]), in f64 for the SVD.
+fn whole_update(adapter: &Adapter, module: &str, scale: f64) -> Result<Tensor, AdapterError> {
+    adapter
+        .module_update(module, scale, Kind::Double)
+        .ok_or_else(|| AdapterError::Inconsistent(format!("no module '{module}'")))?
+        .map_err(|source| torch(module, source))
 }
 
 /// (A', B') of rank `rank` from the first components of U·Σ·Vᵀ, zero-padded past their count.

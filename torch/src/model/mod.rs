@@ -193,23 +193,21 @@ impl ArchitectureExt for Architecture {
 
     fn merge(&self, base: &BaseWeights, adapter: &Adapter, scale: f64) -> Result<BaseWeights, ModelError> {
         self.check_base(base)?;
-        let get = |name: String| adapter.get(&name).ok_or(ModelError::Missing(name));
         let mut merged: BaseWeights = base
             .iter()
             .map(|(n, t)| Ok((n.clone(), crate::tensor::try_copy(t)?)))
             .collect::<Result<_, ModelError>>()?;
         for layer in self.adapted_layers() {
             let module = format!("{ADAPTER_PREFIX}{}", layer.name);
-            let (a, b) = (get(lora_a_name(&module))?, get(lora_b_name(&module))?);
-            let mut delta = b.f_matmul(a)?.f_mul_scalar(scale)?;
-            if let Some(merged_delta) = adapter.merged_delta(&module) {
-                delta = delta.f_add(merged_delta)?;
-            }
+            let delta = adapter
+                .module_update(&module, scale, Kind::Float)
+                .ok_or_else(|| ModelError::Missing(lora_a_name(&module)))??;
             let delta = delta.f_view(layer.weight_shape().as_slice())?;
             let name = self.base_weight_name(&layer.name);
             let weight = merged.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?.f_add(&delta)?;
             merged.insert(name, weight);
         }
+        let get = |name: String| adapter.get(&name).ok_or(ModelError::Missing(name));
         let (head_weight, head_bias) = self.head_names();
         let module = self.head_module();
         merged.insert(format!("{module}.weight"), crate::tensor::try_copy(get(head_weight)?)?);
