@@ -15,7 +15,7 @@ fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &
     let centralized = matches!(cell.arm, Arm::Centralized(_));
     let devices = if centralized { 1 } else { plan.fleet_size() };
     // The centralized device takes the whole fleet's steps: the same sample budget.
-    let local_steps = if centralized { plan.local_steps * plan.fleet_size() } else { plan.local_steps };
+    let local_steps = if centralized { cell.local_steps * plan.fleet_size() } else { cell.local_steps };
     let max_rank = cell.arm.max_rank(plan.max_rank());
     let lora_alpha = plan.scale * f64::from(max_rank);
     let mut config = RunBasics {

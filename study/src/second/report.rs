@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::results::{choose, load_run, Chosen, Run, LAST_ROUNDS};
+use super::results::{choose, load_run, Choice, Chosen, Run, LAST_ROUNDS};
 use super::{Arm, Plan, Skew};
 use crate::results::Stat;
 
@@ -43,8 +43,18 @@ impl Report<'_> {
         Ok(runs)
     }
 
-    fn learning_rate(&self, task: &str, skew: Option<Skew>, arm: Arm) -> String {
-        self.chosen.get(&self.plan.setting_key(task, skew, arm)).map_or("—".into(), |(lr, _)| format!("{lr}"))
+    /// A setting's chosen learning rate (and local steps, where tuned).
+    fn tuned(&self, task: &str, skew: Option<Skew>, arm: Arm) -> String {
+        self.chosen.get(&self.plan.setting_key(task, skew, arm)).map_or("—".into(), |(c, _)| self.plan.describe(c))
+    }
+
+    /// The column header of [`Report::tuned`].
+    fn tuned_header(&self) -> &'static str {
+        if self.plan.local_steps.len() > 1 {
+            "lr, local steps"
+        } else {
+            "lr"
+        }
     }
 }
 
@@ -62,7 +72,10 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
         plan.max_rank(),
         plan.scale,
         plan.rounds,
-        plan.local_steps,
+        match plan.local_steps.as_slice() {
+            [steps] => steps.to_string(),
+            grid => format!("{grid:?} (tuned with the learning rate)"),
+        },
         plan.batch_size,
         plan.learning_rates,
         plan.seeds,
@@ -221,17 +234,17 @@ impl Report<'_> {
             "Bounds: the base alone **{}%**; centralized LoRA at rank {max_rank} on the pooled device data, same sample \
              budget, learning rate {}: **{}%** ({} seeds). Gain recovered G = (accuracy − base) / (centralized − base).\n",
             percent(&base),
-            self.learning_rate(task, None, Arm::Centralized(max_rank)),
+            self.tuned(task, None, Arm::Centralized(max_rank)),
             percent(&centralized),
             centralized.as_ref().map_or(0, |s| s.n),
         )?;
         if plan.centralized_ranks().len() > 1 {
             writeln!(out, "Centralized rank sweep (what a rank buys with all the data; test accuracy %):\n")?;
-            writeln!(out, "| rank | lr | accuracy (%) | seeds |\n|---|---|---|---|")?;
+            writeln!(out, "| rank | {} | accuracy (%) | seeds |\n|---|---|---|---|", self.tuned_header())?;
             for rank in plan.centralized_ranks() {
                 let runs = self.finals(task, None, Arm::Centralized(rank))?;
                 let accuracy = stat(&runs.iter().filter_map(Run::max_rank_accuracy).collect::<Vec<_>>());
-                let lr = self.learning_rate(task, None, Arm::Centralized(rank));
+                let lr = self.tuned(task, None, Arm::Centralized(rank));
                 writeln!(out, "| {rank} | {lr} | {} | {} |", percent(&accuracy), runs.len())?;
             }
             writeln!(out)?;
@@ -252,8 +265,9 @@ impl Report<'_> {
         writeln!(out, "#### {}\n", skew.title())?;
         writeln!(
             out,
-            "| arm | lr | R_max accuracy (%) | fleet mean (%) | G, R_max | G, fleet | worst slice − base (points) | \
-             MB up / round | MB down / round | wall (s) | seeds |\n|---|---|---|---|---|---|---|---|---|---|---|"
+            "| arm | {} | R_max accuracy (%) | fleet mean (%) | G, R_max | G, fleet | worst slice − base (points) | \
+             MB up / round | MB down / round | wall (s) | seeds |\n|---|---|---|---|---|---|---|---|---|---|---|",
+            self.tuned_header()
         )?;
         let mut curves = Vec::new();
         for arm in plan.arms(skew) {
@@ -307,7 +321,7 @@ impl Report<'_> {
         format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             arm.label(),
-            self.learning_rate(task, Some(skew), arm),
+            self.tuned(task, Some(skew), arm),
             percent(&stat(&rmax)),
             if heterogeneous { percent(&stat(&fleet_mean)) } else { "(= R_max)".into() },
             ratio(&g_rmax),
@@ -360,9 +374,10 @@ impl Report<'_> {
                 let noise = format!("{:.2}", super::noise_for(f64::from(epsilon), plan.rounds, delta));
                 let clip = match self.chosen.get(&plan.setting_key(task, Some(skew), arm)) {
                     Some((best, scores)) => {
+                        let clip = |c: &Choice| c.clip_norm.map_or("—".into(), |c| c.to_string());
                         let tried =
-                            scores.iter().map(|(c, s)| format!("{c}: {:.1}", 100.0 * s)).collect::<Vec<_>>().join(", ");
-                        format!("{best} ({tried})")
+                            scores.iter().map(|(c, s)| format!("{}: {:.1}", clip(c), 100.0 * s)).collect::<Vec<_>>();
+                        format!("{} ({})", clip(best), tried.join(", "))
                     }
                     None => "—".into(),
                 };
@@ -373,13 +388,23 @@ impl Report<'_> {
         Ok(())
     }
 
-    /// The validation score of every learning rate tried, and the one kept.
+    /// The validation score of every candidate tried, and the one kept.
     fn tuning_section(&self, out: &mut String, task: &'static str) -> Result<()> {
         let plan = self.plan;
-        writeln!(out, "Tuning (validation score per learning rate, seed 1):\n")?;
-        let rates = plan.learning_rates.iter().map(|l| format!("lr {l}")).collect::<Vec<_>>().join(" | ");
-        writeln!(out, "| setting | {rates} | chosen |")?;
-        writeln!(out, "|---|{}---|", "---|".repeat(plan.learning_rates.len()))?;
+        let tuned = if plan.local_steps.len() > 1 { "learning rate and local steps" } else { "learning rate" };
+        writeln!(out, "Tuning (validation score per {tuned}, seed 1):\n")?;
+        let columns: Vec<String> = plan
+            .learning_rates
+            .iter()
+            .flat_map(|l| {
+                plan.local_steps.iter().map(move |s| match plan.local_steps.len() {
+                    1 => format!("lr {l}"),
+                    _ => format!("lr {l}, {s} steps"),
+                })
+            })
+            .collect();
+        writeln!(out, "| setting | {} | chosen |", columns.join(" | "))?;
+        writeln!(out, "|---|{}---|", "---|".repeat(columns.len()))?;
         for (t, skew, arm) in plan.settings(task).into_iter().filter(|s| !matches!(s.2, Arm::Private { .. })) {
             let Some((best, scores)) = self.chosen.get(&plan.setting_key(t, skew, arm)) else { continue };
             let setting = match skew {
@@ -387,7 +412,7 @@ impl Report<'_> {
                 Some(skew) => format!("{}, {}", skew.title(), arm.label()),
             };
             let cells = scores.iter().map(|(_, s)| format!("{:.1}", 100.0 * s)).collect::<Vec<_>>().join(" | ");
-            writeln!(out, "| {setting} | {cells} | {best} |")?;
+            writeln!(out, "| {setting} | {cells} | {} |", plan.describe(best))?;
         }
         writeln!(out)?;
         Ok(())

@@ -125,11 +125,27 @@ pub fn load_run(plan: &Plan, dir: &Path, cell: &Cell) -> Result<Option<Run>> {
     Ok(Some(Run::from_summary(&cached["summary"], wall).with_context(|| path.display().to_string())?))
 }
 
-/// Per setting key: the chosen learning rate, and the validation score of each rate tried.
-pub type Chosen = BTreeMap<String, (f64, Vec<(f64, f64)>)>;
+/// What a setting's tuning picks: a learning rate and local steps, and a private arm's clipping
+/// bound (its learning rate and steps are its method's).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Choice {
+    pub learning_rate: f64,
+    pub local_steps: u32,
+    pub clip_norm: Option<f64>,
+}
 
-/// The learning rate each setting keeps: the best validation score among its tuning runs, once
-/// every learning rate of the grid has run.
+impl Choice {
+    pub fn of(cell: &Cell) -> Choice {
+        Choice { learning_rate: cell.learning_rate, local_steps: cell.local_steps, clip_norm: cell.clip_norm }
+    }
+}
+
+/// Per setting key: the choice kept, and the validation score of each candidate tried, in the
+/// plan's order.
+pub type Chosen = BTreeMap<String, (Choice, Vec<(Choice, f64)>)>;
+
+/// What each setting keeps: the best validation score among its tuning runs, once every candidate
+/// of the grid has run.
 pub fn choose(plan: &Plan, results_dir: &Path) -> Result<Chosen> {
     let mut chosen = BTreeMap::new();
     for task in &plan.tasks {
@@ -140,13 +156,17 @@ pub fn choose(plan: &Plan, results_dir: &Path) -> Result<Chosen> {
             let mut scores = Vec::new();
             for cell in &candidates {
                 if let Some(score) = load_run(plan, results_dir, cell)?.and_then(|run| run.score(arm, &plan.fleet)) {
-                    scores.push((Plan::tuned_value(cell), score));
+                    scores.push((Choice::of(cell), score));
                 }
             }
             if !candidates.is_empty() && scores.len() == candidates.len() {
-                let best =
-                    scores.iter().copied().fold((f64::NAN, f64::NEG_INFINITY), |b, s| if s.1 > b.1 { s } else { b });
-                chosen.insert(plan.setting_key(task, skew, arm), (best.0, scores));
+                let best = scores.iter().copied().fold(None, |best: Option<(Choice, f64)>, s| match best {
+                    Some(b) if b.1 >= s.1 => Some(b),
+                    _ => Some(s),
+                });
+                if let Some((best, _)) = best {
+                    chosen.insert(plan.setting_key(task, skew, arm), (best, scores));
+                }
             }
         }
     }
