@@ -1,5 +1,6 @@
 //! The command line of `flotilla-coordinator-torch` (run as `flotilla-coordinator` through the
-//! front end): `serve`, `check`, `status`, `export`, `classify`, and `aggregate` on the libtorch path.
+//! front end): `serve`, `check`, `status`, `export`, `classify`, `finetune-full`, and `aggregate` on the
+//! libtorch path.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,7 +9,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flotilla_coordinator_front::aggregate::AggregateArgs;
 
-use crate::{aggregate_torch, config, evaluation, export, hf_model, metrics, renewal, report, setup};
+use crate::{aggregate_torch, config, evaluation, export, full_finetune, hf_model, metrics, renewal, report, setup};
 
 /// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
 /// updates of different ranks (RBLA by default) into one global adapter.
@@ -98,6 +99,16 @@ enum Command {
         max_length: Option<u32>,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+    },
+    /// Centralized full fine-tuning, the bound above LoRA: trains every weight of the configured
+    /// model on the pooled training data in --data, on the configuration's round schedule, evaluates
+    /// as `serve` does, and writes <run_dir>/summary.json. No devices, no network.
+    FinetuneFull {
+        #[arg(long, env = "FLOTILLA_CONFIG")]
+        config: PathBuf,
+        /// Training data: a directory of labelled texts (a transformer) or an MNIST-style directory.
+        #[arg(long)]
+        data: PathBuf,
     },
     /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
     /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
@@ -249,12 +260,28 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::FinetuneFull { config, data } => finetune_full(&config, &data),
         Command::Aggregate(args) => {
             let report = aggregate_torch::aggregate(&args)?;
             flotilla_coordinator_front::aggregate::print_summary(args.method, &args.out, &report);
             Ok(())
         }
     }
+}
+
+/// `finetune-full`: the centralized full fine-tuning bound, and its last accuracy.
+fn finetune_full(config: &std::path::Path, data: &std::path::Path) -> Result<()> {
+    let config = config::CoordinatorConfig::load(config)?;
+    let summary = full_finetune::run(&config, data)?;
+    let last =
+        summary["rounds"].as_array().and_then(|r| r.last()).and_then(|r| r["evaluation"][0]["accuracy"].as_f64());
+    println!(
+        "full fine-tuning: {} rounds, final accuracy {}; summary in {}",
+        summary["rounds_completed"],
+        last.map_or("—".into(), |a| format!("{:.1}%", 100.0 * a)),
+        config.server.run_dir.join("summary.json").display()
+    );
+    Ok(())
 }
 
 /// GET /status over plain HTTP/1.1 (the metrics port never speaks TLS); the reply is bounded.

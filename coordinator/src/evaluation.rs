@@ -98,6 +98,11 @@ impl Evaluator {
         self.test.len()
     }
 
+    /// The held-out set, for a model that is not base + adapter (`finetune-full`).
+    pub fn test_set(&self) -> &Dataset {
+        &self.test
+    }
+
     /// Loss and accuracy of the global adapter sliced to each of `ranks` (and to its full rank):
     /// what devices of each rank receive. When every device receives the whole adapter, a rank's
     /// model (its slice with the rest folded in) computes the full model's logits

@@ -26,6 +26,7 @@ pub mod crash_points;
 pub mod driver;
 pub mod evaluation;
 pub mod export;
+pub mod full_finetune;
 pub mod hf_model;
 pub mod metrics;
 pub mod plots;

@@ -215,14 +215,7 @@ pub fn run_processes(
     // Fewer devices than training slots (a centralized run) give each device more libtorch threads.
     let workers = setup.concurrency.min(devices).max(1);
     let threads = (setup.concurrency / workers).max(1);
-    let run_dir = setup.work.join("cells").join(key);
-    if run_dir.exists() {
-        std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot clear {}", run_dir.display()))?;
-    }
-    std::fs::create_dir_all(run_dir.join("logs"))?;
-    let run_dir = run_dir.canonicalize()?;
-    let config_path = run_dir.join("coordinator.toml");
-    std::fs::write(&config_path, config(&run_dir))?;
+    let (run_dir, config_path) = fresh_run_dir(setup, key, config)?;
 
     let started = Instant::now();
     let coordinator_log = run_dir.join("logs/coordinator.log");
@@ -275,10 +268,58 @@ pub fn run_processes(
         Some(status) if status.success() => {}
         other => bail!("the simulator did not finish cleanly ({other:?}):\n{}", tail(&sim_log)),
     }
+    Ok((read_summary(&run_dir)?, wall_seconds))
+}
+
+/// Runs centralized full fine-tuning in `<work>/cells/<key>/`: `flotilla-coordinator finetune-full`
+/// with the config `config` writes, on the pooled training data in `train_data`. No devices.
+/// Returns its `summary.json` and the wall time.
+pub fn run_full_finetune(
+    setup: &Setup,
+    key: &str,
+    config: impl FnOnce(&Path) -> String,
+    train_data: &Path,
+) -> Result<(serde_json::Value, f64)> {
+    let (run_dir, config_path) = fresh_run_dir(setup, key, config)?;
+    let started = Instant::now();
+    let log = run_dir.join("logs/coordinator.log");
+    let mut process = Guard(
+        Command::new(setup.binary("flotilla-coordinator"))
+            .args(["--log-format", "json", "finetune-full", "--config"])
+            .arg(&config_path)
+            .arg("--data")
+            .arg(train_data)
+            .stdout(File::create(run_dir.join("summary.txt"))?)
+            .stderr(File::create(&log)?)
+            .spawn()
+            .with_context(|| format!("cannot start {}", setup.binary("flotilla-coordinator").display()))?,
+    );
+    match process.wait(Duration::from_secs(4 * 3600))? {
+        Some(status) if status.success() => {}
+        Some(status) => bail!("full fine-tuning failed ({status}):\n{}", tail(&log)),
+        None => bail!("full fine-tuning did not finish within 4 hours:\n{}", tail(&log)),
+    }
+    Ok((read_summary(&run_dir)?, started.elapsed().as_secs_f64()))
+}
+
+/// An empty `<work>/cells/<key>/` (with `logs/`) holding the coordinator configuration `config`
+/// writes for it; returns the directory and the configuration's path.
+fn fresh_run_dir(setup: &Setup, key: &str, config: impl FnOnce(&Path) -> String) -> Result<(PathBuf, PathBuf)> {
+    let run_dir = setup.work.join("cells").join(key);
+    if run_dir.exists() {
+        std::fs::remove_dir_all(&run_dir).with_context(|| format!("cannot clear {}", run_dir.display()))?;
+    }
+    std::fs::create_dir_all(run_dir.join("logs"))?;
+    let run_dir = run_dir.canonicalize()?;
+    let config_path = run_dir.join("coordinator.toml");
+    std::fs::write(&config_path, config(&run_dir))?;
+    Ok((run_dir, config_path))
+}
+
+fn read_summary(run_dir: &Path) -> Result<serde_json::Value> {
     let summary_path = run_dir.join("summary.json");
-    let summary: serde_json::Value = serde_json::from_slice(
+    serde_json::from_slice(
         &std::fs::read(&summary_path).with_context(|| format!("cannot read {}", summary_path.display()))?,
     )
-    .with_context(|| format!("{} is not JSON", summary_path.display()))?;
-    Ok((summary, wall_seconds))
+    .with_context(|| format!("{} is not JSON", summary_path.display()))
 }

@@ -64,7 +64,7 @@ fn the_second_edition_tunes_then_reports_bounds_and_gain_recovered() {
     let bin_dir = binary("flotilla-coordinator").parent().unwrap().to_path_buf();
     let run = || {
         Command::new(binary("flotilla-study"))
-            .args(["--suite", "image-shift", "--quick", "--only", "centralized,alpha1-rbla"])
+            .args(["--suite", "image-shift", "--quick", "--only", "centralized,full-finetune,alpha1-rbla"])
             .arg("--bin-dir")
             .arg(&bin_dir)
             .arg("--work")
@@ -75,9 +75,10 @@ fn the_second_edition_tunes_then_reports_bounds_and_gain_recovered() {
     let output = run();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "{stderr}");
-    // Tuning (seed 1, validation) then finals (test): the two centralized ranks, rbla, and rbla
-    // under differential privacy at ε = 8 (tuned after rbla, at rbla's learning rate), twice.
-    assert_eq!(stderr.matches(": R_max").count(), 8, "{stderr}");
+    // Tuning (seed 1, validation) then finals (test): the two centralized ranks, centralized full
+    // fine-tuning, rbla, and rbla under differential privacy at ε = 8 (tuned after rbla, at
+    // rbla's learning rate), twice.
+    assert_eq!(stderr.matches(": R_max").count(), 10, "{stderr}");
     let tune = stderr.find("fashion-rot90-tune-alpha1-rbla").unwrap();
     let private = stderr.find("fashion-rot90-tune-alpha1-rbla-dp-eps8-lr0.005-clip0.5").unwrap();
     assert!(tune < private, "{stderr}");
@@ -96,6 +97,25 @@ fn the_second_edition_tunes_then_reports_bounds_and_gain_recovered() {
     // centralized gain.
     assert!(accuracy > 30.0 && gain > 0.2 && gain < 1.5, "{row}");
     assert!(doc.contains("#### Differential privacy") && doc.contains("| rbla | 8 | "), "{doc}");
+    // Full fine-tuning trains every weight through `flotilla-coordinator finetune-full` and
+    // beats the base on the rotated images by far.
+    let full = doc.lines().find(|l| l.starts_with("Centralized full fine-tuning")).unwrap_or_else(|| panic!("{doc}"));
+    let full_accuracy: f64 =
+        full.split("**").nth(1).unwrap().trim_end_matches('%').split('±').next().unwrap().trim().parse().unwrap();
+    let base: f64 = doc
+        .split("the base alone **")
+        .nth(1)
+        .unwrap()
+        .split('%')
+        .next()
+        .unwrap()
+        .split('±')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(full_accuracy > base + 20.0, "{full}");
     assert!(std::fs::read_to_string(dir.path().join("figures/study/image-shift-fashion-rot90-alpha1.svg"))
         .unwrap()
         .contains("<svg"));

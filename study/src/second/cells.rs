@@ -7,12 +7,12 @@ use std::path::Path;
 use anyhow::{Context, Result};
 
 use super::{Arm, Cell, Phase, Plan, Task, TaskKind, PUBLIC_IMAGES, VALIDATION_IMAGES};
-use crate::cell::{run_processes, RunBasics, Setup};
+use crate::cell::{run_full_finetune, run_processes, RunBasics, Setup};
 
 // Long function: the configuration's task-specific sections as one TOML template per task kind,
 // kept whole so that each reads as the file it writes.
 fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &Path, run_dir: &Path) -> String {
-    let centralized = matches!(cell.arm, Arm::Centralized(_));
+    let centralized = cell.arm.is_centralized();
     let devices = if centralized { 1 } else { plan.fleet_size() };
     // The centralized device takes the whole fleet's steps: the same sample budget.
     let local_steps = if centralized { cell.local_steps * plan.fleet_size() } else { cell.local_steps };
@@ -116,7 +116,16 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
         TaskKind::RotatedImages => setup.work.join("data").join(task.key),
     };
     let mut sim: Vec<OsString> = vec!["--data".into(), data.clone().into()];
-    let devices = if matches!(cell.arm, Arm::Centralized(_)) { 1 } else { plan.fleet_size() as usize };
+    let pki = setup.pki();
+    if cell.arm == Arm::FullFineTune {
+        return run_full_finetune(
+            setup,
+            &plan.cell_key(cell),
+            |run_dir| coordinator_config(plan, cell, task, &data, &pki, run_dir),
+            &data,
+        );
+    }
+    let devices = if cell.arm.is_centralized() { 1 } else { plan.fleet_size() as usize };
     if let TaskKind::Text { .. } = task.kind {
         sim.extend(["--model-dir".into(), flotilla_data::cache::minilm_dir().into()]);
     }
@@ -135,7 +144,6 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
             }
         }
     }
-    let pki = setup.pki();
     run_processes(
         setup,
         &plan.cell_key(cell),

@@ -26,6 +26,7 @@
 
 mod cells;
 mod data;
+mod plans;
 mod privacy;
 mod report;
 mod results;
@@ -36,8 +37,8 @@ use anyhow::{bail, Result};
 
 use crate::cell::Setup;
 pub use privacy::{noise_for, privacy_delta};
-pub use results::{Choice, Chosen};
 use results::{choose, Run};
+pub use results::{Choice, Chosen};
 
 /// What a task's data is and how its model is made.
 #[derive(Debug, Clone)]
@@ -133,6 +134,9 @@ pub enum Arm {
     Homogeneous(u32),
     /// One device holding every device's data and taking the whole fleet's steps, at this rank.
     Centralized(u32),
+    /// The same data and steps, training every weight of the model instead of an adapter
+    /// (`flotilla-coordinator finetune-full`).
+    FullFineTune,
     /// A method under device-level differential privacy (central noise) at this ε, its learning
     /// rate the one the method chose without privacy, its clipping bound tuned.
     Private { method: &'static str, epsilon: u32 },
@@ -145,6 +149,7 @@ impl Arm {
             Arm::Homogeneous(rank) => format!("fedavg-all-r{rank}"),
             Arm::Centralized(rank) if rank == max_rank => "centralized".into(),
             Arm::Centralized(rank) => format!("centralized-r{rank}"),
+            Arm::FullFineTune => "full-finetune".into(),
             Arm::Private { method, epsilon } => format!("{method}-dp-eps{epsilon}"),
         }
     }
@@ -154,6 +159,7 @@ impl Arm {
             Arm::Method(m) => m.to_string(),
             Arm::Homogeneous(rank) => format!("fedavg, every device at rank {rank}"),
             Arm::Centralized(rank) => format!("centralized LoRA at rank {rank}"),
+            Arm::FullFineTune => "centralized full fine-tuning".into(),
             Arm::Private { method, epsilon } => format!("{method}, differential privacy ε = {epsilon}"),
         }
     }
@@ -165,6 +171,11 @@ impl Arm {
         }
     }
 
+    /// One process holding all the pooled data (centralized LoRA or full fine-tuning).
+    fn is_centralized(self) -> bool {
+        matches!(self, Arm::Centralized(_) | Arm::FullFineTune)
+    }
+
     fn is_heterogeneous(self) -> bool {
         matches!(self, Arm::Method(_) | Arm::Private { .. })
     }
@@ -173,7 +184,7 @@ impl Arm {
     /// its rank.
     fn max_rank(self, fleet_max: u32) -> u32 {
         match self {
-            Arm::Method(_) | Arm::Private { .. } => fleet_max,
+            Arm::Method(_) | Arm::Private { .. } | Arm::FullFineTune => fleet_max,
             Arm::Homogeneous(rank) | Arm::Centralized(rank) => rank,
         }
     }
@@ -228,6 +239,8 @@ pub struct Plan {
     /// Ranks of the centralized rank sweep (R_max, the reference, is always run).
     pub sweep_ranks: Vec<u32>,
     pub learning_rates: Vec<f64>,
+    /// Learning rates of centralized full fine-tuning (every weight moves, so smaller ones).
+    pub full_learning_rates: Vec<f64>,
     pub seeds: Vec<u64>,
     pub rounds: u32,
     /// Local steps per round, tuned together with the learning rates. Cell keys name any but the
@@ -246,123 +259,6 @@ pub struct Plan {
 pub const METHODS: [&str; 7] = ["rbla", "fold-and-fill", "rbla-coverage", "zero-pad", "hetlora", "flexlora", "flora"];
 
 impl Plan {
-    /// The transformer grid, cut to fit a few hours of 2 cores (docs/study.md says what was cut):
-    /// BBC News only (Rotten Tomatoes is the `text-reviews` suite, [`Plan::text_reviews`]), homogeneous bounds at the
-    /// lowest rank and R_max only, no centralized rank sweep below R_max.
-    pub fn text() -> Plan {
-        Plan {
-            name: "text",
-            suite: "text",
-            tasks: vec![BBC_NEWS],
-            fleet: vec![("phone", 2, 3), ("phone", 4, 3), ("laptop", 8, 3), ("desktop", 16, 3)],
-            scale: 2.0,
-            skews: vec![Skew::labels(1.0), Skew::labels(0.1)],
-            methods: METHODS.to_vec(),
-            homogeneous_ranks: vec![2, 16],
-            sweep_ranks: vec![16],
-            learning_rates: vec![2e-3, 5e-3],
-            seeds: vec![1, 2, 3],
-            rounds: 6,
-            local_steps: vec![10],
-            batch_size: 8,
-            eval_samples: 200,
-            // The privacy axis of issue 17: Fold-and-Fill, the private-capable method that led the
-            // image suite (FLoRA, level with it, cannot run under privacy). The clipping grid is
-            // wider than the image suite's, whose larger bound was always chosen.
-            private_methods: vec!["fold-and-fill"],
-            epsilons: vec![1, 4, 8],
-            clip_norms: vec![0.2, 1.0],
-        }
-    }
-
-    /// The harder second task, Rotten Tomatoes (fresh, rotten, plot), cut to fit (docs/study.md
-    /// says why): one skew (α = 1), and a learning rate × local steps grid instead of BBC's four
-    /// learning rates. A first pass at BBC's 10 local steps over learning rates 1e-3 to 1e-2 left
-    /// every federated arm at the majority class after 6 rounds; 40 steps leave it. The higher
-    /// rates collapsed centralized runs too. The privacy axis stays on BBC News (issue 17 asks for
-    /// it on one transformer task).
-    pub fn text_reviews() -> Plan {
-        Plan {
-            name: "text-reviews",
-            suite: "text-reviews",
-            tasks: vec![ROTTEN_TOMATOES],
-            skews: vec![Skew::labels(1.0)],
-            learning_rates: vec![1e-3, 2e-3],
-            local_steps: vec![10, 40],
-            private_methods: Vec::new(),
-            ..Plan::text()
-        }
-    }
-
-    /// One task, one skew, two methods, one learning rate and seed, 3 short rounds: checks the
-    /// pipeline in about ten minutes.
-    pub fn text_quick() -> Plan {
-        Plan {
-            name: "text-quick",
-            tasks: vec![BBC_NEWS],
-            skews: vec![Skew::labels(1.0)],
-            methods: vec!["rbla", "fold-and-fill"],
-            homogeneous_ranks: vec![2, 16],
-            learning_rates: vec![2e-3],
-            seeds: vec![1],
-            rounds: 3,
-            local_steps: vec![4],
-            eval_samples: 100,
-            ..Plan::text()
-        }
-    }
-
-    pub fn image_shift() -> Plan {
-        Plan {
-            name: "image-shift",
-            suite: "image-shift",
-            tasks: vec![ROTATED_FASHION],
-            fleet: vec![
-                ("phone", 2, 3),
-                ("phone", 4, 3),
-                ("laptop", 8, 3),
-                ("desktop", 16, 3),
-                ("gpu", 32, 3),
-                ("gpu", 64, 3),
-            ],
-            scale: 2.0,
-            skews: vec![Skew::labels(1.0), Skew::labels(0.1), Skew { alpha: 1.0, share_power: 0.5 }],
-            methods: METHODS.to_vec(),
-            homogeneous_ranks: vec![2, 4, 8, 16, 32, 64],
-            sweep_ranks: vec![2, 4, 8, 16, 32, 64],
-            learning_rates: vec![0.001, 0.002, 0.005, 0.01],
-            seeds: vec![1, 2, 3],
-            rounds: 20,
-            // 30 came first (its runs keep their keys); 10 is the usual cure for client drift under
-            // strong skew, and the cheaper one.
-            local_steps: vec![30, 10],
-            batch_size: 32,
-            eval_samples: 2500,
-            private_methods: vec!["rbla", "fold-and-fill"],
-            epsilons: vec![1, 4, 8],
-            clip_norms: vec![0.05, 0.5],
-        }
-    }
-
-    /// One skew, two methods, one learning rate and seed, 4 rounds: minutes.
-    pub fn image_shift_quick() -> Plan {
-        Plan {
-            name: "image-shift-quick",
-            skews: vec![Skew::labels(1.0)],
-            methods: vec!["rbla", "fold-and-fill"],
-            homogeneous_ranks: vec![2, 64],
-            sweep_ranks: vec![2, 64],
-            learning_rates: vec![0.005],
-            seeds: vec![1],
-            rounds: 4,
-            local_steps: vec![15],
-            private_methods: vec!["rbla"],
-            epsilons: vec![8],
-            clip_norms: vec![0.5],
-            ..Plan::image_shift()
-        }
-    }
-
     pub fn max_rank(&self) -> u32 {
         self.fleet.iter().map(|&(_, rank, _)| rank).max().unwrap_or(1)
     }
@@ -390,11 +286,14 @@ impl Plan {
         ranks
     }
 
-    /// Every setting of `task`: the centralized runs first, then each skew's arms, then the
-    /// privacy axis (under the first skew).
+    /// Every setting of `task`: the centralized runs first (LoRA at each rank, then full
+    /// fine-tuning), then each skew's arms, then the privacy axis (under the first skew).
     pub fn settings(&self, task: &'static str) -> Vec<Setting> {
         let mut settings: Vec<Setting> =
             self.centralized_ranks().into_iter().map(|rank| (task, None, Arm::Centralized(rank))).collect();
+        if !self.full_learning_rates.is_empty() {
+            settings.push((task, None, Arm::FullFineTune));
+        }
         for &skew in &self.skews {
             for arm in self.arms(skew) {
                 settings.push((task, Some(skew), arm));
@@ -432,11 +331,14 @@ impl Plan {
                 }
                 None => Vec::new(),
             },
-            _ => self
-                .learning_rates
+            _ => if arm == Arm::FullFineTune { &self.full_learning_rates } else { &self.learning_rates }
                 .iter()
                 .flat_map(|&learning_rate| {
-                    self.local_steps.iter().map(move |&local_steps| Choice { learning_rate, local_steps, clip_norm: None })
+                    self.local_steps.iter().map(move |&local_steps| Choice {
+                        learning_rate,
+                        local_steps,
+                        clip_norm: None,
+                    })
                 })
                 .map(cell)
                 .collect(),
@@ -617,19 +519,26 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
 mod tests {
     use super::*;
 
+    /// The cells' keys, sorted, without duplicates.
+    fn keys_of(plan: &Plan, cells: &[Cell]) -> Vec<String> {
+        let mut keys: Vec<String> = cells.iter().map(|c| plan.cell_key(c)).collect();
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
     #[test]
     fn the_plans_tune_every_setting_then_run_its_seeds_at_the_chosen_rate() {
         let plan = Plan::text();
         let settings = plan.settings("bbc");
-        // The centralized reference, under each of 2 skews 7 methods and 2 homogeneous fleets, and
-        // Fold-and-Fill at 3 ε.
-        assert_eq!(settings.len(), 1 + 2 * (7 + 2) + 3);
+        // The centralized reference and full fine-tuning, under each of 2 skews 7 methods and 2
+        // homogeneous fleets, and Fold-and-Fill at 3 ε.
+        assert_eq!(settings.len(), 2 + 2 * (7 + 2) + 3);
         let tuning = plan.tuning_cells("bbc", &Chosen::new());
-        // The private arms wait for their method's learning rate.
-        assert_eq!(tuning.len(), (settings.len() - 3) * plan.learning_rates.len());
-        let mut keys: Vec<String> = tuning.iter().map(|c| plan.cell_key(c)).collect();
-        keys.sort();
-        keys.dedup();
+        // The private arms wait for their method's learning rate; full fine-tuning has its own.
+        assert_eq!(tuning.len(), (settings.len() - 4) * plan.learning_rates.len() + plan.full_learning_rates.len());
+        assert!(keys_of(&plan, &tuning).contains(&"bbc-tune-pooled-full-finetune-lr0.0001-seed1".to_string()));
+        let keys = keys_of(&plan, &tuning);
         assert_eq!(keys.len(), tuning.len());
         assert!(keys.contains(&"bbc-tune-pooled-centralized-lr0.002-seed1".to_string()));
         assert!(keys.contains(&"bbc-tune-alpha1-fedavg-all-r2-lr0.005-seed1".to_string()));
@@ -645,15 +554,19 @@ mod tests {
         let image = Plan::image_shift();
         assert_eq!(image.max_rank(), 64);
         assert_eq!(image.fleet_size(), 18);
-        // The sweep's 6 ranks (R_max among them); under 2 label skews 7 methods and 6 homogeneous
-        // fleets; under the shrinking-data skew the 7 methods; 2 methods at 3 ε.
-        assert_eq!(image.settings("fashion-rot90").len(), 6 + 2 * (7 + 6) + 7 + 2 * 3);
+        // The sweep's 6 ranks (R_max among them) and full fine-tuning; under 2 label skews 7
+        // methods and 6 homogeneous fleets; under the shrinking-data skew the 7 methods; 2 methods
+        // at 3 ε.
+        assert_eq!(image.settings("fashion-rot90").len(), 6 + 1 + 2 * (7 + 6) + 7 + 2 * 3);
         // A private arm is tuned over the clipping bounds once its method has its learning rate.
         let private = ("fashion-rot90", Some(Skew::labels(1.0)), Arm::Private { method: "rbla", epsilon: 4 });
         assert!(image.candidates(private, &Chosen::new()).is_empty());
         let mut chosen = Chosen::new();
         let plain = Choice { learning_rate: 0.002, local_steps: 30, clip_norm: None };
-        chosen.insert(image.setting_key("fashion-rot90", Some(Skew::labels(1.0)), Arm::Method("rbla")), (plain, Vec::new()));
+        chosen.insert(
+            image.setting_key("fashion-rot90", Some(Skew::labels(1.0)), Arm::Method("rbla")),
+            (plain, Vec::new()),
+        );
         let candidates = image.candidates(private, &chosen);
         assert_eq!(candidates.iter().map(|c| c.clip_norm).collect::<Vec<_>>(), vec![Some(0.05), Some(0.5)]);
         assert!(candidates.iter().all(|c| c.learning_rate == 0.002 && c.local_steps == 30));

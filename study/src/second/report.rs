@@ -238,6 +238,27 @@ impl Report<'_> {
             percent(&centralized),
             centralized.as_ref().map_or(0, |s| s.n),
         )?;
+        if !plan.full_learning_rates.is_empty() {
+            let runs = self.finals(task, None, Arm::FullFineTune)?;
+            let accuracy = stat(&runs.iter().filter_map(Run::max_rank_accuracy).collect::<Vec<_>>());
+            let tried = match self.chosen.get(&plan.setting_key(task, None, Arm::FullFineTune)) {
+                Some((_, scores)) => scores
+                    .iter()
+                    .map(|(c, s)| format!("{}: {:.1}%", plan.describe(c), 100.0 * s))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                None => "not run yet".into(),
+            };
+            writeln!(
+                out,
+                "Centralized full fine-tuning (every weight of the model, the same data and steps; `flotilla-coordinator \
+                 finetune-full`), learning rate {}: **{}%** ({} seeds; validation {tried}). G stays relative to \
+                 centralized LoRA.\n",
+                self.tuned(task, None, Arm::FullFineTune),
+                percent(&accuracy),
+                accuracy.as_ref().map_or(0, |s| s.n),
+            )?;
+        }
         if plan.centralized_ranks().len() > 1 {
             writeln!(out, "Centralized rank sweep (what a rank buys with all the data; test accuracy %):\n")?;
             writeln!(out, "| rank | {} | accuracy (%) | seeds |\n|---|---|---|---|", self.tuned_header())?;
@@ -405,7 +426,9 @@ impl Report<'_> {
             .collect();
         writeln!(out, "| setting | {} | chosen |", columns.join(" | "))?;
         writeln!(out, "|---|{}---|", "---|".repeat(columns.len()))?;
-        for (t, skew, arm) in plan.settings(task).into_iter().filter(|s| !matches!(s.2, Arm::Private { .. })) {
+        // Private arms and full fine-tuning have their own grids, reported where they are.
+        let own_grid = |arm: Arm| matches!(arm, Arm::Private { .. } | Arm::FullFineTune);
+        for (t, skew, arm) in plan.settings(task).into_iter().filter(|s| !own_grid(s.2)) {
             let Some((best, scores)) = self.chosen.get(&plan.setting_key(t, skew, arm)) else { continue };
             let setting = match skew {
                 None => arm.label(),

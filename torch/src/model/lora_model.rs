@@ -118,26 +118,7 @@ impl LoraModel {
 
     /// Mean cross-entropy and accuracy over `data`, in batches, without gradients.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<(f64, f64), ModelError> {
-        tch::no_grad(|| {
-            let n = data.len();
-            if n == 0 {
-                return Ok((0.0, 0.0));
-            }
-            let (mut loss_sum, mut correct) = (0.0, 0.0);
-            let mut start = 0;
-            while start < n {
-                let len = batch_size.max(1).min(n - start);
-                let batch = data.range(start, len)?.to_device(self.device)?;
-                let logits = self.forward(&batch.x, batch.lengths.as_ref())?;
-                loss_sum += logits
-                    .f_cross_entropy_loss::<Tensor>(&batch.y, None, tch::Reduction::Mean, -100, 0.0)?
-                    .f_double_value(&[])?
-                    * len as f64;
-                correct += logits.f_argmax(1, false)?.f_eq_tensor(&batch.y)?.f_sum(Kind::Float)?.f_double_value(&[])?;
-                start += len;
-            }
-            Ok((loss_sum / n as f64, correct / n as f64))
-        })
+        evaluate_logits(data, batch_size, self.device, |x, lengths| self.forward(x, lengths))
     }
 
     /// Local training: AdamW on the adapter only, `local_steps` minibatches drawn with `seed`.
@@ -160,27 +141,69 @@ impl LoraModel {
     /// `settings.local_steps` AdamW steps (or `local_epochs` passes over the data) on minibatches
     /// drawn with `settings.seed`, without evaluation (what the probe times).
     pub fn train_steps(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<(), ModelError> {
-        let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(&self.store, settings.learning_rate)?;
-        // Our own generator, not libtorch's process-global one: simulated devices train concurrently.
-        let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
-        let n = data.len() as i64;
-        let batch = (settings.batch_size as i64).min(n).max(1);
-        let steps = match settings.local_epochs {
-            0 => i64::from(settings.local_steps),
-            epochs => i64::from(epochs) * ((n + batch - 1) / batch),
-        };
-        for _ in 0..steps {
-            let picks: Vec<i64> = (0..batch).map(|_| rng.random_range(0..n)).collect();
-            let batch = data.batch(&Tensor::from_slice(&picks))?.to_device(self.device)?;
-            let loss = self.forward(&batch.x, batch.lengths.as_ref())?.f_cross_entropy_loss::<Tensor>(
-                &batch.y,
-                None,
-                tch::Reduction::Mean,
-                -100,
-                0.0,
-            )?;
-            optimizer.backward_step(&loss);
-        }
-        Ok(())
+        adamw_steps(&self.store, data, settings, self.device, |x, lengths| self.forward(x, lengths))
     }
+}
+
+/// Mean cross-entropy and accuracy of the logits `forward` gives over `data`, in batches, without
+/// gradients.
+pub(super) fn evaluate_logits(
+    data: &Dataset,
+    batch_size: usize,
+    device: Device,
+    forward: impl Fn(&Tensor, Option<&Tensor>) -> Result<Tensor, ModelError>,
+) -> Result<(f64, f64), ModelError> {
+    tch::no_grad(|| {
+        let n = data.len();
+        if n == 0 {
+            return Ok((0.0, 0.0));
+        }
+        let (mut loss_sum, mut correct) = (0.0, 0.0);
+        let mut start = 0;
+        while start < n {
+            let len = batch_size.max(1).min(n - start);
+            let batch = data.range(start, len)?.to_device(device)?;
+            let logits = forward(&batch.x, batch.lengths.as_ref())?;
+            loss_sum += logits
+                .f_cross_entropy_loss::<Tensor>(&batch.y, None, tch::Reduction::Mean, -100, 0.0)?
+                .f_double_value(&[])?
+                * len as f64;
+            correct += logits.f_argmax(1, false)?.f_eq_tensor(&batch.y)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+            start += len;
+        }
+        Ok((loss_sum / n as f64, correct / n as f64))
+    })
+}
+
+/// `settings.local_steps` AdamW steps (or `local_epochs` passes over the data) over the variables
+/// of `store`, on minibatches drawn with `settings.seed`: a fresh optimizer per call.
+pub(super) fn adamw_steps(
+    store: &nn::VarStore,
+    data: &Dataset,
+    settings: &TrainingSettings,
+    device: Device,
+    forward: impl Fn(&Tensor, Option<&Tensor>) -> Result<Tensor, ModelError>,
+) -> Result<(), ModelError> {
+    let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(store, settings.learning_rate)?;
+    // Our own generator, not libtorch's process-global one: simulated devices train concurrently.
+    let mut rng = ChaCha8Rng::seed_from_u64(settings.seed);
+    let n = data.len() as i64;
+    let batch = (settings.batch_size as i64).min(n).max(1);
+    let steps = match settings.local_epochs {
+        0 => i64::from(settings.local_steps),
+        epochs => i64::from(epochs) * ((n + batch - 1) / batch),
+    };
+    for _ in 0..steps {
+        let picks: Vec<i64> = (0..batch).map(|_| rng.random_range(0..n)).collect();
+        let batch = data.batch(&Tensor::from_slice(&picks))?.to_device(device)?;
+        let loss = forward(&batch.x, batch.lengths.as_ref())?.f_cross_entropy_loss::<Tensor>(
+            &batch.y,
+            None,
+            tch::Reduction::Mean,
+            -100,
+            0.0,
+        )?;
+        optimizer.backward_step(&loss);
+    }
+    Ok(())
 }

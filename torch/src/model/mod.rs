@@ -4,10 +4,12 @@
 //! for every rank, so a rank-r slice of the global adapter means the same thing on every device.
 //!
 //! The architecture itself is plain data in `flotilla_wire::model`; [`ArchitectureExt`] adds what
-//! libtorch does with it, [`LoraModel`] trains and evaluates, and `pretrain` trains a base centrally.
+//! libtorch does with it, [`LoraModel`] trains and evaluates, `pretrain` trains a base centrally, and
+//! [`FullModel`] fine-tunes every weight (the study's bound above LoRA).
 
 pub mod bert;
 pub mod checkpoint;
+mod full_model;
 mod layers;
 mod lora_model;
 mod pretrain;
@@ -21,6 +23,7 @@ use tch::{Device, Kind, Tensor};
 pub use flotilla_wire::model::{
     Activation, Architecture, BertSpec, LayerKind, LayerShape, Pooling, ADAPTER_PREFIX, CONV_KERNEL,
 };
+pub use full_model::FullModel;
 pub use lora_model::LoraModel;
 pub use pretrain::PretrainSettings;
 

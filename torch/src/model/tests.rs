@@ -214,3 +214,76 @@ fn a_base_with_wrong_shapes_is_refused() {
     let global = arch.init_adapter(4, 2).unwrap();
     assert!(LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).is_err());
 }
+
+#[test]
+fn full_fine_tuning_starts_as_the_plain_model_and_trains_every_weight() {
+    let arch = arch();
+    let base = arch.init_base(1);
+    let initial = arch.init_adapter(4, 2).unwrap();
+    let head =
+        (initial.get("base_model.model.head.weight").unwrap(), initial.get("base_model.model.head.bias").unwrap());
+    let data = synthetic_classification(512, 16, 4, 3, 4);
+    let mut model = FullModel::new(&arch, &base, head, Device::Cpu).unwrap();
+    // Before training it is the base with its head: what a zero-B adapter gives.
+    let lora = LoraModel::new(&arch, &base, &initial, 2.0, Device::Cpu).unwrap();
+    let gap = (model.forward(&data.features, None).unwrap() - lora.forward(&data.features, None).unwrap())
+        .abs()
+        .max()
+        .double_value(&[]);
+    assert!(gap < 1e-6, "{gap}");
+    let weights: i64 = base.values().map(|t| t.numel() as i64).sum::<i64>() + 4 * 32 + 4;
+    assert_eq!(model.trainable_parameters(), weights);
+    let before = model.evaluate(&data, 256).unwrap();
+    let settings = TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 };
+    model.train_steps(&data, &settings).unwrap();
+    let after = model.evaluate(&data, 256).unwrap();
+    assert!(after.0 < before.0 * 0.8 && after.1 > before.1 + 0.2, "{before:?} -> {after:?}");
+    // The inputs are copies: the caller's base is untouched.
+    assert!(base.iter().all(|(n, t)| t.equal(&arch.init_base(1)[n])));
+}
+
+#[test]
+fn full_fine_tuning_of_a_transformer_moves_the_encoder_and_learns() {
+    let spec = BertSpec {
+        layers: 1,
+        hidden: 16,
+        heads: 2,
+        intermediate: 32,
+        vocab: 50,
+        max_positions: 16,
+        type_vocab: 2,
+        layer_norm_eps: 1e-12,
+        activation: Activation::Gelu,
+        pooling: Pooling::Mean,
+        target_modules: vec!["query".into(), "value".into()],
+        labels: vec!["low".into(), "high".into()],
+        max_length: 8,
+    };
+    let arch = Architecture::Bert(spec);
+    let base = arch.init_base(3);
+    let initial = arch.init_adapter(2, 4).unwrap();
+    let (head_weight, head_bias) = arch.head_names();
+    let head = (initial.get(&head_weight).unwrap(), initial.get(&head_bias).unwrap());
+    // Class c's texts use tokens from its own half of the vocabulary.
+    let n = 256;
+    let labels = Tensor::from_slice(&(0..n).map(|i| i % 2).collect::<Vec<i64>>());
+    let offsets = (&labels * 25).unsqueeze(1);
+    let tokens: Vec<i64> = (0..n * 8).map(|k| 1 + (k * 7 + k / 8 * 3) % 24).collect();
+    let ids = Tensor::from_slice(&tokens).view([n, 8]) + offsets;
+    let lengths = Tensor::from_slice(&(0..n).map(|i| 4 + i % 5).collect::<Vec<i64>>());
+    let data = Dataset { features: ids, labels, lengths: Some(lengths) };
+    let mut model = FullModel::new(&arch, &base, head, Device::Cpu).unwrap();
+    let before = model.evaluate(&data, 64).unwrap();
+    let settings = TrainingSettings { local_steps: 60, local_epochs: 0, batch_size: 16, learning_rate: 3e-3, seed: 1 };
+    model.train_steps(&data, &settings).unwrap();
+    let after = model.evaluate(&data, 64).unwrap();
+    assert!(after.1 > 0.9 && after.0 < before.0, "{before:?} -> {after:?}");
+    let total: i64 = base.values().map(|t| t.numel() as i64).sum::<i64>() + 2 * 16 + 2;
+    assert_eq!(model.trainable_parameters(), total);
+    // Not only the head: the encoder's own weights moved.
+    let trained = model.base_weights().unwrap();
+    for name in ["encoder.layer.0.attention.self.key.weight", "embeddings.word_embeddings.weight"] {
+        let moved = (&trained[name] - &base[name]).abs().max().double_value(&[]);
+        assert!(moved > 1e-4, "{name} moved {moved}");
+    }
+}

@@ -1,0 +1,134 @@
+//! `finetune-full`: centralized full fine-tuning, the study's bound above LoRA (issue 15). One
+//! process trains every weight of the configured model (base and head, no LoRA) on pooled training
+//! data with the configuration's round schedule: each round a fresh AdamW takes `[round]
+//! local_steps` steps, with `serve`'s seed for the round. It evaluates like `serve` (the same held-out
+//! set, before round 1 and after each round) and writes `<run_dir>/summary.json` in `serve`'s
+//! shape, with every evaluation at R_max: what the full model stands in for.
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::data::text::{load_text, TextSplit};
+use flotilla_torch::data::tokenizer::TextTokenizer;
+use flotilla_torch::data::Dataset;
+use flotilla_torch::model::checkpoint::TOKENIZER_FILE;
+use flotilla_torch::model::{Architecture, FullModel};
+use flotilla_wire::protocol::TrainingSettings;
+use serde_json::json;
+use tch::Device;
+use tracing::info;
+
+use crate::base;
+use crate::config::CoordinatorConfig;
+use crate::evaluation::{EvaluationSet, Evaluator};
+
+/// Batches of the held-out set per forward pass.
+const EVALUATION_BATCH: usize = 64;
+
+/// The pooled training data at `dir` as a single device would load it: a transformer's texts
+/// tokenized with its checkpoint's tokenizer, or an MNIST-style directory's training split.
+fn load_training_data(config: &CoordinatorConfig, dir: &Path) -> Result<Dataset> {
+    let architecture = &config.model.architecture;
+    match (architecture, &config.model.transformer) {
+        (Architecture::Bert(spec), Some(transformer)) => {
+            let corpus = load_text(dir, &spec.labels, TextSplit::Train)?;
+            let tokenizer = TextTokenizer::from_file(
+                &transformer.checkpoint.join(TOKENIZER_FILE),
+                spec.max_length as usize,
+                spec.vocab as usize,
+            )?;
+            Ok(tokenizer.dataset(&corpus.texts(), &corpus.labels())?)
+        }
+        _ => Ok(load_split(dir, Split::Train, architecture.classes())?),
+    }
+}
+
+/// The held-out set `serve` would evaluate on.
+fn evaluator(config: &CoordinatorConfig, base: &base::Base) -> Result<Evaluator> {
+    let test_dir = config.evaluation.test_data.as_deref().context("finetune-full needs [evaluation] test_data")?;
+    let tokenizer = config.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE));
+    Evaluator::load(
+        config.model.architecture.clone(),
+        base.weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
+        config.aggregation.lora_alpha / f64::from(config.aggregation.max_rank),
+        &EvaluationSet {
+            dir: test_dir,
+            max_samples: config.evaluation.max_samples,
+            skip_samples: config.evaluation.skip_samples,
+            tokenizer: tokenizer.as_deref(),
+            run_dir: &config.server.run_dir,
+        },
+    )
+    .context("cannot load the evaluation set")
+}
+
+/// Runs the bound and returns the summary it wrote.
+pub fn run(config: &CoordinatorConfig, train_dir: &Path) -> Result<serde_json::Value> {
+    let run_dir = &config.server.run_dir;
+    std::fs::create_dir_all(run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
+    let base = base::prepare(config)?;
+    let architecture = &config.model.architecture;
+    let max_rank = config.aggregation.max_rank as usize;
+    let initial = base.initial_adapter(config)?;
+    let (head_weight, head_bias) = architecture.head_names();
+    let head = (
+        initial.get(&head_weight).with_context(|| format!("the initial adapter has no {head_weight}"))?,
+        initial.get(&head_bias).with_context(|| format!("the initial adapter has no {head_bias}"))?,
+    );
+    let evaluator = evaluator(config, &base)?;
+    let data = load_training_data(config, train_dir)
+        .with_context(|| format!("cannot load the training data in {}", train_dir.display()))?;
+    anyhow::ensure!(!data.is_empty(), "{}: no training samples", train_dir.display());
+
+    let mut model = FullModel::new(architecture, &base.weights, head, Device::Cpu)?;
+    info!(
+        samples = data.len(),
+        parameters = model.trainable_parameters(),
+        rounds = config.round.rounds,
+        "centralized full fine-tuning"
+    );
+    let evaluate = |model: &FullModel| -> Result<serde_json::Value> {
+        let (loss, accuracy) = model.evaluate(evaluator.test_set(), EVALUATION_BATCH)?;
+        Ok(json!([{ "rank": max_rank, "loss": loss, "accuracy": accuracy }]))
+    };
+    let initial_evaluation = evaluate(&model)?;
+    let policy = config.round_policy();
+    let mut rounds = Vec::new();
+    for round in 1..=config.round.rounds {
+        let started = Instant::now();
+        let plan = policy.training(round);
+        let settings = TrainingSettings {
+            local_steps: plan.local_steps,
+            local_epochs: plan.local_epochs,
+            batch_size: plan.batch_size,
+            learning_rate: plan.learning_rate,
+            seed: plan.seed,
+        };
+        model.train_steps(&data, &settings)?;
+        let evaluation = evaluate(&model)?;
+        info!(round, accuracy = evaluation[0]["accuracy"].as_f64(), "[round {round}] full fine-tuning evaluated");
+        rounds.push(json!({
+            "round": round,
+            "evaluation": evaluation,
+            "round_seconds": started.elapsed().as_secs_f64(),
+            "update_bytes": 0,
+            "task_bytes": 0,
+        }));
+    }
+    let summary = json!({
+        "method": "full-finetune",
+        "max_rank": max_rank,
+        "trainable_parameters": model.trainable_parameters(),
+        "initial_evaluation": initial_evaluation,
+        "rounds_completed": rounds.len(),
+        "rounds": rounds,
+    });
+    let path = run_dir.join("summary.json");
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(summary)
+}
