@@ -34,8 +34,8 @@ impl Plan {
     }
 
     /// The harder second task, Rotten Tomatoes (fresh, rotten, plot), cut to fit (docs/study.md
-    /// says why): one skew (α = 1), and a learning rate × local steps grid instead of BBC's four
-    /// learning rates. A first pass at BBC's 10 local steps over learning rates 1e-3 to 1e-2 left
+    /// says why): one skew (α = 1), and a learning rate × local steps grid where BBC tunes the
+    /// learning rate alone. A first pass at BBC's 10 local steps over learning rates 1e-3 to 1e-2 left
     /// every federated arm at the majority class after 6 rounds; 40 steps leave it. The higher
     /// rates collapsed centralized runs too. The privacy axis stays on BBC News (issue 17 asks for
     /// it on one transformer task).
