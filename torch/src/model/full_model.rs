@@ -1,6 +1,7 @@
-//! Full fine-tuning: every weight of the model (base and head) trained, no LoRA. The study's
-//! bound above LoRA (issue 15), run centrally on pooled data by `flotilla-coordinator
-//! finetune-full`; the federated product itself only ever trains adapters.
+//! Every weight of the model (base and head) trained, no LoRA: the coordinator's central
+//! pretraining of a base (`[model.pretrain]`), and the study's full fine-tuning bound above LoRA
+//! (issue 15), run on pooled data by `flotilla-coordinator finetune-full`. Devices only ever train
+//! adapters.
 
 use tch::{nn, Device, Tensor};
 
@@ -64,6 +65,12 @@ impl FullModel {
             .iter()
             .map(|(n, t)| Ok((n.clone(), crate::tensor::try_copy(&t.detach().f_to_device(Device::Cpu)?)?)))
             .collect()
+    }
+
+    /// The current head `(weight, bias)` (detached copies on the CPU).
+    pub fn head(&self) -> Result<(Tensor, Tensor), ModelError> {
+        let copy = |t: &Tensor| crate::tensor::try_copy(&t.detach().f_to_device(Device::Cpu)?);
+        Ok((copy(&self.head_weight)?, copy(&self.head_bias)?))
     }
 
     /// How many numbers training changes: every weight of the base and the head.

@@ -4,8 +4,8 @@
 //! for every rank, so a rank-r slice of the global adapter means the same thing on every device.
 //!
 //! The architecture itself is plain data in `flotilla_wire::model`; [`ArchitectureExt`] adds what
-//! libtorch does with it, [`LoraModel`] trains and evaluates, `pretrain` trains a base centrally, and
-//! [`FullModel`] fine-tunes every weight (the study's bound above LoRA).
+//! libtorch does with it, [`LoraModel`] trains and evaluates, and [`FullModel`] trains every weight:
+//! `pretrain` runs it to make a base centrally, and the study's bound above LoRA to fine-tune one.
 
 pub mod bert;
 pub mod checkpoint;
