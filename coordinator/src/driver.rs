@@ -587,7 +587,7 @@ fn deliver_tasks(deliveries: Vec<TaskDelivery>, slices: Arc<BTreeMap<u32, Shared
 }
 
 /// The engine's training plan as the protocol carries it.
-fn training_settings(plan: TrainingPlan) -> TrainingSettings {
+pub(crate) fn training_settings(plan: TrainingPlan) -> TrainingSettings {
     let TrainingPlan { local_steps, local_epochs, batch_size, learning_rate, seed } = plan;
     TrainingSettings { local_steps, local_epochs, batch_size, learning_rate, seed }
 }

@@ -36,6 +36,38 @@ pub struct EvaluationSet<'a> {
     pub run_dir: &'a Path,
 }
 
+/// Loads the test split (after the first `skip_samples`, at most `max_samples`): of an
+/// MNIST-style directory, or for a transformer of labelled texts (see `flotilla_torch::data::text`),
+/// tokenized with `tokenizer`. The texts' keys are written to `<run_dir>/evaluation-examples.txt`,
+/// so a report says exactly what was evaluated.
+pub fn load_test_set(architecture: &Architecture, set: &EvaluationSet) -> anyhow::Result<Dataset> {
+    let EvaluationSet { dir, max_samples, skip_samples, tokenizer, run_dir } = *set;
+    if let Architecture::Bert(spec) = architecture {
+        let tokenizer = tokenizer.context("a transformer's evaluation needs its tokenizer.json")?;
+        return load_text_test(spec, dir, max_samples, skip_samples, tokenizer, run_dir);
+    }
+    let test = load_split(dir, Split::Test, architecture.classes())?;
+    anyhow::ensure!(
+        test.features.size()[1] == architecture.input_size() as i64,
+        "{}: test images have {} features, the model takes {}",
+        dir.display(),
+        test.features.size()[1],
+        architecture.input_size()
+    );
+    anyhow::ensure!(
+        skip_samples < test.len(),
+        "{}: evaluation.skip_samples = {skip_samples} leaves none of the {} test images",
+        dir.display(),
+        test.len()
+    );
+    let end = max_samples.map_or(test.len(), |n| (skip_samples + n).min(test.len()));
+    Ok(if skip_samples == 0 && end == test.len() {
+        test
+    } else {
+        test.subset(&(skip_samples..end).collect::<Vec<_>>())
+    })
+}
+
 pub struct Evaluator {
     architecture: Architecture,
     base: BaseWeights,
@@ -47,42 +79,14 @@ pub struct Evaluator {
 }
 
 impl Evaluator {
-    /// Loads the test split (after the first `skip_samples`, at most `max_samples`): of an
-    /// MNIST-style directory, or for a transformer of labelled texts (see
-    /// `flotilla_torch::data::text`), tokenized with `tokenizer`. The texts' keys are written to
-    /// `<run_dir>/evaluation-examples.txt`, so a report says exactly what was evaluated.
+    /// Loads the held-out set (see [`load_test_set`]) to evaluate `base` + adapter on.
     pub fn load(
         architecture: Architecture,
         base: BaseWeights,
         scale: f64,
         set: &EvaluationSet,
     ) -> anyhow::Result<Evaluator> {
-        let EvaluationSet { dir, max_samples, skip_samples, tokenizer, run_dir } = *set;
-        if let Architecture::Bert(spec) = &architecture {
-            let tokenizer = tokenizer.context("a transformer's evaluation needs its tokenizer.json")?;
-            let test = load_text_test(spec, dir, max_samples, skip_samples, tokenizer, run_dir)?;
-            return Ok(Evaluator { architecture, base, scale, test, whole_adapter_to_every_rank: false });
-        }
-        let test = load_split(dir, Split::Test, architecture.classes())?;
-        anyhow::ensure!(
-            test.features.size()[1] == architecture.input_size() as i64,
-            "{}: test images have {} features, the model takes {}",
-            dir.display(),
-            test.features.size()[1],
-            architecture.input_size()
-        );
-        anyhow::ensure!(
-            skip_samples < test.len(),
-            "{}: evaluation.skip_samples = {skip_samples} leaves none of the {} test images",
-            dir.display(),
-            test.len()
-        );
-        let end = max_samples.map_or(test.len(), |n| (skip_samples + n).min(test.len()));
-        let test = if skip_samples == 0 && end == test.len() {
-            test
-        } else {
-            test.subset(&(skip_samples..end).collect::<Vec<_>>())
-        };
+        let test = load_test_set(&architecture, set)?;
         Ok(Evaluator { architecture, base, scale, test, whole_adapter_to_every_rank: false })
     }
 
@@ -96,11 +100,6 @@ impl Evaluator {
 
     pub fn samples(&self) -> usize {
         self.test.len()
-    }
-
-    /// The held-out set, for a model that is not base + adapter (`finetune-full`).
-    pub fn test_set(&self) -> &Dataset {
-        &self.test
     }
 
     /// Loss and accuracy of the global adapter sliced to each of `ranks` (and to its full rank):

@@ -10,19 +10,19 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use flotilla_torch::data::idx::{load_split, Split};
-use flotilla_torch::data::text::{load_text, TextSplit};
-use flotilla_torch::data::tokenizer::TextTokenizer;
+use flotilla_torch::data::text::TextSplit;
+use flotilla_torch::data::tokenizer::load_tokenized;
 use flotilla_torch::data::Dataset;
 use flotilla_torch::model::checkpoint::TOKENIZER_FILE;
 use flotilla_torch::model::{Architecture, FullModel};
-use flotilla_wire::protocol::TrainingSettings;
 use serde_json::json;
 use tch::Device;
 use tracing::info;
 
 use crate::base;
 use crate::config::CoordinatorConfig;
-use crate::evaluation::{EvaluationSet, Evaluator};
+use crate::driver::training_settings;
+use crate::evaluation::{load_test_set, EvaluationSet};
 
 /// Batches of the held-out set per forward pass.
 const EVALUATION_BATCH: usize = 64;
@@ -33,35 +33,24 @@ fn load_training_data(config: &CoordinatorConfig, dir: &Path) -> Result<Dataset>
     let architecture = &config.model.architecture;
     match (architecture, &config.model.transformer) {
         (Architecture::Bert(spec), Some(transformer)) => {
-            let corpus = load_text(dir, &spec.labels, TextSplit::Train)?;
-            let tokenizer = TextTokenizer::from_file(
-                &transformer.checkpoint.join(TOKENIZER_FILE),
-                spec.max_length as usize,
-                spec.vocab as usize,
-            )?;
-            Ok(tokenizer.dataset(&corpus.texts(), &corpus.labels())?)
+            Ok(load_tokenized(spec, dir, TextSplit::Train, &transformer.checkpoint.join(TOKENIZER_FILE))?)
         }
         _ => Ok(load_split(dir, Split::Train, architecture.classes())?),
     }
 }
 
 /// The held-out set `serve` would evaluate on.
-fn evaluator(config: &CoordinatorConfig, base: &base::Base) -> Result<Evaluator> {
-    let test_dir = config.evaluation.test_data.as_deref().context("finetune-full needs [evaluation] test_data")?;
+fn test_set(config: &CoordinatorConfig) -> Result<Dataset> {
+    let dir = config.evaluation.test_data.as_deref().context("finetune-full needs [evaluation] test_data")?;
     let tokenizer = config.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE));
-    Evaluator::load(
-        config.model.architecture.clone(),
-        base.weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
-        config.aggregation.lora_alpha / f64::from(config.aggregation.max_rank),
-        &EvaluationSet {
-            dir: test_dir,
-            max_samples: config.evaluation.max_samples,
-            skip_samples: config.evaluation.skip_samples,
-            tokenizer: tokenizer.as_deref(),
-            run_dir: &config.server.run_dir,
-        },
-    )
-    .context("cannot load the evaluation set")
+    let set = EvaluationSet {
+        dir,
+        max_samples: config.evaluation.max_samples,
+        skip_samples: config.evaluation.skip_samples,
+        tokenizer: tokenizer.as_deref(),
+        run_dir: &config.server.run_dir,
+    };
+    load_test_set(&config.model.architecture, &set).context("cannot load the evaluation set")
 }
 
 /// Runs the bound and returns the summary it wrote.
@@ -77,7 +66,7 @@ pub fn run(config: &CoordinatorConfig, train_dir: &Path) -> Result<serde_json::V
         initial.get(&head_weight).with_context(|| format!("the initial adapter has no {head_weight}"))?,
         initial.get(&head_bias).with_context(|| format!("the initial adapter has no {head_bias}"))?,
     );
-    let evaluator = evaluator(config, &base)?;
+    let test = test_set(config)?;
     let data = load_training_data(config, train_dir)
         .with_context(|| format!("cannot load the training data in {}", train_dir.display()))?;
     anyhow::ensure!(!data.is_empty(), "{}: no training samples", train_dir.display());
@@ -90,7 +79,7 @@ pub fn run(config: &CoordinatorConfig, train_dir: &Path) -> Result<serde_json::V
         "centralized full fine-tuning"
     );
     let evaluate = |model: &FullModel| -> Result<serde_json::Value> {
-        let (loss, accuracy) = model.evaluate(evaluator.test_set(), EVALUATION_BATCH)?;
+        let (loss, accuracy) = model.evaluate(&test, EVALUATION_BATCH)?;
         Ok(json!([{ "rank": max_rank, "loss": loss, "accuracy": accuracy }]))
     };
     let initial_evaluation = evaluate(&model)?;
@@ -98,15 +87,7 @@ pub fn run(config: &CoordinatorConfig, train_dir: &Path) -> Result<serde_json::V
     let mut rounds = Vec::new();
     for round in 1..=config.round.rounds {
         let started = Instant::now();
-        let plan = policy.training(round);
-        let settings = TrainingSettings {
-            local_steps: plan.local_steps,
-            local_epochs: plan.local_epochs,
-            batch_size: plan.batch_size,
-            learning_rate: plan.learning_rate,
-            seed: plan.seed,
-        };
-        model.train_steps(&data, &settings)?;
+        model.train_steps(&data, &training_settings(policy.training(round)))?;
         let evaluation = evaluate(&model)?;
         info!(round, accuracy = evaluation[0]["accuracy"].as_f64(), "[round {round}] full fine-tuning evaluated");
         rounds.push(json!({

@@ -8,8 +8,8 @@ use std::sync::{mpsc, Arc, Mutex};
 use flotilla_torch::adapter::Adapter;
 use flotilla_torch::data::idx::{load_split, Split};
 use flotilla_torch::data::partition::{partition, PartitionSpec};
-use flotilla_torch::data::text::{load_text, TextSplit};
-use flotilla_torch::data::tokenizer::TextTokenizer;
+use flotilla_torch::data::text::TextSplit;
+use flotilla_torch::data::tokenizer::load_tokenized;
 use flotilla_torch::data::{synthetic_classification, Dataset};
 use flotilla_torch::model::checkpoint::HfCheckpoint;
 use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, LoraModel};
@@ -172,13 +172,7 @@ fn kept_share(shard: &[usize], keep: f64, seed: u64) -> Vec<usize> {
 /// The training split of the labelled texts at `path`, tokenized.
 fn load_texts(spec: &BertSpec, path: &Path, tokenizer: Option<&Path>) -> Result<Dataset, String> {
     let tokenizer = tokenizer.ok_or("a transformer needs its tokenizer.json")?;
-    let corpus = load_text(path, &spec.labels, TextSplit::Train).map_err(|e| e.to_string())?;
-    for file in &corpus.lossy_files {
-        tracing::warn!(file = %file.display(), "not valid UTF-8; decoded with replacement characters");
-    }
-    let tokenizer = TextTokenizer::from_file(tokenizer, spec.max_length as usize, spec.vocab as usize)
-        .map_err(|e| e.to_string())?;
-    tokenizer.dataset(&corpus.texts(), &corpus.labels()).map_err(|e| e.to_string())
+    load_tokenized(spec, path, TextSplit::Train, tokenizer).map_err(|e| e.to_string())
 }
 
 /// Training threads shared by one or many devices: a real device has a pool of one; the simulator

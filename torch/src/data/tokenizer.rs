@@ -9,7 +9,22 @@ use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 use tokenizers::{Tokenizer, TruncationDirection, TruncationParams, TruncationStrategy};
 
+use flotilla_wire::model::BertSpec;
+
+use super::text::{load_text, TextSplit};
 use super::{DataError, Dataset};
+
+/// The `split` of the labelled texts at `path`, tokenized with the `tokenizer.json` at `tokenizer`
+/// for `spec` (its labels, maximum length and vocabulary): what a device trains on. A file that is
+/// not valid UTF-8 is decoded with replacement characters, and a warning names it.
+pub fn load_tokenized(spec: &BertSpec, path: &Path, split: TextSplit, tokenizer: &Path) -> Result<Dataset, DataError> {
+    let corpus = load_text(path, &spec.labels, split)?;
+    for file in &corpus.lossy_files {
+        tracing::warn!(file = %file.display(), "not valid UTF-8; decoded with replacement characters");
+    }
+    let tokenizer = TextTokenizer::from_file(tokenizer, spec.max_length as usize, spec.vocab as usize)?;
+    tokenizer.dataset(&corpus.texts(), &corpus.labels())
+}
 
 pub struct TextTokenizer {
     inner: Tokenizer,
