@@ -115,7 +115,6 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
         TaskKind::Text { .. } => setup.work.join("data").join(task.key).join(cell.phase.key()),
         TaskKind::RotatedImages => setup.work.join("data").join(task.key),
     };
-    let mut sim: Vec<OsString> = vec!["--data".into(), data.clone().into()];
     let pki = setup.pki();
     if cell.arm == Arm::FullFineTune {
         return run_full_finetune(
@@ -125,6 +124,7 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
             &data,
         );
     }
+    let mut sim: Vec<OsString> = vec!["--data".into(), data.clone().into()];
     let devices = if cell.arm.is_centralized() { 1 } else { plan.fleet_size() as usize };
     if let TaskKind::Text { .. } = task.kind {
         sim.extend(["--model-dir".into(), flotilla_data::cache::minilm_dir().into()]);

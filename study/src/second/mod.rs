@@ -357,9 +357,14 @@ impl Plan {
         self.local_steps.first().copied().unwrap_or(1)
     }
 
+    /// Whether local steps are tuned (more than one value), so that reports name them.
+    pub fn tunes_local_steps(&self) -> bool {
+        self.local_steps.len() > 1
+    }
+
     /// How the report names a choice: its learning rate, and its local steps where they were tuned.
     pub fn describe(&self, choice: &Choice) -> String {
-        if self.local_steps.len() > 1 {
+        if self.tunes_local_steps() {
             format!("{}, {} steps", choice.learning_rate, choice.local_steps)
         } else {
             format!("{}", choice.learning_rate)

@@ -50,7 +50,7 @@ impl Report<'_> {
 
     /// The column header of [`Report::tuned`].
     fn tuned_header(&self) -> &'static str {
-        if self.plan.local_steps.len() > 1 {
+        if self.plan.tunes_local_steps() {
             "lr, local steps"
         } else {
             "lr"
@@ -412,15 +412,15 @@ impl Report<'_> {
     /// The validation score of every candidate tried, and the one kept.
     fn tuning_section(&self, out: &mut String, task: &'static str) -> Result<()> {
         let plan = self.plan;
-        let tuned = if plan.local_steps.len() > 1 { "learning rate and local steps" } else { "learning rate" };
+        let tuned = if plan.tunes_local_steps() { "learning rate and local steps" } else { "learning rate" };
         writeln!(out, "Tuning (validation score per {tuned}, seed 1):\n")?;
         let columns: Vec<String> = plan
             .learning_rates
             .iter()
             .flat_map(|l| {
-                plan.local_steps.iter().map(move |s| match plan.local_steps.len() {
-                    1 => format!("lr {l}"),
-                    _ => format!("lr {l}, {s} steps"),
+                plan.local_steps.iter().map(move |s| match plan.tunes_local_steps() {
+                    false => format!("lr {l}"),
+                    true => format!("lr {l}, {s} steps"),
                 })
             })
             .collect();

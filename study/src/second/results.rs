@@ -160,11 +160,8 @@ pub fn choose(plan: &Plan, results_dir: &Path) -> Result<Chosen> {
                 }
             }
             if !candidates.is_empty() && scores.len() == candidates.len() {
-                let best = scores.iter().copied().fold(None, |best: Option<(Choice, f64)>, s| match best {
-                    Some(b) if b.1 >= s.1 => Some(b),
-                    _ => Some(s),
-                });
-                if let Some((best, _)) = best {
+                // The first of equal scores: the grid's order breaks ties.
+                if let Some((best, _)) = scores.iter().copied().reduce(|b, s| if s.1 > b.1 { s } else { b }) {
                     chosen.insert(plan.setting_key(task, skew, arm), (best, scores));
                 }
             }
