@@ -12,11 +12,12 @@
 //!
 //! Two phases, both cached cell by cell:
 //!
-//! - **tune**: seed 1, every learning rate of the grid, evaluated on a validation split the devices
-//!   never train on. Each setting (a method under a skew, a homogeneous fleet, a centralized run)
-//!   keeps the learning rate with the best validation score: the mean over the last 3 rounds of
+//! - **tune**: seed 1, every learning rate and local steps of the grid, evaluated on a validation
+//!   split the devices never train on, and past the grid's edges where the best lies on one
+//!   ([`tuning`]). Each setting (a method under a skew, a homogeneous fleet, a centralized run)
+//!   keeps the candidate with the best validation score: the mean over the last 3 rounds of
 //!   (R_max accuracy + fleet mean) / 2 for a heterogeneous method, of the R_max accuracy otherwise.
-//! - **final**: every seed at the chosen learning rate, evaluated on the test split. The report
+//! - **final**: every seed at the chosen values, evaluated on the test split. The report
 //!   uses only these.
 //!
 //! The bounds use the same training data and sample budget: the base alone (the coordinator's
@@ -30,6 +31,7 @@ mod plans;
 mod privacy;
 mod report;
 mod results;
+mod tuning;
 
 use std::path::{Path, PathBuf};
 
@@ -39,6 +41,7 @@ use crate::cell::Setup;
 pub use privacy::{noise_for, privacy_delta};
 use results::{choose, Run};
 pub use results::{Choice, Chosen};
+pub use tuning::EdgeSearch;
 
 /// What a task's data is and how its model is made.
 #[derive(Debug, Clone)]
@@ -254,6 +257,8 @@ pub struct Plan {
     pub private_methods: Vec<&'static str>,
     pub epsilons: Vec<u32>,
     pub clip_norms: Vec<f64>,
+    /// How far tuning searches past the edges of the learning rates and local steps.
+    pub edge_search: EdgeSearch,
 }
 
 pub const METHODS: [&str; 7] = ["rbla", "fold-and-fill", "rbla-coverage", "zero-pad", "hetlora", "flexlora", "flora"];
@@ -309,46 +314,10 @@ impl Plan {
         settings
     }
 
-    /// A setting's tuning cells (seed 1): one per learning rate and local steps; for a private arm,
-    /// one per clipping bound at the learning rate and steps its method chose without privacy
-    /// (none before that).
-    pub fn candidates(&self, setting: Setting, chosen: &Chosen) -> Vec<Cell> {
-        let (task, skew, arm) = setting;
-        let cell = |Choice { learning_rate, local_steps, clip_norm }| Cell {
-            task,
-            phase: Phase::Tune,
-            skew,
-            arm,
-            learning_rate,
-            local_steps,
-            clip_norm,
-            seed: 1,
-        };
-        match arm {
-            Arm::Private { method, .. } => match chosen.get(&self.setting_key(task, skew, Arm::Method(method))) {
-                Some(&(plain, _)) => {
-                    self.clip_norms.iter().map(|&c| cell(Choice { clip_norm: Some(c), ..plain })).collect()
-                }
-                None => Vec::new(),
-            },
-            _ => if arm == Arm::FullFineTune { &self.full_learning_rates } else { &self.learning_rates }
-                .iter()
-                .flat_map(|&learning_rate| {
-                    self.local_steps.iter().map(move |&local_steps| Choice {
-                        learning_rate,
-                        local_steps,
-                        clip_norm: None,
-                    })
-                })
-                .map(cell)
-                .collect(),
-        }
-    }
-
     /// A setting's final cell for `seed`, once its tuning (and its method's, for a private arm) chose.
     pub fn final_cell(&self, setting: Setting, chosen: &Chosen, seed: u64) -> Option<Cell> {
         let (task, skew, arm) = setting;
-        let &(Choice { learning_rate, local_steps, clip_norm }, _) = chosen.get(&self.setting_key(task, skew, arm))?;
+        let Choice { learning_rate, local_steps, clip_norm } = chosen.get(&self.setting_key(task, skew, arm))?.choice;
         Some(Cell { task, phase: Phase::Final, skew, arm, learning_rate, local_steps, clip_norm, seed })
     }
 
@@ -369,10 +338,6 @@ impl Plan {
         } else {
             format!("{}", choice.learning_rate)
         }
-    }
-
-    pub fn tuning_cells(&self, task: &'static str, chosen: &Chosen) -> Vec<Cell> {
-        self.settings(task).into_iter().flat_map(|setting| self.candidates(setting, chosen)).collect()
     }
 
     /// The final cells of the settings whose tuning is complete, at the chosen values: seed by
@@ -438,6 +403,7 @@ pub fn print_default_choice(suites: &[String]) -> Result<()> {
             println!("{}: no results in {}", plan.suite, dir.display());
             continue;
         }
+        println!("{}", progress(&plan, &dir)?);
         for standing in report::standings(&plan, &dir)? {
             match combined.iter_mut().find(|c| c.method == standing.method) {
                 Some(c) => {
@@ -458,6 +424,23 @@ pub fn print_default_choice(suites: &[String]) -> Result<()> {
         None => println!("the rule picks none yet: no method has every cell measured without a slice below the base"),
     }
     Ok(())
+}
+
+/// What the cache holds against what the plan needs so far: settings tuned, tuning runs still
+/// to run (more may follow past the grid's edges), final runs done.
+fn progress(plan: &Plan, results_dir: &Path) -> Result<String> {
+    let (chosen, needed) = results::tune_from_cache(plan, results_dir)?;
+    let cached = |cell: &Cell| results_dir.join(format!("{}.json", plan.cell_key(cell))).exists();
+    let settings: usize = plan.tasks.iter().map(|t| plan.settings(t.key).len()).sum();
+    let finals: Vec<Cell> = plan.tasks.iter().flat_map(|t| plan.final_cells(t.key, &chosen)).collect();
+    Ok(format!(
+        "{}: {} of {settings} settings tuned, {} tuning run(s) to go; {} of {} final runs done for the tuned settings",
+        plan.name,
+        chosen.len(),
+        needed.iter().filter(|c| !cached(c)).count(),
+        finals.iter().filter(|c| cached(c)).count(),
+        finals.len(),
+    ))
 }
 
 /// Runs what is missing, task by task (tuning, then the finals it unlocks), and rewrites the
@@ -504,14 +487,28 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
             }
             Ok(())
         };
+        // Tuning in waves: the grids, then the values past their edges and the private arms
+        // (which need their method's choice), until no setting needs another run.
+        loop {
+            let (_, needed) = results::tune_from_cache(plan, &results_dir)?;
+            let runnable: Vec<Cell> = needed
+                .into_iter()
+                .filter(|c| {
+                    let key = plan.cell_key(c);
+                    selected(c) && !failed.contains(&key) && !results_dir.join(format!("{key}.json")).exists()
+                })
+                .collect();
+            if runnable.is_empty() {
+                break;
+            }
+            run_all(runnable, &mut failed)?;
+        }
+        let chosen = choose(plan, &results_dir)?;
         for task in &plan.tasks {
-            // Tuning, then the private arms' tuning (their learning rate comes from the first).
-            run_all(plan.tuning_cells(task.key, &Chosen::new()), &mut failed)?;
-            run_all(plan.tuning_cells(task.key, &choose(plan, &results_dir)?), &mut failed)?;
-            let chosen = choose(plan, &results_dir)?;
             run_all(plan.final_cells(task.key, &chosen), &mut failed)?;
         }
     }
+    eprintln!("{}", progress(plan, &results_dir)?);
     let doc_dir: PathBuf = doc.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
     let block = report::markdown(plan, &results_dir, "figures/study", &doc_dir.join("figures/study"))?;
     crate::report::write_block(doc, &plan.begin_marker(), &plan.end_marker(), &block)?;
@@ -523,6 +520,16 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A finished tuning that kept `choice`.
+    fn kept(choice: Choice) -> results::Tuned {
+        results::Tuned { choice, scores: Vec::new(), edges: Vec::new() }
+    }
+
+    /// A setting's grid as tuning cells.
+    fn grid_cells(plan: &Plan, setting: Setting, chosen: &Chosen) -> Vec<Cell> {
+        plan.grid(setting, chosen).into_iter().map(|c| plan.tuning_cell(setting, c)).collect()
+    }
 
     /// The cells' keys, sorted, without duplicates.
     fn keys_of(plan: &Plan, cells: &[Cell]) -> Vec<String> {
@@ -539,7 +546,7 @@ mod tests {
         // The centralized reference and full fine-tuning, under each of 2 skews 7 methods and 2
         // homogeneous fleets, and Fold-and-Fill at 3 ε.
         assert_eq!(settings.len(), 2 + 2 * (7 + 2) + 3);
-        let tuning = plan.tuning_cells("bbc", &Chosen::new());
+        let tuning = plan.tune_task("bbc", &mut |_| None).1;
         // The private arms wait for their method's learning rate; full fine-tuning has its own.
         assert_eq!(tuning.len(), (settings.len() - 4) * plan.learning_rates.len() + plan.full_learning_rates.len());
         assert!(keys_of(&plan, &tuning).contains(&"bbc-tune-pooled-full-finetune-lr0.0001-seed1".to_string()));
@@ -549,7 +556,7 @@ mod tests {
         assert!(keys.contains(&"bbc-tune-alpha1-fedavg-all-r2-lr0.005-seed1".to_string()));
         let mut chosen = Chosen::new();
         let rbla = Choice { learning_rate: 3e-3, local_steps: 10, clip_norm: None };
-        chosen.insert(plan.setting_key("bbc", Some(Skew::labels(1.0)), Arm::Method("rbla")), (rbla, Vec::new()));
+        chosen.insert(plan.setting_key("bbc", Some(Skew::labels(1.0)), Arm::Method("rbla")), kept(rbla));
         let finals = plan.final_cells("bbc", &chosen);
         assert_eq!(finals.len(), 3);
         assert!(finals.iter().all(|c| c.phase == Phase::Final && c.learning_rate == 3e-3 && c.local_steps == 10));
@@ -565,18 +572,15 @@ mod tests {
         assert_eq!(image.settings("fashion-rot90").len(), 6 + 1 + 2 * (7 + 6) + 7 + 2 * 3);
         // A private arm is tuned over the clipping bounds once its method has its learning rate.
         let private = ("fashion-rot90", Some(Skew::labels(1.0)), Arm::Private { method: "rbla", epsilon: 4 });
-        assert!(image.candidates(private, &Chosen::new()).is_empty());
+        assert!(image.grid(private, &Chosen::new()).is_empty());
         let mut chosen = Chosen::new();
         let plain = Choice { learning_rate: 0.002, local_steps: 30, clip_norm: None };
-        chosen.insert(
-            image.setting_key("fashion-rot90", Some(Skew::labels(1.0)), Arm::Method("rbla")),
-            (plain, Vec::new()),
-        );
-        let candidates = image.candidates(private, &chosen);
+        chosen.insert(image.setting_key("fashion-rot90", Some(Skew::labels(1.0)), Arm::Method("rbla")), kept(plain));
+        let candidates = grid_cells(&image, private, &chosen);
         assert_eq!(candidates.iter().map(|c| c.clip_norm).collect::<Vec<_>>(), vec![Some(0.05), Some(0.5)]);
         assert!(candidates.iter().all(|c| c.learning_rate == 0.002 && c.local_steps == 30));
         assert_eq!(image.cell_key(&candidates[1]), "fashion-rot90-tune-alpha1-rbla-dp-eps4-lr0.002-clip0.5-seed1");
-        chosen.insert(image.setting_key(private.0, private.1, private.2), (Choice::of(&candidates[1]), Vec::new()));
+        chosen.insert(image.setting_key(private.0, private.1, private.2), kept(Choice::of(&candidates[1])));
         let last = image.final_cell(private, &chosen, 3).unwrap();
         assert_eq!((last.learning_rate, last.clip_norm, last.seed), (0.002, Some(0.5), 3));
         let share = Cell {
@@ -596,7 +600,7 @@ mod tests {
     fn local_steps_are_tuned_with_the_learning_rate_and_only_extra_steps_are_named_in_keys() {
         let plan = Plan::text_reviews();
         let setting = ("rt", Some(Skew::labels(1.0)), Arm::Method("flora"));
-        let candidates = plan.candidates(setting, &Chosen::new());
+        let candidates = grid_cells(&plan, setting, &Chosen::new());
         let grid: Vec<(f64, u32)> = candidates.iter().map(|c| (c.learning_rate, c.local_steps)).collect();
         assert_eq!(grid, vec![(1e-3, 10), (1e-3, 40), (2e-3, 10), (2e-3, 40)]);
         let keys: Vec<String> = candidates.iter().map(|c| plan.cell_key(c)).collect();
@@ -605,7 +609,7 @@ mod tests {
         assert_eq!(keys[1], "rt-tune-alpha1-flora-lr0.001-steps40-seed1");
         let mut chosen = Chosen::new();
         let best = Choice::of(&candidates[3]);
-        chosen.insert(plan.setting_key(setting.0, setting.1, setting.2), (best, Vec::new()));
+        chosen.insert(plan.setting_key(setting.0, setting.1, setting.2), kept(best));
         let last = plan.final_cell(setting, &chosen, 2).unwrap();
         assert_eq!((last.learning_rate, last.local_steps, last.seed), (2e-3, 40, 2));
         assert_eq!(plan.cell_key(&last), "rt-final-alpha1-flora-lr0.002-steps40-seed2");

@@ -1,6 +1,6 @@
 //! The suites' plans: what each grid holds, and the quick versions that check the pipeline.
 
-use super::{Plan, Skew, BBC_NEWS, METHODS, ROTATED_FASHION, ROTTEN_TOMATOES};
+use super::{EdgeSearch, Plan, Skew, BBC_NEWS, METHODS, ROTATED_FASHION, ROTTEN_TOMATOES};
 
 impl Plan {
     /// The transformer grid, cut to fit a few hours of 2 cores (docs/study.md says what was cut):
@@ -30,6 +30,7 @@ impl Plan {
             private_methods: vec!["fold-and-fill"],
             epsilons: vec![1, 4, 8],
             clip_norms: vec![0.2, 1.0],
+            edge_search: EdgeSearch { learning_rate: 2, local_steps: 1 },
         }
     }
 
@@ -48,6 +49,9 @@ impl Plan {
             learning_rates: vec![1e-3, 2e-3],
             local_steps: vec![10, 40],
             private_methods: Vec::new(),
+            // Past 40 local steps a federated run takes over 9 minutes and a final setting 30:
+            // the learning rate is searched past its edges, the steps are not.
+            edge_search: EdgeSearch { learning_rate: 2, local_steps: 0 },
             ..Plan::text()
         }
     }
@@ -102,6 +106,7 @@ impl Plan {
             private_methods: vec!["rbla", "fold-and-fill"],
             epsilons: vec![1, 4, 8],
             clip_norms: vec![0.05, 0.5],
+            edge_search: EdgeSearch { learning_rate: 2, local_steps: 1 },
         }
     }
 

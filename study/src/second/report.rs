@@ -10,6 +10,9 @@ use super::results::{choose, load_run, Choice, Chosen, Run, LAST_ROUNDS};
 use super::{Arm, Plan, Skew};
 use crate::results::Stat;
 
+/// Marks a choice that still lies on an edge of what its tuning tried.
+const EDGE_MARK: &str = "†";
+
 fn stat(values: &[f64]) -> Option<Stat> {
     Stat::of(values.iter().copied())
 }
@@ -45,7 +48,11 @@ impl Report<'_> {
 
     /// A setting's chosen learning rate (and local steps, where tuned).
     fn tuned(&self, task: &str, skew: Option<Skew>, arm: Arm) -> String {
-        self.chosen.get(&self.plan.setting_key(task, skew, arm)).map_or("—".into(), |(c, _)| self.plan.describe(c))
+        match self.chosen.get(&self.plan.setting_key(task, skew, arm)) {
+            Some(tuned) if tuned.edges.is_empty() => self.plan.describe(&tuned.choice),
+            Some(tuned) => format!("{} {EDGE_MARK}", self.plan.describe(&tuned.choice)),
+            None => "—".into(),
+        }
     }
 
     /// The column header of [`Report::tuned`].
@@ -81,6 +88,7 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
         plan.seeds,
         plan.eval_samples,
     )?;
+    writeln!(out, "{}\n", edge_search_note(plan))?;
     crate::report::register_font()?;
     std::fs::create_dir_all(figures_dir)?;
     for task in &plan.tasks {
@@ -95,6 +103,23 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
     rule_section(&mut out, &standings(plan, dir)?)?;
     writeln!(out, "{}", plan.end_marker())?;
     Ok(out)
+}
+
+/// How the plan searches past its grid's edges, and what the mark on a choice means.
+fn edge_search_note(plan: &Plan) -> String {
+    let search = plan.edge_search;
+    let mut note = format!(
+        "Where a setting's best candidate has the highest (lowest) learning rate tried, tuning also tries twice (half) \
+         that rate, up to {} value(s) past either end of the grid",
+        search.learning_rate
+    );
+    if plan.tunes_local_steps() {
+        note += &match search.local_steps {
+            0 => "; the local steps are not searched past the grid".to_string(),
+            n => format!("; the same for local steps, doubled or halved, up to {n} value(s) past either end"),
+        };
+    }
+    note + &format!(". {EDGE_MARK}: the choice still lies on an edge of what was tried.")
 }
 
 /// One method's standing under issue 15's rule for the default method, over a suite's cells (a cell:
@@ -242,7 +267,8 @@ impl Report<'_> {
             let runs = self.finals(task, None, Arm::FullFineTune)?;
             let accuracy = stat(&runs.iter().filter_map(Run::max_rank_accuracy).collect::<Vec<_>>());
             let tried = match self.chosen.get(&plan.setting_key(task, None, Arm::FullFineTune)) {
-                Some((_, scores)) => scores
+                Some(tuned) => tuned
+                    .scores
                     .iter()
                     .map(|(c, s)| format!("{}: {:.1}%", plan.describe(c), 100.0 * s))
                     .collect::<Vec<_>>()
@@ -394,11 +420,14 @@ impl Report<'_> {
                 let runs = self.finals(task, Some(skew), arm)?;
                 let noise = format!("{:.2}", super::noise_for(f64::from(epsilon), plan.rounds, delta));
                 let clip = match self.chosen.get(&plan.setting_key(task, Some(skew), arm)) {
-                    Some((best, scores)) => {
+                    Some(tuned) => {
                         let clip = |c: &Choice| c.clip_norm.map_or("—".into(), |c| c.to_string());
-                        let tried =
-                            scores.iter().map(|(c, s)| format!("{}: {:.1}", clip(c), 100.0 * s)).collect::<Vec<_>>();
-                        format!("{} ({})", clip(best), tried.join(", "))
+                        let tried = tuned
+                            .scores
+                            .iter()
+                            .map(|(c, s)| format!("{}: {:.1}", clip(c), 100.0 * s))
+                            .collect::<Vec<_>>();
+                        format!("{} ({})", clip(&tuned.choice), tried.join(", "))
                     }
                     None => "—".into(),
                 };
@@ -414,28 +443,41 @@ impl Report<'_> {
         let plan = self.plan;
         let tuned = if plan.tunes_local_steps() { "learning rate and local steps" } else { "learning rate" };
         writeln!(out, "Tuning (validation score per {tuned}, seed 1):\n")?;
-        let columns: Vec<String> = plan
-            .learning_rates
-            .iter()
-            .flat_map(|l| {
-                plan.local_steps.iter().map(move |s| match plan.tunes_local_steps() {
-                    false => format!("lr {l}"),
-                    true => format!("lr {l}, {s} steps"),
-                })
-            })
-            .collect();
-        writeln!(out, "| setting | {} | chosen |", columns.join(" | "))?;
-        writeln!(out, "|---|{}---|", "---|".repeat(columns.len()))?;
+        let label = |c: &Choice| match plan.tunes_local_steps() {
+            false => format!("lr {}", c.learning_rate),
+            true => format!("lr {}, {} steps", c.learning_rate, c.local_steps),
+        };
+        let grid = plan.grid((task, None, Arm::Centralized(plan.max_rank())), &self.chosen);
+        let columns: Vec<String> = grid.iter().map(label).collect();
+        writeln!(out, "| setting | {} | past the grid's edges | chosen |", columns.join(" | "))?;
+        writeln!(out, "|---|{}---|---|", "---|".repeat(columns.len()))?;
         // Private arms and full fine-tuning have their own grids, reported where they are.
         let own_grid = |arm: Arm| matches!(arm, Arm::Private { .. } | Arm::FullFineTune);
         for (t, skew, arm) in plan.settings(task).into_iter().filter(|s| !own_grid(s.2)) {
-            let Some((best, scores)) = self.chosen.get(&plan.setting_key(t, skew, arm)) else { continue };
+            let Some(tuning) = self.chosen.get(&plan.setting_key(t, skew, arm)) else { continue };
             let setting = match skew {
                 None => arm.label(),
                 Some(skew) => format!("{}, {}", skew.title(), arm.label()),
             };
-            let cells = scores.iter().map(|(_, s)| format!("{:.1}", 100.0 * s)).collect::<Vec<_>>().join(" | ");
-            writeln!(out, "| {setting} | {cells} | {} |", plan.describe(best))?;
+            let score_of = |choice: &Choice| tuning.scores.iter().find(|(c, _)| c == choice).map(|&(_, s)| s);
+            let cells = grid
+                .iter()
+                .map(|c| score_of(c).map_or("—".into(), |s| format!("{:.1}", 100.0 * s)))
+                .collect::<Vec<_>>()
+                .join(" | ");
+            let past = tuning
+                .scores
+                .iter()
+                .filter(|(c, _)| !grid.contains(c))
+                .map(|(c, s)| format!("{}: {:.1}", label(c), 100.0 * s))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let edges = tuning.edges.iter().map(|e| e.describe()).collect::<Vec<_>>().join(", ");
+            let chosen = match edges.is_empty() {
+                true => plan.describe(&tuning.choice),
+                false => format!("{} {EDGE_MARK} ({edges})", plan.describe(&tuning.choice)),
+            };
+            writeln!(out, "| {setting} | {cells} | {past} | {chosen} |")?;
         }
         writeln!(out)?;
         Ok(())
@@ -445,9 +487,40 @@ impl Report<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::second::{results::Tuned, tuning::Edge};
 
     fn standing(method: &'static str, gains: &[f64], cells: usize, worst: f64) -> Standing {
         Standing { method, gains: gains.to_vec(), worst_slice_minus_base: Some(worst), cells }
+    }
+
+    #[test]
+    fn the_tuning_record_lists_the_grid_then_the_values_past_its_edges_and_marks_an_edge_choice() {
+        let plan = Plan::text();
+        let choice = |learning_rate| Choice { learning_rate, local_steps: 10, clip_norm: None };
+        let mut chosen = Chosen::new();
+        let skew = Some(Skew::labels(1.0));
+        let scores = vec![(choice(0.002), 0.8), (choice(0.005), 0.85), (choice(0.01), 0.9), (choice(0.02), 0.95)];
+        let tuned = Tuned { choice: choice(0.02), scores, edges: vec![Edge::HighestLearningRate] };
+        chosen.insert(plan.setting_key("bbc", skew, Arm::Method("flora")), tuned);
+        let inside = Tuned {
+            choice: choice(0.002),
+            scores: vec![(choice(0.002), 0.9), (choice(0.005), 0.2), (choice(0.001), 0.8)],
+            edges: Vec::new(),
+        };
+        chosen.insert(plan.setting_key("bbc", None, Arm::Centralized(16)), inside);
+        let report = Report { plan: &plan, dir: Path::new("."), chosen, figures_link: "", figures_dir: Path::new(".") };
+        let mut out = String::new();
+        report.tuning_section(&mut out, "bbc").unwrap();
+        assert!(out.contains("| setting | lr 0.002 | lr 0.005 | past the grid's edges | chosen |"), "{out}");
+        assert!(out.contains("| centralized LoRA at rank 16 | 90.0 | 20.0 | lr 0.001: 80.0 | 0.002 |"), "{out}");
+        assert!(
+            out.contains(
+                "| Dirichlet α = 1, flora | 80.0 | 85.0 | lr 0.01: 90.0; lr 0.02: 95.0 | 0.02 † (the highest learning rate tried) |"
+            ),
+            "{out}"
+        );
+        assert_eq!(report.tuned("bbc", skew, Arm::Method("flora")), "0.02 †");
+        assert_eq!(report.tuned("bbc", skew, Arm::Method("rbla")), "—");
     }
 
     #[test]

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
+use super::tuning::Edge;
 use super::{Arm, Cell, Plan};
 
 /// One finished run: accuracy per round at R_max and at each rank, bytes and wall time.
@@ -140,34 +141,47 @@ impl Choice {
     }
 }
 
-/// Per setting key: the choice kept, and the validation score of each candidate tried, in the
-/// plan's order.
-pub type Chosen = BTreeMap<String, (Choice, Vec<(Choice, f64)>)>;
+/// What a setting's tuning kept: the choice, the validation score of each candidate tried (the
+/// grid in the plan's order, then any values past its edges), and the edges of what was tried on
+/// which the choice still lies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tuned {
+    pub choice: Choice,
+    pub scores: Vec<(Choice, f64)>,
+    pub edges: Vec<Edge>,
+}
 
-/// What each setting keeps: the best validation score among its tuning runs, once every candidate
-/// of the grid has run.
+/// Per setting key, what its finished tuning kept.
+pub type Chosen = BTreeMap<String, Tuned>;
+
+/// What each setting keeps once its tuning is over ([`Plan::tune`]), from the runs cached in
+/// `results_dir`.
 pub fn choose(plan: &Plan, results_dir: &Path) -> Result<Chosen> {
-    let mut chosen = BTreeMap::new();
+    Ok(tune_from_cache(plan, results_dir)?.0)
+}
+
+/// Every task's tuning from the runs cached in `results_dir`: the choices made, and every tuning
+/// cell needed so far (finished or not).
+pub fn tune_from_cache(plan: &Plan, results_dir: &Path) -> Result<(Chosen, Vec<Cell>)> {
+    let mut chosen = Chosen::new();
+    let mut cells = Vec::new();
     for task in &plan.tasks {
-        // In order: a private arm's candidates need its method's choice.
-        for setting in plan.settings(task.key) {
-            let (task, skew, arm) = setting;
-            let candidates = plan.candidates(setting, &chosen);
-            let mut scores = Vec::new();
-            for cell in &candidates {
-                if let Some(score) = load_run(plan, results_dir, cell)?.and_then(|run| run.score(arm, &plan.fleet)) {
-                    scores.push((Choice::of(cell), score));
-                }
+        let mut failure = None;
+        let mut score = |cell: &Cell| match load_run(plan, results_dir, cell) {
+            Ok(run) => run?.score(cell.arm, &plan.fleet),
+            Err(error) => {
+                failure.get_or_insert(error);
+                None
             }
-            if !candidates.is_empty() && scores.len() == candidates.len() {
-                // The first of equal scores: the grid's order breaks ties.
-                if let Some((best, _)) = scores.iter().copied().reduce(|b, s| if s.1 > b.1 { s } else { b }) {
-                    chosen.insert(plan.setting_key(task, skew, arm), (best, scores));
-                }
-            }
+        };
+        let (task_chosen, task_cells) = plan.tune_task(task.key, &mut score);
+        if let Some(error) = failure {
+            return Err(error);
         }
+        chosen.extend(task_chosen);
+        cells.extend(task_cells);
     }
-    Ok(chosen)
+    Ok((chosen, cells))
 }
 
 #[cfg(test)]
