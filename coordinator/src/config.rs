@@ -130,15 +130,22 @@ pub struct RoundSection {
     /// Updates that make a round's quorum; a round short of it at the deadline gets one extension,
     /// then is skipped.
     pub min_updates: usize,
-    /// Seconds to wait for stragglers once the quorum is in (default: as long as the deadline, so a
-    /// round waits for every participant unless configured otherwise).
-    pub grace_secs: u32,
+    /// Seconds to wait for stragglers once the quorum is in (default: `deadline_secs`, so a round
+    /// waits for every participant until its deadline unless configured otherwise).
+    pub grace_secs: Option<u32>,
     pub deadline_secs: u32,
     pub local_steps: u32,
     /// Passes over each device's local data instead of `local_steps` (0: use `local_steps`).
     pub local_epochs: u32,
     pub batch_size: u32,
     pub learning_rate: f64,
+}
+
+impl RoundSection {
+    /// Seconds a round waits for stragglers once its quorum is in: `grace_secs`, or the deadline.
+    pub fn grace(&self) -> u32 {
+        self.grace_secs.unwrap_or(self.deadline_secs)
+    }
 }
 
 impl Default for RoundSection {
@@ -149,8 +156,7 @@ impl Default for RoundSection {
             fraction: 1.0,
             min_participants: None,
             min_updates: 1,
-            // As long as the deadline: by default a round waits for all its participants.
-            grace_secs: 120,
+            grace_secs: None,
             deadline_secs: 120,
             local_steps: 50,
             local_epochs: 0,
@@ -497,6 +503,12 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.aggregation.method, Method::Flora);
         assert_eq!(config.model.architecture, Architecture::Mlp { input: 784, hidden: vec![128], classes: 10 });
+        // Stragglers are waited for until the deadline unless a grace period is set.
+        assert_eq!(config.round.grace(), config.round.deadline_secs);
+        let long = text.to_string() + "[round]\ndeadline_secs = 3600\n";
+        assert_eq!(toml::from_str::<CoordinatorConfig>(&long).unwrap().round.grace(), 3600);
+        let graced = text.to_string() + "[round]\ndeadline_secs = 3600\ngrace_secs = 5\n";
+        assert_eq!(toml::from_str::<CoordinatorConfig>(&graced).unwrap().round.grace(), 5);
         let typo = text.replace("[tls]", "[tls]\nkitt = 1");
         assert!(toml::from_str::<CoordinatorConfig>(&typo).is_err());
     }

@@ -133,7 +133,7 @@ impl RoundDriver {
             min_devices: config.round.min_devices,
             round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
             min_updates: config.round.min_updates,
-            grace: Duration::from_secs(config.round.grace_secs.into()),
+            grace: Duration::from_secs(config.round.grace().into()),
             first_round,
             policy: config.round_policy(),
         });

@@ -582,10 +582,15 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         // Let the connection's close reach the coordinator before the process ends.
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
         let report = outcome?;
-        println!(
-            "device {device_id}: trained {} round(s); run finished after {} round(s)",
-            report.rounds_trained, report.rounds_completed
-        );
+        match report.rounds_completed {
+            Some(rounds) => {
+                println!("device {device_id}: trained {} round(s); run finished after {rounds} round(s)", report.rounds_trained)
+            }
+            None => println!(
+                "device {device_id}: trained {} round(s); the run finished while this device was training",
+                report.rounds_trained
+            ),
+        }
         anyhow::Ok(())
     })
 }

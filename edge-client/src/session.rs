@@ -76,11 +76,17 @@ pub enum SessionError {
     /// Asked to stop (Ctrl-C); the message says what became of the round in progress.
     #[error("{0}")]
     Stopped(String),
+    /// The coordinator ended the run while this device was busy (a straggler's late round): the
+    /// session is over, not to be retried.
+    #[error("{0}")]
+    RunOver(String),
 }
 
 pub struct SessionReport {
     pub rounds_trained: u32,
-    pub rounds_completed: u32,
+    /// The run's rounds, as the coordinator's `Finished` message said; `None` when the run ended
+    /// while this device was busy and the message never reached it.
+    pub rounds_completed: Option<u32>,
 }
 
 pub async fn run(
@@ -92,7 +98,14 @@ pub async fn run(
     let mut rounds_trained = 0u32;
     loop {
         match connect_and_serve(endpoint, trainer, settings, &mut rounds_trained).await {
-            Ok(rounds_completed) => return Ok(SessionReport { rounds_trained, rounds_completed }),
+            Ok(rounds_completed) => {
+                return Ok(SessionReport { rounds_trained, rounds_completed: Some(rounds_completed) });
+            }
+            Err(SessionError::RunOver(message)) => {
+                info!("{message}");
+                settings.progress.finish(&message);
+                return Ok(SessionReport { rounds_trained, rounds_completed: None });
+            }
             Err(SessionError::Fatal(message)) => return Err(SessionError::Fatal(message)),
             Err(SessionError::Stopped(message)) => return Err(SessionError::Stopped(message)),
             Err(SessionError::Transient(message)) => {
@@ -151,6 +164,12 @@ fn classify(
                 ),
                 Err(fatal) => fatal,
             }
+        }
+        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == close::DONE.into() => {
+            SessionError::RunOver(format!(
+                "the coordinator ended the run while this device was {context} ({}); this round's update is not in it",
+                String::from_utf8_lossy(&close.reason)
+            ))
         }
         _ => SessionError::Transient(format!("{context}: {error}")),
     }

@@ -250,6 +250,8 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
                 report.transient.push((id, message));
             }
             Err(SessionError::Stopped(message)) => report.stopped.push((id, message)),
+            // `session::run` reports a run that ended under a busy device as finished.
+            Err(SessionError::RunOver(_)) => report.finished += 1,
         }
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;

@@ -268,6 +268,16 @@ impl Plan {
         self.fleet.iter().map(|&(_, rank, _)| rank).max().unwrap_or(1)
     }
 
+    /// The updates each round of an arm's run must aggregate: the fleet, one pooled device, or
+    /// none for full fine-tuning (one process, no federation).
+    pub fn devices_in(&self, arm: Arm) -> usize {
+        match arm {
+            Arm::FullFineTune => 0,
+            Arm::Centralized(_) => 1,
+            _ => self.fleet_size() as usize,
+        }
+    }
+
     pub fn fleet_size(&self) -> u32 {
         self.fleet.iter().map(|&(_, _, n)| n).sum()
     }
@@ -464,7 +474,11 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
                     continue;
                 }
                 eprintln!("[{}/{}] {key} ...", i + 1, cells.len());
-                match cells::run_cell(plan, cell, setup) {
+                let outcome = cells::run_cell(plan, cell, setup).and_then(|(summary, wall_seconds)| {
+                    results::check_every_device_counted(&summary, plan.devices_in(cell.arm))?;
+                    Ok((summary, wall_seconds))
+                });
+                match outcome {
                     Ok((summary, wall_seconds)) => {
                         let run = Run::from_summary(&summary, wall_seconds)?;
                         eprintln!(

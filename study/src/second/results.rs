@@ -117,6 +117,21 @@ impl Run {
     }
 }
 
+/// Refuses a run in which some round aggregated fewer updates than the arm's devices: a straggler
+/// dropped (a machine too busy for the round's grace period) would make the run another
+/// experiment than the one its key names.
+pub fn check_every_device_counted(summary: &serde_json::Value, devices: usize) -> Result<()> {
+    for round in summary["rounds"].as_array().into_iter().flatten() {
+        let updates = round["updates"].as_array().map_or(0, Vec::len);
+        anyhow::ensure!(
+            updates == devices,
+            "round {} aggregated {updates} update(s) of {devices}: a device was dropped; rerun the cell",
+            round["round"]
+        );
+    }
+    Ok(())
+}
+
 pub fn load_run(plan: &Plan, dir: &Path, cell: &Cell) -> Result<Option<Run>> {
     let path = dir.join(format!("{}.json", plan.cell_key(cell)));
     let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
@@ -218,5 +233,11 @@ mod tests {
         assert!(Run::from_summary(&no_rmax, 1.0).is_err());
         let no_rounds = serde_json::json!({"max_rank": 16, "rounds": []});
         assert!(Run::from_summary(&no_rounds, 1.0).is_err());
+        let updates =
+            |n: usize| serde_json::json!({"rounds": [{"round": 1, "updates": vec![serde_json::json!({}); n]}]});
+        assert!(check_every_device_counted(&updates(12), 12).is_ok());
+        let short = check_every_device_counted(&updates(8), 12).unwrap_err().to_string();
+        assert!(short.contains("round 1 aggregated 8 update(s) of 12"), "{short}");
+        assert!(check_every_device_counted(&serde_json::json!({"rounds": [{"round": 1}]}), 0).is_ok());
     }
 }
