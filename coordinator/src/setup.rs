@@ -113,15 +113,20 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     acceptor.abort();
     // Give devices a moment to read `Finished` and close first, then close what is left.
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
-    // DONE tells a device still training that the run is over; after an error the run is not
-    // over, and devices keep reconnecting for a restarted coordinator.
-    match &summary {
-        Ok(_) => endpoint.close(close::DONE.into(), b"run finished"),
-        Err(_) => endpoint.close(close::TRY_AGAIN.into(), b"coordinator stopped on an error"),
-    }
+    close_endpoint(&endpoint, summary.is_ok());
     let summary = summary?;
     write_summary(&run_dir, &summary)?;
     Ok(summary)
+}
+
+/// Closes every connection left. DONE tells a device still training that the run is over; after
+/// an error the run is not over, and TRY_AGAIN keeps devices reconnecting for a restarted
+/// coordinator.
+fn close_endpoint(endpoint: &quinn::Endpoint, finished: bool) {
+    match finished {
+        true => endpoint.close(close::DONE.into(), b"run finished"),
+        false => endpoint.close(close::TRY_AGAIN.into(), b"coordinator stopped on an error"),
+    }
 }
 
 /// The global adapter and round to start from: the last checkpoint's, or the base's initial adapter.
