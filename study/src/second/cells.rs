@@ -13,7 +13,7 @@ use crate::cell::{run_full_finetune, run_processes, RunBasics, Setup};
 // kept whole so that each reads as the file it writes.
 fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &Path, run_dir: &Path) -> String {
     let centralized = cell.arm.is_centralized();
-    let devices = if centralized { 1 } else { plan.fleet_size() };
+    let devices = plan.devices(cell.arm);
     // The centralized device takes the whole fleet's steps: the same sample budget.
     let local_steps = if centralized { cell.local_steps * plan.fleet_size() } else { cell.local_steps };
     let max_rank = cell.arm.max_rank(plan.max_rank());
@@ -125,7 +125,7 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
         );
     }
     let mut sim: Vec<OsString> = vec!["--data".into(), data.clone().into()];
-    let devices = if cell.arm.is_centralized() { 1 } else { plan.fleet_size() as usize };
+    let devices = plan.devices(cell.arm) as usize;
     if let TaskKind::Text { .. } = task.kind {
         sim.extend(["--model-dir".into(), flotilla_data::cache::minilm_dir().into()]);
     }

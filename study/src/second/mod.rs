@@ -268,13 +268,22 @@ impl Plan {
         self.fleet.iter().map(|&(_, rank, _)| rank).max().unwrap_or(1)
     }
 
-    /// The updates each round of an arm's run must aggregate: the fleet, one pooled device, or
-    /// none for full fine-tuning (one process, no federation).
-    pub fn devices_in(&self, arm: Arm) -> usize {
-        match arm {
-            Arm::FullFineTune => 0,
-            Arm::Centralized(_) => 1,
-            _ => self.fleet_size() as usize,
+    /// The devices of an arm's run: the fleet, or one holding the pooled data.
+    pub fn devices(&self, arm: Arm) -> u32 {
+        if arm.is_centralized() {
+            1
+        } else {
+            self.fleet_size()
+        }
+    }
+
+    /// The updates each round of an arm's run must aggregate: one per device, none for full
+    /// fine-tuning (one process, no federation).
+    pub fn updates_per_round(&self, arm: Arm) -> usize {
+        if arm == Arm::FullFineTune {
+            0
+        } else {
+            self.devices(arm) as usize
         }
     }
 
@@ -371,6 +380,11 @@ impl Plan {
         format!("{task}-{setting}-{}", arm.key(self.max_rank()))
     }
 
+    /// Where a finished cell's result is cached in `results_dir`.
+    pub fn result_path(&self, results_dir: &Path, cell: &Cell) -> PathBuf {
+        results_dir.join(format!("{}.json", self.cell_key(cell)))
+    }
+
     /// A file-name-safe key; results are cached under it.
     pub fn cell_key(&self, cell: &Cell) -> String {
         let setting = cell.skew.map_or("pooled".to_string(), Skew::key);
@@ -440,7 +454,7 @@ pub fn print_default_choice(suites: &[String]) -> Result<()> {
 /// to run (more may follow past the grid's edges), final runs done.
 fn progress(plan: &Plan, results_dir: &Path) -> Result<String> {
     let (chosen, needed) = results::tune_from_cache(plan, results_dir)?;
-    let cached = |cell: &Cell| results_dir.join(format!("{}.json", plan.cell_key(cell))).exists();
+    let cached = |cell: &Cell| plan.result_path(results_dir, cell).exists();
     let settings: usize = plan.tasks.iter().map(|t| plan.settings(t.key).len()).sum();
     let finals: Vec<Cell> = plan.tasks.iter().flat_map(|t| plan.final_cells(t.key, &chosen)).collect();
     Ok(format!(
@@ -465,17 +479,20 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
             data::prepare_data(task, &setup.work)?;
         }
         let selected = |cell: &Cell| only.is_empty() || only.iter().any(|o| plan.cell_key(cell).contains(o.as_str()));
-        let run_all = |cells: Vec<Cell>, failed: &mut Vec<String>| -> Result<()> {
-            let cells: Vec<Cell> = cells.into_iter().filter(|c| selected(c)).collect();
+        // Runs the selected cells not yet cached nor failed in this study; returns how many it tried.
+        let run_all = |cells: Vec<Cell>, failed: &mut Vec<String>| -> Result<usize> {
+            let cells: Vec<Cell> = cells
+                .into_iter()
+                .filter(|c| {
+                    selected(c) && !failed.contains(&plan.cell_key(c)) && !plan.result_path(&results_dir, c).exists()
+                })
+                .collect();
             for (i, cell) in cells.iter().enumerate() {
                 let key = plan.cell_key(cell);
-                let cached = results_dir.join(format!("{key}.json"));
-                if cached.exists() {
-                    continue;
-                }
+                let cached = plan.result_path(&results_dir, cell);
                 eprintln!("[{}/{}] {key} ...", i + 1, cells.len());
                 let outcome = cells::run_cell(plan, cell, setup).and_then(|(summary, wall_seconds)| {
-                    results::check_every_device_counted(&summary, plan.devices_in(cell.arm))?;
+                    results::check_every_device_counted(&summary, plan.updates_per_round(cell.arm))?;
                     Ok((summary, wall_seconds))
                 });
                 match outcome {
@@ -499,24 +516,11 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
                     }
                 }
             }
-            Ok(())
+            Ok(cells.len())
         };
         // Tuning in waves: the grids, then the values past their edges and the private arms
         // (which need their method's choice), until no setting needs another run.
-        loop {
-            let (_, needed) = results::tune_from_cache(plan, &results_dir)?;
-            let runnable: Vec<Cell> = needed
-                .into_iter()
-                .filter(|c| {
-                    let key = plan.cell_key(c);
-                    selected(c) && !failed.contains(&key) && !results_dir.join(format!("{key}.json")).exists()
-                })
-                .collect();
-            if runnable.is_empty() {
-                break;
-            }
-            run_all(runnable, &mut failed)?;
-        }
+        while run_all(results::tune_from_cache(plan, &results_dir)?.1, &mut failed)? > 0 {}
         let chosen = choose(plan, &results_dir)?;
         for task in &plan.tasks {
             run_all(plan.final_cells(task.key, &chosen), &mut failed)?;

@@ -447,7 +447,7 @@ impl Report<'_> {
             false => format!("lr {}", c.learning_rate),
             true => format!("lr {}, {} steps", c.learning_rate, c.local_steps),
         };
-        let grid = plan.grid((task, None, Arm::Centralized(plan.max_rank())), &self.chosen);
+        let grid = plan.rates_by_steps(&plan.learning_rates);
         let columns: Vec<String> = grid.iter().map(label).collect();
         writeln!(out, "| setting | {} | past the grid's edges | chosen |", columns.join(" | "))?;
         writeln!(out, "|---|{}---|---|", "---|".repeat(columns.len()))?;
@@ -474,8 +474,8 @@ impl Report<'_> {
                 .join("; ");
             let edges = tuning.edges.iter().map(|e| e.describe()).collect::<Vec<_>>().join(", ");
             let chosen = match edges.is_empty() {
-                true => plan.describe(&tuning.choice),
-                false => format!("{} {EDGE_MARK} ({edges})", plan.describe(&tuning.choice)),
+                true => self.tuned(t, skew, arm),
+                false => format!("{} ({edges})", self.tuned(t, skew, arm)),
             };
             writeln!(out, "| {setting} | {cells} | {past} | {chosen} |")?;
         }

@@ -133,7 +133,7 @@ pub fn check_every_device_counted(summary: &serde_json::Value, devices: usize) -
 }
 
 pub fn load_run(plan: &Plan, dir: &Path, cell: &Cell) -> Result<Option<Run>> {
-    let path = dir.join(format!("{}.json", plan.cell_key(cell)));
+    let path = plan.result_path(dir, cell);
     let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
     let cached: serde_json::Value =
         serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))?;
@@ -150,6 +150,7 @@ pub struct Choice {
     pub clip_norm: Option<f64>,
 }
 
+#[cfg(test)]
 impl Choice {
     pub fn of(cell: &Cell) -> Choice {
         Choice { learning_rate: cell.learning_rate, local_steps: cell.local_steps, clip_norm: cell.clip_norm }

@@ -101,17 +101,19 @@ impl Plan {
                 Some(plain) => self.clip_norms.iter().map(|&c| Choice { clip_norm: Some(c), ..plain.choice }).collect(),
                 None => Vec::new(),
             },
-            _ => if arm == Arm::FullFineTune { &self.full_learning_rates } else { &self.learning_rates }
-                .iter()
-                .flat_map(|&learning_rate| {
-                    self.local_steps.iter().map(move |&local_steps| Choice {
-                        learning_rate,
-                        local_steps,
-                        clip_norm: None,
-                    })
-                })
-                .collect(),
+            Arm::FullFineTune => self.rates_by_steps(&self.full_learning_rates),
+            _ => self.rates_by_steps(&self.learning_rates),
         }
+    }
+
+    /// `learning_rates` × the plan's local steps, in that order.
+    pub fn rates_by_steps(&self, learning_rates: &[f64]) -> Vec<Choice> {
+        learning_rates
+            .iter()
+            .flat_map(|&learning_rate| {
+                self.local_steps.iter().map(move |&local_steps| Choice { learning_rate, local_steps, clip_norm: None })
+            })
+            .collect()
     }
 
     /// A setting's tuning cell (seed 1) for one candidate.
@@ -125,10 +127,16 @@ impl Plan {
     pub fn tune(&self, setting: Setting, chosen: &Chosen, score: &mut dyn FnMut(&Cell) -> Option<f64>) -> Tuning {
         let grid = self.grid(setting, chosen);
         let mut tried = grid.clone();
+        let mut cells: Vec<Cell> = Vec::new();
+        // Per cell, its score: each run is scored once, however many waves the search takes.
+        let mut scored: Vec<Option<f64>> = Vec::new();
         loop {
-            let cells: Vec<Cell> = tried.iter().map(|&choice| self.tuning_cell(setting, choice)).collect();
-            let scores: Vec<(Choice, f64)> =
-                cells.iter().filter_map(|cell| Some((Choice::of(cell), score(cell)?))).collect();
+            for &choice in &tried[cells.len()..] {
+                let cell = self.tuning_cell(setting, choice);
+                scored.push(score(&cell));
+                cells.push(cell);
+            }
+            let scores: Vec<(Choice, f64)> = tried.iter().zip(&scored).filter_map(|(&c, s)| Some((c, (*s)?))).collect();
             let complete = !cells.is_empty() && scores.len() == cells.len();
             // The first of equal scores: the order tried breaks ties.
             let best = scores.iter().copied().reduce(|b, s| if s.1 > b.1 { s } else { b }).filter(|_| complete);
