@@ -595,7 +595,7 @@ mod tests {
         let plain = Choice { learning_rate: 0.002, local_steps: 30, clip_norm: None };
         chosen.insert(image.setting_key("fashion-rot90", Some(Skew::labels(1.0)), Arm::Method("rbla")), kept(plain));
         let candidates = grid_cells(&image, private, &chosen);
-        assert_eq!(candidates.iter().map(|c| c.clip_norm).collect::<Vec<_>>(), vec![Some(0.05), Some(0.5)]);
+        assert_eq!(candidates.iter().map(|c| c.clip_norm).collect::<Vec<_>>(), vec![Some(0.05), Some(0.5), Some(2.0)]);
         assert!(candidates.iter().all(|c| c.learning_rate == 0.002 && c.local_steps == 30));
         assert_eq!(image.cell_key(&candidates[1]), "fashion-rot90-tune-alpha1-rbla-dp-eps4-lr0.002-clip0.5-seed1");
         chosen.insert(image.setting_key(private.0, private.1, private.2), kept(Choice::of(&candidates[1])));

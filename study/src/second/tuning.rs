@@ -293,7 +293,10 @@ mod tests {
         chosen.insert(key, Tuned { choice: plain, scores: Vec::new(), edges: Vec::new() });
         let private = ("bbc", Some(Skew::labels(1.0)), Arm::Private { method: "fold-and-fill", epsilon: 4 });
         let tuning = plan.tune(private, &chosen, &mut |c| c.clip_norm);
-        assert_eq!(tuning.cells.iter().map(|c| c.clip_norm).collect::<Vec<_>>(), vec![Some(0.2), Some(1.0)]);
+        assert_eq!(
+            tuning.cells.iter().map(|c| c.clip_norm).collect::<Vec<_>>(),
+            vec![Some(0.2), Some(1.0), Some(0.05)]
+        );
         assert_eq!(tuning.best.unwrap().0.clip_norm, Some(1.0));
     }
 
@@ -306,7 +309,7 @@ mod tests {
         // Every run scored: every setting tuned, the private arms included (their clipping grid).
         let (chosen, cells) = plan.tune_task("bbc", &mut |c| Some(c.clip_norm.unwrap_or(0.0) - c.learning_rate));
         assert_eq!(chosen.len(), plan.settings("bbc").len());
-        assert_eq!(cells.iter().filter(|c| c.clip_norm.is_some()).count(), 3 * 2);
+        assert_eq!(cells.iter().filter(|c| c.clip_norm.is_some()).count(), 3 * 3);
         let full = &chosen[&plan.setting_key("bbc", None, Arm::FullFineTune)];
         assert_eq!(full.choice.learning_rate, 3e-5 / 4.0);
         assert_eq!(full.edges, vec![Edge::LowestLearningRate]);
