@@ -21,6 +21,14 @@ fn percent(s: &Option<Stat>) -> String {
     s.map_or("—".into(), Stat::percent)
 }
 
+/// "1 seed", "3 seeds": how many runs a bound's mean is over.
+fn seeds(s: Option<&Stat>) -> String {
+    match s.map_or(0, |s| s.n) {
+        1 => "1 seed".into(),
+        n => format!("{n} seeds"),
+    }
+}
+
 fn ratio(s: &Option<Stat>) -> String {
     s.as_ref().map_or("—".into(), |s| format!("{:.2} ± {:.2}", s.mean, s.sd))
 }
@@ -257,11 +265,11 @@ impl Report<'_> {
         writeln!(
             out,
             "Bounds: the base alone **{}%**; centralized LoRA at rank {max_rank} on the pooled device data, same sample \
-             budget, learning rate {}: **{}%** ({} seeds). Gain recovered G = (accuracy − base) / (centralized − base).\n",
+             budget, learning rate {}: **{}%** ({}). Gain recovered G = (accuracy − base) / (centralized − base).\n",
             percent(&base),
             self.tuned(task, None, Arm::Centralized(max_rank)),
             percent(&centralized),
-            centralized.as_ref().map_or(0, |s| s.n),
+            seeds(centralized.as_ref()),
         )?;
         if !plan.full_learning_rates.is_empty() {
             let runs = self.finals(task, None, Arm::FullFineTune)?;
@@ -278,11 +286,11 @@ impl Report<'_> {
             writeln!(
                 out,
                 "Centralized full fine-tuning (every weight of the model, the same data and steps; `flotilla-coordinator \
-                 finetune-full`), learning rate {}: **{}%** ({} seeds; validation {tried}). G stays relative to \
+                 finetune-full`), learning rate {}: **{}%** ({}; validation {tried}). G stays relative to \
                  centralized LoRA.\n",
                 self.tuned(task, None, Arm::FullFineTune),
                 percent(&accuracy),
-                accuracy.as_ref().map_or(0, |s| s.n),
+                seeds(accuracy.as_ref()),
             )?;
         }
         if plan.centralized_ranks().len() > 1 {
