@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, provision, start_coordinator, Process};
+use flotilla_tests::{edge_run, provision, start_coordinator, Process};
 
 #[test]
 fn a_device_still_training_when_the_run_finishes_stops_cleanly() {
@@ -24,15 +24,8 @@ fn a_device_still_training_when_the_run_finishes_stops_cleanly() {
         run = run.display()
     );
     let (mut coordinator, address) = start_coordinator(run, &config);
-    let device = |id: &str| {
-        Process::spawn(
-            id,
-            Command::new(binary("flotilla-edge"))
-                .args(["run", "--coordinator", &address, "--rank", "2", "--samples", "64", "--kit"])
-                .arg(pki.join("kits").join(id)),
-            &run.join("logs"),
-        )
-    };
+    let device =
+        |id: &str| Process::spawn(id, &mut edge_run(&address, &pki.join("kits").join(id), 2, 64), &run.join("logs"));
     let mut straggler = device("straggler");
     let mut quick = device("quick");
     // Both train for seconds; the straggler is frozen mid-training until the run is over and the
