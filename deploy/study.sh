@@ -7,7 +7,8 @@
 #   bash deploy/study.sh --suite text-reviews    # the same grid on Rotten Tomatoes
 #   bash deploy/study.sh                          # first edition (Fashion-MNIST, MLP): about 45 minutes
 #   bash deploy/study.sh --suite image-shift --quick   # minutes; writes runs/study-<suite>-quick/study.md, leaves docs/ alone
-# Finished runs are cached in runs/study*/results/; rerunning only runs what is missing.
+# Finished runs are cached in study/results/<suite>/ (committed; the first edition and --quick:
+# runs/study*/results/); rerunning only runs what is missing.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

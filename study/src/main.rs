@@ -45,9 +45,14 @@ struct Cli {
     /// Fashion-MNIST in IDX format (Debian's dataset-fashion-mnist by default).
     #[arg(long, env = "FLOTILLA_FASHION_MNIST", default_value = "/usr/share/datasets/fashion-mnist")]
     data: PathBuf,
-    /// Run directories, credentials and cached results [default: runs/study or runs/study-quick].
+    /// Run directories and credentials, and the first edition's and --quick's cached results
+    /// [default: runs/study, runs/study-<suite> or runs/study-quick].
     #[arg(long)]
     work: Option<PathBuf>,
+    /// Where the second edition caches its finished runs [default: study/results/<suite>, which
+    /// is committed so that the reports regenerate on any machine; <work>/results with --quick].
+    #[arg(long)]
+    results: Option<PathBuf>,
     /// The document whose generated block is rewritten [default: docs/study.md, or
     /// <work>/study.md with --quick]; figures go to `figures/study/` beside it.
     #[arg(long)]
@@ -63,7 +68,7 @@ struct Cli {
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// Apply issue 15's rule for the default method across the second edition's suites, from their
-    /// cached results (runs/study-image-shift, runs/study-text, runs/study-text-reviews), and print
+    /// cached results (study/results/image-shift, study/results/text, study/results/text-reviews), and print
     /// each method's standing and the choice. Runs nothing.
     #[arg(long)]
     choose_default: bool,
@@ -183,11 +188,19 @@ fn run_second_edition(cli: Cli) -> Result<()> {
         PathBuf::from(format!("runs/study-{}{}", plan.suite, if cli.quick { "-quick" } else { "" }))
     });
     let doc = cli.doc.unwrap_or_else(|| if cli.quick { work.join("study.md") } else { PathBuf::from("docs/study.md") });
+    let results = cli.results.unwrap_or_else(|| {
+        if cli.quick {
+            work.join("results")
+        } else {
+            second::committed_results_dir(plan.suite)
+        }
+    });
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    std::fs::create_dir_all(&results).with_context(|| format!("cannot create {}", results.display()))?;
     let setup = cell::Setup {
         bin_dir: cli.bin_dir.canonicalize().with_context(|| format!("no binaries in {}", cli.bin_dir.display()))?,
         work: work.canonicalize()?,
         concurrency: cli.concurrency.max(1),
     };
-    second::run(&plan, &setup, &doc, &cli.only, cli.report_only)
+    second::run(&plan, &setup, &results, &doc, &cli.only, cli.report_only)
 }

@@ -413,6 +413,12 @@ impl Plan {
     }
 }
 
+/// Where a full suite's finished runs are cached: inside the repository, committed, so that its
+/// report and the default-method rule regenerate on any clone without rerunning hours of runs.
+pub fn committed_results_dir(suite: &str) -> PathBuf {
+    PathBuf::from(format!("study/results/{suite}"))
+}
+
 /// Issue 15's rule across the suites whose results are cached: each method's gains over every
 /// measured cell, its lowest worst slice − base, and the method the rule picks.
 pub fn print_default_choice(suites: &[String]) -> Result<()> {
@@ -422,7 +428,7 @@ pub fn print_default_choice(suites: &[String]) -> Result<()> {
     }
     let mut combined: Vec<report::Standing> = Vec::new();
     for plan in plans.into_iter().filter(|p| suites.is_empty() || suites.iter().any(|s| s == p.suite)) {
-        let dir = PathBuf::from(format!("runs/study-{}/results", plan.suite));
+        let dir = committed_results_dir(plan.suite);
         if !dir.is_dir() {
             println!("{}: no results in {}", plan.suite, dir.display());
             continue;
@@ -469,9 +475,14 @@ fn progress(plan: &Plan, results_dir: &Path) -> Result<String> {
 
 /// Runs what is missing, task by task (tuning, then the finals it unlocks), and rewrites the
 /// report.
-pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only: bool) -> Result<()> {
-    let results_dir = setup.work.join("results");
-    std::fs::create_dir_all(&results_dir)?;
+pub fn run(
+    plan: &Plan,
+    setup: &Setup,
+    results_dir: &Path,
+    doc: &Path,
+    only: &[String],
+    report_only: bool,
+) -> Result<()> {
     let mut failed = Vec::new();
     if !report_only {
         setup.provision(plan.fleet_size())?;
@@ -484,12 +495,12 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
             let cells: Vec<Cell> = cells
                 .into_iter()
                 .filter(|c| {
-                    selected(c) && !failed.contains(&plan.cell_key(c)) && !plan.result_path(&results_dir, c).exists()
+                    selected(c) && !failed.contains(&plan.cell_key(c)) && !plan.result_path(results_dir, c).exists()
                 })
                 .collect();
             for (i, cell) in cells.iter().enumerate() {
                 let key = plan.cell_key(cell);
-                let cached = plan.result_path(&results_dir, cell);
+                let cached = plan.result_path(results_dir, cell);
                 eprintln!("[{}/{}] {key} ...", i + 1, cells.len());
                 let outcome = cells::run_cell(plan, cell, setup).and_then(|(summary, wall_seconds)| {
                     results::check_every_device_counted(&summary, plan.updates_per_round(cell.arm))?;
@@ -520,15 +531,15 @@ pub fn run(plan: &Plan, setup: &Setup, doc: &Path, only: &[String], report_only:
         };
         // Tuning in waves: the grids, then the values past their edges and the private arms
         // (which need their method's choice), until no setting needs another run.
-        while run_all(results::tune_from_cache(plan, &results_dir)?.1, &mut failed)? > 0 {}
-        let chosen = choose(plan, &results_dir)?;
+        while run_all(results::tune_from_cache(plan, results_dir)?.1, &mut failed)? > 0 {}
+        let chosen = choose(plan, results_dir)?;
         for task in &plan.tasks {
             run_all(plan.final_cells(task.key, &chosen), &mut failed)?;
         }
     }
-    eprintln!("{}", progress(plan, &results_dir)?);
+    eprintln!("{}", progress(plan, results_dir)?);
     let doc_dir: PathBuf = doc.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new(".")).to_path_buf();
-    let block = report::markdown(plan, &results_dir, "figures/study", &doc_dir.join("figures/study"))?;
+    let block = report::markdown(plan, results_dir, "figures/study", &doc_dir.join("figures/study"))?;
     crate::report::write_block(doc, &plan.begin_marker(), &plan.end_marker(), &block)?;
     eprintln!("wrote {}", doc.display());
     anyhow::ensure!(failed.is_empty(), "{} cell(s) failed (rerun to retry them): {}", failed.len(), failed.join(", "));
