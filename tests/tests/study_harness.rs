@@ -124,3 +124,23 @@ fn the_second_edition_tunes_then_reports_bounds_and_gain_recovered() {
     assert!(again.status.success());
     assert!(!String::from_utf8_lossy(&again.stderr).contains(": R_max"), "cached: nothing runs again");
 }
+
+/// The committed cache (`study/results/<suite>/`) loads on a fresh clone: every cached run parses,
+/// and the default-method rule reports each suite's progress from it, or says a suite has none.
+#[test]
+fn the_committed_study_cache_loads_and_feeds_the_default_rule() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let output = Command::new(binary("flotilla-study")).arg("--choose-default").current_dir(root).output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    for suite in ["image-shift", "text", "text-reviews"] {
+        let cached = root.join("study/results").join(suite).is_dir();
+        let line = stdout.lines().find(|l| l.starts_with(&format!("{suite}:"))).unwrap_or_else(|| panic!("{stdout}"));
+        if cached {
+            assert!(line.contains("settings tuned"), "{line}");
+        } else {
+            assert!(line.contains("no results in study/results/"), "{line}");
+        }
+    }
+    assert!(stdout.contains("the rule picks"), "{stdout}");
+}
