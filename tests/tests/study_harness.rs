@@ -125,8 +125,9 @@ fn the_second_edition_tunes_then_reports_bounds_and_gain_recovered() {
     assert!(!String::from_utf8_lossy(&again.stderr).contains(": R_max"), "cached: nothing runs again");
 }
 
-/// The committed cache (`study/results/<suite>/`) loads on a fresh clone: every cached run parses,
-/// and the default-method rule reports each suite's progress from it, or says a suite has none.
+/// The committed cache (`study/results/<suite>/`) loads on a fresh clone: every cached run the
+/// suites' plans name parses, and the default-method rule reports each suite's progress from it,
+/// or says a suite has none.
 #[test]
 fn the_committed_study_cache_loads_and_feeds_the_default_rule() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
