@@ -80,9 +80,10 @@ address_file = "$run_dir/coordinator.addr"
 kit = "$run_dir/pki/kits/coordinator"
 
 [aggregation]
-# FLoRA, the default: the method issue 15's study picked (docs/study.md). Each round stacks the
-# devices' factors exactly into a merged update ΔW that every device then receives in full.
-method = "flora"
+# Fold-and-Fill, the default: the method issue 15's study picked (docs/study.md). Every device
+# receives the whole rank-16 global adapter, folds the slots above its own rank into its frozen
+# weight, trains its prefix, and each slot moves by the share of the round that trained it.
+method = "fold-and-fill"
 max_rank = 16
 lora_alpha = 32.0
 
@@ -182,7 +183,7 @@ for member in "${fleet[@]}"; do
     index=$((index + 1))
 done
 
-step "federated fine-tuning: $rounds rounds of FLoRA on $task, each device on its own $partition shard"
+step "federated fine-tuning: $rounds rounds of ${FLOTILLA__AGGREGATION__METHOD:-fold-and-fill} on $task, each device on its own $partition shard"
 # Follow the coordinator's round lines as they come.
 tail -n +1 -f --pid="$coordinator_pid" "$run_dir/logs/coordinator.log" 2>/dev/null \
     | grep --line-buffered -E "pretrain|\[round [0-9]+(/[0-9]+)?\] (aggregated|test accuracy)" \

@@ -245,10 +245,10 @@ mod tests {
         let (path, state) = latest(dir.path()).unwrap().unwrap();
         let err = resume(&path, &state, &changed).unwrap_err().to_string();
         assert!(err.contains("changed incompatibly") && err.contains("--fresh"), "{err}");
-        // A run made by RBLA, resumed by a configuration that names no method (FLoRA now).
+        // A run made by RBLA, resumed by a configuration that names no method (Fold-and-Fill now).
         let rbla = CheckpointState { method: "rbla".into(), ..state.clone() };
         let err = resume(&path, &rbla, &config).unwrap_err().to_string();
-        assert!(err.contains("\"flora\" (the default)") && err.contains("method = \"rbla\""), "{err}");
+        assert!(err.contains("\"fold-and-fill\" (the default)") && err.contains("method = \"rbla\""), "{err}");
         let aside = set_aside(dir.path()).unwrap().unwrap();
         assert!(aside.join("round-1/state.json").exists());
         assert!(latest(dir.path()).unwrap().is_none());

@@ -12,7 +12,7 @@ use flotilla_coordinator_front::aggregate::AggregateArgs;
 use crate::{aggregate_torch, config, evaluation, export, full_finetune, hf_model, metrics, renewal, report, setup};
 
 /// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
-/// updates of different ranks (FLoRA by default; RBLA, Fold-and-Fill and the others by name) into
+/// updates of different ranks (Fold-and-Fill by default; RBLA, FLoRA and the others by name) into
 /// one global adapter.
 #[derive(Parser)]
 #[command(name = "flotilla-coordinator", version)]

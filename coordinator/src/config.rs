@@ -501,7 +501,7 @@ mod tests {
         "#;
         let config: CoordinatorConfig = toml::from_str(text).unwrap();
         config.validate().unwrap();
-        assert_eq!(config.aggregation.method, Method::Flora);
+        assert_eq!(config.aggregation.method, Method::FoldAndFill);
         assert_eq!(config.model.architecture, Architecture::Mlp { input: 784, hidden: vec![128], classes: 10 });
         // Stragglers are waited for until the deadline unless a grace period is set.
         assert_eq!(config.round.grace(), config.round.deadline_secs);

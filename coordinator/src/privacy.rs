@@ -207,7 +207,9 @@ mod tests {
         assert!(error(section(1.0, 8.0, 0.0), Method::Rbla).contains("privacy.delta"));
         assert!(error(ok.clone(), Method::ZeroPad).contains("zero-pad"));
         let flora = error(ok.clone(), Method::Flora);
-        assert!(flora.contains("cannot run under [privacy]") && flora.contains("\"flora\" (the default)"), "{flora}");
+        assert!(flora.contains("cannot run under [privacy]") && !flora.contains("(the default)"), "{flora}");
+        // The default method runs under privacy, so a configuration that names none can add [privacy].
+        ok.validate(Method::DEFAULT, 12, 1.0, false).unwrap();
         assert!(ok.validate(Method::Rbla, 12, 1.0, true).unwrap_err().to_string().contains("ablation"));
     }
 

@@ -26,7 +26,7 @@ impl Method {
     /// `serve`'s method when `[aggregation] method` is not set: the one issue 15's rule picks from
     /// the study (`flotilla-study --choose-default`: the best mean gain recovered over the study's
     /// cells, with no rank's slice ending below the base in any cell; docs/study.md).
-    pub const DEFAULT: Method = Method::Flora;
+    pub const DEFAULT: Method = Method::FoldAndFill;
 
     pub const ALL: [Method; 8] = [
         Method::Rbla,

@@ -75,6 +75,10 @@ struct Cli {
     /// With --choose-default: the suites to combine (comma-separated) [default: all three].
     #[arg(long, value_delimiter = ',', requires = "choose_default")]
     suites: Vec<String>,
+    /// With --choose-default: read each suite's side of the rule from the rule table of its
+    /// generated block in this document (e.g. docs/study.md) instead of from its cached results.
+    #[arg(long, requires = "choose_default")]
+    from_doc: Option<PathBuf>,
 }
 
 fn main() {
@@ -100,7 +104,7 @@ fn load_results(plan: &Plan, dir: &Path) -> Result<BTreeMap<String, CellResult>>
 
 fn run(cli: Cli) -> Result<()> {
     if cli.choose_default {
-        return second::print_default_choice(&cli.suites);
+        return second::print_default_choice(&cli.suites, cli.from_doc.as_deref());
     }
     if cli.suite != "image" {
         return run_second_edition(cli);

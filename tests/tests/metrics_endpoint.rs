@@ -72,7 +72,7 @@ fn metrics_and_health_during_a_run() {
     assert_eq!(metric(&body, "fl_round_participants{rank=\"2\"}"), 1.0);
     assert_eq!(metric(&body, "fl_round_participants{rank=\"8\"}"), 1.0);
     assert!(metric(&body, "fl_update_bytes_total ") > 0.0);
-    assert!(metric(&body, "fl_aggregation_duration_seconds_count{method=\"flora\"}") >= 1.0);
+    assert!(metric(&body, "fl_aggregation_duration_seconds_count{method=\"fold-and-fill\"}") >= 1.0);
     let in_round = metric(&body, "fl_phase{phase=\"training\"}") + metric(&body, "fl_phase{phase=\"aggregating\"}");
     assert_eq!(in_round, 1.0, "{body}");
     assert!(!body.contains("m-phone") && !body.contains("m-desktop"), "no per-device labels:\n{body}");
@@ -90,7 +90,7 @@ fn metrics_and_health_during_a_run() {
     let state: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
     assert_eq!(state["devices_connected"], 2);
     assert_eq!(state["rounds_total"], 2);
-    assert_eq!(state["method"], "flora", "the default method");
+    assert_eq!(state["method"], "fold-and-fill", "the default method");
     assert!(state["round"].as_u64().unwrap() >= 1 && state["rounds_completed"].as_u64().unwrap() >= 1, "{state}");
     let text = String::from_utf8_lossy(&status("text").stdout).to_string();
     assert!(text.contains("/2") && text.contains("2 device(s) connected"), "{text}");

@@ -145,3 +145,28 @@ fn the_committed_study_cache_loads_and_feeds_the_default_rule() {
     }
     assert!(stdout.contains("the rule picks"), "{stdout}");
 }
+
+/// The six-cell pick from the rule tables committed in docs/study.md is the method the product
+/// ships as its default (`[aggregation] method`; `coordinator/src/config.rs` tests that side), and
+/// the arithmetic weighs every cell alike.
+#[test]
+fn the_rule_over_the_documented_suites_picks_the_shipped_default() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let output = Command::new(binary("flotilla-study"))
+        .args(["--choose-default", "--from-doc", "docs/study.md"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("| fold-and-fill | 6 of 6 | 0.853 |"), "{stdout}");
+    assert!(stdout.contains("the rule picks: fold-and-fill"), "{stdout}");
+
+    let missing = Command::new(binary("flotilla-study"))
+        .args(["--choose-default", "--from-doc", "no/such/study.md"])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("cannot read no/such/study.md"));
+}

@@ -27,6 +27,7 @@
 
 mod cells;
 mod data;
+mod doc_rule;
 mod plans;
 mod privacy;
 mod report;
@@ -35,7 +36,7 @@ mod tuning;
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use crate::cell::Setup;
 pub use privacy::{noise_for, privacy_delta};
@@ -419,22 +420,37 @@ pub fn committed_results_dir(suite: &str) -> PathBuf {
     PathBuf::from(format!("study/results/{suite}"))
 }
 
-/// Issue 15's rule across the suites whose results are cached: each method's gains over every
-/// measured cell, its lowest worst slice − base, and the method the rule picks.
-pub fn print_default_choice(suites: &[String]) -> Result<()> {
+/// Issue 15's rule across the suites: each method's gains over every measured cell, its lowest
+/// worst slice − base, and the method the rule picks. The suites' standings come from their
+/// cached results or, with `from_doc`, from the rule tables of the suites' generated blocks in
+/// that document (for suites whose caches are not on this machine).
+pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Result<()> {
     let plans = [Plan::image_shift(), Plan::text(), Plan::text_reviews()];
     if let Some(unknown) = suites.iter().find(|s| !plans.iter().any(|p| p.suite == s.as_str())) {
         bail!("--suites {unknown}: expected some of image-shift, text, text-reviews");
     }
+    let doc = match from_doc {
+        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?),
+        None => None,
+    };
     let mut combined: Vec<report::Standing> = Vec::new();
     for plan in plans.into_iter().filter(|p| suites.is_empty() || suites.iter().any(|s| s == p.suite)) {
-        let dir = committed_results_dir(plan.suite);
-        if !dir.is_dir() {
-            println!("{}: no results in {}", plan.suite, dir.display());
-            continue;
-        }
-        println!("{}", progress(&plan, &dir)?);
-        for standing in report::standings(&plan, &dir)? {
+        let standings = match (&doc, from_doc) {
+            (Some(doc), Some(path)) => {
+                println!("{}: the rule table of its block in {}", plan.suite, path.display());
+                doc_rule::standings_from_doc(&plan, doc)?
+            }
+            _ => {
+                let dir = committed_results_dir(plan.suite);
+                if !dir.is_dir() {
+                    println!("{}: no results in {}", plan.suite, dir.display());
+                    continue;
+                }
+                println!("{}", progress(&plan, &dir)?);
+                report::standings(&plan, &dir)?
+            }
+        };
+        for standing in standings {
             match combined.iter_mut().find(|c| c.method == standing.method) {
                 Some(c) => {
                     c.gains.extend(&standing.gains);
