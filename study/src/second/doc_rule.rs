@@ -9,10 +9,8 @@
 
 use anyhow::{bail, Context, Result};
 
-use super::report::Standing;
+use super::report::{Standing, RULE_HEADING};
 use super::Plan;
-
-const RULE_HEADING: &str = "#### The default-method rule, over this suite's cells";
 
 /// Every method's standing in `plan`'s suite, as its generated block in `doc` records it.
 pub fn standings_from_doc(plan: &Plan, doc: &str) -> Result<Vec<Standing>> {

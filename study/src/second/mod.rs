@@ -430,17 +430,19 @@ pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Resul
         bail!("--suites {unknown}: expected some of image-shift, text, text-reviews");
     }
     let doc = match from_doc {
-        Some(path) => Some(std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?),
+        Some(path) => {
+            Some((path, std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?))
+        }
         None => None,
     };
     let mut combined: Vec<report::Standing> = Vec::new();
     for plan in plans.into_iter().filter(|p| suites.is_empty() || suites.iter().any(|s| s == p.suite)) {
-        let standings = match (&doc, from_doc) {
-            (Some(doc), Some(path)) => {
+        let standings = match &doc {
+            Some((path, text)) => {
                 println!("{}: the rule table of its block in {}", plan.suite, path.display());
-                doc_rule::standings_from_doc(&plan, doc)?
+                doc_rule::standings_from_doc(&plan, text)?
             }
-            _ => {
+            None => {
                 let dir = committed_results_dir(plan.suite);
                 if !dir.is_dir() {
                     println!("{}: no results in {}", plan.suite, dir.display());

@@ -218,10 +218,13 @@ pub fn choose_default(standings: &[Standing]) -> Option<&'static str> {
         .map(|(method, _)| method)
 }
 
+/// The heading of a suite's side of the rule in its generated block (`doc_rule` reads it back).
+pub const RULE_HEADING: &str = "#### The default-method rule, over this suite's cells";
+
 /// This suite's side of the default-method rule (`flotilla-study --choose-default` combines the
 /// suites).
 fn rule_section(out: &mut String, standings: &[Standing]) -> Result<()> {
-    writeln!(out, "#### The default-method rule, over this suite's cells\n")?;
+    writeln!(out, "{RULE_HEADING}\n")?;
     write!(out, "{}", rule_table(standings))?;
     writeln!(
         out,
