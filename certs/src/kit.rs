@@ -63,7 +63,12 @@ pub fn device_snippet(placement: &Placement) -> String {
          # EnvironmentFile, or with `set -a; . {env}; set +a; flotilla-edge run`.\n\
          FLOTILLA_KIT={kit}\n\
          FLOTILLA_COORDINATOR={address}\n\
-         FLOTILLA_SERVER_NAME={name}\n",
+         FLOTILLA_SERVER_NAME={name}\n\
+         # This device's privacy floors (docs/privacy.md): uncomment to refuse any round that would\n\
+         # send its update in the clear, or with less noise or a larger clipping bound than these.\n\
+         #FLOTILLA_REQUIRE_SECURE=true\n\
+         #FLOTILLA_MIN_NOISE_MULTIPLIER=1.0\n\
+         #FLOTILLA_MAX_CLIP_NORM=1.0\n",
         env = placement.install_dir.join(DEVICE_SNIPPET).display(),
         kit = placement.install_dir.display(),
         address = placement.address,

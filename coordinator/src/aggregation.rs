@@ -343,17 +343,17 @@ impl AggregationThread {
         if self.settings.record_updates {
             self.record_update(&device, round, update.rank, update.num_samples, &adapter);
         }
-        info!(device = %device, round, rank = update.rank, samples = update.num_samples,
-            loss = update.metrics.loss_after, "[round {round}] update accepted");
+        let anonymous = self.settings.privacy.is_some();
+        if anonymous {
+            // Under [privacy] nothing of one device is logged or kept beyond its rank.
+            info!(device = %device, round, rank = update.rank, "[round {round}] update accepted");
+        } else {
+            info!(device = %device, round, rank = update.rank, samples = update.num_samples,
+                loss = update.metrics.loss_after, "[round {round}] update accepted");
+        }
         metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
         let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
-        let record = UpdateRecord {
-            device: device.clone(),
-            rank: update.rank,
-            num_samples: update.num_samples,
-            metrics: update.metrics,
-            wire_bytes,
-        };
+        let record = UpdateRecord::new(&device, update.rank, update.num_samples, update.metrics, wire_bytes, anonymous);
         done(FoldDone { device, round, accepted: Some(record) });
     }
 
@@ -411,6 +411,7 @@ impl AggregationThread {
         let layout = secure::layout(&self.global);
         if let Some(parameters) = self.settings.privacy {
             // Distributed privacy: the sums are of clipped changes, already noised by the devices.
+            let (sums, revealed) = secure::padded_sums(&sums, &layout).map_err(|e| e.to_string())?;
             let by_tensor = secure::sums_by_tensor(&sums, &self.global, &layout).map_err(|e| e.to_string())?;
             let (method, scale) = (self.settings.method, self.settings.scale());
             let aggregated =
@@ -420,6 +421,8 @@ impl AggregationThread {
             for note in &aggregated.notes {
                 info!(round, "{note}");
             }
+            // The slots too thinly held to be revealed keep their previous values.
+            aggregated.adapter.copy_slots_from(&self.global, revealed as usize).map_err(|e| e.to_string())?;
             self.global = aggregated.adapter;
             return Ok(());
         }
@@ -499,6 +502,7 @@ mod tests {
                 fraction: 1.0,
                 min_participants: 1,
                 sampling: flotilla_engine::Sampling::FixedSize,
+                round_size: flotilla_engine::RoundSize::default(),
                 training: flotilla_engine::TrainingPlan {
                     local_steps: 1,
                     local_epochs: 0,

@@ -342,10 +342,9 @@ fn print_summary(summary: &report::RunSummary) {
         let mut ranks: Vec<u32> = round.updates.iter().map(|u| u.rank).collect();
         ranks.sort_unstable();
         let ranks: Vec<String> = ranks.iter().map(u32::to_string).collect();
-        let n = round.updates.len().max(1) as f64;
-        let loss = round.updates.iter().map(|u| u.metrics.loss_after).sum::<f64>() / n;
+        let loss = crate::report::mean_local_loss(&round.updates).map_or("-".to_string(), |l| format!("{l:.4}"));
         println!(
-            "{:>5}  {:>7}  {:<22} {:>10.4}  {}",
+            "{:>5}  {:>7}  {:<22} {:>10}  {}",
             round.round,
             round.updates.len(),
             ranks.join(","),

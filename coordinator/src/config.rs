@@ -304,6 +304,7 @@ impl CoordinatorConfig {
             } else {
                 flotilla_engine::Sampling::FixedSize
             },
+            round_size: self.secure_aggregation.as_ref().map(|s| s.round_size()).unwrap_or_default(),
             training: flotilla_engine::TrainingPlan {
                 local_steps: round.local_steps,
                 local_epochs: round.local_epochs,

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, Timer, TrainingPlan};
+use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, SkipWhy, Timer, TrainingPlan};
 use flotilla_wire::framing::write_frame;
 use flotilla_wire::protocol::{close, CoordinatorMessage, Finished, Reject, RoundTask, TrainingSettings};
 use flotilla_wire::quic::write_frame_shared;
@@ -26,7 +26,7 @@ use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
 use crate::config::CoordinatorConfig;
 use crate::evaluation::RankAccuracy;
 use crate::metrics::{SharedStatus, Status};
-use crate::report::{RoundFacts, RoundRecord, RunSummary, UpdateRecord};
+use crate::report::{RoundFacts, RoundRecord, RunSummary, SkippedRound, UpdateRecord};
 use crate::report_files::ReportWriter;
 use crate::secure::{SecurePhase, SecureRound};
 
@@ -111,6 +111,8 @@ pub(crate) struct RoundDriver {
     secure: Option<SecureRound>,
     /// A secure round's facts while its sums are being unmasked, and when unmasking began.
     unmasking: Option<(RoundFacts, Instant)>,
+    /// Why a round that sent no task could not run (it is skipped once its participants fail).
+    cannot_run: HashMap<u32, String>,
 }
 
 /// What the driver starts from.
@@ -157,6 +159,7 @@ impl RoundDriver {
             secure_layout,
             secure: None,
             unmasking: None,
+            cannot_run: HashMap::new(),
         }
     }
 
@@ -394,7 +397,7 @@ impl RoundDriver {
                     });
                 }
                 Action::Aggregate { round, .. } => self.aggregate(round),
-                Action::SkipRound { round, updates } => self.skip(round, updates).await?,
+                Action::SkipRound { round, updates, why } => self.skip(round, updates, why).await?,
                 Action::Finish { rounds_completed } => {
                     self.finish_sessions(rounds_completed).await;
                     return Ok(Some(rounds_completed));
@@ -462,14 +465,20 @@ impl RoundDriver {
         });
     }
 
-    async fn skip(&mut self, round: u32, updates: usize) -> anyhow::Result<()> {
-        warn!(
-            "[round {round}/{}] only {updates} update(s), short of the quorum of {} after the extended \
-             deadline: round skipped, global adapter unchanged",
-            self.config.round.rounds, self.config.round.min_updates
-        );
+    async fn skip(&mut self, round: u32, updates: usize, why: SkipWhy) -> anyhow::Result<()> {
+        let reason = match (&why, self.cannot_run.remove(&round)) {
+            (SkipWhy::DrawRefused(reason), _) => format!("{reason}; no task was sent"),
+            (SkipWhy::ShortOfQuorum, Some(reason)) => reason,
+            (SkipWhy::ShortOfQuorum, None) => {
+                format!("{updates} update(s) by the deadline, short of the quorum of {}", self.config.round.min_updates)
+            }
+        };
+        warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.config.round.rounds);
+        metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
         self.accepted.remove(&round);
         self.spend_privacy(round);
+        self.summary.skipped.push(SkippedRound { round, reason });
+        self.reports.submit(self.summary.clone());
         if self.secure.as_ref().is_some_and(|s| s.round == round) {
             self.secure = None;
             metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
@@ -494,7 +503,9 @@ impl RoundDriver {
             let Some(connection) = self.sessions.get(&device).cloned() else { continue };
             reachable.push((device, round, rank, connection));
         }
-        let mut secure_tasks = self.start_secure_round(&reachable);
+        let Some(mut secure_tasks) = self.start_secure_round(&reachable) else {
+            return; // the round cannot be secured: no task goes out, its participants are failed
+        };
         let mut deliveries = Vec::with_capacity(reachable.len());
         for (device, round, rank, connection) in reachable {
             let task = CoordinatorMessage::RoundTask(RoundTask {

@@ -23,6 +23,16 @@ pub struct RunSummary {
     /// `[privacy]`: the settings and the (ε, δ) spent so far.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<crate::privacy::PrivacySummary>,
+    /// Rounds that ended without a new global adapter, and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<SkippedRound>,
+}
+
+/// A round skipped: its global adapter is the previous round's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SkippedRound {
+    pub round: u32,
+    pub reason: String,
 }
 
 /// One round's result: what the driver saw (updates, bytes, duration) and what the aggregation
@@ -67,6 +77,10 @@ pub struct SecureRoundRecord {
     pub protocol_bytes: u64,
     /// The largest quantization error of one unmasked sum.
     pub sum_error_bound: f64,
+    /// Slots 0..revealed_rank were unmasked; the slots above, held by fewer than threshold + 1
+    /// survivors, were not, and keep their previous global values.
+    #[serde(default)]
+    pub revealed_rank: u32,
     /// Seconds from the first unmask request to the unmasked sums.
     pub unmask_seconds: f64,
     /// Why the round was discarded (the global adapter unchanged, nothing revealed), if it was.
@@ -112,14 +126,42 @@ impl RoundRecord {
     }
 }
 
+/// An accepted update. Under `[secure_aggregation]` or `[privacy]` nothing of one device is kept
+/// but its rank and its upload's size: no id, no sample count, no local metrics.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UpdateRecord {
-    pub device: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
     pub rank: u32,
-    pub num_samples: u64,
-    pub metrics: LocalMetrics,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_samples: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<LocalMetrics>,
     #[serde(default)]
     pub wire_bytes: u64,
+}
+
+impl UpdateRecord {
+    /// The record of a device's update: whole, or (`anonymous`) its rank and size only.
+    pub fn new(
+        device: &str,
+        rank: u32,
+        num_samples: u64,
+        metrics: LocalMetrics,
+        wire_bytes: u64,
+        anonymous: bool,
+    ) -> Self {
+        match anonymous {
+            true => UpdateRecord { device: None, rank, num_samples: None, metrics: None, wire_bytes },
+            false => UpdateRecord {
+                device: Some(device.to_string()),
+                rank,
+                num_samples: Some(num_samples),
+                metrics: Some(metrics),
+                wire_bytes,
+            },
+        }
+    }
 }
 
 /// One round in the reports; round 0 is the initial model (base + untrained adapter).
@@ -134,8 +176,10 @@ pub struct ReportRow {
     pub loss: Option<f64>,
     /// Test accuracy of the global model sliced to each rank that took part (and R_max).
     pub accuracy_by_rank: BTreeMap<usize, f64>,
-    pub samples: u64,
-    /// Mean over updates of the local training loss after training.
+    /// The accepted updates' sample counts, summed (absent where no device's count is kept).
+    pub samples: Option<u64>,
+    /// Mean over updates of the local training loss after training (absent where no device's
+    /// metrics are kept).
     pub mean_local_loss: Option<f64>,
     pub update_bytes: u64,
     pub task_bytes: u64,
@@ -144,6 +188,37 @@ pub struct ReportRow {
     /// Under `[secure_aggregation]`: how the round's protocol went.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secure: Option<SecureRoundRecord>,
+    /// Why the round was skipped (no new global adapter), if it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+impl ReportRow {
+    fn skipped(skipped: &SkippedRound) -> ReportRow {
+        ReportRow {
+            round: skipped.round,
+            updates: 0,
+            participants: BTreeMap::new(),
+            accuracy: None,
+            loss: None,
+            accuracy_by_rank: BTreeMap::new(),
+            samples: None,
+            mean_local_loss: None,
+            update_bytes: 0,
+            task_bytes: 0,
+            aggregation_seconds: 0.0,
+            round_seconds: 0.0,
+            secure: None,
+            skipped: Some(skipped.reason.clone()),
+        }
+    }
+}
+
+/// The mean local loss after training over the updates whose metrics are kept (none under secure
+/// aggregation or `[privacy]`).
+pub fn mean_local_loss(updates: &[UpdateRecord]) -> Option<f64> {
+    let losses: Vec<f64> = updates.iter().filter_map(|u| u.metrics.as_ref().map(|m| m.loss_after)).collect();
+    (!losses.is_empty()).then(|| losses.iter().sum::<f64>() / losses.len() as f64)
 }
 
 pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
@@ -166,13 +241,14 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
             accuracy,
             loss,
             accuracy_by_rank,
-            samples: 0,
+            samples: None,
             mean_local_loss: None,
             update_bytes: 0,
             task_bytes: 0,
             aggregation_seconds: 0.0,
             round_seconds: 0.0,
             secure: None,
+            skipped: None,
         });
     }
     for round in &summary.rounds {
@@ -190,15 +266,17 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
             loss,
             accuracy_by_rank,
             samples: round.updates.iter().map(|u| u.num_samples).sum(),
-            mean_local_loss: (n > 0)
-                .then(|| round.updates.iter().map(|u| u.metrics.loss_after).sum::<f64>() / n as f64),
+            mean_local_loss: mean_local_loss(&round.updates),
             update_bytes: round.update_bytes,
             task_bytes: round.task_bytes,
             aggregation_seconds: round.aggregation_seconds,
             round_seconds: round.round_seconds,
             secure: round.secure.clone(),
+            skipped: None,
         });
     }
+    rows.extend(summary.skipped.iter().map(ReportRow::skipped));
+    rows.sort_by_key(|row| row.round);
     rows
 }
 
@@ -220,6 +298,10 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
     if secure {
         out.push_str(",secure_survivors,secure_recovered,secure_discarded");
     }
+    let skipped = rows.iter().any(|r| r.skipped.is_some());
+    if skipped {
+        out.push_str(",skipped");
+    }
     out.push('\n');
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for row in rows {
@@ -229,7 +311,7 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
             row.updates,
             opt(row.accuracy),
             opt(row.loss),
-            row.samples,
+            row.samples.map_or(String::new(), |s| s.to_string()),
             opt(row.mean_local_loss),
             row.update_bytes,
             row.task_bytes,
@@ -248,15 +330,19 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
                 None => out.push_str(",,,"),
             }
         }
+        if skipped {
+            out.push_str(if row.skipped.is_some() { ",true" } else { ",false" });
+        }
         out.push('\n');
     }
     out
 }
 
-/// The initial evaluation recorded before a restart (best effort: it is not part of a checkpoint).
-pub fn previous_initial_evaluation(run_dir: &Path) -> Option<Vec<RankAccuracy>> {
+/// The summary written before a restart (best effort: the initial evaluation and the skipped
+/// rounds are not part of a checkpoint).
+pub fn previous_summary(run_dir: &Path) -> Option<RunSummary> {
     let text = std::fs::read(run_dir.join("summary.json")).ok()?;
-    serde_json::from_slice::<RunSummary>(&text).ok().map(|s| s.initial_evaluation)
+    serde_json::from_slice::<RunSummary>(&text).ok()
 }
 
 #[cfg(test)]
@@ -265,13 +351,8 @@ mod tests {
     use crate::report_files::write_summary;
 
     fn update(device: &str, rank: u32, loss: f64) -> UpdateRecord {
-        UpdateRecord {
-            device: device.into(),
-            rank,
-            num_samples: 10,
-            metrics: LocalMetrics { loss_after: loss, ..LocalMetrics::default() },
-            wire_bytes: 100,
-        }
+        let metrics = LocalMetrics { loss_after: loss, ..LocalMetrics::default() };
+        UpdateRecord::new(device, rank, 10, metrics, 100, false)
     }
 
     fn eval(pairs: &[(usize, f64)]) -> Vec<RankAccuracy> {
@@ -313,6 +394,7 @@ mod tests {
             final_global: None,
             initial_evaluation: eval(&[(8, 0.1)]),
             privacy: None,
+            skipped: Vec::new(),
         };
         let rows = round_rows(&summary);
         assert_eq!(rows.iter().map(|r| r.round).collect::<Vec<_>>(), vec![0, 1, 2]);

@@ -108,6 +108,14 @@ impl SecureAggregationSection {
         Ok(())
     }
 
+    /// The sizes a secure round can have: from the smallest whose degree reaches the threshold to
+    /// `max_participants`. The engine never sends a task for a round outside them.
+    pub fn round_size(&self) -> flotilla_engine::RoundSize {
+        let max = self.max_participants.max(1);
+        let min = (1..=max).find(|&n| self.parameters_for(n).is_ok()).unwrap_or(max + 1);
+        flotilla_engine::RoundSize { min, max }
+    }
+
     /// The round's parameters for `participants` devices: the degree is at most participants − 1.
     pub fn parameters_for(&self, participants: usize) -> anyhow::Result<Parameters> {
         let degree = self.degree.min(participants.saturating_sub(1));
@@ -230,6 +238,7 @@ impl SecureRound {
                     layout,
                     max_samples: section.max_samples,
                     noise_std: noise_std.clone(),
+                    participants: ids.len() as u32,
                 };
                 (device.clone(), task)
             })
@@ -405,11 +414,13 @@ impl SecureRound {
         Ok(())
     }
 
-    /// Distributed privacy: why the uploads in cannot be unmasked (a sum would carry less than its
-    /// full noise), if so.
+    /// Distributed privacy: why the uploads in cannot be unmasked (a sum that would be revealed
+    /// would carry less than its full noise), if so. Slots too thinly held to be revealed at all
+    /// ([`flotilla_secagg::Parameters::min_holders`]) do not count.
     pub fn noise_shortfall(&self) -> Option<String> {
         let survivors: Vec<u32> = self.uploaded.iter().map(|id| self.ranks[id]).collect();
-        self.needed.iter().enumerate().find_map(|(index, &needed)| {
+        let revealed = self.server.revealable_rank() as usize;
+        self.needed.iter().enumerate().take(revealed + 1).find_map(|(index, &needed)| {
             let have = match index {
                 0 => survivors.len(),
                 slot => survivors.iter().filter(|&&rank| rank as usize >= slot).count(),

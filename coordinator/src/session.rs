@@ -9,8 +9,8 @@ use anyhow::Context;
 use flotilla_torch::tensor::read_frame_decoded;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::{
-    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Update,
-    Welcome, PROTOCOL_VERSION,
+    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, LocalMetrics, ModelSpec, Refusal,
+    Reject, Update, Welcome, PROTOCOL_VERSION,
 };
 use flotilla_wire::tensor::WireTensors;
 use flotilla_wire::tls;
@@ -102,6 +102,14 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
         };
         let (send, recv) = match accepted {
             Ok(streams) => streams,
+            Err(quinn::ConnectionError::ApplicationClosed(closed))
+                if closed.error_code == quinn::VarInt::from_u32(close::REFUSED_TASK) =>
+            {
+                let reason = String::from_utf8_lossy(&closed.reason);
+                warn!(device = %identity, "device refused its round task and left: {reason}");
+                metrics::counter!("fl_sessions_closed_total", "reason" => "task_refused").increment(1);
+                break;
+            }
             Err(error) => {
                 info!(device = %identity, "device left: {error}");
                 break;
@@ -135,7 +143,9 @@ async fn answer_stream(
         }
         Ok((DeviceMessage::Update(update), tensors)) => hand_over(identity, shared, update, tensors, None).await,
         Ok((DeviceMessage::MaskedUpdate(masked), tensors)) => {
-            let update = Update { round: masked.round, rank: masked.rank, num_samples: 0, metrics: masked.metrics };
+            // Nothing of the device but its rank travels in the clear: no sample count, no metrics.
+            let update =
+                Update { round: masked.round, rank: masked.rank, num_samples: 0, metrics: LocalMetrics::default() };
             hand_over(identity, shared, update, tensors, Some(masked.masked)).await
         }
         Ok((

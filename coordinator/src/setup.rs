@@ -25,7 +25,7 @@ use crate::driver::DriverInput;
 use crate::driver::{DriverStart, RoundDriver};
 use crate::evaluation::{describe, EvaluationReport, EvaluationSet, Evaluator, RankAccuracy};
 use crate::metrics::SharedStatus;
-use crate::report::{previous_initial_evaluation, RoundRecord, RunSummary};
+use crate::report::{previous_summary, RoundRecord, RunSummary, SkippedRound};
 use crate::report_files::write_summary;
 use crate::session::{accept_loop, SessionContext};
 
@@ -52,14 +52,11 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let start = run_start(&config, &base, fresh)?;
     if start.first_round > config.round.rounds {
         info!("all {} rounds were already completed; nothing to do", config.round.rounds);
-        let initial = previous_initial_evaluation(&run_dir).unwrap_or_default();
-        return Ok(summary_so_far(
-            &config,
-            start.first_round,
-            start.history.unwrap_or_default(),
-            initial,
-            configured_rounds,
-        ));
+        let previous = previous_summary(&run_dir);
+        let initial = previous.as_ref().map(|s| s.initial_evaluation.clone()).unwrap_or_default();
+        let skipped = previous.map(|s| s.skipped).unwrap_or_default();
+        let rounds = start.history.unwrap_or_default();
+        return Ok(summary_so_far(&config, start.first_round, rounds, initial, skipped, configured_rounds));
     }
     let (inputs, receiver) = mpsc::unbounded_channel();
     let evaluated = inputs.clone();
@@ -93,12 +90,12 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     });
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), context));
     // A resumed run continues the records of the rounds before its checkpoint.
-    let initial = match &start.history {
-        Some(_) => previous_initial_evaluation(&run_dir).unwrap_or(initial_evaluation),
-        None => initial_evaluation,
+    let (initial, skipped) = match (&start.history, previous_summary(&run_dir)) {
+        (Some(_), Some(previous)) => (previous.initial_evaluation, previous.skipped),
+        _ => (initial_evaluation, Vec::new()),
     };
-    let summary =
-        summary_so_far(&config, start.first_round, start.history.unwrap_or_default(), initial, configured_rounds);
+    let rounds = start.history.unwrap_or_default();
+    let summary = summary_so_far(&config, start.first_round, rounds, initial, skipped, configured_rounds);
     let driver = RoundDriver::new(DriverStart {
         config,
         base_version: base.version,
@@ -154,6 +151,7 @@ fn summary_so_far(
     first_round: u32,
     rounds: Vec<RoundRecord>,
     initial_evaluation: Vec<RankAccuracy>,
+    skipped: Vec<SkippedRound>,
     configured_rounds: u32,
 ) -> RunSummary {
     RunSummary {
@@ -174,6 +172,9 @@ fn summary_so_far(
         }),
         rounds,
         initial_evaluation,
+        // Rounds skipped before the checkpoint the run resumes from (a round re-run after it is
+        // recorded anew).
+        skipped: skipped.into_iter().filter(|s| s.round < first_round).collect(),
     }
 }
 

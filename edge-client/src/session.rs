@@ -64,6 +64,8 @@ pub struct SessionSettings {
     pub progress: crate::progress::Progress,
     /// Where a transformer's checkpoint is found or fetched to.
     pub base_store: std::sync::Arc<crate::base_store::BaseStore>,
+    /// The rounds this device refuses whatever the coordinator asks.
+    pub floor: crate::privacy_floor::PrivacyFloor,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -332,6 +334,11 @@ async fn train_and_upload(
     tensors: WireTensors,
 ) -> Result<Option<ClientRound>, SessionError> {
     let round = task.round;
+    if let Some(why) = settings.floor.refusal(&task) {
+        // Nothing is trained or sent; closing tells the coordinator at once.
+        connection.close(close::REFUSED_TASK.into(), why.as_bytes());
+        return Err(SessionError::Fatal(format!("refused: {why}")));
+    }
     let mut secure_round = None;
     if let Some(secure) = &task.secure {
         secure_round = tokio::select! {
@@ -396,7 +403,7 @@ fn upload_message(
             let masked = client
                 .masked_input(&packed)
                 .map_err(|e| SessionError::Fatal(format!("[round {round}] cannot mask the update: {e}")))?;
-            let update = MaskedUpdate { round, rank: trained.rank, metrics: trained.metrics, masked };
+            let update = MaskedUpdate { round, rank: trained.rank, masked };
             (DeviceMessage::MaskedUpdate(update), WireTensors::default())
         }
         _ => {

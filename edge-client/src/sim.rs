@@ -219,6 +219,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
             stop: settings.stop.clone(),
             progress: crate::progress::Progress::none(),
             base_store: settings.base_store.clone(),
+            floor: crate::privacy_floor::PrivacyFloor::default(),
         };
         let endpoint = endpoint.clone();
         tasks.spawn(async move {

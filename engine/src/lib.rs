@@ -13,8 +13,8 @@ pub mod accountant;
 pub mod policy;
 pub mod round;
 
-pub use policy::{RoundPolicy, Sampling, TrainingPlan};
-pub use round::{Action, Engine, EngineConfig, Event, Phase, RejectKind, Timer};
+pub use policy::{DrawRefused, RoundPolicy, RoundSize, Sampling, TrainingPlan};
+pub use round::{Action, Engine, EngineConfig, Event, Phase, RejectKind, SkipWhy, Timer};
 
 /// A device, by the identity in its certificate.
 pub type DeviceId = String;

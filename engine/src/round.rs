@@ -126,14 +126,35 @@ pub enum Action {
         round: u32,
         updates: usize,
     },
-    /// The round ended short of its quorum: discard what was folded, keep the global adapter.
+    /// The round ended short of its quorum, or its draw was refused: discard what was folded,
+    /// keep the global adapter.
     SkipRound {
         round: u32,
         updates: usize,
+        why: SkipWhy,
     },
     Finish {
         rounds_completed: u32,
     },
+}
+
+/// Why a round was skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SkipWhy {
+    /// Fewer updates than the quorum came in by the (extended) deadline.
+    ShortOfQuorum,
+    /// The draw was outside the sizes a round can run with ([`crate::RoundSize`]): no task was sent.
+    DrawRefused(String),
+}
+
+impl SkipWhy {
+    /// A bounded label, for metrics.
+    pub fn label(&self) -> &'static str {
+        match self {
+            SkipWhy::ShortOfQuorum => "short_of_quorum",
+            SkipWhy::DrawRefused(_) => "draw_refused",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -400,11 +421,20 @@ impl Engine {
         self.deadline_extended = false;
         self.grace_started = false;
         let connected: Vec<(&DeviceId, &u32)> = self.connected.iter().collect();
-        let chosen = self.config.policy.sample(round, &connected);
+        let drawn = self.config.policy.sample(round, &connected);
         self.population_by_rank.clear();
         for &rank in self.connected.values() {
             *self.population_by_rank.entry(rank).or_default() += 1;
         }
+        let chosen = match drawn {
+            Ok(chosen) => chosen,
+            Err(refused) => {
+                // Nothing is sent: a round that cannot run as configured is not run another way.
+                self.reset_participants(BTreeMap::new());
+                actions.push(Action::SkipRound { round, updates: 0, why: SkipWhy::DrawRefused(refused.reason) });
+                return self.next_round_or_finish(actions);
+            }
+        };
         self.reset_participants(chosen.iter().map(|(d, _)| (d.clone(), Participation::Training)).collect());
         let drew_none = chosen.is_empty();
         for (device, rank) in chosen {
@@ -436,7 +466,7 @@ impl Engine {
             self.phase = Phase::Aggregating { round };
             actions.push(Action::Aggregate { round, updates });
         } else {
-            actions.push(Action::SkipRound { round, updates });
+            actions.push(Action::SkipRound { round, updates, why: SkipWhy::ShortOfQuorum });
             self.next_round_or_finish(actions);
         }
     }
@@ -474,6 +504,7 @@ mod tests {
                 fraction: 1.0,
                 min_participants: min_devices,
                 sampling: crate::Sampling::FixedSize,
+                round_size: crate::RoundSize::default(),
                 training: crate::TrainingPlan {
                     local_steps: 1,
                     local_epochs: 0,
@@ -550,19 +581,45 @@ mod tests {
 
     #[test]
     fn a_poisson_round_that_draws_no_device_is_skipped_at_once_and_the_population_is_kept() {
-        let mut config = sampled(config(3, 2), 0.001, Some(2), 5);
+        let mut config = sampled(config(3, 2), 1e-12, Some(2), 5);
         config.policy.sampling = crate::Sampling::Poisson;
         let mut e = Engine::new(config);
         join(&mut e, "a", 2);
         let actions = join(&mut e, "b", 8);
-        // At q = 0.001 no device is drawn (with this seed): each round is skipped without waiting
-        // for its deadline, and the run finishes.
+        // At q = 1e-12 no device is drawn: each round is skipped without waiting for its
+        // deadline, and the run finishes.
         assert!(tasks(&actions).is_empty(), "{actions:?}");
         for round in 1..=3 {
-            assert!(actions.contains(&Action::SkipRound { round, updates: 0 }), "{actions:?}");
+            assert!(
+                actions.contains(&Action::SkipRound { round, updates: 0, why: SkipWhy::ShortOfQuorum }),
+                "{actions:?}"
+            );
         }
         assert!(actions.contains(&Action::Finish { rounds_completed: 0 }));
         assert_eq!(e.population_by_rank(), &BTreeMap::from([(2, 1), (8, 1)]));
+    }
+
+    #[test]
+    fn a_draw_outside_the_round_sizes_sends_no_task_and_skips_the_round() {
+        // Secure aggregation cannot secure a round of fewer than 3: a Poisson draw of 1 or 2
+        // devices sends nothing at all (it is not downgraded to a plain round).
+        let mut config = sampled(config(40, 2), 0.5, None, 5);
+        config.policy.sampling = crate::Sampling::Poisson;
+        config.policy.round_size = crate::RoundSize { min: 3, max: 3 };
+        let mut e = Engine::new(config);
+        join(&mut e, "a", 2);
+        let mut actions = join(&mut e, "b", 8);
+        // Two devices: every draw of one or two is refused, a draw of none is skipped too.
+        assert!(tasks(&actions).is_empty(), "{actions:?}");
+        let refused =
+            actions.iter().filter(|a| matches!(a, Action::SkipRound { why: SkipWhy::DrawRefused(_), .. })).count();
+        assert!(refused > 20, "about 3 in 4 of 40 draws take one or two devices: {refused}");
+        assert!(actions.contains(&Action::Finish { rounds_completed: 0 }));
+        actions.retain(|a| matches!(a, Action::SkipRound { why: SkipWhy::DrawRefused(_), .. }));
+        let Action::SkipRound { why: SkipWhy::DrawRefused(reason), updates: 0, .. } = &actions[0] else {
+            unreachable!()
+        };
+        assert!(reason.contains("needs at least 3"), "{reason}");
     }
 
     #[test]
@@ -590,7 +647,7 @@ mod tests {
             "first deadline short of quorum: extend"
         );
         let skipped = fire(&mut e, 1, Timer::Deadline);
-        assert_eq!(skipped[0], Action::SkipRound { round: 1, updates: 1 });
+        assert_eq!(skipped[0], Action::SkipRound { round: 1, updates: 1, why: SkipWhy::ShortOfQuorum });
         assert_eq!(tasks(&skipped), vec!["a", "b"], "the next round starts");
         // Reaching the quorum after an extension aggregates as usual.
         upload(&mut e, "a", 2);
@@ -627,7 +684,7 @@ mod tests {
         join(&mut e, "a", 2);
         fire(&mut e, 1, Timer::Deadline); // extended once
         let actions = fire(&mut e, 1, Timer::Deadline);
-        assert_eq!(actions[0], Action::SkipRound { round: 1, updates: 0 });
+        assert_eq!(actions[0], Action::SkipRound { round: 1, updates: 0, why: SkipWhy::ShortOfQuorum });
         assert!(actions.contains(&Action::SendTask { device: "a".into(), round: 2, rank: 2 }));
     }
 

@@ -52,6 +52,8 @@ pub enum SecAggError {
     BadMessage { from: u32, message: String },
     #[error("only {survivors} participant(s) can help unmask, fewer than the threshold {threshold}: the round is discarded and nothing is revealed")]
     TooFewSurvivors { survivors: usize, threshold: usize },
+    #[error("only {survivors} masked input(s) are in; a sum is revealed only over at least {needed} (threshold + 1), so the round is discarded and nothing is revealed")]
+    TooFewHolders { survivors: usize, needed: usize },
     #[error(
         "cannot recover participant {owner}'s {what}: {shares} share(s), threshold {threshold}; the round is discarded"
     )]
@@ -89,5 +91,11 @@ impl Parameters {
             return bad(format!("max_participants must be at least 2, got {}", self.max_participants));
         }
         Ok(())
+    }
+
+    /// The fewest surviving holders a revealed coordinate must have: threshold + 1, so that even
+    /// threshold − 1 devices colluding with the coordinator leave two honest holders in the sum.
+    pub fn min_holders(&self) -> usize {
+        self.threshold + 1
     }
 }

@@ -16,8 +16,12 @@ use crate::{graph, Parameters, SecAggError};
 /// The per-coordinate sums of a round, and who made them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Aggregate {
-    /// The dequantized sum of every coordinate of the full layout over the survivors that hold it.
+    /// The dequantized sum of every revealed coordinate over the survivors that hold it: the
+    /// first `layout.len(revealed_rank)` coordinates. Slots held by fewer than
+    /// [`Parameters::min_holders`] survivors are never unmasked.
     pub sums: Vec<f64>,
+    /// The slots revealed are 0..revealed_rank.
+    pub revealed_rank: u32,
     pub survivors: Vec<u32>,
     /// Participants that shared their keys but did not upload; their masks were removed.
     pub dropped: Vec<u32>,
@@ -217,8 +221,17 @@ impl ServerRound {
         secret.try_into().map_err(|_| unrecoverable())
     }
 
-    /// Removes every mask and returns the per-coordinate sums; discards the round (revealing
-    /// nothing) when fewer than the threshold helped or a needed secret cannot be rebuilt.
+    /// The rank up to which the survivors' sums may be revealed: each slot below it is held by
+    /// at least [`Parameters::min_holders`] survivors.
+    pub fn revealable_rank(&self) -> u32 {
+        let survivors = self.inputs.keys().map(|id| self.ranks[id]);
+        self.layout.revealable_rank(survivors, self.parameters.min_holders())
+    }
+
+    /// Removes every mask and returns the per-coordinate sums of the coordinates at least
+    /// [`Parameters::min_holders`] survivors hold (the rest are never unmasked); discards the
+    /// round (revealing nothing) when fewer than the threshold helped, fewer than `min_holders`
+    /// uploaded, or a needed secret cannot be rebuilt.
     pub fn finish(self) -> Result<Aggregate, SecAggError> {
         let threshold = self.parameters.threshold;
         if self.inputs.len() < threshold || self.unmasking.len() < threshold {
@@ -227,15 +240,22 @@ impl ServerRound {
                 threshold,
             });
         }
+        let needed = self.parameters.min_holders();
+        if self.inputs.len() < needed {
+            return Err(SecAggError::TooFewHolders { survivors: self.inputs.len(), needed });
+        }
+        let revealed_rank = self.revealable_rank();
         let request = self.unmask_request();
-        let mut total = vec![0u32; self.layout.full_len()];
+        // Masks and inputs past this length are left out: those coordinates are never unmasked.
+        let mut total = vec![0u32; self.layout.len(revealed_rank)];
         for values in self.inputs.values() {
             masks::add(&mut total, values);
         }
         for &survivor in &request.survivors {
             let seed = self.recover(survivor, "self-mask seed", SELF_SEED_SHARE, |r| &r.self_mask_shares)?;
             let key = masks::derive_key(&seed, SELF_MASK, self.round, survivor, survivor);
-            masks::subtract(&mut total, &masks::expand(&key, self.layout.len(self.ranks[&survivor])));
+            let len = self.layout.len(self.ranks[&survivor]).min(total.len());
+            masks::subtract(&mut total, &masks::expand(&key, len));
         }
         for &gone in &request.dropped {
             let secret = StaticSecret::from(self.recover(gone, "mask key", KEY_SHARE, |r| &r.key_shares)?);
@@ -245,7 +265,7 @@ impl ServerRound {
                 let (low, high) = (gone.min(*survivor), gone.max(*survivor));
                 let key = masks::derive_key(shared.as_bytes(), PAIR_MASK, self.round, low, high);
                 let rank = self.ranks[&gone].min(self.ranks[survivor]);
-                let mask = masks::expand(&key, self.layout.len(rank));
+                let mask = masks::expand(&key, self.layout.len(rank).min(total.len()));
                 // The survivor added the mask if its id is the lower one, subtracted it otherwise.
                 if *survivor < gone {
                     masks::subtract(&mut total, &mask);
@@ -257,6 +277,7 @@ impl ServerRound {
         let quantizer = Quantizer::new(&self.parameters);
         Ok(Aggregate {
             sums: total.iter().map(|&s| quantizer.dequantize(s)).collect(),
+            revealed_rank,
             error_bound: quantizer.sum_error_bound(request.survivors.len()),
             survivors: request.survivors,
             dropped: request.dropped,

@@ -81,8 +81,10 @@ fn run_round(
     server.finish()
 }
 
+/// The revealed sums match `want` over their length, which is the layout's length at the
+/// revealed rank.
 fn assert_sums(aggregate: &Aggregate, want: &[f64]) {
-    assert_eq!(aggregate.sums.len(), want.len());
+    assert_eq!(aggregate.sums.len(), LAYOUT.len(aggregate.revealed_rank));
     for (i, (got, want)) in aggregate.sums.iter().zip(want).enumerate() {
         assert!((got - want).abs() <= aggregate.error_bound + 1e-12, "coordinate {i}: {got} vs {want}");
     }
@@ -96,10 +98,48 @@ fn mixed_ranks_give_the_per_coordinate_sums_of_the_holders() {
     let everyone: BTreeSet<u32> = (0..ranks.len() as u32).collect();
     assert_sums(&aggregate, &plain_sums(&values, &everyone));
     assert!(aggregate.error_bound < 1e-5, "{}", aggregate.error_bound);
-    // Coordinates only rank-8 devices hold are their sum alone.
-    let high: BTreeSet<u32> = [4, 5, 7].into();
-    let last = LAYOUT.full_len() - 1;
-    assert!((aggregate.sums[last] - plain_sums(&values, &high)[last]).abs() <= aggregate.error_bound);
+    // Slots 0–3 have at least 4 holders (threshold 3 + 1); slots 4–7, which only the three
+    // rank-8 devices hold, are not revealed at all.
+    assert_eq!(aggregate.revealed_rank, 4);
+    assert_eq!(aggregate.sums.len(), LAYOUT.len(4));
+}
+
+#[test]
+fn a_slot_with_fewer_than_threshold_plus_one_holders_is_never_revealed() {
+    // A 2/4/8/16-like fleet: one device alone holds the top slots, two hold the middle ones.
+    let ranks = [1, 1, 2, 2, 4, 8];
+    let values = inputs(&ranks, 4);
+    let aggregate = run_round(parameters(2, 5), &ranks, &values, &Dropouts::default()).unwrap();
+    // Threshold 2: a revealed slot needs 3 holders. Slot 1 has 4 (ranks 2, 2, 4, 8), slot 2 has
+    // 2 (4 and 8), slots 4–7 one (8): only slots 0 and 1 come out.
+    assert_eq!(aggregate.revealed_rank, 2);
+    let everyone: BTreeSet<u32> = (0..ranks.len() as u32).collect();
+    assert_sums(&aggregate, &plain_sums(&values, &everyone));
+    // A device dropping after its upload thins the holders further: one rank-2 device gone and
+    // slot 1 still has 3.
+    let drop = Dropouts { after_shares: [3].into(), ..Dropouts::default() };
+    let aggregate = run_round(parameters(2, 5), &ranks, &values, &drop).unwrap();
+    assert_eq!(aggregate.revealed_rank, 2);
+    // Two gone: slot 1 has two holders left (4 and 8), and only slot 0 is revealed.
+    let drop = Dropouts { after_shares: [2, 3].into(), ..Dropouts::default() };
+    let aggregate = run_round(parameters(2, 5), &ranks, &values, &drop).unwrap();
+    assert_eq!(aggregate.revealed_rank, 1);
+    assert_eq!(aggregate.sums.len(), LAYOUT.len(1));
+    // Fewer than threshold + 1 survivors at all: nothing is revealed, not even the shared values.
+    let drop = Dropouts { after_shares: [0, 1, 2, 3].into(), ..Dropouts::default() };
+    let error = run_round(parameters(2, 5), &ranks, &values, &drop).unwrap_err();
+    assert!(matches!(error, SecAggError::TooFewHolders { survivors: 2, needed: 3 }), "{error}");
+}
+
+#[test]
+fn the_revealable_rank_is_the_rank_of_the_kth_highest_holder() {
+    assert_eq!(LAYOUT.revealable_rank([2, 4, 8, 16], 3), 4);
+    assert_eq!(LAYOUT.revealable_rank([2, 4, 8, 16], 1), 8, "ranks above R_max count as R_max");
+    assert_eq!(LAYOUT.revealable_rank([2, 4], 3), 0);
+    assert_eq!(LAYOUT.revealable_rank([8, 8, 8], 3), 8);
+    assert_eq!(LAYOUT.rank_of_len(LAYOUT.len(3)), Some(3));
+    assert_eq!(LAYOUT.rank_of_len(LAYOUT.len(3) + 1), None);
+    assert_eq!(LAYOUT.rank_of_len(LAYOUT.shared - 1), None);
 }
 
 #[test]

@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-pub const ALPN: &[u8] = b"flotilla/2";
+pub const ALPN: &[u8] = b"flotilla/3";
 
 // ---- Messages, mirrored field by field from docs/protocol.md (bincode 2, standard config). ----
 
@@ -104,6 +104,7 @@ pub struct SecureTask {
     pub layout_max_rank: u32,
     pub max_samples: u64,
     pub noise_std: Vec<f64>,
+    pub participants: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -265,7 +266,7 @@ pub async fn request(connection: &quinn::Connection, bytes: &[u8]) -> Result<Rep
 pub async fn hello(connection: &quinn::Connection, device_id: &str, rank: u32) -> Result<Reply> {
     let message = DeviceMessage::Hello(Hello {
         device_id: device_id.to_string(),
-        protocol_version: 2,
+        protocol_version: 3,
         hardware: HardwareProfile {
             device_class: "desktop".into(),
             cpu_cores: 2,

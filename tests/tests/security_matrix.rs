@@ -290,6 +290,6 @@ fn a_device_refuses_a_coordinator_of_another_protocol_version() {
         &dir.path().join("logs"),
     );
     assert_eq!(device.wait(Duration::from_secs(60)).code(), Some(2), "{}", device.logs());
-    assert!(device.stderr_text().contains("does not speak flotilla/2"), "{}", device.logs());
+    assert!(device.stderr_text().contains("does not speak flotilla/3"), "{}", device.logs());
     assert!(!device.stderr_text().contains("retrying"), "{}", device.logs());
 }

@@ -235,6 +235,33 @@ impl Adapter {
         Ok(())
     }
 
+    /// Copies slots `rank..` of every module (A's rows and B's columns) from `source`, in place:
+    /// the slots a secure round did not reveal keep `source`'s (the previous global) values.
+    pub fn copy_slots_from(&self, source: &Adapter, rank: usize) -> Result<(), AdapterError> {
+        if rank >= self.rank {
+            return Ok(());
+        }
+        if source.rank != self.rank || source.modules != self.modules {
+            return Err(AdapterError::Inconsistent(format!(
+                "cannot copy slots from a rank-{} adapter into a rank-{} one with other modules",
+                source.rank, self.rank
+            )));
+        }
+        let (start, len) = (rank as i64, (self.rank - rank) as i64);
+        for module in &self.modules {
+            let (a, b) = self.factors(module);
+            let (from_a, from_b) = source.factors(module);
+            let torch = |source| AdapterError::from(TensorError::Torch { name: module.clone(), source });
+            a.f_narrow(0, start, len)
+                .and_then(|mut part| part.f_copy_(&from_a.f_narrow(0, start, len)?))
+                .map_err(torch)?;
+            b.f_narrow(1, start, len)
+                .and_then(|mut part| part.f_copy_(&from_b.f_narrow(1, start, len)?))
+                .map_err(torch)?;
+        }
+        Ok(())
+    }
+
     /// `reference`'s part matching this adapter's tensor `name`: the first `self.rank` slots of a
     /// LoRA factor, a non-LoRA tensor whole.
     fn reference_part(&self, name: &str, reference: &Adapter) -> Result<Tensor, AdapterError> {

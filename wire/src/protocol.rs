@@ -30,8 +30,8 @@
 use serde::{Deserialize, Serialize};
 
 /// ALPN protocol id; a peer speaking another version fails the handshake with a clear error.
-pub const ALPN: &[u8] = b"flotilla/2";
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const ALPN: &[u8] = b"flotilla/3";
+pub const PROTOCOL_VERSION: u32 = 3;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceMessage {
@@ -109,6 +109,9 @@ pub mod close {
     /// burst of thousands of handshakes a device may be too slow to send its Hello, which is no
     /// reason to refuse it for good.
     pub const TRY_AGAIN: u32 = 4;
+    /// The device refuses its round task (it is below the device's privacy floor); the reason text
+    /// follows. The device stops: the same coordinator would send the same task again.
+    pub const REFUSED_TASK: u32 = 5;
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -239,6 +242,9 @@ pub struct SecureTask {
     /// and adds Gaussian noise of these standard deviations: `[head, slot 0, slot 1, …]`. Empty
     /// otherwise.
     pub noise_std: Vec<f64>,
+    /// Devices sent a task in this round: a device checks its own noise share against its floor
+    /// (`--min-noise-multiplier`) with it.
+    pub participants: u32,
 }
 
 /// A participant's encrypted shares: from it (`SecureShares`), or addressed to it
@@ -263,7 +269,6 @@ pub struct SecurePeers {
 pub struct MaskedUpdate {
     pub round: u32,
     pub rank: u32,
-    pub metrics: LocalMetrics,
     pub masked: flotilla_secagg::messages::MaskedInput,
 }
 

@@ -68,13 +68,8 @@ impl RoundDriver {
                 info!(device = %device, round, rank = update.rank, "[round {round}] masked update accepted");
                 metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
                 let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
-                Some(UpdateRecord {
-                    device: device.clone(),
-                    rank: update.rank,
-                    num_samples: update.num_samples,
-                    metrics: update.metrics,
-                    wire_bytes,
-                })
+                // A masked update: nothing of the device is kept but its rank.
+                Some(UpdateRecord::new(&device, update.rank, 0, Default::default(), wire_bytes, true))
             }
             Err(reason) => {
                 warn!(device = %device, round, "[round {round}] update rejected: {reason}");
@@ -87,17 +82,17 @@ impl RoundDriver {
     }
 
     /// Under `[secure_aggregation]`: the round's SecAgg+ state for the devices about to get a
-    /// task, and each one's part of its task. A round that cannot be secured gets no tasks' secure
-    /// parts, and its devices are failed at once (the engine skips the round): nothing is sent that
-    /// could be uploaded in the clear.
+    /// task, and each one's part of its task (an empty map without secure aggregation). A round
+    /// that cannot be secured gives `None`: no task may go out (it could be uploaded in the
+    /// clear), and its devices are failed at once, so the engine skips the round.
     pub(super) fn start_secure_round(
         &mut self,
         reachable: &[(String, u32, u32, quinn::Connection)],
-    ) -> BTreeMap<String, SecureTask> {
+    ) -> Option<BTreeMap<String, SecureTask>> {
         let (Some(section), Some(layout)) = (&self.config.secure_aggregation, self.secure_layout) else {
-            return BTreeMap::new();
+            return Some(BTreeMap::new());
         };
-        let Some(round) = reachable.first().map(|r| r.1) else { return BTreeMap::new() };
+        let round = reachable.first().map(|r| r.1)?;
         let participants: Vec<(String, u32)> = reachable.iter().map(|(d, _, rank, _)| (d.clone(), *rank)).collect();
         let distributed_privacy = self.config.privacy.as_ref().filter(|p| p.mode == PrivacyMode::Distributed);
         match SecureRound::start(round, &participants, section, layout, distributed_privacy) {
@@ -110,17 +105,19 @@ impl RoundDriver {
                 self.schedule_secure_timer(secure.session, SecurePhase::Keys);
                 self.secure = Some(secure);
                 publish_phase(Some(SecurePhase::Keys));
-                tasks
+                Some(tasks)
             }
             Err(error) => {
-                warn!("[round {round}] cannot run securely, no device will train: {error:#}");
+                let reason = format!("cannot run securely, no task was sent: {error:#}");
+                warn!("[round {round}] {reason}");
                 metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
                 self.secure = None;
+                self.cannot_run.insert(round, reason);
                 for (device, ..) in &participants {
                     let done = FoldDone { device: device.clone(), round, accepted: None };
                     let _ = self.inputs.send(DriverInput::FoldDone(done));
                 }
-                BTreeMap::new()
+                None
             }
         }
     }
@@ -282,6 +279,17 @@ impl RoundDriver {
                 record.survivors = aggregate.survivors.len();
                 record.recovered = aggregate.dropped.len();
                 record.sum_error_bound = aggregate.error_bound;
+                record.revealed_rank = aggregate.revealed_rank;
+                if let Some(layout) = self.secure_layout.filter(|l| aggregate.revealed_rank < l.max_rank) {
+                    warn!(
+                        "[round {round}] slots {}–{} are held by fewer than threshold + 1 = {} surviving devices: \
+                         not revealed, they keep their previous global values",
+                        aggregate.revealed_rank + 1,
+                        layout.max_rank,
+                        record.threshold + 1
+                    );
+                }
+                metrics::gauge!("fl_secagg_revealed_rank").set(f64::from(aggregate.revealed_rank));
                 metrics::counter!("fl_secagg_rounds_total", "outcome" => "aggregated").increment(1);
                 metrics::counter!("fl_secagg_recovered_total").increment(aggregate.dropped.len() as u64);
                 metrics::gauge!("fl_secagg_survivors").set(aggregate.survivors.len() as f64);

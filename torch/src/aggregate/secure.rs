@@ -154,9 +154,24 @@ pub fn add_noise(
     Ok(())
 }
 
+/// The revealed sums, `layout.len(r)` long (slots 0..r revealed, the rest held by too few
+/// devices to be), padded with zeros to the whole layout, and r. A padded slot has coverage 0:
+/// [`unpack`] keeps its previous global value, as for a slot nobody trained.
+pub fn padded_sums(sums: &[f64], layout: &Layout) -> Result<(Vec<f64>, u32), AggregateError> {
+    let revealed = layout.rank_of_len(sums.len()).ok_or_else(|| AggregateError::InvalidUpdate {
+        client: "secure aggregate".into(),
+        message: format!("{} sums fit no rank of the layout (full length {})", sums.len(), layout.full_len()),
+    })?;
+    let mut padded = Vec::with_capacity(layout.full_len());
+    padded.extend_from_slice(sums);
+    padded.resize(layout.full_len(), 0.0);
+    Ok((padded, revealed))
+}
+
 /// The round's unmasked sums as tensors shaped like `global`'s trainable ones (f64): each LoRA
 /// factor's sums in its slots, the head's in place. For the differentially private forms, which
-/// divide by fixed denominators (`PrivateSums::from_sums`).
+/// divide by fixed denominators (`PrivateSums::from_sums`); `sums` is the whole layout
+/// ([`padded_sums`]), and the caller keeps the previous values of the slots not revealed.
 pub fn sums_by_tensor(
     sums: &[f64],
     global: &Adapter,
@@ -204,12 +219,12 @@ pub fn sums_by_tensor(
     Ok(out)
 }
 
-/// The next global adapter from the round's unmasked sums (the full layout), for `form`.
+/// The next global adapter from the round's unmasked sums, for `form`: the sums of slots
+/// 0..r (`layout.len(r)` values); slots r.. were not revealed and keep their global values.
 pub fn unpack(form: SecureForm, sums: &[f64], global: &Adapter, layout: &Layout) -> Result<Adapter, AggregateError> {
     let invalid = |message: String| AggregateError::InvalidUpdate { client: "secure aggregate".into(), message };
-    if sums.len() != layout.full_len() {
-        return Err(invalid(format!("{} sums, the layout has {}", sums.len(), layout.full_len())));
-    }
+    let (padded, _) = padded_sums(sums, layout)?;
+    let sums = padded.as_slice();
     let total = sums[layout.shared - 1];
     if total <= 0.0 {
         return Err(invalid(format!("the round's total weight is {total}")));

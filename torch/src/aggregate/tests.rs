@@ -1057,7 +1057,7 @@ fn the_sums_form_gives_each_slot_wise_method_its_plain_result() {
 
 /// The same through the real protocol: six devices of mixed ranks pack, mask and upload, one drops
 /// after sharing its keys, and the coordinator's unmasked sums give RBLA of the five that uploaded
-/// within the quantization bound.
+/// within the quantization bound, on the slots enough of them hold to be revealed.
 #[test]
 fn a_secure_round_gives_rbla_of_the_survivors_within_the_quantization_bound() {
     use flotilla_secagg::client::ClientRound;
@@ -1108,6 +1108,11 @@ fn a_secure_round_gives_rbla_of_the_survivors_within_the_quantization_bound() {
     let got = secure::unpack(SecureForm::Coverage, &aggregate_sums.sums, &global, &layout).unwrap();
     let survivors: Vec<&Client> = clients.iter().enumerate().filter(|(i, _)| *i != 3).map(|(_, c)| c).collect();
     let want = aggregate(Method::Rbla, &global, &survivors);
+    // Survivors of ranks 2, 3, 4, 8, 8 at threshold 3: a slot is revealed with 4 holders, so slots
+    // 0–2 are; slots 3.. (held by 3 survivors or fewer) are not, and keep the global's values.
+    assert_eq!(aggregate_sums.revealed_rank, 3);
+    assert_eq!(aggregate_sums.sums.len(), layout.len(3));
+    want.copy_slots_from(&global, 3).unwrap();
     // Each sum is off by at most the bound; dividing by a slot weight of at least 5/30 multiplies
     // that by at most 6 (the coverage weight itself is also a sum).
     let tolerance = aggregate_sums.error_bound * 6.0 * 4.0;
