@@ -34,6 +34,6 @@ pub use error::PkiError;
 pub(crate) use flotilla_wire::identity;
 pub use flotilla_wire::identity::{device_uri, validate_device_id, DEVICE_URI_PREFIX};
 pub use pki::{
-    CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, Registry, RevokedCertificate, DEFAULT_CA_DAYS,
-    DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS, DEFAULT_DEVICE_VALIDITY, MIN_VALIDITY,
+    CoordinatorRequest, DeviceRequest, IssuedCertificate, Pki, Registry, RenewalPolicy, RevokedCertificate,
+    DEFAULT_CA_DAYS, DEFAULT_COORDINATOR_DAYS, DEFAULT_DEVICE_DAYS, DEFAULT_DEVICE_VALIDITY, MIN_VALIDITY,
 };

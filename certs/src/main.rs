@@ -127,10 +127,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
-    /// Revoke a device's certificate: it goes into crl.pem, which a running coordinator reloads.
+    /// Revoke a device: every certificate issued for it (or only --serial's) goes into crl.pem,
+    /// which a running coordinator reloads, closing the sessions they opened.
     Revoke {
         #[arg(long)]
         id: String,
+        /// Revoke only this certificate of the device (hex, as `list` shows it).
+        #[arg(long)]
+        serial: Option<String>,
     },
 }
 
@@ -268,13 +272,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             print(&info, format)?;
         }
-        Command::Revoke { id } => {
+        Command::Revoke { id, serial } => {
             let pki = open()?;
-            let revoked = pki.revoke(&id).with_context(|| format!("cannot revoke '{id}'"))?;
+            let revoked = pki.revoke(&id, serial.as_deref()).with_context(|| format!("cannot revoke '{id}'"))?;
+            let serials: Vec<&str> = revoked.iter().map(|r| r.serial.as_str()).collect();
             println!(
-                "revoked device '{}' (serial {}); the CRL is {}",
-                revoked.id,
-                revoked.serial,
+                "revoked device '{id}' ({} {}); the CRL is {}",
+                if serials.len() == 1 { "serial" } else { "serials" },
+                serials.join(", "),
                 Pki::crl_path(&cli.dir).display()
             );
         }

@@ -205,31 +205,42 @@ impl Pki {
         Ok((issuer, not_after))
     }
 
-    /// Revokes a device's certificate: it is listed in a freshly signed `crl.pem`, which a running
-    /// coordinator reloads without a restart.
-    pub fn revoke(&self, id: &str) -> Result<RevokedCertificate, PkiError> {
+    /// Revokes a device: every certificate issued for `id` that is not revoked yet (an older one
+    /// still in its validity would otherwise stay usable), or only the one of `serial`. They are
+    /// listed in a freshly signed `crl.pem`, which a running coordinator reloads without a
+    /// restart, closing the sessions they opened.
+    pub fn revoke(&self, id: &str, serial: Option<&str>) -> Result<Vec<RevokedCertificate>, PkiError> {
         let mut registry = self.registry()?;
-        let issued = registry
+        let issued: Vec<&IssuedCertificate> = registry
             .issued
             .iter()
-            .rev()
-            .find(|c| c.kind == "device" && c.id == id)
-            .ok_or_else(|| PkiError::Invalid(format!("no device certificate with id '{id}' was issued by this CA")))?
-            .clone();
-        if registry.revoked.iter().any(|r| r.serial == issued.serial) {
-            return Err(PkiError::Invalid(format!("device '{id}' (serial {}) is already revoked", issued.serial)));
+            .filter(|c| c.kind == "device" && c.id == id && serial.is_none_or(|s| c.serial == s))
+            .collect();
+        if issued.is_empty() {
+            return Err(PkiError::Invalid(match serial {
+                None => format!("no device certificate with id '{id}' was issued by this CA"),
+                Some(serial) => format!("no device certificate of '{id}' has serial {serial}"),
+            }));
         }
-        let entry = RevokedCertificate {
-            id: id.to_string(),
-            serial: issued.serial,
-            revoked_at: OffsetDateTime::now_utc()
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_default(),
-        };
-        registry.revoked.push(entry.clone());
+        let revoked_at =
+            OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+        let entries: Vec<RevokedCertificate> = issued
+            .iter()
+            .filter(|c| !registry.revoked.iter().any(|r| r.serial == c.serial))
+            .map(|c| RevokedCertificate {
+                id: id.to_string(),
+                serial: c.serial.clone(),
+                revoked_at: revoked_at.clone(),
+            })
+            .collect();
+        if entries.is_empty() {
+            let serials: Vec<&str> = issued.iter().map(|c| c.serial.as_str()).collect();
+            return Err(PkiError::Invalid(format!("device '{id}' is already revoked (serial {})", serials.join(", "))));
+        }
+        registry.revoked.extend(entries.iter().cloned());
         self.write_crl(&mut registry)?;
         self.save_registry(&registry)?;
-        Ok(entry)
+        Ok(entries)
     }
 
     /// Signs the CRL of every revoked serial and writes it atomically (a reader never sees half).
@@ -338,15 +349,45 @@ impl Pki {
     }
 
     /// Renews the certificate of device `id` from its request, for a coordinator that renews
-    /// certificates online: the request must be for `id` (the identity the session proved).
-    /// Returns the record and the certificate (PEM).
+    /// certificates online: the request must be for `id` (the identity the session proved), the
+    /// session's certificate (`session_serial`) must be the id's newest, and it must end within
+    /// the policy's window. So each certificate renews once, near its end, and a stolen older key
+    /// cannot mint new certificates. Returns the record and the certificate (PEM).
     pub fn renew_device(
         &self,
         id: &str,
+        session_serial: &str,
         csr_pem: &str,
-        validity: std::time::Duration,
+        policy: RenewalPolicy,
     ) -> Result<(IssuedCertificate, String), PkiError> {
-        self.sign_device_request(csr_pem, validity, true, Some(id))
+        let registry = self.registry()?;
+        let newest = registry
+            .issued
+            .iter()
+            .rev()
+            .find(|c| c.kind == "device" && c.id == id)
+            .ok_or_else(|| PkiError::Invalid(format!("device '{id}' has no certificate to renew")))?;
+        if newest.serial != session_serial {
+            return Err(PkiError::Invalid(format!(
+                "this session's certificate (serial {session_serial}) is not the newest of device '{id}' (serial {}): \
+                 only the newest certificate renews",
+                newest.serial
+            )));
+        }
+        let not_after = OffsetDateTime::parse(&newest.not_after, &time::format_description::well_known::Rfc3339)
+            .map_err(|e| PkiError::Invalid(format!("registry: bad expiry '{}' for '{id}': {e}", newest.not_after)))?;
+        let window = Duration::try_from(policy.window)
+            .map_err(|_| PkiError::Invalid(format!("a renewal window of {:?} is out of range", policy.window)))?;
+        let opens = not_after - window;
+        if OffsetDateTime::now_utc() < opens {
+            return Err(PkiError::Invalid(format!(
+                "device '{id}''s certificate ends on {}; renewal opens {} before that, on {}",
+                newest.not_after,
+                describe_span(policy.window),
+                opens.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
+            )));
+        }
+        self.sign_device_request(csr_pem, policy.validity, true, Some(id))
     }
 
     /// Signs a request after `requested_device_id`'s checks; with `session_id`, only a request for
@@ -478,6 +519,15 @@ impl Pki {
     }
 }
 
+/// How a coordinator renews certificates online.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenewalPolicy {
+    /// Validity of a renewed certificate.
+    pub validity: std::time::Duration,
+    /// A certificate renews only once it ends within this time.
+    pub window: std::time::Duration,
+}
+
 fn device_params(id: &str) -> Result<CertificateParams, PkiError> {
     let mut params = CertificateParams::default();
     params.distinguished_name = dn(id);
@@ -494,7 +544,9 @@ fn days(days: u32) -> std::time::Duration {
 
 fn describe_span(span: std::time::Duration) -> String {
     let secs = span.as_secs();
-    if secs.is_multiple_of(86_400) {
+    if secs == 86_400 {
+        "1 day".into()
+    } else if secs.is_multiple_of(86_400) {
         format!("{} days", secs / 86_400)
     } else {
         format!("{secs} s")
@@ -661,8 +713,11 @@ mod tests {
         assert_ne!(fs::read_to_string(kit.join("key.pem")).unwrap(), pending);
         assert_eq!(pki.inspect_id("field-7").unwrap().serial, renewed.serial);
 
-        // A revoked id is not renewed.
-        pki.revoke("field-7").unwrap();
+        // A revoked id is not renewed; revoking it revokes both its certificates, the renewed one
+        // and the older one, still within its validity.
+        let revoked = pki.revoke("field-7", None).unwrap();
+        let serials: Vec<&str> = revoked.iter().map(|r| r.serial.as_str()).collect();
+        assert_eq!(serials, vec![signed.serial.as_str(), renewed.serial.as_str()]);
         csr::renew(&kit).unwrap();
         let again = fs::read_to_string(kit.join("request.csr")).unwrap();
         let err = pki.sign_request(&again, super::days(5), true, &out).unwrap_err().to_string();
@@ -694,14 +749,41 @@ mod tests {
         let kit = pki.kit_dir("brief");
         csr::renew(&kit).unwrap();
         let request = fs::read_to_string(kit.join("request.csr")).unwrap();
-        let err = pki.renew_device("someone-else", &request, super::days(5)).unwrap_err().to_string();
-        assert!(err.contains("the session is device 'someone-else'"), "{err}");
-        let (record, pem) = pki.renew_device("brief", &request, super::days(5)).unwrap();
+        let policy = RenewalPolicy { validity: super::days(5), window: super::days(1) };
+        let err = pki.renew_device("someone-else", &short.serial, &request, policy).unwrap_err().to_string();
+        assert!(err.contains("has no certificate to renew"), "{err}");
+        let (record, pem) = pki.renew_device("brief", &short.serial, &request, policy).unwrap();
         assert_eq!(record.renews.as_deref(), Some(short.serial.as_str()));
         let renewed = kit.join("renewed.pem");
         fs::write(&renewed, pem).unwrap();
         assert_eq!(csr::install(&kit, &renewed, None).unwrap(), "brief");
         assert!(pki.inspect_id("brief").unwrap().days_left >= 4);
+        // The old certificate cannot renew again (a thief holding its key mints nothing), and the
+        // new one only within the window before its end.
+        csr::renew(&kit).unwrap();
+        let request = fs::read_to_string(kit.join("request.csr")).unwrap();
+        let err = pki.renew_device("brief", &short.serial, &request, policy).unwrap_err().to_string();
+        assert!(err.contains("only the newest certificate renews"), "{err}");
+        let err = pki.renew_device("brief", &record.serial, &request, policy).unwrap_err().to_string();
+        assert!(err.contains("renewal opens 1 day before that"), "{err}");
+        let wide = RenewalPolicy { window: super::days(6), ..policy };
+        assert!(pki.renew_device("brief", &record.serial, &request, wide).is_ok());
+    }
+
+    #[test]
+    fn a_request_for_another_id_is_refused_online() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = new_ca(&dir.path().join("pki"));
+        let brief = device(&pki, "brief", 1).unwrap();
+        device(&pki, "other", 1).unwrap();
+        let kit = pki.kit_dir("brief");
+        csr::renew(&kit).unwrap();
+        let request = fs::read_to_string(kit.join("request.csr")).unwrap();
+        let policy = RenewalPolicy { validity: super::days(5), window: super::days(2) };
+        let other_serial = pki.inspect_id("other").unwrap().serial;
+        let err = pki.renew_device("other", &other_serial, &request, policy).unwrap_err().to_string();
+        assert!(err.contains("the session is device 'other'"), "{err}");
+        assert!(pki.renew_device("brief", &brief.serial, &request, policy).is_ok());
     }
 
     #[test]
@@ -759,8 +841,9 @@ mod tests {
         let empty = fs::read_to_string(Pki::crl_path(dir.path())).unwrap();
         assert!(empty.contains("BEGIN X509 CRL"));
         device(&pki, "lost-phone", 5).unwrap();
-        let revoked = pki.revoke("lost-phone").unwrap();
-        assert_eq!(revoked.serial, "2");
+        let revoked = pki.revoke("lost-phone", None).unwrap();
+        assert_eq!(revoked.len(), 1);
+        assert_eq!(revoked[0].serial, "2");
         let pem = fs::read(Pki::crl_path(dir.path())).unwrap();
         let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
         use x509_parser::prelude::FromDer;
@@ -768,8 +851,9 @@ mod tests {
         let serials: Vec<u64> =
             crl.iter_revoked_certificates().map(|r| r.user_certificate.to_u64_digits()[0]).collect();
         assert_eq!(serials, vec![2]);
-        assert!(pki.revoke("lost-phone").unwrap_err().to_string().contains("already revoked"));
-        assert!(pki.revoke("nobody").unwrap_err().to_string().contains("no device certificate"));
+        assert!(pki.revoke("lost-phone", None).unwrap_err().to_string().contains("already revoked"));
+        assert!(pki.revoke("nobody", None).unwrap_err().to_string().contains("no device certificate"));
+        assert!(pki.revoke("lost-phone", Some("9")).unwrap_err().to_string().contains("serial 9"));
         assert_eq!(pki.inspect_id("lost-phone").unwrap().revoked, Some(true));
     }
 

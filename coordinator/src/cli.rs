@@ -176,6 +176,19 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             secure.max_participants,
             quantizer.sum_error_bound(secure.max_participants)
         );
+        let size = secure.round_size();
+        let smallest = secure.parameters_for(config.round.min_devices.max(size.min))?;
+        println!(
+            "secure aggregation: a round is run with {}–{} devices (a draw outside that sends no task and the \
+             round is skipped); warning: a rank slot is revealed only when at least threshold + 1 surviving devices \
+             hold it ({} in a round of {} devices): slots that fewer devices' ranks reach are never unmasked and \
+             keep their previous global values, so give every rank tier at least {} devices (docs/security.md)",
+            size.min,
+            size.max,
+            smallest.min_holders(),
+            config.round.min_devices.max(size.min),
+            smallest.min_holders(),
+        );
     }
     Ok(())
 }

@@ -60,11 +60,14 @@ pub struct RenewalSection {
     pub ca_password_file: Option<PathBuf>,
     /// Validity of a renewed certificate, in days.
     pub device_validity_days: u32,
+    /// A certificate is renewed only once it ends within this many days, and only the id's newest
+    /// certificate renews: one renewal per certificate, so a stolen older key cannot mint more.
+    pub renew_within_days: u32,
 }
 
 impl Default for RenewalSection {
     fn default() -> Self {
-        RenewalSection { pki: None, ca_password_file: None, device_validity_days: 30 }
+        RenewalSection { pki: None, ca_password_file: None, device_validity_days: 30, renew_within_days: 7 }
     }
 }
 
@@ -374,6 +377,7 @@ impl CoordinatorConfig {
         );
         anyhow::ensure!(self.round.min_updates >= 1, "round.min_updates must be at least 1");
         anyhow::ensure!(self.renewal.device_validity_days >= 1, "renewal.device_validity_days must be at least 1");
+        anyhow::ensure!(self.renewal.renew_within_days >= 1, "renewal.renew_within_days must be at least 1");
         anyhow::ensure!(
             self.renewal.pki.is_some() || self.renewal.ca_password_file.is_none(),
             "renewal.ca_password_file is set but renewal.pki is not"

@@ -12,6 +12,8 @@ use crate::config::RenewalSection;
 pub struct Renewal {
     pki: Arc<Pki>,
     validity: Duration,
+    /// A certificate is renewed only once it ends within this time.
+    window: Duration,
     /// The CA's registry is one file: sign one request at a time.
     signing: tokio::sync::Mutex<()>,
 }
@@ -31,15 +33,18 @@ impl Renewal {
         Ok(Some(Renewal {
             pki: Arc::new(pki),
             validity: Duration::from_secs(u64::from(section.device_validity_days) * 86_400),
+            window: Duration::from_secs(u64::from(section.renew_within_days) * 86_400),
             signing: tokio::sync::Mutex::new(()),
         }))
     }
 
-    /// A new certificate (PEM) for `device` from its request, and when it expires.
-    pub async fn renew(&self, device: &str, csr_pem: String) -> Result<(String, String), String> {
+    /// A new certificate (PEM) for `device` from its request, made over a session opened with the
+    /// certificate of `serial`, and when it expires.
+    pub async fn renew(&self, device: &str, serial: &str, csr_pem: String) -> Result<(String, String), String> {
         let _turn = self.signing.lock().await;
-        let (pki, device, validity) = (self.pki.clone(), device.to_string(), self.validity);
-        let signed = tokio::task::spawn_blocking(move || pki.renew_device(&device, &csr_pem, validity))
+        let (pki, device, serial) = (self.pki.clone(), device.to_string(), serial.to_string());
+        let policy = flotilla_certs::RenewalPolicy { validity: self.validity, window: self.window };
+        let signed = tokio::task::spawn_blocking(move || pki.renew_device(&device, &serial, &csr_pem, policy))
             .await
             .map_err(|e| format!("signing failed: {e}"))?;
         signed.map(|(record, pem)| (pem, record.not_after)).map_err(|e| e.to_string())

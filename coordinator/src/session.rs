@@ -40,6 +40,8 @@ pub(crate) struct SessionContext {
     pub base_version: String,
     pub inputs: mpsc::UnboundedSender<DriverInput>,
     pub renewal: Option<crate::renewal::Renewal>,
+    /// The serials the CRL revokes, as of its last reload.
+    pub revoked: crate::setup::RevokedSerials,
 }
 
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SessionContext>) {
@@ -58,7 +60,7 @@ pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SessionCo
 
 async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionContext>) {
     let remote = connection.remote_address();
-    let (identity, certificate_expiry) = match tls::peer_device(&connection) {
+    let peer = match tls::peer_device(&connection) {
         Ok(peer) => peer,
         Err(error) => {
             warn!(%remote, "refusing connection: {error}");
@@ -66,6 +68,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
             return;
         }
     };
+    let identity = peer.id.clone();
     let rank = match admit(&connection, &identity, &shared).await {
         Ok(rank) => rank,
         Err(error) if error.chain().any(|e| e.is::<tokio::time::error::Elapsed>()) => {
@@ -85,11 +88,13 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
     info!(device = %identity, %remote, rank, "device joined");
     let _ = shared.inputs.send(DriverInput::Joined { device: identity.clone(), rank, connection: connection.clone() });
 
-    // The handshake checked the certificate once; a session does not outlive it. What the device
-    // is sending when it expires is still taken.
-    let expires_in = certificate_expiry.duration_since(std::time::SystemTime::now()).unwrap_or_default();
+    // The handshake checked the certificate once; a session does not outlive it, nor its
+    // revocation. What the device is sending when it expires is still taken.
+    let expires_in = peer.not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
     let expired = tokio::time::sleep(expires_in);
     tokio::pin!(expired);
+    let mut revoked = shared.revoked.clone();
+    revoked.mark_changed();
     loop {
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
@@ -97,6 +102,15 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
                 info!(device = %identity, "certificate expired; closing the session");
                 metrics::counter!("fl_sessions_closed_total", "reason" => "certificate_expired").increment(1);
                 connection.close(close::CERTIFICATE_EXPIRED.into(), b"certificate expired");
+                break;
+            }
+            Ok(()) = revoked.changed() => {
+                if !revoked.borrow_and_update().contains(&peer.serial) {
+                    continue;
+                }
+                warn!(device = %identity, serial = %peer.serial, "certificate revoked; closing the session");
+                metrics::counter!("fl_sessions_closed_total", "reason" => "certificate_revoked").increment(1);
+                connection.close(close::REVOKED.into(), b"certificate revoked");
                 break;
             }
         };
@@ -115,7 +129,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
                 break;
             }
         };
-        answer_stream(&identity, &shared, send, recv).await;
+        answer_stream(&peer, &shared, send, recv).await;
     }
     let _ = shared.inputs.send(DriverInput::Left { device: identity, connection_id: connection.stable_id() });
 }
@@ -123,11 +137,12 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
 /// Reads one device-opened stream's message and answers it: an upload goes to the round driver,
 /// a renewal to the CA, a checkpoint fetch to its own task.
 async fn answer_stream(
-    identity: &str,
+    peer: &tls::PeerDevice,
     shared: &Arc<SessionContext>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
+    let identity = peer.id.as_str();
     let response = match read_frame_decoded::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
         Ok((DeviceMessage::FetchBase(request), _)) => {
             // Served on its own task: a device's uploads do not wait behind its download.
@@ -163,7 +178,7 @@ async fn answer_stream(
             };
             secure_request(identity, shared, request, bytes).await
         }
-        Ok((DeviceMessage::RenewCertificate(request), _)) => renew(identity, request.csr_pem, shared).await,
+        Ok((DeviceMessage::RenewCertificate(request), _)) => renew(peer, request.csr_pem, shared).await,
         Ok((other, _)) => {
             CoordinatorMessage::Reject(Reject { round: 0, reason: format!("unexpected message {}", other.name()) })
         }
@@ -211,16 +226,18 @@ fn shutting_down(round: u32) -> CoordinatorMessage {
     CoordinatorMessage::Reject(Reject { round, reason: "coordinator is shutting down".into() })
 }
 
-/// RenewCertificate → CertificateRenewed, or Refusal when renewal is off or the request is not
-/// for this session's own id.
-async fn renew(identity: &str, csr_pem: String, shared: &SessionContext) -> CoordinatorMessage {
+/// RenewCertificate → CertificateRenewed, or Refusal when renewal is off, the request is not for
+/// this session's own id, or the session's certificate is not the id's newest or not yet within
+/// the renewal window.
+async fn renew(peer: &tls::PeerDevice, csr_pem: String, shared: &SessionContext) -> CoordinatorMessage {
+    let identity = peer.id.as_str();
     let Some(renewal) = &shared.renewal else {
         metrics::counter!("fl_certificate_renewals_total", "status" => "refused").increment(1);
         return CoordinatorMessage::Refusal(Refusal {
             reason: "this coordinator does not renew certificates; renew at the CA (flotilla-certs renew, sign --renew, install)".into(),
         });
     };
-    match renewal.renew(identity, csr_pem).await {
+    match renewal.renew(identity, &peer.serial, csr_pem).await {
         Ok((certificate_pem, not_after)) => {
             info!(device = %identity, %not_after, "certificate renewed");
             metrics::counter!("fl_certificate_renewals_total", "status" => "renewed").increment(1);

@@ -2,6 +2,7 @@
 //! model (pretrained if configured), the checkpoint to resume from, the evaluation set, the
 //! aggregation worker, the QUIC endpoint and the metrics port — then the round driver.
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -66,7 +67,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         config.secure_aggregation.as_ref().map(|_| flotilla_torch::aggregate::secure::layout(&start.initial_global));
     let (worker, initial_evaluation) =
         start_worker(&config, &base, start.initial_global, start.first_round, report_evaluation)?;
-    let endpoint = open_endpoint(&config)?;
+    let (endpoint, revoked) = open_endpoint(&config)?;
     let status = open_ports(&config, &endpoint).await?;
 
     let config = Arc::new(config);
@@ -87,6 +88,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         config: config.clone(),
         inputs: inputs.clone(),
         renewal,
+        revoked,
     });
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), context));
     // A resumed run continues the records of the rounds before its checkpoint.
@@ -262,17 +264,26 @@ fn start_worker(
     Ok((worker, initial_evaluation))
 }
 
-/// The QUIC endpoint, with the CRL watched for changes.
-fn open_endpoint(config: &CoordinatorConfig) -> anyhow::Result<quinn::Endpoint> {
+/// The serials the CRL revokes, as sessions watch them.
+pub(crate) type RevokedSerials = tokio::sync::watch::Receiver<Arc<BTreeSet<String>>>;
+
+/// The QUIC endpoint, with the CRL watched for changes, and the serials it revokes (live sessions
+/// of a serial revoked later are closed).
+fn open_endpoint(config: &CoordinatorConfig) -> anyhow::Result<(quinn::Endpoint, RevokedSerials)> {
     let kit = KitPaths::in_dir(&config.tls.kit);
     let crl = config.tls.crl.clone();
     let reset_secret = crate::reset_secret::load_or_create(&config.server.run_dir)?;
     let endpoint = quic::server_endpoint(config.server.listen, &kit, crl.as_deref(), &config.transport, &reset_secret)
         .context("cannot start the QUIC endpoint")?;
+    let initial = match &crl {
+        Some(path) => flotilla_wire::tls::revoked_serials(path).context("[tls] crl")?,
+        None => BTreeSet::new(),
+    };
+    let (publish, revoked) = tokio::sync::watch::channel(Arc::new(initial));
     if let Some(crl) = crl {
-        tokio::spawn(reload_crl(endpoint.clone(), kit, crl, config.clone()));
+        tokio::spawn(reload_crl(endpoint.clone(), kit, crl, config.clone(), publish));
     }
-    Ok(endpoint)
+    Ok((endpoint, revoked))
 }
 
 /// The metrics port, then the address file: every port listens before the file says the
@@ -292,8 +303,15 @@ async fn open_ports(config: &CoordinatorConfig, endpoint: &quinn::Endpoint) -> a
 }
 
 /// Watches the CRL file and swaps the endpoint's TLS configuration when it changes: new handshakes
-/// see revocations without a restart. A broken CRL is logged and the previous one stays in force.
-async fn reload_crl(endpoint: quinn::Endpoint, kit: KitPaths, crl: PathBuf, config: CoordinatorConfig) {
+/// see revocations without a restart, and live sessions whose certificate it now lists are closed
+/// (`publish`). A broken CRL is logged and the previous one stays in force.
+async fn reload_crl(
+    endpoint: quinn::Endpoint,
+    kit: KitPaths,
+    crl: PathBuf,
+    config: CoordinatorConfig,
+    publish: tokio::sync::watch::Sender<Arc<BTreeSet<String>>>,
+) {
     let modified = |path: &PathBuf| std::fs::metadata(path).and_then(|m| m.modified()).ok();
     let mut last = modified(&crl);
     let mut ticker = tokio::time::interval(Duration::from_secs(config.tls.crl_reload_secs.max(1)));
@@ -304,10 +322,13 @@ async fn reload_crl(endpoint: quinn::Endpoint, kit: KitPaths, crl: PathBuf, conf
             continue;
         }
         last = now;
-        match quic::server_config(&kit, Some(&crl), &config.transport) {
-            Ok(server_config) => {
+        let reloaded = quic::server_config(&kit, Some(&crl), &config.transport)
+            .and_then(|server_config| Ok((server_config, flotilla_wire::tls::revoked_serials(&crl)?)));
+        match reloaded {
+            Ok((server_config, serials)) => {
                 endpoint.set_server_config(Some(server_config));
-                info!(crl = %crl.display(), "revocation list reloaded");
+                info!(crl = %crl.display(), revoked = serials.len(), "revocation list reloaded");
+                publish.send_replace(Arc::new(serials));
             }
             Err(error) => warn!(crl = %crl.display(), "revocation list not reloaded, the previous one stays: {error}"),
         }

@@ -157,6 +157,13 @@ fn classify(
                 String::from_utf8_lossy(&close.reason)
             ))
         }
+        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == close::REVOKED.into() => {
+            SessionError::Fatal(format!(
+                "the coordinator ended the session: this device's certificate was revoked ({}); ask the operator \
+                 for a new kit",
+                String::from_utf8_lossy(&close.reason)
+            ))
+        }
         Some(quinn::ConnectionError::ApplicationClosed(close))
             if close.error_code == close::CERTIFICATE_EXPIRED.into() =>
         {

@@ -10,6 +10,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use flotilla_tests::wire::{self, Reply};
 use flotilla_tests::{
     binary, check_config, edge_run, free_tcp_port, free_udp_port, http_get, metric_value, provision, read_safetensors,
     start_coordinator, Matrix, Process,
@@ -19,8 +20,11 @@ use flotilla_tests::{
 /// or `before-unmask`)
 type Device = (&'static str, u32, u32, Option<&'static str>);
 
+/// Every slot is held by at least three devices (threshold 2 + 1), so every slot is revealed and
+/// the secure round must equal the plain one; the phone is the one that drops in the dropout test,
+/// which leaves three holders of every slot.
 const DEVICES: [Device; 4] =
-    [("phone-1", 2, 32, None), ("phone-2", 2, 64, None), ("laptop-1", 4, 48, None), ("laptop-2", 4, 96, None)];
+    [("laptop-1", 4, 32, None), ("laptop-2", 4, 64, None), ("laptop-3", 4, 48, None), ("phone-1", 2, 96, None)];
 
 /// Whether a device's masked update reaches the coordinator.
 fn uploads(device: &Device) -> bool {
@@ -32,6 +36,131 @@ fn uploads(device: &Device) -> bool {
 /// by a coverage weight of at least 0.75, within 2e-7. The tolerance leaves room for float
 /// rounding in the two paths' different summation orders.
 const TOLERANCE: f64 = 2e-5;
+
+/// Ranks 2/4/8/16 as in the README's fleet: at threshold 2 a revealed slot needs three holders, so
+/// only slots 1–4 are revealed; slots 5–16 (two holders, then one) are never unmasked and keep
+/// their global values round after round. The plain round trains them, so the test can fail.
+#[test]
+fn a_slot_fewer_than_threshold_plus_one_devices_hold_is_never_revealed() {
+    let fleet: [Device; 4] =
+        [("phone-1", 2, 64, None), ("laptop-1", 4, 64, None), ("desktop-1", 8, 64, None), ("gpu-1", 16, 64, None)];
+    let edit = |config: String| {
+        config.replace("max_rank = 4", "max_rank = 16").replace("rounds = 1", "rounds = 2").replace("[12]", "[32]")
+    };
+    let secure_dir = tempfile::tempdir().unwrap();
+    let (_, summary) = run_round_with(secure_dir.path(), "rbla", &fleet, None, true, &edit);
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain, _) = run_round_with(plain_dir.path(), "rbla", &fleet, None, false, &edit);
+    for round in [0, 1] {
+        let record = &summary["rounds"][round]["secure"];
+        assert_eq!(record["survivors"], 4, "{record}");
+        assert_eq!(record["revealed_rank"], 4, "{record}");
+    }
+    let global = |round: u32| {
+        read_safetensors(&secure_dir.path().join(format!("global/round-{round}/adapter_model.safetensors"))).0
+    };
+    let (first, second) = (global(1), global(2));
+    let mut checked = 0;
+    for (name, b) in second.iter().filter(|(n, _)| n.contains("lora_B")) {
+        // Slots 1–4 trained; slots 5–16 are still the initial zeros after two rounds.
+        let column = |m: &Matrix, c: usize| (0..m.rows).map(|r| m.at(r, c).abs()).fold(0.0, f64::max);
+        assert!((0..4).all(|c| column(b, c) > 0.0), "{name}: the revealed slots moved");
+        assert!((4..16).all(|c| column(b, c) == 0.0), "{name}: an unrevealed slot moved");
+        assert!((4..16).any(|c| column(&plain[name], c) > 0.0), "{name}: the plain round trains slots 5–16");
+        let a = &second[&name.replace("lora_B", "lora_A")];
+        let a_first = &first[&name.replace("lora_B", "lora_A")];
+        for row in 4..16 {
+            for col in 0..a.cols {
+                assert_eq!(a.at(row, col), a_first.at(row, col), "{name}: A row {row} is the previous global's");
+            }
+        }
+        checked += 1;
+    }
+    assert!(checked > 0);
+}
+
+/// Poisson sampling (under `[privacy]`) draws 1 or 2 of 3 devices about 3 rounds in 4: too few
+/// to secure. Such a round sends no task at all (before, it went out in the clear): every task the
+/// devices receive has its secure part, and the run records each refused draw as a skipped round.
+/// The devices here are the test's own protocol implementation, which reads every task it gets.
+#[test]
+fn a_poisson_draw_too_small_to_secure_sends_no_task() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let ids = ["d-1", "d-2", "d-3"];
+    provision(&run.join("pki"), &ids);
+    let config = config(run, "rbla", 3, 3, true)
+        .replace("rounds = 1", "rounds = 12\nfraction = 0.5\ndeadline_secs = 2")
+        .replace("phase_secs = 5", "phase_secs = 1")
+        + "[privacy]\nmode = \"distributed\"\nclip_norm = 1.0\nnoise_multiplier = 1.0\nepsilon = 1000.0\n\
+           delta = 1e-5\n";
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let address: std::net::SocketAddr = address.parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let tasks: Vec<(u32, bool)> = runtime.block_on(async {
+        let mut devices = Vec::new();
+        for id in ids {
+            let endpoint = wire::endpoint(&wire::ClientCredentials::kit(&run.join("pki/kits").join(id))).unwrap();
+            let connection = wire::connect(&endpoint, address).await.unwrap();
+            assert!(matches!(wire::hello(&connection, id, 2).await.unwrap(), Reply::Welcome { .. }));
+            devices.push((endpoint, connection));
+        }
+        let mut tasks = Vec::new();
+        for (_, connection) in &devices {
+            // Each device reads what is pushed to it until the run is over.
+            loop {
+                match wire::next_push(connection, Duration::from_secs(120)).await {
+                    Ok(Reply::RoundTask { task, .. }) => tasks.push((task.round, task.secure.is_some())),
+                    Ok(Reply::Finished { .. }) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        }
+        tasks
+    });
+    assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.logs());
+    assert!(tasks.iter().all(|(_, secure)| *secure), "a task without its secure part went out: {tasks:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap();
+    let skipped = summary["skipped"].as_array().unwrap_or_else(|| panic!("no skipped rounds: {summary}"));
+    let refused: Vec<u64> = skipped
+        .iter()
+        .filter(|s| s["reason"].as_str().is_some_and(|r| r.contains("a round needs at least 3")))
+        .map(|s| s["round"].as_u64().unwrap())
+        .collect();
+    // P(no draw of 1 or 2 in 12 rounds) = (1/4)^12.
+    assert!(!refused.is_empty(), "{summary}");
+    for round in &refused {
+        assert!(!tasks.iter().any(|(r, _)| u64::from(*r) == *round), "round {round} was refused, yet a task went out");
+    }
+    let rows: serde_json::Value = serde_json::from_slice(&std::fs::read(run.join("rounds.json")).unwrap()).unwrap();
+    let skipped_rows = rows.as_array().unwrap().iter().filter(|r| r["skipped"].is_string()).count();
+    assert_eq!(skipped_rows, skipped.len(), "rounds.json lists every skipped round: {rows}");
+    assert!(coordinator.stderr_text().contains("no task was sent"), "{}", coordinator.logs());
+}
+
+/// A device with `--require-secure` refuses a coordinator without secure aggregation: it trains and
+/// uploads nothing, says why, and the coordinator logs the refusal.
+#[test]
+fn a_device_that_requires_secure_aggregation_refuses_a_plain_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &["phone-1"]);
+    let (mut coordinator, address) = start_coordinator(
+        run,
+        &config(run, "rbla", 1, 1, false).replace("grace_secs = 1", "grace_secs = 1\ndeadline_secs = 3"),
+    );
+    let mut device = Process::spawn(
+        "phone-1",
+        edge_run(&address, &run.join("pki/kits/phone-1"), 2, 32).arg("--require-secure"),
+        &run.join("logs"),
+    );
+    let status = device.wait(Duration::from_secs(60));
+    assert!(!status.success(), "{}", device.logs());
+    assert!(device.stderr_text().contains("refuses to train or upload in the clear"), "{}", device.logs());
+    assert!(!device.stderr_text().contains("uploading"), "{}", device.logs());
+    coordinator.wait_for_stderr("device refused its round task", Duration::from_secs(30));
+    coordinator.kill();
+}
 
 fn config(run: &Path, method: &str, min_devices: usize, min_updates: usize, secure: bool) -> String {
     let mut config = format!(
@@ -104,6 +233,35 @@ fn run_round_with(
     (global, summary)
 }
 
+/// No file the coordinator wrote names a device, its sample count or its local metrics.
+fn assert_nothing_of_one_device_is_kept(run: &Path, ids: &[&str]) {
+    let mut files = Vec::new();
+    let mut pending = vec![run.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                // The test's own logs and the PKI are not the coordinator's output.
+                if name != "logs" && name != "pki" {
+                    pending.push(path);
+                }
+            } else {
+                files.push(path);
+            }
+        }
+    }
+    let mut checked = 0;
+    for file in files.iter().filter(|f| f.extension().is_some_and(|e| e == "json" || e == "csv")) {
+        let text = std::fs::read_to_string(file).unwrap();
+        for needle in ids.iter().copied().chain(["num_samples", "loss_before", "loss_after", "train_seconds"]) {
+            assert!(!text.contains(needle), "{} holds '{needle}':\n{text}", file.display());
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4, "summary, rounds.json, rounds.csv and a checkpoint's state: {files:?}");
+}
+
 fn largest_difference(a: &HashMap<String, Matrix>, b: &HashMap<String, Matrix>) -> f64 {
     assert_eq!(a.keys().collect::<std::collections::BTreeSet<_>>(), b.keys().collect());
     a.iter().flat_map(|(name, m)| m.values.iter().zip(&b[name].values).map(|(x, y)| (x - y).abs())).fold(0.0, f64::max)
@@ -131,14 +289,10 @@ fn a_secure_round_gives_the_plain_rounds_result_for_every_method_with_a_sums_for
         assert!(record["discarded"].is_null(), "{method}: {record}");
         let bound = record["sum_error_bound"].as_f64().unwrap();
         assert!(bound > 0.0 && bound < 1e-6, "{method}: {record}");
-        // The coordinator never learns a device's sample count.
-        let counts: Vec<u64> = summary["rounds"][0]["updates"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|u| u["num_samples"].as_u64().unwrap())
-            .collect();
-        assert_eq!(counts, vec![0; 4], "{method}");
+        assert_eq!(record["revealed_rank"], 4, "{method}: every slot has three holders or more: {record}");
+        // The coordinator never learns a device's sample count or metrics, and keeps nothing of
+        // one device but its rank.
+        assert_nothing_of_one_device_is_kept(secure_dir.path(), &DEVICES.map(|d| d.0));
         let difference = largest_difference(&plain, &secure);
         eprintln!("{method}: secure − plain ≤ {difference:.2e}, largest |B| {:.3}; {record}", largest_b(&plain));
         assert!(difference < TOLERANCE, "{method}: the secure round differs from the plain one by {difference}");
@@ -148,12 +302,12 @@ fn a_secure_round_gives_the_plain_rounds_result_for_every_method_with_a_sums_for
 
 #[test]
 fn a_device_that_drops_at_any_phase_is_left_out_or_recovered() {
-    // (where the fourth device drops, whether its update is in the sums, devices recovered)
+    // (where the phone drops, whether its update is in the sums, devices recovered)
     for (point, counted, recovered) in
         [("before-keys", false, 0), ("after-shares", false, 1), ("before-unmask", true, 0)]
     {
         let mut fleet = DEVICES;
-        fleet[3].3 = Some(point);
+        fleet[3].3 = Some(point); // the phone: three laptops still hold every slot
         let expected: Vec<Device> = if counted { DEVICES.to_vec() } else { DEVICES[..3].to_vec() };
         let plain_dir = tempfile::tempdir().unwrap();
         let secure_dir = tempfile::tempdir().unwrap();

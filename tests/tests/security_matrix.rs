@@ -272,7 +272,7 @@ fn a_device_refuses_a_coordinator_of_another_protocol_version() {
     provision(&pki, &["phone"]);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let server =
-        runtime.block_on(async { wire::server_endpoint(&pki.join("kits/coordinator"), b"flotilla/3") }).unwrap();
+        runtime.block_on(async { wire::server_endpoint(&pki.join("kits/coordinator"), b"flotilla/4") }).unwrap();
     let address = server.local_addr().unwrap();
     let accepting = server.clone();
     runtime.spawn(async move {

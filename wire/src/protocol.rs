@@ -112,6 +112,9 @@ pub mod close {
     /// The device refuses its round task (it is below the device's privacy floor); the reason text
     /// follows. The device stops: the same coordinator would send the same task again.
     pub const REFUSED_TASK: u32 = 5;
+    /// The certificate the session was opened with has been revoked (the coordinator reloaded its
+    /// CRL): the session ends at once, and the device cannot reconnect with it.
+    pub const REVOKED: u32 = 6;
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -155,13 +155,52 @@ pub fn own_device_id(kit: &KitPaths) -> Result<String, TlsError> {
         .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a device certificate: {e}") })
 }
 
-/// The device id bound to an authenticated QUIC connection, and when its certificate expires.
-pub fn peer_device(connection: &quinn::Connection) -> Result<(String, std::time::SystemTime), TlsError> {
+/// The device bound to an authenticated QUIC connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerDevice {
+    pub id: String,
+    /// When its certificate stops being valid.
+    pub not_after: std::time::SystemTime,
+    /// Its certificate's serial, in lowercase hex without leading zeros (as the CA's registry and
+    /// [`revoked_serials`] write it).
+    pub serial: String,
+}
+
+/// The device bound to an authenticated QUIC connection: its id, expiry and serial.
+pub fn peer_device(connection: &quinn::Connection) -> Result<PeerDevice, TlsError> {
     let identity =
         connection.peer_identity().ok_or_else(|| TlsError::PeerCertificate("peer presented no certificate".into()))?;
     let chain = identity
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| TlsError::PeerCertificate("unexpected peer identity type".into()))?;
     let leaf = chain.first().ok_or_else(|| TlsError::PeerCertificate("empty certificate chain".into()))?;
-    Ok((device_id_from_certificate(leaf)?, certificate_not_after(leaf)?))
+    Ok(PeerDevice {
+        id: device_id_from_certificate(leaf)?,
+        not_after: certificate_not_after(leaf)?,
+        serial: certificate_serial(leaf)?,
+    })
+}
+
+/// A certificate's serial in lowercase hex without leading zeros.
+pub fn certificate_serial(der: &[u8]) -> Result<String, TlsError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| TlsError::PeerCertificate(format!("cannot parse: {e}")))?;
+    Ok(format!("{:x}", cert.serial))
+}
+
+/// The serials a PEM revocation list (from `flotilla-certs`) lists, in the form of
+/// [`certificate_serial`]. Its signature is checked where it is used for handshakes
+/// ([`server_config`]); this only reads it, to close sessions it revokes.
+pub fn revoked_serials(path: &Path) -> Result<std::collections::BTreeSet<String>, TlsError> {
+    let file_err = |message: String| TlsError::File { path: path.to_path_buf(), message };
+    let mut serials = std::collections::BTreeSet::new();
+    for crl in
+        CertificateRevocationListDer::pem_file_iter(path).map_err(|e| file_err(format!("cannot read the CRL: {e}")))?
+    {
+        let crl = crl.map_err(|e| file_err(format!("not a valid PEM CRL: {e}")))?;
+        let (_, parsed) = x509_parser::revocation_list::CertificateRevocationList::from_der(&crl)
+            .map_err(|e| file_err(format!("not a valid CRL: {e}")))?;
+        serials.extend(parsed.iter_revoked_certificates().map(|r| format!("{:x}", r.user_certificate)));
+    }
+    Ok(serials)
 }
