@@ -49,3 +49,73 @@ fn a_device_revoked_while_the_coordinator_runs_is_refused() {
     }
     assert!(coordinator.stdout_text().contains("run finished: 1 round(s)"), "{}", coordinator.logs());
 }
+
+/// Revoking a device that renewed its certificate revokes both certificates (the old one is still
+/// within its validity, and a thief may hold its key), and a session opened before the revocation
+/// is cut when the coordinator reloads its CRL: the device stops with the reason, and the old
+/// certificate is refused in the handshake.
+#[test]
+fn revoking_a_renewed_device_locks_out_both_certificates_and_cuts_its_live_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["phone", "absent"]);
+    let kit = pki.join("kits/phone");
+    // The old certificate and key, as a thief might have copied them.
+    let old_kit = run.join("old-kit");
+    std::fs::create_dir_all(&old_kit).unwrap();
+    for file in ["ca.crt", "cert.pem", "key.pem"] {
+        std::fs::copy(kit.join(file), old_kit.join(file)).unwrap();
+    }
+    // Renewal at the CA: request, sign --renew, install.
+    let run_certs = |args: &[&str]| {
+        let output = Command::new(binary("flotilla-certs")).args(args).output().unwrap();
+        assert!(output.status.success(), "{args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    };
+    let kit_arg = kit.to_str().unwrap();
+    run_certs(&["renew", "--kit", kit_arg]);
+    let signed = run.join("signed");
+    let request = kit.join("request.csr");
+    run_certs(&[
+        "--dir",
+        pki.to_str().unwrap(),
+        "sign",
+        "--renew",
+        "--csr",
+        request.to_str().unwrap(),
+        "--out",
+        signed.to_str().unwrap(),
+    ]);
+    run_certs(&["install", "--kit", kit_arg, "--cert", signed.join("cert.pem").to_str().unwrap()]);
+
+    // Two devices are needed, and only one comes: the phone's session stays open, waiting.
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\ncrl = \"{run}/pki/crl.pem\"\ncrl_reload_secs = 1\n\
+         [round]\nrounds = 1\nmin_devices = 2\nlocal_steps = 10\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    );
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let logs = run.join("logs");
+    let edge = |kit: &std::path::Path| {
+        let mut command = Command::new(binary("flotilla-edge"));
+        command.args(["run", "--coordinator", &address, "--rank", "2", "--samples", "64", "--kit"]).arg(kit);
+        command
+    };
+    let mut phone = Process::spawn("phone", &mut edge(&kit), &logs);
+    coordinator.wait_for_stderr("device joined", Duration::from_secs(60));
+
+    let revoked = String::from_utf8_lossy(&certs(&pki, &["revoke", "--id", "phone"]).stdout).to_string();
+    assert!(revoked.contains("revoked device 'phone' (serials "), "{revoked}");
+    assert_eq!(phone.wait(Duration::from_secs(30)).code(), Some(2), "{}", phone.logs());
+    assert!(phone.stderr_text().contains("certificate was revoked"), "{}", phone.logs());
+    assert!(coordinator.stderr_text().contains("certificate revoked; closing the session"), "{}", coordinator.logs());
+
+    for (name, kit) in [("phone-new", &kit), ("phone-old", &old_kit)] {
+        let mut again = Process::spawn(name, &mut edge(kit), &logs);
+        assert_eq!(again.wait(Duration::from_secs(60)).code(), Some(2), "{}", again.logs());
+        assert!(again.stderr_text().contains("refused this device's certificate"), "{}", again.logs());
+    }
+    coordinator.kill();
+}
