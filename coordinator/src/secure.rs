@@ -116,17 +116,27 @@ impl SecureAggregationSection {
         flotilla_engine::RoundSize { min, max }
     }
 
-    /// The round's parameters for `participants` devices: the degree is at most participants − 1.
+    /// The round's parameters for `participants` devices. Their degree is the number of
+    /// neighbours each device really has: `degree` rounded up to even (the graph is circulant), or
+    /// every other device in a smaller round. The threshold must be above half of it, so that a
+    /// coordinator that lied could not rebuild both of a device's secrets from two halves.
     pub fn parameters_for(&self, participants: usize) -> anyhow::Result<Parameters> {
-        let degree = self.degree.min(participants.saturating_sub(1));
-        let threshold = self.threshold.unwrap_or((degree / 2 + 1).max(2));
+        let neighbours = (self.degree.div_ceil(2) * 2).min(participants.saturating_sub(1));
+        let threshold = self.threshold.unwrap_or((neighbours / 2 + 1).max(2));
         anyhow::ensure!(
-            threshold <= degree,
-            "in a round of {participants} device(s) each has {degree} neighbour(s), fewer than the secure aggregation \
-             threshold {threshold}: it needs rounds of at least {} devices",
+            threshold <= neighbours,
+            "in a round of {participants} device(s) each has {neighbours} neighbour(s), fewer than the secure \
+             aggregation threshold {threshold}: it needs rounds of at least {} devices",
             threshold + 1
         );
-        Ok(Parameters { threshold, degree, range: self.range, max_participants: self.max_participants })
+        anyhow::ensure!(
+            2 * threshold > neighbours,
+            "in a round of {participants} devices each has {neighbours} neighbours, and a threshold of {threshold} is \
+             not above half of them (a coordinator that lied could rebuild both of a device's secrets); set \
+             [secure_aggregation] threshold to at least {}",
+            neighbours / 2 + 1
+        );
+        Ok(Parameters { threshold, degree: neighbours, range: self.range, max_participants: self.max_participants })
     }
 }
 
@@ -496,7 +506,14 @@ mod tests {
         assert_eq!(s.parameters_for(100).unwrap().threshold, 9);
         let fixed = SecureAggregationSection { threshold: Some(4), ..section() };
         assert!(fixed.parameters_for(4).is_err(), "4 of 3 neighbours");
-        assert_eq!(fixed.parameters_for(10).unwrap().threshold, 4);
+        assert_eq!(fixed.parameters_for(7).unwrap().threshold, 4);
+        let half = fixed.parameters_for(10).unwrap_err().to_string();
+        assert!(half.contains("not above half") && half.contains("at least 5"), "{half}");
+        // An odd degree is rounded up to even by the graph: 15 asks for 16 neighbours, and the
+        // default threshold is a majority of those 16, not of 15.
+        let odd = SecureAggregationSection { degree: 15, ..section() };
+        assert_eq!(odd.parameters_for(100).unwrap().degree, 16);
+        assert_eq!(odd.parameters_for(100).unwrap().threshold, 9);
     }
 
     #[test]

@@ -63,7 +63,7 @@ pub(crate) async fn agree_secure_round(
 pub(crate) async fn reveal_unmasking_shares(
     connection: &quinn::Connection,
     limits: &FrameLimits,
-    client: &ClientRound,
+    client: ClientRound,
     request: &UnmaskRequest,
 ) -> anyhow::Result<()> {
     let shares = match client.unmask(request) {

@@ -248,7 +248,7 @@ async fn connect_and_serve(
                 Some((round, client)) => {
                     // Crash-test hook: a device that drops after its masked upload.
                     flotilla_wire::crash_test::pause_if_requested("before-unmask", round).await;
-                    reveal_unmasking_shares(&connection, &settings.limits, &client, &request)
+                    reveal_unmasking_shares(&connection, &settings.limits, client, &request)
                         .await
                         .map_err(|e| classify(&connection, settings, "secure aggregation", format!("{e:#}")))?
                 }

@@ -94,7 +94,7 @@ fn main() {
             server_seconds += t.elapsed().as_secs_f64();
         }
         let request = server.unmask_request();
-        for (&id, client) in &clients {
+        for (id, client) in clients {
             if dropped.contains(&id) {
                 continue;
             }

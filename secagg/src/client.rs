@@ -113,6 +113,14 @@ impl ClientRound {
         if peers.len() < threshold {
             return Err(SecAggError::TooFewSurvivors { survivors: peers.len(), threshold });
         }
+        // A threshold of half the holders or fewer would let a coordinator that lies rebuild both
+        // of this participant's secrets from two disjoint halves.
+        if 2 * threshold <= peers.len() {
+            return Err(SecAggError::Parameters(format!(
+                "threshold {threshold} is not above half of the {} neighbours listed",
+                peers.len()
+            )));
+        }
         // The graph rounds an odd degree up to even (`graph::neighbours`), so a participant may have
         // degree + 1 neighbours, never more.
         let most = self.parameters.degree.max(threshold) + 1;
@@ -203,6 +211,12 @@ impl ClientRound {
                 values.len()
             )));
         }
+        if let Some(at) = values.iter().position(|v| !v.is_finite()) {
+            return Err(SecAggError::Parameters(format!(
+                "value {at} of the input is {}: a non-finite update is not uploaded",
+                values[at]
+            )));
+        }
         let quantizer = Quantizer::new(&self.parameters);
         let mut masked: Vec<u32> = values.iter().map(|&v| quantizer.quantize(v)).collect();
         let self_key = masks::derive_key(&self.self_seed, SELF_MASK, self.round, self.id, self.id);
@@ -226,8 +240,9 @@ impl ClientRound {
 
     /// Phase 4: for each neighbour whose shares this participant holds, the share of its self-mask
     /// seed if it survived or of its mask key if it dropped; never both for one neighbour, and
-    /// nothing when fewer than the threshold survived.
-    pub fn unmask(&self, request: &UnmaskRequest) -> Result<UnmaskShares, SecAggError> {
+    /// nothing when fewer than the threshold of its neighbours survived. It consumes the round: a
+    /// second request, even a different one, gets nothing.
+    pub fn unmask(self, request: &UnmaskRequest) -> Result<UnmaskShares, SecAggError> {
         if request.round != self.round {
             return Err(SecAggError::WrongRound { expected: self.round, got: request.round });
         }
@@ -248,19 +263,22 @@ impl ClientRound {
                 message: "this participant is not listed as a survivor".into(),
             });
         }
-        if survivors.len() < self.parameters.threshold {
+        // Its own secrets are rebuilt from its neighbours' shares: fewer than the threshold of them
+        // surviving and the round cannot finish, whatever the total.
+        let surviving_neighbours = self.peers.keys().filter(|p| survivors.contains(p)).count();
+        if survivors.len() < self.parameters.threshold || surviving_neighbours < self.parameters.threshold {
             return Err(SecAggError::TooFewSurvivors {
-                survivors: survivors.len(),
+                survivors: surviving_neighbours.min(survivors.len()),
                 threshold: self.parameters.threshold,
             });
         }
         let mut reply =
             UnmaskShares { round: self.round, from: self.id, self_mask_shares: Vec::new(), key_shares: Vec::new() };
-        for (owner, held) in &self.held {
-            if survivors.contains(owner) {
-                reply.self_mask_shares.push((*owner, held.self_seed.clone()));
-            } else if dropped.contains(owner) {
-                reply.key_shares.push((*owner, held.mask_key.clone()));
+        for (owner, held) in self.held {
+            if survivors.contains(&owner) {
+                reply.self_mask_shares.push((owner, held.self_seed));
+            } else if dropped.contains(&owner) {
+                reply.key_shares.push((owner, held.mask_key));
             }
         }
         Ok(reply)

@@ -90,6 +90,12 @@ impl Parameters {
         if self.max_participants < 2 {
             return bad(format!("max_participants must be at least 2, got {}", self.max_participants));
         }
+        if self.max_participants as f64 * f64::from(self.range) >= f64::from(i32::MAX) {
+            return bad(format!(
+                "max_participants × range = {} reaches 2³¹ − 1: the quantization scale would fall below 1",
+                self.max_participants as f64 * f64::from(self.range)
+            ));
+        }
         Ok(())
     }
 

@@ -76,7 +76,7 @@ fn run_round(
     }
     let request = server.unmask_request();
     for &id in uploading.iter().filter(|id| !drop.after_upload.contains(id)) {
-        server.receive_unmask(clients[&id].unmask(&request)?)?;
+        server.receive_unmask(clients.remove(&id).expect("a client").unmask(&request)?)?;
     }
     server.finish()
 }
@@ -106,29 +106,27 @@ fn mixed_ranks_give_the_per_coordinate_sums_of_the_holders() {
 
 #[test]
 fn a_slot_with_fewer_than_threshold_plus_one_holders_is_never_revealed() {
-    // A 2/4/8/16-like fleet: one device alone holds the top slots, two hold the middle ones.
-    let ranks = [1, 1, 2, 2, 4, 8];
+    // One device alone holds the top slots, two hold slot 3, three hold slot 2... Threshold 4 (of 6
+    // neighbours): a revealed slot needs 5 holders.
+    let ranks = [1, 1, 2, 2, 2, 4, 8];
     let values = inputs(&ranks, 4);
-    let aggregate = run_round(parameters(2, 5), &ranks, &values, &Dropouts::default()).unwrap();
-    // Threshold 2: a revealed slot needs 3 holders. Slot 1 has 4 (ranks 2, 2, 4, 8), slot 2 has
-    // 2 (4 and 8), slots 4–7 one (8): only slots 0 and 1 come out.
+    let aggregate = run_round(parameters(4, 6), &ranks, &values, &Dropouts::default()).unwrap();
+    // Slot 2 has 5 holders (three 2s, the 4 and the 8), slot 3 two: only slots 1 and 2 come out.
     assert_eq!(aggregate.revealed_rank, 2);
     let everyone: BTreeSet<u32> = (0..ranks.len() as u32).collect();
     assert_sums(&aggregate, &plain_sums(&values, &everyone));
-    // A device dropping after its upload thins the holders further: one rank-2 device gone and
-    // slot 1 still has 3.
-    let drop = Dropouts { after_shares: [3].into(), ..Dropouts::default() };
-    let aggregate = run_round(parameters(2, 5), &ranks, &values, &drop).unwrap();
-    assert_eq!(aggregate.revealed_rank, 2);
-    // Two gone: slot 1 has two holders left (4 and 8), and only slot 0 is revealed.
-    let drop = Dropouts { after_shares: [2, 3].into(), ..Dropouts::default() };
-    let aggregate = run_round(parameters(2, 5), &ranks, &values, &drop).unwrap();
+    // A rank-2 device dropping after its keys thins slot 2 to four holders: only slot 1 is revealed.
+    let drop = Dropouts { after_shares: [4].into(), ..Dropouts::default() };
+    let aggregate = run_round(parameters(4, 6), &ranks, &values, &drop).unwrap();
     assert_eq!(aggregate.revealed_rank, 1);
     assert_eq!(aggregate.sums.len(), LAYOUT.len(1));
-    // Fewer than threshold + 1 survivors at all: nothing is revealed, not even the shared values.
-    let drop = Dropouts { after_shares: [0, 1, 2, 3].into(), ..Dropouts::default() };
-    let error = run_round(parameters(2, 5), &ranks, &values, &drop).unwrap_err();
-    assert!(matches!(error, SecAggError::TooFewHolders { survivors: 2, needed: 3 }), "{error}");
+    let uploaded: BTreeSet<u32> = (0..ranks.len() as u32).filter(|&id| id != 4).collect();
+    assert_sums(&aggregate, &plain_sums(&values, &uploaded));
+    // Fewer than threshold + 1 survivors: nothing is revealed, not even the shared values (the
+    // survivors refuse to unmask with fewer than the threshold of their neighbours left).
+    let drop = Dropouts { after_shares: [2, 3, 4].into(), ..Dropouts::default() };
+    let error = run_round(parameters(4, 6), &ranks, &values, &drop).unwrap_err();
+    assert!(matches!(error, SecAggError::TooFewSurvivors { threshold: 4, .. }), "{error}");
 }
 
 #[test]
@@ -146,13 +144,14 @@ fn the_revealable_rank_is_the_rank_of_the_kth_highest_holder() {
 fn dropouts_at_every_phase_are_recovered() {
     let ranks = [2, 4, 8, 8, 4, 2, 8, 4, 2, 8, 4, 2];
     let values = inputs(&ranks, 2);
-    let drop = Dropouts { after_keys: [1].into(), after_shares: [3, 6].into(), after_upload: [9].into() };
-    // Degree 8 of 12: every participant keeps at least 4 holders of its shares, above the threshold.
-    let aggregate = run_round(parameters(3, 8), &ranks, &values, &drop).unwrap();
+    let drop = Dropouts { after_keys: [1].into(), after_shares: [3].into(), after_upload: [9].into() };
+    // Degree 8 of 12, threshold 5 (above half of the 8 neighbours): three dropouts leave every
+    // participant at least 5 holders of its shares.
+    let aggregate = run_round(parameters(5, 8), &ranks, &values, &drop).unwrap();
     // The sum is over those who uploaded, the one that uploaded and then vanished included.
-    let uploaded: BTreeSet<u32> = (0..12).filter(|id| ![1, 3, 6].contains(id)).collect();
+    let uploaded: BTreeSet<u32> = (0..12).filter(|id| ![1, 3].contains(id)).collect();
     assert_sums(&aggregate, &plain_sums(&values, &uploaded));
-    assert_eq!(aggregate.dropped, vec![3, 6]);
+    assert_eq!(aggregate.dropped, vec![3]);
 }
 
 #[test]
@@ -161,33 +160,53 @@ fn fewer_survivors_than_the_threshold_discard_the_round() {
     let values = inputs(&ranks, 3);
     let drop = Dropouts { after_shares: [0, 1, 2].into(), ..Dropouts::default() };
     let error = run_round(parameters(3, 4), &ranks, &values, &drop).unwrap_err();
-    assert!(matches!(error, SecAggError::TooFewSurvivors { survivors: 2, threshold: 3 }), "{error}");
-    // A participant itself refuses to reveal anything for fewer than the threshold.
-    let (mut client, _) = ClientRound::new(parameters(3, 4), 1, 0, 2, LAYOUT).unwrap();
-    let (_, other) = ClientRound::new(parameters(3, 4), 1, 1, 2, LAYOUT).unwrap();
-    let (_, third) = ClientRound::new(parameters(3, 4), 1, 2, 2, LAYOUT).unwrap();
-    let peers = [(other, 1), (third, 2)].map(|(a, id)| crate::messages::Peer {
-        id,
-        rank: 2,
-        encryption_key: a.encryption_key,
-        mask_key: a.mask_key,
-    });
-    let (_, fourth) = ClientRound::new(parameters(3, 4), 1, 3, 2, LAYOUT).unwrap();
-    let mut peers = peers.to_vec();
-    peers.push(crate::messages::Peer {
-        id: 3,
-        rank: 2,
-        encryption_key: fourth.encryption_key,
-        mask_key: fourth.mask_key,
-    });
-    client.share_keys(&peers).unwrap();
-    client.masked_input(&vec![0.0; LAYOUT.len(2)]).unwrap();
+    assert!(matches!(error, SecAggError::TooFewSurvivors { threshold: 3, .. }), "{error}");
+    // A participant itself refuses to reveal anything for fewer than the threshold of its own
+    // neighbours; `unmask` consumes the round, so each request below needs a fresh participant.
+    let ready = || {
+        let (mut client, _) = ClientRound::new(parameters(3, 4), 1, 0, 2, LAYOUT).unwrap();
+        let peers: Vec<crate::messages::Peer> = (1..4)
+            .map(|id| {
+                let (_, advert) = ClientRound::new(parameters(3, 4), 1, id, 2, LAYOUT).unwrap();
+                crate::messages::Peer { id, rank: 2, encryption_key: advert.encryption_key, mask_key: advert.mask_key }
+            })
+            .collect();
+        client.share_keys(&peers).unwrap();
+        client.masked_input(&vec![0.0; LAYOUT.len(2)]).unwrap();
+        client
+    };
     let request = UnmaskRequest { round: 1, survivors: vec![0, 1], dropped: vec![2, 3] };
-    assert!(matches!(client.unmask(&request), Err(SecAggError::TooFewSurvivors { .. })));
+    assert!(matches!(ready().unmask(&request), Err(SecAggError::TooFewSurvivors { .. })));
+    // Five survivors in all, but only one of its three neighbours among them.
+    let strangers = UnmaskRequest { round: 1, survivors: vec![0, 1, 7, 8, 9], dropped: vec![2, 3] };
+    assert!(matches!(ready().unmask(&strangers), Err(SecAggError::TooFewSurvivors { survivors: 1, threshold: 3 })));
     let both = UnmaskRequest { round: 1, survivors: vec![0, 1, 2], dropped: vec![2] };
-    assert!(client.unmask(&both).unwrap_err().to_string().contains("both survived and dropped"));
+    assert!(ready().unmask(&both).unwrap_err().to_string().contains("both survived and dropped"));
     let foreign = UnmaskRequest { round: 2, survivors: vec![0, 1, 2], dropped: vec![] };
-    assert!(matches!(client.unmask(&foreign), Err(SecAggError::WrongRound { expected: 1, got: 2 })));
+    assert!(matches!(ready().unmask(&foreign), Err(SecAggError::WrongRound { expected: 1, got: 2 })));
+    let fine = UnmaskRequest { round: 1, survivors: vec![0, 1, 2, 3], dropped: vec![] };
+    assert!(ready().unmask(&fine).is_ok());
+}
+
+#[test]
+fn a_threshold_of_half_the_neighbours_or_less_and_non_finite_inputs_are_refused() {
+    let (mut client, _) = ClientRound::new(parameters(2, 4), 1, 0, 2, LAYOUT).unwrap();
+    let peers: Vec<crate::messages::Peer> = (1..5)
+        .map(|id| {
+            let (_, advert) = ClientRound::new(parameters(2, 4), 1, id, 2, LAYOUT).unwrap();
+            crate::messages::Peer { id, rank: 2, encryption_key: advert.encryption_key, mask_key: advert.mask_key }
+        })
+        .collect();
+    // Threshold 2 of 4 neighbours: two disjoint halves could each rebuild a secret.
+    let error = client.share_keys(&peers).unwrap_err().to_string();
+    assert!(error.contains("not above half"), "{error}");
+    client.share_keys(&peers[..3]).unwrap();
+    let mut values = vec![0.5; LAYOUT.len(2)];
+    values[3] = f32::NAN;
+    let error = client.masked_input(&values).unwrap_err().to_string();
+    assert!(error.contains("value 3 of the input is NaN"), "{error}");
+    values[3] = f32::INFINITY;
+    assert!(client.masked_input(&values).is_err());
 }
 
 #[test]
@@ -256,7 +275,7 @@ fn garbage_shares_are_left_out_and_the_round_completes_with_enough_valid_ones() 
     }
     let request = server.unmask_request();
     for id in 0..6u32 {
-        let mut reply = clients[&id].unmask(&request).unwrap();
+        let mut reply = clients.remove(&id).unwrap().unmask(&request).unwrap();
         if id == 2 {
             // A survivor that reveals garbage: its shares fail their commitments and are left out.
             for (_, share) in &mut reply.self_mask_shares {

@@ -223,14 +223,15 @@ fn distributed_noise_under_secure_aggregation_has_the_calibrated_scale() {
 
     // B starts at zero. Each of the n devices covering a slot adds N(0, (σC)²/n) to its values, the
     // sum carries N(0, (σC)²), and RBLA's private form divides by q·M_i (q = 1; 4 devices cover
-    // slots 0-1, 2 cover slots 2-3): B[:, i]·M_i is the noise.
+    // slots 0-1): B[:, i]·M_i is the noise. Slots 2-3 are held by the two laptops alone, fewer than
+    // threshold 2 + 1: they are never revealed, and B's columns there stay zero.
+    assert_eq!(summary["rounds"][0]["secure"]["revealed_rank"], 2, "{summary}");
     let (global, _) = read_safetensors(&run.join("global/round-1/adapter_model.safetensors"));
     let b = &global["base_model.model.fc1.lora_B.weight"];
-    let noise: Vec<f64> = (0..b.rows)
-        .flat_map(|r| (0..b.cols).map(move |c| (r, c)))
-        .map(|(r, c)| b.at(r, c) * if c < 2 { 4.0 } else { 2.0 })
-        .collect();
-    // 128·4 = 512 draws: the sample sd has standard error sd/√(2n) ≈ 3.1%; a 20% band is over 6 of
+    assert!((0..b.rows).all(|r| b.at(r, 2) == 0.0 && b.at(r, 3) == 0.0), "an unrevealed slot moved");
+    let noise: Vec<f64> =
+        (0..b.rows).flat_map(|r| (0..2).map(move |c| (r, c))).map(|(r, c)| b.at(r, c) * 4.0).collect();
+    // 128·2 = 256 draws: the sample sd has standard error sd/√(2n) ≈ 4.4%; a 20% band is over 4 of
     // them wide and far from the noise one denominator off (×2) or that of one device alone (×½).
     let n = noise.len() as f64;
     let mean = noise.iter().sum::<f64>() / n;

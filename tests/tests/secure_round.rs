@@ -330,7 +330,7 @@ fn a_round_with_fewer_survivors_than_the_threshold_is_discarded_and_reveals_noth
     fleet[3].3 = Some("after-shares");
     let dir = tempfile::tempdir().unwrap();
     let (global, summary) = run_round_with(dir.path(), "rbla", &fleet, None, true, &|config| {
-        config.replace("[secure_aggregation]\n", "[secure_aggregation]\nthreshold = 3\n")
+        config.replace("[secure_aggregation]\n", "[secure_aggregation]\nthreshold = 3\ndegree = 4\n")
     });
     let record = &summary["rounds"][0]["secure"];
     assert_eq!(record["threshold"], 3, "{record}");

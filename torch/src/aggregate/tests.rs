@@ -1099,7 +1099,7 @@ fn a_secure_round_gives_rbla_of_the_survivors_within_the_quantization_bound() {
         server.receive_masked(device.masked_input(&packed).unwrap()).unwrap();
     }
     let request = server.unmask_request();
-    for (&id, device) in &devices {
+    for (id, device) in devices {
         if id != 3 {
             server.receive_unmask(device.unmask(&request).unwrap()).unwrap();
         }
