@@ -40,18 +40,28 @@ pub(crate) async fn agree_secure_round(
         CoordinatorMessage::Reject(reject) => return sit_out(format!("keys refused: {}", reject.reason)),
         other => return sit_out(format!("unexpected answer to the keys: {}", other.name())),
     };
-    let shares = match client.share_keys(&peers) {
+    let mut shares = match client.share_keys(&peers) {
         Ok(shares) => shares,
         Err(error) => return sit_out(format!("cannot share the keys: {error}")),
     };
+    if flotilla_wire::crash_test::corruption_requested("shares", round) {
+        if let Some(byte) = shares.first_mut().and_then(|s| s.ciphertext.get_mut(3)) {
+            *byte ^= 1;
+        }
+    }
     let message = DeviceMessage::SecureShares(SecureShares { session: secure.session, shares });
     let received = match exchange(connection, limits, message).await? {
         CoordinatorMessage::SecureSharesForYou(shares) if shares.session == secure.session => shares.shares,
         CoordinatorMessage::Reject(reject) => return sit_out(format!("shares refused: {}", reject.reason)),
         other => return sit_out(format!("unexpected answer to the shares: {}", other.name())),
     };
-    for error in client.receive_shares(&received) {
-        warn!("[round {round}] secure aggregation: a neighbour's share refused: {error}");
+    let refused = client.receive_shares(&received);
+    if !refused.is_empty() {
+        // Its pairwise mask with the sender would not cancel: sitting out leaves this device's masks
+        // to the dropout recovery, which removes them from every survivor's input, so the sums stay
+        // exact without it.
+        let reasons: Vec<String> = refused.iter().map(ToString::to_string).collect();
+        return sit_out(format!("a neighbour's share refused ({})", reasons.join("; ")));
     }
     // Crash-test hook: a device that drops after sharing its keys.
     pause_if_requested("after-shares", round).await;

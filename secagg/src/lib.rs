@@ -60,6 +60,8 @@ pub enum SecAggError {
     Unrecoverable { owner: u32, what: &'static str, shares: usize, threshold: usize },
     #[error("out of order: {0}")]
     OutOfOrder(&'static str),
+    #[error("the unmasked sums are inconsistent ({0}): a participant's masks or shares were not what it committed to; the round is discarded")]
+    Inconsistent(String),
 }
 
 /// What a round is set up with; both sides must agree on it (the coordinator sends it).

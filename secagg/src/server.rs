@@ -275,12 +275,56 @@ impl ServerRound {
             }
         }
         let quantizer = Quantizer::new(&self.parameters);
-        Ok(Aggregate {
+        let aggregate = Aggregate {
             sums: total.iter().map(|&s| quantizer.dequantize(s)).collect(),
             revealed_rank,
             error_bound: quantizer.sum_error_bound(request.survivors.len()),
             survivors: request.survivors,
             dropped: request.dropped,
-        })
+        };
+        self.check_sums(&aggregate)?;
+        Ok(aggregate)
+    }
+
+    /// What honest inputs guarantee of the sums: each within its holders · range, the round's
+    /// weight in (0, survivors], each slot's coverage weight in [0, its holders] and never above the
+    /// round's. A mask that did not cancel (a participant that shared inconsistent secrets, or
+    /// masked with other keys than it committed to) leaves uniform noise over the whole ring,
+    /// which fails this almost surely: the round is discarded rather than made the global.
+    fn check_sums(&self, aggregate: &Aggregate) -> Result<(), SecAggError> {
+        let ranks: Vec<u32> = aggregate.survivors.iter().map(|id| self.ranks[id]).collect();
+        let holders = |slot: usize| ranks.iter().filter(|&&r| r as usize > slot).count() as f64;
+        let slack = aggregate.error_bound + 1e-9;
+        let range = f64::from(self.parameters.range);
+        let layout = self.layout;
+        let sums = &aggregate.sums;
+        let out_of = |index: usize, limit: f64| {
+            SecAggError::Inconsistent(format!("coordinate {index} sums to {:.4e}, beyond ±{limit:.4e}", sums[index]))
+        };
+        let all = ranks.len() as f64;
+        for (index, &sum) in sums.iter().enumerate() {
+            let limit = match index.checked_sub(layout.shared) {
+                None => all * range,
+                Some(offset) => holders(offset / layout.per_slot.max(1)) * range,
+            };
+            if !sum.is_finite() || sum.abs() > limit + slack {
+                return Err(out_of(index, limit));
+            }
+        }
+        let weight = sums[layout.shared - 1];
+        if weight <= 0.0 || weight > all + slack {
+            return Err(SecAggError::Inconsistent(format!("the round's weight is {weight:.4e} over {all} survivors")));
+        }
+        for slot in 0..aggregate.revealed_rank as usize {
+            let coverage = sums[layout.shared + slot * layout.per_slot];
+            if coverage < -slack || coverage > holders(slot).min(weight) + slack {
+                return Err(SecAggError::Inconsistent(format!(
+                    "slot {slot}'s coverage weight is {coverage:.4e}, with {} holders and a round weight of \
+                     {weight:.4e}",
+                    holders(slot)
+                )));
+            }
+        }
+        Ok(())
     }
 }

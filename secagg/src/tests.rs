@@ -27,10 +27,22 @@ struct Dropouts {
     after_upload: BTreeSet<u32>,
 }
 
-/// Random inputs for `ranks` (participant i has rank ranks[i]).
+/// Random inputs for `ranks` (participant i has rank ranks[i]), shaped as a device packs them: a
+/// weight w in (0, 1] at the end of the shared values and as each slot's coverage coordinate.
 fn inputs(ranks: &[u32], seed: u64) -> Vec<Vec<f32>> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
-    ranks.iter().map(|&r| (0..LAYOUT.len(r)).map(|_| rng.random_range(-1.5f32..1.5)).collect()).collect()
+    ranks
+        .iter()
+        .map(|&r| {
+            let mut values: Vec<f32> = (0..LAYOUT.len(r)).map(|_| rng.random_range(-1.5f32..1.5)).collect();
+            let weight = rng.random_range(0.05f32..=1.0);
+            values[LAYOUT.shared - 1] = weight;
+            for slot in 0..r as usize {
+                values[LAYOUT.shared + slot * LAYOUT.per_slot] = weight;
+            }
+            values
+        })
+        .collect()
 }
 
 /// The plain per-coordinate sums over `who`.
@@ -207,6 +219,45 @@ fn a_threshold_of_half_the_neighbours_or_less_and_non_finite_inputs_are_refused(
     assert!(error.contains("value 3 of the input is NaN"), "{error}");
     values[3] = f32::INFINITY;
     assert!(client.masked_input(&values).is_err());
+}
+
+#[test]
+fn a_mask_that_does_not_cancel_is_caught_and_the_round_discarded() {
+    // A participant whose upload is masked with other keys than it shared (here: its words replaced
+    // by noise, which is what such an upload looks like): the unmasked sums are noise over the
+    // ring, far beyond what honest inputs can sum to.
+    let ranks = [4, 4, 4, 4, 4];
+    let values = inputs(&ranks, 6);
+    let parameters = parameters(3, 4);
+    let participants: BTreeMap<u32, u32> = ranks.iter().enumerate().map(|(i, &r)| (i as u32, r)).collect();
+    let mut server = ServerRound::new(parameters, 3, LAYOUT, participants.clone(), 9).unwrap();
+    let mut clients = BTreeMap::new();
+    for (&id, &rank) in &participants {
+        let (client, advert) = ClientRound::new(parameters, 3, id, rank, LAYOUT).unwrap();
+        server.receive_keys(advert).unwrap();
+        clients.insert(id, client);
+    }
+    for id in 0..5u32 {
+        let shares = clients.get_mut(&id).unwrap().share_keys(&server.peers_for(id)).unwrap();
+        server.receive_shares(id, shares).unwrap();
+    }
+    for id in 0..5u32 {
+        assert!(clients.get_mut(&id).unwrap().receive_shares(server.shares_for(id)).is_empty());
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    for id in 0..5u32 {
+        let mut input = clients.get_mut(&id).unwrap().masked_input(&values[id as usize]).unwrap();
+        if id == 1 {
+            input.values.iter_mut().for_each(|v| *v = rng.random());
+        }
+        server.receive_masked(input).unwrap();
+    }
+    let request = server.unmask_request();
+    for id in 0..5u32 {
+        server.receive_unmask(clients.remove(&id).unwrap().unmask(&request).unwrap()).unwrap();
+    }
+    let error = server.finish().unwrap_err();
+    assert!(matches!(error, SecAggError::Inconsistent(_)), "{error}");
 }
 
 #[test]

@@ -28,7 +28,16 @@ const DEVICES: [Device; 4] =
 
 /// Whether a device's masked update reaches the coordinator.
 fn uploads(device: &Device) -> bool {
-    matches!(device.3, None | Some("before-unmask"))
+    matches!(device.3, None | Some("before-unmask") | Some("corrupt-shares"))
+}
+
+/// The fault a device's point asks for: (environment variable, its value), and whether the device
+/// pauses there (to be killed) rather than misbehaving and going on.
+fn fault(point: &str) -> (&'static str, String, bool) {
+    match point.strip_prefix("corrupt-") {
+        Some(what) => ("FLOTILLA_FAULT_CORRUPT", format!("{what}@1"), false),
+        None => ("FLOTILLA_FAULT_PAUSE", format!("{point}@1"), true),
+    }
 }
 
 /// Values are weighted by samples / 128 and clipped to ±2; 16 participants at most: each unmasked
@@ -210,19 +219,20 @@ fn run_round_with(
             let rank = rank.unwrap_or(device_rank).to_string();
             let mut command = edge_run(&address, &run.join("pki/kits").join(id), rank, samples);
             if let Some(point) = drops {
-                command.env("FLOTILLA_FAULT_PAUSE", format!("{point}@1"));
+                let (variable, value, _) = fault(point);
+                command.env(variable, value);
             }
-            (drops, Process::spawn(id, &mut command, &run.join("logs")))
+            (drops.filter(|p| fault(p).2), Process::spawn(id, &mut command, &run.join("logs")))
         })
         .collect();
-    for (drops, device) in &mut processes {
-        if let Some(point) = drops {
+    for (pauses, device) in &mut processes {
+        if let Some(point) = pauses {
             device.wait_for_stderr(&format!("paused at {point}@1"), Duration::from_secs(120));
         }
     }
     assert!(coordinator.wait(Duration::from_secs(180)).success(), "{}", coordinator.logs());
-    for (drops, device) in &mut processes {
-        if drops.is_some() {
+    for (pauses, device) in &mut processes {
+        if pauses.is_some() {
             device.kill();
         } else {
             assert!(device.wait(Duration::from_secs(60)).success(), "{}", device.logs());
@@ -321,6 +331,38 @@ fn a_device_that_drops_at_any_phase_is_left_out_or_recovered() {
         eprintln!("dropping {point}: secure − plain ≤ {difference:.2e}; {record}");
         assert!(difference < TOLERANCE, "{point}: the secure round differs from the plain one by {difference}");
     }
+}
+
+/// A device that garbles a share it sends: its recipient refuses the share and sits the round out
+/// (its pairwise mask with the sender would not cancel), the coordinator recovers it as a dropout,
+/// and the global adapter is exactly the plain round of the three others, not noise.
+#[test]
+fn a_device_sending_a_bad_share_does_not_corrupt_the_global() {
+    let mut fleet: [Device; 4] = DEVICES.map(|(id, _, samples, _)| (id, 4, samples, None));
+    fleet[0].3 = Some("corrupt-shares");
+    let secure_dir = tempfile::tempdir().unwrap();
+    let quorum_of_three = |config: String| config.replace("min_updates = 4", "min_updates = 3");
+    let (secure, summary) = run_round_with(secure_dir.path(), "rbla", &fleet, None, true, &quorum_of_three);
+    let logs = secure_dir.path().join("logs");
+    let sitting_out: Vec<&str> = fleet
+        .iter()
+        .map(|d| d.0)
+        .filter(|id| {
+            std::fs::read_to_string(logs.join(format!("{id}.log")))
+                .unwrap_or_default()
+                .contains("a neighbour's share refused")
+        })
+        .collect();
+    assert_eq!(sitting_out.len(), 1, "one recipient refuses the garbled share: {sitting_out:?}");
+    let record = &summary["rounds"][0]["secure"];
+    assert_eq!(record["survivors"], 3, "{record}");
+    assert_eq!(record["recovered"], 1, "{record}");
+    let others: Vec<Device> =
+        fleet.iter().copied().filter(|d| d.0 != sitting_out[0]).map(|d| (d.0, d.1, d.2, None)).collect();
+    let plain_dir = tempfile::tempdir().unwrap();
+    let (plain, _) = run_round(plain_dir.path(), "rbla", &others, None, false);
+    let difference = largest_difference(&plain, &secure);
+    assert!(difference < TOLERANCE, "the secure round differs from the plain one by {difference}");
 }
 
 #[test]

@@ -3,6 +3,21 @@
 //! at exactly that moment. Unset — always, in production — nothing happens.
 
 pub const ENV: &str = "FLOTILLA_FAULT_PAUSE";
+/// `FLOTILLA_FAULT_CORRUPT=<what>@<round>`: a device that misbehaves on purpose at `what`
+/// (`shares`: one of its encrypted shares is garbled), for the tests of what honest devices and
+/// the coordinator do about it. Unset — always, in production — nothing happens.
+pub const CORRUPT_ENV: &str = "FLOTILLA_FAULT_CORRUPT";
+
+/// Whether the environment asks this process to corrupt `what` in `round`.
+pub fn corruption_requested(what: &str, round: u32) -> bool {
+    let Ok(spec) = std::env::var(CORRUPT_ENV) else { return false };
+    let wanted = format!("{what}@{round}");
+    let requested = spec.split(',').any(|p| p.trim() == wanted);
+    if requested {
+        tracing::warn!("fault injection: corrupting {wanted} ({CORRUPT_ENV})");
+    }
+    requested
+}
 
 /// Whether the environment asks to pause at `point` in `round`.
 pub fn pause_requested(point: &str, round: u32) -> bool {
