@@ -437,6 +437,9 @@ impl CoordinatorConfig {
                 shrink_to_round_rank: self.aggregation.ablation_shrink_to_round_rank,
                 min_devices: self.round.min_devices,
             })?;
+            if let Some(privacy) = self.privacy.as_ref().filter(|_| distributed) {
+                secure.check_noise_range(privacy)?;
+            }
         }
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
         Ok(())

@@ -113,6 +113,10 @@ pub(crate) struct RoundDriver {
     unmasking: Option<(RoundFacts, Instant)>,
     /// Why a round that sent no task could not run (it is skipped once its participants fail).
     cannot_run: HashMap<u32, String>,
+    /// Under `[privacy]`: the rounds sampled in this run directory, recorded before tasks go out.
+    ledger: Option<crate::privacy_ledger::PrivacyLedger>,
+    /// The last round the ledger has counted.
+    last_sampled: u32,
 }
 
 /// What the driver starts from.
@@ -125,11 +129,26 @@ pub(crate) struct DriverStart {
     pub first_round: u32,
     pub status: SharedStatus,
     pub secure_layout: Option<flotilla_secagg::layout::Layout>,
+    pub ledger: Option<crate::privacy_ledger::PrivacyLedger>,
 }
 
 impl RoundDriver {
     pub(crate) fn new(start: DriverStart) -> RoundDriver {
-        let DriverStart { config, base_version, inputs, worker, summary, first_round, status, secure_layout } = start;
+        let DriverStart {
+            config,
+            base_version,
+            inputs,
+            worker,
+            mut summary,
+            first_round,
+            status,
+            secure_layout,
+            ledger,
+        } = start;
+        if let (Some(privacy), Some(ledger), Some(spent)) = (&config.privacy, &ledger, summary.privacy.as_mut()) {
+            spent.epsilon_spent =
+                privacy.epsilon_after(config.round.fraction, ledger.sampled()).unwrap_or(f64::INFINITY);
+        }
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
             min_devices: config.round.min_devices,
@@ -160,6 +179,8 @@ impl RoundDriver {
             secure: None,
             unmasking: None,
             cannot_run: HashMap::new(),
+            ledger,
+            last_sampled: first_round - 1,
         }
     }
 
@@ -329,7 +350,9 @@ impl RoundDriver {
     /// sampled either way), in the summary, the metrics and the log.
     fn spend_privacy(&mut self, round: u32) -> Option<f64> {
         let privacy = self.config.privacy.as_ref()?;
-        let epsilon = privacy.epsilon_after(self.config.round.fraction, round).unwrap_or(f64::INFINITY);
+        // Every sampled round in this run directory counts, re-runs after a restart included.
+        let sampled = self.ledger.as_ref().map_or(round, |l| l.sampled());
+        let epsilon = privacy.epsilon_after(self.config.round.fraction, sampled).unwrap_or(f64::INFINITY);
         metrics::gauge!("fl_privacy_epsilon").set(epsilon);
         if let Some(summary) = self.summary.privacy.as_mut() {
             summary.epsilon_spent = epsilon;
@@ -372,6 +395,7 @@ impl RoundDriver {
     /// Carries out actions; returns `Some(rounds_completed)` when the run is finished. `upload` is
     /// the update whose arrival produced these actions, if any: the engine folds or refuses it.
     async fn perform(&mut self, actions: Vec<Action>, mut upload: Option<Upload>) -> anyhow::Result<Option<u32>> {
+        self.count_sampled_rounds(&actions)?;
         let mut tasks = Vec::new();
         for action in actions {
             match action {
@@ -408,6 +432,28 @@ impl RoundDriver {
             self.send_tasks(tasks);
         }
         Ok(None)
+    }
+
+    /// Under `[privacy]`: each round these actions start is counted in the ledger, on disk, before
+    /// any of its tasks goes out (they go out after every action is handled).
+    fn count_sampled_rounds(&mut self, actions: &[Action]) -> anyhow::Result<()> {
+        let Some(ledger) = self.ledger.as_mut() else { return Ok(()) };
+        for action in actions {
+            let round = match action {
+                Action::SendTask { round, .. }
+                | Action::ScheduleTimer { round, .. }
+                | Action::SkipRound { round, .. }
+                | Action::Aggregate { round, .. } => *round,
+                _ => continue,
+            };
+            if round > self.last_sampled {
+                ledger
+                    .record(round)
+                    .map_err(|e| anyhow::anyhow!("round {round}: cannot record it as sampled: {e:#}"))?;
+                self.last_sampled = round;
+            }
+        }
+        Ok(())
     }
 
     /// Hands the update to the aggregation worker, which answers the device and reports back; a

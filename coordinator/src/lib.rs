@@ -31,6 +31,7 @@ pub mod hf_model;
 pub mod metrics;
 pub mod plots;
 pub mod privacy;
+pub mod privacy_ledger;
 pub mod renewal;
 pub mod report;
 pub mod report_files;

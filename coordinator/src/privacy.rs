@@ -39,8 +39,13 @@ pub struct PrivacySection {
     pub noise_multiplier: f64,
     /// The ε budget: no round starts that would take the run's ε above it.
     pub epsilon: f64,
-    /// δ of the (ε, δ) guarantee; below 1/min_devices.
+    /// δ of the (ε, δ) guarantee: at most 1/(10·N) for the N devices of `population` (or of
+    /// `[round] min_devices` when it is unset).
     pub delta: f64,
+    /// How many devices' data the run covers (the fleet the sample is drawn from): δ is checked
+    /// against it. Unset: `[round] min_devices`, the fewest a round starts with.
+    #[serde(default)]
+    pub population: Option<usize>,
     /// Distributed mode: the share of a round's devices covering a slot that may drop while the
     /// sum keeps its full noise. Each device adds noise for ⌈(1 − max_dropout)·n⌉ contributors of
     /// the n covering the slot, and a round with fewer survivors is discarded unrevealed.
@@ -77,12 +82,16 @@ impl PrivacySection {
             "privacy.max_dropout must be in [0, 1), got {}",
             self.max_dropout
         );
-        let devices = min_devices.max(1);
+        let (devices, source) = match self.population {
+            Some(n) => (n.max(min_devices).max(1), "privacy.population"),
+            None => (min_devices.max(1), "[round] min_devices (set privacy.population to the fleet's size)"),
+        };
+        let most = 1.0 / (10.0 * devices as f64);
         ensure!(
-            self.delta > 0.0 && self.delta < 1.0 / devices as f64,
-            "privacy.delta must lie in (0, 1/N) for the N = {devices} devices of [round] min_devices (below {:.3e}), \
-             got {}: a δ of 1/N or more allows a mechanism that reveals one device's data outright",
-            1.0 / devices as f64,
+            // The tolerance lets δ = 0.1/N written in decimal pass.
+            self.delta > 0.0 && self.delta <= most * (1.0 + 1e-9),
+            "privacy.delta must lie in (0, 1/(10·N)] for the N = {devices} devices of {source}, that is at most \
+             {most:.3e}, got {}: with δ near 1/N a mechanism may reveal one device's data outright",
             self.delta
         );
         if let Some(why) = why_not_private(method) {
@@ -187,6 +196,7 @@ mod tests {
             noise_multiplier,
             epsilon,
             delta,
+            population: None,
             max_dropout: 0.2,
         }
     }
@@ -202,8 +212,13 @@ mod tests {
         assert!(error(section(0.0, 8.0, 1e-3), Method::Rbla).contains("privacy.noise_multiplier"));
         assert!(error(section(f64::NAN, 8.0, 1e-3), Method::Rbla).contains("privacy.noise_multiplier"));
         assert!(error(section(1.0, -2.0, 1e-3), Method::Rbla).contains("privacy.epsilon"));
-        // δ must be below 1/12.
+        // δ must be at most 1/(10·12), or 1/(10·N) for a configured population of N.
         assert!(error(section(1.0, 8.0, 1.0 / 12.0), Method::Rbla).contains("privacy.delta"));
+        assert!(error(section(1.0, 8.0, 1e-2), Method::Rbla).contains("at most 8.333e-3"));
+        section(1.0, 8.0, 0.1 / 12.0).validate(Method::Rbla, 12, 1.0, false).unwrap();
+        let fleet = PrivacySection { population: Some(1000), ..ok.clone() };
+        let refused = fleet.validate(Method::Rbla, 12, 1.0, false).unwrap_err().to_string();
+        assert!(refused.contains("N = 1000 devices of privacy.population"), "{refused}");
         assert!(error(section(1.0, 8.0, 0.0), Method::Rbla).contains("privacy.delta"));
         assert!(error(ok.clone(), Method::ZeroPad).contains("zero-pad"));
         let flora = error(ok.clone(), Method::Flora);

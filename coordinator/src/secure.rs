@@ -49,12 +49,37 @@ pub struct SecureAggregationSection {
     /// The most devices a round may have: the quantization scale keeps their sum in the ring.
     #[serde(default = "default_max_participants")]
     pub max_participants: usize,
-    /// A device weighs its update by min(samples, max_samples) / max_samples.
+    /// A device weighs its update by min(samples, max_samples) / max_samples (with
+    /// `weighting = "samples"`).
     #[serde(default = "default_max_samples")]
     pub max_samples: u64,
+    /// `equal` (the default): every device's update weighs the same, so the weight sums reveal
+    /// only how many devices took part; `samples`: by capped sample count, which the coordinator
+    /// can recover for each device by differencing the sums of rounds with different members.
+    #[serde(default)]
+    pub weighting: SecureWeighting,
     /// How long the keys, shares and unmask phases each wait for late devices.
     #[serde(default = "default_phase_secs")]
     pub phase_secs: u32,
+}
+
+/// How a device weighs its update under secure aggregation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SecureWeighting {
+    #[default]
+    Equal,
+    Samples,
+}
+
+impl SecureWeighting {
+    /// The sample cap devices are sent: 1 weighs every device (at least one sample) as 1.
+    pub fn cap(self, max_samples: u64) -> u64 {
+        match self {
+            SecureWeighting::Equal => 1,
+            SecureWeighting::Samples => max_samples,
+        }
+    }
 }
 
 fn default_degree() -> usize {
@@ -105,6 +130,30 @@ impl SecureAggregationSection {
         self.parameters_for(rest.min_devices).map_err(|e| {
             anyhow::anyhow!("{e}; [round] min_devices = {} lets a round start that small", rest.min_devices)
         })?;
+        Ok(())
+    }
+
+    /// Distributed privacy: `range` must hold a device's clipped change (at most C) plus six
+    /// standard deviations of the largest noise share any device adds (σC/√m for the fewest
+    /// contributors m a revealed sum can need), or the noise would be clipped and the sums would no
+    /// longer be the Gaussian mechanism the accountant assumes.
+    pub fn check_noise_range(&self, privacy: &crate::privacy::PrivacySection) -> anyhow::Result<()> {
+        let smallest = self.round_size().min;
+        let holders = self.parameters_for(smallest)?.min_holders();
+        let contributors = privacy.contributors_needed(holders);
+        let share = privacy.noise_multiplier * privacy.clip_norm / (contributors as f64).sqrt();
+        let needed = 6.0 * share + privacy.clip_norm;
+        anyhow::ensure!(
+            f64::from(self.range) >= needed,
+            "[secure_aggregation] range = {} would clip the distributed noise: a revealed sum may have as few as \
+             {contributors} contributors (a round of {smallest}, {holders} holders, max_dropout {}), each adding noise \
+             of standard deviation σC/√{contributors} = {share:.3} to a change of norm at most C = {}; set range to at \
+             least 6·{share:.3} + {} = {needed:.2}",
+            self.range,
+            privacy.max_dropout,
+            privacy.clip_norm,
+            privacy.clip_norm
+        );
         Ok(())
     }
 
@@ -246,7 +295,7 @@ impl SecureRound {
                     participant,
                     parameters,
                     layout,
-                    max_samples: section.max_samples,
+                    max_samples: section.weighting.cap(section.max_samples),
                     noise_std: noise_std.clone(),
                     participants: ids.len() as u32,
                 };
@@ -514,6 +563,26 @@ mod tests {
         let odd = SecureAggregationSection { degree: 15, ..section() };
         assert_eq!(odd.parameters_for(100).unwrap().degree, 16);
         assert_eq!(odd.parameters_for(100).unwrap().threshold, 9);
+    }
+
+    #[test]
+    fn equal_weighting_sends_a_cap_of_one_and_the_noise_must_fit_the_range() {
+        let layout = Layout { shared: 2, per_slot: 3, max_rank: 4 };
+        let participants = vec![("a".to_string(), 2), ("b".to_string(), 4), ("c".to_string(), 4)];
+        let (_, tasks) = SecureRound::start(1, &participants, &section(), layout, None).unwrap();
+        assert!(tasks.values().all(|t| t.max_samples == 1), "equal weights by default");
+        let by_samples = SecureAggregationSection { weighting: SecureWeighting::Samples, ..section() };
+        let (_, tasks) = SecureRound::start(1, &participants, &by_samples, layout, None).unwrap();
+        assert!(tasks.values().all(|t| t.max_samples == 1000));
+        let privacy: crate::privacy::PrivacySection = toml::from_str(
+            "mode = \"distributed\"\nclip_norm = 1.0\nnoise_multiplier = 5.54\nepsilon = 1.0\ndelta = 1e-5\nmax_dropout = 0.0",
+        )
+        .unwrap();
+        // Rounds of 3: 3 holders, each adding 5.54/√3 = 3.2; range 8 would clip 4% of the draws.
+        let error = section().check_noise_range(&privacy).unwrap_err().to_string();
+        assert!(error.contains("at least 6·3.199 + 1 = 20.19"), "{error}");
+        let wide = SecureAggregationSection { range: 21.0, ..section() };
+        assert!(wide.check_noise_range(&privacy).is_ok());
     }
 
     #[test]

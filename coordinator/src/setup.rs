@@ -51,8 +51,17 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     }
     let base = crate::base::prepare(&config)?;
     let start = run_start(&config, &base, fresh)?;
+    let ledger = match &config.privacy {
+        Some(_) => Some(crate::privacy_ledger::PrivacyLedger::open(&run_dir)?),
+        None => None,
+    };
+    let config = limit_rounds_to_ledger(config, start.first_round, ledger.as_ref())?;
     if start.first_round > config.round.rounds {
-        info!("all {} rounds were already completed; nothing to do", config.round.rounds);
+        info!(
+            "no round left to run: {} round(s) completed here, the run's last is round {}; nothing to do",
+            start.first_round - 1,
+            config.round.rounds
+        );
         let previous = previous_summary(&run_dir);
         let initial = previous.as_ref().map(|s| s.initial_evaluation.clone()).unwrap_or_default();
         let skipped = previous.map(|s| s.skipped).unwrap_or_default();
@@ -107,6 +116,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         first_round: start.first_round,
         status,
         secure_layout,
+        ledger,
     });
     let summary = driver.run(receiver).await;
     acceptor.abort();
@@ -178,6 +188,38 @@ fn summary_so_far(
         // recorded anew).
         skipped: skipped.into_iter().filter(|s| s.round < first_round).collect(),
     }
+}
+
+/// Under `[privacy]`, counts the rounds the ledger says were sampled in this run directory before
+/// (re-run rounds and earlier runs included) against the budget: the run ends when their total
+/// reaches what the budget pays for.
+fn limit_rounds_to_ledger(
+    mut config: CoordinatorConfig,
+    first_round: u32,
+    ledger: Option<&crate::privacy_ledger::PrivacyLedger>,
+) -> anyhow::Result<CoordinatorConfig> {
+    let (Some(privacy), Some(ledger)) = (&config.privacy, ledger) else { return Ok(config) };
+    let sampled = ledger.sampled();
+    let checkpointed = first_round - 1;
+    if sampled > checkpointed {
+        warn!(
+            "privacy ledger: {sampled} round(s) were sampled in this run directory, {checkpointed} of them kept in \
+             checkpoints; the {} others (rounds re-run after a restart, or earlier runs) count against the budget",
+            sampled - checkpointed
+        );
+    }
+    let allowed = privacy.budget(config.round.fraction, config.round.rounds.max(sampled) + 1)?.rounds_allowed();
+    let remaining = allowed.saturating_sub(sampled);
+    let last = checkpointed + remaining;
+    if last < config.round.rounds {
+        warn!(
+            "privacy budget: ε = {} pays for {allowed} sampled rounds and {sampled} are spent; the run ends after \
+             round {last}",
+            privacy.epsilon
+        );
+        config.round.rounds = last;
+    }
+    Ok(config)
 }
 
 /// Under `[privacy]`, ends the run at the last round the ε budget pays for: the noise and the

@@ -127,6 +127,22 @@ fn clipped_updates_calibrated_noise_and_a_budget_that_ends_the_run() {
     assert!(n > 450.0, "{n}");
     assert!((sd / want - 1.0).abs() < 0.2, "noise sd {sd}, want {want} over {n} draws");
     assert!(mean.abs() < 4.0 * want / n.sqrt(), "noise mean {mean}");
+
+    // The budget belongs to the run directory, not to one run: the ledger counted both sampled
+    // rounds before their tasks went out, and a `--fresh` run on the same directory (the same
+    // devices' data) finds the budget spent and runs nothing.
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("privacy-ledger.json")).unwrap()).unwrap();
+    assert_eq!(ledger["sampled_rounds"], 2, "{ledger}");
+    let before = std::fs::read(run.join("summary.json")).unwrap();
+    let (mut again, _) = flotilla_tests::start_coordinator_with(run, &config(run, "rbla", 6.0), &["--fresh"]);
+    assert!(again.wait(Duration::from_secs(60)).success(), "{}", again.logs());
+    assert!(again.logs().contains("pays for 2 sampled rounds and 2 are spent"), "{}", again.logs());
+    assert!(again.logs().contains("no round left to run"), "{}", again.logs());
+    assert_eq!(std::fs::read(run.join("summary.json")).unwrap(), before, "the first run's results stay");
+    let ledger: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("privacy-ledger.json")).unwrap()).unwrap();
+    assert_eq!(ledger["sampled_rounds"], 2, "nothing more was sampled: {ledger}");
 }
 
 #[test]

@@ -101,7 +101,7 @@ fn a_poisson_draw_too_small_to_secure_sends_no_task() {
     let config = config(run, "rbla", 3, 3, true)
         .replace("rounds = 1", "rounds = 12\nfraction = 0.5\ndeadline_secs = 2")
         .replace("phase_secs = 5", "phase_secs = 1")
-        + "[privacy]\nmode = \"distributed\"\nclip_norm = 1.0\nnoise_multiplier = 1.0\nepsilon = 1000.0\n\
+        + "[privacy]\nmode = \"distributed\"\nclip_norm = 0.1\nnoise_multiplier = 1.0\nepsilon = 1000.0\n\
            delta = 1e-5\n";
     let (mut coordinator, address) = start_coordinator(run, &config);
     let address: std::net::SocketAddr = address.parse().unwrap();
@@ -183,7 +183,10 @@ fn config(run: &Path, method: &str, min_devices: usize, min_updates: usize, secu
         run = run.display()
     );
     if secure {
-        config += "[secure_aggregation]\nrange = 2.0\nmax_participants = 16\nmax_samples = 128\nphase_secs = 5\n";
+        // Weighted by samples, as the plain round is, so that the two can be compared exactly.
+        config +=
+            "[secure_aggregation]\nrange = 2.0\nmax_participants = 16\nmax_samples = 128\nweighting = \"samples\"\n\
+                   phase_secs = 5\n";
     }
     config
 }
