@@ -84,7 +84,7 @@ async fn upload_full(connection: &quinn::Connection, server: &quinn::Connection,
     let receive = async {
         let (mut send, mut recv) = server.accept_bi().await.expect("accept");
         // As the coordinator receives an upload: decoded into tensors while it arrives.
-        let (message, tensors) = read_frame_decoded::<_, DeviceMessage>(&mut recv, &limits).await.expect("frame");
+        let (message, tensors) = read_frame_decoded::<_, DeviceMessage>(&mut recv, &limits, None).await.expect("frame");
         assert!(matches!(message, DeviceMessage::Update(_)));
         let adapter = Adapter::from_decoded(tensors).expect("valid update");
         assert_eq!(adapter.tensors().len(), wire.descs.len());

@@ -42,6 +42,24 @@ pub(crate) struct SessionContext {
     pub renewal: Option<crate::renewal::Renewal>,
     /// The serials the CRL revokes, as of its last reload.
     pub revoked: crate::setup::RevokedSerials,
+    /// What an update may hold: the global adapter's tensors, and its layout (values by rank).
+    pub update_bound: UpdateBound,
+}
+
+/// The largest update a device may send, from the global adapter.
+pub(crate) struct UpdateBound {
+    pub allowed: Arc<flotilla_torch::tensor::AllowedTensors>,
+    pub layout: flotilla_secagg::layout::Layout,
+}
+
+impl SessionContext {
+    /// The frame limits of a session at `rank`: the configured ones, with the body bounded by what a
+    /// rank-`rank` update can be (its f32 values), so that a device cannot make the coordinator
+    /// set aside more than its own slice.
+    fn session_limits(&self, rank: u32) -> FrameLimits {
+        let most = 4 * self.update_bound.layout.len(rank) as u64;
+        FrameLimits { max_body_bytes: self.config.limits.max_body_bytes.min(most), ..self.config.limits }
+    }
 }
 
 pub(crate) async fn accept_loop(endpoint: quinn::Endpoint, shared: Arc<SessionContext>) {
@@ -95,6 +113,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
     tokio::pin!(expired);
     let mut revoked = shared.revoked.clone();
     revoked.mark_changed();
+    let limits = shared.session_limits(rank);
     loop {
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
@@ -129,7 +148,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
                 break;
             }
         };
-        answer_stream(&peer, &shared, send, recv).await;
+        answer_stream(&peer, &limits, &shared, send, recv).await;
     }
     let _ = shared.inputs.send(DriverInput::Left { device: identity, connection_id: connection.stable_id() });
 }
@@ -138,12 +157,14 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
 /// a renewal to the CA, a checkpoint fetch to its own task.
 async fn answer_stream(
     peer: &tls::PeerDevice,
+    limits: &FrameLimits,
     shared: &Arc<SessionContext>,
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
     let identity = peer.id.as_str();
-    let response = match read_frame_decoded::<_, DeviceMessage>(&mut recv, &shared.config.limits).await {
+    let allowed = Some(shared.update_bound.allowed.clone());
+    let response = match read_frame_decoded::<_, DeviceMessage>(&mut recv, limits, allowed).await {
         Ok((DeviceMessage::FetchBase(request), _)) => {
             // Served on its own task: a device's uploads do not wait behind its download.
             let (identity, shared) = (identity.to_string(), shared.clone());

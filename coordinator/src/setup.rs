@@ -72,8 +72,10 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let evaluated = inputs.clone();
     let report_evaluation: EvaluationReport =
         Box::new(move |round, result| drop(evaluated.send(DriverInput::Evaluated { round, result })));
-    let secure_layout =
-        config.secure_aggregation.as_ref().map(|_| flotilla_torch::aggregate::secure::layout(&start.initial_global));
+    let layout = flotilla_torch::aggregate::secure::layout(&start.initial_global);
+    let secure_layout = config.secure_aggregation.as_ref().map(|_| layout);
+    let update_bound =
+        crate::session::UpdateBound { allowed: Arc::new(allowed_tensors(&start.initial_global)), layout };
     let (worker, initial_evaluation) =
         start_worker(&config, &base, start.initial_global, start.first_round, report_evaluation)?;
     let (endpoint, revoked) = open_endpoint(&config)?;
@@ -98,6 +100,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         inputs: inputs.clone(),
         renewal,
         revoked,
+        update_bound,
     });
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), context));
     // A resumed run continues the records of the rounds before its checkpoint.
@@ -304,6 +307,17 @@ fn start_worker(
         info!("[round 0] test accuracy of the base model with the initial adapter: {}", describe(&initial_evaluation));
     }
     Ok((worker, initial_evaluation))
+}
+
+/// What an update may carry: every tensor of the global adapter a device trains (not a merged
+/// delta), at most at the global's shape.
+fn allowed_tensors(global: &Adapter) -> flotilla_torch::tensor::AllowedTensors {
+    global
+        .tensors()
+        .iter()
+        .filter(|(name, _)| !global.merged_delta_names().any(|m| m == name.as_str()))
+        .map(|(name, t)| (name.clone(), t.size().iter().map(|&d| d.max(0) as u64).collect()))
+        .collect()
 }
 
 /// The serials the CRL revokes, as sessions watch them.

@@ -183,7 +183,33 @@ fn hostile_peers_are_refused_with_reasons_while_an_honest_device_trains() {
         let huge = [TensorDesc { name: "x".into(), dtype: wire::DType::F32, shape: vec![1 << 40, 1 << 40] }];
         expect_reject(wire::request(&mallory, &update_frame(1, rank, &huge, &[])).await, "overflow");
         let big = [TensorDesc { name: "x".into(), dtype: wire::DType::F32, shape: vec![1 << 20] }];
-        expect_reject(wire::request(&mallory, &update_frame(1, rank, &big, &[])).await, "exceeds the limit of 65536");
+        expect_reject(wire::request(&mallory, &update_frame(1, rank, &big, &[])).await, "exceeds the limit of");
+        // Within [limits] max_body_bytes (65536) but beyond what a rank-2 update of this model can
+        // be: refused from the header, before any of the body is read or set aside.
+        let slice_bytes: u64 = tensors.iter().map(|t| 4 * t.shape.iter().product::<u64>()).sum();
+        let beyond = [TensorDesc { name: tensors[0].name.clone(), dtype: wire::DType::F32, shape: vec![8192] }];
+        let reason =
+            expect_reject(wire::request(&mallory, &update_frame(1, rank, &beyond, &[])).await, "exceeds the limit of");
+        let limit: u64 =
+            reason.rsplit(' ').next().unwrap().trim_end_matches(|c: char| !c.is_ascii_digit()).parse().unwrap();
+        assert!(
+            limit < 32768 && limit >= slice_bytes,
+            "the session's bound {limit} fits its slice of {slice_bytes} bytes"
+        );
+        // A name the global adapter does not have, or a shape beyond its own, is refused from the
+        // header too.
+        let stranger = [TensorDesc { name: "stranger".into(), dtype: wire::DType::F32, shape: vec![2] }];
+        expect_reject(
+            wire::request(&mallory, &update_frame(1, rank, &stranger, &[0; 8])).await,
+            "not part of the global adapter",
+        );
+        let mut wider = tensors[0].clone();
+        wider.shape = std::iter::once(64).chain(wider.shape[1..].iter().map(|_| 1)).collect();
+        let wider = [wider];
+        expect_reject(
+            wire::request(&mallory, &update_frame(1, rank, &wider, &[])).await,
+            "beyond the global adapter's",
+        );
         expect_reject(wire::request(&mallory, &valid[..valid.len() - 10]).await, "before the frame was complete");
         let mut long = valid.clone();
         long.extend_from_slice(&[0; 4]);
@@ -232,7 +258,7 @@ fn hostile_peers_are_refused_with_reasons_while_an_honest_device_trains() {
         "malformed upload: frame header is malformed",
         "malformed upload: frame header of 67108864 bytes exceeds the limit",
         "malformed upload: declared tensor sizes overflow",
-        "malformed upload: frame body of 4194304 bytes exceeds the limit of 65536",
+        "malformed upload: frame body of 4194304 bytes exceeds the limit of",
         "malformed upload: stream ended before the frame was complete",
         "malformed upload: bytes after the end of the frame",
         "update refused: update of rank 8 is above the rank 2 this device was assigned",

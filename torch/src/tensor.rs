@@ -146,8 +146,32 @@ pub fn tensors_from_wire(wire: &WireTensors) -> Result<(Vec<(String, Tensor)>, b
 
 /// The sink through which the coordinator receives updates: an f32 tensor's bytes are read
 /// straight into the storage of a new CPU tensor; a bf16 tensor is read into a buffer and widened.
+/// With `allowed`, a frame naming another tensor, or a shape beyond a name's, is refused from its
+/// header, before any of its body is read or allocated.
 #[derive(Debug, Default)]
-pub struct TorchSink;
+pub struct TorchSink {
+    pub allowed: Option<std::sync::Arc<AllowedTensors>>,
+}
+
+/// The tensors an update may carry: each name with its largest shape (the global adapter's).
+pub type AllowedTensors = std::collections::BTreeMap<String, Vec<u64>>;
+
+/// Why the descriptors are not what `allowed` admits, if they are not.
+pub fn check_allowed(allowed: &AllowedTensors, descs: &[TensorDesc]) -> Result<(), String> {
+    for desc in descs {
+        let largest = allowed
+            .get(&desc.name)
+            .ok_or_else(|| format!("tensor '{}' is not part of the global adapter", desc.name))?;
+        let fits = desc.shape.len() == largest.len() && desc.shape.iter().zip(largest).all(|(got, most)| got <= most);
+        if !fits {
+            return Err(format!(
+                "tensor '{}' has shape {:?}, beyond the global adapter's {largest:?}",
+                desc.name, desc.shape
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// A tensor whose bytes are arriving.
 pub enum PendingTensor {
@@ -158,6 +182,10 @@ pub enum PendingTensor {
 impl TensorSink for TorchSink {
     type Pending = PendingTensor;
     type Tensor = (String, Tensor);
+
+    fn admit(&mut self, descs: &[TensorDesc], _body_len: usize) -> Result<(), String> {
+        self.allowed.as_deref().map_or(Ok(()), |allowed| check_allowed(allowed, descs))
+    }
 
     fn allocate(&mut self, desc: &TensorDesc, len: usize) -> Result<PendingTensor, String> {
         match desc.dtype {
@@ -215,12 +243,13 @@ impl TensorSink for TorchSink {
 pub async fn read_frame_decoded<R, M>(
     reader: &mut R,
     limits: &flotilla_wire::framing::FrameLimits,
+    allowed: Option<std::sync::Arc<AllowedTensors>>,
 ) -> Result<(M, DecodedTensors), flotilla_wire::framing::FrameError>
 where
     R: tokio::io::AsyncRead + Unpin,
     M: serde::de::DeserializeOwned,
 {
-    flotilla_wire::framing::read_frame_into(reader, limits, &mut TorchSink).await
+    flotilla_wire::framing::read_frame_into(reader, limits, &mut TorchSink { allowed }).await
 }
 
 #[cfg(test)]
@@ -294,7 +323,8 @@ mod tests {
         let limits = FrameLimits::default();
         let (_, plain) = decode_frame::<CoordinatorMessage>(&frame, &limits).unwrap();
         let (expected, _) = tensors_from_wire(&plain).unwrap();
-        let (_, decoded, _) = decode_frame_into::<CoordinatorMessage, _>(&frame, &limits, TorchSink).unwrap();
+        let (_, decoded, _) =
+            decode_frame_into::<CoordinatorMessage, _>(&frame, &limits, TorchSink::default()).unwrap();
         assert!(decoded.all_finite);
         assert_eq!(decoded.wire_bytes, plain.body.len() as u64);
         assert_eq!(decoded.tensors.len(), expected.len());
@@ -302,5 +332,28 @@ mod tests {
             assert_eq!(name, want_name);
             assert!(got.equal(want), "{name}");
         }
+    }
+
+    #[test]
+    fn a_sink_with_allowed_tensors_refuses_strangers_and_larger_shapes_from_the_header() {
+        let t = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0]).reshape([2, 2]);
+        let frame = |name: &str, tensor: &Tensor| {
+            encode_frame(
+                &CoordinatorMessage::Ack(Ack { round: 1 }),
+                &wire_from_tensors([(name, tensor)], DType::F32).unwrap(),
+            )
+            .unwrap()
+        };
+        let allowed = std::sync::Arc::new(AllowedTensors::from([("a".to_string(), vec![2, 2])]));
+        let sink = || TorchSink { allowed: Some(allowed.clone()) };
+        let limits = FrameLimits::default();
+        assert!(decode_frame_into::<CoordinatorMessage, _>(&frame("a", &t), &limits, sink()).is_ok());
+        let smaller = Tensor::from_slice(&[1.0f32, 2.0]).reshape([1, 2]);
+        assert!(decode_frame_into::<CoordinatorMessage, _>(&frame("a", &smaller), &limits, sink()).is_ok());
+        let error = decode_frame_into::<CoordinatorMessage, _>(&frame("b", &t), &limits, sink()).unwrap_err();
+        assert!(error.to_string().contains("not part of the global adapter"), "{error}");
+        let larger = Tensor::zeros([3, 2], (Kind::Float, tch::Device::Cpu));
+        let error = decode_frame_into::<CoordinatorMessage, _>(&frame("a", &larger), &limits, sink()).unwrap_err();
+        assert!(error.to_string().contains("beyond the global adapter's [2, 2]"), "{error}");
     }
 }

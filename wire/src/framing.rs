@@ -119,6 +119,13 @@ pub trait TensorSink {
     type Pending;
     /// What a finished tensor becomes.
     type Tensor;
+    /// The frame's tensors as its header declares them (`body_len` bytes in all), before any byte
+    /// of the body is read or any storage allocated: a sink that knows what it may receive refuses
+    /// the rest here.
+    fn admit(&mut self, descs: &[TensorDesc], body_len: usize) -> Result<(), String> {
+        let _ = (descs, body_len);
+        Ok(())
+    }
     /// Storage for the tensor `desc`, `len` bytes (`desc.byte_len()`, within the frame limits).
     fn allocate(&mut self, desc: &TensorDesc, len: usize) -> Result<Self::Pending, String>;
     /// The bytes of `pending` to fill: exactly the `len` given to [`TensorSink::allocate`].
@@ -141,17 +148,28 @@ pub struct Decoded<T> {
 #[derive(Debug, Default)]
 pub struct BodySink {
     body: Vec<u8>,
+    /// Bytes of `body` handed out so far.
+    filled: usize,
 }
 
 impl TensorSink for BodySink {
     type Pending = Range<usize>;
     type Tensor = TensorDesc;
 
+    fn admit(&mut self, _descs: &[TensorDesc], body_len: usize) -> Result<(), String> {
+        // Zeroed storage comes from the allocator's zero pages: memory is committed as the bytes
+        // arrive, not when a header declares them.
+        self.body = vec![0u8; body_len];
+        self.filled = 0;
+        Ok(())
+    }
+
     fn allocate(&mut self, _desc: &TensorDesc, len: usize) -> Result<Range<usize>, String> {
-        let start = self.body.len();
-        // The frame's limits bound the sum of `len`: the header was checked before any allocation.
-        self.body.resize(start + len, 0);
-        Ok(start..start + len)
+        let start = self.filled;
+        let end =
+            start.checked_add(len).filter(|&end| end <= self.body.len()).ok_or("a tensor past the declared body")?;
+        self.filled = end;
+        Ok(start..end)
     }
 
     fn bytes_mut<'a>(&'a mut self, pending: &'a mut Range<usize>) -> &'a mut [u8] {
@@ -188,6 +206,7 @@ where
     S: TensorSink,
 {
     let (message, descs, body_len) = read_header::<_, M>(reader, limits).await?;
+    sink.admit(&descs, body_len).map_err(FrameError::Tensor)?;
     let mut decoded =
         Decoded { tensors: Vec::with_capacity(descs.len()), all_finite: true, wire_bytes: body_len as u64 };
     for desc in descs {
@@ -451,6 +470,9 @@ mod tests {
     impl TensorSink for RecordingSink {
         type Pending = Range<usize>;
         type Tensor = TensorDesc;
+        fn admit(&mut self, descs: &[TensorDesc], body_len: usize) -> Result<(), String> {
+            self.body.admit(descs, body_len)
+        }
         fn allocate(&mut self, desc: &TensorDesc, len: usize) -> Result<Range<usize>, String> {
             self.allocated.push((desc.name.clone(), len));
             if desc.name == "refused" {
