@@ -169,13 +169,27 @@ impl Pki {
         serde_json::from_str(&text).map_err(|source| PkiError::Registry { path, source })
     }
 
+    /// Writes the registry: a synced temporary file renamed over it, then the directory synced,
+    /// so a crash leaves the old registry or the new one. Callers hold [`Pki::lock_registry`].
     fn save_registry(&self, registry: &Registry) -> Result<(), PkiError> {
         let path = self.registry_path();
         let text = serde_json::to_string_pretty(registry)
             .map_err(|e| PkiError::Invalid(format!("cannot encode registry: {e}")))?;
         let tmp = path.with_extension("json.tmp");
         write_file(&tmp, text.as_bytes(), 0o644)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        fs::rename(&tmp, &path).map_err(io_err(&path))?;
+        fs::File::open(&self.root).and_then(|dir| dir.sync_all()).map_err(io_err(&self.root))
+    }
+
+    /// An exclusive lock on the registry, held until the guard drops: every change reads the
+    /// registry after taking it, so a `revoke` at the CLI and an online renewal in the coordinator
+    /// never write over each other (which could drop a revocation from the next CRL).
+    fn lock_registry(&self) -> Result<fs::File, PkiError> {
+        let path = self.root.join("registry.lock");
+        let file =
+            fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        file.lock().map_err(io_err(&path))?;
+        Ok(file)
     }
 
     fn ca_pem(&self) -> Result<String, PkiError> {
@@ -210,6 +224,7 @@ impl Pki {
     /// listed in a freshly signed `crl.pem`, which a running coordinator reloads without a
     /// restart, closing the sessions they opened.
     pub fn revoke(&self, id: &str, serial: Option<&str>) -> Result<Vec<RevokedCertificate>, PkiError> {
+        let _lock = self.lock_registry()?;
         let mut registry = self.registry()?;
         let issued: Vec<&IssuedCertificate> = registry
             .issued
@@ -460,7 +475,14 @@ impl Pki {
                 ca_not_after.format(&time::format_description::well_known::Rfc3339).unwrap_or_default()
             )));
         }
+        let _lock = self.lock_registry()?;
         let mut registry = self.registry()?;
+        if let Some(renewed) = renews.as_deref().filter(|r| registry.revoked.iter().any(|x| x.serial == *r)) {
+            // Revoked while this renewal was being checked: the lock makes the answer final.
+            return Err(PkiError::Invalid(format!(
+                "device '{id}' (serial {renewed}) was revoked; a revoked id is not renewed, issue a new id"
+            )));
+        }
         let serial = registry.next_serial;
         registry.next_serial += 1;
         params.serial_number = Some(SerialNumber::from_slice(&serial.to_be_bytes()));
@@ -489,6 +511,7 @@ impl Pki {
     }
 
     fn update_record(&self, record: &IssuedCertificate) -> Result<(), PkiError> {
+        let _lock = self.lock_registry()?;
         let mut registry = self.registry()?;
         if let Some(entry) = registry.issued.iter_mut().find(|c| c.serial == record.serial) {
             *entry = record.clone();
@@ -855,6 +878,30 @@ mod tests {
         assert!(pki.revoke("nobody", None).unwrap_err().to_string().contains("no device certificate"));
         assert!(pki.revoke("lost-phone", Some("9")).unwrap_err().to_string().contains("serial 9"));
         assert_eq!(pki.inspect_id("lost-phone").unwrap().revoked, Some(true));
+    }
+
+    #[test]
+    fn concurrent_issues_and_revocations_lose_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = std::sync::Arc::new(new_ca(dir.path()));
+        let workers: Vec<_> = (0..6)
+            .map(|i| {
+                let pki = pki.clone();
+                std::thread::spawn(move || {
+                    let id = format!("racer-{i}");
+                    device(&pki, &id, 5).unwrap();
+                    pki.revoke(&id, None).unwrap();
+                })
+            })
+            .collect();
+        for worker in workers {
+            worker.join().unwrap();
+        }
+        let registry = pki.registry().unwrap();
+        assert_eq!(registry.issued.iter().filter(|c| c.id.starts_with("racer-")).count(), 6);
+        assert_eq!(registry.revoked.len(), 6, "every revocation is kept");
+        let serials = flotilla_wire::tls::revoked_serials(&Pki::crl_path(dir.path())).unwrap();
+        assert_eq!(serials.len(), 6, "and listed in the CRL: {serials:?}");
     }
 
     #[test]
