@@ -127,8 +127,9 @@ enum Command {
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
     },
-    /// Revoke a device: every certificate issued for it (or only --serial's) goes into crl.pem,
-    /// which a running coordinator reloads, closing the sessions they opened.
+    /// Revoke a device (or, with `--id coordinator`, the coordinator): every certificate issued for
+    /// it (or only --serial's) goes into crl.pem, which a running coordinator reloads, closing the
+    /// sessions they opened, and which devices whose kits carry it check the coordinator against.
     Revoke {
         #[arg(long)]
         id: String,
@@ -140,7 +141,8 @@ enum Command {
 
 #[derive(Subcommand)]
 enum IssueCommand {
-    /// The coordinator's server certificate (SANs: the name, localhost, 127.0.0.1 and any --san).
+    /// The coordinator's server certificate (SANs: the name, any --san, and with --loopback
+    /// localhost, 127.0.0.1 and ::1).
     Coordinator {
         /// DNS name devices use to reach the coordinator.
         #[arg(long, default_value = "coordinator")]
@@ -148,6 +150,9 @@ enum IssueCommand {
         /// Additional subject alternative name (DNS name or IP address); repeatable.
         #[arg(long)]
         san: Vec<String>,
+        /// Also name localhost, 127.0.0.1 and ::1, for a coordinator reached on this machine.
+        #[arg(long)]
+        loopback: bool,
         #[arg(long, default_value_t = DEFAULT_COORDINATOR_DAYS)]
         days: u32,
         #[command(flatten)]
@@ -290,8 +295,8 @@ fn run(cli: Cli) -> Result<()> {
 /// `issue coordinator|device|devices`.
 fn issue(pki: &Pki, dir: &Path, what: IssueCommand) -> Result<()> {
     let issued = match what {
-        IssueCommand::Coordinator { name, san, days, placement } => pki
-            .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days }, &placement.placement())
+        IssueCommand::Coordinator { name, san, loopback, days, placement } => pki
+            .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days, loopback }, &placement.placement())
             .context("cannot issue the coordinator certificate")?,
         IssueCommand::Devices { prefix, count, start, valid_for, placement } => {
             return issue_devices(pki, dir, &prefix, count, start, valid_for, &placement);

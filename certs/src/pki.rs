@@ -64,6 +64,9 @@ pub struct CoordinatorRequest<'a> {
     /// Extra subject alternative names: DNS names or IP addresses.
     pub sans: &'a [String],
     pub days: u32,
+    /// Also name `localhost`, 127.0.0.1 and ::1 (a coordinator reached on this machine): opt-in, so
+    /// that a stolen coordinator certificate is no good for impersonating a device's loopback.
+    pub loopback: bool,
 }
 
 pub struct DeviceRequest<'a> {
@@ -229,7 +232,9 @@ impl Pki {
         let issued: Vec<&IssuedCertificate> = registry
             .issued
             .iter()
-            .filter(|c| c.kind == "device" && c.id == id && serial.is_none_or(|s| c.serial == s))
+            .filter(|c| {
+                (c.kind == "device" || id == "coordinator") && c.id == id && serial.is_none_or(|s| c.serial == s)
+            })
             .collect();
         if issued.is_empty() {
             return Err(PkiError::Invalid(match serial {
@@ -291,15 +296,16 @@ impl Pki {
         fs::rename(&tmp, &path).map_err(io_err(&path))
     }
 
-    /// Issues the coordinator's server certificate; SANs always include `name`, `localhost` and
-    /// 127.0.0.1 so a local run works out of the box.
+    /// Issues the coordinator's server certificate; its SANs are `name`, the extra ones, and with
+    /// `loopback` `localhost`, 127.0.0.1 and ::1.
     pub fn issue_coordinator(
         &self,
         request: &CoordinatorRequest,
         placement: &Placement,
     ) -> Result<IssuedCertificate, PkiError> {
         let mut sans: Vec<String> = vec![request.name.to_string()];
-        for extra in ["localhost", "127.0.0.1"].iter().map(|s| s.to_string()).chain(request.sans.iter().cloned()) {
+        let loopback: &[&str] = if request.loopback { &["localhost", "127.0.0.1", "::1"] } else { &[] };
+        for extra in loopback.iter().map(|s| s.to_string()).chain(request.sans.iter().cloned()) {
             if !sans.contains(&extra) {
                 sans.push(extra);
             }
@@ -322,9 +328,15 @@ impl Pki {
             placement,
         );
         kit::write_kit(&kit, self.ca_pem()?.as_bytes(), &cert_pem, Some(&key.serialize_pem()), snippet, readme)?;
-        let crl = fs::read(Self::crl_path(&self.root)).map_err(io_err(&self.root))?;
-        write_file(&kit.join(kit::CRL), &crl, 0o644)?;
+        self.copy_crl_into(&kit)?;
         Ok(record)
+    }
+
+    /// The CA's current CRL into a kit: the coordinator checks devices against it, a device checks
+    /// the coordinator.
+    fn copy_crl_into(&self, kit: &Path) -> Result<(), PkiError> {
+        let crl = fs::read(Self::crl_path(&self.root)).map_err(io_err(&self.root))?;
+        write_file(&kit.join(kit::CRL), &crl, 0o644)
     }
 
     /// Issues a device's client certificate (its id in a URI SAN) with a key made here: the whole
@@ -341,6 +353,7 @@ impl Pki {
             kit::readme("device", request.id, &format!("certificate valid until {}", record.not_after), placement);
         let kit = self.kit_dir(request.id);
         kit::write_kit(&kit, self.ca_pem()?.as_bytes(), &cert_pem, Some(&key.serialize_pem()), snippet, readme)?;
+        self.copy_crl_into(&kit)?;
         Ok(record)
     }
 
@@ -617,13 +630,56 @@ mod tests {
     }
 
     #[test]
+    fn loopback_names_are_opt_in_and_the_coordinator_can_be_revoked() {
+        use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+        let sans = |dir: &Path, loopback: bool| {
+            let pki = new_ca(dir);
+            pki.issue_coordinator(
+                &CoordinatorRequest { name: "coord.example.org", sans: &["10.0.0.5".into()], days: 5, loopback },
+                &here(&pki.kit_dir("coordinator")),
+            )
+            .unwrap();
+            let pem = fs::read(pki.kit_dir("coordinator").join("cert.pem")).unwrap();
+            let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
+            let (_, cert) = X509Certificate::from_der(&der.contents).unwrap();
+            let names: Vec<String> = cert
+                .subject_alternative_name()
+                .unwrap()
+                .unwrap()
+                .value
+                .general_names
+                .iter()
+                .map(|n| match n {
+                    GeneralName::DNSName(d) => d.to_string(),
+                    GeneralName::IPAddress(ip) => format!("{ip:?}"),
+                    other => format!("{other:?}"),
+                })
+                .collect();
+            (pki, names)
+        };
+        let (first, second) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (pki, plain) = sans(first.path(), false);
+        assert_eq!(plain.len(), 2, "the name and 10.0.0.5 only: {plain:?}");
+        assert!(!plain.iter().any(|n| n == "localhost"), "{plain:?}");
+        let (_, local) = sans(second.path(), true);
+        assert_eq!(local.len(), 5, "the name, 10.0.0.5, localhost, 127.0.0.1 and ::1: {local:?}");
+        assert!(local.iter().any(|n| n == "localhost"), "{local:?}");
+        let revoked = pki.revoke("coordinator", None).unwrap();
+        assert_eq!(revoked.len(), 1);
+    }
+
+    #[test]
     fn init_then_issue_writes_kits_with_private_keys_0600() {
         let dir = tempfile::tempdir().unwrap();
         let pki = new_ca(dir.path());
         let mode = fs::metadata(dir.path().join("ca/ca.key")).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let kit_dir = pki.kit_dir("coordinator");
-        pki.issue_coordinator(&CoordinatorRequest { name: "coord", sans: &[], days: 5 }, &here(&kit_dir)).unwrap();
+        pki.issue_coordinator(
+            &CoordinatorRequest { name: "coord", sans: &[], days: 5, loopback: false },
+            &here(&kit_dir),
+        )
+        .unwrap();
         for file in ["ca.crt", "cert.pem", "key.pem", "coordinator.toml", "README.txt", "crl.pem"] {
             assert!(kit_dir.join(file).exists(), "{file}");
         }

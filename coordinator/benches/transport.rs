@@ -214,7 +214,7 @@ fn main() {
         server_name: "localhost".into(),
     };
     pki.issue_coordinator(
-        &CoordinatorRequest { name: "localhost", sans: &[], days: 10 },
+        &CoordinatorRequest { name: "localhost", sans: &[], days: 10, loopback: false },
         &placement(&pki.kit_dir("coordinator")),
     )
     .unwrap();

@@ -290,6 +290,11 @@ async fn connect(endpoint: &quinn::Endpoint, settings: &SessionSettings) -> Resu
             settings.coordinator,
             String::from_utf8_lossy(ALPN)
         ))),
+        Err(error) if error.to_string().contains("Revoked") => Err(SessionError::Fatal(format!(
+            "the coordinator at {} presented a revoked certificate ({error}): the kit's crl.pem lists it; do not \
+             connect until the operator issues the coordinator a new certificate",
+            settings.coordinator
+        ))),
         Err(error) if is_certificate_failure(&error) => Err(SessionError::Fatal(format!(
             "TLS handshake with {} failed ({error}); check the kit's CA certificate and the server name '{}'",
             settings.coordinator, settings.server_name

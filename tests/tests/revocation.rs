@@ -119,3 +119,37 @@ fn revoking_a_renewed_device_locks_out_both_certificates_and_cuts_its_live_sessi
     }
     coordinator.kill();
 }
+
+/// A device checks the coordinator's certificate against the CRL in its kit: once the coordinator's
+/// certificate is revoked and the new CRL is in the kit, the device refuses to connect and says
+/// why (it does not retry, and it never sends its Hello).
+#[test]
+fn a_device_refuses_a_coordinator_whose_certificate_is_revoked() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["phone"]);
+    assert!(pki.join("kits/phone/crl.pem").exists(), "a device kit carries the CA's CRL");
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    );
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let revoked = String::from_utf8_lossy(&certs(&pki, &["revoke", "--id", "coordinator"]).stdout).to_string();
+    assert!(revoked.contains("'coordinator' (serial"), "{revoked}");
+    std::fs::copy(pki.join("crl.pem"), pki.join("kits/phone/crl.pem")).unwrap();
+    let mut phone = Process::spawn(
+        "phone",
+        Command::new(binary("flotilla-edge"))
+            .args(["run", "--coordinator", &address, "--rank", "2", "--samples", "64", "--kit"])
+            .arg(pki.join("kits/phone")),
+        &run.join("logs"),
+    );
+    assert_eq!(phone.wait(Duration::from_secs(60)).code(), Some(2), "{}", phone.logs());
+    assert!(phone.stderr_text().contains("presented a revoked certificate"), "{}", phone.logs());
+    assert!(!coordinator.stderr_text().contains("device joined"), "{}", coordinator.logs());
+    coordinator.kill();
+}

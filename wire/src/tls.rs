@@ -77,14 +77,7 @@ pub fn server_config(kit: &KitPaths, crl: Option<&Path>) -> Result<rustls::Serve
     let provider = provider();
     let mut verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(loaded.roots), provider.clone());
     if let Some(path) = crl {
-        let crls = CertificateRevocationListDer::pem_file_iter(path)
-            .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("cannot read the CRL: {e}") })?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("not a valid PEM CRL: {e}") })?;
-        if crls.is_empty() {
-            return Err(TlsError::File { path: path.to_path_buf(), message: "contains no CRL".into() });
-        }
-        verifier = verifier.with_crls(crls).only_check_end_entity_revocation();
+        verifier = verifier.with_crls(read_crls(path)?).only_check_end_entity_revocation();
     }
     let verifier = verifier.build().map_err(|e| TlsError::Config(format!("client verifier: {e}")))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -97,13 +90,38 @@ pub fn server_config(kit: &KitPaths, crl: Option<&Path>) -> Result<rustls::Serve
     Ok(config)
 }
 
-/// Client side: trusts only the kit's CA (no system roots) and presents the kit's certificate.
+/// The revocation lists in a PEM file, at least one.
+fn read_crls(path: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, TlsError> {
+    let crls = CertificateRevocationListDer::pem_file_iter(path)
+        .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("cannot read the CRL: {e}") })?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("not a valid PEM CRL: {e}") })?;
+    if crls.is_empty() {
+        return Err(TlsError::File { path: path.to_path_buf(), message: "contains no CRL".into() });
+    }
+    Ok(crls)
+}
+
+/// The CRL a device kit carries beside its CA certificate (`crl.pem`, from `flotilla-certs`), if
+/// any: the coordinator's certificate is checked against it.
+pub fn kit_crl(kit: &KitPaths) -> Option<PathBuf> {
+    Some(kit.ca_cert.with_file_name("crl.pem")).filter(|path| path.exists())
+}
+
+/// Client side: trusts only the kit's CA (no system roots), refuses a coordinator certificate the
+/// kit's CRL lists, and presents the kit's certificate.
 pub fn client_config(kit: &KitPaths) -> Result<rustls::ClientConfig, TlsError> {
     let loaded = load_kit(kit)?;
+    let roots = Arc::new(loaded.roots);
+    let mut verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider());
+    if let Some(path) = kit_crl(kit) {
+        verifier = verifier.with_crls(read_crls(&path)?).only_check_end_entity_revocation();
+    }
+    let verifier = verifier.build().map_err(|e| TlsError::Config(format!("server verifier: {e}")))?;
     let mut config = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?
-        .with_root_certificates(loaded.roots)
+        .with_webpki_verifier(verifier)
         .with_client_auth_cert(loaded.chain, loaded.key)
         .map_err(|e| TlsError::Config(format!("{}: {e}", kit.cert.display())))?;
     config.alpn_protocols = vec![ALPN.to_vec()];
