@@ -49,6 +49,8 @@ pub struct BaseStore {
     pub chunk_bytes: u32,
     /// The most bytes a checkpoint may declare before anything is fetched or written.
     pub max_bytes: u64,
+    /// The most bytes all cached checkpoints may hold together (least recently used evicted).
+    pub max_cache_bytes: u64,
 }
 
 impl BaseStore {
@@ -108,9 +110,17 @@ impl BaseStore {
             .iter()
             .find(|f| f.name == WEIGHTS_FILE)
             .ok_or_else(|| StoreError::Fatal(format!("the coordinator's checkpoint has no {WEIGHTS_FILE}")))?;
-        let dir = self.cache.join("bases").join(&weights.sha256);
+        let bases = self.cache.join("bases");
+        let dir = bases.join(&weights.sha256);
         std::fs::create_dir_all(&dir).map_err(|e| fatal_io(&dir, e))?;
         let lock = open_lock(&dir).await?;
+        crate::base_cache::touch(&dir);
+        let declared = files.iter().fold(0u64, |total, f| total.saturating_add(f.size));
+        let (room_in, keep, quota) = (bases.clone(), dir.clone(), self.max_cache_bytes);
+        tokio::task::spawn_blocking(move || crate::base_cache::make_room(&room_in, &keep, declared, quota))
+            .await
+            .map_err(|e| StoreError::Fatal(e.to_string()))?
+            .map_err(StoreError::Fatal)?;
         for file in files {
             let target = dir.join(&file.name);
             if verified_marker(&dir, file).is_file() && target.is_file() {
@@ -249,8 +259,13 @@ mod tests {
 
     #[test]
     fn a_checkpoint_larger_than_the_device_accepts_is_refused_before_any_fetch() {
-        let store =
-            BaseStore { model_dir: None, cache: PathBuf::from("/nonexistent"), chunk_bytes: 1024, max_bytes: 100 };
+        let store = BaseStore {
+            model_dir: None,
+            cache: PathBuf::from("/nonexistent"),
+            chunk_bytes: 1024,
+            max_bytes: 100,
+            max_cache_bytes: 1000,
+        };
         let file = |name: &str, size| CheckpointFile { name: name.into(), size, sha256: "ab".repeat(32) };
         store.check_declared(&[file("config.json", 40), file("model.safetensors", 60)]).unwrap();
         let error = store.check_declared(&[file("config.json", 40), file("model.safetensors", 61)]).unwrap_err();

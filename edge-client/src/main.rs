@@ -1,5 +1,6 @@
 //! `flotilla-edge`: the device side of Flotilla.
 
+mod base_cache;
 mod base_store;
 mod nvml;
 mod privacy_floor;
@@ -127,6 +128,10 @@ struct BaseArgs {
     /// The largest checkpoint (all its files) this device stores or fetches, in MiB.
     #[arg(long, default_value_t = 4096)]
     max_base_mib: u64,
+    /// The most all cached checkpoints may hold together, in MiB: before a fetch, the least
+    /// recently used ones are evicted to make room.
+    #[arg(long, default_value_t = 8192)]
+    max_cache_mib: u64,
 }
 
 impl BaseArgs {
@@ -136,6 +141,7 @@ impl BaseArgs {
             cache: self.cache_dir.clone().unwrap_or_else(base_store::BaseStore::default_cache),
             chunk_bytes: self.fetch_chunk_kib * 1024,
             max_bytes: self.max_base_mib.saturating_mul(1 << 20),
+            max_cache_bytes: self.max_cache_mib.saturating_mul(1 << 20),
         })
     }
 }
