@@ -61,9 +61,35 @@ fn load_kit(kit: &KitPaths) -> Result<LoadedKit, TlsError> {
         roots.add(ca).map_err(|e| file_err(&kit.ca_cert, format!("not a usable CA certificate: {e}")))?;
     }
     let chain = read_certs(&kit.cert)?;
+    check_key_mode(&kit.key)?;
     let key = PrivateKeyDer::from_pem_file(&kit.key)
         .map_err(|e| file_err(&kit.key, format!("cannot read the private key: {e}")))?;
     Ok(LoadedKit { roots, chain, key })
+}
+
+/// A private key others may read or anyone but its owner may change is refused, with the fix; one
+/// its group may read (a Kubernetes secret mounted 0440) is used with a warning.
+fn check_key_mode(path: &Path) -> Result<(), TlsError> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)
+        .map_err(|e| TlsError::File { path: path.to_path_buf(), message: format!("cannot read the private key: {e}") })?
+        .permissions()
+        .mode()
+        & 0o777;
+    if mode & 0o027 != 0 {
+        return Err(TlsError::File {
+            path: path.to_path_buf(),
+            message: format!(
+                "the private key has mode {mode:04o}: others may read or change it; run `chmod 600 {}` (kits from \
+                 flotilla-certs are written 0600)",
+                path.display()
+            ),
+        });
+    }
+    if mode & 0o040 != 0 {
+        tracing::warn!(key = %path.display(), "the private key is readable by its group (mode {mode:04o})");
+    }
+    Ok(())
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -221,4 +247,27 @@ pub fn revoked_serials(path: &Path) -> Result<std::collections::BTreeSet<String>
         serials.extend(parsed.iter_revoked_certificates().map(|r| format!("{:x}", r.user_certificate)));
     }
     Ok(serials)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_key_others_may_read_is_refused_with_the_fix() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, b"not read").unwrap();
+        for (mode, allowed) in
+            [(0o600, true), (0o400, true), (0o640, true), (0o644, false), (0o660, false), (0o666, false)]
+        {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let checked = check_key_mode(&key);
+            assert_eq!(checked.is_ok(), allowed, "mode {mode:o}: {checked:?}");
+            if let Err(error) = checked {
+                assert!(error.to_string().contains("chmod 600"), "{error}");
+            }
+        }
+    }
 }
