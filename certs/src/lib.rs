@@ -26,6 +26,7 @@ mod error;
 mod files;
 pub mod inspect;
 pub mod kit;
+mod params;
 mod pki;
 mod subject;
 

@@ -1,12 +1,10 @@
 //! The CA and the kits it issues.
 
 use std::fs;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
-    SerialNumber,
+    BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
 use serde::{Deserialize, Serialize};
 use time::{Duration, OffsetDateTime};
@@ -14,15 +12,16 @@ use time::{Duration, OffsetDateTime};
 use crate::ca_key::{read_ca_key, write_ca_key};
 use crate::error::{io_err, PkiError};
 use crate::files::write_file;
-use crate::identity::{device_uri, validate_device_id};
+use crate::identity::validate_device_id;
 use crate::kit::{self, Placement};
+pub use crate::params::RenewalPolicy;
+use crate::params::{days, describe_span, device_params, parse_san, set_validity, CLOCK_SKEW};
 use crate::subject::dn;
 
 pub const DEFAULT_CA_DAYS: u32 = 365;
 pub const DEFAULT_COORDINATOR_DAYS: u32 = 90;
 pub const DEFAULT_DEVICE_DAYS: u32 = 30;
 /// Certificates start this long in the past: phone clocks drift.
-const CLOCK_SKEW: Duration = Duration::minutes(5);
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct IssuedCertificate {
@@ -555,62 +554,12 @@ impl Pki {
     }
 }
 
-/// How a coordinator renews certificates online.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RenewalPolicy {
-    /// Validity of a renewed certificate.
-    pub validity: std::time::Duration,
-    /// A certificate renews only once it ends within this time.
-    pub window: std::time::Duration,
-}
-
-fn device_params(id: &str) -> Result<CertificateParams, PkiError> {
-    let mut params = CertificateParams::default();
-    params.distinguished_name = dn(id);
-    let uri = device_uri(id).try_into().map_err(|e| PkiError::Invalid(format!("device id '{id}': {e}")))?;
-    params.subject_alt_names = vec![SanType::URI(uri)];
-    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    Ok(params)
-}
-
-/// `days` whole days, as the validity of a certificate.
-fn days(days: u32) -> std::time::Duration {
-    std::time::Duration::from_secs(u64::from(days) * 86_400)
-}
-
-fn describe_span(span: std::time::Duration) -> String {
-    let secs = span.as_secs();
-    if secs == 86_400 {
-        "1 day".into()
-    } else if secs.is_multiple_of(86_400) {
-        format!("{} days", secs / 86_400)
-    } else {
-        format!("{secs} s")
-    }
-}
-
-fn set_validity(params: &mut CertificateParams, span: Duration) {
-    // Certificates hold whole seconds; so do the records.
-    let now = OffsetDateTime::now_utc().replace_nanosecond(0).unwrap_or_else(|_| OffsetDateTime::now_utc());
-    params.not_before = now - CLOCK_SKEW;
-    params.not_after = now + span;
-}
-
-fn parse_san(value: &str) -> Result<SanType, PkiError> {
-    if let Ok(ip) = value.parse::<IpAddr>() {
-        return Ok(SanType::IpAddress(ip));
-    }
-    let name = value
-        .to_string()
-        .try_into()
-        .map_err(|e| PkiError::Invalid(format!("subject alternative name '{value}': {e}")))?;
-    Ok(SanType::DnsName(name))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::csr;
+    use crate::identity::device_uri;
+    use rcgen::SanType;
     use std::os::unix::fs::PermissionsExt;
 
     fn here(dir: &Path) -> Placement {

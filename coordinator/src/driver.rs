@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, SkipWhy, Timer, TrainingPlan};
+use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, Timer, TrainingPlan};
 use flotilla_wire::framing::write_frame;
 use flotilla_wire::protocol::{close, CoordinatorMessage, Finished, Reject, RoundTask, TrainingSettings};
 use flotilla_wire::quic::write_frame_shared;
@@ -18,7 +18,9 @@ use flotilla_wire::tensor::{SharedTensors, WireTensors};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+mod privacy_spend;
 mod secure_phases;
+mod skipping;
 
 pub use secure_phases::SecureRequest;
 
@@ -26,7 +28,7 @@ use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
 use crate::config::CoordinatorConfig;
 use crate::evaluation::RankAccuracy;
 use crate::metrics::{SharedStatus, Status};
-use crate::report::{RoundFacts, RoundRecord, RunSummary, SkippedRound, UpdateRecord};
+use crate::report::{RoundFacts, RoundRecord, RunSummary, UpdateRecord};
 use crate::report_files::ReportWriter;
 use crate::secure::{SecurePhase, SecureRound};
 
@@ -346,21 +348,6 @@ impl RoundDriver {
         }
     }
 
-    /// Under `[privacy]`: the run's ε once `round` is over (aggregated or skipped: its devices were
-    /// sampled either way), in the summary, the metrics and the log.
-    fn spend_privacy(&mut self, round: u32) -> Option<f64> {
-        let privacy = self.config.privacy.as_ref()?;
-        // Every sampled round in this run directory counts, re-runs after a restart included.
-        let sampled = self.ledger.as_ref().map_or(round, |l| l.sampled());
-        let epsilon = privacy.epsilon_after(self.config.round.fraction, sampled).unwrap_or(f64::INFINITY);
-        metrics::gauge!("fl_privacy_epsilon").set(epsilon);
-        if let Some(summary) = self.summary.privacy.as_mut() {
-            summary.epsilon_spent = epsilon;
-        }
-        info!("[round {round}] privacy spent: ε = {epsilon:.3} at δ = {} (budget {})", privacy.delta, privacy.epsilon);
-        Some(epsilon)
-    }
-
     fn record_round(&mut self, record: RoundRecord) {
         metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.config.aggregation.method.name())
             .record(record.aggregation_seconds);
@@ -434,28 +421,6 @@ impl RoundDriver {
         Ok(None)
     }
 
-    /// Under `[privacy]`: each round these actions start is counted in the ledger, on disk, before
-    /// any of its tasks goes out (they go out after every action is handled).
-    fn count_sampled_rounds(&mut self, actions: &[Action]) -> anyhow::Result<()> {
-        let Some(ledger) = self.ledger.as_mut() else { return Ok(()) };
-        for action in actions {
-            let round = match action {
-                Action::SendTask { round, .. }
-                | Action::ScheduleTimer { round, .. }
-                | Action::SkipRound { round, .. }
-                | Action::Aggregate { round, .. } => *round,
-                _ => continue,
-            };
-            if round > self.last_sampled {
-                ledger
-                    .record(round)
-                    .map_err(|e| anyhow::anyhow!("round {round}: cannot record it as sampled: {e:#}"))?;
-                self.last_sampled = round;
-            }
-        }
-        Ok(())
-    }
-
     /// Hands the update to the aggregation worker, which answers the device and reports back; a
     /// secure round's masked upload stays here, in its round.
     fn fold(&mut self, mut upload: Upload, round: u32) {
@@ -509,34 +474,6 @@ impl RoundDriver {
             let result = worker.finish(facts).await;
             let _ = inputs.send(DriverInput::AggregationDone { round, result });
         });
-    }
-
-    async fn skip(&mut self, round: u32, updates: usize, why: SkipWhy) -> anyhow::Result<()> {
-        let reason = match (&why, self.cannot_run.remove(&round)) {
-            (SkipWhy::DrawRefused(reason), _) => format!("{reason}; no task was sent"),
-            (SkipWhy::ShortOfQuorum, Some(reason)) => reason,
-            (SkipWhy::ShortOfQuorum, None) => {
-                format!("{updates} update(s) by the deadline, short of the quorum of {}", self.config.round.min_updates)
-            }
-        };
-        warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.config.round.rounds);
-        metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
-        self.accepted.remove(&round);
-        self.spend_privacy(round);
-        self.summary.skipped.push(SkippedRound { round, reason });
-        self.reports.submit(self.summary.clone());
-        if self.secure.as_ref().is_some_and(|s| s.round == round) {
-            self.secure = None;
-            metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
-        }
-        if updates > 0 {
-            // Rare, and the next round's folds must not reach the discarded accumulator: wait.
-            self.worker
-                .discard(round)
-                .await
-                .map_err(|e| anyhow::anyhow!("round {round}: cannot discard the partial aggregate: {e}"))?;
-        }
-        Ok(())
     }
 
     /// Sends each device its round task from a task of its own: the slices are made by the

@@ -23,10 +23,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_secagg::layout::Layout;
-use flotilla_secagg::messages::{AdvertiseKeys, MaskedInput, UnmaskRequest, UnmaskShares};
+use flotilla_secagg::messages::{MaskedInput, UnmaskRequest, UnmaskShares};
 use flotilla_secagg::server::{Aggregate, ServerRound};
 use flotilla_secagg::{Parameters, SecAggError};
 use flotilla_wire::protocol::{CoordinatorMessage, Reject, SecurePeers, SecureShares, SecureTask};
+use flotilla_wire::signed_keys::{PeerCredential, SignedKeys};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -249,6 +250,8 @@ pub struct SecureRound {
     ranks: BTreeMap<u32, u32>,
     /// Distributed privacy: the survivors each sum needs for its full noise, `[head, slot 0, …]`.
     needed: Vec<usize>,
+    /// Each advertiser's certificate and signature, relayed to its neighbours with its keys.
+    credentials: BTreeMap<u32, PeerCredential>,
 }
 
 impl SecureRound {
@@ -320,6 +323,7 @@ impl SecureRound {
             discarded: None,
             ranks,
             needed,
+            credentials: BTreeMap::new(),
         };
         Ok((round, tasks))
     }
@@ -366,31 +370,45 @@ impl SecureRound {
         self.ids.get(device).copied().ok_or_else(|| format!("'{device}' is not in round {}", self.round))
     }
 
-    /// Phase 1: a device's keys; its answer waits for the close. Returns whether every
-    /// participant has now advertised (close the phase).
+    /// Phase 1: a device's signed keys and the certificate of its session; its answer waits for
+    /// the close. Returns whether every participant has now advertised (close the phase). The
+    /// signature is its peers' to check; the coordinator checks that it signed the rank it holds.
     pub fn keys(
         &mut self,
         device: &str,
-        advert: AdvertiseKeys,
+        signed: SignedKeys,
+        certificate: Vec<u8>,
         reply: oneshot::Sender<CoordinatorMessage>,
     ) -> Result<bool, (String, oneshot::Sender<CoordinatorMessage>)> {
+        let SignedKeys { advert, rank, signature } = signed;
         let checked = self.participant(device, advert.round, SecurePhase::Keys).and_then(|id| {
             if advert.from != id {
                 return Err(format!("keys for participant {}, this device is {id}", advert.from));
             }
+            if self.ranks.get(&id) != Some(&rank) {
+                return Err(format!("keys signed at rank {rank}, this device holds rank {:?}", self.ranks.get(&id)));
+            }
             self.server.receive_keys(advert).map_err(|e| e.to_string()).map(|()| id)
         });
+        if let Ok(id) = checked {
+            self.credentials.insert(id, PeerCredential { id, certificate, signature });
+        }
         self.hold(checked, reply, |r| &mut r.advertised)?;
         Ok(self.advertised.len() == self.ids.len())
     }
 
-    /// Closes phase 1: each advertiser gets its neighbours' keys.
+    /// Closes phase 1: each advertiser gets its neighbours' keys, certificates and signatures.
     pub fn close_keys(&mut self) -> Closed {
+        let credentials = std::mem::take(&mut self.credentials);
         self.close(
             |r| &r.advertised,
             "sent keys",
             SecurePhase::Shares,
-            |server, session, id| CoordinatorMessage::SecurePeers(SecurePeers { session, peers: server.peers_for(id) }),
+            |server, session, id| {
+                let peers = server.peers_for(id);
+                let credentials = peers.iter().filter_map(|p| credentials.get(&p.id).cloned()).collect();
+                CoordinatorMessage::SecurePeers(SecurePeers { session, peers, credentials })
+            },
         )
     }
 
@@ -540,6 +558,7 @@ impl SecureRound {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_secagg::messages::AdvertiseKeys;
 
     fn section() -> SecureAggregationSection {
         toml::from_str("").unwrap()
@@ -592,20 +611,21 @@ mod tests {
         let (mut round, tasks) = SecureRound::start(1, &participants, &section(), layout, None).unwrap();
         assert_eq!(tasks.len(), 3);
         let task = &tasks["a"];
-        let advert = |from: u32, session: u64| AdvertiseKeys {
-            round: session,
-            from,
-            encryption_key: [1; 32],
-            mask_key: [2; 32],
+        let advert = |from: u32, session: u64| SignedKeys {
+            advert: AdvertiseKeys { round: session, from, encryption_key: [1; 32], mask_key: [2; 32] },
+            rank: 2,
+            signature: Vec::new(),
         };
         let (reply, _answer) = oneshot::channel();
-        let (reason, reply) = round.keys("a", advert(task.participant, task.session ^ 1), reply).unwrap_err();
+        let (reason, reply) =
+            round.keys("a", advert(task.participant, task.session ^ 1), Vec::new(), reply).unwrap_err();
         assert!(reason.contains("another secure round"), "{reason}");
-        let (reason, reply) = round.keys("mallory", advert(9, task.session), reply).unwrap_err();
+        let (reason, reply) = round.keys("mallory", advert(9, task.session), Vec::new(), reply).unwrap_err();
         assert!(reason.contains("not in round"), "{reason}");
-        let (reason, reply) = round.keys("a", advert(tasks["b"].participant, task.session), reply).unwrap_err();
+        let (reason, reply) =
+            round.keys("a", advert(tasks["b"].participant, task.session), Vec::new(), reply).unwrap_err();
         assert!(reason.contains("this device is"), "{reason}");
-        assert_eq!(round.keys("a", advert(task.participant, task.session), reply).ok(), Some(false));
+        assert_eq!(round.keys("a", advert(task.participant, task.session), Vec::new(), reply).ok(), Some(false));
         let shares = SecureShares { session: task.session, shares: Vec::new() };
         let (reply, _answer) = oneshot::channel();
         let (reason, _) = round.shares("a", shares, reply).unwrap_err();

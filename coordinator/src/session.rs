@@ -41,10 +41,13 @@ pub(crate) struct SessionContext {
     pub inputs: mpsc::UnboundedSender<DriverInput>,
     pub renewal: Option<crate::renewal::Renewal>,
     /// The serials the CRL revokes, as of its last reload.
-    pub revoked: crate::setup::RevokedSerials,
+    pub revoked: RevokedSerials,
     /// What an update may hold: the global adapter's tensors, and its layout (values by rank).
     pub update_bound: UpdateBound,
 }
+
+/// The serials the CRL revokes, as sessions watch them.
+pub(crate) type RevokedSerials = tokio::sync::watch::Receiver<Arc<std::collections::BTreeSet<String>>>;
 
 /// The largest update a device may send, from the global adapter.
 pub(crate) struct UpdateBound {
@@ -192,7 +195,7 @@ async fn answer_stream(
             let bytes =
                 flotilla_wire::framing::encode_frame(&message, &WireTensors::default()).map_or(0, |f| f.len() as u64);
             let request = match message {
-                DeviceMessage::SecureKeys(keys) => SecureRequest::Keys(keys),
+                DeviceMessage::SecureKeys(keys) => SecureRequest::Keys(keys, peer.certificate.clone()),
                 DeviceMessage::SecureShares(shares) => SecureRequest::Shares(shares),
                 DeviceMessage::UnmaskShares(shares) => SecureRequest::Unmask(shares),
                 _ => unreachable!("matched above"),

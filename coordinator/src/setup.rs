@@ -57,25 +57,14 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     };
     let config = limit_rounds_to_ledger(config, start.first_round, ledger.as_ref())?;
     if start.first_round > config.round.rounds {
-        info!(
-            "no round left to run: {} round(s) completed here, the run's last is round {}; nothing to do",
-            start.first_round - 1,
-            config.round.rounds
-        );
-        let previous = previous_summary(&run_dir);
-        let initial = previous.as_ref().map(|s| s.initial_evaluation.clone()).unwrap_or_default();
-        let skipped = previous.map(|s| s.skipped).unwrap_or_default();
-        let rounds = start.history.unwrap_or_default();
-        return Ok(summary_so_far(&config, start.first_round, rounds, initial, skipped, configured_rounds));
+        return Ok(nothing_left_to_run(&config, start, configured_rounds));
     }
     let (inputs, receiver) = mpsc::unbounded_channel();
     let evaluated = inputs.clone();
     let report_evaluation: EvaluationReport =
         Box::new(move |round, result| drop(evaluated.send(DriverInput::Evaluated { round, result })));
-    let layout = flotilla_torch::aggregate::secure::layout(&start.initial_global);
-    let secure_layout = config.secure_aggregation.as_ref().map(|_| layout);
-    let update_bound =
-        crate::session::UpdateBound { allowed: Arc::new(allowed_tensors(&start.initial_global)), layout };
+    let update_bound = update_bound(&start.initial_global);
+    let secure_layout = config.secure_aggregation.as_ref().map(|_| update_bound.layout);
     let (worker, initial_evaluation) =
         start_worker(&config, &base, start.initial_global, start.first_round, report_evaluation)?;
     let (endpoint, revoked) = open_endpoint(&config)?;
@@ -158,6 +147,20 @@ fn run_start(config: &CoordinatorConfig, base: &Base, fresh: bool) -> anyhow::Re
         }
         None => RunStart { initial_global: base.initial_adapter(config)?, first_round: 1, history: None },
     })
+}
+
+/// The summary of a run with no round left to run (all done, or the budget spent).
+fn nothing_left_to_run(config: &CoordinatorConfig, start: RunStart, configured_rounds: u32) -> RunSummary {
+    info!(
+        "no round left to run: {} round(s) completed here, the run's last is round {}; nothing to do",
+        start.first_round - 1,
+        config.round.rounds
+    );
+    let previous = previous_summary(&config.server.run_dir);
+    let initial = previous.as_ref().map(|s| s.initial_evaluation.clone()).unwrap_or_default();
+    let skipped = previous.map(|s| s.skipped).unwrap_or_default();
+    let rounds = start.history.unwrap_or_default();
+    summary_so_far(config, start.first_round, rounds, initial, skipped, configured_rounds)
 }
 
 /// The run summary as it stands before `first_round`.
@@ -310,22 +313,23 @@ fn start_worker(
 }
 
 /// What an update may carry: every tensor of the global adapter a device trains (not a merged
-/// delta), at most at the global's shape.
-fn allowed_tensors(global: &Adapter) -> flotilla_torch::tensor::AllowedTensors {
-    global
+/// delta), at most at the global's shape, and the values a rank holds (the secure layout).
+fn update_bound(global: &Adapter) -> crate::session::UpdateBound {
+    let allowed = global
         .tensors()
         .iter()
         .filter(|(name, _)| !global.merged_delta_names().any(|m| m == name.as_str()))
         .map(|(name, t)| (name.clone(), t.size().iter().map(|&d| d.max(0) as u64).collect()))
-        .collect()
+        .collect();
+    crate::session::UpdateBound {
+        allowed: Arc::new(allowed),
+        layout: flotilla_torch::aggregate::secure::layout(global),
+    }
 }
-
-/// The serials the CRL revokes, as sessions watch them.
-pub(crate) type RevokedSerials = tokio::sync::watch::Receiver<Arc<BTreeSet<String>>>;
 
 /// The QUIC endpoint, with the CRL watched for changes, and the serials it revokes (live sessions
 /// of a serial revoked later are closed).
-fn open_endpoint(config: &CoordinatorConfig) -> anyhow::Result<(quinn::Endpoint, RevokedSerials)> {
+fn open_endpoint(config: &CoordinatorConfig) -> anyhow::Result<(quinn::Endpoint, crate::session::RevokedSerials)> {
     let kit = KitPaths::in_dir(&config.tls.kit);
     let crl = config.tls.crl.clone();
     let reset_secret = crate::reset_secret::load_or_create(&config.server.run_dir)?;

@@ -253,6 +253,42 @@ async fn fetch(
     Ok(())
 }
 
+/// Where a transformer's base checkpoint comes from, for `run` and `sim`.
+#[derive(clap::Args, Clone)]
+pub(crate) struct BaseArgs {
+    /// A local copy of the coordinator's checkpoint (config.json, model.safetensors,
+    /// tokenizer.json); it must match the coordinator's digests. Unset: the cache, else fetched
+    /// once from the coordinator.
+    #[arg(long, env = "FLOTILLA_MODEL_DIR")]
+    pub(crate) model_dir: Option<PathBuf>,
+    /// Cache for fetched checkpoints (`<cache>/bases/<sha256>/`); default: $FLOTILLA_CACHE, else
+    /// ~/.cache/flotilla.
+    #[arg(long)]
+    cache_dir: Option<PathBuf>,
+    /// KiB asked for per checkpoint fetch request (the coordinator sends at most 768).
+    #[arg(long, default_value_t = 768, value_parser = clap::value_parser!(u32).range(1..=768))]
+    fetch_chunk_kib: u32,
+    /// The largest checkpoint (all its files) this device stores or fetches, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    max_base_mib: u64,
+    /// The most all cached checkpoints may hold together, in MiB: before a fetch, the least
+    /// recently used ones are evicted to make room.
+    #[arg(long, default_value_t = 8192)]
+    max_cache_mib: u64,
+}
+
+impl BaseArgs {
+    pub(crate) fn store(&self) -> std::sync::Arc<BaseStore> {
+        std::sync::Arc::new(BaseStore {
+            model_dir: self.model_dir.clone(),
+            cache: self.cache_dir.clone().unwrap_or_else(BaseStore::default_cache),
+            chunk_bytes: self.fetch_chunk_kib * 1024,
+            max_bytes: self.max_base_mib.saturating_mul(1 << 20),
+            max_cache_bytes: self.max_cache_mib.saturating_mul(1 << 20),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,7 +79,7 @@ struct SimArgs {
     #[arg(long, default_value = "synthetic")]
     data: String,
     #[command(flatten)]
-    base: BaseArgs,
+    base: base_store::BaseArgs,
     /// How the IDX training set is split among the virtual devices: iid, dirichlet:<alpha>, shards:<k>.
     #[arg(long)]
     partition: Option<Scheme>,
@@ -108,42 +108,6 @@ struct SimArgs {
     liveness: LivenessArgs,
     #[command(flatten)]
     renewal: RenewalArgs,
-}
-
-/// Where a transformer's base checkpoint comes from, for `run` and `sim`.
-#[derive(clap::Args, Clone)]
-struct BaseArgs {
-    /// A local copy of the coordinator's checkpoint (config.json, model.safetensors,
-    /// tokenizer.json); it must match the coordinator's digests. Unset: the cache, else fetched
-    /// once from the coordinator.
-    #[arg(long, env = "FLOTILLA_MODEL_DIR")]
-    model_dir: Option<PathBuf>,
-    /// Cache for fetched checkpoints (`<cache>/bases/<sha256>/`); default: $FLOTILLA_CACHE, else
-    /// ~/.cache/flotilla.
-    #[arg(long)]
-    cache_dir: Option<PathBuf>,
-    /// KiB asked for per checkpoint fetch request (the coordinator sends at most 768).
-    #[arg(long, default_value_t = 768, value_parser = clap::value_parser!(u32).range(1..=768))]
-    fetch_chunk_kib: u32,
-    /// The largest checkpoint (all its files) this device stores or fetches, in MiB.
-    #[arg(long, default_value_t = 4096)]
-    max_base_mib: u64,
-    /// The most all cached checkpoints may hold together, in MiB: before a fetch, the least
-    /// recently used ones are evicted to make room.
-    #[arg(long, default_value_t = 8192)]
-    max_cache_mib: u64,
-}
-
-impl BaseArgs {
-    fn store(&self) -> std::sync::Arc<base_store::BaseStore> {
-        std::sync::Arc::new(base_store::BaseStore {
-            model_dir: self.model_dir.clone(),
-            cache: self.cache_dir.clone().unwrap_or_else(base_store::BaseStore::default_cache),
-            chunk_bytes: self.fetch_chunk_kib * 1024,
-            max_bytes: self.max_base_mib.saturating_mul(1 << 20),
-            max_cache_bytes: self.max_cache_mib.saturating_mul(1 << 20),
-        })
-    }
 }
 
 /// What the rank policy weighs: the rank range and the model whose training step is timed.
@@ -233,7 +197,7 @@ struct RunArgs {
     #[arg(long, default_value = "synthetic")]
     data: String,
     #[command(flatten)]
-    base: BaseArgs,
+    base: base_store::BaseArgs,
     /// How the IDX training set is split among the trial's devices: iid, dirichlet:<alpha> or shards:<k>.
     #[arg(long)]
     partition: Option<Scheme>,
@@ -263,42 +227,7 @@ struct RunArgs {
     #[command(flatten)]
     renewal: RenewalArgs,
     #[command(flatten)]
-    floor: PrivacyFloorArgs,
-}
-
-/// What this device refuses whatever its coordinator asks (docs/privacy.md, "The device's own
-/// floors"); a refused round ends the run with the reason, before any training or upload.
-#[derive(clap::Args)]
-struct PrivacyFloorArgs {
-    /// Refuse a round that does not run under secure aggregation (its update would go up in the
-    /// clear).
-    #[arg(long, env = "FLOTILLA_REQUIRE_SECURE")]
-    require_secure: bool,
-    /// Under distributed differential privacy: refuse a round whose noise, with every
-    /// participant's noise in a sum, is below this multiple of the clipping bound. Implies
-    /// --require-secure.
-    #[arg(long, env = "FLOTILLA_MIN_NOISE_MULTIPLIER", value_name = "Z")]
-    min_noise_multiplier: Option<f64>,
-    /// Refuse a round that sets no clipping bound, or one above this.
-    #[arg(long, env = "FLOTILLA_MAX_CLIP_NORM", value_name = "C")]
-    max_clip_norm: Option<f64>,
-}
-
-impl PrivacyFloorArgs {
-    fn floor(&self) -> Result<privacy_floor::PrivacyFloor> {
-        for (flag, value) in
-            [("--min-noise-multiplier", self.min_noise_multiplier), ("--max-clip-norm", self.max_clip_norm)]
-        {
-            if let Some(v) = value {
-                anyhow::ensure!(v.is_finite() && v > 0.0, "{flag} must be a positive number, got {v}");
-            }
-        }
-        Ok(privacy_floor::PrivacyFloor {
-            require_secure: self.require_secure,
-            min_noise_multiplier: self.min_noise_multiplier,
-            max_clip_norm: self.max_clip_norm,
-        })
-    }
+    floor: privacy_floor::PrivacyFloorArgs,
 }
 
 #[derive(clap::Args)]

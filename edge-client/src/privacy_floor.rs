@@ -64,6 +64,41 @@ impl PrivacyFloor {
     }
 }
 
+/// What this device refuses whatever its coordinator asks (docs/privacy.md, "The device's own
+/// floors"); a refused round ends the run with the reason, before any training or upload.
+#[derive(clap::Args)]
+pub(crate) struct PrivacyFloorArgs {
+    /// Refuse a round that does not run under secure aggregation (its update would go up in the
+    /// clear).
+    #[arg(long, env = "FLOTILLA_REQUIRE_SECURE")]
+    require_secure: bool,
+    /// Under distributed differential privacy: refuse a round whose noise, with every
+    /// participant's noise in a sum, is below this multiple of the clipping bound. Implies
+    /// --require-secure.
+    #[arg(long, env = "FLOTILLA_MIN_NOISE_MULTIPLIER", value_name = "Z")]
+    min_noise_multiplier: Option<f64>,
+    /// Refuse a round that sets no clipping bound, or one above this.
+    #[arg(long, env = "FLOTILLA_MAX_CLIP_NORM", value_name = "C")]
+    max_clip_norm: Option<f64>,
+}
+
+impl PrivacyFloorArgs {
+    pub(crate) fn floor(&self) -> anyhow::Result<PrivacyFloor> {
+        for (flag, value) in
+            [("--min-noise-multiplier", self.min_noise_multiplier), ("--max-clip-norm", self.max_clip_norm)]
+        {
+            if let Some(v) = value {
+                anyhow::ensure!(v.is_finite() && v > 0.0, "{flag} must be a positive number, got {v}");
+            }
+        }
+        Ok(PrivacyFloor {
+            require_secure: self.require_secure,
+            min_noise_multiplier: self.min_noise_multiplier,
+            max_clip_norm: self.max_clip_norm,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

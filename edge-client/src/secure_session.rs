@@ -20,6 +20,7 @@ use flotilla_wire::framing::FrameLimits;
 pub(crate) async fn agree_secure_round(
     connection: &quinn::Connection,
     limits: &FrameLimits,
+    kit: &flotilla_wire::tls::KitPaths,
     secure: &SecureTask,
     round: u32,
     rank: u32,
@@ -35,11 +36,23 @@ pub(crate) async fn agree_secure_round(
             Ok(started) => started,
             Err(error) => return sit_out(format!("cannot start: {error}")),
         };
-    let peers = match exchange(connection, limits, DeviceMessage::SecureKeys(advert)).await? {
-        CoordinatorMessage::SecurePeers(peers) if peers.session == secure.session => peers.peers,
+    // Signed with this device's TLS key, so that its peers can tell it is a device of their CA.
+    let signed = match flotilla_wire::signed_keys::sign(kit, advert, rank) {
+        Ok(signed) => signed,
+        Err(error) => return sit_out(format!("cannot sign the keys: {error}")),
+    };
+    let (peers, credentials) = match exchange(connection, limits, DeviceMessage::SecureKeys(signed)).await? {
+        CoordinatorMessage::SecurePeers(peers) if peers.session == secure.session => (peers.peers, peers.credentials),
         CoordinatorMessage::Reject(reject) => return sit_out(format!("keys refused: {}", reject.reason)),
         other => return sit_out(format!("unexpected answer to the keys: {}", other.name())),
     };
+    // Nothing is shared with a peer the CA did not vouch for, at a rank it did not sign.
+    let checked = flotilla_wire::signed_keys::PeerCheck::from_kit(kit)
+        .map_err(|e| e.to_string())
+        .and_then(|check| check.check(secure.session, &peers, &credentials));
+    if let Err(why) = checked {
+        return sit_out(format!("a peer's keys are refused: {why}"));
+    }
     let mut shares = match client.share_keys(&peers) {
         Ok(shares) => shares,
         Err(error) => return sit_out(format!("cannot share the keys: {error}")),

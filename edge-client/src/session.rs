@@ -354,7 +354,7 @@ async fn train_and_upload(
     let mut secure_round = None;
     if let Some(secure) = &task.secure {
         secure_round = tokio::select! {
-            agreed = agree_secure_round(connection, &settings.limits, secure, round, task.rank) => {
+            agreed = agree_secure_round(connection, &settings.limits, &settings.kit, secure, round, task.rank) => {
                 agreed.map_err(|e| classify(connection, settings, "secure aggregation", format!("{e:#}")))?
             }
             _ = stop_reached(stop, Stop::AfterUpload) => {
@@ -412,6 +412,10 @@ fn upload_message(
 ) -> Result<(DeviceMessage, WireTensors), SessionError> {
     Ok(match (secure_round, trained.packed) {
         (Some(client), Some(packed)) => {
+            let clipped = client.clipped(&packed);
+            if clipped > 0 {
+                warn!("[round {round}] secure aggregation: {clipped} of {} values clipped to the range", packed.len());
+            }
             let masked = client
                 .masked_input(&packed)
                 .map_err(|e| SessionError::Fatal(format!("[round {round}] cannot mask the update: {e}")))?;

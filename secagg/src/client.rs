@@ -130,6 +130,19 @@ impl ClientRound {
                 message: format!("{} neighbours listed, more than the {most} the graph gives", peers.len()),
             });
         }
+        // A low-order public key would make the agreed secret a constant anyone knows.
+        let mask_secret = StaticSecret::from(self.mask_secret);
+        for peer in peers {
+            let contributory =
+                self.encryption_secret.diffie_hellman(&PublicKey::from(peer.encryption_key)).was_contributory()
+                    && mask_secret.diffie_hellman(&PublicKey::from(peer.mask_key)).was_contributory();
+            if !contributory {
+                return Err(SecAggError::BadMessage {
+                    from: peer.id,
+                    message: "a public key of low order (the agreed secret would be known to anyone)".into(),
+                });
+            }
+        }
         let sharks = Sharks(threshold as u8);
         let seed_shares: Vec<Share> = sharks.dealer(&self.self_seed).take(peers.len()).collect();
         let key_shares: Vec<Share> = sharks.dealer(&self.mask_secret).take(peers.len()).collect();
@@ -195,6 +208,11 @@ impl ClientRound {
             return Err("a share that does not match its commitment".into());
         }
         Ok(HeldShares { self_seed: self_seed.to_vec(), mask_key: mask_key.to_vec() })
+    }
+
+    /// How many of `values` the quantization's range (±R) will clip.
+    pub fn clipped(&self, values: &[f32]) -> usize {
+        Quantizer::new(&self.parameters).clipped(values)
     }
 
     /// Phase 3: `values` (this rank's prefix of the layout) quantized, plus the self mask and a

@@ -201,7 +201,7 @@ fn fewer_survivors_than_the_threshold_discard_the_round() {
 }
 
 #[test]
-fn a_threshold_of_half_the_neighbours_or_less_and_non_finite_inputs_are_refused() {
+fn a_threshold_of_half_the_neighbours_or_less_low_order_keys_and_non_finite_inputs_are_refused() {
     let (mut client, _) = ClientRound::new(parameters(2, 4), 1, 0, 2, LAYOUT).unwrap();
     let peers: Vec<crate::messages::Peer> = (1..5)
         .map(|id| {
@@ -212,6 +212,12 @@ fn a_threshold_of_half_the_neighbours_or_less_and_non_finite_inputs_are_refused(
     // Threshold 2 of 4 neighbours: two disjoint halves could each rebuild a secret.
     let error = client.share_keys(&peers).unwrap_err().to_string();
     assert!(error.contains("not above half"), "{error}");
+    // A peer whose key has low order (here the identity, all zeros) is refused before anything is
+    // shared with anyone.
+    let mut weak = peers[..3].to_vec();
+    weak[1].mask_key = [0; 32];
+    let error = client.share_keys(&weak).unwrap_err().to_string();
+    assert!(error.contains("low order"), "{error}");
     client.share_keys(&peers[..3]).unwrap();
     let mut values = vec![0.5; LAYOUT.len(2)];
     values[3] = f32::NAN;

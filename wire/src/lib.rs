@@ -6,7 +6,8 @@
 //! - [`tensor`]: tensor descriptors and raw little-endian bodies.
 //! - [`model`]: the model description (architecture, adapted layer shapes) as plain data.
 //! - [`tls`], [`quic`], [`identity`]: mutual-TLS configuration (ring only), QUIC endpoints and
-//!   transport settings, and how a device identity is written into a certificate.
+//!   transport settings, and how a device identity is written into a certificate; [`signed_keys`]:
+//!   secure aggregation key adverts signed with those certificates' keys.
 //! - [`logging`], [`crash_test`], [`fingerprint`]: what both daemons share beside the protocol: log
 //!   set-up, the crash-test pause hook, and a stable hash for fingerprints and seeds.
 
@@ -18,5 +19,6 @@ pub mod logging;
 pub mod model;
 pub mod protocol;
 pub mod quic;
+pub mod signed_keys;
 pub mod tensor;
 pub mod tls;

@@ -39,7 +39,7 @@ pub enum DeviceMessage {
     Update(Update),
     RenewCertificate(RenewCertificate),
     FetchBase(FetchBase),
-    SecureKeys(flotilla_secagg::messages::AdvertiseKeys),
+    SecureKeys(SignedKeys),
     SecureShares(SecureShares),
     MaskedUpdate(MaskedUpdate),
     UnmaskShares(flotilla_secagg::messages::UnmaskShares),
@@ -263,6 +263,26 @@ pub struct SecureShares {
 pub struct SecurePeers {
     pub session: u64,
     pub peers: Vec<flotilla_secagg::messages::Peer>,
+    /// Each peer's certificate and its signature over its keys and rank (`signed_keys`).
+    pub credentials: Vec<PeerCredential>,
+}
+
+/// A device's keys for a round, the rank it holds them at, and its signature over both with its
+/// TLS key (`signed_keys`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedKeys {
+    pub advert: flotilla_secagg::messages::AdvertiseKeys,
+    pub rank: u32,
+    pub signature: Vec<u8>,
+}
+
+/// What the coordinator relays with each peer's keys: its certificate and its signature.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeerCredential {
+    pub id: u32,
+    /// The peer's TLS certificate (DER), as it presented it to the coordinator.
+    pub certificate: Vec<u8>,
+    pub signature: Vec<u8>,
 }
 
 /// A masked upload: the device's weighted, quantized adapter plus its masks, as little-endian u32s

@@ -208,6 +208,8 @@ pub struct PeerDevice {
     /// Its certificate's serial, in lowercase hex without leading zeros (as the CA's registry and
     /// [`revoked_serials`] write it).
     pub serial: String,
+    /// Its certificate (DER), relayed to its secure aggregation peers with its signed keys.
+    pub certificate: Vec<u8>,
 }
 
 /// The device bound to an authenticated QUIC connection: its id, expiry and serial.
@@ -222,6 +224,7 @@ pub fn peer_device(connection: &quinn::Connection) -> Result<PeerDevice, TlsErro
         id: device_id_from_certificate(leaf)?,
         not_after: certificate_not_after(leaf)?,
         serial: certificate_serial(leaf)?,
+        certificate: leaf.to_vec(),
     })
 }
 

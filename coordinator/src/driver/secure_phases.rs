@@ -19,7 +19,8 @@ use crate::secure::{Closed, SecurePhase, SecureRound};
 
 /// What a device asks in a secure round's phases.
 pub enum SecureRequest {
-    Keys(flotilla_secagg::messages::AdvertiseKeys),
+    /// Its signed keys, and the certificate its session was opened with (relayed to its peers).
+    Keys(flotilla_wire::signed_keys::SignedKeys, Vec<u8>),
     Shares(flotilla_wire::protocol::SecureShares),
     Unmask(flotilla_secagg::messages::UnmaskShares),
 }
@@ -148,7 +149,9 @@ impl RoundDriver {
         secure.protocol_bytes += bytes;
         metrics::counter!("fl_secagg_protocol_bytes_total").increment(bytes);
         let (phase, outcome) = match request {
-            SecureRequest::Keys(keys) => (SecurePhase::Keys, secure.keys(device, keys, reply)),
+            SecureRequest::Keys(keys, certificate) => {
+                (SecurePhase::Keys, secure.keys(device, keys, certificate, reply))
+            }
             SecureRequest::Shares(shares) => (SecurePhase::Shares, secure.shares(device, shares, reply)),
             SecureRequest::Unmask(shares) => {
                 match secure.unmask(device, shares) {

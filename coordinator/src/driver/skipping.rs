@@ -1,0 +1,38 @@
+//! A round that ends without a new global adapter: why, in the log, the metrics and the reports,
+//! and what it costs (under `[privacy]` a skipped round was still sampled).
+
+use flotilla_engine::SkipWhy;
+use tracing::warn;
+
+use super::RoundDriver;
+use crate::report::SkippedRound;
+
+impl RoundDriver {
+    pub(super) async fn skip(&mut self, round: u32, updates: usize, why: SkipWhy) -> anyhow::Result<()> {
+        let reason = match (&why, self.cannot_run.remove(&round)) {
+            (SkipWhy::DrawRefused(reason), _) => format!("{reason}; no task was sent"),
+            (SkipWhy::ShortOfQuorum, Some(reason)) => reason,
+            (SkipWhy::ShortOfQuorum, None) => {
+                format!("{updates} update(s) by the deadline, short of the quorum of {}", self.config.round.min_updates)
+            }
+        };
+        warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.config.round.rounds);
+        metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
+        self.accepted.remove(&round);
+        self.spend_privacy(round);
+        self.summary.skipped.push(SkippedRound { round, reason });
+        self.reports.submit(self.summary.clone());
+        if self.secure.as_ref().is_some_and(|s| s.round == round) {
+            self.secure = None;
+            metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
+        }
+        if updates > 0 {
+            // Rare, and the next round's folds must not reach the discarded accumulator: wait.
+            self.worker
+                .discard(round)
+                .await
+                .map_err(|e| anyhow::anyhow!("round {round}: cannot discard the partial aggregate: {e}"))?;
+        }
+        Ok(())
+    }
+}
