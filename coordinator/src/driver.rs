@@ -499,6 +499,7 @@ impl RoundDriver {
                 training: training_settings(self.engine.policy().training(round)),
                 deadline_secs: self.config.round.deadline_secs,
                 clip_norm: self.config.privacy.as_ref().map(|p| p.clip_norm),
+                noise_multiplier: self.config.privacy.as_ref().map(|p| p.noise_multiplier),
                 secure: secure_tasks.remove(&device),
             });
             deliveries.push(TaskDelivery { device, round, rank, connection, task });

@@ -152,7 +152,7 @@ fn run_start(config: &CoordinatorConfig, base: &Base, fresh: bool) -> anyhow::Re
 /// The summary of a run with no round left to run (all done, or the budget spent).
 fn nothing_left_to_run(config: &CoordinatorConfig, start: RunStart, configured_rounds: u32) -> RunSummary {
     info!(
-        "no round left to run: {} round(s) completed here, the run's last is round {}; nothing to do",
+        "no round left to run: {} round(s) already completed here, the run's last is round {}; nothing to do",
         start.first_round - 1,
         config.round.rounds
     );

@@ -3,6 +3,7 @@
 mod base_cache;
 mod base_store;
 mod nvml;
+mod privacy_budget;
 mod privacy_floor;
 mod probe;
 mod progress;
@@ -543,6 +544,7 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
             progress: progress.clone(),
             base_store: args.base.store(),
             floor: args.floor.floor()?,
+            budget: args.floor.budget(&kit)?,
         };
         progress.connecting(&settings.coordinator.to_string());
         tracing::info!(device = %device_id, coordinator = %settings.coordinator, rank = settings.requested_rank, "starting");

@@ -80,9 +80,33 @@ pub(crate) struct PrivacyFloorArgs {
     /// Refuse a round that sets no clipping bound, or one above this.
     #[arg(long, env = "FLOTILLA_MAX_CLIP_NORM", value_name = "C")]
     max_clip_norm: Option<f64>,
+    /// This device's own ε budget per federation (the CA of its kit): every round it trains in
+    /// under [privacy] is counted in its ledger before it trains, and a round past the budget is
+    /// refused.
+    #[arg(long, env = "FLOTILLA_PRIVACY_BUDGET", value_name = "EPSILON")]
+    privacy_budget: Option<f64>,
+    /// The δ of this device's budget.
+    #[arg(long, env = "FLOTILLA_PRIVACY_DELTA", default_value_t = 1e-5)]
+    privacy_delta: f64,
+    /// Where the device's privacy ledgers are kept (one file per CA); default:
+    /// <cache>/privacy-ledger.
+    #[arg(long, env = "FLOTILLA_PRIVACY_LEDGER")]
+    privacy_ledger: Option<std::path::PathBuf>,
 }
 
 impl PrivacyFloorArgs {
+    /// The device's own privacy ledger, when it has a budget.
+    pub(crate) fn budget(
+        &self,
+        kit: &flotilla_wire::tls::KitPaths,
+    ) -> anyhow::Result<Option<std::sync::Mutex<crate::privacy_budget::DevicePrivacyBudget>>> {
+        let Some(epsilon) = self.privacy_budget else { return Ok(None) };
+        let dir = self.privacy_ledger.clone().unwrap_or_else(|| flotilla_torch::cache::root().join("privacy-ledger"));
+        let budget = crate::privacy_budget::DevicePrivacyBudget::open(&dir, &kit.ca_cert, epsilon, self.privacy_delta)?;
+        tracing::info!(epsilon_spent = budget.spent(), budget = epsilon, "this device's privacy ledger");
+        Ok(Some(std::sync::Mutex::new(budget)))
+    }
+
     pub(crate) fn floor(&self) -> anyhow::Result<PrivacyFloor> {
         for (flag, value) in
             [("--min-noise-multiplier", self.min_noise_multiplier), ("--max-clip-norm", self.max_clip_norm)]
@@ -122,6 +146,7 @@ mod tests {
                 noise_std,
                 participants,
             }),
+            noise_multiplier: None,
         }
     }
 

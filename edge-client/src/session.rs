@@ -66,6 +66,8 @@ pub struct SessionSettings {
     pub base_store: std::sync::Arc<crate::base_store::BaseStore>,
     /// The rounds this device refuses whatever the coordinator asks.
     pub floor: crate::privacy_floor::PrivacyFloor,
+    /// This device's own privacy ledger, when it has a budget (`--privacy-budget`).
+    pub budget: Option<std::sync::Mutex<crate::privacy_budget::DevicePrivacyBudget>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -346,9 +348,18 @@ async fn train_and_upload(
     tensors: WireTensors,
 ) -> Result<Option<ClientRound>, SessionError> {
     let round = task.round;
-    if let Some(why) = settings.floor.refusal(&task) {
+    let admitted = match (settings.floor.refusal(&task), &settings.budget) {
+        (Some(why), _) => Err(why),
+        (None, Some(budget)) => budget
+            .lock()
+            .map_err(|_| "the privacy ledger is unusable".to_string())
+            .and_then(|mut budget| budget.admit(round, task.noise_multiplier))
+            .map(|epsilon| info!("[round {round}] privacy: this device's ε after this round {epsilon:.3}")),
+        (None, None) => Ok(()),
+    };
+    if let Err(why) = admitted {
         // Nothing is trained or sent; closing tells the coordinator at once.
-        connection.close(close::REFUSED_TASK.into(), why.as_bytes());
+        connection.close(close::REFUSED_TASK.into(), &why.as_bytes()[..why.len().min(200)]);
         return Err(SessionError::Fatal(format!("refused: {why}")));
     }
     let mut secure_round = None;

@@ -220,6 +220,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
             progress: crate::progress::Progress::none(),
             base_store: settings.base_store.clone(),
             floor: crate::privacy_floor::PrivacyFloor::default(),
+            budget: None,
         };
         let endpoint = endpoint.clone();
         tasks.spawn(async move {

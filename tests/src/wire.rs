@@ -88,6 +88,7 @@ pub struct RoundTask {
     pub deadline_secs: u32,
     pub clip_norm: Option<f64>,
     pub secure: Option<Box<SecureTask>>,
+    pub noise_multiplier: Option<f64>,
 }
 
 /// Under secure aggregation (docs/protocol.md).

@@ -257,3 +257,36 @@ fn distributed_noise_under_secure_aggregation_has_the_calibrated_scale() {
     assert!((sd / want - 1.0).abs() < 0.2, "noise sd {sd}, want {want} over {n} draws");
     assert!(mean.abs() < 4.0 * want / n.sqrt(), "noise mean {mean}");
 }
+
+/// A device with a budget of its own (`--privacy-budget`) counts every round it trains in, before
+/// it trains, in a ledger of its own, and refuses the round that would take it past its budget,
+/// whatever the coordinator's budget says: at σ = 1 and δ = 1e-5, one round costs it ε 5.30 and
+/// two 7.79, so a budget of 6 takes one round.
+#[test]
+fn a_device_refuses_the_round_past_its_own_privacy_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["careful", "other"]);
+    let config = config(run, "rbla", 6.0).replace("rounds = 4", "rounds = 2\nmin_updates = 1");
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let ledger = run.join("careful-ledger");
+    let mut careful = Process::spawn(
+        "careful",
+        edge_run(&address, &pki.join("kits/careful"), 2, 128)
+            .args(["--privacy-budget", "6", "--privacy-ledger"])
+            .arg(&ledger),
+        &run.join("logs"),
+    );
+    let mut other =
+        Process::spawn("other", &mut edge_run(&address, &pki.join("kits/other"), 4, 128), &run.join("logs"));
+    assert!(!careful.wait(Duration::from_secs(120)).success(), "{}", careful.logs());
+    assert!(careful.stderr_text().contains("past its --privacy-budget of 6"), "{}", careful.logs());
+    assert!(other.wait(Duration::from_secs(120)).success(), "{}", other.logs());
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    assert!(coordinator.stderr_text().contains("device refused its round task"), "{}", coordinator.logs());
+    let files: Vec<_> = std::fs::read_dir(&ledger).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "one ledger, for the one CA: {files:?}");
+    let entries: serde_json::Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
+    assert_eq!(entries["rounds"], 1, "round 1 counted, round 2 refused: {entries}");
+}

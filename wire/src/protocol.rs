@@ -226,6 +226,9 @@ pub struct RoundTask {
     /// Under secure aggregation: this round's SecAgg+ setting; the device then runs the phases and
     /// uploads a `MaskedUpdate` instead of an `Update`.
     pub secure: Option<SecureTask>,
+    /// Under `[privacy]`: the noise multiplier σ of the round's sums, for the device's own ledger
+    /// (`--privacy-budget`).
+    pub noise_multiplier: Option<f64>,
 }
 
 /// What a device needs for one round of secure aggregation.
