@@ -68,7 +68,9 @@ pub fn device_snippet(placement: &Placement) -> String {
          # send its update in the clear, or with less noise or a larger clipping bound than these.\n\
          #FLOTILLA_REQUIRE_SECURE=true\n\
          #FLOTILLA_MIN_NOISE_MULTIPLIER=1.0\n\
-         #FLOTILLA_MAX_CLIP_NORM=1.0\n",
+         #FLOTILLA_MAX_CLIP_NORM=1.0\n\
+         # This device's own privacy budget per federation (a ledger it keeps; docs/privacy.md).\n\
+         #FLOTILLA_PRIVACY_BUDGET=8.0\n",
         env = placement.install_dir.join(DEVICE_SNIPPET).display(),
         kit = placement.install_dir.display(),
         address = placement.address,

@@ -47,6 +47,7 @@ pub struct RevokedCertificate {
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 pub struct Registry {
+    /// Unused since serials are random; kept so that registries read and write as before.
     pub next_serial: u64,
     pub issued: Vec<IssuedCertificate>,
     #[serde(default)]
@@ -495,8 +496,15 @@ impl Pki {
                 "device '{id}' (serial {renewed}) was revoked; a revoked id is not renewed, issue a new id"
             )));
         }
-        let serial = registry.next_serial;
-        registry.next_serial += 1;
+        // Random serials (63 bits, distinct from every one issued): a serial says nothing about how
+        // many certificates this CA has issued, or when.
+        let serial = loop {
+            use rand_core::RngCore;
+            let candidate = rand_core::OsRng.next_u64() >> 1;
+            if candidate > 1 && !registry.issued.iter().any(|c| c.serial == format!("{candidate:x}")) {
+                break candidate;
+            }
+        };
         params.serial_number = Some(SerialNumber::from_slice(&serial.to_be_bytes()));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.use_authority_key_identifier_extension = true;
@@ -635,7 +643,8 @@ mod tests {
         let snippet = fs::read_to_string(kit_dir.join("coordinator.toml")).unwrap();
         assert!(snippet.contains(&format!("kit = \"{}\"", kit_dir.display())), "{snippet}");
         let dev = device(&pki, "phone-1", 5).unwrap();
-        assert_eq!(dev.serial, "3");
+        let coordinator_serial = pki.inspect_id("coordinator").unwrap().serial;
+        assert!(u64::from_str_radix(&dev.serial, 16).is_ok() && dev.serial != coordinator_serial, "{}", dev.serial);
         for file in ["ca.crt", "cert.pem", "key.pem", "edge.env", "README.txt"] {
             assert!(pki.kit_dir("phone-1").join(file).exists(), "{file}");
         }
@@ -868,17 +877,17 @@ mod tests {
         let pki = new_ca(dir.path());
         let empty = fs::read_to_string(Pki::crl_path(dir.path())).unwrap();
         assert!(empty.contains("BEGIN X509 CRL"));
-        device(&pki, "lost-phone", 5).unwrap();
+        let issued = device(&pki, "lost-phone", 5).unwrap();
         let revoked = pki.revoke("lost-phone", None).unwrap();
         assert_eq!(revoked.len(), 1);
-        assert_eq!(revoked[0].serial, "2");
+        assert_eq!(revoked[0].serial, issued.serial);
         let pem = fs::read(Pki::crl_path(dir.path())).unwrap();
         let (_, der) = x509_parser::pem::parse_x509_pem(&pem).unwrap();
         use x509_parser::prelude::FromDer;
         let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der.contents).unwrap();
         let serials: Vec<u64> =
             crl.iter_revoked_certificates().map(|r| r.user_certificate.to_u64_digits()[0]).collect();
-        assert_eq!(serials, vec![2]);
+        assert_eq!(serials, vec![u64::from_str_radix(&issued.serial, 16).unwrap()]);
         assert!(pki.revoke("lost-phone", None).unwrap_err().to_string().contains("already revoked"));
         assert!(pki.revoke("nobody", None).unwrap_err().to_string().contains("no device certificate"));
         assert!(pki.revoke("lost-phone", Some("9")).unwrap_err().to_string().contains("serial 9"));

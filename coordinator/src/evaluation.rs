@@ -182,14 +182,19 @@ struct EvaluationJob {
     checkpoint_dir: PathBuf,
 }
 
+/// Rounds whose evaluation may wait at once: each holds a copy of the global adapter, so a
+/// coordinator whose evaluation falls behind its rounds makes its aggregation wait rather than
+/// holding ever more adapters.
+const EVALUATIONS_QUEUED: usize = 2;
+
 /// Evaluates rounds one after another, off the aggregation thread.
 pub struct EvaluationThread {
-    jobs: std::sync::mpsc::Sender<EvaluationJob>,
+    jobs: std::sync::mpsc::SyncSender<EvaluationJob>,
 }
 
 impl EvaluationThread {
     pub fn spawn(evaluator: Evaluator, report: EvaluationReport) -> anyhow::Result<EvaluationThread> {
-        let (jobs, receiver) = std::sync::mpsc::channel::<EvaluationJob>();
+        let (jobs, receiver) = std::sync::mpsc::sync_channel::<EvaluationJob>(EVALUATIONS_QUEUED);
         std::thread::Builder::new().name("evaluation".into()).spawn(move || {
             // One core: the other serves the network and the aggregation.
             tch::set_num_threads(1);
@@ -220,7 +225,8 @@ impl EvaluationThread {
         Ok(EvaluationThread { jobs })
     }
 
-    /// Queues `global` of `round` for evaluation at R_max and at `ranks`.
+    /// Queues `global` of `round` for evaluation at R_max and at `ranks`; waits while
+    /// [`EVALUATIONS_QUEUED`] rounds are already waiting.
     pub fn submit(&self, round: u32, global: Adapter, ranks: BTreeSet<usize>, checkpoint_dir: PathBuf) {
         if self.jobs.send(EvaluationJob { round, global, ranks, checkpoint_dir }).is_err() {
             warn!(round, "the evaluation thread has stopped; round {round} is not evaluated");
