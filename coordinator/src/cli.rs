@@ -52,6 +52,10 @@ enum Command {
     Check {
         #[arg(long)]
         config: PathBuf,
+        /// The fleet's ranks, one per device (e.g. 2,4,8,16): under [secure_aggregation], says
+        /// which rank slots too few of them hold to ever be revealed.
+        #[arg(long, value_delimiter = ',')]
+        fleet: Vec<u32>,
     },
     /// Show a running coordinator's state (round, phase, devices) from its metrics port.
     Status {
@@ -117,7 +121,7 @@ enum Command {
 }
 
 /// `check`: everything `serve` needs before it listens, each problem reported.
-fn check(path: &std::path::Path) -> anyhow::Result<()> {
+fn check(path: &std::path::Path, fleet: &[u32]) -> anyhow::Result<()> {
     let config = config::CoordinatorConfig::load(path)?;
     let mut problems = Vec::new();
     let kit = flotilla_wire::tls::KitPaths::in_dir(&config.tls.kit);
@@ -189,8 +193,43 @@ fn check(path: &std::path::Path) -> anyhow::Result<()> {
             config.round.min_devices.max(size.min),
             smallest.min_holders(),
         );
+        if !fleet.is_empty() {
+            println!("{}", thin_tiers(secure, config.aggregation.max_rank, fleet)?);
+        }
     }
     Ok(())
+}
+
+/// What secure aggregation reveals of a fleet of `ranks` when every device survives: the slots
+/// threshold + 1 of them hold, and a warning with the numbers for the slots they do not.
+fn thin_tiers(
+    secure: &crate::secure::SecureAggregationSection,
+    max_rank: u32,
+    ranks: &[u32],
+) -> anyhow::Result<String> {
+    let parameters = secure.parameters_for(ranks.len())?;
+    let layout = flotilla_secagg::layout::Layout { shared: 1, per_slot: 1, max_rank };
+    let revealed = layout.revealable_rank(ranks.iter().copied(), parameters.min_holders());
+    let top = ranks.iter().copied().max().unwrap_or(0).min(max_rank);
+    Ok(if revealed >= top {
+        format!(
+            "secure aggregation: a fleet of ranks {ranks:?} reveals every slot it trains (1–{top}): each has at least \
+             {} holders",
+            parameters.min_holders()
+        )
+    } else {
+        let holders: Vec<String> = (revealed..top)
+            .map(|slot| format!("slot {}: {}", slot + 1, ranks.iter().filter(|&&r| r > slot).count()))
+            .collect();
+        format!(
+            "warning: secure aggregation over a fleet of ranks {ranks:?} (threshold {}) reveals slots 1–{revealed} only; \
+             slots {}–{top} have fewer than the {} holders a revealed slot needs ({}) and keep their initial values",
+            parameters.threshold,
+            revealed + 1,
+            parameters.min_holders(),
+            holders.join(", ")
+        )
+    })
 }
 
 /// The `flotilla-coordinator-torch` binary.
@@ -221,7 +260,7 @@ fn run(command: Command) -> Result<()> {
             print_summary(&summary);
             Ok(())
         }
-        Command::Check { config } => check(&config),
+        Command::Check { config, fleet } => check(&config, &fleet),
         Command::Export { config, out, round, rank, merged } => {
             let config = config::CoordinatorConfig::load(&config)?;
             let done = export::export(&config, &export::ExportRequest { out, round, rank, merged })?;

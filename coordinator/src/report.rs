@@ -194,9 +194,10 @@ pub struct ReportRow {
 }
 
 impl ReportRow {
-    fn skipped(skipped: &SkippedRound) -> ReportRow {
+    /// A row of `round` with nothing in it yet.
+    fn empty(round: u32) -> ReportRow {
         ReportRow {
-            round: skipped.round,
+            round,
             updates: 0,
             participants: BTreeMap::new(),
             accuracy: None,
@@ -209,8 +210,12 @@ impl ReportRow {
             aggregation_seconds: 0.0,
             round_seconds: 0.0,
             secure: None,
-            skipped: Some(skipped.reason.clone()),
+            skipped: None,
         }
+    }
+
+    fn skipped(skipped: &SkippedRound) -> ReportRow {
+        ReportRow { skipped: Some(skipped.reason.clone()), ..ReportRow::empty(skipped.round) }
     }
 }
 
@@ -234,22 +239,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
     let mut rows = Vec::with_capacity(summary.rounds.len() + 1);
     if !summary.initial_evaluation.is_empty() {
         let (accuracy, loss, accuracy_by_rank) = evaluation(&summary.initial_evaluation);
-        rows.push(ReportRow {
-            round: 0,
-            updates: 0,
-            participants: BTreeMap::new(),
-            accuracy,
-            loss,
-            accuracy_by_rank,
-            samples: None,
-            mean_local_loss: None,
-            update_bytes: 0,
-            task_bytes: 0,
-            aggregation_seconds: 0.0,
-            round_seconds: 0.0,
-            secure: None,
-            skipped: None,
-        });
+        rows.push(ReportRow { accuracy, loss, accuracy_by_rank, ..ReportRow::empty(0) });
     }
     for round in &summary.rounds {
         let (accuracy, loss, accuracy_by_rank) = evaluation(&round.evaluation);

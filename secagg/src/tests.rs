@@ -227,14 +227,9 @@ fn a_threshold_of_half_the_neighbours_or_less_low_order_keys_and_non_finite_inpu
     assert!(client.masked_input(&values).is_err());
 }
 
-#[test]
-fn a_mask_that_does_not_cancel_is_caught_and_the_round_discarded() {
-    // A participant whose upload is masked with other keys than it shared (here: its words replaced
-    // by noise, which is what such an upload looks like): the unmasked sums are noise over the
-    // ring, far beyond what honest inputs can sum to.
-    let ranks = [4, 4, 4, 4, 4];
-    let values = inputs(&ranks, 6);
-    let parameters = parameters(3, 4);
+/// A round of participants at `ranks` through the keys phase, each participant's shares sent
+/// to the coordinator (not yet received by their recipients).
+fn shared_round(ranks: &[u32], parameters: Parameters) -> (ServerRound, BTreeMap<u32, ClientRound>) {
     let participants: BTreeMap<u32, u32> = ranks.iter().enumerate().map(|(i, &r)| (i as u32, r)).collect();
     let mut server = ServerRound::new(parameters, 3, LAYOUT, participants.clone(), 9).unwrap();
     let mut clients = BTreeMap::new();
@@ -243,10 +238,21 @@ fn a_mask_that_does_not_cancel_is_caught_and_the_round_discarded() {
         server.receive_keys(advert).unwrap();
         clients.insert(id, client);
     }
-    for id in 0..5u32 {
-        let shares = clients.get_mut(&id).unwrap().share_keys(&server.peers_for(id)).unwrap();
+    for (&id, client) in clients.iter_mut() {
+        let shares = client.share_keys(&server.peers_for(id)).unwrap();
         server.receive_shares(id, shares).unwrap();
     }
+    (server, clients)
+}
+
+#[test]
+fn a_mask_that_does_not_cancel_is_caught_and_the_round_discarded() {
+    // A participant whose upload is masked with other keys than it shared (here: its words replaced
+    // by noise, which is what such an upload looks like): the unmasked sums are noise over the
+    // ring, far beyond what honest inputs can sum to.
+    let ranks = [4, 4, 4, 4, 4];
+    let values = inputs(&ranks, 6);
+    let (mut server, mut clients) = shared_round(&ranks, parameters(3, 4));
     for id in 0..5u32 {
         assert!(clients.get_mut(&id).unwrap().receive_shares(server.shares_for(id)).is_empty());
     }
@@ -304,19 +310,7 @@ fn a_single_masked_upload_is_indistinguishable_from_uniform_noise() {
 fn garbage_shares_are_left_out_and_the_round_completes_with_enough_valid_ones() {
     let ranks = [4, 4, 4, 4, 4, 4];
     let values = inputs(&ranks, 4);
-    let parameters = parameters(3, 5);
-    let participants: BTreeMap<u32, u32> = ranks.iter().enumerate().map(|(i, &r)| (i as u32, r)).collect();
-    let mut server = ServerRound::new(parameters, 3, LAYOUT, participants.clone(), 9).unwrap();
-    let mut clients = BTreeMap::new();
-    for (&id, &rank) in &participants {
-        let (client, advert) = ClientRound::new(parameters, 3, id, rank, LAYOUT).unwrap();
-        server.receive_keys(advert).unwrap();
-        clients.insert(id, client);
-    }
-    for id in 0..6u32 {
-        let shares = clients.get_mut(&id).unwrap().share_keys(&server.peers_for(id)).unwrap();
-        server.receive_shares(id, shares).unwrap();
-    }
+    let (mut server, mut clients) = shared_round(&ranks, parameters(3, 5));
     // A tampered ciphertext is refused by its recipient, naming the sender.
     let mut tampered = server.shares_for(0).to_vec();
     tampered[0].ciphertext[3] ^= 1;

@@ -7,19 +7,24 @@ use std::time::Duration;
 
 use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
 
+/// One round of `min_devices` devices, the CRL reloaded every second.
+fn config(run: &std::path::Path, min_devices: usize) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\ncrl = \"{run}/pki/crl.pem\"\ncrl_reload_secs = 1\n\
+         [round]\nrounds = 1\nmin_devices = {min_devices}\nlocal_steps = 10\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    )
+}
+
 #[test]
 fn a_device_revoked_while_the_coordinator_runs_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let pki = run.join("pki");
     provision(&pki, &["good-1", "good-2", "stolen"]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
-         [tls]\nkit = \"{run}/pki/kits/coordinator\"\ncrl = \"{run}/pki/crl.pem\"\ncrl_reload_secs = 1\n\
-         [round]\nrounds = 1\nmin_devices = 2\nlocal_steps = 10\n\
-         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
-        run = run.display()
-    );
+    let config = config(run, 2);
     let (mut coordinator, address) = start_coordinator(run, &config);
     let logs = run.join("logs");
 
@@ -89,13 +94,7 @@ fn revoking_a_renewed_device_locks_out_both_certificates_and_cuts_its_live_sessi
     run_certs(&["install", "--kit", kit_arg, "--cert", signed.join("cert.pem").to_str().unwrap()]);
 
     // Two devices are needed, and only one comes: the phone's session stays open, waiting.
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
-         [tls]\nkit = \"{run}/pki/kits/coordinator\"\ncrl = \"{run}/pki/crl.pem\"\ncrl_reload_secs = 1\n\
-         [round]\nrounds = 1\nmin_devices = 2\nlocal_steps = 10\n\
-         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
-        run = run.display()
-    );
+    let config = config(run, 2);
     let (mut coordinator, address) = start_coordinator(run, &config);
     let logs = run.join("logs");
     let edge = |kit: &std::path::Path| {
@@ -130,13 +129,7 @@ fn a_device_refuses_a_coordinator_whose_certificate_is_revoked() {
     let pki = run.join("pki");
     provision(&pki, &["phone"]);
     assert!(pki.join("kits/phone/crl.pem").exists(), "a device kit carries the CA's CRL");
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
-         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
-         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\n\
-         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
-        run = run.display()
-    );
+    let config = config(run, 1);
     let (mut coordinator, address) = start_coordinator(run, &config);
     let revoked = String::from_utf8_lossy(&certs(&pki, &["revoke", "--id", "coordinator"]).stdout).to_string();
     assert!(revoked.contains("'coordinator' (serial"), "{revoked}");

@@ -409,6 +409,27 @@ fn check_refuses_what_secure_aggregation_cannot_honour() {
     assert!(!ok && text.contains("needs [secure_aggregation]"), "{text}");
     let (ok, text) = check(config(run, "rbla", 4, 4, true) + &distributed);
     assert!(ok, "{text}");
+    // Given the fleet's ranks, check says which slots too few devices hold to be revealed.
+    let path = run.join("fleet.toml");
+    std::fs::write(&path, config(run, "rbla", 4, 4, true).replace("max_rank = 4", "max_rank = 16")).unwrap();
+    let fleet = |ranks: &str| {
+        let output = Command::new(binary("flotilla-coordinator"))
+            .args(["check", "--config"])
+            .arg(&path)
+            .args(["--fleet", ranks])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    let thin = fleet("2,4,8,16");
+    assert!(
+        thin.contains("reveals slots 1–4 only; slots 5–16 have fewer than the 3 holders")
+            && thin.contains("slot 5: 2")
+            && thin.contains("slot 9: 1"),
+        "{thin}"
+    );
+    assert!(fleet("4,4,4,2").contains("reveals every slot it trains (1–4)"), "{}", fleet("4,4,4,2"));
 }
 
 #[test]
