@@ -94,8 +94,12 @@ async fn upload_full(connection: &quinn::Connection, server: &quinn::Connection,
     };
     let upload = async {
         let (mut send, mut recv) = connection.open_bi().await.expect("open");
-        let update =
-            DeviceMessage::Update(Update { round: 1, rank: 64, num_samples: 1, metrics: LocalMetrics::default() });
+        let update = DeviceMessage::Update(Update {
+            round: 1,
+            rank: 64,
+            num_samples: 1,
+            metrics: Some(LocalMetrics::default()),
+        });
         write_frame(&mut send, &update, wire).await.expect("write");
         send.finish().unwrap();
         let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, &FrameLimits::default()).await.expect("reply");

@@ -348,8 +348,9 @@ impl AggregationThread {
             // Under [privacy] nothing of one device is logged or kept beyond its rank.
             info!(device = %device, round, rank = update.rank, "[round {round}] update accepted");
         } else {
-            info!(device = %device, round, rank = update.rank, samples = update.num_samples,
-                loss = update.metrics.loss_after, "[round {round}] update accepted");
+            let loss = update.metrics.as_ref().map(|m| m.loss_after);
+            info!(device = %device, round, rank = update.rank, samples = update.num_samples, loss,
+                "[round {round}] update accepted");
         }
         metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
         let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
@@ -535,7 +536,7 @@ mod tests {
     ) -> (CoordinatorMessage, bool) {
         let (reply, answer) = oneshot::channel();
         let (done_tx, done_rx) = std_mpsc::channel();
-        let update = Update { round: 1, rank, num_samples: 10, metrics: LocalMetrics::default() };
+        let update = Update { round: 1, rank, num_samples: 10, metrics: Some(LocalMetrics::default()) };
         let upload = Upload { device: device.into(), update, tensors, masked: None, reply };
         let done = Box::new(move |done: FoldDone| {
             let _ = done_tx.send(done.accepted.is_some());

@@ -147,7 +147,7 @@ impl UpdateRecord {
         device: &str,
         rank: u32,
         num_samples: u64,
-        metrics: LocalMetrics,
+        metrics: Option<LocalMetrics>,
         wire_bytes: u64,
         anonymous: bool,
     ) -> Self {
@@ -157,7 +157,7 @@ impl UpdateRecord {
                 device: Some(device.to_string()),
                 rank,
                 num_samples: Some(num_samples),
-                metrics: Some(metrics),
+                metrics,
                 wire_bytes,
             },
         }
@@ -342,7 +342,7 @@ mod tests {
 
     fn update(device: &str, rank: u32, loss: f64) -> UpdateRecord {
         let metrics = LocalMetrics { loss_after: loss, ..LocalMetrics::default() };
-        UpdateRecord::new(device, rank, 10, metrics, 100, false)
+        UpdateRecord::new(device, rank, 10, Some(metrics), 100, false)
     }
 
     fn eval(pairs: &[(usize, f64)]) -> Vec<RankAccuracy> {

@@ -9,8 +9,8 @@ use anyhow::Context;
 use flotilla_torch::tensor::read_frame_decoded;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::{
-    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, LocalMetrics, ModelSpec, Refusal,
-    Reject, Update, Welcome, PROTOCOL_VERSION,
+    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Update,
+    Welcome, PROTOCOL_VERSION,
 };
 use flotilla_wire::tensor::WireTensors;
 use flotilla_wire::tls;
@@ -183,8 +183,7 @@ async fn answer_stream(
         Ok((DeviceMessage::Update(update), tensors)) => hand_over(identity, shared, update, tensors, None).await,
         Ok((DeviceMessage::MaskedUpdate(masked), tensors)) => {
             // Nothing of the device but its rank travels in the clear: no sample count, no metrics.
-            let update =
-                Update { round: masked.round, rank: masked.rank, num_samples: 0, metrics: LocalMetrics::default() };
+            let update = Update { round: masked.round, rank: masked.rank, num_samples: 0, metrics: None };
             hand_over(identity, shared, update, tensors, Some(masked.masked)).await
         }
         Ok((

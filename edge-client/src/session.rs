@@ -393,7 +393,8 @@ async fn train_and_upload(
         );
     }
     let metrics = trained.metrics.clone();
-    let (message, tensors) = upload_message(round, trained, secure_round.as_mut())?;
+    let private = task.clip_norm.is_some();
+    let (message, tensors) = upload_message(round, trained, secure_round.as_mut(), private)?;
     info!(
         "[round {round}/{}] trained: loss {:.4} → {:.4}, accuracy {:.1}% in {:.2}s; uploading",
         task.total_rounds,
@@ -420,6 +421,7 @@ fn upload_message(
     round: u32,
     trained: crate::trainer::TrainedUpdate,
     secure_round: Option<&mut ClientRound>,
+    private: bool,
 ) -> Result<(DeviceMessage, WireTensors), SessionError> {
     Ok(match (secure_round, trained.packed) {
         (Some(client), Some(packed)) => {
@@ -433,9 +435,15 @@ fn upload_message(
             let update = MaskedUpdate { round, rank: trained.rank, masked };
             (DeviceMessage::MaskedUpdate(update), WireTensors::default())
         }
+        // Under [privacy] every device weighs the same, and its sample count and local metrics are
+        // not the coordinator's to see: it is sent a count of 1 and no metrics.
+        _ if private => {
+            let update = Update { round, rank: trained.rank, num_samples: 1, metrics: None };
+            (DeviceMessage::Update(update), trained.tensors)
+        }
         _ => {
             let update =
-                Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: trained.metrics };
+                Update { round, rank: trained.rank, num_samples: trained.num_samples, metrics: Some(trained.metrics) };
             (DeviceMessage::Update(update), trained.tensors)
         }
     })

@@ -45,7 +45,7 @@ pub struct Update {
     pub round: u32,
     pub rank: u32,
     pub num_samples: u64,
-    pub metrics: LocalMetrics,
+    pub metrics: Option<LocalMetrics>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

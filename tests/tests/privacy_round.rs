@@ -67,6 +67,17 @@ fn clipped_updates_calibrated_noise_and_a_budget_that_ends_the_run() {
     assert_eq!(summary["rounds_completed"].as_u64(), Some(allowed), "the budget ended the run");
     let spent = privacy["epsilon_spent"].as_f64().unwrap();
     assert!(spent > 3.0 && spent <= 6.0, "{privacy}");
+    // Nothing of one device is kept in the reports or checkpoints: no id, no sample count, no
+    // local metric (devices send none under [privacy]; the recorded updates of `record_updates`
+    // are the operator's explicit choice, docs/privacy.md).
+    let mut reports = vec![run.join("summary.json"), run.join("rounds.json"), run.join("rounds.csv")];
+    reports.extend((1..=2).map(|r| run.join(format!("global/round-{r}/state.json"))));
+    for report in &reports {
+        let text = std::fs::read_to_string(report).unwrap();
+        for needle in ["phone-1", "laptop-1", "num_samples", "loss_before", "loss_after", "train_seconds"] {
+            assert!(!text.contains(needle), "{} holds '{needle}'", report.display());
+        }
+    }
     let per_round: Vec<f64> =
         summary["rounds"].as_array().unwrap().iter().map(|r| r["privacy_epsilon"].as_f64().unwrap()).collect();
     assert!(per_round.windows(2).all(|w| w[0] < w[1]) && per_round.last() == Some(&spent), "{per_round:?}");

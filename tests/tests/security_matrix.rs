@@ -52,7 +52,8 @@ async fn refused_join(address: SocketAddr, credentials: &ClientCredentials, clai
 }
 
 fn update_frame(round: u32, rank: u32, tensors: &[TensorDesc], body: &[u8]) -> Vec<u8> {
-    let update = DeviceMessage::Update(Update { round, rank, num_samples: 100, metrics: LocalMetrics::default() });
+    let update =
+        DeviceMessage::Update(Update { round, rank, num_samples: 100, metrics: Some(LocalMetrics::default()) });
     wire::frame(&update, tensors, body)
 }
 

@@ -310,8 +310,10 @@ pub struct LocalMetrics {
 pub struct Update {
     pub round: u32,
     pub rank: u32,
+    /// Under `[privacy]` (the task sets `clip_norm`) 1: every device weighs the same.
     pub num_samples: u64,
-    pub metrics: LocalMetrics,
+    /// The device's local loss, accuracy and training time; none under `[privacy]`.
+    pub metrics: Option<LocalMetrics>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

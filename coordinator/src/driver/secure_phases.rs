@@ -70,7 +70,7 @@ impl RoundDriver {
                 metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
                 let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
                 // A masked update: nothing of the device is kept but its rank.
-                Some(UpdateRecord::new(&device, update.rank, 0, Default::default(), wire_bytes, true))
+                Some(UpdateRecord::new(&device, update.rank, 0, None, wire_bytes, true))
             }
             Err(reason) => {
                 warn!(device = %device, round, "[round {round}] update rejected: {reason}");
