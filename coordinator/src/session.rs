@@ -319,6 +319,7 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &SessionC
             Some(checkpoint) => BaseDelivery::Checkpoint { files: checkpoint.files.clone() },
             None => BaseDelivery::Inline,
         },
+        crl_pem: shared.config.tls.crl.as_ref().and_then(|path| std::fs::read_to_string(path).ok()),
     });
     write_frame(&mut send, &welcome, &shared.welcome_tensors).await?;
     send.finish()?;

@@ -316,6 +316,13 @@ async fn admit(
         fatal => fatal,
     })?;
     info!(rank = welcome.assigned_rank, max_rank = welcome.model.max_rank, "admitted by the coordinator");
+    if let Some(crl) = &welcome.crl_pem {
+        match flotilla_wire::tls::refresh_kit_crl(&settings.kit, crl) {
+            Ok(true) => info!("the kit's revocation list was refreshed from the coordinator's (signed by the CA)"),
+            Ok(false) => {}
+            Err(error) => warn!("the coordinator's revocation list was not stored: {error}"),
+        }
+    }
     settings.progress.admitted(welcome.assigned_rank);
     let scale = welcome.model.lora_alpha / f64::from(welcome.model.max_rank);
     let base = match &welcome.base {

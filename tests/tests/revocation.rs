@@ -146,3 +146,29 @@ fn a_device_refuses_a_coordinator_whose_certificate_is_revoked() {
     assert!(!coordinator.stderr_text().contains("device joined"), "{}", coordinator.logs());
     coordinator.kill();
 }
+
+/// A device's kit keeps its CRL current: the coordinator hands its CRL over in the Welcome, and
+/// the device stores it, having checked it is its CA's and newer than its own.
+#[test]
+fn a_device_refreshes_its_kit_crl_from_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["phone", "lost"]);
+    let issued_with = std::fs::read(pki.join("kits/phone/crl.pem")).unwrap();
+    certs(&pki, &["revoke", "--id", "lost"]);
+    let current = std::fs::read(pki.join("crl.pem")).unwrap();
+    assert_ne!(issued_with, current);
+    let (mut coordinator, address) = start_coordinator(run, &config(run, 1));
+    let mut phone = Process::spawn(
+        "phone",
+        Command::new(binary("flotilla-edge"))
+            .args(["run", "--coordinator", &address, "--rank", "2", "--samples", "64", "--kit"])
+            .arg(pki.join("kits/phone")),
+        &run.join("logs"),
+    );
+    assert!(phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    assert!(phone.stderr_text().contains("revocation list was refreshed"), "{}", phone.logs());
+    assert_eq!(std::fs::read(pki.join("kits/phone/crl.pem")).unwrap(), current, "the kit holds the current CRL");
+}

@@ -150,6 +150,10 @@ pub struct Welcome {
     /// Identifies the base (for a checkpoint, `sha256:<digest of model.safetensors>`).
     pub base_version: String,
     pub base: BaseDelivery,
+    /// The coordinator's CRL (PEM, signed by the CA), when it has one: a device whose kit holds an
+    /// older one, checked against its CA, stores this one, and checks the coordinator against it
+    /// from its next connection.
+    pub crl_pem: Option<String>,
 }
 
 /// How a device gets the frozen base.

@@ -134,6 +134,38 @@ pub fn kit_crl(kit: &KitPaths) -> Option<PathBuf> {
     Some(kit.ca_cert.with_file_name("crl.pem")).filter(|path| path.exists())
 }
 
+/// Stores `crl_pem` as the kit's `crl.pem` when it is a CRL signed by the kit's CA and newer (by
+/// CRL number) than the one the kit holds; returns whether it did. A CRL that does not verify is
+/// refused, so a coordinator cannot make a device forget a revocation with an older or forged one.
+pub fn refresh_kit_crl(kit: &KitPaths, crl_pem: &str) -> Result<bool, TlsError> {
+    use x509_parser::revocation_list::CertificateRevocationList;
+    let path = kit.ca_cert.with_file_name("crl.pem");
+    let invalid = |message: String| TlsError::File { path: path.clone(), message };
+    let offered = CertificateRevocationListDer::from_pem_slice(crl_pem.as_bytes())
+        .map_err(|e| invalid(format!("the offered CRL is not PEM: {e}")))?;
+    let (_, offered_crl) =
+        CertificateRevocationList::from_der(&offered).map_err(|e| invalid(format!("the offered CRL: {e}")))?;
+    let ca = CertificateDer::from_pem_file(&kit.ca_cert)
+        .map_err(|e| TlsError::File { path: kit.ca_cert.clone(), message: format!("cannot read the CA: {e}") })?;
+    let (_, ca) = X509Certificate::from_der(&ca)
+        .map_err(|e| TlsError::File { path: kit.ca_cert.clone(), message: format!("not a certificate: {e}") })?;
+    offered_crl
+        .verify_signature(ca.public_key())
+        .map_err(|e| invalid(format!("the offered CRL is not signed by this kit's CA: {e}")))?;
+    let number = |crl: &CertificateRevocationList| crl.crl_number().cloned().unwrap_or_default();
+    if let Some(held) = kit_crl(kit) {
+        let held_der = read_crls(&held)?.remove(0);
+        if let Ok((_, held_crl)) = CertificateRevocationList::from_der(&held_der) {
+            if held_crl.verify_signature(ca.public_key()).is_ok() && number(&held_crl) >= number(&offered_crl) {
+                return Ok(false);
+            }
+        }
+    }
+    let tmp = path.with_extension("pem.tmp");
+    std::fs::write(&tmp, crl_pem).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| invalid(e.to_string()))?;
+    Ok(true)
+}
+
 /// Client side: trusts only the kit's CA (no system roots), refuses a coordinator certificate the
 /// kit's CRL lists, and presents the kit's certificate.
 pub fn client_config(kit: &KitPaths) -> Result<rustls::ClientConfig, TlsError> {
@@ -274,5 +306,46 @@ mod tests {
                 assert!(error.to_string().contains("chmod 600"), "{error}");
             }
         }
+    }
+
+    #[test]
+    fn a_kit_takes_only_a_newer_crl_signed_by_its_own_ca() {
+        use rcgen::{BasicConstraints, CertificateParams, CertificateRevocationListParams, IsCa, Issuer, KeyPair};
+        let ca = |name: &str| {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.distinguished_name.push(rcgen::DnType::CommonName, name);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let pem = params.self_signed(&key).unwrap().pem();
+            (Issuer::new(params, key), pem)
+        };
+        let crl = |issuer: &Issuer<'static, KeyPair>, number: u64| {
+            let now = time::OffsetDateTime::now_utc();
+            CertificateRevocationListParams {
+                this_update: now,
+                next_update: now + time::Duration::days(30),
+                crl_number: rcgen::SerialNumber::from_slice(&number.to_be_bytes()),
+                issuing_distribution_point: None,
+                revoked_certs: Vec::new(),
+                key_identifier_method: rcgen::KeyIdMethod::Sha256,
+            }
+            .signed_by(issuer)
+            .unwrap()
+            .pem()
+            .unwrap()
+        };
+        let (fleet, fleet_pem) = ca("fleet");
+        let (rogue, _) = ca("rogue");
+        let dir = tempfile::tempdir().unwrap();
+        let kit = KitPaths::in_dir(dir.path());
+        std::fs::write(&kit.ca_cert, &fleet_pem).unwrap();
+        let (first, second) = (crl(&fleet, 1), crl(&fleet, 2));
+        assert!(refresh_kit_crl(&kit, &second).unwrap(), "a kit without a CRL takes one from its CA");
+        assert!(!refresh_kit_crl(&kit, &first).unwrap(), "an older CRL is not taken");
+        assert!(!refresh_kit_crl(&kit, &second).unwrap(), "nor the same one again");
+        let forged = refresh_kit_crl(&kit, &crl(&rogue, 9)).unwrap_err().to_string();
+        assert!(forged.contains("not signed by this kit's CA"), "{forged}");
+        assert_eq!(std::fs::read_to_string(kit_crl(&kit).unwrap()).unwrap(), second);
+        assert!(refresh_kit_crl(&kit, &crl(&fleet, 3)).unwrap());
     }
 }
