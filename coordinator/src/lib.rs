@@ -36,6 +36,7 @@ pub mod renewal;
 pub mod report;
 pub mod report_files;
 pub mod reset_secret;
+pub mod run_lock;
 pub mod secure;
 pub mod session;
 pub mod setup;

@@ -45,17 +45,14 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let config = limit_rounds_to_privacy_budget(config)?;
     let run_dir = config.server.run_dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
+    let mut run_lock = crate::run_lock::RunLock::take(&run_dir)?;
     let renewal = crate::renewal::Renewal::open(&config.renewal)?;
     if renewal.is_some() {
         info!("devices may renew their certificates online ([renewal])");
     }
     let base = crate::base::prepare(&config)?;
     let start = run_start(&config, &base, fresh)?;
-    let ledger = match &config.privacy {
-        Some(_) => Some(crate::privacy_ledger::PrivacyLedger::open(&run_dir)?),
-        None => None,
-    };
-    let config = limit_rounds_to_ledger(config, start.first_round, ledger.as_ref())?;
+    let (config, ledger) = limit_rounds_to_ledger(config, start.first_round)?;
     if start.first_round > config.round.rounds {
         return Ok(nothing_left_to_run(&config, start, configured_rounds));
     }
@@ -69,6 +66,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         start_worker(&config, &base, start.initial_global, start.first_round, report_evaluation)?;
     let (endpoint, revoked) = open_endpoint(&config)?;
     let status = open_ports(&config, &endpoint).await?;
+    run_lock.record(&format!("pid {}, listening on {}", std::process::id(), endpoint.local_addr()?))?;
 
     let config = Arc::new(config);
     let context = Arc::new(SessionContext {
@@ -196,15 +194,15 @@ fn summary_so_far(
     }
 }
 
-/// Under `[privacy]`, counts the rounds the ledger says were sampled in this run directory before
-/// (re-run rounds and earlier runs included) against the budget: the run ends when their total
-/// reaches what the budget pays for.
+/// Under `[privacy]`, opens the run directory's ledger and counts the rounds it says were sampled
+/// before (re-run rounds and earlier runs included) against the budget: the run ends when their
+/// total reaches what the budget pays for.
 fn limit_rounds_to_ledger(
     mut config: CoordinatorConfig,
     first_round: u32,
-    ledger: Option<&crate::privacy_ledger::PrivacyLedger>,
-) -> anyhow::Result<CoordinatorConfig> {
-    let (Some(privacy), Some(ledger)) = (&config.privacy, ledger) else { return Ok(config) };
+) -> anyhow::Result<(CoordinatorConfig, Option<crate::privacy_ledger::PrivacyLedger>)> {
+    let Some(privacy) = &config.privacy else { return Ok((config, None)) };
+    let ledger = crate::privacy_ledger::PrivacyLedger::open(&config.server.run_dir)?;
     let sampled = ledger.sampled();
     let checkpointed = first_round - 1;
     if sampled > checkpointed {
@@ -225,7 +223,7 @@ fn limit_rounds_to_ledger(
         );
         config.round.rounds = last;
     }
-    Ok(config)
+    Ok((config, Some(ledger)))
 }
 
 /// Under `[privacy]`, ends the run at the last round the ε budget pays for: the noise and the

@@ -1,0 +1,71 @@
+//! One coordinator per run directory: `serve` holds an exclusive lock on `<run_dir>/coordinator.lock`
+//! for as long as it runs, with its process id and address written in it. A second `serve` on the
+//! same directory is refused with the holder's pid and address, before it writes anything (two
+//! coordinators would overwrite each other's rounds). The lock dies with its process, so a lock
+//! file left by a crash is taken over at once.
+
+use std::io::{Read, Seek, Write};
+use std::path::Path;
+
+use anyhow::Context;
+
+pub const FILE: &str = "coordinator.lock";
+
+/// The held lock; released when dropped (or when the process ends, however it ends).
+pub struct RunLock {
+    file: std::fs::File,
+}
+
+impl RunLock {
+    /// Takes the lock of `run_dir`, or says who holds it.
+    pub fn take(run_dir: &Path) -> anyhow::Result<RunLock> {
+        let path = run_dir.join(FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        if file.try_lock().is_err() {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            anyhow::bail!(
+                "run directory {} is in use by another coordinator ({}); stop it, or give this one another \
+                 [server] run_dir",
+                run_dir.display(),
+                holder.trim().replace('\n', ", ")
+            );
+        }
+        let mut lock = RunLock { file };
+        lock.record(&format!("pid {}", std::process::id()))?;
+        Ok(lock)
+    }
+
+    /// Writes who holds the lock (the pid, and the address once it listens) for a refused second.
+    pub fn record(&mut self, holder: &str) -> anyhow::Result<()> {
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file.write_all(holder.as_bytes())?;
+        self.file.sync_all()?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_holder_is_refused_with_the_first_ones_details_and_a_released_lock_is_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut first = RunLock::take(dir.path()).unwrap();
+        first.record(&format!("pid {}, listening on 127.0.0.1:4433", std::process::id())).unwrap();
+        let refused = RunLock::take(dir.path()).err().unwrap().to_string();
+        assert!(refused.contains("in use by another coordinator") && refused.contains("127.0.0.1:4433"), "{refused}");
+        drop(first);
+        // The file is still there, as after a crash: the lock is free, and taken.
+        assert!(dir.path().join(FILE).exists());
+        RunLock::take(dir.path()).unwrap();
+    }
+}

@@ -1,0 +1,48 @@
+//! Mistakes an operator makes that must not lose data (issue 37).
+
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_tests::{binary, provision, start_coordinator, Process};
+
+/// A second coordinator on the same run directory is refused at once, naming the first one's pid
+/// and address, and writes nothing; the first goes on. A lock left by a killed coordinator is taken
+/// over by the next.
+#[test]
+fn a_second_coordinator_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_over() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &["phone"]);
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    );
+    let (mut first, address) = start_coordinator(run, &config);
+    let second_config = run.join("second.toml");
+    std::fs::write(&second_config, config.replace("/addr\"", "/addr-2\"")).unwrap();
+    let output =
+        Command::new(binary("flotilla-coordinator")).args(["serve", "--config"]).arg(&second_config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("is in use by another coordinator"), "{stderr}");
+    assert!(stderr.contains(&format!("pid {}", first.id())) && stderr.contains(&address), "{stderr}");
+    assert!(!run.join("addr-2").exists(), "the second wrote nothing");
+    assert_eq!(std::fs::read_to_string(run.join("addr")).unwrap(), address, "the first's address stands");
+
+    first.kill();
+    std::fs::remove_file(run.join("addr")).unwrap();
+    let (mut third, third_address) = start_coordinator(run, &config);
+    let mut phone = Process::spawn(
+        "phone",
+        Command::new(binary("flotilla-edge"))
+            .args(["run", "--coordinator", &third_address, "--rank", "2"])
+            .args(["--samples", "32", "--kit"])
+            .arg(run.join("pki/kits/phone")),
+        &run.join("logs"),
+    );
+    assert!(phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
+    assert!(third.wait(Duration::from_secs(60)).success(), "{}", third.logs());
+}
