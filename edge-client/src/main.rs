@@ -365,28 +365,33 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
     }
     let report = probe_with(&args.policy, args.device_class.as_deref(), args.threads)?;
     if args.format == "json" {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-        return Ok(());
+        return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?));
     }
+    use std::fmt::Write as _;
+    let mut out = String::new();
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
-    println!(
+    let _ = writeln!(
+        out,
         "cpu: {} ({} logical cores, {} physical)",
         report.cpu_model,
         report.logical_cores,
         report.physical_cores.map_or("?".into(), |n| n.to_string())
     );
-    println!(
+    let _ = writeln!(
+        out,
         "memory: {:.0} MiB available of {:.0} MiB{}",
         mib(report.memory_available_bytes),
         mib(report.memory_total_bytes),
         report.cgroup_memory_limit_bytes.map_or(String::new(), |l| format!(" (container limit {:.0} MiB)", mib(l)))
     );
-    println!(
+    let _ = writeln!(
+        out,
         "cuda: {} ({} device(s)); training on {}",
         report.cuda_available, report.cuda_devices, report.training_device
     );
     for gpu in &report.nvml.gpus {
-        println!(
+        let _ = writeln!(
+            out,
             "gpu {}: {} — {:.0} MiB free of {:.0} MiB (driver {})",
             gpu.index,
             gpu.name,
@@ -396,21 +401,23 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
         );
     }
     if let Some(reason) = &report.nvml.unavailable {
-        println!("nvml: {reason}");
+        let _ = writeln!(out, "nvml: {reason}");
     }
     for (rank, ms) in &report.step_ms {
-        println!("training step at rank {rank}: {ms:.2} ms (median)");
+        let _ = writeln!(out, "training step at rank {rank}: {ms:.2} ms (median)");
     }
-    println!(
+    let _ = writeln!(
+        out,
         "budgets ({}): memory {:.0} MiB, upload {:.0} MiB per round, step {:.0} ms",
         report.device_class,
         mib(report.budgets.memory_bytes),
         mib(report.budgets.upload_bytes),
         report.budgets.step_ms
     );
-    println!("{:>5} {:>12} {:>12} {:>9}  fits", "rank", "train mem", "upload", "step");
+    let _ = writeln!(out, "{:>5} {:>12} {:>12} {:>9}  fits", "rank", "train mem", "upload", "step");
     for row in &report.choice.candidates {
-        println!(
+        let _ = writeln!(
+            out,
             "{:>5} {:>10.2}Mi {:>10.2}Mi {:>7.2}ms  {}",
             row.rank,
             mib(row.training_memory_bytes),
@@ -419,8 +426,18 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
             row.exceeds.map_or("yes".to_string(), |b| format!("no ({b})"))
         );
     }
-    println!("chosen rank: {} — {}", report.choice.rank, report.choice.reason);
-    Ok(())
+    let _ = writeln!(out, "chosen rank: {} — {}", report.choice.rank, report.choice.reason);
+    print_stdout(&out)
+}
+
+/// Writes `text` to standard output; a reader that has gone away (`| head`) is not an error.
+fn print_stdout(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => Ok(written?),
+    }
 }
 
 /// Ctrl-C once: finish the upload in flight (if any), then stop; twice: stop now.

@@ -128,3 +128,21 @@ fn a_transformer_is_timed_at_its_length_and_its_activations_count_against_memory
         assert!(report["step_ms"].as_object().unwrap().values().all(|ms| ms.as_f64().unwrap() > 0.0));
     }
 }
+
+/// `probe | head`: a reader that goes away before the output is written is no panic, in either
+/// format (the pipe is closed before the probe writes anything).
+#[test]
+fn probe_into_a_closed_pipe_exits_cleanly() {
+    for format in ["json", "text"] {
+        let mut child = std::process::Command::new(flotilla_tests::binary("flotilla-edge"))
+            .args(["probe", "--format", format])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success() && !stderr.contains("panicked"), "{format}: {:?} {stderr}", output.status);
+    }
+}
