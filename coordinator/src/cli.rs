@@ -258,6 +258,17 @@ fn run(command: Command) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(setup::serve(config, fresh))?;
             print_summary(&summary);
+            // Rounds ran and none completed: the run produced nothing, whatever else went right.
+            if summary.rounds_completed == 0 && !summary.skipped.is_empty() {
+                let reasons: Vec<String> =
+                    summary.skipped.iter().take(3).map(|s| format!("round {}: {}", s.round, s.reason)).collect();
+                anyhow::bail!(
+                    "the run completed no round: all {} were skipped ({}{})",
+                    summary.skipped.len(),
+                    reasons.join("; "),
+                    if summary.skipped.len() > 3 { "; …" } else { "" }
+                );
+            }
             Ok(())
         }
         Command::Check { config, fleet } => check(&config, &fleet),

@@ -46,3 +46,38 @@ fn a_second_coordinator_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_
     assert!(phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
     assert!(third.wait(Duration::from_secs(60)).success(), "{}", third.logs());
 }
+
+/// A device that cannot use its own data leaves; the round is skipped at once, saying that every
+/// participant failed before the deadline, and a run that completed no round exits with a failure
+/// that says why.
+#[test]
+fn a_run_whose_every_round_was_skipped_fails_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &["phone"]);
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\ndeadline_secs = 600\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    );
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let empty = run.join("no-data");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut phone = Process::spawn(
+        "phone",
+        Command::new(binary("flotilla-edge"))
+            .args(["run", "--coordinator", &address, "--rank", "2", "--data"])
+            .arg(&empty)
+            .arg("--kit")
+            .arg(run.join("pki/kits/phone")),
+        &run.join("logs"),
+    );
+    assert!(!phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
+    // Well before the 600 s deadline.
+    assert!(!coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    let logs = coordinator.stderr_text();
+    assert!(logs.contains("before the deadline, every participant having failed or left"), "{logs}");
+    assert!(logs.contains("the run completed no round: all 1 were skipped"), "{logs}");
+}

@@ -13,7 +13,14 @@ impl RoundDriver {
             (SkipWhy::DrawRefused(reason), _) => format!("{reason}; no task was sent"),
             (SkipWhy::ShortOfQuorum, Some(reason)) => reason,
             (SkipWhy::ShortOfQuorum, None) => {
-                format!("{updates} update(s) by the deadline, short of the quorum of {}", self.config.round.min_updates)
+                let deadline = std::time::Duration::from_secs(self.config.round.deadline_secs.into());
+                let early = self.round_started.get(&round).is_some_and(|started| started.elapsed() < deadline);
+                let when = if early {
+                    "before the deadline, every participant having failed or left"
+                } else {
+                    "by the deadline"
+                };
+                format!("{updates} update(s) {when}, short of the quorum of {}", self.config.round.min_updates)
             }
         };
         warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.config.round.rounds);
