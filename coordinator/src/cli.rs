@@ -258,18 +258,7 @@ fn run(command: Command) -> Result<()> {
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             let summary = runtime.block_on(setup::serve(config, fresh))?;
             print_summary(&summary);
-            // Rounds ran and none completed: the run produced nothing, whatever else went right.
-            if summary.rounds_completed == 0 && !summary.skipped.is_empty() {
-                let reasons: Vec<String> =
-                    summary.skipped.iter().take(3).map(|s| format!("round {}: {}", s.round, s.reason)).collect();
-                anyhow::bail!(
-                    "the run completed no round: all {} were skipped ({}{})",
-                    summary.skipped.len(),
-                    reasons.join("; "),
-                    if summary.skipped.len() > 3 { "; …" } else { "" }
-                );
-            }
-            Ok(())
+            completed_a_round(&summary)
         }
         Command::Check { config, fleet } => check(&config, &fleet),
         Command::Export { config, out, round, rank, merged } => {
@@ -367,6 +356,21 @@ async fn fetch_status(address: SocketAddr) -> Result<metrics::Status> {
     let (head, body) = text.split_once("\r\n\r\n").with_context(|| format!("{address}: not an HTTP response"))?;
     anyhow::ensure!(head.starts_with("HTTP/1.1 200"), "{address}: {}", head.lines().next().unwrap_or(""));
     serde_json::from_str(body).with_context(|| format!("{address}: unexpected /status reply"))
+}
+
+/// Rounds ran and none completed: the run produced nothing, whatever else went right.
+fn completed_a_round(summary: &report::RunSummary) -> Result<()> {
+    if summary.rounds_completed == 0 && !summary.skipped.is_empty() {
+        let reasons: Vec<String> =
+            summary.skipped.iter().take(3).map(|s| format!("round {}: {}", s.round, s.reason)).collect();
+        anyhow::bail!(
+            "the run completed no round: all {} were skipped ({}{})",
+            summary.skipped.len(),
+            reasons.join("; "),
+            if summary.skipped.len() > 3 { "; …" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 fn print_summary(summary: &report::RunSummary) {
