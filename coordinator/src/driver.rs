@@ -196,6 +196,9 @@ impl RoundDriver {
     }
 
     async fn drive(&mut self, inputs: &mut mpsc::UnboundedReceiver<DriverInput>) -> anyhow::Result<RunSummary> {
+        // The configured run is on /metrics and /status from the start, before any device joins,
+        // so that an alert on too few connected devices can fire.
+        self.publish_state();
         while let Some(input) = inputs.recv().await {
             let mut upload = None;
             let event = match input {

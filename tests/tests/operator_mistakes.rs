@@ -81,3 +81,42 @@ fn a_run_whose_every_round_was_skipped_fails_and_says_why() {
     assert!(logs.contains("before the deadline, every participant having failed or left"), "{logs}");
     assert!(logs.contains("the run completed no round: all 1 were skipped"), "{logs}");
 }
+
+/// Monitoring sees the configured run before any device joins: `/metrics` has the connected
+/// devices (0) and the phase, and `status` the configured rounds and method.
+#[test]
+fn metrics_and_status_show_the_configured_run_before_any_device_joins() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &[]);
+    let port = flotilla_tests::free_tcp_port();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 3\nmin_devices = 2\n\
+         [metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    );
+    let (mut coordinator, _) = start_coordinator(run, &config);
+    // The address file is written as the ports open, a moment before the round driver starts.
+    let mut body = String::new();
+    for _ in 0..50 {
+        body = flotilla_tests::http_get(port, "/metrics").expect("the metrics endpoint answers");
+        if body.contains("fl_clients_connected") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(flotilla_tests::metric_value(&body, "fl_clients_connected"), Some(0.0), "{body}");
+    assert_eq!(flotilla_tests::metric_value(&body, "fl_phase{phase=\"waiting_for_devices\"}"), Some(1.0), "{body}");
+    let output = Command::new(binary("flotilla-coordinator"))
+        .args(["status", "--address", &format!("127.0.0.1:{port}"), "--format", "json"])
+        .output()
+        .unwrap();
+    let state: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(state["rounds_total"], 3, "{state}");
+    assert_eq!(state["method"], "fold-and-fill", "{state}");
+    assert_eq!(state["devices_connected"], 0, "{state}");
+    coordinator.kill();
+}
