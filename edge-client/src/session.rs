@@ -275,6 +275,9 @@ fn stopping(connection: &quinn::Connection, message: String) -> SessionError {
     SessionError::Stopped(message)
 }
 
+/// How long a handshake may take before the attempt counts as failed (and is retried with backoff).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A mutual-TLS QUIC connection to the coordinator; handshake failures that retrying cannot fix
 /// (wrong protocol version, a certificate refused) are fatal.
 async fn connect(endpoint: &quinn::Endpoint, settings: &SessionSettings) -> Result<quinn::Connection, SessionError> {
@@ -284,7 +287,16 @@ async fn connect(endpoint: &quinn::Endpoint, settings: &SessionSettings) -> Resu
     let connecting = endpoint
         .connect_with(client_config, settings.coordinator, &settings.server_name)
         .map_err(|e| SessionError::Fatal(format!("cannot connect to {}: {e}", settings.coordinator)))?;
-    match connecting.await {
+    // A coordinator that does not answer (a mistyped address, a host down) would otherwise cost the
+    // whole idle timeout per attempt.
+    let Ok(connected) = tokio::time::timeout(CONNECT_TIMEOUT, connecting).await else {
+        return Err(SessionError::Transient(format!(
+            "cannot reach {}: no answer to the handshake within {} s (is the address right and the coordinator up?)",
+            settings.coordinator,
+            CONNECT_TIMEOUT.as_secs()
+        )));
+    };
+    match connected {
         Ok(connection) => Ok(connection),
         Err(error) if tls_alert(&error) == Some(ALERT_NO_APPLICATION_PROTOCOL) => Err(SessionError::Fatal(format!(
             "the coordinator at {} does not speak {} ({error}): this device and the coordinator run \

@@ -120,3 +120,24 @@ fn metrics_and_status_show_the_configured_run_before_any_device_joins() {
     assert_eq!(state["devices_connected"], 0, "{state}");
     coordinator.kill();
 }
+
+/// A mistyped coordinator address: each attempt fails within seconds with "cannot reach", not
+/// after the 60 s idle timeout, and the device gives up after its attempts.
+#[test]
+fn a_device_pointed_at_nothing_says_it_cannot_reach_it_within_seconds() {
+    let dir = tempfile::tempdir().unwrap();
+    provision(&dir.path().join("pki"), &["phone"]);
+    let nowhere = format!("127.0.0.1:{}", flotilla_tests::free_udp_port());
+    let started = std::time::Instant::now();
+    let mut phone = Process::spawn(
+        "phone",
+        Command::new(binary("flotilla-edge"))
+            .args(["run", "--coordinator", &nowhere, "--rank", "2", "--max-attempts", "2", "--kit"])
+            .arg(dir.path().join("pki/kits/phone")),
+        &dir.path().join("logs"),
+    );
+    assert!(!phone.wait(Duration::from_secs(90)).success(), "{}", phone.logs());
+    // Each attempt used to wait out the 60 s idle timeout: two took over 2 minutes.
+    assert!(started.elapsed() < Duration::from_secs(60), "two attempts took {:?}", started.elapsed());
+    assert!(phone.stderr_text().contains(&format!("cannot reach {nowhere}: no answer")), "{}", phone.logs());
+}
