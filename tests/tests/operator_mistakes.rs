@@ -141,3 +141,38 @@ fn a_device_pointed_at_nothing_says_it_cannot_reach_it_within_seconds() {
     assert!(started.elapsed() < Duration::from_secs(60), "two attempts took {:?}", started.elapsed());
     assert!(phone.stderr_text().contains(&format!("cannot reach {nowhere}: no answer")), "{}", phone.logs());
 }
+
+/// A private key others may read is refused, coordinator's and device's alike, with the fix.
+#[test]
+fn a_kit_key_others_may_read_is_refused_with_the_fix() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &["phone"]);
+    let key = run.join("pki/kits/coordinator/key.pem");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = run.join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\n[tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+             [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+            run = run.display()
+        ),
+    )
+    .unwrap();
+    let output =
+        Command::new(binary("flotilla-coordinator")).args(["serve", "--config"]).arg(&config).output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains(&format!("chmod 600 {}", key.display())), "{stderr}");
+
+    let device_key = run.join("pki/kits/phone/key.pem");
+    std::fs::set_permissions(&device_key, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let output = Command::new(binary("flotilla-edge"))
+        .args(["run", "--coordinator", "127.0.0.1:9", "--rank", "2", "--max-attempts", "1", "--kit"])
+        .arg(run.join("pki/kits/phone"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success() && stderr.contains("others may read or change it"), "{stderr}");
+}
