@@ -3,7 +3,18 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, provision, start_coordinator, Process};
+use flotilla_tests::{binary, edge_run, provision, start_coordinator, Process};
+
+/// One round of one device on a small MLP in `run`, with `round` (more `[round]` settings).
+fn config(run: &std::path::Path, round: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\n{round}\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
+        run = run.display()
+    )
+}
 
 /// A second coordinator on the same run directory is refused at once, naming the first one's pid
 /// and address, and writes nothing; the first goes on. A lock left by a killed coordinator is taken
@@ -13,13 +24,7 @@ fn a_second_coordinator_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     provision(&run.join("pki"), &["phone"]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
-         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
-         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\n\
-         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
-        run = run.display()
-    );
+    let config = config(run, "");
     let (mut first, address) = start_coordinator(run, &config);
     let second_config = run.join("second.toml");
     std::fs::write(&second_config, config.replace("/addr\"", "/addr-2\"")).unwrap();
@@ -35,14 +40,8 @@ fn a_second_coordinator_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_
     first.kill();
     std::fs::remove_file(run.join("addr")).unwrap();
     let (mut third, third_address) = start_coordinator(run, &config);
-    let mut phone = Process::spawn(
-        "phone",
-        Command::new(binary("flotilla-edge"))
-            .args(["run", "--coordinator", &third_address, "--rank", "2"])
-            .args(["--samples", "32", "--kit"])
-            .arg(run.join("pki/kits/phone")),
-        &run.join("logs"),
-    );
+    let mut phone =
+        Process::spawn("phone", &mut edge_run(&third_address, &run.join("pki/kits/phone"), 2, 32), &run.join("logs"));
     assert!(phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
     assert!(third.wait(Duration::from_secs(60)).success(), "{}", third.logs());
 }
@@ -55,23 +54,13 @@ fn a_run_whose_every_round_was_skipped_fails_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     provision(&run.join("pki"), &["phone"]);
-    let config = format!(
-        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
-         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
-         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\ndeadline_secs = 600\n\
-         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
-        run = run.display()
-    );
+    let config = config(run, "deadline_secs = 600\n");
     let (mut coordinator, address) = start_coordinator(run, &config);
     let empty = run.join("no-data");
     std::fs::create_dir_all(&empty).unwrap();
     let mut phone = Process::spawn(
         "phone",
-        Command::new(binary("flotilla-edge"))
-            .args(["run", "--coordinator", &address, "--rank", "2", "--data"])
-            .arg(&empty)
-            .arg("--kit")
-            .arg(run.join("pki/kits/phone")),
+        edge_run(&address, &run.join("pki/kits/phone"), 2, 32).arg("--data").arg(&empty),
         &run.join("logs"),
     );
     assert!(!phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
@@ -131,9 +120,7 @@ fn a_device_pointed_at_nothing_says_it_cannot_reach_it_within_seconds() {
     let started = std::time::Instant::now();
     let mut phone = Process::spawn(
         "phone",
-        Command::new(binary("flotilla-edge"))
-            .args(["run", "--coordinator", &nowhere, "--rank", "2", "--max-attempts", "2", "--kit"])
-            .arg(dir.path().join("pki/kits/phone")),
+        edge_run(&nowhere, &dir.path().join("pki/kits/phone"), 2, 32).args(["--max-attempts", "2"]),
         &dir.path().join("logs"),
     );
     assert!(!phone.wait(Duration::from_secs(90)).success(), "{}", phone.logs());

@@ -5,7 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, certs, provision, start_coordinator, Process};
+use flotilla_tests::{binary, certs, edge_run, provision, start_coordinator, Process};
 
 /// One round of `min_devices` devices, the CRL reloaded every second.
 fn config(run: &std::path::Path, min_devices: usize) -> String {
@@ -97,11 +97,7 @@ fn revoking_a_renewed_device_locks_out_both_certificates_and_cuts_its_live_sessi
     let config = config(run, 2);
     let (mut coordinator, address) = start_coordinator(run, &config);
     let logs = run.join("logs");
-    let edge = |kit: &std::path::Path| {
-        let mut command = Command::new(binary("flotilla-edge"));
-        command.args(["run", "--coordinator", &address, "--rank", "2", "--samples", "64", "--kit"]).arg(kit);
-        command
-    };
+    let edge = |kit: &std::path::Path| edge_run(&address, kit, 2, 64);
     let mut phone = Process::spawn("phone", &mut edge(&kit), &logs);
     coordinator.wait_for_stderr("device joined", Duration::from_secs(60));
 
@@ -134,13 +130,7 @@ fn a_device_refuses_a_coordinator_whose_certificate_is_revoked() {
     let revoked = String::from_utf8_lossy(&certs(&pki, &["revoke", "--id", "coordinator"]).stdout).to_string();
     assert!(revoked.contains("'coordinator' (serial"), "{revoked}");
     std::fs::copy(pki.join("crl.pem"), pki.join("kits/phone/crl.pem")).unwrap();
-    let mut phone = Process::spawn(
-        "phone",
-        Command::new(binary("flotilla-edge"))
-            .args(["run", "--coordinator", &address, "--rank", "2", "--samples", "64", "--kit"])
-            .arg(pki.join("kits/phone")),
-        &run.join("logs"),
-    );
+    let mut phone = Process::spawn("phone", &mut edge_run(&address, &pki.join("kits/phone"), 2, 64), &run.join("logs"));
     assert_eq!(phone.wait(Duration::from_secs(60)).code(), Some(2), "{}", phone.logs());
     assert!(phone.stderr_text().contains("presented a revoked certificate"), "{}", phone.logs());
     assert!(!coordinator.stderr_text().contains("device joined"), "{}", coordinator.logs());
@@ -160,13 +150,7 @@ fn a_device_refreshes_its_kit_crl_from_the_coordinator() {
     let current = std::fs::read(pki.join("crl.pem")).unwrap();
     assert_ne!(issued_with, current);
     let (mut coordinator, address) = start_coordinator(run, &config(run, 1));
-    let mut phone = Process::spawn(
-        "phone",
-        Command::new(binary("flotilla-edge"))
-            .args(["run", "--coordinator", &address, "--rank", "2", "--samples", "64", "--kit"])
-            .arg(pki.join("kits/phone")),
-        &run.join("logs"),
-    );
+    let mut phone = Process::spawn("phone", &mut edge_run(&address, &pki.join("kits/phone"), 2, 64), &run.join("logs"));
     assert!(phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
     assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
     assert!(phone.stderr_text().contains("revocation list was refreshed"), "{}", phone.logs());
