@@ -136,21 +136,8 @@ pub(crate) struct DriverStart {
 
 impl RoundDriver {
     pub(crate) fn new(start: DriverStart) -> RoundDriver {
-        let DriverStart {
-            config,
-            base_version,
-            inputs,
-            worker,
-            mut summary,
-            first_round,
-            status,
-            secure_layout,
-            ledger,
-        } = start;
-        if let (Some(privacy), Some(ledger), Some(spent)) = (&config.privacy, &ledger, summary.privacy.as_mut()) {
-            spent.epsilon_spent =
-                privacy.epsilon_after(config.round.fraction, ledger.sampled()).unwrap_or(f64::INFINITY);
-        }
+        let DriverStart { config, base_version, inputs, worker, summary, first_round, status, secure_layout, ledger } =
+            start;
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
             min_devices: config.round.min_devices,

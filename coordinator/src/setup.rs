@@ -54,7 +54,8 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let start = run_start(&config, &base, fresh)?;
     let (config, ledger) = limit_rounds_to_ledger(config, start.first_round)?;
     if start.first_round > config.round.rounds {
-        return Ok(nothing_left_to_run(&config, start, configured_rounds));
+        let sampled = ledger.as_ref().map_or(start.first_round - 1, |l| l.sampled());
+        return Ok(nothing_left_to_run(&config, start, sampled, configured_rounds));
     }
     let (inputs, receiver) = mpsc::unbounded_channel();
     let evaluated = inputs.clone();
@@ -96,7 +97,8 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         _ => (initial_evaluation, Vec::new()),
     };
     let rounds = start.history.unwrap_or_default();
-    let summary = summary_so_far(&config, start.first_round, rounds, initial, skipped, configured_rounds);
+    let sampled = ledger.as_ref().map_or(start.first_round - 1, |l| l.sampled());
+    let summary = summary_so_far(&config, start.first_round, sampled, rounds, initial, skipped, configured_rounds);
     let driver = RoundDriver::new(DriverStart {
         config,
         base_version: base.version,
@@ -148,7 +150,12 @@ fn run_start(config: &CoordinatorConfig, base: &Base, fresh: bool) -> anyhow::Re
 }
 
 /// The summary of a run with no round left to run (all done, or the budget spent).
-fn nothing_left_to_run(config: &CoordinatorConfig, start: RunStart, configured_rounds: u32) -> RunSummary {
+fn nothing_left_to_run(
+    config: &CoordinatorConfig,
+    start: RunStart,
+    sampled: u32,
+    configured_rounds: u32,
+) -> RunSummary {
     info!(
         "no round left to run: {} round(s) already completed here, the run's last is round {}; nothing to do",
         start.first_round - 1,
@@ -158,13 +165,15 @@ fn nothing_left_to_run(config: &CoordinatorConfig, start: RunStart, configured_r
     let initial = previous.as_ref().map(|s| s.initial_evaluation.clone()).unwrap_or_default();
     let skipped = previous.map(|s| s.skipped).unwrap_or_default();
     let rounds = start.history.unwrap_or_default();
-    summary_so_far(config, start.first_round, rounds, initial, skipped, configured_rounds)
+    summary_so_far(config, start.first_round, sampled, rounds, initial, skipped, configured_rounds)
 }
 
-/// The run summary as it stands before `first_round`.
+/// The run summary as it stands before `first_round`, `sampled` rounds having spent privacy
+/// budget (the ledger's count under `[privacy]`: re-run rounds and earlier runs included).
 fn summary_so_far(
     config: &CoordinatorConfig,
     first_round: u32,
+    sampled: u32,
     rounds: Vec<RoundRecord>,
     initial_evaluation: Vec<RankAccuracy>,
     skipped: Vec<SkippedRound>,
@@ -182,7 +191,7 @@ fn summary_so_far(
             sampling_rate: config.round.fraction,
             delta: p.delta,
             epsilon_budget: p.epsilon,
-            epsilon_spent: p.epsilon_after(config.round.fraction, first_round - 1).unwrap_or(f64::NAN),
+            epsilon_spent: p.epsilon_after(config.round.fraction, sampled).unwrap_or(f64::NAN),
             rounds_allowed: config.round.rounds,
             rounds_configured: configured_rounds,
         }),
