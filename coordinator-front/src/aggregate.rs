@@ -20,9 +20,13 @@ pub struct AggregateArgs {
     /// rbla, zero-pad, hetlora, flexlora, flora or fedavg.
     #[arg(long, default_value = "rbla")]
     pub method: Method,
-    /// Output directory (adapter_model.safetensors in f32 + adapter_config.json).
+    /// Output directory (adapter_model.safetensors in f32 + adapter_config.json). It may not be,
+    /// or contain, an input; an existing non-empty one needs --force.
     #[arg(long)]
     pub out: PathBuf,
+    /// Write into an existing non-empty --out (its adapter files are replaced).
+    #[arg(long)]
+    pub force: bool,
     /// Rank of the result (default: the largest input rank). FLoRA's result has rank Σ r_k.
     #[arg(long)]
     pub max_rank: Option<usize>,
@@ -61,16 +65,34 @@ pub fn print_summary(method: Method, out: &Path, report: &Report) {
     }
 }
 
+/// Why the fast path did not aggregate.
+#[derive(Debug)]
+pub enum NotDone {
+    /// Something this path does not handle: the libtorch binary takes the command.
+    Declined(String),
+    /// A request no path may carry out (an output that would destroy an input, ...): the command
+    /// fails with this message.
+    Refused(String),
+}
+
+/// The checks both paths make before writing anything ([`flotilla_merge::destination`]).
+pub fn check_destination(args: &AggregateArgs) -> Result<(), String> {
+    flotilla_merge::destination::check(&args.out, &args.clients, args.force).map_err(|e| e.0)
+}
+
 /// Runs `aggregate` with `args` (everything after the word `aggregate`) on the fast path and prints
-/// its summary, or declines with the reason, having written nothing, when the arguments, the method
-/// or an input are anything this path does not handle (`--help` and argument errors included: the
-/// libtorch binary reports those in clap's words).
-pub fn run_fast_path(args: &[OsString]) -> Result<(), Declined> {
+/// its summary; or refuses, having written nothing, a destination that would lose data; or declines
+/// with the reason, having written nothing, when the arguments, the method or an input are anything
+/// this path does not handle (`--help` and argument errors included: the libtorch binary reports
+/// those in clap's words).
+pub fn run_fast_path(args: &[OsString]) -> Result<(), NotDone> {
     let argv = std::iter::once(OsString::from("aggregate")).chain(args.iter().cloned());
     let FrontArgs { args, .. } =
-        FrontArgs::try_parse_from(argv).map_err(|e| Declined(format!("arguments: {}", e.kind())))?;
+        FrontArgs::try_parse_from(argv).map_err(|e| NotDone::Declined(format!("arguments: {}", e.kind())))?;
+    check_destination(&args).map_err(NotDone::Refused)?;
     let report =
-        merge(&Request { method: args.method, out: args.out.clone(), max_rank: args.max_rank, clients: args.clients })?;
+        merge(&Request { method: args.method, out: args.out.clone(), max_rank: args.max_rank, clients: args.clients })
+            .map_err(|Declined(reason)| NotDone::Declined(reason))?;
     print_summary(args.method, &args.out, &report);
     if std::env::var_os("FLOTILLA_AGGREGATE_TIMINGS").is_some() {
         let phases: Vec<String> = report.phases.iter().map(|(name, s)| format!("{name} {s:.3} s")).collect();
@@ -88,9 +110,10 @@ mod tests {
         let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
         let out = std::env::temp_dir().join("flotilla-front-never-written");
         let declined = run_fast_path(&os(&["--method", "hetlora", "--out", out.to_str().unwrap(), "a", "b"]));
-        assert!(declined.unwrap_err().0.contains("needs libtorch"));
+        assert!(matches!(declined, Err(NotDone::Declined(r)) if r.contains("needs libtorch")));
         assert!(!out.exists());
-        assert!(run_fast_path(&os(&["--method", "nope", "--out", "x", "a"])).unwrap_err().0.starts_with("arguments"));
+        let unknown = run_fast_path(&os(&["--method", "nope", "--out", "x", "a"]));
+        assert!(matches!(unknown, Err(NotDone::Declined(r)) if r.starts_with("arguments")));
         assert!(run_fast_path(&os(&["--help"])).is_err());
         assert!(run_fast_path(&os(&["--out", "x"])).is_err(), "clients are required");
     }

@@ -13,6 +13,8 @@ use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, ExitCode};
 
+use flotilla_coordinator_front::aggregate::NotDone;
+
 const TORCH_BINARY: &str = "flotilla-coordinator-torch";
 
 fn main() -> ExitCode {
@@ -23,7 +25,11 @@ fn main() -> ExitCode {
     {
         match flotilla_coordinator_front::aggregate::run_fast_path(&args[1..]) {
             Ok(()) => return ExitCode::SUCCESS,
-            Err(reason) => declined = Some(reason.0),
+            Err(NotDone::Refused(message)) => {
+                eprintln!("Error: {message}");
+                return ExitCode::FAILURE;
+            }
+            Err(NotDone::Declined(reason)) => declined = Some(reason),
         }
     }
     let torch = match std::env::current_exe() {

@@ -207,7 +207,7 @@ fn main() {
     let offline = |method: &str, torch: bool| -> f64 {
         best_of(3, || {
             let mut command = Command::new(&front_end);
-            command.args(["aggregate", "--method", method, "--out"]).arg(&out).args(&dirs);
+            command.args(["aggregate", "--force", "--method", method, "--out"]).arg(&out).args(&dirs);
             if torch {
                 command.env("FLOTILLA_AGGREGATE_PATH", "torch");
             }

@@ -107,10 +107,47 @@ fn start_accumulator(
     Ok(request.method.start(&global, plan.target_scale)?)
 }
 
+/// Every input adapts the same tensors as the largest one (which sizes the result), read from the
+/// headers alone. A mismatch names both inputs and a tensor on each side: neither is "the wrong
+/// one" until the operator says which model is meant.
+fn check_same_tensors(clients: &[PathBuf], largest: usize) -> Result<()> {
+    let names = |dir: &Path| -> Result<std::collections::BTreeSet<String>> {
+        Ok(peft_shapes(dir).map_err(|e| anyhow::anyhow!("{e}"))?.into_keys().collect())
+    };
+    let reference_dir = &clients[largest];
+    let reference = names(reference_dir)?;
+    for dir in clients.iter().filter(|d| *d != reference_dir) {
+        let own = names(dir)?;
+        if own == reference {
+            continue;
+        }
+        let side = |of: &std::collections::BTreeSet<String>, lacking: &std::collections::BTreeSet<String>| {
+            let extra: Vec<&String> = of.difference(lacking).collect();
+            match extra.as_slice() {
+                [] => "nothing the other lacks".to_string(),
+                [one] => format!("'{one}'"),
+                [first, rest @ ..] => format!("'{first}' and {} more", rest.len()),
+            }
+        };
+        bail!(
+            "{} and {} adapt different tensors ({} has {}; {} has {}): they are adapters of different models or \
+             target modules, which cannot be merged",
+            reference_dir.display(),
+            dir.display(),
+            reference_dir.display(),
+            side(&reference, &own),
+            dir.display(),
+            side(&own, &reference),
+        );
+    }
+    Ok(())
+}
+
 pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     if let Ok(reason) = std::env::var(flotilla_coordinator_front::aggregate::DECLINED_ENV) {
         tracing::debug!(%reason, "the libtorch-free fast path declined this command; aggregating with libtorch");
     }
+    flotilla_coordinator_front::aggregate::check_destination(request).map_err(anyhow::Error::msg)?;
     if request.method.needs_previous_global() {
         bail!(
             "{} fills the slots a client lacks from the previous global adapter, which `aggregate` does not take; \
@@ -122,6 +159,7 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
         request.clients.iter().map(|dir| Ok((dir.clone(), inputs::read_config(dir)?))).collect::<Result<_>>()?;
     let views: Vec<(&Path, &PeftConfig)> = configs.iter().map(|(d, c)| (d.as_path(), c)).collect();
     let plan = inputs::plan(&views, request.max_rank)?;
+    check_same_tensors(&request.clients, plan.largest)?;
     let mut accumulator = start_accumulator(request, views[plan.largest], &plan)?;
     let (mut load_s, mut fold_s) = (0.0, 0.0);
     let mut total_samples = 0u64;

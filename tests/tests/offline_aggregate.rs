@@ -164,7 +164,10 @@ fn bad_inputs_get_one_clear_line_naming_the_file() {
         4.0,
         Some(10),
     );
-    assert_fails(&mut aggregate("rbla", &out, &[good[2].clone(), other_layer]), &["other-layer", "other.lora_A"]);
+    // Adapters of different models: both are named, with a tensor each lacks, whichever is larger.
+    let mismatch = ["c8", "other-layer", "different tensors", "'base_model.model.layer.lora_A.weight'", "other.lora_A"];
+    assert_fails(&mut aggregate("rbla", &out, &[good[2].clone(), other_layer.clone()]), &mismatch);
+    assert_fails(&mut aggregate("hetlora", &out, &[other_layer, good[2].clone()]), &mismatch);
 
     // The largest input sizes the result, so its rank is checked before anything is allocated.
     let giant = root.join("giant");
@@ -274,5 +277,48 @@ fn the_fast_path_writes_what_the_libtorch_path_writes_without_loading_libtorch()
             std::fs::read_to_string(torch_out.join("adapter_config.json")).unwrap(),
             "{label}"
         );
+    }
+}
+
+/// Operator mistakes that used to lose data (issue 37): an `--out` that is an input overwrote that
+/// client's adapter, a non-empty `--out` was written into, and a client given twice counted twice.
+/// Both paths refuse each one, with one line, before writing anything.
+#[test]
+fn an_output_that_would_destroy_an_input_or_double_a_client_is_refused_on_both_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = worked_fleet(dir.path());
+    let weights = |client: &Path| std::fs::read(client.join("adapter_model.safetensors")).unwrap();
+    let before = weights(&clients[1]);
+    for path in ["fast", "torch"] {
+        let with_path = |mut command: Command| {
+            if path == "torch" {
+                command.env("FLOTILLA_AGGREGATE_PATH", "torch");
+            }
+            command
+        };
+        assert_fails(&mut with_path(aggregate("rbla", &clients[1], &clients)), &["is the input", "c4"]);
+        assert_fails(&mut with_path(aggregate("hetlora", dir.path(), &clients)), &["contains the input"]);
+        assert_eq!(weights(&clients[1]), before, "{path}: the input is untouched");
+
+        let out = dir.path().join(format!("kept-{path}"));
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("notes.txt"), b"the operator's").unwrap();
+        assert_fails(&mut with_path(aggregate("rbla", &out, &clients)), &["not empty", "--force"]);
+        assert!(!out.join("adapter_model.safetensors").exists(), "{path}: nothing written");
+        let mut forced = with_path(aggregate("rbla", &out, &clients));
+        run_ok(forced.arg("--force"));
+        assert!(out.join("adapter_model.safetensors").exists() && out.join("notes.txt").exists());
+
+        let fresh = dir.path().join(format!("fresh-{path}"));
+        let twice = [clients[0].clone(), clients[1].clone(), dir.path().join("c2/../c2")];
+        assert_fails(&mut with_path(aggregate("rbla", &fresh, &twice)), &["same directory"]);
+        let copy = dir.path().join(format!("copy-of-c2-{path}"));
+        std::fs::create_dir(&copy).unwrap();
+        for file in ["adapter_model.safetensors", "adapter_config.json"] {
+            std::fs::copy(clients[0].join(file), copy.join(file)).unwrap();
+        }
+        let copied = [clients[0].clone(), clients[1].clone(), copy];
+        assert_fails(&mut with_path(aggregate("rbla", &fresh, &copied)), &["byte for byte", "copy-of-c2"]);
+        assert!(!fresh.exists(), "{path}: nothing written");
     }
 }
