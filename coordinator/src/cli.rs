@@ -269,11 +269,16 @@ fn run(command: Command) -> Result<()> {
                 done.round,
                 done.rank,
                 done.adapter_dir.display(),
-                done.folded_rank
-                    .map(|r| format!(
-                        " (FLoRA's merged update written as a rank-{r} LoRA, as PEFT has no place for it)"
-                    ))
-                    .unwrap_or_default(),
+                match (done.folded_rank, done.tail_folded) {
+                    (Some(r), true) => format!(
+                        " (what a Fold-and-Fill device of rank {} runs: its slice plus the rest of the global, \
+                         folded into its frozen weight, written as a rank-{r} LoRA, as PEFT has no place for the tail)",
+                        done.rank
+                    ),
+                    (Some(r), false) =>
+                        format!(" (FLoRA's merged update written as a rank-{r} LoRA, as PEFT has no place for it)"),
+                    (None, _) => String::new(),
+                },
                 done.merged_model.map(|p| format!(", merged model in {}", p.display())).unwrap_or_default()
             );
             Ok(())

@@ -28,8 +28,11 @@ pub struct Exported {
     pub rank: usize,
     pub adapter_dir: PathBuf,
     pub merged_model: Option<PathBuf>,
-    /// Set when online FLoRA's merged deltas were written as plain LoRA factors of this rank.
+    /// Set when merged deltas (online FLoRA's, or a Fold-and-Fill device's frozen tail) were
+    /// written as plain LoRA factors of this rank.
     pub folded_rank: Option<usize>,
+    /// Whether the export is a Fold-and-Fill device's model: its slice plus the folded tail.
+    pub tail_folded: bool,
 }
 
 pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exported> {
@@ -52,16 +55,28 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     if rank == 0 || rank > max_rank {
         bail!("--rank {rank}: the global adapter has rank {max_rank}; ask for 1..={max_rank}");
     }
-    let adapter = if rank == max_rank { global } else { global.slice_to_rank(rank)? };
     let lora_alpha = config.aggregation.lora_alpha;
     let scale = lora_alpha / max_rank as f64;
+    let tail_folded = rank < max_rank && config.aggregation.method.folds_tail();
+    // What a device of this rank holds: under Fold-and-Fill its slice with the rest of the global
+    // folded into its frozen weight (a plain slice would be a model no device runs); otherwise the slice.
+    let adapter = if rank == max_rank {
+        global
+    } else if tail_folded {
+        global.slice_with_folded_tail(rank, scale)?
+    } else {
+        global.slice_to_rank(rank)?
+    };
     let mut metadata = HashMap::from([
         ("round".to_string(), state.round.to_string()),
         ("method".to_string(), state.method.clone()),
         ("max_rank".to_string(), max_rank.to_string()),
     ]);
-    // Online FLoRA's merged deltas have no place in PEFT's layout: the file gets a plain LoRA of
-    // the same function instead (flotilla_torch::peft_lora).
+    if tail_folded {
+        metadata.insert("fold_and_fill_device_rank".into(), rank.to_string());
+    }
+    // Merged deltas (online FLoRA's, or a Fold-and-Fill device's frozen tail) have no place in
+    // PEFT's layout: the file gets a plain LoRA of the same function instead (flotilla_torch::peft_lora).
     let folded = if adapter.merged_delta_names().next().is_some() {
         let plain = fold_merged_deltas(&adapter, scale)?;
         metadata.insert("merged_deltas_folded".into(), format!("largest error {:.3e}", plain.largest_error));
@@ -91,7 +106,8 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
         if let (Architecture::Bert(spec), Some(transformer)) = (&config.model.architecture, &config.model.transformer) {
             let dir = request.out.join("merged");
             crate::hf_model::write_merged(&dir, spec, &merged, &transformer.checkpoint)?;
-            return Ok(Exported { round: state.round, rank, adapter_dir, merged_model: Some(dir), folded_rank });
+            let merged_model = Some(dir);
+            return Ok(Exported { round: state.round, rank, adapter_dir, merged_model, folded_rank, tail_folded });
         }
         let path = request.out.join("model.safetensors");
         let named: Vec<(&str, &Tensor)> = merged.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -103,7 +119,7 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     } else {
         None
     };
-    Ok(Exported { round: state.round, rank, adapter_dir, merged_model, folded_rank })
+    Ok(Exported { round: state.round, rank, adapter_dir, merged_model, folded_rank, tail_folded })
 }
 
 #[cfg(test)]
@@ -117,7 +133,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config: CoordinatorConfig = toml::from_str(&format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n\
-             [model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
+             [aggregation]\nmethod = \"rbla\"\n[model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
             dir.path().display()
         ))
         .unwrap();
@@ -206,5 +222,52 @@ mod tests {
         let peft = LoraModel::new(architecture, &base.weights, &loaded.adapter, peft_scale, Device::Cpu).unwrap();
         let difference = (device.forward(&x, None).unwrap() - peft.forward(&x, None).unwrap()).abs().max();
         assert!(difference.double_value(&[]) < 1e-5, "{difference}");
+    }
+
+    /// Under Fold-and-Fill a rank-2 device runs its slice plus the folded rest of the global: the
+    /// export at rank 2 is that model (here, the whole global's function), not the truncation.
+    #[test]
+    fn a_fold_and_fill_export_at_a_rank_is_what_a_device_of_that_rank_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config: CoordinatorConfig = toml::from_str(&format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n\
+             [aggregation]\nmethod = \"fold-and-fill\"\n[model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
+            dir.path().display()
+        ))
+        .unwrap();
+        config.aggregation.max_rank = 4;
+        let base = crate::base::prepare(&config).unwrap();
+        let initial = base.initial_adapter(&config).unwrap();
+        let tensors = initial
+            .tensors()
+            .iter()
+            .map(|(n, t)| (n.clone(), if n.contains("lora_B") { t.rand_like() * 0.1 } else { t.copy() }))
+            .collect();
+        let global = flotilla_torch::adapter::Adapter::new(tensors).unwrap();
+        let state = CheckpointState {
+            round: 1,
+            method: "fold-and-fill".into(),
+            fingerprint: checkpoint::fingerprint(&config),
+            record: None,
+        };
+        checkpoint::write(dir.path(), &state, &global, &peft_config_for(&global, 16.0), HashMap::new()).unwrap();
+
+        let out = dir.path().join("export");
+        let done = export(&config, &ExportRequest { out, round: None, rank: Some(2), merged: false }).unwrap();
+        assert!(done.tail_folded);
+        let loaded = flotilla_torch::adapter::Adapter::load_peft(&done.adapter_dir).unwrap();
+        assert_eq!(loaded.metadata["fold_and_fill_device_rank"], "2");
+        let peft_scale = loaded.config.lora_alpha / loaded.config.r as f64;
+        let architecture = &config.model.architecture;
+        let x = Tensor::randn([7, 12], (Kind::Float, Device::Cpu));
+        let run = |adapter: &flotilla_torch::adapter::Adapter, scale: f64| {
+            LoraModel::new(architecture, &base.weights, adapter, scale, Device::Cpu).unwrap().forward(&x, None).unwrap()
+        };
+        let device = run(&global.slice_with_folded_tail(2, 16.0 / 4.0).unwrap(), 16.0 / 4.0);
+        let exported = run(&loaded.adapter, peft_scale);
+        let gap = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(gap(&device, &exported) < 1e-5, "the export runs what the device runs");
+        let truncated = run(&global.slice_to_rank(2).unwrap(), 16.0 / 4.0);
+        assert!(gap(&truncated, &exported) > 1e-3, "and not the plain truncation");
     }
 }
