@@ -9,12 +9,13 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use flotilla_torch::adapter::{write_atomically, Adapter};
 use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::data::Dataset;
 use flotilla_torch::model::ArchitectureExt;
 use flotilla_torch::model::{with_head, BaseWeights, PretrainSettings, HEAD_BIAS, HEAD_WEIGHT};
 use tch::Tensor;
 use tracing::info;
 
-use crate::config::{CoordinatorConfig, TransformerSection};
+use crate::config::{CoordinatorConfig, PretrainSection, TransformerSection};
 use flotilla_torch::model::checkpoint::{sha256_file, HfCheckpoint, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use flotilla_torch::model::Architecture;
 use flotilla_wire::protocol::CheckpointFile;
@@ -109,6 +110,33 @@ fn fingerprint(config: &CoordinatorConfig) -> String {
     flotilla_wire::fingerprint::fnv1a_hex(identity.to_string().as_bytes())
 }
 
+/// The public images the base is pretrained on: the first `samples` of the test split.
+fn pretraining_data(config: &CoordinatorConfig, pretrain: &PretrainSection) -> Result<Dataset> {
+    let data = load_split(&pretrain.data, Split::Test, config.model.architecture.classes())
+        .with_context(|| format!("cannot load the pretraining data in {}", pretrain.data.display()))?;
+    anyhow::ensure!(
+        data.len() >= pretrain.samples,
+        "{}: the test split has {} images, fewer than model.pretrain.samples = {}",
+        pretrain.data.display(),
+        data.len(),
+        pretrain.samples
+    );
+    Ok(data.subset(&(0..pretrain.samples).collect::<Vec<_>>()))
+}
+
+/// What [`prepare`] would fail on, found without writing anything: the transformer checkpoint and
+/// its pin, or the pretraining data when the base is not made yet (a base already made is read).
+pub fn check(config: &CoordinatorConfig) -> Result<()> {
+    let Some(pretrain) = &config.model.pretrain else {
+        return prepare(config).map(drop);
+    };
+    let fingerprint_path = base_dir(&config.server.run_dir).join("fingerprint");
+    if std::fs::read_to_string(&fingerprint_path).ok().as_deref() == Some(fingerprint(config).as_str()) {
+        return prepare(config).map(drop);
+    }
+    pretraining_data(config, pretrain).map(drop)
+}
+
 /// The base for `config`: loaded from `<run_dir>/base/` when it was made for the same settings,
 /// otherwise made (and pretrained, if configured) and saved there.
 pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
@@ -140,16 +168,7 @@ pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
         return Ok(Base { weights, head: Some(head), version, checkpoint: None });
     }
 
-    let data = load_split(&pretrain.data, Split::Test, architecture.classes())
-        .with_context(|| format!("cannot load the pretraining data in {}", pretrain.data.display()))?;
-    anyhow::ensure!(
-        data.len() >= pretrain.samples,
-        "{}: the test split has {} images, fewer than model.pretrain.samples = {}",
-        pretrain.data.display(),
-        data.len(),
-        pretrain.samples
-    );
-    let public = data.subset(&(0..pretrain.samples).collect::<Vec<_>>());
+    let public = pretraining_data(config, pretrain)?;
     let initial = architecture.init_adapter(1, config.model.seed)?;
     let head = (
         initial.get("base_model.model.head.weight").context("initial head")?,

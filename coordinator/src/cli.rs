@@ -9,7 +9,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 use flotilla_coordinator_front::aggregate::AggregateArgs;
 
-use crate::{aggregate_torch, config, evaluation, export, full_finetune, hf_model, metrics, renewal, report, setup};
+use crate::{aggregate_torch, config, evaluation, export, full_finetune, hf_model, metrics, preflight, report, setup};
 
 /// Runs federated LoRA fine-tuning rounds for a fleet of devices over mutual-TLS QUIC, merging
 /// updates of different ranks (Fold-and-Fill by default; RBLA, FLoRA and the others by name) into
@@ -120,23 +120,11 @@ enum Command {
     Aggregate(AggregateArgs),
 }
 
-/// `check`: everything `serve` needs before it listens, each problem reported.
+/// `check`: everything `serve` needs before it listens, each problem reported, nothing written.
 fn check(path: &std::path::Path, fleet: &[u32]) -> anyhow::Result<()> {
     let config = config::CoordinatorConfig::load(path)?;
-    let mut problems = Vec::new();
-    let kit = flotilla_wire::tls::KitPaths::in_dir(&config.tls.kit);
-    if let Err(error) = flotilla_wire::tls::server_config(&kit, config.tls.crl.as_deref()) {
-        problems.push(format!("[tls]: {error}"));
-    }
-    if let Err(error) = renewal::Renewal::open(&config.renewal) {
-        problems.push(format!("[renewal]: {error:#}"));
-    }
+    let problems = preflight::problems(&config);
     let run_dir = &config.server.run_dir;
-    let probe = run_dir.join(".flotilla-check");
-    if let Err(error) = std::fs::create_dir_all(run_dir).and_then(|()| std::fs::write(&probe, b"")) {
-        problems.push(format!("server.run_dir {}: not writable: {error}", run_dir.display()));
-    }
-    let _ = std::fs::remove_file(&probe);
     if !problems.is_empty() {
         anyhow::bail!("{} problem(s) in {}:\n  {}", problems.len(), path.display(), problems.join("\n  "));
     }

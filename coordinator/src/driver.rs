@@ -33,6 +33,23 @@ use crate::report_files::ReportWriter;
 use crate::secure::{SecurePhase, SecureRound};
 
 /// What sessions, timers and the aggregation worker tell the driver.
+/// Why a device left, as it said in its close: recorded as a count per cause in a skipped
+/// round's reason (no device ids, which records under SecAgg or `[privacy]` must not hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Departure {
+    RefusedTask,
+    DataUnusable,
+}
+
+impl Departure {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Departure::RefusedTask => "refused its round task",
+            Departure::DataUnusable => "could not use its own data",
+        }
+    }
+}
+
 pub enum DriverInput {
     Joined {
         device: String,
@@ -42,6 +59,8 @@ pub enum DriverInput {
     Left {
         device: String,
         connection_id: usize,
+        /// What the device said when it closed, if anything.
+        why: Option<Departure>,
     },
     UpdateArrived(Upload),
     FoldDone(FoldDone),
@@ -115,6 +134,8 @@ pub(crate) struct RoundDriver {
     unmasking: Option<(RoundFacts, Instant)>,
     /// Why a round that sent no task could not run (it is skipped once its participants fail).
     cannot_run: HashMap<u32, String>,
+    /// Participants of a round that left saying why, counted by cause.
+    departures: HashMap<u32, BTreeMap<Departure, usize>>,
     /// Under `[privacy]`: the rounds sampled in this run directory, recorded before tasks go out.
     ledger: Option<crate::privacy_ledger::PrivacyLedger>,
     /// The last round the ledger has counted.
@@ -168,6 +189,7 @@ impl RoundDriver {
             secure: None,
             unmasking: None,
             cannot_run: HashMap::new(),
+            departures: HashMap::new(),
             ledger,
             last_sampled: first_round - 1,
         }
@@ -196,11 +218,14 @@ impl RoundDriver {
                     self.rank_labels.insert(rank);
                     Event::DeviceJoined { device, rank }
                 }
-                DriverInput::Left { device, connection_id } => {
+                DriverInput::Left { device, connection_id, why } => {
                     if self.sessions.get(&device).map(|c| c.stable_id()) != Some(connection_id) {
                         continue; // an older connection of a device that has reconnected
                     }
                     self.sessions.remove(&device);
+                    if let (Some(why), flotilla_engine::Phase::Training { round }) = (why, self.engine.phase()) {
+                        *self.departures.entry(*round).or_default().entry(why).or_default() += 1;
+                    }
                     Event::DeviceLeft { device }
                 }
                 DriverInput::UpdateArrived(arrived) => {
@@ -397,7 +422,10 @@ impl RoundDriver {
                         let _ = inputs.send(DriverInput::TimerFired { round, timer });
                     });
                 }
-                Action::Aggregate { round, .. } => self.aggregate(round),
+                Action::Aggregate { round, .. } => {
+                    self.departures.remove(&round);
+                    self.aggregate(round)
+                }
                 Action::SkipRound { round, updates, why } => self.skip(round, updates, why).await?,
                 Action::Finish { rounds_completed } => {
                     self.finish_sessions(rounds_completed).await;

@@ -32,19 +32,19 @@ pub struct EvaluationSet<'a> {
     pub skip_samples: usize,
     /// A transformer's `tokenizer.json`.
     pub tokenizer: Option<&'a Path>,
-    /// Where the list of evaluated texts is written.
-    pub run_dir: &'a Path,
+    /// Where the list of evaluated texts is written (`None`: nowhere, as `check` reads only).
+    pub examples_list: Option<&'a Path>,
 }
 
 /// Loads the test split (after the first `skip_samples`, at most `max_samples`): of an
 /// MNIST-style directory, or for a transformer of labelled texts (see `flotilla_torch::data::text`),
-/// tokenized with `tokenizer`. The texts' keys are written to `<run_dir>/evaluation-examples.txt`,
-/// so a report says exactly what was evaluated.
+/// tokenized with `tokenizer`. The texts' keys are written to `examples_list` (`serve` gives
+/// `<run_dir>/evaluation-examples.txt`), so a report says exactly what was evaluated.
 pub fn load_test_set(architecture: &Architecture, set: &EvaluationSet) -> anyhow::Result<Dataset> {
-    let EvaluationSet { dir, max_samples, skip_samples, tokenizer, run_dir } = *set;
+    let EvaluationSet { dir, max_samples, skip_samples, tokenizer, examples_list } = *set;
     if let Architecture::Bert(spec) = architecture {
         let tokenizer = tokenizer.context("a transformer's evaluation needs its tokenizer.json")?;
-        return load_text_test(spec, dir, max_samples, skip_samples, tokenizer, run_dir);
+        return load_text_test(spec, dir, max_samples, skip_samples, tokenizer, examples_list);
     }
     let test = load_split(dir, Split::Test, architecture.classes())?;
     anyhow::ensure!(
@@ -135,14 +135,14 @@ impl Evaluator {
 }
 
 /// The held-out texts: the test split of `dir`, after `skip` and at most `max`, tokenized. Their
-/// keys go to `<run_dir>/evaluation-examples.txt`, one per line.
+/// keys go to `examples_list`, one per line.
 fn load_text_test(
     spec: &BertSpec,
     dir: &Path,
     max: Option<usize>,
     skip: usize,
     tokenizer: &Path,
-    run_dir: &Path,
+    examples_list: Option<&Path>,
 ) -> anyhow::Result<Dataset> {
     let corpus = load_text(dir, &spec.labels, TextSplit::Test)?;
     for file in &corpus.lossy_files {
@@ -160,10 +160,11 @@ fn load_text_test(
     let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
     let labels: Vec<i64> = examples.iter().map(|e| e.label as i64).collect();
     let data = tokenizer.dataset(&texts, &labels)?;
-    let keys: String = examples.iter().map(|e| format!("{}\n", e.key)).collect();
-    let list = run_dir.join("evaluation-examples.txt");
-    std::fs::write(&list, keys).with_context(|| format!("cannot write {}", list.display()))?;
-    tracing::info!(texts = examples.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
+    if let Some(list) = examples_list {
+        let keys: String = examples.iter().map(|e| format!("{}\n", e.key)).collect();
+        std::fs::write(list, keys).with_context(|| format!("cannot write {}", list.display()))?;
+        tracing::info!(texts = examples.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
+    }
     Ok(data)
 }
 
@@ -237,6 +238,11 @@ impl EvaluationThread {
 /// "R_max 8 → 81.2%, rank 4 → 78.9%, …" for logs.
 pub fn describe(results: &[RankAccuracy]) -> String {
     results.iter().map(|r| format!("rank {} → {:.1}%", r.rank, r.accuracy * 100.0)).collect::<Vec<_>>().join(", ")
+}
+
+/// Where `serve` lists the texts it evaluates.
+pub fn examples_list(run_dir: &Path) -> std::path::PathBuf {
+    run_dir.join("evaluation-examples.txt")
 }
 
 #[cfg(test)]

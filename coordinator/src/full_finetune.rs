@@ -48,7 +48,7 @@ fn test_set(config: &CoordinatorConfig) -> Result<Dataset> {
         max_samples: config.evaluation.max_samples,
         skip_samples: config.evaluation.skip_samples,
         tokenizer: tokenizer.as_deref(),
-        run_dir: &config.server.run_dir,
+        examples_list: Some(&crate::evaluation::examples_list(&config.server.run_dir)),
     };
     load_test_set(&config.model.architecture, &set).context("cannot load the evaluation set")
 }

@@ -1,7 +1,8 @@
 //! The Flotilla coordinator as a library; `flotilla-coordinator-torch` (`src/bin/`) is a thin
 //! binary over [`cli`].
 //!
-//! - [`setup`]: `serve`, everything a run needs before its first round, then the driver.
+//! - [`setup`]: `serve`, everything a run needs before its first round, then the driver;
+//!   [`preflight`]: the same checks made by `check`, read-only.
 //! - [`session`]: device sessions over mutual-TLS QUIC (admission, uploads, renewals).
 //! - [`driver`]: the round driver, which runs the round engine (`flotilla_engine`) and carries out
 //!   its actions.
@@ -30,6 +31,7 @@ pub mod full_finetune;
 pub mod hf_model;
 pub mod metrics;
 pub mod plots;
+pub mod preflight;
 pub mod privacy;
 pub mod privacy_ledger;
 pub mod renewal;

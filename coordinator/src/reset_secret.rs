@@ -14,6 +14,18 @@ pub const FILE: &str = "stateless-reset.key";
 const LEN: usize = 32;
 
 pub fn load_or_create(run_dir: &Path) -> anyhow::Result<[u8; LEN]> {
+    match read_existing(run_dir)? {
+        Some(secret) => Ok(secret),
+        None => create(run_dir),
+    }
+}
+
+/// Whether the run directory's secret, if it has one, is usable, without creating one.
+pub fn check(run_dir: &Path) -> anyhow::Result<()> {
+    read_existing(run_dir).map(drop)
+}
+
+fn read_existing(run_dir: &Path) -> anyhow::Result<Option<[u8; LEN]>> {
     let path = run_dir.join(FILE);
     match std::fs::read(&path) {
         Ok(bytes) => {
@@ -24,33 +36,37 @@ pub fn load_or_create(run_dir: &Path) -> anyhow::Result<[u8; LEN]> {
                 path.display(),
                 mode & 0o777
             );
-            bytes.as_slice().try_into().map_err(|_| {
+            let secret = bytes.as_slice().try_into().map_err(|_| {
                 anyhow::anyhow!(
                     "{}: {} bytes instead of {LEN}; delete it to make a new one (the devices of a running \
                      fleet then notice a restart only at their idle timeout, once)",
                     path.display(),
                     bytes.len()
                 )
-            })
+            })?;
+            Ok(Some(secret))
         }
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let mut secret = [0u8; LEN];
-            rand::rng().fill_bytes(&mut secret);
-            let tmp = run_dir.join(format!("{FILE}.tmp"));
-            let mut file = std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(true)
-                .mode(0o600)
-                .open(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
-            file.write_all(&secret)?;
-            file.sync_all()?;
-            std::fs::rename(&tmp, &path).with_context(|| format!("cannot create {}", path.display()))?;
-            Ok(secret)
-        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
     }
+}
+
+fn create(run_dir: &Path) -> anyhow::Result<[u8; LEN]> {
+    let path = run_dir.join(FILE);
+    let mut secret = [0u8; LEN];
+    rand::rng().fill_bytes(&mut secret);
+    let tmp = run_dir.join(format!("{FILE}.tmp"));
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(&secret)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok(secret)
 }
 
 #[cfg(test)]

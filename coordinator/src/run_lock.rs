@@ -42,6 +42,23 @@ impl RunLock {
         Ok(lock)
     }
 
+    /// Who holds the lock of `run_dir` now, if anyone, found without creating or taking anything
+    /// (a lock tried and at once released).
+    pub fn holder(run_dir: &Path) -> anyhow::Result<Option<String>> {
+        let path = run_dir.join(FILE);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(file) => file,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(error) => return Err(error).with_context(|| format!("cannot open {}", path.display())),
+        };
+        if file.try_lock_shared().is_ok() {
+            return Ok(None);
+        }
+        let mut holder = String::new();
+        let _ = file.read_to_string(&mut holder);
+        Ok(Some(holder.trim().replace('\n', ", ")))
+    }
+
     /// Writes who holds the lock (the pid, and the address once it listens) for a refused second.
     pub fn record(&mut self, holder: &str) -> anyhow::Result<()> {
         self.file.set_len(0)?;
@@ -63,7 +80,10 @@ mod tests {
         first.record(&format!("pid {}, listening on 127.0.0.1:4433", std::process::id())).unwrap();
         let refused = RunLock::take(dir.path()).err().unwrap().to_string();
         assert!(refused.contains("in use by another coordinator") && refused.contains("127.0.0.1:4433"), "{refused}");
+        let seen = RunLock::holder(dir.path()).unwrap().unwrap();
+        assert!(seen.contains("127.0.0.1:4433"), "{seen}");
         drop(first);
+        assert_eq!(RunLock::holder(dir.path()).unwrap(), None);
         // The file is still there, as after a crash: the lock is free, and taken.
         assert!(dir.path().join(FILE).exists());
         RunLock::take(dir.path()).unwrap();

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::aggregation::Upload;
 use crate::config::CoordinatorConfig;
-use crate::driver::{DriverInput, SecureRequest};
+use crate::driver::{Departure, DriverInput, SecureRequest};
 
 /// Limits for the frames a device sends before it is admitted.
 const HELLO_LIMITS: FrameLimits =
@@ -117,6 +117,8 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
     let mut revoked = shared.revoked.clone();
     revoked.mark_changed();
     let limits = shared.session_limits(rank);
+    // Why the device left, when it said so: a cause for the round's record, without its id.
+    let mut why = None;
     loop {
         let accepted = tokio::select! {
             accepted = connection.accept_bi() => accepted,
@@ -144,6 +146,16 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
                 let reason = String::from_utf8_lossy(&closed.reason);
                 warn!(device = %identity, "device refused its round task and left: {reason}");
                 metrics::counter!("fl_sessions_closed_total", "reason" => "task_refused").increment(1);
+                why = Some(Departure::RefusedTask);
+                break;
+            }
+            Err(quinn::ConnectionError::ApplicationClosed(closed))
+                if closed.error_code == quinn::VarInt::from_u32(close::DATA_UNUSABLE) =>
+            {
+                let reason = String::from_utf8_lossy(&closed.reason);
+                warn!(device = %identity, "device cannot use its own data and left: {reason}");
+                metrics::counter!("fl_sessions_closed_total", "reason" => "data_unusable").increment(1);
+                why = Some(Departure::DataUnusable);
                 break;
             }
             Err(error) => {
@@ -153,7 +165,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
         };
         answer_stream(&peer, &limits, &shared, send, recv).await;
     }
-    let _ = shared.inputs.send(DriverInput::Left { device: identity, connection_id: connection.stable_id() });
+    let _ = shared.inputs.send(DriverInput::Left { device: identity, connection_id: connection.stable_id(), why });
 }
 
 /// Reads one device-opened stream's message and answers it: an upload goes to the round driver,

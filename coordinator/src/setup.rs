@@ -288,7 +288,7 @@ fn start_worker(
                     max_samples: config.evaluation.max_samples,
                     skip_samples: config.evaluation.skip_samples,
                     tokenizer: tokenizer.as_deref(),
-                    run_dir: &config.server.run_dir,
+                    examples_list: Some(&crate::evaluation::examples_list(&config.server.run_dir)),
                 },
             )
             .context("cannot load the evaluation set")?

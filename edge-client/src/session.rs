@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::base_store::StoreError;
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
-use crate::trainer::{BaseSource, Trainer, UpdateShaping};
+use crate::trainer::{BaseFailure, BaseSource, Trainer, UpdateShaping};
 use flotilla_secagg::client::ClientRound;
 
 /// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
@@ -348,10 +348,16 @@ async fn admit(
             BaseSource::Checkpoint(dir)
         }
     };
-    trainer
-        .set_base(welcome.model.architecture.clone(), scale, base)
-        .await
-        .map_err(|e| SessionError::Fatal(format!("cannot use the coordinator's model: {e:#}")))
+    match trainer.set_base(welcome.model.architecture.clone(), scale, base).await {
+        Ok(()) => Ok(()),
+        Err(failure @ BaseFailure::Data(_)) => {
+            // The coordinator is told why, so that it records the cause instead of a silent leave.
+            let why = failure.to_string();
+            connection.close(close::DATA_UNUSABLE.into(), &why.as_bytes()[..why.len().min(200)]);
+            Err(SessionError::Fatal(format!("this device {why}; fix its --data and start it again")))
+        }
+        Err(failure) => Err(SessionError::Fatal(failure.to_string())),
+    }
 }
 
 /// One round: trains the task's slice on the training thread and uploads the update; a stop

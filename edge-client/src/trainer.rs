@@ -44,12 +44,22 @@ pub enum BaseSource {
     Checkpoint(PathBuf),
 }
 
+/// Why a device cannot take the coordinator's model: the model itself, or its own data (which
+/// only its operator can fix, and which the coordinator is told about by its close code).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BaseFailure {
+    #[error("cannot use the coordinator's model: {0}")]
+    Model(String),
+    #[error("cannot use its own data: {0}")]
+    Data(String),
+}
+
 enum Job {
     SetBase {
         architecture: Architecture,
         scale: f64,
         base: BaseSource,
-        reply: oneshot::Sender<Result<(), String>>,
+        reply: oneshot::Sender<Result<(), BaseFailure>>,
     },
     Train {
         slice: WireTensors,
@@ -250,10 +260,11 @@ impl Trainer {
         TrainerPool::new(1, threads)?.trainer(source)
     }
 
-    pub async fn set_base(&self, architecture: Architecture, scale: f64, base: BaseSource) -> anyhow::Result<()> {
+    pub async fn set_base(&self, architecture: Architecture, scale: f64, base: BaseSource) -> Result<(), BaseFailure> {
         let (reply, answer) = oneshot::channel();
+        let stopped = || BaseFailure::Model(stopped().to_string());
         self.jobs.send((self.key, Job::SetBase { architecture, scale, base, reply })).map_err(|_| stopped())?;
-        answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
+        answer.await.map_err(|_| stopped())?
     }
 
     /// Trains the round's `slice` at `rank`: slots of the slice beyond `rank` (Fold-and-Fill sends
@@ -310,8 +321,35 @@ impl DeviceState {
         scale: f64,
         base: &BaseSource,
         checkpoints: &SharedCheckpoints,
-    ) -> Result<(), String> {
-        let (weights, tokenizer) = match (base, &architecture) {
+    ) -> Result<(), BaseFailure> {
+        let (weights, tokenizer) = self.base_weights(&architecture, base, checkpoints).map_err(BaseFailure::Model)?;
+        // A reconnect brings the same base again: keep the data already loaded.
+        let data = match self.data.take() {
+            Some(data) => data,
+            None => self.source.load(&architecture, tokenizer.as_deref()).map_err(BaseFailure::Data)?,
+        };
+        if data.is_empty() {
+            return Err(BaseFailure::Data("it holds no samples".into()));
+        }
+        if !architecture.takes_tokens() && architecture.input_size() as i64 != data.features.size()[1] {
+            return Err(BaseFailure::Data(format!(
+                "it has {} features per sample, but the coordinator's model takes {} inputs",
+                data.features.size()[1],
+                architecture.input_size()
+            )));
+        }
+        self.model = Some((architecture, scale, weights));
+        self.data = Some(data);
+        Ok(())
+    }
+
+    fn base_weights(
+        &self,
+        architecture: &Architecture,
+        base: &BaseSource,
+        checkpoints: &SharedCheckpoints,
+    ) -> Result<(BaseWeights, Option<PathBuf>), String> {
+        let (weights, tokenizer) = match (base, architecture) {
             (BaseSource::Tensors(tensors), _) => {
                 let weights: BaseWeights = flotilla_torch::tensor::tensors_from_wire(tensors)
                     .map_err(|e| format!("base model: {e}"))?
@@ -329,21 +367,7 @@ impl DeviceState {
             }
         };
         architecture.check_base(&weights).map_err(|e| format!("base model: {e}"))?;
-        // A reconnect brings the same base again: keep the data already loaded.
-        let data = match self.data.take() {
-            Some(data) => data,
-            None => self.source.load(&architecture, tokenizer.as_deref())?,
-        };
-        if !architecture.takes_tokens() && architecture.input_size() as i64 != data.features.size()[1] {
-            return Err(format!(
-                "the coordinator's model takes {} inputs but the local data has {} features",
-                architecture.input_size(),
-                data.features.size()[1]
-            ));
-        }
-        self.model = Some((architecture, scale, weights));
-        self.data = Some(data);
-        Ok(())
+        Ok((weights, tokenizer))
     }
 
     fn train(

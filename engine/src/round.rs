@@ -219,6 +219,8 @@ pub struct Engine {
     /// 20,000 events made the round quadratic.
     tally: Tally,
     deadline_extended: bool,
+    /// The round's (last) deadline has fired: a round short of its quorum may now be skipped.
+    deadline_passed: bool,
     grace_started: bool,
     rounds_completed: u32,
 }
@@ -235,6 +237,7 @@ impl Engine {
             participants: BTreeMap::new(),
             tally: Tally::default(),
             deadline_extended: false,
+            deadline_passed: false,
             grace_started: false,
             rounds_completed: first - 1,
         }
@@ -339,7 +342,8 @@ impl Engine {
                 self.maybe_close_round(&mut actions);
             }
             Event::TimerFired { round, timer } if self.phase == (Phase::Training { round }) => match timer {
-                Timer::Deadline if self.folded() < self.quorum() && !self.deadline_extended => {
+                // Extended only for devices still training: nobody else can still reach the quorum.
+                Timer::Deadline if self.folded() < self.quorum() && !self.deadline_extended && self.pending() => {
                     self.deadline_extended = true;
                     actions.push(Action::ScheduleTimer {
                         round,
@@ -348,6 +352,7 @@ impl Engine {
                     });
                 }
                 Timer::Deadline | Timer::Grace => {
+                    self.deadline_passed |= timer == Timer::Deadline;
                     self.drop_stragglers();
                     self.maybe_close_round(&mut actions);
                 }
@@ -419,6 +424,7 @@ impl Engine {
         self.next_round += 1;
         self.phase = Phase::Training { round };
         self.deadline_extended = false;
+        self.deadline_passed = false;
         self.grace_started = false;
         let connected: Vec<(&DeviceId, &u32)> = self.connected.iter().collect();
         let drawn = self.config.policy.sample(round, &connected);
@@ -447,13 +453,19 @@ impl Engine {
         }
     }
 
+    /// Whether a participant may still contribute (training, or its update being folded).
+    fn pending(&self) -> bool {
+        self.tally.by_state[Participation::Training as usize] + self.tally.by_state[Participation::Folding as usize] > 0
+    }
+
     /// Closes the round when no participant can still contribute; starts the grace period once the
-    /// quorum is in.
+    /// quorum is in. A round short of its quorum is skipped only at its deadline, even when every
+    /// participant has already failed or left: devices that fail at once (broken data, a crash
+    /// loop) then cost one round per deadline instead of the whole run in seconds, and the
+    /// operator has the deadline to notice. A draw of no device closes at once.
     fn maybe_close_round(&mut self, actions: &mut Vec<Action>) {
         let Phase::Training { round } = self.phase else { return };
-        let pending = self.tally.by_state[Participation::Training as usize]
-            + self.tally.by_state[Participation::Folding as usize]
-            > 0;
+        let pending = self.pending();
         let updates = self.folded();
         if pending {
             if updates >= self.quorum() && !self.grace_started {
@@ -465,6 +477,8 @@ impl Engine {
         if updates >= self.quorum() {
             self.phase = Phase::Aggregating { round };
             actions.push(Action::Aggregate { round, updates });
+        } else if !self.deadline_passed && !self.participants.is_empty() {
+            // Short of the quorum with nobody left to answer: wait for the deadline (see above).
         } else {
             actions.push(Action::SkipRound { round, updates, why: SkipWhy::ShortOfQuorum });
             self.next_round_or_finish(actions);
@@ -737,6 +751,23 @@ mod tests {
         assert_eq!(
             e.handle(Event::UpdateInvalid { device: "b".into(), round: 1 }),
             vec![Action::Aggregate { round: 1, updates: 1 }]
+        );
+    }
+
+    #[test]
+    fn a_round_whose_every_participant_failed_is_skipped_at_its_deadline_without_extension() {
+        let mut e = engine(2, 2);
+        join(&mut e, "a", 2);
+        join(&mut e, "b", 2);
+        e.handle(Event::UpdateArrived { device: "a".into(), round: 1, rank: 1 });
+        assert!(e.handle(Event::UpdateInvalid { device: "a".into(), round: 1 }).is_empty());
+        assert!(e.handle(Event::DeviceLeft { device: "b".into() }).is_empty(), "no skip before the deadline");
+        assert_eq!(e.phase(), &Phase::Training { round: 1 });
+        let at_deadline = fire(&mut e, 1, Timer::Deadline);
+        assert_eq!(
+            at_deadline[0],
+            Action::SkipRound { round: 1, updates: 0, why: SkipWhy::ShortOfQuorum },
+            "nobody is training: no extension"
         );
     }
 

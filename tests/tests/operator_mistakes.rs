@@ -35,6 +35,8 @@ fn a_second_coordinator_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_
     assert!(stderr.contains("is in use by another coordinator"), "{stderr}");
     assert!(stderr.contains(&format!("pid {}", first.id())) && stderr.contains(&address), "{stderr}");
     assert!(!run.join("addr-2").exists(), "the second wrote nothing");
+    let (ok, checked) = flotilla_tests::check_config(run, &config);
+    assert!(!ok && checked.contains("in use by another coordinator"), "check sees the holder too: {checked}");
     assert_eq!(std::fs::read_to_string(run.join("addr")).unwrap(), address, "the first's address stands");
 
     first.kill();
@@ -46,29 +48,89 @@ fn a_second_coordinator_on_a_run_directory_is_refused_and_a_stale_lock_is_taken_
     assert!(third.wait(Duration::from_secs(60)).success(), "{}", third.logs());
 }
 
-/// A device that cannot use its own data leaves; the round is skipped at once, saying that every
-/// participant failed before the deadline, and a run that completed no round exits with a failure
+/// A device that cannot use its own data says so and closes with that reason; the coordinator logs
+/// the true cause, waits for the round's deadline before skipping it (a broken fleet costs a round
+/// per deadline, not the run in seconds), and a run that completed no round exits with a failure
 /// that says why.
 #[test]
-fn a_run_whose_every_round_was_skipped_fails_and_says_why() {
+fn a_device_without_usable_data_says_so_and_a_run_whose_every_round_was_skipped_fails() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     provision(&run.join("pki"), &["phone"]);
-    let config = config(run, "deadline_secs = 600\n");
+    let deadline = Duration::from_secs(6);
+    let config = config(run, &format!("deadline_secs = {}\n", deadline.as_secs()));
     let (mut coordinator, address) = start_coordinator(run, &config);
     let empty = run.join("no-data");
     std::fs::create_dir_all(&empty).unwrap();
+    let started = std::time::Instant::now();
     let mut phone = Process::spawn(
         "phone",
         edge_run(&address, &run.join("pki/kits/phone"), 2, 32).arg("--data").arg(&empty),
         &run.join("logs"),
     );
     assert!(!phone.wait(Duration::from_secs(60)).success(), "{}", phone.logs());
-    // Well before the 600 s deadline.
+    let device_says = phone.stderr_text();
+    assert!(device_says.contains("cannot use its own data") && device_says.contains("no-data"), "{device_says}");
+    assert!(!device_says.contains("coordinator's model"), "the device's data is not the model's fault: {device_says}");
     assert!(!coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    assert!(started.elapsed() >= deadline, "the round was skipped before its deadline");
     let logs = coordinator.stderr_text();
-    assert!(logs.contains("before the deadline, every participant having failed or left"), "{logs}");
+    assert!(logs.contains("device cannot use its own data and left"), "{logs}");
+    assert!(
+        logs.contains("by the deadline, short of the quorum of 1 (1 participant(s) could not use its own data"),
+        "{logs}"
+    );
     assert!(logs.contains("the run completed no round: all 1 were skipped"), "{logs}");
+}
+
+/// `check` makes every check `serve` makes before it listens — data sets present, the checkpoint
+/// it would resume compatible — lists every problem at once, and writes nothing (it used to create
+/// the run directory).
+#[test]
+fn check_is_as_strict_as_serve_lists_every_problem_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &[]);
+    let run_dir = run.join("not/yet/there");
+    let broken = config(&run_dir, "")
+        .replace(&format!("{}/pki", run_dir.display()), &format!("{}/no-pki", run.display()))
+        .replace(
+            "[model.architecture.mlp]",
+            &format!(
+                "[evaluation]\ntest_data = \"{run}/no-test-set\"\n[model.pretrain]\ndata = \"{run}/no-public-set\"\n\
+                 samples = 100\n[model.architecture.mlp]",
+                run = run.display()
+            ),
+        )
+        .replace("input = 16", "input = 784")
+        .replace("classes = 4", "classes = 10");
+    let (ok, out) = flotilla_tests::check_config(run, &broken);
+    assert!(!ok, "{out}");
+    for problem in ["3 problem(s)", "[tls]", "no-pki", "[model]", "no-public-set", "[evaluation] test_data", "no-test-set"]
+    {
+        assert!(out.contains(problem), "'{problem}' missing from:\n{out}");
+    }
+    assert!(!run.join("not").exists(), "check created {}", run_dir.display());
+
+    // A run directory whose checkpoint `serve` would refuse to resume.
+    let good_dir = run.join("resumed");
+    let round = good_dir.join("global/round-1");
+    std::fs::create_dir_all(&round).unwrap();
+    std::fs::write(
+        round.join("state.json"),
+        r#"{"round": 1, "method": "fold-and-fill", "fingerprint": "from-another-model"}"#,
+    )
+    .unwrap();
+    let config_for = |dir: &std::path::Path| {
+        config(dir, "").replace(&format!("{}/pki", dir.display()), &format!("{}/pki", run.display()))
+    };
+    let (ok, out) = flotilla_tests::check_config(run, &config_for(&good_dir));
+    assert!(!ok && out.contains("cannot resume") && out.contains("changed incompatibly"), "{out}");
+    let entries = || std::fs::read_dir(&good_dir).unwrap().count();
+    assert_eq!(entries(), 1, "check wrote into the run directory");
+    let (ok, out) = flotilla_tests::check_config(run, &config_for(&run.join("fresh")));
+    assert!(ok, "{out}");
+    assert!(!run.join("fresh").exists());
 }
 
 /// Monitoring sees the configured run before any device joins: `/metrics` has the connected

@@ -115,6 +115,10 @@ pub mod close {
     /// The certificate the session was opened with has been revoked (the coordinator reloaded its
     /// CRL): the session ends at once, and the device cannot reconnect with it.
     pub const REVOKED: u32 = 6;
+    /// The device cannot use its own training data (missing, empty, the wrong format or shape for
+    /// the coordinator's model); the reason text follows. The device stops: its operator must fix
+    /// the data.
+    pub const DATA_UNUSABLE: u32 = 7;
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

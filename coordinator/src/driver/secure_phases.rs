@@ -118,6 +118,8 @@ impl RoundDriver {
                     let done = FoldDone { device: device.clone(), round, accepted: None };
                     let _ = self.inputs.send(DriverInput::FoldDone(done));
                 }
+                // No task went out, so nothing can come: the round's deadline is now.
+                let _ = self.inputs.send(DriverInput::TimerFired { round, timer: flotilla_engine::Timer::Deadline });
                 None
             }
         }

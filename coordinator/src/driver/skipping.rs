@@ -13,16 +13,19 @@ impl RoundDriver {
             (SkipWhy::DrawRefused(reason), _) => format!("{reason}; no task was sent"),
             (SkipWhy::ShortOfQuorum, Some(reason)) => reason,
             (SkipWhy::ShortOfQuorum, None) => {
-                let deadline = std::time::Duration::from_secs(self.config.round.deadline_secs.into());
-                let early = self.round_started.get(&round).is_some_and(|started| started.elapsed() < deadline);
-                let when = if early {
-                    "before the deadline, every participant having failed or left"
-                } else {
-                    "by the deadline"
-                };
-                format!("{updates} update(s) {when}, short of the quorum of {}", self.config.round.min_updates)
+                let mut reason = format!(
+                    "{updates} update(s) by the deadline, short of the quorum of {}",
+                    self.config.round.min_updates
+                );
+                if let Some(departures) = self.departures.get(&round) {
+                    let causes: Vec<String> =
+                        departures.iter().map(|(why, n)| format!("{n} participant(s) {}", why.describe())).collect();
+                    reason += &format!(" ({} and left)", causes.join(", "));
+                }
+                reason
             }
         };
+        self.departures.remove(&round);
         warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.config.round.rounds);
         metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
         self.accepted.remove(&round);
