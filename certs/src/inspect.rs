@@ -10,8 +10,11 @@ use crate::identity::DEVICE_URI_PREFIX;
 pub struct CertificateInfo {
     /// `device`, `coordinator` or `ca`.
     pub kind: String,
-    /// The device id (URI SAN) or, otherwise, the common name.
+    /// What `inspect --id` and `revoke --id` take: the device id (URI SAN), `coordinator` for the
+    /// coordinator, or the common name of a CA.
     pub id: String,
+    /// The common name (the coordinator's: the name devices reach it by).
+    pub name: String,
     pub subject: String,
     pub issuer: String,
     pub serial: String,
@@ -79,7 +82,12 @@ pub fn describe_der(der: &[u8]) -> Result<CertificateInfo, PkiError> {
     let not_after = cert.validity().not_after.to_datetime();
     Ok(CertificateInfo {
         kind: kind.to_string(),
-        id: device_id.unwrap_or(common_name),
+        id: match (kind, device_id) {
+            (_, Some(id)) => id,
+            ("coordinator", None) => "coordinator".to_string(),
+            (_, None) => common_name.clone(),
+        },
+        name: common_name,
         subject: cert.subject().to_string(),
         issuer: cert.issuer().to_string(),
         serial: cert.raw_serial_as_string().replace(':', "").trim_start_matches('0').to_string(),
@@ -104,10 +112,11 @@ fn format_ip(bytes: &[u8]) -> String {
 impl CertificateInfo {
     pub fn to_text(&self) -> String {
         let mut out = format!(
-            "kind:        {}\nid:          {}\nsubject:     {}\nissuer:      {}\nserial:      {}\n\
+            "kind:        {}\nid:          {}\nname:        {}\nsubject:     {}\nissuer:      {}\nserial:      {}\n\
              valid from:  {}\nvalid until: {} ({})\nSANs:        {}\nusages:      {}\n",
             self.kind,
             self.id,
+            self.name,
             self.subject,
             self.issuer,
             self.serial,

@@ -30,7 +30,19 @@ pub struct Placement {
 }
 
 pub const DEFAULT_INSTALL_DIR: &str = "/etc/flotilla/kit";
-pub const DEFAULT_COORDINATOR_ADDRESS: &str = "0.0.0.0:4433";
+/// Where a coordinator listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4433";
+pub const DEFAULT_PORT: u16 = 4433;
+/// The coordinator's name when the CA has issued none yet.
+pub const DEFAULT_SERVER_NAME: &str = "coordinator";
+
+/// The port of the `listen = "host:port"` line of a coordinator kit's snippet.
+pub fn listen_port(snippet: &str) -> Option<u16> {
+    snippet.lines().find_map(|line| {
+        let value = line.trim().strip_prefix("listen")?.trim_start().strip_prefix('=')?.trim().trim_matches('"');
+        value.parse::<std::net::SocketAddr>().ok().map(|a| a.port())
+    })
+}
 
 fn quoted(path: &Path) -> String {
     format!("{:?}", path.display().to_string())
@@ -131,4 +143,18 @@ pub fn write_kit(
     }
     write_file(&dir.join(snippet.0), snippet.1.as_bytes(), 0o644)?;
     write_file(&dir.join(README), readme.as_bytes(), 0o644)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listen_port_is_read_from_a_coordinator_snippet() {
+        let placement =
+            Placement { install_dir: "/k".into(), address: "0.0.0.0:7443".into(), server_name: String::new() };
+        assert_eq!(listen_port(&coordinator_snippet(&placement)), Some(7443));
+        assert_eq!(listen_port("[server]\nlisten = \"[::]:9\"\n"), Some(9));
+        assert_eq!(listen_port("listen_later = 1"), None);
+    }
 }

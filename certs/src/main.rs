@@ -6,7 +6,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use flotilla_certs::inspect::{describe_pem, CertificateInfo};
-use flotilla_certs::kit::{Placement, DEFAULT_COORDINATOR_ADDRESS, DEFAULT_INSTALL_DIR};
+use flotilla_certs::kit::{Placement, DEFAULT_INSTALL_DIR, DEFAULT_LISTEN, DEFAULT_PORT, DEFAULT_SERVER_NAME};
 use flotilla_certs::{
     csr, read_password_file, CoordinatorRequest, DeviceRequest, Pki, DEFAULT_CA_DAYS, DEFAULT_COORDINATOR_DAYS,
 };
@@ -28,24 +28,51 @@ struct Cli {
 
 #[derive(clap::Args, Clone)]
 struct PlacementArgs {
-    /// Where the kit will live on its machine (written into its configuration snippet).
-    #[arg(long, default_value = DEFAULT_INSTALL_DIR)]
-    install_dir: PathBuf,
-    /// Devices: the coordinator's host:port. Coordinator: the address to listen on.
-    #[arg(long, default_value = DEFAULT_COORDINATOR_ADDRESS)]
-    address: String,
-    /// Devices: the name in the coordinator's certificate.
-    #[arg(long, default_value = "coordinator")]
-    server_name: String,
+    /// Where the kit will live on its machine (written into its configuration snippet) [default:
+    /// /etc/flotilla/kit; for `issue devices`, each kit's own directory <pki>/kits/<id>, where the
+    /// simulator and tests on this machine use it]
+    #[arg(long)]
+    install_dir: Option<PathBuf>,
+    /// Devices: the coordinator's host:port [default: the name of the coordinator certificate this
+    /// CA issued, and the port its kit listens on]. Coordinator: the address to listen on [default:
+    /// 0.0.0.0:4433].
+    #[arg(long)]
+    address: Option<String>,
+    /// Devices: the name in the coordinator's certificate [default: that of the coordinator
+    /// certificate this CA issued].
+    #[arg(long)]
+    server_name: Option<String>,
 }
 
 impl PlacementArgs {
-    fn placement(&self) -> Placement {
+    /// The coordinator's kit: where it listens.
+    fn coordinator(&self) -> Placement {
         Placement {
-            install_dir: self.install_dir.clone(),
-            address: self.address.clone(),
-            server_name: self.server_name.clone(),
+            install_dir: self.install_dir.clone().unwrap_or_else(|| DEFAULT_INSTALL_DIR.into()),
+            address: self.address.clone().unwrap_or_else(|| DEFAULT_LISTEN.into()),
+            server_name: String::new(),
         }
+    }
+
+    /// A device's kit: where it reaches the coordinator, by default as `pki` knows it (a device
+    /// making its own request has no PKI at hand: `coordinator:4433` unless told).
+    fn device(&self, pki: Option<&Pki>) -> Result<Placement> {
+        let known = match pki {
+            Some(pki) => pki.coordinator_endpoint().context("cannot read the coordinator's certificate")?,
+            None => None,
+        };
+        if pki.is_some() && known.is_none() && (self.address.is_none() || self.server_name.is_none()) {
+            eprintln!(
+                "note: this CA has issued no coordinator certificate yet; the kit points at \
+                 {DEFAULT_SERVER_NAME}:{DEFAULT_PORT} unless --address and --server-name say otherwise"
+            );
+        }
+        let (name, port) = known.unwrap_or_else(|| (DEFAULT_SERVER_NAME.to_string(), DEFAULT_PORT));
+        Ok(Placement {
+            install_dir: self.install_dir.clone().unwrap_or_else(|| DEFAULT_INSTALL_DIR.into()),
+            address: self.address.clone().unwrap_or_else(|| format!("{name}:{port}")),
+            server_name: self.server_name.clone().unwrap_or(name),
+        })
     }
 }
 
@@ -218,11 +245,13 @@ fn issue_devices(
 ) -> Result<()> {
     anyhow::ensure!(count >= 1, "--count must be at least 1");
     let width = (start + count - 1).to_string().len().max(4);
+    let reach = placement.device(Some(pki))?;
+    let install_dir = &placement.install_dir;
     for n in start..start + count {
         let id = format!("{prefix}-{n:0width$}");
         // Each kit's snippet points at its own directory unless an install dir is given.
-        let mut placement = placement.placement();
-        if placement.install_dir.as_os_str() == flotilla_certs::kit::DEFAULT_INSTALL_DIR {
+        let mut placement = reach.clone();
+        if install_dir.is_none() {
             placement.install_dir = pki.kit_dir(&id);
         }
         pki.issue_device(&DeviceRequest { id: &id, validity }, &placement)
@@ -247,7 +276,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Issue { what } => issue(&open()?, &cli.dir, what)?,
         Command::Request { id, kit, placement } => {
-            let request = csr::request(&kit, &id, &placement.placement())
+            let request = csr::request(&kit, &id, &placement.device(None)?)
                 .with_context(|| format!("cannot make a request for device '{id}'"))?;
             println!("request for device '{id}' in {}; have the CA sign it, then `install`", request.display());
         }
@@ -296,13 +325,16 @@ fn run(cli: Cli) -> Result<()> {
 fn issue(pki: &Pki, dir: &Path, what: IssueCommand) -> Result<()> {
     let issued = match what {
         IssueCommand::Coordinator { name, san, loopback, days, placement } => pki
-            .issue_coordinator(&CoordinatorRequest { name: &name, sans: &san, days, loopback }, &placement.placement())
+            .issue_coordinator(
+                &CoordinatorRequest { name: &name, sans: &san, days, loopback },
+                &placement.coordinator(),
+            )
             .context("cannot issue the coordinator certificate")?,
         IssueCommand::Devices { prefix, count, start, valid_for, placement } => {
             return issue_devices(pki, dir, &prefix, count, start, valid_for, &placement);
         }
         IssueCommand::Device { id, valid_for, placement } => pki
-            .issue_device(&DeviceRequest { id: &id, validity: valid_for }, &placement.placement())
+            .issue_device(&DeviceRequest { id: &id, validity: valid_for }, &placement.device(Some(pki))?)
             .with_context(|| format!("cannot issue a certificate for device '{id}'"))?,
     };
     println!(

@@ -539,6 +539,25 @@ impl Pki {
         self.save_registry(&registry)
     }
 
+    /// Where devices reach the coordinator, as this CA knows it: the name of its latest
+    /// unrevoked certificate and the port its kit listens on (4433 if the kit does not say).
+    /// `None` before a coordinator certificate is issued.
+    pub fn coordinator_endpoint(&self) -> Result<Option<(String, u16)>, PkiError> {
+        let registry = self.registry()?;
+        let revoked = |serial: &str| registry.revoked.iter().any(|r| r.serial == serial);
+        let Some(record) = registry.issued.iter().rev().find(|c| c.kind == "coordinator" && !revoked(&c.serial)) else {
+            return Ok(None);
+        };
+        let path = self.issued_path(&record.serial);
+        let pem = fs::read(&path).map_err(io_err(&path))?;
+        let info =
+            crate::inspect::describe_pem(&pem).map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))?;
+        let snippet =
+            fs::read_to_string(self.kit_dir("coordinator").join(kit::COORDINATOR_SNIPPET)).unwrap_or_default();
+        let port = kit::listen_port(&snippet).unwrap_or(kit::DEFAULT_PORT);
+        Ok(Some((info.name, port)))
+    }
+
     /// The latest certificate issued for `id` (a device id or `coordinator`), with its revocation status.
     pub fn inspect_id(&self, id: &str) -> Result<crate::inspect::CertificateInfo, PkiError> {
         let registry = self.registry()?;

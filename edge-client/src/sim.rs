@@ -119,8 +119,36 @@ pub struct SimSettings {
     pub base_store: std::sync::Arc<crate::base_store::BaseStore>,
 }
 
-/// The device kits in `dir` (subdirectories holding a device certificate), sorted by name.
-fn device_kits(dir: &Path) -> Result<Vec<(String, KitPaths)>> {
+/// The usable device kits in `dir` (subdirectories holding a device certificate), sorted by name,
+/// and what was left out and why.
+struct FoundKits {
+    usable: Vec<(String, KitPaths)>,
+    revoked: Vec<String>,
+    foreign: Vec<String>,
+}
+
+impl FoundKits {
+    fn skipped(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.revoked.is_empty() {
+            parts.push(format!("{} revoked ({})", self.revoked.len(), self.revoked.join(", ")));
+        }
+        if !self.foreign.is_empty() {
+            parts.push(format!("{} from another CA ({})", self.foreign.len(), self.foreign.join(", ")));
+        }
+        if parts.is_empty() {
+            "none skipped".into()
+        } else {
+            format!("skipped {}", parts.join("; "))
+        }
+    }
+}
+
+/// A kit is left out when a revocation list beside the kits (the PKI's `crl.pem` when `dir` is
+/// `<pki>/kits`) or in the kit itself lists its certificate, or when its CA is not the PKI's (or,
+/// with no PKI around `dir`, not the CA most kits share): the coordinator would refuse it, and a
+/// fleet of such kits stalls below `min_devices`.
+fn device_kits(dir: &Path) -> Result<FoundKits> {
     let mut kits = Vec::new();
     for entry in std::fs::read_dir(dir).with_context(|| format!("cannot list kits in {}", dir.display()))? {
         let path = entry?.path();
@@ -133,7 +161,34 @@ fn device_kits(dir: &Path) -> Result<Vec<(String, KitPaths)>> {
         }
     }
     kits.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(kits)
+    let pki = dir.parent().unwrap_or(dir);
+    let ca_of = |kit: &KitPaths| std::fs::read(&kit.ca_cert).unwrap_or_default();
+    let fleet_ca = match std::fs::read(pki.join("ca.crt")) {
+        Ok(ca) => ca,
+        Err(_) => {
+            let mut counts: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+            for (_, kit) in &kits {
+                *counts.entry(ca_of(kit)).or_default() += 1;
+            }
+            counts.into_iter().max_by_key(|(_, n)| *n).map(|(ca, _)| ca).unwrap_or_default()
+        }
+    };
+    let shared_crl = tls::revoked_serials(&pki.join("crl.pem")).unwrap_or_default();
+    let mut found = FoundKits { usable: Vec::new(), revoked: Vec::new(), foreign: Vec::new() };
+    for (id, kit) in kits {
+        if ca_of(&kit) != fleet_ca {
+            found.foreign.push(id);
+            continue;
+        }
+        let serial = tls::own_certificate_serial(&kit).unwrap_or_default();
+        let own_crl = tls::kit_crl(&kit).and_then(|crl| tls::revoked_serials(&crl).ok()).unwrap_or_default();
+        if shared_crl.contains(&serial) || own_crl.contains(&serial) {
+            found.revoked.push(id);
+        } else {
+            found.usable.push((id, kit));
+        }
+    }
+    Ok(found)
 }
 
 #[derive(Debug, Default)]
@@ -181,15 +236,26 @@ pub fn check_data_share(power: f64, partitioned: bool) -> Result<()> {
 }
 
 pub async fn run(settings: SimSettings) -> Result<SimReport> {
-    let kits = device_kits(&settings.kits)?;
-    if kits.len() < settings.clients {
+    let found = device_kits(&settings.kits)?;
+    if found.usable.len() < settings.clients {
         bail!(
-            "{} holds {} device kits, fewer than --clients {}; issue more with `flotilla-certs issue device`",
+            "{} holds {} usable device kits ({}), fewer than --clients {}; issue more with `flotilla-certs issue \
+             devices`",
             settings.kits.display(),
-            kits.len(),
+            found.usable.len(),
+            found.skipped(),
             settings.clients
         );
     }
+    println!(
+        "sim: {} device kit(s) from {}, {} of them usable ({}); taking the first {} by id",
+        found.usable.len() + found.revoked.len() + found.foreign.len(),
+        settings.kits.display(),
+        found.usable.len(),
+        found.skipped(),
+        settings.clients
+    );
+    let kits = found.usable;
     let profiles = settings.mix.assign(settings.clients);
     let lowest_rank = profiles.iter().map(|p| p.rank).min().unwrap_or(1);
     let pool = TrainerPool::new(settings.concurrency, settings.threads)?;

@@ -106,7 +106,8 @@ fn check_is_as_strict_as_serve_lists_every_problem_and_writes_nothing() {
         .replace("classes = 4", "classes = 10");
     let (ok, out) = flotilla_tests::check_config(run, &broken);
     assert!(!ok, "{out}");
-    for problem in ["3 problem(s)", "[tls]", "no-pki", "[model]", "no-public-set", "[evaluation] test_data", "no-test-set"]
+    for problem in
+        ["3 problem(s)", "[tls]", "no-pki", "[model]", "no-public-set", "[evaluation] test_data", "no-test-set"]
     {
         assert!(out.contains(problem), "'{problem}' missing from:\n{out}");
     }
@@ -224,4 +225,58 @@ fn a_kit_key_others_may_read_is_refused_with_the_fix() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success() && stderr.contains("others may read or change it"), "{stderr}");
+}
+
+/// Kits issued without flags point devices at the coordinator the CA knows (its certificate's name
+/// and its kit's port), `issue devices` writes the kit path its help promises, and `sim` takes
+/// only kits the coordinator would admit, saying how many it took and which it skipped and why.
+#[test]
+fn kits_default_to_the_known_coordinator_and_sim_skips_revoked_and_foreign_kits() {
+    use flotilla_tests::certs;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    certs(&pki, &["init"]);
+    certs(&pki, &["issue", "coordinator", "--name", "localhost", "--loopback", "--address", "127.0.0.1:7443"]);
+    certs(&pki, &["issue", "device", "--id", "phone"]);
+    let env = std::fs::read_to_string(pki.join("kits/phone/edge.env")).unwrap();
+    assert!(env.contains("FLOTILLA_COORDINATOR=localhost:7443\n"), "{env}");
+    assert!(env.contains("FLOTILLA_SERVER_NAME=localhost\n"), "{env}");
+    let help = certs(&pki, &["issue", "devices", "--help"]);
+    assert!(String::from_utf8_lossy(&help.stdout).contains("<pki>/kits/<id>"));
+    certs(&pki, &["issue", "devices", "--prefix", "sim", "--count", "3"]);
+    let env = std::fs::read_to_string(pki.join("kits/sim-0000/edge.env")).unwrap();
+    assert!(env.contains(&format!("FLOTILLA_KIT={}\n", pki.join("kits/sim-0000").display())), "{env}");
+    let inspected = certs(&pki, &["inspect", "--id", "coordinator"]);
+    let text = String::from_utf8_lossy(&inspected.stdout);
+    assert!(text.contains("id:          coordinator\n") && text.contains("name:        localhost\n"), "{text}");
+
+    certs(&pki, &["revoke", "--id", "sim-0000"]);
+    let other = run.join("other-pki");
+    certs(&other, &["init"]);
+    certs(&other, &["issue", "device", "--id", "sim-9999"]);
+    std::fs::rename(other.join("kits/sim-9999"), pki.join("kits/sim-9999")).unwrap();
+    let sim = |clients: &str, address: &str| {
+        let mut command = Command::new(binary("flotilla-edge"));
+        command.args(["sim", "--coordinator", address, "--clients", clients, "--samples", "32", "--kits"]);
+        command.arg(pki.join("kits"));
+        command
+    };
+    let output = sim("4", "127.0.0.1:9").output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    for part in
+        ["3 usable device kits", "1 revoked (sim-0000)", "1 from another CA (sim-9999)", "fewer than --clients 4"]
+    {
+        assert!(stderr.contains(part), "'{part}' missing: {stderr}");
+    }
+
+    let config = config(run, "").replace("min_devices = 1", "min_devices = 3");
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut fleet = Process::spawn("sim", &mut sim("3", &address), &run.join("logs"));
+    assert!(fleet.wait(Duration::from_secs(120)).success(), "{}", fleet.logs());
+    let stdout = fleet.stdout_text();
+    assert!(stdout.contains("5 device kit(s)") && stdout.contains("3 of them usable"), "{stdout}");
+    assert!(stdout.contains("sim: 3 of 3 device(s) finished"), "{stdout}");
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
 }

@@ -233,6 +233,13 @@ pub fn own_device_id(kit: &KitPaths) -> Result<String, TlsError> {
         .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a device certificate: {e}") })
 }
 
+/// The serial of the certificate in a kit, as [`certificate_serial`] writes it.
+pub fn own_certificate_serial(kit: &KitPaths) -> Result<String, TlsError> {
+    let cert = CertificateDer::from_pem_file(&kit.cert)
+        .map_err(|e| TlsError::File { path: kit.cert.clone(), message: format!("not a PEM certificate: {e}") })?;
+    certificate_serial(&cert).map_err(|e| TlsError::File { path: kit.cert.clone(), message: e.to_string() })
+}
+
 /// The device bound to an authenticated QUIC connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerDevice {
