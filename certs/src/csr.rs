@@ -102,7 +102,22 @@ pub fn requested_device_id(csr: &CertificateSigningRequestParams) -> Result<Stri
 /// Device side: checks that `cert_pem` chains to the kit's CA, is valid now, is for client
 /// authentication, and matches the pending key; then makes that key and certificate the kit's.
 pub fn install(kit_dir: &Path, cert_path: &Path, ca_path: Option<&Path>) -> Result<String, PkiError> {
-    let ca_path = ca_path.map(Path::to_path_buf).unwrap_or_else(|| kit_dir.join(kit::CA_CERT));
+    // Without --ca: the kit's own CA certificate, or the one `sign` wrote beside the certificate.
+    let beside = cert_path.with_file_name(kit::CA_CERT);
+    let ca_path = match ca_path {
+        Some(path) => path.to_path_buf(),
+        None if kit_dir.join(kit::CA_CERT).exists() => kit_dir.join(kit::CA_CERT),
+        None if beside.exists() => beside,
+        None => {
+            return Err(PkiError::Invalid(format!(
+                "no CA certificate: {} has no {} and there is none beside {}; pass --ca with the {} `sign` wrote",
+                kit_dir.display(),
+                kit::CA_CERT,
+                cert_path.display(),
+                kit::CA_CERT
+            )))
+        }
+    };
     let ca_pem = fs::read(&ca_path).map_err(io(&ca_path))?;
     let cert_pem = fs::read(cert_path).map_err(io(cert_path))?;
     let cert = CertificateDer::from_pem_slice(&cert_pem)

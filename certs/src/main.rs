@@ -130,7 +130,7 @@ enum Command {
         /// The signed certificate (from `sign`).
         #[arg(long)]
         cert: PathBuf,
-        /// The CA certificate, when the kit has none yet.
+        /// The CA certificate [default: the kit's ca.crt, else the ca.crt `sign` wrote beside --cert].
         #[arg(long)]
         ca: Option<PathBuf>,
     },

@@ -99,9 +99,10 @@ enum Command {
         /// line with the label, its probability and the logits.
         #[arg(long, default_value = "text", value_parser = ["text", "json"])]
         format: String,
-        /// Tokens per text (default: the fine-tuning's maximum length).
+        /// Tokens per text, 1 to the model's positions (default: the fine-tuning's maximum length).
         #[arg(long)]
         max_length: Option<u32>,
+        /// Texts per forward pass (at least 1).
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
     },
@@ -230,6 +231,25 @@ pub fn main() {
     }
 }
 
+fn print_export(done: &export::Exported) {
+    let folded = match (done.folded_rank, done.tail_folded) {
+        (Some(r), true) => format!(
+            " (what a Fold-and-Fill device of rank {} runs: its slice plus the rest of the global, folded into its \
+             frozen weight, written as a rank-{r} LoRA, as PEFT has no place for the tail)",
+            done.rank
+        ),
+        (Some(r), false) => format!(" (FLoRA's merged update written as a rank-{r} LoRA, as PEFT has no place for it)"),
+        (None, _) => String::new(),
+    };
+    println!(
+        "exported round {} at rank {}: adapter in {}{folded}{}",
+        done.round,
+        done.rank,
+        done.adapter_dir.display(),
+        done.merged_model.as_ref().map(|p| format!(", merged model in {}", p.display())).unwrap_or_default()
+    );
+}
+
 fn run(command: Command) -> Result<()> {
     match command {
         Command::Serve { config, listen, run_dir, address_file, fresh } => {
@@ -252,23 +272,7 @@ fn run(command: Command) -> Result<()> {
         Command::Export { config, out, round, rank, merged } => {
             let config = config::CoordinatorConfig::load(&config)?;
             let done = export::export(&config, &export::ExportRequest { out, round, rank, merged })?;
-            println!(
-                "exported round {} at rank {}: adapter in {}{}{}",
-                done.round,
-                done.rank,
-                done.adapter_dir.display(),
-                match (done.folded_rank, done.tail_folded) {
-                    (Some(r), true) => format!(
-                        " (what a Fold-and-Fill device of rank {} runs: its slice plus the rest of the global, \
-                         folded into its frozen weight, written as a rank-{r} LoRA, as PEFT has no place for the tail)",
-                        done.rank
-                    ),
-                    (Some(r), false) =>
-                        format!(" (FLoRA's merged update written as a rank-{r} LoRA, as PEFT has no place for it)"),
-                    (None, _) => String::new(),
-                },
-                done.merged_model.map(|p| format!(", merged model in {}", p.display())).unwrap_or_default()
-            );
+            print_export(&done);
             Ok(())
         }
         Command::Status { address, format } => {

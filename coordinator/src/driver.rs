@@ -23,6 +23,7 @@ mod secure_phases;
 mod skipping;
 
 pub use secure_phases::SecureRequest;
+pub use skipping::Departure;
 
 use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
 use crate::config::CoordinatorConfig;
@@ -33,23 +34,6 @@ use crate::report_files::ReportWriter;
 use crate::secure::{SecurePhase, SecureRound};
 
 /// What sessions, timers and the aggregation worker tell the driver.
-/// Why a device left, as it said in its close: recorded as a count per cause in a skipped
-/// round's reason (no device ids, which records under SecAgg or `[privacy]` must not hold).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Departure {
-    RefusedTask,
-    DataUnusable,
-}
-
-impl Departure {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Departure::RefusedTask => "refused its round task",
-            Departure::DataUnusable => "could not use its own data",
-        }
-    }
-}
-
 pub enum DriverInput {
     Joined {
         device: String,
@@ -223,7 +207,7 @@ impl RoundDriver {
                         continue; // an older connection of a device that has reconnected
                     }
                     self.sessions.remove(&device);
-                    if let (Some(why), flotilla_engine::Phase::Training { round }) = (why, self.engine.phase()) {
+                    if let (Some(why), Phase::Training { round }) = (why, self.engine.phase()) {
                         *self.departures.entry(*round).or_default().entry(why).or_default() += 1;
                     }
                     Event::DeviceLeft { device }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use flotilla_torch::adapter::peft_config_for;
+use flotilla_torch::adapter::{peft_config_for, Adapter};
 use flotilla_torch::model::{Architecture, ArchitectureExt};
 use flotilla_torch::peft_lora::fold_merged_deltas;
 use tch::Tensor;
@@ -35,6 +35,19 @@ pub struct Exported {
     pub tail_folded: bool,
 }
 
+/// What a device of `rank` holds: under Fold-and-Fill (`tail_folded`) its slice with the rest of
+/// the global folded into its frozen weight (a plain slice would be a model no device runs);
+/// otherwise the slice.
+fn held_at_rank(global: Adapter, rank: usize, scale: f64, tail_folded: bool) -> Result<Adapter> {
+    Ok(if rank == global.rank() {
+        global
+    } else if tail_folded {
+        global.slice_with_folded_tail(rank, scale)?
+    } else {
+        global.slice_to_rank(rank)?
+    })
+}
+
 pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exported> {
     let run_dir = &config.server.run_dir;
     let (dir, state) = match request.round {
@@ -58,15 +71,7 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     let lora_alpha = config.aggregation.lora_alpha;
     let scale = lora_alpha / max_rank as f64;
     let tail_folded = rank < max_rank && config.aggregation.method.folds_tail();
-    // What a device of this rank holds: under Fold-and-Fill its slice with the rest of the global
-    // folded into its frozen weight (a plain slice would be a model no device runs); otherwise the slice.
-    let adapter = if rank == max_rank {
-        global
-    } else if tail_folded {
-        global.slice_with_folded_tail(rank, scale)?
-    } else {
-        global.slice_to_rank(rank)?
-    };
+    let adapter = held_at_rank(global, rank, scale, tail_folded)?;
     let mut metadata = HashMap::from([
         ("round".to_string(), state.round.to_string()),
         ("method".to_string(), state.method.clone()),

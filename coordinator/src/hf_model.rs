@@ -89,10 +89,17 @@ impl Classifier {
         let config_path = dir.join(CONFIG_FILE);
         let config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
         let labels = labels_of(&config).with_context(|| config_path.display().to_string())?;
+        let positions = checkpoint.config.max_position_embeddings;
+        if let Some(asked) = max_length {
+            anyhow::ensure!(
+                (1..=positions).contains(&asked),
+                "--max-length {asked}: the model takes 1 to {positions} tokens per text"
+            );
+        }
         let max_length = max_length
             .or_else(|| config[FLOTILLA_KEY]["max_length"].as_u64().map(|n| n as u32))
             .unwrap_or(128)
-            .min(checkpoint.config.max_position_embeddings);
+            .min(positions);
         let spec = checkpoint.spec(&FineTuning {
             // No LoRA in a merged model: the targets only have to name a module.
             target_modules: vec!["query".into()],
@@ -126,10 +133,11 @@ impl Classifier {
         Ok(Classifier { architecture: Architecture::Bert(spec), weights, tokenizer, labels })
     }
 
-    /// Labels `texts`, `batch` at a time.
+    /// Labels `texts`, `batch` (at least 1) at a time.
     pub fn classify(&self, texts: &[String], batch: usize) -> Result<Vec<Classified>> {
+        anyhow::ensure!(batch >= 1, "--batch-size must be at least 1");
         let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(batch.max(1)) {
+        for chunk in texts.chunks(batch) {
             let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
             let data = self.tokenizer.dataset(&refs, &vec![0; refs.len()])?;
             let logits = tch::no_grad(|| {

@@ -140,32 +140,38 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
         };
         let (send, recv) = match accepted {
             Ok(streams) => streams,
-            Err(quinn::ConnectionError::ApplicationClosed(closed))
-                if closed.error_code == quinn::VarInt::from_u32(close::REFUSED_TASK) =>
-            {
-                let reason = String::from_utf8_lossy(&closed.reason);
-                warn!(device = %identity, "device refused its round task and left: {reason}");
-                metrics::counter!("fl_sessions_closed_total", "reason" => "task_refused").increment(1);
-                why = Some(Departure::RefusedTask);
-                break;
-            }
-            Err(quinn::ConnectionError::ApplicationClosed(closed))
-                if closed.error_code == quinn::VarInt::from_u32(close::DATA_UNUSABLE) =>
-            {
-                let reason = String::from_utf8_lossy(&closed.reason);
-                warn!(device = %identity, "device cannot use its own data and left: {reason}");
-                metrics::counter!("fl_sessions_closed_total", "reason" => "data_unusable").increment(1);
-                why = Some(Departure::DataUnusable);
-                break;
-            }
             Err(error) => {
-                info!(device = %identity, "device left: {error}");
+                why = departure(&identity, &error);
                 break;
             }
         };
         answer_stream(&peer, &limits, &shared, send, recv).await;
     }
     let _ = shared.inputs.send(DriverInput::Left { device: identity, connection_id: connection.stable_id(), why });
+}
+
+/// Logs why a device's connection ended; what it said, when it closed saying why.
+fn departure(identity: &str, error: &quinn::ConnectionError) -> Option<Departure> {
+    let said = match error {
+        quinn::ConnectionError::ApplicationClosed(closed) => {
+            let why = match closed.error_code.into_inner() {
+                code if code == u64::from(close::REFUSED_TASK) => Departure::RefusedTask,
+                code if code == u64::from(close::DATA_UNUSABLE) => Departure::DataUnusable,
+                _ => return log_left(identity, error),
+            };
+            (why, String::from_utf8_lossy(&closed.reason).into_owned())
+        }
+        _ => return log_left(identity, error),
+    };
+    let (why, reason) = said;
+    warn!(device = %identity, "device {} and left: {reason}", why.describe());
+    metrics::counter!("fl_sessions_closed_total", "reason" => why.label()).increment(1);
+    Some(why)
+}
+
+fn log_left(identity: &str, error: &quinn::ConnectionError) -> Option<Departure> {
+    info!(device = %identity, "device left: {error}");
+    None
 }
 
 /// Reads one device-opened stream's message and answers it: an upload goes to the round driver,

@@ -8,6 +8,7 @@ mod privacy_floor;
 mod probe;
 mod progress;
 mod rank_policy;
+mod renewal;
 mod secure_session;
 mod session;
 mod sim;

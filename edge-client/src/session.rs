@@ -15,8 +15,8 @@ use std::time::Duration;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::ALPN;
 use flotilla_wire::protocol::{
-    close, BaseDelivery, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, MaskedUpdate, RenewCertificate,
-    RoundTask, Update, PROTOCOL_VERSION,
+    close, BaseDelivery, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, MaskedUpdate, RoundTask, Update,
+    PROTOCOL_VERSION,
 };
 use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_wire::tensor::WireTensors;
@@ -25,6 +25,7 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use crate::base_store::StoreError;
+use crate::renewal::{renew_certificate, RenewalError};
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
 use crate::trainer::{BaseFailure, BaseSource, Trainer, UpdateShaping};
 use flotilla_secagg::client::ClientRound;
@@ -222,7 +223,14 @@ async fn connect_and_serve(
         if !renewal_asked {
             if let Some(expires) = renewal_due(settings)? {
                 renewal_asked = true;
-                renew_certificate(&connection, settings, expires).await?;
+                renew_certificate(&connection, &settings.kit, &settings.limits, expires).await.map_err(
+                    |e| match e {
+                        RenewalError::Kit(message) => SessionError::Fatal(message),
+                        RenewalError::Connection(message) => {
+                            classify(&connection, settings, "renewing the certificate", message)
+                        }
+                    },
+                )?;
             }
         }
         let accepted = tokio::select! {
@@ -548,59 +556,6 @@ fn renewal_due(settings: &SessionSettings) -> Result<Option<std::time::SystemTim
     let not_after = certificate_check(settings)?;
     let left = not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
     Ok((left < window).then_some(not_after))
-}
-
-/// RenewCertificate → CertificateRenewed (installed into the kit, used from the next connection
-/// on) or Refusal (logged; the current certificate serves until it ends). Only a lost connection
-/// is an error.
-async fn renew_certificate(
-    connection: &quinn::Connection,
-    settings: &SessionSettings,
-    expires: std::time::SystemTime,
-) -> Result<(), SessionError> {
-    let dir = kit_dir(&settings.kit).to_path_buf();
-    let expires = humantime::format_rfc3339_seconds(expires);
-    let csr_path = match flotilla_certs::csr::renew(&dir) {
-        Ok((_, path)) => path,
-        Err(error) => {
-            warn!("cannot make a renewal request in {}: {error}; the certificate expires at {expires}", dir.display());
-            return Ok(());
-        }
-    };
-    let csr_pem = std::fs::read_to_string(&csr_path)
-        .map_err(|e| SessionError::Fatal(format!("cannot read {}: {e}", csr_path.display())))?;
-    info!("certificate expires at {expires}; asking the coordinator to renew it");
-    let reply = async {
-        let (mut send, mut recv) = connection.open_bi().await?;
-        let message = DeviceMessage::RenewCertificate(RenewCertificate { csr_pem });
-        write_frame(&mut send, &message, &WireTensors::default()).await?;
-        send.finish()?;
-        let (reply, _) = read_frame::<_, CoordinatorMessage>(&mut recv, &settings.limits).await?;
-        anyhow::Ok(reply)
-    }
-    .await
-    .map_err(|e| classify(connection, settings, "renewing the certificate", format!("{e:#}")))?;
-    match reply {
-        CoordinatorMessage::CertificateRenewed(renewed) => {
-            let received = dir.join("renewed.pem");
-            let installed = std::fs::write(&received, renewed.certificate_pem)
-                .map_err(|e| e.to_string())
-                .and_then(|()| flotilla_certs::csr::install(&dir, &received, None).map_err(|e| e.to_string()));
-            let _ = std::fs::remove_file(&received);
-            match installed.and_then(|_| own_certificate_not_after(&settings.kit).map_err(|e| e.to_string())) {
-                Ok(until) => info!(
-                    "certificate renewed: valid until {}; used from the next connection on",
-                    humantime::format_rfc3339_seconds(until)
-                ),
-                Err(error) => warn!("the renewed certificate could not be installed: {error}"),
-            }
-        }
-        CoordinatorMessage::Refusal(refusal) => {
-            warn!("certificate not renewed: {}; it expires at {expires}", refusal.reason)
-        }
-        other => warn!("unexpected reply to a renewal request: {other:?}"),
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -235,7 +235,9 @@ pub fn check_data_share(power: f64, partitioned: bool) -> Result<()> {
     Ok(())
 }
 
-pub async fn run(settings: SimSettings) -> Result<SimReport> {
+/// The kits the simulator takes (the first `--clients` usable ones by id), announced with what
+/// was skipped; too few is an error that says why.
+fn usable_kits(settings: &SimSettings) -> Result<Vec<(String, KitPaths)>> {
     let found = device_kits(&settings.kits)?;
     if found.usable.len() < settings.clients {
         bail!(
@@ -255,7 +257,11 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
         found.skipped(),
         settings.clients
     );
-    let kits = found.usable;
+    Ok(found.usable)
+}
+
+pub async fn run(settings: SimSettings) -> Result<SimReport> {
+    let kits = usable_kits(&settings)?;
     let profiles = settings.mix.assign(settings.clients);
     let lowest_rank = profiles.iter().map(|p| p.rank).min().unwrap_or(1);
     let pool = TrainerPool::new(settings.concurrency, settings.threads)?;

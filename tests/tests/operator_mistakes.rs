@@ -77,7 +77,7 @@ fn a_device_without_usable_data_says_so_and_a_run_whose_every_round_was_skipped_
     let logs = coordinator.stderr_text();
     assert!(logs.contains("device cannot use its own data and left"), "{logs}");
     assert!(
-        logs.contains("by the deadline, short of the quorum of 1 (1 participant(s) could not use its own data"),
+        logs.contains("by the deadline, short of the quorum of 1 (1 participant(s) cannot use its own data"),
         "{logs}"
     );
     assert!(logs.contains("the run completed no round: all 1 were skipped"), "{logs}");
@@ -279,4 +279,33 @@ fn kits_default_to_the_known_coordinator_and_sim_skips_revoked_and_foreign_kits(
     assert!(stdout.contains("5 device kit(s)") && stdout.contains("3 of them usable"), "{stdout}");
     assert!(stdout.contains("sim: 3 of 3 device(s) finished"), "{stdout}");
     assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+}
+
+/// A device making its own key installs its signed certificate as `docs/operations.md` shows,
+/// without `--ca` (the `ca.crt` that `sign` wrote beside it is used); with no CA certificate
+/// anywhere, one message says what to pass, once.
+#[test]
+fn install_finds_the_ca_certificate_sign_wrote_and_says_once_what_is_missing() {
+    use flotilla_tests::certs;
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    certs(&pki, &["init"]);
+    let edge = |args: &[&str]| Command::new(binary("flotilla-certs")).args(args).output().unwrap();
+    let kit = run.join("kit").display().to_string();
+    assert!(edge(&["request", "--id", "dev-1", "--kit", &kit]).status.success());
+    let signed = run.join("signed").display().to_string();
+    certs(&pki, &["sign", "--csr", &format!("{kit}/request.csr"), "--out", &signed]);
+
+    let lone = run.join("lone");
+    std::fs::create_dir_all(&lone).unwrap();
+    std::fs::copy(run.join("signed/cert.pem"), lone.join("cert.pem")).unwrap();
+    let missing = edge(&["install", "--kit", &kit, "--cert", &lone.join("cert.pem").display().to_string()]);
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    assert!(!missing.status.success() && stderr.contains("pass --ca"), "{stderr}");
+    assert_eq!(stderr.matches("no CA certificate").count(), 1, "said once: {stderr}");
+
+    let installed = edge(&["install", "--kit", &kit, "--cert", &format!("{signed}/cert.pem")]);
+    assert!(installed.status.success(), "{}", String::from_utf8_lossy(&installed.stderr));
+    assert!(run.join("kit/key.pem").exists() && run.join("kit/ca.crt").exists());
 }

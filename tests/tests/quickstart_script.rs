@@ -66,6 +66,18 @@ fn quickstart_fine_tunes_minilm_on_bbc_news_across_ranks() {
         String::from_utf8_lossy(&classify.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(verdicts.len(), 2);
     assert!(verdicts.iter().all(|v| v["logits"].as_array().unwrap().len() == 5));
+    // Settings it cannot honour are refused, not silently clamped.
+    for (flag, value, says) in [("--max-length", "100000", "1 to 512 tokens"), ("--batch-size", "0", "at least 1")] {
+        let refused = Command::new(binary("flotilla-coordinator"))
+            .args(["classify", flag, value, "--input"])
+            .arg(run_dir.join("texts.txt"))
+            .arg("--model")
+            .arg(run_dir.join("export/merged"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success() && stderr.contains(says), "{flag} {value}: {stderr}");
+    }
 }
 
 #[test]

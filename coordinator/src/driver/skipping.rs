@@ -7,6 +7,31 @@ use tracing::warn;
 use super::RoundDriver;
 use crate::report::SkippedRound;
 
+/// Why a device left, as it said in its close: recorded as a count per cause in a skipped
+/// round's reason (no device ids, which records under SecAgg or `[privacy]` must not hold).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Departure {
+    RefusedTask,
+    DataUnusable,
+}
+
+impl Departure {
+    /// A bounded label for `fl_sessions_closed_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Departure::RefusedTask => "task_refused",
+            Departure::DataUnusable => "data_unusable",
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Departure::RefusedTask => "refused its round task",
+            Departure::DataUnusable => "cannot use its own data",
+        }
+    }
+}
+
 impl RoundDriver {
     pub(super) async fn skip(&mut self, round: u32, updates: usize, why: SkipWhy) -> anyhow::Result<()> {
         let reason = match (&why, self.cannot_run.remove(&round)) {
