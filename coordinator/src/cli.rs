@@ -125,7 +125,8 @@ enum Command {
 fn check(path: &std::path::Path, fleet: &[u32]) -> anyhow::Result<()> {
     let config = config::CoordinatorConfig::load(path)?;
     let problems = preflight::problems(&config);
-    let run_dir = &config.server.run_dir;
+    // Relative paths resolve against the working directory: say where this one is.
+    let run_dir = std::path::absolute(&config.server.run_dir).unwrap_or_else(|_| config.server.run_dir.clone());
     if !problems.is_empty() {
         anyhow::bail!("{} problem(s) in {}:\n  {}", problems.len(), path.display(), problems.join("\n  "));
     }

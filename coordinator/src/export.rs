@@ -133,34 +133,45 @@ mod tests {
     use flotilla_torch::model::LoraModel;
     use tch::{Device, Kind};
 
-    #[test]
-    fn the_merged_export_computes_what_the_base_and_the_exported_adapter_compute() {
+    /// A run directory holding one finished round of a 12-16-10-3 MLP at R_max 4 under `method`:
+    /// the config, the base, and the global adapter (the initial one with B made non-zero, plus
+    /// whatever `extra` adds) checkpointed as `round`.
+    fn checkpointed(
+        method: &str,
+        round: u32,
+        extra: impl Fn(&Adapter, &mut std::collections::BTreeMap<String, Tensor>),
+    ) -> (tempfile::TempDir, CoordinatorConfig, crate::base::Base, Adapter) {
         let dir = tempfile::tempdir().unwrap();
         let mut config: CoordinatorConfig = toml::from_str(&format!(
             "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n\
-             [aggregation]\nmethod = \"rbla\"\n[model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
+             [aggregation]\nmethod = \"{method}\"\n[model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
             dir.path().display()
         ))
         .unwrap();
         config.aggregation.max_rank = 4;
-        let architecture = config.model.architecture.clone();
         let base = crate::base::prepare(&config).unwrap();
-        // A "trained" global adapter: the initial one with B made non-zero.
         let initial = base.initial_adapter(&config).unwrap();
-        let tensors = initial
+        let mut tensors = initial
             .tensors()
             .iter()
             .map(|(n, t)| (n.clone(), if n.contains("lora_B") { t.rand_like() * 0.1 } else { t.copy() }))
             .collect();
-        let global = flotilla_torch::adapter::Adapter::new(tensors).unwrap();
+        extra(&initial, &mut tensors);
+        let global = Adapter::new(tensors).unwrap();
         let state = CheckpointState {
-            round: 2,
-            method: config.aggregation.method.name().into(),
+            round,
+            method: method.into(),
             fingerprint: checkpoint::fingerprint(&config),
             record: None,
         };
         checkpoint::write(dir.path(), &state, &global, &peft_config_for(&global, 16.0), HashMap::new()).unwrap();
+        (dir, config, base, global)
+    }
 
+    #[test]
+    fn the_merged_export_computes_what_the_base_and_the_exported_adapter_compute() {
+        let (dir, config, base, _) = checkpointed("rbla", 2, |_, _| {});
+        let architecture = config.model.architecture.clone();
         let out = dir.path().join("export");
         let done =
             export(&config, &ExportRequest { out: out.clone(), round: None, rank: Some(2), merged: true }).unwrap();
@@ -183,35 +194,13 @@ mod tests {
 
     #[test]
     fn an_online_flora_global_exports_as_a_plain_peft_lora_of_the_same_function() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config: CoordinatorConfig = toml::from_str(&format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n\
-             [aggregation]\nmethod = \"flora\"\n[model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
-            dir.path().display()
-        ))
-        .unwrap();
-        config.aggregation.max_rank = 4;
-        let base = crate::base::prepare(&config).unwrap();
-        let initial = base.initial_adapter(&config).unwrap();
-        let mut tensors: std::collections::BTreeMap<String, Tensor> = initial
-            .tensors()
-            .iter()
-            .map(|(n, t)| (n.clone(), if n.contains("lora_B") { t.rand_like() * 0.1 } else { t.copy() }))
-            .collect();
-        for module in initial.modules() {
-            let (a, b) = initial.factors(module);
-            let delta = Tensor::randn([b.size()[0], a.size()[1]], (Kind::Float, Device::Cpu)) * 0.05;
-            tensors.insert(flotilla_torch::adapter::merged_delta_name(module), delta);
-        }
-        let global = flotilla_torch::adapter::Adapter::new(tensors).unwrap();
-        let state = CheckpointState {
-            round: 3,
-            method: "flora".into(),
-            fingerprint: checkpoint::fingerprint(&config),
-            record: None,
-        };
-        checkpoint::write(dir.path(), &state, &global, &peft_config_for(&global, 16.0), HashMap::new()).unwrap();
-
+        let (dir, config, base, global) = checkpointed("flora", 3, |initial, tensors| {
+            for module in initial.modules() {
+                let (a, b) = initial.factors(module);
+                let delta = Tensor::randn([b.size()[0], a.size()[1]], (Kind::Float, Device::Cpu)) * 0.05;
+                tensors.insert(flotilla_torch::adapter::merged_delta_name(module), delta);
+            }
+        });
         let out = dir.path().join("export");
         let done = export(&config, &ExportRequest { out, round: None, rank: Some(2), merged: false }).unwrap();
         let loaded = flotilla_torch::adapter::Adapter::load_peft(&done.adapter_dir).unwrap();
@@ -233,30 +222,7 @@ mod tests {
     /// export at rank 2 is that model (here, the whole global's function), not the truncation.
     #[test]
     fn a_fold_and_fill_export_at_a_rank_is_what_a_device_of_that_rank_runs() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut config: CoordinatorConfig = toml::from_str(&format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{}\"\n[tls]\nkit = \"k\"\n\
-             [aggregation]\nmethod = \"fold-and-fill\"\n[model.architecture.mlp]\ninput = 12\nhidden = [10]\nclasses = 3\n",
-            dir.path().display()
-        ))
-        .unwrap();
-        config.aggregation.max_rank = 4;
-        let base = crate::base::prepare(&config).unwrap();
-        let initial = base.initial_adapter(&config).unwrap();
-        let tensors = initial
-            .tensors()
-            .iter()
-            .map(|(n, t)| (n.clone(), if n.contains("lora_B") { t.rand_like() * 0.1 } else { t.copy() }))
-            .collect();
-        let global = flotilla_torch::adapter::Adapter::new(tensors).unwrap();
-        let state = CheckpointState {
-            round: 1,
-            method: "fold-and-fill".into(),
-            fingerprint: checkpoint::fingerprint(&config),
-            record: None,
-        };
-        checkpoint::write(dir.path(), &state, &global, &peft_config_for(&global, 16.0), HashMap::new()).unwrap();
-
+        let (dir, config, base, global) = checkpointed("fold-and-fill", 1, |_, _| {});
         let out = dir.path().join("export");
         let done = export(&config, &ExportRequest { out, round: None, rank: Some(2), merged: false }).unwrap();
         assert!(done.tail_folded);
