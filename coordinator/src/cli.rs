@@ -417,7 +417,31 @@ fn print_summary(summary: &report::RunSummary) {
             cells(&round.evaluation)
         );
     }
+    if let Some(line) = per_class_line(summary) {
+        println!("{line}");
+    }
     if let Some(path) = &summary.final_global {
         println!("global adapter: {}", path.display());
     }
+}
+
+/// The last evaluated model's per-class accuracy at R_max, and its macro-F1.
+fn per_class_line(summary: &report::RunSummary) -> Option<String> {
+    let (round, results) = summary
+        .rounds
+        .iter()
+        .rev()
+        .find(|r| !r.evaluation.is_empty())
+        .map(|r| (format!("round {}", r.round), &r.evaluation))
+        .or_else(|| {
+            (!summary.initial_evaluation.is_empty()).then(|| ("the base".into(), &summary.initial_evaluation))
+        })?;
+    let at_max = results.iter().find(|r| r.rank == summary.max_rank as usize)?;
+    let classes: Vec<String> =
+        at_max.per_class.iter().map(|c| format!("{} {:.1}% of {}", c.label, c.accuracy * 100.0, c.count)).collect();
+    Some(format!(
+        "per class at R_max after {round} (macro-F1 {:.1}%): {}",
+        at_max.macro_f1? * 100.0,
+        classes.join(", ")
+    ))
 }

@@ -4,10 +4,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use flotilla_merge::method::Method;
+use flotilla_torch::model::checkpoint::TOKENIZER_FILE;
 use flotilla_torch::model::Architecture;
 use flotilla_wire::framing::FrameLimits;
 use flotilla_wire::quic::TransportSettings;
 use serde::{Deserialize, Serialize};
+
+use crate::evaluation_set::{examples_list, EvaluationSet, SampleChoice};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -77,10 +80,13 @@ pub struct EvaluationSection {
     /// An MNIST-style IDX directory whose test split (t10k-*) is the held-out set; no evaluation
     /// when unset.
     pub test_data: Option<PathBuf>,
-    /// Evaluate on at most N test samples.
+    /// Evaluate on at most N test samples (after `skip_samples`), chosen as `sample` says.
     pub max_samples: Option<usize>,
     /// Skip the first N test samples (those `[model.pretrain]` trained the base on).
     pub skip_samples: usize,
+    /// Which `max_samples`: a stratified sample seeded with `[model] seed` (the default), or the
+    /// first ones in the file's order (for a file that already is a seeded sample).
+    pub sample: SampleChoice,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -293,6 +299,21 @@ impl Default for PretrainSection {
 }
 
 impl CoordinatorConfig {
+    /// The configured held-out set, or `None` without `[evaluation] test_data`. With `list`, the
+    /// evaluated texts are listed in `<run_dir>/evaluation-examples.txt`.
+    pub fn evaluation_set(&self, list: bool) -> Option<EvaluationSet<'_>> {
+        let evaluation = &self.evaluation;
+        Some(EvaluationSet {
+            dir: evaluation.test_data.as_deref()?,
+            max_samples: evaluation.max_samples,
+            skip_samples: evaluation.skip_samples,
+            sample: evaluation.sample,
+            seed: self.model.seed,
+            tokenizer: self.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE)),
+            examples_list: list.then(|| examples_list(&self.server.run_dir)),
+        })
+    }
+
     /// The per-round policy these settings define: sampling, seeds and training settings.
     pub fn round_policy(&self) -> flotilla_engine::RoundPolicy {
         let round = &self.round;

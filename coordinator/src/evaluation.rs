@@ -6,66 +6,29 @@
 //! a transformer's evaluation takes seconds, and the round does not wait for it.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::Context;
 use flotilla_torch::adapter::{write_atomically, Adapter};
-use flotilla_torch::data::idx::{load_split, Split};
-use flotilla_torch::data::text::{load_text, TextSplit};
-use flotilla_torch::data::tokenizer::TextTokenizer;
 use flotilla_torch::data::Dataset;
-use flotilla_torch::model::{Architecture, BaseWeights, BertSpec, LoraModel};
+use flotilla_torch::model::{Architecture, BaseWeights, LoraModel};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+use crate::class_scores::{class_scores, ClassScore};
+pub use crate::evaluation_set::{class_labels, load_test_set, EvaluationSet};
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RankAccuracy {
     pub rank: usize,
     pub loss: f64,
     pub accuracy: f64,
-}
-
-/// Where the held-out set comes from and how much of it to use.
-pub struct EvaluationSet<'a> {
-    pub dir: &'a Path,
-    pub max_samples: Option<usize>,
-    pub skip_samples: usize,
-    /// A transformer's `tokenizer.json`.
-    pub tokenizer: Option<&'a Path>,
-    /// Where the list of evaluated texts is written (`None`: nowhere, as `check` reads only).
-    pub examples_list: Option<&'a Path>,
-}
-
-/// Loads the test split (after the first `skip_samples`, at most `max_samples`): of an
-/// MNIST-style directory, or for a transformer of labelled texts (see `flotilla_torch::data::text`),
-/// tokenized with `tokenizer`. The texts' keys are written to `examples_list` (`serve` gives
-/// `<run_dir>/evaluation-examples.txt`), so a report says exactly what was evaluated.
-pub fn load_test_set(architecture: &Architecture, set: &EvaluationSet) -> anyhow::Result<Dataset> {
-    let EvaluationSet { dir, max_samples, skip_samples, tokenizer, examples_list } = *set;
-    if let Architecture::Bert(spec) = architecture {
-        let tokenizer = tokenizer.context("a transformer's evaluation needs its tokenizer.json")?;
-        return load_text_test(spec, dir, max_samples, skip_samples, tokenizer, examples_list);
-    }
-    let test = load_split(dir, Split::Test, architecture.classes())?;
-    anyhow::ensure!(
-        test.features.size()[1] == architecture.input_size() as i64,
-        "{}: test images have {} features, the model takes {}",
-        dir.display(),
-        test.features.size()[1],
-        architecture.input_size()
-    );
-    anyhow::ensure!(
-        skip_samples < test.len(),
-        "{}: evaluation.skip_samples = {skip_samples} leaves none of the {} test images",
-        dir.display(),
-        test.len()
-    );
-    let end = max_samples.map_or(test.len(), |n| (skip_samples + n).min(test.len()));
-    Ok(if skip_samples == 0 && end == test.len() {
-        test
-    } else {
-        test.subset(&(skip_samples..end).collect::<Vec<_>>())
-    })
+    /// The mean of the classes' F1 (each class once, whatever its size); absent in records
+    /// written before it was measured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub macro_f1: Option<f64>,
+    /// Each class's accuracy and F1 on the evaluated set.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_class: Vec<ClassScore>,
 }
 
 pub struct Evaluator {
@@ -73,6 +36,7 @@ pub struct Evaluator {
     base: BaseWeights,
     scale: f64,
     test: Dataset,
+    labels: Vec<String>,
     /// Every device receives the whole global adapter (Fold-and-Fill), so what a rank gets is
     /// the full model, not a truncated slice.
     whole_adapter_to_every_rank: bool,
@@ -87,7 +51,8 @@ impl Evaluator {
         set: &EvaluationSet,
     ) -> anyhow::Result<Evaluator> {
         let test = load_test_set(&architecture, set)?;
-        Ok(Evaluator { architecture, base, scale, test, whole_adapter_to_every_rank: false })
+        let labels = class_labels(&architecture);
+        Ok(Evaluator { architecture, base, scale, test, labels, whole_adapter_to_every_rank: false })
     }
 
     /// For a method that sends every device the whole adapter (its slots above the device's rank
@@ -110,62 +75,26 @@ impl Evaluator {
     pub fn evaluate(&self, global: &Adapter, ranks: &BTreeSet<usize>) -> Result<Vec<RankAccuracy>, String> {
         let mut all: BTreeSet<usize> = ranks.iter().copied().filter(|&r| r >= 1 && r <= global.rank()).collect();
         if self.whole_adapter_to_every_rank {
-            let (loss, accuracy) = self.evaluate_rank(global, global.rank())?;
+            let whole = self.evaluate_rank(global, global.rank())?;
             all.insert(global.rank());
-            return Ok(all.into_iter().rev().map(|rank| RankAccuracy { rank, loss, accuracy }).collect());
+            return Ok(all.into_iter().rev().map(|rank| RankAccuracy { rank, ..whole.clone() }).collect());
         }
         all.insert(global.rank());
-        all.into_iter()
-            .rev()
-            .map(|rank| {
-                let (loss, accuracy) = self.evaluate_rank(global, rank)?;
-                Ok(RankAccuracy { rank, loss, accuracy })
-            })
-            .collect()
+        all.into_iter().rev().map(|rank| self.evaluate_rank(global, rank)).collect()
     }
 
-    /// (loss, accuracy) of `global`'s first `rank` slots.
-    fn evaluate_rank(&self, global: &Adapter, rank: usize) -> Result<(f64, f64), String> {
+    /// Loss, accuracy, macro-F1 and per-class scores of `global`'s first `rank` slots.
+    fn evaluate_rank(&self, global: &Adapter, rank: usize) -> Result<RankAccuracy, String> {
         let slice = global.slice_to_rank(rank).map_err(|e| e.to_string())?;
         let model = LoraModel::new(&self.architecture, &self.base, &slice, self.scale, tch::Device::Cpu)
             .map_err(|e| e.to_string())?;
         let batch = if self.architecture.takes_tokens() { 64 } else { 2048 };
-        model.evaluate(&self.test, batch).map_err(|e| e.to_string())
+        let (loss, confusion) = model.evaluate_confusion(&self.test, batch).map_err(|e| e.to_string())?;
+        let correct: u64 = (0..confusion.len()).map(|c| confusion[c].get(c).copied().unwrap_or(0)).sum();
+        let accuracy = if self.test.is_empty() { 0.0 } else { correct as f64 / self.test.len() as f64 };
+        let (per_class, macro_f1) = class_scores(&confusion, &self.labels);
+        Ok(RankAccuracy { rank, loss, accuracy, macro_f1: Some(macro_f1), per_class })
     }
-}
-
-/// The held-out texts: the test split of `dir`, after `skip` and at most `max`, tokenized. Their
-/// keys go to `examples_list`, one per line.
-fn load_text_test(
-    spec: &BertSpec,
-    dir: &Path,
-    max: Option<usize>,
-    skip: usize,
-    tokenizer: &Path,
-    examples_list: Option<&Path>,
-) -> anyhow::Result<Dataset> {
-    let corpus = load_text(dir, &spec.labels, TextSplit::Test)?;
-    for file in &corpus.lossy_files {
-        warn!(file = %file.display(), "not valid UTF-8; decoded with replacement characters");
-    }
-    anyhow::ensure!(
-        skip < corpus.examples.len(),
-        "{}: evaluation.skip_samples = {skip} leaves none of the {} test texts",
-        dir.display(),
-        corpus.examples.len()
-    );
-    let end = max.map_or(corpus.examples.len(), |n| (skip + n).min(corpus.examples.len()));
-    let examples = &corpus.examples[skip..end];
-    let tokenizer = TextTokenizer::from_file(tokenizer, spec.max_length as usize, spec.vocab as usize)?;
-    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
-    let labels: Vec<i64> = examples.iter().map(|e| e.label as i64).collect();
-    let data = tokenizer.dataset(&texts, &labels)?;
-    if let Some(list) = examples_list {
-        let keys: String = examples.iter().map(|e| format!("{}\n", e.key)).collect();
-        std::fs::write(list, keys).with_context(|| format!("cannot write {}", list.display()))?;
-        tracing::info!(texts = examples.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
-    }
-    Ok(data)
 }
 
 /// A round's test results, written into its checkpoint directory once its evaluation is done
@@ -237,12 +166,11 @@ impl EvaluationThread {
 
 /// "R_max 8 → 81.2%, rank 4 → 78.9%, …" for logs.
 pub fn describe(results: &[RankAccuracy]) -> String {
-    results.iter().map(|r| format!("rank {} → {:.1}%", r.rank, r.accuracy * 100.0)).collect::<Vec<_>>().join(", ")
-}
-
-/// Where `serve` lists the texts it evaluates.
-pub fn examples_list(run_dir: &Path) -> std::path::PathBuf {
-    run_dir.join("evaluation-examples.txt")
+    let ranks = results.iter().map(|r| format!("rank {} → {:.1}%", r.rank, r.accuracy * 100.0)).collect::<Vec<_>>();
+    match results.first().and_then(|r| r.macro_f1.map(|f| (r.rank, f))) {
+        Some((rank, f1)) => format!("{} (macro-F1 at rank {rank}: {:.1}%)", ranks.join(", "), f1 * 100.0),
+        None => ranks.join(", "),
+    }
 }
 
 #[cfg(test)]
@@ -264,6 +192,7 @@ mod tests {
             architecture,
             scale: 2.0,
             test: synthetic_classification(400, 12, 3, 5, 6),
+            labels: vec!["a".into(), "b".into(), "c".into()],
             whole_adapter_to_every_rank: false,
         };
         let ranks = BTreeSet::from([1, 2]);
@@ -273,5 +202,9 @@ mod tests {
         let whole = evaluator.delivering_whole_adapter(true).evaluate(&global, &ranks).unwrap();
         assert_eq!(whole.iter().map(|r| r.rank).collect::<Vec<_>>(), vec![4, 2, 1]);
         assert!(whole.iter().all(|r| r.loss == sliced[0].loss && r.accuracy == sliced[0].accuracy), "{whole:?}");
+        let classes: Vec<&str> = sliced[0].per_class.iter().map(|c| c.label.as_str()).collect();
+        assert_eq!(classes, ["a", "b", "c"]);
+        assert_eq!(sliced[0].per_class.iter().map(|c| c.count).sum::<u64>(), 400);
+        assert!(sliced[0].macro_f1.is_some_and(|f| (0.0..=1.0).contains(&f)));
     }
 }

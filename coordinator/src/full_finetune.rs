@@ -22,7 +22,7 @@ use tracing::info;
 use crate::base;
 use crate::config::CoordinatorConfig;
 use crate::driver::training_settings;
-use crate::evaluation::{load_test_set, EvaluationSet};
+use crate::evaluation::load_test_set;
 
 /// Batches of the held-out set per forward pass.
 const EVALUATION_BATCH: usize = 64;
@@ -41,15 +41,7 @@ fn load_training_data(config: &CoordinatorConfig, dir: &Path) -> Result<Dataset>
 
 /// The held-out set `serve` would evaluate on.
 fn test_set(config: &CoordinatorConfig) -> Result<Dataset> {
-    let dir = config.evaluation.test_data.as_deref().context("finetune-full needs [evaluation] test_data")?;
-    let tokenizer = config.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE));
-    let set = EvaluationSet {
-        dir,
-        max_samples: config.evaluation.max_samples,
-        skip_samples: config.evaluation.skip_samples,
-        tokenizer: tokenizer.as_deref(),
-        examples_list: Some(&crate::evaluation::examples_list(&config.server.run_dir)),
-    };
+    let set = config.evaluation_set(true).context("finetune-full needs [evaluation] test_data")?;
     load_test_set(&config.model.architecture, &set).context("cannot load the evaluation set")
 }
 

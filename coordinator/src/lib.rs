@@ -10,7 +10,8 @@
 //!   folds updates and answers their devices.
 //! - [`checkpoint`], [`report`], [`report_files`], [`plots`]: crash-safe checkpoints, the run's
 //!   records, and the report files and plots written from them.
-//! - [`base`], [`evaluation`], [`export`], [`hf_model`]: the frozen base model, test-set evaluation,
+//! - [`base`], [`evaluation`], [`class_scores`], [`export`], [`hf_model`]: the frozen base model, test-set
+//!   evaluation and its per-class scores,
 //!   PEFT export, HF model directories and `classify`.
 //! - [`aggregate_torch`]: `aggregate` on the libtorch path.
 //! - [`config`], [`metrics`], [`renewal`], [`reset_secret`], [`crash_points`]: configuration, Prometheus
@@ -21,11 +22,13 @@ pub mod aggregation;
 pub mod base;
 mod base_fetch;
 pub mod checkpoint;
+pub mod class_scores;
 pub mod cli;
 pub mod config;
 pub mod crash_points;
 pub mod driver;
 pub mod evaluation;
+pub mod evaluation_set;
 pub mod export;
 pub mod full_finetune;
 pub mod hf_model;

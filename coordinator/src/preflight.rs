@@ -5,10 +5,8 @@
 
 use std::path::Path;
 
-use flotilla_torch::model::checkpoint::TOKENIZER_FILE;
-
 use crate::config::CoordinatorConfig;
-use crate::evaluation::{load_test_set, EvaluationSet};
+use crate::evaluation_set::{describe_mix, load_test_set};
 use crate::{base, checkpoint, privacy_ledger, renewal, reset_secret, run_lock};
 
 /// Every problem `serve` would stop on, each with where it is; empty when it would start.
@@ -29,17 +27,10 @@ pub fn problems(config: &CoordinatorConfig) -> Vec<String> {
     if let Err(error) = base::check(config) {
         problems.push(format!("[model]: {error:#}"));
     }
-    if let Some(dir) = &config.evaluation.test_data {
-        let tokenizer = config.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE));
-        let set = EvaluationSet {
-            dir,
-            max_samples: config.evaluation.max_samples,
-            skip_samples: config.evaluation.skip_samples,
-            tokenizer: tokenizer.as_deref(),
-            examples_list: None,
-        };
-        if let Err(error) = load_test_set(&config.model.architecture, &set) {
-            problems.push(format!("[evaluation] test_data: {error:#}"));
+    if let Some(set) = config.evaluation_set(false) {
+        match load_test_set(&config.model.architecture, &set) {
+            Ok(data) => println!("{}", describe_mix(&config.model.architecture, &set, &data)),
+            Err(error) => problems.push(format!("[evaluation] test_data: {error:#}")),
         }
     }
     problems.extend(port_problems(config));

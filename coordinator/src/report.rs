@@ -176,6 +176,10 @@ pub struct ReportRow {
     pub loss: Option<f64>,
     /// Test accuracy of the global model sliced to each rank that took part (and R_max).
     pub accuracy_by_rank: BTreeMap<usize, f64>,
+    /// Macro-F1 of the global model at R_max.
+    pub macro_f1: Option<f64>,
+    /// Accuracy of the global model at R_max on each class of the evaluated set, in label order.
+    pub accuracy_by_class: Vec<(String, f64)>,
     /// The accepted updates' sample counts, summed (absent where no device's count is kept).
     pub samples: Option<u64>,
     /// Mean over updates of the local training loss after training (absent where no device's
@@ -203,6 +207,8 @@ impl ReportRow {
             accuracy: None,
             loss: None,
             accuracy_by_rank: BTreeMap::new(),
+            macro_f1: None,
+            accuracy_by_class: Vec::new(),
             samples: None,
             mean_local_loss: None,
             update_bytes: 0,
@@ -228,33 +234,34 @@ pub fn mean_local_loss(updates: &[UpdateRecord]) -> Option<f64> {
 
 pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
     let max_rank = summary.max_rank as usize;
-    let evaluation = |results: &[RankAccuracy]| {
+    // The evaluation columns of a row: at R_max (overall, macro-F1, per class) and per rank.
+    let evaluated = |round: u32, results: &[RankAccuracy]| {
         let at_max = results.iter().find(|r| r.rank == max_rank);
-        (
-            at_max.map(|r| r.accuracy),
-            at_max.map(|r| r.loss),
-            results.iter().map(|r| (r.rank, r.accuracy)).collect::<BTreeMap<_, _>>(),
-        )
+        ReportRow {
+            accuracy: at_max.map(|r| r.accuracy),
+            loss: at_max.map(|r| r.loss),
+            accuracy_by_rank: results.iter().map(|r| (r.rank, r.accuracy)).collect(),
+            macro_f1: at_max.and_then(|r| r.macro_f1),
+            accuracy_by_class: at_max
+                .map(|r| r.per_class.iter().map(|c| (c.label.clone(), c.accuracy)).collect())
+                .unwrap_or_default(),
+            ..ReportRow::empty(round)
+        }
     };
     let mut rows = Vec::with_capacity(summary.rounds.len() + 1);
     if !summary.initial_evaluation.is_empty() {
-        let (accuracy, loss, accuracy_by_rank) = evaluation(&summary.initial_evaluation);
-        rows.push(ReportRow { accuracy, loss, accuracy_by_rank, ..ReportRow::empty(0) });
+        rows.push(evaluated(0, &summary.initial_evaluation));
     }
     for round in &summary.rounds {
-        let (accuracy, loss, accuracy_by_rank) = evaluation(&round.evaluation);
+        let row = evaluated(round.round, &round.evaluation);
         let mut participants = BTreeMap::new();
         for update in &round.updates {
             *participants.entry(update.rank).or_insert(0) += 1;
         }
         let n = round.updates.len();
         rows.push(ReportRow {
-            round: round.round,
             updates: n,
             participants,
-            accuracy,
-            loss,
-            accuracy_by_rank,
             samples: round.updates.iter().map(|u| u.num_samples).sum(),
             mean_local_loss: mean_local_loss(&round.updates),
             update_bytes: round.update_bytes,
@@ -262,7 +269,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
             aggregation_seconds: round.aggregation_seconds,
             round_seconds: round.round_seconds,
             secure: round.secure.clone(),
-            skipped: None,
+            ..row
         });
     }
     rows.extend(summary.skipped.iter().map(ReportRow::skipped));
@@ -270,14 +277,27 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
     rows
 }
 
-/// The rows as CSV: fixed columns, then one accuracy column per rank evaluated and one participant
-/// count per rank that took part in any round.
+/// The rows as CSV: fixed columns, then macro-F1 and one accuracy column per class at R_max (when
+/// measured), one accuracy column per rank evaluated and one participant count per rank that took
+/// part in any round.
 pub fn rounds_csv(rows: &[ReportRow]) -> String {
     let eval_ranks: BTreeSet<usize> = rows.iter().flat_map(|r| r.accuracy_by_rank.keys().copied()).collect();
     let part_ranks: BTreeSet<u32> = rows.iter().flat_map(|r| r.participants.keys().copied()).collect();
+    let classes: Vec<String> = rows
+        .iter()
+        .map(|r| r.accuracy_by_class.iter().map(|(label, _)| label.clone()).collect::<Vec<_>>())
+        .max_by_key(Vec::len)
+        .unwrap_or_default();
+    let by_class = rows.iter().any(|r| r.macro_f1.is_some());
     let mut out = String::from(
         "round,updates,accuracy,loss,samples,mean_local_loss,update_bytes,task_bytes,aggregation_seconds,round_seconds",
     );
+    if by_class {
+        out.push_str(",macro_f1");
+        for label in &classes {
+            out.push_str(&format!(",accuracy_class_{}", label.replace([',', '"', '\n'], "_")));
+        }
+    }
     for rank in &eval_ranks {
         out.push_str(&format!(",accuracy_rank_{rank}"));
     }
@@ -308,6 +328,13 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
             row.aggregation_seconds,
             row.round_seconds
         ));
+        if by_class {
+            out.push_str(&format!(",{}", opt(row.macro_f1)));
+            for label in &classes {
+                let accuracy = row.accuracy_by_class.iter().find(|(l, _)| l == label).map(|(_, a)| *a);
+                out.push_str(&format!(",{}", opt(accuracy)));
+            }
+        }
         for rank in &eval_ranks {
             out.push_str(&format!(",{}", opt(row.accuracy_by_rank.get(rank).copied())));
         }
@@ -346,7 +373,10 @@ mod tests {
     }
 
     fn eval(pairs: &[(usize, f64)]) -> Vec<RankAccuracy> {
-        pairs.iter().map(|&(rank, accuracy)| RankAccuracy { rank, loss: 1.0 - accuracy, accuracy }).collect()
+        pairs
+            .iter()
+            .map(|&(rank, accuracy)| RankAccuracy { rank, loss: 1.0 - accuracy, accuracy, ..Default::default() })
+            .collect()
     }
 
     #[test]
@@ -397,6 +427,23 @@ mod tests {
         assert!(lines[0].ends_with("accuracy_rank_2,accuracy_rank_8,participants_rank_2,participants_rank_8"));
         assert!(lines[2].starts_with("1,2,0.600000,"), "{}", lines[2]);
         assert!(lines[3].ends_with(",,0.700000,0,1"), "{}", lines[3]);
+        assert!(!lines[0].contains("macro_f1"), "no per-class columns where none was measured");
+
+        // Per-class results at R_max go into their own columns, in label order.
+        let mut measured = summary.clone();
+        let class = |label: &str, accuracy: f64| crate::class_scores::ClassScore {
+            label: label.into(),
+            count: 10,
+            accuracy,
+            f1: accuracy,
+        };
+        measured.rounds[1].evaluation[0].macro_f1 = Some(0.65);
+        measured.rounds[1].evaluation[0].per_class = vec![class("sport", 0.9), class("tech", 0.4)];
+        let csv = rounds_csv(&round_rows(&measured));
+        let lines: Vec<&str> = csv.lines().collect();
+        assert!(lines[0].contains(",round_seconds,macro_f1,accuracy_class_sport,accuracy_class_tech,"), "{}", lines[0]);
+        assert!(lines[3].contains(",0.650000,0.900000,0.400000,"), "{}", lines[3]);
+        assert!(lines[2].contains(",,,,0.400000,0.600000"), "earlier rows leave them empty: {}", lines[2]);
 
         let dir = tempfile::tempdir().unwrap();
         write_summary(dir.path(), &summary).unwrap();

@@ -9,7 +9,6 @@ use std::time::Duration;
 
 use anyhow::Context;
 use flotilla_torch::adapter::Adapter;
-use flotilla_torch::model::checkpoint::TOKENIZER_FILE;
 use flotilla_torch::tensor::wire_from_tensors;
 use flotilla_wire::protocol::{close, ModelSpec};
 use flotilla_wire::quic;
@@ -24,7 +23,7 @@ use crate::checkpoint;
 use crate::config::CoordinatorConfig;
 use crate::driver::DriverInput;
 use crate::driver::{DriverStart, RoundDriver};
-use crate::evaluation::{describe, EvaluationReport, EvaluationSet, Evaluator, RankAccuracy};
+use crate::evaluation::{describe, EvaluationReport, Evaluator, RankAccuracy};
 use crate::metrics::SharedStatus;
 use crate::report::{previous_summary, RoundRecord, RunSummary, SkippedRound};
 use crate::report_files::write_summary;
@@ -276,20 +275,13 @@ fn start_worker(
     report_evaluation: EvaluationReport,
 ) -> anyhow::Result<(AggregationWorker, Vec<RankAccuracy>)> {
     let max_rank = config.aggregation.max_rank;
-    let tokenizer = config.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE));
-    let evaluator = match &config.evaluation.test_data {
-        Some(dir) => Some(
+    let evaluator = match config.evaluation_set(true) {
+        Some(set) => Some(
             Evaluator::load(
                 config.model.architecture.clone(),
                 base.weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
                 config.aggregation.lora_alpha / f64::from(max_rank),
-                &EvaluationSet {
-                    dir,
-                    max_samples: config.evaluation.max_samples,
-                    skip_samples: config.evaluation.skip_samples,
-                    tokenizer: tokenizer.as_deref(),
-                    examples_list: Some(&crate::evaluation::examples_list(&config.server.run_dir)),
-                },
+                &set,
             )
             .context("cannot load the evaluation set")?
             .delivering_whole_adapter(config.aggregation.method.folds_tail()),

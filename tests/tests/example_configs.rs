@@ -29,6 +29,16 @@ fn every_example_configuration_passes_check_after_prepare() {
         let text = String::from_utf8_lossy(&output.stdout).to_string() + &String::from_utf8_lossy(&output.stderr);
         assert!(output.status.success(), "{example}: {text}");
         assert!(text.contains(": OK"), "{example}: {text}");
+        // The evaluated set's class mix: every class is there.
+        let mix = text.lines().find(|l| l.starts_with("evaluation: ")).unwrap_or_else(|| panic!("{text}"));
+        let expected: &[&str] = if example == "minilm" {
+            &["(the whole test split)", "business ", "entertainment ", "politics ", "sports ", "tech "]
+        } else {
+            &["5000 examples (the whole test split after the first 5000)", "0 ", "9 "]
+        };
+        for part in expected {
+            assert!(mix.contains(part), "{example}: '{part}' missing from {mix}");
+        }
         assert!(!dir.path().join("runs/example").join(example).exists(), "{example}: check created its run directory");
     }
     // Run elsewhere, the same file's relative paths name nothing: check says so.

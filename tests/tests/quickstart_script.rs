@@ -41,7 +41,17 @@ fn quickstart_fine_tunes_minilm_on_bbc_news_across_ranks() {
     assert_eq!(ranks, vec![16, 8, 4, 2], "every rank that took part is evaluated");
     let best = ranks.iter().map(|&r| accuracy(last, r)).fold(0.0, f64::max);
     assert!(best > before + 0.1, "held-out accuracy: base {before:.3}, best slice after 3 rounds {best:.3}");
-    assert_eq!(std::fs::read_to_string(run_dir.join("evaluation-examples.txt")).unwrap().lines().count(), 100);
+    // A stratified sample: every label in proportion to the test split, not the first 100 by key.
+    let listed = std::fs::read_to_string(run_dir.join("evaluation-examples.txt")).unwrap();
+    assert_eq!(listed.lines().count(), 100);
+    let label_count = |label: &str| listed.lines().filter(|key| key.starts_with(&format!("{label}/"))).count();
+    for label in ["business", "entertainment", "politics", "sports", "tech"] {
+        assert!((14..=26).contains(&label_count(label)), "{label}: {} of 100\n{listed}", label_count(label));
+    }
+    let r_max = &last.as_array().unwrap()[0];
+    assert_eq!(r_max["per_class"].as_array().unwrap().len(), 5, "{r_max}");
+    assert!(r_max["macro_f1"].as_f64().unwrap() > 0.0);
+    assert!(stdout.contains("per class at R_max after round 3 (macro-F1"), "{stdout}");
     let fetched = std::fs::read_dir(run_dir.join("device-cache/bases")).unwrap().count();
     assert_eq!(fetched, 1, "one base, fetched from the coordinator once into the devices' cache");
     let (adapter, _) = read_safetensors(&run_dir.join("export/adapter/adapter_model.safetensors"));

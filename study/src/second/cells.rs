@@ -42,6 +42,9 @@ fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &
 [evaluation]
 test_data = "{data}"
 max_samples = {eval_samples}
+# The study's evaluation files are already seeded samples (hash order), and its image windows
+# must not overlap: the first `max_samples` as written.
+sample = "first"
 
 [model]
 seed = {seed}
@@ -68,6 +71,7 @@ max_length = {max_length}
 test_data = "{data}"
 skip_samples = {skip}
 max_samples = {eval_samples}
+sample = "first"
 
 [model]
 seed = {seed}

@@ -5,7 +5,7 @@
 pub mod idx;
 pub mod tokenizer;
 
-pub use flotilla_data::{partition, text, DataError};
+pub use flotilla_data::{partition, sample, text, DataError};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;

@@ -6,7 +6,7 @@ use std::time::Instant;
 use flotilla_wire::protocol::{LocalMetrics, TrainingSettings};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use tch::{nn, nn::OptimizerConfig, Device, Kind, Tensor};
+use tch::{nn, nn::OptimizerConfig, Device, Tensor};
 
 use super::{Architecture, ArchitectureExt, BaseWeights, Lora, ModelError, ADAPTER_PREFIX};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
@@ -121,6 +121,11 @@ impl LoraModel {
         evaluate_logits(data, batch_size, self.device, |x, lengths| self.forward(x, lengths))
     }
 
+    /// Mean cross-entropy and the confusion matrix `[true label][predicted label]` over `data`.
+    pub fn evaluate_confusion(&self, data: &Dataset, batch_size: usize) -> Result<(f64, Vec<Vec<u64>>), ModelError> {
+        confusion_of_logits(data, batch_size, self.device, |x, lengths| self.forward(x, lengths))
+    }
+
     /// Local training: AdamW on the adapter only, `local_steps` minibatches drawn with `seed`.
     pub fn train(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<LocalMetrics, ModelError> {
         let started = Instant::now();
@@ -153,12 +158,26 @@ pub(super) fn evaluate_logits(
     device: Device,
     forward: impl Fn(&Tensor, Option<&Tensor>) -> Result<Tensor, ModelError>,
 ) -> Result<(f64, f64), ModelError> {
+    let (loss, confusion) = confusion_of_logits(data, batch_size, device, forward)?;
+    let correct: u64 = (0..confusion.len()).map(|c| confusion[c][c]).sum();
+    Ok((loss, if data.is_empty() { 0.0 } else { correct as f64 / data.len() as f64 }))
+}
+
+/// Mean cross-entropy, and the confusion matrix `[true label][predicted label]` (classes × classes,
+/// the logits' width), of the logits `forward` gives over `data`, in batches, without gradients.
+pub(super) fn confusion_of_logits(
+    data: &Dataset,
+    batch_size: usize,
+    device: Device,
+    forward: impl Fn(&Tensor, Option<&Tensor>) -> Result<Tensor, ModelError>,
+) -> Result<(f64, Vec<Vec<u64>>), ModelError> {
     tch::no_grad(|| {
         let n = data.len();
+        let mut confusion: Vec<Vec<u64>> = Vec::new();
         if n == 0 {
-            return Ok((0.0, 0.0));
+            return Ok((0.0, confusion));
         }
-        let (mut loss_sum, mut correct) = (0.0, 0.0);
+        let mut loss_sum = 0.0;
         let mut start = 0;
         while start < n {
             let len = batch_size.max(1).min(n - start);
@@ -168,10 +187,26 @@ pub(super) fn evaluate_logits(
                 .f_cross_entropy_loss::<Tensor>(&batch.y, None, tch::Reduction::Mean, -100, 0.0)?
                 .f_double_value(&[])?
                 * len as f64;
-            correct += logits.f_argmax(1, false)?.f_eq_tensor(&batch.y)?.f_sum(Kind::Float)?.f_double_value(&[])?;
+            let classes = logits.size().get(1).copied().unwrap_or(0).max(0) as usize;
+            if confusion.len() < classes {
+                confusion.resize(classes, Vec::new());
+            }
+            for row in &mut confusion {
+                let width = classes.max(row.len());
+                row.resize(width, 0);
+            }
+            let predicted = Vec::<i64>::try_from(logits.f_argmax(1, false)?.f_to_device(Device::Cpu)?)?;
+            let truth = Vec::<i64>::try_from(batch.y.f_to_device(Device::Cpu)?)?;
+            for (&t, &p) in truth.iter().zip(&predicted) {
+                if let (Ok(t), Ok(p)) = (usize::try_from(t), usize::try_from(p)) {
+                    if t < confusion.len() && p < confusion[t].len() {
+                        confusion[t][p] += 1;
+                    }
+                }
+            }
             start += len;
         }
-        Ok((loss_sum / n as f64, correct / n as f64))
+        Ok((loss_sum / n as f64, confusion))
     })
 }
 

@@ -1,0 +1,189 @@
+//! The held-out set: the test split of the configured data set, after `skip_samples`, and of it
+//! at most `max_samples`, chosen as a stratified sample seeded by the model's seed
+//! (`flotilla_data::sample`): every label keeps its share of the split, the same examples on every
+//! run with the same seed. `[evaluation] sample = "first"` takes the first `max_samples` in the
+//! file's order instead, for evaluation files that already are a seeded sample (the study's).
+//! A transformer's evaluated texts are listed by key, so a report says exactly what was scored.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use flotilla_torch::data::idx::{load_split, Split};
+use flotilla_torch::data::text::{load_text, TextSplit};
+use flotilla_torch::data::tokenizer::TextTokenizer;
+use flotilla_torch::data::Dataset;
+use flotilla_torch::model::{Architecture, BertSpec};
+use serde::{Deserialize, Serialize};
+use tracing::warn;
+
+/// How `[evaluation] max_samples` are chosen from the test split.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SampleChoice {
+    /// Each label in proportion to the split, by a stable hash of the seed and the example's key.
+    #[default]
+    Stratified,
+    /// The first `max_samples` in the order of the file.
+    First,
+}
+
+/// Where the held-out set comes from and how much of it to use.
+pub struct EvaluationSet<'a> {
+    pub dir: &'a Path,
+    pub max_samples: Option<usize>,
+    pub skip_samples: usize,
+    pub sample: SampleChoice,
+    /// Seeds the stratified sample.
+    pub seed: u64,
+    /// A transformer's `tokenizer.json`.
+    pub tokenizer: Option<PathBuf>,
+    /// Where the list of evaluated texts is written (`None`: nowhere, as `check` reads only).
+    pub examples_list: Option<PathBuf>,
+}
+
+impl EvaluationSet<'_> {
+    /// Which examples of a test split of `labels` (keys `keys`) are evaluated: indices into it.
+    fn choose(&self, labels: &[usize], keys: &[String]) -> Vec<usize> {
+        let total = labels.len();
+        let rest = total - self.skip_samples.min(total);
+        let n = self.max_samples.map_or(rest, |m| m.min(rest));
+        let skip = total - rest;
+        if n == rest {
+            return (skip..total).collect();
+        }
+        match self.sample {
+            SampleChoice::First => (skip..skip + n).collect(),
+            SampleChoice::Stratified => {
+                flotilla_torch::data::sample::stratified(&labels[skip..], &keys[skip..], n, self.seed)
+                    .into_iter()
+                    .map(|i| i + skip)
+                    .collect()
+            }
+        }
+    }
+}
+
+/// Where `serve` lists the texts it evaluates.
+pub fn examples_list(run_dir: &Path) -> PathBuf {
+    run_dir.join("evaluation-examples.txt")
+}
+
+/// Loads the held-out set of `set`: of an MNIST-style directory, or for a transformer of labelled
+/// texts (see `flotilla_torch::data::text`), tokenized with its tokenizer.
+pub fn load_test_set(architecture: &Architecture, set: &EvaluationSet) -> anyhow::Result<Dataset> {
+    if let Architecture::Bert(spec) = architecture {
+        return load_text_test(spec, set);
+    }
+    let dir = set.dir;
+    let test = load_split(dir, Split::Test, architecture.classes())?;
+    anyhow::ensure!(
+        test.features.size()[1] == architecture.input_size() as i64,
+        "{}: test images have {} features, the model takes {}",
+        dir.display(),
+        test.features.size()[1],
+        architecture.input_size()
+    );
+    anyhow::ensure!(
+        set.skip_samples < test.len(),
+        "{}: evaluation.skip_samples = {} leaves none of the {} test images",
+        dir.display(),
+        set.skip_samples,
+        test.len()
+    );
+    let labels: Vec<usize> = test.labels_vec().into_iter().map(|l| l.max(0) as usize).collect();
+    let keys: Vec<String> = (0..labels.len()).map(|i| i.to_string()).collect();
+    let chosen = set.choose(&labels, &keys);
+    Ok(if chosen.len() == test.len() { test } else { test.subset(&chosen) })
+}
+
+fn load_text_test(spec: &BertSpec, set: &EvaluationSet) -> anyhow::Result<Dataset> {
+    let dir = set.dir;
+    let tokenizer = set.tokenizer.as_deref().context("a transformer's evaluation needs its tokenizer.json")?;
+    let corpus = load_text(dir, &spec.labels, TextSplit::Test)?;
+    for file in &corpus.lossy_files {
+        warn!(file = %file.display(), "not valid UTF-8; decoded with replacement characters");
+    }
+    anyhow::ensure!(
+        set.skip_samples < corpus.examples.len(),
+        "{}: evaluation.skip_samples = {} leaves none of the {} test texts",
+        dir.display(),
+        set.skip_samples,
+        corpus.examples.len()
+    );
+    let labels: Vec<usize> = corpus.examples.iter().map(|e| e.label).collect();
+    let keys: Vec<String> = corpus.examples.iter().map(|e| e.key.clone()).collect();
+    let examples: Vec<_> = set.choose(&labels, &keys).into_iter().map(|i| &corpus.examples[i]).collect();
+    let tokenizer = TextTokenizer::from_file(tokenizer, spec.max_length as usize, spec.vocab as usize)?;
+    let texts: Vec<&str> = examples.iter().map(|e| e.text.as_str()).collect();
+    let labels: Vec<i64> = examples.iter().map(|e| e.label as i64).collect();
+    let data = tokenizer.dataset(&texts, &labels)?;
+    if let Some(list) = &set.examples_list {
+        let keys: String = examples.iter().map(|e| format!("{}\n", e.key)).collect();
+        std::fs::write(list, keys).with_context(|| format!("cannot write {}", list.display()))?;
+        tracing::info!(texts = examples.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
+    }
+    Ok(data)
+}
+
+/// The names of `architecture`'s classes: a transformer's labels, otherwise their indices.
+pub fn class_labels(architecture: &Architecture) -> Vec<String> {
+    match architecture {
+        Architecture::Bert(spec) => spec.labels.clone(),
+        other => (0..other.classes()).map(|c| c.to_string()).collect(),
+    }
+}
+
+/// "N of the test split (how): label count, ...": what `check` says of the evaluated set.
+pub fn describe_mix(architecture: &Architecture, set: &EvaluationSet, data: &Dataset) -> String {
+    let labels = class_labels(architecture);
+    let mut counts = vec![0usize; labels.len()];
+    for label in data.labels_vec() {
+        if let Some(count) = usize::try_from(label).ok().and_then(|l| counts.get_mut(l)) {
+            *count += 1;
+        }
+    }
+    let how = match (set.max_samples.filter(|&m| m <= data.len()), set.sample) {
+        (None, _) => "the whole test split".to_string(),
+        (Some(_), SampleChoice::Stratified) => format!("a stratified sample seeded with {}", set.seed),
+        (Some(_), SampleChoice::First) => "the first of the file, in its order".to_string(),
+    };
+    let how = match set.skip_samples {
+        0 => how,
+        skip => format!("{how} after the first {skip}"),
+    };
+    let mix: Vec<String> = labels.iter().zip(&counts).map(|(l, n)| format!("{l} {n}")).collect();
+    format!("evaluation: {} examples ({how}) from {}: {}", data.len(), set.dir.display(), mix.join(", "))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(max: Option<usize>, skip: usize, sample: SampleChoice) -> EvaluationSet<'static> {
+        EvaluationSet {
+            dir: Path::new("/nowhere"),
+            max_samples: max,
+            skip_samples: skip,
+            sample,
+            seed: 42,
+            tokenizer: None,
+            examples_list: None,
+        }
+    }
+
+    #[test]
+    fn a_subset_is_stratified_after_the_skipped_examples_or_the_first_ones_when_asked() {
+        // Key order in blocks of labels, as a folder-per-label data set is read.
+        let labels: Vec<usize> = (0..100).map(|i| i / 20).collect();
+        let keys: Vec<String> = (0..100).map(|i| format!("{}/{i}", i / 20)).collect();
+        let stratified = set(Some(20), 0, SampleChoice::Stratified).choose(&labels, &keys);
+        let mut per_label = [0; 5];
+        stratified.iter().for_each(|&i| per_label[labels[i]] += 1);
+        assert_eq!(per_label, [4; 5], "every label in proportion");
+        let first = set(Some(20), 0, SampleChoice::First).choose(&labels, &keys);
+        assert_eq!(first, (0..20).collect::<Vec<_>>(), "one label only: what key order gave before");
+        let after = set(Some(10), 50, SampleChoice::Stratified).choose(&labels, &keys);
+        assert!(after.iter().all(|&i| i >= 50), "skipped examples are never evaluated");
+        assert_eq!(set(None, 30, SampleChoice::Stratified).choose(&labels, &keys), (30..100).collect::<Vec<_>>());
+    }
+}
