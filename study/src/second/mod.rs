@@ -260,6 +260,9 @@ pub struct Plan {
     pub clip_norms: Vec<f64>,
     /// How far tuning searches past the edges of the learning rates and local steps.
     pub edge_search: EdgeSearch,
+    /// Candidates whose validation scores are within this of the best (a fraction: 0.01 is one
+    /// point) are run with a second seed and compared on their mean; `None`: one seed.
+    pub close_call: Option<f64>,
 }
 
 pub const METHODS: [&str; 7] = ["rbla", "fold-and-fill", "rbla-coverage", "zero-pad", "hetlora", "flexlora", "flora"];
@@ -570,12 +573,12 @@ mod tests {
 
     /// A finished tuning that kept `choice`.
     fn kept(choice: Choice) -> results::Tuned {
-        results::Tuned { choice, scores: Vec::new(), edges: Vec::new() }
+        results::Tuned { choice, scores: Vec::new(), edges: Vec::new(), doubled: Vec::new() }
     }
 
     /// A setting's grid as tuning cells.
     fn grid_cells(plan: &Plan, setting: Setting, chosen: &Chosen) -> Vec<Cell> {
-        plan.grid(setting, chosen).into_iter().map(|c| plan.tuning_cell(setting, c)).collect()
+        plan.grid(setting, chosen).into_iter().map(|c| plan.tuning_cell(setting, c, 1)).collect()
     }
 
     /// The cells' keys, sorted, without duplicates.

@@ -453,7 +453,11 @@ impl Report<'_> {
     fn tuning_section(&self, out: &mut String, task: &'static str) -> Result<()> {
         let plan = self.plan;
         let tuned = if plan.tunes_local_steps() { "learning rate and local steps" } else { "learning rate" };
-        writeln!(out, "Tuning (validation score per {tuned}, seed 1):\n")?;
+        writeln!(
+            out,
+            "Tuning (validation score per {tuned}, seed 1; ² marks the mean of seeds 1 and 2, run where candidates \
+             were within a point of the best):\n"
+        )?;
         let label = |c: &Choice| match plan.tunes_local_steps() {
             false => format!("lr {}", c.learning_rate),
             true => format!("lr {}, {} steps", c.learning_rate, c.local_steps),
@@ -471,16 +475,17 @@ impl Report<'_> {
                 Some(skew) => format!("{}, {}", skew.title(), arm.label()),
             };
             let score_of = |choice: &Choice| tuning.scores.iter().find(|(c, _)| c == choice).map(|&(_, s)| s);
+            let mark = |choice: &Choice| if tuning.doubled.contains(choice) { "²" } else { "" };
             let cells = grid
                 .iter()
-                .map(|c| score_of(c).map_or("—".into(), |s| format!("{:.1}", 100.0 * s)))
+                .map(|c| score_of(c).map_or("—".into(), |s| format!("{:.1}{}", 100.0 * s, mark(c))))
                 .collect::<Vec<_>>()
                 .join(" | ");
             let past = tuning
                 .scores
                 .iter()
                 .filter(|(c, _)| !grid.contains(c))
-                .map(|(c, s)| format!("{}: {:.1}", label(c), 100.0 * s))
+                .map(|(c, s)| format!("{}: {:.1}{}", label(c), 100.0 * s, mark(c)))
                 .collect::<Vec<_>>()
                 .join("; ");
             let edges = tuning.edges.iter().map(|e| e.describe()).collect::<Vec<_>>().join(", ");
@@ -511,12 +516,14 @@ mod tests {
         let mut chosen = Chosen::new();
         let skew = Some(Skew::labels(1.0));
         let scores = vec![(choice(0.002), 0.8), (choice(0.005), 0.85), (choice(0.01), 0.9), (choice(0.02), 0.95)];
-        let tuned = Tuned { choice: choice(0.02), scores, edges: vec![Edge::HighestLearningRate] };
+        let tuned =
+            Tuned { choice: choice(0.02), scores, edges: vec![Edge::HighestLearningRate], doubled: vec![choice(0.01)] };
         chosen.insert(plan.setting_key("bbc", skew, Arm::Method("flora")), tuned);
         let inside = Tuned {
             choice: choice(0.002),
             scores: vec![(choice(0.002), 0.9), (choice(0.005), 0.2), (choice(0.001), 0.8)],
             edges: Vec::new(),
+            doubled: Vec::new(),
         };
         chosen.insert(plan.setting_key("bbc", None, Arm::Centralized(16)), inside);
         let report = Report { plan: &plan, dir: Path::new("."), chosen, figures_link: "", figures_dir: Path::new(".") };
@@ -526,7 +533,7 @@ mod tests {
         assert!(out.contains("| centralized LoRA at rank 16 | 90.0 | 20.0 | lr 0.001: 80.0 | 0.002 |"), "{out}");
         assert!(
             out.contains(
-                "| Dirichlet α = 1, flora | 80.0 | 85.0 | lr 0.01: 90.0; lr 0.02: 95.0 | 0.02 † (the highest learning rate tried) |"
+                "| Dirichlet α = 1, flora | 80.0 | 85.0 | lr 0.01: 90.0²; lr 0.02: 95.0 | 0.02 † (the highest learning rate tried) |"
             ),
             "{out}"
         );

@@ -165,6 +165,8 @@ pub struct Tuned {
     pub choice: Choice,
     pub scores: Vec<(Choice, f64)>,
     pub edges: Vec<Edge>,
+    /// The close calls, also run at seed 2: their scores are means of two seeds.
+    pub doubled: Vec<Choice>,
 }
 
 /// Per setting key, what its finished tuning kept.
