@@ -439,6 +439,7 @@ pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Resul
         None => None,
     };
     let mut combined: Vec<report::Standing> = Vec::new();
+    let mut missing: Vec<&str> = Vec::new();
     for plan in plans.into_iter().filter(|p| suites.is_empty() || suites.iter().any(|s| s == p.suite)) {
         let standings = match &doc {
             Some((path, text)) => {
@@ -449,6 +450,7 @@ pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Resul
                 let dir = committed_results_dir(plan.suite);
                 if !dir.is_dir() {
                     println!("{}: no results in {}", plan.suite, dir.display());
+                    missing.push(plan.suite);
                     continue;
                 }
                 println!("{}", progress(&plan, &dir)?);
@@ -470,9 +472,9 @@ pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Resul
         }
     }
     print!("{}", report::rule_table(&combined));
-    match report::choose_default(&combined) {
-        Some(method) => println!("the rule picks: {method}"),
-        None => println!("the rule picks none yet: no method has every cell measured without a slice below the base"),
+    match report::pick(&combined, &missing) {
+        Ok(method) => println!("the rule picks: {method}"),
+        Err(why) => println!("the rule picks none yet: {why}"),
     }
     Ok(())
 }

@@ -218,6 +218,19 @@ pub fn choose_default(standings: &[Standing]) -> Option<&'static str> {
         .map(|(method, _)| method)
 }
 
+/// The rule's pick over the suites asked for, or why there is none: a suite without results, or
+/// a cell some method has not measured yet, leaves the comparison incomplete, so nothing is picked
+/// (a method short of a cell would otherwise lose to one measured on fewer, easier cells).
+pub fn pick(standings: &[Standing], missing_suites: &[&str]) -> Result<&'static str, String> {
+    if !missing_suites.is_empty() {
+        return Err(format!("no results for {}", missing_suites.join(", ")));
+    }
+    if let Some(short) = standings.iter().find(|s| s.gains.len() < s.cells || s.cells == 0) {
+        return Err(format!("{} has {} of {} cells measured", short.method, short.gains.len(), short.cells));
+    }
+    choose_default(standings).ok_or_else(|| "every method has a slice below the base in some cell".to_string())
+}
+
 /// The heading of a suite's side of the rule in its generated block (`doc_rule` reads it back).
 pub const RULE_HEADING: &str = "#### The default-method rule, over this suite's cells";
 
@@ -550,6 +563,12 @@ mod tests {
             standing("fair", &[0.8, 0.7], 2, 0.0),
         ];
         assert_eq!(choose_default(&all), Some("good"));
+        // Over the suites, nothing is picked while a suite or a cell is missing.
+        assert_eq!(pick(&all, &[]), Err("incomplete has 1 of 2 cells measured".into()));
+        let complete = [all[0].clone(), all[2].clone(), all[3].clone()];
+        assert_eq!(pick(&complete, &[]), Ok("good"));
+        assert_eq!(pick(&complete, &["text-reviews"]), Err("no results for text-reviews".into()));
+        assert!(pick(&[standing("low", &[0.9], 1, -1.0)], &[]).is_err());
         assert_eq!(choose_default(&all[..2]), None);
         assert_eq!(standing("x", &[0.5, 1.0], 2, 0.0).mean_gain(), Some(0.75));
     }
