@@ -47,7 +47,7 @@ pub fn standings_from_doc(plan: &Plan, doc: &str) -> Result<Vec<Standing>> {
             None if measured == 0 => Vec::new(),
             None => bail!("--suite {}, {name}: {measured} cells measured but no mean gain", plan.suite),
         };
-        out.push(Standing { method, gains, worst_slice_minus_base: number(worst, "worst slice")?, cells });
+        out.push(Standing { method, gains, worst_slice_minus_floor: number(worst, "worst slice")?, cells });
     }
     if out.is_empty() {
         bail!("--suite {}: its default-method rule table has no rows", plan.suite);
@@ -72,16 +72,16 @@ mod tests {
     fn a_generated_rule_table_reads_back_as_the_standings_it_was_written_from() {
         let plan = Plan::text();
         let written = vec![
-            Standing { method: "rbla", gains: vec![0.5, 0.7], worst_slice_minus_base: Some(-1.5), cells: 2 },
-            Standing { method: "flora", gains: vec![0.9], worst_slice_minus_base: Some(3.0), cells: 2 },
-            Standing { method: "zero-pad", gains: Vec::new(), worst_slice_minus_base: None, cells: 2 },
+            Standing { method: "rbla", gains: vec![0.5, 0.7], worst_slice_minus_floor: Some(-1.5), cells: 2 },
+            Standing { method: "flora", gains: vec![0.9], worst_slice_minus_floor: Some(3.0), cells: 2 },
+            Standing { method: "zero-pad", gains: Vec::new(), worst_slice_minus_floor: None, cells: 2 },
         ];
         let read = standings_from_doc(&plan, &block(&plan, &rule_table(&written))).unwrap();
         assert_eq!(read.len(), 3);
         assert_eq!((read[0].method, read[0].gains.clone(), read[0].cells), ("rbla", vec![0.6, 0.6], 2));
-        assert_eq!(read[0].worst_slice_minus_base, Some(-1.5));
+        assert_eq!(read[0].worst_slice_minus_floor, Some(-1.5));
         assert_eq!((read[1].gains.clone(), read[1].cells), (vec![0.9], 2));
-        assert!(read[2].gains.is_empty() && read[2].worst_slice_minus_base.is_none());
+        assert!(read[2].gains.is_empty() && read[2].worst_slice_minus_floor.is_none());
     }
 
     #[test]

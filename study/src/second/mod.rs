@@ -462,7 +462,7 @@ pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Resul
                 Some(c) => {
                     c.gains.extend(&standing.gains);
                     c.cells += standing.cells;
-                    c.worst_slice_minus_base = match (c.worst_slice_minus_base, standing.worst_slice_minus_base) {
+                    c.worst_slice_minus_floor = match (c.worst_slice_minus_floor, standing.worst_slice_minus_floor) {
                         (Some(a), Some(b)) => Some(a.min(b)),
                         (a, b) => a.or(b),
                     };

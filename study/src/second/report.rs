@@ -132,13 +132,14 @@ fn edge_search_note(plan: &Plan) -> String {
 
 /// One method's standing under issue 15's rule for the default method, over a suite's cells (a cell:
 /// a task under a skew): its gain recovered in each cell whose final runs are all in ((G at R_max +
-/// G of the fleet mean) / 2, means over seeds), and its lowest worst-slice − base there (points,
-/// mean over seeds).
+/// G of the fleet mean) / 2, means over seeds), and its lowest worst slice − floor there (points,
+/// mean over seeds; the floor is the larger of the base's accuracy and the evaluated set's
+/// majority-class rate, so a model collapsed onto one class never passes).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Standing {
     pub method: &'static str,
     pub gains: Vec<f64>,
-    pub worst_slice_minus_base: Option<f64>,
+    pub worst_slice_minus_floor: Option<f64>,
     /// The cells the suite has for it (a method short of some is not compared).
     pub cells: usize,
 }
@@ -155,7 +156,7 @@ pub fn standings(plan: &Plan, dir: &Path) -> Result<Vec<Standing>> {
     let mut out: Vec<Standing> = plan
         .methods
         .iter()
-        .map(|&method| Standing { method, gains: Vec::new(), worst_slice_minus_base: None, cells: 0 })
+        .map(|&method| Standing { method, gains: Vec::new(), worst_slice_minus_floor: None, cells: 0 })
         .collect();
     for task in &plan.tasks {
         let bounds = report.bounds(task.key)?;
@@ -176,11 +177,11 @@ pub fn standings(plan: &Plan, dir: &Path) -> Result<Vec<Standing>> {
                     standing.gains.push((a + b) / 2.0);
                 }
                 let worst = mean(
-                    runs.iter().filter_map(|r| Some(100.0 * (r.worst_slice(arm, &plan.fleet)? - r.base?))).collect(),
+                    runs.iter().filter_map(|r| Some(100.0 * (r.worst_slice(arm, &plan.fleet)? - r.floor()?))).collect(),
                 );
                 if let Some(worst) = worst {
-                    let lowest = standing.worst_slice_minus_base.map_or(worst, |w| w.min(worst));
-                    standing.worst_slice_minus_base = Some(lowest);
+                    let lowest = standing.worst_slice_minus_floor.map_or(worst, |w| w.min(worst));
+                    standing.worst_slice_minus_floor = Some(lowest);
                 }
             }
         }
@@ -191,7 +192,7 @@ pub fn standings(plan: &Plan, dir: &Path) -> Result<Vec<Standing>> {
 /// Each method's standing as a Markdown table.
 pub fn rule_table(standings: &[Standing]) -> String {
     let mut out = String::from(
-        "| method | cells measured | mean gain recovered | lowest worst slice − base (points) |\n|---|---|---|---|\n",
+        "| method | cells measured | mean gain recovered | lowest worst slice − floor (points) |\n|---|---|---|---|\n",
     );
     for s in standings {
         out += &format!(
@@ -200,7 +201,7 @@ pub fn rule_table(standings: &[Standing]) -> String {
             s.gains.len(),
             s.cells,
             s.mean_gain().map_or("—".into(), |g| format!("{g:.3}")),
-            s.worst_slice_minus_base.map_or("—".into(), |w| format!("{w:+.1}"))
+            s.worst_slice_minus_floor.map_or("—".into(), |w| format!("{w:+.1}"))
         );
     }
     out
@@ -212,7 +213,7 @@ pub fn choose_default(standings: &[Standing]) -> Option<&'static str> {
     standings
         .iter()
         .filter(|s| s.gains.len() == s.cells && s.cells > 0)
-        .filter(|s| s.worst_slice_minus_base.is_some_and(|w| w >= 0.0))
+        .filter(|s| s.worst_slice_minus_floor.is_some_and(|w| w >= 0.0))
         .filter_map(|s| Some((s.method, s.mean_gain()?)))
         .max_by(|a, b| a.1.total_cmp(&b.1))
         .map(|(method, _)| method)
@@ -228,7 +229,9 @@ pub fn pick(standings: &[Standing], missing_suites: &[&str]) -> Result<&'static 
     if let Some(short) = standings.iter().find(|s| s.gains.len() < s.cells || s.cells == 0) {
         return Err(format!("{} has {} of {} cells measured", short.method, short.gains.len(), short.cells));
     }
-    choose_default(standings).ok_or_else(|| "every method has a slice below the base in some cell".to_string())
+    choose_default(standings).ok_or_else(|| {
+        "every method has a slice below the floor (the base or the majority class) in some cell".to_string()
+    })
 }
 
 /// The heading of a suite's side of the rule in its generated block (`doc_rule` reads it back).
@@ -519,7 +522,7 @@ mod tests {
     use crate::second::{results::Tuned, tuning::Edge};
 
     fn standing(method: &'static str, gains: &[f64], cells: usize, worst: f64) -> Standing {
-        Standing { method, gains: gains.to_vec(), worst_slice_minus_base: Some(worst), cells }
+        Standing { method, gains: gains.to_vec(), worst_slice_minus_floor: Some(worst), cells }
     }
 
     #[test]

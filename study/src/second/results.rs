@@ -15,11 +15,21 @@ pub struct Run {
     /// The run's R_max (a homogeneous or centralized run's rank).
     pub max_rank: u32,
     pub base: Option<f64>,
+    /// The evaluated set's majority-class rate (its largest class's share), where the run's
+    /// summary has per-class counts (runs from 2026-12-07 on).
+    pub majority: Option<f64>,
     /// Per round: rank → accuracy (R_max included).
     pub rounds: Vec<BTreeMap<u32, f64>>,
     pub upload_bytes_per_round: f64,
     pub download_bytes_per_round: f64,
     pub wall_seconds: f64,
+}
+
+/// The largest class's share of an evaluation's per-class counts.
+fn majority_rate(per_class: &serde_json::Value) -> Option<f64> {
+    let counts: Vec<f64> = per_class.as_array()?.iter().filter_map(|c| c["count"].as_f64()).collect();
+    let total: f64 = counts.iter().sum();
+    (total > 0.0).then(|| counts.iter().copied().fold(0.0, f64::max) / total)
 }
 
 /// Rounds averaged for a run's score: the last 3, not the best (no selection on test).
@@ -41,6 +51,7 @@ impl Run {
         let mut run = Run {
             max_rank,
             base: by_rank(&summary["initial_evaluation"]).values().next().copied(),
+            majority: majority_rate(&summary["initial_evaluation"][0]["per_class"]),
             wall_seconds,
             ..Run::default()
         };
@@ -55,6 +66,12 @@ impl Run {
         run.upload_bytes_per_round /= n;
         run.download_bytes_per_round /= n;
         Ok(run)
+    }
+
+    /// What a slice must not end below: the base's accuracy, or the majority-class rate where it is
+    /// known and higher (a model that predicts one class reaches that rate without learning).
+    pub fn floor(&self) -> Option<f64> {
+        Some(self.majority.map_or(self.base?, |m| m.max(self.base.unwrap_or(0.0))))
     }
 
     fn last_rounds(&self) -> &[BTreeMap<u32, f64>] {
@@ -205,6 +222,32 @@ pub fn tune_from_cache(plan: &Plan, results_dir: &Path) -> Result<(Chosen, Vec<C
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A model collapsed onto the majority class beats a weak base, not the floor: the floor is
+    /// the larger of the base and the majority-class rate of the evaluated set.
+    #[test]
+    fn the_floor_is_the_base_or_the_majority_class_rate_whichever_is_higher() {
+        let summary = |per_class: serde_json::Value| {
+            serde_json::json!({
+                "initial_evaluation": [{"rank": 16, "accuracy": 0.25, "per_class": per_class}],
+                "max_rank": 16,
+                "rounds": [{"round": 1, "evaluation": [{"rank": 16, "accuracy": 0.40}]}],
+            })
+        };
+        // Rotten Tomatoes-like: 40% of the evaluated set is one class.
+        let counts = serde_json::json!([{"label": "fresh", "count": 40}, {"label": "rotten", "count": 35},
+            {"label": "plot", "count": 25}]);
+        let collapsed = Run::from_summary(&summary(counts), 1.0).unwrap();
+        assert_eq!(collapsed.majority, Some(0.4));
+        assert_eq!(collapsed.floor(), Some(0.4));
+        let arm = Arm::Centralized(16);
+        let worst_minus_floor = collapsed.worst_slice(arm, &[]).unwrap() - collapsed.floor().unwrap();
+        assert!(worst_minus_floor <= 0.0, "a collapsed model is not above the floor");
+        assert!(collapsed.worst_slice(arm, &[]).unwrap() - collapsed.base.unwrap() > 0.0, "though it beats the base");
+        // Runs recorded before per-class counts: the base alone.
+        let old = Run::from_summary(&summary(serde_json::Value::Null), 1.0).unwrap();
+        assert_eq!((old.majority, old.floor()), (None, Some(0.25)));
+    }
 
     #[test]
     fn scores_average_the_last_rounds_and_the_fleet_sees_its_own_slices() {
