@@ -156,6 +156,12 @@ fn check(path: &std::path::Path, fleet: &[u32]) -> anyhow::Result<()> {
             privacy.epsilon,
             config.round.rounds
         );
+        if let Some(plan) = crate::privacy_plan::PrivacyPlan::of(&config)? {
+            println!("{}", plan.describe());
+            if let Some(warning) = plan.warning() {
+                println!("{warning}");
+            }
+        }
     }
     if let Some(secure) = &config.secure_aggregation {
         let parameters = secure.parameters_for(secure.max_participants)?;

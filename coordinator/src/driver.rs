@@ -124,6 +124,8 @@ pub(crate) struct RoundDriver {
     ledger: Option<crate::privacy_ledger::PrivacyLedger>,
     /// The last round the ledger has counted.
     last_sampled: u32,
+    /// Under `[privacy]`: what the noise will cost the model, for `/status`.
+    privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
 }
 
 /// What the driver starts from.
@@ -153,6 +155,7 @@ impl RoundDriver {
             policy: config.round_policy(),
         });
         let reports = ReportWriter::start(config.server.run_dir.clone());
+        let privacy_plan = crate::privacy_plan::PrivacyPlan::of(&config).ok().flatten();
         RoundDriver {
             config,
             base_version,
@@ -176,6 +179,7 @@ impl RoundDriver {
             departures: HashMap::new(),
             ledger,
             last_sampled: first_round - 1,
+            privacy_plan,
         }
     }
 
@@ -339,6 +343,7 @@ impl RoundDriver {
                     epsilon_budget: p.epsilon_budget,
                     delta: p.delta,
                 }),
+                privacy_plan: self.privacy_plan.clone(),
             };
         }
         for &rank in &self.rank_labels {

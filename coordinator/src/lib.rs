@@ -37,6 +37,7 @@ pub mod plots;
 pub mod preflight;
 pub mod privacy;
 pub mod privacy_ledger;
+pub mod privacy_plan;
 pub mod renewal;
 pub mod report;
 pub mod report_files;

@@ -37,6 +37,9 @@ pub struct Status {
     /// Under `[privacy]`: the ε spent so far, its budget and δ.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy: Option<PrivacyStatus>,
+    /// Under `[privacy]`: what the noise will cost the model (`crate::privacy_plan`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]

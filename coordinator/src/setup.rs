@@ -238,6 +238,12 @@ fn limit_rounds_to_ledger(
 /// sampling rate are fixed, so a round that would take ε past the budget is known before the run.
 fn limit_rounds_to_privacy_budget(mut config: CoordinatorConfig) -> anyhow::Result<CoordinatorConfig> {
     let Some(privacy) = &config.privacy else { return Ok(config) };
+    if let Some(plan) = crate::privacy_plan::PrivacyPlan::of(&config)? {
+        info!("{}", plan.describe());
+        if let Some(warning) = plan.warning() {
+            warn!("{warning}");
+        }
+    }
     let budget = privacy.budget(config.round.fraction, config.round.rounds)?;
     let allowed = budget.rounds_allowed();
     if budget.cuts_the_run() {

@@ -165,6 +165,9 @@ fn check_refuses_what_privacy_cannot_honour() {
     let (ok, text) = check(config(run, "rbla", 6.0));
     assert!(ok, "{text}");
     assert!(text.contains("privacy: clip 0.05") && text.contains("of the 4 configured rounds"), "{text}");
+    // The planner: what the noise will cost, and a warning when it swamps the signal.
+    assert!(text.contains("privacy plan: d = ") && text.contains("noise/signal on the averaged update"), "{text}");
+    assert!(text.contains("this run will learn almost nothing"), "two devices cannot carry this noise: {text}");
     let (ok, text) = check(config(run, "rbla", 1.0));
     assert!(!ok && text.contains("cannot pay for one round"), "{text}");
     let (ok, text) = check(config(run, "zero-pad", 6.0));
