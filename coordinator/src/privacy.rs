@@ -117,6 +117,11 @@ impl PrivacySection {
 
     /// ε after `rounds` rounds at `sampling_rate`.
     pub fn epsilon_after(&self, sampling_rate: f64, rounds: u32) -> anyhow::Result<f64> {
+        // No round sampled, nothing published: the accountant's conversion from Rényi DP would
+        // still give a small positive ε (its log(1/δ)/(α − 1) term).
+        if rounds == 0 {
+            return Ok(0.0);
+        }
         let (epsilon, _) = RdpAccountant::new()
             .epsilon_after(self.noise_multiplier, sampling_rate, rounds, self.delta)
             .map_err(|e| anyhow::anyhow!("privacy accountant: {e}"))?;

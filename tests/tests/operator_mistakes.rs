@@ -147,6 +147,7 @@ fn metrics_and_status_show_the_configured_run_before_any_device_joins() {
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
          [round]\nrounds = 3\nmin_devices = 2\n\
          [metrics]\nlisten = \"127.0.0.1:{port}\"\n\
+         [privacy]\nclip_norm = 0.1\nnoise_multiplier = 1.0\nepsilon = 8.0\ndelta = 1e-3\n\
          [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 4\n",
         run = run.display()
     );
@@ -170,6 +171,13 @@ fn metrics_and_status_show_the_configured_run_before_any_device_joins() {
     assert_eq!(state["rounds_total"], 3, "{state}");
     assert_eq!(state["method"], "fold-and-fill", "{state}");
     assert_eq!(state["devices_connected"], 0, "{state}");
+    // Under [privacy], the plan: LoRA on fc1 (16 → 8) at R_max 8, and the head (8 → 4).
+    let plan = &state["privacy_plan"];
+    assert_eq!(plan["noised_coordinates"], 8 * 16 + 8 * 8 + 4 * 8 + 4, "{state}");
+    assert_eq!(plan["expected_cohort"], 2.0, "{state}");
+    assert_eq!(state["privacy"]["epsilon"], 0.0, "no round sampled yet, nothing spent: {state}");
+    assert!(plan["noise_to_signal"].as_f64().unwrap() > 1.0, "{state}");
+    assert!(coordinator.stderr_text().contains("this run will learn almost nothing"), "{}", coordinator.logs());
     coordinator.kill();
 }
 
