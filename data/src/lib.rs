@@ -2,11 +2,12 @@
 //!
 //! - [`idx`]: MNIST-style IDX files; [`text`]: labelled texts (class folders, CSV, JSONL) and their
 //!   stable train/test split; [`partition`]: splitting a data set among devices; [`cache`]: the
-//!   per-user cache the deploy scripts fill; [`sample`]: a stratified, seeded held-out subset.
+//!   per-user cache the deploy scripts fill; [`hash`]: the stable hash of splits and samples; [`sample`]: a stratified, seeded held-out subset.
 //!
 //! `flotilla-torch` turns these into tensors; the study harness reads and writes them without it.
 
 pub mod cache;
+pub mod hash;
 pub mod idx;
 pub mod partition;
 pub mod sample;

@@ -7,7 +7,7 @@
 //! Taking the first `n` in key order instead can leave whole labels out (the first 150 texts of
 //! BBC News' test split are 100 `business` and 50 `entertainment` articles).
 
-use flotilla_wire::fingerprint::fnv1a;
+use crate::hash::fnv1a;
 
 /// The stable order of an example: FNV-1a of the seed and its key.
 pub fn stable_rank(seed: u64, key: &str) -> u64 {

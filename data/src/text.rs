@@ -83,7 +83,7 @@ pub fn load_text(path: &Path, labels: &[String], split: TextSplit) -> Result<Tex
 
 /// Whether `key` is held out for testing.
 pub fn is_test_key(key: &str) -> bool {
-    flotilla_wire::fingerprint::fnv1a(key.as_bytes()) % 100 < TEST_PERCENT
+    crate::hash::fnv1a(key.as_bytes()) % 100 < TEST_PERCENT
 }
 
 fn hash_split(mut corpus: TextCorpus, split: TextSplit) -> TextCorpus {

@@ -13,7 +13,7 @@ use super::{Task, TaskKind, PUBLIC_IMAGES, VALIDATION_PERCENT};
 
 pub(super) fn bucket(key: &str) -> u64 {
     // FNV-1a of a salted key: independent of the data set's own test split.
-    flotilla_wire::fingerprint::fnv1a(format!("validation/{key}").as_bytes())
+    flotilla_data::hash::fnv1a(format!("validation/{key}").as_bytes())
 }
 
 fn write_jsonl(path: &Path, examples: &[&TextExample], labels: &[&str]) -> Result<()> {
