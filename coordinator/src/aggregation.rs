@@ -139,7 +139,7 @@ impl RoundAccumulator {
 impl WorkerSettings {
     /// The one LoRA scale every rank uses: `lora_alpha / R_max`.
     fn scale(&self) -> f64 {
-        self.lora_alpha / f64::from(self.max_rank)
+        flotilla_wire::protocol::lora_scale(self.lora_alpha, self.max_rank)
     }
 
     /// A fresh accumulator for `round`, seeded with the current global adapter.

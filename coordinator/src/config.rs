@@ -190,6 +190,13 @@ pub struct AggregationSection {
     pub ablation_shrink_to_round_rank: bool,
 }
 
+impl AggregationSection {
+    /// The run's LoRA scale, `lora_alpha / max_rank` (see `flotilla_wire::protocol::lora_scale`).
+    pub fn scale(&self) -> f64 {
+        flotilla_wire::protocol::lora_scale(self.lora_alpha, self.max_rank)
+    }
+}
+
 impl Default for AggregationSection {
     fn default() -> Self {
         AggregationSection {

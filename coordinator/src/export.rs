@@ -68,8 +68,7 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     if rank == 0 || rank > max_rank {
         bail!("--rank {rank}: the global adapter has rank {max_rank}; ask for 1..={max_rank}");
     }
-    let lora_alpha = config.aggregation.lora_alpha;
-    let scale = lora_alpha / max_rank as f64;
+    let scale = config.aggregation.scale();
     let tail_folded = rank < max_rank && config.aggregation.method.folds_tail();
     let adapter = held_at_rank(global, rank, scale, tail_folded)?;
     let mut metadata = HashMap::from([

@@ -286,7 +286,7 @@ fn start_worker(
             Evaluator::load(
                 config.model.architecture.clone(),
                 base.weights.iter().map(|(n, t)| (n.clone(), t.copy())).collect(),
-                config.aggregation.lora_alpha / f64::from(max_rank),
+                config.aggregation.scale(),
                 &set,
             )
             .context("cannot load the evaluation set")?

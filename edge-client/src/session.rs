@@ -344,7 +344,7 @@ async fn admit(
         }
     }
     settings.progress.admitted(welcome.assigned_rank);
-    let scale = welcome.model.lora_alpha / f64::from(welcome.model.max_rank);
+    let scale = welcome.model.scale();
     let base = match &welcome.base {
         BaseDelivery::Inline => BaseSource::Tensors(base),
         BaseDelivery::Checkpoint { files } => {

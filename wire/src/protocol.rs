@@ -147,6 +147,19 @@ pub struct ModelSpec {
     pub max_rank: u32,
 }
 
+impl ModelSpec {
+    /// The LoRA scale every rank uses: `lora_alpha / max_rank`.
+    pub fn scale(&self) -> f64 {
+        lora_scale(self.lora_alpha, self.max_rank)
+    }
+}
+
+/// The one LoRA scale of a run: `lora_alpha / R_max`, the same for every rank (a rank-r slice
+/// computes the first r terms of the R_max update).
+pub fn lora_scale(lora_alpha: f64, max_rank: u32) -> f64 {
+    lora_alpha / f64::from(max_rank)
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Welcome {
     pub assigned_rank: u32,
