@@ -347,3 +347,56 @@ fn no_product_file_or_function_is_too_long_without_a_reason() {
     }
     assert!(problems.is_empty(), "{} problem(s):\n{}", problems.len(), problems.join("\n"));
 }
+
+/// The crate diagram in docs/architecture.md is the dependency graph: every arrow between two
+/// crates is a normal dependency in the first one's Cargo.toml, and every such dependency has its
+/// arrow, so the picture cannot drift from the build.
+#[test]
+fn the_documented_crate_diagram_is_the_dependency_graph() {
+    let root = workspace_root();
+    let doc = std::fs::read_to_string(root.join("docs/architecture.md")).unwrap();
+    let diagram = doc.split("```mermaid").nth(1).and_then(|d| d.split("```").next()).expect("a mermaid diagram");
+    // Nodes: `id[flotilla-name<br/>...]`; arrows: `a --> b`.
+    let mut names = BTreeMap::new();
+    let mut drawn = BTreeSet::new();
+    for line in diagram.lines().map(str::trim) {
+        if let Some((id, rest)) = line.split_once('[') {
+            let name = rest.split(['<', ']']).next().unwrap_or_default();
+            if name.starts_with("flotilla-") && !id.contains(' ') {
+                names.insert(id.to_string(), name.to_string());
+            }
+        } else if let Some((from, to)) = line.split_once("-->") {
+            drawn.insert((from.trim().to_string(), to.trim().to_string()));
+        }
+    }
+    let drawn: BTreeSet<(String, String)> =
+        drawn.into_iter().map(|(a, b)| (names[&a].clone(), names[&b].clone())).collect();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["metadata", "--no-deps", "--format-version", "1", "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let documented: BTreeSet<&String> = names.values().collect();
+    let mut built = BTreeSet::new();
+    for package in metadata["packages"].as_array().unwrap() {
+        let name = package["name"].as_str().unwrap().to_string();
+        if !documented.contains(&name) {
+            continue;
+        }
+        for dependency in package["dependencies"].as_array().unwrap() {
+            let target = dependency["name"].as_str().unwrap().to_string();
+            if dependency["kind"].is_null() && documented.contains(&target) {
+                built.insert((name.clone(), target));
+            }
+        }
+    }
+    let missing: Vec<_> = built.difference(&drawn).collect();
+    let extra: Vec<_> = drawn.difference(&built).collect();
+    assert!(
+        missing.is_empty() && extra.is_empty(),
+        "arrows missing from the diagram: {missing:?}; drawn but not built: {extra:?}"
+    );
+}
