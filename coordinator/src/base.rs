@@ -90,10 +90,9 @@ pub fn write_safetensors_atomically(path: &Path, named: &[(&str, &Tensor)]) -> R
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
     }
-    let tmp = path.with_extension("safetensors.tmp");
+    let tmp = flotilla_wire::files::temporary_beside(path);
     Tensor::write_safetensors(named, &tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).with_context(|| format!("cannot sync {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    flotilla_wire::files::commit(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn base_dir(run_dir: &Path) -> PathBuf {

@@ -99,9 +99,7 @@ pub fn run(config: &CoordinatorConfig, train_dir: &Path) -> Result<serde_json::V
         "rounds": rounds,
     });
     let path = run_dir.join("summary.json");
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(&summary)?)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
+    flotilla_wire::files::write_atomically(&path, &serde_json::to_vec_pretty(&summary)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(summary)
 }

@@ -71,7 +71,7 @@ fn render(path: &Path, which: Chart, rows: &[ReportRow]) -> Result<()> {
         chart(&area, which, rows)?;
         area.present().map_err(|e| anyhow!("{}: {e}", path.display()))?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
+    flotilla_wire::files::commit(&tmp, path).map_err(|e| anyhow!("{}: {e}", path.display()))
 }
 
 type Chart2d<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;

@@ -516,19 +516,8 @@ pub fn peft_config_for(adapter: &Adapter, lora_alpha: f64) -> PeftConfig {
 
 /// Writes `path` so that a crash leaves either the old or the new file, never a torn one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
-    use std::io::Write;
-    let err = |message: String| AdapterError::File { path: path.to_path_buf(), message };
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).map_err(|e| err(e.to_string()))?;
-    file.write_all(bytes).map_err(|e| err(e.to_string()))?;
-    file.sync_all().map_err(|e| err(e.to_string()))?;
-    fs::rename(&tmp, path).map_err(|e| err(e.to_string()))?;
-    if let Some(parent) = path.parent() {
-        if let Ok(dir) = fs::File::open(parent) {
-            let _ = dir.sync_all();
-        }
-    }
-    Ok(())
+    flotilla_wire::files::write_atomically(path, bytes)
+        .map_err(|e| AdapterError::File { path: path.to_path_buf(), message: e.to_string() })
 }
 
 #[cfg(test)]

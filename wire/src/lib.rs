@@ -12,6 +12,7 @@
 //!   set-up, the crash-test pause hook, and a stable hash for fingerprints and seeds.
 
 pub mod crash_test;
+pub mod files;
 pub mod fingerprint;
 pub mod framing;
 pub mod identity;

@@ -161,8 +161,7 @@ pub fn refresh_kit_crl(kit: &KitPaths, crl_pem: &str) -> Result<bool, TlsError> 
             }
         }
     }
-    let tmp = path.with_extension("pem.tmp");
-    std::fs::write(&tmp, crl_pem).and_then(|()| std::fs::rename(&tmp, &path)).map_err(|e| invalid(e.to_string()))?;
+    crate::files::write_atomically(&path, crl_pem.as_bytes()).map_err(|e| invalid(e.to_string()))?;
     Ok(true)
 }
 
