@@ -23,6 +23,8 @@ pub fn standings_from_doc(plan: &Plan, doc: &str) -> Result<Vec<Standing>> {
     let (_, rule) = block
         .split_once(RULE_HEADING)
         .with_context(|| format!("--suite {}'s block has no default-method rule table", plan.suite))?;
+    // The rule's table ends where the next section (the pairwise comparison) begins.
+    let rule = rule.split("\n#### ").next().unwrap_or(rule);
     let mut out = Vec::new();
     for line in rule.lines().map(str::trim).filter(|l| l.starts_with('|')) {
         let cells: Vec<&str> = line.trim_matches('|').split('|').map(str::trim).collect();

@@ -10,6 +10,8 @@ use super::results::{choose, load_run, Choice, Chosen, Run, LAST_ROUNDS};
 use super::{Arm, Plan, Skew};
 use crate::results::Stat;
 
+mod pairwise;
+
 /// Marks a choice that still lies on an edge of what its tuning tried.
 const EDGE_MARK: &str = "†";
 
@@ -108,7 +110,9 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
         report.privacy_section(&mut out, task.key, &bounds)?;
         report.tuning_section(&mut out, task.key)?;
     }
-    rule_section(&mut out, &standings(plan, dir)?)?;
+    let standings = standings(plan, dir)?;
+    rule_section(&mut out, &standings)?;
+    pairwise::section(&mut out, &report, &standings)?;
     writeln!(out, "{}", plan.end_marker())?;
     Ok(out)
 }
@@ -251,6 +255,7 @@ fn rule_section(out: &mut String, standings: &[Standing]) -> Result<()> {
 }
 
 /// The base and the centralized reference at R_max: what gain recovered is measured against.
+#[derive(Clone)]
 struct Bounds {
     base: Option<Stat>,
     centralized: Option<Stat>,
