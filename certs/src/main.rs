@@ -379,7 +379,6 @@ fn sign(pki: &Pki, dir: &Path, csr: &Path, out: Option<PathBuf>, valid_for: Dura
 /// `list`: every certificate issued, with its revocation.
 fn list(pki: &Pki, format: Format) -> Result<()> {
     let registry = pki.registry()?;
-    let revoked = |serial: &str| registry.revoked.iter().any(|r| r.serial == serial);
     match format {
         Format::Json => {
             let rows: Vec<serde_json::Value> = registry
@@ -387,7 +386,7 @@ fn list(pki: &Pki, format: Format) -> Result<()> {
                 .iter()
                 .map(|c| {
                     let mut row = serde_json::to_value(c).unwrap_or_default();
-                    row["revoked"] = serde_json::Value::Bool(revoked(&c.serial));
+                    row["revoked"] = serde_json::Value::Bool(registry.is_revoked(&c.serial));
                     row
                 })
                 .collect();
@@ -401,7 +400,7 @@ fn list(pki: &Pki, format: Format) -> Result<()> {
                     cert.id,
                     cert.serial,
                     cert.not_after,
-                    if revoked(&cert.serial) { "  REVOKED" } else { "" }
+                    if registry.is_revoked(&cert.serial) { "  REVOKED" } else { "" }
                 );
             }
         }

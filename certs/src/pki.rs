@@ -56,6 +56,13 @@ pub struct Registry {
     pub crl_number: u64,
 }
 
+impl Registry {
+    /// Whether the certificate of `serial` is on the revocation list.
+    pub fn is_revoked(&self, serial: &str) -> bool {
+        self.revoked.iter().any(|r| r.serial == serial)
+    }
+}
+
 /// Validity of each CRL; `revoke` re-signs it.
 const CRL_DAYS: i64 = 30;
 
@@ -246,7 +253,7 @@ impl Pki {
             OffsetDateTime::now_utc().format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
         let entries: Vec<RevokedCertificate> = issued
             .iter()
-            .filter(|c| !registry.revoked.iter().any(|r| r.serial == c.serial))
+            .filter(|c| !registry.is_revoked(&c.serial))
             .map(|c| RevokedCertificate {
                 id: id.to_string(),
                 serial: c.serial.clone(),
@@ -454,9 +461,9 @@ impl Pki {
             (Some(_), false) => Err(PkiError::Invalid(format!(
                 "device '{id}' already has a certificate; each id is issued once (use `sign --renew` to renew it)"
             ))),
-            (Some(cert), true) if registry.revoked.iter().any(|r| r.serial == cert.serial) => Err(PkiError::Invalid(
-                format!("device '{id}' was revoked; a revoked id is not renewed, issue a new id"),
-            )),
+            (Some(cert), true) if registry.is_revoked(&cert.serial) => Err(PkiError::Invalid(format!(
+                "device '{id}' was revoked; a revoked id is not renewed, issue a new id"
+            ))),
             (Some(cert), true) => Ok(Some(cert.serial.clone())),
         }
     }
@@ -490,7 +497,7 @@ impl Pki {
         }
         let _lock = self.lock_registry()?;
         let mut registry = self.registry()?;
-        if let Some(renewed) = renews.as_deref().filter(|r| registry.revoked.iter().any(|x| x.serial == *r)) {
+        if let Some(renewed) = renews.as_deref().filter(|r| registry.is_revoked(r)) {
             // Revoked while this renewal was being checked: the lock makes the answer final.
             return Err(PkiError::Invalid(format!(
                 "device '{id}' (serial {renewed}) was revoked; a revoked id is not renewed, issue a new id"
@@ -544,14 +551,11 @@ impl Pki {
     /// `None` before a coordinator certificate is issued.
     pub fn coordinator_endpoint(&self) -> Result<Option<(String, u16)>, PkiError> {
         let registry = self.registry()?;
-        let revoked = |serial: &str| registry.revoked.iter().any(|r| r.serial == serial);
-        let Some(record) = registry.issued.iter().rev().find(|c| c.kind == "coordinator" && !revoked(&c.serial)) else {
+        let current = |c: &&IssuedCertificate| c.kind == "coordinator" && !registry.is_revoked(&c.serial);
+        let Some(record) = registry.issued.iter().rev().find(current) else {
             return Ok(None);
         };
-        let path = self.issued_path(&record.serial);
-        let pem = fs::read(&path).map_err(io_err(&path))?;
-        let info =
-            crate::inspect::describe_pem(&pem).map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))?;
+        let info = self.describe_issued(record)?;
         let snippet =
             fs::read_to_string(self.kit_dir("coordinator").join(kit::COORDINATOR_SNIPPET)).unwrap_or_default();
         let port = kit::listen_port(&snippet).unwrap_or(kit::DEFAULT_PORT);
@@ -567,17 +571,21 @@ impl Pki {
             .rev()
             .find(|c| c.id == id)
             .ok_or_else(|| PkiError::Invalid(format!("no certificate with id '{id}' was issued by this CA")))?;
+        let mut info = self.describe_issued(record)?;
+        info.revoked = Some(registry.is_revoked(&record.serial));
+        Ok(info)
+    }
+
+    /// What the certificate of an issued record says, read from the CA's copy of it.
+    fn describe_issued(&self, record: &IssuedCertificate) -> Result<crate::inspect::CertificateInfo, PkiError> {
         let path = self.issued_path(&record.serial);
         let pem = fs::read(&path).map_err(io_err(&path))?;
-        let mut info =
-            crate::inspect::describe_pem(&pem).map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))?;
-        info.revoked = Some(registry.revoked.iter().any(|r| r.serial == record.serial));
-        Ok(info)
+        crate::inspect::describe_pem(&pem).map_err(|e| PkiError::Invalid(format!("{}: {e}", path.display())))
     }
 
     /// The revocation status of a certificate this CA issued, by serial (hex, no leading zeros).
     pub fn is_revoked(&self, serial: &str) -> Result<bool, PkiError> {
-        Ok(self.registry()?.revoked.iter().any(|r| r.serial == serial))
+        Ok(self.registry()?.is_revoked(serial))
     }
 }
 

@@ -126,14 +126,16 @@ fn pretraining_data(config: &CoordinatorConfig, pretrain: &PretrainSection) -> R
 /// What [`prepare`] would fail on, found without writing anything: the transformer checkpoint and
 /// its pin, or the pretraining data when the base is not made yet (a base already made is read).
 pub fn check(config: &CoordinatorConfig) -> Result<()> {
-    let Some(pretrain) = &config.model.pretrain else {
-        return prepare(config).map(drop);
-    };
-    let fingerprint_path = base_dir(&config.server.run_dir).join("fingerprint");
-    if std::fs::read_to_string(&fingerprint_path).ok().as_deref() == Some(fingerprint(config).as_str()) {
-        return prepare(config).map(drop);
+    match &config.model.pretrain {
+        Some(pretrain) if !base_is_made(config) => pretraining_data(config, pretrain).map(drop),
+        _ => prepare(config).map(drop),
     }
-    pretraining_data(config, pretrain).map(drop)
+}
+
+/// Whether `<run_dir>/base/` holds the pretrained base these settings make.
+fn base_is_made(config: &CoordinatorConfig) -> bool {
+    let path = base_dir(&config.server.run_dir).join("fingerprint");
+    std::fs::read_to_string(path).ok().as_deref() == Some(fingerprint(config).as_str())
 }
 
 /// The base for `config`: loaded from `<run_dir>/base/` when it was made for the same settings,
@@ -153,7 +155,7 @@ pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
     let dir = base_dir(&config.server.run_dir);
     let model_path = dir.join("model.safetensors");
     let fingerprint_path = dir.join("fingerprint");
-    if std::fs::read_to_string(&fingerprint_path).ok().as_deref() == Some(fingerprint.as_str()) {
+    if base_is_made(config) {
         let mut weights: BaseWeights = Tensor::read_safetensors(&model_path)
             .with_context(|| format!("cannot read the pretrained base {}", model_path.display()))?
             .into_iter()

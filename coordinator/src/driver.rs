@@ -21,6 +21,7 @@ use tracing::{info, warn};
 mod privacy_spend;
 mod secure_phases;
 mod skipping;
+mod status;
 
 pub use secure_phases::SecureRequest;
 pub use skipping::Departure;
@@ -28,7 +29,7 @@ pub use skipping::Departure;
 use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
 use crate::config::CoordinatorConfig;
 use crate::evaluation::RankAccuracy;
-use crate::metrics::{SharedStatus, Status};
+use crate::metrics::SharedStatus;
 use crate::report::{RoundFacts, RoundRecord, RunSummary, UpdateRecord};
 use crate::report_files::ReportWriter;
 use crate::secure::{SecurePhase, SecureRound};
@@ -139,12 +140,24 @@ pub(crate) struct DriverStart {
     pub status: SharedStatus,
     pub secure_layout: Option<flotilla_secagg::layout::Layout>,
     pub ledger: Option<crate::privacy_ledger::PrivacyLedger>,
+    /// Under `[privacy]`: what the noise will cost the model, for `/status`.
+    pub privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
 }
 
 impl RoundDriver {
     pub(crate) fn new(start: DriverStart) -> RoundDriver {
-        let DriverStart { config, base_version, inputs, worker, summary, first_round, status, secure_layout, ledger } =
-            start;
+        let DriverStart {
+            config,
+            base_version,
+            inputs,
+            worker,
+            summary,
+            first_round,
+            status,
+            secure_layout,
+            ledger,
+            privacy_plan,
+        } = start;
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
             min_devices: config.round.min_devices,
@@ -155,7 +168,6 @@ impl RoundDriver {
             policy: config.round_policy(),
         });
         let reports = ReportWriter::start(config.server.run_dir.clone());
-        let privacy_plan = crate::privacy_plan::PrivacyPlan::of(&config).ok().flatten();
         RoundDriver {
             config,
             base_version,
@@ -317,41 +329,6 @@ impl RoundDriver {
         }
     }
 
-    /// Gauges and the `/status` snapshot that mirror the engine's state.
-    fn publish_state(&self) {
-        let phase = self.engine.phase();
-        crate::metrics::set_phase(phase.name());
-        let round = match phase {
-            Phase::Training { round } | Phase::Aggregating { round } => *round,
-            _ => self.summary.rounds.last().map_or(0, |r| r.round),
-        };
-        metrics::gauge!("fl_round").set(f64::from(round));
-        metrics::gauge!("fl_clients_connected").set(self.engine.connected() as f64);
-        let by_rank = self.engine.participants_by_rank().clone();
-        if let Ok(mut status) = self.status.write() {
-            *status = Status {
-                phase: phase.name().to_string(),
-                round,
-                rounds_total: self.config.round.rounds,
-                rounds_completed: self.summary.rounds.last().map_or(self.summary.rounds_completed, |r| r.round),
-                method: self.config.aggregation.method.to_string(),
-                max_rank: self.config.aggregation.max_rank,
-                devices_connected: self.engine.connected(),
-                participants_by_rank: by_rank.clone(),
-                privacy: self.summary.privacy.as_ref().map(|p| crate::metrics::PrivacyStatus {
-                    epsilon: p.epsilon_spent,
-                    epsilon_budget: p.epsilon_budget,
-                    delta: p.delta,
-                }),
-                privacy_plan: self.privacy_plan.clone(),
-            };
-        }
-        for &rank in &self.rank_labels {
-            let count = by_rank.get(&rank).copied().unwrap_or(0);
-            metrics::gauge!("fl_round_participants", "rank" => rank.to_string()).set(count as f64);
-        }
-    }
-
     fn record_round(&mut self, record: RoundRecord) {
         metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.config.aggregation.method.name())
             .record(record.aggregation_seconds);
@@ -411,10 +388,7 @@ impl RoundDriver {
                         let _ = inputs.send(DriverInput::TimerFired { round, timer });
                     });
                 }
-                Action::Aggregate { round, .. } => {
-                    self.departures.remove(&round);
-                    self.aggregate(round)
-                }
+                Action::Aggregate { round, .. } => self.aggregate(round),
                 Action::SkipRound { round, updates, why } => self.skip(round, updates, why).await?,
                 Action::Finish { rounds_completed } => {
                     self.finish_sessions(rounds_completed).await;
@@ -462,6 +436,7 @@ impl RoundDriver {
     /// Asks the worker to finish the round; its record comes back as `AggregationDone`. A secure
     /// round first asks its survivors to unmask.
     fn aggregate(&mut self, round: u32) {
+        self.departures.remove(&round);
         let updates = self.accepted.remove(&round).unwrap_or_default();
         let facts = RoundFacts {
             round,

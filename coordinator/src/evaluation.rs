@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::class_scores::{class_scores, ClassScore};
-pub use crate::evaluation_set::{class_labels, load_test_set, EvaluationSet};
+use crate::evaluation_set::{class_labels, load_test_set, EvaluationSet};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RankAccuracy {

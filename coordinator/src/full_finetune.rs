@@ -22,7 +22,7 @@ use tracing::info;
 use crate::base;
 use crate::config::CoordinatorConfig;
 use crate::driver::training_settings;
-use crate::evaluation::load_test_set;
+use crate::evaluation_set::load_test_set;
 
 /// Batches of the held-out set per forward pass.
 const EVALUATION_BATCH: usize = 64;

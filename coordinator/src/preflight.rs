@@ -68,10 +68,7 @@ fn run_dir_problems(config: &CoordinatorConfig) -> Vec<String> {
     }
     let mut problems = Vec::new();
     match run_lock::RunLock::holder(run_dir) {
-        Ok(Some(holder)) => problems.push(format!(
-            "[server] run_dir {}: in use by another coordinator ({holder}); stop it, or give this one another run_dir",
-            run_dir.display()
-        )),
+        Ok(Some(holder)) => problems.push(format!("[server]: {}", run_lock::in_use(run_dir, &holder))),
         Ok(None) => {}
         Err(error) => problems.push(format!("[server] run_dir: {error:#}")),
     }

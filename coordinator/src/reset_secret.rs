@@ -64,8 +64,8 @@ fn create(run_dir: &Path) -> anyhow::Result<[u8; LEN]> {
         .open(&tmp)
         .with_context(|| format!("cannot create {}", tmp.display()))?;
     file.write_all(&secret)?;
-    file.sync_all()?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot create {}", path.display()))?;
+    drop(file);
+    flotilla_wire::files::commit(&tmp, &path).with_context(|| format!("cannot create {}", path.display()))?;
     Ok(secret)
 }
 

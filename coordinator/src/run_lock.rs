@@ -28,14 +28,7 @@ impl RunLock {
             .open(&path)
             .with_context(|| format!("cannot open {}", path.display()))?;
         if file.try_lock().is_err() {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            anyhow::bail!(
-                "run directory {} is in use by another coordinator ({}); stop it, or give this one another \
-                 [server] run_dir",
-                run_dir.display(),
-                holder.trim().replace('\n', ", ")
-            );
+            anyhow::bail!("{}", in_use(run_dir, &read_holder(&mut file)));
         }
         let mut lock = RunLock { file };
         lock.record(&format!("pid {}", std::process::id()))?;
@@ -54,9 +47,7 @@ impl RunLock {
         if file.try_lock_shared().is_ok() {
             return Ok(None);
         }
-        let mut holder = String::new();
-        let _ = file.read_to_string(&mut holder);
-        Ok(Some(holder.trim().replace('\n', ", ")))
+        Ok(Some(read_holder(&mut file)))
     }
 
     /// Writes who holds the lock (the pid, and the address once it listens) for a refused second.
@@ -67,6 +58,22 @@ impl RunLock {
         self.file.sync_all()?;
         Ok(())
     }
+}
+
+/// What a holder wrote in the lock file, on one line.
+fn read_holder(file: &mut std::fs::File) -> String {
+    let mut holder = String::new();
+    let _ = file.read_to_string(&mut holder);
+    holder.trim().replace('\n', ", ")
+}
+
+/// Why a run directory cannot be used: another coordinator, `holder`, has it.
+pub fn in_use(run_dir: &Path, holder: &str) -> String {
+    format!(
+        "run directory {} is in use by another coordinator ({holder}); stop it, or give this one another \
+         [server] run_dir",
+        run_dir.display()
+    )
 }
 
 #[cfg(test)]

@@ -26,8 +26,6 @@ const HELLO_LIMITS: FrameLimits =
     FrameLimits { max_header_bytes: 16 << 10, max_tensors: 0, max_tensor_dims: 0, max_body_bytes: 0 };
 /// How long a refused device gets to receive the Refusal before its connection is closed.
 const REFUSAL_DELIVERY: Duration = Duration::from_secs(2);
-/// QUIC close reasons travel in one packet: keep them short.
-const MAX_CLOSE_REASON: usize = 200;
 
 /// What every session needs: the configuration, the Welcome (model and base weights), the round
 /// driver's input, and the CA for online renewal.
@@ -102,7 +100,7 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
             warn!(device = %identity, %remote, "not admitted: {error:#}");
             // The close reason repeats the refusal for peers that did not wait for the answer.
             let reason = format!("not admitted: {error:#}");
-            connection.close(close::REFUSED.into(), &reason.as_bytes()[..reason.len().min(MAX_CLOSE_REASON)]);
+            connection.close(close::REFUSED.into(), close::reason(&reason));
             return;
         }
     };
@@ -154,24 +152,17 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
 fn departure(identity: &str, error: &quinn::ConnectionError) -> Option<Departure> {
     let said = match error {
         quinn::ConnectionError::ApplicationClosed(closed) => {
-            let why = match closed.error_code.into_inner() {
-                code if code == u64::from(close::REFUSED_TASK) => Departure::RefusedTask,
-                code if code == u64::from(close::DATA_UNUSABLE) => Departure::DataUnusable,
-                _ => return log_left(identity, error),
-            };
-            (why, String::from_utf8_lossy(&closed.reason).into_owned())
+            Departure::of_close_code(closed.error_code.into_inner()).map(|why| (why, &closed.reason))
         }
-        _ => return log_left(identity, error),
+        _ => None,
     };
-    let (why, reason) = said;
-    warn!(device = %identity, "device {} and left: {reason}", why.describe());
+    let Some((why, reason)) = said else {
+        info!(device = %identity, "device left: {error}");
+        return None;
+    };
+    warn!(device = %identity, "device {} and left: {}", why.describe(), String::from_utf8_lossy(reason));
     metrics::counter!("fl_sessions_closed_total", "reason" => why.label()).increment(1);
     Some(why)
-}
-
-fn log_left(identity: &str, error: &quinn::ConnectionError) -> Option<Departure> {
-    info!(device = %identity, "device left: {error}");
-    None
 }
 
 /// Reads one device-opened stream's message and answers it: an upload goes to the round driver,

@@ -41,7 +41,7 @@ struct RunStart {
 /// run's summary, also written to `<run_dir>/summary.json`.
 pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<RunSummary> {
     let configured_rounds = config.round.rounds;
-    let config = limit_rounds_to_privacy_budget(config)?;
+    let (config, privacy_plan) = budgeted_and_planned(config)?;
     let run_dir = config.server.run_dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     let mut run_lock = crate::run_lock::RunLock::take(&run_dir)?;
@@ -108,6 +108,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         status,
         secure_layout,
         ledger,
+        privacy_plan,
     });
     let summary = driver.run(receiver).await;
     acceptor.abort();
@@ -234,16 +235,27 @@ fn limit_rounds_to_ledger(
     Ok((config, Some(ledger)))
 }
 
-/// Under `[privacy]`, ends the run at the last round the ε budget pays for: the noise and the
-/// sampling rate are fixed, so a round that would take ε past the budget is known before the run.
-fn limit_rounds_to_privacy_budget(mut config: CoordinatorConfig) -> anyhow::Result<CoordinatorConfig> {
-    let Some(privacy) = &config.privacy else { return Ok(config) };
-    if let Some(plan) = crate::privacy_plan::PrivacyPlan::of(&config)? {
+/// Under `[privacy]`: the rounds the budget pays for (see [`limit_rounds_to_privacy_budget`]),
+/// and what the noise will cost the model, logged (with the warning when the run would learn
+/// almost nothing) and kept for `/status`.
+fn budgeted_and_planned(
+    config: CoordinatorConfig,
+) -> anyhow::Result<(CoordinatorConfig, Option<crate::privacy_plan::PrivacyPlan>)> {
+    let config = limit_rounds_to_privacy_budget(config)?;
+    let plan = crate::privacy_plan::PrivacyPlan::of(&config)?;
+    if let Some(plan) = &plan {
         info!("{}", plan.describe());
         if let Some(warning) = plan.warning() {
             warn!("{warning}");
         }
     }
+    Ok((config, plan))
+}
+
+/// Under `[privacy]`, ends the run at the last round the ε budget pays for: the noise and the
+/// sampling rate are fixed, so a round that would take ε past the budget is known before the run.
+fn limit_rounds_to_privacy_budget(mut config: CoordinatorConfig) -> anyhow::Result<CoordinatorConfig> {
+    let Some(privacy) = &config.privacy else { return Ok(config) };
     let budget = privacy.budget(config.round.fraction, config.round.rounds)?;
     let allowed = budget.rounds_allowed();
     if budget.cuts_the_run() {

@@ -25,7 +25,7 @@ pub(crate) async fn renew_certificate(
     limits: &FrameLimits,
     expires: std::time::SystemTime,
 ) -> Result<(), RenewalError> {
-    let dir = kit.cert.parent().unwrap_or(std::path::Path::new(".")).to_path_buf();
+    let dir = kit.dir().to_path_buf();
     let expires = humantime::format_rfc3339_seconds(expires);
     let csr_path = match flotilla_certs::csr::renew(&dir) {
         Ok((_, path)) => path,

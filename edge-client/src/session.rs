@@ -197,14 +197,10 @@ fn certificate_check(settings: &SessionSettings) -> Result<std::time::SystemTime
              with [renewal] renew it before it ends)",
             settings.kit.cert.display(),
             humantime::format_rfc3339_seconds(not_after),
-            kit_dir(&settings.kit).display()
+            settings.kit.dir().display()
         )));
     }
     Ok(not_after)
-}
-
-fn kit_dir(kit: &KitPaths) -> &std::path::Path {
-    kit.cert.parent().unwrap_or(std::path::Path::new("."))
 }
 
 async fn connect_and_serve(
@@ -361,7 +357,7 @@ async fn admit(
         Err(failure @ BaseFailure::Data(_)) => {
             // The coordinator is told why, so that it records the cause instead of a silent leave.
             let why = failure.to_string();
-            connection.close(close::DATA_UNUSABLE.into(), &why.as_bytes()[..why.len().min(200)]);
+            connection.close(close::DATA_UNUSABLE.into(), close::reason(&why));
             Err(SessionError::Fatal(format!("this device {why}; fix its --data and start it again")))
         }
         Err(failure) => Err(SessionError::Fatal(failure.to_string())),
@@ -392,7 +388,7 @@ async fn train_and_upload(
     };
     if let Err(why) = admitted {
         // Nothing is trained or sent; closing tells the coordinator at once.
-        connection.close(close::REFUSED_TASK.into(), &why.as_bytes()[..why.len().min(200)]);
+        connection.close(close::REFUSED_TASK.into(), close::reason(&why));
         return Err(SessionError::Fatal(format!("refused: {why}")));
     }
     let mut secure_round = None;

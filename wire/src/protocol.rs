@@ -119,6 +119,32 @@ pub mod close {
     /// the coordinator's model); the reason text follows. The device stops: its operator must fix
     /// the data.
     pub const DATA_UNUSABLE: u32 = 7;
+
+    /// The most bytes of reason text a close carries (it travels in one packet: keep it short).
+    pub const MAX_REASON: usize = 200;
+
+    /// `text` cut to at most [`MAX_REASON`] bytes, at a character boundary, for a close's reason.
+    pub fn reason(text: &str) -> &[u8] {
+        let mut end = text.len().min(MAX_REASON);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        &text.as_bytes()[..end]
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn a_reason_is_cut_to_the_limit_at_a_character_boundary() {
+            assert_eq!(super::reason("short"), b"short");
+            let long = "é".repeat(150); // 300 bytes, 2 per character
+            assert_eq!(super::reason(&long).len(), 200);
+            let odd = format!("x{long}"); // the 200th byte is inside an 'é'
+            let cut = super::reason(&odd);
+            assert_eq!(cut.len(), 199);
+            assert!(std::str::from_utf8(cut).is_ok());
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

@@ -36,6 +36,11 @@ impl KitPaths {
     pub fn in_dir(dir: &Path) -> KitPaths {
         KitPaths { ca_cert: dir.join("ca.crt"), cert: dir.join("cert.pem"), key: dir.join("key.pem") }
     }
+
+    /// The kit's directory (where its certificate is).
+    pub fn dir(&self) -> &Path {
+        self.cert.parent().unwrap_or(Path::new("."))
+    }
 }
 
 struct LoadedKit {

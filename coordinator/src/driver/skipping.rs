@@ -16,6 +16,16 @@ pub enum Departure {
 }
 
 impl Departure {
+    /// The departure a device's close code states, if it states one.
+    pub fn of_close_code(code: u64) -> Option<Departure> {
+        use flotilla_wire::protocol::close;
+        match code {
+            code if code == u64::from(close::REFUSED_TASK) => Some(Departure::RefusedTask),
+            code if code == u64::from(close::DATA_UNUSABLE) => Some(Departure::DataUnusable),
+            _ => None,
+        }
+    }
+
     /// A bounded label for `fl_sessions_closed_total{reason}`.
     pub fn label(self) -> &'static str {
         match self {

@@ -71,7 +71,10 @@ impl Run {
     /// What a slice must not end below: the base's accuracy, or the majority-class rate where it is
     /// known and higher (a model that predicts one class reaches that rate without learning).
     pub fn floor(&self) -> Option<f64> {
-        Some(self.majority.map_or(self.base?, |m| m.max(self.base.unwrap_or(0.0))))
+        match (self.base, self.majority) {
+            (Some(base), Some(majority)) => Some(base.max(majority)),
+            (base, majority) => base.or(majority),
+        }
     }
 
     fn last_rounds(&self) -> &[BTreeMap<u32, f64>] {

@@ -55,34 +55,6 @@ pub struct Tuning {
     pub doubled: Vec<Choice>,
 }
 
-/// Each tried candidate's score, in the order tried: the mean of its seeds' scores where it has
-/// all of them (seed 1, and seed 2 if `doubled`), and its seed-1 score while its seed 2 runs.
-fn mean_scores(tried: &[Choice], doubled: &[Choice], cells: &[Cell], scored: &[Option<f64>]) -> Vec<(Choice, f64)> {
-    let score_of = |choice: &Choice, seed: u64| {
-        cells.iter().zip(scored).find_map(|(cell, s)| {
-            let same = cell.seed == seed
-                && cell.learning_rate == choice.learning_rate
-                && cell.local_steps == choice.local_steps
-                && cell.clip_norm == choice.clip_norm;
-            if same {
-                *s
-            } else {
-                None
-            }
-        })
-    };
-    tried
-        .iter()
-        .filter_map(|choice| {
-            let first = score_of(choice, 1)?;
-            Some(match (doubled.contains(choice), score_of(choice, 2)) {
-                (true, Some(second)) => (*choice, (first + second) / 2.0),
-                _ => (*choice, first),
-            })
-        })
-        .collect()
-}
-
 #[derive(Debug, Clone, Copy)]
 enum Axis {
     LearningRate,
@@ -166,23 +138,26 @@ impl Plan {
         let mut known: Vec<(Cell, Option<f64>)> = Vec::new();
         loop {
             let wanted = tried.iter().map(|&c| (c, 1)).chain(doubled.iter().map(|&c| (c, 2)));
-            let mut cells = Vec::new();
-            let mut scored = Vec::new();
-            for (choice, seed) in wanted {
-                let cell = self.tuning_cell(setting, choice, seed);
-                let result = match known.iter().find(|(c, _)| *c == cell) {
-                    Some((_, result)) => *result,
-                    None => {
-                        let result = score(&cell);
-                        known.push((cell.clone(), result));
-                        result
-                    }
-                };
-                cells.push(cell);
-                scored.push(result);
+            let cells: Vec<Cell> = wanted.map(|(choice, seed)| self.tuning_cell(setting, choice, seed)).collect();
+            for cell in &cells {
+                if !known.iter().any(|(c, _)| c == cell) {
+                    known.push((cell.clone(), score(cell)));
+                }
             }
-            let scores = mean_scores(&tried, &doubled, &cells, &scored);
-            let complete = !cells.is_empty() && scored.iter().all(Option::is_some);
+            let score_of = |choice: Choice, seed: u64| {
+                let cell = self.tuning_cell(setting, choice, seed);
+                known.iter().find(|(c, _)| *c == cell).and_then(|(_, s)| *s)
+            };
+            // A candidate's score: its seed-1 score, or the mean with seed 2 once a close call ran it.
+            let scores: Vec<(Choice, f64)> = tried
+                .iter()
+                .filter_map(|&c| {
+                    let first = score_of(c, 1)?;
+                    Some((c, score_of(c, 2).map_or(first, |second| (first + second) / 2.0)))
+                })
+                .collect();
+            let complete =
+                !cells.is_empty() && cells.iter().all(|cell| known.iter().any(|(c, s)| c == cell && s.is_some()));
             // The first of equal scores: the order tried breaks ties.
             let best = scores.iter().copied().reduce(|b, s| if s.1 > b.1 { s } else { b }).filter(|_| complete);
             let Some((best, best_score)) = best else { return Tuning { cells, scores, best: None, doubled } };
