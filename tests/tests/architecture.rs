@@ -37,10 +37,16 @@ fn assert_free_of(manifest: &Path, package: &str, forbidden: &[&str]) {
 const LIBTORCH: &[&str] = &["tch", "torch-sys"];
 
 #[test]
-fn the_wire_engine_merge_data_and_front_end_do_not_depend_on_libtorch() {
+fn the_wire_engine_merge_data_gguf_and_front_end_do_not_depend_on_libtorch() {
     let manifest = workspace_root().join("Cargo.toml");
-    for package in ["flotilla-wire", "flotilla-engine", "flotilla-merge", "flotilla-data", "flotilla-coordinator-front"]
-    {
+    for package in [
+        "flotilla-wire",
+        "flotilla-engine",
+        "flotilla-merge",
+        "flotilla-data",
+        "flotilla-gguf",
+        "flotilla-coordinator-front",
+    ] {
         assert_free_of(&manifest, package, LIBTORCH);
     }
 }
@@ -57,7 +63,8 @@ fn the_engine_has_no_async_runtime_and_no_network() {
 fn the_fuzz_crate_does_not_link_libtorch() {
     let manifest = workspace_root().join("fuzz/Cargo.toml");
     assert_free_of(&manifest, "flotilla-fuzz", LIBTORCH);
-    assert!(dependencies(&manifest, "flotilla-fuzz").contains("flotilla-wire"), "it fuzzes the wire crate");
+    let deps = dependencies(&manifest, "flotilla-fuzz");
+    assert!(deps.contains("flotilla-wire") && deps.contains("flotilla-gguf"), "it fuzzes the wire and GGUF crates");
 }
 
 #[test]
@@ -146,11 +153,12 @@ fn the_cycle_finder_finds_cycles() {
 }
 
 /// Every crate of the product, by directory: the fitness checks below cover each one.
-const PRODUCT_CRATES: [&str; 11] = [
+const PRODUCT_CRATES: [&str; 12] = [
     "wire",
     "engine",
     "merge",
     "data",
+    "gguf",
     "secagg",
     "torch",
     "certs",

@@ -2,6 +2,7 @@
 //! [`idx`] reads MNIST-style files, [`text`] labelled texts that [`tokenizer`] turns into token
 //! ids, [`partition`] splits a dataset among devices.
 
+pub mod decoder_tokenizer;
 pub mod idx;
 pub mod tokenizer;
 

@@ -11,6 +11,7 @@ pub mod bert;
 pub mod checkpoint;
 mod full_model;
 mod layers;
+pub mod llama;
 mod lora_model;
 mod pretrain;
 #[cfg(test)]
@@ -49,10 +50,12 @@ pub enum ModelError {
     Torch(#[from] tch::TchError),
     #[error(transparent)]
     Adapter(#[from] AdapterError),
+    #[error("model: {0}")]
+    Gguf(#[from] flotilla_gguf::GgufError),
 }
 
 /// LoRA factors `(A, B)` by adapted module name and the one scale `s` they are applied with.
-pub(crate) struct Lora<'a> {
+pub struct Lora<'a> {
     pub factors: &'a BTreeMap<String, (Tensor, Tensor)>,
     pub scale: f64,
 }
