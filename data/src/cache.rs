@@ -20,3 +20,11 @@ pub fn root() -> PathBuf {
 pub fn minilm_dir() -> PathBuf {
     std::env::var_os("FLOTILLA_MINILM").map(PathBuf::from).unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"))
 }
+
+/// SmolLM2-135M-Instruct's GGUF file: `$FLOTILLA_SMOLLM2` (as `fetch-text-assets.sh` exports it),
+/// else its place in the cache.
+pub fn smollm2_file() -> PathBuf {
+    std::env::var_os("FLOTILLA_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
+}

@@ -8,6 +8,7 @@
 
 pub mod cache;
 pub mod hash;
+pub mod headline;
 pub mod idx;
 pub mod partition;
 pub mod sample;

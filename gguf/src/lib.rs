@@ -14,6 +14,7 @@ pub mod file;
 pub mod llama;
 pub mod parse;
 pub mod tensor;
+pub mod tiny;
 pub mod tokenizer;
 pub mod value;
 pub mod write;

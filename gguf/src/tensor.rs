@@ -88,10 +88,11 @@ impl TensorInfo {
         let kind = self.kind()?;
         let (per_block, block_bytes) = kind.block();
         let count = self.element_count();
-        if !count.is_multiple_of(per_block) {
+        let row = self.dims.first().copied().unwrap_or(0);
+        if !row.is_multiple_of(per_block) {
             return Err(GgufError::BadTensor {
                 name: self.name.clone(),
-                problem: format!("{count} elements do not fill whole {} blocks of {per_block}", kind.name()),
+                problem: format!("rows of {row} elements do not fill whole {} blocks of {per_block}", kind.name()),
             });
         }
         Ok(count / per_block * block_bytes)

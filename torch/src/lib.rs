@@ -11,6 +11,8 @@ pub mod adapter;
 pub mod aggregate;
 pub use flotilla_data::cache;
 pub mod data;
+/// The GGUF reader, for the decoder's callers.
+pub use flotilla_gguf as gguf;
 pub mod model;
 pub mod peft_lora;
 pub mod tensor;

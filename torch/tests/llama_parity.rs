@@ -12,12 +12,7 @@ use serde_json::Value;
 use tch::{Device, Tensor};
 
 fn smollm2() -> Option<PathBuf> {
-    let path = std::env::var_os("FLOTILLA_SMOLLM2").map(PathBuf::from).or_else(|| {
-        let cache = std::env::var_os("FLOTILLA_CACHE")
-            .map(PathBuf::from)
-            .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/flotilla")))?;
-        Some(cache.join("models/SmolLM2-135M-Instruct/SmolLM2-135M-Instruct.Q4_1.gguf"))
-    })?;
+    let path = flotilla_torch::cache::smollm2_file();
     if path.is_file() {
         return Some(path);
     }

@@ -3,6 +3,7 @@
 
 use std::str::FromStr;
 
+use flotilla_data::headline::{HeadlineExample, HEADLINE_INSTRUCTION};
 use flotilla_gguf::{tokenizer_json, ChatMessage, ChatTemplate, GgufError, GgufFile, SpecialTokens};
 use tokenizers::Tokenizer;
 
@@ -12,7 +13,20 @@ pub enum DecoderTokenizerError {
     Gguf(#[from] GgufError),
     #[error("tokenizer: {0}")]
     Tokenizers(String),
+    #[error("tokenizer: {0}")]
+    TooLong(String),
 }
+
+/// One training or evaluation sequence: the loss is on `ids[target_start..]`, each predicted from
+/// the tokens before it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DecoderExample {
+    pub ids: Vec<i64>,
+    pub target_start: usize,
+}
+
+/// Marks where the article goes in the rendered prompt (split out before tokenizing).
+const BODY_MARK: &str = "\u{1}BODY\u{1}";
 
 pub struct DecoderTokenizer {
     inner: Tokenizer,
@@ -45,6 +59,37 @@ impl DecoderTokenizer {
     /// Text of `ids`, special tokens included.
     pub fn decode(&self, ids: &[u32]) -> Result<String, DecoderTokenizerError> {
         self.inner.decode(ids, false).map_err(|e| DecoderTokenizerError::Tokenizers(e.to_string()))
+    }
+
+    /// The headline example of an article: the chat prompt (instruction and body) then the headline
+    /// and the end-of-turn token as the target, in at most `max_length` tokens. The body is cut
+    /// (at a token) to fit; the prompt's template and the headline are never cut, and an article
+    /// whose template and headline alone do not fit is refused.
+    pub fn headline_example(
+        &self,
+        example: &HeadlineExample,
+        max_length: usize,
+    ) -> Result<DecoderExample, DecoderTokenizerError> {
+        let rendered = self.chat_prompt(&format!("{HEADLINE_INSTRUCTION}{BODY_MARK}"))?;
+        let (before, after) = rendered.split_once(BODY_MARK).unwrap_or((rendered.as_str(), ""));
+        let end_of_turn = self.special.eos.map(|id| vec![id]).unwrap_or_default();
+        let [before, body, after, headline] =
+            [before, example.body.as_str(), after, example.headline.as_str()].map(|text| self.encode(text));
+        let mut target = headline?;
+        target.extend(end_of_turn);
+        let (before, after) = (before?, after?);
+        let fixed = before.len() + after.len() + target.len();
+        if fixed >= max_length {
+            return Err(DecoderTokenizerError::TooLong(format!(
+                "{}: the prompt template and headline take {fixed} tokens, not less than the maximum length {max_length}",
+                example.key
+            )));
+        }
+        let mut body = body?;
+        body.truncate(max_length - fixed);
+        let ids: Vec<i64> = before.into_iter().chain(body).chain(after).map(i64::from).collect();
+        let target_start = ids.len();
+        Ok(DecoderExample { ids: ids.into_iter().chain(target.into_iter().map(i64::from)).collect(), target_start })
     }
 
     /// A user turn in the file's chat template with the assistant's turn opened (the text itself

@@ -70,7 +70,13 @@ impl Decoder {
         self.project(&last)
     }
 
-    fn project(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+    /// The final normalized hidden states `[B, L, hidden]` of right-padded ids `[B, L]`.
+    pub fn hidden(&self, ids: &Tensor, lora: Option<&Lora>) -> Result<Tensor, ModelError> {
+        self.hidden_states(ids, lora, None)
+    }
+
+    /// Logits of hidden states (any leading shape).
+    pub fn project(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
         let output = if self.spec.tied_embeddings { "model.embed_tokens.weight" } else { "lm_head.weight" };
         Ok(hidden.f_linear::<&Tensor>(self.get(output)?, None)?)
     }

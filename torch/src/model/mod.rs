@@ -9,6 +9,7 @@
 
 pub mod bert;
 pub mod checkpoint;
+pub mod decoder_lora;
 mod full_model;
 mod layers;
 pub mod llama;

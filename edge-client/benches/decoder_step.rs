@@ -1,0 +1,97 @@
+//! The decoder's costs on this machine: the LoRA training step of SmolLM2-135M-Instruct (rank 8
+//! on q_proj and v_proj, lora_alpha 16, batch 8, sequence length 128, loss on every token, AdamW,
+//! no dropout), greedy generation speed, the time to load the GGUF, and the peak memory.
+//!
+//!   bash deploy/fetch-text-assets.sh
+//!   cargo bench -p flotilla-edge --bench decoder_step [-- --threads N --json]
+//!
+//! `deploy/transformer/bench_decoder.py` times the identical step and generation in PyTorch + HF
+//! transformers + PEFT; `deploy/transformer/bench.sh --decoder` runs both (docs/benchmarks.md).
+
+use std::time::Instant;
+
+use flotilla_torch::data::decoder_tokenizer::DecoderExample;
+use flotilla_torch::gguf::GgufFile;
+use flotilla_torch::model::decoder_lora::DecoderLora;
+use flotilla_torch::model::llama::Decoder;
+use rand::{Rng, SeedableRng};
+
+const BATCH: usize = 8;
+const LENGTH: usize = 128;
+const STEPS: usize = 3;
+const NEW_TOKENS: usize = 32;
+
+/// Peak resident memory of this process so far (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let threads: i32 = args
+        .iter()
+        .position(|a| a == "--threads")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let json = args.iter().any(|a| a == "--json");
+    tch::set_num_threads(threads);
+    let device = tch::Device::cuda_if_available();
+    let path = flotilla_torch::cache::smollm2_file();
+    let started = Instant::now();
+    let file = GgufFile::open(&path).expect("SmolLM2 (bash deploy/fetch-text-assets.sh)");
+    let decoder = Decoder::load(&file, device).expect("decoder");
+    let load_s = started.elapsed().as_secs_f64();
+
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
+    let examples: Vec<DecoderExample> = (0..BATCH * 4)
+        .map(|_| DecoderExample { ids: (0..LENGTH).map(|_| rng.random_range(100..49000)).collect(), target_start: 1 })
+        .collect();
+    let targets = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let mut lora = DecoderLora::new(&decoder.spec, &targets, 8, 2.0, 1, device).expect("lora");
+    lora.train_steps(&decoder, &examples, 1, BATCH, 1e-4, 0).expect("warm-up");
+    let step_ms = median(
+        (0..STEPS as u64)
+            .map(|seed| {
+                let start = Instant::now();
+                lora.train_steps(&decoder, &examples, 1, BATCH, 1e-4, seed).expect("step");
+                if let tch::Device::Cuda(index) = device {
+                    tch::Cuda::synchronize(index as i64);
+                }
+                start.elapsed().as_secs_f64() * 1000.0
+            })
+            .collect(),
+    );
+    let train_peak_mib = peak_rss_mib();
+
+    let prompt: Vec<i64> = examples[0].ids[..64].to_vec();
+    let generated = Instant::now();
+    let tokens = decoder.generate_greedy(&prompt, NEW_TOKENS, None, Some(&lora.lora())).expect("generate");
+    let tokens_per_s = tokens.len() as f64 / generated.elapsed().as_secs_f64();
+
+    if json {
+        println!(
+            "{{\"step_ms\": {step_ms:.1}, \"peak_rss_mib\": {train_peak_mib:.0}, \"load_s\": {load_s:.2}, \"tokens_per_s\": {tokens_per_s:.1}, \"threads\": {threads}, \"device\": \"{device:?}\"}}"
+        );
+    } else {
+        println!(
+            "SmolLM2-135M LoRA step (rank 8 on q/v, batch {BATCH}, {LENGTH} tokens, {threads} thread(s), {device:?}):"
+        );
+        println!("  step            {step_ms:.0} ms (median of {STEPS})");
+        println!("  peak RSS        {train_peak_mib:.0} MiB (loading and training)");
+        println!("  GGUF load       {load_s:.2} s (dequantized to f32)");
+        println!("  generation      {tokens_per_s:.1} tokens/s (greedy, KV cache, prompt of 64)");
+    }
+}

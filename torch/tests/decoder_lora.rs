@@ -1,0 +1,97 @@
+//! The decoder on a tiny random Llama written as GGUF by the test (no checkpoint needed): its
+//! tokenizer, the KV cache against the full forward, LoRA's zero start, headline examples, and
+//! LoRA training that lowers the loss on the target tokens.
+
+use flotilla_data::headline::HeadlineExample;
+use flotilla_gguf::{tiny::tiny_llama, GgufFile, TensorType};
+use flotilla_torch::data::decoder_tokenizer::{DecoderExample, DecoderTokenizer};
+use flotilla_torch::model::decoder_lora::DecoderLora;
+use flotilla_torch::model::llama::Decoder;
+use tch::{Device, Tensor};
+
+fn tiny(kind: TensorType) -> (Decoder, DecoderTokenizer) {
+    let file = GgufFile::from_bytes(Box::new(tiny_llama(7, kind))).expect("the tiny file reads");
+    (Decoder::load(&file, Device::Cpu).unwrap(), DecoderTokenizer::from_gguf(&file).unwrap())
+}
+
+fn article(i: usize) -> HeadlineExample {
+    HeadlineExample {
+        key: format!("business/{i:03}.txt"),
+        headline: format!("Profits rise {i}"),
+        body: format!("The company said its profits rose by {i} percent in the quarter, more than expected. ")
+            .repeat(4),
+        label: 0,
+    }
+}
+
+#[test]
+fn the_tiny_tokenizer_merges_and_round_trips() {
+    let (_, tokenizer) = tiny(TensorType::F32);
+    let ids = tokenizer.encode("in the thin").unwrap();
+    // "in", " the", " t", "h", "in": three merges used.
+    assert_eq!(ids.len(), 5, "{ids:?}");
+    assert_eq!(tokenizer.decode(&ids).unwrap(), "in the thin");
+    let chat = tokenizer.chat_prompt("hi").unwrap();
+    assert_eq!(chat, "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
+    assert_eq!(tokenizer.encode(&chat).unwrap()[0], 1, "<|im_start|> stays one special token");
+}
+
+#[test]
+fn cached_generation_equals_the_full_forward_at_every_step() {
+    for kind in [TensorType::F32, TensorType::Q8_0, TensorType::Q4_1] {
+        let (decoder, _) = tiny(kind);
+        let prompt: Vec<i64> = vec![1, 80, 90, 100, 110, 2, 1];
+        let generated = decoder.generate_greedy(&prompt, 12, None, None).unwrap();
+        let mut sequence = prompt.clone();
+        for &next in &generated {
+            let input = Tensor::from_slice(&sequence).view([1, sequence.len() as i64]);
+            let logits = tch::no_grad(|| decoder.logits(&input, None)).unwrap();
+            let expected = logits.get(0).get(sequence.len() as i64 - 1).argmax(-1, false).int64_value(&[]);
+            assert_eq!(next, expected, "{kind:?}");
+            sequence.push(next);
+        }
+    }
+}
+
+#[test]
+fn fresh_lora_leaves_the_model_unchanged_and_trained_lora_changes_it() {
+    let (decoder, tokenizer) = tiny(TensorType::Q8_0);
+    let targets = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let mut lora = DecoderLora::new(&decoder.spec, &targets, 4, 2.0, 3, Device::Cpu).unwrap();
+    assert_eq!(lora.factors().len(), 4, "q and v in each of 2 layers");
+    let input = Tensor::from_slice(&[1i64, 50, 60, 70]).view([1, 4]);
+    let base = tch::no_grad(|| decoder.logits(&input, None)).unwrap();
+    let fresh = tch::no_grad(|| decoder.logits(&input, Some(&lora.lora()))).unwrap();
+    assert_eq!(f64::try_from((&base - &fresh).abs().max()).unwrap(), 0.0);
+    let examples = vec![tokenizer.headline_example(&article(1), 96).unwrap()];
+    lora.train_steps(&decoder, &examples, 3, 1, 1e-2, 0).unwrap();
+    let trained = tch::no_grad(|| decoder.logits(&input, Some(&lora.lora()))).unwrap();
+    assert!(f64::try_from((&base - &trained).abs().max()).unwrap() > 1e-4);
+}
+
+#[test]
+fn headline_examples_cut_the_body_and_put_the_loss_on_the_headline() {
+    let (_, tokenizer) = tiny(TensorType::F32);
+    let example = tokenizer.headline_example(&article(7), 120).unwrap();
+    assert_eq!(example.ids.len(), 120);
+    let target: Vec<u32> = example.ids[example.target_start..].iter().map(|&i| i as u32).collect();
+    assert_eq!(tokenizer.decode(&target).unwrap(), "Profits rise 7<|im_end|>");
+    let prompt: Vec<u32> = example.ids[..example.target_start].iter().map(|&i| i as u32).collect();
+    let prompt = tokenizer.decode(&prompt).unwrap();
+    assert!(prompt.starts_with("<|im_start|>user\nWrite a headline for this news article.\n\nThe company"), "{prompt}");
+    assert!(prompt.ends_with("<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
+    let error = tokenizer.headline_example(&article(7), 30).unwrap_err().to_string();
+    assert!(error.contains("business/007.txt") && error.contains("maximum length 30"), "{error}");
+}
+
+#[test]
+fn lora_training_lowers_the_headline_loss() {
+    let (decoder, tokenizer) = tiny(TensorType::Q4_1);
+    let targets = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let mut lora = DecoderLora::new(&decoder.spec, &targets, 8, 2.0, 1, Device::Cpu).unwrap();
+    let examples: Vec<DecoderExample> = (0..6).map(|i| tokenizer.headline_example(&article(i), 96).unwrap()).collect();
+    let before = lora.evaluate(&decoder, &examples, 4).unwrap();
+    lora.train_steps(&decoder, &examples, 40, 4, 1e-2, 0).unwrap();
+    let after = lora.evaluate(&decoder, &examples, 4).unwrap();
+    assert!(after < 0.7 * before, "loss per headline token {before:.3} → {after:.3}");
+}
