@@ -15,7 +15,7 @@ use flotilla_torch::model::{with_head, BaseWeights, PretrainSettings, HEAD_BIAS,
 use tch::Tensor;
 use tracing::info;
 
-use crate::config::{CoordinatorConfig, PretrainSection, TransformerSection};
+use crate::config::{CoordinatorConfig, DecoderSection, PretrainSection, TransformerSection};
 use flotilla_torch::model::checkpoint::{sha256_file, HfCheckpoint, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE};
 use flotilla_torch::model::Architecture;
 use flotilla_wire::protocol::CheckpointFile;
@@ -69,6 +69,36 @@ fn prepare_transformer(config: &CoordinatorConfig, transformer: &TransformerSect
         head: None,
         version: format!("sha256:{weights_digest}"),
         checkpoint: Some(ServedCheckpoint { dir: checkpoint.dir.clone(), files }),
+    })
+}
+
+/// Loads the configured decoder's GGUF file (dequantized), checks its digest against the pin, and
+/// serves that one file to devices, naming the base by its digest.
+fn prepare_decoder(decoder: &DecoderSection) -> Result<Base> {
+    let path = &decoder.gguf;
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .with_context(|| format!("model.decoder.gguf {} has no file name", path.display()))?
+        .to_string();
+    let size = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?.len();
+    let digest = sha256_file(path)?;
+    if let Some(pinned) = &decoder.sha256 {
+        anyhow::ensure!(
+            pinned.eq_ignore_ascii_case(&digest),
+            "{}: sha256 is {digest}, but model.decoder.sha256 pins {pinned}",
+            path.display()
+        );
+    }
+    let file = flotilla_torch::gguf::GgufFile::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let (_, weights) = flotilla_torch::model::llama::load_base(&file).with_context(|| path.display().to_string())?;
+    info!(gguf = %path.display(), sha256 = %digest, "using the pretrained decoder");
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    Ok(Base {
+        weights,
+        head: None,
+        version: format!("sha256:{digest}"),
+        checkpoint: Some(ServedCheckpoint { dir, files: vec![CheckpointFile { name, size, sha256: digest }] }),
     })
 }
 
@@ -143,6 +173,9 @@ fn base_is_made(config: &CoordinatorConfig) -> bool {
 pub fn prepare(config: &CoordinatorConfig) -> Result<Base> {
     if let Some(transformer) = &config.model.transformer {
         return prepare_transformer(config, transformer);
+    }
+    if let Some(decoder) = &config.model.decoder {
+        return prepare_decoder(decoder);
     }
     let architecture = &config.model.architecture;
     let seed_base = architecture.init_base(config.model.seed);

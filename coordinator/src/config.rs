@@ -217,6 +217,8 @@ pub struct ModelSection {
     pub architecture: Architecture,
     /// A pretrained HF BERT-family checkpoint to fine-tune (`[model.transformer]`).
     pub transformer: Option<TransformerSection>,
+    /// A pretrained Llama-family decoder in a GGUF file to fine-tune (`[model.decoder]`).
+    pub decoder: Option<DecoderSection>,
     /// Seeds the base model and the initial global adapter.
     pub seed: u64,
     /// Pretrain the base centrally before round 1; without it the base is a seeded random init.
@@ -230,6 +232,7 @@ impl Default for ModelSection {
             seed: 42,
             pretrain: None,
             transformer: None,
+            decoder: None,
         }
     }
 }
@@ -279,6 +282,40 @@ impl TransformerSection {
     }
 }
 
+/// A pretrained decoder: a GGUF file (SmolLM2-135M-Instruct's, or any Llama-architecture one with a
+/// byte-level BPE tokenizer) and how to fine-tune it on headline writing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderSection {
+    pub gguf: PathBuf,
+    /// The sha256 the file must have (refused otherwise); unset: any.
+    #[serde(default)]
+    pub sha256: Option<String>,
+    /// PEFT's `target_modules` among q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj.
+    #[serde(default = "default_decoder_targets")]
+    pub target_modules: Vec<String>,
+    /// The articles' classes (folder names): devices' data are skewed over them.
+    pub labels: Vec<String>,
+    /// Tokens per example (chat prompt with the article, then the headline); bodies are cut to fit.
+    #[serde(default = "default_decoder_max_length")]
+    pub max_length: u32,
+    /// Held-out articles whose greedy headline is written and scored with ROUGE-L at each evaluation.
+    #[serde(default = "default_rouge_samples")]
+    pub rouge_samples: usize,
+}
+
+fn default_decoder_targets() -> Vec<String> {
+    flotilla_wire::model::DEFAULT_DECODER_TARGETS.iter().map(|t| t.to_string()).collect()
+}
+
+fn default_decoder_max_length() -> u32 {
+    192
+}
+
+fn default_rouge_samples() -> usize {
+    16
+}
+
 /// Central pretraining of the base model (every weight, plus the head) on public data the devices
 /// do not hold: the first `samples` images of the test split of `data`. Evaluation must then skip
 /// them (`[evaluation] skip_samples`). The result is kept in `<run_dir>/base/` and reused.
@@ -316,7 +353,11 @@ impl CoordinatorConfig {
             skip_samples: evaluation.skip_samples,
             sample: evaluation.sample,
             seed: self.model.seed,
-            tokenizer: self.model.transformer.as_ref().map(|t| t.checkpoint.join(TOKENIZER_FILE)),
+            tokenizer: match (&self.model.transformer, &self.model.decoder) {
+                (Some(transformer), _) => Some(transformer.checkpoint.join(TOKENIZER_FILE)),
+                (None, Some(decoder)) => Some(decoder.gguf.clone()),
+                (None, None) => None,
+            },
             examples_list: list.then(|| examples_list(&self.server.run_dir)),
         })
     }
@@ -370,6 +411,7 @@ impl CoordinatorConfig {
         })?;
         let mut config = config;
         config.resolve_transformer().with_context(|| format!("invalid config {}", path.display()))?;
+        config.resolve_decoder().with_context(|| format!("invalid config {}", path.display()))?;
         config.validate().with_context(|| format!("invalid config {}", path.display()))?;
         for key in &applied {
             tracing::info!("config: {key} set from the environment");
@@ -392,6 +434,35 @@ impl CoordinatorConfig {
         let spec =
             checkpoint.spec(&transformer.fine_tuning()).map_err(|e| anyhow::anyhow!("model.transformer: {e}"))?;
         self.model.architecture = Architecture::Bert(spec);
+        Ok(())
+    }
+
+    /// With `[model.decoder]`, reads the GGUF file's metadata and makes `model.architecture` the
+    /// decoder it describes with the configured targets, length and labels.
+    pub fn resolve_decoder(&mut self) -> anyhow::Result<()> {
+        let Some(decoder) = &self.model.decoder else { return Ok(()) };
+        anyhow::ensure!(
+            self.model.transformer.is_none(),
+            "[model.transformer] and [model.decoder] are exclusive: a run fine-tunes one model"
+        );
+        anyhow::ensure!(
+            self.model.architecture == ModelSection::default().architecture
+                || matches!(self.model.architecture, Architecture::Llama(_)),
+            "[model] architecture and [model.decoder] are exclusive: the GGUF file defines the architecture"
+        );
+        anyhow::ensure!(self.model.pretrain.is_none(), "[model.pretrain] is for the small models, not a decoder");
+        let file = flotilla_torch::gguf::GgufFile::open(&decoder.gguf)
+            .map_err(|e| anyhow::anyhow!("model.decoder.gguf: {e}"))?;
+        let described = flotilla_torch::gguf::LlamaSpec::from_file(&file)
+            .map_err(|e| anyhow::anyhow!("model.decoder.gguf {}: {e}", decoder.gguf.display()))?;
+        let spec = flotilla_torch::model::llama::decoder_spec(
+            &described,
+            decoder.target_modules.clone(),
+            decoder.max_length,
+            decoder.labels.clone(),
+        );
+        self.model.architecture = Architecture::Llama(spec);
+        self.model.architecture.validate().map_err(|e| anyhow::anyhow!("model.decoder: {e}"))?;
         Ok(())
     }
 

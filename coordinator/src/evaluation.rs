@@ -9,7 +9,11 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use flotilla_torch::adapter::{write_atomically, Adapter};
+use flotilla_torch::data::decoder_tokenizer::{dataset_sequences, DecoderTokenizer};
+use flotilla_torch::data::headline::rouge_l_f1;
 use flotilla_torch::data::Dataset;
+use flotilla_torch::gguf::GgufFile;
+use flotilla_torch::model::decoder_model::DecoderModel;
 use flotilla_torch::model::{Architecture, BaseWeights, LoraModel};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -29,6 +33,13 @@ pub struct RankAccuracy {
     /// Each class's accuracy and F1 on the evaluated set.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_class: Vec<ClassScore>,
+    /// A decoder's mean ROUGE-L F1 of its greedy headlines against the true ones (`loss` is then
+    /// the loss per headline token and `accuracy` the share of headline tokens predicted exactly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rouge_l: Option<f64>,
+    /// A decoder's first greedy headlines, for people to read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub headlines: Vec<String>,
 }
 
 pub struct Evaluator {
@@ -40,7 +51,14 @@ pub struct Evaluator {
     /// Every device receives the whole global adapter (Fold-and-Fill), so what a rank gets is
     /// the full model, not a truncated slice.
     whole_adapter_to_every_rank: bool,
+    /// A decoder's tokenizer (to decode its headlines) and how many it writes per evaluation.
+    headlines: Option<(DecoderTokenizer, usize)>,
 }
+
+/// Headlines longer than this many tokens are cut (BBC's are about 10).
+const HEADLINE_TOKENS: usize = 32;
+/// Generated headlines kept in the records.
+const HEADLINES_KEPT: usize = 3;
 
 impl Evaluator {
     /// Loads the held-out set (see [`load_test_set`]) to evaluate `base` + adapter on.
@@ -52,7 +70,22 @@ impl Evaluator {
     ) -> anyhow::Result<Evaluator> {
         let test = load_test_set(&architecture, set)?;
         let labels = class_labels(&architecture);
-        Ok(Evaluator { architecture, base, scale, test, labels, whole_adapter_to_every_rank: false })
+        let headlines = match (&architecture, &set.tokenizer) {
+            (Architecture::Llama(_), Some(gguf)) => {
+                let file = GgufFile::open(gguf).map_err(|e| anyhow::anyhow!("{}: {e}", gguf.display()))?;
+                Some((DecoderTokenizer::from_gguf(&file)?, DEFAULT_ROUGE_SAMPLES))
+            }
+            _ => None,
+        };
+        Ok(Evaluator { architecture, base, scale, test, labels, whole_adapter_to_every_rank: false, headlines })
+    }
+
+    /// How many held-out articles a decoder writes a headline for at each evaluation.
+    pub fn writing_headlines(mut self, count: usize) -> Evaluator {
+        if let Some((_, samples)) = &mut self.headlines {
+            *samples = count;
+        }
+        self
     }
 
     /// For a method that sends every device the whole adapter (its slots above the device's rank
@@ -86,6 +119,9 @@ impl Evaluator {
     /// Loss, accuracy, macro-F1 and per-class scores of `global`'s first `rank` slots.
     fn evaluate_rank(&self, global: &Adapter, rank: usize) -> Result<RankAccuracy, String> {
         let slice = global.slice_to_rank(rank).map_err(|e| e.to_string())?;
+        if self.architecture.is_decoder() {
+            return self.evaluate_decoder(&slice, rank);
+        }
         let model = LoraModel::new(&self.architecture, &self.base, &slice, self.scale, tch::Device::Cpu)
             .map_err(|e| e.to_string())?;
         let batch = if self.architecture.takes_tokens() { 64 } else { 2048 };
@@ -93,8 +129,59 @@ impl Evaluator {
         let correct: u64 = (0..confusion.len()).map(|c| confusion[c].get(c).copied().unwrap_or(0)).sum();
         let accuracy = if self.test.is_empty() { 0.0 } else { correct as f64 / self.test.len() as f64 };
         let (per_class, macro_f1) = class_scores(&confusion, &self.labels);
-        Ok(RankAccuracy { rank, loss, accuracy, macro_f1: Some(macro_f1), per_class })
+        Ok(RankAccuracy { rank, loss, accuracy, macro_f1: Some(macro_f1), per_class, ..RankAccuracy::default() })
     }
+}
+
+impl Evaluator {
+    /// A decoder's loss and exact tokens on the held-out headlines, and ROUGE-L of the headlines
+    /// it writes greedily for the first of them.
+    fn evaluate_decoder(&self, slice: &Adapter, rank: usize) -> Result<RankAccuracy, String> {
+        let model = DecoderModel::new(&self.architecture, &self.base, slice, self.scale, tch::Device::Cpu)
+            .map_err(|e| e.to_string())?;
+        let sums = model.evaluate_sums(&self.test).map_err(|e| e.to_string())?;
+        let (rouge_l, headlines) = match &self.headlines {
+            Some((tokenizer, count)) => {
+                let (rouge, written) = write_headlines(&model, tokenizer, &self.test, *count)?;
+                (Some(rouge), written.into_iter().take(HEADLINES_KEPT).collect())
+            }
+            None => (None, Vec::new()),
+        };
+        Ok(RankAccuracy {
+            rank,
+            loss: sums.mean_loss(),
+            accuracy: sums.accuracy(),
+            macro_f1: None,
+            per_class: Vec::new(),
+            rouge_l,
+            headlines,
+        })
+    }
+}
+
+/// Mean ROUGE-L F1 of greedy headlines for the first `count` held-out articles, and the headlines.
+fn write_headlines(
+    model: &DecoderModel,
+    tokenizer: &DecoderTokenizer,
+    test: &Dataset,
+    count: usize,
+) -> Result<(f64, Vec<String>), String> {
+    let stop = tokenizer.special.eos.map(i64::from);
+    let text = |ids: &[i64]| -> Result<String, String> {
+        let kept: Vec<u32> = ids.iter().filter(|&&id| Some(id) != stop).map(|&id| id as u32).collect();
+        tokenizer.decode(&kept).map(|t| t.trim().to_string()).map_err(|e| e.to_string())
+    };
+    let mut scores = Vec::new();
+    let mut written = Vec::new();
+    for sequence in dataset_sequences(test)?.into_iter().take(count) {
+        let generated =
+            model.generate(&sequence.ids[..sequence.target_start], HEADLINE_TOKENS, stop).map_err(|e| e.to_string())?;
+        let headline = text(&generated)?;
+        scores.push(rouge_l_f1(&headline, &text(&sequence.ids[sequence.target_start..])?));
+        written.push(headline);
+    }
+    let mean = if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 };
+    Ok((mean, written))
 }
 
 /// A round's test results, written into its checkpoint directory once its evaluation is done
@@ -164,8 +251,18 @@ impl EvaluationThread {
     }
 }
 
+/// Held-out headlines written per evaluation unless `[model.decoder] rouge_samples` says otherwise.
+pub const DEFAULT_ROUGE_SAMPLES: usize = 16;
+
 /// "R_max 8 → 81.2%, rank 4 → 78.9%, …" for logs.
 pub fn describe(results: &[RankAccuracy]) -> String {
+    if results.iter().any(|r| r.rouge_l.is_some()) {
+        let ranks: Vec<String> = results
+            .iter()
+            .map(|r| format!("rank {} → loss {:.3}, ROUGE-L {:.1}", r.rank, r.loss, r.rouge_l.unwrap_or(0.0) * 100.0))
+            .collect();
+        return ranks.join(", ");
+    }
     let ranks = results.iter().map(|r| format!("rank {} → {:.1}%", r.rank, r.accuracy * 100.0)).collect::<Vec<_>>();
     match results.first().and_then(|r| r.macro_f1.map(|f| (r.rank, f))) {
         Some((rank, f1)) => format!("{} (macro-F1 at rank {rank}: {:.1}%)", ranks.join(", "), f1 * 100.0),
@@ -194,6 +291,7 @@ mod tests {
             test: synthetic_classification(400, 12, 3, 5, 6),
             labels: vec!["a".into(), "b".into(), "c".into()],
             whole_adapter_to_every_rank: false,
+            headlines: None,
         };
         let ranks = BTreeSet::from([1, 2]);
         let sliced = evaluator.evaluate(&global, &ranks).unwrap();

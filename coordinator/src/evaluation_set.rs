@@ -8,11 +8,14 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use flotilla_torch::data::decoder_tokenizer::{sequences_dataset, DecoderTokenizer};
+use flotilla_torch::data::headline::split_headline;
 use flotilla_torch::data::idx::{load_split, Split};
 use flotilla_torch::data::text::{load_text, TextSplit};
 use flotilla_torch::data::tokenizer::TextTokenizer;
 use flotilla_torch::data::Dataset;
-use flotilla_torch::model::{Architecture, BertSpec};
+use flotilla_torch::gguf::GgufFile;
+use flotilla_torch::model::{Architecture, BertSpec, DecoderSpec};
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -71,8 +74,10 @@ pub fn examples_list(run_dir: &Path) -> PathBuf {
 /// Loads the held-out set of `set`: of an MNIST-style directory, or for a transformer of labelled
 /// texts (see `flotilla_torch::data::text`), tokenized with its tokenizer.
 pub fn load_test_set(architecture: &Architecture, set: &EvaluationSet) -> anyhow::Result<Dataset> {
-    if let Architecture::Bert(spec) = architecture {
-        return load_text_test(spec, set);
+    match architecture {
+        Architecture::Bert(spec) => return load_text_test(spec, set),
+        Architecture::Llama(spec) => return load_headline_test(spec, set),
+        _ => {}
     }
     let dir = set.dir;
     let test = load_split(dir, Split::Test, architecture.classes())?;
@@ -125,10 +130,44 @@ fn load_text_test(spec: &BertSpec, set: &EvaluationSet) -> anyhow::Result<Datase
     Ok(data)
 }
 
+/// A decoder's held-out headline examples: the chosen articles of the test split, each as its chat
+/// prompt and headline (articles without a body are left out), tokenized with the GGUF's tokenizer.
+fn load_headline_test(spec: &DecoderSpec, set: &EvaluationSet) -> anyhow::Result<Dataset> {
+    let dir = set.dir;
+    let gguf = set.tokenizer.as_deref().context("a decoder's evaluation needs its GGUF file")?;
+    let corpus = load_text(dir, &spec.labels, TextSplit::Test)?;
+    anyhow::ensure!(
+        set.skip_samples < corpus.examples.len(),
+        "{}: evaluation.skip_samples = {} leaves none of the {} test articles",
+        dir.display(),
+        set.skip_samples,
+        corpus.examples.len()
+    );
+    let labels: Vec<usize> = corpus.examples.iter().map(|e| e.label).collect();
+    let keys: Vec<String> = corpus.examples.iter().map(|e| e.key.clone()).collect();
+    let articles: Vec<_> =
+        set.choose(&labels, &keys).into_iter().filter_map(|i| split_headline(&corpus.examples[i])).collect();
+    anyhow::ensure!(!articles.is_empty(), "{}: no held-out article has a headline and a body", dir.display());
+    let file = GgufFile::open(gguf).with_context(|| format!("cannot open {}", gguf.display()))?;
+    let tokenizer = DecoderTokenizer::from_gguf(&file)?;
+    let mut sequences = Vec::with_capacity(articles.len());
+    for article in &articles {
+        sequences.push(tokenizer.headline_example(article, spec.max_length as usize)?);
+    }
+    let classes: Vec<i64> = articles.iter().map(|a| a.label as i64).collect();
+    if let Some(list) = &set.examples_list {
+        let keys: String = articles.iter().map(|a| format!("{}\n", a.key)).collect();
+        std::fs::write(list, keys).with_context(|| format!("cannot write {}", list.display()))?;
+        tracing::info!(articles = articles.len(), from = %dir.display(), "evaluation set: held-out articles (listed in {})", list.display());
+    }
+    Ok(sequences_dataset(&sequences, &classes))
+}
+
 /// The names of `architecture`'s classes: a transformer's labels, otherwise their indices.
 pub fn class_labels(architecture: &Architecture) -> Vec<String> {
     match architecture {
         Architecture::Bert(spec) => spec.labels.clone(),
+        Architecture::Llama(spec) => spec.labels.clone(),
         other => (0..other.classes()).map(|c| c.to_string()).collect(),
     }
 }

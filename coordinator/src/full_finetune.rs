@@ -53,7 +53,9 @@ pub fn run(config: &CoordinatorConfig, train_dir: &Path) -> Result<serde_json::V
     let architecture = &config.model.architecture;
     let max_rank = config.aggregation.max_rank as usize;
     let initial = base.initial_adapter(config)?;
-    let (head_weight, head_bias) = architecture.head_names();
+    let (head_weight, head_bias) = architecture
+        .head_names()
+        .context("full fine-tuning is for classifiers; a decoder run has no classifier head to train")?;
     let head = (
         initial.get(&head_weight).with_context(|| format!("the initial adapter has no {head_weight}"))?,
         initial.get(&head_bias).with_context(|| format!("the initial adapter has no {head_bias}"))?,

@@ -302,7 +302,10 @@ fn start_worker(
                 &set,
             )
             .context("cannot load the evaluation set")?
-            .delivering_whole_adapter(config.aggregation.method.folds_tail()),
+            .delivering_whole_adapter(config.aggregation.method.folds_tail())
+            .writing_headlines(
+                config.model.decoder.as_ref().map_or(crate::evaluation::DEFAULT_ROUGE_SAMPLES, |d| d.rouge_samples),
+            ),
         ),
         None => None,
     };

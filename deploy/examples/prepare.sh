@@ -2,12 +2,12 @@
 # Prepares what the example configurations in deploy/examples/ refer to, under DIR (default
 # runs/example, where the examples point): a CA and the coordinator's kit in DIR/pki (for a
 # coordinator reached as localhost, or by --name), and DIR/assets/ linking the verified assets
-# (all-MiniLM-L6-v2 and BBC News from the cache, fetched if missing; Fashion-MNIST from Debian's
+# (all-MiniLM-L6-v2, SmolLM2-135M-Instruct and BBC News from the cache, fetched if missing; Fashion-MNIST from Debian's
 # package). Nothing is overwritten: a PKI already there is kept.
 #
 #   bash deploy/examples/prepare.sh                 # then, from the repository root:
 #   target/release/flotilla-coordinator check --config deploy/examples/minilm.toml
-#   bash deploy/examples/prepare.sh DIR [text] [fashion-mnist]   # only these assets
+#   bash deploy/examples/prepare.sh DIR [text] [smollm2] [fashion-mnist]   # only these assets
 #
 # FLOTILLA_BIN_DIR: where flotilla-certs is (default: target/release, built if missing).
 set -euo pipefail
@@ -16,7 +16,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 dir="${1:-runs/example}"
 shift || true
 tasks=("$@")
-[ "${#tasks[@]}" -gt 0 ] || tasks=(text fashion-mnist)
+[ "${#tasks[@]}" -gt 0 ] || tasks=(text smollm2 fashion-mnist)
 # shellcheck source=deploy/env.sh
 source "$root/deploy/env.sh"
 
@@ -40,12 +40,18 @@ for task in "${tasks[@]}"; do
         ln -sfn "$FLOTILLA_MINILM" "$dir/assets/all-MiniLM-L6-v2"
         ln -sfn "$FLOTILLA_BBC_NEWS" "$dir/assets/bbc-news"
         ;;
+    smollm2)
+        # shellcheck source=deploy/fetch-text-assets.sh
+        source "$root/deploy/fetch-text-assets.sh"
+        ln -sfn "$(dirname "$FLOTILLA_SMOLLM2")" "$dir/assets/SmolLM2-135M-Instruct"
+        ln -sfn "$FLOTILLA_BBC_NEWS" "$dir/assets/bbc-news"
+        ;;
     fashion-mnist)
         flotilla_ensure_fashion_mnist
         ln -sfn "${FLOTILLA_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}" "$dir/assets/fashion-mnist"
         ;;
     *)
-        echo "prepare: unknown task '$task': expected text or fashion-mnist" >&2
+        echo "prepare: unknown task '$task': expected text, smollm2 or fashion-mnist" >&2
         exit 1
         ;;
     esac

@@ -3,7 +3,8 @@
 //!
 //! 1. `--model-dir`, when given: it must hold exactly those files (a different base is refused
 //!    with both digests, since training it would poison the federation);
-//! 2. its cache, `<cache>/bases/<sha256 of model.safetensors>/`, filled by an earlier fetch;
+//! 2. its cache, `<cache>/bases/<sha256 of model.safetensors, or of a decoder's .gguf file>/`,
+//!    filled by an earlier fetch;
 //! 3. the coordinator: each missing file is fetched over the session a piece at a time
 //!    (`FetchBase` → `BaseChunk`), appended to `<file>.partial` so that a lost connection resumes
 //!    where it stopped, verified against its digest, then moved into place. The 90 MB of
@@ -106,10 +107,14 @@ impl BaseStore {
                 differences.join("; ")
             )));
         }
+        // An encoder's weights are its model.safetensors; a decoder's, its one GGUF file.
         let weights = files
             .iter()
             .find(|f| f.name == WEIGHTS_FILE)
-            .ok_or_else(|| StoreError::Fatal(format!("the coordinator's checkpoint has no {WEIGHTS_FILE}")))?;
+            .or_else(|| files.iter().find(|f| f.name.ends_with(".gguf")))
+            .ok_or_else(|| {
+                StoreError::Fatal(format!("the coordinator's checkpoint has no {WEIGHTS_FILE} and no .gguf file"))
+            })?;
         let bases = self.cache.join("bases");
         let dir = bases.join(&weights.sha256);
         std::fs::create_dir_all(&dir).map_err(|e| fatal_io(&dir, e))?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use flotilla_torch::data::{synthetic_classification, Dataset};
-use flotilla_torch::model::{Architecture, ArchitectureExt, LoraModel};
+use flotilla_torch::model::{Architecture, ArchitectureExt, LocalModel};
 use flotilla_wire::protocol::TrainingSettings;
 use serde::Serialize;
 use tch::{Kind, Tensor};
@@ -100,8 +100,7 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
         budgets.step_ms = step_ms;
     }
     let per_rank: u64 = settings.architecture.adapted_layers().iter().map(|l| (l.d_in + l.d_out) as u64).sum();
-    let (head_in, classes) = settings.architecture.head_shape();
-    let head = (classes * (head_in + 1)) as u64;
+    let head = settings.architecture.head_shape().map_or(0, |(head_in, classes)| (classes * (head_in + 1)) as u64);
     let choice = rank_policy::choose(
         AdapterSize { per_rank, fixed: head },
         TrainingFootprint::estimate(&settings.architecture, settings.batch_size),
@@ -144,6 +143,17 @@ fn probe_data(architecture: &Architecture, samples: usize) -> Dataset {
                 Tensor::randint(spec.labels.len() as i64, [n], cpu),
             )
         }
+        Architecture::Llama(spec) => {
+            // A headline's worth of target tokens at the end of each full-length sequence.
+            let (n, length) = (samples as i64, i64::from(spec.max_length));
+            let cpu = (Kind::Int64, tch::Device::Cpu);
+            Dataset::sequences(
+                Tensor::randint_low(3, i64::from(spec.vocab), [n, length], cpu),
+                Tensor::full([n], length, cpu),
+                Tensor::full([n], (length - 16).max(1), cpu),
+                Tensor::zeros([n], cpu),
+            )
+        }
         _ => synthetic_classification(samples, architecture.input_size(), architecture.classes(), 1, 2),
     }
 }
@@ -161,7 +171,7 @@ fn measure_steps(settings: &ProbeSettings, ranks: &[u32]) -> anyhow::Result<BTre
             let mut out = BTreeMap::new();
             for rank in ranks {
                 let adapter = architecture.init_adapter(rank as usize, 3)?;
-                let mut model = LoraModel::new(&architecture, &base, &adapter, 1.0, device)?;
+                let mut model = LocalModel::new(&architecture, &base, &adapter, 1.0, device)?;
                 const STEPS: u32 = 5; // per sample, so the optimizer's creation is amortised
                 let step = TrainingSettings {
                     local_steps: STEPS,

@@ -74,6 +74,32 @@ impl TrainingFootprint {
                     per_rank_bytes: [adapted.len() as u64, batch, tokens, F32].into_iter().fold(1, u64::saturating_mul),
                 }
             }
+            Architecture::Llama(spec) => {
+                let (h, i, heads, tokens) = (
+                    u64::from(spec.hidden),
+                    u64::from(spec.intermediate),
+                    u64::from(spec.heads),
+                    u64::from(spec.max_length),
+                );
+                let kv = u64::from(spec.kv_heads).saturating_mul(u64::from(spec.head_dim()));
+                // What backward keeps per token and layer: norms, q, k, v, attention and MLP outputs
+                // (7h + 2kv), the MLP's four i-wide intermediates, and the attention scores.
+                let per_token =
+                    (7 * h).saturating_add(2 * kv).saturating_add(4 * i).saturating_add(heads.saturating_mul(tokens));
+                let activations =
+                    [u64::from(spec.layers), batch, tokens, per_token, F32].into_iter().fold(1u64, u64::saturating_mul);
+                // Logits (and their softmax and gradient) at the target positions only: at most 32 a sequence.
+                let logits =
+                    [batch, tokens.min(32), u64::from(spec.vocab), 3 * F32].into_iter().fold(1, u64::saturating_mul);
+                TrainingFootprint {
+                    fixed_bytes: spec
+                        .base_parameters()
+                        .saturating_mul(F32)
+                        .saturating_add(activations)
+                        .saturating_add(logits),
+                    per_rank_bytes: [adapted.len() as u64, batch, tokens, F32].into_iter().fold(1, u64::saturating_mul),
+                }
+            }
             _ => {
                 let base: u64 = adapted.iter().map(|l| ((l.d_in + 1) * l.d_out) as u64).sum();
                 let outputs: u64 = adapted.iter().map(|l| l.d_out as u64).sum();

@@ -6,13 +6,16 @@ use std::path::{Path, PathBuf};
 use std::sync::{mpsc, Arc, Mutex};
 
 use flotilla_torch::adapter::Adapter;
+use flotilla_torch::data::decoder_tokenizer::{load_headlines, DecoderTokenizer};
 use flotilla_torch::data::idx::{load_split, Split};
 use flotilla_torch::data::partition::{partition, PartitionSpec};
 use flotilla_torch::data::text::TextSplit;
 use flotilla_torch::data::tokenizer::load_tokenized;
 use flotilla_torch::data::{synthetic_classification, Dataset};
+use flotilla_torch::gguf::GgufFile;
 use flotilla_torch::model::checkpoint::HfCheckpoint;
-use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, LoraModel};
+use flotilla_torch::model::llama::{llama_spec, load_base};
+use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, DecoderSpec, LocalModel};
 use flotilla_wire::protocol::{LocalMetrics, SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
@@ -38,7 +41,7 @@ pub struct UpdateShaping {
 }
 
 /// Where the frozen base comes from: tensors sent with the Welcome, or a checkpoint directory
-/// (weights and tokenizer) whose files match the coordinator's digests.
+/// (weights and tokenizer, or a decoder's GGUF file) whose files match the coordinator's digests.
 pub enum BaseSource {
     Tensors(WireTensors),
     Checkpoint(PathBuf),
@@ -149,6 +152,7 @@ impl DataSource {
             DataSource::Path { path, shard, keep } => {
                 let data = match architecture {
                     Architecture::Bert(spec) => load_texts(spec, path, tokenizer)?,
+                    Architecture::Llama(spec) => load_articles(spec, path, tokenizer)?,
                     _ => load_split(path, Split::Train, architecture.classes()).map_err(|e| e.to_string())?,
                 };
                 let Some((spec, index)) = shard else { return Ok(data) };
@@ -183,6 +187,26 @@ fn kept_share(shard: &[usize], keep: f64, seed: u64) -> Vec<usize> {
 fn load_texts(spec: &BertSpec, path: &Path, tokenizer: Option<&Path>) -> Result<Dataset, String> {
     let tokenizer = tokenizer.ok_or("a transformer needs its tokenizer.json")?;
     load_tokenized(spec, path, TextSplit::Train, tokenizer).map_err(|e| e.to_string())
+}
+
+/// The training split of the articles at `path` as headline examples, tokenized with the decoder's
+/// GGUF file `gguf`.
+fn load_articles(spec: &DecoderSpec, path: &Path, gguf: Option<&Path>) -> Result<Dataset, String> {
+    let gguf = gguf.ok_or("a decoder needs its GGUF file")?;
+    let file = GgufFile::open(gguf).map_err(|e| e.to_string())?;
+    let tokenizer = DecoderTokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
+    load_headlines(spec, path, TextSplit::Train, &tokenizer).map_err(|e| e.to_string())
+}
+
+/// The one GGUF file of a decoder's checkpoint directory.
+pub fn gguf_in(dir: &Path) -> Result<PathBuf, String> {
+    let entries = std::fs::read_dir(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    let mut found: Vec<PathBuf> =
+        entries.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "gguf")).collect();
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        n => Err(format!("{} holds {n} .gguf files; a decoder's checkpoint is exactly one", dir.display())),
+    }
 }
 
 /// Training threads shared by one or many devices: a real device has a pool of one; the simulator
@@ -305,6 +329,23 @@ impl SharedCheckpoints {
         loaded.insert(key, weights);
         Ok(shared)
     }
+
+    /// A decoder's base from its GGUF file, refused when the file is not the decoder `spec` describes.
+    fn decoder_weights(&self, gguf: &Path, spec: &DecoderSpec) -> Result<BaseWeights, String> {
+        let key = (gguf.to_path_buf(), serde_json::to_string(spec).unwrap_or_default());
+        let mut loaded = self.0.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
+        if let Some(weights) = loaded.get(&key) {
+            return Ok(weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
+        }
+        let file = GgufFile::open(gguf).map_err(|e| format!("{}: {e}", gguf.display()))?;
+        let (described, weights) = load_base(&file).map_err(|e| format!("{}: {e}", gguf.display()))?;
+        if described != llama_spec(spec) {
+            return Err(format!("{} is not the decoder the coordinator describes ({described:?})", gguf.display()));
+        }
+        let shared = weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
+        loaded.insert(key, weights);
+        Ok(shared)
+    }
 }
 
 /// What the pool keeps for one device between jobs.
@@ -362,6 +403,10 @@ impl DeviceState {
                 let checkpoint = HfCheckpoint::open(dir).map_err(|e| e.to_string())?;
                 (checkpoints.weights(&checkpoint, spec)?, Some(checkpoint.tokenizer_path()))
             }
+            (BaseSource::Checkpoint(dir), Architecture::Llama(spec)) => {
+                let gguf = gguf_in(dir)?;
+                (checkpoints.decoder_weights(&gguf, spec)?, Some(gguf))
+            }
             (BaseSource::Checkpoint(_), _) => {
                 return Err("a checkpoint base for a model that is not a transformer".into())
             }
@@ -389,7 +434,7 @@ impl DeviceState {
             // The rest of the global adapter stays, frozen: W ← W0 + s·B[:, rank:]·A[rank:, :].
             adapter = adapter.slice_with_folded_tail(rank, *scale).map_err(|e| format!("global adapter: {e}"))?;
         }
-        let mut model = LoraModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
+        let mut model = LocalModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
         let metrics = model.train(data, settings).map_err(|e| e.to_string())?;
         let mut trained = model.adapter().map_err(|e| e.to_string())?;
         let change_norm = match shaping.clip_norm {

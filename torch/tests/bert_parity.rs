@@ -66,7 +66,7 @@ fn check_against(dir: &Path, reference: &Reference) -> f64 {
         let adapter = architecture.init_adapter(4, 1).unwrap();
         let model = LoraModel::new(&architecture, &weights, &adapter, 2.0, Device::Cpu).unwrap();
         let logits = model.forward(&data.features, data.lengths.as_ref()).unwrap();
-        let (w, b) = architecture.head_names();
+        let (w, b) = architecture.head_names().unwrap();
         let expected = ours.linear(adapter.get(&w).unwrap(), Some(adapter.get(&b).unwrap()));
         assert!((logits - expected).abs().max().double_value(&[]) < 1e-5);
     }

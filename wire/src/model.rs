@@ -4,6 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
+mod decoder;
+pub use decoder::{DecoderSpec, DEFAULT_DECODER_TARGETS};
+
 /// Prefix of every adapter tensor name, as HF PEFT writes it.
 pub const ADAPTER_PREFIX: &str = "base_model.model.";
 
@@ -19,6 +22,9 @@ pub enum Architecture {
     /// A pretrained BERT-family encoder (HF `BertModel`) with LoRA on the linear modules that
     /// `target_modules` names, and a trainable sequence-classification head on the pooled output.
     Bert(BertSpec),
+    /// A pretrained Llama-family decoder (HF `LlamaForCausalLM`, from GGUF) with LoRA on the
+    /// projections `target_modules` names, fine-tuned as a language model (no head).
+    Llama(DecoderSpec),
 }
 
 /// A BERT-family encoder as its `config.json` describes it, plus what fine-tuning adds: where LoRA
@@ -198,7 +204,7 @@ impl BertSpec {
 }
 
 /// PEFT's rule: a module is targeted when its path is the target or ends with `.<target>`.
-fn targets(path: &str, target: &str) -> bool {
+pub(crate) fn targets(path: &str, target: &str) -> bool {
     !target.is_empty() && (path == target || path.ends_with(&format!(".{target}")))
 }
 
@@ -275,37 +281,45 @@ impl Architecture {
                 layers
             }
             Architecture::Bert(spec) => spec.adapted_layers(),
+            Architecture::Llama(spec) => spec.adapted_layers(),
         }
     }
 
-    /// The classifier head's module name: `head` for the small models, `classifier` for a
-    /// transformer (HF's name in `...ForSequenceClassification`).
-    pub fn head_module(&self) -> &'static str {
+    /// The classifier head's module name: `head` for the small models, `classifier` for an
+    /// encoder (HF's name in `...ForSequenceClassification`); none for a decoder.
+    pub fn head_module(&self) -> Option<&'static str> {
         match self {
-            Architecture::Mlp { .. } | Architecture::Cnn { .. } => "head",
-            Architecture::Bert(_) => "classifier",
+            Architecture::Mlp { .. } | Architecture::Cnn { .. } => Some("head"),
+            Architecture::Bert(_) => Some("classifier"),
+            Architecture::Llama(_) => None,
         }
     }
 
-    /// The adapter's head tensors, `(weight, bias)`, under their PEFT names.
-    pub fn head_names(&self) -> (String, String) {
-        let module = self.head_module();
-        (format!("{ADAPTER_PREFIX}{module}.weight"), format!("{ADAPTER_PREFIX}{module}.bias"))
+    /// The adapter's head tensors, `(weight, bias)`, under their PEFT names (none for a decoder).
+    pub fn head_names(&self) -> Option<(String, String)> {
+        let module = self.head_module()?;
+        Some((format!("{ADAPTER_PREFIX}{module}.weight"), format!("{ADAPTER_PREFIX}{module}.bias")))
     }
 
     /// Whether inputs are token ids (a transformer) rather than f32 features.
     pub fn takes_tokens(&self) -> bool {
-        matches!(self, Architecture::Bert(_))
+        matches!(self, Architecture::Bert(_) | Architecture::Llama(_))
     }
 
-    /// `(d_in, classes)` of the trainable classifier head.
-    pub fn head_shape(&self) -> (usize, usize) {
+    /// Whether this is a language model trained on its own next tokens (no classifier).
+    pub fn is_decoder(&self) -> bool {
+        matches!(self, Architecture::Llama(_))
+    }
+
+    /// `(d_in, classes)` of the trainable classifier head (none for a decoder).
+    pub fn head_shape(&self) -> Option<(usize, usize)> {
         match self {
             Architecture::Mlp { input, hidden, classes } => {
-                (hidden.last().copied().unwrap_or(*input) as usize, *classes as usize)
+                Some((hidden.last().copied().unwrap_or(*input) as usize, *classes as usize))
             }
-            Architecture::Cnn { hidden, classes, .. } => (*hidden as usize, *classes as usize),
-            Architecture::Bert(spec) => (spec.hidden as usize, spec.labels.len()),
+            Architecture::Cnn { hidden, classes, .. } => Some((*hidden as usize, *classes as usize)),
+            Architecture::Bert(spec) => Some((spec.hidden as usize, spec.labels.len())),
+            Architecture::Llama(_) => None,
         }
     }
 
@@ -315,6 +329,7 @@ impl Architecture {
             Architecture::Mlp { input, .. } => *input as usize,
             Architecture::Cnn { side, channels, .. } => (*side * *side * *channels) as usize,
             Architecture::Bert(spec) => spec.max_length as usize,
+            Architecture::Llama(spec) => spec.max_length as usize,
         }
     }
 
@@ -322,6 +337,7 @@ impl Architecture {
         match self {
             Architecture::Mlp { classes, .. } | Architecture::Cnn { classes, .. } => *classes as usize,
             Architecture::Bert(spec) => spec.labels.len(),
+            Architecture::Llama(spec) => spec.labels.len(),
         }
     }
 
@@ -342,6 +358,7 @@ impl Architecture {
                 }
             }
             Architecture::Bert(spec) => spec.validate()?,
+            Architecture::Llama(spec) => spec.validate()?,
         }
         Ok(())
     }
@@ -409,5 +426,27 @@ mod tests {
         assert!(check(&|s| s.labels[1] = "a".into()).contains("repeated"));
         assert!(check(&|s| s.target_modules = vec!["dense".into()]).contains("pooler"));
         assert!(Architecture::Bert(spec(&["query", "value"])).validate().is_ok());
+    }
+
+    #[test]
+    fn a_decoder_adapts_its_targeted_projections_and_has_no_head() {
+        let spec = decoder::tiny_spec();
+        let architecture = Architecture::Llama(spec.clone());
+        let layers = architecture.adapted_layers();
+        let described: Vec<(&str, usize, usize)> =
+            layers.iter().take(2).map(|l| (l.name.as_str(), l.d_in, l.d_out)).collect();
+        assert_eq!(
+            described,
+            [("model.layers.0.self_attn.q_proj", 64, 64), ("model.layers.0.self_attn.v_proj", 64, 32)]
+        );
+        assert_eq!(layers.len(), 4);
+        assert_eq!(architecture.head_names(), None);
+        assert!(architecture.validate().is_ok());
+        let mut wrong = spec.clone();
+        wrong.target_modules = vec!["query".into()];
+        assert!(Architecture::Llama(wrong).validate().unwrap_err().contains("matches no linear module"));
+        let mut long = spec;
+        long.max_length = 1000;
+        assert!(Architecture::Llama(long).validate().unwrap_err().contains("max_length 1000"));
     }
 }

@@ -1,7 +1,15 @@
 //! The decoder's tokenizer, built from its GGUF file's metadata with HF `tokenizers` (byte-level
 //! BPE, the same tokenizer HF transformers builds from the file), and its chat template.
 
+use std::path::Path;
 use std::str::FromStr;
+
+use flotilla_data::headline::split_headline;
+use flotilla_data::text::{load_text, TextSplit};
+use flotilla_wire::model::DecoderSpec;
+use tch::Tensor;
+
+use super::{DataError, Dataset};
 
 use flotilla_data::headline::{HeadlineExample, HEADLINE_INSTRUCTION};
 use flotilla_gguf::{tokenizer_json, ChatMessage, ChatTemplate, GgufError, GgufFile, SpecialTokens};
@@ -100,4 +108,68 @@ impl DecoderTokenizer {
             None => Ok(user.to_string()),
         }
     }
+}
+
+/// The headline examples of the `split` of the articles at `path` (folder-per-class texts whose
+/// first line is the headline), tokenized for `spec`: what a device trains on and the coordinator
+/// evaluates. Articles without a body are skipped, and counted in a warning.
+pub fn load_headlines(
+    spec: &DecoderSpec,
+    path: &Path,
+    split: TextSplit,
+    tokenizer: &DecoderTokenizer,
+) -> Result<Dataset, DataError> {
+    let fail = |message: String| DataError { path: path.to_path_buf(), message };
+    let corpus = load_text(path, &spec.labels, split)?;
+    let articles: Vec<_> = corpus.examples.iter().filter_map(split_headline).collect();
+    let skipped = corpus.examples.len() - articles.len();
+    if skipped > 0 {
+        tracing::warn!(skipped, path = %path.display(), "articles without a headline line and a body are skipped");
+    }
+    let mut sequences = Vec::with_capacity(articles.len());
+    for article in &articles {
+        sequences.push(tokenizer.headline_example(article, spec.max_length as usize).map_err(|e| fail(e.to_string()))?);
+    }
+    if sequences.is_empty() {
+        return Err(fail("holds no article with a headline and a body".into()));
+    }
+    let labels: Vec<i64> = articles.iter().map(|a| a.label as i64).collect();
+    Ok(sequences_dataset(&sequences, &labels))
+}
+
+/// Sequences as a [`Dataset`]: ids padded with 0 to the longest, lengths, target starts, classes.
+pub fn sequences_dataset(sequences: &[DecoderExample], labels: &[i64]) -> Dataset {
+    let longest = sequences.iter().map(|s| s.ids.len()).max().unwrap_or(1).max(1);
+    let mut ids = vec![0i64; sequences.len() * longest];
+    for (row, sequence) in sequences.iter().enumerate() {
+        ids[row * longest..row * longest + sequence.ids.len()].copy_from_slice(&sequence.ids);
+    }
+    let lengths: Vec<i64> = sequences.iter().map(|s| s.ids.len() as i64).collect();
+    let starts: Vec<i64> = sequences.iter().map(|s| s.target_start as i64).collect();
+    Dataset::sequences(
+        Tensor::from_slice(&ids).view([sequences.len() as i64, longest as i64]),
+        Tensor::from_slice(&lengths),
+        Tensor::from_slice(&starts),
+        Tensor::from_slice(labels),
+    )
+}
+
+/// The sequences a decoder [`Dataset`] holds (ids cut to each length).
+pub fn dataset_sequences(data: &Dataset) -> Result<Vec<DecoderExample>, String> {
+    let (Some(lengths), Some(starts)) = (&data.lengths, &data.target_starts) else {
+        return Err("the local data are not a decoder's sequences".into());
+    };
+    let lengths = Vec::<i64>::try_from(lengths).map_err(|e| e.to_string())?;
+    let starts = Vec::<i64>::try_from(starts).map_err(|e| e.to_string())?;
+    let width = data.features.size().get(1).copied().unwrap_or(0);
+    let ids = Vec::<i64>::try_from(data.features.flatten(0, -1)).map_err(|e| e.to_string())?;
+    Ok(lengths
+        .iter()
+        .zip(&starts)
+        .enumerate()
+        .map(|(row, (&length, &start))| {
+            let from = row * width as usize;
+            DecoderExample { ids: ids[from..from + length as usize].to_vec(), target_start: start as usize }
+        })
+        .collect())
 }

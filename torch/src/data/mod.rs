@@ -6,7 +6,7 @@ pub mod decoder_tokenizer;
 pub mod idx;
 pub mod tokenizer;
 
-pub use flotilla_data::{partition, sample, text, DataError};
+pub use flotilla_data::{headline, partition, sample, text, DataError};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -20,6 +20,9 @@ pub struct Dataset {
     pub features: Tensor,
     pub labels: Tensor,
     pub lengths: Option<Tensor>,
+    /// For a decoder's examples: where each sequence's target tokens start (the loss is on them);
+    /// `labels` then hold the article's class, for partitions.
+    pub target_starts: Option<Tensor>,
 }
 
 /// A minibatch, ready for the model: token batches are cut to their longest input.
@@ -43,12 +46,18 @@ impl Batch {
 impl Dataset {
     /// A dataset of f32 features (`N × d`).
     pub fn new(features: Tensor, labels: Tensor) -> Dataset {
-        Dataset { features, labels, lengths: None }
+        Dataset { features, labels, lengths: None, target_starts: None }
     }
 
     /// A dataset of token ids (`N × L`, 0 past each length) with each input's length.
     pub fn tokens(ids: Tensor, lengths: Tensor, labels: Tensor) -> Dataset {
-        Dataset { features: ids, labels, lengths: Some(lengths) }
+        Dataset { features: ids, labels, lengths: Some(lengths), target_starts: None }
+    }
+
+    /// A decoder's sequences (`N × L` ids, padded past each length), where each one's target starts,
+    /// and each one's class.
+    pub fn sequences(ids: Tensor, lengths: Tensor, target_starts: Tensor, labels: Tensor) -> Dataset {
+        Dataset { features: ids, labels, lengths: Some(lengths), target_starts: Some(target_starts) }
     }
 
     /// The samples at `index` (an i64 tensor) as a batch; token ids are cut to the longest input.
@@ -81,6 +90,7 @@ impl Dataset {
             features: self.features.index_select(0, &index),
             labels: self.labels.index_select(0, &index),
             lengths: self.lengths.as_ref().map(|l| l.index_select(0, &index)),
+            target_starts: self.target_starts.as_ref().map(|t| t.index_select(0, &index)),
         }
     }
 

@@ -83,17 +83,31 @@ impl DecoderLora {
         seed: u64,
         device: Device,
     ) -> Result<DecoderLora, ModelError> {
-        let store = nn::VarStore::new(device);
-        let root = store.root();
-        let mut factors = BTreeMap::new();
+        let mut tensors = BTreeMap::new();
         for (i, (module, d_in, d_out)) in adapted_modules(spec, targets)?.into_iter().enumerate() {
             let bound = 1.0 / (d_in as f64).sqrt();
             let a = seeded_uniform(&[rank, d_in], bound, seed.wrapping_mul(1000).wrapping_add(i as u64));
-            let a = root.f_var_copy(&format!("lora_a_{i}"), &a)?;
-            let b = root.f_zeros(&format!("lora_b_{i}"), &[d_out as i64, rank as i64])?;
-            factors.insert(module, (a, b));
+            let b = Tensor::f_zeros([d_out as i64, rank as i64], (tch::Kind::Float, Device::Cpu))?;
+            tensors.insert(module, (a, b));
         }
-        Ok(DecoderLora { store, factors, scale })
+        DecoderLora::from_factors(&tensors, scale, device)
+    }
+
+    /// Trainable copies of `factors` (`(A, B)` by module, `model.layers.0.self_attn.q_proj`).
+    pub fn from_factors(
+        factors: &BTreeMap<String, (Tensor, Tensor)>,
+        scale: f64,
+        device: Device,
+    ) -> Result<DecoderLora, ModelError> {
+        let store = nn::VarStore::new(device);
+        let root = store.root();
+        let mut trainable = BTreeMap::new();
+        for (i, (module, (a, b))) in factors.iter().enumerate() {
+            let a = root.f_var_copy(&format!("lora_a_{i}"), a)?;
+            let b = root.f_var_copy(&format!("lora_b_{i}"), b)?;
+            trainable.insert(module.clone(), (a, b));
+        }
+        Ok(DecoderLora { store, factors: trainable, scale })
     }
 
     pub fn factors(&self) -> &BTreeMap<String, (Tensor, Tensor)> {
@@ -104,15 +118,18 @@ impl DecoderLora {
         Lora { factors: &self.factors, scale: self.scale }
     }
 
-    /// Summed cross-entropy over the batch's target tokens, and their count.
-    fn loss_sum(&self, decoder: &Decoder, batch: &Batch) -> Result<(Tensor, i64), ModelError> {
+    /// Summed cross-entropy over the batch's target tokens, their count, and how many of them the
+    /// model predicts exactly (greedy).
+    fn loss_sum(&self, decoder: &Decoder, batch: &Batch) -> Result<(Tensor, i64, i64), ModelError> {
         let hidden = decoder.hidden(&batch.ids, Some(&self.lora()))?;
         let (_, length, width) = hidden.size3()?;
         let flat = batch.rows.f_mul_scalar(length)?.f_add(&batch.positions)?;
         let picked = hidden.f_reshape([-1, width])?.f_index_select(0, &flat)?;
         let logits = decoder.project(&picked)?;
         let loss = logits.f_cross_entropy_loss::<Tensor>(&batch.targets, None, tch::Reduction::Sum, -100, 0.0)?;
-        Ok((loss, batch.targets.size()[0]))
+        let correct =
+            logits.f_argmax(-1, false)?.f_eq_tensor(&batch.targets)?.f_sum(tch::Kind::Int64)?.f_int64_value(&[])?;
+        Ok((loss, batch.targets.size()[0], correct))
     }
 
     /// Mean loss per target token over `examples`, without gradients.
@@ -122,15 +139,26 @@ impl DecoderLora {
         examples: &[DecoderExample],
         batch_size: usize,
     ) -> Result<f64, ModelError> {
+        Ok(self.evaluate_sums(decoder, examples, batch_size)?.mean_loss())
+    }
+
+    /// Loss and exact predictions summed over `examples`' target tokens, without gradients.
+    pub fn evaluate_sums(
+        &self,
+        decoder: &Decoder,
+        examples: &[DecoderExample],
+        batch_size: usize,
+    ) -> Result<TokenSums, ModelError> {
         tch::no_grad(|| {
-            let (mut total, mut count) = (0.0, 0i64);
+            let mut sums = TokenSums::default();
             for chunk in examples.chunks(batch_size.max(1)) {
                 let refs: Vec<&DecoderExample> = chunk.iter().collect();
-                let (loss, n) = self.loss_sum(decoder, &batch(&refs, PAD, decoder.device())?)?;
-                total += loss.f_double_value(&[])?;
-                count += n;
+                let (loss, n, correct) = self.loss_sum(decoder, &batch(&refs, PAD, decoder.device())?)?;
+                sums.loss += loss.f_double_value(&[])?;
+                sums.tokens += n as u64;
+                sums.correct += correct as u64;
             }
-            Ok(if count == 0 { 0.0 } else { total / count as f64 })
+            Ok(sums)
         })
     }
 
@@ -154,12 +182,38 @@ impl DecoderLora {
         for _ in 0..steps {
             let picks: Vec<&DecoderExample> =
                 (0..batch_size.max(1)).map(|_| &examples[rng.random_range(0..examples.len())]).collect();
-            let (loss, count) = self.loss_sum(decoder, &batch(&picks, PAD, decoder.device())?)?;
+            let (loss, count, _) = self.loss_sum(decoder, &batch(&picks, PAD, decoder.device())?)?;
             let mean = loss.f_div_scalar(count.max(1) as f64)?;
             optimizer.backward_step(&mean);
             losses.push(mean.f_double_value(&[])?);
         }
         Ok(losses)
+    }
+}
+
+/// Loss and greedy hits summed over target tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct TokenSums {
+    pub loss: f64,
+    pub tokens: u64,
+    pub correct: u64,
+}
+
+impl TokenSums {
+    pub fn mean_loss(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.loss / self.tokens as f64
+        }
+    }
+
+    pub fn accuracy(&self) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            self.correct as f64 / self.tokens as f64
+        }
     }
 }
 

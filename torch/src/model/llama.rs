@@ -8,9 +8,97 @@
 //! causal mask alone keeps every real position from seeing padding.
 
 use flotilla_gguf::{GgufFile, LlamaSpec};
+use flotilla_wire::model::DecoderSpec;
 use tch::{Device, Kind, Tensor};
 
 use super::{BaseWeights, Lora, ModelError};
+use crate::data::seeded_uniform;
+
+/// The GGUF reader's description of the decoder a run's spec names.
+pub fn llama_spec(spec: &DecoderSpec) -> LlamaSpec {
+    LlamaSpec {
+        layers: spec.layers as usize,
+        hidden: spec.hidden as usize,
+        intermediate: spec.intermediate as usize,
+        heads: spec.heads as usize,
+        kv_heads: spec.kv_heads as usize,
+        vocab: spec.vocab as usize,
+        context: spec.context as usize,
+        rms_eps: spec.rms_eps,
+        rope_base: spec.rope_base,
+        tied_embeddings: spec.tied_embeddings,
+    }
+}
+
+/// A run's spec from the file's description and the fine-tuning settings.
+pub fn decoder_spec(
+    llama: &LlamaSpec,
+    target_modules: Vec<String>,
+    max_length: u32,
+    labels: Vec<String>,
+) -> DecoderSpec {
+    DecoderSpec {
+        layers: llama.layers as u32,
+        hidden: llama.hidden as u32,
+        intermediate: llama.intermediate as u32,
+        heads: llama.heads as u32,
+        kv_heads: llama.kv_heads as u32,
+        vocab: llama.vocab as u32,
+        context: llama.context as u32,
+        rms_eps: llama.rms_eps,
+        rope_base: llama.rope_base,
+        tied_embeddings: llama.tied_embeddings,
+        target_modules,
+        max_length,
+        labels,
+    }
+}
+
+/// A randomly initialised decoder (uniform weights with standard deviation 0.02, norms at one),
+/// reproducible from `seed`: what the probe times steps with.
+pub(super) fn init_base(spec: &DecoderSpec, seed: u64) -> BaseWeights {
+    let bound = 0.02 * 3f64.sqrt();
+    llama_spec(spec)
+        .tensors()
+        .into_iter()
+        .enumerate()
+        .map(|(k, (name, _, shape))| {
+            let tensor = if shape.len() == 1 {
+                Tensor::ones(shape.as_slice(), (Kind::Float, Device::Cpu))
+            } else {
+                let dims: Vec<usize> = shape.iter().map(|&d| d as usize).collect();
+                seeded_uniform(&dims, bound, seed.wrapping_mul(10_007).wrapping_add(k as u64))
+            };
+            (name, tensor)
+        })
+        .collect()
+}
+
+/// Checks that `base` has every tensor the decoder needs, with the right shape and as f32.
+pub(super) fn check_base(spec: &DecoderSpec, base: &BaseWeights) -> Result<(), ModelError> {
+    for (name, _, want) in llama_spec(spec).tensors() {
+        let tensor = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
+        let got = tensor.size();
+        if got != want {
+            return Err(ModelError::Shape { name, got, want });
+        }
+        if tensor.kind() != Kind::Float {
+            return Err(ModelError::Kind { name, kind: format!("{:?}", tensor.kind()) });
+        }
+    }
+    Ok(())
+}
+
+/// The base tensors of the decoder in `file` (HF names), dequantized to f32 on the CPU.
+pub fn load_base(file: &GgufFile) -> Result<(LlamaSpec, BaseWeights), ModelError> {
+    let spec = LlamaSpec::from_file(file)?;
+    let mut weights = BaseWeights::new();
+    for (hf_name, gguf_name, shape) in spec.tensors() {
+        let dense = spec.read_tensor(file, &gguf_name, &shape)?;
+        weights.insert(hf_name, Tensor::f_from_slice(&dense.values)?.f_view(shape.as_slice())?);
+    }
+    Ok((spec, weights))
+}
 
 /// The decoder's frozen base, in f32, on one device.
 pub struct Decoder {
@@ -39,13 +127,16 @@ impl Decoder {
     /// Dequantizes every base tensor to f32 onto `device`; a missing tensor or a shape the metadata
     /// does not imply is refused by name.
     pub fn load(file: &GgufFile, device: Device) -> Result<Decoder, ModelError> {
-        let spec = LlamaSpec::from_file(file)?;
-        let mut weights = BaseWeights::new();
-        for (hf_name, gguf_name, shape) in spec.tensors() {
-            let dense = spec.read_tensor(file, &gguf_name, &shape)?;
-            let tensor = Tensor::f_from_slice(&dense.values)?.f_view(shape.as_slice())?.f_to_device(device)?;
-            weights.insert(hf_name, tensor);
-        }
+        let (spec, weights) = load_base(file)?;
+        Decoder::from_weights(spec, &weights, device)
+    }
+
+    /// The decoder over base tensors already loaded (shared, not copied, on the CPU).
+    pub fn from_weights(spec: LlamaSpec, weights: &BaseWeights, device: Device) -> Result<Decoder, ModelError> {
+        let weights = weights
+            .iter()
+            .map(|(name, tensor)| Ok((name.clone(), tensor.f_to_device(device)?)))
+            .collect::<Result<BaseWeights, ModelError>>()?;
         Ok(Decoder { spec, weights, device })
     }
 

@@ -18,7 +18,7 @@ use crate::data::Dataset;
 pub const TRANSFORMER_METRICS_SAMPLES: usize = 32;
 
 /// At most `cap` of `n` sample indices, drawn without replacement with `seed`.
-fn local_metrics_sample(n: usize, cap: usize, seed: u64) -> Vec<usize> {
+pub(super) fn local_metrics_sample(n: usize, cap: usize, seed: u64) -> Vec<usize> {
     let mut indices: Vec<usize> = (0..n).collect();
     if n > cap {
         use rand::seq::SliceRandom;
@@ -74,7 +74,9 @@ impl LoraModel {
             }
             factors.insert(layer.name.clone(), (a, b));
         }
-        let (head_weight_name, head_bias_name) = architecture.head_names();
+        let (head_weight_name, head_bias_name) = architecture.head_names().ok_or_else(|| {
+            ModelError::Unsupported("a decoder has no classifier head: it trains as a DecoderModel".into())
+        })?;
         let head_weight = root.f_var_copy("head_weight", adapter_tensor(head_weight_name)?)?;
         let head_bias = root.f_var_copy("head_bias", adapter_tensor(head_bias_name)?)?;
         Ok(LoraModel {
@@ -105,10 +107,11 @@ impl LoraModel {
             tensors.insert(lora_a_name(&module), crate::tensor::try_copy(&a.detach().f_to_device(Device::Cpu)?)?);
             tensors.insert(lora_b_name(&module), crate::tensor::try_copy(&b.detach().f_to_device(Device::Cpu)?)?);
         }
-        let (head_weight_name, head_bias_name) = self.architecture.head_names();
-        tensors
-            .insert(head_weight_name, crate::tensor::try_copy(&self.head_weight.detach().f_to_device(Device::Cpu)?)?);
-        tensors.insert(head_bias_name, crate::tensor::try_copy(&self.head_bias.detach().f_to_device(Device::Cpu)?)?);
+        if let Some((head_weight_name, head_bias_name)) = self.architecture.head_names() {
+            let copy = |t: &Tensor| crate::tensor::try_copy(&t.detach().f_to_device(Device::Cpu)?);
+            tensors.insert(head_weight_name, copy(&self.head_weight)?);
+            tensors.insert(head_bias_name, copy(&self.head_bias)?);
+        }
         Ok(Adapter::new(tensors)?)
     }
 

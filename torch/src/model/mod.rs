@@ -10,9 +10,11 @@
 pub mod bert;
 pub mod checkpoint;
 pub mod decoder_lora;
+pub mod decoder_model;
 mod full_model;
 mod layers;
 pub mod llama;
+mod local_model;
 mod lora_model;
 mod pretrain;
 #[cfg(test)]
@@ -23,9 +25,10 @@ use std::collections::BTreeMap;
 use tch::{Device, Kind, Tensor};
 
 pub use flotilla_wire::model::{
-    Activation, Architecture, BertSpec, LayerKind, LayerShape, Pooling, ADAPTER_PREFIX, CONV_KERNEL,
+    Activation, Architecture, BertSpec, DecoderSpec, LayerKind, LayerShape, Pooling, ADAPTER_PREFIX, CONV_KERNEL,
 };
 pub use full_model::FullModel;
+pub use local_model::LocalModel;
 pub use lora_model::LoraModel;
 pub use pretrain::PretrainSettings;
 
@@ -72,6 +75,9 @@ pub(crate) fn forward_features(
 ) -> Result<Tensor, ModelError> {
     if let Architecture::Bert(spec) = architecture {
         return bert::encode(spec, weights, lora, x, lengths.ok_or(ModelError::NoLengths)?);
+    }
+    if architecture.is_decoder() {
+        return Err(ModelError::Unsupported("a decoder has no pooled features to classify".into()));
     }
     let get = |name: String| weights.get(&name).ok_or(ModelError::Missing(name));
     let mut h = architecture.input_view(x);
@@ -127,14 +133,16 @@ impl ArchitectureExt for Architecture {
 
     fn input_view(&self, x: &Tensor) -> Tensor {
         match self {
-            Architecture::Mlp { .. } | Architecture::Bert(_) => x.shallow_clone(),
+            Architecture::Mlp { .. } | Architecture::Bert(_) | Architecture::Llama(_) => x.shallow_clone(),
             Architecture::Cnn { side, channels, .. } => x.view([-1, *channels as i64, *side as i64, *side as i64]),
         }
     }
 
     fn init_base(&self, seed: u64) -> BaseWeights {
-        if let Architecture::Bert(spec) = self {
-            return bert::init_base(spec, seed);
+        match self {
+            Architecture::Bert(spec) => return bert::init_base(spec, seed),
+            Architecture::Llama(spec) => return llama::init_base(spec, seed),
+            _ => {}
         }
         let mut weights = BTreeMap::new();
         for (i, layer) in self.adapted_layers().iter().enumerate() {
@@ -159,18 +167,20 @@ impl ArchitectureExt for Architecture {
                 Tensor::zeros([layer.d_out as i64, max_rank as i64], (Kind::Float, Device::Cpu)),
             );
         }
-        let (d_in, classes) = self.head_shape();
-        let bound = 1.0 / (d_in as f64).sqrt();
-        let s = seed.wrapping_mul(1000).wrapping_add(900);
-        let (head_weight, head_bias) = self.head_names();
-        tensors.insert(head_weight, seeded_uniform(&[classes, d_in], bound, s));
-        tensors.insert(head_bias, seeded_uniform(&[classes], bound, s + 1));
+        if let (Some((d_in, classes)), Some((head_weight, head_bias))) = (self.head_shape(), self.head_names()) {
+            let bound = 1.0 / (d_in as f64).sqrt();
+            let s = seed.wrapping_mul(1000).wrapping_add(900);
+            tensors.insert(head_weight, seeded_uniform(&[classes, d_in], bound, s));
+            tensors.insert(head_bias, seeded_uniform(&[classes], bound, s + 1));
+        }
         Ok(Adapter::new(tensors)?)
     }
 
     fn check_base(&self, base: &BaseWeights) -> Result<(), ModelError> {
-        if let Architecture::Bert(spec) = self {
-            return bert::check_base(spec, base);
+        match self {
+            Architecture::Bert(spec) => return bert::check_base(spec, base),
+            Architecture::Llama(spec) => return llama::check_base(spec, base),
+            _ => {}
         }
         for layer in self.adapted_layers() {
             for (suffix, want) in [("weight", layer.weight_shape()), ("bias", vec![layer.d_out as i64])] {
@@ -215,10 +225,10 @@ impl ArchitectureExt for Architecture {
             merged.insert(name, weight);
         }
         let get = |name: String| adapter.get(&name).ok_or(ModelError::Missing(name));
-        let (head_weight, head_bias) = self.head_names();
-        let module = self.head_module();
-        merged.insert(format!("{module}.weight"), crate::tensor::try_copy(get(head_weight)?)?);
-        merged.insert(format!("{module}.bias"), crate::tensor::try_copy(get(head_bias)?)?);
+        if let (Some((head_weight, head_bias)), Some(module)) = (self.head_names(), self.head_module()) {
+            merged.insert(format!("{module}.weight"), crate::tensor::try_copy(get(head_weight)?)?);
+            merged.insert(format!("{module}.bias"), crate::tensor::try_copy(get(head_bias)?)?);
+        }
         Ok(merged)
     }
 
@@ -228,7 +238,9 @@ impl ArchitectureExt for Architecture {
         x: &Tensor,
         lengths: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
-        let module = self.head_module();
+        let module = self
+            .head_module()
+            .ok_or_else(|| ModelError::Unsupported("a decoder computes next-token logits, not class logits".into()))?;
         let get = |name: String| weights.get(&name).ok_or(ModelError::Missing(name));
         let features = forward_features(self, weights, None, x, lengths)?;
         Ok(features.f_linear(get(format!("{module}.weight"))?, Some(get(format!("{module}.bias"))?))?)
@@ -247,7 +259,9 @@ pub fn with_head(
     bias: &Tensor,
 ) -> Result<Adapter, ModelError> {
     let mut tensors: BTreeMap<String, Tensor> = adapter.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
-    let (head_weight, head_bias) = architecture.head_names();
+    let (head_weight, head_bias) = architecture
+        .head_names()
+        .ok_or_else(|| ModelError::Unsupported("a decoder has no classifier head to replace".into()))?;
     tensors.insert(head_weight, weight.copy());
     tensors.insert(head_bias, bias.copy());
     Ok(Adapter::new(tensors)?)

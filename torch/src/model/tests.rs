@@ -262,7 +262,7 @@ fn full_fine_tuning_of_a_transformer_moves_the_encoder_and_learns() {
     let arch = Architecture::Bert(spec);
     let base = arch.init_base(3);
     let initial = arch.init_adapter(2, 4).unwrap();
-    let (head_weight, head_bias) = arch.head_names();
+    let (head_weight, head_bias) = arch.head_names().unwrap();
     let head = (initial.get(&head_weight).unwrap(), initial.get(&head_bias).unwrap());
     // Class c's texts use tokens from its own half of the vocabulary.
     let n = 256;
@@ -271,7 +271,7 @@ fn full_fine_tuning_of_a_transformer_moves_the_encoder_and_learns() {
     let tokens: Vec<i64> = (0..n * 8).map(|k| 1 + (k * 7 + k / 8 * 3) % 24).collect();
     let ids = Tensor::from_slice(&tokens).view([n, 8]) + offsets;
     let lengths = Tensor::from_slice(&(0..n).map(|i| 4 + i % 5).collect::<Vec<i64>>());
-    let data = Dataset { features: ids, labels, lengths: Some(lengths) };
+    let data = Dataset::tokens(ids, lengths, labels);
     let mut model = FullModel::new(&arch, &base, head, Device::Cpu).unwrap();
     let before = model.evaluate(&data, 64).unwrap();
     let settings = TrainingSettings { local_steps: 60, local_epochs: 0, batch_size: 16, learning_rate: 3e-3, seed: 1 };
