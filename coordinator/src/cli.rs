@@ -390,6 +390,13 @@ fn print_summary(summary: &report::RunSummary) {
         .collect();
     all_ranks.sort_unstable_by(|a, b| b.cmp(a));
     all_ranks.dedup();
+    if crate::decoder_summary::is_decoder_run(summary) {
+        crate::decoder_summary::lines(summary).iter().for_each(|line| println!("{line}"));
+        if let Some(path) = &summary.final_global {
+            println!("global adapter: {}", path.display());
+        }
+        return;
+    }
     if !all_ranks.is_empty() {
         println!();
         println!("test accuracy of the global model (frozen base + global adapter sliced to each rank):");

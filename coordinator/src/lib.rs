@@ -26,6 +26,7 @@ pub mod class_scores;
 pub mod cli;
 pub mod config;
 pub mod crash_points;
+pub mod decoder_summary;
 pub mod driver;
 pub mod evaluation;
 pub mod evaluation_set;

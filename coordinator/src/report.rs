@@ -180,6 +180,9 @@ pub struct ReportRow {
     pub macro_f1: Option<f64>,
     /// Accuracy of the global model at R_max on each class of the evaluated set, in label order.
     pub accuracy_by_class: Vec<(String, f64)>,
+    /// A decoder's ROUGE-L F1 of its greedy headlines, by rank (R_max included).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub rouge_l_by_rank: BTreeMap<usize, f64>,
     /// The accepted updates' sample counts, summed (absent where no device's count is kept).
     pub samples: Option<u64>,
     /// Mean over updates of the local training loss after training (absent where no device's
@@ -209,6 +212,7 @@ impl ReportRow {
             accuracy_by_rank: BTreeMap::new(),
             macro_f1: None,
             accuracy_by_class: Vec::new(),
+            rouge_l_by_rank: BTreeMap::new(),
             samples: None,
             mean_local_loss: None,
             update_bytes: 0,
@@ -245,6 +249,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
             accuracy_by_class: at_max
                 .map(|r| r.per_class.iter().map(|c| (c.label.clone(), c.accuracy)).collect())
                 .unwrap_or_default(),
+            rouge_l_by_rank: results.iter().filter_map(|r| Some((r.rank, r.rouge_l?))).collect(),
             ..ReportRow::empty(round)
         }
     };
@@ -301,6 +306,10 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
     for rank in &eval_ranks {
         out.push_str(&format!(",accuracy_rank_{rank}"));
     }
+    let rouge_ranks: BTreeSet<usize> = rows.iter().flat_map(|r| r.rouge_l_by_rank.keys().copied()).collect();
+    for rank in &rouge_ranks {
+        out.push_str(&format!(",rouge_l_rank_{rank}"));
+    }
     for rank in &part_ranks {
         out.push_str(&format!(",participants_rank_{rank}"));
     }
@@ -337,6 +346,9 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
         }
         for rank in &eval_ranks {
             out.push_str(&format!(",{}", opt(row.accuracy_by_rank.get(rank).copied())));
+        }
+        for rank in &rouge_ranks {
+            out.push_str(&format!(",{}", opt(row.rouge_l_by_rank.get(rank).copied())));
         }
         for rank in &part_ranks {
             out.push_str(&format!(",{}", row.participants.get(rank).copied().unwrap_or(0)));

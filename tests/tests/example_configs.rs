@@ -1,4 +1,4 @@
-//! The example configurations in `deploy/examples/` (MiniLM, Fashion-MNIST, secure, private) pass
+//! The example configurations in `deploy/examples/` (MiniLM, SmolLM2, Fashion-MNIST, secure, private) pass
 //! `check` once `deploy/examples/prepare.sh` has made what they refer to, with their relative
 //! paths resolved against the working directory as documented; and `check` leaves no run
 //! directory behind.
@@ -18,7 +18,7 @@ fn every_example_configuration_passes_check_after_prepare() {
             .current_dir(dir.path())
             .env("FLOTILLA_BIN_DIR", &bin_dir),
     );
-    for example in ["minilm", "fashion-mnist", "secure", "private"] {
+    for example in ["minilm", "smollm2", "fashion-mnist", "secure", "private"] {
         let config = workspace_root().join(format!("deploy/examples/{example}.toml"));
         let output = Command::new(binary("flotilla-coordinator"))
             .args(["check", "--config"])
@@ -33,6 +33,8 @@ fn every_example_configuration_passes_check_after_prepare() {
         let mix = text.lines().find(|l| l.starts_with("evaluation: ")).unwrap_or_else(|| panic!("{text}"));
         let expected: &[&str] = if example == "minilm" {
             &["(the whole test split)", "business ", "entertainment ", "politics ", "sports ", "tech "]
+        } else if example == "smollm2" {
+            &["32 examples (a stratified sample seeded with 42)", "business ", "politics ", "tech "]
         } else {
             &["5000 examples (the whole test split after the first 5000)", "0 ", "9 "]
         };

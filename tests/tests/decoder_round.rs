@@ -1,0 +1,126 @@
+//! A decoder through the real system: a coordinator fine-tunes the tiny random Llama of
+//! `tests/fixtures/tiny-llama.gguf` to write the headlines of generated articles, with two devices
+//! of different ranks. One uses its own copy of the GGUF file; the other fetches it from the
+//! coordinator (verified by digest). The held-out loss per headline token falls, ROUGE-L and the
+//! greedy headlines are recorded per rank. A file whose digest differs from the pin, and a file
+//! that is not GGUF, are refused by `check` with the reason.
+
+use std::process::Command;
+use std::time::Duration;
+
+use flotilla_tests::{binary, check_config, provision, start_coordinator, workspace_root, Process};
+
+const COMPANIES: [&str; 6] = ["Acme", "Globex", "Initech", "Umbrella", "Hooli", "Vandelay"];
+const TEAMS: [&str; 6] = ["Leeds", "Wigan", "Derby", "Bolton", "Fulham", "Reading"];
+
+/// Folder-per-class articles: a headline line, a blank line, a body that states the same fact.
+fn write_articles(dir: &std::path::Path) {
+    for (class, names, verb) in [("business", COMPANIES, "profits rise"), ("sport", TEAMS, "win again")] {
+        let folder = dir.join(class);
+        std::fs::create_dir_all(&folder).unwrap();
+        for i in 0..60 {
+            let name = names[i % names.len()];
+            let headline = format!("{name} {verb}");
+            let body = format!(
+                "{name} said on Monday that it was a good week. The {name} news was that {name} did {verb} by {i} points. "
+            )
+            .repeat(2);
+            std::fs::write(folder.join(format!("{i:03}.txt")), format!("{headline}\n\n{body}\n")).unwrap();
+        }
+    }
+}
+
+fn config(run: &std::path::Path, gguf: &std::path::Path, data: &std::path::Path, sha256: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}/run\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\
+         [round]\nrounds = 3\nmin_devices = 2\nlocal_steps = 25\nbatch_size = 8\nlearning_rate = 0.02\n\
+         [aggregation]\nmax_rank = 4\nlora_alpha = 8.0\n\
+         [model.decoder]\ngguf = \"{gguf}\"\n{sha256}labels = [\"business\", \"sport\"]\nmax_length = 160\nrouge_samples = 4\n\
+         [evaluation]\ntest_data = \"{data}\"\n",
+        run = run.display(),
+        gguf = gguf.display(),
+        data = data.display(),
+    )
+}
+
+#[test]
+fn devices_fine_tune_a_decoder_from_gguf_and_the_headline_loss_falls() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["phone-1", "laptop-1"]);
+    let data = run.join("articles");
+    write_articles(&data);
+    let gguf = workspace_root().join("tests/fixtures/tiny-llama.gguf");
+    let (mut coordinator, address) = start_coordinator(run, &config(run, &gguf, &data, ""));
+
+    let edge = |id: &str, rank: &str, index: &str| {
+        let mut command = Command::new(binary("flotilla-edge"));
+        command
+            .args(["run", "--coordinator", &address, "--rank", rank, "--data"])
+            .arg(&data)
+            .args(["--partition", "dirichlet:1.0", "--devices", "2", "--device-index", index])
+            .arg("--cache-dir")
+            .arg(run.join(format!("cache-{id}")))
+            .arg("--kit")
+            .arg(pki.join("kits").join(id));
+        command
+    };
+    let own_copy = gguf.parent().unwrap().to_path_buf();
+    let own_dir = run.join("own-copy");
+    std::fs::create_dir_all(&own_dir).unwrap();
+    std::fs::copy(own_copy.join("tiny-llama.gguf"), own_dir.join("tiny-llama.gguf")).unwrap();
+    let mut devices = vec![
+        Process::spawn("phone-1", edge("phone-1", "2", "0").arg("--model-dir").arg(&own_dir), &run.join("logs")),
+        Process::spawn("laptop-1", &mut edge("laptop-1", "4", "1"), &run.join("logs")),
+    ];
+    for device in &mut devices {
+        assert!(device.wait(Duration::from_secs(240)).success(), "{}", device.logs());
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    assert!(devices[1].logs().contains("base checkpoint file fetched and verified"), "{}", devices[1].logs());
+
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("run/summary.json")).unwrap()).unwrap();
+    let at_max = |evaluation: &serde_json::Value| evaluation.as_array().unwrap()[0].clone();
+    let before = at_max(&summary["initial_evaluation"]);
+    let rounds = summary["rounds"].as_array().unwrap();
+    assert_eq!(rounds.len(), 3, "{summary}");
+    let after = at_max(&rounds[2]["evaluation"]);
+    let (loss_before, loss_after) = (before["loss"].as_f64().unwrap(), after["loss"].as_f64().unwrap());
+    eprintln!(
+        "held-out loss per headline token {loss_before:.3} → {loss_after:.3}, ROUGE-L {} → {}",
+        before["rouge_l"], after["rouge_l"]
+    );
+    assert!(loss_after < 0.8 * loss_before, "held-out loss per headline token {loss_before} → {loss_after}");
+    for result in [&before, &after] {
+        assert!(result["rouge_l"].as_f64().is_some_and(|r| (0.0..=1.0).contains(&r)), "{result}");
+        assert_eq!(result["headlines"].as_array().map(Vec::len), Some(3), "{result}");
+    }
+    // Every rank that took part was evaluated, and the records carry ROUGE-L per rank.
+    let ranks: Vec<u64> =
+        rounds[2]["evaluation"].as_array().unwrap().iter().map(|r| r["rank"].as_u64().unwrap()).collect();
+    assert_eq!(ranks, [4, 2]);
+    let csv = std::fs::read_to_string(run.join("run/rounds.csv")).unwrap();
+    assert!(csv.lines().next().unwrap().contains("rouge_l_rank_2,rouge_l_rank_4"), "{csv}");
+    let printed = coordinator.stdout_text();
+    assert!(printed.contains("held-out headlines, per rank") && printed.contains("example headlines"), "{printed}");
+}
+
+#[test]
+fn check_refuses_a_decoder_file_that_is_not_the_pinned_one_or_not_gguf() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &[]);
+    let data = run.join("articles");
+    write_articles(&data);
+    let gguf = workspace_root().join("tests/fixtures/tiny-llama.gguf");
+    let (ok, text) = check_config(run, &config(run, &gguf, &data, "sha256 = \"00ff\"\n"));
+    assert!(!ok && text.contains("but model.decoder.sha256 pins 00ff"), "{text}");
+
+    let not_gguf = run.join("model.gguf");
+    std::fs::write(&not_gguf, b"GGML this is not a GGUF file").unwrap();
+    let (ok, text) = check_config(run, &config(run, &not_gguf, &data, ""));
+    assert!(!ok && text.contains("model.decoder.gguf") && text.contains("not a GGUF file"), "{text}");
+}
