@@ -1,5 +1,5 @@
 //! The command line of `flotilla-coordinator-torch` (run as `flotilla-coordinator` through the
-//! front end): `serve`, `check`, `status`, `export`, `classify`, `finetune-full`, and `aggregate` on the
+//! front end): `serve`, `check`, `status`, `export`, `classify`, `generate`, `finetune-full`, and `aggregate` on the
 //! libtorch path.
 
 use std::net::SocketAddr;
@@ -106,6 +106,10 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
     },
+    /// Write text with a decoder: an exported model (`export --merged`'s merged/ directory) or a
+    /// decoder run's checkpoint. Prompts from --prompt, or one per line of --input or stdin (JSON
+    /// lines give their "prompt"); each in the model's chat template unless --raw; greedy decoding.
+    Generate(crate::generate::GenerateArgs),
     /// Centralized full fine-tuning, the bound above LoRA: trains every weight of the configured
     /// model on the pooled training data in --data, on the configuration's round schedule, evaluates
     /// as `serve` does, and writes <run_dir>/summary.json. No devices, no network.
@@ -317,6 +321,7 @@ fn run(command: Command) -> Result<()> {
             }
             Ok(())
         }
+        Command::Generate(args) => crate::generate::run(&args),
         Command::FinetuneFull { config, data } => finetune_full(&config, &data),
         Command::Aggregate(args) => {
             let report = aggregate_torch::aggregate(&args)?;

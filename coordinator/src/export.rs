@@ -48,9 +48,20 @@ fn held_at_rank(global: Adapter, rank: usize, scale: f64, tail_folded: bool) -> 
     })
 }
 
-pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exported> {
+/// A finished round's global adapter as a device of `rank` holds it: the round (default: the last
+/// finished one), the rank (default: R_max), the adapter, and whether its tail is folded.
+pub struct HeldAdapter {
+    pub round: u32,
+    pub method: String,
+    pub max_rank: usize,
+    pub rank: usize,
+    pub tail_folded: bool,
+    pub adapter: Adapter,
+}
+
+pub fn held_adapter(config: &CoordinatorConfig, round: Option<u32>, rank: Option<u32>) -> Result<HeldAdapter> {
     let run_dir = &config.server.run_dir;
-    let (dir, state) = match request.round {
+    let (dir, state) = match round {
         None => checkpoint::latest(run_dir)?
             .with_context(|| format!("{}: no finished round to export yet", run_dir.display()))?,
         Some(round) => {
@@ -64,16 +75,23 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     };
     let global = checkpoint::resume(&dir, &state, config)?;
     let max_rank = global.rank();
-    let rank = request.rank.map_or(max_rank, |r| r as usize);
+    let rank = rank.map_or(max_rank, |r| r as usize);
     if rank == 0 || rank > max_rank {
         bail!("--rank {rank}: the global adapter has rank {max_rank}; ask for 1..={max_rank}");
     }
     let scale = config.aggregation.scale();
     let tail_folded = rank < max_rank && config.aggregation.method.folds_tail();
     let adapter = held_at_rank(global, rank, scale, tail_folded)?;
+    Ok(HeldAdapter { round: state.round, method: state.method, max_rank, rank, tail_folded, adapter })
+}
+
+pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exported> {
+    let HeldAdapter { round, method, max_rank, rank, tail_folded, adapter } =
+        held_adapter(config, request.round, request.rank)?;
+    let scale = config.aggregation.scale();
     let mut metadata = HashMap::from([
-        ("round".to_string(), state.round.to_string()),
-        ("method".to_string(), state.method.clone()),
+        ("round".to_string(), round.to_string()),
+        ("method".to_string(), method.clone()),
         ("max_rank".to_string(), max_rank.to_string()),
     ]);
     if tail_folded {
@@ -100,6 +118,11 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
         peft_config.task_type = Some("SEQ_CLS".into());
         peft_config.base_model_name_or_path = Some(transformer.checkpoint.display().to_string());
     }
+    if let Some(decoder) = &config.model.decoder {
+        // A causal LM over the GGUF's model (HF loads it with `gguf_file=`).
+        peft_config.task_type = Some("CAUSAL_LM".into());
+        peft_config.base_model_name_or_path = Some(decoder.gguf.display().to_string());
+    }
     peft_adapter
         .save_peft(&adapter_dir, &peft_config, metadata)
         .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", adapter_dir.display()))?;
@@ -111,7 +134,13 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
             let dir = request.out.join("merged");
             crate::hf_model::write_merged(&dir, spec, &merged, &transformer.checkpoint)?;
             let merged_model = Some(dir);
-            return Ok(Exported { round: state.round, rank, adapter_dir, merged_model, folded_rank, tail_folded });
+            return Ok(Exported { round, rank, adapter_dir, merged_model, folded_rank, tail_folded });
+        }
+        if let (Architecture::Llama(spec), Some(decoder)) = (&config.model.architecture, &config.model.decoder) {
+            let dir = request.out.join("merged");
+            crate::hf_decoder::write_merged_decoder(&dir, spec, &merged, &decoder.gguf)?;
+            let merged_model = Some(dir);
+            return Ok(Exported { round, rank, adapter_dir, merged_model, folded_rank, tail_folded });
         }
         let path = request.out.join("model.safetensors");
         let named: Vec<(&str, &Tensor)> = merged.iter().map(|(n, t)| (n.as_str(), t)).collect();
@@ -123,7 +152,7 @@ pub fn export(config: &CoordinatorConfig, request: &ExportRequest) -> Result<Exp
     } else {
         None
     };
-    Ok(Exported { round: state.round, rank, adapter_dir, merged_model, folded_rank, tail_folded })
+    Ok(Exported { round, rank, adapter_dir, merged_model, folded_rank, tail_folded })
 }
 
 #[cfg(test)]

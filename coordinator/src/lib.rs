@@ -32,6 +32,8 @@ pub mod evaluation;
 pub mod evaluation_set;
 pub mod export;
 pub mod full_finetune;
+pub mod generate;
+pub mod hf_decoder;
 pub mod hf_model;
 pub mod metrics;
 pub mod plots;

@@ -303,13 +303,9 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
             out.push_str(&format!(",accuracy_class_{}", label.replace([',', '"', '\n'], "_")));
         }
     }
-    for rank in &eval_ranks {
-        out.push_str(&format!(",accuracy_rank_{rank}"));
-    }
     let rouge_ranks: BTreeSet<usize> = rows.iter().flat_map(|r| r.rouge_l_by_rank.keys().copied()).collect();
-    for rank in &rouge_ranks {
-        out.push_str(&format!(",rouge_l_rank_{rank}"));
-    }
+    eval_ranks.iter().for_each(|rank| out.push_str(&format!(",accuracy_rank_{rank}")));
+    rouge_ranks.iter().for_each(|rank| out.push_str(&format!(",rouge_l_rank_{rank}")));
     for rank in &part_ranks {
         out.push_str(&format!(",participants_rank_{rank}"));
     }

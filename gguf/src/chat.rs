@@ -37,14 +37,28 @@ impl ChatTemplate {
         let token = |key: &str| {
             metadata.get(key).and_then(|v| v.as_u64()).and_then(|id| tokens.get(id as usize)).map(|t| t.to_string())
         };
+        ChatTemplate::new(
+            metadata.str(KEY)?,
+            &token("tokenizer.ggml.bos_token_id").unwrap_or_default(),
+            &token("tokenizer.ggml.eos_token_id").unwrap_or_default(),
+        )
+    }
+
+    /// A template from its Jinja source (as HF's `tokenizer_config.json` keeps it) and the special
+    /// tokens it may name.
+    pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<ChatTemplate> {
         let template = ChatTemplate {
-            source: metadata.str(KEY)?.to_string(),
-            bos_token: token("tokenizer.ggml.bos_token_id").unwrap_or_default(),
-            eos_token: token("tokenizer.ggml.eos_token_id").unwrap_or_default(),
+            source: source.to_string(),
+            bos_token: bos_token.to_string(),
+            eos_token: eos_token.to_string(),
         };
         // A template that does not compile is refused when the model is opened, not at first use.
         template.render(&[ChatMessage::user("x")], true)?;
         Ok(template)
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
     }
 
     /// The conversation as text, ending with the assistant's turn opened when `add_generation_prompt`.

@@ -108,7 +108,10 @@ impl PeftConfig {
                 }
             }
         }
+        // Layer after layer names the same modules: each once, as PEFT lists them.
+        target_modules.sort();
         target_modules.dedup();
+        to_save.sort();
         to_save.dedup();
         PeftConfig {
             peft_type: lora(),

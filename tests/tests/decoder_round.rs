@@ -106,6 +106,41 @@ fn devices_fine_tune_a_decoder_from_gguf_and_the_headline_loss_falls() {
     assert!(csv.lines().next().unwrap().contains("rouge_l_rank_2,rouge_l_rank_4"), "{csv}");
     let printed = coordinator.stdout_text();
     assert!(printed.contains("held-out headlines, per rank") && printed.contains("example headlines"), "{printed}");
+
+    // The export: a PEFT causal-LM adapter, and a merged HF directory that `generate` reads back
+    // with the same greedy output as the run's checkpoint (base + adapter).
+    let config_path = run.join("c.toml");
+    let out = run.join("export");
+    let export = Command::new(binary("flotilla-coordinator"))
+        .args(["export", "--merged", "--config"])
+        .arg(&config_path)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(export.status.success(), "{}", String::from_utf8_lossy(&export.stderr));
+    let peft: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("adapter/adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(peft["task_type"], "CAUSAL_LM");
+    assert_eq!(peft["target_modules"], serde_json::json!(["q_proj", "v_proj"]));
+    for file in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(out.join("merged").join(file).is_file(), "merged/{file}");
+    }
+    let generate = |source: &[&str]| {
+        let output = Command::new(binary("flotilla-coordinator"))
+            .arg("generate")
+            .args(source)
+            .args(["--prompt", "Acme said on Monday", "--format", "json", "--max-new-tokens", "8"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        let line: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+        line["generated_ids"].clone()
+    };
+    let merged = generate(&["--model", out.join("merged").to_str().unwrap()]);
+    let checkpointed = generate(&["--config", config_path.to_str().unwrap()]);
+    assert!(merged.as_array().is_some_and(|ids| !ids.is_empty()), "{merged}");
+    assert_eq!(merged, checkpointed, "the merged export generates what the checkpoint does");
 }
 
 #[test]

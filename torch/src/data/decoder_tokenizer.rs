@@ -54,6 +54,45 @@ impl DecoderTokenizer {
         Ok(DecoderTokenizer { inner, special, chat })
     }
 
+    /// The tokenizer of an HF model directory: `tokenizer.json`, and from `tokenizer_config.json`
+    /// the chat template and the special tokens (what `export --merged` writes for a decoder).
+    pub fn from_hf_dir(dir: &Path) -> Result<DecoderTokenizer, DecoderTokenizerError> {
+        let fail = |message: String| DecoderTokenizerError::Tokenizers(format!("{}: {message}", dir.display()));
+        let inner =
+            Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| fail(format!("tokenizer.json: {e}")))?;
+        let text = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+            .map_err(|e| fail(format!("tokenizer_config.json: {e}")))?;
+        let config: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| fail(format!("tokenizer_config.json: {e}")))?;
+        let token = |key: &str| config[key].as_str().map(str::to_string);
+        let id = |key: &str| token(key).and_then(|t| inner.token_to_id(&t));
+        let special = SpecialTokens {
+            bos: id("bos_token"),
+            eos: id("eos_token"),
+            pad: id("pad_token"),
+            add_bos: config["add_bos_token"].as_bool().unwrap_or(false),
+        };
+        let chat = match config["chat_template"].as_str() {
+            Some(source) => Some(ChatTemplate::new(
+                source,
+                &token("bos_token").unwrap_or_default(),
+                &token("eos_token").unwrap_or_default(),
+            )?),
+            None => None,
+        };
+        Ok(DecoderTokenizer { inner, special, chat })
+    }
+
+    /// The chat template's source, if any (for `tokenizer_config.json`).
+    pub fn chat_template(&self) -> Option<&str> {
+        self.chat.as_ref().map(ChatTemplate::source)
+    }
+
+    /// The text of one token id.
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

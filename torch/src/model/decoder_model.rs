@@ -105,6 +105,11 @@ impl DecoderModel {
         self.lora.evaluate_sums(&self.decoder, &sequences, EVALUATION_BATCH)
     }
 
+    /// Logits `[B, L, vocab]` of right-padded ids with the adapter applied.
+    pub fn logits(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
+        self.decoder.logits(ids, Some(&self.lora.lora()))
+    }
+
     /// Greedy continuation of `prompt` with the adapter applied.
     pub fn generate(&self, prompt: &[i64], max_new: usize, stop: Option<i64>) -> Result<Vec<i64>, ModelError> {
         self.decoder.generate_greedy(prompt, max_new, stop, Some(&self.lora.lora()))
