@@ -7,6 +7,7 @@
 #
 #   bash deploy/quickstart.sh                              # run directory: runs/quickstart-<timestamp>
 #   FLOTILLA_RUN_DIR=/tmp/demo bash deploy/quickstart.sh
+#   FLOTILLA_TASK=smollm2 bash deploy/quickstart.sh        # a decoder: SmolLM2-135M-Instruct writes BBC headlines
 #   FLOTILLA_TASK=fashion-mnist bash deploy/quickstart.sh  # the small-model demo: an MLP on Fashion-MNIST
 set -euo pipefail
 
@@ -43,13 +44,18 @@ text)
     example=minilm
     data_dir="$run_dir/assets/bbc-news"
     ;;
+smollm2)
+    fleet=("phone-1:2" "laptop-1:4" "desktop-1:8" "gpu-1:16")
+    example=smollm2
+    data_dir="$run_dir/assets/bbc-news"
+    ;;
 fashion-mnist)
     fleet=("phone-1:2" "phone-2:2" "laptop-1:4" "laptop-2:4" "desktop-1:8" "gpu-1:16")
     example=fashion-mnist
     data_dir="$run_dir/assets/fashion-mnist"
     ;;
 *)
-    echo "quickstart: FLOTILLA_TASK=$task: expected text or fashion-mnist" >&2
+    echo "quickstart: FLOTILLA_TASK=$task: expected text, smollm2 or fashion-mnist" >&2
     exit 1
     ;;
 esac
@@ -84,6 +90,8 @@ trap cleanup EXIT
 
 if [ "$task" = text ]; then
     step "starting the coordinator with all-MiniLM-L6-v2 (logs: $run_dir/logs/coordinator.log)"
+elif [ "$task" = smollm2 ]; then
+    step "starting the coordinator with SmolLM2-135M-Instruct from its GGUF file (logs: $run_dir/logs/coordinator.log)"
 else
     step "starting the coordinator; it first pretrains the base model on 5,000 public images (logs: $run_dir/logs/coordinator.log)"
 fi
@@ -119,7 +127,7 @@ done
 step "federated fine-tuning: $rounds rounds of ${FLOTILLA__AGGREGATION__METHOD:-fold-and-fill} on $task, each device on its own $partition shard"
 # Follow the coordinator's round lines as they come.
 tail -n +1 -f --pid="$coordinator_pid" "$run_dir/logs/coordinator.log" 2>/dev/null \
-    | grep --line-buffered -E "pretrain|\[round [0-9]+(/[0-9]+)?\] (aggregated|test accuracy)" \
+    | grep --line-buffered -E "pretrain|\[round [0-9]+(/[0-9]+)?\] (aggregated|test accuracy|held-out headlines)" \
     | sed -u -e 's/^.*\(\[round\)/\1/' -e 's/^.*INFO [^ ]*: //' -e 's/ → \/.*//' -e 's/ round=[0-9]*$//' &
 follower=$!
 status=0
@@ -145,6 +153,9 @@ echo "per round:    $run_dir/rounds.csv, $run_dir/rounds.json, $run_dir/summary.
 if [ "$task" = text ]; then
     echo "exported:     $run_dir/export/adapter/ (PEFT), $run_dir/export/merged/ (an HF model directory)"
     echo "classify:     echo 'Shares fell after the bank cut its forecast' | $bin/flotilla-coordinator classify --model $run_dir/export/merged"
+elif [ "$task" = smollm2 ]; then
+    echo "exported:     $run_dir/export/adapter/ (PEFT, CAUSAL_LM), $run_dir/export/merged/ (an HF LlamaForCausalLM directory)"
+    echo "generate:     $bin/flotilla-coordinator generate --model $run_dir/export/merged --prompt 'What is the capital of France?'"
 else
     echo "exported:     $run_dir/export/adapter/ (PEFT), $run_dir/export/model.safetensors (merged)"
 fi

@@ -220,12 +220,9 @@ impl EvaluationThread {
                 let result = evaluator.evaluate(&job.global, &job.ranks);
                 match &result {
                     Ok(results) => {
-                        info!(
-                            round,
-                            "[round {round}] test accuracy ({} samples): {}",
-                            evaluator.samples(),
-                            describe(results)
-                        );
+                        let what =
+                            if evaluator.architecture.is_decoder() { "held-out headlines" } else { "test accuracy" };
+                        info!(round, "[round {round}] {what} ({} samples): {}", evaluator.samples(), describe(results));
                         let path = job.checkpoint_dir.join(EVALUATION_FILE);
                         let written = serde_json::to_vec(results)
                             .map_err(|e| e.to_string())

@@ -327,7 +327,8 @@ fn start_worker(
         report_evaluation,
     )?;
     if !initial_evaluation.is_empty() {
-        info!("[round 0] test accuracy of the base model with the initial adapter: {}", describe(&initial_evaluation));
+        let what = if config.model.architecture.is_decoder() { "held-out headlines" } else { "test accuracy" };
+        info!("[round 0] {what} of the base model with the initial adapter: {}", describe(&initial_evaluation));
     }
     Ok((worker, initial_evaluation))
 }
