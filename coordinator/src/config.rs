@@ -302,6 +302,10 @@ pub struct DecoderSection {
     /// Held-out articles whose greedy headline is written and scored with ROUGE-L at each evaluation.
     #[serde(default = "default_rouge_samples")]
     pub rouge_samples: usize,
+    /// `headline` (articles whose first line is the headline) or `next-word` (causal language
+    /// modelling on the texts, measured by held-out perplexity).
+    #[serde(default)]
+    pub task: flotilla_wire::model::DecoderTask,
 }
 
 fn default_decoder_targets() -> Vec<String> {
@@ -455,12 +459,13 @@ impl CoordinatorConfig {
             .map_err(|e| anyhow::anyhow!("model.decoder.gguf: {e}"))?;
         let described = flotilla_torch::gguf::LlamaSpec::from_file(&file)
             .map_err(|e| anyhow::anyhow!("model.decoder.gguf {}: {e}", decoder.gguf.display()))?;
-        let spec = flotilla_torch::model::llama::decoder_spec(
+        let mut spec = flotilla_torch::model::llama::decoder_spec(
             &described,
             decoder.target_modules.clone(),
             decoder.max_length,
             decoder.labels.clone(),
         );
+        spec.task = decoder.task;
         self.model.architecture = Architecture::Llama(spec);
         self.model.architecture.validate().map_err(|e| anyhow::anyhow!("model.decoder: {e}"))?;
         Ok(())

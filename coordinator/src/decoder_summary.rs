@@ -1,25 +1,30 @@
-//! The end-of-run summary of a decoder run: per round and rank, the held-out loss per headline
-//! token and the ROUGE-L of the greedy headlines, then a few headlines from the base and from the
-//! last evaluated model side by side, so a person sees what fine-tuning changed.
+//! The end-of-run summary of a decoder run: per round and rank, the held-out loss per target token
+//! and the ROUGE-L of the greedy headlines (or, for next-word adaptation, the perplexity), then a
+//! few headlines from the base and from the last evaluated model side by side, so a person sees
+//! what fine-tuning changed.
 
 use crate::evaluation::RankAccuracy;
 use crate::report::{mean_local_loss, RunSummary};
 
-/// Whether `summary` is a decoder's (its evaluations carry ROUGE-L).
-pub fn is_decoder_run(summary: &RunSummary) -> bool {
-    summary
-        .initial_evaluation
-        .iter()
-        .chain(summary.rounds.iter().flat_map(|r| &r.evaluation))
-        .any(|r| r.rouge_l.is_some())
+fn evaluations(summary: &RunSummary) -> impl Iterator<Item = &RankAccuracy> {
+    summary.initial_evaluation.iter().chain(summary.rounds.iter().flat_map(|r| &r.evaluation))
 }
 
-/// "3.021 / 17.1" for each rank in `ranks` (`-` where a rank was not evaluated).
+/// Whether `summary` is a decoder's (its evaluations carry a perplexity or ROUGE-L).
+pub fn is_decoder_run(summary: &RunSummary) -> bool {
+    evaluations(summary).any(|r| r.perplexity.is_some() || r.rouge_l.is_some())
+}
+
+/// "3.021 / 17.1" (loss / ROUGE-L %, or loss / perplexity) for each rank in `ranks` (`-` where a
+/// rank was not evaluated).
 fn cells(ranks: &[usize], results: &[RankAccuracy]) -> String {
     ranks
         .iter()
         .map(|rank| match results.iter().find(|r| r.rank == *rank) {
-            Some(r) => format!("{:>14}", format!("{:.3} / {:.1}", r.loss, r.rouge_l.unwrap_or(0.0) * 100.0)),
+            Some(r) => {
+                let second = r.rouge_l.map_or(r.perplexity.unwrap_or(0.0), |rouge| rouge * 100.0);
+                format!("{:>14}", format!("{:.3} / {:.1}", r.loss, second))
+            }
             None => format!("{:>14}", "-"),
         })
         .collect::<Vec<_>>()
@@ -35,10 +40,13 @@ pub fn lines(summary: &RunSummary) -> Vec<String> {
         .collect();
     ranks.sort_unstable_by(|a, b| b.cmp(a));
     ranks.dedup();
-    let mut out = vec![
-        String::new(),
-        "held-out headlines, per rank: loss per headline token / ROUGE-L F1 (%) of the greedy headline:".into(),
-    ];
+    let headlines = evaluations(summary).any(|r| r.rouge_l.is_some());
+    let title = if headlines {
+        "held-out headlines, per rank: loss per headline token / ROUGE-L F1 (%) of the greedy headline:"
+    } else {
+        "held-out next words, per rank: loss per token / perplexity:"
+    };
+    let mut out = vec![String::new(), title.to_string()];
     let header: Vec<String> = ranks.iter().map(|r| format!("{:>14}", format!("rank {r}"))).collect();
     out.push(format!("{:>5}  {:>7}  {:>10}  {}", "round", "updates", "local loss", header.join(" ")));
     if !summary.initial_evaluation.is_empty() {

@@ -15,6 +15,7 @@ use flotilla_torch::data::Dataset;
 use flotilla_torch::gguf::GgufFile;
 use flotilla_torch::model::decoder_model::DecoderModel;
 use flotilla_torch::model::{Architecture, BaseWeights, LoraModel};
+use flotilla_wire::model::DecoderTask;
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -37,6 +38,9 @@ pub struct RankAccuracy {
     /// the loss per headline token and `accuracy` the share of headline tokens predicted exactly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rouge_l: Option<f64>,
+    /// A decoder's held-out perplexity, exp(loss per target token).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
     /// A decoder's first greedy headlines, for people to read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub headlines: Vec<String>,
@@ -71,13 +75,22 @@ impl Evaluator {
         let test = load_test_set(&architecture, set)?;
         let labels = class_labels(&architecture);
         let headlines = match (&architecture, &set.tokenizer) {
-            (Architecture::Llama(_), Some(gguf)) => {
+            (Architecture::Llama(spec), Some(gguf)) if spec.task == DecoderTask::Headline => {
                 let file = GgufFile::open(gguf).map_err(|e| anyhow::anyhow!("{}: {e}", gguf.display()))?;
                 Some((DecoderTokenizer::from_gguf(&file)?, DEFAULT_ROUGE_SAMPLES))
             }
             _ => None,
         };
         Ok(Evaluator { architecture, base, scale, test, labels, whole_adapter_to_every_rank: false, headlines })
+    }
+
+    /// What the evaluation measures, for logs.
+    pub fn what(&self) -> &'static str {
+        match &self.architecture {
+            Architecture::Llama(spec) if spec.task == DecoderTask::NextWord => "held-out next words",
+            Architecture::Llama(_) => "held-out headlines",
+            _ => "test accuracy",
+        }
     }
 
     /// How many held-out articles a decoder writes a headline for at each evaluation.
@@ -154,6 +167,7 @@ impl Evaluator {
             macro_f1: None,
             per_class: Vec::new(),
             rouge_l,
+            perplexity: Some(sums.mean_loss().exp()),
             headlines,
         })
     }
@@ -253,10 +267,13 @@ pub const DEFAULT_ROUGE_SAMPLES: usize = 16;
 
 /// "R_max 8 → 81.2%, rank 4 → 78.9%, …" for logs.
 pub fn describe(results: &[RankAccuracy]) -> String {
-    if results.iter().any(|r| r.rouge_l.is_some()) {
+    if results.iter().any(|r| r.perplexity.is_some()) {
         let ranks: Vec<String> = results
             .iter()
-            .map(|r| format!("rank {} → loss {:.3}, ROUGE-L {:.1}", r.rank, r.loss, r.rouge_l.unwrap_or(0.0) * 100.0))
+            .map(|r| match r.rouge_l {
+                Some(rouge) => format!("rank {} → loss {:.3}, ROUGE-L {:.1}", r.rank, r.loss, rouge * 100.0),
+                None => format!("rank {} → loss {:.3}, perplexity {:.1}", r.rank, r.loss, r.perplexity.unwrap_or(0.0)),
+            })
             .collect();
         return ranks.join(", ");
     }

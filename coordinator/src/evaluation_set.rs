@@ -16,6 +16,7 @@ use flotilla_torch::data::tokenizer::TextTokenizer;
 use flotilla_torch::data::Dataset;
 use flotilla_torch::gguf::GgufFile;
 use flotilla_torch::model::{Architecture, BertSpec, DecoderSpec};
+use flotilla_wire::model::DecoderTask;
 use serde::{Deserialize, Serialize};
 use tracing::warn;
 
@@ -130,8 +131,9 @@ fn load_text_test(spec: &BertSpec, set: &EvaluationSet) -> anyhow::Result<Datase
     Ok(data)
 }
 
-/// A decoder's held-out headline examples: the chosen articles of the test split, each as its chat
-/// prompt and headline (articles without a body are left out), tokenized with the GGUF's tokenizer.
+/// A decoder's held-out examples: the chosen texts of the test split, each as its task makes it
+/// (headline: the chat prompt and the headline, articles without a body left out; next word: the
+/// text itself), tokenized with the GGUF's tokenizer.
 fn load_headline_test(spec: &DecoderSpec, set: &EvaluationSet) -> anyhow::Result<Dataset> {
     let dir = set.dir;
     let gguf = set.tokenizer.as_deref().context("a decoder's evaluation needs its GGUF file")?;
@@ -145,20 +147,31 @@ fn load_headline_test(spec: &DecoderSpec, set: &EvaluationSet) -> anyhow::Result
     );
     let labels: Vec<usize> = corpus.examples.iter().map(|e| e.label).collect();
     let keys: Vec<String> = corpus.examples.iter().map(|e| e.key.clone()).collect();
-    let articles: Vec<_> =
-        set.choose(&labels, &keys).into_iter().filter_map(|i| split_headline(&corpus.examples[i])).collect();
-    anyhow::ensure!(!articles.is_empty(), "{}: no held-out article has a headline and a body", dir.display());
     let file = GgufFile::open(gguf).with_context(|| format!("cannot open {}", gguf.display()))?;
     let tokenizer = DecoderTokenizer::from_gguf(&file)?;
-    let mut sequences = Vec::with_capacity(articles.len());
-    for article in &articles {
-        sequences.push(tokenizer.headline_example(article, spec.max_length as usize)?);
+    let max_length = spec.max_length as usize;
+    // (key, class, sequence) of each chosen text the task can use.
+    let mut chosen = Vec::new();
+    for example in set.choose(&labels, &keys).into_iter().map(|i| &corpus.examples[i]) {
+        let sequence = match spec.task {
+            DecoderTask::Headline => match split_headline(example) {
+                Some(article) => tokenizer.headline_example(&article, max_length)?,
+                None => continue,
+            },
+            DecoderTask::NextWord => match tokenizer.next_word_example(&example.key, &example.text, max_length) {
+                Ok(sequence) => sequence,
+                Err(_) => continue,
+            },
+        };
+        chosen.push((example.key.clone(), example.label as i64, sequence));
     }
-    let classes: Vec<i64> = articles.iter().map(|a| a.label as i64).collect();
+    anyhow::ensure!(!chosen.is_empty(), "{}: no held-out text the decoder's task can use", dir.display());
+    let classes: Vec<i64> = chosen.iter().map(|(_, class, _)| *class).collect();
+    let sequences: Vec<_> = chosen.iter().map(|(_, _, sequence)| sequence.clone()).collect();
     if let Some(list) = &set.examples_list {
-        let keys: String = articles.iter().map(|a| format!("{}\n", a.key)).collect();
+        let keys: String = chosen.iter().map(|(key, ..)| format!("{key}\n")).collect();
         std::fs::write(list, keys).with_context(|| format!("cannot write {}", list.display()))?;
-        tracing::info!(articles = articles.len(), from = %dir.display(), "evaluation set: held-out articles (listed in {})", list.display());
+        tracing::info!(texts = chosen.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
     }
     Ok(sequences_dataset(&sequences, &classes))
 }

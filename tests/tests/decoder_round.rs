@@ -143,6 +143,114 @@ fn devices_fine_tune_a_decoder_from_gguf_and_the_headline_loss_falls() {
     assert_eq!(merged, checkpointed, "the merged export generates what the checkpoint does");
 }
 
+/// A decoder round under `[secure_aggregation]` (the masked sums of rank tiers) and under
+/// `[privacy]` (clipped changes, central noise, ε reported): the slot math is the same as for the
+/// encoder, so both complete, change the global adapter and are evaluated.
+#[test]
+fn a_decoder_round_completes_under_secure_aggregation_and_under_privacy() {
+    for (mode, extra) in [
+        ("secure", "[secure_aggregation]\nrange = 2.0\nmax_participants = 16\nmax_samples = 128\nphase_secs = 10\n"),
+        ("private", "[privacy]\nclip_norm = 0.5\nnoise_multiplier = 0.5\nepsilon = 50.0\ndelta = 1e-3\n"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        let pki = run.join("pki");
+        // Secure aggregation needs rounds of at least 3 devices (each with 2 neighbours).
+        provision(&pki, &["phone-1", "laptop-1", "desktop-1"]);
+        let data = run.join("articles");
+        write_articles(&data);
+        let gguf = workspace_root().join("tests/fixtures/tiny-llama.gguf");
+        let config = config(run, &gguf, &data, "")
+            .replace("rounds = 3", "rounds = 1")
+            .replace("min_devices = 2", "min_devices = 3")
+            + extra;
+        let (mut coordinator, address) = start_coordinator(run, &config);
+        let mut devices: Vec<Process> = [("phone-1", "2", "0"), ("laptop-1", "4", "1"), ("desktop-1", "4", "2")]
+            .into_iter()
+            .map(|(id, rank, index)| {
+                let mut command = Command::new(binary("flotilla-edge"));
+                command
+                    .args(["run", "--coordinator", &address, "--rank", rank, "--data"])
+                    .arg(&data)
+                    .args(["--partition", "iid", "--devices", "3", "--device-index", index])
+                    .arg("--cache-dir")
+                    .arg(run.join(format!("cache-{id}")))
+                    .arg("--kit")
+                    .arg(pki.join("kits").join(id));
+                Process::spawn(id, &mut command, &run.join("logs"))
+            })
+            .collect();
+        for device in &mut devices {
+            assert!(device.wait(Duration::from_secs(240)).success(), "{mode}: {}", device.logs());
+        }
+        assert!(coordinator.wait(Duration::from_secs(60)).success(), "{mode}: {}", coordinator.logs());
+        let summary: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(run.join("run/summary.json")).unwrap()).unwrap();
+        assert_eq!(summary["rounds_completed"], 1, "{mode}: {summary}");
+        let round = &summary["rounds"][0];
+        match mode {
+            "secure" => assert!(round["secure"]["survivors"].as_u64() == Some(3), "{mode}: {round}"),
+            _ => assert!(round["privacy_epsilon"].as_f64().is_some_and(|e| e > 0.0), "{mode}: {round}"),
+        }
+        let (before, after) = (&summary["initial_evaluation"][0], &round["evaluation"][0]);
+        assert!(after["rouge_l"].as_f64().is_some(), "{mode}: {after}");
+        assert_ne!(before["loss"], after["loss"], "{mode}: the global adapter moved");
+    }
+}
+
+/// Next-word adaptation (`task = "next-word"`): the decoder learns the devices' own short texts
+/// (a CSV of snippets, as Rotten Tomatoes is) and the held-out perplexity falls.
+#[test]
+fn next_word_adaptation_lowers_the_held_out_perplexity() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let pki = run.join("pki");
+    provision(&pki, &["phone-1", "laptop-1"]);
+    let data = run.join("snippets.csv");
+    let mut csv = String::from("text,label\n");
+    for i in 0..200 {
+        let (label, line) = if i % 2 == 0 {
+            ("fresh", format!("a warm and funny film number {i} that the whole family will love"))
+        } else {
+            ("rotten", format!("a dull and slow film number {i} that nobody will remember"))
+        };
+        csv.push_str(&format!("{line},{label}\n"));
+    }
+    std::fs::write(&data, csv).unwrap();
+    let gguf = workspace_root().join("tests/fixtures/tiny-llama.gguf");
+    let config = config(run, &gguf, &data, "")
+        .replace("labels = [\"business\", \"sport\"]", "labels = [\"fresh\", \"rotten\"]\ntask = \"next-word\"")
+        .replace("rounds = 3", "rounds = 2");
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut devices: Vec<Process> = [("phone-1", "2", "0"), ("laptop-1", "4", "1")]
+        .into_iter()
+        .map(|(id, rank, index)| {
+            let mut command = Command::new(binary("flotilla-edge"));
+            command
+                .args(["run", "--coordinator", &address, "--rank", rank, "--data"])
+                .arg(&data)
+                .args(["--partition", "dirichlet:1.0", "--devices", "2", "--device-index", index])
+                .arg("--cache-dir")
+                .arg(run.join(format!("cache-{id}")))
+                .arg("--kit")
+                .arg(pki.join("kits").join(id));
+            Process::spawn(id, &mut command, &run.join("logs"))
+        })
+        .collect();
+    for device in &mut devices {
+        assert!(device.wait(Duration::from_secs(240)).success(), "{}", device.logs());
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("run/summary.json")).unwrap()).unwrap();
+    let perplexity = |evaluation: &serde_json::Value| evaluation[0]["perplexity"].as_f64().unwrap();
+    let (before, after) = (perplexity(&summary["initial_evaluation"]), perplexity(&summary["rounds"][1]["evaluation"]));
+    assert!(after < 0.5 * before, "held-out perplexity {before:.1} → {after:.1}");
+    assert!(summary["rounds"][1]["evaluation"][0]["rouge_l"].is_null(), "no headlines in next-word adaptation");
+    let printed = coordinator.stdout_text();
+    assert!(printed.contains("held-out next words, per rank: loss per token / perplexity"), "{printed}");
+}
+
 #[test]
 fn check_refuses_a_decoder_file_that_is_not_the_pinned_one_or_not_gguf() {
     let dir = tempfile::tempdir().unwrap();

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 mod decoder;
-pub use decoder::{DecoderSpec, DEFAULT_DECODER_TARGETS};
+pub use decoder::{DecoderSpec, DecoderTask, DEFAULT_DECODER_TARGETS};
 
 /// Prefix of every adapter tensor name, as HF PEFT writes it.
 pub const ADAPTER_PREFIX: &str = "base_model.model.";

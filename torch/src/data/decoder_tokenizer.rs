@@ -6,7 +6,7 @@ use std::str::FromStr;
 
 use flotilla_data::headline::split_headline;
 use flotilla_data::text::{load_text, TextSplit};
-use flotilla_wire::model::DecoderSpec;
+use flotilla_wire::model::{DecoderSpec, DecoderTask};
 use tch::Tensor;
 
 use super::{DataError, Dataset};
@@ -139,6 +139,25 @@ impl DecoderTokenizer {
         Ok(DecoderExample { ids: ids.into_iter().chain(target.into_iter().map(i64::from)).collect(), target_start })
     }
 
+    /// A next-word example of `text`: its first `max_length` tokens, the loss on every one after
+    /// the first. A text of a single token cannot be one.
+    pub fn next_word_example(
+        &self,
+        key: &str,
+        text: &str,
+        max_length: usize,
+    ) -> Result<DecoderExample, DecoderTokenizerError> {
+        let mut ids: Vec<i64> = self.encode(text)?.into_iter().map(i64::from).collect();
+        ids.truncate(max_length);
+        if ids.len() < 2 {
+            return Err(DecoderTokenizerError::TooLong(format!(
+                "{key}: a text of {} token(s) has no next word",
+                ids.len()
+            )));
+        }
+        Ok(DecoderExample { ids, target_start: 1 })
+    }
+
     /// A user turn in the file's chat template with the assistant's turn opened (the text itself
     /// when the file has no template).
     pub fn chat_prompt(&self, user: &str) -> Result<String, DecoderTokenizerError> {
@@ -149,9 +168,9 @@ impl DecoderTokenizer {
     }
 }
 
-/// The headline examples of the `split` of the articles at `path` (folder-per-class texts whose
-/// first line is the headline), tokenized for `spec`: what a device trains on and the coordinator
-/// evaluates. Articles without a body are skipped, and counted in a warning.
+/// The examples of the `split` of the texts at `path` for `spec`'s task, tokenized: what a device
+/// trains on. Headline writing takes articles whose first line is the headline (those without a
+/// body are skipped, and counted in a warning); next-word adaptation takes every text.
 pub fn load_headlines(
     spec: &DecoderSpec,
     path: &Path,
@@ -160,6 +179,23 @@ pub fn load_headlines(
 ) -> Result<Dataset, DataError> {
     let fail = |message: String| DataError { path: path.to_path_buf(), message };
     let corpus = load_text(path, &spec.labels, split)?;
+    if spec.task == DecoderTask::NextWord {
+        let mut sequences = Vec::with_capacity(corpus.examples.len());
+        let mut labels = Vec::with_capacity(corpus.examples.len());
+        for example in &corpus.examples {
+            match tokenizer.next_word_example(&example.key, &example.text, spec.max_length as usize) {
+                Ok(sequence) => {
+                    sequences.push(sequence);
+                    labels.push(example.label as i64);
+                }
+                Err(error) => tracing::debug!(%error, "skipped"),
+            }
+        }
+        if sequences.is_empty() {
+            return Err(fail("holds no text of two tokens or more".into()));
+        }
+        return Ok(sequences_dataset(&sequences, &labels));
+    }
     let articles: Vec<_> = corpus.examples.iter().filter_map(split_headline).collect();
     let skipped = corpus.examples.len() - articles.len();
     if skipped > 0 {

@@ -51,6 +51,7 @@ pub fn decoder_spec(
         target_modules,
         max_length,
         labels,
+        task: flotilla_wire::model::DecoderTask::Headline,
     }
 }
 

@@ -24,8 +24,24 @@ pub struct DecoderSpec {
     pub target_modules: Vec<String>,
     /// Tokens per example (prompt and headline): an article's body is cut to fit.
     pub max_length: u32,
-    /// The articles' classes (folder names), in a fixed order.
+    /// The texts' classes (folder names or the CSV's labels), in a fixed order.
     pub labels: Vec<String>,
+    /// What the decoder learns from a device's texts.
+    #[serde(default)]
+    pub task: DecoderTask,
+}
+
+/// A decoder's task on a device's texts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DecoderTask {
+    /// An article's first line is its headline: the prompt is the chat template with the body,
+    /// the loss is on the headline.
+    #[default]
+    Headline,
+    /// Causal language modelling on the text itself (its first `max_length` tokens): the loss is
+    /// on every token after the first; held-out perplexity measures it.
+    NextWord,
 }
 
 /// LoRA on the attention's query and value projections, as PEFT's default for Llama.
@@ -150,5 +166,6 @@ pub(super) fn tiny_spec() -> DecoderSpec {
         target_modules: DEFAULT_DECODER_TARGETS.iter().map(|t| t.to_string()).collect(),
         max_length: 96,
         labels: vec!["business".into()],
+        task: DecoderTask::Headline,
     }
 }
