@@ -21,32 +21,12 @@ const LENGTH: usize = 128;
 const STEPS: usize = 3;
 const NEW_TOKENS: usize = 32;
 
-/// Peak resident memory of this process so far (VmHWM), in MiB.
-fn peak_rss_mib() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let kib = status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    kib / 1024.0
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
-}
+#[path = "support/mod.rs"]
+mod support;
+use support::{median, peak_rss_mib, threads_and_json};
 
 fn main() {
-    let args: Vec<String> = std::env::args().collect();
-    let threads: i32 = args
-        .iter()
-        .position(|a| a == "--threads")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1);
-    let json = args.iter().any(|a| a == "--json");
+    let (threads, json) = threads_and_json();
     tch::set_num_threads(threads);
     let device = tch::Device::cuda_if_available();
     let path = flotilla_torch::cache::smollm2_file();

@@ -5,6 +5,7 @@
 //! greedy headlines are recorded per rank. A file whose digest differs from the pin, and a file
 //! that is not GGUF, are refused by `check` with the reason.
 
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -44,6 +45,51 @@ fn config(run: &std::path::Path, gguf: &std::path::Path, data: &std::path::Path,
     )
 }
 
+/// `flotilla-edge run` for device `id` of `devices`: its kit, its own cache, its `partition` share.
+fn edge(
+    run: &Path,
+    address: &str,
+    data: &Path,
+    (id, rank, index): (&str, &str, usize),
+    devices: usize,
+    partition: &str,
+) -> Command {
+    let mut command = Command::new(binary("flotilla-edge"));
+    command
+        .args(["run", "--coordinator", address, "--rank", rank, "--data"])
+        .arg(data)
+        .args(["--partition", partition, "--devices", &devices.to_string(), "--device-index", &index.to_string()])
+        .arg("--cache-dir")
+        .arg(run.join(format!("cache-{id}")))
+        .arg("--kit")
+        .arg(run.join("pki/kits").join(id));
+    command
+}
+
+/// Waits for `devices` and then the coordinator to finish well; the run's summary.
+fn finish(run: &Path, coordinator: &mut Process, devices: &mut [Process]) -> serde_json::Value {
+    for device in devices.iter_mut() {
+        assert!(device.wait(Duration::from_secs(240)).success(), "{}", device.logs());
+    }
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    serde_json::from_slice(&std::fs::read(run.join("run/summary.json")).unwrap()).unwrap()
+}
+
+/// Starts one device per (id, rank) on `partition` shares of `data`.
+fn fleet(run: &Path, address: &str, data: &Path, members: &[(&str, &str)], partition: &str) -> Vec<Process> {
+    members
+        .iter()
+        .enumerate()
+        .map(|(index, &(id, rank))| {
+            Process::spawn(
+                id,
+                &mut edge(run, address, data, (id, rank, index), members.len(), partition),
+                &run.join("logs"),
+            )
+        })
+        .collect()
+}
+
 #[test]
 fn devices_fine_tune_a_decoder_from_gguf_and_the_headline_loss_falls() {
     let dir = tempfile::tempdir().unwrap();
@@ -55,34 +101,21 @@ fn devices_fine_tune_a_decoder_from_gguf_and_the_headline_loss_falls() {
     let gguf = workspace_root().join("tests/fixtures/tiny-llama.gguf");
     let (mut coordinator, address) = start_coordinator(run, &config(run, &gguf, &data, ""));
 
-    let edge = |id: &str, rank: &str, index: &str| {
-        let mut command = Command::new(binary("flotilla-edge"));
-        command
-            .args(["run", "--coordinator", &address, "--rank", rank, "--data"])
-            .arg(&data)
-            .args(["--partition", "dirichlet:1.0", "--devices", "2", "--device-index", index])
-            .arg("--cache-dir")
-            .arg(run.join(format!("cache-{id}")))
-            .arg("--kit")
-            .arg(pki.join("kits").join(id));
-        command
-    };
     let own_copy = gguf.parent().unwrap().to_path_buf();
     let own_dir = run.join("own-copy");
     std::fs::create_dir_all(&own_dir).unwrap();
     std::fs::copy(own_copy.join("tiny-llama.gguf"), own_dir.join("tiny-llama.gguf")).unwrap();
-    let mut devices = vec![
-        Process::spawn("phone-1", edge("phone-1", "2", "0").arg("--model-dir").arg(&own_dir), &run.join("logs")),
-        Process::spawn("laptop-1", &mut edge("laptop-1", "4", "1"), &run.join("logs")),
-    ];
-    for device in &mut devices {
-        assert!(device.wait(Duration::from_secs(240)).success(), "{}", device.logs());
-    }
-    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    let device = |member, own: Option<&Path>| {
+        let mut command = edge(run, &address, &data, member, 2, "dirichlet:1.0");
+        if let Some(dir) = own {
+            command.arg("--model-dir").arg(dir);
+        }
+        Process::spawn(member.0, &mut command, &run.join("logs"))
+    };
+    let mut devices = vec![device(("phone-1", "2", 0), Some(&own_dir)), device(("laptop-1", "4", 1), None)];
+    let summary = finish(run, &mut coordinator, &mut devices);
     assert!(devices[1].logs().contains("base checkpoint file fetched and verified"), "{}", devices[1].logs());
 
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("run/summary.json")).unwrap()).unwrap();
     let at_max = |evaluation: &serde_json::Value| evaluation.as_array().unwrap()[0].clone();
     let before = at_max(&summary["initial_evaluation"]);
     let rounds = summary["rounds"].as_array().unwrap();
@@ -165,27 +198,9 @@ fn a_decoder_round_completes_under_secure_aggregation_and_under_privacy() {
             .replace("min_devices = 2", "min_devices = 3")
             + extra;
         let (mut coordinator, address) = start_coordinator(run, &config);
-        let mut devices: Vec<Process> = [("phone-1", "2", "0"), ("laptop-1", "4", "1"), ("desktop-1", "4", "2")]
-            .into_iter()
-            .map(|(id, rank, index)| {
-                let mut command = Command::new(binary("flotilla-edge"));
-                command
-                    .args(["run", "--coordinator", &address, "--rank", rank, "--data"])
-                    .arg(&data)
-                    .args(["--partition", "iid", "--devices", "3", "--device-index", index])
-                    .arg("--cache-dir")
-                    .arg(run.join(format!("cache-{id}")))
-                    .arg("--kit")
-                    .arg(pki.join("kits").join(id));
-                Process::spawn(id, &mut command, &run.join("logs"))
-            })
-            .collect();
-        for device in &mut devices {
-            assert!(device.wait(Duration::from_secs(240)).success(), "{mode}: {}", device.logs());
-        }
-        assert!(coordinator.wait(Duration::from_secs(60)).success(), "{mode}: {}", coordinator.logs());
-        let summary: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(run.join("run/summary.json")).unwrap()).unwrap();
+        let members = [("phone-1", "2"), ("laptop-1", "4"), ("desktop-1", "4")];
+        let mut devices = fleet(run, &address, &data, &members, "iid");
+        let summary = finish(run, &mut coordinator, &mut devices);
         assert_eq!(summary["rounds_completed"], 1, "{mode}: {summary}");
         let round = &summary["rounds"][0];
         match mode {
@@ -222,27 +237,8 @@ fn next_word_adaptation_lowers_the_held_out_perplexity() {
         .replace("labels = [\"business\", \"sport\"]", "labels = [\"fresh\", \"rotten\"]\ntask = \"next-word\"")
         .replace("rounds = 3", "rounds = 2");
     let (mut coordinator, address) = start_coordinator(run, &config);
-    let mut devices: Vec<Process> = [("phone-1", "2", "0"), ("laptop-1", "4", "1")]
-        .into_iter()
-        .map(|(id, rank, index)| {
-            let mut command = Command::new(binary("flotilla-edge"));
-            command
-                .args(["run", "--coordinator", &address, "--rank", rank, "--data"])
-                .arg(&data)
-                .args(["--partition", "dirichlet:1.0", "--devices", "2", "--device-index", index])
-                .arg("--cache-dir")
-                .arg(run.join(format!("cache-{id}")))
-                .arg("--kit")
-                .arg(pki.join("kits").join(id));
-            Process::spawn(id, &mut command, &run.join("logs"))
-        })
-        .collect();
-    for device in &mut devices {
-        assert!(device.wait(Duration::from_secs(240)).success(), "{}", device.logs());
-    }
-    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
-    let summary: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run.join("run/summary.json")).unwrap()).unwrap();
+    let mut devices = fleet(run, &address, &data, &[("phone-1", "2"), ("laptop-1", "4")], "dirichlet:1.0");
+    let summary = finish(run, &mut coordinator, &mut devices);
     let perplexity = |evaluation: &serde_json::Value| evaluation[0]["perplexity"].as_f64().unwrap();
     let (before, after) = (perplexity(&summary["initial_evaluation"]), perplexity(&summary["rounds"][1]["evaluation"]));
     assert!(after < 0.5 * before, "held-out perplexity {before:.1} → {after:.1}");
