@@ -221,6 +221,11 @@ struct RunArgs {
     /// libtorch threads on the training thread.
     #[arg(long, default_value_t = 1)]
     threads: usize,
+    /// A decoder's frozen base: `f32` (dequantized at load), or `q4` (its 4-bit projections kept
+    /// 4-bit and dequantized per layer, training layer by layer: about half the memory, about 1.4
+    /// times the step time; docs/decoder.md).
+    #[arg(long, value_enum, default_value_t = trainer::DecoderBase::F32)]
+    decoder_base: trainer::DecoderBase,
     /// Connection attempts before giving up on transient failures.
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
@@ -534,7 +539,7 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         args.devices
     );
     let data = choice.for_device(&device_id, shard);
-    let trainer = trainer::Trainer::spawn(args.threads, data)?;
+    let trainer = trainer::Trainer::spawn(args.threads, data, args.decoder_base == trainer::DecoderBase::Q4)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {

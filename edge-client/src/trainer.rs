@@ -15,6 +15,7 @@ use flotilla_torch::data::{synthetic_classification, Dataset};
 use flotilla_torch::gguf::GgufFile;
 use flotilla_torch::model::checkpoint::HfCheckpoint;
 use flotilla_torch::model::llama::{llama_spec, load_base};
+use flotilla_torch::model::quantized::load_base_q4;
 use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, DecoderSpec, LocalModel};
 use flotilla_wire::protocol::{LocalMetrics, SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
@@ -45,6 +46,14 @@ pub struct UpdateShaping {
 pub enum BaseSource {
     Tensors(WireTensors),
     Checkpoint(PathBuf),
+}
+
+/// How a device holds a decoder's frozen base: dequantized to f32, or its 4-bit projections kept
+/// 4-bit (`flotilla_torch::model::quantized`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DecoderBase {
+    F32,
+    Q4,
 }
 
 /// Why a device cannot take the coordinator's model: the model itself, or its own data (which
@@ -221,10 +230,16 @@ pub struct TrainerPool {
 impl TrainerPool {
     /// Starts `workers` training threads, each using `threads` libtorch threads.
     pub fn new(workers: usize, threads: usize) -> anyhow::Result<TrainerPool> {
+        TrainerPool::with_decoder_base(workers, threads, false)
+    }
+
+    /// [`TrainerPool::new`], a decoder's frozen projections kept 4-bit when `decoder_4bit` (about a
+    /// fifth of the f32 base's memory, dequantized per layer; training then goes layer by layer).
+    pub fn with_decoder_base(workers: usize, threads: usize, decoder_4bit: bool) -> anyhow::Result<TrainerPool> {
         let (jobs, receiver) = mpsc::channel::<(usize, Job)>();
         let receiver = Arc::new(Mutex::new(receiver));
         let states: Arc<Mutex<HashMap<usize, DeviceState>>> = Arc::default();
-        let checkpoints = SharedCheckpoints::default();
+        let checkpoints = SharedCheckpoints { loaded: Arc::default(), decoder_4bit };
         for worker in 0..workers.max(1) {
             let receiver = receiver.clone();
             let states = states.clone();
@@ -279,9 +294,9 @@ pub struct Trainer {
 
 impl Trainer {
     /// A device with its own training thread (what a real device runs).
-    pub fn spawn(threads: usize, source: DataSource) -> anyhow::Result<Trainer> {
+    pub fn spawn(threads: usize, source: DataSource, decoder_4bit: bool) -> anyhow::Result<Trainer> {
         // The pool's threads live as long as a handle does; the pool itself can go.
-        TrainerPool::new(1, threads)?.trainer(source)
+        TrainerPool::with_decoder_base(1, threads, decoder_4bit)?.trainer(source)
     }
 
     pub async fn set_base(&self, architecture: Architecture, scale: f64, base: BaseSource) -> Result<(), BaseFailure> {
@@ -315,12 +330,17 @@ fn stopped() -> anyhow::Error {
 /// simulator's virtual devices all train on one copy of a transformer's 90 MB (libtorch tensors
 /// share storage, and frozen weights are never written).
 #[derive(Clone, Default)]
-struct SharedCheckpoints(Arc<Mutex<HashMap<(PathBuf, String), BaseWeights>>>);
+struct SharedCheckpoints {
+    loaded: Arc<Mutex<HashMap<(PathBuf, String), BaseWeights>>>,
+    /// A decoder's projections stay 4-bit (`flotilla_torch::model::quantized`).
+    decoder_4bit: bool,
+}
 
 impl SharedCheckpoints {
     fn weights(&self, checkpoint: &HfCheckpoint, spec: &BertSpec) -> Result<BaseWeights, String> {
         let key = (checkpoint.dir.clone(), serde_json::to_string(spec).unwrap_or_default());
-        let mut loaded = self.0.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
+        let mut loaded =
+            self.loaded.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
         if let Some(weights) = loaded.get(&key) {
             return Ok(weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
         }
@@ -333,12 +353,14 @@ impl SharedCheckpoints {
     /// A decoder's base from its GGUF file, refused when the file is not the decoder `spec` describes.
     fn decoder_weights(&self, gguf: &Path, spec: &DecoderSpec) -> Result<BaseWeights, String> {
         let key = (gguf.to_path_buf(), serde_json::to_string(spec).unwrap_or_default());
-        let mut loaded = self.0.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
+        let mut loaded =
+            self.loaded.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
         if let Some(weights) = loaded.get(&key) {
             return Ok(weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
         }
         let file = GgufFile::open(gguf).map_err(|e| format!("{}: {e}", gguf.display()))?;
-        let (described, weights) = load_base(&file).map_err(|e| format!("{}: {e}", gguf.display()))?;
+        let loaded_base = if self.decoder_4bit { load_base_q4(&file) } else { load_base(&file) };
+        let (described, weights) = loaded_base.map_err(|e| format!("{}: {e}", gguf.display()))?;
         if described != llama_spec(spec) {
             return Err(format!("{} is not the decoder the coordinator describes ({described:?})", gguf.display()));
         }

@@ -23,7 +23,7 @@ pub use chat::{ChatMessage, ChatTemplate};
 pub use dequant::{dequantize_into, quantize};
 pub use error::{GgufError, Result};
 pub use file::{DenseTensor, GgufFile};
-pub use llama::LlamaSpec;
+pub use llama::{LlamaSpec, Q4Parts};
 pub use parse::{parse_header, Header};
 pub use tensor::{TensorInfo, TensorType};
 pub use tokenizer::{tokenizer_json, SpecialTokens};

@@ -3,6 +3,7 @@
 
 use crate::error::{GgufError, Result};
 use crate::file::{DenseTensor, GgufFile};
+use crate::tensor::TensorType;
 use crate::value::Metadata;
 
 /// The decoder's shape (HF `LlamaConfig` terms).
@@ -154,10 +155,11 @@ impl LlamaSpec {
 }
 
 /// llama.cpp's converter interleaves each head's two rotary halves (row `2i + j` of a head holds
-/// HF's row `j·d/2 + i`); this undoes it for a `[heads·d, columns]` weight.
-pub fn unpermute_rotary_rows(values: &[f32], heads: usize, head_dim: usize, columns: usize) -> Vec<f32> {
+/// HF's row `j·d/2 + i`); this undoes it for a `[heads·d, columns]` weight (or any per-row data,
+/// such as a quantized weight's blocks).
+pub fn unpermute_rotary_rows<T: Copy + Default>(values: &[T], heads: usize, head_dim: usize, columns: usize) -> Vec<T> {
     let half = head_dim / 2;
-    let mut out = vec![0f32; values.len()];
+    let mut out = vec![T::default(); values.len()];
     for head in 0..heads {
         for i in 0..half {
             for j in 0..2 {
@@ -168,6 +170,64 @@ pub fn unpermute_rotary_rows(values: &[f32], heads: usize, head_dim: usize, colu
         }
     }
     out
+}
+
+/// A 4-bit weight kept as it is stored: per block of 32, a scale and a minimum (w = scale·q +
+/// minimum; Q4_0's minimum is −8·scale) and 16 bytes of nibbles in ggml's order. Rows are
+/// `[out]`, blocks per row `in / 32`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Q4Parts {
+    pub rows: usize,
+    pub blocks_per_row: usize,
+    pub scales: Vec<f32>,
+    pub minimums: Vec<f32>,
+    pub nibbles: Vec<u8>,
+}
+
+impl LlamaSpec {
+    /// A projection weight in its 4-bit blocks, rows in HF's order; `None` when the file does not
+    /// store it as Q4_0 or Q4_1 (it is then read dense).
+    pub fn read_q4(&self, file: &GgufFile, gguf_name: &str, shape: &[i64]) -> Result<Option<Q4Parts>> {
+        let (info, bytes) = file.tensor_bytes(gguf_name)?;
+        let kind = info.kind()?;
+        if !matches!(kind, TensorType::Q4_0 | TensorType::Q4_1) || shape.len() != 2 {
+            return Ok(None);
+        }
+        if info.shape() != shape {
+            return Err(GgufError::BadTensor {
+                name: gguf_name.into(),
+                problem: format!("shape {:?}, but the metadata implies {shape:?}", info.shape()),
+            });
+        }
+        let (rows, blocks_per_row) = (shape[0] as usize, shape[1] as usize / 32);
+        let block_bytes = kind.block().1 as usize;
+        let half = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+        let mut parts = Q4Parts { rows, blocks_per_row, scales: Vec::new(), minimums: Vec::new(), nibbles: Vec::new() };
+        for block in bytes.chunks_exact(block_bytes) {
+            let scale = half(block, 0);
+            let (minimum, packed) = match kind {
+                TensorType::Q4_1 => (half(block, 2), &block[4..20]),
+                _ => (-8.0 * scale, &block[2..18]),
+            };
+            parts.scales.push(scale);
+            parts.minimums.push(minimum);
+            parts.nibbles.extend_from_slice(packed);
+        }
+        let heads = if gguf_name.ends_with("attn_q.weight") {
+            Some(self.heads)
+        } else if gguf_name.ends_with("attn_k.weight") {
+            Some(self.kv_heads)
+        } else {
+            None
+        };
+        if let Some(heads) = heads {
+            let dim = self.head_dim();
+            parts.scales = unpermute_rotary_rows(&parts.scales, heads, dim, blocks_per_row);
+            parts.minimums = unpermute_rotary_rows(&parts.minimums, heads, dim, blocks_per_row);
+            parts.nibbles = unpermute_rotary_rows(&parts.nibbles, heads, dim, blocks_per_row * 16);
+        }
+        Ok(Some(parts))
+    }
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! A decoder through the real system: a coordinator fine-tunes the tiny random Llama of
 //! `tests/fixtures/tiny-llama.gguf` to write the headlines of generated articles, with two devices
-//! of different ranks. One uses its own copy of the GGUF file; the other fetches it from the
-//! coordinator (verified by digest). The held-out loss per headline token falls, ROUGE-L and the
+//! of different ranks. One uses its own copy of the GGUF file and keeps it 4-bit; the other fetches
+//! it from the coordinator (verified by digest). The held-out loss per headline token falls, ROUGE-L and the
 //! greedy headlines are recorded per rank. A file whose digest differs from the pin, and a file
 //! that is not GGUF, are refused by `check` with the reason.
 
@@ -108,10 +108,11 @@ fn devices_fine_tune_a_decoder_from_gguf_and_the_headline_loss_falls() {
     let device = |member, own: Option<&Path>| {
         let mut command = edge(run, &address, &data, member, 2, "dirichlet:1.0");
         if let Some(dir) = own {
-            command.arg("--model-dir").arg(dir);
+            command.arg("--model-dir").arg(dir).args(["--decoder-base", "q4"]);
         }
         Process::spawn(member.0, &mut command, &run.join("logs"))
     };
+    // The phone keeps the frozen base 4-bit and trains layer by layer (`--decoder-base q4`).
     let mut devices = vec![device(("phone-1", "2", 0), Some(&own_dir)), device(("laptop-1", "4", 1), None)];
     let summary = finish(run, &mut coordinator, &mut devices);
     assert!(devices[1].logs().contains("base checkpoint file fetched and verified"), "{}", devices[1].logs());

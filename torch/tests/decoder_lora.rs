@@ -95,3 +95,40 @@ fn lora_training_lowers_the_headline_loss() {
     let after = lora.evaluate(&decoder, &examples, 4).unwrap();
     assert!(after < 0.7 * before, "loss per headline token {before:.3} → {after:.3}");
 }
+
+#[test]
+fn a_base_kept_4_bit_computes_what_the_dequantized_base_does() {
+    let file = GgufFile::from_bytes(Box::new(tiny_llama(7, TensorType::Q4_1))).unwrap();
+    let (spec, dense) = flotilla_torch::model::llama::load_base(&file).unwrap();
+    let (_, packed) = flotilla_torch::model::quantized::load_base_q4(&file).unwrap();
+    assert!(flotilla_torch::model::quantized::any_q4(&packed));
+    assert!(!packed.contains_key("model.layers.0.self_attn.q_proj.weight"), "held 4-bit, not dense");
+    let bytes = |weights: &flotilla_torch::model::BaseWeights| -> i64 {
+        weights.values().map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64).sum()
+    };
+    assert!(bytes(&packed) * 2 < bytes(&dense), "{} bytes 4-bit, {} dense", bytes(&packed), bytes(&dense));
+    let dense = Decoder::from_weights(spec.clone(), &dense, Device::Cpu).unwrap();
+    let packed = Decoder::from_weights(spec, &packed, Device::Cpu).unwrap();
+    let input = Tensor::from_slice(&[1i64, 40, 50, 60, 70, 80]).view([1, 6]);
+    let (a, b) = tch::no_grad(|| (dense.logits(&input, None).unwrap(), packed.logits(&input, None).unwrap()));
+    assert_eq!(f64::try_from((&a - &b).abs().max()).unwrap(), 0.0, "the same weights, dequantized the same way");
+}
+
+#[test]
+fn layer_by_layer_training_takes_the_steps_plain_autograd_takes() {
+    let (decoder, tokenizer) = tiny(TensorType::Q8_0);
+    let targets = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let examples: Vec<DecoderExample> = (0..4).map(|i| tokenizer.headline_example(&article(i), 96).unwrap()).collect();
+    let mut plain = DecoderLora::new(&decoder.spec, &targets, 4, 2.0, 5, Device::Cpu).unwrap();
+    let mut layered = DecoderLora::new(&decoder.spec, &targets, 4, 2.0, 5, Device::Cpu).unwrap();
+    layered.layered = true;
+    let plain_losses = plain.train_steps(&decoder, &examples, 3, 4, 1e-2, 9).unwrap();
+    let layered_losses = layered.train_steps(&decoder, &examples, 3, 4, 1e-2, 9).unwrap();
+    for (p, l) in plain_losses.iter().zip(&layered_losses) {
+        assert!((p - l).abs() < 1e-4, "losses {plain_losses:?} vs {layered_losses:?}");
+    }
+    for ((name, (pa, pb)), (_, (la, lb))) in plain.factors().iter().zip(layered.factors()) {
+        let worst = f64::try_from((pa - la).abs().max()).unwrap().max(f64::try_from((pb - lb).abs().max()).unwrap());
+        assert!(worst < 1e-5, "{name}: factors differ by {worst}");
+    }
+}

@@ -71,6 +71,8 @@ pub struct DecoderLora {
     store: nn::VarStore,
     factors: BTreeMap<String, (Tensor, Tensor)>,
     pub scale: f64,
+    /// Train layer by layer, recomputing each in the backward pass ([`DecoderLora::layered_step`]).
+    pub layered: bool,
 }
 
 impl DecoderLora {
@@ -107,7 +109,7 @@ impl DecoderLora {
             let b = root.f_var_copy(&format!("lora_b_{i}"), b)?;
             trainable.insert(module.clone(), (a, b));
         }
-        Ok(DecoderLora { store, factors: trainable, scale })
+        Ok(DecoderLora { store, factors: trainable, scale, layered: false })
     }
 
     pub fn factors(&self) -> &BTreeMap<String, (Tensor, Tensor)> {
@@ -140,6 +142,60 @@ impl DecoderLora {
         batch_size: usize,
     ) -> Result<f64, ModelError> {
         Ok(self.evaluate_sums(decoder, examples, batch_size)?.mean_loss())
+    }
+
+    /// One step's mean loss and the gradient of every factor, computed layer by layer: the forward
+    /// pass keeps only each layer's input; the backward pass recomputes one layer at a time (its
+    /// 4-bit weights dequantized again) and hands the gradient down as a vector-Jacobian product.
+    /// Peak memory is one layer's weights and activations rather than all of them, for a second
+    /// forward pass of compute.
+    fn layered_step(&self, decoder: &Decoder, batch: &Batch) -> Result<(f64, Vec<(Tensor, Tensor)>), ModelError> {
+        let lora = self.lora();
+        let (_, length) = batch.ids.size2()?;
+        let (cos, sin) = decoder.rotary(0, length)?;
+        let layers = decoder.spec.layers;
+        let mut inputs = Vec::with_capacity(layers);
+        let top = tch::no_grad(|| -> Result<Tensor, ModelError> {
+            let mut h = decoder.embed(&batch.ids)?;
+            for layer in 0..layers {
+                inputs.push(h.shallow_clone());
+                h = decoder.block(layer, &h, Some(&lora), (&cos, &sin), None)?;
+            }
+            Ok(h)
+        })?;
+        let top = top.f_detach()?.f_set_requires_grad(true)?;
+        let width = decoder.spec.hidden as i64;
+        let hidden = decoder.final_norm(&top)?;
+        let flat = batch.rows.f_mul_scalar(length)?.f_add(&batch.positions)?;
+        let picked = hidden.f_reshape([-1, width])?.f_index_select(0, &flat)?;
+        let logits = decoder.project(&picked)?;
+        let loss = logits.f_cross_entropy_loss::<Tensor>(&batch.targets, None, tch::Reduction::Mean, -100, 0.0)?;
+        let mean = loss.f_double_value(&[])?;
+        let mut gradient = Tensor::f_run_backward(&[&loss], &[&top], false, false)?.remove(0);
+        let mut gradients = Vec::new();
+        for layer in (0..layers).rev() {
+            let x = inputs[layer].f_detach()?.f_set_requires_grad(true)?;
+            let y = decoder.block(layer, &x, Some(&lora), (&cos, &sin), None)?;
+            let surrogate = y.f_mul(&gradient)?.f_sum(tch::Kind::Float)?;
+            let prefix = format!("model.layers.{layer}.");
+            let mine: Vec<&(Tensor, Tensor)> =
+                self.factors.iter().filter(|(module, _)| module.starts_with(&prefix)).map(|(_, f)| f).collect();
+            let mut wrt: Vec<&Tensor> = vec![&x];
+            for (a, b) in &mine {
+                wrt.push(a);
+                wrt.push(b);
+            }
+            let mut out = Tensor::f_run_backward(&[&surrogate], &wrt, false, false)?.into_iter();
+            gradient = out.next().ok_or_else(|| ModelError::Unsupported("no gradient for a layer's input".into()))?;
+            for (a, b) in mine {
+                let (ga, gb) = (out.next(), out.next());
+                if let (Some(ga), Some(gb)) = (ga, gb) {
+                    gradients.push((a.shallow_clone(), ga));
+                    gradients.push((b.shallow_clone(), gb));
+                }
+            }
+        }
+        Ok((mean, gradients))
     }
 
     /// Loss and exact predictions summed over `examples`' target tokens, without gradients.
@@ -182,7 +238,19 @@ impl DecoderLora {
         for _ in 0..steps {
             let picks: Vec<&DecoderExample> =
                 (0..batch_size.max(1)).map(|_| &examples[rng.random_range(0..examples.len())]).collect();
-            let (loss, count, _) = self.loss_sum(decoder, &batch(&picks, PAD, decoder.device())?)?;
+            let batch = batch(&picks, PAD, decoder.device())?;
+            if self.layered {
+                let (mean, gradients) = self.layered_step(decoder, &batch)?;
+                // The surrogate Σ ⟨factor, gradient⟩ has exactly these gradients: AdamW steps with them.
+                let mut surrogate = Tensor::f_zeros([], (tch::Kind::Float, decoder.device()))?;
+                for (factor, gradient) in &gradients {
+                    surrogate = surrogate.f_add(&factor.f_mul(gradient)?.f_sum(tch::Kind::Float)?)?;
+                }
+                optimizer.backward_step(&surrogate);
+                losses.push(mean);
+                continue;
+            }
+            let (loss, count, _) = self.loss_sum(decoder, &batch)?;
             let mean = loss.f_div_scalar(count.max(1) as f64)?;
             optimizer.backward_step(&mean);
             losses.push(mean.f_double_value(&[])?);

@@ -48,13 +48,15 @@ impl DecoderModel {
             // Online FLoRA's merged update joins the frozen weight: W = W0 + ΔW.
             if let Some(delta) = adapter.merged_delta(&module) {
                 let name = architecture.base_weight_name(&layer.name);
-                let base_weight = weights.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
+                let base_weight = super::quantized::dense(&weights, &name)?;
                 let merged = base_weight.f_add(&delta.f_view(layer.weight_shape().as_slice())?)?;
                 weights.insert(name, merged);
             }
         }
         let decoder = Decoder::from_weights(llama_spec(spec), &weights, device)?;
-        let lora = DecoderLora::from_factors(&factors, scale, device)?;
+        let mut lora = DecoderLora::from_factors(&factors, scale, device)?;
+        // A base kept 4-bit is there to save memory: train layer by layer too.
+        lora.layered = super::quantized::any_q4(&weights);
         Ok(DecoderModel { decoder, lora })
     }
 

@@ -75,9 +75,17 @@ pub(super) fn init_base(spec: &DecoderSpec, seed: u64) -> BaseWeights {
         .collect()
 }
 
-/// Checks that `base` has every tensor the decoder needs, with the right shape and as f32.
+/// Checks that `base` has every tensor the decoder needs, with the right shape and as f32 (or a
+/// projection held 4-bit, `super::quantized`).
 pub(super) fn check_base(spec: &DecoderSpec, base: &BaseWeights) -> Result<(), ModelError> {
     for (name, _, want) in llama_spec(spec).tensors() {
+        if super::quantized::is_q4(base, &name) {
+            let got = super::quantized::shape(base, &name).unwrap_or_default();
+            if got != want {
+                return Err(ModelError::Shape { name, got, want });
+            }
+            continue;
+        }
         let tensor = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
         let got = tensor.size();
         if got != want {
@@ -180,7 +188,7 @@ impl Decoder {
         lora: Option<&Lora>,
         mut cache: Option<&mut KvCache>,
     ) -> Result<Tensor, ModelError> {
-        let (batch, length) = ids.size2()?;
+        let (_, length) = ids.size2()?;
         let past = cache.as_ref().map_or(0, |c| c.len());
         if past + length > self.spec.context as i64 {
             return Err(ModelError::Unsupported(format!(
@@ -189,22 +197,42 @@ impl Decoder {
                 self.spec.context
             )));
         }
-        let embedding = self.get("model.embed_tokens.weight")?;
-        let mut h =
-            embedding.f_index_select(0, &ids.f_flatten(0, -1)?)?.f_view([batch, length, self.spec.hidden as i64])?;
-        let (cos, sin) = self.rotary(past, length)?;
+        let mut h = self.embed(ids)?;
+        let rotary = self.rotary(past, length)?;
         for layer in 0..self.spec.layers {
-            let p = format!("model.layers.{layer}");
-            let normed = self.rms_norm(&h, &format!("{p}.input_layernorm.weight"))?;
             let layer_cache = cache.as_deref_mut().map(|c| (c, layer));
-            let attended = self.attention(&normed, lora, &p, (&cos, &sin), layer_cache)?;
-            h = h.f_add(&attended)?;
-            let normed = self.rms_norm(&h, &format!("{p}.post_attention_layernorm.weight"))?;
-            let gate = self.linear(&normed, lora, &format!("{p}.mlp.gate_proj"))?.f_silu()?;
-            let up = self.linear(&normed, lora, &format!("{p}.mlp.up_proj"))?;
-            h = h.f_add(&self.linear(&gate.f_mul(&up)?, lora, &format!("{p}.mlp.down_proj"))?)?;
+            h = self.block(layer, &h, lora, (&rotary.0, &rotary.1), layer_cache)?;
         }
-        self.rms_norm(&h, "model.norm.weight")
+        self.final_norm(&h)
+    }
+
+    /// Token embeddings `[B, L, hidden]` of ids `[B, L]`.
+    pub(crate) fn embed(&self, ids: &Tensor) -> Result<Tensor, ModelError> {
+        let (batch, length) = ids.size2()?;
+        let embedding = self.get("model.embed_tokens.weight")?;
+        Ok(embedding.f_index_select(0, &ids.f_flatten(0, -1)?)?.f_view([batch, length, self.spec.hidden as i64])?)
+    }
+
+    /// One decoder layer: attention and MLP, each with its residual.
+    pub(crate) fn block(
+        &self,
+        layer: usize,
+        h: &Tensor,
+        lora: Option<&Lora>,
+        rotary: (&Tensor, &Tensor),
+        cache: Option<(&mut KvCache, usize)>,
+    ) -> Result<Tensor, ModelError> {
+        let p = format!("model.layers.{layer}");
+        let normed = self.rms_norm(h, &format!("{p}.input_layernorm.weight"))?;
+        let h = h.f_add(&self.attention(&normed, lora, &p, rotary, cache)?)?;
+        let normed = self.rms_norm(&h, &format!("{p}.post_attention_layernorm.weight"))?;
+        let gate = self.linear(&normed, lora, &format!("{p}.mlp.gate_proj"))?.f_silu()?;
+        let up = self.linear(&normed, lora, &format!("{p}.mlp.up_proj"))?;
+        Ok(h.f_add(&self.linear(&gate.f_mul(&up)?, lora, &format!("{p}.mlp.down_proj"))?)?)
+    }
+
+    pub(crate) fn final_norm(&self, h: &Tensor) -> Result<Tensor, ModelError> {
+        self.rms_norm(h, "model.norm.weight")
     }
 
     fn attention(
@@ -263,7 +291,7 @@ impl Decoder {
     }
 
     /// cos and sin `[1, 1, length, head_dim]` for positions `past..past + length` (HF's float32 recipe).
-    fn rotary(&self, past: i64, length: i64) -> Result<(Tensor, Tensor), ModelError> {
+    pub(crate) fn rotary(&self, past: i64, length: i64) -> Result<(Tensor, Tensor), ModelError> {
         let dim = self.spec.head_dim() as i64;
         let options = (Kind::Float, self.device);
         let exponents = Tensor::f_arange_start_step(0, dim, 2, (Kind::Int64, self.device))?
@@ -284,7 +312,9 @@ impl Decoder {
 
     /// `x·Wᵀ`, plus `scale·(x·Aᵀ)·Bᵀ` when the module is adapted.
     fn linear(&self, x: &Tensor, lora: Option<&Lora>, module: &str) -> Result<Tensor, ModelError> {
-        let out = x.f_linear::<&Tensor>(self.get(&format!("{module}.weight"))?, None)?;
+        // A 4-bit weight is dequantized here, for this call only.
+        let weight = super::quantized::dense(&self.weights, &format!("{module}.weight"))?;
+        let out = x.f_linear::<&Tensor>(&weight, None)?;
         let adapted = lora.and_then(|l| l.factors.get(module).map(|f| (f, l.scale)));
         Ok(match adapted {
             Some(((a, b), scale)) => out.f_add(&x.f_matmul(&a.f_tr()?)?.f_matmul(&b.f_tr()?)?.f_mul_scalar(scale)?)?,

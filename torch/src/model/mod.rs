@@ -17,6 +17,7 @@ pub mod llama;
 mod local_model;
 mod lora_model;
 mod pretrain;
+pub mod quantized;
 #[cfg(test)]
 mod tests;
 
