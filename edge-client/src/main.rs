@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join the coordinator's run and train every round until it is finished.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Show this device's hardware, a timed LoRA training step, and the rank the policy picks.
     Probe(ProbeArgs),
     /// Run many virtual devices in this process, each with its own kit and QUIC connection, through
@@ -121,8 +121,12 @@ struct PolicyArgs {
     max_rank: u32,
     /// Time this transformer checkpoint (config.json, model.safetensors, tokenizer.json) at
     /// --max-length tokens instead of the MLP below; with `run`, default: --model-dir.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "decoder")]
     transformer: Option<PathBuf>,
+    /// Time this decoder's GGUF file (LoRA on q_proj and v_proj) at --max-length tokens; with
+    /// `run`, default: the .gguf in --model-dir.
+    #[arg(long)]
+    decoder: Option<PathBuf>,
     /// Tokens per input when timing a transformer.
     #[arg(long, default_value_t = 64)]
     max_length: u32,
@@ -304,7 +308,7 @@ fn main() {
                 1
             }
         },
-        Command::Run(args) => match run(args, progress::Progress::new(bar)) {
+        Command::Run(args) => match run(*args, progress::Progress::new(bar)) {
             Ok(()) => 0,
             Err(error) => {
                 eprintln!("flotilla-edge: {error:#}");
@@ -330,27 +334,23 @@ fn main() {
 }
 
 /// Probes this device (or, with a known `device_class`, applies that class's budgets).
-fn probe_with(policy: &PolicyArgs, device_class: Option<&str>, threads: usize) -> Result<probe::ProbeReport> {
+fn probe_with(
+    policy: &PolicyArgs,
+    device_class: Option<&str>,
+    threads: usize,
+    decoder_4bit: bool,
+) -> Result<probe::ProbeReport> {
     anyhow::ensure!(policy.min_rank >= 1 && policy.min_rank <= policy.max_rank, "need 1 <= --min-rank <= --max-rank");
     anyhow::ensure!(!policy.hidden.is_empty() && policy.hidden.iter().all(|&h| h > 0), "--hidden needs sizes > 0");
     let device_class = device_class.unwrap_or("this-device").to_string();
-    let architecture = match &policy.transformer {
-        Some(dir) => {
-            let checkpoint = flotilla_torch::model::checkpoint::HfCheckpoint::open(dir)?;
-            let spec = checkpoint.spec(&flotilla_torch::model::checkpoint::FineTuning {
-                target_modules: flotilla_wire::model::DEFAULT_TARGET_MODULES.iter().map(|t| t.to_string()).collect(),
-                pooling: flotilla_torch::model::Pooling::Cls,
-                labels: (0..policy.classes.max(2)).map(|c| format!("class-{c}")).collect(),
-                max_length: policy.max_length,
-            })?;
-            flotilla_torch::model::Architecture::Bert(spec)
-        }
-        None => flotilla_torch::model::Architecture::Mlp {
-            input: policy.input,
-            hidden: policy.hidden.clone(),
-            classes: policy.classes,
-        },
-    };
+    let architecture = probe::timed_architecture(&probe::TimedModel {
+        transformer: policy.transformer.as_deref(),
+        decoder: policy.decoder.as_deref(),
+        max_length: policy.max_length,
+        input: policy.input,
+        hidden: &policy.hidden,
+        classes: policy.classes,
+    })?;
     probe::probe(&probe::ProbeSettings {
         architecture,
         device_class,
@@ -360,6 +360,7 @@ fn probe_with(policy: &PolicyArgs, device_class: Option<&str>, threads: usize) -
         batch_size: policy.batch_size,
         time_budget: Duration::from_secs(2),
         step_budget_ms: policy.step_budget_ms,
+        decoder_4bit,
     })
 }
 
@@ -369,7 +370,7 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
             anyhow::bail!("unknown device class '{class}' (known: phone, laptop, desktop, gpu)");
         }
     }
-    let report = probe_with(&args.policy, args.device_class.as_deref(), args.threads)?;
+    let report = probe_with(&args.policy, args.device_class.as_deref(), args.threads, false)?;
     if args.format == "json" {
         return print_stdout(&format!("{}\n", serde_json::to_string_pretty(&report)?));
     }
@@ -508,10 +509,14 @@ fn requested_rank(args: &RunArgs) -> Result<u32> {
             // A class name that has budgets is emulated; any other name is only a label.
             let emulated = args.device_class.as_deref().filter(|c| probe::class_budgets(c).is_some());
             let mut policy = args.policy.clone();
-            if policy.transformer.is_none() {
-                policy.transformer = args.base.model_dir.clone();
+            if policy.transformer.is_none() && policy.decoder.is_none() {
+                // A decoder's model directory holds its one .gguf file; an encoder's, its files.
+                match args.base.model_dir.as_deref().map(trainer::gguf_in) {
+                    Some(Ok(gguf)) => policy.decoder = Some(gguf),
+                    _ => policy.transformer = args.base.model_dir.clone(),
+                }
             }
-            let report = probe_with(&policy, emulated, args.threads)?;
+            let report = probe_with(&policy, emulated, args.threads, args.decoder_base == trainer::DecoderBase::Q4)?;
             tracing::info!(
                 rank = report.choice.rank,
                 device_class = %report.device_class,

@@ -60,6 +60,43 @@ pub struct ProbeSettings {
     pub time_budget: Duration,
     /// Replaces the step-time budget (of the class, or this device's own).
     pub step_budget_ms: Option<f64>,
+    /// A decoder's projections kept 4-bit: memory is estimated so (the step is timed on f32).
+    pub decoder_4bit: bool,
+}
+
+/// The model whose step the probe times: a transformer checkpoint, a decoder's GGUF file, or an MLP.
+pub struct TimedModel<'a> {
+    pub transformer: Option<&'a std::path::Path>,
+    pub decoder: Option<&'a std::path::Path>,
+    /// Tokens per input for a transformer or a decoder.
+    pub max_length: u32,
+    pub input: u32,
+    pub hidden: &'a [u32],
+    pub classes: u32,
+}
+
+pub fn timed_architecture(model: &TimedModel) -> anyhow::Result<Architecture> {
+    use anyhow::Context;
+    if let Some(gguf) = model.decoder {
+        let file =
+            flotilla_torch::gguf::GgufFile::open(gguf).with_context(|| format!("--decoder {}", gguf.display()))?;
+        let llama = flotilla_torch::gguf::LlamaSpec::from_file(&file)
+            .with_context(|| format!("--decoder {}", gguf.display()))?;
+        let targets = flotilla_wire::model::DEFAULT_DECODER_TARGETS.iter().map(|t| t.to_string()).collect();
+        let spec = flotilla_torch::model::llama::decoder_spec(&llama, targets, model.max_length, vec!["text".into()]);
+        return Ok(Architecture::Llama(spec));
+    }
+    if let Some(dir) = model.transformer {
+        let checkpoint = flotilla_torch::model::checkpoint::HfCheckpoint::open(dir)?;
+        let spec = checkpoint.spec(&flotilla_torch::model::checkpoint::FineTuning {
+            target_modules: flotilla_wire::model::DEFAULT_TARGET_MODULES.iter().map(|t| t.to_string()).collect(),
+            pooling: flotilla_torch::model::Pooling::Cls,
+            labels: (0..model.classes.max(2)).map(|c| format!("class-{c}")).collect(),
+            max_length: model.max_length,
+        })?;
+        return Ok(Architecture::Bert(spec));
+    }
+    Ok(Architecture::Mlp { input: model.input, hidden: model.hidden.to_vec(), classes: model.classes })
 }
 
 pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
@@ -103,7 +140,7 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
     let head = settings.architecture.head_shape().map_or(0, |(head_in, classes)| (classes * (head_in + 1)) as u64);
     let choice = rank_policy::choose(
         AdapterSize { per_rank, fixed: head },
-        TrainingFootprint::estimate(&settings.architecture, settings.batch_size),
+        TrainingFootprint::estimate_with(&settings.architecture, settings.batch_size, settings.decoder_4bit),
         interpolate,
         budgets,
         settings.r_min,

@@ -53,7 +53,11 @@ impl TrainingFootprint {
     ///
     /// `cargo bench -p flotilla-edge --bench transformer_step` measures the real peak
     /// (docs/benchmarks.md) to check the estimate against.
-    pub fn estimate(architecture: &Architecture, batch: usize) -> TrainingFootprint {
+    ///
+    /// For a decoder whose projections are kept 4-bit (`decoder_4bit`, `--decoder-base q4`): about
+    /// 0.75 bytes per projection weight instead of 4, and training layer by layer keeps every
+    /// layer's input but only one layer's activations.
+    pub fn estimate_with(architecture: &Architecture, batch: usize, decoder_4bit: bool) -> TrainingFootprint {
         const F32: u64 = 4;
         let batch = batch.max(1) as u64;
         let adapted = architecture.adapted_layers();
@@ -86,17 +90,31 @@ impl TrainingFootprint {
                 // (7h + 2kv), the MLP's four i-wide intermediates, and the attention scores.
                 let per_token =
                     (7 * h).saturating_add(2 * kv).saturating_add(4 * i).saturating_add(heads.saturating_mul(tokens));
-                let activations =
-                    [u64::from(spec.layers), batch, tokens, per_token, F32].into_iter().fold(1u64, u64::saturating_mul);
+                let layers = u64::from(spec.layers);
+                let activations = if decoder_4bit {
+                    // Each layer's input, plus one layer's activations at a time.
+                    [batch, tokens, F32]
+                        .into_iter()
+                        .fold(1u64, u64::saturating_mul)
+                        .saturating_mul(layers.saturating_mul(h).saturating_add(per_token))
+                } else {
+                    [layers, batch, tokens, per_token, F32].into_iter().fold(1u64, u64::saturating_mul)
+                };
                 // Logits (and their softmax and gradient) at the target positions only: at most 32 a sequence.
                 let logits =
                     [batch, tokens.min(32), u64::from(spec.vocab), 3 * F32].into_iter().fold(1, u64::saturating_mul);
-                TrainingFootprint {
-                    fixed_bytes: spec
-                        .base_parameters()
+                // The projections' weights: 4-bit blocks (24 bytes per 32 weights) or f32.
+                let projections: u64 = adapted_projection_weights(spec);
+                let base = if decoder_4bit {
+                    spec.base_parameters()
+                        .saturating_sub(projections)
                         .saturating_mul(F32)
-                        .saturating_add(activations)
-                        .saturating_add(logits),
+                        .saturating_add(projections * 3 / 4)
+                } else {
+                    spec.base_parameters().saturating_mul(F32)
+                };
+                TrainingFootprint {
+                    fixed_bytes: base.saturating_add(activations).saturating_add(logits),
                     per_rank_bytes: [adapted.len() as u64, batch, tokens, F32].into_iter().fold(1, u64::saturating_mul),
                 }
             }
@@ -114,6 +132,17 @@ impl TrainingFootprint {
     fn bytes(&self, rank: u32) -> u64 {
         self.fixed_bytes.saturating_add(self.per_rank_bytes.saturating_mul(u64::from(rank)))
     }
+}
+
+/// Weights of a decoder's projections (every linear module of its layers).
+fn adapted_projection_weights(spec: &flotilla_torch::model::DecoderSpec) -> u64 {
+    let every = flotilla_torch::model::DecoderSpec {
+        target_modules: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            .map(String::from)
+            .to_vec(),
+        ..spec.clone()
+    };
+    Architecture::Llama(every).adapted_layers().iter().map(|l| (l.d_in * l.d_out) as u64).sum()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -266,7 +295,7 @@ mod tests {
             labels: vec!["a".into(), "b".into()],
             max_length: 64,
         });
-        let footprint = TrainingFootprint::estimate(&minilm, 16);
+        let footprint = TrainingFootprint::estimate_with(&minilm, 16, false);
         let mib = |b: u64| b as f64 / f64::from(1 << 20);
         // 22.7 M parameters (86.6 MiB) and 6 layers · 16 · 64 tokens · 9,984 values (234 MiB).
         assert!((mib(footprint.fixed_bytes) - (86.6 + 234.0)).abs() < 1.0, "{}", mib(footprint.fixed_bytes));
@@ -284,5 +313,32 @@ mod tests {
         assert_eq!(choice.rank, 2);
         assert!(choice.reason.contains("exceeds the memory budget"), "{}", choice.reason);
         assert_eq!(choose(SIZE, NO_FOOTPRINT, |_| 1.0, ROOMY, 16, 8).rank, 16);
+    }
+
+    #[test]
+    fn a_decoder_kept_4_bit_needs_less_than_half_the_memory_of_its_f32_base() {
+        let spec = flotilla_torch::model::DecoderSpec {
+            layers: 30,
+            hidden: 576,
+            intermediate: 1536,
+            heads: 9,
+            kv_heads: 3,
+            vocab: 49152,
+            context: 8192,
+            rms_eps: 1e-5,
+            rope_base: 1e5,
+            tied_embeddings: true,
+            target_modules: vec!["q_proj".into(), "v_proj".into()],
+            max_length: 128,
+            labels: vec!["text".into()],
+            task: Default::default(),
+        };
+        let decoder = Architecture::Llama(spec);
+        let dense = TrainingFootprint::estimate_with(&decoder, 8, false);
+        let packed = TrainingFootprint::estimate_with(&decoder, 8, true);
+        // SmolLM2-135M at batch 8 × 128: the f32 base alone is 538 MB.
+        assert!(dense.fixed_bytes > 538_000_000, "{dense:?}");
+        assert!(packed.fixed_bytes * 2 < dense.fixed_bytes, "{packed:?} against {dense:?}");
+        assert_eq!(packed.per_rank_bytes, dense.per_rank_bytes);
     }
 }

@@ -146,3 +146,19 @@ fn probe_into_a_closed_pipe_exits_cleanly() {
         assert!(output.status.success() && !stderr.contains("panicked"), "{format}: {:?} {stderr}", output.status);
     }
 }
+
+/// With `--decoder`, the probe times a decoder's LoRA step (the tiny Llama of the fixtures) and
+/// its memory column counts the decoder's base and activations.
+#[test]
+fn a_decoder_is_timed_and_its_base_counts_against_memory() {
+    let tiny = flotilla_tests::workspace_root().join("tests/fixtures/tiny-llama.gguf");
+    let report =
+        probe(&["--decoder", tiny.to_str().unwrap(), "--max-length", "32", "--batch-size", "2", "--max-rank", "4"]);
+    assert!(report["step_ms"].as_object().unwrap().values().all(|ms| ms.as_f64().unwrap() > 0.0), "{report}");
+    let candidates = report["choice"]["candidates"].as_array().unwrap();
+    let memory =
+        |rank: u64| candidates.iter().find(|c| c["rank"] == rank).unwrap()["training_memory_bytes"].as_u64().unwrap();
+    // The tiny decoder has about 90,000 base parameters: 360 KB in f32 before any activation.
+    assert!(memory(1) > 360_000, "{report}");
+    assert!(memory(4) > memory(1));
+}
