@@ -5,6 +5,7 @@
 #   bash deploy/study.sh --suite image-shift     # second edition, rotated Fashion-MNIST: about 1.5 hours on 2 cores
 #   bash deploy/study.sh --suite text            # second edition, all-MiniLM-L6-v2 on BBC News: hours (resumable)
 #   bash deploy/study.sh --suite text-reviews    # the same grid on Rotten Tomatoes
+#   bash deploy/study.sh --suite headlines       # the decoder (SmolLM2) writing BBC headlines: about 8 hours
 #   bash deploy/study.sh                          # first edition (Fashion-MNIST, MLP): about 45 minutes
 #   bash deploy/study.sh --suite image-shift --quick   # minutes; writes runs/study-<suite>-quick/study.md, leaves docs/ alone
 # Finished runs are cached in study/results/<suite>/ (committed; the first edition and --quick:
@@ -16,7 +17,7 @@ cd "$root"
 source "$root/deploy/env.sh"
 flotilla_ensure_fashion_mnist
 case " $* " in
-    *" --suite text"*|*" --suite=text"*)
+    *" --suite text"*|*" --suite=text"*|*" --suite headlines"*|*" --suite=headlines"*)
         # shellcheck source=deploy/fetch-text-assets.sh
         source "$root/deploy/fetch-text-assets.sh"
         ;;

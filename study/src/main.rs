@@ -31,9 +31,10 @@ use crate::results::CellResult;
 #[command(version, about)]
 struct Cli {
     /// Which study: `image` (the first edition: Fashion-MNIST, MLP), `text` (all-MiniLM-L6-v2 on
-    /// BBC News; needs deploy/fetch-text-assets.sh), `text-reviews` (the same on Rotten Tomatoes)
-    /// or `image-shift` (the MLP pretrained on upright images, fine-tuned on rotated ones).
-    #[arg(long, default_value = "image", value_parser = ["image", "text", "text-reviews", "image-shift"])]
+    /// BBC News; needs deploy/fetch-text-assets.sh), `text-reviews` (the same on Rotten Tomatoes),
+    /// `image-shift` (the MLP pretrained on upright images, fine-tuned on rotated ones) or
+    /// `headlines` (SmolLM2-135M-Instruct writing BBC headlines).
+    #[arg(long, default_value = "image", value_parser = ["image", "text", "text-reviews", "image-shift", "headlines"])]
     suite: String,
     /// One label skew, one seed, a few short rounds: checks the whole pipeline in minutes. Writes
     /// into `runs/study-quick/` unless told otherwise.
@@ -185,6 +186,8 @@ fn run_second_edition(cli: Cli) -> Result<()> {
         ("text", false) => second::Plan::text(),
         ("text", true) | ("text-reviews", true) => second::Plan::text_quick(),
         ("text-reviews", false) => second::Plan::text_reviews(),
+        ("headlines", false) => second::Plan::headlines(),
+        ("headlines", true) => second::Plan::headlines_quick(),
         (_, false) => second::Plan::image_shift(),
         (_, true) => second::Plan::image_shift_quick(),
     };

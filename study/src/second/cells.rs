@@ -60,6 +60,30 @@ max_length = {max_length}
                 checkpoint = flotilla_data::cache::minilm_dir().display(),
             );
         }
+        TaskKind::Headlines { labels, max_length, .. } => {
+            let labels = labels.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", ");
+            config += &format!(
+                r#"
+[evaluation]
+test_data = "{data}"
+max_samples = {eval_samples}
+sample = "first"
+
+[model]
+seed = {seed}
+[model.decoder]
+gguf = "{gguf}"
+target_modules = ["q_proj", "v_proj"]
+labels = [{labels}]
+max_length = {max_length}
+rouge_samples = 16
+"#,
+                data = data.display(),
+                eval_samples = plan.eval_samples,
+                seed = cell.seed,
+                gguf = flotilla_data::cache::smollm2_file().display(),
+            );
+        }
         TaskKind::RotatedImages => {
             let skip = match cell.phase {
                 Phase::Tune => PUBLIC_IMAGES,
@@ -116,7 +140,9 @@ pub(super) fn profile_mix(plan: &Plan, arm: Arm) -> String {
 pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::Value, f64)> {
     let task = plan.task(cell.task).with_context(|| format!("no task {}", cell.task))?;
     let data = match task.kind {
-        TaskKind::Text { .. } => setup.work.join("data").join(task.key).join(cell.phase.key()),
+        TaskKind::Text { .. } | TaskKind::Headlines { .. } => {
+            setup.work.join("data").join(task.key).join(cell.phase.key())
+        }
         TaskKind::RotatedImages => setup.work.join("data").join(task.key),
     };
     let pki = setup.pki();
@@ -130,8 +156,14 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
     }
     let mut sim: Vec<OsString> = vec!["--data".into(), data.clone().into()];
     let devices = plan.devices(cell.arm) as usize;
-    if let TaskKind::Text { .. } = task.kind {
-        sim.extend(["--model-dir".into(), flotilla_data::cache::minilm_dir().into()]);
+    match task.kind {
+        TaskKind::Text { .. } => sim.extend(["--model-dir".into(), flotilla_data::cache::minilm_dir().into()]),
+        TaskKind::Headlines { .. } => {
+            let gguf = flotilla_data::cache::smollm2_file();
+            let dir = gguf.parent().map(Path::to_path_buf).unwrap_or_default();
+            sim.extend(["--model-dir".into(), dir.into()]);
+        }
+        TaskKind::RotatedImages => {}
     }
     match (cell.arm, cell.skew) {
         (Arm::Centralized(rank), _) => {

@@ -112,7 +112,9 @@ fn prepare_rotated(task: &Task, work: &Path) -> Result<()> {
 
 pub fn prepare_data(task: &Task, work: &Path) -> Result<()> {
     match &task.kind {
-        TaskKind::Text { source, labels, .. } => prepare_texts(task, source, labels, work),
+        TaskKind::Text { source, labels, .. } | TaskKind::Headlines { source, labels, .. } => {
+            prepare_texts(task, source, labels, work)
+        }
         TaskKind::RotatedImages => prepare_rotated(task, work),
     }
 }

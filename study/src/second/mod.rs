@@ -5,6 +5,8 @@
 //! - `--suite text`: all-MiniLM-L6-v2 with LoRA on `query` and `value`, fine-tuned on BBC News by
 //!   12 devices, 3 at each of the ranks 2, 4, 8 and 16; `--suite text-reviews`: the same on Rotten
 //!   Tomatoes.
+//! - `--suite headlines`: SmolLM2-135M-Instruct (a decoder, from its GGUF) learning to write BBC
+//!   headlines, on a smaller fleet and grid that fit about 8 hours (issue 32).
 //! - `--suite image-shift`: the MLP pretrained on 5,000 upright public Fashion-MNIST images,
 //!   fine-tuned by 18 devices (3 at each rank from 2 to 64) whose images are all rotated by 90°:
 //!   a domain shift large enough that the rank of the correction matters (the centralized rank
@@ -53,6 +55,10 @@ pub enum TaskKind {
     /// Fashion-MNIST whose device and held-out images are rotated by 90° while the base is
     /// pretrained on upright public images.
     RotatedImages,
+    /// Articles whose first line is the headline, for SmolLM2-135M-Instruct (from its GGUF) to
+    /// learn to write: the score is the share of held-out headline tokens predicted exactly;
+    /// the runs also keep the loss per headline token and ROUGE-L.
+    Headlines { source: &'static str, labels: &'static [&'static str], max_length: u32 },
 }
 
 #[derive(Debug, Clone)]
@@ -79,6 +85,16 @@ pub const ROTTEN_TOMATOES: Task = Task {
         source: "datasets/rotten-tomatoes.csv",
         labels: &["fresh", "rotten", "plot"],
         max_length: 32,
+    },
+};
+
+pub const BBC_HEADLINES: Task = Task {
+    key: "bbc-headlines",
+    title: "BBC News headline writing (SmolLM2-135M-Instruct)",
+    kind: TaskKind::Headlines {
+        source: "datasets/bbc-news",
+        labels: &["business", "entertainment", "politics", "sports", "tech"],
+        max_length: 96,
     },
 };
 

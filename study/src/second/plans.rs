@@ -1,6 +1,6 @@
 //! The suites' plans: what each grid holds, and the quick versions that check the pipeline.
 
-use super::{EdgeSearch, Plan, Skew, BBC_NEWS, METHODS, ROTATED_FASHION, ROTTEN_TOMATOES};
+use super::{EdgeSearch, Plan, Skew, BBC_HEADLINES, BBC_NEWS, METHODS, ROTATED_FASHION, ROTTEN_TOMATOES};
 
 impl Plan {
     /// The transformer grid, cut to fit a few hours of 2 cores (docs/study.md says what was cut):
@@ -55,6 +55,52 @@ impl Plan {
             // 9 minutes a federated run) says whether more would have helped.
             edge_search: EdgeSearch { learning_rate: 2, local_steps: 1 },
             ..Plan::text()
+        }
+    }
+
+    /// The decoder cell (issue 32), cut to fit about 8 hours of 2 cores (a decoder step costs
+    /// seconds): 4 devices (ranks 2, 4, 8, 16), sequences of at most 96 tokens, 3 rounds of 6 steps
+    /// of 4; Fold-and-Fill, RBLA, FLoRA and zero-padding (HetLoRA and FlexLoRA cut), homogeneous
+    /// FedAvg at rank 16, centralized LoRA at R_max as the bound; α = 1 and 0.1; 3 seeds; no
+    /// privacy axis and no full fine-tuning (the coordinator's bound above LoRA is for encoders).
+    pub fn headlines() -> Plan {
+        Plan {
+            name: "headlines",
+            suite: "headlines",
+            tasks: vec![BBC_HEADLINES],
+            fleet: vec![("phone", 2, 1), ("laptop", 4, 1), ("desktop", 8, 1), ("gpu", 16, 1)],
+            scale: 2.0,
+            skews: vec![Skew::labels(1.0), Skew::labels(0.1)],
+            methods: vec!["fold-and-fill", "rbla", "flora", "zero-pad"],
+            homogeneous_ranks: vec![16],
+            sweep_ranks: vec![16],
+            learning_rates: vec![1e-3, 3e-3],
+            full_learning_rates: Vec::new(),
+            seeds: vec![1, 2, 3],
+            rounds: 3,
+            local_steps: vec![6],
+            batch_size: 4,
+            eval_samples: 48,
+            private_methods: Vec::new(),
+            epsilons: Vec::new(),
+            clip_norms: Vec::new(),
+            edge_search: EdgeSearch { learning_rate: 1, local_steps: 0 },
+            close_call: None,
+        }
+    }
+
+    /// The decoder cell's pipeline in minutes: one skew, two methods, one rate and seed, 2 rounds.
+    pub fn headlines_quick() -> Plan {
+        Plan {
+            name: "headlines-quick",
+            skews: vec![Skew::labels(1.0)],
+            methods: vec!["fold-and-fill", "rbla"],
+            learning_rates: vec![1e-3],
+            seeds: vec![1],
+            rounds: 2,
+            local_steps: vec![2],
+            eval_samples: 8,
+            ..Plan::headlines()
         }
     }
 

@@ -103,6 +103,14 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
     std::fs::create_dir_all(figures_dir)?;
     for task in &plan.tasks {
         writeln!(out, "### {}\n", task.title)?;
+        if let super::TaskKind::Headlines { .. } = task.kind {
+            writeln!(
+                out,
+                "For this decoder task \"accuracy\" is the share of held-out headline tokens the model \
+                 predicts exactly (teacher-forced); each run's `evaluation.json` also keeps the loss per \
+                 headline token and the ROUGE-L F1 of greedy headlines.\n"
+            )?;
+        }
         let bounds = report.bounds_section(&mut out, task.key)?;
         for &skew in &plan.skews {
             report.skew_section(&mut out, task.key, task.title, skew, &bounds)?;
