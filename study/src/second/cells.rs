@@ -35,8 +35,19 @@ fn coordinator_config(plan: &Plan, cell: &Cell, task: &Task, data: &Path, pki: &
     }
     .toml();
     match &task.kind {
-        TaskKind::Text { labels, max_length, .. } => {
+        TaskKind::Text { labels, max_length, .. } | TaskKind::Headlines { labels, max_length, .. } => {
             let labels = labels.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", ");
+            // The encoder from its checkpoint directory, or the decoder from its GGUF file.
+            let model = match task.kind {
+                TaskKind::Headlines { .. } => format!(
+                    "[model.decoder]\ngguf = \"{}\"\ntarget_modules = [\"q_proj\", \"v_proj\"]\nrouge_samples = 16\n",
+                    flotilla_data::cache::smollm2_file().display()
+                ),
+                _ => format!(
+                    "[model.transformer]\ncheckpoint = \"{}\"\ntarget_modules = [\"query\", \"value\"]\n",
+                    flotilla_data::cache::minilm_dir().display()
+                ),
+            };
             config += &format!(
                 r#"
 [evaluation]
@@ -48,40 +59,12 @@ sample = "first"
 
 [model]
 seed = {seed}
-[model.transformer]
-checkpoint = "{checkpoint}"
-target_modules = ["query", "value"]
-labels = [{labels}]
+{model}labels = [{labels}]
 max_length = {max_length}
 "#,
                 data = data.display(),
                 eval_samples = plan.eval_samples,
                 seed = cell.seed,
-                checkpoint = flotilla_data::cache::minilm_dir().display(),
-            );
-        }
-        TaskKind::Headlines { labels, max_length, .. } => {
-            let labels = labels.iter().map(|l| format!("\"{l}\"")).collect::<Vec<_>>().join(", ");
-            config += &format!(
-                r#"
-[evaluation]
-test_data = "{data}"
-max_samples = {eval_samples}
-sample = "first"
-
-[model]
-seed = {seed}
-[model.decoder]
-gguf = "{gguf}"
-target_modules = ["q_proj", "v_proj"]
-labels = [{labels}]
-max_length = {max_length}
-rouge_samples = 16
-"#,
-                data = data.display(),
-                eval_samples = plan.eval_samples,
-                seed = cell.seed,
-                gguf = flotilla_data::cache::smollm2_file().display(),
             );
         }
         TaskKind::RotatedImages => {
@@ -187,4 +170,43 @@ pub fn run_cell(plan: &Plan, cell: &Cell, setup: &Setup) -> Result<(serde_json::
         &sim,
         devices,
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::second::{Arm, Phase, BBC_HEADLINES, BBC_NEWS};
+
+    /// The lines of `config`'s section `name` (up to the next section header).
+    fn section<'a>(config: &'a str, name: &str) -> Vec<&'a str> {
+        let mut lines = config.lines().skip_while(|l| l.trim() != name);
+        lines.next().expect(name);
+        lines.take_while(|l| !l.starts_with('[')).collect()
+    }
+
+    #[test]
+    fn text_cells_configure_the_encoder_and_headline_cells_the_decoder() {
+        for (plan, task, section_name, model_line) in [
+            (Plan::text(), BBC_NEWS, "[model.transformer]", "checkpoint = "),
+            (Plan::headlines(), BBC_HEADLINES, "[model.decoder]", "gguf = "),
+        ] {
+            let cell = Cell {
+                task: task.key,
+                phase: Phase::Tune,
+                skew: None,
+                arm: Arm::Method("fold-and-fill"),
+                learning_rate: 1e-3,
+                local_steps: plan.local_steps[0],
+                clip_norm: None,
+                seed: 1,
+            };
+            let config =
+                coordinator_config(&plan, &cell, &task, Path::new("/data"), Path::new("/pki"), Path::new("/run"));
+            let model = section(&config, section_name);
+            assert!(model.iter().any(|l| l.starts_with(model_line)), "{config}");
+            assert!(model.iter().any(|l| l.starts_with("labels = [\"business\"")), "{config}");
+            assert!(model.iter().any(|l| l.starts_with("max_length = ")), "{config}");
+            assert!(section(&config, "[evaluation]").contains(&"test_data = \"/data\""), "{config}");
+        }
+    }
 }
