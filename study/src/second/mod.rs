@@ -456,20 +456,23 @@ pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Resul
     };
     let mut combined: Vec<report::Standing> = Vec::new();
     let mut missing: Vec<&str> = Vec::new();
+    // Written at the end, once: a reader that stops early (`| head`) is no error.
+    let mut out = String::new();
+    use std::fmt::Write as _;
     for plan in plans.into_iter().filter(|p| suites.is_empty() || suites.iter().any(|s| s == p.suite)) {
         let standings = match &doc {
             Some((path, text)) => {
-                println!("{}: the rule table of its block in {}", plan.suite, path.display());
+                let _ = writeln!(out, "{}: the rule table of its block in {}", plan.suite, path.display());
                 doc_rule::standings_from_doc(&plan, text)?
             }
             None => {
                 let dir = committed_results_dir(plan.suite);
                 if !dir.is_dir() {
-                    println!("{}: no results in {}", plan.suite, dir.display());
+                    let _ = writeln!(out, "{}: no results in {}", plan.suite, dir.display());
                     missing.push(plan.suite);
                     continue;
                 }
-                println!("{}", progress(&plan, &dir)?);
+                let _ = writeln!(out, "{}", progress(&plan, &dir)?);
                 report::standings(&plan, &dir)?
             }
         };
@@ -487,12 +490,16 @@ pub fn print_default_choice(suites: &[String], from_doc: Option<&Path>) -> Resul
             }
         }
     }
-    print!("{}", report::rule_table(&combined));
-    match report::pick(&combined, &missing) {
-        Ok(method) => println!("the rule picks: {method}"),
-        Err(why) => println!("the rule picks none yet: {why}"),
+    out.push_str(&report::rule_table(&combined));
+    let _ = match report::pick(&combined, &missing) {
+        Ok(method) => writeln!(out, "the rule picks: {method}"),
+        Err(why) => writeln!(out, "the rule picks none yet: {why}"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    match std::io::Write::write_all(&mut stdout, out.as_bytes()).and_then(|()| std::io::Write::flush(&mut stdout)) {
+        Err(error) if error.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        written => written.context("cannot write the rule's table"),
     }
-    Ok(())
 }
 
 /// What the cache holds against what the plan needs so far: settings tuned, tuning runs still
