@@ -86,11 +86,7 @@ impl Evaluator {
 
     /// What the evaluation measures, for logs.
     pub fn what(&self) -> &'static str {
-        match &self.architecture {
-            Architecture::Llama(spec) if spec.task == DecoderTask::NextWord => "held-out next words",
-            Architecture::Llama(_) => "held-out headlines",
-            _ => "test accuracy",
-        }
+        measured(&self.architecture)
     }
 
     /// How many held-out articles a decoder writes a headline for at each evaluation.
@@ -259,6 +255,15 @@ impl EvaluationThread {
         if self.jobs.send(EvaluationJob { round, global, ranks, checkpoint_dir }).is_err() {
             warn!(round, "the evaluation thread has stopped; round {round} is not evaluated");
         }
+    }
+}
+
+/// What evaluating `architecture` measures, for logs.
+pub fn measured(architecture: &Architecture) -> &'static str {
+    match architecture {
+        Architecture::Llama(spec) if spec.task == DecoderTask::NextWord => "held-out next words",
+        Architecture::Llama(_) => "held-out headlines",
+        _ => "test accuracy",
     }
 }
 

@@ -327,15 +327,7 @@ fn start_worker(
         report_evaluation,
     )?;
     if !initial_evaluation.is_empty() {
-        let what = match &config.model.architecture {
-            flotilla_torch::model::Architecture::Llama(spec)
-                if spec.task == flotilla_wire::model::DecoderTask::NextWord =>
-            {
-                "held-out next words"
-            }
-            flotilla_torch::model::Architecture::Llama(_) => "held-out headlines",
-            _ => "test accuracy",
-        };
+        let what = crate::evaluation::measured(&config.model.architecture);
         info!("[round 0] {what} of the base model with the initial adapter: {}", describe(&initial_evaluation));
     }
     Ok((worker, initial_evaluation))

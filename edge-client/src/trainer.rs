@@ -337,36 +337,41 @@ struct SharedCheckpoints {
 }
 
 impl SharedCheckpoints {
-    fn weights(&self, checkpoint: &HfCheckpoint, spec: &BertSpec) -> Result<BaseWeights, String> {
-        let key = (checkpoint.dir.clone(), serde_json::to_string(spec).unwrap_or_default());
+    /// The base cached under (`path`, `spec`), loaded by `load` the first time; every caller gets
+    /// tensors sharing the one copy's storage.
+    fn cached(
+        &self,
+        path: &Path,
+        spec: &impl serde::Serialize,
+        load: impl FnOnce() -> Result<BaseWeights, String>,
+    ) -> Result<BaseWeights, String> {
+        let key = (path.to_path_buf(), serde_json::to_string(spec).unwrap_or_default());
         let mut loaded =
             self.loaded.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
         if let Some(weights) = loaded.get(&key) {
             return Ok(weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
         }
-        let weights = checkpoint.load_weights(spec).map_err(|e| e.to_string())?;
+        let weights = load()?;
         let shared = weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
         loaded.insert(key, weights);
         Ok(shared)
     }
 
+    fn weights(&self, checkpoint: &HfCheckpoint, spec: &BertSpec) -> Result<BaseWeights, String> {
+        self.cached(&checkpoint.dir, spec, || checkpoint.load_weights(spec).map_err(|e| e.to_string()))
+    }
+
     /// A decoder's base from its GGUF file, refused when the file is not the decoder `spec` describes.
     fn decoder_weights(&self, gguf: &Path, spec: &DecoderSpec) -> Result<BaseWeights, String> {
-        let key = (gguf.to_path_buf(), serde_json::to_string(spec).unwrap_or_default());
-        let mut loaded =
-            self.loaded.lock().map_err(|_| "a training thread failed while loading the base".to_string())?;
-        if let Some(weights) = loaded.get(&key) {
-            return Ok(weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect());
-        }
-        let file = GgufFile::open(gguf).map_err(|e| format!("{}: {e}", gguf.display()))?;
-        let loaded_base = if self.decoder_4bit { load_base_q4(&file) } else { load_base(&file) };
-        let (described, weights) = loaded_base.map_err(|e| format!("{}: {e}", gguf.display()))?;
-        if described != llama_spec(spec) {
-            return Err(format!("{} is not the decoder the coordinator describes ({described:?})", gguf.display()));
-        }
-        let shared = weights.iter().map(|(n, t)| (n.clone(), t.shallow_clone())).collect();
-        loaded.insert(key, weights);
-        Ok(shared)
+        self.cached(gguf, spec, || {
+            let file = GgufFile::open(gguf).map_err(|e| format!("{}: {e}", gguf.display()))?;
+            let loaded_base = if self.decoder_4bit { load_base_q4(&file) } else { load_base(&file) };
+            let (described, weights) = loaded_base.map_err(|e| format!("{}: {e}", gguf.display()))?;
+            if described != llama_spec(spec) {
+                return Err(format!("{} is not the decoder the coordinator describes ({described:?})", gguf.display()));
+            }
+            Ok(weights)
+        })
     }
 }
 

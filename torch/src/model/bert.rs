@@ -82,17 +82,7 @@ pub(super) fn init_base(spec: &BertSpec, seed: u64) -> BaseWeights {
 
 /// Checks that `base` has every tensor the encoder needs, with the right shape and as f32.
 pub(super) fn check_base(spec: &BertSpec, base: &BaseWeights) -> Result<(), ModelError> {
-    for (name, want) in base_shapes(spec) {
-        let tensor = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
-        let got = tensor.size();
-        if got != want {
-            return Err(ModelError::Shape { name, got, want });
-        }
-        if tensor.kind() != Kind::Float {
-            return Err(ModelError::Kind { name, kind: format!("{:?}", tensor.kind()) });
-        }
-    }
-    Ok(())
+    base_shapes(spec).into_iter().try_for_each(|(name, want)| super::check_dense(base, name, want))
 }
 
 /// The padding mask: `true` where a position holds a real token (`positions < length`), `[B, L]`.

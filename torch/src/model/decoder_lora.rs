@@ -124,10 +124,7 @@ impl DecoderLora {
     /// model predicts exactly (greedy).
     fn loss_sum(&self, decoder: &Decoder, batch: &Batch) -> Result<(Tensor, i64, i64), ModelError> {
         let hidden = decoder.hidden(&batch.ids, Some(&self.lora()))?;
-        let (_, length, width) = hidden.size3()?;
-        let flat = batch.rows.f_mul_scalar(length)?.f_add(&batch.positions)?;
-        let picked = hidden.f_reshape([-1, width])?.f_index_select(0, &flat)?;
-        let logits = decoder.project(&picked)?;
+        let logits = target_logits(decoder, &hidden, batch)?;
         let loss = logits.f_cross_entropy_loss::<Tensor>(&batch.targets, None, tch::Reduction::Sum, -100, 0.0)?;
         let correct =
             logits.f_argmax(-1, false)?.f_eq_tensor(&batch.targets)?.f_sum(tch::Kind::Int64)?.f_int64_value(&[])?;
@@ -164,11 +161,7 @@ impl DecoderLora {
             Ok(h)
         })?;
         let top = top.f_detach()?.f_set_requires_grad(true)?;
-        let width = decoder.spec.hidden as i64;
-        let hidden = decoder.final_norm(&top)?;
-        let flat = batch.rows.f_mul_scalar(length)?.f_add(&batch.positions)?;
-        let picked = hidden.f_reshape([-1, width])?.f_index_select(0, &flat)?;
-        let logits = decoder.project(&picked)?;
+        let logits = target_logits(decoder, &decoder.final_norm(&top)?, batch)?;
         let loss = logits.f_cross_entropy_loss::<Tensor>(&batch.targets, None, tch::Reduction::Mean, -100, 0.0)?;
         let mean = loss.f_double_value(&[])?;
         let mut gradient = Tensor::f_run_backward(&[&loss], &[&top], false, false)?.remove(0);
@@ -257,6 +250,14 @@ impl DecoderLora {
         }
         Ok(losses)
     }
+}
+
+/// The logits at the positions whose next token is a target (`[targets, vocab]`), from the final
+/// normalized hidden states `[B, L, hidden]`: the full vocabulary is projected there only.
+fn target_logits(decoder: &Decoder, hidden: &Tensor, batch: &Batch) -> Result<Tensor, ModelError> {
+    let (_, length, width) = hidden.size3()?;
+    let flat = batch.rows.f_mul_scalar(length)?.f_add(&batch.positions)?;
+    decoder.project(&hidden.f_reshape([-1, width])?.f_index_select(0, &flat)?)
 }
 
 /// Loss and greedy hits summed over target tokens.

@@ -86,14 +86,7 @@ pub(super) fn check_base(spec: &DecoderSpec, base: &BaseWeights) -> Result<(), M
             }
             continue;
         }
-        let tensor = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
-        let got = tensor.size();
-        if got != want {
-            return Err(ModelError::Shape { name, got, want });
-        }
-        if tensor.kind() != Kind::Float {
-            return Err(ModelError::Kind { name, kind: format!("{:?}", tensor.kind()) });
-        }
+        super::check_dense(base, name, want)?;
     }
     Ok(())
 }

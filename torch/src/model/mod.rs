@@ -59,6 +59,19 @@ pub enum ModelError {
     Gguf(#[from] flotilla_gguf::GgufError),
 }
 
+/// Checks that `base` holds `name` as an f32 tensor of shape `want`.
+pub(crate) fn check_dense(base: &BaseWeights, name: String, want: Vec<i64>) -> Result<(), ModelError> {
+    let tensor = base.get(&name).ok_or_else(|| ModelError::Missing(name.clone()))?;
+    let got = tensor.size();
+    if got != want {
+        return Err(ModelError::Shape { name, got, want });
+    }
+    if tensor.kind() != Kind::Float {
+        return Err(ModelError::Kind { name, kind: format!("{:?}", tensor.kind()) });
+    }
+    Ok(())
+}
+
 /// LoRA factors `(A, B)` by adapted module name and the one scale `s` they are applied with.
 pub struct Lora<'a> {
     pub factors: &'a BTreeMap<String, (Tensor, Tensor)>,
