@@ -5,12 +5,14 @@
 //   (libtorch registers its CUDA kernels from static initialisers), so CUDA is silently unavailable
 //   even on a GPU host. Link it explicitly with `--no-as-needed`.
 // - Without an rpath the binaries need LD_LIBRARY_PATH. torch-sys reports its lib dir to crates that
-//   depend on it directly as DEP_TCH_LIBTORCH_LIB.
+//   depend on it directly as DEP_TCH_LIBTORCH_LIB. `FLOTILLA_RPATH` replaces that rpath, e.g. with
+//   `$ORIGIN/../lib` for the relocatable archives of deploy/package-edge.sh.
 // Link arguments printed by a dependency's build script do not reach the binaries downstream, so
 // each crate whose targets link libtorch has its own build.rs that includes this file.
 fn link_libtorch() {
     let directives = ["cargo:rustc-link-arg="];
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    println!("cargo:rerun-if-env-changed=FLOTILLA_RPATH");
     let lib_dir = match std::env::var("DEP_TCH_LIBTORCH_LIB") {
         Ok(dir) => dir,
         Err(_) => panic!(
@@ -26,14 +28,17 @@ fn link_libtorch() {
         );
     }
     check_libtorch_version(lib_path);
+    let rpath = std::env::var("FLOTILLA_RPATH").unwrap_or_else(|_| lib_dir.clone());
     for directive in directives {
-        println!("{directive}-Wl,-rpath,{lib_dir}");
-        println!("{directive}-Wl,--no-as-needed");
+        println!("{directive}-Wl,-rpath,{rpath}");
+        // A CPU-only runtime (deploy/edge-runtime.sh) has no libtorch_cuda.so, and its libtorch.so
+        // is empty: nothing to force in.
         if lib_path.join("libtorch_cuda.so").exists() {
+            println!("{directive}-Wl,--no-as-needed");
             println!("{directive}-ltorch_cuda");
+            println!("{directive}-ltorch");
+            println!("{directive}-Wl,--as-needed");
         }
-        println!("{directive}-ltorch");
-        println!("{directive}-Wl,--as-needed");
     }
 }
 

@@ -9,6 +9,9 @@
 #   FLOTILLA_RUN_DIR=/tmp/demo bash deploy/quickstart.sh
 #   FLOTILLA_TASK=smollm2 bash deploy/quickstart.sh        # a decoder: SmolLM2-135M-Instruct writes BBC headlines
 #   FLOTILLA_TASK=fashion-mnist bash deploy/quickstart.sh  # the small-model demo: an MLP on Fashion-MNIST
+#   FLOTILLA_EDGE=/opt/flotilla-edge/bin/flotilla-edge bash deploy/quickstart.sh
+#                          # the fleet runs an installed edge client (deploy/package-edge.sh's archive) in
+#                          # a cleared environment: PATH=$FLOTILLA_EDGE_PATH (default /usr/bin:/bin), no LD_LIBRARY_PATH
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -110,11 +113,15 @@ echo "coordinator listening on $address"
 step "starting ${#fleet[@]} edge clients: ${fleet[*]}"
 # The devices share one cache on this machine: a transformer's checkpoint is fetched from the
 # coordinator once, verified by its digest, and reused.
+edge=("$bin/flotilla-edge")
+if [ -n "${FLOTILLA_EDGE:-}" ]; then
+    edge=(env -i "HOME=$HOME" "PATH=${FLOTILLA_EDGE_PATH:-/usr/bin:/bin}" "$FLOTILLA_EDGE")
+fi
 edge_pids=()
 index=0
 for member in "${fleet[@]}"; do
     id="${member%%:*}" rank="${member##*:}"
-    "$bin/flotilla-edge" run --coordinator "$address" --server-name localhost \
+    "${edge[@]}" run --coordinator "$address" --server-name localhost \
         --kit "$run_dir/pki/kits/$id" --rank "$rank" --device-class "${id%%-*}" \
         --data "$data_dir" --partition "$partition" --devices "${#fleet[@]}" --device-index "$index" \
         --cache-dir "$run_dir/device-cache" \

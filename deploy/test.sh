@@ -23,5 +23,8 @@ echo "==> lints (cargo clippy, warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> building (the first build takes about 4 minutes on 2 cores)"
 cargo build --workspace --bins --locked
+echo "==> packaging the x86-64 CPU edge client (tests/tests/edge_package.rs installs it)"
+FLOTILLA_PACKAGE_FAST=1 bash "$root/deploy/package-edge.sh" x86_64-cpu
+export FLOTILLA_REQUIRE_EDGE_PACKAGE=1
 echo "==> testing"
 cargo test --workspace --locked "$@"

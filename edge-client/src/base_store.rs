@@ -16,8 +16,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use flotilla_torch::model::checkpoint::{sha256_file, WEIGHTS_FILE};
+use flotilla_wire::files::sha256_file;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_wire::protocol::CHECKPOINT_WEIGHTS_FILE as WEIGHTS_FILE;
 use flotilla_wire::protocol::{CheckpointFile, CoordinatorMessage, DeviceMessage, FetchBase, BASE_CHUNK_BYTES};
 use flotilla_wire::tensor::WireTensors;
 use tracing::info;
@@ -55,9 +56,9 @@ pub struct BaseStore {
 }
 
 impl BaseStore {
-    /// The default cache (`flotilla_torch::cache::root`).
+    /// The default cache (`flotilla_data::cache::root`).
     pub fn default_cache() -> PathBuf {
-        flotilla_torch::cache::root()
+        flotilla_data::cache::root()
     }
 
     /// What the coordinator declares, checked before anything is read or written: plain file

@@ -2,6 +2,7 @@
 
 mod base_cache;
 mod base_store;
+mod local_trainer;
 mod nvml;
 mod privacy_budget;
 mod privacy_floor;
@@ -576,12 +577,7 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         };
         progress.connecting(&settings.coordinator.to_string());
         tracing::info!(device = %device_id, coordinator = %settings.coordinator, rank = settings.requested_rank, "starting");
-        tracing::info!(
-            cuda_available = tch::Cuda::is_available(),
-            cuda_devices = tch::Cuda::device_count(),
-            training_on = ?tch::Device::cuda_if_available(),
-            "libtorch devices"
-        );
+        probe::log_torch_devices();
         let outcome = session::run(&endpoint, &trainer, &settings).await;
         // Let the connection's close reach the coordinator before the process ends.
         let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;

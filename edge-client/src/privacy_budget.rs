@@ -43,7 +43,7 @@ impl DevicePrivacyBudget {
             "--privacy-budget must be a positive number, got {epsilon}"
         );
         anyhow::ensure!(delta > 0.0 && delta < 1.0, "--privacy-delta must be in (0, 1), got {delta}");
-        let federation = flotilla_torch::model::checkpoint::sha256_file(ca_cert)
+        let federation = flotilla_wire::files::sha256_file(ca_cert)
             .with_context(|| format!("cannot read the kit's CA {}", ca_cert.display()))?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let path = dir.join(format!("{federation}.json"));
@@ -81,7 +81,7 @@ impl DevicePrivacyBudget {
             ));
         }
         let bytes = serde_json::to_vec_pretty(&next).map_err(|e| e.to_string())?;
-        flotilla_torch::adapter::write_atomically(&self.path, &bytes).map_err(|e| e.to_string())?;
+        flotilla_wire::files::write_atomically(&self.path, &bytes).map_err(|e| e.to_string())?;
         self.entries = next;
         Ok(after)
     }

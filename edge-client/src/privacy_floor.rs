@@ -101,7 +101,7 @@ impl PrivacyFloorArgs {
         kit: &flotilla_wire::tls::KitPaths,
     ) -> anyhow::Result<Option<std::sync::Mutex<crate::privacy_budget::DevicePrivacyBudget>>> {
         let Some(epsilon) = self.privacy_budget else { return Ok(None) };
-        let dir = self.privacy_ledger.clone().unwrap_or_else(|| flotilla_torch::cache::root().join("privacy-ledger"));
+        let dir = self.privacy_ledger.clone().unwrap_or_else(|| flotilla_data::cache::root().join("privacy-ledger"));
         let budget = crate::privacy_budget::DevicePrivacyBudget::open(&dir, &kit.ca_cert, epsilon, self.privacy_delta)?;
         tracing::info!(epsilon_spent = budget.spent(), budget = epsilon, "this device's privacy ledger");
         Ok(Some(std::sync::Mutex::new(budget)))

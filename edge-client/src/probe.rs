@@ -166,6 +166,25 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
     })
 }
 
+/// Logs where training runs. A CUDA build (the x86_64-cuda archive, or a build against the full
+/// libtorch) on a machine whose GPU or driver libtorch cannot use trains on the CPU: say so once,
+/// as a warning, rather than leave the operator to find out from step times.
+pub fn log_torch_devices() {
+    let cuda_available = tch::Cuda::is_available();
+    tracing::info!(
+        cuda_build = tch::utils::has_cudart(),
+        cuda_available,
+        cuda_devices = tch::Cuda::device_count(),
+        training_on = ?tch::Device::cuda_if_available(),
+        "libtorch devices"
+    );
+    if tch::utils::has_cudart() && !cuda_available {
+        tracing::warn!(
+            "this client is built with CUDA but no CUDA device is usable here (no NVIDIA GPU, or no driver): training on the CPU"
+        );
+    }
+}
+
 /// Median step time at each rank, on a dedicated thread (as training runs), after 3 warm-up steps.
 /// Inputs to time steps on: synthetic features, or for a transformer random token ids of the full
 /// configured length (the most a step costs).

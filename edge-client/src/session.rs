@@ -25,9 +25,9 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use crate::base_store::StoreError;
+use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, TrainedUpdate, UpdateShaping};
 use crate::renewal::{renew_certificate, RenewalError};
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
-use crate::trainer::{BaseFailure, BaseSource, Trainer, UpdateShaping};
 use flotilla_secagg::client::ClientRound;
 
 /// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
@@ -96,7 +96,7 @@ pub struct SessionReport {
 
 pub async fn run(
     endpoint: &quinn::Endpoint,
-    trainer: &Trainer,
+    trainer: &impl LocalTrainer,
     settings: &SessionSettings,
 ) -> Result<SessionReport, SessionError> {
     let mut failures = 0u32;
@@ -205,7 +205,7 @@ fn certificate_check(settings: &SessionSettings) -> Result<std::time::SystemTime
 
 async fn connect_and_serve(
     endpoint: &quinn::Endpoint,
-    trainer: &Trainer,
+    trainer: &impl LocalTrainer,
     settings: &SessionSettings,
     rounds_trained: &mut u32,
 ) -> Result<u32, SessionError> {
@@ -324,7 +324,7 @@ async fn connect(endpoint: &quinn::Endpoint, settings: &SessionSettings) -> Resu
 /// Hello → Welcome, then the coordinator's model and base weights go to the training thread.
 async fn admit(
     connection: &quinn::Connection,
-    trainer: &Trainer,
+    trainer: &impl LocalTrainer,
     settings: &SessionSettings,
 ) -> Result<(), SessionError> {
     let (welcome, base) = hello(connection, settings).await.map_err(|e| match e {
@@ -370,7 +370,7 @@ async fn admit(
 /// state is returned for the unmasking request that follows.
 async fn train_and_upload(
     connection: &quinn::Connection,
-    trainer: &Trainer,
+    trainer: &impl LocalTrainer,
     settings: &SessionSettings,
     stop: &mut tokio::sync::watch::Receiver<Stop>,
     task: RoundTask,
@@ -448,7 +448,7 @@ async fn train_and_upload(
 /// What goes up: the update with its tensors, or in a secure round its masked vector.
 fn upload_message(
     round: u32,
-    trained: crate::trainer::TrainedUpdate,
+    trained: TrainedUpdate,
     secure_round: Option<&mut ClientRound>,
     private: bool,
 ) -> Result<(DeviceMessage, WireTensors), SessionError> {

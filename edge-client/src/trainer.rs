@@ -17,36 +17,11 @@ use flotilla_torch::model::checkpoint::HfCheckpoint;
 use flotilla_torch::model::llama::{llama_spec, load_base};
 use flotilla_torch::model::quantized::load_base_q4;
 use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, DecoderSpec, LocalModel};
-use flotilla_wire::protocol::{LocalMetrics, SecureTask, TrainingSettings};
+use flotilla_wire::protocol::{SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
-pub struct TrainedUpdate {
-    pub tensors: WireTensors,
-    pub rank: u32,
-    pub num_samples: u64,
-    pub metrics: LocalMetrics,
-    /// Under differential privacy: the L2 norm of the change before it was clipped.
-    pub change_norm: Option<f64>,
-    /// Under secure aggregation: the update weighted and laid out for masking
-    /// (`flotilla_torch::aggregate::secure::pack`).
-    pub packed: Option<Vec<f32>>,
-}
-
-/// What a round asks of an update besides training: a clipping bound (differential privacy), and
-/// under secure aggregation how to pack it (its layout, sample cap and noise levels).
-#[derive(Debug, Clone, Default)]
-pub struct UpdateShaping {
-    pub clip_norm: Option<f64>,
-    pub secure: Option<SecureTask>,
-}
-
-/// Where the frozen base comes from: tensors sent with the Welcome, or a checkpoint directory
-/// (weights and tokenizer, or a decoder's GGUF file) whose files match the coordinator's digests.
-pub enum BaseSource {
-    Tensors(WireTensors),
-    Checkpoint(PathBuf),
-}
+pub use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, TrainedUpdate, UpdateShaping};
 
 /// How a device holds a decoder's frozen base: dequantized to f32, or its 4-bit projections kept
 /// 4-bit (`flotilla_torch::model::quantized`).
@@ -54,16 +29,6 @@ pub enum BaseSource {
 pub enum DecoderBase {
     F32,
     Q4,
-}
-
-/// Why a device cannot take the coordinator's model: the model itself, or its own data (which
-/// only its operator can fix, and which the coordinator is told about by its close code).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum BaseFailure {
-    #[error("cannot use the coordinator's model: {0}")]
-    Model(String),
-    #[error("cannot use its own data: {0}")]
-    Data(String),
 }
 
 enum Job {
@@ -298,18 +263,17 @@ impl Trainer {
         // The pool's threads live as long as a handle does; the pool itself can go.
         TrainerPool::with_decoder_base(1, threads, decoder_4bit)?.trainer(source)
     }
+}
 
-    pub async fn set_base(&self, architecture: Architecture, scale: f64, base: BaseSource) -> Result<(), BaseFailure> {
+impl LocalTrainer for Trainer {
+    async fn set_base(&self, architecture: Architecture, scale: f64, base: BaseSource) -> Result<(), BaseFailure> {
         let (reply, answer) = oneshot::channel();
         let stopped = || BaseFailure::Model(stopped().to_string());
         self.jobs.send((self.key, Job::SetBase { architecture, scale, base, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 
-    /// Trains the round's `slice` at `rank`: slots of the slice beyond `rank` (Fold-and-Fill sends
-    /// the whole R_max adapter) are folded into the frozen weight and not trained. With
-    /// `clip_norm`, the change against the slice is clipped to it (differential privacy).
-    pub async fn train(
+    async fn train(
         &self,
         slice: WireTensors,
         rank: u32,

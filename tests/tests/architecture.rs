@@ -78,6 +78,38 @@ fn libtorch_enters_only_through_the_torch_side() {
     }
 }
 
+/// The device's side of the protocol reaches training only through the `LocalTrainer` trait, so a
+/// second training backend (Android has no upstream libtorch) can come without touching it: the
+/// session and the modules it imports, transitively, never name libtorch or the torch side.
+#[test]
+fn the_device_session_reaches_training_only_through_the_trainer_trait() {
+    let src = workspace_root().join("edge-client/src");
+    let graph = module_graph(&src);
+    let mut reached: BTreeSet<String> = BTreeSet::new();
+    let mut frontier = vec!["session".to_string()];
+    while let Some(module) = frontier.pop() {
+        if reached.insert(module.clone()) {
+            frontier.extend(graph.get(&module).into_iter().flatten().cloned());
+        }
+    }
+    assert!(reached.contains("local_trainer") && reached.contains("secure_session"), "{reached:?}");
+    assert!(!reached.contains("trainer"), "the session must not import the libtorch trainer: {reached:?}");
+    for module in &reached {
+        let file = [src.join(format!("{module}.rs")), src.join(module).join("mod.rs")]
+            .into_iter()
+            .find(|path| path.exists())
+            .expect("a module file");
+        let text = std::fs::read_to_string(&file).expect("read source");
+        let code: String = non_test_part(&text).lines().map(strip_literals).collect::<Vec<_>>().join("\n");
+        for forbidden in ["flotilla_torch", "tch::"] {
+            let named = code
+                .match_indices(forbidden)
+                .any(|(i, _)| !code[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_'));
+            assert!(!named, "{} names {forbidden}", file.display());
+        }
+    }
+}
+
 /// The crate's top-level modules (`src/x.rs` or `src/x/mod.rs`) and, for each, the other
 /// top-level modules its files name as `crate::y`.
 fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {

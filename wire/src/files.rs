@@ -7,6 +7,23 @@ use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+/// The sha256 of a file in lower-case hex (what `sha256sum` prints): the digest by which a base
+/// checkpoint's files travel (`protocol::CheckpointFile`).
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    use std::io::Read;
+    let mut file = fs::File::open(path)?;
+    let mut context = ring::digest::Context::new(&ring::digest::SHA256);
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buffer)?;
+        if n == 0 {
+            break;
+        }
+        context.update(&buffer[..n]);
+    }
+    Ok(context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 /// Replaces `path` with `bytes`, atomically and durably.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let tmp = temporary_beside(path);

@@ -209,6 +209,9 @@ pub enum BaseDelivery {
     Checkpoint { files: Vec<CheckpointFile> },
 }
 
+/// The file of an encoder checkpoint that holds its weights (a decoder's is its one `.gguf` file).
+pub const CHECKPOINT_WEIGHTS_FILE: &str = "model.safetensors";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CheckpointFile {
     /// A plain file name (`model.safetensors`), never a path.

@@ -2,18 +2,16 @@
 //! Tensor names may carry HF's `bert.` prefix (a `BertFor...` model) or not (a bare `BertModel`,
 //! as all-MiniLM-L6-v2 ships); pretraining heads, a classifier and `position_ids` are ignored.
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use flotilla_wire::model::{Activation, BertSpec, Pooling};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
 use tch::{Kind, Tensor};
 
 use super::{bert, BaseWeights, ModelError};
 
 pub const CONFIG_FILE: &str = "config.json";
-pub const WEIGHTS_FILE: &str = "model.safetensors";
+pub const WEIGHTS_FILE: &str = flotilla_wire::protocol::CHECKPOINT_WEIGHTS_FILE;
 pub const TOKENIZER_FILE: &str = "tokenizer.json";
 
 /// A checkpoint that cannot be used, naming the file and what is wrong with it.
@@ -179,17 +177,7 @@ impl HfCheckpoint {
 
 /// The sha256 of a file, in lower-case hex (what `sha256sum` prints).
 pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
-    let mut file = std::fs::File::open(path).map_err(|e| error(path, e.to_string()))?;
-    let mut hasher = Sha256::new();
-    let mut buffer = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buffer).map_err(|e| error(path, e.to_string()))?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buffer[..n]);
-    }
-    Ok(hex(&hasher.finalize()))
+    flotilla_wire::files::sha256_file(path).map_err(|e| error(path, e.to_string()))
 }
 
 /// Lower-case hex of `bytes`.
