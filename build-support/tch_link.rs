@@ -31,6 +31,8 @@ fn link_libtorch() {
     let rpath = std::env::var("FLOTILLA_RPATH").unwrap_or_else(|_| lib_dir.clone());
     for directive in directives {
         println!("{directive}-Wl,-rpath,{rpath}");
+        // Where the linker finds what libtorch's libraries need when the rpath is relative.
+        println!("{directive}-Wl,-rpath-link,{lib_dir}");
         // A CPU-only runtime (deploy/edge-runtime.sh) has no libtorch_cuda.so, and its libtorch.so
         // is empty: nothing to force in.
         if lib_path.join("libtorch_cuda.so").exists() {

@@ -2,6 +2,8 @@
 # Builds the edge client's self-contained archives and its Debian package: what a device owner
 # installs without Rust, a compiler or Python (docs/edge.md, "Installing on a device").
 #
+#   bash deploy/package-edge.sh                # for this machine: x86_64-cuda only where an NVIDIA GPU is
+#                                              # present (/proc/driver/nvidia or nvidia-smi), else the CPU target
 #   bash deploy/package-edge.sh x86_64-cpu     # dist/flotilla-edge-<version>-x86_64-cpu.tar.gz and _amd64.deb
 #   bash deploy/package-edge.sh aarch64        # cross-built here: dist/flotilla-edge-<version>-aarch64.tar.gz and _arm64.deb
 #   bash deploy/package-edge.sh x86_64-cuda    # the GPU box: libtorch's CUDA build and NVIDIA's libraries (about 4 GB)
@@ -22,12 +24,23 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
-target="${1:-}"
+target="${1:-auto}"
+if [ "$target" = auto ]; then
+    case "$(uname -m)" in
+        x86_64)
+            target=x86_64-cpu
+            if [ -e /proc/driver/nvidia/version ] || command -v nvidia-smi >/dev/null 2>&1; then target=x86_64-cuda; fi
+            ;;
+        aarch64) target=aarch64 ;;
+        *) echo "package-edge: no archive for $(uname -m) (x86_64-cpu, x86_64-cuda, aarch64)" >&2; exit 2 ;;
+    esac
+    echo "package-edge: packaging for this machine: $target" >&2
+fi
 case "$target" in
     x86_64-cpu) arch=x86_64; rust_target=x86_64-unknown-linux-gnu; deb_arch=amd64 ;;
     aarch64) arch=aarch64; rust_target=aarch64-unknown-linux-gnu; deb_arch=arm64 ;;
     x86_64-cuda) arch=x86_64; rust_target=x86_64-unknown-linux-gnu; deb_arch=amd64 ;;
-    *) echo "usage: bash deploy/package-edge.sh x86_64-cpu|aarch64|x86_64-cuda" >&2; exit 2 ;;
+    *) echo "usage: bash deploy/package-edge.sh [x86_64-cpu|aarch64|x86_64-cuda]" >&2; exit 2 ;;
 esac
 
 # shellcheck source=deploy/env.sh

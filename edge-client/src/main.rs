@@ -380,8 +380,9 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
     let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
     let _ = writeln!(
         out,
-        "cpu: {} ({} logical cores, {} physical)",
+        "cpu: {} ({}, {} logical cores, {} physical)",
         report.cpu_model,
+        report.cpu_arch,
         report.logical_cores,
         report.physical_cores.map_or("?".into(), |n| n.to_string())
     );

@@ -31,6 +31,8 @@ pub fn class_budgets(class: &str) -> Option<Budgets> {
 #[derive(Debug, Serialize)]
 pub struct ProbeReport {
     pub cpu_model: String,
+    /// The machine's architecture as the kernel reports it (`uname -m`; under qemu-user, the emulated one).
+    pub cpu_arch: String,
     pub logical_cores: usize,
     pub physical_cores: Option<usize>,
     pub memory_total_bytes: u64,
@@ -148,6 +150,7 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
     );
     Ok(ProbeReport {
         cpu_model,
+        cpu_arch: sysinfo::System::cpu_arch(),
         logical_cores,
         physical_cores: sysinfo::System::physical_core_count().ok(),
         memory_total_bytes: cgroup

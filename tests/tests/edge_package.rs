@@ -203,3 +203,29 @@ fn the_debian_package_holds_the_client_its_unit_and_the_kits_place() {
     );
     assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
 }
+
+/// deploy/cross/aarch64-smoke.sh, where its parts are here: the cross-built aarch64 archive
+/// (`bash deploy/package-edge.sh aarch64`, too long a build for the suite), qemu-user and the
+/// aarch64 C++ runtime. The script's last run is in docs/edge.md.
+#[test]
+fn the_aarch64_archive_completes_a_round_under_qemu_where_it_is_built() {
+    let archive = workspace_root().join(format!("dist/flotilla-edge-{VERSION}-aarch64.tar.gz"));
+    let qemu = Command::new("qemu-aarch64").arg("--version").output().is_ok_and(|o| o.status.success());
+    let sysroot = Path::new("/usr/aarch64-linux-gnu/lib/libstdc++.so.6").exists();
+    if !(archive.exists() && qemu && sysroot) {
+        eprintln!(
+            "skipped: needs {} (bash deploy/package-edge.sh aarch64), qemu-user and libstdc++6-arm64-cross",
+            archive.display()
+        );
+        return;
+    }
+    let output = run_ok(
+        Command::new("bash")
+            .arg(workspace_root().join("deploy/cross/aarch64-smoke.sh"))
+            .env("FLOTILLA_BIN_DIR", binary("flotilla-coordinator").parent().unwrap()),
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("machine aarch64"), "{stdout}");
+    assert!(stdout.contains("round 1 aggregated the update of arm-1 at rank 4"), "{stdout}");
+    assert!(stdout.contains("aarch64 smoke: passed"), "{stdout}");
+}
