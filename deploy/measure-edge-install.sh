@@ -12,7 +12,8 @@
 # The coordinator and the certificates come from this checkout's build (FLOTILLA_BIN_DIR, default
 # target/release, built if missing). Threads: a phone-class device trains on 1 thread, the others
 # on 2 (this machine's cores). FLOTILLA_MEASURE_STEPS (default 4) local steps per round;
-# FLOTILLA_MEASURE_DECODER=0 skips the decoder (slow under emulation).
+# FLOTILLA_MEASURE_DECODER=0 skips the decoder (slow under emulation); FLOTILLA_MEASURE_CLASSES=0
+# measures only the size, the cold start and the idle memory.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 install="$(cd "${1:?usage: measure-edge-install.sh INSTALL_DIR}" && pwd)"
@@ -28,7 +29,7 @@ work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 mib() { awk -v b="$1" 'BEGIN { printf "%.0f MiB", b / 1048576 }'; }
-kib_of() { awk -v f="$2" '$1 == f ":" { print $2 }' "/proc/$1/status" 2>/dev/null; }
+kib_of() { awk -v f="$2" '$1 == f ":" { print $2 }' "/proc/$1/status" 2>/dev/null || true; }
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 
 "$bin/flotilla-certs" --dir "$work/pki" init >/dev/null
@@ -39,7 +40,8 @@ done
 minilm_dir="$FLOTILLA_MINILM"
 decoder_dir="$(dirname "$FLOTILLA_SMOLLM2")"
 
-# start_coordinator NAME MODEL_TOML STEPS BATCH: a one-round, one-device run; prints its address.
+# start_coordinator NAME MODEL_TOML STEPS BATCH [MIN_DEVICES]: a one-round run (by default of one
+# device); prints its address.
 start_coordinator() {
     local run="$work/$1"
     mkdir -p "$run"
@@ -52,7 +54,7 @@ address_file = "$run/addr"
 kit = "$work/pki/kits/coordinator"
 [round]
 rounds = 1
-min_devices = 1
+min_devices = ${5:-1}
 deadline_secs = 3600
 local_steps = $3
 batch_size = $4
@@ -80,13 +82,12 @@ for attempt in 1 2 3; do
     address="$(start_coordinator "cold-$attempt" "[model.architecture.mlp]
 input = 784
 hidden = [128, 64]
-classes = 10" 1 32)"
-    sed -i 's/^min_devices = 1/min_devices = 2/' "$work/cold-$attempt/c.toml"
+classes = 10" 1 32 2)"
     started="$(now_ms)"
     "$edge" run --coordinator "$address" --server-name localhost --kit "$work/pki/kits/cold-1" --rank 4 \
         --samples 256 2>"$work/cold-$attempt/edge.log" >/dev/null &
     pid=$!
-    until grep -q "admitted by the coordinator" "$work/cold-$attempt/edge.log"; do
+    until grep -qs "admitted by the coordinator" "$work/cold-$attempt/edge.log"; do
         kill -0 "$pid" 2>/dev/null || { cat "$work/cold-$attempt/edge.log" >&2; exit 1; }
         sleep 0.01
     done
@@ -133,6 +134,7 @@ print(f"| {model} | {klass} | {threads} | {update['rank']} | {int(peak_kib) / 10
 PY
 }
 
+[ "${FLOTILLA_MEASURE_CLASSES:-1}" = 0 ] && exit 0
 echo
 echo "| model | class | threads | rank | peak RSS | time per step | down per round | up per round |"
 echo "|---|---|---|---|---|---|---|---|"

@@ -150,11 +150,7 @@ exec "$client" "$@"
 LAUNCHER
 chmod 755 "$stage/bin/flotilla-edge"
 
-sed -e 's#^Environment=LD_LIBRARY_PATH=.*#\# The archive'"'"'s launcher finds its own libraries: no LD_LIBRARY_PATH.#' \
-    -e 's#/usr/local/bin/flotilla-edge#/opt/flotilla-edge/bin/flotilla-edge#' \
-    -e 's#^\# Install (as root):.*#\# Installed by the flotilla-edge Debian package (or from the archive into /opt/flotilla-edge). The#' \
-    -e 's#^\# kit (from#\# device'"'"'s kit (from#' \
-    deploy/systemd/flotilla-edge.service > "$stage/flotilla-edge.service"
+cp deploy/systemd/flotilla-edge.service "$stage/flotilla-edge.service"
 sed -e "s#@NAME@#$name#g" -e "s#@TARGET@#$target#g" -e "s#@VERSION@#$version#g" \
     deploy/package/README.md.in > "$stage/README.md"
 

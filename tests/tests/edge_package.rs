@@ -8,7 +8,9 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use flotilla_tests::{binary, run_ok, workspace_root};
+use std::time::Duration;
+
+use flotilla_tests::{binary, provision, run_ok, start_coordinator, workspace_root};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The issue's budget for the CPU edge install: runtime and client, on disk.
@@ -195,13 +197,46 @@ fn the_debian_package_holds_the_client_its_unit_and_the_kits_place() {
         run_ok(Command::new("dpkg-deb").arg("--control").arg(&deb).arg(&control));
         run_ok(Command::new("sh").arg("-n").arg(control.join(script)));
     }
-    let probe = run_installed(
+    // The packaged client joins a coordinator: one round of the small MLP.
+    let pki = dir.path().join("pki");
+    provision(&pki, &["deb-1"]);
+    let run = dir.path().join("run");
+    std::fs::create_dir_all(&run).unwrap();
+    let config = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}\"\naddress_file = \"{run}/addr\"\n\
+         [tls]\nkit = \"{pki}/kits/coordinator\"\n\
+         [round]\nrounds = 1\nmin_devices = 1\nlocal_steps = 5\nbatch_size = 16\n\
+         [aggregation]\nmethod = \"fold-and-fill\"\nmax_rank = 4\n\
+         [model.architecture.mlp]\ninput = 16\nhidden = [8]\nclasses = 3\n",
+        run = run.display(),
+        pki = pki.display()
+    );
+    let (mut coordinator, address) = start_coordinator(&run, &config);
+    let kit = pki.join("kits/deb-1");
+    let kit = kit.to_str().unwrap();
+    let device = run_installed(
         &root.join("opt/flotilla-edge/bin/flotilla-edge"),
         &bare_path(dir.path()),
         dir.path(),
-        &["probe", "--format", "json"],
+        &[
+            "run",
+            "--coordinator",
+            &address,
+            "--server-name",
+            "localhost",
+            "--kit",
+            kit,
+            "--rank",
+            "2",
+            "--samples",
+            "64",
+        ],
     );
-    assert!(probe.status.success(), "{}", String::from_utf8_lossy(&probe.stderr));
+    assert!(device.status.success(), "{}", String::from_utf8_lossy(&device.stderr));
+    assert!(coordinator.wait(Duration::from_secs(60)).success(), "{}", coordinator.logs());
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(run.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(summary["rounds"][0]["updates"][0]["device"], "deb-1", "{summary}");
 }
 
 /// deploy/cross/aarch64-smoke.sh, where its parts are here: the cross-built aarch64 archive
