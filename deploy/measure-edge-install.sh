@@ -12,6 +12,8 @@
 # The coordinator and the certificates come from this checkout's build (FLOTILLA_BIN_DIR, default
 # target/release, built if missing). Threads: a phone-class device trains on 1 thread, the others
 # on 2 (this machine's cores). FLOTILLA_MEASURE_STEPS (default 4) local steps per round;
+# FLOTILLA_MEASURE_LENGTH (default 64) tokens per example, FLOTILLA_MEASURE_MINILM_BATCH (default
+# 16) and FLOTILLA_MEASURE_DECODER_BATCH (default 4) examples per step (smaller under emulation);
 # FLOTILLA_MEASURE_DECODER=0 skips the decoder (slow under emulation); FLOTILLA_MEASURE_CLASSES=0
 # measures only the size, the cold start and the idle memory.
 set -euo pipefail
@@ -25,6 +27,7 @@ source "$root/deploy/fetch-text-assets.sh"
 bin="${FLOTILLA_BIN_DIR:-$root/target/release}"
 [ -x "$bin/flotilla-coordinator" ] || cargo build --release --bins --quiet
 steps="${FLOTILLA_MEASURE_STEPS:-4}"
+length="${FLOTILLA_MEASURE_LENGTH:-64}"
 work="$(mktemp -d)"
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
@@ -111,7 +114,7 @@ profile() {
     local name="$model-$class"
     local address; address="$(start_coordinator "$name" "$model_toml" "$steps" "$batch")"
     "$edge" run --coordinator "$address" --server-name localhost --kit "$work/pki/kits/$class-1" --rank auto \
-        --device-class "$class" --threads "$threads" --batch-size "$batch" --max-length 64 "${extra[@]}" \
+        --device-class "$class" --threads "$threads" --batch-size "$batch" --max-length "$length" "${extra[@]}" \
         --data bbc-news --partition iid --devices 4 --device-index 0 \
         --model-dir "$model_dir" --cache-dir "$work/cache" 2>"$work/$name/edge.log" >/dev/null &
     local pid=$! peak=0 hwm
@@ -143,7 +146,7 @@ for class in phone laptop desktop gpu; do
 checkpoint = \"$minilm_dir\"
 target_modules = [\"query\", \"value\"]
 labels = [\"business\", \"entertainment\", \"politics\", \"sports\", \"tech\"]
-max_length = 64" 16 "$minilm_dir"
+max_length = $length" "${FLOTILLA_MEASURE_MINILM_BATCH:-16}" "$minilm_dir"
 done
 if [ "${FLOTILLA_MEASURE_DECODER:-1}" != 0 ]; then
     for class in phone laptop desktop gpu; do
@@ -151,6 +154,6 @@ if [ "${FLOTILLA_MEASURE_DECODER:-1}" != 0 ]; then
 gguf = \"$FLOTILLA_SMOLLM2\"
 target_modules = [\"q_proj\", \"v_proj\"]
 labels = [\"business\", \"entertainment\", \"politics\", \"sports\", \"tech\"]
-max_length = 64" 4 "$decoder_dir"
+max_length = $length" "${FLOTILLA_MEASURE_DECODER_BATCH:-4}" "$decoder_dir"
     done
 fi
