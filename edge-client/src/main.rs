@@ -417,21 +417,22 @@ fn run_probe(args: ProbeArgs) -> Result<()> {
     }
     let _ = writeln!(
         out,
-        "budgets ({}): memory {:.0} MiB, upload {:.0} MiB per round, step {:.0} ms",
+        "budgets ({}): memory {:.0} MiB, upload {:.0} MiB per round, the adapter's share of a step {:.0} ms",
         report.device_class,
         mib(report.budgets.memory_bytes),
         mib(report.budgets.upload_bytes),
         report.budgets.step_ms
     );
-    let _ = writeln!(out, "{:>5} {:>12} {:>12} {:>9}  fits", "rank", "train mem", "upload", "step");
+    let _ = writeln!(out, "{:>5} {:>12} {:>12} {:>9} {:>9}  fits", "rank", "train mem", "upload", "step", "adapter");
     for row in &report.choice.candidates {
         let _ = writeln!(
             out,
-            "{:>5} {:>10.2}Mi {:>10.2}Mi {:>7.2}ms  {}",
+            "{:>5} {:>10.2}Mi {:>10.2}Mi {:>7.2}ms {:>7.2}ms  {}",
             row.rank,
             mib(row.training_memory_bytes),
             mib(row.upload_bytes),
             row.step_ms,
+            row.adapter_step_ms,
             row.exceeds.map_or("yes".to_string(), |b| format!("no ({b})"))
         );
     }

@@ -151,6 +151,9 @@ pub struct RankRow {
     pub training_memory_bytes: u64,
     pub upload_bytes: u64,
     pub step_ms: f64,
+    /// What the adapter adds to the step at this rank (the step less the frozen model's share,
+    /// see [`frozen_step_ms`]): what the step budget weighs.
+    pub adapter_step_ms: f64,
     /// The first budget this rank exceeds, if any.
     pub exceeds: Option<&'static str>,
 }
@@ -174,6 +177,24 @@ pub fn candidates(r_min: u32, r_max: u32) -> Vec<u32> {
     ranks
 }
 
+/// The frozen model's share of a training step: the step time extrapolated to rank 0 along the
+/// line through the smallest and the largest candidate rank. The step budget weighs what a rank
+/// adds to the step, not the step itself: on a transformer the frozen model dominates (a MiniLM
+/// step costs about the same at rank 1 and rank 64), so a budget on the whole step would give
+/// every slow device rank 1 although a lower rank buys it no time. With one candidate there is
+/// no line, and the whole step counts.
+pub fn frozen_step_ms(ranks: &[u32], step_ms: &impl Fn(u32) -> f64) -> f64 {
+    match (ranks.first(), ranks.last()) {
+        (Some(&low), Some(&high)) if high > low => {
+            let (at_low, at_high) = (step_ms(low), step_ms(high));
+            // Timing noise can make the larger rank look faster: then nothing is the adapter's.
+            let per_rank = ((at_high - at_low) / f64::from(high - low)).max(0.0);
+            (at_low - per_rank * f64::from(low)).clamp(0.0, at_low.max(0.0))
+        }
+        _ => 0.0,
+    }
+}
+
 pub fn choose(
     size: AdapterSize,
     footprint: TrainingFootprint,
@@ -182,22 +203,32 @@ pub fn choose(
     r_min: u32,
     r_max: u32,
 ) -> RankChoice {
-    let rows: Vec<RankRow> = candidates(r_min, r_max)
+    let ranks = candidates(r_min, r_max);
+    let frozen = frozen_step_ms(&ranks, &step_ms);
+    let rows: Vec<RankRow> = ranks
         .into_iter()
         .map(|rank| {
             let params = size.params(rank);
             let memory = params.saturating_mul(TRAINING_BYTES_PER_PARAM).saturating_add(footprint.bytes(rank));
             let (upload, step) = (params * UPLOAD_BYTES_PER_PARAM, step_ms(rank));
+            let adapter_step = (step - frozen).max(0.0);
             let exceeds = if memory > budgets.memory_bytes {
                 Some("memory")
             } else if upload > budgets.upload_bytes {
                 Some("upload")
-            } else if step > budgets.step_ms {
+            } else if adapter_step > budgets.step_ms {
                 Some("step time")
             } else {
                 None
             };
-            RankRow { rank, training_memory_bytes: memory, upload_bytes: upload, step_ms: step, exceeds }
+            RankRow {
+                rank,
+                training_memory_bytes: memory,
+                upload_bytes: upload,
+                step_ms: step,
+                adapter_step_ms: adapter_step,
+                exceeds,
+            }
         })
         .collect();
     let fitting = rows.iter().rev().find(|r| r.exceeds.is_none());
@@ -304,6 +335,22 @@ mod tests {
         let phone = Budgets { memory_bytes: 256 << 20, ..ROOMY };
         let size = AdapterSize { per_rank: 12 * 768, fixed: 5 * 385 };
         assert!(choose(size, footprint, |_| 1.0, phone, 1, 16).reason.contains("exceeds the memory budget"));
+    }
+
+    #[test]
+    fn the_step_budget_weighs_what_the_adapter_adds_not_the_frozen_model() {
+        // A transformer-like step: 500 ms of frozen model, 0.5 ms per unit of rank.
+        let step = Budgets { step_ms: 10.0, ..ROOMY };
+        let choice = choose(SIZE, NO_FOOTPRINT, |r| 500.0 + 0.5 * f64::from(r), step, 1, 64);
+        assert_eq!(choice.rank, 16, "{choice:?}");
+        assert!(choice.reason.contains("rank 32") && choice.reason.contains("step time"), "{}", choice.reason);
+        let row16 = &choice.candidates[4];
+        assert_eq!((row16.rank, row16.step_ms, row16.adapter_step_ms), (16, 508.0, 8.0));
+        // Noise that makes the larger rank look faster leaves nothing to the adapter.
+        assert_eq!(choose(SIZE, NO_FOOTPRINT, |r| 500.0 - f64::from(r), step, 1, 64).rank, 64);
+        // One candidate: no line to extrapolate, the whole step counts.
+        assert_eq!(frozen_step_ms(&[8], &|_| 500.0), 0.0);
+        assert!(choose(SIZE, NO_FOOTPRINT, |_| 500.0, step, 8, 8).reason.contains("step time"));
     }
 
     #[test]
