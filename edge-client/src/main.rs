@@ -140,7 +140,8 @@ struct PolicyArgs {
     classes: u32,
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
-    /// Replace the step-time budget (milliseconds per training step) of the class or this device.
+    /// Replace the step-time budget of the class or this device: the milliseconds the adapter may
+    /// add to a training step.
     #[arg(long)]
     step_budget_ms: Option<f64>,
 }
