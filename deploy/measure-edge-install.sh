@@ -14,7 +14,9 @@
 # on 2 (this machine's cores). FLOTILLA_MEASURE_STEPS (default 4) local steps per round;
 # FLOTILLA_MEASURE_LENGTH (default 64) tokens per example, FLOTILLA_MEASURE_MINILM_BATCH (default
 # 16) and FLOTILLA_MEASURE_DECODER_BATCH (default 4) examples per step (smaller under emulation);
-# FLOTILLA_MEASURE_DECODER=0 skips the decoder (slow under emulation); FLOTILLA_MEASURE_CLASSES=0
+# FLOTILLA_MEASURE_RANKS="phone=1,laptop=16,..." pins each class's rank instead of probing for it
+# (under emulation the probe's timed steps take longer than the round);
+# FLOTILLA_MEASURE_MINILM=0 skips MiniLM, FLOTILLA_MEASURE_DECODER=0 the decoder (slow under emulation); FLOTILLA_MEASURE_CLASSES=0
 # measures only the size, the cold start and the idle memory.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -111,9 +113,12 @@ profile() {
     local threads=2 extra=()
     [ "$class" = phone ] && threads=1
     [ "$class" = phone ] && [ "$model" = smollm2 ] && extra=(--decoder-base q4)
+    local rank=auto pinned
+    pinned="$(echo ",${FLOTILLA_MEASURE_RANKS:-}," | sed -n "s/.*,$class=\([0-9]*\),.*/\1/p")"
+    [ -n "$pinned" ] && rank="$pinned"
     local name="$model-$class"
     local address; address="$(start_coordinator "$name" "$model_toml" "$steps" "$batch")"
-    "$edge" run --coordinator "$address" --server-name localhost --kit "$work/pki/kits/$class-1" --rank auto \
+    "$edge" run --coordinator "$address" --server-name localhost --kit "$work/pki/kits/$class-1" --rank "$rank" \
         --device-class "$class" --threads "$threads" --batch-size "$batch" --max-length "$length" "${extra[@]}" \
         --data bbc-news --partition iid --devices 4 --device-index 0 \
         --model-dir "$model_dir" --cache-dir "$work/cache" 2>"$work/$name/edge.log" >/dev/null &
@@ -142,6 +147,7 @@ echo
 echo "| model | class | threads | rank | peak RSS | time per step | down per round | up per round |"
 echo "|---|---|---|---|---|---|---|---|"
 for class in phone laptop desktop gpu; do
+    [ "${FLOTILLA_MEASURE_MINILM:-1}" = 0 ] && break
     profile minilm "$class" "[model.transformer]
 checkpoint = \"$minilm_dir\"
 target_modules = [\"query\", \"value\"]
