@@ -45,14 +45,9 @@ esac
 
 # shellcheck source=deploy/env.sh
 source "$root/deploy/env.sh"
-if [ "$target" = x86_64-cuda ]; then
-    runtime="$LIBTORCH"
-else
-    # shellcheck source=deploy/edge-runtime.sh
-    source "$root/deploy/edge-runtime.sh" "$arch"
-    runtime="$FLOTILLA_EDGE_RUNTIME"
-fi
 
+build_dir="$root/target/package/$target"
+strip_tool=strip target_args=() binary="$build_dir/release/flotilla-edge"
 if [ "$arch" != "$(uname -m)" ]; then
     if ! command -v "$arch-linux-gnu-g++" >/dev/null 2>&1; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -70,17 +65,20 @@ if [ "$arch" != "$(uname -m)" ]; then
     export "CARGO_TARGET_${upper}_LINKER=$arch-linux-gnu-gcc"
     export "CC_${rust_target//-/_}=$arch-linux-gnu-gcc" "CXX_${rust_target//-/_}=$arch-linux-gnu-g++"
     strip_tool="$arch-linux-gnu-strip"
+    target_args=(--target "$rust_target") binary="$build_dir/$rust_target/release/flotilla-edge"
+fi
+
+# The cross compiler first: the aarch64 runtime's empty libtorch.so is built with it.
+if [ "$target" = x86_64-cuda ]; then
+    runtime="$LIBTORCH"
 else
-    strip_tool=strip
+    # shellcheck source=deploy/edge-runtime.sh
+    source "$root/deploy/edge-runtime.sh" "$arch"
+    runtime="$FLOTILLA_EDGE_RUNTIME"
 fi
 
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)"
-build_dir="$root/target/package/$target"
 echo "==> building flotilla-edge for $target against $runtime" >&2
-target_args=() binary="$build_dir/release/flotilla-edge"
-if [ "$arch" != "$(uname -m)" ]; then
-    target_args=(--target "$rust_target") binary="$build_dir/$rust_target/release/flotilla-edge"
-fi
 LIBTORCH="$runtime" FLOTILLA_RPATH='$ORIGIN/../lib' CARGO_TARGET_DIR="$build_dir" \
     cargo build --release --locked -p flotilla-edge --bin flotilla-edge "${target_args[@]}"
 
@@ -89,24 +87,20 @@ stage="$root/dist/$name"
 rm -rf "$stage" && mkdir -p "$stage/bin" "$stage/libexec" "$stage/lib"
 "$strip_tool" -o "$stage/libexec/flotilla-edge" "$binary"
 
-# The runtime libraries: those the client names (the CUDA build: and what libtorch_cuda names,
-# transitively), found in the runtime's lib/ or, for NVIDIA's, beside it in the wheel layout.
-runtime_libs() {
+# The runtime libraries, by their paths: the CPU runtime's lib/ (less its empty libtorch.so, which
+# the client does not name), or libtorch's CUDA build with NVIDIA's libraries beside it in the
+# wheel layout. All go flat into lib/: libtorch's own rpath includes $ORIGIN.
+runtime_lib_paths() {
     if [ "$target" != x86_64-cuda ]; then
-        (cd "$runtime/lib" && ls -1 | grep -v '^libtorch\.so$')
+        find "$runtime/lib" -maxdepth 1 -type f ! -name libtorch.so
         return
     fi
-    local nvidia="$runtime/../nvidia"
-    find "$runtime/lib" -maxdepth 1 -name '*.so*' -printf '%f\n' | grep -v -e '^libtorch_python' -e '^libshm'
-    find "$nvidia" -name '*.so*' -printf '%f\n'
+    find "$runtime/lib" -maxdepth 1 -name '*.so*' ! -name 'libtorch_python*' ! -name 'libshm*'
+    find "$runtime/../nvidia" -name '*.so*'
 }
-lib_source() {
-    if [ -f "$runtime/lib/$1" ]; then echo "$runtime/lib/$1"; else find "$runtime/../nvidia" -name "$1" | head -1; fi
-}
-runtime_libs | sort -u > "$stage/lib/MANIFEST"
-while read -r lib; do
-    cp -L "$(lib_source "$lib")" "$stage/lib/$lib"
-done < "$stage/lib/MANIFEST"
+runtime_lib_paths | while read -r path; do cp -L "$path" "$stage/lib/"; done
+libraries="$(ls -1 "$stage/lib")"
+echo "$libraries" > "$stage/lib/MANIFEST"
 
 cat > "$stage/bin/flotilla-edge" <<'LAUNCHER'
 #!/bin/sh

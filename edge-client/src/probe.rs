@@ -173,15 +173,15 @@ pub fn probe(settings: &ProbeSettings) -> anyhow::Result<ProbeReport> {
 /// libtorch) on a machine whose GPU or driver libtorch cannot use trains on the CPU: say so once,
 /// as a warning, rather than leave the operator to find out from step times.
 pub fn log_torch_devices() {
-    let cuda_available = tch::Cuda::is_available();
+    let (cuda_build, cuda_available) = (tch::utils::has_cudart(), tch::Cuda::is_available());
     tracing::info!(
-        cuda_build = tch::utils::has_cudart(),
+        cuda_build,
         cuda_available,
         cuda_devices = tch::Cuda::device_count(),
         training_on = ?tch::Device::cuda_if_available(),
         "libtorch devices"
     );
-    if tch::utils::has_cudart() && !cuda_available {
+    if cuda_build && !cuda_available {
         tracing::warn!(
             "this client is built with CUDA but no CUDA device is usable here (no NVIDIA GPU, or no driver): training on the CPU"
         );

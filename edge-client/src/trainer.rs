@@ -21,7 +21,7 @@ use flotilla_wire::protocol::{SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
-pub use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, TrainedUpdate, UpdateShaping};
+use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, TrainedUpdate, UpdateShaping};
 
 /// How a device holds a decoder's frozen base: dequantized to f32, or its 4-bit projections kept
 /// 4-bit (`flotilla_torch::model::quantized`).

@@ -192,9 +192,9 @@ fn the_debian_package_holds_the_client_its_unit_and_the_kits_place() {
     assert!(unit.contains("ExecStart=/opt/flotilla-edge/bin/flotilla-edge run"), "{unit}");
     assert!(unit.contains("EnvironmentFile=/etc/flotilla/kit/edge.env"), "{unit}");
     assert!(!unit.contains("Environment=LD_LIBRARY_PATH"), "{unit}");
+    let control = dir.path().join("control");
+    run_ok(Command::new("dpkg-deb").arg("--control").arg(&deb).arg(&control));
     for script in ["postinst", "prerm", "postrm"] {
-        let control = dir.path().join("control");
-        run_ok(Command::new("dpkg-deb").arg("--control").arg(&deb).arg(&control));
         run_ok(Command::new("sh").arg("-n").arg(control.join(script)));
     }
     // The packaged client joins a coordinator: one round of the small MLP.

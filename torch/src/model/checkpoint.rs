@@ -179,8 +179,3 @@ impl HfCheckpoint {
 pub fn sha256_file(path: &Path) -> Result<String, CheckpointError> {
     flotilla_wire::files::sha256_file(path).map_err(|e| error(path, e.to_string()))
 }
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
