@@ -16,8 +16,10 @@
 # 16) and FLOTILLA_MEASURE_DECODER_BATCH (default 4) examples per step (smaller under emulation);
 # FLOTILLA_MEASURE_RANKS="phone=1,laptop=16,..." pins each class's rank instead of probing for it
 # (under emulation the probe's timed steps take longer than the round);
-# FLOTILLA_MEASURE_MINILM=0 skips MiniLM, FLOTILLA_MEASURE_DECODER=0 the decoder (slow under emulation); FLOTILLA_MEASURE_CLASSES=0
-# measures only the size, the cold start and the idle memory.
+# FLOTILLA_MEASURE_MINILM=0 skips MiniLM, FLOTILLA_MEASURE_DECODER=0 the decoder (slow under emulation);
+# FLOTILLA_MEASURE_CLASSES="phone laptop" measures only those classes (with pinned ranks, laptop,
+# desktop and gpu run the same configuration), and FLOTILLA_MEASURE_CLASSES=0 only the size, the
+# cold start and the idle memory.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 install="$(cd "${1:?usage: measure-edge-install.sh INSTALL_DIR}" && pwd)"
@@ -142,11 +144,12 @@ print(f"| {model} | {klass} | {threads} | {update['rank']} | {int(peak_kib) / 10
 PY
 }
 
-[ "${FLOTILLA_MEASURE_CLASSES:-1}" = 0 ] && exit 0
+classes="${FLOTILLA_MEASURE_CLASSES:-phone laptop desktop gpu}"
+[ "$classes" = 0 ] && exit 0
 echo
 echo "| model | class | threads | rank | peak RSS | time per step | down per round | up per round |"
 echo "|---|---|---|---|---|---|---|---|"
-for class in phone laptop desktop gpu; do
+for class in $classes; do
     [ "${FLOTILLA_MEASURE_MINILM:-1}" = 0 ] && break
     profile minilm "$class" "[model.transformer]
 checkpoint = \"$minilm_dir\"
@@ -155,7 +158,7 @@ labels = [\"business\", \"entertainment\", \"politics\", \"sports\", \"tech\"]
 max_length = $length" "${FLOTILLA_MEASURE_MINILM_BATCH:-16}" "$minilm_dir"
 done
 if [ "${FLOTILLA_MEASURE_DECODER:-1}" != 0 ]; then
-    for class in phone laptop desktop gpu; do
+    for class in $classes; do
         profile smollm2 "$class" "[model.decoder]
 gguf = \"$FLOTILLA_SMOLLM2\"
 target_modules = [\"q_proj\", \"v_proj\"]

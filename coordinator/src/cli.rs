@@ -397,6 +397,7 @@ fn print_summary(summary: &report::RunSummary) {
     all_ranks.dedup();
     if crate::decoder_summary::is_decoder_run(summary) {
         crate::decoder_summary::lines(summary).iter().for_each(|line| println!("{line}"));
+        crate::federated_summary::lines(summary).iter().for_each(|line| println!("{line}"));
         if let Some(path) = &summary.final_global {
             println!("global adapter: {}", path.display());
         }
@@ -404,7 +405,10 @@ fn print_summary(summary: &report::RunSummary) {
     }
     if !all_ranks.is_empty() {
         println!();
-        println!("test accuracy of the global model (frozen base + global adapter sliced to each rank):");
+        println!(
+            "test accuracy of the global model on the coordinator's test set (frozen base + global adapter sliced to \
+             each rank):"
+        );
     }
     let header: Vec<String> = all_ranks.iter().map(|r| format!("{:>8}", format!("rank {r}"))).collect();
     println!("{:>5}  {:>7}  {:<22} {:>10}  {}", "round", "updates", "ranks", "local loss", header.join(" "));
@@ -438,6 +442,7 @@ fn print_summary(summary: &report::RunSummary) {
     if let Some(line) = per_class_line(summary) {
         println!("{line}");
     }
+    crate::federated_summary::lines(summary).iter().for_each(|line| println!("{line}"));
     if let Some(path) = &summary.final_global {
         println!("global adapter: {}", path.display());
     }

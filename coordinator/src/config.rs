@@ -42,6 +42,9 @@ pub struct CoordinatorConfig {
     /// SecAgg+ rounds (off when absent); see `secure.rs`.
     #[serde(default)]
     pub secure_aggregation: Option<crate::secure::SecureAggregationSection>,
+    /// The global model scored on the devices' held-out data (off when absent).
+    #[serde(default)]
+    pub federated_evaluation: Option<crate::federated_evaluation::FederatedEvaluationSection>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -406,20 +409,17 @@ impl CoordinatorConfig {
         let mut table: toml::Table =
             toml::from_str(&text).with_context(|| format!("invalid config {}", path.display()))?;
         let applied = apply_env_overrides(&mut table, env)?;
-        let config: CoordinatorConfig = table.try_into().with_context(|| {
+        let mut config: CoordinatorConfig = table.try_into().with_context(|| {
             if applied.is_empty() {
                 format!("invalid config {}", path.display())
             } else {
                 format!("invalid config {} with overrides {}", path.display(), applied.join(", "))
             }
         })?;
-        let mut config = config;
         config.resolve_transformer().with_context(|| format!("invalid config {}", path.display()))?;
         config.resolve_decoder().with_context(|| format!("invalid config {}", path.display()))?;
         config.validate().with_context(|| format!("invalid config {}", path.display()))?;
-        for key in &applied {
-            tracing::info!("config: {key} set from the environment");
-        }
+        applied.iter().for_each(|key| tracing::info!("config: {key} set from the environment"));
         Ok(config)
     }
 
@@ -544,6 +544,9 @@ impl CoordinatorConfig {
             if let Some(privacy) = self.privacy.as_ref().filter(|_| distributed) {
                 secure.check_noise_range(privacy)?;
             }
+        }
+        if let Some(federated) = &self.federated_evaluation {
+            federated.validate(self.privacy.is_some(), self.secure_aggregation.is_some())?;
         }
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
         Ok(())

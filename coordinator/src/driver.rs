@@ -11,18 +11,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, Timer, TrainingPlan};
-use flotilla_wire::framing::write_frame;
-use flotilla_wire::protocol::{close, CoordinatorMessage, Finished, Reject, RoundTask, TrainingSettings};
-use flotilla_wire::quic::write_frame_shared;
-use flotilla_wire::tensor::{SharedTensors, WireTensors};
+use flotilla_wire::protocol::{close, CoordinatorMessage, Reject, RoundTask, TrainingSettings};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
+mod delivery;
+mod federated;
 mod privacy_spend;
 mod secure_phases;
 mod skipping;
 mod status;
 
+pub(crate) use delivery::push;
+use delivery::TaskDelivery;
 pub use secure_phases::SecureRequest;
 pub use skipping::Departure;
 
@@ -39,6 +40,8 @@ pub enum DriverInput {
     Joined {
         device: String,
         rank: u32,
+        /// The device class its Hello reported.
+        class: String,
         connection: quinn::Connection,
     },
     Left {
@@ -69,6 +72,21 @@ pub enum DriverInput {
     },
     /// Something the run cannot go on without failed (the reason).
     Fatal(String),
+    /// A device's federated evaluation report; `reply` is answered at once.
+    EvaluationReport {
+        device: String,
+        report: Box<flotilla_wire::evaluation::EvaluationReport>,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    },
+    /// Model `model_round`'s federated evaluation stops waiting.
+    EvaluationDeadline {
+        model_round: u32,
+    },
+    /// Evaluation tasks of `bytes` in all are on their way to devices.
+    EvaluationSent {
+        model_round: u32,
+        bytes: u64,
+    },
     /// A secure round's request from a device; `reply` is answered when its phase closes.
     Secure {
         device: String,
@@ -127,6 +145,8 @@ pub(crate) struct RoundDriver {
     last_sampled: u32,
     /// Under `[privacy]`: what the noise will cost the model, for `/status`.
     privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
+    /// Under `[federated_evaluation]`: the connected devices and the models being evaluated.
+    federated: federated::FederatedState,
 }
 
 /// What the driver starts from.
@@ -192,6 +212,7 @@ impl RoundDriver {
             ledger,
             last_sampled: first_round - 1,
             privacy_plan,
+            federated: Default::default(),
         }
     }
 
@@ -211,10 +232,11 @@ impl RoundDriver {
         while let Some(input) = inputs.recv().await {
             let mut upload = None;
             let event = match input {
-                DriverInput::Joined { device, rank, connection } => {
+                DriverInput::Joined { device, rank, class, connection } => {
                     if let Some(old) = self.sessions.insert(device.clone(), connection) {
                         old.close(close::REPLACED.into(), b"replaced by a newer connection");
                     }
+                    self.federated.joined(&device, rank, &class);
                     self.rank_labels.insert(rank);
                     Event::DeviceJoined { device, rank }
                 }
@@ -223,6 +245,7 @@ impl RoundDriver {
                         continue; // an older connection of a device that has reconnected
                     }
                     self.sessions.remove(&device);
+                    self.device_left_evaluation(&device);
                     if let (Some(why), Phase::Training { round }) = (why, self.engine.phase()) {
                         *self.departures.entry(*round).or_default().entry(why).or_default() += 1;
                     }
@@ -260,6 +283,12 @@ impl RoundDriver {
                     self.record_evaluation(round, result);
                     continue;
                 }
+                federated @ (DriverInput::EvaluationReport { .. }
+                | DriverInput::EvaluationDeadline { .. }
+                | DriverInput::EvaluationSent { .. }) => {
+                    self.federated_input(federated);
+                    continue;
+                }
                 secure @ (DriverInput::Secure { .. }
                 | DriverInput::SecureTimer { .. }
                 | DriverInput::SecureUnmasked { .. }) => {
@@ -290,6 +319,8 @@ impl RoundDriver {
             self.publish_state();
             if let Some(rounds_completed) = self.perform(actions, upload.take()).await? {
                 self.summary.rounds_completed = rounds_completed;
+                self.evaluate_final_model(rounds_completed, inputs).await;
+                self.finish_sessions(rounds_completed).await;
                 self.await_evaluations(inputs).await;
                 return Ok(Some(self.summary.clone()));
             }
@@ -390,10 +421,8 @@ impl RoundDriver {
                 }
                 Action::Aggregate { round, .. } => self.aggregate(round),
                 Action::SkipRound { round, updates, why } => self.skip(round, updates, why).await?,
-                Action::Finish { rounds_completed } => {
-                    self.finish_sessions(rounds_completed).await;
-                    return Ok(Some(rounds_completed));
-                }
+                // The caller evaluates the final model on the devices, then finishes their sessions.
+                Action::Finish { rounds_completed } => return Ok(Some(rounds_completed)),
             }
         }
         if !tasks.is_empty() {
@@ -471,6 +500,8 @@ impl RoundDriver {
         let Some(mut secure_tasks) = self.start_secure_round(&reachable) else {
             return; // the round cannot be secured: no task goes out, its participants are failed
         };
+        let Some(round) = reachable.first().map(|r| r.1) else { return };
+        let mut evaluators = self.evaluators_for_round(round);
         let mut deliveries = Vec::with_capacity(reachable.len());
         for (device, round, rank, connection) in reachable {
             let task = CoordinatorMessage::RoundTask(RoundTask {
@@ -483,83 +514,15 @@ impl RoundDriver {
                 clip_norm: self.config.privacy.as_ref().map(|p| p.clip_norm),
                 noise_multiplier: self.config.privacy.as_ref().map(|p| p.noise_multiplier),
                 secure: secure_tasks.remove(&device),
+                evaluate: evaluators.remove(&device).is_some(),
             });
-            deliveries.push(TaskDelivery { device, round, rank, connection, task });
+            deliveries.push(TaskDelivery { device, round, rank, connection, task, evaluation_only: false });
         }
-        let Some(round) = deliveries.first().map(|d| d.round) else { return };
-        let ranks: Vec<u32> = deliveries.iter().map(|d| d.rank).collect();
-        let worker = self.worker.clone();
-        let inputs = self.inputs.clone();
-        tokio::spawn(async move {
-            let slices: BTreeMap<u32, SharedTensors> = match worker.slices(ranks).await {
-                Ok(slices) => slices.into_iter().map(|(rank, wire)| (rank, SharedTensors::from(wire))).collect(),
-                Err(error) => {
-                    let _ = inputs.send(DriverInput::Fatal(format!("cannot slice the global adapter: {error}")));
-                    return;
-                }
-            };
-            // Counted before any task leaves, so before any update of this round can arrive.
-            let bytes = deliveries.iter().filter_map(|d| slices.get(&d.rank)).map(|s| s.body.len() as u64).sum();
-            let _ = inputs.send(DriverInput::TasksSent { round, bytes });
-            deliver_tasks(deliveries, Arc::new(slices));
-        });
-    }
-
-    /// Tells every device the run is over and waits briefly for them to hang up.
-    async fn finish_sessions(&mut self, rounds_completed: u32) {
-        let message =
-            CoordinatorMessage::Finished(Finished { rounds_completed, reason: "all rounds completed".into() });
-        let mut waits = Vec::new();
-        for (device, connection) in self.sessions.drain() {
-            let message = message.clone();
-            waits.push(tokio::spawn(async move {
-                if let Err(error) = push(&connection, &message).await {
-                    warn!(device = %device, "cannot send Finished: {error:#}");
-                }
-                let _ = tokio::time::timeout(Duration::from_secs(5), connection.closed()).await;
-            }));
+        // Evaluators that do not train this round get the same slice with an evaluation task.
+        for (device, rank) in evaluators {
+            deliveries.extend(self.evaluation_delivery(&device, round - 1, rank));
         }
-        for wait in waits {
-            let _ = wait.await;
-        }
-    }
-}
-
-/// Sends `message` to a device on a unidirectional stream of its own.
-pub(crate) async fn push(connection: &quinn::Connection, message: &CoordinatorMessage) -> anyhow::Result<()> {
-    let mut send = connection.open_uni().await?;
-    write_frame(&mut send, message, &WireTensors::default()).await?;
-    send.finish()?;
-    Ok(())
-}
-
-/// One device's round task, waiting for its rank's slice.
-struct TaskDelivery {
-    device: String,
-    round: u32,
-    rank: u32,
-    connection: quinn::Connection,
-    task: CoordinatorMessage,
-}
-
-/// Sends each task with its rank's shared slice, each on its own stream and task.
-fn deliver_tasks(deliveries: Vec<TaskDelivery>, slices: Arc<BTreeMap<u32, SharedTensors>>) {
-    for TaskDelivery { device, round, rank, connection, task } in deliveries {
-        let Some(slice) = slices.get(&rank) else { continue };
-        metrics::counter!("fl_task_bytes_total").increment(slice.body.len() as u64);
-        let slices = slices.clone();
-        tokio::spawn(async move {
-            let result = async {
-                let mut send = connection.open_uni().await?;
-                write_frame_shared(&mut send, &task, &slices[&rank]).await?;
-                send.finish()?;
-                anyhow::Ok(())
-            }
-            .await;
-            if let Err(error) = result {
-                warn!(device = %device, round, "cannot send round task: {error:#}");
-            }
-        });
+        self.send_deliveries(deliveries, round);
     }
 }
 

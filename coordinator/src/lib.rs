@@ -31,6 +31,8 @@ pub mod driver;
 pub mod evaluation;
 pub mod evaluation_set;
 pub mod export;
+pub mod federated_evaluation;
+pub mod federated_summary;
 pub mod full_finetune;
 pub mod generate;
 pub mod hf_decoder;

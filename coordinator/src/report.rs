@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use flotilla_wire::protocol::LocalMetrics;
 use serde::{Deserialize, Serialize};
 
+pub use crate::federated_evaluation::FederatedEvaluation;
+
 use crate::evaluation::RankAccuracy;
 
 /// What the coordinator reports at the end of a run; `<run_dir>/summary.json` is rewritten after
@@ -57,6 +59,10 @@ pub struct RoundRecord {
     /// Under `[secure_aggregation]`: how the round's SecAgg+ phases went.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secure: Option<SecureRoundRecord>,
+    /// Under `[federated_evaluation]`: this round's global model scored on the devices' held-out
+    /// data (totals only), once the devices asked have answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated_evaluation: Option<Box<FederatedEvaluation>>,
 }
 
 /// A secure round's outcome: what the coordinator learned about who took part (it learns nothing
@@ -122,6 +128,7 @@ impl RoundRecord {
             evaluation,
             privacy_epsilon: None,
             secure,
+            federated_evaluation: None,
         }
     }
 }
@@ -198,6 +205,9 @@ pub struct ReportRow {
     /// Why the round was skipped (no new global adapter), if it was.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// The round's global model on the devices' held-out data (`[federated_evaluation]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub federated: Option<FederatedEvaluation>,
 }
 
 impl ReportRow {
@@ -221,6 +231,7 @@ impl ReportRow {
             round_seconds: 0.0,
             secure: None,
             skipped: None,
+            federated: None,
         }
     }
 
@@ -274,6 +285,7 @@ pub fn round_rows(summary: &RunSummary) -> Vec<ReportRow> {
             aggregation_seconds: round.aggregation_seconds,
             round_seconds: round.round_seconds,
             secure: round.secure.clone(),
+            federated: round.federated_evaluation.as_deref().cloned(),
             ..row
         });
     }
@@ -317,6 +329,8 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
     if skipped {
         out.push_str(",skipped");
     }
+    let federated = FederatedColumns::of(rows);
+    out.push_str(&federated.header());
     out.push('\n');
     let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
     for row in rows {
@@ -358,9 +372,65 @@ pub fn rounds_csv(rows: &[ReportRow]) -> String {
         if skipped {
             out.push_str(if row.skipped.is_some() { ",true" } else { ",false" });
         }
+        out.push_str(&federated.cells(row.federated.as_ref()));
         out.push('\n');
     }
     out
+}
+
+/// The federated evaluation's columns: overall, then accuracy per rank and per device class (those
+/// recorded in any round); empty when no round has one.
+struct FederatedColumns {
+    any: bool,
+    ranks: BTreeSet<u32>,
+    classes: BTreeSet<String>,
+}
+
+impl FederatedColumns {
+    fn of(rows: &[ReportRow]) -> FederatedColumns {
+        let records: Vec<&FederatedEvaluation> = rows.iter().filter_map(|r| r.federated.as_ref()).collect();
+        FederatedColumns {
+            any: !records.is_empty(),
+            ranks: records.iter().flat_map(|f| f.by_rank.keys().copied()).collect(),
+            classes: records.iter().flat_map(|f| f.by_class.keys().cloned()).collect(),
+        }
+    }
+
+    fn header(&self) -> String {
+        if !self.any {
+            return String::new();
+        }
+        let mut out =
+            String::from(",federated_accuracy,federated_loss,federated_macro_f1,federated_examples,federated_devices");
+        self.ranks.iter().for_each(|rank| out.push_str(&format!(",federated_accuracy_rank_{rank}")));
+        for class in &self.classes {
+            out.push_str(&format!(",federated_accuracy_class_{}", class.replace([',', '"', '\n'], "_")));
+        }
+        out
+    }
+
+    fn cells(&self, record: Option<&FederatedEvaluation>) -> String {
+        if !self.any {
+            return String::new();
+        }
+        let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
+        let overall = record.and_then(|f| f.overall.as_ref());
+        let mut out = format!(
+            ",{},{},{},{},{}",
+            opt(overall.map(|o| o.accuracy)),
+            opt(overall.map(|o| o.loss)),
+            opt(overall.and_then(|o| o.macro_f1)),
+            overall.map_or(String::new(), |o| o.examples.to_string()),
+            overall.map_or(String::new(), |o| o.devices.to_string()),
+        );
+        for rank in &self.ranks {
+            out.push_str(&format!(",{}", opt(record.and_then(|f| f.by_rank.get(rank)).map(|s| s.accuracy))));
+        }
+        for class in &self.classes {
+            out.push_str(&format!(",{}", opt(record.and_then(|f| f.by_class.get(class)).map(|s| s.accuracy))));
+        }
+        out
+    }
 }
 
 /// The summary written before a restart (best effort: the initial evaluation and the skipped
@@ -405,6 +475,7 @@ mod tests {
                     evaluation: eval(&[(2, 0.4), (8, 0.6)]),
                     privacy_epsilon: None,
                     secure: None,
+                    federated_evaluation: None,
                 },
                 RoundRecord {
                     round: 2,
@@ -417,6 +488,7 @@ mod tests {
                     evaluation: eval(&[(8, 0.7)]),
                     privacy_epsilon: None,
                     secure: None,
+                    federated_evaluation: None,
                 },
             ],
             final_global: None,

@@ -88,8 +88,8 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
         }
     };
     let identity = peer.id.clone();
-    let rank = match admit(&connection, &identity, &shared).await {
-        Ok(rank) => rank,
+    let (rank, class) = match admit(&connection, &identity, &shared).await {
+        Ok(admitted) => admitted,
         Err(error) if error.chain().any(|e| e.is::<tokio::time::error::Elapsed>()) => {
             warn!(device = %identity, %remote, "admission timed out, the device may try again: {error:#}");
             metrics::counter!("fl_admission_timeouts_total").increment(1);
@@ -105,7 +105,8 @@ async fn serve_connection(connection: quinn::Connection, shared: Arc<SessionCont
         }
     };
     info!(device = %identity, %remote, rank, "device joined");
-    let _ = shared.inputs.send(DriverInput::Joined { device: identity.clone(), rank, connection: connection.clone() });
+    let joined = DriverInput::Joined { device: identity.clone(), rank, class, connection: connection.clone() };
+    let _ = shared.inputs.send(joined);
 
     // The handshake checked the certificate once; a session does not outlive it, nor its
     // revocation. What the device is sending when it expires is still taken.
@@ -211,6 +212,16 @@ async fn answer_stream(
             secure_request(identity, shared, request, bytes).await
         }
         Ok((DeviceMessage::RenewCertificate(request), _)) => renew(peer, request.csr_pem, shared).await,
+        Ok((DeviceMessage::EvaluationReport(report), _)) => {
+            let (reply, answer) = oneshot::channel();
+            let round = report.model_round;
+            let _ = shared.inputs.send(DriverInput::EvaluationReport {
+                device: identity.to_string(),
+                report: Box::new(report),
+                reply,
+            });
+            answer.await.unwrap_or_else(|_| shutting_down(round))
+        }
         Ok((other, _)) => {
             CoordinatorMessage::Reject(Reject { round: 0, reason: format!("unexpected message {}", other.name()) })
         }
@@ -283,8 +294,13 @@ async fn renew(peer: &tls::PeerDevice, csr_pem: String, shared: &SessionContext)
     }
 }
 
-/// Hello → Welcome or Refusal. The session is bound to the identity in the certificate.
-async fn admit(connection: &quinn::Connection, identity: &str, shared: &SessionContext) -> anyhow::Result<u32> {
+/// Hello → Welcome or Refusal. The session is bound to the identity in the certificate. Returns
+/// the device's rank and class once admitted.
+async fn admit(
+    connection: &quinn::Connection,
+    identity: &str,
+    shared: &SessionContext,
+) -> anyhow::Result<(u32, String)> {
     let hello_timeout = Duration::from_secs(shared.config.server.hello_timeout_secs);
     let (mut send, mut recv) =
         tokio::time::timeout(hello_timeout, connection.accept_bi()).await.context("no hello in time")??;
@@ -329,10 +345,11 @@ async fn admit(connection: &quinn::Connection, identity: &str, shared: &SessionC
             None => BaseDelivery::Inline,
         },
         crl_pem: shared.config.tls.crl.as_ref().and_then(|path| std::fs::read_to_string(path).ok()),
+        evaluates: shared.config.federated_evaluation.is_some(),
     });
     write_frame(&mut send, &welcome, &shared.welcome_tensors).await?;
     send.finish()?;
-    Ok(assigned_rank)
+    Ok((assigned_rank, hello.hardware.device_class))
 }
 
 /// The rank a device gets: what it asked for, lowered to R_max and to its device class's cap.

@@ -15,13 +15,19 @@ use flotilla_wire::tensor::WireTensors;
 /// A device's training backend: it takes the coordinator's frozen base once per session, then
 /// trains each round's slice of the global adapter at the device's rank.
 pub trait LocalTrainer: Send + Sync {
-    /// Loads the frozen base (`scale` is the LoRA scale α/r of the coordinator's model).
+    /// Loads the frozen base (`scale` is the LoRA scale α/r of the coordinator's model) and the
+    /// local data; when the run `evaluates` on devices, sets the held-out data apart.
     fn set_base(
         &self,
         architecture: Architecture,
         scale: f64,
         base: BaseSource,
+        evaluates: bool,
     ) -> impl Future<Output = Result<(), BaseFailure>> + Send;
+
+    /// Scores the global adapter's `slice` at `rank` (as [`LocalTrainer::train`] would hold it)
+    /// on the held-out data, without training: sums only.
+    fn evaluate(&self, slice: WireTensors, rank: u32) -> impl Future<Output = anyhow::Result<HeldOutResult>> + Send;
 
     /// Trains the round's `slice` at `rank`: slots of the slice beyond `rank` (Fold-and-Fill sends
     /// the whole R_max adapter) are folded into the frozen weight and not trained. With a clipping
@@ -33,6 +39,13 @@ pub trait LocalTrainer: Send + Sync {
         settings: TrainingSettings,
         shaping: UpdateShaping,
     ) -> impl Future<Output = anyhow::Result<TrainedUpdate>> + Send;
+}
+
+/// What the held-out data says about a model: the sums, or why the device declines.
+pub struct HeldOutResult {
+    pub held_out_examples: u64,
+    pub sums: Option<flotilla_wire::evaluation::EvaluationSums>,
+    pub declined: String,
 }
 
 pub struct TrainedUpdate {

@@ -2,6 +2,9 @@
 
 mod base_cache;
 mod base_store;
+mod connection_args;
+mod evaluation_session;
+mod held_out;
 mod local_trainer;
 mod nvml;
 mod privacy_budget;
@@ -15,6 +18,7 @@ mod session;
 mod sim;
 mod trainer;
 
+use connection_args::{LivenessArgs, RenewalArgs};
 use trainer::DataChoice;
 
 use std::net::SocketAddr;
@@ -26,7 +30,7 @@ use clap::{Parser, Subcommand};
 use flotilla_torch::data::partition::{PartitionSpec, Scheme};
 use flotilla_wire::framing::FrameLimits;
 use flotilla_wire::protocol::HardwareProfile;
-use flotilla_wire::quic::{self, TransportSettings};
+use flotilla_wire::quic;
 use flotilla_wire::tls::{self, KitPaths};
 
 /// Trains LoRA adapters on this device's own data and exchanges rank-tagged updates with a
@@ -241,49 +245,8 @@ struct RunArgs {
     renewal: RenewalArgs,
     #[command(flatten)]
     floor: privacy_floor::PrivacyFloorArgs,
-}
-
-#[derive(clap::Args)]
-struct LivenessArgs {
-    /// Seconds without any packet from the coordinator before the connection counts as lost (and
-    /// the device reconnects).
-    #[arg(long, default_value_t = TransportSettings::default().idle_timeout_secs)]
-    idle_timeout_secs: u64,
-    /// Seconds between keep-alive packets while idle (e.g. during long local training); also how
-    /// soon a device learns that a restarted coordinator has forgotten its connection.
-    #[arg(long, default_value_t = TransportSettings::default().keep_alive_secs)]
-    keep_alive_secs: u64,
-}
-
-impl LivenessArgs {
-    fn transport(&self) -> Result<TransportSettings> {
-        anyhow::ensure!(
-            self.keep_alive_secs < self.idle_timeout_secs,
-            "--keep-alive-secs ({}) must be below --idle-timeout-secs ({})",
-            self.keep_alive_secs,
-            self.idle_timeout_secs
-        );
-        Ok(TransportSettings {
-            idle_timeout_secs: self.idle_timeout_secs,
-            keep_alive_secs: self.keep_alive_secs,
-            ..TransportSettings::default()
-        })
-    }
-}
-
-#[derive(clap::Args)]
-struct RenewalArgs {
-    /// Ask the coordinator to renew this device's certificate once it ends within this time
-    /// (30d, 12h, 90s, ...; 0s: never ask). A coordinator without [renewal] refuses, and the
-    /// certificate serves until it ends.
-    #[arg(long, env = "FLOTILLA_RENEW_WITHIN", default_value = "7days", value_parser = humantime::parse_duration)]
-    renew_within: Duration,
-}
-
-impl RenewalArgs {
-    fn window(&self) -> Option<Duration> {
-        (!self.renew_within.is_zero()).then_some(self.renew_within)
-    }
+    #[command(flatten)]
+    held_out: held_out::HeldOutArgs,
 }
 
 fn main() {
@@ -548,7 +511,12 @@ fn run(args: RunArgs, progress: progress::Progress) -> Result<()> {
         args.devices
     );
     let data = choice.for_device(&device_id, shard);
-    let trainer = trainer::Trainer::spawn(args.threads, data, args.decoder_base == trainer::DecoderBase::Q4)?;
+    let trainer = trainer::Trainer::spawn(
+        args.threads,
+        data,
+        args.held_out.choice(),
+        args.decoder_base == trainer::DecoderBase::Q4,
+    )?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async {

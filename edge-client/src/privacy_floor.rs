@@ -147,6 +147,7 @@ mod tests {
                 participants,
             }),
             noise_multiplier: None,
+            evaluate: false,
         }
     }
 

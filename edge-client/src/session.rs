@@ -25,6 +25,7 @@ use rand::Rng;
 use tracing::{info, warn};
 
 use crate::base_store::StoreError;
+use crate::evaluation_session::send_report;
 use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, TrainedUpdate, UpdateShaping};
 use crate::renewal::{renew_certificate, RenewalError};
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
@@ -242,6 +243,10 @@ async fn connect_and_serve(
         match message {
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
+                if task.evaluate {
+                    let slice = tensors.clone();
+                    evaluate_and_report(&connection, trainer, settings, &mut stop, round - 1, task.rank, slice).await?;
+                }
                 secure_round = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors)
                     .await?
                     .map(|client| (round, client));
@@ -249,6 +254,10 @@ async fn connect_and_serve(
                 if *stop.borrow() >= Stop::AfterUpload {
                     return Err(stopping(&connection, format!("stopped after round {round}'s upload")));
                 }
+            }
+            CoordinatorMessage::EvaluationTask(task) => {
+                let (model_round, rank) = (task.model_round, task.rank);
+                evaluate_and_report(&connection, trainer, settings, &mut stop, model_round, rank, tensors).await?;
             }
             CoordinatorMessage::SecureUnmask(request) => match secure_round.take() {
                 Some((round, client)) => {
@@ -271,6 +280,29 @@ async fn connect_and_serve(
             }
         }
     }
+}
+
+/// Scores `slice` at `rank` (the global model after round `model_round`) on the held-out data and
+/// reports the sums.
+async fn evaluate_and_report(
+    connection: &quinn::Connection,
+    trainer: &impl LocalTrainer,
+    settings: &SessionSettings,
+    stop: &mut tokio::sync::watch::Receiver<Stop>,
+    model_round: u32,
+    rank: u32,
+    slice: WireTensors,
+) -> Result<(), SessionError> {
+    let result = tokio::select! {
+        result = trainer.evaluate(slice, rank) => result,
+        _ = stop_reached(stop, Stop::AfterUpload) => {
+            return Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")));
+        }
+    }
+    .map_err(|e| SessionError::Fatal(format!("[model {model_round}] evaluation failed: {e:#}")))?;
+    send_report(connection, &settings.limits, model_round, rank, result)
+        .await
+        .map_err(|e| classify(connection, settings, "reporting an evaluation", format!("{e:#}")))
 }
 
 /// Closes the connection because the device is stopping.
@@ -352,7 +384,7 @@ async fn admit(
             BaseSource::Checkpoint(dir)
         }
     };
-    match trainer.set_base(welcome.model.architecture.clone(), scale, base).await {
+    match trainer.set_base(welcome.model.architecture.clone(), scale, base, welcome.evaluates).await {
         Ok(()) => Ok(()),
         Err(failure @ BaseFailure::Data(_)) => {
             // The coordinator is told why, so that it records the cause instead of a silent leave.

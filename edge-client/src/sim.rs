@@ -274,7 +274,7 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
         if let DataSource::Path { keep, .. } = &mut source {
             *keep = (f64::from(lowest_rank) / f64::from(profile.rank)).powf(settings.data_share_by_rank);
         }
-        let trainer = pool.trainer(source)?;
+        let trainer = pool.trainer(source, crate::held_out::HeldOut::default())?;
         let session = SessionSettings {
             kit,
             transport: settings.transport.clone(),

@@ -21,7 +21,8 @@ use flotilla_wire::protocol::{SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
-use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, TrainedUpdate, UpdateShaping};
+use crate::held_out::HeldOut;
+use crate::local_trainer::{BaseFailure, BaseSource, HeldOutResult, LocalTrainer, TrainedUpdate, UpdateShaping};
 
 /// How a device holds a decoder's frozen base: dequantized to f32, or its 4-bit projections kept
 /// 4-bit (`flotilla_torch::model::quantized`).
@@ -36,7 +37,13 @@ enum Job {
         architecture: Architecture,
         scale: f64,
         base: BaseSource,
+        evaluates: bool,
         reply: oneshot::Sender<Result<(), BaseFailure>>,
+    },
+    Evaluate {
+        slice: WireTensors,
+        rank: u32,
+        reply: oneshot::Sender<Result<HeldOutResult, String>>,
     },
     Train {
         slice: WireTensors,
@@ -226,8 +233,13 @@ impl TrainerPool {
                         }
                     };
                     match job {
-                        Job::SetBase { architecture, scale, base, reply } => {
-                            let result = state.set_base(architecture, scale, &base, &checkpoints);
+                        Job::SetBase { architecture, scale, base, evaluates, reply } => {
+                            let result = state.set_base(architecture, scale, &base, evaluates, &checkpoints);
+                            put_back(state);
+                            let _ = reply.send(result);
+                        }
+                        Job::Evaluate { slice, rank, reply } => {
+                            let result = state.evaluate(&slice, rank, device);
                             put_back(state);
                             let _ = reply.send(result);
                         }
@@ -243,10 +255,12 @@ impl TrainerPool {
         Ok(TrainerPool { jobs, states, next_key: Default::default() })
     }
 
-    /// A handle for one device whose local data comes from `source` (loaded once the model is known).
-    pub fn trainer(&self, source: DataSource) -> anyhow::Result<Trainer> {
+    /// A handle for one device whose local data comes from `source` (loaded once the model is
+    /// known), holding `held_out` apart when its run evaluates on devices.
+    pub fn trainer(&self, source: DataSource, held_out: HeldOut) -> anyhow::Result<Trainer> {
         let key = self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.states.lock().map_err(|_| stopped())?.insert(key, DeviceState { source, data: None, model: None });
+        let state = DeviceState { source, held_out_choice: held_out, data: None, held_out: None, model: None };
+        self.states.lock().map_err(|_| stopped())?.insert(key, state);
         Ok(Trainer { key, jobs: self.jobs.clone() })
     }
 }
@@ -259,18 +273,31 @@ pub struct Trainer {
 
 impl Trainer {
     /// A device with its own training thread (what a real device runs).
-    pub fn spawn(threads: usize, source: DataSource, decoder_4bit: bool) -> anyhow::Result<Trainer> {
+    pub fn spawn(threads: usize, source: DataSource, held_out: HeldOut, decoder_4bit: bool) -> anyhow::Result<Trainer> {
         // The pool's threads live as long as a handle does; the pool itself can go.
-        TrainerPool::with_decoder_base(1, threads, decoder_4bit)?.trainer(source)
+        TrainerPool::with_decoder_base(1, threads, decoder_4bit)?.trainer(source, held_out)
     }
 }
 
 impl LocalTrainer for Trainer {
-    async fn set_base(&self, architecture: Architecture, scale: f64, base: BaseSource) -> Result<(), BaseFailure> {
+    async fn set_base(
+        &self,
+        architecture: Architecture,
+        scale: f64,
+        base: BaseSource,
+        evaluates: bool,
+    ) -> Result<(), BaseFailure> {
         let (reply, answer) = oneshot::channel();
         let stopped = || BaseFailure::Model(stopped().to_string());
-        self.jobs.send((self.key, Job::SetBase { architecture, scale, base, reply })).map_err(|_| stopped())?;
+        let job = Job::SetBase { architecture, scale, base, evaluates, reply };
+        self.jobs.send((self.key, job)).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
+    }
+
+    async fn evaluate(&self, slice: WireTensors, rank: u32) -> anyhow::Result<HeldOutResult> {
+        let (reply, answer) = oneshot::channel();
+        self.jobs.send((self.key, Job::Evaluate { slice, rank, reply })).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 
     async fn train(
@@ -342,7 +369,10 @@ impl SharedCheckpoints {
 /// What the pool keeps for one device between jobs.
 struct DeviceState {
     source: DataSource,
+    held_out_choice: HeldOut,
     data: Option<Dataset>,
+    /// Set apart from `data` (or loaded on its own) when the run evaluates on devices.
+    held_out: Option<Dataset>,
     model: Option<(Architecture, f64, BaseWeights)>,
 }
 
@@ -352,13 +382,19 @@ impl DeviceState {
         architecture: Architecture,
         scale: f64,
         base: &BaseSource,
+        evaluates: bool,
         checkpoints: &SharedCheckpoints,
     ) -> Result<(), BaseFailure> {
         let (weights, tokenizer) = self.base_weights(&architecture, base, checkpoints).map_err(BaseFailure::Model)?;
-        // A reconnect brings the same base again: keep the data already loaded.
+        // A reconnect brings the same base again: keep the data already loaded (and held out).
         let data = match self.data.take() {
             Some(data) => data,
-            None => self.source.load(&architecture, tokenizer.as_deref()).map_err(BaseFailure::Data)?,
+            None => {
+                let data = self.source.load(&architecture, tokenizer.as_deref()).map_err(BaseFailure::Data)?;
+                let (data, held_out) = self.hold_out(data, evaluates, &architecture, tokenizer.as_deref())?;
+                self.held_out = held_out;
+                data
+            }
         };
         if data.is_empty() {
             return Err(BaseFailure::Data("it holds no samples".into()));
@@ -406,6 +442,54 @@ impl DeviceState {
         Ok((weights, tokenizer))
     }
 
+    /// Sets the held-out data apart when the run `evaluates` on devices: a stratified share of
+    /// `data` (the rest is returned to train on), or a data set of its own.
+    fn hold_out(
+        &self,
+        data: Dataset,
+        evaluates: bool,
+        architecture: &Architecture,
+        tokenizer: Option<&Path>,
+    ) -> Result<(Dataset, Option<Dataset>), BaseFailure> {
+        if !evaluates {
+            return Ok((data, None));
+        }
+        match &self.held_out_choice {
+            HeldOut::Declined(_) => Ok((data, None)),
+            HeldOut::Share(fraction) => {
+                let labels: Vec<usize> = data.labels_vec().iter().map(|&l| l.max(0) as usize).collect();
+                let (training, held) = crate::held_out::split(&labels, *fraction, HELD_OUT_SEED);
+                tracing::info!(held_out = held.len(), training = training.len(), "held out for federated evaluation");
+                Ok((data.subset(&training), Some(data.subset(&held))))
+            }
+            HeldOut::Data(path) => {
+                let source = DataSource::Path { path: path.clone(), shard: None, keep: 1.0 };
+                let held = source
+                    .load(architecture, tokenizer)
+                    .map_err(|e| BaseFailure::Data(format!("--holdout-data {}: {e}", path.display())))?;
+                tracing::info!(held_out = held.len(), "held-out data for federated evaluation: {}", path.display());
+                Ok((data, Some(held)))
+            }
+        }
+    }
+
+    /// Scores the global adapter `slice` at `rank`, as the device would train it, on the held-out
+    /// data: sums only.
+    fn evaluate(&mut self, slice: &WireTensors, rank: u32, device: tch::Device) -> Result<HeldOutResult, String> {
+        let Some(held_out) = &self.held_out else {
+            let declined = match &self.held_out_choice {
+                HeldOut::Declined(why) => why.clone(),
+                _ => "this device holds no data out".to_string(),
+            };
+            return Ok(HeldOutResult { held_out_examples: 0, sums: None, declined });
+        };
+        let (architecture, scale, base) = self.model.as_ref().ok_or("no base model received yet")?;
+        let adapter = adapter_at_rank(slice, rank, *scale)?;
+        let model = LocalModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
+        let sums = model.evaluation_sums(held_out).map_err(|e| e.to_string())?;
+        Ok(HeldOutResult { held_out_examples: held_out.len() as u64, sums: Some(sums), declined: String::new() })
+    }
+
     fn train(
         &mut self,
         slice: &WireTensors,
@@ -416,15 +500,7 @@ impl DeviceState {
     ) -> Result<TrainedUpdate, String> {
         let (architecture, scale, base) = self.model.as_ref().ok_or("no base model received yet")?;
         let data = self.data.as_ref().ok_or("no local data loaded")?;
-        let mut adapter = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
-        let rank = rank as usize;
-        if rank == 0 || rank > adapter.rank() {
-            return Err(format!("the round task asks for rank {rank}, but its adapter has rank {}", adapter.rank()));
-        }
-        if rank < adapter.rank() {
-            // The rest of the global adapter stays, frozen: W ← W0 + s·B[:, rank:]·A[rank:, :].
-            adapter = adapter.slice_with_folded_tail(rank, *scale).map_err(|e| format!("global adapter: {e}"))?;
-        }
+        let adapter = adapter_at_rank(slice, rank, *scale)?;
         let mut model = LocalModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
         let metrics = model.train(data, settings).map_err(|e| e.to_string())?;
         let mut trained = model.adapter().map_err(|e| e.to_string())?;
@@ -445,6 +521,24 @@ impl DeviceState {
             packed,
         })
     }
+}
+
+/// Seed of the held-out split: a device's split depends only on its data.
+const HELD_OUT_SEED: u64 = 0x0068_656c_646f_7574;
+
+/// The task's `slice` as the device holds it at `rank`: slots beyond `rank` (Fold-and-Fill sends
+/// the whole adapter) are folded into the frozen weight.
+fn adapter_at_rank(slice: &WireTensors, rank: u32, scale: f64) -> Result<Adapter, String> {
+    let adapter = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
+    let rank = rank as usize;
+    if rank == 0 || rank > adapter.rank() {
+        return Err(format!("the task asks for rank {rank}, but its adapter has rank {}", adapter.rank()));
+    }
+    if rank == adapter.rank() {
+        return Ok(adapter);
+    }
+    // The rest of the global adapter stays, frozen: W ← W0 + s·B[:, rank:]·A[rank:, :].
+    adapter.slice_with_folded_tail(rank, scale).map_err(|e| format!("global adapter: {e}"))
 }
 
 /// A secure round's vector: the update weighted by min(samples, cap) / cap (the weight stands in
@@ -506,8 +600,9 @@ mod tests {
         runtime.block_on(async {
             for device in 0..50u64 {
                 let source = DataSource::Synthetic { samples: 8, task_seed: 1, sample_seed: device };
-                let trainer = pool.trainer(source).unwrap();
-                trainer.set_base(architecture.clone(), 1.0, BaseSource::Tensors(base_wire.clone())).await.unwrap();
+                let trainer = pool.trainer(source, HeldOut::default()).unwrap();
+                let base = BaseSource::Tensors(base_wire.clone());
+                trainer.set_base(architecture.clone(), 1.0, base, false).await.unwrap();
                 for _ in 0..4 {
                     trainer.train(slice.clone(), 2, settings.clone(), UpdateShaping::default()).await.unwrap();
                 }

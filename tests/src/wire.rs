@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-pub const ALPN: &[u8] = b"flotilla/3";
+pub const ALPN: &[u8] = b"flotilla/4";
 
 // ---- Messages, mirrored field by field from docs/protocol.md (bincode 2, standard config). ----
 
@@ -89,6 +89,7 @@ pub struct RoundTask {
     pub clip_norm: Option<f64>,
     pub secure: Option<Box<SecureTask>>,
     pub noise_multiplier: Option<f64>,
+    pub evaluate: bool,
 }
 
 /// Under secure aggregation (docs/protocol.md).
@@ -267,7 +268,7 @@ pub async fn request(connection: &quinn::Connection, bytes: &[u8]) -> Result<Rep
 pub async fn hello(connection: &quinn::Connection, device_id: &str, rank: u32) -> Result<Reply> {
     let message = DeviceMessage::Hello(Hello {
         device_id: device_id.to_string(),
-        protocol_version: 3,
+        protocol_version: 4,
         hardware: HardwareProfile {
             device_class: "desktop".into(),
             cpu_cores: 2,

@@ -3,6 +3,7 @@
 //! - [`protocol`]: the messages devices and the coordinator exchange; [`framing`]: how a message and
 //!   its tensors are laid out on a QUIC stream, every length bounded, decoded by one streaming
 //!   decoder that writes tensor bytes into whatever storage a [`framing::TensorSink`] hands out.
+//! - [`evaluation`]: federated evaluation's tasks and the sums devices report.
 //! - [`tensor`]: tensor descriptors and raw little-endian bodies.
 //! - [`model`]: the model description (architecture, adapted layer shapes) as plain data.
 //! - [`tls`], [`quic`], [`identity`]: mutual-TLS configuration (ring only), QUIC endpoints and
@@ -12,6 +13,7 @@
 //!   set-up, the crash-test pause hook, and a stable hash for fingerprints and seeds.
 
 pub mod crash_test;
+pub mod evaluation;
 pub mod files;
 pub mod fingerprint;
 pub mod framing;

@@ -15,6 +15,10 @@
 //!   `Reject`.
 //! - device opens a bidirectional stream to renew its certificate: `RenewCertificate` →
 //!   `CertificateRenewed` or `Refusal` (a coordinator that does not renew certificates).
+//! - federated evaluation ([`crate::evaluation`]): the coordinator pushes an `EvaluationTask` (with
+//!   the adapter slice) to a device that does not train this round, or sets `evaluate` in its round
+//!   task; the device opens a bidirectional stream: `EvaluationReport` (sums only) → `Ack` or
+//!   `Reject`.
 //!
 //! Under secure aggregation (a `RoundTask` with [`SecureTask`]), a round adds the SecAgg+ phases
 //! (`flotilla_secagg`); each request is answered when its phase closes (every participant heard
@@ -30,8 +34,8 @@
 use serde::{Deserialize, Serialize};
 
 /// ALPN protocol id; a peer speaking another version fails the handshake with a clear error.
-pub const ALPN: &[u8] = b"flotilla/3";
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const ALPN: &[u8] = b"flotilla/4";
+pub const PROTOCOL_VERSION: u32 = 4;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceMessage {
@@ -43,6 +47,7 @@ pub enum DeviceMessage {
     SecureShares(SecureShares),
     MaskedUpdate(MaskedUpdate),
     UnmaskShares(flotilla_secagg::messages::UnmaskShares),
+    EvaluationReport(crate::evaluation::EvaluationReport),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +63,7 @@ pub enum CoordinatorMessage {
     SecurePeers(SecurePeers),
     SecureSharesForYou(SecureShares),
     SecureUnmask(flotilla_secagg::messages::UnmaskRequest),
+    EvaluationTask(crate::evaluation::EvaluationTask),
 }
 
 impl DeviceMessage {
@@ -72,6 +78,7 @@ impl DeviceMessage {
             DeviceMessage::SecureShares(_) => "SecureShares",
             DeviceMessage::MaskedUpdate(_) => "MaskedUpdate",
             DeviceMessage::UnmaskShares(_) => "UnmaskShares",
+            DeviceMessage::EvaluationReport(_) => "EvaluationReport",
         }
     }
 }
@@ -91,6 +98,7 @@ impl CoordinatorMessage {
             CoordinatorMessage::SecurePeers(_) => "SecurePeers",
             CoordinatorMessage::SecureSharesForYou(_) => "SecureSharesForYou",
             CoordinatorMessage::SecureUnmask(_) => "SecureUnmask",
+            CoordinatorMessage::EvaluationTask(_) => "EvaluationTask",
         }
     }
 }
@@ -197,6 +205,9 @@ pub struct Welcome {
     /// older one, checked against its CA, stores this one, and checks the coordinator against it
     /// from its next connection.
     pub crl_pem: Option<String>,
+    /// The run evaluates on devices (`[federated_evaluation]`): the device sets its held-out share
+    /// of its data apart, never to be trained on.
+    pub evaluates: bool,
 }
 
 /// How a device gets the frozen base.
@@ -279,6 +290,9 @@ pub struct RoundTask {
     /// Under `[privacy]`: the noise multiplier σ of the round's sums, for the device's own ledger
     /// (`--privacy-budget`).
     pub noise_multiplier: Option<f64>,
+    /// Federated evaluation: before training, score the slice as received on the held-out data and
+    /// send an `EvaluationReport` for model round `round - 1`.
+    pub evaluate: bool,
 }
 
 /// What a device needs for one round of secure aggregation.

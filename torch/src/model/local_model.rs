@@ -1,6 +1,7 @@
 //! The model a device trains, whatever its family: a classifier ([`LoraModel`]) or a decoder
 //! ([`DecoderModel`]), under one contract (train, train without evaluation, the adapter after).
 
+use flotilla_wire::evaluation::EvaluationSums;
 use flotilla_wire::protocol::{LocalMetrics, TrainingSettings};
 use tch::Device;
 
@@ -40,6 +41,28 @@ impl LocalModel {
         match self {
             LocalModel::Classifier(model) => model.train_steps(data, settings),
             LocalModel::Decoder(model) => model.train_steps(data, settings),
+        }
+    }
+
+    /// What `data` says about the model, as sums (federated evaluation): a classifier's per-label
+    /// counts and summed cross-entropy over examples, a decoder's over target tokens.
+    pub fn evaluation_sums(&self, data: &Dataset) -> Result<EvaluationSums, ModelError> {
+        match self {
+            LocalModel::Classifier(model) => {
+                let batch = if model.takes_tokens() { 64 } else { 1024 };
+                let (mean_loss, confusion) = model.evaluate_confusion(data, batch)?;
+                Ok(EvaluationSums::from_confusion(&confusion, mean_loss * data.len() as f64))
+            }
+            LocalModel::Decoder(model) => {
+                let sums = model.evaluate_sums(data)?;
+                Ok(EvaluationSums {
+                    examples: data.len() as u64,
+                    scored: sums.tokens,
+                    correct: sums.correct,
+                    loss_sum: sums.loss,
+                    labels: Vec::new(),
+                })
+            }
         }
     }
 

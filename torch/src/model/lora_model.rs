@@ -119,6 +119,11 @@ impl LoraModel {
         self.rank
     }
 
+    /// Whether the model reads token ids (a transformer) rather than features.
+    pub fn takes_tokens(&self) -> bool {
+        self.architecture.takes_tokens()
+    }
+
     /// Mean cross-entropy and accuracy over `data`, in batches, without gradients.
     pub fn evaluate(&self, data: &Dataset, batch_size: usize) -> Result<(f64, f64), ModelError> {
         evaluate_logits(data, batch_size, self.device, |x, lengths| self.forward(x, lengths))

@@ -1,0 +1,245 @@
+//! The round driver's side of `[federated_evaluation]` (see `crate::federated_evaluation`): with
+//! round N's tasks it asks a sample of the connected devices to score model N - 1 (a participant
+//! in its round task, any other device with an evaluation task of its own), and after the last
+//! round it asks for the final model before the run is finished. Reports are checked and summed
+//! by the model's [`Tally`]; its record joins the round's record when every device asked has
+//! answered or left, or at the deadline.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use flotilla_wire::evaluation::{EvaluationReport, EvaluationTask};
+use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+use super::delivery::TaskDelivery;
+use super::{DriverInput, RoundDriver};
+use crate::federated_evaluation::{sample_evaluators, Evaluator, FederatedEvaluationSection, Tally};
+
+/// What the driver keeps for federated evaluation.
+#[derive(Default)]
+pub(crate) struct FederatedState {
+    /// Each connected device's rank and class.
+    members: HashMap<String, Evaluator>,
+    /// Each device's declared held-out size (a report may not change it).
+    held_out: HashMap<String, u64>,
+    /// Models being evaluated, by the round that made them.
+    open: BTreeMap<u32, Tally>,
+}
+
+impl FederatedState {
+    pub(crate) fn joined(&mut self, device: &str, rank: u32, class: &str) {
+        self.members.insert(device.to_string(), Evaluator { rank, class: class.to_string() });
+    }
+
+    /// A device left: it no longer counts as connected, and models it was asked about stop
+    /// waiting for it.
+    pub(crate) fn left(&mut self, device: &str) {
+        self.members.remove(device);
+        self.held_out.remove(device);
+        for tally in self.open.values_mut() {
+            tally.left(device);
+        }
+    }
+}
+
+impl RoundDriver {
+    fn federated_section(&self) -> Option<FederatedEvaluationSection> {
+        self.config.federated_evaluation.clone()
+    }
+
+    /// With round `round`'s tasks: when model `round - 1` is due, picks its evaluators among the
+    /// connected devices, opens its tally and returns them (with their ranks); participants of the
+    /// round among them get `evaluate` set in their round task, the others an evaluation task.
+    pub(super) fn evaluators_for_round(&mut self, round: u32) -> BTreeMap<String, u32> {
+        let model_round = round.saturating_sub(1);
+        self.open_evaluation(model_round, false)
+    }
+
+    /// Opens model `model_round`'s evaluation (`last`: after the run's last round) if it is due.
+    fn open_evaluation(&mut self, model_round: u32, last: bool) -> BTreeMap<String, u32> {
+        let Some(section) = self.federated_section() else { return BTreeMap::new() };
+        let last_round = if last { model_round } else { self.config.round.rounds };
+        if !section.due(model_round, last_round) || self.federated.open.contains_key(&model_round) {
+            return BTreeMap::new();
+        }
+        let mut connected: Vec<String> =
+            self.federated.members.keys().filter(|d| self.sessions.contains_key(*d)).cloned().collect();
+        connected.sort();
+        let chosen = sample_evaluators(&connected, section.fraction, self.config.model.seed, model_round);
+        if chosen.is_empty() {
+            warn!(model_round, "federated evaluation: no device is connected to evaluate the model");
+            return BTreeMap::new();
+        }
+        let asked: BTreeMap<String, Evaluator> =
+            chosen.iter().filter_map(|d| Some((d.clone(), self.federated.members.get(d)?.clone()))).collect();
+        let ranks: BTreeMap<String, u32> = asked.iter().map(|(d, e)| (d.clone(), e.rank)).collect();
+        let asked_len = ranks.len();
+        self.federated.open.insert(model_round, Tally::new(model_round, asked));
+        let deadline = section.deadline_secs.unwrap_or(self.config.round.deadline_secs);
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(deadline.into())).await;
+            let _ = inputs.send(DriverInput::EvaluationDeadline { model_round });
+        });
+        info!(model_round, devices = asked_len, "federated evaluation: asking devices to score the model");
+        ranks
+    }
+
+    /// An evaluation task for `device` (not training this round) at `rank`, for model `model_round`.
+    pub(super) fn evaluation_delivery(&self, device: &str, model_round: u32, rank: u32) -> Option<TaskDelivery> {
+        let connection = self.sessions.get(device)?.clone();
+        let deadline_secs = self
+            .config
+            .federated_evaluation
+            .as_ref()
+            .and_then(|s| s.deadline_secs)
+            .unwrap_or(self.config.round.deadline_secs);
+        let task = CoordinatorMessage::EvaluationTask(EvaluationTask {
+            model_round,
+            rank,
+            base_version: self.base_version.clone(),
+            deadline_secs,
+        });
+        Some(TaskDelivery {
+            device: device.to_string(),
+            round: model_round,
+            rank,
+            connection,
+            task,
+            evaluation_only: true,
+        })
+    }
+
+    /// After the last round: asks for the final model's evaluation and waits until every device
+    /// asked has answered or left, or the deadline (other inputs are dropped, as after the run).
+    pub(super) async fn evaluate_final_model(
+        &mut self,
+        rounds_completed: u32,
+        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
+    ) {
+        let evaluators = self.open_evaluation(rounds_completed, true);
+        let deliveries: Vec<TaskDelivery> = evaluators
+            .iter()
+            .filter_map(|(device, rank)| self.evaluation_delivery(device, rounds_completed, *rank))
+            .collect();
+        self.send_deliveries(deliveries, rounds_completed);
+        while !self.federated.open.is_empty() {
+            match inputs.recv().await {
+                Some(
+                    federated @ (DriverInput::EvaluationReport { .. }
+                    | DriverInput::EvaluationDeadline { .. }
+                    | DriverInput::EvaluationSent { .. }),
+                ) => self.federated_input(federated),
+                Some(DriverInput::Left { device, connection_id, .. }) => {
+                    if self.sessions.get(&device).map(|c| c.stable_id()) == Some(connection_id) {
+                        self.sessions.remove(&device);
+                        self.device_left_evaluation(&device);
+                    }
+                }
+                Some(DriverInput::Evaluated { round, result }) => self.record_evaluation(round, result),
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// A report, a deadline or the bytes of evaluation tasks sent.
+    pub(super) fn federated_input(&mut self, input: DriverInput) {
+        match input {
+            DriverInput::EvaluationReport { device, report, reply } => self.evaluation_report(&device, report, reply),
+            DriverInput::EvaluationDeadline { model_round } => self.close_evaluation(model_round),
+            DriverInput::EvaluationSent { model_round, bytes } => self.evaluation_sent(model_round, bytes),
+            _ => {}
+        }
+    }
+
+    fn evaluation_sent(&mut self, model_round: u32, bytes: u64) {
+        if let Some(tally) = self.federated.open.get_mut(&model_round) {
+            tally.bytes_down += bytes;
+        }
+    }
+
+    /// A device's report: counted, or refused with the reason (and counted as refused).
+    fn evaluation_report(
+        &mut self,
+        device: &str,
+        report: Box<EvaluationReport>,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    ) {
+        let model_round = report.model_round;
+        let architecture = &self.config.model.architecture;
+        let classes = if architecture.is_decoder() { 0 } else { architecture.classes() };
+        let bytes = flotilla_wire::framing::encode_frame(
+            &flotilla_wire::protocol::DeviceMessage::EvaluationReport((*report).clone()),
+            &Default::default(),
+        )
+        .map_or(0, |f| f.len() as u64);
+        let outcome = match self.federated.open.get_mut(&model_round) {
+            Some(tally) => {
+                tally.bytes_up += bytes;
+                tally.accept(device, &report, classes, &mut self.federated.held_out).map_err(|e| e.to_string())
+            }
+            None => Err(format!("the coordinator is not waiting for evaluations of model {model_round}")),
+        };
+        let answer = match outcome {
+            Ok(()) => {
+                metrics::counter!("fl_evaluation_reports_total", "status" => "accepted").increment(1);
+                CoordinatorMessage::Ack(Ack { round: model_round })
+            }
+            Err(reason) => {
+                warn!(device = %device, model_round, "evaluation report refused: {reason}");
+                metrics::counter!("fl_evaluation_reports_total", "status" => "refused").increment(1);
+                CoordinatorMessage::Reject(Reject { round: model_round, reason })
+            }
+        };
+        let _ = reply.send(answer);
+        if self.federated.open.get(&model_round).is_some_and(Tally::complete) {
+            self.close_evaluation(model_round);
+        }
+    }
+
+    pub(super) fn device_left_evaluation(&mut self, device: &str) {
+        self.federated.left(device);
+        let complete: Vec<u32> =
+            self.federated.open.iter().filter(|(_, t)| t.complete()).map(|(round, _)| *round).collect();
+        complete.into_iter().for_each(|round| self.close_evaluation(round));
+    }
+
+    /// Ends model `model_round`'s evaluation: its record joins the round's.
+    fn close_evaluation(&mut self, model_round: u32) {
+        let Some(tally) = self.federated.open.remove(&model_round) else { return };
+        let min_group = self.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
+        let record = tally.record(min_group);
+        match &record.overall {
+            Some(overall) => {
+                metrics::gauge!("fl_federated_eval_accuracy").set(overall.accuracy);
+                info!(
+                    model_round,
+                    "federated evaluation: {:.1}% on {} held-out examples of {} devices ({} declined, {} refused, {} \
+                     missing)",
+                    overall.accuracy * 100.0,
+                    overall.examples,
+                    overall.devices,
+                    record.declined,
+                    record.refused,
+                    record.missing
+                );
+            }
+            None => info!(
+                model_round,
+                "federated evaluation: {} of {} devices reported, too few to publish a total",
+                record.reported,
+                record.asked
+            ),
+        }
+        for (rank, scores) in &record.by_rank {
+            metrics::gauge!("fl_federated_eval_accuracy_by_rank", "rank" => rank.to_string()).set(scores.accuracy);
+        }
+        if let Some(round) = self.summary.rounds.iter_mut().find(|r| r.round == model_round) {
+            round.federated_evaluation = Some(Box::new(record));
+            self.reports.submit(self.summary.clone());
+        }
+    }
+}

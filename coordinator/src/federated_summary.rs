@@ -1,0 +1,58 @@
+//! The run summary's federated evaluation table: each evaluated model on the devices' own
+//! held-out data (totals only), overall, per rank and per device class, printed beside the central
+//! evaluation and labelled apart from it.
+
+use crate::federated_evaluation::{FederatedEvaluation, HeldOutScores};
+use crate::report::RunSummary;
+
+/// The table's lines; none when no round was evaluated on devices.
+pub fn lines(summary: &RunSummary) -> Vec<String> {
+    let records: Vec<&FederatedEvaluation> =
+        summary.rounds.iter().filter_map(|r| r.federated_evaluation.as_deref()).collect();
+    if records.is_empty() {
+        return Vec::new();
+    }
+    let mut ranks: Vec<u32> = records.iter().flat_map(|f| f.by_rank.keys().copied()).collect();
+    ranks.sort_unstable_by(|a, b| b.cmp(a));
+    ranks.dedup();
+    let mut classes: Vec<String> = records.iter().flat_map(|f| f.by_class.keys().cloned()).collect();
+    classes.sort();
+    classes.dedup();
+    let decoder = records.iter().filter_map(|f| f.overall.as_ref()).any(|o| o.macro_f1.is_none());
+    let what = if decoder { "next-token accuracy" } else { "accuracy" };
+    let mut lines = vec![
+        String::new(),
+        format!(
+            "federated {what} on the devices' own held-out data (each device's model as it holds it; sums \
+             only, no device's data or result seen):"
+        ),
+    ];
+    let mut header = format!("{:>5}  {:>9}  {:>8} {:>8}", "model", "reported", "examples", "overall");
+    ranks.iter().for_each(|r| header.push_str(&format!(" {:>8}", format!("rank {r}"))));
+    classes.iter().for_each(|c| header.push_str(&format!(" {c:>8}")));
+    let widths: Vec<usize> = classes.iter().map(|c| c.len().max(8)).collect();
+    lines.push(header);
+    let cell = |scores: Option<&HeldOutScores>| match scores {
+        Some(s) => format!(" {:>7.1}%", s.accuracy * 100.0),
+        None => format!(" {:>8}", "-"),
+    };
+    for record in records {
+        let overall = record.overall.as_ref();
+        let mut line = format!(
+            "{:>5}  {:>9}  {:>8}{}",
+            record.model_round,
+            format!("{}/{}", record.reported, record.asked),
+            overall.map_or("-".to_string(), |o| o.examples.to_string()),
+            cell(overall)
+        );
+        ranks.iter().for_each(|r| line.push_str(&cell(record.by_rank.get(r))));
+        for (class, width) in classes.iter().zip(&widths) {
+            line.push_str(&format!("{:>1$}", cell(record.by_class.get(class)), width + 1));
+        }
+        lines.push(line);
+    }
+    lines.push(
+        "(\"-\": too few devices reported to publish that total; [federated_evaluation] min_group_devices)".into(),
+    );
+    lines
+}
