@@ -22,6 +22,48 @@ pub const ALPN: &[u8] = b"flotilla/4";
 pub enum DeviceMessage {
     Hello(Hello),
     Update(Update),
+    // 2–7 (renewal, checkpoint fetch, secure aggregation) are not sent by these tests.
+    Reserved2,
+    Reserved3,
+    Reserved4,
+    Reserved5,
+    Reserved6,
+    Reserved7,
+    EvaluationReport(EvaluationReport),
+}
+
+/// Federated evaluation (docs/protocol.md): a device's sums on its held-out data.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvaluationReport {
+    pub model_round: u32,
+    pub rank: u32,
+    pub held_out_examples: u64,
+    pub sums: Option<EvaluationSums>,
+    pub declined: String,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct EvaluationSums {
+    pub examples: u64,
+    pub scored: u64,
+    pub correct: u64,
+    pub loss_sum: f64,
+    pub labels: Vec<LabelSums>,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
+pub struct LabelSums {
+    pub support: u64,
+    pub correct: u64,
+    pub predicted: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvaluationTask {
+    pub model_round: u32,
+    pub rank: u32,
+    pub base_version: String,
+    pub deadline_secs: u32,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +194,9 @@ pub enum Reply {
         rounds_completed: u32,
         reason: String,
     },
+    EvaluationTask {
+        task: EvaluationTask,
+    },
 }
 
 fn config() -> impl bincode::config::Config {
@@ -193,6 +238,11 @@ pub fn parse_reply(bytes: &[u8]) -> Result<Reply> {
         5 => {
             let (f, _): (Finished, _) = bincode::serde::decode_from_slice(rest, config())?;
             Reply::Finished { rounds_completed: f.rounds_completed, reason: f.reason }
+        }
+        11 => {
+            let ((task, _), _): ((EvaluationTask, Vec<TensorDesc>), _) =
+                bincode::serde::decode_from_slice(rest, config())?;
+            Reply::EvaluationTask { task }
         }
         other => bail!("unknown coordinator message {other}"),
     })

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use flotilla_tests::{binary, provision, start_coordinator, Process};
+use flotilla_tests::{binary, provision, start_coordinator, wire, Process};
 
 /// An IDX file: magic (type u8, `dims.len()` dimensions), the dimensions, the data.
 fn idx_bytes(dims: &[u32], data: &[u8]) -> Vec<u8> {
@@ -222,4 +222,96 @@ fn without_central_data_the_run_reports_federated_metrics_and_counts_declines() 
     let stdout = coordinator.stdout_text();
     assert!(stdout.contains("federated accuracy on the devices' own held-out data"), "{stdout}");
     assert!(!stdout.contains("coordinator's test set"), "no central evaluation to show\n{stdout}");
+}
+
+/// What the lying device sends for model `model_round`: each breaks one rule.
+fn lie(model_round: u32, rank: u32) -> (wire::EvaluationReport, &'static str) {
+    let labels = |counts: &[(u64, u64, u64)]| {
+        counts.iter().map(|&(support, correct, predicted)| wire::LabelSums { support, correct, predicted }).collect()
+    };
+    let sums = |examples: u64, loss_sum: f64, label_counts: &[(u64, u64, u64)]| wire::EvaluationSums {
+        examples,
+        scored: examples,
+        correct: label_counts.iter().map(|c| c.1).sum(),
+        loss_sum,
+        labels: labels(label_counts),
+    };
+    let (sums, reason) = match model_round {
+        1 => (sums(20, 5.0, &[(10, 9, 10), (10, 9, 10)]), "scored, but the device holds 10"),
+        2 => (sums(9, 5.0, &[(3, 3, 3), (3, 3, 3), (3, 3, 3)]), "outside the model's 2 labels"),
+        3 => (sums(10, f64::NAN, &[(5, 5, 5), (5, 5, 5)]), "not a finite, non-negative number"),
+        _ => (sums(10, 1.0, &[(5, 5, 5), (5, 5, 5)]), "but the device was sent rank"),
+    };
+    let rank = if model_round >= 4 { rank - 1 } else { rank };
+    let report =
+        wire::EvaluationReport { model_round, rank, held_out_examples: 10, sums: Some(sums), declined: String::new() };
+    (report, reason)
+}
+
+#[test]
+fn lies_in_evaluation_reports_are_refused_with_the_reason_and_never_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &["honest", "eve"]);
+    let config = config(run, "", "[federated_evaluation]\nmin_group_devices = 1", 2)
+        .replace("rounds = 2", "rounds = 4")
+        .replace("deadline_secs = 60", "deadline_secs = 4");
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut honest = Process::spawn(
+        "honest",
+        &mut edge(&address, &run.join("pki/kits/honest"), 4, &["--samples", "200"]),
+        &run.join("logs"),
+    );
+    // Eve trains nothing (her rounds close at their deadline without her) and lies in every report.
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let answers = runtime.block_on(async {
+        let endpoint = wire::endpoint(&wire::ClientCredentials::kit(&run.join("pki/kits/eve"))).unwrap();
+        let connection = wire::connect(&endpoint, address.parse().unwrap()).await.unwrap();
+        assert!(matches!(wire::hello(&connection, "eve", 4).await.unwrap(), wire::Reply::Welcome { .. }));
+        let mut answers = Vec::new();
+        loop {
+            let asked = match wire::next_push(&connection, Duration::from_secs(60)).await.unwrap() {
+                wire::Reply::RoundTask { task, .. } if task.evaluate => Some((task.round - 1, task.rank)),
+                wire::Reply::RoundTask { .. } => None,
+                wire::Reply::EvaluationTask { task } => Some((task.model_round, task.rank)),
+                wire::Reply::Finished { .. } => break,
+                other => panic!("unexpected {other:?}"),
+            };
+            let Some((model_round, rank)) = asked else { continue };
+            let (report, reason) = lie(model_round, rank);
+            let mut reports = vec![(report, reason)];
+            if model_round == 1 {
+                // A report nobody asked for, and a second one for model 1 (refused as a duplicate, or as late
+                // once the honest device has answered too).
+                for (other_round, reason) in [(9, "not waiting for evaluations of model 9"), (1, "model 1")] {
+                    let (mut extra, _) = lie(1, rank);
+                    extra.model_round = other_round;
+                    reports.push((extra, reason));
+                }
+            }
+            for (report, reason) in reports {
+                let model_round = report.model_round;
+                let frame = wire::frame(&wire::DeviceMessage::EvaluationReport(report), &[], &[]);
+                answers.push((model_round, wire::request(&connection, &frame).await.unwrap(), reason));
+            }
+        }
+        answers
+    });
+    assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.logs());
+    assert!(honest.wait(Duration::from_secs(30)).success(), "{}", honest.logs());
+    assert_eq!(answers.iter().map(|a| a.0).collect::<Vec<_>>(), vec![1, 9, 1, 2, 3, 4], "{answers:?}");
+    for (model_round, answer, reason) in &answers {
+        match answer {
+            wire::Reply::Reject { reason: said, .. } => assert!(said.contains(reason), "model {model_round}: {said}"),
+            other => panic!("model {model_round}: a lie was answered with {other:?}"),
+        }
+    }
+    let summary = summary(run);
+    for record in summary["rounds"].as_array().unwrap() {
+        let federated = &record["federated_evaluation"];
+        assert_eq!((federated["asked"].as_u64(), federated["refused"].as_u64()), (Some(2), Some(1)), "{federated}");
+        // Only the honest device's 30 held-out samples (15% of 200) are in the totals.
+        assert_eq!(federated["overall"]["examples"], 30, "{federated}");
+    }
+    assert!(coordinator.stderr_text().contains("evaluation report refused"), "{}", coordinator.logs());
 }
