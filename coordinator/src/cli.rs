@@ -305,6 +305,20 @@ fn run(command: Command) -> Result<()> {
                     status.devices_connected,
                     if ranks.is_empty() { "none".to_string() } else { ranks.join(", ") }
                 );
+                if let Some(federated) = &status.federated_evaluation {
+                    let overall = federated.overall.as_ref();
+                    println!(
+                        "federated evaluation of model {}: {} of {} device(s) reported{}",
+                        federated.model_round,
+                        federated.reported,
+                        federated.asked,
+                        overall.map_or(String::new(), |o| format!(
+                            ", {:.1}% on {} held-out examples",
+                            o.accuracy * 100.0,
+                            o.examples
+                        ))
+                    );
+                }
             }
             Ok(())
         }

@@ -12,6 +12,9 @@
 //! - `fl_update_bytes_total` / `fl_task_bytes_total`: tensor bytes received in updates / sent in tasks
 //! - `fl_aggregation_duration_seconds{method}`, `fl_round_duration_seconds`: histograms
 //! - `fl_eval_accuracy{rank}`: test accuracy of the global model at each rank, last round
+//! - `fl_federated_eval_accuracy`, `fl_federated_eval_accuracy_by_rank{rank}`: under
+//!   `[federated_evaluation]`, the last evaluated model's accuracy on the devices' held-out data
+//! - `fl_evaluation_reports_total{status="accepted"|"refused"}`: devices' evaluation reports
 
 use std::net::SocketAddr;
 
@@ -40,6 +43,10 @@ pub struct Status {
     /// Under `[privacy]`: what the noise will cost the model (`crate::privacy_plan`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
+    /// Under `[federated_evaluation]`: the last model scored on the devices' held-out data (totals
+    /// only), beside the central evaluation's gauges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated_evaluation: Option<crate::federated_evaluation::FederatedEvaluation>,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -91,6 +98,12 @@ fn describe() {
     describe_histogram!("fl_aggregation_duration_seconds", Unit::Seconds, "Time to finish a round's aggregation");
     describe_histogram!("fl_round_duration_seconds", Unit::Seconds, "Time from a round's tasks to its global adapter");
     describe_gauge!("fl_eval_accuracy", "Test accuracy of the global model at each rank, last round");
+    describe_gauge!("fl_federated_eval_accuracy", "Accuracy of the last evaluated model on the devices' held-out data");
+    describe_gauge!(
+        "fl_federated_eval_accuracy_by_rank",
+        "Accuracy of each rank's model on the held-out data of the devices holding it"
+    );
+    describe_counter!("fl_evaluation_reports_total", "Devices' federated evaluation reports, by outcome");
     describe_counter!("fl_sessions_closed_total", "Sessions the coordinator closed, by reason");
     describe_counter!("fl_certificate_renewals_total", "Online certificate renewals, by outcome");
     describe_gauge!("fl_privacy_epsilon", "Under [privacy]: the run's ε so far, at the configured δ");

@@ -38,7 +38,7 @@ pub fn draw(dir: &Path, rows: &[ReportRow]) -> Result<()> {
     if rows.is_empty() {
         return Ok(());
     }
-    let with_accuracy = rows.iter().any(|r| r.accuracy.is_some());
+    let with_accuracy = rows.iter().any(|r| r.accuracy.is_some() || federated_accuracy(r).is_some());
     for ext in ["png", "svg"] {
         if with_accuracy {
             render(&dir.join(format!("accuracy.{ext}")), Chart::Accuracy, rows)?;
@@ -100,12 +100,13 @@ where
 {
     let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow!("drawing failed: {e:?}");
     area.fill(&WHITE).map_err(err)?;
-    let values: Vec<f64> = rows.iter().flat_map(|r| r.accuracy_by_rank.values().copied()).collect();
+    let values: Vec<f64> =
+        rows.iter().flat_map(|r| r.accuracy_by_rank.values().copied().chain(federated_accuracy(r))).collect();
     let low = values.iter().copied().fold(1.0f64, f64::min);
     let high = values.iter().copied().fold(0.0f64, f64::max);
     let pad = ((high - low) * 0.1).max(0.01);
     let mut chart = ChartBuilder::on(area)
-        .caption("Test accuracy of the global model per round", ("sans-serif", 22))
+        .caption("Accuracy of the global model per round", ("sans-serif", 22))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
@@ -135,7 +136,23 @@ where
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(width)));
         chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(err)?;
     }
+    let federated: Vec<(f64, f64)> =
+        rows.iter().filter_map(|r| Some((r.round as f64, federated_accuracy(r)?))).collect();
+    if !federated.is_empty() {
+        chart
+            .draw_series(LineSeries::new(federated.clone(), BLACK.stroke_width(2)))
+            .map_err(err)?
+            .label("federated: the devices' own held-out data")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(2)));
+        let square = |(x, y): (f64, f64)| Rectangle::new([(x, y), (x, y)], BLACK.stroke_width(6));
+        chart.draw_series(federated.iter().map(|&p| square(p))).map_err(err)?;
+    }
     draw_legend(&mut chart).map_err(err)
+}
+
+/// The round's model on the devices' held-out data, overall (`[federated_evaluation]`).
+fn federated_accuracy(row: &ReportRow) -> Option<f64> {
+    Some(row.federated.as_ref()?.overall.as_ref()?.accuracy)
 }
 
 fn participation_chart<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, rows: &[ReportRow]) -> Result<()>

@@ -222,6 +222,8 @@ fn without_central_data_the_run_reports_federated_metrics_and_counts_declines() 
     let stdout = coordinator.stdout_text();
     assert!(stdout.contains("federated accuracy on the devices' own held-out data"), "{stdout}");
     assert!(!stdout.contains("coordinator's test set"), "no central evaluation to show\n{stdout}");
+    let plot = std::fs::read_to_string(run.join("accuracy.svg")).unwrap();
+    assert!(plot.contains("federated: the devices"), "the plot shows the federated accuracy");
 }
 
 /// What the lying device sends for model `model_round`: each breaks one rule.

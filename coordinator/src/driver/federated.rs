@@ -241,5 +241,6 @@ impl RoundDriver {
             round.federated_evaluation = Some(Box::new(record));
             self.reports.submit(self.summary.clone());
         }
+        self.publish_state();
     }
 }

@@ -34,6 +34,12 @@ impl RoundDriver {
                     delta: p.delta,
                 }),
                 privacy_plan: self.privacy_plan.clone(),
+                federated_evaluation: self
+                    .summary
+                    .rounds
+                    .iter()
+                    .rev()
+                    .find_map(|r| r.federated_evaluation.as_deref().cloned()),
             };
         }
         for &rank in &self.rank_labels {
