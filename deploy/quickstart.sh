@@ -40,12 +40,15 @@ mkdir -p "$run_dir/logs"
 run_dir="$(cd "$run_dir" && pwd)"
 
 task="${FLOTILLA_TASK:-text}"
+holdout=()
 case "$task" in
 text)
     # The fleet: device id and the LoRA rank it asks for (R_max is 16). The class is the id's prefix.
     fleet=("phone-1:2" "laptop-1:4" "desktop-1:8" "gpu-1:16")
     example=minilm
     data_dir="$run_dir/assets/bbc-news"
+    # Each device holds out its shard of the test split for the federated evaluation.
+    holdout=(--holdout-test-split)
     ;;
 smollm2)
     fleet=("phone-1:2" "laptop-1:4" "desktop-1:8" "gpu-1:16")
@@ -124,7 +127,7 @@ for member in "${fleet[@]}"; do
     "${edge[@]}" run --coordinator "$address" --server-name localhost \
         --kit "$run_dir/pki/kits/$id" --rank "$rank" --device-class "${id%%-*}" \
         --data "$data_dir" --partition "$partition" --devices "${#fleet[@]}" --device-index "$index" \
-        --cache-dir "$run_dir/device-cache" \
+        --cache-dir "$run_dir/device-cache" "${holdout[@]}" \
         >"$run_dir/logs/$id.out" 2>"$run_dir/logs/$id.log" &
     edge_pids+=("$!")
     pids+=("$!")

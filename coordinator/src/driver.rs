@@ -147,6 +147,7 @@ pub(crate) struct RoundDriver {
     privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
     /// Under `[federated_evaluation]`: the connected devices and the models being evaluated.
     federated: federated::FederatedState,
+    evaluate_only: bool,
 }
 
 /// What the driver starts from.
@@ -162,6 +163,9 @@ pub(crate) struct DriverStart {
     pub ledger: Option<crate::privacy_ledger::PrivacyLedger>,
     /// Under `[privacy]`: what the noise will cost the model, for `/status`.
     pub privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
+    /// Train nothing: once `[round] min_devices` have joined, evaluate the resumed checkpoint's
+    /// model on the devices (`serve --evaluate-only`).
+    pub evaluate_only: bool,
 }
 
 impl RoundDriver {
@@ -177,6 +181,7 @@ impl RoundDriver {
             secure_layout,
             ledger,
             privacy_plan,
+            evaluate_only,
         } = start;
         let engine = Engine::new(EngineConfig {
             rounds: config.round.rounds,
@@ -213,6 +218,7 @@ impl RoundDriver {
             last_sampled: first_round - 1,
             privacy_plan,
             federated: Default::default(),
+            evaluate_only,
         }
     }
 
@@ -229,6 +235,9 @@ impl RoundDriver {
         // The configured run is on /metrics and /status from the start, before any device joins,
         // so that an alert on too few connected devices can fire.
         self.publish_state();
+        if self.evaluate_only {
+            return self.evaluate_checkpoint(inputs).await;
+        }
         while let Some(input) = inputs.recv().await {
             let mut upload = None;
             let event = match input {

@@ -38,8 +38,9 @@ struct RunStart {
 }
 
 /// Runs the configured rounds (resuming after the last checkpoint unless `fresh`) and returns the
-/// run's summary, also written to `<run_dir>/summary.json`.
-pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<RunSummary> {
+/// run's summary, also written to `<run_dir>/summary.json`. With `evaluate_only`, trains nothing:
+/// the last checkpoint's model is scored on the devices' held-out data (`[federated_evaluation]`).
+pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) -> anyhow::Result<RunSummary> {
     let configured_rounds = config.round.rounds;
     let (config, privacy_plan) = budgeted_and_planned(config)?;
     let run_dir = config.server.run_dir.clone();
@@ -52,7 +53,9 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let base = crate::base::prepare(&config)?;
     let start = run_start(&config, &base, fresh)?;
     let (config, ledger) = limit_rounds_to_ledger(config, start.first_round)?;
-    if start.first_round > config.round.rounds {
+    if evaluate_only {
+        check_evaluate_only(&config, &start, fresh)?;
+    } else if start.first_round > config.round.rounds {
         let sampled = ledger.as_ref().map_or(start.first_round - 1, |l| l.sampled());
         return Ok(nothing_left_to_run(&config, start, sampled, configured_rounds));
     }
@@ -109,6 +112,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
         secure_layout,
         ledger,
         privacy_plan,
+        evaluate_only,
     });
     let summary = driver.run(receiver).await;
     acceptor.abort();
@@ -118,6 +122,26 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool) -> anyhow::Result<Run
     let summary = summary?;
     write_summary(&run_dir, &summary)?;
     Ok(summary)
+}
+
+/// `serve --evaluate-only` needs a model to evaluate (a checkpoint in the run directory) and devices
+/// to evaluate it on (`[federated_evaluation]`).
+fn check_evaluate_only(config: &CoordinatorConfig, start: &RunStart, fresh: bool) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !fresh,
+        "--evaluate-only evaluates the run directory's last checkpoint; --fresh would set it aside"
+    );
+    anyhow::ensure!(
+        config.federated_evaluation.is_some(),
+        "--evaluate-only needs a [federated_evaluation] section: it asks the devices to score the model"
+    );
+    anyhow::ensure!(
+        start.history.is_some(),
+        "--evaluate-only: {} holds no checkpoint (global/round-N) to evaluate",
+        config.server.run_dir.display()
+    );
+    info!(round = start.first_round - 1, "evaluation only: the devices will score this round's global adapter");
+    Ok(())
 }
 
 /// Closes every connection left. DONE tells a device still training that the run is over; after

@@ -13,8 +13,13 @@ pub struct HeldOutArgs {
     pub holdout_fraction: f64,
     /// Held-out data of its own instead of a share of --data (the same formats; an IDX directory's
     /// training files, a text set's training split): all of --data is then trained on.
-    #[arg(long, conflicts_with = "no_evaluation")]
+    #[arg(long, conflicts_with_all = ["no_evaluation", "holdout_test_split"])]
     pub holdout_data: Option<PathBuf>,
+    /// Hold out this device's shard (the same --partition) of the --data set's test split (an IDX
+    /// directory's t10k files, a text set's stable test split) instead of a share of its training
+    /// data: all of the training shard is then trained on. For trials on public data sets.
+    #[arg(long, conflicts_with = "no_evaluation")]
+    pub holdout_test_split: bool,
     /// Decline the coordinator's evaluation requests (the coordinator counts the refusal); no data
     /// is held out.
     #[arg(long)]
@@ -25,6 +30,8 @@ impl HeldOutArgs {
     pub fn choice(&self) -> HeldOut {
         if self.no_evaluation {
             HeldOut::Declined("evaluation is turned off on this device (--no-evaluation)".into())
+        } else if self.holdout_test_split {
+            HeldOut::TestSplit
         } else if let Some(path) = &self.holdout_data {
             HeldOut::Data(path.clone())
         } else if self.holdout_fraction > 0.0 {
@@ -42,6 +49,8 @@ pub enum HeldOut {
     Share(f64),
     /// A data set of its own.
     Data(PathBuf),
+    /// Its shard of the data set's test split.
+    TestSplit,
     /// Nothing: the device declines evaluation, for this reason.
     Declined(String),
 }
@@ -105,8 +114,11 @@ mod tests {
         let args = |fraction: f64, data: Option<&str>, off: bool| HeldOutArgs {
             holdout_fraction: fraction,
             holdout_data: data.map(PathBuf::from),
+            holdout_test_split: false,
             no_evaluation: off,
         };
+        let test_split = HeldOutArgs { holdout_test_split: true, ..args(0.15, None, false) };
+        assert_eq!(test_split.choice(), HeldOut::TestSplit);
         assert_eq!(args(0.15, None, false).choice(), HeldOut::Share(0.15));
         assert_eq!(args(0.15, Some("/h"), false).choice(), HeldOut::Data(PathBuf::from("/h")));
         assert!(matches!(args(0.0, None, false).choice(), HeldOut::Declined(_)));

@@ -114,10 +114,19 @@ impl DataChoice {
 impl DataSource {
     /// The local data for `architecture`; a transformer's texts are tokenized with `tokenizer`.
     fn load(&self, architecture: &Architecture, tokenizer: Option<&Path>) -> Result<Dataset, String> {
+        self.load_split(architecture, tokenizer, false)
+    }
+
+    /// The local data, from the data set's training split or (`test`) its test split (IDX `t10k`
+    /// files, the texts' stable test split), sharded alike.
+    fn load_split(&self, architecture: &Architecture, tokenizer: Option<&Path>, test: bool) -> Result<Dataset, String> {
         match self {
             DataSource::Synthetic { samples, task_seed, sample_seed } => {
                 if *samples == 0 {
                     return Err("no local samples".into());
+                }
+                if test {
+                    return Err("synthetic data has no test split; hold out a share of it (--holdout-fraction)".into());
                 }
                 if architecture.takes_tokens() {
                     return Err("synthetic data is for the small models; give a transformer text data (--data bbc-news, a CSV, ...)".into());
@@ -131,10 +140,12 @@ impl DataSource {
                 ))
             }
             DataSource::Path { path, shard, keep } => {
+                let (split, text_split) =
+                    if test { (Split::Test, TextSplit::Test) } else { (Split::Train, TextSplit::Train) };
                 let data = match architecture {
-                    Architecture::Bert(spec) => load_texts(spec, path, tokenizer)?,
-                    Architecture::Llama(spec) => load_articles(spec, path, tokenizer)?,
-                    _ => load_split(path, Split::Train, architecture.classes()).map_err(|e| e.to_string())?,
+                    Architecture::Bert(spec) => load_texts(spec, path, tokenizer, text_split)?,
+                    Architecture::Llama(spec) => load_articles(spec, path, tokenizer, text_split)?,
+                    _ => load_split(path, split, architecture.classes()).map_err(|e| e.to_string())?,
                 };
                 let Some((spec, index)) = shard else { return Ok(data) };
                 let parts = partition(&data.labels_vec(), architecture.classes(), spec)?;
@@ -164,19 +175,19 @@ fn kept_share(shard: &[usize], keep: f64, seed: u64) -> Vec<usize> {
     mine
 }
 
-/// The training split of the labelled texts at `path`, tokenized.
-fn load_texts(spec: &BertSpec, path: &Path, tokenizer: Option<&Path>) -> Result<Dataset, String> {
+/// A split of the labelled texts at `path`, tokenized.
+fn load_texts(spec: &BertSpec, path: &Path, tokenizer: Option<&Path>, split: TextSplit) -> Result<Dataset, String> {
     let tokenizer = tokenizer.ok_or("a transformer needs its tokenizer.json")?;
-    load_tokenized(spec, path, TextSplit::Train, tokenizer).map_err(|e| e.to_string())
+    load_tokenized(spec, path, split, tokenizer).map_err(|e| e.to_string())
 }
 
-/// The training split of the articles at `path` as headline examples, tokenized with the decoder's
-/// GGUF file `gguf`.
-fn load_articles(spec: &DecoderSpec, path: &Path, gguf: Option<&Path>) -> Result<Dataset, String> {
+/// A split of the articles at `path` as headline examples, tokenized with the decoder's GGUF file
+/// `gguf`.
+fn load_articles(spec: &DecoderSpec, path: &Path, gguf: Option<&Path>, split: TextSplit) -> Result<Dataset, String> {
     let gguf = gguf.ok_or("a decoder needs its GGUF file")?;
     let file = GgufFile::open(gguf).map_err(|e| e.to_string())?;
     let tokenizer = DecoderTokenizer::from_gguf(&file).map_err(|e| e.to_string())?;
-    load_headlines(spec, path, TextSplit::Train, &tokenizer).map_err(|e| e.to_string())
+    load_headlines(spec, path, split, &tokenizer).map_err(|e| e.to_string())
 }
 
 /// The one GGUF file of a decoder's checkpoint directory.
@@ -458,9 +469,23 @@ impl DeviceState {
             HeldOut::Declined(_) => Ok((data, None)),
             HeldOut::Share(fraction) => {
                 let labels: Vec<usize> = data.labels_vec().iter().map(|&l| l.max(0) as usize).collect();
+                if labels.len() != data.len() {
+                    return Err(BaseFailure::Data("its labels cannot be read to set held-out data apart".into()));
+                }
                 let (training, held) = crate::held_out::split(&labels, *fraction, HELD_OUT_SEED);
                 tracing::info!(held_out = held.len(), training = training.len(), "held out for federated evaluation");
                 Ok((data.subset(&training), Some(data.subset(&held))))
+            }
+            HeldOut::TestSplit => {
+                let held = self
+                    .source
+                    .load_split(architecture, tokenizer, true)
+                    .map_err(|e| BaseFailure::Data(format!("--holdout-test-split: {e}")))?;
+                tracing::info!(
+                    held_out = held.len(),
+                    "held out for federated evaluation: this device's shard of the test split"
+                );
+                Ok((data, Some(held)))
             }
             HeldOut::Data(path) => {
                 let source = DataSource::Path { path: path.clone(), shard: None, keep: 1.0 };

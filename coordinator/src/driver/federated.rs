@@ -145,6 +145,39 @@ impl RoundDriver {
         }
     }
 
+    /// `serve --evaluate-only`: waits until `[round] min_devices` have joined, asks them to score
+    /// the resumed checkpoint's model (the last round's), and ends the run.
+    pub(super) async fn evaluate_checkpoint(
+        &mut self,
+        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
+    ) -> anyhow::Result<crate::report::RunSummary> {
+        let model_round = self.summary.rounds_completed;
+        info!(model_round, devices = self.config.round.min_devices, "evaluation only: waiting for the devices");
+        while self.sessions.len() < self.config.round.min_devices {
+            match inputs.recv().await {
+                Some(DriverInput::Joined { device, rank, class, connection }) => {
+                    if let Some(old) = self.sessions.insert(device.clone(), connection) {
+                        old.close(flotilla_wire::protocol::close::REPLACED.into(), b"replaced by a newer connection");
+                    }
+                    self.federated.joined(&device, rank, &class);
+                }
+                Some(DriverInput::Left { device, connection_id, .. }) => {
+                    if self.sessions.get(&device).map(|c| c.stable_id()) == Some(connection_id) {
+                        self.sessions.remove(&device);
+                        self.federated.left(&device);
+                    }
+                }
+                Some(DriverInput::Fatal(reason)) => anyhow::bail!(reason),
+                Some(_) => {}
+                None => anyhow::bail!("round driver stopped unexpectedly"),
+            }
+            self.publish_state();
+        }
+        self.evaluate_final_model(model_round, inputs).await;
+        self.finish_sessions(model_round).await;
+        Ok(self.summary.clone())
+    }
+
     /// A report, a deadline or the bytes of evaluation tasks sent.
     pub(super) fn federated_input(&mut self, input: DriverInput) {
         match input {
