@@ -9,6 +9,7 @@
 #   FLOTILLA_RUN_DIR=/tmp/demo bash deploy/quickstart.sh
 #   FLOTILLA_TASK=smollm2 bash deploy/quickstart.sh        # a decoder: SmolLM2-135M-Instruct writes BBC headlines
 #   FLOTILLA_TASK=fashion-mnist bash deploy/quickstart.sh  # the small-model demo: an MLP on Fashion-MNIST
+#   FLOTILLA_FEDERATED_EVALUATION=0 bash deploy/quickstart.sh  # central evaluation only
 #   FLOTILLA_EDGE=/opt/flotilla-edge/bin/flotilla-edge bash deploy/quickstart.sh
 #                          # the fleet runs an installed edge client (deploy/package-edge.sh's archive) in
 #                          # a cleared environment: PATH=$FLOTILLA_EDGE_PATH (default /usr/bin:/bin), no LD_LIBRARY_PATH
@@ -86,6 +87,11 @@ overrides=()
 [ -n "${FLOTILLA_ROUNDS:-}" ] && overrides+=("FLOTILLA__ROUND__ROUNDS=$FLOTILLA_ROUNDS")
 [ -n "${FLOTILLA_LOCAL_STEPS:-}" ] && overrides+=("FLOTILLA__ROUND__LOCAL_STEPS=$FLOTILLA_LOCAL_STEPS")
 [ -n "${FLOTILLA_EVAL_SAMPLES:-}" ] && overrides+=("FLOTILLA__EVALUATION__MAX_SAMPLES=$FLOTILLA_EVAL_SAMPLES")
+# FLOTILLA_FEDERATED_EVALUATION=0: no evaluation on the devices (they hold nothing out).
+if [ "${FLOTILLA_FEDERATED_EVALUATION:-1}" = 0 ]; then
+    sed -i '/^\[federated_evaluation\]/,/^$/d' "$run_dir/coordinator.toml"
+    holdout=()
+fi
 rounds="${FLOTILLA_ROUNDS:-$(sed -n 's/^rounds = //p' "$run_dir/coordinator.toml")}"
 
 pids=()

@@ -52,6 +52,15 @@ fn quickstart_fine_tunes_minilm_on_bbc_news_across_ranks() {
     assert_eq!(r_max["per_class"].as_array().unwrap().len(), 5, "{r_max}");
     assert!(r_max["macro_f1"].as_f64().unwrap() > 0.0);
     assert!(stdout.contains("per class at R_max after round 3 (macro-F1"), "{stdout}");
+    // Federated evaluation: the four devices score every model on their shards of the test split,
+    // which together are the whole split (the central evaluation above samples 100 of it).
+    assert!(stdout.contains("federated accuracy on the devices' own held-out data"), "{stdout}");
+    for round in summary["rounds"].as_array().unwrap() {
+        let federated = &round["federated_evaluation"];
+        assert_eq!(federated["reported"], 4, "{federated}");
+        assert_eq!(federated["overall"]["examples"], 415, "{federated}");
+        assert_eq!(federated["by_class"].as_object().unwrap().len(), 4, "{federated}");
+    }
     let fetched = std::fs::read_dir(run_dir.join("device-cache/bases")).unwrap().count();
     assert_eq!(fetched, 1, "one base, fetched from the coordinator once into the devices' cache");
     let (adapter, _) = read_safetensors(&run_dir.join("export/adapter/adapter_model.safetensors"));
