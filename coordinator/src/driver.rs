@@ -529,7 +529,7 @@ impl RoundDriver {
         }
         // Evaluators that do not train this round get the same slice with an evaluation task.
         for (device, rank) in evaluators {
-            deliveries.extend(self.evaluation_delivery(&device, round - 1, rank));
+            deliveries.extend(self.evaluation_delivery(&device, round - 1, rank, &[]));
         }
         self.send_deliveries(deliveries, round);
     }

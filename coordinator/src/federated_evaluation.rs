@@ -26,11 +26,21 @@ pub struct FederatedEvaluationSection {
     pub min_group_devices: usize,
     /// Seconds devices have to report (default: `[round] deadline_secs`).
     pub deadline_secs: Option<u32>,
+    /// The cross-rank view: after the last round each device also scores the models the fleet's
+    /// other ranks hold, on its own held-out data (a table of each rank's model against each device
+    /// class's data). It costs each device one evaluation per rank, and the largest rank's slice.
+    pub cross_rank: bool,
 }
 
 impl Default for FederatedEvaluationSection {
     fn default() -> Self {
-        FederatedEvaluationSection { every_rounds: 1, fraction: 1.0, min_group_devices: 2, deadline_secs: None }
+        FederatedEvaluationSection {
+            every_rounds: 1,
+            fraction: 1.0,
+            min_group_devices: 2,
+            deadline_secs: None,
+            cross_rank: true,
+        }
     }
 }
 
@@ -87,11 +97,12 @@ pub fn sample_evaluators(connected: &[String], fraction: f64, seed: u64, model_r
 }
 
 /// What a device asked to evaluate holds: its rank and class (for the per-rank and per-class
-/// totals).
+/// totals), and the other ranks whose models it is asked to score (the cross-rank view).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Evaluator {
     pub rank: u32,
     pub class: String,
+    pub cross: Vec<u32>,
 }
 
 /// Why a report was refused.
@@ -105,6 +116,8 @@ pub enum ReportRefused {
     WrongRank { got: u32, sent: u32 },
     #[error("the device declared {now} held-out examples, but {before} before")]
     HeldOutChanged { before: u64, now: u64 },
+    #[error("the report scores the models of ranks {got:?}, but the device was asked for {asked:?}")]
+    WrongCrossRanks { got: Vec<u32>, asked: Vec<u32> },
     #[error(transparent)]
     Sums(#[from] flotilla_wire::evaluation::SumsError),
 }
@@ -120,6 +133,8 @@ pub struct Tally {
     total: Group,
     by_rank: BTreeMap<u32, Group>,
     by_class: BTreeMap<String, Group>,
+    /// The cross-rank view: (model rank, device class).
+    cross: BTreeMap<(u32, String), Group>,
     started: Instant,
     /// Bytes of the adapter slices sent with evaluation tasks (a piggy-backed request sends none),
     /// and of the reports received.
@@ -153,6 +168,7 @@ impl Tally {
             total: Group::default(),
             by_rank: BTreeMap::new(),
             by_class: BTreeMap::new(),
+            cross: BTreeMap::new(),
             started: Instant::now(),
             bytes_down: 0,
             bytes_up: 0,
@@ -205,6 +221,19 @@ impl Tally {
             return Ok(());
         };
         sums.check(declared, classes)?;
+        let got: Vec<u32> = report.cross.iter().map(|c| c.rank).collect();
+        if got != evaluator.cross {
+            return Err(ReportRefused::WrongCrossRanks { got, asked: evaluator.cross.clone() });
+        }
+        for cell in &report.cross {
+            cell.sums.check(declared, classes)?;
+            if cell.sums.examples != sums.examples {
+                return Err(ReportRefused::Sums(flotilla_wire::evaluation::SumsError::MoreThanHeldOut {
+                    examples: cell.sums.examples,
+                    declared: sums.examples,
+                }));
+            }
+        }
         // Added to a copy first: a sum that overflows leaves the totals as they were. A group is
         // part of the total, so it cannot overflow where the total did not.
         let mut total = self.total.sums.clone();
@@ -213,6 +242,12 @@ impl Tally {
         self.total.devices += 1;
         self.by_rank.entry(evaluator.rank).or_default().add(sums)?;
         self.by_class.entry(evaluator.class.clone()).or_default().add(sums)?;
+        if !evaluator.cross.is_empty() {
+            self.cross.entry((evaluator.rank, evaluator.class.clone())).or_default().add(sums)?;
+            for cell in &report.cross {
+                self.cross.entry((cell.rank, evaluator.class.clone())).or_default().add(&cell.sums)?;
+            }
+        }
         Ok(())
     }
 
@@ -242,6 +277,12 @@ impl Tally {
         let overall = published(&self.total);
         let by_rank = self.by_rank.iter().filter_map(|(rank, g)| published(g).map(|s| (*rank, s))).collect();
         let by_class = self.by_class.iter().filter_map(|(class, g)| published(g).map(|s| (class.clone(), s))).collect();
+        let mut cross_rank: BTreeMap<u32, BTreeMap<String, HeldOutScores>> = BTreeMap::new();
+        for ((rank, class), group) in &self.cross {
+            if let Some(scores) = published(group) {
+                cross_rank.entry(*rank).or_default().insert(class.clone(), scores);
+            }
+        }
         FederatedEvaluation {
             model_round: self.model_round,
             asked: self.asked.len(),
@@ -252,6 +293,7 @@ impl Tally {
             overall,
             by_rank,
             by_class,
+            cross_rank,
             suppressed_groups: suppressed,
             seconds: self.started.elapsed().as_secs_f64(),
             bytes_down: self.bytes_down,
@@ -278,6 +320,10 @@ pub struct FederatedEvaluation {
     pub by_rank: BTreeMap<u32, HeldOutScores>,
     /// Each device class's held-out data, on the models its devices hold.
     pub by_class: BTreeMap<String, HeldOutScores>,
+    /// The cross-rank view (`cross_rank`, the final model): each rank's model (the outer key) on
+    /// each device class's held-out data.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub cross_rank: BTreeMap<u32, BTreeMap<String, HeldOutScores>>,
     /// Groups (overall, ranks, classes) left out for having too few devices.
     pub suppressed_groups: usize,
     /// From the first request to the record.
@@ -330,7 +376,10 @@ mod tests {
     use flotilla_wire::evaluation::EvaluationSums;
 
     fn asked(devices: &[(&str, u32, &str)]) -> BTreeMap<String, Evaluator> {
-        devices.iter().map(|(d, r, c)| (d.to_string(), Evaluator { rank: *r, class: c.to_string() })).collect()
+        devices
+            .iter()
+            .map(|(d, r, c)| (d.to_string(), Evaluator { rank: *r, class: c.to_string(), cross: Vec::new() }))
+            .collect()
     }
 
     fn report(rank: u32, confusion: &[Vec<u64>]) -> EvaluationReport {
@@ -341,6 +390,7 @@ mod tests {
             held_out_examples: sums.examples,
             sums: Some(sums),
             declined: String::new(),
+            cross: Vec::new(),
         }
     }
 
@@ -410,8 +460,14 @@ mod tests {
     #[test]
     fn declines_and_departures_are_counted_apart() {
         let mut tally = Tally::new(3, asked(&[("a", 2, "phone"), ("b", 2, "phone")]));
-        let declined =
-            EvaluationReport { model_round: 3, rank: 2, held_out_examples: 0, sums: None, declined: "policy".into() };
+        let declined = EvaluationReport {
+            model_round: 3,
+            rank: 2,
+            held_out_examples: 0,
+            sums: None,
+            declined: "policy".into(),
+            cross: vec![],
+        };
         tally.accept("a", &declined, 2, &mut HashMap::new()).unwrap();
         tally.left("b");
         tally.left("stranger");
@@ -430,6 +486,33 @@ mod tests {
         assert_eq!(sample_evaluators(&connected, 0.01, 7, 3).len(), 1);
         assert_eq!(sample_evaluators(&connected, 1.0, 7, 3), connected);
         assert!(sample_evaluators(&[], 1.0, 7, 3).is_empty());
+    }
+
+    #[test]
+    fn the_cross_rank_view_puts_each_rank_s_model_against_each_class_s_data() {
+        let mut evaluators = asked(&[("a", 2, "phone"), ("b", 8, "laptop")]);
+        evaluators.get_mut("a").unwrap().cross = vec![8];
+        evaluators.get_mut("b").unwrap().cross = vec![2];
+        let mut tally = Tally::new(3, evaluators);
+        let mut held_out = HashMap::new();
+        let with_cross = |rank: u32, own: &[Vec<u64>], other: u32, theirs: &[Vec<u64>]| {
+            let mut r = report(rank, own);
+            r.cross = vec![flotilla_wire::evaluation::RankSums {
+                rank: other,
+                sums: EvaluationSums::from_confusion(theirs, 1.0),
+            }];
+            r
+        };
+        tally
+            .accept("a", &with_cross(2, &[vec![2, 2], vec![0, 4]], 8, &[vec![4, 0], vec![0, 4]]), 2, &mut held_out)
+            .unwrap();
+        // Asked for rank 2's model, b scores rank 4's: refused.
+        let wrong = with_cross(8, &[vec![5, 0], vec![0, 5]], 4, &[vec![5, 0], vec![0, 5]]);
+        assert!(matches!(tally.accept("b", &wrong, 2, &mut held_out), Err(ReportRefused::WrongCrossRanks { .. })));
+        let record = tally.record(1);
+        assert!((record.cross_rank[&2]["phone"].accuracy - 0.75).abs() < 1e-12, "a's own model");
+        assert!((record.cross_rank[&8]["phone"].accuracy - 1.0).abs() < 1e-12, "rank 8's model on a's data");
+        assert!(!record.cross_rank[&8].contains_key("laptop"), "b's report was refused");
     }
 
     #[test]

@@ -36,7 +36,7 @@ pub fn lines(summary: &RunSummary) -> Vec<String> {
         Some(s) => format!(" {:>7.1}%", s.accuracy * 100.0),
         None => format!(" {:>8}", "-"),
     };
-    for record in records {
+    for record in &records {
         let overall = record.overall.as_ref();
         let mut line = format!(
             "{:>5}  {:>9}  {:>8}{}",
@@ -54,5 +54,39 @@ pub fn lines(summary: &RunSummary) -> Vec<String> {
     lines.push(
         "(\"-\": too few devices reported to publish that total; [federated_evaluation] min_group_devices)".into(),
     );
+    if let Some(record) = records.iter().rev().find(|f| !f.cross_rank.is_empty()) {
+        lines.extend(cross_rank_lines(record, what));
+    }
+    lines
+}
+
+/// The cross-rank view of `record`: each rank's model (a row) on each device class's held-out data
+/// (a column).
+fn cross_rank_lines(record: &FederatedEvaluation, what: &str) -> Vec<String> {
+    let mut classes: Vec<&String> = record.cross_rank.values().flat_map(|by_class| by_class.keys()).collect();
+    classes.sort();
+    classes.dedup();
+    let widths: Vec<usize> = classes.iter().map(|c| c.len().max(8)).collect();
+    let mut header = format!("{:>8}", "model");
+    for (class, width) in classes.iter().zip(&widths) {
+        header.push_str(&format!(" {class:>width$}"));
+    }
+    let mut lines = vec![
+        String::new(),
+        format!(
+            "cross-rank view, model {}: {what} of each rank's model (as a device of that rank holds it) on each \
+             device class's held-out data:",
+            record.model_round
+        ),
+        header,
+    ];
+    for (rank, by_class) in record.cross_rank.iter().rev() {
+        let mut line = format!("{:>8}", format!("rank {rank}"));
+        for (class, width) in classes.iter().zip(&widths) {
+            let cell = by_class.get(*class).map_or("-".to_string(), |s| format!("{:.1}%", s.accuracy * 100.0));
+            line.push_str(&format!(" {cell:>width$}"));
+        }
+        lines.push(line);
+    }
     lines
 }

@@ -33,6 +33,7 @@ pub(crate) async fn send_report(
         held_out_examples: result.held_out_examples,
         sums: result.sums,
         declined: result.declined,
+        cross: result.cross,
     });
     let (mut send, mut recv) = connection.open_bi().await?;
     write_frame(&mut send, &report, &WireTensors::default()).await?;

@@ -25,9 +25,13 @@ pub trait LocalTrainer: Send + Sync {
         evaluates: bool,
     ) -> impl Future<Output = Result<(), BaseFailure>> + Send;
 
-    /// Scores the global adapter's `slice` at `rank` (as [`LocalTrainer::train`] would hold it)
-    /// on the held-out data, without training: sums only.
-    fn evaluate(&self, slice: WireTensors, rank: u32) -> impl Future<Output = anyhow::Result<HeldOutResult>> + Send;
+    /// Scores the global adapter's `slice` as a device of `scoring.rank` holds it (and as devices of
+    /// `scoring.cross_ranks` do) on the held-out data, without training: sums only.
+    fn evaluate(
+        &self,
+        slice: WireTensors,
+        scoring: Scoring,
+    ) -> impl Future<Output = anyhow::Result<HeldOutResult>> + Send;
 
     /// Trains the round's `slice` at `rank`: slots of the slice beyond `rank` (Fold-and-Fill sends
     /// the whole R_max adapter) are folded into the frozen weight and not trained. With a clipping
@@ -41,11 +45,23 @@ pub trait LocalTrainer: Send + Sync {
     ) -> impl Future<Output = anyhow::Result<TrainedUpdate>> + Send;
 }
 
+/// Which models of a slice to score: the device's own rank's, and the cross-rank view's.
+#[derive(Debug, Clone, Default)]
+pub struct Scoring {
+    pub rank: u32,
+    pub cross_ranks: Vec<u32>,
+    /// A rank-r model folds the slice's slots above r into the frozen weight (Fold-and-Fill); it
+    /// keeps only its first r slots otherwise.
+    pub fold_tail: bool,
+}
+
 /// What the held-out data says about a model: the sums, or why the device declines.
 pub struct HeldOutResult {
     pub held_out_examples: u64,
     pub sums: Option<flotilla_wire::evaluation::EvaluationSums>,
     pub declined: String,
+    /// The cross-rank view: each asked rank's model on the same data.
+    pub cross: Vec<flotilla_wire::evaluation::RankSums>,
 }
 
 pub struct TrainedUpdate {

@@ -26,7 +26,7 @@ use tracing::{info, warn};
 
 use crate::base_store::StoreError;
 use crate::evaluation_session::send_report;
-use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, TrainedUpdate, UpdateShaping};
+use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, Scoring, TrainedUpdate, UpdateShaping};
 use crate::renewal::{renew_certificate, RenewalError};
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
 use flotilla_secagg::client::ClientRound;
@@ -244,8 +244,11 @@ async fn connect_and_serve(
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
                 if task.evaluate {
+                    // Scored as it will be trained: the slots above its rank folded (Fold-and-Fill
+                    // sends the whole adapter; the other methods send exactly its rank's).
+                    let scoring = Scoring { rank: task.rank, cross_ranks: Vec::new(), fold_tail: true };
                     let slice = tensors.clone();
-                    evaluate_and_report(&connection, trainer, settings, &mut stop, round - 1, task.rank, slice).await?;
+                    evaluate_and_report(&connection, trainer, settings, &mut stop, round - 1, scoring, slice).await?;
                 }
                 secure_round = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors)
                     .await?
@@ -256,8 +259,9 @@ async fn connect_and_serve(
                 }
             }
             CoordinatorMessage::EvaluationTask(task) => {
-                let (model_round, rank) = (task.model_round, task.rank);
-                evaluate_and_report(&connection, trainer, settings, &mut stop, model_round, rank, tensors).await?;
+                let scoring = Scoring { rank: task.rank, cross_ranks: task.cross_ranks, fold_tail: task.fold_tail };
+                let model_round = task.model_round;
+                evaluate_and_report(&connection, trainer, settings, &mut stop, model_round, scoring, tensors).await?;
             }
             CoordinatorMessage::SecureUnmask(request) => match secure_round.take() {
                 Some((round, client)) => {
@@ -282,19 +286,20 @@ async fn connect_and_serve(
     }
 }
 
-/// Scores `slice` at `rank` (the global model after round `model_round`) on the held-out data and
-/// reports the sums.
+/// Scores `slice` (the global model after round `model_round`) as `scoring` asks on the held-out
+/// data and reports the sums.
 async fn evaluate_and_report(
     connection: &quinn::Connection,
     trainer: &impl LocalTrainer,
     settings: &SessionSettings,
     stop: &mut tokio::sync::watch::Receiver<Stop>,
     model_round: u32,
-    rank: u32,
+    scoring: Scoring,
     slice: WireTensors,
 ) -> Result<(), SessionError> {
+    let rank = scoring.rank;
     let result = tokio::select! {
-        result = trainer.evaluate(slice, rank) => result,
+        result = trainer.evaluate(slice, scoring) => result,
         _ = stop_reached(stop, Stop::AfterUpload) => {
             return Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")));
         }

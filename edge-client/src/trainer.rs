@@ -17,12 +17,15 @@ use flotilla_torch::model::checkpoint::HfCheckpoint;
 use flotilla_torch::model::llama::{llama_spec, load_base};
 use flotilla_torch::model::quantized::load_base_q4;
 use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, DecoderSpec, LocalModel};
+use flotilla_wire::evaluation::{EvaluationSums, RankSums};
 use flotilla_wire::protocol::{SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
 use crate::held_out::HeldOut;
-use crate::local_trainer::{BaseFailure, BaseSource, HeldOutResult, LocalTrainer, TrainedUpdate, UpdateShaping};
+use crate::local_trainer::{
+    BaseFailure, BaseSource, HeldOutResult, LocalTrainer, Scoring, TrainedUpdate, UpdateShaping,
+};
 
 /// How a device holds a decoder's frozen base: dequantized to f32, or its 4-bit projections kept
 /// 4-bit (`flotilla_torch::model::quantized`).
@@ -42,7 +45,7 @@ enum Job {
     },
     Evaluate {
         slice: WireTensors,
-        rank: u32,
+        scoring: Scoring,
         reply: oneshot::Sender<Result<HeldOutResult, String>>,
     },
     Train {
@@ -249,8 +252,8 @@ impl TrainerPool {
                             put_back(state);
                             let _ = reply.send(result);
                         }
-                        Job::Evaluate { slice, rank, reply } => {
-                            let result = state.evaluate(&slice, rank, device);
+                        Job::Evaluate { slice, scoring, reply } => {
+                            let result = state.evaluate(&slice, &scoring, device);
                             put_back(state);
                             let _ = reply.send(result);
                         }
@@ -305,9 +308,9 @@ impl LocalTrainer for Trainer {
         answer.await.map_err(|_| stopped())?
     }
 
-    async fn evaluate(&self, slice: WireTensors, rank: u32) -> anyhow::Result<HeldOutResult> {
+    async fn evaluate(&self, slice: WireTensors, scoring: Scoring) -> anyhow::Result<HeldOutResult> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send((self.key, Job::Evaluate { slice, rank, reply })).map_err(|_| stopped())?;
+        self.jobs.send((self.key, Job::Evaluate { slice, scoring, reply })).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?.map_err(anyhow::Error::msg)
     }
 
@@ -498,21 +501,35 @@ impl DeviceState {
         }
     }
 
-    /// Scores the global adapter `slice` at `rank`, as the device would train it, on the held-out
+    /// Scores the global adapter `slice` as a device of each asked rank holds it on the held-out
     /// data: sums only.
-    fn evaluate(&mut self, slice: &WireTensors, rank: u32, device: tch::Device) -> Result<HeldOutResult, String> {
+    fn evaluate(
+        &mut self,
+        slice: &WireTensors,
+        scoring: &Scoring,
+        device: tch::Device,
+    ) -> Result<HeldOutResult, String> {
         let Some(held_out) = &self.held_out else {
             let declined = match &self.held_out_choice {
                 HeldOut::Declined(why) => why.clone(),
                 _ => "this device holds no data out".to_string(),
             };
-            return Ok(HeldOutResult { held_out_examples: 0, sums: None, declined });
+            return Ok(HeldOutResult { held_out_examples: 0, sums: None, declined, cross: Vec::new() });
         };
         let (architecture, scale, base) = self.model.as_ref().ok_or("no base model received yet")?;
-        let adapter = adapter_at_rank(slice, rank, *scale)?;
-        let model = LocalModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
-        let sums = model.evaluation_sums(held_out).map_err(|e| e.to_string())?;
-        Ok(HeldOutResult { held_out_examples: held_out.len() as u64, sums: Some(sums), declined: String::new() })
+        let received = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
+        let score = |rank: u32| -> Result<EvaluationSums, String> {
+            let adapter = held_at_rank(&received, rank, *scale, scoring.fold_tail)?;
+            let model = LocalModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
+            model.evaluation_sums(held_out).map_err(|e| e.to_string())
+        };
+        let sums = score(scoring.rank)?;
+        let cross = scoring
+            .cross_ranks
+            .iter()
+            .map(|&rank| Ok(RankSums { rank, sums: score(rank)? }))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(HeldOutResult { held_out_examples: held_out.len() as u64, sums: Some(sums), declined: String::new(), cross })
     }
 
     fn train(
@@ -555,15 +572,26 @@ const HELD_OUT_SEED: u64 = 0x0068_656c_646f_7574;
 /// the whole adapter) are folded into the frozen weight.
 fn adapter_at_rank(slice: &WireTensors, rank: u32, scale: f64) -> Result<Adapter, String> {
     let adapter = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
+    if rank as usize == adapter.rank() {
+        return Ok(adapter);
+    }
+    held_at_rank(&adapter, rank, scale, true)
+}
+
+/// `adapter` as a device of `rank` holds it: whole at its own rank; above it, with the slots beyond
+/// `rank` folded into the frozen weight (`fold_tail`, Fold-and-Fill: W ← W0 + s·B[:, rank:]·A[rank:, :])
+/// or cut off (the other methods send a rank-r device only its first r slots).
+fn held_at_rank(adapter: &Adapter, rank: u32, scale: f64, fold_tail: bool) -> Result<Adapter, String> {
     let rank = rank as usize;
     if rank == 0 || rank > adapter.rank() {
         return Err(format!("the task asks for rank {rank}, but its adapter has rank {}", adapter.rank()));
     }
-    if rank == adapter.rank() {
-        return Ok(adapter);
-    }
-    // The rest of the global adapter stays, frozen: W ← W0 + s·B[:, rank:]·A[rank:, :].
-    adapter.slice_with_folded_tail(rank, scale).map_err(|e| format!("global adapter: {e}"))
+    let held = if fold_tail && rank < adapter.rank() {
+        adapter.slice_with_folded_tail(rank, scale)
+    } else {
+        adapter.slice_to_rank(rank)
+    };
+    held.map_err(|e| format!("global adapter: {e}"))
 }
 
 /// A secure round's vector: the update weighted by min(samples, cap) / cap (the weight stands in

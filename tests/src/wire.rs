@@ -40,6 +40,13 @@ pub struct EvaluationReport {
     pub held_out_examples: u64,
     pub sums: Option<EvaluationSums>,
     pub declined: String,
+    pub cross: Vec<RankSums>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RankSums {
+    pub rank: u32,
+    pub sums: EvaluationSums,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -64,6 +71,8 @@ pub struct EvaluationTask {
     pub rank: u32,
     pub base_version: String,
     pub deadline_secs: u32,
+    pub cross_ranks: Vec<u32>,
+    pub fold_tail: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

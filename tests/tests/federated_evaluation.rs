@@ -218,9 +218,18 @@ fn without_central_data_the_run_reports_federated_metrics_and_counts_declines() 
     assert!(federated["by_rank"].get("4").is_none(), "{federated}");
     assert_eq!(federated["by_class"]["phone"]["devices"], 2, "{federated}");
     assert!(federated["by_class"].get("laptop").is_none(), "{federated}");
-    assert_eq!(federated["suppressed_groups"], 2, "{federated}");
+    // The cross-rank view of the final model: rank 4's model on the phones' data too. The
+    // phones' own rank-2 scores agree with the per-rank total; the laptop's cells (one device)
+    // are left out.
+    let cross = &federated["cross_rank"];
+    assert_eq!(cross["2"]["phone"], federated["by_rank"]["2"], "{federated}");
+    assert_eq!(cross["4"]["phone"]["devices"], 2, "{federated}");
+    assert_eq!(cross["4"]["phone"]["examples"], 60, "{federated}");
+    assert!(cross["4"].get("laptop").is_none() && cross["2"].get("laptop").is_none(), "{federated}");
+    assert_eq!(federated["suppressed_groups"], 4, "{federated}");
     let stdout = coordinator.stdout_text();
     assert!(stdout.contains("federated accuracy on the devices' own held-out data"), "{stdout}");
+    assert!(stdout.contains("cross-rank view, model 2"), "{stdout}");
     assert!(!stdout.contains("coordinator's test set"), "no central evaluation to show\n{stdout}");
     let plot = std::fs::read_to_string(run.join("accuracy.svg")).unwrap();
     assert!(plot.contains("federated: the devices"), "the plot shows the federated accuracy");
@@ -245,8 +254,14 @@ fn lie(model_round: u32, rank: u32) -> (wire::EvaluationReport, &'static str) {
         _ => (sums(10, 1.0, &[(5, 5, 5), (5, 5, 5)]), "but the device was sent rank"),
     };
     let rank = if model_round >= 4 { rank - 1 } else { rank };
-    let report =
-        wire::EvaluationReport { model_round, rank, held_out_examples: 10, sums: Some(sums), declined: String::new() };
+    let report = wire::EvaluationReport {
+        model_round,
+        rank,
+        held_out_examples: 10,
+        sums: Some(sums),
+        declined: String::new(),
+        cross: Vec::new(),
+    };
     (report, reason)
 }
 

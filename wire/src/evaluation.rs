@@ -15,6 +15,11 @@ pub struct EvaluationTask {
     pub base_version: String,
     /// Seconds from receipt until the coordinator stops waiting for the report.
     pub deadline_secs: u32,
+    /// The cross-rank view: also score the models devices of these ranks hold (the slice sent is
+    /// then the largest rank's). A rank-r model is the slice with its slots above r folded into the
+    /// frozen weight when `fold_tail` (Fold-and-Fill), its first r slots otherwise.
+    pub cross_ranks: Vec<u32>,
+    pub fold_tail: bool,
 }
 
 /// A device's answer to an evaluation request: its sums, or `None` when it declines (its operator
@@ -28,6 +33,15 @@ pub struct EvaluationReport {
     pub sums: Option<EvaluationSums>,
     /// Why the device declined (empty when it reports sums).
     pub declined: String,
+    /// The task's `cross_ranks`, each rank's model scored on the same held-out data.
+    pub cross: Vec<RankSums>,
+}
+
+/// One rank's model scored on a device's held-out data (the cross-rank view).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RankSums {
+    pub rank: u32,
+    pub sums: EvaluationSums,
 }
 
 /// What a device's held-out data says about a model, as sums a coordinator can add up.

@@ -5,7 +5,7 @@
 //! by the model's [`Tally`]; its record joins the round's record when every device asked has
 //! answered or left, or at the deadline.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use flotilla_wire::evaluation::{EvaluationReport, EvaluationTask};
@@ -30,7 +30,7 @@ pub(crate) struct FederatedState {
 
 impl FederatedState {
     pub(crate) fn joined(&mut self, device: &str, rank: u32, class: &str) {
-        self.members.insert(device.to_string(), Evaluator { rank, class: class.to_string() });
+        self.members.insert(device.to_string(), Evaluator { rank, class: class.to_string(), cross: Vec::new() });
     }
 
     /// A device left: it no longer counts as connected, and models it was asked about stop
@@ -54,11 +54,12 @@ impl RoundDriver {
     /// round among them get `evaluate` set in their round task, the others an evaluation task.
     pub(super) fn evaluators_for_round(&mut self, round: u32) -> BTreeMap<String, u32> {
         let model_round = round.saturating_sub(1);
-        self.open_evaluation(model_round, false)
+        self.open_evaluation(model_round, false).into_iter().map(|(d, e)| (d, e.rank)).collect()
     }
 
-    /// Opens model `model_round`'s evaluation (`last`: after the run's last round) if it is due.
-    fn open_evaluation(&mut self, model_round: u32, last: bool) -> BTreeMap<String, u32> {
+    /// Opens model `model_round`'s evaluation (`last`: after the run's last round, when the
+    /// cross-rank view asks each device for the other ranks' models too) if it is due.
+    fn open_evaluation(&mut self, model_round: u32, last: bool) -> BTreeMap<String, Evaluator> {
         let Some(section) = self.federated_section() else { return BTreeMap::new() };
         let last_round = if last { model_round } else { self.config.round.rounds };
         if !section.due(model_round, last_round) || self.federated.open.contains_key(&model_round) {
@@ -72,11 +73,16 @@ impl RoundDriver {
             warn!(model_round, "federated evaluation: no device is connected to evaluate the model");
             return BTreeMap::new();
         }
-        let asked: BTreeMap<String, Evaluator> =
+        let mut asked: BTreeMap<String, Evaluator> =
             chosen.iter().filter_map(|d| Some((d.clone(), self.federated.members.get(d)?.clone()))).collect();
-        let ranks: BTreeMap<String, u32> = asked.iter().map(|(d, e)| (d.clone(), e.rank)).collect();
-        let asked_len = ranks.len();
-        self.federated.open.insert(model_round, Tally::new(model_round, asked));
+        let fleet_ranks: BTreeSet<u32> = asked.values().map(|e| e.rank).collect();
+        if last && section.cross_rank && fleet_ranks.len() >= 2 {
+            for evaluator in asked.values_mut() {
+                evaluator.cross = fleet_ranks.iter().copied().filter(|&r| r != evaluator.rank).collect();
+            }
+        }
+        let asked_len = asked.len();
+        self.federated.open.insert(model_round, Tally::new(model_round, asked.clone()));
         let deadline = section.deadline_secs.unwrap_or(self.config.round.deadline_secs);
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
@@ -84,11 +90,18 @@ impl RoundDriver {
             let _ = inputs.send(DriverInput::EvaluationDeadline { model_round });
         });
         info!(model_round, devices = asked_len, "federated evaluation: asking devices to score the model");
-        ranks
+        asked
     }
 
-    /// An evaluation task for `device` (not training this round) at `rank`, for model `model_round`.
-    pub(super) fn evaluation_delivery(&self, device: &str, model_round: u32, rank: u32) -> Option<TaskDelivery> {
+    /// An evaluation task for `device` (not training this round) at `rank`, for model `model_round`,
+    /// with the cross-rank view's `cross` ranks (the slice sent is then the largest rank's).
+    pub(super) fn evaluation_delivery(
+        &self,
+        device: &str,
+        model_round: u32,
+        rank: u32,
+        cross: &[u32],
+    ) -> Option<TaskDelivery> {
         let connection = self.sessions.get(device)?.clone();
         let deadline_secs = self
             .config
@@ -101,11 +114,13 @@ impl RoundDriver {
             rank,
             base_version: self.base_version.clone(),
             deadline_secs,
+            cross_ranks: cross.to_vec(),
+            fold_tail: self.config.aggregation.method.folds_tail(),
         });
         Some(TaskDelivery {
             device: device.to_string(),
             round: model_round,
-            rank,
+            rank: cross.iter().copied().chain([rank]).max().unwrap_or(rank),
             connection,
             task,
             evaluation_only: true,
@@ -122,7 +137,7 @@ impl RoundDriver {
         let evaluators = self.open_evaluation(rounds_completed, true);
         let deliveries: Vec<TaskDelivery> = evaluators
             .iter()
-            .filter_map(|(device, rank)| self.evaluation_delivery(device, rounds_completed, *rank))
+            .filter_map(|(device, e)| self.evaluation_delivery(device, rounds_completed, e.rank, &e.cross))
             .collect();
         self.send_deliveries(deliveries, rounds_completed);
         while !self.federated.open.is_empty() {
