@@ -294,38 +294,7 @@ fn run(command: Command) -> Result<()> {
         Command::Status { address, format } => {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let status = runtime.block_on(fetch_status(address))?;
-            if format == "json" {
-                println!("{}", serde_json::to_string_pretty(&status)?);
-            } else {
-                let ranks: Vec<String> =
-                    status.participants_by_rank.iter().map(|(rank, n)| format!("{n}×rank {rank}")).collect();
-                println!(
-                    "round {}/{} ({}), {} completed; method {} (R_max {}); {} device(s) connected; in this round: {}",
-                    status.round,
-                    status.rounds_total,
-                    status.phase,
-                    status.rounds_completed,
-                    status.method,
-                    status.max_rank,
-                    status.devices_connected,
-                    if ranks.is_empty() { "none".to_string() } else { ranks.join(", ") }
-                );
-                if let Some(federated) = &status.federated_evaluation {
-                    let overall = federated.overall.as_ref();
-                    println!(
-                        "federated evaluation of model {}: {} of {} device(s) reported{}",
-                        federated.model_round,
-                        federated.reported,
-                        federated.asked,
-                        overall.map_or(String::new(), |o| format!(
-                            ", {:.1}% on {} held-out examples",
-                            o.accuracy * 100.0,
-                            o.examples
-                        ))
-                    );
-                }
-            }
-            Ok(())
+            print_status(&status, &format)
         }
         Command::Classify { model, input, format, max_length, batch_size } => {
             let classifier = hf_model::Classifier::load(&model, max_length)?;
@@ -397,6 +366,42 @@ fn completed_a_round(summary: &report::RunSummary) -> Result<()> {
             reasons.join("; "),
             if summary.skipped.len() > 3 { "; …" } else { "" }
         );
+    }
+    Ok(())
+}
+
+/// `status`: the coordinator's `/status` as JSON, or in a few lines.
+fn print_status(status: &crate::metrics::Status, format: &str) -> Result<()> {
+    if format == "json" {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        let ranks: Vec<String> =
+            status.participants_by_rank.iter().map(|(rank, n)| format!("{n}×rank {rank}")).collect();
+        println!(
+            "round {}/{} ({}), {} completed; method {} (R_max {}); {} device(s) connected; in this round: {}",
+            status.round,
+            status.rounds_total,
+            status.phase,
+            status.rounds_completed,
+            status.method,
+            status.max_rank,
+            status.devices_connected,
+            if ranks.is_empty() { "none".to_string() } else { ranks.join(", ") }
+        );
+        if let Some(federated) = &status.federated_evaluation {
+            let overall = federated.overall.as_ref();
+            println!(
+                "federated evaluation of model {}: {} of {} device(s) reported{}",
+                federated.model_round,
+                federated.reported,
+                federated.asked,
+                overall.map_or(String::new(), |o| format!(
+                    ", {:.1}% on {} held-out examples",
+                    o.accuracy * 100.0,
+                    o.examples
+                ))
+            );
+        }
     }
     Ok(())
 }

@@ -224,7 +224,10 @@ impl RoundDriver {
 
     /// Runs the rounds; returns the run's summary once the reports of every round are written.
     pub(crate) async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<DriverInput>) -> anyhow::Result<RunSummary> {
-        let outcome = self.drive(&mut inputs).await;
+        let outcome = match self.evaluate_only {
+            true => self.evaluate_checkpoint(&mut inputs).await,
+            false => self.drive(&mut inputs).await,
+        };
         let reports = self.reports;
         // The last reports are written before the run's result is returned.
         tokio::task::spawn_blocking(move || reports.finish()).await?;
@@ -235,9 +238,6 @@ impl RoundDriver {
         // The configured run is on /metrics and /status from the start, before any device joins,
         // so that an alert on too few connected devices can fire.
         self.publish_state();
-        if self.evaluate_only {
-            return self.evaluate_checkpoint(inputs).await;
-        }
         while let Some(input) = inputs.recv().await {
             let mut upload = None;
             let event = match input {

@@ -46,18 +46,13 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) 
     let run_dir = config.server.run_dir.clone();
     std::fs::create_dir_all(&run_dir).with_context(|| format!("cannot create run directory {}", run_dir.display()))?;
     let mut run_lock = crate::run_lock::RunLock::take(&run_dir)?;
-    let renewal = crate::renewal::Renewal::open(&config.renewal)?;
-    if renewal.is_some() {
-        info!("devices may renew their certificates online ([renewal])");
-    }
+    let renewal = open_renewal(&config)?;
     let base = crate::base::prepare(&config)?;
     let start = run_start(&config, &base, fresh)?;
     let (config, ledger) = limit_rounds_to_ledger(config, start.first_round)?;
-    if evaluate_only {
-        check_evaluate_only(&config, &start, fresh)?;
-    } else if start.first_round > config.round.rounds {
-        let sampled = ledger.as_ref().map_or(start.first_round - 1, |l| l.sampled());
-        return Ok(nothing_left_to_run(&config, start, sampled, configured_rounds));
+    check_evaluate_only(&config, &start, fresh, evaluate_only)?;
+    if !evaluate_only && start.first_round > config.round.rounds {
+        return Ok(nothing_left_to_run(&config, start, &ledger, configured_rounds));
     }
     let (inputs, receiver) = mpsc::unbounded_channel();
     let evaluated = inputs.clone();
@@ -99,7 +94,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) 
         _ => (initial_evaluation, Vec::new()),
     };
     let rounds = start.history.unwrap_or_default();
-    let sampled = ledger.as_ref().map_or(start.first_round - 1, |l| l.sampled());
+    let sampled = sampled(&ledger, start.first_round);
     let summary = summary_so_far(&config, start.first_round, sampled, rounds, initial, skipped, configured_rounds);
     let driver = RoundDriver::new(DriverStart {
         config,
@@ -124,9 +119,31 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) 
     Ok(summary)
 }
 
+/// The CA that renews devices' certificates online, under `[renewal]`.
+fn open_renewal(config: &CoordinatorConfig) -> anyhow::Result<Option<crate::renewal::Renewal>> {
+    let renewal = crate::renewal::Renewal::open(&config.renewal)?;
+    if renewal.is_some() {
+        info!("devices may renew their certificates online ([renewal])");
+    }
+    Ok(renewal)
+}
+
+/// The rounds that have spent privacy: the ledger's count, or every round before `first_round`.
+fn sampled(ledger: &Option<crate::privacy_ledger::PrivacyLedger>, first_round: u32) -> u32 {
+    ledger.as_ref().map_or(first_round - 1, |l| l.sampled())
+}
+
 /// `serve --evaluate-only` needs a model to evaluate (a checkpoint in the run directory) and devices
 /// to evaluate it on (`[federated_evaluation]`).
-fn check_evaluate_only(config: &CoordinatorConfig, start: &RunStart, fresh: bool) -> anyhow::Result<()> {
+fn check_evaluate_only(
+    config: &CoordinatorConfig,
+    start: &RunStart,
+    fresh: bool,
+    evaluate_only: bool,
+) -> anyhow::Result<()> {
+    if !evaluate_only {
+        return Ok(());
+    }
     anyhow::ensure!(
         !fresh,
         "--evaluate-only evaluates the run directory's last checkpoint; --fresh would set it aside"
@@ -177,9 +194,10 @@ fn run_start(config: &CoordinatorConfig, base: &Base, fresh: bool) -> anyhow::Re
 fn nothing_left_to_run(
     config: &CoordinatorConfig,
     start: RunStart,
-    sampled: u32,
+    ledger: &Option<crate::privacy_ledger::PrivacyLedger>,
     configured_rounds: u32,
 ) -> RunSummary {
+    let sampled = sampled(ledger, start.first_round);
     info!(
         "no round left to run: {} round(s) already completed here, the run's last is round {}; nothing to do",
         start.first_round - 1,

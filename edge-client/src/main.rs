@@ -1,9 +1,11 @@
 //! `flotilla-edge`: the device side of Flotilla.
 
+mod backoff;
 mod base_cache;
 mod base_store;
 mod connection_args;
 mod evaluation_session;
+mod held_adapter;
 mod held_out;
 mod local_trainer;
 mod nvml;

@@ -21,9 +21,9 @@ use flotilla_wire::protocol::{
 use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_wire::tensor::WireTensors;
 use flotilla_wire::tls::{own_certificate_not_after, KitPaths};
-use rand::Rng;
 use tracing::{info, warn};
 
+use crate::backoff::backoff;
 use crate::base_store::StoreError;
 use crate::evaluation_session::send_report;
 use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, Scoring, TrainedUpdate, UpdateShaping};
@@ -136,13 +136,6 @@ pub async fn run(
     }
 }
 
-/// Exponential backoff with full jitter: uniform in [d/2, d], d = min(max, initial·2^(n-1)).
-fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
-    let exp = initial.saturating_mul(1u32 << attempt.saturating_sub(1).min(16)).min(max);
-    let millis = exp.as_millis().max(2) as u64;
-    Duration::from_millis(rand::rng().random_range(millis / 2..=millis))
-}
-
 /// Classifies a failure by how the connection ended.
 fn classify(
     connection: &quinn::Connection,
@@ -243,13 +236,6 @@ async fn connect_and_serve(
         match message {
             CoordinatorMessage::RoundTask(task) => {
                 let round = task.round;
-                if task.evaluate {
-                    // Scored as it will be trained: the slots above its rank folded (Fold-and-Fill
-                    // sends the whole adapter; the other methods send exactly its rank's).
-                    let scoring = Scoring { rank: task.rank, cross_ranks: Vec::new(), fold_tail: true };
-                    let slice = tensors.clone();
-                    evaluate_and_report(&connection, trainer, settings, &mut stop, round - 1, scoring, slice).await?;
-                }
                 secure_round = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors)
                     .await?
                     .map(|client| (round, client));
@@ -284,6 +270,24 @@ async fn connect_and_serve(
             }
         }
     }
+}
+
+/// A round task with `evaluate` set: the slice is scored as received, as it will be trained (the
+/// slots above the rank folded: Fold-and-Fill sends the whole adapter, the other methods exactly
+/// the rank's), for model `round - 1`, before training.
+async fn evaluate_before_training(
+    connection: &quinn::Connection,
+    trainer: &impl LocalTrainer,
+    settings: &SessionSettings,
+    stop: &mut tokio::sync::watch::Receiver<Stop>,
+    task: &RoundTask,
+    tensors: &WireTensors,
+) -> Result<(), SessionError> {
+    if !task.evaluate {
+        return Ok(());
+    }
+    let scoring = Scoring { rank: task.rank, cross_ranks: Vec::new(), fold_tail: true };
+    evaluate_and_report(connection, trainer, settings, stop, task.round - 1, scoring, tensors.clone()).await
 }
 
 /// Scores `slice` (the global model after round `model_round`) as `scoring` asks on the held-out
@@ -428,6 +432,7 @@ async fn train_and_upload(
         connection.close(close::REFUSED_TASK.into(), close::reason(&why));
         return Err(SessionError::Fatal(format!("refused: {why}")));
     }
+    evaluate_before_training(connection, trainer, settings, stop, &task, &tensors).await?;
     let mut secure_round = None;
     if let Some(secure) = &task.secure {
         secure_round = tokio::select! {
@@ -589,19 +594,4 @@ fn renewal_due(settings: &SessionSettings) -> Result<Option<std::time::SystemTim
     let not_after = certificate_check(settings)?;
     let left = not_after.duration_since(std::time::SystemTime::now()).unwrap_or_default();
     Ok((left < window).then_some(not_after))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_is_capped_and_jittered() {
-        let (initial, max) = (Duration::from_millis(100), Duration::from_secs(5));
-        for attempt in 1..30 {
-            let d = backoff(attempt, initial, max);
-            let ceiling = initial.saturating_mul(1 << (attempt - 1).min(16)).min(max);
-            assert!(d <= ceiling && d >= ceiling / 2, "attempt {attempt}: {d:?} vs {ceiling:?}");
-        }
-    }
 }

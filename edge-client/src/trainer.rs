@@ -22,6 +22,7 @@ use flotilla_wire::protocol::{SecureTask, TrainingSettings};
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
+use crate::held_adapter::{adapter_at_rank, held_at_rank};
 use crate::held_out::HeldOut;
 use crate::local_trainer::{
     BaseFailure, BaseSource, HeldOutResult, LocalTrainer, Scoring, TrainedUpdate, UpdateShaping,
@@ -567,32 +568,6 @@ impl DeviceState {
 
 /// Seed of the held-out split: a device's split depends only on its data.
 const HELD_OUT_SEED: u64 = 0x0068_656c_646f_7574;
-
-/// The task's `slice` as the device holds it at `rank`: slots beyond `rank` (Fold-and-Fill sends
-/// the whole adapter) are folded into the frozen weight.
-fn adapter_at_rank(slice: &WireTensors, rank: u32, scale: f64) -> Result<Adapter, String> {
-    let adapter = Adapter::from_wire(slice).map_err(|e| format!("global adapter slice: {e}"))?;
-    if rank as usize == adapter.rank() {
-        return Ok(adapter);
-    }
-    held_at_rank(&adapter, rank, scale, true)
-}
-
-/// `adapter` as a device of `rank` holds it: whole at its own rank; above it, with the slots beyond
-/// `rank` folded into the frozen weight (`fold_tail`, Fold-and-Fill: W ← W0 + s·B[:, rank:]·A[rank:, :])
-/// or cut off (the other methods send a rank-r device only its first r slots).
-fn held_at_rank(adapter: &Adapter, rank: u32, scale: f64, fold_tail: bool) -> Result<Adapter, String> {
-    let rank = rank as usize;
-    if rank == 0 || rank > adapter.rank() {
-        return Err(format!("the task asks for rank {rank}, but its adapter has rank {}", adapter.rank()));
-    }
-    let held = if fold_tail && rank < adapter.rank() {
-        adapter.slice_with_folded_tail(rank, scale)
-    } else {
-        adapter.slice_to_rank(rank)
-    };
-    held.map_err(|e| format!("global adapter: {e}"))
-}
 
 /// A secure round's vector: the update weighted by min(samples, cap) / cap (the weight stands in
 /// for the sample count, which never leaves the device), or under distributed differential privacy

@@ -167,6 +167,7 @@ impl RoundDriver {
         inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
     ) -> anyhow::Result<crate::report::RunSummary> {
         let model_round = self.summary.rounds_completed;
+        self.publish_state();
         info!(model_round, devices = self.config.round.min_devices, "evaluation only: waiting for the devices");
         while self.sessions.len() < self.config.round.min_devices {
             match inputs.recv().await {
