@@ -248,6 +248,46 @@ fn next_word_adaptation_lowers_the_held_out_perplexity() {
     assert!(printed.contains("held-out next words, per rank: loss per token / perplexity"), "{printed}");
 }
 
+/// Federated evaluation of a decoder: each device scores the model on its shard of the test split
+/// (`--holdout-test-split`) and reports summed loss and next-token hits over the headline tokens;
+/// the two shards together are the coordinator's test set, so the totals agree with its own
+/// evaluation of the same model.
+#[test]
+fn devices_score_a_decoder_on_their_own_test_shards_and_agree_with_the_coordinator() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    provision(&run.join("pki"), &["phone-1", "laptop-1"]);
+    let data = run.join("articles");
+    write_articles(&data);
+    let gguf = workspace_root().join("tests/fixtures/tiny-llama.gguf");
+    let config = format!(
+        "{}[federated_evaluation]\nmin_group_devices = 1\n",
+        config(run, &gguf, &data, "").replace("rounds = 3", "rounds = 1")
+    );
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut devices: Vec<Process> = [("phone-1", 0), ("laptop-1", 1)]
+        .iter()
+        .map(|&(id, index)| {
+            let mut command = edge(run, &address, &data, (id, "4", index), 2, "dirichlet:1.0");
+            command.arg("--holdout-test-split");
+            Process::spawn(id, &mut command, &run.join("logs"))
+        })
+        .collect();
+    let summary = finish(run, &mut coordinator, &mut devices);
+    let round = &summary["rounds"][0];
+    let (central, federated) = (&round["evaluation"][0], &round["federated_evaluation"]);
+    assert_eq!(central["rank"], 4, "{central}");
+    assert_eq!(federated["reported"], 2, "{federated}");
+    let overall = &federated["overall"];
+    assert!(overall.get("macro_f1").is_none(), "a decoder reports no labels: {overall}");
+    assert!(overall["scored"].as_u64().unwrap() > overall["examples"].as_u64().unwrap(), "tokens, not examples");
+    let (loss, central_loss) = (overall["loss"].as_f64().unwrap(), central["loss"].as_f64().unwrap());
+    assert!((loss - central_loss).abs() < 1e-4 * (1.0 + central_loss), "loss per token {loss} vs {central_loss}");
+    let (accuracy, central_accuracy) = (overall["accuracy"].as_f64().unwrap(), central["accuracy"].as_f64().unwrap());
+    assert!((accuracy - central_accuracy).abs() < 1e-9, "next-token accuracy {accuracy} vs {central_accuracy}");
+    assert!(coordinator.stdout_text().contains("federated next-token accuracy"), "{}", coordinator.logs());
+}
+
 #[test]
 fn check_refuses_a_decoder_file_that_is_not_the_pinned_one_or_not_gguf() {
     let dir = tempfile::tempdir().unwrap();
