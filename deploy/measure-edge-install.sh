@@ -138,7 +138,10 @@ import json, sys
 path, model, klass, threads, peak_kib, steps = sys.argv[1:]
 last = json.load(open(path))["rounds"][-1]
 update = last["updates"][0]
-step_ms = update["metrics"]["train_seconds"] * 1000 / int(steps)
+metrics = update["metrics"]
+# The optimizer steps alone (a client before protocol 4 reports only the whole training call,
+# which includes the local loss before and after on 32 examples).
+step_ms = metrics.get("steps_seconds", metrics["train_seconds"]) * 1000 / int(steps)
 print(f"| {model} | {klass} | {threads} | {update['rank']} | {int(peak_kib) / 1024:.0f} MiB | {step_ms:.0f} ms | "
       f"{last['task_bytes'] / 1e6:.2f} MB | {last['update_bytes'] / 1e6:.2f} MB |")
 PY

@@ -105,6 +105,7 @@ pub struct LocalMetrics {
     pub loss_after: f64,
     pub accuracy: f64,
     pub train_seconds: f64,
+    pub steps_seconds: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -367,7 +367,11 @@ pub struct LocalMetrics {
     pub loss_before: f64,
     pub loss_after: f64,
     pub accuracy: f64,
+    /// The whole local training call: the steps, and the local loss before and after them.
     pub train_seconds: f64,
+    /// The optimizer steps alone (0 in records written before protocol 4).
+    #[serde(default)]
+    pub steps_seconds: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -75,13 +75,16 @@ impl DecoderModel {
                 .map(|i| sequences[i].clone())
                 .collect();
         let before = self.lora.evaluate_sums(&self.decoder, &sample, EVALUATION_BATCH)?;
+        let stepping = Instant::now();
         self.steps(&sequences, settings)?;
+        let steps_seconds = stepping.elapsed().as_secs_f64();
         let after = self.lora.evaluate_sums(&self.decoder, &sample, EVALUATION_BATCH)?;
         Ok(LocalMetrics {
             loss_before: before.mean_loss(),
             loss_after: after.mean_loss(),
             accuracy: after.accuracy(),
             train_seconds: started.elapsed().as_secs_f64(),
+            steps_seconds,
         })
     }
 

@@ -146,9 +146,12 @@ impl LoraModel {
         let sampled = sample.map(|indices| data.subset(&indices));
         let measured = sampled.as_ref().unwrap_or(data);
         let (loss_before, _) = self.evaluate(measured, eval_batch)?;
+        let stepping = Instant::now();
         self.train_steps(data, settings)?;
+        let steps_seconds = stepping.elapsed().as_secs_f64();
         let (loss_after, accuracy) = self.evaluate(measured, eval_batch)?;
-        Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds: started.elapsed().as_secs_f64() })
+        let train_seconds = started.elapsed().as_secs_f64();
+        Ok(LocalMetrics { loss_before, loss_after, accuracy, train_seconds, steps_seconds })
     }
 
     /// `settings.local_steps` AdamW steps (or `local_epochs` passes over the data) on minibatches
