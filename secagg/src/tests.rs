@@ -275,8 +275,10 @@ fn a_mask_that_does_not_cancel_is_caught_and_the_round_discarded() {
 #[test]
 fn a_single_masked_upload_is_indistinguishable_from_uniform_noise() {
     // Zeros, masked: what the coordinator receives from one device. Each byte of the words should
-    // be uniform on 0..256: a chi-square test over 256 bins with 4 × 20,000 bytes; 330 is the
-    // 99.9th percentile of χ²(255), and the plain quantized zeros would score about 20,000,000.
+    // be uniform on 0..256: a chi-square test over 256 bins with 4 × 20,000 bytes. The masks come
+    // from the OS's entropy, so the bound must hold for any honest draw: an honest draw exceeds 420
+    // with probability about 4·10⁻¹⁰ (Wilson–Hilferty; the 99.9th percentile, 330, failed once in
+    // the suite), and the plain quantized zeros would score about 20,000,000.
     let layout = Layout { shared: 20_000, per_slot: 1, max_rank: 1 };
     let parameters = parameters(2, 2);
     let participants: BTreeMap<u32, u32> = (0..3).map(|i| (i, 1)).collect();
@@ -303,7 +305,7 @@ fn a_single_masked_upload_is_indistinguishable_from_uniform_noise() {
     }
     let expected = values.len() as f64 * 4.0 / 256.0;
     let chi_square: f64 = counts.iter().map(|c| (c - expected).powi(2) / expected).sum();
-    assert!(chi_square < 330.0, "χ² = {chi_square}");
+    assert!(chi_square < 420.0, "χ² = {chi_square}");
 }
 
 #[test]
