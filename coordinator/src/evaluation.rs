@@ -9,8 +9,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use flotilla_torch::adapter::{write_atomically, Adapter};
-use flotilla_torch::data::decoder_tokenizer::{dataset_sequences, DecoderTokenizer};
-use flotilla_torch::data::headline::rouge_l_f1;
+use flotilla_torch::data::decoder_tokenizer::DecoderTokenizer;
 use flotilla_torch::data::Dataset;
 use flotilla_torch::gguf::GgufFile;
 use flotilla_torch::model::decoder_model::DecoderModel;
@@ -59,8 +58,6 @@ pub struct Evaluator {
     headlines: Option<(DecoderTokenizer, usize)>,
 }
 
-/// Headlines longer than this many tokens are cut (BBC's are about 10).
-const HEADLINE_TOKENS: usize = 32;
 /// Generated headlines kept in the records.
 const HEADLINES_KEPT: usize = 3;
 
@@ -176,22 +173,10 @@ fn write_headlines(
     test: &Dataset,
     count: usize,
 ) -> Result<(f64, Vec<String>), String> {
-    let stop = tokenizer.special.eos.map(i64::from);
-    let text = |ids: &[i64]| -> Result<String, String> {
-        let kept: Vec<u32> = ids.iter().filter(|&&id| Some(id) != stop).map(|&id| id as u32).collect();
-        tokenizer.decode(&kept).map(|t| t.trim().to_string()).map_err(|e| e.to_string())
-    };
-    let mut scores = Vec::new();
-    let mut written = Vec::new();
-    for sequence in dataset_sequences(test)?.into_iter().take(count) {
-        let generated =
-            model.generate(&sequence.ids[..sequence.target_start], HEADLINE_TOKENS, stop).map_err(|e| e.to_string())?;
-        let headline = text(&generated)?;
-        scores.push(rouge_l_f1(&headline, &text(&sequence.ids[sequence.target_start..])?));
-        written.push(headline);
-    }
-    let mean = if scores.is_empty() { 0.0 } else { scores.iter().sum::<f64>() / scores.len() as f64 };
-    Ok((mean, written))
+    let written = model.write_headlines(tokenizer, test, count).map_err(|e| e.to_string())?;
+    let mean =
+        if written.is_empty() { 0.0 } else { written.iter().map(|(_, s)| s).sum::<f64>() / written.len() as f64 };
+    Ok((mean, written.into_iter().map(|(headline, _)| headline).collect()))
 }
 
 /// A round's test results, written into its checkpoint directory once its evaluation is done

@@ -30,6 +30,9 @@ pub struct FederatedEvaluationSection {
     /// other ranks hold, on its own held-out data (a table of each rank's model against each device
     /// class's data). It costs each device one evaluation per rank, and the largest rank's slice.
     pub cross_rank: bool,
+    /// A headline-writing decoder: headlines each device writes (its first held-out articles) for
+    /// the ROUGE-L F1 it reports; 0 reports loss and next-token accuracy only.
+    pub headlines: u32,
 }
 
 impl Default for FederatedEvaluationSection {
@@ -40,6 +43,7 @@ impl Default for FederatedEvaluationSection {
             min_group_devices: 2,
             deadline_secs: None,
             cross_rank: true,
+            headlines: 4,
         }
     }
 }
@@ -68,6 +72,11 @@ impl FederatedEvaluationSection {
              unmasked, which the run's promise forbids; remove one of the two sections"
         );
         Ok(())
+    }
+
+    /// What devices are told in their `Welcome`.
+    pub fn plan(&self) -> flotilla_wire::evaluation::EvaluationPlan {
+        flotilla_wire::evaluation::EvaluationPlan { headlines: self.headlines }
     }
 
     /// Whether the model after `round` is evaluated (`last`: the run's last round).
@@ -348,6 +357,16 @@ pub struct HeldOutScores {
     pub macro_f1: Option<f64>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub per_label_accuracy: Vec<Option<f64>>,
+    /// A headline-writing decoder: the mean ROUGE-L F1 of the headlines the devices wrote, and how
+    /// many they wrote.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rouge_l: Option<f64>,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub headlines: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl HeldOutScores {
@@ -366,6 +385,8 @@ impl HeldOutScores {
                 .iter()
                 .map(|l| (l.support > 0).then(|| l.correct as f64 / l.support as f64))
                 .collect(),
+            rouge_l: sums.rouge_l(),
+            headlines: sums.generated,
         }
     }
 }

@@ -54,6 +54,14 @@ pub fn lines(summary: &RunSummary) -> Vec<String> {
     lines.push(
         "(\"-\": too few devices reported to publish that total; [federated_evaluation] min_group_devices)".into(),
     );
+    for record in &records {
+        if let Some((rouge_l, headlines)) = record.overall.as_ref().and_then(|o| Some((o.rouge_l?, o.headlines))) {
+            lines.push(format!(
+                "model {}: the devices' greedy headlines score ROUGE-L F1 {rouge_l:.3} ({headlines} headlines)",
+                record.model_round
+            ));
+        }
+    }
     if let Some(record) = records.iter().rev().find(|f| !f.cross_rank.is_empty()) {
         lines.extend(cross_rank_lines(record, what));
     }

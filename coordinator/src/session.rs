@@ -345,7 +345,7 @@ async fn admit(
             None => BaseDelivery::Inline,
         },
         crl_pem: shared.config.tls.crl.as_ref().and_then(|path| std::fs::read_to_string(path).ok()),
-        evaluates: shared.config.federated_evaluation.is_some(),
+        evaluation: shared.config.federated_evaluation.as_ref().map(|f| f.plan()),
     });
     write_frame(&mut send, &welcome, &shared.welcome_tensors).await?;
     send.finish()?;

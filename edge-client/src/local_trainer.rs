@@ -16,13 +16,14 @@ use flotilla_wire::tensor::WireTensors;
 /// trains each round's slice of the global adapter at the device's rank.
 pub trait LocalTrainer: Send + Sync {
     /// Loads the frozen base (`scale` is the LoRA scale α/r of the coordinator's model) and the
-    /// local data; when the run `evaluates` on devices, sets the held-out data apart.
+    /// local data; when the run evaluates on devices (an `evaluation` plan), sets the held-out data
+    /// apart.
     fn set_base(
         &self,
         architecture: Architecture,
         scale: f64,
         base: BaseSource,
-        evaluates: bool,
+        evaluation: Option<flotilla_wire::evaluation::EvaluationPlan>,
     ) -> impl Future<Output = Result<(), BaseFailure>> + Send;
 
     /// Scores the global adapter's `slice` as a device of `scoring.rank` holds it (and as devices of

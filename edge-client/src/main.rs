@@ -15,6 +15,7 @@ mod probe;
 mod progress;
 mod rank_policy;
 mod renewal;
+mod secure_pack;
 mod secure_session;
 mod session;
 mod sim;

@@ -393,7 +393,7 @@ async fn admit(
             BaseSource::Checkpoint(dir)
         }
     };
-    match trainer.set_base(welcome.model.architecture.clone(), scale, base, welcome.evaluates).await {
+    match trainer.set_base(welcome.model.architecture.clone(), scale, base, welcome.evaluation.clone()).await {
         Ok(()) => Ok(()),
         Err(failure @ BaseFailure::Data(_)) => {
             // The coordinator is told why, so that it records the cause instead of a silent leave.

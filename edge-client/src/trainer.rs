@@ -17,8 +17,8 @@ use flotilla_torch::model::checkpoint::HfCheckpoint;
 use flotilla_torch::model::llama::{llama_spec, load_base};
 use flotilla_torch::model::quantized::load_base_q4;
 use flotilla_torch::model::{Architecture, ArchitectureExt, BaseWeights, BertSpec, DecoderSpec, LocalModel};
-use flotilla_wire::evaluation::{EvaluationSums, RankSums};
-use flotilla_wire::protocol::{SecureTask, TrainingSettings};
+use flotilla_wire::evaluation::{EvaluationPlan, EvaluationSums, RankSums};
+use flotilla_wire::protocol::TrainingSettings;
 use flotilla_wire::tensor::{DType, WireTensors};
 use tokio::sync::oneshot;
 
@@ -27,6 +27,7 @@ use crate::held_out::HeldOut;
 use crate::local_trainer::{
     BaseFailure, BaseSource, HeldOutResult, LocalTrainer, Scoring, TrainedUpdate, UpdateShaping,
 };
+use crate::secure_pack::pack_secure;
 
 /// How a device holds a decoder's frozen base: dequantized to f32, or its 4-bit projections kept
 /// 4-bit (`flotilla_torch::model::quantized`).
@@ -41,7 +42,7 @@ enum Job {
         architecture: Architecture,
         scale: f64,
         base: BaseSource,
-        evaluates: bool,
+        evaluation: Option<EvaluationPlan>,
         reply: oneshot::Sender<Result<(), BaseFailure>>,
     },
     Evaluate {
@@ -248,8 +249,8 @@ impl TrainerPool {
                         }
                     };
                     match job {
-                        Job::SetBase { architecture, scale, base, evaluates, reply } => {
-                            let result = state.set_base(architecture, scale, &base, evaluates, &checkpoints);
+                        Job::SetBase { architecture, scale, base, evaluation, reply } => {
+                            let result = state.set_base(architecture, scale, &base, evaluation, &checkpoints);
                             put_back(state);
                             let _ = reply.send(result);
                         }
@@ -274,7 +275,8 @@ impl TrainerPool {
     /// known), holding `held_out` apart when its run evaluates on devices.
     pub fn trainer(&self, source: DataSource, held_out: HeldOut) -> anyhow::Result<Trainer> {
         let key = self.next_key.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let state = DeviceState { source, held_out_choice: held_out, data: None, held_out: None, model: None };
+        let state =
+            DeviceState { source, held_out_choice: held_out, data: None, held_out: None, headlines: None, model: None };
         self.states.lock().map_err(|_| stopped())?.insert(key, state);
         Ok(Trainer { key, jobs: self.jobs.clone() })
     }
@@ -300,11 +302,11 @@ impl LocalTrainer for Trainer {
         architecture: Architecture,
         scale: f64,
         base: BaseSource,
-        evaluates: bool,
+        evaluation: Option<EvaluationPlan>,
     ) -> Result<(), BaseFailure> {
         let (reply, answer) = oneshot::channel();
         let stopped = || BaseFailure::Model(stopped().to_string());
-        let job = Job::SetBase { architecture, scale, base, evaluates, reply };
+        let job = Job::SetBase { architecture, scale, base, evaluation, reply };
         self.jobs.send((self.key, job)).map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -388,6 +390,8 @@ struct DeviceState {
     data: Option<Dataset>,
     /// Set apart from `data` (or loaded on its own) when the run evaluates on devices.
     held_out: Option<Dataset>,
+    /// A headline-writing decoder's tokenizer and how many headlines each evaluation writes.
+    headlines: Option<(DecoderTokenizer, usize)>,
     model: Option<(Architecture, f64, BaseWeights)>,
 }
 
@@ -397,9 +401,10 @@ impl DeviceState {
         architecture: Architecture,
         scale: f64,
         base: &BaseSource,
-        evaluates: bool,
+        evaluation: Option<EvaluationPlan>,
         checkpoints: &SharedCheckpoints,
     ) -> Result<(), BaseFailure> {
+        let evaluates = evaluation.is_some();
         let (weights, tokenizer) = self.base_weights(&architecture, base, checkpoints).map_err(BaseFailure::Model)?;
         // A reconnect brings the same base again: keep the data already loaded (and held out).
         let data = match self.data.take() {
@@ -421,6 +426,7 @@ impl DeviceState {
                 architecture.input_size()
             )));
         }
+        self.headlines = headline_writer(&architecture, evaluation.as_ref(), tokenizer.as_deref())?;
         self.model = Some((architecture, scale, weights));
         self.data = Some(data);
         Ok(())
@@ -522,7 +528,13 @@ impl DeviceState {
         let score = |rank: u32| -> Result<EvaluationSums, String> {
             let adapter = held_at_rank(&received, rank, *scale, scoring.fold_tail)?;
             let model = LocalModel::new(architecture, base, &adapter, *scale, device).map_err(|e| e.to_string())?;
-            model.evaluation_sums(held_out).map_err(|e| e.to_string())
+            let mut sums = model.evaluation_sums(held_out).map_err(|e| e.to_string())?;
+            if let Some((tokenizer, count)) = &self.headlines {
+                let written = model.write_headlines(tokenizer, held_out, *count).map_err(|e| e.to_string())?;
+                sums.generated = written.len() as u64;
+                sums.rouge_l_sum = written.iter().map(|(_, score)| score).sum();
+            }
+            Ok(sums)
         };
         let sums = score(scoring.rank)?;
         let cross = scoring
@@ -566,31 +578,24 @@ impl DeviceState {
     }
 }
 
+/// A headline-writing decoder's tokenizer (from its GGUF file) when the plan asks for headlines.
+fn headline_writer(
+    architecture: &Architecture,
+    plan: Option<&EvaluationPlan>,
+    gguf: Option<&Path>,
+) -> Result<Option<(DecoderTokenizer, usize)>, BaseFailure> {
+    let count = plan.map_or(0, |p| p.headlines as usize);
+    let (Architecture::Llama(spec), Some(gguf)) = (architecture, gguf) else { return Ok(None) };
+    if count == 0 || spec.task != flotilla_wire::model::DecoderTask::Headline {
+        return Ok(None);
+    }
+    let file = GgufFile::open(gguf).map_err(|e| BaseFailure::Model(format!("{}: {e}", gguf.display())))?;
+    let tokenizer = DecoderTokenizer::from_gguf(&file).map_err(|e| BaseFailure::Model(e.to_string()))?;
+    Ok(Some((tokenizer, count)))
+}
+
 /// Seed of the held-out split: a device's split depends only on its data.
 const HELD_OUT_SEED: u64 = 0x0068_656c_646f_7574;
-
-/// A secure round's vector: the update weighted by min(samples, cap) / cap (the weight stands in
-/// for the sample count, which never leaves the device), or under distributed differential privacy
-/// the clipped change against `received` with weight 1 and this device's share of the noise.
-fn pack_secure(
-    trained: &Adapter,
-    received: &Adapter,
-    samples: usize,
-    packing: &SecureTask,
-) -> Result<Vec<f32>, String> {
-    use flotilla_torch::aggregate::secure;
-    let failed = |e: &dyn std::fmt::Display| format!("packing the update for secure aggregation: {e}");
-    if packing.noise_std.is_empty() {
-        let weight = samples.min(packing.max_samples as usize) as f64 / packing.max_samples.max(1) as f64;
-        return secure::pack(trained, weight, 1.0, &packing.layout).map_err(|e| failed(&e));
-    }
-    let change = trained.change_from(received).map_err(|e| failed(&e))?;
-    let mut packed = secure::pack(&change, 1.0, 1.0, &packing.layout).map_err(|e| failed(&e))?;
-    // Noise anyone could replay would protect nothing: it comes from the operating system's entropy.
-    let mut rng = <rand_chacha::ChaCha20Rng as rand::SeedableRng>::from_os_rng();
-    secure::add_noise(&mut packed, &packing.layout, &packing.noise_std, &mut rng).map_err(|e| failed(&e))?;
-    Ok(packed)
-}
 
 #[cfg(test)]
 mod tests {
@@ -630,7 +635,7 @@ mod tests {
                 let source = DataSource::Synthetic { samples: 8, task_seed: 1, sample_seed: device };
                 let trainer = pool.trainer(source, HeldOut::default()).unwrap();
                 let base = BaseSource::Tensors(base_wire.clone());
-                trainer.set_base(architecture.clone(), 1.0, base, false).await.unwrap();
+                trainer.set_base(architecture.clone(), 1.0, base, None).await.unwrap();
                 for _ in 0..4 {
                     trainer.train(slice.clone(), 2, settings.clone(), UpdateShaping::default()).await.unwrap();
                 }

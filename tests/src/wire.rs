@@ -56,6 +56,8 @@ pub struct EvaluationSums {
     pub correct: u64,
     pub loss_sum: f64,
     pub labels: Vec<LabelSums>,
+    pub generated: u64,
+    pub rouge_l_sum: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]

@@ -286,6 +286,15 @@ fn devices_score_a_decoder_on_their_own_test_shards_and_agree_with_the_coordinat
     let (accuracy, central_accuracy) = (overall["accuracy"].as_f64().unwrap(), central["accuracy"].as_f64().unwrap());
     assert!((accuracy - central_accuracy).abs() < 1e-9, "next-token accuracy {accuracy} vs {central_accuracy}");
     assert!(coordinator.stdout_text().contains("federated next-token accuracy"), "{}", coordinator.logs());
+    // Each device also wrote greedy headlines for its first 4 held-out articles (the default).
+    assert_eq!(overall["headlines"], 8, "{overall}");
+    let rouge_l = overall["rouge_l"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rouge_l), "{overall}");
+    assert!(
+        coordinator.stdout_text().contains("the devices' greedy headlines score ROUGE-L F1"),
+        "{}",
+        coordinator.logs()
+    );
 }
 
 #[test]

@@ -246,6 +246,8 @@ fn lie(model_round: u32, rank: u32) -> (wire::EvaluationReport, &'static str) {
         correct: label_counts.iter().map(|c| c.1).sum(),
         loss_sum,
         labels: labels(label_counts),
+        generated: 0,
+        rouge_l_sum: 0.0,
     };
     let (sums, reason) = match model_round {
         1 => (sums(20, 5.0, &[(10, 9, 10), (10, 9, 10)]), "scored, but the device holds 10"),

@@ -6,6 +6,14 @@
 
 use serde::{Deserialize, Serialize};
 
+/// What the coordinator asks of a device's evaluations, told once in its `Welcome`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct EvaluationPlan {
+    /// A headline-writing decoder also writes this many headlines (its first held-out articles)
+    /// greedily and reports their ROUGE-L F1, summed.
+    pub headlines: u32,
+}
+
 /// Asks a device to score the global adapter after round `model_round`, at its `rank`, on its
 /// held-out data. The adapter slice travels with it, as with a round task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -58,6 +66,9 @@ pub struct EvaluationSums {
     pub loss_sum: f64,
     /// A classifier's counts per label index; empty for a decoder.
     pub labels: Vec<LabelSums>,
+    /// A headline-writing decoder: headlines written, and their ROUGE-L F1 summed.
+    pub generated: u64,
+    pub rouge_l_sum: f64,
 }
 
 /// One label's counts on a device's held-out data.
@@ -88,6 +99,10 @@ pub enum SumsError {
     LabelsDoNotAddUp { support: u64, correct: u64, predicted: u64, examples: u64, total_correct: u64 },
     #[error("a classifier scores examples: {scored} scored for {examples} examples")]
     ScoredNotExamples { scored: u64, examples: u64 },
+    #[error("{generated} headlines written from {examples} examples")]
+    MoreHeadlinesThanExamples { generated: u64, examples: u64 },
+    #[error("the ROUGE-L sum {sum} is not between 0 and the {generated} headlines written")]
+    BadRouge { sum: f64, generated: u64 },
     #[error("the counts overflow")]
     Overflow,
 }
@@ -108,6 +123,12 @@ impl EvaluationSums {
         }
         if self.labels.len() > classes {
             return Err(SumsError::LabelOutOfRange { index: self.labels.len() - 1, classes });
+        }
+        if self.generated > self.examples || (classes > 0 && self.generated > 0) {
+            return Err(SumsError::MoreHeadlinesThanExamples { generated: self.generated, examples: self.examples });
+        }
+        if !self.rouge_l_sum.is_finite() || self.rouge_l_sum < 0.0 || self.rouge_l_sum > self.generated as f64 {
+            return Err(SumsError::BadRouge { sum: self.rouge_l_sum, generated: self.generated });
         }
         if classes == 0 {
             return Ok(());
@@ -142,7 +163,9 @@ impl EvaluationSums {
         self.examples = add(self.examples, other.examples)?;
         self.scored = add(self.scored, other.scored)?;
         self.correct = add(self.correct, other.correct)?;
+        self.generated = add(self.generated, other.generated)?;
         self.loss_sum += other.loss_sum;
+        self.rouge_l_sum += other.rouge_l_sum;
         if self.labels.len() < other.labels.len() {
             self.labels.resize(other.labels.len(), LabelSums::default());
         }
@@ -169,7 +192,12 @@ impl EvaluationSums {
         }
         let examples = labels.iter().map(|l| l.support).sum();
         let correct = labels.iter().map(|l| l.correct).sum();
-        EvaluationSums { examples, scored: examples, correct, loss_sum, labels }
+        EvaluationSums { examples, scored: examples, correct, loss_sum, labels, generated: 0, rouge_l_sum: 0.0 }
+    }
+
+    /// Mean ROUGE-L F1 of the headlines written, if any were.
+    pub fn rouge_l(&self) -> Option<f64> {
+        (self.generated > 0).then(|| self.rouge_l_sum / self.generated as f64)
     }
 
     pub fn accuracy(&self) -> f64 {
@@ -261,11 +289,26 @@ mod tests {
 
     #[test]
     fn a_decoder_scores_tokens_and_carries_no_labels() {
-        let sums = EvaluationSums { examples: 3, scored: 40, correct: 12, loss_sum: 80.0, labels: vec![] };
+        let sums = EvaluationSums {
+            examples: 3,
+            scored: 40,
+            correct: 12,
+            loss_sum: 80.0,
+            labels: vec![],
+            generated: 2,
+            rouge_l_sum: 1.5,
+        };
         sums.check(3, 0).unwrap();
         assert!((sums.mean_loss() - 2.0).abs() < 1e-12);
-        let labelled = EvaluationSums { labels: vec![LabelSums::default()], ..sums };
+        assert_eq!(sums.rouge_l(), Some(0.75));
+        let labelled = EvaluationSums { labels: vec![LabelSums::default()], ..sums.clone() };
         assert!(labelled.check(3, 0).is_err());
+        let too_many = EvaluationSums { generated: 4, rouge_l_sum: 1.0, ..sums.clone() };
+        assert!(matches!(too_many.check(3, 0), Err(SumsError::MoreHeadlinesThanExamples { .. })));
+        for rouge_l_sum in [2.5, -0.1, f64::NAN] {
+            let bad = EvaluationSums { rouge_l_sum, ..sums.clone() };
+            assert!(matches!(bad.check(3, 0), Err(SumsError::BadRouge { .. })), "{rouge_l_sum}");
+        }
     }
 
     #[test]

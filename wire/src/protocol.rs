@@ -206,8 +206,8 @@ pub struct Welcome {
     /// from its next connection.
     pub crl_pem: Option<String>,
     /// The run evaluates on devices (`[federated_evaluation]`): the device sets its held-out share
-    /// of its data apart, never to be trained on.
-    pub evaluates: bool,
+    /// of its data apart, never to be trained on, and evaluates as the plan says.
+    pub evaluation: Option<crate::evaluation::EvaluationPlan>,
 }
 
 /// How a device gets the frozen base.

@@ -13,11 +13,15 @@ use super::llama::{llama_spec, Decoder};
 use super::lora_model::{local_metrics_sample, TRANSFORMER_METRICS_SAMPLES};
 use super::{Architecture, ArchitectureExt, BaseWeights, ModelError, ADAPTER_PREFIX};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
-use crate::data::decoder_tokenizer::{dataset_sequences, DecoderExample};
+use crate::data::decoder_tokenizer::{dataset_sequences, DecoderExample, DecoderTokenizer};
+use crate::data::headline::rouge_l_f1;
 use crate::data::Dataset;
 
 /// Sequences per forward pass when evaluating.
 const EVALUATION_BATCH: usize = 8;
+
+/// Headlines longer than this many tokens are cut (BBC's are about 10).
+pub const HEADLINE_TOKENS: usize = 32;
 
 pub struct DecoderModel {
     decoder: Decoder,
@@ -108,6 +112,29 @@ impl DecoderModel {
     pub fn evaluate_sums(&self, data: &Dataset) -> Result<TokenSums, ModelError> {
         let sequences = dataset_sequences(data).map_err(ModelError::Unsupported)?;
         self.lora.evaluate_sums(&self.decoder, &sequences, EVALUATION_BATCH)
+    }
+
+    /// Greedy headlines for the first `count` examples of `data`, scored against the true ones:
+    /// each headline with its ROUGE-L F1.
+    pub fn write_headlines(
+        &self,
+        tokenizer: &DecoderTokenizer,
+        data: &Dataset,
+        count: usize,
+    ) -> Result<Vec<(String, f64)>, ModelError> {
+        let stop = tokenizer.special.eos.map(i64::from);
+        let text = |ids: &[i64]| -> Result<String, ModelError> {
+            let kept: Vec<u32> = ids.iter().filter(|&&id| Some(id) != stop).map(|&id| id as u32).collect();
+            tokenizer.decode(&kept).map(|t| t.trim().to_string()).map_err(|e| ModelError::Unsupported(e.to_string()))
+        };
+        let mut written = Vec::new();
+        for sequence in dataset_sequences(data).map_err(ModelError::Unsupported)?.into_iter().take(count) {
+            let generated = self.generate(&sequence.ids[..sequence.target_start], HEADLINE_TOKENS, stop)?;
+            let headline = text(&generated)?;
+            let score = rouge_l_f1(&headline, &text(&sequence.ids[sequence.target_start..])?);
+            written.push((headline, score));
+        }
+        Ok(written)
     }
 
     /// Logits `[B, L, vocab]` of right-padded ids with the adapter applied.

@@ -61,8 +61,24 @@ impl LocalModel {
                     correct: sums.correct,
                     loss_sum: sums.loss,
                     labels: Vec::new(),
+                    generated: 0,
+                    rouge_l_sum: 0.0,
                 })
             }
+        }
+    }
+
+    /// A decoder's greedy headlines for the first `count` examples of `data`, each with its
+    /// ROUGE-L F1 against the true one; none for a classifier.
+    pub fn write_headlines(
+        &self,
+        tokenizer: &crate::data::decoder_tokenizer::DecoderTokenizer,
+        data: &Dataset,
+        count: usize,
+    ) -> Result<Vec<(String, f64)>, ModelError> {
+        match self {
+            LocalModel::Classifier(_) => Ok(Vec::new()),
+            LocalModel::Decoder(model) => model.write_headlines(tokenizer, data, count),
         }
     }
 
