@@ -94,6 +94,11 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// The newest complete checkpoint, if any: its directory and state. Incomplete (`.tmp`) directories
 /// and directories without a readable state are skipped.
 pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
+    find(run_dir, None)
+}
+
+/// The complete checkpoint of round `only` (or with `None`, the newest), if there is one.
+pub fn find(run_dir: &Path, only: Option<u32>) -> Result<Option<(PathBuf, CheckpointState)>> {
     let root = global_root(run_dir);
     let entries = match fs::read_dir(&root) {
         Ok(entries) => entries,
@@ -113,7 +118,7 @@ pub fn latest(run_dir: &Path) -> Result<Option<(PathBuf, CheckpointState)>> {
         };
         let Ok(text) = fs::read(path.join(STATE_FILE)) else { continue };
         match serde_json::from_slice::<CheckpointState>(&text) {
-            Ok(state) if state.round == round => {
+            Ok(state) if state.round == round && only.is_none_or(|wanted| wanted == round) => {
                 if best.as_ref().is_none_or(|(_, b)| state.round > b.round) {
                     best = Some((path, state));
                 }

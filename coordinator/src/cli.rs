@@ -46,10 +46,13 @@ enum Command {
         #[arg(long)]
         fresh: bool,
         /// Train nothing: once [round] min_devices have joined, ask them to score the run
-        /// directory's last checkpoint on their held-out data ([federated_evaluation]), record it
-        /// with that round and exit.
+        /// directory's last checkpoint (or --round N's) on their held-out data
+        /// ([federated_evaluation]), record it with that round and exit.
         #[arg(long)]
         evaluate_only: bool,
+        /// With --evaluate-only: the round whose checkpoint is scored.
+        #[arg(long, requires = "evaluate_only")]
+        round: Option<u32>,
     },
     /// Check a configuration as `serve` would use it (environment overrides included): the
     /// settings, the TLS kit and CRL, the renewal CA, and that the run directory is writable.
@@ -268,7 +271,7 @@ fn print_export(done: &export::Exported) {
 
 fn run(command: Command) -> Result<()> {
     match command {
-        Command::Serve { config, listen, run_dir, address_file, fresh, evaluate_only } => {
+        Command::Serve { config, listen, run_dir, address_file, fresh, evaluate_only, round } => {
             let mut config = config::CoordinatorConfig::load(&config)?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
@@ -280,6 +283,8 @@ fn run(command: Command) -> Result<()> {
                 config.server.address_file = address_file;
             }
             let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let evaluate_only =
+                evaluate_only.then(|| round.map_or(setup::EvaluateOnly::Last, setup::EvaluateOnly::Round));
             let summary = runtime.block_on(setup::serve(config, fresh, evaluate_only))?;
             print_summary(&summary);
             completed_a_round(&summary)

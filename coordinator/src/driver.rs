@@ -147,7 +147,7 @@ pub(crate) struct RoundDriver {
     privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
     /// Under `[federated_evaluation]`: the connected devices and the models being evaluated.
     federated: federated::FederatedState,
-    evaluate_only: bool,
+    evaluate_only: Option<u32>,
 }
 
 /// What the driver starts from.
@@ -164,8 +164,8 @@ pub(crate) struct DriverStart {
     /// Under `[privacy]`: what the noise will cost the model, for `/status`.
     pub privacy_plan: Option<crate::privacy_plan::PrivacyPlan>,
     /// Train nothing: once `[round] min_devices` have joined, evaluate the resumed checkpoint's
-    /// model on the devices (`serve --evaluate-only`).
-    pub evaluate_only: bool,
+    /// model, of this round, on the devices (`serve --evaluate-only`).
+    pub evaluate_only: Option<u32>,
 }
 
 impl RoundDriver {
@@ -225,8 +225,8 @@ impl RoundDriver {
     /// Runs the rounds; returns the run's summary once the reports of every round are written.
     pub(crate) async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<DriverInput>) -> anyhow::Result<RunSummary> {
         let outcome = match self.evaluate_only {
-            true => self.evaluate_checkpoint(&mut inputs).await,
-            false => self.drive(&mut inputs).await,
+            Some(round) => self.evaluate_checkpoint(round, &mut inputs).await,
+            None => self.drive(&mut inputs).await,
         };
         let reports = self.reports;
         // The last reports are written before the run's result is returned.

@@ -39,8 +39,13 @@ struct RunStart {
 
 /// Runs the configured rounds (resuming after the last checkpoint unless `fresh`) and returns the
 /// run's summary, also written to `<run_dir>/summary.json`. With `evaluate_only`, trains nothing:
-/// the last checkpoint's model is scored on the devices' held-out data (`[federated_evaluation]`).
-pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) -> anyhow::Result<RunSummary> {
+/// a checkpoint's model (the last, or a chosen round's) is scored on the devices' held-out data
+/// (`[federated_evaluation]`).
+pub async fn serve(
+    config: CoordinatorConfig,
+    fresh: bool,
+    evaluate_only: Option<EvaluateOnly>,
+) -> anyhow::Result<RunSummary> {
     let configured_rounds = config.round.rounds;
     let (config, privacy_plan) = budgeted_and_planned(config)?;
     let run_dir = config.server.run_dir.clone();
@@ -48,10 +53,10 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) 
     let mut run_lock = crate::run_lock::RunLock::take(&run_dir)?;
     let renewal = open_renewal(&config)?;
     let base = crate::base::prepare(&config)?;
-    let start = run_start(&config, &base, fresh)?;
+    let start = run_start(&config, &base, fresh, evaluate_only.and_then(EvaluateOnly::round))?;
     let (config, ledger) = limit_rounds_to_ledger(config, start.first_round)?;
     check_evaluate_only(&config, &start, fresh, evaluate_only)?;
-    if !evaluate_only && start.first_round > config.round.rounds {
+    if evaluate_only.is_none() && start.first_round > config.round.rounds {
         return Ok(nothing_left_to_run(&config, start, &ledger, configured_rounds));
     }
     let (inputs, receiver) = mpsc::unbounded_channel();
@@ -96,6 +101,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) 
     let rounds = start.history.unwrap_or_default();
     let sampled = sampled(&ledger, start.first_round);
     let summary = summary_so_far(&config, start.first_round, sampled, rounds, initial, skipped, configured_rounds);
+    let summary = keep_later_rounds(summary, &run_dir, evaluate_only.is_some());
     let driver = RoundDriver::new(DriverStart {
         config,
         base_version: base.version,
@@ -107,7 +113,7 @@ pub async fn serve(config: CoordinatorConfig, fresh: bool, evaluate_only: bool) 
         secure_layout,
         ledger,
         privacy_plan,
-        evaluate_only,
+        evaluate_only: evaluate_only.map(|_| start.first_round - 1),
     });
     let summary = driver.run(receiver).await;
     acceptor.abort();
@@ -133,32 +139,58 @@ fn sampled(ledger: &Option<crate::privacy_ledger::PrivacyLedger>, first_round: u
     ledger.as_ref().map_or(first_round - 1, |l| l.sampled())
 }
 
+/// `serve --evaluate-only`: which checkpoint the devices score.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EvaluateOnly {
+    Last,
+    Round(u32),
+}
+
+impl EvaluateOnly {
+    fn round(self) -> Option<u32> {
+        match self {
+            EvaluateOnly::Last => None,
+            EvaluateOnly::Round(round) => Some(round),
+        }
+    }
+}
+
 /// `serve --evaluate-only` needs a model to evaluate (a checkpoint in the run directory) and devices
 /// to evaluate it on (`[federated_evaluation]`).
 fn check_evaluate_only(
     config: &CoordinatorConfig,
     start: &RunStart,
     fresh: bool,
-    evaluate_only: bool,
+    evaluate_only: Option<EvaluateOnly>,
 ) -> anyhow::Result<()> {
-    if !evaluate_only {
-        return Ok(());
-    }
+    let Some(which) = evaluate_only else { return Ok(()) };
     anyhow::ensure!(
         !fresh,
-        "--evaluate-only evaluates the run directory's last checkpoint; --fresh would set it aside"
+        "--evaluate-only evaluates one of the run directory's checkpoints; --fresh would set them aside"
     );
     anyhow::ensure!(
         config.federated_evaluation.is_some(),
         "--evaluate-only needs a [federated_evaluation] section: it asks the devices to score the model"
     );
+    let round = start.first_round - 1;
     anyhow::ensure!(
-        start.history.is_some(),
-        "--evaluate-only: {} holds no checkpoint (global/round-N) to evaluate",
-        config.server.run_dir.display()
+        start.history.is_some() && which.round().is_none_or(|wanted| wanted == round),
+        "--evaluate-only: {} holds no checkpoint {} to evaluate",
+        config.server.run_dir.display(),
+        which.round().map_or("(global/round-N)".to_string(), |r| format!("of round {r}"))
     );
-    info!(round = start.first_round - 1, "evaluation only: the devices will score this round's global adapter");
+    info!(round, "evaluation only: the devices will score this round's global adapter");
     Ok(())
+}
+
+/// An evaluation-only run keeps the whole run's records (the summary written before), not only
+/// those up to the checkpoint it evaluates.
+fn keep_later_rounds(summary: RunSummary, run_dir: &std::path::Path, evaluate_only: bool) -> RunSummary {
+    let evaluated = summary.rounds_completed;
+    match previous_summary(run_dir) {
+        Some(previous) if evaluate_only && previous.rounds.iter().any(|r| r.round == evaluated) => previous,
+        _ => summary,
+    }
 }
 
 /// Closes every connection left. DONE tells a device still training that the run is over; after
@@ -172,14 +204,15 @@ fn close_endpoint(endpoint: &quinn::Endpoint, finished: bool) {
 }
 
 /// The global adapter and round to start from: the last checkpoint's, or the base's initial adapter.
-fn run_start(config: &CoordinatorConfig, base: &Base, fresh: bool) -> anyhow::Result<RunStart> {
+/// Where the run starts: after the newest checkpoint (or `round`'s), or from the initial adapter.
+fn run_start(config: &CoordinatorConfig, base: &Base, fresh: bool, round: Option<u32>) -> anyhow::Result<RunStart> {
     let run_dir = &config.server.run_dir;
     if fresh {
         if let Some(aside) = checkpoint::set_aside(run_dir)? {
             info!("--fresh: earlier checkpoints moved to {}", aside.display());
         }
     }
-    Ok(match checkpoint::latest(run_dir)? {
+    Ok(match checkpoint::find(run_dir, round)? {
         Some((dir, state)) => {
             let initial_global = checkpoint::resume(&dir, &state, config)?;
             info!(round = state.round, checkpoint = %dir.display(), "resuming after the last finished round");

@@ -335,17 +335,16 @@ fn lies_in_evaluation_reports_are_refused_with_the_reason_and_never_counted() {
     assert!(coordinator.stderr_text().contains("evaluation report refused"), "{}", coordinator.logs());
 }
 
-/// `serve --evaluate-only` trains nothing: it asks the devices to score the run directory's last
-/// checkpoint, and gets the same totals the run's own final evaluation got (the same model on the
-/// same held-out sets).
+/// `serve --evaluate-only` trains nothing: it asks the devices to score one of the run directory's
+/// checkpoints (the last, or `--round N`'s), and gets the same totals the run's own evaluation of
+/// that model got (the same model on the same held-out sets), keeping the run's other records.
 #[test]
-fn an_evaluate_only_run_scores_the_last_checkpoint_again() {
+fn an_evaluate_only_run_scores_a_checkpoint_again() {
     let dir = tempfile::tempdir().unwrap();
     let run = dir.path();
     let devices = ["phone-1", "laptop-1"];
     provision(&run.join("pki"), &devices);
-    let config =
-        config(run, "", "[federated_evaluation]\nmin_group_devices = 1", 2).replace("rounds = 2", "rounds = 1");
+    let config = config(run, "", "[federated_evaluation]\nmin_group_devices = 1", 2);
     let fleet = |name: &str, address: &str| -> Vec<Process> {
         devices
             .iter()
@@ -359,22 +358,37 @@ fn an_evaluate_only_run_scores_the_last_checkpoint_again() {
     let mut trained = fleet("train", &address);
     assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.logs());
     trained.iter_mut().for_each(|d| assert!(d.wait(Duration::from_secs(30)).success(), "{}", d.logs()));
-    let after_training = summary(run)["rounds"][0]["federated_evaluation"].clone();
-    assert_eq!(after_training["reported"], 2, "{after_training}");
-
-    std::fs::remove_file(run.join("addr")).unwrap();
-    let (mut evaluator, address) = flotilla_tests::start_coordinator_with(run, &config, &["--evaluate-only"]);
-    let mut again = fleet("evaluate", &address);
-    assert!(evaluator.wait(Duration::from_secs(120)).success(), "{}", evaluator.logs());
-    for device in &mut again {
-        assert!(device.wait(Duration::from_secs(30)).success(), "{}", device.logs());
-        assert!(!device.stderr_text().contains("training at rank"), "nothing is trained\n{}", device.logs());
+    let after_training = summary(run)["rounds"].clone();
+    for record in after_training.as_array().unwrap() {
+        assert_eq!(record["federated_evaluation"]["reported"], 2, "{record}");
     }
-    let summary = summary(run);
-    assert_eq!(summary["rounds"].as_array().unwrap().len(), 1, "no round was added");
-    let evaluated = &summary["rounds"][0]["federated_evaluation"];
-    assert_eq!(evaluated["model_round"], 1);
-    assert_eq!(evaluated["reported"], 2, "{evaluated}");
-    assert_eq!(evaluated["overall"], after_training["overall"], "the same model on the same held-out data");
-    assert!(evaluator.stdout_text().contains("federated accuracy"), "{}", evaluator.logs());
+
+    for (name, args, round) in
+        [("last", vec!["--evaluate-only"], 1), ("first", vec!["--evaluate-only", "--round", "1"], 0)]
+    {
+        std::fs::remove_file(run.join("addr")).unwrap();
+        let (mut evaluator, address) = flotilla_tests::start_coordinator_with(run, &config, &args);
+        let mut again = fleet(name, &address);
+        assert!(evaluator.wait(Duration::from_secs(120)).success(), "{}", evaluator.logs());
+        for device in &mut again {
+            assert!(device.wait(Duration::from_secs(30)).success(), "{}", device.logs());
+            assert!(!device.stderr_text().contains("training at rank"), "nothing is trained\n{}", device.logs());
+        }
+        let rounds = summary(run)["rounds"].clone();
+        assert_eq!(rounds.as_array().unwrap().len(), 2, "{name}: the run's records are all kept");
+        let evaluated = &rounds[round]["federated_evaluation"];
+        assert_eq!(evaluated["model_round"], round + 1);
+        assert_eq!(evaluated["reported"], 2, "{evaluated}");
+        let before = &after_training[round]["federated_evaluation"]["overall"];
+        assert_eq!(evaluated["overall"], *before, "{name}: the same model on the same held-out data");
+        assert!(evaluator.stdout_text().contains("federated accuracy"), "{}", evaluator.logs());
+    }
+    // A round with no checkpoint is refused before anything listens.
+    let missing = Command::new(binary("flotilla-coordinator"))
+        .args(["serve", "--evaluate-only", "--round", "7", "--config"])
+        .arg(run.join("c.toml"))
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no checkpoint of round 7"), "{missing:?}");
 }

@@ -161,12 +161,12 @@ impl RoundDriver {
     }
 
     /// `serve --evaluate-only`: waits until `[round] min_devices` have joined, asks them to score
-    /// the resumed checkpoint's model (the last round's), and ends the run.
+    /// the resumed checkpoint's model (of `model_round`), and ends the run.
     pub(super) async fn evaluate_checkpoint(
         &mut self,
+        model_round: u32,
         inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
     ) -> anyhow::Result<crate::report::RunSummary> {
-        let model_round = self.summary.rounds_completed;
         self.publish_state();
         info!(model_round, devices = self.config.round.min_devices, "evaluation only: waiting for the devices");
         while self.sessions.len() < self.config.round.min_devices {
