@@ -93,27 +93,21 @@ pub async fn serve(
         update_bound,
     });
     let acceptor = tokio::spawn(accept_loop(endpoint.clone(), context));
-    // A resumed run continues the records of the rounds before its checkpoint.
-    let (initial, skipped) = match (&start.history, previous_summary(&run_dir)) {
-        (Some(_), Some(previous)) => (previous.initial_evaluation, previous.skipped),
-        _ => (initial_evaluation, Vec::new()),
-    };
-    let rounds = start.history.unwrap_or_default();
-    let sampled = sampled(&ledger, start.first_round);
-    let summary = summary_so_far(&config, start.first_round, sampled, rounds, initial, skipped, configured_rounds);
-    let summary = keep_later_rounds(summary, &run_dir, evaluate_only.is_some());
+    let first_round = start.first_round;
+    let start = StartingPoint { history: start.history, initial_evaluation, configured_rounds };
+    let summary = starting_summary(&config, first_round, start, &ledger, evaluate_only.is_some());
     let driver = RoundDriver::new(DriverStart {
         config,
         base_version: base.version,
         inputs,
         worker,
         summary,
-        first_round: start.first_round,
+        first_round,
         status,
         secure_layout,
         ledger,
         privacy_plan,
-        evaluate_only: evaluate_only.map(|_| start.first_round - 1),
+        evaluate_only: evaluate_only.map(|_| first_round - 1),
     });
     let summary = driver.run(receiver).await;
     acceptor.abort();
@@ -183,14 +177,36 @@ fn check_evaluate_only(
     Ok(())
 }
 
-/// An evaluation-only run keeps the whole run's records (the summary written before), not only
-/// those up to the checkpoint it evaluates.
-fn keep_later_rounds(summary: RunSummary, run_dir: &std::path::Path, evaluate_only: bool) -> RunSummary {
-    let evaluated = summary.rounds_completed;
-    match previous_summary(run_dir) {
-        Some(previous) if evaluate_only && previous.rounds.iter().any(|r| r.round == evaluated) => previous,
-        _ => summary,
+/// What the run's summary starts from besides the configuration.
+struct StartingPoint {
+    history: Option<Vec<crate::report::RoundRecord>>,
+    initial_evaluation: Vec<crate::evaluation::RankAccuracy>,
+    configured_rounds: u32,
+}
+
+/// The summary a run starts from: a resumed run continues the records of the rounds before its
+/// checkpoint; an evaluation-only run keeps the whole run's records (the summary written before),
+/// not only those up to the checkpoint it evaluates.
+fn starting_summary(
+    config: &CoordinatorConfig,
+    first_round: u32,
+    start: StartingPoint,
+    ledger: &Option<crate::privacy_ledger::PrivacyLedger>,
+    evaluate_only: bool,
+) -> RunSummary {
+    let previous = previous_summary(&config.server.run_dir);
+    if let Some(previous) =
+        previous.as_ref().filter(|p| evaluate_only && p.rounds.iter().any(|r| r.round == first_round - 1))
+    {
+        return previous.clone();
     }
+    let (initial, skipped) = match (&start.history, previous) {
+        (Some(_), Some(previous)) => (previous.initial_evaluation, previous.skipped),
+        _ => (start.initial_evaluation, Vec::new()),
+    };
+    let rounds = start.history.unwrap_or_default();
+    let sampled = sampled(ledger, first_round);
+    summary_so_far(config, first_round, sampled, rounds, initial, skipped, start.configured_rounds)
 }
 
 /// Closes every connection left. DONE tells a device still training that the run is over; after
