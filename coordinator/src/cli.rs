@@ -175,6 +175,9 @@ fn check(path: &std::path::Path, fleet: &[u32]) -> anyhow::Result<()> {
             }
         }
     }
+    if let Some(federated) = &config.federated_evaluation {
+        println!("{}", federated.describe(config.round.rounds, config.round.deadline_secs));
+    }
     if let Some(secure) = &config.secure_aggregation {
         let parameters = secure.parameters_for(secure.max_participants)?;
         let quantizer = flotilla_secagg::quantize::Quantizer::new(&parameters);

@@ -74,6 +74,26 @@ impl FederatedEvaluationSection {
         Ok(())
     }
 
+    /// What `check` says about the section.
+    pub fn describe(&self, rounds: u32, deadline_secs: u32) -> String {
+        let models = if self.every_rounds == 1 {
+            "every round's model".to_string()
+        } else {
+            format!("the model after every {} rounds and after round {rounds}", self.every_rounds)
+        };
+        format!(
+            "federated evaluation: {models}, scored by {:.0}% of the connected devices on held-out data of their own \
+             (15% of theirs unless they say otherwise), reported as sums within {} s; totals published from {} or \
+             more devices; cross-rank view of the final model {}; {} greedy headline(s) per device for a \
+             headline-writing decoder",
+            self.fraction * 100.0,
+            self.deadline_secs.unwrap_or(deadline_secs),
+            self.min_group_devices,
+            if self.cross_rank { "on" } else { "off" },
+            self.headlines
+        )
+    }
+
     /// What devices are told in their `Welcome`.
     pub fn plan(&self) -> flotilla_wire::evaluation::EvaluationPlan {
         flotilla_wire::evaluation::EvaluationPlan { headlines: self.headlines }

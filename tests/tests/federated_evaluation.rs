@@ -179,6 +179,9 @@ fn without_central_data_the_run_reports_federated_metrics_and_counts_declines() 
     let devices = ["phone-1", "phone-2", "laptop-1", "desktop-1"];
     provision(&run.join("pki"), &devices);
     let federated = "[federated_evaluation]\nevery_rounds = 2\nmin_group_devices = 2";
+    let (ok, said) = flotilla_tests::check_config(run, &config(run, "", federated, 4));
+    assert!(ok, "{said}");
+    assert!(said.contains("federated evaluation: the model after every 2 rounds and after round 2"), "{said}");
     let (mut coordinator, address) = start_coordinator(run, &config(run, "", federated, 4));
     let logs = run.join("logs");
     // Synthetic data: every device shares the task (the same --task-seed) and holds out 15%.
