@@ -242,19 +242,14 @@ impl RoundDriver {
             let mut upload = None;
             let event = match input {
                 DriverInput::Joined { device, rank, class, connection } => {
-                    if let Some(old) = self.sessions.insert(device.clone(), connection) {
-                        old.close(close::REPLACED.into(), b"replaced by a newer connection");
-                    }
-                    self.federated.joined(&device, rank, &class);
+                    self.session_joined(&device, rank, &class, connection);
                     self.rank_labels.insert(rank);
                     Event::DeviceJoined { device, rank }
                 }
                 DriverInput::Left { device, connection_id, why } => {
-                    if self.sessions.get(&device).map(|c| c.stable_id()) != Some(connection_id) {
-                        continue; // an older connection of a device that has reconnected
+                    if !self.session_left(&device, connection_id) {
+                        continue;
                     }
-                    self.sessions.remove(&device);
-                    self.device_left_evaluation(&device);
                     if let (Some(why), Phase::Training { round }) = (why, self.engine.phase()) {
                         *self.departures.entry(*round).or_default().entry(why).or_default() += 1;
                     }
@@ -335,6 +330,25 @@ impl RoundDriver {
             }
         }
         Ok(None)
+    }
+
+    /// A device's new session; an older one of the same device is closed.
+    fn session_joined(&mut self, device: &str, rank: u32, class: &str, connection: quinn::Connection) {
+        if let Some(old) = self.sessions.insert(device.to_string(), connection) {
+            old.close(close::REPLACED.into(), b"replaced by a newer connection");
+        }
+        self.federated.joined(device, rank, class);
+    }
+
+    /// A session ended: the device is gone (evaluations stop waiting for it). False when it was an
+    /// older connection of a device that has reconnected, which changes nothing.
+    fn session_left(&mut self, device: &str, connection_id: usize) -> bool {
+        if self.sessions.get(device).map(|c| c.stable_id()) != Some(connection_id) {
+            return false;
+        }
+        self.sessions.remove(device);
+        self.device_left_evaluation(device);
+        true
     }
 
     /// Once the last round is done: waits for the evaluations still running, so that the summary

@@ -74,6 +74,11 @@ impl FederatedEvaluationSection {
         Ok(())
     }
 
+    /// Seconds devices have to report: `deadline_secs`, or the round's deadline.
+    pub fn deadline(&self, round_deadline_secs: u32) -> u32 {
+        self.deadline_secs.unwrap_or(round_deadline_secs)
+    }
+
     /// What `check` says about the section.
     pub fn describe(&self, rounds: u32, deadline_secs: u32) -> String {
         let models = if self.every_rounds == 1 {
@@ -87,7 +92,7 @@ impl FederatedEvaluationSection {
              more devices; cross-rank view of the final model {}; {} greedy headline(s) per device for a \
              headline-writing decoder",
             self.fraction * 100.0,
-            self.deadline_secs.unwrap_or(deadline_secs),
+            self.deadline(deadline_secs),
             self.min_group_devices,
             if self.cross_rank { "on" } else { "off" },
             self.headlines
@@ -147,6 +152,8 @@ pub enum ReportRefused {
     HeldOutChanged { before: u64, now: u64 },
     #[error("the report scores the models of ranks {got:?}, but the device was asked for {asked:?}")]
     WrongCrossRanks { got: Vec<u32>, asked: Vec<u32> },
+    #[error("rank {rank}'s model was scored on {cross} examples, the device's own on {own}: one held-out set")]
+    CrossExamples { rank: u32, cross: u64, own: u64 },
     #[error(transparent)]
     Sums(#[from] flotilla_wire::evaluation::SumsError),
 }
@@ -257,10 +264,11 @@ impl Tally {
         for cell in &report.cross {
             cell.sums.check(declared, classes)?;
             if cell.sums.examples != sums.examples {
-                return Err(ReportRefused::Sums(flotilla_wire::evaluation::SumsError::MoreThanHeldOut {
-                    examples: cell.sums.examples,
-                    declared: sums.examples,
-                }));
+                return Err(ReportRefused::CrossExamples {
+                    rank: cell.rank,
+                    cross: cell.sums.examples,
+                    own: sums.examples,
+                });
             }
         }
         // Added to a copy first: a sum that overflows leaves the totals as they were. A group is
@@ -550,6 +558,14 @@ mod tests {
         // Asked for rank 2's model, b scores rank 4's: refused.
         let wrong = with_cross(8, &[vec![5, 0], vec![0, 5]], 4, &[vec![5, 0], vec![0, 5]]);
         assert!(matches!(tally.accept("b", &wrong, 2, &mut held_out), Err(ReportRefused::WrongCrossRanks { .. })));
+        // Another model scored on another set of examples: refused.
+        let mut elsewhere = Tally::new(3, asked(&[("a", 2, "phone")]));
+        elsewhere.asked.get_mut("a").unwrap().cross = vec![8];
+        let other_data = with_cross(2, &[vec![2, 2], vec![0, 4]], 8, &[vec![1, 0], vec![0, 1]]);
+        assert!(matches!(
+            elsewhere.accept("a", &other_data, 2, &mut HashMap::new()),
+            Err(ReportRefused::CrossExamples { rank: 8, cross: 2, own: 8 })
+        ));
         let record = tally.record(1);
         assert!((record.cross_rank[&2]["phone"].accuracy - 0.75).abs() < 1e-12, "a's own model");
         assert!((record.cross_rank[&8]["phone"].accuracy - 1.0).abs() < 1e-12, "rank 8's model on a's data");

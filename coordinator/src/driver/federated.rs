@@ -83,7 +83,7 @@ impl RoundDriver {
         }
         let asked_len = asked.len();
         self.federated.open.insert(model_round, Tally::new(model_round, asked.clone()));
-        let deadline = section.deadline_secs.unwrap_or(self.config.round.deadline_secs);
+        let deadline = section.deadline(self.config.round.deadline_secs);
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(deadline.into())).await;
@@ -103,12 +103,9 @@ impl RoundDriver {
         cross: &[u32],
     ) -> Option<TaskDelivery> {
         let connection = self.sessions.get(device)?.clone();
-        let deadline_secs = self
-            .config
-            .federated_evaluation
-            .as_ref()
-            .and_then(|s| s.deadline_secs)
-            .unwrap_or(self.config.round.deadline_secs);
+        let round_deadline = self.config.round.deadline_secs;
+        let deadline_secs =
+            self.config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline));
         let task = CoordinatorMessage::EvaluationTask(EvaluationTask {
             model_round,
             rank,
@@ -148,10 +145,7 @@ impl RoundDriver {
                     | DriverInput::EvaluationSent { .. }),
                 ) => self.federated_input(federated),
                 Some(DriverInput::Left { device, connection_id, .. }) => {
-                    if self.sessions.get(&device).map(|c| c.stable_id()) == Some(connection_id) {
-                        self.sessions.remove(&device);
-                        self.device_left_evaluation(&device);
-                    }
+                    self.session_left(&device, connection_id);
                 }
                 Some(DriverInput::Evaluated { round, result }) => self.record_evaluation(round, result),
                 Some(_) => {}
@@ -172,16 +166,10 @@ impl RoundDriver {
         while self.sessions.len() < self.config.round.min_devices {
             match inputs.recv().await {
                 Some(DriverInput::Joined { device, rank, class, connection }) => {
-                    if let Some(old) = self.sessions.insert(device.clone(), connection) {
-                        old.close(flotilla_wire::protocol::close::REPLACED.into(), b"replaced by a newer connection");
-                    }
-                    self.federated.joined(&device, rank, &class);
+                    self.session_joined(&device, rank, &class, connection);
                 }
                 Some(DriverInput::Left { device, connection_id, .. }) => {
-                    if self.sessions.get(&device).map(|c| c.stable_id()) == Some(connection_id) {
-                        self.sessions.remove(&device);
-                        self.federated.left(&device);
-                    }
+                    self.session_left(&device, connection_id);
                 }
                 Some(DriverInput::Fatal(reason)) => anyhow::bail!(reason),
                 Some(_) => {}
