@@ -546,7 +546,7 @@ impl CoordinatorConfig {
             }
         }
         if let Some(federated) = &self.federated_evaluation {
-            federated.validate(self.privacy.is_some(), self.secure_aggregation.is_some())?;
+            federated.validate(self.privacy.is_some())?;
         }
         self.transport.to_quinn().map_err(|e| anyhow::anyhow!("transport: {e}"))?;
         Ok(())

@@ -18,6 +18,7 @@ use tracing::{info, warn};
 mod delivery;
 mod federated;
 mod privacy_spend;
+mod secure_evaluation;
 mod secure_phases;
 mod skipping;
 mod status;
@@ -94,6 +95,12 @@ pub enum DriverInput {
         /// The request's frame size.
         bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
+    },
+    /// A secure evaluation's sums are unmasked (or why not); `names`: each participant's device.
+    EvaluationUnmasked {
+        model_round: u32,
+        names: BTreeMap<u32, String>,
+        outcome: Result<flotilla_secagg::server::Aggregate, String>,
     },
     /// A secure round's phase deadline.
     SecureTimer {
@@ -238,7 +245,11 @@ impl RoundDriver {
         // The configured run is on /metrics and /status from the start, before any device joins,
         // so that an alert on too few connected devices can fire.
         self.publish_state();
-        while let Some(input) = inputs.recv().await {
+        loop {
+            if let Some(summary) = self.end_round_held_for_evaluation(inputs).await? {
+                return Ok(summary);
+            }
+            let Some(input) = inputs.recv().await else { break };
             let mut upload = None;
             let event = match input {
                 DriverInput::Joined { device, rank, class, connection } => {
@@ -278,18 +289,18 @@ impl RoundDriver {
                 }
                 DriverInput::TimerFired { round, timer } => Event::TimerFired { round, timer },
                 DriverInput::Fatal(reason) => anyhow::bail!(reason),
-                DriverInput::AggregationDone { round, result } => {
-                    let record = result.map_err(|e| anyhow::anyhow!("round {round}: aggregation failed: {e}"))?;
-                    self.record_round(record);
-                    Event::AggregationDone { round }
-                }
+                DriverInput::AggregationDone { round, result } => match self.round_aggregated(round, result)? {
+                    Some(event) => event,
+                    None => continue,
+                },
                 DriverInput::Evaluated { round, result } => {
                     self.record_evaluation(round, result);
                     continue;
                 }
                 federated @ (DriverInput::EvaluationReport { .. }
                 | DriverInput::EvaluationDeadline { .. }
-                | DriverInput::EvaluationSent { .. }) => {
+                | DriverInput::EvaluationSent { .. }
+                | DriverInput::EvaluationUnmasked { .. }) => {
                     self.federated_input(federated);
                     continue;
                 }
@@ -308,6 +319,26 @@ impl RoundDriver {
             }
         }
         anyhow::bail!("round driver stopped unexpectedly")
+    }
+
+    /// A round's record is in: the engine hears it (None while the round's model is evaluated
+    /// first, under secure aggregation).
+    fn round_aggregated(&mut self, round: u32, result: Result<RoundRecord, String>) -> anyhow::Result<Option<Event>> {
+        let record = result.map_err(|e| anyhow::anyhow!("round {round}: aggregation failed: {e}"))?;
+        self.record_round(record);
+        Ok((!self.evaluate_between_rounds(round)).then_some(Event::AggregationDone { round }))
+    }
+
+    /// A round held for its model's secure evaluation ends once the evaluation has closed; returns
+    /// the run's summary if that finished the run.
+    async fn end_round_held_for_evaluation(
+        &mut self,
+        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
+    ) -> anyhow::Result<Option<RunSummary>> {
+        match self.federated.take_ready() {
+            Some(round) => self.handle_events(vec![Event::AggregationDone { round }], None, inputs).await,
+            None => Ok(None),
+        }
     }
 
     /// Feeds the engine `events` and carries out its actions (`upload` is the update the first
@@ -543,7 +574,7 @@ impl RoundDriver {
         }
         // Evaluators that do not train this round get the same slice with an evaluation task.
         for (device, rank) in evaluators {
-            deliveries.extend(self.evaluation_delivery(&device, round - 1, rank, &[]));
+            deliveries.extend(self.evaluation_delivery(&device, round - 1, rank, &[], None));
         }
         self.send_deliveries(deliveries, round);
     }

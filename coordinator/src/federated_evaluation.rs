@@ -49,9 +49,10 @@ impl Default for FederatedEvaluationSection {
 }
 
 impl FederatedEvaluationSection {
-    /// Checks the section against the run's privacy settings: under `[privacy]` and under
-    /// `[secure_aggregation]` a device's sums would travel unprotected, so the run is refused.
-    pub fn validate(&self, privacy: bool, secure: bool) -> anyhow::Result<()> {
+    /// Checks the section against the run's privacy settings: under `[privacy]` a device's sums
+    /// would need noise of their own, so the run is refused; under `[secure_aggregation]` they
+    /// travel masked.
+    pub fn validate(&self, privacy: bool) -> anyhow::Result<()> {
         anyhow::ensure!(self.every_rounds >= 1, "federated_evaluation.every_rounds must be at least 1");
         anyhow::ensure!(
             self.fraction > 0.0 && self.fraction <= 1.0,
@@ -65,11 +66,6 @@ impl FederatedEvaluationSection {
             "[federated_evaluation] is refused under [privacy]: the devices' evaluation sums would need noise and an \
              entry in the privacy accountant of their own, which this coordinator does not add yet; remove one of the \
              two sections"
-        );
-        anyhow::ensure!(
-            !secure,
-            "[federated_evaluation] is refused under [secure_aggregation]: the devices' evaluation sums would travel \
-             unmasked, which the run's promise forbids; remove one of the two sections"
         );
         Ok(())
     }
@@ -176,6 +172,17 @@ pub struct Tally {
     /// and of the reports received.
     pub bytes_down: u64,
     pub bytes_up: u64,
+    masked: Option<MaskedEvaluationRecord>,
+}
+
+/// A group whose totals a record may hold.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum GroupKey {
+    Total,
+    Rank(u32),
+    Class(String),
+    /// The cross-rank view: (model rank, device class).
+    Cross(u32, String),
 }
 
 #[derive(Default)]
@@ -208,6 +215,7 @@ impl Tally {
             started: Instant::now(),
             bytes_down: 0,
             bytes_up: 0,
+            masked: None,
         }
     }
 
@@ -288,6 +296,37 @@ impl Tally {
         Ok(())
     }
 
+    /// The devices asked, with their ranks and classes.
+    pub fn asked(&self) -> &BTreeMap<String, Evaluator> {
+        &self.asked
+    }
+
+    /// Under secure aggregation: the unmasked totals of each group (`crate::secure_evaluation`),
+    /// from the devices whose masked sums were in (`survivors`), `declined` of which declined.
+    pub fn masked_totals(
+        &mut self,
+        survivors: &[String],
+        declined: usize,
+        groups: Vec<(GroupKey, usize, EvaluationSums)>,
+    ) {
+        self.answered.extend(survivors.iter().cloned());
+        self.declined = declined;
+        for (key, devices, sums) in groups {
+            let group = Group { devices, sums };
+            match key {
+                GroupKey::Total => self.total = group,
+                GroupKey::Rank(rank) => _ = self.by_rank.insert(rank, group),
+                GroupKey::Class(class) => _ = self.by_class.insert(class, group),
+                GroupKey::Cross(rank, class) => _ = self.cross.insert((rank, class), group),
+            }
+        }
+    }
+
+    /// Under secure aggregation: how the secure sum went (its record's `masked`).
+    pub fn set_masked(&mut self, masked: MaskedEvaluationRecord) {
+        self.masked = Some(masked);
+    }
+
     /// A device asked to evaluate left before answering.
     pub fn left(&mut self, device: &str) {
         if self.asked.contains_key(device) && self.answered.insert(device.to_string()) {
@@ -335,8 +374,24 @@ impl Tally {
             seconds: self.started.elapsed().as_secs_f64(),
             bytes_down: self.bytes_down,
             bytes_up: self.bytes_up,
+            masked: self.masked.clone(),
         }
     }
+}
+
+/// Under secure aggregation: the secure sum the totals came from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MaskedEvaluationRecord {
+    /// Devices in the secure sum, whose masked sums were in, and whose masks were removed after
+    /// they dropped.
+    pub participants: usize,
+    pub survivors: usize,
+    pub recovered: usize,
+    /// Groups with a block of their own (each has enough devices to be published).
+    pub groups: usize,
+    /// Why nothing was revealed, when nothing was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub discarded: Option<String>,
 }
 
 /// A global model scored on the devices' held-out data: totals only.
@@ -368,6 +423,9 @@ pub struct FederatedEvaluation {
     /// Adapter slices sent for evaluation only, and the reports received.
     pub bytes_down: u64,
     pub bytes_up: u64,
+    /// Under secure aggregation: the sums travelled masked and only these totals were revealed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub masked: Option<MaskedEvaluationRecord>,
 }
 
 /// Scores of a model on held-out data, from summed counts.
@@ -580,12 +638,11 @@ mod tests {
     }
 
     #[test]
-    fn privacy_and_secure_aggregation_refuse_the_section_with_the_reason() {
+    fn privacy_refuses_the_section_with_the_reason() {
         let section = FederatedEvaluationSection::default();
-        section.validate(false, false).unwrap();
-        assert!(section.validate(true, false).unwrap_err().to_string().contains("[privacy]"));
-        assert!(section.validate(false, true).unwrap_err().to_string().contains("unmasked"));
+        section.validate(false).unwrap();
+        assert!(section.validate(true).unwrap_err().to_string().contains("[privacy]"));
         let bad = FederatedEvaluationSection { fraction: 0.0, ..Default::default() };
-        assert!(bad.validate(false, false).is_err());
+        assert!(bad.validate(false).is_err());
     }
 }

@@ -49,5 +49,7 @@ pub mod report_files;
 pub mod reset_secret;
 pub mod run_lock;
 pub mod secure;
+pub mod secure_evaluation;
+pub mod secure_section;
 pub mod session;
 pub mod setup;

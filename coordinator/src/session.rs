@@ -197,7 +197,10 @@ async fn answer_stream(
             hand_over(identity, shared, update, tensors, Some(masked.masked)).await
         }
         Ok((
-            message @ (DeviceMessage::SecureKeys(_) | DeviceMessage::SecureShares(_) | DeviceMessage::UnmaskShares(_)),
+            message @ (DeviceMessage::SecureKeys(_)
+            | DeviceMessage::SecureShares(_)
+            | DeviceMessage::UnmaskShares(_)
+            | DeviceMessage::MaskedEvaluation(_)),
             _,
         )) => {
             // What the protocol costs the device's uplink, for the round's record.
@@ -207,6 +210,7 @@ async fn answer_stream(
                 DeviceMessage::SecureKeys(keys) => SecureRequest::Keys(keys, peer.certificate.clone()),
                 DeviceMessage::SecureShares(shares) => SecureRequest::Shares(shares),
                 DeviceMessage::UnmaskShares(shares) => SecureRequest::Unmask(shares),
+                DeviceMessage::MaskedEvaluation(masked) => SecureRequest::MaskedEvaluation(masked),
                 _ => unreachable!("matched above"),
             };
             secure_request(identity, shared, request, bytes).await

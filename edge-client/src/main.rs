@@ -18,6 +18,7 @@ mod renewal;
 mod secure_pack;
 mod secure_session;
 mod session;
+mod session_context;
 mod sim;
 mod trainer;
 

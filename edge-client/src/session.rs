@@ -9,84 +9,27 @@
 //! the certificate expires the coordinator closes the session; the device reconnects if it holds a
 //! renewed certificate and stops with a clear message if not.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
+use flotilla_wire::evaluation::EvaluationTask;
+use flotilla_wire::framing::{read_frame, write_frame};
 use flotilla_wire::protocol::ALPN;
 use flotilla_wire::protocol::{
-    close, BaseDelivery, CoordinatorMessage, DeviceMessage, HardwareProfile, Hello, MaskedUpdate, RoundTask, Update,
-    PROTOCOL_VERSION,
+    close, BaseDelivery, CoordinatorMessage, DeviceMessage, Hello, MaskedUpdate, RoundTask, Update, PROTOCOL_VERSION,
 };
-use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, TransportSettings, ALERT_NO_APPLICATION_PROTOCOL};
+use flotilla_wire::quic::{self, is_certificate_failure, tls_alert, ALERT_NO_APPLICATION_PROTOCOL};
 use flotilla_wire::tensor::WireTensors;
-use flotilla_wire::tls::{own_certificate_not_after, KitPaths};
 use tracing::{info, warn};
 
 use crate::backoff::backoff;
 use crate::base_store::StoreError;
-use crate::evaluation_session::send_report;
+use crate::evaluation_session::{evaluate_and_report, evaluate_masked, EvaluationError};
 use crate::local_trainer::{BaseFailure, BaseSource, LocalTrainer, Scoring, TrainedUpdate, UpdateShaping};
 use crate::renewal::{renew_certificate, RenewalError};
 use crate::secure_session::{agree_secure_round, reveal_unmasking_shares};
+use crate::session_context::{certificate_check, classify, stop_reached, stopping};
+pub use crate::session_context::{SessionError, SessionSettings, Stop};
 use flotilla_secagg::client::ClientRound;
-
-/// How far a stop request (Ctrl-C) has gone: the first lets an upload in flight finish, the second
-/// abandons it. Either abandons local training (its result is never sent).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Stop {
-    Running,
-    AfterUpload,
-    Now,
-}
-
-/// Resolves once the stop request reaches `level`; never, if nobody can ask any more.
-async fn stop_reached(stop: &mut tokio::sync::watch::Receiver<Stop>, level: Stop) {
-    if stop.wait_for(|s| *s >= level).await.is_err() {
-        std::future::pending::<()>().await;
-    }
-}
-
-pub struct SessionSettings {
-    /// This device's credentials; read at every connection.
-    pub kit: KitPaths,
-    pub transport: TransportSettings,
-    /// Ask the coordinator for a new certificate when the current one ends within this time.
-    pub renew_within: Option<Duration>,
-    pub coordinator: SocketAddr,
-    pub server_name: String,
-    pub device_id: String,
-    pub requested_rank: u32,
-    pub hardware: HardwareProfile,
-    pub limits: FrameLimits,
-    pub max_attempts: u32,
-    pub initial_backoff: Duration,
-    pub max_backoff: Duration,
-    pub stop: tokio::sync::watch::Receiver<Stop>,
-    pub progress: crate::progress::Progress,
-    /// Where a transformer's checkpoint is found or fetched to.
-    pub base_store: std::sync::Arc<crate::base_store::BaseStore>,
-    /// The rounds this device refuses whatever the coordinator asks.
-    pub floor: crate::privacy_floor::PrivacyFloor,
-    /// This device's own privacy ledger, when it has a budget (`--privacy-budget`).
-    pub budget: Option<std::sync::Mutex<crate::privacy_budget::DevicePrivacyBudget>>,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum SessionError {
-    /// Retrying cannot help: the operator must act.
-    #[error("{0}")]
-    Fatal(String),
-    #[error("{0}")]
-    Transient(String),
-    /// Asked to stop (Ctrl-C); the message says what became of the round in progress.
-    #[error("{0}")]
-    Stopped(String),
-    /// The coordinator ended the run while this device was busy (a straggler's late round): the
-    /// session is over, not to be retried.
-    #[error("{0}")]
-    RunOver(String),
-}
 
 pub struct SessionReport {
     pub rounds_trained: u32,
@@ -136,67 +79,6 @@ pub async fn run(
     }
 }
 
-/// Classifies a failure by how the connection ended.
-fn classify(
-    connection: &quinn::Connection,
-    settings: &SessionSettings,
-    context: &str,
-    error: impl std::fmt::Display,
-) -> SessionError {
-    match connection.close_reason() {
-        Some(reason) if is_certificate_failure(&reason) => SessionError::Fatal(format!(
-            "the coordinator refused this device's certificate ({reason}); check that the kit comes \
-             from the coordinator's CA and has not expired or been revoked"
-        )),
-        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == close::REFUSED.into() => {
-            SessionError::Fatal(format!(
-                "the coordinator refused this device: {}",
-                String::from_utf8_lossy(&close.reason)
-            ))
-        }
-        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == close::REVOKED.into() => {
-            SessionError::Fatal(format!(
-                "the coordinator ended the session: this device's certificate was revoked ({}); ask the operator \
-                 for a new kit",
-                String::from_utf8_lossy(&close.reason)
-            ))
-        }
-        Some(quinn::ConnectionError::ApplicationClosed(close))
-            if close.error_code == close::CERTIFICATE_EXPIRED.into() =>
-        {
-            match certificate_check(settings) {
-                Ok(_) => SessionError::Transient(
-                    "the session's certificate expired; reconnecting with the renewed certificate".into(),
-                ),
-                Err(fatal) => fatal,
-            }
-        }
-        Some(quinn::ConnectionError::ApplicationClosed(close)) if close.error_code == close::DONE.into() => {
-            SessionError::RunOver(format!(
-                "the coordinator ended the run while this device was {context} ({}); this round's update is not in it",
-                String::from_utf8_lossy(&close.reason)
-            ))
-        }
-        _ => SessionError::Transient(format!("{context}: {error}")),
-    }
-}
-
-/// When the kit's certificate expires; fatal if it already has.
-fn certificate_check(settings: &SessionSettings) -> Result<std::time::SystemTime, SessionError> {
-    let not_after = own_certificate_not_after(&settings.kit).map_err(|e| SessionError::Fatal(e.to_string()))?;
-    if not_after <= std::time::SystemTime::now() {
-        return Err(SessionError::Fatal(format!(
-            "this device's certificate ({}) expired at {}; renew it: `flotilla-certs renew --kit {}`, have the \
-             CA sign the request with `sign --renew`, then `flotilla-certs install` (or let a coordinator \
-             with [renewal] renew it before it ends)",
-            settings.kit.cert.display(),
-            humantime::format_rfc3339_seconds(not_after),
-            settings.kit.dir().display()
-        )));
-    }
-    Ok(not_after)
-}
-
 async fn connect_and_serve(
     endpoint: &quinn::Endpoint,
     trainer: &impl LocalTrainer,
@@ -207,8 +89,9 @@ async fn connect_and_serve(
     admit(&connection, trainer, settings).await?;
     let mut stop = settings.stop.clone();
     let mut renewal_asked = false;
-    // A secure round whose masked update is in, until the coordinator asks for unmasking shares.
-    let mut secure_round: Option<(u32, ClientRound)> = None;
+    // Secure sums (a round's update, an evaluation's sums) whose masked vector is in, until the
+    // coordinator asks for their unmasking shares: (session, round, state).
+    let mut masked: Vec<(u64, u32, ClientRound)> = Vec::new();
     loop {
         if !renewal_asked {
             if let Some(expires) = renewal_due(settings)? {
@@ -235,21 +118,19 @@ async fn connect_and_serve(
             .map_err(|e| classify(&connection, settings, "reading a task", e))?;
         match message {
             CoordinatorMessage::RoundTask(task) => {
-                let round = task.round;
-                secure_round = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors)
-                    .await?
-                    .map(|client| (round, client));
+                let (round, session) = (task.round, task.secure.as_ref().map_or(0, |s| s.session));
+                let trained = train_and_upload(&connection, trainer, settings, &mut stop, task, tensors).await?;
+                keep_masked(&mut masked, trained.map(|client| (session, round, client)));
                 *rounds_trained += 1;
                 if *stop.borrow() >= Stop::AfterUpload {
                     return Err(stopping(&connection, format!("stopped after round {round}'s upload")));
                 }
             }
             CoordinatorMessage::EvaluationTask(task) => {
-                let scoring = Scoring { rank: task.rank, cross_ranks: task.cross_ranks, fold_tail: task.fold_tail };
-                let model_round = task.model_round;
-                evaluate_and_report(&connection, trainer, settings, &mut stop, model_round, scoring, tensors).await?;
+                let evaluated = evaluation_task(&connection, trainer, settings, &mut stop, task, tensors).await?;
+                keep_masked(&mut masked, evaluated);
             }
-            CoordinatorMessage::SecureUnmask(request) => match secure_round.take() {
+            CoordinatorMessage::SecureUnmask(request) => match take_masked(&mut masked, request.round) {
                 Some((round, client)) => {
                     // Crash-test hook: a device that drops after its masked upload.
                     flotilla_wire::crash_test::pause_if_requested("before-unmask", round).await;
@@ -287,37 +168,76 @@ async fn evaluate_before_training(
         return Ok(());
     }
     let scoring = Scoring { rank: task.rank, cross_ranks: Vec::new(), fold_tail: true };
-    evaluate_and_report(connection, trainer, settings, stop, task.round - 1, scoring, tensors.clone()).await
+    let model_round = task.round - 1;
+    let evaluated = evaluate_and_report(connection, &settings.limits, trainer, model_round, scoring, tensors.clone());
+    tokio::select! {
+        evaluated = evaluated => evaluated.map_err(|e| evaluation_failure(connection, settings, e)),
+        _ = stop_reached(stop, Stop::AfterUpload) => {
+            Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")))
+        }
+    }
 }
 
-/// Scores `slice` (the global model after round `model_round`) as `scoring` asks on the held-out
-/// data and reports the sums.
-async fn evaluate_and_report(
+/// An evaluation task: scored and reported, in the clear or (under secure aggregation) masked;
+/// returns the evaluation's secure sum state (its session and state) for the unmasking request.
+async fn evaluation_task(
     connection: &quinn::Connection,
     trainer: &impl LocalTrainer,
     settings: &SessionSettings,
     stop: &mut tokio::sync::watch::Receiver<Stop>,
-    model_round: u32,
-    scoring: Scoring,
-    slice: WireTensors,
-) -> Result<(), SessionError> {
-    let rank = scoring.rank;
-    let result = tokio::select! {
-        result = trainer.evaluate(slice, scoring) => result,
+    task: EvaluationTask,
+    tensors: WireTensors,
+) -> Result<Option<(u64, u32, ClientRound)>, SessionError> {
+    let scoring = Scoring { rank: task.rank, cross_ranks: task.cross_ranks, fold_tail: task.fold_tail };
+    let (model_round, limits, kit) = (task.model_round, &settings.limits, &settings.kit);
+    let evaluated = async {
+        match &task.secure {
+            Some(secure) => {
+                let masked = evaluate_masked(connection, limits, kit, trainer, model_round, scoring, tensors, secure);
+                Ok(masked.await?.map(|client| (secure.task.session, model_round, client)))
+            }
+            None => {
+                evaluate_and_report(connection, limits, trainer, model_round, scoring, tensors).await.map(|()| None)
+            }
+        }
+    };
+    tokio::select! {
+        evaluated = evaluated => evaluated.map_err(|e| evaluation_failure(connection, settings, e)),
         _ = stop_reached(stop, Stop::AfterUpload) => {
-            return Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")));
+            Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")))
         }
     }
-    .map_err(|e| SessionError::Fatal(format!("[model {model_round}] evaluation failed: {e:#}")))?;
-    send_report(connection, &settings.limits, model_round, rank, result)
-        .await
-        .map_err(|e| classify(connection, settings, "reporting an evaluation", format!("{e:#}")))
 }
 
-/// Closes the connection because the device is stopping.
-fn stopping(connection: &quinn::Connection, message: String) -> SessionError {
-    connection.close(close::DONE.into(), b"device stopping");
-    SessionError::Stopped(message)
+fn evaluation_failure(
+    connection: &quinn::Connection,
+    settings: &SessionSettings,
+    error: EvaluationError,
+) -> SessionError {
+    match error {
+        EvaluationError::Failed(message) => SessionError::Fatal(message),
+        EvaluationError::Connection(message) => classify(connection, settings, "reporting an evaluation", message),
+    }
+}
+
+/// The most secure sums a device waits to unmask at once (a round's and an evaluation's, and one
+/// the coordinator discarded).
+const MASKED_KEPT: usize = 4;
+
+fn keep_masked(masked: &mut Vec<(u64, u32, ClientRound)>, new: Option<(u64, u32, ClientRound)>) {
+    if let Some(new) = new {
+        if masked.len() >= MASKED_KEPT {
+            masked.remove(0);
+        }
+        masked.push(new);
+    }
+}
+
+/// The secure sum of `session`, taken for its unmasking: (round, state).
+fn take_masked(masked: &mut Vec<(u64, u32, ClientRound)>, session: u64) -> Option<(u32, ClientRound)> {
+    let at = masked.iter().position(|(s, _, _)| *s == session)?;
+    let (_, round, client) = masked.remove(at);
+    Some((round, client))
 }
 
 /// How long a handshake may take before the attempt counts as failed (and is retried with backoff).

@@ -14,7 +14,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use serde::{Deserialize, Serialize};
 
-pub const ALPN: &[u8] = b"flotilla/4";
+pub const ALPN: &[u8] = b"flotilla/5";
 
 // ---- Messages, mirrored field by field from docs/protocol.md (bincode 2, standard config). ----
 
@@ -75,7 +75,14 @@ pub struct EvaluationTask {
     pub deadline_secs: u32,
     pub cross_ranks: Vec<u32>,
     pub fold_tail: bool,
+    /// Secure evaluation's session (docs/protocol.md); these tests never run one, so a task that
+    /// carries one does not decode.
+    pub secure: Option<NoSecureEvaluation>,
 }
+
+/// Stands for `SecureEvaluation`, which these tests never receive.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum NoSecureEvaluation {}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Hello {
@@ -330,7 +337,7 @@ pub async fn request(connection: &quinn::Connection, bytes: &[u8]) -> Result<Rep
 pub async fn hello(connection: &quinn::Connection, device_id: &str, rank: u32) -> Result<Reply> {
     let message = DeviceMessage::Hello(Hello {
         device_id: device_id.to_string(),
-        protocol_version: 4,
+        protocol_version: 5,
         hardware: HardwareProfile {
             device_class: "desktop".into(),
             cpu_cores: 2,

@@ -395,3 +395,75 @@ fn an_evaluate_only_run_scores_a_checkpoint_again() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no checkpoint of round 7"), "{missing:?}");
 }
+
+/// Under `[secure_aggregation]` the sums travel masked, in a SecAgg+ session of the evaluation's
+/// own between rounds, and only group totals are revealed: still exactly the central evaluation of
+/// the union of the held-out sets, count for count; a class held by one device gets no total; no
+/// device sends its sums in the clear.
+#[test]
+fn under_secure_aggregation_the_sums_travel_masked_and_only_totals_are_revealed() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let devices = ["phone-1", "phone-2", "phone-3", "laptop-1"];
+    provision(&run.join("pki"), &devices);
+    for (k, device) in devices.iter().enumerate() {
+        let k = k as u32;
+        write_examples(&run.join("data").join(device).join("train"), "train", 200 * k..200 * k + 200);
+        write_examples(&run.join("data").join(device).join("held-out"), "train", 1000 + 30 * k..1030 + 30 * k);
+    }
+    write_examples(&run.join("data/central"), "t10k", 1000..1120);
+    let evaluation = format!("[evaluation]\ntest_data = \"{}\"", run.join("data/central").display());
+    let federated = "[federated_evaluation]\nmin_group_devices = 2\n[secure_aggregation]\nphase_secs = 20";
+    let config = config(run, &evaluation, federated, 4);
+    let (ok, said) = flotilla_tests::check_config(run, &config);
+    assert!(ok, "{said}");
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let logs = run.join("logs");
+    let mut fleet: Vec<Process> = devices
+        .iter()
+        .map(|device| {
+            let data = run.join("data").join(device);
+            let class = device.split('-').next().unwrap();
+            let mut command = edge(&address, &run.join("pki/kits").join(device), 4, &["--device-class", class]);
+            command.arg("--data").arg(data.join("train")).arg("--holdout-data").arg(data.join("held-out"));
+            Process::spawn(device, &mut command, &logs)
+        })
+        .collect();
+    assert!(coordinator.wait(Duration::from_secs(300)).success(), "{}", coordinator.logs());
+    for device in &mut fleet {
+        assert!(device.wait(Duration::from_secs(30)).success(), "{}", device.logs());
+        let stderr = device.stderr_text();
+        for model in [1, 2] {
+            assert!(stderr.contains(&format!("[model {model}] held-out evaluation at rank 4")), "{}", device.logs());
+            assert!(stderr.contains(&format!("[model {model}] evaluation report accepted")), "{}", device.logs());
+        }
+        assert!(
+            stderr.contains("sending the sums masked") && !stderr.contains("reporting the sums"),
+            "{}",
+            device.logs()
+        );
+    }
+    assert!(coordinator.stderr_text().contains("the sums will travel masked"), "{}", coordinator.logs());
+
+    let summary = summary(run);
+    for record in summary["rounds"].as_array().unwrap() {
+        let federated = &record["federated_evaluation"];
+        let masked = &federated["masked"];
+        assert_eq!((masked["participants"].as_u64(), masked["survivors"].as_u64()), (Some(4), Some(4)), "{federated}");
+        assert!(masked.get("discarded").is_none(), "{federated}");
+        assert_eq!(federated["reported"], 4, "{federated}");
+        let (overall, central) = (&federated["overall"], &record["evaluation"][0]);
+        assert_eq!(overall["examples"], 120, "{federated}");
+        let count = |accuracy: &serde_json::Value| (accuracy.as_f64().unwrap() * 120.0).round() as u64;
+        assert_eq!(count(&overall["accuracy"]), count(&central["accuracy"]), "{federated}\n{central}");
+        let (loss, central_loss) = (overall["loss"].as_f64().unwrap(), central["loss"].as_f64().unwrap());
+        assert!((loss - central_loss).abs() < 1e-4 * (1.0 + central_loss), "{loss} vs {central_loss}");
+        assert!((overall["macro_f1"].as_f64().unwrap() - central["macro_f1"].as_f64().unwrap()).abs() < 1e-12);
+        // Three phones make a total (threshold + 1 = 3 holders); one laptop does not.
+        assert_eq!(federated["by_class"]["phone"]["devices"], 3, "{federated}");
+        assert!(federated["by_class"].get("laptop").is_none(), "{federated}");
+        for device in devices {
+            assert!(!federated.to_string().contains(device), "{federated}");
+        }
+    }
+}

@@ -299,7 +299,7 @@ fn a_device_refuses_a_coordinator_of_another_protocol_version() {
     provision(&pki, &["phone"]);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     let server =
-        runtime.block_on(async { wire::server_endpoint(&pki.join("kits/coordinator"), b"flotilla/5") }).unwrap();
+        runtime.block_on(async { wire::server_endpoint(&pki.join("kits/coordinator"), b"flotilla/6") }).unwrap();
     let address = server.local_addr().unwrap();
     let accepting = server.clone();
     runtime.spawn(async move {
@@ -317,6 +317,6 @@ fn a_device_refuses_a_coordinator_of_another_protocol_version() {
         &dir.path().join("logs"),
     );
     assert_eq!(device.wait(Duration::from_secs(60)).code(), Some(2), "{}", device.logs());
-    assert!(device.stderr_text().contains("does not speak flotilla/4"), "{}", device.logs());
+    assert!(device.stderr_text().contains("does not speak flotilla/5"), "{}", device.logs());
     assert!(!device.stderr_text().contains("retrying"), "{}", device.logs());
 }

@@ -28,6 +28,39 @@ pub struct EvaluationTask {
     /// frozen weight when `fold_tail` (Fold-and-Fill), its first r slots otherwise.
     pub cross_ranks: Vec<u32>,
     pub fold_tail: bool,
+    /// Under secure aggregation: the sums go up masked ([`MaskedEvaluation`]), in the blocks this
+    /// names, after the SecAgg+ key agreement of its session; never as an `EvaluationReport`.
+    pub secure: Option<SecureEvaluation>,
+}
+
+/// What a device puts in one block of its vector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockFill {
+    /// A group the device is not in: zeros.
+    Empty,
+    /// The scores of the model it was sent, at its own rank.
+    Own,
+    /// The cross-rank view: the scores of this rank's model.
+    Rank(u32),
+}
+
+/// What makes an evaluation task secure: the SecAgg+ session and which blocks of the vector
+/// (`secure_evaluation::SumsLayout`) are the device's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SecureEvaluation {
+    pub task: crate::secure_task::SecureTask,
+    /// One per block of the vector, in order.
+    pub blocks: Vec<BlockFill>,
+    /// Labels per block (0 for a decoder).
+    pub classes: u32,
+}
+
+/// Under secure aggregation: a device's evaluation sums, laid out (`secure_evaluation::SumsLayout`)
+/// and masked. Nothing else of its report travels.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MaskedEvaluation {
+    pub model_round: u32,
+    pub masked: flotilla_secagg::messages::MaskedInput,
 }
 
 /// A device's answer to an evaluation request: its sums, or `None` when it declines (its operator

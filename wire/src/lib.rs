@@ -3,7 +3,8 @@
 //! - [`protocol`]: the messages devices and the coordinator exchange; [`framing`]: how a message and
 //!   its tensors are laid out on a QUIC stream, every length bounded, decoded by one streaming
 //!   decoder that writes tensor bytes into whatever storage a [`framing::TensorSink`] hands out.
-//! - [`evaluation`]: federated evaluation's tasks and the sums devices report.
+//! - [`evaluation`]: federated evaluation's tasks and the sums devices report; [`secure_evaluation`]:
+//!   those sums laid out for a secure sum under secure aggregation.
 //! - [`tensor`]: tensor descriptors and raw little-endian bodies.
 //! - [`model`]: the model description (architecture, adapted layer shapes) as plain data.
 //! - [`tls`], [`quic`], [`identity`]: mutual-TLS configuration (ring only), QUIC endpoints and
@@ -22,6 +23,8 @@ pub mod logging;
 pub mod model;
 pub mod protocol;
 pub mod quic;
+pub mod secure_evaluation;
+pub mod secure_task;
 pub mod signed_keys;
 pub mod tensor;
 pub mod tls;

@@ -18,7 +18,8 @@
 //! - federated evaluation ([`crate::evaluation`]): the coordinator pushes an `EvaluationTask` (with
 //!   the adapter slice) to a device that does not train this round, or sets `evaluate` in its round
 //!   task; the device opens a bidirectional stream: `EvaluationReport` (sums only) → `Ack` or
-//!   `Reject`.
+//!   `Reject`. Under secure aggregation evaluation has a SecAgg+ session of its own (the task's
+//!   `secure`): the same phases as a secure round, with `MaskedEvaluation` as the upload.
 //!
 //! Under secure aggregation (a `RoundTask` with [`SecureTask`]), a round adds the SecAgg+ phases
 //! (`flotilla_secagg`); each request is answered when its phase closes (every participant heard
@@ -33,9 +34,11 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::secure_task::SecureTask;
+
 /// ALPN protocol id; a peer speaking another version fails the handshake with a clear error.
-pub const ALPN: &[u8] = b"flotilla/4";
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const ALPN: &[u8] = b"flotilla/5";
+pub const PROTOCOL_VERSION: u32 = 5;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum DeviceMessage {
@@ -48,6 +51,7 @@ pub enum DeviceMessage {
     MaskedUpdate(MaskedUpdate),
     UnmaskShares(flotilla_secagg::messages::UnmaskShares),
     EvaluationReport(crate::evaluation::EvaluationReport),
+    MaskedEvaluation(crate::evaluation::MaskedEvaluation),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -79,6 +83,7 @@ impl DeviceMessage {
             DeviceMessage::MaskedUpdate(_) => "MaskedUpdate",
             DeviceMessage::UnmaskShares(_) => "UnmaskShares",
             DeviceMessage::EvaluationReport(_) => "EvaluationReport",
+            DeviceMessage::MaskedEvaluation(_) => "MaskedEvaluation",
         }
     }
 }
@@ -293,28 +298,6 @@ pub struct RoundTask {
     /// Federated evaluation: before training, score the slice as received on the held-out data and
     /// send an `EvaluationReport` for model round `round - 1`.
     pub evaluate: bool,
-}
-
-/// What a device needs for one round of secure aggregation.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct SecureTask {
-    /// A fresh random id of this round's key agreement: every SecAgg message of the round carries
-    /// it, so a message of another round (or of this round number before a restart) is refused.
-    pub session: u64,
-    /// This device's participant id in the round.
-    pub participant: u32,
-    pub parameters: flotilla_secagg::Parameters,
-    /// Where each value sits in the masked vector (the device checks it against its adapter).
-    pub layout: flotilla_secagg::layout::Layout,
-    /// A device's weight is min(its samples, this) / this: its sample count never leaves it.
-    pub max_samples: u64,
-    /// Under `[privacy] mode = "distributed"`: the device uploads its clipped change with weight 1
-    /// and adds Gaussian noise of these standard deviations: `[head, slot 0, slot 1, …]`. Empty
-    /// otherwise.
-    pub noise_std: Vec<f64>,
-    /// Devices sent a task in this round: a device checks its own noise share against its floor
-    /// (`--min-noise-multiplier`) with it.
-    pub participants: u32,
 }
 
 /// A participant's encrypted shares: from it (`SecureShares`), or addressed to it

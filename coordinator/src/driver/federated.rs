@@ -16,6 +16,8 @@ use tracing::{info, warn};
 use super::delivery::TaskDelivery;
 use super::{DriverInput, RoundDriver};
 use crate::federated_evaluation::{sample_evaluators, Evaluator, FederatedEvaluationSection, Tally};
+use crate::secure_evaluation::SecureEvaluationSession;
+use flotilla_wire::evaluation::SecureEvaluation;
 
 /// What the driver keeps for federated evaluation.
 #[derive(Default)]
@@ -26,6 +28,12 @@ pub(crate) struct FederatedState {
     held_out: HashMap<String, u64>,
     /// Models being evaluated, by the round that made them.
     open: BTreeMap<u32, Tally>,
+    /// Under `[secure_aggregation]`: the evaluation whose sums are being added up securely.
+    pub(super) secure: Option<SecureEvaluationSession>,
+    /// Under `[secure_aggregation]` a model is evaluated between rounds: the round whose end the
+    /// engine hears once its evaluation closes, and (`ready`) when it has.
+    pub(super) resume: Option<u32>,
+    ready: Option<u32>,
 }
 
 impl FederatedState {
@@ -38,9 +46,24 @@ impl FederatedState {
     pub(crate) fn left(&mut self, device: &str) {
         self.members.remove(device);
         self.held_out.remove(device);
-        for tally in self.open.values_mut() {
+        let secure = self.secure.as_ref().map(|s| s.model_round);
+        // A secure evaluation's phases account for devices that leave.
+        for tally in self.open.values_mut().filter(|t| Some(t.model_round) != secure) {
             tally.left(device);
         }
+    }
+
+    pub(super) fn open_tally(&mut self, model_round: u32) -> Option<&mut Tally> {
+        self.open.get_mut(&model_round)
+    }
+
+    pub(super) fn is_evaluation_session(&self, session: u64) -> bool {
+        self.secure.as_ref().is_some_and(|s| s.session() == session)
+    }
+
+    /// The round whose end the engine may now hear, its model's evaluation being closed.
+    pub(super) fn take_ready(&mut self) -> Option<u32> {
+        self.ready.take()
     }
 }
 
@@ -53,6 +76,9 @@ impl RoundDriver {
     /// connected devices, opens its tally and returns them (with their ranks); participants of the
     /// round among them get `evaluate` set in their round task, the others an evaluation task.
     pub(super) fn evaluators_for_round(&mut self, round: u32) -> BTreeMap<String, u32> {
+        if self.config.secure_aggregation.is_some() {
+            return BTreeMap::new(); // evaluated between rounds (`evaluate_between_rounds`)
+        }
         let model_round = round.saturating_sub(1);
         self.open_evaluation(model_round, false).into_iter().map(|(d, e)| (d, e.rank)).collect()
     }
@@ -101,6 +127,7 @@ impl RoundDriver {
         model_round: u32,
         rank: u32,
         cross: &[u32],
+        secure: Option<SecureEvaluation>,
     ) -> Option<TaskDelivery> {
         let connection = self.sessions.get(device)?.clone();
         let round_deadline = self.config.round.deadline_secs;
@@ -113,6 +140,7 @@ impl RoundDriver {
             deadline_secs,
             cross_ranks: cross.to_vec(),
             fold_tail: self.config.aggregation.method.folds_tail(),
+            secure,
         });
         Some(TaskDelivery {
             device: device.to_string(),
@@ -131,19 +159,18 @@ impl RoundDriver {
         rounds_completed: u32,
         inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
     ) {
-        let evaluators = self.open_evaluation(rounds_completed, true);
-        let deliveries: Vec<TaskDelivery> = evaluators
-            .iter()
-            .filter_map(|(device, e)| self.evaluation_delivery(device, rounds_completed, e.rank, &e.cross))
-            .collect();
-        self.send_deliveries(deliveries, rounds_completed);
+        self.ask_for_evaluations(rounds_completed, true);
         while !self.federated.open.is_empty() {
             match inputs.recv().await {
                 Some(
                     federated @ (DriverInput::EvaluationReport { .. }
                     | DriverInput::EvaluationDeadline { .. }
-                    | DriverInput::EvaluationSent { .. }),
+                    | DriverInput::EvaluationSent { .. }
+                    | DriverInput::EvaluationUnmasked { .. }),
                 ) => self.federated_input(federated),
+                Some(secure @ (DriverInput::Secure { .. } | DriverInput::SecureTimer { .. })) => {
+                    self.secure_input(secure);
+                }
                 Some(DriverInput::Left { device, connection_id, .. }) => {
                     self.session_left(&device, connection_id);
                 }
@@ -152,6 +179,49 @@ impl RoundDriver {
                 None => return,
             }
         }
+    }
+
+    /// Opens model `model_round`'s evaluation if it is due (`last`: after the run's last round) and
+    /// sends every device asked its evaluation task; under secure aggregation with its part of the
+    /// evaluation's secure sum. Returns whether an evaluation opened.
+    fn ask_for_evaluations(&mut self, model_round: u32, last: bool) -> bool {
+        let evaluators = self.open_evaluation(model_round, last);
+        if evaluators.is_empty() {
+            return false;
+        }
+        let mut secure_parts = BTreeMap::new();
+        if self.config.secure_aggregation.is_some() {
+            match self.start_secure_evaluation(model_round, &evaluators) {
+                Some(parts) => secure_parts = parts,
+                None => return true, // closed already: it could not be secured, nothing was asked
+            }
+        }
+        let deliveries: Vec<TaskDelivery> = evaluators
+            .iter()
+            .filter_map(|(device, e)| {
+                let secure = secure_parts.remove(device);
+                self.evaluation_delivery(device, model_round, e.rank, &e.cross, secure)
+            })
+            .collect();
+        self.send_deliveries(deliveries, model_round);
+        true
+    }
+
+    /// Under `[secure_aggregation]`, after round `round`'s record: its model is evaluated before the
+    /// engine hears that the round is over (so before the next round's tasks, which would keep the
+    /// devices from the evaluation's key agreement). Returns whether the engine must wait.
+    pub(super) fn evaluate_between_rounds(&mut self, round: u32) -> bool {
+        if self.config.secure_aggregation.is_none() || round >= self.config.round.rounds {
+            return false; // the last round's model is evaluated after the run (`evaluate_final_model`)
+        }
+        if !self.ask_for_evaluations(round, false) {
+            return false;
+        }
+        self.federated.resume = Some(round);
+        if !self.federated.open.contains_key(&round) {
+            self.federated.ready = self.federated.resume.take();
+        }
+        true
     }
 
     /// `serve --evaluate-only`: waits until `[round] min_devices` have joined, asks them to score
@@ -186,7 +256,15 @@ impl RoundDriver {
     pub(super) fn federated_input(&mut self, input: DriverInput) {
         match input {
             DriverInput::EvaluationReport { device, report, reply } => self.evaluation_report(&device, report, reply),
-            DriverInput::EvaluationDeadline { model_round } => self.close_evaluation(model_round),
+            // A secure evaluation's own phase deadlines close it.
+            DriverInput::EvaluationDeadline { model_round }
+                if self.federated.secure.as_ref().map(|s| s.model_round) != Some(model_round) =>
+            {
+                self.close_evaluation(model_round)
+            }
+            DriverInput::EvaluationUnmasked { model_round, names, outcome } => {
+                self.secure_evaluation_unmasked(model_round, &names, outcome);
+            }
             DriverInput::EvaluationSent { model_round, bytes } => self.evaluation_sent(model_round, bytes),
             _ => {}
         }
@@ -213,7 +291,11 @@ impl RoundDriver {
             &Default::default(),
         )
         .map_or(0, |f| f.len() as u64);
+        let secure = self.federated.secure.as_ref().is_some_and(|s| s.model_round == model_round);
         let outcome = match self.federated.open.get_mut(&model_round) {
+            Some(_) if secure => Err("this run evaluates under secure aggregation: the sums travel masked, in the \
+                                      evaluation's secure sum, never in the clear"
+                .to_string()),
             Some(tally) => {
                 tally.bytes_up += bytes;
                 tally.accept(device, &report, classes, &mut self.federated.held_out).map_err(|e| e.to_string())
@@ -239,14 +321,24 @@ impl RoundDriver {
 
     pub(super) fn device_left_evaluation(&mut self, device: &str) {
         self.federated.left(device);
-        let complete: Vec<u32> =
-            self.federated.open.iter().filter(|(_, t)| t.complete()).map(|(round, _)| *round).collect();
+        let secure = self.federated.secure.as_ref().map(|s| s.model_round);
+        let complete: Vec<u32> = self
+            .federated
+            .open
+            .iter()
+            .filter(|(round, t)| t.complete() && Some(**round) != secure)
+            .map(|(round, _)| *round)
+            .collect();
         complete.into_iter().for_each(|round| self.close_evaluation(round));
     }
 
-    /// Ends model `model_round`'s evaluation: its record joins the round's.
-    fn close_evaluation(&mut self, model_round: u32) {
+    /// Ends model `model_round`'s evaluation: its record joins the round's (and a round held for it
+    /// may end).
+    pub(super) fn close_evaluation(&mut self, model_round: u32) {
         let Some(tally) = self.federated.open.remove(&model_round) else { return };
+        if self.federated.resume == Some(model_round) {
+            self.federated.ready = self.federated.resume.take();
+        }
         let min_group = self.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
         let record = tally.record(min_group);
         match &record.overall {

@@ -23,13 +23,27 @@ pub enum SecureRequest {
     Keys(flotilla_wire::signed_keys::SignedKeys, Vec<u8>),
     Shares(flotilla_wire::protocol::SecureShares),
     Unmask(flotilla_secagg::messages::UnmaskShares),
+    /// Federated evaluation's masked sums (`crate::secure_evaluation`).
+    MaskedEvaluation(flotilla_wire::evaluation::MaskedEvaluation),
 }
 
-fn refuse(reply: oneshot::Sender<CoordinatorMessage>, round: u32, reason: String) {
+impl SecureRequest {
+    /// The SecAgg+ session the request belongs to.
+    pub fn session(&self) -> u64 {
+        match self {
+            SecureRequest::Keys(keys, _) => keys.advert.round,
+            SecureRequest::Shares(shares) => shares.session,
+            SecureRequest::Unmask(shares) => shares.round,
+            SecureRequest::MaskedEvaluation(masked) => masked.masked.round,
+        }
+    }
+}
+
+pub(super) fn refuse(reply: oneshot::Sender<CoordinatorMessage>, round: u32, reason: String) {
     let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
 }
 
-fn publish_phase(current: Option<SecurePhase>) {
+pub(super) fn publish_phase(current: Option<SecurePhase>) {
     for phase in [SecurePhase::Keys, SecurePhase::Shares, SecurePhase::Upload, SecurePhase::Unmask] {
         let value = if Some(phase) == current { 1.0 } else { 0.0 };
         metrics::gauge!("fl_secagg_phase", "phase" => phase.name()).set(value);
@@ -125,9 +139,13 @@ impl RoundDriver {
         }
     }
 
-    fn schedule_secure_timer(&self, session: u64, phase: SecurePhase) {
+    /// A phase's deadline, `[secure_aggregation] phase_secs` from now.
+    pub(super) fn schedule_secure_timer(&self, session: u64, phase: SecurePhase) {
         let Some(section) = &self.config.secure_aggregation else { return };
-        let after = Duration::from_secs(section.phase_secs.into());
+        self.schedule_secure_timer_after(session, phase, Duration::from_secs(section.phase_secs.into()));
+    }
+
+    pub(super) fn schedule_secure_timer_after(&self, session: u64, phase: SecurePhase, after: Duration) {
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
@@ -143,6 +161,10 @@ impl RoundDriver {
         bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     ) -> Vec<Event> {
+        if self.federated.is_evaluation_session(request.session()) {
+            self.secure_evaluation_request(device, request, bytes, reply);
+            return Vec::new();
+        }
         let Some(secure) = self.secure.as_mut() else {
             refuse(reply, 0, "no secure round is in progress".into());
             return Vec::new();
@@ -170,6 +192,11 @@ impl RoundDriver {
                 }
                 return Vec::new();
             }
+            SecureRequest::MaskedEvaluation(masked) => {
+                let reason = "a masked evaluation for a session that is not an evaluation in progress";
+                refuse(reply, masked.model_round, reason.into());
+                return Vec::new();
+            }
         };
         match outcome {
             Ok(true) => self.close_secure_phase(phase),
@@ -185,6 +212,10 @@ impl RoundDriver {
 
     /// A phase's deadline: closes it if the round is still in it.
     fn secure_timer(&mut self, session: u64, phase: SecurePhase) -> Vec<Event> {
+        if self.federated.is_evaluation_session(session) {
+            self.secure_evaluation_timer(phase);
+            return Vec::new();
+        }
         let current = self.secure.as_ref().filter(|s| s.session == session && s.discarded().is_none());
         match current.map(SecureRound::phase) {
             Some(now) if now == phase => match phase {
