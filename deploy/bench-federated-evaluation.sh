@@ -6,6 +6,8 @@
 #
 #   bash deploy/bench-federated-evaluation.sh        # release binaries (built if missing)
 #   FLOTILLA_BIN_DIR=target/debug bash deploy/bench-federated-evaluation.sh
+#   FLOTILLA_SECURE_AGGREGATION=1 bash deploy/bench-federated-evaluation.sh   # both runs under
+#       [secure_aggregation]: the evaluation's own secure sum between rounds
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -22,6 +24,7 @@ quickstart() {
     local name="$1" federated="$2" started
     started="$(date +%s%N)"
     FLOTILLA_BIN_DIR="$bin" FLOTILLA_RUN_DIR="$work/$name" FLOTILLA_FEDERATED_EVALUATION="$federated" \
+        FLOTILLA_SECURE_AGGREGATION="${FLOTILLA_SECURE_AGGREGATION:-0}" \
         bash "$root/deploy/quickstart.sh" >"$work/$name.log" 2>&1 || { tail -30 "$work/$name.log" >&2; exit 1; }
     echo $(( ($(date +%s%N) - started) / 1000000 )) >"$work/$name.ms"
 }
@@ -46,6 +49,7 @@ def run(name):
         "eval_down": sum(f["bytes_down"] for f in federated),
         "final": (rounds[-1]["evaluation"] or [{}])[0].get("accuracy"),
         "federated_final": federated[-1]["overall"]["accuracy"] if federated else None,
+        "masked": [f.get("masked") for f in federated],
     }
 off, on = run("without"), run("with")
 print(f"| | without | with federated evaluation | ratio |")
@@ -56,6 +60,8 @@ print(f"| bytes down (round and evaluation tasks) | {off['down'] / 1e6:.2f} MB |
 print(f"| bytes up (updates and reports) | {off['up'] / 1e6:.2f} MB | {on['up'] / 1e6:.4f} MB | {on['up'] / off['up']:.5f} |")
 print()
 print(f"evaluations: {on['evaluations']}, seconds from request to record: {on['eval_seconds']}; "
-      f"evaluation-only bytes down {on['eval_down']} (the final model's tasks), reports up {on['eval_up']} bytes in all")
+      f"evaluation tasks' bytes down {on['eval_down']}, reports (and secure sums' protocol) up {on['eval_up']} bytes in all")
 print(f"final central accuracy: without {off['final']}, with {on['final']}; federated {on['federated_final']}")
+if any(on["masked"]):
+    print(f"secure sums of the evaluations: {on['masked']}")
 PY

@@ -10,6 +10,7 @@
 #   FLOTILLA_TASK=smollm2 bash deploy/quickstart.sh        # a decoder: SmolLM2-135M-Instruct writes BBC headlines
 #   FLOTILLA_TASK=fashion-mnist bash deploy/quickstart.sh  # the small-model demo: an MLP on Fashion-MNIST
 #   FLOTILLA_FEDERATED_EVALUATION=0 bash deploy/quickstart.sh  # central evaluation only
+#   FLOTILLA_SECURE_AGGREGATION=1 bash deploy/quickstart.sh    # SecAgg+ rounds; the devices' evaluation sums masked too
 #   FLOTILLA_EDGE=/opt/flotilla-edge/bin/flotilla-edge bash deploy/quickstart.sh
 #                          # the fleet runs an installed edge client (deploy/package-edge.sh's archive) in
 #                          # a cleared environment: PATH=$FLOTILLA_EDGE_PATH (default /usr/bin:/bin), no LD_LIBRARY_PATH
@@ -91,6 +92,11 @@ overrides=()
 if [ "${FLOTILLA_FEDERATED_EVALUATION:-1}" = 0 ]; then
     sed -i '/^\[federated_evaluation\]/,/^$/d' "$run_dir/coordinator.toml"
     holdout=()
+fi
+# FLOTILLA_SECURE_AGGREGATION=1: every round (and every federated evaluation) a SecAgg+ secure sum
+# (docs/security.md); the coordinator then learns sums and totals, never one device's.
+if [ "${FLOTILLA_SECURE_AGGREGATION:-0}" = 1 ]; then
+    printf '\n[secure_aggregation]\nphase_secs = 60\n' >>"$run_dir/coordinator.toml"
 fi
 rounds="${FLOTILLA_ROUNDS:-$(sed -n 's/^rounds = //p' "$run_dir/coordinator.toml")}"
 
