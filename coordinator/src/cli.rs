@@ -176,15 +176,8 @@ fn check(path: &std::path::Path, fleet: &[u32]) -> anyhow::Result<()> {
         }
     }
     if let Some(federated) = &config.federated_evaluation {
-        println!("{}", federated.describe(config.round.rounds, config.round.deadline_secs));
-        if config.secure_aggregation.is_some() {
-            println!(
-                "federated evaluation under secure aggregation: the sums travel masked in a secure sum of the \
-                 evaluation's own, between rounds; only totals of groups with at least {} devices and threshold + 1 \
-                 of the devices asked are revealed (docs/evaluation.md)",
-                federated.min_group_devices
-            );
-        }
+        let secure = config.secure_aggregation.is_some();
+        println!("{}", federated.describe(config.round.rounds, config.round.deadline_secs, secure));
     }
     if let Some(secure) = &config.secure_aggregation {
         let parameters = secure.parameters_for(secure.max_participants)?;

@@ -75,14 +75,14 @@ impl FederatedEvaluationSection {
         self.deadline_secs.unwrap_or(round_deadline_secs)
     }
 
-    /// What `check` says about the section.
-    pub fn describe(&self, rounds: u32, deadline_secs: u32) -> String {
+    /// What `check` says about the section (`secure`: under `[secure_aggregation]`).
+    pub fn describe(&self, rounds: u32, deadline_secs: u32, secure: bool) -> String {
         let models = if self.every_rounds == 1 {
             "every round's model".to_string()
         } else {
             format!("the model after every {} rounds and after round {rounds}", self.every_rounds)
         };
-        format!(
+        let plan = format!(
             "federated evaluation: {models}, scored by {:.0}% of the connected devices on held-out data of their own \
              (15% of theirs unless they say otherwise), reported as sums within {} s; totals published from {} or \
              more devices; cross-rank view of the final model {}; {} greedy headline(s) per device for a \
@@ -92,6 +92,15 @@ impl FederatedEvaluationSection {
             self.min_group_devices,
             if self.cross_rank { "on" } else { "off" },
             self.headlines
+        );
+        if !secure {
+            return plan;
+        }
+        format!(
+            "{plan}\nfederated evaluation under secure aggregation: the sums travel masked in a secure sum of the \
+             evaluation's own, between rounds; only totals of groups with at least {} devices and threshold + 1 of \
+             the devices asked are revealed (docs/evaluation.md)",
+            self.min_group_devices
         )
     }
 

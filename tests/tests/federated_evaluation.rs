@@ -417,6 +417,7 @@ fn under_secure_aggregation_the_sums_travel_masked_and_only_totals_are_revealed(
     let config = config(run, &evaluation, federated, 4);
     let (ok, said) = flotilla_tests::check_config(run, &config);
     assert!(ok, "{said}");
+    assert!(said.contains("federated evaluation under secure aggregation: the sums travel masked"), "{said}");
     let (mut coordinator, address) = start_coordinator(run, &config);
     let logs = run.join("logs");
     let mut fleet: Vec<Process> = devices
