@@ -13,12 +13,40 @@ use clap::{Args, Parser};
 use flotilla_merge::fast_path::{merge, Declined, Report, Request};
 use flotilla_merge::method::Method;
 
+/// Parses `--method` with the methods' own error, and lists every method in the help from their
+/// table.
+#[derive(Clone)]
+struct MethodParser;
+
+fn method_parser() -> MethodParser {
+    MethodParser
+}
+
+impl clap::builder::TypedValueParser for MethodParser {
+    type Value = Method;
+
+    fn parse_ref(
+        &self,
+        _cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Method, clap::Error> {
+        let text = value.to_string_lossy();
+        text.parse::<Method>().map_err(|e| clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("{e}\n")))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
+        Some(Box::new(Method::ALL.into_iter().map(|m| clap::builder::PossibleValue::new(m.name()))))
+    }
+}
+
 /// Merge PEFT adapters from disk (one directory per client, with adapter_model.safetensors whose
 /// metadata holds `num_samples`, and adapter_config.json) into OUT_DIR.
 #[derive(Debug, Clone, Args)]
 pub struct AggregateArgs {
-    /// rbla, zero-pad, hetlora, flexlora, flora or fedavg.
-    #[arg(long, default_value = "rbla")]
+    /// The aggregation method (docs/aggregation.md); fold-and-fill needs the previous global adapter,
+    /// so it runs in `serve` only.
+    #[arg(long, default_value = "rbla", value_parser = method_parser())]
     pub method: Method,
     /// Output directory (adapter_model.safetensors in f32 + adapter_config.json). It may not be,
     /// or contain, an input; an existing non-empty one needs --force.

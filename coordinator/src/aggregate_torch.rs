@@ -151,8 +151,9 @@ pub fn aggregate(request: &OfflineRequest) -> Result<OfflineReport> {
     if request.method.needs_previous_global() {
         bail!(
             "{} fills the slots a client lacks from the previous global adapter, which `aggregate` does not take; \
-             it runs in `serve` (or use rbla, zero-pad, hetlora, flexlora, flora or fedavg here)",
-            request.method
+             it runs in `serve` (or use {} here)",
+            request.method,
+            flotilla_merge::method::Method::names_where(|m| !m.needs_previous_global)
         );
     }
     let configs: Vec<(PathBuf, PeftConfig)> =

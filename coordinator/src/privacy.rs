@@ -96,9 +96,9 @@ impl PrivacySection {
         );
         if let Some(why) = why_not_private(method) {
             bail!(
-                "[aggregation] method = \"{method}\"{} cannot run under [privacy]: {why}; set method to fold-and-fill, \
-                 rbla or fedavg",
-                method.default_note()
+                "[aggregation] method = \"{method}\"{} cannot run under [privacy]: {why}; set method to {}",
+                method.default_note(),
+                flotilla_merge::method::Method::names_where(|m| m.private.is_ok())
             );
         }
         ensure!(!shrink, "[aggregation] ablation_shrink_to_round_rank cannot run under [privacy]");

@@ -76,9 +76,9 @@ impl SecureAggregationSection {
         let method = rest.method;
         if let Some(why) = flotilla_torch::aggregate::secure::why_not_secure(method) {
             anyhow::bail!(
-                "[aggregation] method = \"{method}\"{} cannot run under [secure_aggregation]: {why}; set method to \
-                 fold-and-fill, rbla, zero-pad or fedavg",
-                method.default_note()
+                "[aggregation] method = \"{method}\"{} cannot run under [secure_aggregation]: {why}; set method to {}",
+                method.default_note(),
+                flotilla_merge::method::Method::names_where(|m| m.secure.is_ok())
             );
         }
         anyhow::ensure!(

@@ -31,7 +31,7 @@ pub use flexlora::{singular_values, top_components, FlexLora, EXACT_SVD_MAX_DIM}
 pub use flora::{Flora, FloraMerged};
 pub use flotilla_merge::method::Method;
 pub use hetlora::HetLora;
-pub use private::{private_denominator, why_not_private, PrivacyParameters, PrivateDenominator, PrivateSums};
+pub use private::{private_denominator, why_not_private, PrivacyParameters, PrivateSums};
 pub use validate::validate_update;
 
 /// One client's contribution to a round.

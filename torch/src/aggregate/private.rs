@@ -39,43 +39,24 @@ use rand::Rng;
 use rand_distr::{Distribution, Normal};
 use tch::{Device, Kind, Tensor};
 
+use flotilla_merge::slots::Denominator;
+
 use super::{validate_update, AggregateError, Aggregated, ClientUpdate, Method};
 use crate::adapter::{tensor_role, Adapter, TensorRole};
 use crate::tensor::TensorError;
 
-/// How a privately aggregated slot's sum is divided (see the module documentation).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PrivateDenominator {
-    /// q·M_i: the expected number of sampled devices covering the slot (RBLA).
-    SlotPopulation,
-    /// q·M: the expected number of sampled devices (Fold-and-Fill, FedAvg).
-    Population,
-}
-
-/// The denominator `method` uses under differential privacy, or `None` when it cannot run under it.
-pub fn private_denominator(method: Method) -> Option<PrivateDenominator> {
-    match method {
-        Method::Rbla => Some(PrivateDenominator::SlotPopulation),
-        Method::FoldAndFill | Method::FedAvg => Some(PrivateDenominator::Population),
-        Method::ZeroPad | Method::HetLora | Method::FlexLora | Method::Flora | Method::RblaCoverage => None,
-    }
+/// The divisor `method` uses under differential privacy (its row, `MethodSpec::private`), or
+/// `None` when it cannot run under it. Under privacy it is an expected count: `Coverage` is q·M_i,
+/// the sampled devices expected to cover slot i (RBLA; FedAvg, whose devices cover every slot);
+/// `AllClientsFilled` is q·M, every sampled device, a device that lacks a slot adding no change to
+/// it (Fold-and-Fill).
+pub fn private_denominator(method: Method) -> Option<Denominator> {
+    method.spec().private.ok()
 }
 
 /// Why `method` cannot run under differential privacy (for configuration errors).
 pub fn why_not_private(method: Method) -> Option<&'static str> {
-    match method {
-        Method::Rbla | Method::FoldAndFill | Method::FedAvg => None,
-        Method::ZeroPad => Some(
-            "zero-pad averages the values devices received as well as their changes, so one device's presence \
-             moves a slot by g/N whatever the clipping bound",
-        ),
-        Method::HetLora => Some("HetLoRA weighs each update by its own norm, which the sums do not bound"),
-        Method::FlexLora => Some("FlexLoRA needs each device's product B·A, not sums of factors"),
-        Method::Flora => Some("FLoRA stacks the individual updates"),
-        Method::RblaCoverage => {
-            Some("coverage-scaled RBLA scales by the sampled coverage, which depends on who took part")
-        }
-    }
+    method.spec().private.err()
 }
 
 /// The clipping bound C and the noise multiplier σ (noise standard deviation σ·C on each sum).
@@ -91,7 +72,7 @@ const CLIP_TOLERANCE: f64 = 1e-4;
 /// A round's private accumulator: the sums of clipped changes.
 pub struct PrivateSums {
     previous: Adapter,
-    denominator: PrivateDenominator,
+    denominator: Denominator,
     parameters: PrivacyParameters,
     scale: f64,
     /// Per trainable tensor of the global adapter: the sum of the changes (f64, global-sized).
@@ -108,10 +89,12 @@ impl PrivateSums {
         scale: f64,
         parameters: PrivacyParameters,
     ) -> Result<PrivateSums, AggregateError> {
-        let denominator = private_denominator(method).ok_or_else(|| AggregateError::InvalidUpdate {
-            client: "configuration".into(),
-            message: format!("{method} cannot run under differential privacy"),
-        })?;
+        let denominator = private_denominator(method)
+            .filter(|d| matches!(d, Denominator::Coverage | Denominator::AllClientsFilled))
+            .ok_or_else(|| AggregateError::InvalidUpdate {
+                client: "configuration".into(),
+                message: format!("{method} cannot run under differential privacy"),
+            })?;
         let mut sums = BTreeMap::new();
         for name in global.trainable_names() {
             let t = &global.tensors()[name];
@@ -246,7 +229,7 @@ impl PrivateSums {
         };
         let denominator = |slot: Option<usize>| -> f64 {
             let devices = match (self.denominator, slot) {
-                (PrivateDenominator::SlotPopulation, Some(slot)) => covering(slot),
+                (Denominator::Coverage, Some(slot)) => covering(slot),
                 _ => total,
             };
             sampling_rate * devices as f64

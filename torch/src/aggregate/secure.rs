@@ -26,41 +26,22 @@
 use flotilla_secagg::layout::Layout;
 use tch::{Device, Kind, Tensor};
 
+use flotilla_merge::slots::Denominator;
+
 use super::{AggregateError, Method};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::tensor::TensorError;
 
-/// How a method turns slot sums into the global adapter, when it can run on sums alone.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecureForm {
-    /// Divide by the slot's coverage weight (RBLA; FedAvg, whose clients all cover every slot).
-    Coverage,
-    /// Divide by the round's weight (zero-pad).
-    AllClients,
-    /// Fill the missing weight with the previous global slot (Fold-and-Fill).
-    AllClientsFilled,
-}
-
-pub fn secure_form(method: Method) -> Option<SecureForm> {
-    match method {
-        Method::Rbla | Method::FedAvg => Some(SecureForm::Coverage),
-        Method::ZeroPad => Some(SecureForm::AllClients),
-        Method::FoldAndFill => Some(SecureForm::AllClientsFilled),
-        Method::HetLora | Method::FlexLora | Method::Flora | Method::RblaCoverage => None,
-    }
+/// How `method` turns slot sums into the global adapter (`Coverage`: divide by the slot's coverage
+/// weight; `AllClients`: by the round's weight; `AllClientsFilled`: fill the missing weight with
+/// the previous global slot), when it can run on sums alone (its row, `MethodSpec::secure`).
+pub fn secure_form(method: Method) -> Option<Denominator> {
+    method.spec().secure.ok()
 }
 
 /// Why `method` cannot run under secure aggregation (`None`: it can).
 pub fn why_not_secure(method: Method) -> Option<&'static str> {
-    match method {
-        Method::Rbla | Method::FedAvg | Method::ZeroPad | Method::FoldAndFill => None,
-        Method::HetLora => Some("HetLoRA weighs each update by its own norm, which needs the update itself"),
-        Method::FlexLora => Some("FlexLoRA needs each device's product B·A, not sums of factors"),
-        Method::Flora => Some("FLoRA stacks the individual updates"),
-        Method::RblaCoverage => Some(
-            "coverage-scaled RBLA is not given a sums form yet (its scaling needs only the coverage, so it could be)",
-        ),
-    }
+    method.spec().secure.err()
 }
 
 /// The layout of `global`'s adapters: its non-LoRA values and the weight, then per slot the
@@ -221,8 +202,11 @@ pub fn sums_by_tensor(
 
 /// The next global adapter from the round's unmasked sums, for `form`: the sums of slots
 /// 0..r (`layout.len(r)` values); slots r.. were not revealed and keep their global values.
-pub fn unpack(form: SecureForm, sums: &[f64], global: &Adapter, layout: &Layout) -> Result<Adapter, AggregateError> {
+pub fn unpack(form: Denominator, sums: &[f64], global: &Adapter, layout: &Layout) -> Result<Adapter, AggregateError> {
     let invalid = |message: String| AggregateError::InvalidUpdate { client: "secure aggregate".into(), message };
+    if form == Denominator::CoverageScaled {
+        return Err(invalid("coverage-scaled sums have no secure form".into()));
+    }
     let (padded, _) = padded_sums(sums, layout)?;
     let sums = padded.as_slice();
     let total = sums[layout.shared - 1];
@@ -258,9 +242,10 @@ pub fn unpack(form: SecureForm, sums: &[f64], global: &Adapter, layout: &Layout)
                 match form {
                     // A slot nobody covered this round keeps its global value, as in the plain methods.
                     _ if covered <= 0.0 => previous,
-                    SecureForm::Coverage => (sum / covered) as f32,
-                    SecureForm::AllClients => (sum / total) as f32,
-                    SecureForm::AllClientsFilled => ((sum + (total - covered) * f64::from(previous)) / total) as f32,
+                    Denominator::AllClients => (sum / total) as f32,
+                    Denominator::AllClientsFilled => ((sum + (total - covered) * f64::from(previous)) / total) as f32,
+                    // Refused at the top: coverage-scaled sums have no secure form.
+                    Denominator::Coverage | Denominator::CoverageScaled => (sum / covered) as f32,
                 }
             };
             for col in 0..*d_in {

@@ -235,9 +235,10 @@ impl SampleWeighted {
             return Err(AggregateError::InvalidUpdate {
                 client: update.client.to_string(),
                 message: format!(
-                    "{} needs every client at rank {rank}, this update has rank {}; use rbla, zero-pad, \
-                     hetlora, flexlora or flora for mixed ranks",
-                    self.method, update.declared_rank
+                    "{} needs every client at rank {rank}, this update has rank {}; use {} for mixed ranks",
+                    self.method,
+                    update.declared_rank,
+                    Method::names_where(|m| m.method != Method::FedAvg)
                 ),
             });
         }

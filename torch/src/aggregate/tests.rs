@@ -7,10 +7,10 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use tch::{Device, Kind, Tensor};
 
-use super::secure::SecureForm;
 use super::*;
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::seeded_uniform;
+use flotilla_merge::slots::Denominator;
 
 /// (module, d_in, d_out)
 const MODULES: [(&str, usize, usize); 2] = [("m.q", 5, 4), ("m.v", 5, 3)];
@@ -1105,7 +1105,7 @@ fn a_secure_round_gives_rbla_of_the_survivors_within_the_quantization_bound() {
         }
     }
     let aggregate_sums = server.finish().unwrap();
-    let got = secure::unpack(SecureForm::Coverage, &aggregate_sums.sums, &global, &layout).unwrap();
+    let got = secure::unpack(Denominator::Coverage, &aggregate_sums.sums, &global, &layout).unwrap();
     let survivors: Vec<&Client> = clients.iter().enumerate().filter(|(i, _)| *i != 3).map(|(_, c)| c).collect();
     let want = aggregate(Method::Rbla, &global, &survivors);
     // Survivors of ranks 2, 3, 4, 8, 8 at threshold 3: a slot is revealed with 4 holders, so slots
