@@ -524,7 +524,7 @@ mod tests {
         let mut tensors: Vec<(String, Tensor)> = slice.tensors().iter().map(|(n, t)| (n.clone(), t.copy())).collect();
         edit(&mut tensors);
         let all_finite = tensors.iter().all(|(_, t)| t.isfinite().all().int64_value(&[]) != 0);
-        DecodedTensors { tensors, all_finite, wire_bytes: 0 }
+        DecodedTensors { tensors, all_finite, wire_bytes: 0, frame_bytes: 0 }
     }
 
     /// Sends one update through the worker; returns the device's answer and whether it was folded.

@@ -77,6 +77,8 @@ pub enum DriverInput {
     EvaluationReport {
         device: String,
         report: Box<flotilla_wire::evaluation::EvaluationReport>,
+        /// The report's frame size.
+        bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     },
     /// Model `model_round`'s federated evaluation stops waiting.

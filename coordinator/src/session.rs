@@ -196,32 +196,28 @@ async fn answer_stream(
             let update = Update { round: masked.round, rank: masked.rank, num_samples: 0, metrics: None };
             hand_over(identity, shared, update, tensors, Some(masked.masked)).await
         }
-        Ok((
-            message @ (DeviceMessage::SecureKeys(_)
-            | DeviceMessage::SecureShares(_)
-            | DeviceMessage::UnmaskShares(_)
-            | DeviceMessage::MaskedEvaluation(_)),
-            _,
-        )) => {
-            // What the protocol costs the device's uplink, for the round's record.
-            let bytes =
-                flotilla_wire::framing::encode_frame(&message, &WireTensors::default()).map_or(0, |f| f.len() as u64);
-            let request = match message {
-                DeviceMessage::SecureKeys(keys) => SecureRequest::Keys(keys, peer.certificate.clone()),
-                DeviceMessage::SecureShares(shares) => SecureRequest::Shares(shares),
-                DeviceMessage::UnmaskShares(shares) => SecureRequest::Unmask(shares),
-                DeviceMessage::MaskedEvaluation(masked) => SecureRequest::MaskedEvaluation(masked),
-                _ => unreachable!("matched above"),
-            };
-            secure_request(identity, shared, request, bytes).await
+        // A secure phase's request, with what it cost the device's uplink (for the record).
+        Ok((DeviceMessage::SecureKeys(keys), decoded)) => {
+            let request = SecureRequest::Keys(keys, peer.certificate.clone());
+            secure_request(identity, shared, request, decoded.frame_bytes).await
+        }
+        Ok((DeviceMessage::SecureShares(shares), decoded)) => {
+            secure_request(identity, shared, SecureRequest::Shares(shares), decoded.frame_bytes).await
+        }
+        Ok((DeviceMessage::UnmaskShares(shares), decoded)) => {
+            secure_request(identity, shared, SecureRequest::Unmask(shares), decoded.frame_bytes).await
+        }
+        Ok((DeviceMessage::MaskedEvaluation(masked), decoded)) => {
+            secure_request(identity, shared, SecureRequest::MaskedEvaluation(masked), decoded.frame_bytes).await
         }
         Ok((DeviceMessage::RenewCertificate(request), _)) => renew(peer, request.csr_pem, shared).await,
-        Ok((DeviceMessage::EvaluationReport(report), _)) => {
+        Ok((DeviceMessage::EvaluationReport(report), decoded)) => {
             let (reply, answer) = oneshot::channel();
             let round = report.model_round;
             let _ = shared.inputs.send(DriverInput::EvaluationReport {
                 device: identity.to_string(),
                 report: Box::new(report),
+                bytes: decoded.frame_bytes,
                 reply,
             });
             answer.await.unwrap_or_else(|_| shutting_down(round))

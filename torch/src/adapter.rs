@@ -376,7 +376,12 @@ impl Adapter {
     /// Decodes untrusted tensors; every value is checked finite while it is copied.
     pub fn from_wire(wire: &WireTensors) -> Result<Adapter, AdapterError> {
         let (decoded, all_finite) = tensors_from_wire(wire)?;
-        Adapter::from_decoded(DecodedTensors { tensors: decoded, all_finite, wire_bytes: wire.body.len() as u64 })
+        Adapter::from_decoded(DecodedTensors {
+            tensors: decoded,
+            all_finite,
+            wire_bytes: wire.body.len() as u64,
+            frame_bytes: 0,
+        })
     }
 
     /// An adapter from tensors decoded off the wire (see `tensor::read_frame_decoded`); refused

@@ -142,6 +142,9 @@ pub struct Decoded<T> {
     pub all_finite: bool,
     /// Bytes the tensors took on the wire.
     pub wire_bytes: u64,
+    /// Bytes of the whole frame: its length prefix, header and tensors (what the message cost the
+    /// sender's uplink).
+    pub frame_bytes: u64,
 }
 
 /// A sink that lays every tensor's bytes end to end in one buffer: [`WireTensors`].
@@ -205,10 +208,14 @@ where
     M: DeserializeOwned,
     S: TensorSink,
 {
-    let (message, descs, body_len) = read_header::<_, M>(reader, limits).await?;
+    let (message, descs, body_len, header_len) = read_header::<_, M>(reader, limits).await?;
     sink.admit(&descs, body_len).map_err(FrameError::Tensor)?;
-    let mut decoded =
-        Decoded { tensors: Vec::with_capacity(descs.len()), all_finite: true, wire_bytes: body_len as u64 };
+    let mut decoded = Decoded {
+        tensors: Vec::with_capacity(descs.len()),
+        all_finite: true,
+        wire_bytes: body_len as u64,
+        frame_bytes: (4 + header_len + body_len) as u64,
+    };
     for desc in descs {
         let len = desc.byte_len().and_then(|l| usize::try_from(l).ok()).ok_or(FrameError::SizeOverflow)?;
         let bits = desc.dtype.float_bits();
@@ -263,8 +270,12 @@ pub fn decode_frame_into<M: DeserializeOwned, S: TensorSink>(
     result.map(|(message, decoded)| (message, decoded, sink))
 }
 
-/// Reads the length prefix and the header: the message, the descriptors and the body length.
-async fn read_header<R, M>(reader: &mut R, limits: &FrameLimits) -> Result<(M, Vec<TensorDesc>, usize), FrameError>
+/// Reads the length prefix and the header: the message, the descriptors, the body length and the
+/// header's length.
+async fn read_header<R, M>(
+    reader: &mut R,
+    limits: &FrameLimits,
+) -> Result<(M, Vec<TensorDesc>, usize, usize), FrameError>
 where
     R: AsyncRead + Unpin,
     M: DeserializeOwned,
@@ -274,7 +285,8 @@ where
     let header_len = check_header_len(len_bytes, limits)?;
     let mut header_bytes = vec![0u8; header_len];
     read_exact(reader, &mut header_bytes).await?;
-    parse_header(&header_bytes, limits)
+    let (message, descs, body_len) = parse_header(&header_bytes, limits)?;
+    Ok((message, descs, body_len, header_len))
 }
 
 fn check_header_len(len_bytes: [u8; 4], limits: &FrameLimits) -> Result<usize, FrameError> {
@@ -360,6 +372,11 @@ mod tests {
         let (got, got_tensors) = read(&buf, &FrameLimits::default()).await.unwrap();
         assert_eq!(got, msg);
         assert_eq!(got_tensors, tensors);
+        // The decoder says what the frame cost, so nobody re-encodes a message to count it.
+        let (_, decoded, _) =
+            decode_frame_into::<CoordinatorMessage, _>(&buf, &FrameLimits::default(), BodySink::default()).unwrap();
+        assert_eq!(decoded.frame_bytes, buf.len() as u64);
+        assert_eq!(decoded.wire_bytes, tensors.body.len() as u64);
     }
 
     #[tokio::test]

@@ -255,7 +255,9 @@ impl RoundDriver {
     /// A report, a deadline or the bytes of evaluation tasks sent.
     pub(super) fn federated_input(&mut self, input: DriverInput) {
         match input {
-            DriverInput::EvaluationReport { device, report, reply } => self.evaluation_report(&device, report, reply),
+            DriverInput::EvaluationReport { device, report, bytes, reply } => {
+                self.evaluation_report(&device, report, bytes, reply)
+            }
             // A secure evaluation's own phase deadlines close it.
             DriverInput::EvaluationDeadline { model_round }
                 if self.federated.secure.as_ref().map(|s| s.model_round) != Some(model_round) =>
@@ -281,16 +283,12 @@ impl RoundDriver {
         &mut self,
         device: &str,
         report: Box<EvaluationReport>,
+        bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     ) {
         let model_round = report.model_round;
         let architecture = &self.config.model.architecture;
         let classes = if architecture.is_decoder() { 0 } else { architecture.classes() };
-        let bytes = flotilla_wire::framing::encode_frame(
-            &flotilla_wire::protocol::DeviceMessage::EvaluationReport((*report).clone()),
-            &Default::default(),
-        )
-        .map_or(0, |f| f.len() as u64);
         let secure = self.federated.secure.as_ref().is_some_and(|s| s.model_round == model_round);
         let outcome = match self.federated.open.get_mut(&model_round) {
             Some(_) if secure => Err("this run evaluates under secure aggregation: the sums travel masked, in the \
