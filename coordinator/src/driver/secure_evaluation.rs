@@ -169,17 +169,7 @@ impl RoundDriver {
         if survivors.is_empty() {
             return self.finish_evaluation_unmasking();
         }
-        let message = CoordinatorMessage::SecureUnmask(request);
-        for device in survivors {
-            let Some(connection) = self.sessions.get(&device).cloned() else { continue };
-            let message = message.clone();
-            tokio::spawn(async move {
-                if let Err(error) = super::push(&connection, &message).await {
-                    warn!(device = %device, model_round, "cannot ask for unmasking shares: {error:#}");
-                }
-            });
-        }
-        self.schedule_secure_timer(session_id, SecurePhase::Unmask);
+        self.ask_for_unmasking(request, survivors, model_round, session_id);
     }
 
     /// Removes the masks off the async loop; the totals come back as `EvaluationUnmasked`.

@@ -276,6 +276,18 @@ impl RoundDriver {
         if survivors.is_empty() {
             return self.finish_unmasking();
         }
+        self.ask_for_unmasking(request, survivors, round, session);
+    }
+
+    /// Asks each survivor of a secure sum (a round's, or an evaluation's for model `round`) for
+    /// its unmasking shares, and starts the unmask phase's deadline.
+    pub(super) fn ask_for_unmasking(
+        &self,
+        request: flotilla_secagg::messages::UnmaskRequest,
+        survivors: Vec<String>,
+        round: u32,
+        session: u64,
+    ) {
         let message = CoordinatorMessage::SecureUnmask(request);
         for device in survivors {
             let Some(connection) = self.sessions.get(&device).cloned() else { continue };
