@@ -20,6 +20,7 @@ mod secure_session;
 mod session;
 mod session_context;
 mod sim;
+mod sim_behaviour;
 mod trainer;
 
 use connection_args::{LivenessArgs, RenewalArgs};
@@ -115,6 +116,14 @@ struct SimArgs {
     /// Connection attempts per device before giving up on transient failures.
     #[arg(long, default_value_t = 8)]
     max_attempts: u32,
+    /// How each class's devices behave, e.g. `phone:speed=5,drop=0.1,online=600,offline=60;laptop:speed=2`:
+    /// `speed` times slower training, a mean of `online` seconds connected then `offline` seconds
+    /// away, a `drop` probability of vanishing mid-training. Default: steady, full-speed devices.
+    #[arg(long, default_value = "")]
+    behaviour: sim_behaviour::BehaviourMix,
+    /// Seeds every device's behaviour draws (with its id), so a rerun behaves the same.
+    #[arg(long, default_value_t = 1)]
+    behaviour_seed: u64,
     #[command(flatten)]
     liveness: LivenessArgs,
     #[command(flatten)]
@@ -465,6 +474,8 @@ fn run_sim(args: SimArgs) -> Result<i32> {
             renew_within: args.renewal.window(),
             stop: stop_on_ctrl_c(),
             base_store: args.base.store(),
+            behaviour: args.behaviour,
+            behaviour_seed: args.behaviour_seed,
         })
         .await
     })?;

@@ -14,8 +14,9 @@ use flotilla_wire::protocol::HardwareProfile;
 use flotilla_wire::quic::{self, TransportSettings};
 use flotilla_wire::tls::{self, KitPaths};
 
-use crate::session::{self, SessionError, SessionSettings};
-use crate::trainer::{DataChoice, DataSource, TrainerPool};
+use crate::session::{self, SessionError, SessionSettings, Stop};
+use crate::sim_behaviour::{BehavingTrainer, BehaviourMix};
+use crate::trainer::{DataChoice, DataSource, Trainer, TrainerPool};
 
 /// Default rank each device class asks for when the mix does not say.
 pub fn default_class_rank(class: &str) -> Option<u32> {
@@ -117,6 +118,9 @@ pub struct SimSettings {
     pub renew_within: Option<Duration>,
     pub stop: tokio::sync::watch::Receiver<crate::session::Stop>,
     pub base_store: std::sync::Arc<crate::base_store::BaseStore>,
+    /// How each class's devices behave (speed, coming and going, dropping mid-training).
+    pub behaviour: BehaviourMix,
+    pub behaviour_seed: u64,
 }
 
 /// The usable device kits in `dir` (subdirectories holding a device certificate), sorted by name,
@@ -195,6 +199,11 @@ fn device_kits(dir: &Path) -> Result<FoundKits> {
 pub struct SimReport {
     pub finished: usize,
     pub rounds_trained: BTreeMap<String, u32>,
+    /// `--behaviour`: rounds abandoned mid-training, drop-offs in all, and devices that were
+    /// offline when the run ended (they could not reconnect to a coordinator that had finished).
+    pub abandoned: u32,
+    pub drop_offs: u32,
+    pub offline_at_end: usize,
     pub fatal: Vec<(String, String)>,
     pub transient: Vec<(String, String)>,
     pub stopped: Vec<(String, String)>,
@@ -213,6 +222,12 @@ impl SimReport {
             self.transient.len(),
             self.stopped.len()
         );
+        if self.drop_offs > 0 {
+            println!(
+                "sim: {} drop-off(s), {} of them mid-training (rounds abandoned); {} device(s) offline when the run ended",
+                self.drop_offs, self.abandoned, self.offline_at_end
+            );
+        }
         for (id, message) in self.fatal.iter().chain(&self.transient).chain(&self.stopped) {
             eprintln!("device {id}: {message}");
         }
@@ -274,7 +289,10 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
         if let DataSource::Path { keep, .. } = &mut source {
             *keep = (f64::from(lowest_rank) / f64::from(profile.rank)).powf(settings.data_share_by_rank);
         }
+        let behaviour = settings.behaviour.of(&profile.class);
+        let seed = flotilla_wire::fingerprint::fnv1a(format!("{}/{id}", settings.behaviour_seed).as_bytes());
         let trainer = pool.trainer(source, crate::held_out::HeldOut::default())?;
+        let trainer = std::sync::Arc::new(BehavingTrainer::new(trainer, behaviour, seed));
         let session = SessionSettings {
             kit,
             transport: settings.transport.clone(),
@@ -288,16 +306,16 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
             max_attempts: settings.max_attempts,
             initial_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
-            stop: settings.stop.clone(),
+            stop: trainer.stop_receiver(),
             progress: crate::progress::Progress::none(),
             base_store: settings.base_store.clone(),
             floor: crate::privacy_floor::PrivacyFloor::default(),
             budget: None,
         };
-        let endpoint = endpoint.clone();
+        let (endpoint, simulation) = (endpoint.clone(), settings.stop.clone());
         tasks.spawn(async move {
-            let outcome = session::run(&endpoint, &trainer, &session).await;
-            (id, outcome)
+            let outcome = run_device(&endpoint, &trainer, &session, simulation).await;
+            (id, outcome, trainer)
         });
     }
     let fleet: Vec<String> = by_class.iter().map(|((class, rank), n)| format!("{n}×{class}(rank {rank})")).collect();
@@ -309,12 +327,15 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
     );
     let mut report = SimReport::default();
     while let Some(joined) = tasks.join_next().await {
-        let (id, outcome) = joined.context("a virtual device panicked")?;
+        let (id, outcome, trainer) = joined.context("a virtual device panicked")?;
+        let (drop_offs, outcome) = outcome;
+        report.drop_offs += drop_offs;
+        report.abandoned += trainer.abandoned.load(std::sync::atomic::Ordering::Relaxed);
+        report.rounds_trained.insert(id.clone(), trainer.rounds.load(std::sync::atomic::Ordering::Relaxed));
         match outcome {
-            Ok(done) => {
-                report.finished += 1;
-                report.rounds_trained.insert(id, done.rounds_trained);
-            }
+            Ok(_) => report.finished += 1,
+            // It dropped off and could not come back: the run had ended meanwhile.
+            Err(SessionError::Transient(_)) if drop_offs > 0 => report.offline_at_end += 1,
             Err(SessionError::Fatal(message)) => {
                 tracing::error!(device = %id, "virtual device stopped: {message}");
                 report.fatal.push((id, message));
@@ -330,6 +351,42 @@ pub async fn run(settings: SimSettings) -> Result<SimReport> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(3), endpoint.wait_idle()).await;
     Ok(report)
+}
+
+/// One virtual device: sessions until the run is over, with the drop-offs and offline periods its
+/// behaviour draws between them; returns the drop-offs and the last session's outcome.
+async fn run_device(
+    endpoint: &quinn::Endpoint,
+    trainer: &std::sync::Arc<BehavingTrainer<Trainer>>,
+    session: &SessionSettings,
+    simulation: tokio::sync::watch::Receiver<Stop>,
+) -> (u32, Result<session::SessionReport, SessionError>) {
+    let mut drop_offs = 0;
+    loop {
+        trainer.reconnecting(*simulation.borrow());
+        let forward = {
+            let (trainer, mut simulation) = (trainer.clone(), simulation.clone());
+            tokio::spawn(async move {
+                while simulation.changed().await.is_ok() {
+                    let stop = *simulation.borrow();
+                    trainer.forward(stop);
+                }
+            })
+        };
+        let outcome = session::run(endpoint, trainer.as_ref(), session).await;
+        trainer.end_online();
+        forward.abort();
+        match outcome {
+            // The device dropped off (not the simulation stopping): offline for a while, then back.
+            Err(SessionError::Stopped(why)) if *simulation.borrow() == Stop::Running => {
+                drop_offs += 1;
+                let offline = trainer.next_offline();
+                tracing::info!(device = %session.device_id, "dropped off ({why}); back in {offline:.1?}");
+                tokio::time::sleep(offline).await;
+            }
+            other => return (drop_offs, other),
+        }
+    }
 }
 
 #[cfg(test)]
