@@ -23,14 +23,43 @@ use crate::checkpoint::{self, CheckpointState};
 use crate::evaluation::{EvaluationReport, EvaluationThread, Evaluator, RankAccuracy};
 use crate::report::{RoundFacts, RoundRecord, UpdateRecord};
 
-/// An update as a session decoded it, with the way back to the device. A secure round's masked
-/// upload has no tensors (and no sample count in `update`): its values are in `masked`.
+/// An update as a session decoded it, with the way back to the device.
 pub struct Upload {
     pub device: String,
-    pub update: Update,
-    pub tensors: DecodedTensors,
-    pub masked: Option<flotilla_secagg::messages::MaskedInput>,
+    pub sent: Sent,
     pub reply: oneshot::Sender<CoordinatorMessage>,
+}
+
+/// What a device uploaded.
+pub enum Sent {
+    /// Its update (sample count, metrics) and its adapter's tensors.
+    Plain { update: Update, tensors: DecodedTensors },
+    /// Under secure aggregation: its masked vector and its rank; nothing else of the device travels.
+    Masked(flotilla_wire::protocol::MaskedUpdate),
+}
+
+impl Upload {
+    pub fn round(&self) -> u32 {
+        match &self.sent {
+            Sent::Plain { update, .. } => update.round,
+            Sent::Masked(masked) => masked.round,
+        }
+    }
+
+    pub fn rank(&self) -> u32 {
+        match &self.sent {
+            Sent::Plain { update, .. } => update.rank,
+            Sent::Masked(masked) => masked.rank,
+        }
+    }
+
+    /// Bytes of the update's values on the wire.
+    pub fn wire_bytes(&self) -> u64 {
+        match &self.sent {
+            Sent::Plain { tensors, .. } => tensors.wire_bytes,
+            Sent::Masked(masked) => 4 * masked.masked.values.len() as u64,
+        }
+    }
 }
 
 /// One update to fold into `round`. The worker answers the device through the upload's reply
@@ -300,7 +329,12 @@ impl AggregationThread {
     fn fold_batch(&mut self, batch: Vec<FoldRequest>) {
         let mut decoded = Vec::with_capacity(batch.len());
         for FoldRequest { upload, round, done } in batch {
-            let Upload { device, update, tensors, reply, .. } = upload;
+            let Upload { device, sent, reply } = upload;
+            let Sent::Plain { update, tensors } = sent else {
+                let reason = "a masked update is folded in its secure round, not here".to_string();
+                answer_invalid(device, round, reason, reply, done);
+                continue;
+            };
             let wire_bytes = tensors.wire_bytes;
             match Adapter::from_decoded(tensors) {
                 Ok(adapter) => decoded.push(DecodedUpload { device, round, update, wire_bytes, adapter, reply, done }),
@@ -537,7 +571,7 @@ mod tests {
         let (reply, answer) = oneshot::channel();
         let (done_tx, done_rx) = std_mpsc::channel();
         let update = Update { round: 1, rank, num_samples: 10, metrics: Some(LocalMetrics::default()) };
-        let upload = Upload { device: device.into(), update, tensors, masked: None, reply };
+        let upload = Upload { device: device.into(), sent: Sent::Plain { update, tensors }, reply };
         let done = Box::new(move |done: FoldDone| {
             let _ = done_tx.send(done.accepted.is_some());
         });

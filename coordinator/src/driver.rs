@@ -28,7 +28,7 @@ use delivery::TaskDelivery;
 pub use secure_phases::SecureRequest;
 pub use skipping::Departure;
 
-use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Upload};
+use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Sent, Upload};
 use crate::config::CoordinatorConfig;
 use crate::evaluation::RankAccuracy;
 use crate::metrics::SharedStatus;
@@ -269,11 +269,11 @@ impl RoundDriver {
                     Event::DeviceLeft { device }
                 }
                 DriverInput::UpdateArrived(arrived) => {
-                    metrics::counter!("fl_update_bytes_total").increment(arrived.tensors.wire_bytes);
+                    metrics::counter!("fl_update_bytes_total").increment(arrived.wire_bytes());
                     let event = Event::UpdateArrived {
                         device: arrived.device.clone(),
-                        round: arrived.update.round,
-                        rank: arrived.update.rank,
+                        round: arrived.round(),
+                        rank: arrived.rank(),
                     };
                     upload = Some(arrived);
                     event
@@ -489,17 +489,16 @@ impl RoundDriver {
 
     /// Hands the update to the aggregation worker, which answers the device and reports back; a
     /// secure round's masked upload stays here, in its round.
-    fn fold(&mut self, mut upload: Upload, round: u32) {
-        if self.config.secure_aggregation.is_some() || upload.masked.is_some() {
-            return match upload.masked.take() {
-                Some(masked) => self.fold_masked(upload, masked, round),
-                None => self.answer_fold(
-                    upload,
-                    round,
-                    Err("this round runs under secure aggregation: the update \
-                    must be masked (a MaskedUpdate)"
-                        .into()),
-                ),
+    fn fold(&mut self, upload: Upload, round: u32) {
+        if self.config.secure_aggregation.is_some() || matches!(upload.sent, Sent::Masked(_)) {
+            let Upload { device, sent, reply } = upload;
+            return match sent {
+                Sent::Masked(masked) => self.fold_masked(device, masked, reply, round),
+                Sent::Plain { update, .. } => {
+                    let refused =
+                        "this round runs under secure aggregation: the update must be masked (a MaskedUpdate)";
+                    self.answer_fold(device, update.rank, reply, round, Err(refused.into()))
+                }
             };
         }
         let inputs = self.inputs.clone();

@@ -9,15 +9,15 @@ use anyhow::Context;
 use flotilla_torch::tensor::read_frame_decoded;
 use flotilla_wire::framing::{read_frame, write_frame, FrameLimits};
 use flotilla_wire::protocol::{
-    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Update,
-    Welcome, PROTOCOL_VERSION,
+    close, BaseDelivery, CertificateRenewed, CoordinatorMessage, DeviceMessage, ModelSpec, Refusal, Reject, Welcome,
+    PROTOCOL_VERSION,
 };
 use flotilla_wire::tensor::WireTensors;
 use flotilla_wire::tls;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::aggregation::Upload;
+use crate::aggregation::{Sent, Upload};
 use crate::config::CoordinatorConfig;
 use crate::driver::{Departure, DriverInput, SecureRequest};
 
@@ -190,12 +190,17 @@ async fn answer_stream(
             });
             return;
         }
-        Ok((DeviceMessage::Update(update), tensors)) => hand_over(identity, shared, update, tensors, None).await,
-        Ok((DeviceMessage::MaskedUpdate(masked), tensors)) => {
-            // Nothing of the device but its rank travels in the clear: no sample count, no metrics.
-            let update = Update { round: masked.round, rank: masked.rank, num_samples: 0, metrics: None };
-            hand_over(identity, shared, update, tensors, Some(masked.masked)).await
+        Ok((DeviceMessage::Update(update), tensors)) => {
+            hand_over(identity, shared, Sent::Plain { update, tensors }).await
         }
+        Ok((DeviceMessage::MaskedUpdate(masked), tensors)) if tensors.tensors.is_empty() => {
+            // Nothing of the device but its rank travels in the clear: no sample count, no metrics.
+            hand_over(identity, shared, Sent::Masked(masked)).await
+        }
+        Ok((DeviceMessage::MaskedUpdate(masked), _)) => CoordinatorMessage::Reject(Reject {
+            round: masked.round,
+            reason: "a masked update carries its values in the message, never tensors".into(),
+        }),
         // A secure phase's request, with what it cost the device's uplink (for the record).
         Ok((DeviceMessage::SecureKeys(keys), decoded)) => {
             let request = SecureRequest::Keys(keys, peer.certificate.clone());
@@ -238,16 +243,10 @@ async fn answer_stream(
 
 /// Hands an upload to the round driver and waits for its answer, which comes from the
 /// aggregation worker (folded or invalid) or the driver (refused by the engine, or a masked upload).
-async fn hand_over(
-    identity: &str,
-    shared: &SessionContext,
-    update: Update,
-    tensors: flotilla_torch::tensor::DecodedTensors,
-    masked: Option<flotilla_secagg::messages::MaskedInput>,
-) -> CoordinatorMessage {
+async fn hand_over(identity: &str, shared: &SessionContext, sent: Sent) -> CoordinatorMessage {
     let (reply, answer) = oneshot::channel();
-    let round = update.round;
-    let upload = Upload { device: identity.to_string(), update, tensors, masked, reply };
+    let upload = Upload { device: identity.to_string(), sent, reply };
+    let round = upload.round();
     let _ = shared.inputs.send(DriverInput::UpdateArrived(upload));
     answer.await.unwrap_or_else(|_| shutting_down(round))
 }

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::{DriverInput, RoundDriver};
-use crate::aggregation::{FoldDone, SecureOutcome, Upload};
+use crate::aggregation::{FoldDone, SecureOutcome};
 use crate::privacy::PrivacyMode;
 use crate::report::{RoundFacts, SecureRoundRecord, UpdateRecord};
 use crate::secure::{Closed, SecurePhase, SecureRound};
@@ -66,25 +66,37 @@ impl RoundDriver {
         }
     }
 
-    pub(super) fn fold_masked(&mut self, upload: Upload, masked: flotilla_secagg::messages::MaskedInput, round: u32) {
-        let wire_bytes = 4 * masked.values.len() as u64;
+    pub(super) fn fold_masked(
+        &mut self,
+        device: String,
+        masked: flotilla_wire::protocol::MaskedUpdate,
+        reply: oneshot::Sender<CoordinatorMessage>,
+        round: u32,
+    ) {
+        let (rank, wire_bytes) = (masked.rank, 4 * masked.masked.values.len() as u64);
         let result = match self.secure.as_mut() {
-            Some(secure) if secure.round == round => secure.masked(&upload.device, masked).map(|()| wire_bytes),
+            Some(secure) if secure.round == round => secure.masked(&device, masked.masked).map(|()| wire_bytes),
             _ => Err(format!("round {round} is not a secure round in progress")),
         };
-        self.answer_fold(upload, round, result);
+        self.answer_fold(device, rank, reply, round, result);
     }
 
     /// Answers a device's upload that the driver itself folded (or refused), and tells the engine.
-    pub(super) fn answer_fold(&self, upload: Upload, round: u32, result: Result<u64, String>) {
-        let Upload { device, update, reply, .. } = upload;
+    pub(super) fn answer_fold(
+        &self,
+        device: String,
+        rank: u32,
+        reply: oneshot::Sender<CoordinatorMessage>,
+        round: u32,
+        result: Result<u64, String>,
+    ) {
         let accepted = match result {
             Ok(wire_bytes) => {
-                info!(device = %device, round, rank = update.rank, "[round {round}] masked update accepted");
+                info!(device = %device, round, rank, "[round {round}] masked update accepted");
                 metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
                 let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
                 // A masked update: nothing of the device is kept but its rank.
-                Some(UpdateRecord::new(&device, update.rank, 0, None, wire_bytes, true))
+                Some(UpdateRecord::new(&device, rank, 0, None, wire_bytes, true))
             }
             Err(reason) => {
                 warn!(device = %device, round, "[round {round}] update rejected: {reason}");
