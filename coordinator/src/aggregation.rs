@@ -81,11 +81,12 @@ struct DecodedUpload {
     done: Box<dyn FnOnce(FoldDone) + Send>,
 }
 
-/// What became of a fold: the accepted update's record, or `None` when it was invalid.
+/// What became of a fold: whether the update was folded (its record stays with the round's
+/// accumulator, which puts it in the round's record) or was invalid.
 pub struct FoldDone {
     pub device: String,
     pub round: u32,
-    pub accepted: Option<UpdateRecord>,
+    pub accepted: bool,
 }
 
 enum WorkerCommand {
@@ -216,7 +217,7 @@ impl AggregationWorker {
                 accumulator: Some(accumulator),
                 settings,
                 evaluations,
-                round_ranks: BTreeSet::new(),
+                round_updates: Vec::new(),
             };
             state.run(receiver)
         })?;
@@ -265,8 +266,8 @@ struct AggregationThread {
     accumulator: Option<RoundAccumulator>,
     settings: WorkerSettings,
     evaluations: Option<EvaluationThread>,
-    /// Ranks folded into the current round.
-    round_ranks: BTreeSet<usize>,
+    /// The records of the updates folded into the current round.
+    round_updates: Vec<UpdateRecord>,
 }
 
 impl AggregationThread {
@@ -297,7 +298,7 @@ impl AggregationThread {
                     let _ = reply.send(self.finish(facts, secure));
                 }
                 WorkerCommand::Discard { round, reply } => {
-                    self.round_ranks.clear();
+                    self.round_updates.clear();
                     let fresh = self.settings.start(&self.global, round + 1);
                     let _ = reply.send(fresh.map(|acc| self.accumulator = Some(acc)));
                 }
@@ -373,7 +374,6 @@ impl AggregationThread {
     /// A folded update: recorded if configured, logged, counted, acked, and reported to the driver.
     fn accepted(&mut self, upload: DecodedUpload) {
         let DecodedUpload { device, round, update, wire_bytes, adapter, reply, done } = upload;
-        self.round_ranks.insert(update.rank as usize);
         if self.settings.record_updates {
             self.record_update(&device, round, update.rank, update.num_samples, &adapter);
         }
@@ -389,7 +389,8 @@ impl AggregationThread {
         metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
         let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
         let record = UpdateRecord::new(&device, update.rank, update.num_samples, update.metrics, wire_bytes, anonymous);
-        done(FoldDone { device, round, accepted: Some(record) });
+        self.round_updates.push(record);
+        done(FoldDone { device, round, accepted: true });
     }
 
     fn record_update(&self, device: &str, round: u32, rank: u32, num_samples: u64, adapter: &Adapter) {
@@ -401,8 +402,11 @@ impl AggregationThread {
         }
     }
 
-    fn finish(&mut self, facts: RoundFacts, secure: Option<SecureOutcome>) -> Result<RoundRecord, String> {
+    fn finish(&mut self, mut facts: RoundFacts, secure: Option<SecureOutcome>) -> Result<RoundRecord, String> {
         let round = facts.round;
+        // A plain round's records are the accumulator's; a secure round's uploads never pass
+        // through this thread, and come with the facts.
+        facts.updates.append(&mut self.round_updates);
         let started = Instant::now();
         match secure {
             None => self.aggregate(&facts)?,
@@ -410,9 +414,7 @@ impl AggregationThread {
         }
         let aggregation_seconds = started.elapsed().as_secs_f64();
         crate::crash_points::point("mid-aggregation", round);
-        let mut ranks = std::mem::take(&mut self.round_ranks);
-        // A secure round's uploads never pass through this thread: their ranks are in the facts.
-        ranks.extend(facts.updates.iter().map(|u| u.rank as usize));
+        let ranks: BTreeSet<usize> = facts.updates.iter().map(|u| u.rank as usize).collect();
         let global_dir = checkpoint::checkpoint_dir(&self.settings.run_dir, round);
         // The test results follow from the evaluation thread.
         let record = RoundRecord::new(facts, aggregation_seconds, global_dir.clone(), Vec::new());
@@ -472,7 +474,7 @@ impl AggregationThread {
         let round = facts.round;
         let finished = self.accumulator.take().ok_or("no round is being aggregated")?;
         // Whatever happens, the next round starts from the newest good global adapter.
-        let round_rank = self.round_ranks.iter().copied().max();
+        let round_rank = facts.updates.iter().map(|u| u.rank as usize).max();
         let shrink = self.settings.shrink_to_round_rank;
         let outcome = finished
             .finish(facts, self.settings.policy.fraction)
@@ -503,7 +505,7 @@ fn answer_invalid(
     warn!(device = %device, round, "[round {round}] update rejected: {reason}");
     metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "invalid").increment(1);
     let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
-    done(FoldDone { device, round, accepted: None });
+    done(FoldDone { device, round, accepted: false });
 }
 
 #[cfg(test)]
@@ -573,7 +575,7 @@ mod tests {
         let update = Update { round: 1, rank, num_samples: 10, metrics: Some(LocalMetrics::default()) };
         let upload = Upload { device: device.into(), sent: Sent::Plain { update, tensors }, reply };
         let done = Box::new(move |done: FoldDone| {
-            let _ = done_tx.send(done.accepted.is_some());
+            let _ = done_tx.send(done.accepted);
         });
         assert!(worker.fold(FoldRequest { upload, round: 1, done }).is_ok(), "the worker is running");
         let message = answer.blocking_recv().expect("the worker answers the device");
@@ -637,7 +639,6 @@ mod tests {
             round: 1,
             population_by_rank: BTreeMap::new(),
             updates: Vec::new(),
-            update_bytes: 0,
             task_bytes: 0,
             round_seconds: 0.0,
             secure: None,

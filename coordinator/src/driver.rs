@@ -32,7 +32,7 @@ use crate::aggregation::{AggregationWorker, FoldDone, FoldRequest, Sent, Upload}
 use crate::config::CoordinatorConfig;
 use crate::evaluation::RankAccuracy;
 use crate::metrics::SharedStatus;
-use crate::report::{RoundFacts, RoundRecord, RunSummary, UpdateRecord};
+use crate::report::{RoundFacts, RoundRecord, RunSummary};
 use crate::report_files::ReportWriter;
 use crate::secure::{SecurePhase, SecureRound};
 
@@ -128,7 +128,6 @@ pub(crate) struct RoundDriver {
     sessions: HashMap<String, quinn::Connection>,
     /// Every rank a device has joined with: the `fl_round_participants` gauges' labels.
     rank_labels: BTreeSet<u32>,
-    accepted: BTreeMap<u32, Vec<UpdateRecord>>,
     round_started: HashMap<u32, Instant>,
     /// Bytes of round tasks sent, by round.
     task_bytes: HashMap<u32, u64>,
@@ -210,7 +209,6 @@ impl RoundDriver {
             engine,
             sessions: HashMap::new(),
             rank_labels: BTreeSet::new(),
-            accepted: BTreeMap::new(),
             round_started: HashMap::new(),
             task_bytes: HashMap::new(),
             summary,
@@ -279,11 +277,8 @@ impl RoundDriver {
                     event
                 }
                 DriverInput::FoldDone(FoldDone { device, round, accepted }) => match accepted {
-                    Some(record) => {
-                        self.accepted.entry(round).or_default().push(record);
-                        Event::UpdateFolded { device, round }
-                    }
-                    None => Event::UpdateInvalid { device, round },
+                    true => Event::UpdateFolded { device, round },
+                    false => Event::UpdateInvalid { device, round },
                 },
                 DriverInput::TasksSent { round, bytes } => {
                     *self.task_bytes.entry(round).or_insert(0) += bytes;
@@ -513,7 +508,7 @@ impl RoundDriver {
             let Upload { device, reply, .. } = request.upload;
             let reason = "coordinator is shutting down".to_string();
             let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
-            let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted: None }));
+            let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted: false }));
         }
     }
 
@@ -521,17 +516,16 @@ impl RoundDriver {
     /// round first asks its survivors to unmask.
     fn aggregate(&mut self, round: u32) {
         self.departures.remove(&round);
-        let updates = self.accepted.remove(&round).unwrap_or_default();
-        let facts = RoundFacts {
+        let mut facts = RoundFacts {
             round,
             population_by_rank: self.engine.population_by_rank().clone(),
-            update_bytes: updates.iter().map(|u| u.wire_bytes).sum(),
             task_bytes: self.task_bytes.remove(&round).unwrap_or(0),
-            updates,
+            updates: Vec::new(),
             round_seconds: self.round_started.get(&round).map_or(0.0, |t| t.elapsed().as_secs_f64()),
             secure: None,
         };
-        if self.secure.as_ref().is_some_and(|s| s.round == round) {
+        if let Some(secure) = self.secure.as_mut().filter(|s| s.round == round) {
+            facts.updates = std::mem::take(&mut secure.accepted);
             return self.begin_unmask(facts);
         }
         let worker = self.worker.clone();

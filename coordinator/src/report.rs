@@ -100,8 +100,8 @@ pub struct RoundFacts {
     /// The connected devices by rank when the round drew its participants (the denominators of
     /// a differentially private aggregate).
     pub population_by_rank: std::collections::BTreeMap<u32, usize>,
+    /// A secure round's masked uploads (a plain round's are the aggregation worker's).
     pub updates: Vec<UpdateRecord>,
-    pub update_bytes: u64,
     pub task_bytes: u64,
     pub round_seconds: f64,
     pub secure: Option<SecureRoundRecord>,
@@ -116,11 +116,11 @@ impl RoundRecord {
         global_dir: PathBuf,
         evaluation: Vec<RankAccuracy>,
     ) -> Self {
-        let RoundFacts { round, updates, update_bytes, task_bytes, round_seconds, secure, .. } = facts;
+        let RoundFacts { round, updates, task_bytes, round_seconds, secure, .. } = facts;
         RoundRecord {
             round,
+            update_bytes: updates.iter().map(|u| u.wire_bytes).sum(),
             updates,
-            update_bytes,
             task_bytes,
             aggregation_seconds,
             round_seconds,

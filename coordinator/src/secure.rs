@@ -76,6 +76,8 @@ pub struct Closed {
 pub struct SecureRound {
     pub round: u32,
     pub session: u64,
+    /// The records of the masked uploads accepted (rank and size only).
+    pub accepted: Vec<crate::report::UpdateRecord>,
     /// Bytes of the devices' protocol messages so far.
     pub protocol_bytes: u64,
     phase: SecurePhase,
@@ -191,6 +193,7 @@ impl SecureRound {
         let round = SecureRound {
             round,
             session,
+            accepted: Vec::new(),
             protocol_bytes: 0,
             phase: SecurePhase::Keys,
             server,

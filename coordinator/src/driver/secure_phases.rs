@@ -83,7 +83,7 @@ impl RoundDriver {
 
     /// Answers a device's upload that the driver itself folded (or refused), and tells the engine.
     pub(super) fn answer_fold(
-        &self,
+        &mut self,
         device: String,
         rank: u32,
         reply: oneshot::Sender<CoordinatorMessage>,
@@ -96,13 +96,17 @@ impl RoundDriver {
                 metrics::counter!("fl_updates_total", "status" => "accepted", "reason" => "ok").increment(1);
                 let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
                 // A masked update: nothing of the device is kept but its rank.
-                Some(UpdateRecord::new(&device, rank, 0, None, wire_bytes, true))
+                let record = UpdateRecord::new(&device, rank, 0, None, wire_bytes, true);
+                if let Some(secure) = self.secure.as_mut().filter(|s| s.round == round) {
+                    secure.accepted.push(record);
+                }
+                true
             }
             Err(reason) => {
                 warn!(device = %device, round, "[round {round}] update rejected: {reason}");
                 metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => "invalid").increment(1);
                 let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
-                None
+                false
             }
         };
         let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted }));
@@ -141,7 +145,7 @@ impl RoundDriver {
                 self.secure = None;
                 self.cannot_run.insert(round, reason);
                 for (device, ..) in &participants {
-                    let done = FoldDone { device: device.clone(), round, accepted: None };
+                    let done = FoldDone { device: device.clone(), round, accepted: false };
                     let _ = self.inputs.send(DriverInput::FoldDone(done));
                 }
                 // No task went out, so nothing can come: the round's deadline is now.

@@ -63,7 +63,6 @@ impl RoundDriver {
         self.departures.remove(&round);
         warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.config.round.rounds);
         metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
-        self.accepted.remove(&round);
         self.spend_privacy(round);
         self.summary.skipped.push(SkippedRound { round, reason });
         self.reports.submit(self.summary.clone());
