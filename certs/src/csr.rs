@@ -162,11 +162,11 @@ pub fn install(kit_dir: &Path, cert_path: &Path, ca_path: Option<&Path>) -> Resu
         write_file(&kit_dir.join(kit::CA_CERT), &ca_pem, 0o644)?;
     }
     let key_path = kit_dir.join(kit::KEY);
-    fs::rename(&pending, &key_path).map_err(io(&key_path))?;
+    flotilla_wire::files::commit(&pending, &key_path).map_err(io(&key_path))?;
     let tmp = kit_dir.join("cert.pem.tmp");
     write_file(&tmp, &cert_pem, 0o644)?;
     let final_path = kit_dir.join(kit::CERT);
-    fs::rename(&tmp, &final_path).map_err(io(&final_path))?;
+    flotilla_wire::files::commit(&tmp, &final_path).map_err(io(&final_path))?;
     let _ = fs::remove_file(kit_dir.join(kit::REQUEST));
     Ok(id)
 }

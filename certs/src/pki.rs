@@ -187,8 +187,7 @@ impl Pki {
             .map_err(|e| PkiError::Invalid(format!("cannot encode registry: {e}")))?;
         let tmp = path.with_extension("json.tmp");
         write_file(&tmp, text.as_bytes(), 0o644)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        fs::File::open(&self.root).and_then(|dir| dir.sync_all()).map_err(io_err(&self.root))
+        flotilla_wire::files::commit(&tmp, &path).map_err(io_err(&path))
     }
 
     /// An exclusive lock on the registry, held until the guard drops: every change reads the
@@ -300,7 +299,7 @@ impl Pki {
         let path = Self::crl_path(&self.root);
         let tmp = path.with_extension("pem.tmp");
         write_file(&tmp, crl.pem()?.as_bytes(), 0o644)?;
-        fs::rename(&tmp, &path).map_err(io_err(&path))
+        flotilla_wire::files::commit(&tmp, &path).map_err(io_err(&path))
     }
 
     /// Issues the coordinator's server certificate; its SANs are `name`, the extra ones, and with

@@ -125,7 +125,8 @@ fn load_text_test(spec: &BertSpec, set: &EvaluationSet) -> anyhow::Result<Datase
     let data = tokenizer.dataset(&texts, &labels)?;
     if let Some(list) = &set.examples_list {
         let keys: String = examples.iter().map(|e| format!("{}\n", e.key)).collect();
-        std::fs::write(list, keys).with_context(|| format!("cannot write {}", list.display()))?;
+        flotilla_wire::files::write_atomically(list, keys.as_bytes())
+            .with_context(|| format!("cannot write {}", list.display()))?;
         tracing::info!(texts = examples.len(), from = %dir.display(), "evaluation set: held-out texts (listed in {})", list.display());
     }
     Ok(data)

@@ -47,7 +47,7 @@ pub fn write_merged(out: &Path, spec: &BertSpec, merged: &BaseWeights, base_dir:
         FLOTILLA_KEY.into(),
         serde_json::json!({ "max_length": spec.max_length, "target_modules": spec.target_modules }),
     );
-    std::fs::write(out.join(CONFIG_FILE), serde_json::to_string_pretty(&config)?)
+    flotilla_wire::files::write_atomically(&out.join(CONFIG_FILE), serde_json::to_string_pretty(&config)?.as_bytes())
         .with_context(|| format!("cannot write {}", out.join(CONFIG_FILE).display()))?;
 
     let named: Vec<(String, &Tensor)> = merged

@@ -253,8 +253,8 @@ async fn fetch(
         )));
     }
     let target = dir.join(&file.name);
-    std::fs::rename(&partial, &target).map_err(|e| fatal_io(&target, e))?;
-    std::fs::write(verified_marker(dir, file), b"").map_err(|e| fatal_io(dir, e))?;
+    flotilla_wire::files::commit(&partial, &target).map_err(|e| fatal_io(&target, e))?;
+    flotilla_wire::files::write_atomically(&verified_marker(dir, file), b"").map_err(|e| fatal_io(dir, e))?;
     info!(file = %file.name, "base checkpoint file fetched and verified");
     Ok(())
 }

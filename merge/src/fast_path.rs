@@ -470,19 +470,9 @@ impl OutputFile {
 
     fn commit(&self, config: &PeftConfig) -> std::io::Result<()> {
         self.file.sync_all()?;
-        let path = self.dir.join(ADAPTER_WEIGHTS_FILE);
-        fs::rename(&self.tmp, &path)?;
+        flotilla_files::commit(&self.tmp, &self.dir.join(ADAPTER_WEIGHTS_FILE))?;
         let json = serde_json::to_vec_pretty(config).map_err(std::io::Error::other)?;
-        let config_path = self.dir.join(ADAPTER_CONFIG_FILE);
-        let config_tmp = config_path.with_extension("tmp");
-        let mut file = fs::File::create(&config_tmp)?;
-        file.write_all(&json)?;
-        file.sync_all()?;
-        fs::rename(&config_tmp, &config_path)?;
-        if let Ok(parent) = fs::File::open(&self.dir) {
-            let _ = parent.sync_all();
-        }
-        Ok(())
+        flotilla_files::write_atomically(&self.dir.join(ADAPTER_CONFIG_FILE), &json)
     }
 
     fn abandon(&self) {

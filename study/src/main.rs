@@ -151,9 +151,7 @@ fn run(cli: Cli) -> Result<()> {
                         started.elapsed().as_secs_f64()
                     );
                     let record = serde_json::json!({ "wall_seconds": wall_seconds, "summary": summary });
-                    let tmp = cached.with_extension("json.tmp");
-                    std::fs::write(&tmp, serde_json::to_vec(&record)?)?;
-                    std::fs::rename(&tmp, &cached)?;
+                    flotilla_files::write_atomically(&cached, &serde_json::to_vec(&record)?)?;
                 }
                 Err(error) => {
                     eprintln!("[{}/{}] {} failed: {error:#}", i + 1, cells.len(), cell.key());

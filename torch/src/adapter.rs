@@ -429,13 +429,13 @@ impl Adapter {
             views.push((desc.name.clone(), view));
             offset += len;
         }
-        // Streamed from the tensor bytes into a temporary file, then fsync and rename.
+        // Streamed from the tensor bytes into a temporary file, then committed (fsync, rename, fsync
+        // of the directory).
         let path = dir.join(ADAPTER_WEIGHTS_FILE);
         let tmp = path.with_extension("tmp");
         safetensors::serialize_to_file(views, Some(metadata), &tmp)
             .map_err(|e| file_err(&tmp, format!("cannot write: {e}")))?;
-        fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| file_err(&tmp, e.to_string()))?;
-        fs::rename(&tmp, &path).map_err(|e| file_err(&path, e.to_string()))?;
+        flotilla_wire::files::commit(&tmp, &path).map_err(|e| file_err(&path, e.to_string()))?;
         let json =
             serde_json::to_vec_pretty(config).map_err(|e| file_err(dir, format!("cannot encode config: {e}")))?;
         write_atomically(&dir.join(ADAPTER_CONFIG_FILE), &json)

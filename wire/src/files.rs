@@ -1,11 +1,11 @@
-//! Files replaced so that a crash leaves the old version or the new one, never a torn file: the
-//! new bytes go to a temporary file beside the target, which is synced, renamed over the target,
-//! and the directory synced so that the rename itself survives a power loss. The one way the
-//! product writes a state or report file (the PKI, which also sets file modes, has its own).
+//! The network side's file helpers: the sha256 by which checkpoint files travel, and (re-exported
+//! from `flotilla_files`, their one home) atomic, durable file replacement.
 
 use std::fs;
-use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::io;
+use std::path::Path;
+
+pub use flotilla_files::{commit, temporary_beside, write_atomically};
 
 /// The sha256 of a file in lower-case hex (what `sha256sum` prints): the digest by which a base
 /// checkpoint's files travel (`protocol::CheckpointFile`).
@@ -22,48 +22,4 @@ pub fn sha256_file(path: &Path) -> io::Result<String> {
         context.update(&buffer[..n]);
     }
     Ok(context.finish().as_ref().iter().map(|b| format!("{b:02x}")).collect())
-}
-
-/// Replaces `path` with `bytes`, atomically and durably.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let tmp = temporary_beside(path);
-    let mut file = fs::File::create(&tmp)?;
-    file.write_all(bytes)?;
-    drop(file);
-    commit(&tmp, path)
-}
-
-/// Moves `tmp`, written by someone else (an encoder that takes a path), over `path`, atomically
-/// and durably: `tmp` is synced first, the directory after.
-pub fn commit(tmp: &Path, path: &Path) -> io::Result<()> {
-    fs::File::open(tmp)?.sync_all()?;
-    fs::rename(tmp, path)?;
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        fs::File::open(parent)?.sync_all()?;
-    }
-    Ok(())
-}
-
-/// `<path>.tmp`, keeping the extension readable (`summary.json` → `summary.json.tmp`).
-pub fn temporary_beside(path: &Path) -> PathBuf {
-    let mut name = path.file_name().map(|n| n.to_os_string()).unwrap_or_default();
-    name.push(".tmp");
-    path.with_file_name(name)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_file_is_replaced_whole_and_no_temporary_is_left() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("summary.json");
-        write_atomically(&path, b"old").unwrap();
-        write_atomically(&path, b"new").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"new");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1, "no temporary left");
-        assert_eq!(temporary_beside(&path), dir.path().join("summary.json.tmp"));
-        assert!(write_atomically(&dir.path().join("missing/x"), b"").is_err());
-    }
 }

@@ -28,7 +28,7 @@ fn write_jsonl(path: &Path, examples: &[&TextExample], labels: &[&str]) -> Resul
     }
     file.flush()?;
     drop(file);
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    flotilla_files::commit(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Text: `<work>/data/<task>/{tune,final}`, each with `train.jsonl` (the devices' texts, the same
@@ -74,9 +74,7 @@ pub fn rotate90(image: &[u8], size: usize) -> Vec<u8> {
 
 fn write_idx(path: &Path, array: &IdxArray) -> Result<()> {
     let bytes = encode_idx(array);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    flotilla_files::write_atomically(path, &bytes).with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Images: `<work>/data/<task>/`, an IDX directory whose training images are rotated, and whose

@@ -563,9 +563,7 @@ pub fn run(
                             100.0 * run.score(cell.arm, &plan.fleet).unwrap_or(f64::NAN),
                         );
                         let record = serde_json::json!({ "wall_seconds": wall_seconds, "summary": summary });
-                        let tmp = cached.with_extension("json.tmp");
-                        std::fs::write(&tmp, serde_json::to_vec(&record)?)?;
-                        std::fs::rename(&tmp, &cached)?;
+                        flotilla_files::write_atomically(&cached, &serde_json::to_vec(&record)?)?;
                     }
                     Err(error) => {
                         eprintln!("[{}/{}] {key} failed: {error:#}", i + 1, cells.len());
