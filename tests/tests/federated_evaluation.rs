@@ -468,3 +468,42 @@ fn under_secure_aggregation_the_sums_travel_masked_and_only_totals_are_revealed(
         }
     }
 }
+
+/// `serve --evaluate-only` under `[secure_aggregation]`: the checkpoint's model is scored through
+/// a secure sum, and the totals are the run's own masked totals of that model.
+#[test]
+fn an_evaluate_only_run_under_secure_aggregation_masks_the_sums_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path();
+    let devices = ["phone-1", "phone-2", "phone-3"];
+    provision(&run.join("pki"), &devices);
+    let federated = "[federated_evaluation]\nmin_group_devices = 1\n[secure_aggregation]\nphase_secs = 20";
+    let config = config(run, "", federated, 3);
+    let fleet = |name: &str, address: &str| -> Vec<Process> {
+        devices
+            .iter()
+            .map(|device| {
+                let mut command = edge(address, &run.join("pki/kits").join(device), 4, &["--samples", "200"]);
+                Process::spawn(&format!("{device}-{name}"), &mut command, &run.join("logs"))
+            })
+            .collect()
+    };
+    let (mut coordinator, address) = start_coordinator(run, &config);
+    let mut trained = fleet("train", &address);
+    assert!(coordinator.wait(Duration::from_secs(180)).success(), "{}", coordinator.logs());
+    trained.iter_mut().for_each(|d| assert!(d.wait(Duration::from_secs(30)).success(), "{}", d.logs()));
+    let before = summary(run)["rounds"][1]["federated_evaluation"].clone();
+    assert_eq!(before["masked"]["survivors"], 3, "{before}");
+
+    std::fs::remove_file(run.join("addr")).unwrap();
+    let (mut evaluator, address) = flotilla_tests::start_coordinator_with(run, &config, &["--evaluate-only"]);
+    let mut again = fleet("again", &address);
+    assert!(evaluator.wait(Duration::from_secs(120)).success(), "{}", evaluator.logs());
+    for device in &mut again {
+        assert!(device.wait(Duration::from_secs(30)).success(), "{}", device.logs());
+        assert!(device.stderr_text().contains("sending the sums masked"), "{}", device.logs());
+    }
+    let after = summary(run)["rounds"][1]["federated_evaluation"].clone();
+    assert_eq!(after["masked"]["survivors"], 3, "{after}");
+    assert_eq!(after["overall"], before["overall"], "the same model on the same held-out data");
+}
