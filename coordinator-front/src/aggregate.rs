@@ -36,7 +36,9 @@ impl clap::builder::TypedValueParser for MethodParser {
     }
 
     fn possible_values(&self) -> Option<Box<dyn Iterator<Item = clap::builder::PossibleValue> + '_>> {
-        Some(Box::new(Method::ALL.into_iter().map(|m| clap::builder::PossibleValue::new(m.name()))))
+        Some(Box::new(
+            Method::ALL.into_iter().map(|m| clap::builder::PossibleValue::new(m.name()).help(m.spec().summary)),
+        ))
     }
 }
 

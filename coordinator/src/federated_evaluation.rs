@@ -305,11 +305,6 @@ impl Tally {
         Ok(())
     }
 
-    /// The devices asked, with their ranks and classes.
-    pub fn asked(&self) -> &BTreeMap<String, Evaluator> {
-        &self.asked
-    }
-
     /// Under secure aggregation: the unmasked totals of each group (`crate::secure_evaluation`),
     /// from the devices whose masked sums were in (`survivors`), `declined` of which declined.
     pub fn masked_totals(

@@ -170,12 +170,7 @@ async fn evaluate_before_training(
     let scoring = Scoring { rank: task.rank, cross_ranks: Vec::new(), fold_tail: true };
     let model_round = task.round - 1;
     let evaluated = evaluate_and_report(connection, &settings.limits, trainer, model_round, scoring, tensors.clone());
-    tokio::select! {
-        evaluated = evaluated => evaluated.map_err(|e| evaluation_failure(connection, settings, e)),
-        _ = stop_reached(stop, Stop::AfterUpload) => {
-            Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")))
-        }
-    }
+    unless_stopped(connection, settings, stop, model_round, evaluated).await
 }
 
 /// An evaluation task: scored and reported, in the clear or (under secure aggregation) masked;
@@ -201,23 +196,28 @@ async fn evaluation_task(
             }
         }
     };
-    tokio::select! {
-        evaluated = evaluated => evaluated.map_err(|e| evaluation_failure(connection, settings, e)),
-        _ = stop_reached(stop, Stop::AfterUpload) => {
-            Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")))
-        }
-    }
+    unless_stopped(connection, settings, stop, model_round, evaluated).await
 }
 
-fn evaluation_failure(
+/// Runs model `model_round`'s evaluation unless a stop request comes first (the evaluation is then
+/// abandoned); its failure as the session sees it.
+async fn unless_stopped<T>(
     connection: &quinn::Connection,
     settings: &SessionSettings,
-    error: EvaluationError,
-) -> SessionError {
-    match error {
+    stop: &mut tokio::sync::watch::Receiver<Stop>,
+    model_round: u32,
+    evaluated: impl std::future::Future<Output = Result<T, EvaluationError>>,
+) -> Result<T, SessionError> {
+    let evaluated = tokio::select! {
+        evaluated = evaluated => evaluated,
+        _ = stop_reached(stop, Stop::AfterUpload) => {
+            return Err(stopping(connection, format!("stopped: model {model_round}'s evaluation abandoned")));
+        }
+    };
+    evaluated.map_err(|error| match error {
         EvaluationError::Failed(message) => SessionError::Fatal(message),
         EvaluationError::Connection(message) => classify(connection, settings, "reporting an evaluation", message),
-    }
+    })
 }
 
 /// The most secure sums a device waits to unmask at once (a round's and an evaluation's, and one

@@ -46,11 +46,17 @@ impl FederatedState {
     pub(crate) fn left(&mut self, device: &str) {
         self.members.remove(device);
         self.held_out.remove(device);
-        let secure = self.secure.as_ref().map(|s| s.model_round);
+        let secure = self.secure_model();
         // A secure evaluation's phases account for devices that leave.
         for tally in self.open.values_mut().filter(|t| Some(t.model_round) != secure) {
             tally.left(device);
         }
+    }
+
+    /// The model whose evaluation is a secure sum in progress: its own phases decide when it
+    /// closes, and its sums never come in the clear.
+    fn secure_model(&self) -> Option<u32> {
+        self.secure.as_ref().map(|s| s.model_round)
     }
 
     pub(super) fn open_tally(&mut self, model_round: u32) -> Option<&mut Tally> {
@@ -70,6 +76,22 @@ impl FederatedState {
 impl RoundDriver {
     fn federated_section(&self) -> Option<FederatedEvaluationSection> {
         self.config.federated_evaluation.clone()
+    }
+
+    /// Seconds devices have to report an evaluation.
+    pub(super) fn evaluation_deadline_secs(&self) -> u32 {
+        let round_deadline = self.config.round.deadline_secs;
+        self.config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline))
+    }
+
+    /// Labels a device's evaluation sums count per label: the model's classes, 0 for a decoder.
+    pub(super) fn evaluation_labels(&self) -> usize {
+        let architecture = &self.config.model.architecture;
+        if architecture.is_decoder() {
+            0
+        } else {
+            architecture.classes()
+        }
     }
 
     /// With round `round`'s tasks: when model `round - 1` is due, picks its evaluators among the
@@ -109,7 +131,7 @@ impl RoundDriver {
         }
         let asked_len = asked.len();
         self.federated.open.insert(model_round, Tally::new(model_round, asked.clone()));
-        let deadline = section.deadline(self.config.round.deadline_secs);
+        let deadline = self.evaluation_deadline_secs();
         let inputs = self.inputs.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(deadline.into())).await;
@@ -130,9 +152,7 @@ impl RoundDriver {
         secure: Option<SecureEvaluation>,
     ) -> Option<TaskDelivery> {
         let connection = self.sessions.get(device)?.clone();
-        let round_deadline = self.config.round.deadline_secs;
-        let deadline_secs =
-            self.config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline));
+        let deadline_secs = self.evaluation_deadline_secs();
         let task = CoordinatorMessage::EvaluationTask(EvaluationTask {
             model_round,
             rank,
@@ -214,14 +234,14 @@ impl RoundDriver {
         if self.config.secure_aggregation.is_none() || round >= self.config.round.rounds {
             return false; // the last round's model is evaluated after the run (`evaluate_final_model`)
         }
-        if !self.ask_for_evaluations(round, false) {
-            return false;
-        }
+        // Set first: an evaluation that closes at once (it could not be secured) releases the
+        // round through `close_evaluation`, like any other.
         self.federated.resume = Some(round);
-        if !self.federated.open.contains_key(&round) {
-            self.federated.ready = self.federated.resume.take();
+        let asked = self.ask_for_evaluations(round, false);
+        if !asked {
+            self.federated.resume = None;
         }
-        true
+        asked
     }
 
     /// `serve --evaluate-only`: waits until `[round] min_devices` have joined, asks them to score
@@ -259,9 +279,7 @@ impl RoundDriver {
                 self.evaluation_report(&device, report, bytes, reply)
             }
             // A secure evaluation's own phase deadlines close it.
-            DriverInput::EvaluationDeadline { model_round }
-                if self.federated.secure.as_ref().map(|s| s.model_round) != Some(model_round) =>
-            {
+            DriverInput::EvaluationDeadline { model_round } if self.federated.secure_model() != Some(model_round) => {
                 self.close_evaluation(model_round)
             }
             DriverInput::EvaluationUnmasked { model_round, names, outcome } => {
@@ -287,9 +305,8 @@ impl RoundDriver {
         reply: oneshot::Sender<CoordinatorMessage>,
     ) {
         let model_round = report.model_round;
-        let architecture = &self.config.model.architecture;
-        let classes = if architecture.is_decoder() { 0 } else { architecture.classes() };
-        let secure = self.federated.secure.as_ref().is_some_and(|s| s.model_round == model_round);
+        let classes = self.evaluation_labels();
+        let secure = self.federated.secure_model() == Some(model_round);
         let outcome = match self.federated.open.get_mut(&model_round) {
             Some(_) if secure => Err("this run evaluates under secure aggregation: the sums travel masked, in the \
                                       evaluation's secure sum, never in the clear"
@@ -319,7 +336,7 @@ impl RoundDriver {
 
     pub(super) fn device_left_evaluation(&mut self, device: &str) {
         self.federated.left(device);
-        let secure = self.federated.secure.as_ref().map(|s| s.model_round);
+        let secure = self.federated.secure_model();
         let complete: Vec<u32> = self
             .federated
             .open

@@ -28,8 +28,7 @@ impl RoundDriver {
     ) -> Option<BTreeMap<String, SecureEvaluation>> {
         let section = self.config.secure_aggregation.as_ref()?;
         let min_group = self.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
-        let architecture = &self.config.model.architecture;
-        let classes = if architecture.is_decoder() { 0 } else { architecture.classes() };
+        let classes = self.evaluation_labels();
         match SecureEvaluationSession::start(model_round, evaluators, section, min_group, classes) {
             Ok((session, parts)) => {
                 info!(
@@ -149,10 +148,7 @@ impl RoundDriver {
         match phase {
             SecurePhase::Keys => self.schedule_secure_timer(session_id, SecurePhase::Shares),
             _ => {
-                let round_deadline = self.config.round.deadline_secs;
-                let deadline =
-                    self.config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline));
-                let after = Duration::from_secs(deadline.into());
+                let after = Duration::from_secs(self.evaluation_deadline_secs().into());
                 self.schedule_secure_timer_after(session_id, SecurePhase::Upload, after);
             }
         }
