@@ -88,6 +88,17 @@ fn edge(address: &str, kit: &Path, rank: u32, extra: &[&str]) -> Command {
     command
 }
 
+/// `devices` at rank 4 on 200 synthetic samples each, their processes named `<device>-<name>`.
+fn synthetic_fleet(run: &Path, devices: &[&str], name: &str, address: &str) -> Vec<Process> {
+    devices
+        .iter()
+        .map(|device| {
+            let mut command = edge(address, &run.join("pki/kits").join(device), 4, &["--samples", "200"]);
+            Process::spawn(&format!("{device}-{name}"), &mut command, &run.join("logs"))
+        })
+        .collect()
+}
+
 fn summary(run: &Path) -> serde_json::Value {
     serde_json::from_slice(&std::fs::read(run.join("summary.json")).unwrap()).unwrap()
 }
@@ -348,15 +359,7 @@ fn an_evaluate_only_run_scores_a_checkpoint_again() {
     let devices = ["phone-1", "laptop-1"];
     provision(&run.join("pki"), &devices);
     let config = config(run, "", "[federated_evaluation]\nmin_group_devices = 1", 2);
-    let fleet = |name: &str, address: &str| -> Vec<Process> {
-        devices
-            .iter()
-            .map(|device| {
-                let mut command = edge(address, &run.join("pki/kits").join(device), 4, &["--samples", "200"]);
-                Process::spawn(&format!("{device}-{name}"), &mut command, &run.join("logs"))
-            })
-            .collect()
-    };
+    let fleet = |name: &str, address: &str| synthetic_fleet(run, &devices, name, address);
     let (mut coordinator, address) = start_coordinator(run, &config);
     let mut trained = fleet("train", &address);
     assert!(coordinator.wait(Duration::from_secs(120)).success(), "{}", coordinator.logs());
@@ -479,15 +482,7 @@ fn an_evaluate_only_run_under_secure_aggregation_masks_the_sums_too() {
     provision(&run.join("pki"), &devices);
     let federated = "[federated_evaluation]\nmin_group_devices = 1\n[secure_aggregation]\nphase_secs = 20";
     let config = config(run, "", federated, 3);
-    let fleet = |name: &str, address: &str| -> Vec<Process> {
-        devices
-            .iter()
-            .map(|device| {
-                let mut command = edge(address, &run.join("pki/kits").join(device), 4, &["--samples", "200"]);
-                Process::spawn(&format!("{device}-{name}"), &mut command, &run.join("logs"))
-            })
-            .collect()
-    };
+    let fleet = |name: &str, address: &str| synthetic_fleet(run, &devices, name, address);
     let (mut coordinator, address) = start_coordinator(run, &config);
     let mut trained = fleet("train", &address);
     assert!(coordinator.wait(Duration::from_secs(180)).success(), "{}", coordinator.logs());
