@@ -41,14 +41,14 @@ if [ "$full" = 1 ]; then
 fi
 
 echo "==> the wire against raw quinn" >&2
-cargo bench --quiet -p flotilla-coordinator --bench transport >"$out/transport.txt"
+cargo bench --quiet -p flotilla-coordinator-torch --bench transport >"$out/transport.txt"
 
 echo "==> aggregation against a read of its input" >&2
 if [ "$full" = 1 ]; then
-    cargo bench --quiet -p flotilla-coordinator --bench aggregation -- --methods rbla,zero-pad,hetlora,flora \
+    cargo bench --quiet -p flotilla-coordinator-torch --bench aggregation -- --methods rbla,zero-pad,hetlora,flora \
         >"$out/aggregation.md"
 else
-    cargo bench --quiet -p flotilla-coordinator --bench aggregation -- --layers 4 --methods rbla,zero-pad,hetlora,flora \
+    cargo bench --quiet -p flotilla-coordinator-torch --bench aggregation -- --layers 4 --methods rbla,zero-pad,hetlora,flora \
         >"$out/aggregation.md"
 fi
 

@@ -1,6 +1,6 @@
 """The local LoRA training step of flotilla-edge, written in PyTorch, for comparison with tch.
 
-The same models, computation and optimiser as torch/src/model/:
+The same models, computation and optimiser as common/torch/src/model/:
 
 - a frozen base (Linear or 3x3 Conv layers, each followed by ReLU, and a 2x2 max-pool after each
   convolution);

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Reference (epsilon, order) values from Opacus's RDP accountant, for the fixtures that
-engine/tests/accountant_against_opacus.rs checks Flotilla's accountant against.
+common/engine/tests/accountant_against_opacus.rs checks Flotilla's accountant against.
 
 Opacus's accountant math lives in opacus/accountants/analysis/rdp.py and needs only numpy and scipy;
 importing the `opacus` package would import PyTorch, so this script loads that one file from an
@@ -9,7 +9,7 @@ unpacked Opacus wheel:
     python3 -m venv /tmp/opacus-venv && /tmp/opacus-venv/bin/pip install numpy scipy
     pip download --no-deps opacus==1.6.0 -d /tmp/opacus && (cd /tmp/opacus && unzip -o -q opacus-1.6.0-py3-none-any.whl)
     /tmp/opacus-venv/bin/python deploy/privacy/opacus_reference.py --opacus /tmp/opacus \
-        > engine/tests/fixtures/opacus_rdp.csv
+        > common/engine/tests/fixtures/opacus_rdp.csv
 
 Orders: Opacus's default alphas (RDPAccountant.DEFAULT_ALPHAS), the same as
 flotilla_engine::accountant::default_orders.

@@ -1,9 +1,9 @@
 """Reference outputs from HF transformers for SmolLM2-135M-Instruct loaded from its GGUF, for
-Flotilla's decoder parity test (torch/tests/llama_parity.rs).
+Flotilla's decoder parity test (common/torch/tests/llama_parity.rs).
 
     deploy/transformer/hf-env.sh python deploy/transformer/decoder_reference.py GGUF_FILE
 
-writes torch/tests/fixtures/smollm2-reference.json: for fixed strings, the token ids of HF's
+writes common/torch/tests/fixtures/smollm2-reference.json: for fixed strings, the token ids of HF's
 tokenizer as loaded from the GGUF (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`) and of the
 same tokenizer with the upstream SmolLM2 pre-tokenizer (digits split one by one, which HF's GGUF
 loader does not restore for `tokenizer.ggml.pre = smollm`); for fixed prompts (chat template
@@ -21,7 +21,7 @@ from tokenizers import pre_tokenizers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-OUT = os.path.join(ROOT, "torch", "tests", "fixtures", "smollm2-reference.json")
+OUT = os.path.join(ROOT, "common", "torch", "tests", "fixtures", "smollm2-reference.json")
 
 STRINGS = [
     "Hello world",

@@ -1,15 +1,15 @@
 """Reference outputs from HF transformers and tokenizers, for Flotilla's parity tests.
 
     deploy/transformer/hf-env.sh python deploy/transformer/hf_reference.py tiny
-        writes torch/tests/fixtures/tiny-bert/ (a 2-layer BERT made here with a seeded random init,
+        writes common/torch/tests/fixtures/tiny-bert/ (a 2-layer BERT made here with a seeded random init,
         its own small WordPiece tokenizer.json, and expected.json: the token ids HF's tokenizer gives
         for fixed sentences and the pooled outputs HF's BertModel gives for them)
 
     deploy/transformer/hf-env.sh python deploy/transformer/hf_reference.py minilm MODEL_DIR
-        writes torch/tests/fixtures/minilm-reference.json: the same for all-MiniLM-L6-v2 (its
+        writes common/torch/tests/fixtures/minilm-reference.json: the same for all-MiniLM-L6-v2 (its
         weights stay in the cache; the test compares when the cache has them)
 
-The Rust tests (torch/tests/bert_parity.rs) read these files; CI needs no Python.
+The Rust tests (common/torch/tests/bert_parity.rs) read these files; CI needs no Python.
 """
 
 import json
@@ -22,7 +22,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from transformers import BertConfig, BertForSequenceClassification, BertModel
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-FIXTURES = os.path.join(ROOT, "torch", "tests", "fixtures")
+FIXTURES = os.path.join(ROOT, "common", "torch", "tests", "fixtures")
 
 SENTENCES = [
     "A man is eating food.",

@@ -130,7 +130,7 @@ async fn connect_and_serve(
                 let evaluated = evaluation_task(&connection, trainer, settings, &mut stop, task, tensors).await?;
                 keep_masked(&mut masked, evaluated);
             }
-            CoordinatorMessage::SecureUnmask(request) => match take_masked(&mut masked, request.round) {
+            CoordinatorMessage::SecureUnmask(request) => match take_masked(&mut masked, request.session) {
                 Some((round, client)) => {
                     // Crash-test hook: a device that drops after its masked upload.
                     flotilla_wire::crash_test::pause_if_requested("before-unmask", round).await;

@@ -205,7 +205,7 @@ pub fn write_block(doc: &Path, begin_marker: &str, end_marker: &str, block: &str
 }
 
 // The coordinator's embedded font (licence beside it); one copy in the repository.
-const FONT: &[u8] = include_bytes!("../../coordinator/assets/DejaVuSans.ttf");
+const FONT: &[u8] = include_bytes!("../../coordinator/torch/assets/DejaVuSans.ttf");
 
 /// One SVG per setting: mean test accuracy at R_max per round, one line per arm.
 pub fn draw_figures(plan: &Plan, results: &Results, dir: &Path) -> Result<()> {

@@ -46,7 +46,7 @@ fn the_wire_engine_merge_data_gguf_and_front_end_do_not_depend_on_libtorch() {
         "flotilla-merge",
         "flotilla-data",
         "flotilla-gguf",
-        "flotilla-coordinator-front",
+        "flotilla-coordinator",
     ] {
         assert_free_of(&manifest, package, LIBTORCH);
     }
@@ -190,37 +190,103 @@ fn the_cycle_finder_finds_cycles() {
 
 /// Every crate of the product, by directory: the fitness checks below cover each one.
 const PRODUCT_CRATES: [&str; 13] = [
-    "files",
-    "wire",
-    "engine",
-    "merge",
-    "data",
-    "gguf",
-    "secagg",
-    "torch",
+    "common/files",
+    "common/wire",
+    "common/engine",
+    "common/merge",
+    "common/data",
+    "common/gguf",
+    "common/secagg",
+    "common/torch",
     "certs",
     "coordinator",
-    "coordinator-front",
+    "coordinator/torch",
     "edge-client",
     "study",
 ];
 
-/// The list cannot drift: every crate directory at the top (but the tests and the fuzzers) is on it.
+/// Directories (relative to `root`, `/`-separated) that hold a `Cargo.toml`, down to `depth` levels,
+/// outside build outputs, packages and run folders.
+fn crate_dirs(root: &Path, relative: &str, depth: usize, found: &mut Vec<String>) {
+    let dir = if relative.is_empty() { root.to_path_buf() } else { root.join(relative) };
+    if !relative.is_empty() && dir.join("Cargo.toml").is_file() {
+        found.push(relative.to_string());
+    }
+    if depth == 0 {
+        return;
+    }
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().to_string();
+        let skipped =
+            name.starts_with('.') || ["target", "dist", "runs", "src", "tests", "fuzz"].contains(&name.as_str());
+        if entry.path().is_dir() && !skipped {
+            let child = if relative.is_empty() { name } else { format!("{relative}/{name}") };
+            crate_dirs(root, &child, depth - 1, found);
+        }
+    }
+}
+
+/// The list cannot drift: every crate directory (but the tests and the fuzzers) is on it.
 #[test]
 fn the_fitness_checks_cover_every_crate() {
-    let root = workspace_root();
-    let mut crates: Vec<String> = std::fs::read_dir(&root)
-        .unwrap()
-        .filter_map(|entry| {
-            let path = entry.ok()?.path();
-            path.join("Cargo.toml").is_file().then(|| path.file_name()?.to_str().map(str::to_string)).flatten()
-        })
-        .filter(|name| name != "tests" && name != "fuzz")
-        .collect();
+    let mut crates = Vec::new();
+    crate_dirs(&workspace_root(), "", 2, &mut crates);
     crates.sort();
     let mut listed: Vec<String> = PRODUCT_CRATES.iter().map(|c| c.to_string()).collect();
     listed.sort();
     assert_eq!(crates, listed);
+}
+
+/// The top level is the one the product was specified with: the shared crates under `common/`, the
+/// coordinator's two crates under `coordinator/`.
+#[test]
+fn the_top_level_keeps_the_specified_layout() {
+    let root = workspace_root();
+    for entry in ["Cargo.toml", "coordinator", "edge-client", "common", "certs", "tests", "deploy", "README.md"] {
+        assert!(root.join(entry).exists(), "{entry} is missing from the top level");
+    }
+    let loose: Vec<String> = PRODUCT_CRATES
+        .iter()
+        .filter(|c| !c.contains('/') && !["coordinator", "edge-client", "certs", "study"].contains(c))
+        .map(|c| c.to_string())
+        .collect();
+    assert!(loose.is_empty(), "shared crates belong under common/: {loose:?}");
+}
+
+/// A crate's package is named for its directory (`flotilla-` and the path without `common/`, `/` as
+/// `-`) and so is each binary it builds, so `cargo run -p X` starts the binary called X. The one
+/// exception is the device: its directory, `edge-client/`, is fixed by the product's specified top
+/// level, while `flotilla-edge` is the name installed on every device and in every edge package.
+#[test]
+fn directory_package_and_binary_names_match() {
+    let root = workspace_root();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let output = Command::new(cargo)
+        .args(["metadata", "--no-deps", "--format-version", "1", "--manifest-path"])
+        .arg(root.join("Cargo.toml"))
+        .output()
+        .expect("run cargo metadata");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let packages = metadata["packages"].as_array().unwrap();
+    for krate in PRODUCT_CRATES {
+        let manifest = root.join(krate).join("Cargo.toml");
+        let package = packages
+            .iter()
+            .find(|p| Path::new(p["manifest_path"].as_str().unwrap()) == manifest)
+            .unwrap_or_else(|| panic!("{krate} is not a workspace member"));
+        let name = package["name"].as_str().unwrap();
+        let expected = match krate {
+            "edge-client" => "flotilla-edge".to_string(),
+            _ => format!("flotilla-{}", krate.trim_start_matches("common/").replace('/', "-")),
+        };
+        assert_eq!(name, expected, "{krate}/Cargo.toml");
+        for target in package["targets"].as_array().unwrap() {
+            if target["kind"].as_array().unwrap().iter().any(|k| k == "bin") {
+                assert_eq!(target["name"].as_str(), Some(name), "{krate}: a binary named unlike its package");
+            }
+        }
+    }
 }
 
 #[test]
@@ -229,7 +295,7 @@ fn no_crate_has_an_import_cycle_between_its_modules() {
     for krate in PRODUCT_CRATES {
         let graph = module_graph(&root.join(krate).join("src"));
         // A one-file crate has no modules to order.
-        assert!(graph.len() > 1 || ["coordinator-front", "files"].contains(&krate), "{krate}: no modules found");
+        assert!(graph.len() > 1 || ["coordinator", "common/files"].contains(&krate), "{krate}: no modules found");
         if let Some(cycle) = find_cycle(&graph) {
             panic!("{krate}: modules import each other in a cycle: {}", cycle.join(" → "));
         }

@@ -257,14 +257,14 @@ fn the_aarch64_archive_completes_a_round_under_qemu_where_it_is_built() {
     // An archive built before the wire protocol last changed speaks an older protocol than this
     // build's coordinator: it is not the code under test.
     let built = std::fs::metadata(&archive).and_then(|m| m.modified()).unwrap();
-    let wire_changed = std::fs::read_dir(workspace_root().join("wire/src"))
+    let wire_changed = std::fs::read_dir(workspace_root().join("common/wire/src"))
         .unwrap()
         .flatten()
         .filter_map(|entry| entry.metadata().and_then(|m| m.modified()).ok())
         .max()
         .unwrap();
     if wire_changed > built {
-        eprintln!("skipped: {} predates the last change to wire/src; rebuild it", archive.display());
+        eprintln!("skipped: {} predates the last change to common/wire/src; rebuild it", archive.display());
         return;
     }
     let output = run_ok(

@@ -109,7 +109,7 @@ fn run_with_rank_auto_asks_for_the_rank_the_probe_chooses() {
 /// budget below them rules out every rank.
 #[test]
 fn a_transformer_is_timed_at_its_length_and_its_activations_count_against_memory() {
-    let tiny = flotilla_tests::workspace_root().join("torch/tests/fixtures/tiny-bert");
+    let tiny = flotilla_tests::workspace_root().join("common/torch/tests/fixtures/tiny-bert");
     let tiny = tiny.to_str().unwrap();
     let short = probe(&["--transformer", tiny, "--max-length", "8", "--batch-size", "4", "--max-rank", "4"]);
     let long = probe(&["--transformer", tiny, "--max-length", "64", "--batch-size", "4", "--max-rank", "4"]);

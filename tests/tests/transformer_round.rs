@@ -1,5 +1,5 @@
 //! A transformer through the real system: a coordinator fine-tunes the tiny BERT checkpoint of the
-//! parity fixtures (`torch/tests/fixtures/tiny-bert`) on a keyword text task with two devices of
+//! parity fixtures (`common/torch/tests/fixtures/tiny-bert`) on a keyword text task with two devices of
 //! different ranks. One device uses its own copy of the checkpoint; the other has none and fetches
 //! it from the coordinator over its session (verified by digest, cached); a device whose copy
 //! differs is refused with both digests. The held-out accuracy rises, and the coordinator lists
@@ -49,7 +49,7 @@ fn devices_fine_tune_a_transformer_fetching_the_base_once_and_accuracy_rises() {
     std::fs::create_dir_all(&data).unwrap();
     std::fs::write(data.join("train.csv"), texts(240, 1)).unwrap();
     std::fs::write(data.join("test.csv"), texts(90, 2)).unwrap();
-    let checkpoint = workspace_root().join("torch/tests/fixtures/tiny-bert");
+    let checkpoint = workspace_root().join("common/torch/tests/fixtures/tiny-bert");
 
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}/run\"\naddress_file = \"{run}/addr\"\n\
@@ -164,7 +164,7 @@ fn the_simulator_fine_tunes_the_transformer_with_virtual_devices() {
     provision(&pki, &["v-1", "v-2", "v-3"]);
     let data = run.join("keywords.csv");
     std::fs::write(&data, texts(200, 3)).unwrap();
-    let checkpoint = workspace_root().join("torch/tests/fixtures/tiny-bert");
+    let checkpoint = workspace_root().join("common/torch/tests/fixtures/tiny-bert");
     let config = format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nrun_dir = \"{run}/run\"\naddress_file = \"{run}/addr\"\n\
          [tls]\nkit = \"{run}/pki/kits/coordinator\"\n\

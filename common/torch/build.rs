@@ -1,0 +1,5 @@
+include!("../../build-support/tch_link.rs");
+
+fn main() {
+    link_libtorch();
+}

@@ -1,5 +1,0 @@
-include!("../build-support/tch_link.rs");
-
-fn main() {
-    link_libtorch();
-}

@@ -1,7 +1,0 @@
-//! `flotilla-coordinator-torch`: the coordinator's libtorch binary (serve, check, status, export,
-//! and aggregate on the libtorch path). Users run it as `flotilla-coordinator`, the front end that
-//! execs it; see `flotilla_coordinator::cli`.
-
-fn main() {
-    flotilla_coordinator::cli::main();
-}
