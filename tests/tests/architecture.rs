@@ -114,34 +114,108 @@ fn the_device_session_reaches_training_only_through_the_trainer_trait() {
     }
 }
 
-/// The crate's top-level modules (`src/x.rs` or `src/x/mod.rs`) and, for each, the other
-/// top-level modules its files name as `crate::y`.
-fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
-    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    for file in rust_files(src) {
-        let relative = file.strip_prefix(src).expect("under src");
-        let top = relative.components().next().expect("a path").as_os_str().to_string_lossy().to_string();
-        let top = top.trim_end_matches(".rs").to_string();
-        if matches!(top.as_str(), "lib" | "main" | "bin") {
+/// A module's path from the crate root: `serve/driver/status.rs` is `[serve, driver, status]`, a
+/// `mod.rs` names its directory, and `lib.rs`, `main.rs` and `bin/` are the root (empty).
+fn module_path(src: &Path, file: &Path) -> Vec<String> {
+    let relative = file.strip_prefix(src).expect("under src").with_extension("");
+    let mut path: Vec<String> = relative.components().map(|c| c.as_os_str().to_string_lossy().to_string()).collect();
+    if path.last().is_some_and(|last| last == "mod") {
+        path.pop();
+    }
+    if path.first().is_some_and(|first| ["lib", "main", "bin"].contains(&first.as_str())) {
+        path.clear();
+    }
+    path
+}
+
+/// The module paths that `code` (of the module at `own`) names: `crate::a::b`, each item of
+/// `crate::{a::b, c}`, and `super::x` resolved from `own`.
+fn named_modules(code: &str, own: &[String]) -> Vec<Vec<String>> {
+    let path_at = |text: &str| -> Vec<String> {
+        text.split("::")
+            .map(|segment| segment.chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect::<String>())
+            .take_while(|segment| !segment.is_empty())
+            .collect()
+    };
+    let mut named = Vec::new();
+    for (i, _) in code.match_indices("crate::") {
+        if code[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_') {
             continue;
         }
+        let rest = &code[i + "crate::".len()..];
+        if let Some(group) = rest.strip_prefix('{') {
+            let (mut depth, mut start) = (0usize, 0usize);
+            for (j, c) in group.char_indices() {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => {
+                        named.push(path_at(group[start..j].trim()));
+                        break;
+                    }
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        named.push(path_at(group[start..j].trim()));
+                        start = j + 1;
+                    }
+                    _ => {}
+                }
+            }
+        } else {
+            named.push(path_at(rest));
+        }
+    }
+    for (i, _) in code.match_indices("super::") {
+        if code[..i].ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':') {
+            continue;
+        }
+        let mut rest = &code[i..];
+        let mut up = 0;
+        while let Some(after) = rest.strip_prefix("super::") {
+            up += 1;
+            rest = after;
+        }
+        let mut path: Vec<String> = own[..own.len().saturating_sub(up)].to_vec();
+        path.extend(path_at(rest));
+        named.push(path);
+    }
+    named.retain(|path| !path.is_empty());
+    named
+}
+
+/// For every module that has submodules (the crate root included, as `""`), the graph of its
+/// children: an edge a → b when code in a (or below it) names b (or something below it). Items
+/// re-exported by a parent are not modules and draw no edge.
+fn module_graphs(src: &Path) -> BTreeMap<String, BTreeMap<String, BTreeSet<String>>> {
+    let mut graphs: BTreeMap<String, BTreeMap<String, BTreeSet<String>>> = BTreeMap::new();
+    for file in rust_files(src) {
+        let own = module_path(src, &file);
         let text = std::fs::read_to_string(&file).expect("read source");
         // Code only: a module named in a comment or a string is not an import.
         let code: String = non_test_part(&text).lines().map(strip_literals).collect::<Vec<_>>().join("\n");
-        let uses = graph.entry(top.clone()).or_default();
-        for (i, _) in code.match_indices("crate::") {
-            let name: String =
-                code[i + "crate::".len()..].chars().take_while(|c| c.is_alphanumeric() || *c == '_').collect();
-            if !name.is_empty() && name != top {
-                uses.insert(name);
+        let named = named_modules(&code, &own);
+        for depth in 0..own.len() {
+            let graph = graphs.entry(own[..depth].join("/")).or_default();
+            let uses = graph.entry(own[depth].clone()).or_default();
+            for path in &named {
+                if path.len() > depth && path[..depth] == own[..depth] && path[depth] != own[depth] {
+                    uses.insert(path[depth].clone());
+                }
             }
         }
     }
-    let modules: BTreeSet<String> = graph.keys().cloned().collect();
-    for uses in graph.values_mut() {
-        uses.retain(|m| modules.contains(m)); // items re-exported at the crate root are not modules
+    for graph in graphs.values_mut() {
+        let modules: BTreeSet<String> = graph.keys().cloned().collect();
+        for uses in graph.values_mut() {
+            uses.retain(|m| modules.contains(m));
+        }
     }
-    graph
+    graphs
+}
+
+/// The crate's top-level modules (`src/x.rs` or `src/x/mod.rs`) and, for each, the other
+/// top-level modules its files name.
+fn module_graph(src: &Path) -> BTreeMap<String, BTreeSet<String>> {
+    module_graphs(src).remove("").unwrap_or_default()
 }
 
 /// A cycle in `graph`, if there is one.
@@ -293,11 +367,30 @@ fn directory_package_and_binary_names_match() {
 fn no_crate_has_an_import_cycle_between_its_modules() {
     let root = workspace_root();
     for krate in PRODUCT_CRATES {
-        let graph = module_graph(&root.join(krate).join("src"));
+        let graphs = module_graphs(&root.join(krate).join("src"));
         // A one-file crate has no modules to order.
-        assert!(graph.len() > 1 || ["coordinator", "common/files"].contains(&krate), "{krate}: no modules found");
-        if let Some(cycle) = find_cycle(&graph) {
-            panic!("{krate}: modules import each other in a cycle: {}", cycle.join(" → "));
+        let top = graphs.get("").map_or(0, |g| g.len());
+        assert!(top > 1 || ["coordinator", "common/files"].contains(&krate), "{krate}: no modules found");
+        // At every level: the crate's modules, and the submodules of each module.
+        for (parent, graph) in &graphs {
+            if let Some(cycle) = find_cycle(graph) {
+                panic!("{krate}/src/{parent}: modules import each other in a cycle: {}", cycle.join(" → "));
+            }
+        }
+    }
+}
+
+/// The coordinator's wings stand in order, each on those before it only (docs/architecture.md):
+/// the configuration at the bottom, the command line at the top.
+#[test]
+fn the_coordinator_wings_stand_in_order() {
+    let wings = ["config", "model", "records", "serve", "commands"];
+    let graph = module_graph(&workspace_root().join("coordinator/torch/src"));
+    assert_eq!(graph.keys().map(String::as_str).collect::<BTreeSet<_>>(), wings.into_iter().collect());
+    for (floor, wing) in wings.iter().enumerate() {
+        for used in &graph[*wing] {
+            let below = wings[..floor].contains(&used.as_str());
+            assert!(below, "coordinator/torch/src/{wing} uses {used}, which does not stand below it");
         }
     }
 }

@@ -164,7 +164,7 @@ fn the_rule_into_a_closed_pipe_exits_cleanly() {
 }
 
 /// The six-cell pick from the rule tables committed in docs/study.md is the method the product
-/// ships as its default (`[aggregation] method`; `coordinator/torch/src/config.rs` tests that side), and
+/// ships as its default (`[aggregation] method`; `coordinator/torch/src/config/mod.rs` tests that side), and
 /// the arithmetic weighs every cell alike.
 #[test]
 fn the_rule_over_the_documented_suites_picks_the_shipped_default() {

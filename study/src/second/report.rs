@@ -532,7 +532,7 @@ impl Report<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::second::{results::Tuned, tuning::Edge};
+    use crate::second::results::{Edge, Tuned};
 
     fn standing(method: &'static str, gains: &[f64], cells: usize, worst: f64) -> Standing {
         Standing { method, gains: gains.to_vec(), worst_slice_minus_floor: Some(worst), cells }

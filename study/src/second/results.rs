@@ -6,8 +6,27 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-use super::tuning::Edge;
 use super::{Arm, Cell, Plan};
+
+/// An edge of what a setting tried, on which its best candidate lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Edge {
+    LowestLearningRate,
+    HighestLearningRate,
+    FewestSteps,
+    MostSteps,
+}
+
+impl Edge {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Edge::LowestLearningRate => "the lowest learning rate tried",
+            Edge::HighestLearningRate => "the highest learning rate tried",
+            Edge::FewestSteps => "the fewest local steps tried",
+            Edge::MostSteps => "the most local steps tried",
+        }
+    }
+}
 
 /// One finished run: accuracy per round at R_max and at each rank, bytes and wall time.
 #[derive(Debug, Clone, Default)]

@@ -9,7 +9,7 @@
 //! after [`EdgeSearch`]'s limit of values past the grid on that side. A choice still on an edge
 //! then is reported as such.
 
-use super::results::{Choice, Chosen, Tuned};
+use super::results::{Choice, Chosen, Edge, Tuned};
 use super::{Arm, Cell, Phase, Plan, Setting};
 
 /// How many values past each edge of the grid tuning may try, per axis and side (0: the grid
@@ -18,26 +18,6 @@ use super::{Arm, Cell, Phase, Plan, Setting};
 pub struct EdgeSearch {
     pub learning_rate: u32,
     pub local_steps: u32,
-}
-
-/// An edge of what a setting tried, on which its best candidate lies.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Edge {
-    LowestLearningRate,
-    HighestLearningRate,
-    FewestSteps,
-    MostSteps,
-}
-
-impl Edge {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Edge::LowestLearningRate => "the lowest learning rate tried",
-            Edge::HighestLearningRate => "the highest learning rate tried",
-            Edge::FewestSteps => "the fewest local steps tried",
-            Edge::MostSteps => "the most local steps tried",
-        }
-    }
 }
 
 /// Where a setting's tuning stands.

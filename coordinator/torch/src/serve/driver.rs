@@ -1,0 +1,582 @@
+//! The round driver: owns the round engine and the live sessions, turns what sessions and the
+//! aggregation worker report into engine events, and carries out the engine's actions.
+//!
+//! An update's path: the session decodes it ([`Upload`]) → the driver asks the engine whether it
+//! may be folded → a [`FoldRequest`] carrying the upload (and the device's reply) goes to the
+//! aggregation worker, which folds it, answers the device itself and reports [`FoldDone`] → the
+//! driver tells the engine. Nothing waits in a side table.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, Timer, TrainingPlan};
+use flotilla_wire::protocol::{close, CoordinatorMessage, Reject, RoundTask, TrainingSettings};
+use tokio::sync::{mpsc, oneshot};
+use tracing::{info, warn};
+
+mod delivery;
+mod federated;
+mod privacy_spend;
+mod secure_evaluation;
+mod secure_phases;
+mod skipping;
+mod status;
+
+pub(crate) use delivery::push;
+use delivery::TaskDelivery;
+pub use secure_phases::SecureRequest;
+pub use skipping::Departure;
+
+use crate::config::CoordinatorConfig;
+use crate::model::evaluation::RankAccuracy;
+use crate::records::report::{RoundFacts, RoundRecord, RunSummary};
+use crate::records::report_files::ReportWriter;
+use crate::serve::aggregation_worker::{AggregationWorker, FoldDone, FoldRequest, Sent, Upload};
+use crate::serve::metrics::SharedStatus;
+use crate::serve::secure::{SecurePhase, SecureRound};
+
+/// What sessions, timers and the aggregation worker tell the driver.
+pub enum DriverInput {
+    Joined {
+        device: String,
+        rank: u32,
+        /// The device class its Hello reported.
+        class: String,
+        connection: quinn::Connection,
+    },
+    Left {
+        device: String,
+        connection_id: usize,
+        /// What the device said when it closed, if anything.
+        why: Option<Departure>,
+    },
+    UpdateArrived(Upload),
+    FoldDone(FoldDone),
+    /// Round tasks of `bytes` in all are on their way to devices.
+    TasksSent {
+        round: u32,
+        bytes: u64,
+    },
+    TimerFired {
+        round: u32,
+        timer: Timer,
+    },
+    AggregationDone {
+        round: u32,
+        result: Result<RoundRecord, String>,
+    },
+    /// A round's test results, from the evaluation thread (which runs beside the next round).
+    Evaluated {
+        round: u32,
+        result: Result<Vec<RankAccuracy>, String>,
+    },
+    /// Something the run cannot go on without failed (the reason).
+    Fatal(String),
+    /// A device's federated evaluation report; `reply` is answered at once.
+    EvaluationReport {
+        device: String,
+        report: Box<flotilla_wire::evaluation::EvaluationReport>,
+        /// The report's frame size.
+        bytes: u64,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    },
+    /// Model `model_round`'s federated evaluation stops waiting.
+    EvaluationDeadline {
+        model_round: u32,
+    },
+    /// Evaluation tasks of `bytes` in all are on their way to devices.
+    EvaluationSent {
+        model_round: u32,
+        bytes: u64,
+    },
+    /// A secure round's request from a device; `reply` is answered when its phase closes.
+    Secure {
+        device: String,
+        request: SecureRequest,
+        /// The request's frame size.
+        bytes: u64,
+        reply: oneshot::Sender<CoordinatorMessage>,
+    },
+    /// A secure evaluation's sums are unmasked (or why not); `names`: each participant's device.
+    EvaluationUnmasked {
+        model_round: u32,
+        names: BTreeMap<u32, String>,
+        outcome: Result<flotilla_secagg::server::Aggregate, String>,
+    },
+    /// A secure round's phase deadline.
+    SecureTimer {
+        session: u64,
+        phase: SecurePhase,
+    },
+    /// A secure round's sums are unmasked (or the round is discarded).
+    SecureUnmasked {
+        round: u32,
+        /// The round's record before unmasking (`SecureRound::record`).
+        record: crate::records::report::SecureRoundRecord,
+        outcome: Result<flotilla_secagg::server::Aggregate, String>,
+    },
+}
+
+/// Owns the engine and the live sessions; runs until the engine says the run is finished.
+pub(crate) struct RoundDriver {
+    config: Arc<CoordinatorConfig>,
+    base_version: String,
+    inputs: mpsc::UnboundedSender<DriverInput>,
+    worker: Arc<AggregationWorker>,
+    engine: Engine,
+    sessions: HashMap<String, quinn::Connection>,
+    /// Every rank a device has joined with: the `fl_round_participants` gauges' labels.
+    rank_labels: BTreeSet<u32>,
+    round_started: HashMap<u32, Instant>,
+    /// Bytes of round tasks sent, by round.
+    task_bytes: HashMap<u32, u64>,
+    summary: RunSummary,
+    reports: ReportWriter,
+    status: SharedStatus,
+    /// Rounds aggregated whose evaluation has not come back yet (empty without an evaluation set).
+    evaluations_pending: BTreeSet<u32>,
+    /// Results that came back before their round's record (a fast evaluation can overtake it).
+    early_evaluations: HashMap<u32, Vec<RankAccuracy>>,
+    /// Under `[secure_aggregation]`: the layout of the masked vectors, and the round in progress.
+    secure_layout: Option<flotilla_secagg::layout::Layout>,
+    secure: Option<SecureRound>,
+    /// A secure round's facts while its sums are being unmasked, and when unmasking began.
+    unmasking: Option<(RoundFacts, Instant)>,
+    /// Why a round that sent no task could not run (it is skipped once its participants fail).
+    cannot_run: HashMap<u32, String>,
+    /// Participants of a round that left saying why, counted by cause.
+    departures: HashMap<u32, BTreeMap<Departure, usize>>,
+    /// Under `[privacy]`: the rounds sampled in this run directory, recorded before tasks go out.
+    ledger: Option<crate::serve::privacy_ledger::PrivacyLedger>,
+    /// The last round the ledger has counted.
+    last_sampled: u32,
+    /// Under `[privacy]`: what the noise will cost the model, for `/status`.
+    privacy_plan: Option<crate::config::privacy_plan::PrivacyPlan>,
+    /// Under `[federated_evaluation]`: the connected devices and the models being evaluated.
+    federated: federated::FederatedState,
+    evaluate_only: Option<u32>,
+}
+
+/// What the driver starts from.
+pub(crate) struct DriverStart {
+    pub config: Arc<CoordinatorConfig>,
+    pub base_version: String,
+    pub inputs: mpsc::UnboundedSender<DriverInput>,
+    pub worker: AggregationWorker,
+    pub summary: RunSummary,
+    pub first_round: u32,
+    pub status: SharedStatus,
+    pub secure_layout: Option<flotilla_secagg::layout::Layout>,
+    pub ledger: Option<crate::serve::privacy_ledger::PrivacyLedger>,
+    /// Under `[privacy]`: what the noise will cost the model, for `/status`.
+    pub privacy_plan: Option<crate::config::privacy_plan::PrivacyPlan>,
+    /// Train nothing: once `[round] min_devices` have joined, evaluate the resumed checkpoint's
+    /// model, of this round, on the devices (`serve --evaluate-only`).
+    pub evaluate_only: Option<u32>,
+}
+
+impl RoundDriver {
+    pub(crate) fn new(start: DriverStart) -> RoundDriver {
+        let DriverStart {
+            config,
+            base_version,
+            inputs,
+            worker,
+            summary,
+            first_round,
+            status,
+            secure_layout,
+            ledger,
+            privacy_plan,
+            evaluate_only,
+        } = start;
+        let engine = Engine::new(EngineConfig {
+            rounds: config.round.rounds,
+            min_devices: config.round.min_devices,
+            round_deadline: Duration::from_secs(config.round.deadline_secs.into()),
+            min_updates: config.round.min_updates,
+            grace: Duration::from_secs(config.round.grace().into()),
+            first_round,
+            policy: config.round_policy(),
+        });
+        let reports = ReportWriter::start(config.server.run_dir.clone());
+        RoundDriver {
+            config,
+            base_version,
+            inputs,
+            worker: Arc::new(worker),
+            engine,
+            sessions: HashMap::new(),
+            rank_labels: BTreeSet::new(),
+            round_started: HashMap::new(),
+            task_bytes: HashMap::new(),
+            summary,
+            reports,
+            status,
+            evaluations_pending: BTreeSet::new(),
+            early_evaluations: HashMap::new(),
+            secure_layout,
+            secure: None,
+            unmasking: None,
+            cannot_run: HashMap::new(),
+            departures: HashMap::new(),
+            ledger,
+            last_sampled: first_round - 1,
+            privacy_plan,
+            federated: Default::default(),
+            evaluate_only,
+        }
+    }
+
+    /// Runs the rounds; returns the run's summary once the reports of every round are written.
+    pub(crate) async fn run(mut self, mut inputs: mpsc::UnboundedReceiver<DriverInput>) -> anyhow::Result<RunSummary> {
+        let outcome = match self.evaluate_only {
+            Some(round) => self.evaluate_checkpoint(round, &mut inputs).await,
+            None => self.drive(&mut inputs).await,
+        };
+        let reports = self.reports;
+        // The last reports are written before the run's result is returned.
+        tokio::task::spawn_blocking(move || reports.finish()).await?;
+        outcome
+    }
+
+    async fn drive(&mut self, inputs: &mut mpsc::UnboundedReceiver<DriverInput>) -> anyhow::Result<RunSummary> {
+        // The configured run is on /metrics and /status from the start, before any device joins,
+        // so that an alert on too few connected devices can fire.
+        self.publish_state();
+        loop {
+            if let Some(summary) = self.end_round_held_for_evaluation(inputs).await? {
+                return Ok(summary);
+            }
+            let Some(input) = inputs.recv().await else { break };
+            let mut upload = None;
+            let event = match input {
+                DriverInput::Joined { device, rank, class, connection } => {
+                    self.session_joined(&device, rank, &class, connection);
+                    self.rank_labels.insert(rank);
+                    Event::DeviceJoined { device, rank }
+                }
+                DriverInput::Left { device, connection_id, why } => {
+                    if !self.session_left(&device, connection_id) {
+                        continue;
+                    }
+                    if let (Some(why), Phase::Training { round }) = (why, self.engine.phase()) {
+                        *self.departures.entry(*round).or_default().entry(why).or_default() += 1;
+                    }
+                    Event::DeviceLeft { device }
+                }
+                DriverInput::UpdateArrived(arrived) => {
+                    metrics::counter!("fl_update_bytes_total").increment(arrived.wire_bytes());
+                    let event = Event::UpdateArrived {
+                        device: arrived.device.clone(),
+                        round: arrived.round(),
+                        rank: arrived.rank(),
+                    };
+                    upload = Some(arrived);
+                    event
+                }
+                DriverInput::FoldDone(FoldDone { device, round, accepted }) => match accepted {
+                    true => Event::UpdateFolded { device, round },
+                    false => Event::UpdateInvalid { device, round },
+                },
+                DriverInput::TasksSent { round, bytes } => {
+                    *self.task_bytes.entry(round).or_insert(0) += bytes;
+                    continue;
+                }
+                DriverInput::TimerFired { round, timer } => Event::TimerFired { round, timer },
+                DriverInput::Fatal(reason) => anyhow::bail!(reason),
+                DriverInput::AggregationDone { round, result } => match self.round_aggregated(round, result)? {
+                    Some(event) => event,
+                    None => continue,
+                },
+                DriverInput::Evaluated { round, result } => {
+                    self.record_evaluation(round, result);
+                    continue;
+                }
+                federated @ (DriverInput::EvaluationReport { .. }
+                | DriverInput::EvaluationDeadline { .. }
+                | DriverInput::EvaluationSent { .. }
+                | DriverInput::EvaluationUnmasked { .. }) => {
+                    self.federated_input(federated);
+                    continue;
+                }
+                secure @ (DriverInput::Secure { .. }
+                | DriverInput::SecureTimer { .. }
+                | DriverInput::SecureUnmasked { .. }) => {
+                    let events = self.secure_input(secure);
+                    if let Some(summary) = self.handle_events(events, None, inputs).await? {
+                        return Ok(summary);
+                    }
+                    continue;
+                }
+            };
+            if let Some(summary) = self.handle_events(vec![event], upload, inputs).await? {
+                return Ok(summary);
+            }
+        }
+        anyhow::bail!("round driver stopped unexpectedly")
+    }
+
+    /// A round's record is in: the engine hears it (None while the round's model is evaluated
+    /// first, under secure aggregation).
+    fn round_aggregated(&mut self, round: u32, result: Result<RoundRecord, String>) -> anyhow::Result<Option<Event>> {
+        let record = result.map_err(|e| anyhow::anyhow!("round {round}: aggregation failed: {e}"))?;
+        self.record_round(record);
+        Ok((!self.evaluate_between_rounds(round)).then_some(Event::AggregationDone { round }))
+    }
+
+    /// A round held for its model's secure evaluation ends once the evaluation has closed; returns
+    /// the run's summary if that finished the run.
+    async fn end_round_held_for_evaluation(
+        &mut self,
+        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
+    ) -> anyhow::Result<Option<RunSummary>> {
+        match self.federated.take_ready() {
+            Some(round) => self.handle_events(vec![Event::AggregationDone { round }], None, inputs).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Feeds the engine `events` and carries out its actions (`upload` is the update the first
+    /// event is about, if any); returns the run's summary once the engine finishes the run.
+    async fn handle_events(
+        &mut self,
+        events: Vec<Event>,
+        mut upload: Option<Upload>,
+        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
+    ) -> anyhow::Result<Option<RunSummary>> {
+        for event in events {
+            let actions = self.engine.handle(event);
+            self.publish_state();
+            if let Some(rounds_completed) = self.perform(actions, upload.take()).await? {
+                self.summary.rounds_completed = rounds_completed;
+                self.evaluate_final_model(rounds_completed, inputs).await;
+                self.finish_sessions(rounds_completed).await;
+                self.await_evaluations(inputs).await;
+                return Ok(Some(self.summary.clone()));
+            }
+        }
+        Ok(None)
+    }
+
+    /// A device's new session; an older one of the same device is closed.
+    fn session_joined(&mut self, device: &str, rank: u32, class: &str, connection: quinn::Connection) {
+        if let Some(old) = self.sessions.insert(device.to_string(), connection) {
+            old.close(close::REPLACED.into(), b"replaced by a newer connection");
+        }
+        self.federated.joined(device, rank, class);
+    }
+
+    /// A session ended: the device is gone (evaluations stop waiting for it). False when it was an
+    /// older connection of a device that has reconnected, which changes nothing.
+    fn session_left(&mut self, device: &str, connection_id: usize) -> bool {
+        if self.sessions.get(device).map(|c| c.stable_id()) != Some(connection_id) {
+            return false;
+        }
+        self.sessions.remove(device);
+        self.device_left_evaluation(device);
+        true
+    }
+
+    /// Once the last round is done: waits for the evaluations still running, so that the summary
+    /// holds every round's results. Anything else arriving now is answered by being dropped (a
+    /// session then tells its device the coordinator is shutting down).
+    async fn await_evaluations(&mut self, inputs: &mut mpsc::UnboundedReceiver<DriverInput>) {
+        while !self.evaluations_pending.is_empty() {
+            match inputs.recv().await {
+                Some(DriverInput::Evaluated { round, result }) => self.record_evaluation(round, result),
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// Puts a round's test results into its record (or keeps them until the record arrives). A
+    /// failed evaluation (the evaluation thread logged why) leaves the record without results.
+    fn record_evaluation(&mut self, round: u32, result: Result<Vec<RankAccuracy>, String>) {
+        let results = result.unwrap_or_default();
+        for result in &results {
+            metrics::gauge!("fl_eval_accuracy", "rank" => result.rank.to_string()).set(result.accuracy);
+        }
+        match self.summary.rounds.iter_mut().find(|r| r.round == round) {
+            Some(record) => {
+                self.evaluations_pending.remove(&round);
+                record.evaluation = results;
+                self.reports.submit(self.summary.clone());
+            }
+            None => {
+                self.early_evaluations.insert(round, results);
+            }
+        }
+    }
+
+    fn record_round(&mut self, record: RoundRecord) {
+        metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.config.aggregation.method.name())
+            .record(record.aggregation_seconds);
+        metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
+        let mut record = record;
+        record.privacy_epsilon = self.spend_privacy(record.round);
+        match self.early_evaluations.remove(&record.round) {
+            Some(results) => record.evaluation = results,
+            None if self.config.evaluation.test_data.is_some() => {
+                self.evaluations_pending.insert(record.round);
+            }
+            None => {}
+        }
+        let ranks: Vec<String> = record.updates.iter().map(|u| u.rank.to_string()).collect();
+        info!(
+            "[round {}/{}] aggregated {} updates (ranks {}) with {} in {:.1} ms → {}",
+            record.round,
+            self.config.round.rounds,
+            record.updates.len(),
+            ranks.join(","),
+            self.config.aggregation.method,
+            record.aggregation_seconds * 1e3,
+            record.global_dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default()
+        );
+        self.summary.final_global.clone_from(&record.global_dir);
+        self.summary.rounds_completed = record.round;
+        self.summary.rounds.push(record);
+        // Written by the report thread, off this loop.
+        self.reports.submit(self.summary.clone());
+    }
+
+    /// Carries out actions; returns `Some(rounds_completed)` when the run is finished. `upload` is
+    /// the update whose arrival produced these actions, if any: the engine folds or refuses it.
+    async fn perform(&mut self, actions: Vec<Action>, mut upload: Option<Upload>) -> anyhow::Result<Option<u32>> {
+        self.count_sampled_rounds(&actions)?;
+        let mut tasks = Vec::new();
+        for action in actions {
+            match action {
+                Action::SendTask { device, round, rank } => tasks.push((device, round, rank)),
+                Action::FoldUpdate { device, round } => {
+                    if let Some(upload) = upload.take_if(|u| u.device == device) {
+                        self.fold(upload, round);
+                    }
+                }
+                Action::RejectUpdate { device, round, kind, reason } => {
+                    warn!(device = %device, round, "update refused: {reason}");
+                    metrics::counter!("fl_updates_total", "status" => "rejected", "reason" => kind.label())
+                        .increment(1);
+                    if let Some(upload) = upload.take_if(|u| u.device == device) {
+                        let _ = upload.reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+                    }
+                }
+                Action::ScheduleTimer { round, timer, after } => {
+                    let inputs = self.inputs.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(after).await;
+                        let _ = inputs.send(DriverInput::TimerFired { round, timer });
+                    });
+                }
+                Action::Aggregate { round, .. } => self.aggregate(round),
+                Action::SkipRound { round, updates, why } => self.skip(round, updates, why).await?,
+                // The caller evaluates the final model on the devices, then finishes their sessions.
+                Action::Finish { rounds_completed } => return Ok(Some(rounds_completed)),
+            }
+        }
+        if !tasks.is_empty() {
+            self.send_tasks(tasks);
+        }
+        Ok(None)
+    }
+
+    /// Hands the update to the aggregation worker, which answers the device and reports back; a
+    /// secure round's masked upload stays here, in its round.
+    fn fold(&mut self, upload: Upload, round: u32) {
+        if self.config.secure_aggregation.is_some() || matches!(upload.sent, Sent::Masked(_)) {
+            let Upload { device, sent, reply } = upload;
+            return match sent {
+                Sent::Masked(masked) => self.fold_masked(device, masked, reply, round),
+                Sent::Plain { update, .. } => {
+                    let refused =
+                        "this round runs under secure aggregation: the update must be masked (a MaskedUpdate)";
+                    self.answer_fold(device, update.rank, reply, round, Err(refused.into()))
+                }
+            };
+        }
+        let inputs = self.inputs.clone();
+        let request = FoldRequest {
+            upload,
+            round,
+            done: Box::new(move |done| {
+                let _ = inputs.send(DriverInput::FoldDone(done));
+            }),
+        };
+        if let Err(request) = self.worker.fold(request) {
+            let Upload { device, reply, .. } = request.upload;
+            let reason = "coordinator is shutting down".to_string();
+            let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+            let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted: false }));
+        }
+    }
+
+    /// Asks the worker to finish the round; its record comes back as `AggregationDone`. A secure
+    /// round first asks its survivors to unmask.
+    fn aggregate(&mut self, round: u32) {
+        self.departures.remove(&round);
+        let mut facts = RoundFacts {
+            round,
+            population_by_rank: self.engine.population_by_rank().clone(),
+            task_bytes: self.task_bytes.remove(&round).unwrap_or(0),
+            updates: Vec::new(),
+            round_seconds: self.round_started.get(&round).map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            secure: None,
+        };
+        if let Some(secure) = self.secure.as_mut().filter(|s| s.round == round) {
+            facts.updates = std::mem::take(&mut secure.accepted);
+            return self.begin_unmask(facts);
+        }
+        let worker = self.worker.clone();
+        let inputs = self.inputs.clone();
+        tokio::spawn(async move {
+            let result = worker.finish(facts).await;
+            let _ = inputs.send(DriverInput::AggregationDone { round, result });
+        });
+    }
+
+    /// Sends each device its round task from a task of its own: the slices are made by the
+    /// aggregation worker (one encoded slice per rank, shared by every device's stream), and this
+    /// loop does not wait for them.
+    fn send_tasks(&mut self, tasks: Vec<(String, u32, u32)>) {
+        let mut reachable = Vec::with_capacity(tasks.len());
+        for (device, round, rank) in tasks {
+            self.round_started.entry(round).or_insert_with(Instant::now);
+            let Some(connection) = self.sessions.get(&device).cloned() else { continue };
+            reachable.push((device, round, rank, connection));
+        }
+        let Some(mut secure_tasks) = self.start_secure_round(&reachable) else {
+            return; // the round cannot be secured: no task goes out, its participants are failed
+        };
+        let Some(round) = reachable.first().map(|r| r.1) else { return };
+        let mut evaluators = self.evaluators_for_round(round);
+        let mut deliveries = Vec::with_capacity(reachable.len());
+        for (device, round, rank, connection) in reachable {
+            let task = CoordinatorMessage::RoundTask(RoundTask {
+                round,
+                total_rounds: self.config.round.rounds,
+                rank,
+                base_version: self.base_version.clone(),
+                training: training_settings(self.engine.policy().training(round)),
+                deadline_secs: self.config.round.deadline_secs,
+                clip_norm: self.config.privacy.as_ref().map(|p| p.clip_norm),
+                noise_multiplier: self.config.privacy.as_ref().map(|p| p.noise_multiplier),
+                secure: secure_tasks.remove(&device),
+                evaluate: evaluators.remove(&device).is_some(),
+            });
+            deliveries.push(TaskDelivery { device, round, rank, connection, task, evaluation_only: false });
+        }
+        // Evaluators that do not train this round get the same slice with an evaluation task.
+        for (device, rank) in evaluators {
+            deliveries.extend(self.evaluation_delivery(&device, round - 1, rank, &[], None));
+        }
+        self.send_deliveries(deliveries, round);
+    }
+}
+
+/// The engine's training plan as the protocol carries it.
+pub(crate) fn training_settings(plan: TrainingPlan) -> TrainingSettings {
+    let TrainingPlan { local_steps, local_epochs, batch_size, learning_rate, seed } = plan;
+    TrainingSettings { local_steps, local_epochs, batch_size, learning_rate, seed }
+}
