@@ -35,6 +35,7 @@ pub mod masks;
 pub mod messages;
 pub mod quantize;
 pub mod server;
+pub mod session;
 
 #[cfg(test)]
 mod tests;

@@ -88,6 +88,19 @@ impl ServerRound {
         Ok(())
     }
 
+    pub fn session(&self) -> u64 {
+        self.session
+    }
+
+    pub fn parameters(&self) -> Parameters {
+        self.parameters
+    }
+
+    /// Each participant id's rank.
+    pub fn ranks(&self) -> &BTreeMap<u32, u32> {
+        &self.ranks
+    }
+
     pub fn neighbours(&self, id: u32) -> &[u32] {
         self.graph.get(&id).map_or(&[], Vec::as_slice)
     }

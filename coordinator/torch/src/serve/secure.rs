@@ -3,55 +3,31 @@
 //! with the shares the survivors reveal: it learns the per-slot sums the slot-wise methods divide,
 //! who took part and their ranks, and nothing about any one device.
 //!
-//! A round's phases, each closed when every participant still in it has answered or when
-//! `phase_secs` pass (whichever comes first):
-//!
-//! 1. **keys**: each device that got a task sends fresh public keys (`SecureKeys`); at the close,
-//!    each is answered with its neighbours' keys (`SecurePeers`).
-//! 2. **shares**: each sends its secrets' shares, encrypted for each neighbour (`SecureShares`);
-//!    at the close, each is answered with the shares addressed to it.
-//! 3. **upload**: the masked uploads (`MaskedUpdate`) go through the round engine like plain ones
-//!    (deadline, grace, quorum).
-//! 4. **unmask**: when the engine aggregates, each survivor is asked for the shares that remove
-//!    the masks (`SecureUnmask` → `UnmaskShares`); at the close the sums are unmasked.
-//!
-//! A device that misses a phase is out of the round: the engine is told it failed, so the round
-//! does not wait for it. Fewer than `threshold` devices left at any close discards the round:
-//! nothing is revealed and the global adapter is unchanged. Nothing of a round is persisted: a
-//! coordinator that restarts mid-round resumes from its last checkpoint with fresh keys.
+//! A round's phases (keys, shares, masked uploads, unmasking) are a sans-IO state machine,
+//! `flotilla_secagg::session`, with virtual-time tests of its own; this module starts a session
+//! for a round or a federated evaluation (its participants, each device's task) and carries the
+//! machine's replies to the devices whose requests wait for them. The driver
+//! (`driver/secure_phases.rs`) turns its other actions into deadlines, engine events and records.
+//! Nothing of a round is persisted: a coordinator that restarts mid-round resumes from its last
+//! checkpoint with fresh keys.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use flotilla_secagg::layout::Layout;
-use flotilla_secagg::messages::{MaskedInput, UnmaskRequest, UnmaskShares};
 use flotilla_secagg::server::{Aggregate, ServerRound};
+use flotilla_secagg::session::{Reply, SessionEvent, SessionMachine};
 use flotilla_secagg::{Parameters, SecAggError};
-use flotilla_wire::protocol::{CoordinatorMessage, Reject, SecurePeers, SecureShares, SecureTask};
-use flotilla_wire::signed_keys::{PeerCredential, SignedKeys};
+use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, SecurePeers, SecureShares, SecureTask};
+use flotilla_wire::signed_keys::PeerCredential;
 use tokio::sync::oneshot;
 
 use crate::config::secure::SecureAggregationSection;
 use crate::records::report::SecureRoundRecord;
 
-/// Where a secure round is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SecurePhase {
-    Keys,
-    Shares,
-    Upload,
-    Unmask,
-}
+pub use flotilla_secagg::session::Phase as SecurePhase;
 
-impl SecurePhase {
-    pub fn name(self) -> &'static str {
-        match self {
-            SecurePhase::Keys => "keys",
-            SecurePhase::Shares => "shares",
-            SecurePhase::Upload => "upload",
-            SecurePhase::Unmask => "unmask",
-        }
-    }
-}
+/// What the session machine asks of the driver (a device's keys travel with its credential).
+pub type SessionAction = flotilla_secagg::session::SessionAction<PeerCredential>;
 
 /// How a round's devices weigh their vectors: the sample cap, and under distributed privacy the
 /// contributors each sum needs and each device's noise share.
@@ -61,18 +37,8 @@ struct Weights {
     noise_std: Vec<f64>,
 }
 
-/// One reply held until its phase closes.
-type Held = (u32, oneshot::Sender<CoordinatorMessage>);
-
-/// What closing a phase did: devices now out of the round (the engine counts them as failed),
-/// and, when too few are left, why the round is discarded.
-#[derive(Debug, Default)]
-pub struct Closed {
-    pub dropped: Vec<String>,
-    pub discarded: Option<String>,
-}
-
-/// A round of secure aggregation, as the coordinator sees it.
+/// A round (or an evaluation) of secure aggregation, as the coordinator sees it: the session's
+/// machine, and the replies its held requests wait for.
 pub struct SecureRound {
     pub round: u32,
     pub session: u64,
@@ -80,23 +46,14 @@ pub struct SecureRound {
     pub accepted: Vec<crate::records::report::UpdateRecord>,
     /// Bytes of the devices' protocol messages so far.
     pub protocol_bytes: u64,
-    phase: SecurePhase,
-    server: ServerRound,
-    parameters: Parameters,
-    ids: BTreeMap<String, u32>,
-    names: BTreeMap<u32, String>,
-    advertised: BTreeSet<u32>,
-    shared: BTreeSet<u32>,
-    uploaded: BTreeSet<u32>,
-    unmasked: BTreeSet<u32>,
-    held: Vec<Held>,
-    discarded: Option<String>,
-    ranks: BTreeMap<u32, u32>,
+    machine: SessionMachine<PeerCredential>,
+    replies: BTreeMap<String, oneshot::Sender<CoordinatorMessage>>,
     /// Distributed privacy: the survivors each sum needs for its full noise, `[head, slot 0, …]`.
     needed: Vec<usize>,
-    /// Each advertiser's certificate and signature, relayed to its neighbours with its keys.
-    credentials: BTreeMap<u32, PeerCredential>,
 }
+
+/// A started session: its state, the machine's first actions, and each device's task part.
+pub type Started = (SecureRound, Vec<SessionAction>, BTreeMap<String, SecureTask>);
 
 impl SecureRound {
     /// A round among `participants` (device, rank); returns it and each device's task part.
@@ -106,7 +63,7 @@ impl SecureRound {
         section: &SecureAggregationSection,
         layout: Layout,
         privacy: Option<&crate::config::privacy::PrivacySection>,
-    ) -> anyhow::Result<(SecureRound, BTreeMap<String, SecureTask>)> {
+    ) -> anyhow::Result<Started> {
         let parameters = section.parameters_for(participants.len())?;
         let mut ranks: Vec<u32> = participants.iter().map(|(_, rank)| *rank).collect();
         ranks.sort_unstable();
@@ -127,7 +84,7 @@ impl SecureRound {
             None => (Vec::new(), Vec::new()),
         };
         let cap = section.weighting.cap(section.max_samples);
-        Self::assemble(round, participants, parameters, layout, Weights { cap, needed, noise_std })
+        Self::assemble(round, participants, parameters, layout, Weights { cap, needed, noise_std }, false)
     }
 
     /// Federated evaluation's secure sum of model `model_round` among `participants` (device, rank):
@@ -138,7 +95,7 @@ impl SecureRound {
         participants: &[String],
         section: &SecureAggregationSection,
         layout: Layout,
-    ) -> anyhow::Result<(SecureRound, BTreeMap<String, SecureTask>)> {
+    ) -> anyhow::Result<Started> {
         use flotilla_wire::secure_evaluation::{LIMB_RANGE, MAX_PARTICIPANTS};
         anyhow::ensure!(
             participants.len() <= MAX_PARTICIPANTS,
@@ -153,7 +110,8 @@ impl SecureRound {
         parameters.validate().map_err(|e| anyhow::anyhow!("secure evaluation: {e}"))?;
         let participants: Vec<(String, u32)> = participants.iter().map(|d| (d.clone(), 0)).collect();
         let weights = Weights { cap: 1, needed: Vec::new(), noise_std: Vec::new() };
-        Self::assemble(model_round, &participants, parameters, layout, weights)
+        // The evaluation's session closes its own uploads: every masked sum in, or its deadline.
+        Self::assemble(model_round, &participants, parameters, layout, weights, true)
     }
 
     fn assemble(
@@ -162,7 +120,8 @@ impl SecureRound {
         parameters: Parameters,
         layout: Layout,
         weights: Weights,
-    ) -> anyhow::Result<(SecureRound, BTreeMap<String, SecureTask>)> {
+        closes_own_uploads: bool,
+    ) -> anyhow::Result<Started> {
         use rand::Rng;
         let mut rng = rand::rng();
         let session: u64 = rng.random();
@@ -171,7 +130,7 @@ impl SecureRound {
         let ids: BTreeMap<String, u32> =
             sorted.iter().enumerate().map(|(i, (device, _))| (device.clone(), i as u32 + 1)).collect();
         let ranks: BTreeMap<u32, u32> = sorted.iter().map(|(device, rank)| (ids[device], *rank)).collect();
-        let server = ServerRound::new(parameters, session, layout, ranks.clone(), rng.random())
+        let server = ServerRound::new(parameters, session, layout, ranks, rng.random())
             .map_err(|e| anyhow::anyhow!("round {round}: secure aggregation cannot start: {e}"))?;
         let Weights { cap, needed, noise_std } = weights;
         let tasks = ids
@@ -189,214 +148,88 @@ impl SecureRound {
                 (device.clone(), task)
             })
             .collect();
-        let names = ids.iter().map(|(d, &i)| (i, d.clone())).collect();
+        let (machine, actions) = SessionMachine::new(format!("round {round}"), server, ids, closes_own_uploads);
         let round = SecureRound {
             round,
             session,
             accepted: Vec::new(),
             protocol_bytes: 0,
-            phase: SecurePhase::Keys,
-            server,
-            parameters,
-            ids,
-            names,
-            advertised: BTreeSet::new(),
-            shared: BTreeSet::new(),
-            uploaded: BTreeSet::new(),
-            unmasked: BTreeSet::new(),
-            held: Vec::new(),
-            discarded: None,
-            ranks,
+            machine,
+            replies: BTreeMap::new(),
             needed,
-            credentials: BTreeMap::new(),
         };
-        Ok((round, tasks))
-    }
-
-    pub fn phase(&self) -> SecurePhase {
-        self.phase
+        Ok((round, actions, tasks))
     }
 
     /// The round's record as far as this state knows it: who was in it, the threshold and the
     /// protocol's bytes (unmasking fills in the rest).
     pub fn record(&self) -> SecureRoundRecord {
         SecureRoundRecord {
-            participants: self.ids.len(),
-            threshold: self.parameters.threshold,
+            participants: self.machine.participants(),
+            threshold: self.machine.threshold(),
             protocol_bytes: self.protocol_bytes,
             ..SecureRoundRecord::default()
         }
     }
 
     pub fn threshold(&self) -> usize {
-        self.parameters.threshold
-    }
-
-    pub fn discarded(&self) -> Option<&str> {
-        self.discarded.as_deref()
-    }
-
-    /// The participant id of `device`, if it is in this round and its message is for `session`.
-    fn participant(&self, device: &str, session: u64, phase: SecurePhase) -> Result<u32, String> {
-        if session != self.session {
-            return Err(format!("a message of another secure round (session {session:016x})"));
-        }
-        if let Some(reason) = &self.discarded {
-            return Err(format!("round {} was discarded: {reason}", self.round));
-        }
-        if self.phase != phase {
-            return Err(format!(
-                "a {} message during the {} phase of round {}",
-                phase.name(),
-                self.phase.name(),
-                self.round
-            ));
-        }
-        self.ids.get(device).copied().ok_or_else(|| format!("'{device}' is not in round {}", self.round))
-    }
-
-    /// Phase 1: a device's signed keys and the certificate of its session; its answer waits for
-    /// the close. Returns whether every participant has now advertised (close the phase). The
-    /// signature is its peers' to check; the coordinator checks that it signed the rank it holds.
-    pub fn keys(
-        &mut self,
-        device: &str,
-        signed: SignedKeys,
-        certificate: Vec<u8>,
-        reply: oneshot::Sender<CoordinatorMessage>,
-    ) -> Result<bool, (String, oneshot::Sender<CoordinatorMessage>)> {
-        let SignedKeys { advert, rank, signature } = signed;
-        let checked = self.participant(device, advert.session, SecurePhase::Keys).and_then(|id| {
-            if advert.from != id {
-                return Err(format!("keys for participant {}, this device is {id}", advert.from));
-            }
-            if self.ranks.get(&id) != Some(&rank) {
-                return Err(format!("keys signed at rank {rank}, this device holds rank {:?}", self.ranks.get(&id)));
-            }
-            self.server.receive_keys(advert).map_err(|e| e.to_string()).map(|()| id)
-        });
-        if let Ok(id) = checked {
-            self.credentials.insert(id, PeerCredential { id, certificate, signature });
-        }
-        self.hold(checked, reply, |r| &mut r.advertised)?;
-        Ok(self.advertised.len() == self.ids.len())
-    }
-
-    /// Closes phase 1: each advertiser gets its neighbours' keys, certificates and signatures.
-    pub fn close_keys(&mut self) -> Closed {
-        let credentials = std::mem::take(&mut self.credentials);
-        self.close(
-            |r| &r.advertised,
-            "sent keys",
-            SecurePhase::Shares,
-            |server, session, id| {
-                let peers = server.peers_for(id);
-                let credentials = peers.iter().filter_map(|p| credentials.get(&p.id).cloned()).collect();
-                CoordinatorMessage::SecurePeers(SecurePeers { session, peers, credentials })
-            },
-        )
-    }
-
-    /// Phase 2: a device's encrypted shares; its answer waits for the close. Returns whether every
-    /// advertiser has now shared.
-    pub fn shares(
-        &mut self,
-        device: &str,
-        shares: SecureShares,
-        reply: oneshot::Sender<CoordinatorMessage>,
-    ) -> Result<bool, (String, oneshot::Sender<CoordinatorMessage>)> {
-        let checked = self
-            .participant(device, shares.session, SecurePhase::Shares)
-            .and_then(|id| self.server.receive_shares(id, shares.shares).map_err(|e| e.to_string()).map(|()| id));
-        self.hold(checked, reply, |r| &mut r.shared)?;
-        Ok(self.shared.len() == self.advertised.len())
-    }
-
-    /// Closes phase 2: each device that shared gets the shares addressed to it.
-    pub fn close_shares(&mut self) -> Closed {
-        self.close(
-            |r| &r.shared,
-            "shared their keys",
-            SecurePhase::Upload,
-            |server, session, id| {
-                CoordinatorMessage::SecureSharesForYou(SecureShares { session, shares: server.shares_for(id).to_vec() })
-            },
-        )
-    }
-
-    /// A request `checked` let in: the device is marked in `answered` and its reply held for the
-    /// close; a refused one gives its reply back with the reason.
-    fn hold(
-        &mut self,
-        checked: Result<u32, String>,
-        reply: oneshot::Sender<CoordinatorMessage>,
-        answered: fn(&mut SecureRound) -> &mut BTreeSet<u32>,
-    ) -> Result<(), (String, oneshot::Sender<CoordinatorMessage>)> {
-        let id = match checked {
-            Ok(id) => id,
-            Err(reason) => return Err((reason, reply)),
-        };
-        answered(self).insert(id);
-        self.held.push((id, reply));
-        Ok(())
-    }
-
-    /// Closes the keys or shares phase: with the devices in `answered` (which `did` describes)
-    /// too few for the threshold, the round is discarded; otherwise each held request gets
-    /// `answer` and the round moves to `next`.
-    fn close(
-        &mut self,
-        answered: fn(&SecureRound) -> &BTreeSet<u32>,
-        did: &str,
-        next: SecurePhase,
-        answer: impl Fn(&ServerRound, u64, u32) -> CoordinatorMessage,
-    ) -> Closed {
-        let missing = self.missing(answered(self));
-        let count = answered(self).len();
-        // Each device's secrets need `threshold` other holders.
-        if count <= self.parameters.threshold {
-            let threshold = self.parameters.threshold;
-            return self.discard(format!("{count} device(s) {did}; the threshold {threshold} needs more"));
-        }
-        for (id, reply) in std::mem::take(&mut self.held) {
-            let _ = reply.send(answer(&self.server, self.session, id));
-        }
-        self.phase = next;
-        Closed { dropped: missing, discarded: None }
-    }
-
-    /// Phase 3: a masked upload the engine let in.
-    pub fn masked(&mut self, device: &str, input: MaskedInput) -> Result<(), String> {
-        let id = self.participant(device, input.session, SecurePhase::Upload)?;
-        if input.from != id {
-            return Err(format!("a masked input for participant {}, this device is {id}", input.from));
-        }
-        self.server.receive_masked(input).map_err(|e| e.to_string())?;
-        self.uploaded.insert(id);
-        Ok(())
-    }
-
-    /// Every device that shared its keys has uploaded.
-    pub fn all_uploaded(&self) -> bool {
-        self.phase == SecurePhase::Upload && self.uploaded.len() == self.shared.len()
+        self.machine.threshold()
     }
 
     /// Each participant id's device.
     pub fn names(&self) -> BTreeMap<u32, String> {
-        self.names.clone()
+        self.machine.names()
     }
 
     /// The devices in the round.
     pub fn participants(&self) -> usize {
-        self.ids.len()
+        self.machine.participants()
+    }
+
+    /// A device's request: its `reply` (if it waits for one) is held until the machine answers it.
+    /// Returns the machine's actions (the answers to held requests are already sent).
+    pub fn request(
+        &mut self,
+        device: &str,
+        event: SessionEvent<PeerCredential>,
+        reply: Option<oneshot::Sender<CoordinatorMessage>>,
+    ) -> Vec<SessionAction> {
+        if let Some(reply) = reply {
+            self.replies.insert(device.to_string(), reply);
+        }
+        let actions = self.machine.handle(event);
+        self.deliver(actions)
+    }
+
+    /// A deadline or the end of the uploads; returns what the driver must do.
+    pub fn handle(&mut self, event: SessionEvent<PeerCredential>) -> Vec<SessionAction> {
+        let actions = self.machine.handle(event);
+        self.deliver(actions)
+    }
+
+    /// Sends each reply and refusal whose request is held; returns every action.
+    fn deliver(&mut self, actions: Vec<SessionAction>) -> Vec<SessionAction> {
+        for action in &actions {
+            let (device, message) = match action {
+                SessionAction::Reply { device, reply } => (device, answer(self.session, self.round, reply)),
+                SessionAction::Refuse { device, reason } => {
+                    (device, CoordinatorMessage::Reject(Reject { round: self.round, reason: reason.clone() }))
+                }
+                _ => continue,
+            };
+            if let Some(reply) = self.replies.remove(device) {
+                let _ = reply.send(message);
+            }
+        }
+        actions
     }
 
     /// Distributed privacy: why the uploads in cannot be unmasked (a sum that would be revealed
     /// would carry less than its full noise), if so. Slots too thinly held to be revealed at all
     /// ([`flotilla_secagg::Parameters::min_holders`]) do not count.
     pub fn noise_shortfall(&self) -> Option<String> {
-        let survivors: Vec<u32> = self.uploaded.iter().map(|id| self.ranks[id]).collect();
-        let revealed = self.server.revealable_rank() as usize;
+        let survivors = self.machine.uploaded_ranks();
+        let revealed = self.machine.revealable_rank() as usize;
         self.needed.iter().enumerate().take(revealed + 1).find_map(|(index, &needed)| {
             let have = match index {
                 0 => survivors.len(),
@@ -412,46 +245,25 @@ impl SecureRound {
         })
     }
 
-    /// Phase 4 begins: the request every survivor is sent, with the survivors' devices.
-    pub fn begin_unmask(&mut self) -> (UnmaskRequest, Vec<String>) {
-        self.phase = SecurePhase::Unmask;
-        let request = self.server.unmask_request();
-        let devices = request.survivors.iter().filter_map(|id| self.names.get(id).cloned()).collect();
-        (request, devices)
-    }
-
-    /// Phase 4: a survivor's revealed shares. Returns whether every survivor has answered.
-    pub fn unmask(&mut self, device: &str, shares: UnmaskShares) -> Result<bool, String> {
-        let id = self.participant(device, shares.session, SecurePhase::Unmask)?;
-        if shares.from != id {
-            return Err(format!("unmasking shares from participant {}, this device is {id}", shares.from));
-        }
-        self.server.receive_unmask(shares).map_err(|e| e.to_string())?;
-        self.unmasked.insert(id);
-        Ok(self.unmasked.len() == self.uploaded.len())
-    }
-
     /// Unmasks the sums (CPU work: run it off the async loop). Fails, revealing nothing, with
     /// fewer than the threshold of helpers or a secret that cannot be rebuilt.
     pub fn finish(self) -> Result<Aggregate, SecAggError> {
-        self.server.finish()
+        self.machine.finish()
     }
+}
 
-    /// Participants not in `answered`, by device name.
-    fn missing(&self, answered: &BTreeSet<u32>) -> Vec<String> {
-        self.names.iter().filter(|(id, _)| !answered.contains(id)).map(|(_, d)| d.clone()).collect()
-    }
-
-    /// Ends the round here: every held request is refused and every device counts as failed.
-    fn discard(&mut self, reason: String) -> Closed {
-        for (_, reply) in std::mem::take(&mut self.held) {
-            let _ = reply.send(CoordinatorMessage::Reject(Reject {
-                round: self.round,
-                reason: format!("secure round discarded: {reason}"),
-            }));
+/// A reply of the machine as the message the device receives.
+fn answer(session: u64, round: u32, reply: &Reply<PeerCredential>) -> CoordinatorMessage {
+    match reply {
+        Reply::Peers { peers, credentials } => CoordinatorMessage::SecurePeers(SecurePeers {
+            session,
+            peers: peers.clone(),
+            credentials: credentials.clone(),
+        }),
+        Reply::Shares(shares) => {
+            CoordinatorMessage::SecureSharesForYou(SecureShares { session, shares: shares.clone() })
         }
-        self.discarded = Some(reason.clone());
-        Closed { dropped: self.ids.keys().cloned().collect(), discarded: Some(reason) }
+        Reply::Accepted => CoordinatorMessage::Ack(Ack { round }),
     }
 }
 
@@ -488,11 +300,11 @@ mod tests {
     fn equal_weighting_sends_a_cap_of_one_and_the_noise_must_fit_the_range() {
         let layout = Layout { shared: 2, per_slot: 3, max_rank: 4 };
         let participants = vec![("a".to_string(), 2), ("b".to_string(), 4), ("c".to_string(), 4)];
-        let (_, tasks) = SecureRound::start(1, &participants, &section(), layout, None).unwrap();
+        let (_, _, tasks) = SecureRound::start(1, &participants, &section(), layout, None).unwrap();
         assert!(tasks.values().all(|t| t.max_samples == 1), "equal weights by default");
         let by_samples =
             SecureAggregationSection { weighting: crate::config::secure::SecureWeighting::Samples, ..section() };
-        let (_, tasks) = SecureRound::start(1, &participants, &by_samples, layout, None).unwrap();
+        let (_, _, tasks) = SecureRound::start(1, &participants, &by_samples, layout, None).unwrap();
         assert!(tasks.values().all(|t| t.max_samples == 1000));
         let privacy: crate::config::privacy::PrivacySection = toml::from_str(
             "mode = \"distributed\"\nclip_norm = 1.0\nnoise_multiplier = 5.54\nepsilon = 1.0\ndelta = 1e-5\nmax_dropout = 0.0",
@@ -506,34 +318,35 @@ mod tests {
     }
 
     #[test]
-    fn a_phase_refuses_other_sessions_strangers_and_out_of_order_messages() {
+    fn replies_wait_for_the_machine_and_refusals_reach_the_device_that_asked() {
         let layout = Layout { shared: 2, per_slot: 3, max_rank: 4 };
         let participants = vec![("a".to_string(), 2), ("b".to_string(), 4), ("c".to_string(), 4)];
-        let (mut round, tasks) = SecureRound::start(1, &participants, &section(), layout, None).unwrap();
+        let (mut round, first, tasks) = SecureRound::start(1, &participants, &section(), layout, None).unwrap();
+        assert!(first.contains(&SessionAction::StartDeadline(SecurePhase::Keys)));
         assert_eq!(tasks.len(), 3);
         let task = &tasks["a"];
-        let advert = |from: u32, session: u64| SignedKeys {
+        let keys = |from: u32, session: u64| SessionEvent::Keys {
+            device: "a".into(),
             advert: AdvertiseKeys { session, from, encryption_key: [1; 32], mask_key: [2; 32] },
             rank: 2,
-            signature: Vec::new(),
+            credential: PeerCredential { id: from, certificate: Vec::new(), signature: Vec::new() },
         };
-        let (reply, _answer) = oneshot::channel();
-        let (reason, reply) =
-            round.keys("a", advert(task.participant, task.session ^ 1), Vec::new(), reply).unwrap_err();
-        assert!(reason.contains("another secure round"), "{reason}");
-        let (reason, reply) = round.keys("mallory", advert(9, task.session), Vec::new(), reply).unwrap_err();
-        assert!(reason.contains("not in round"), "{reason}");
-        let (reason, reply) =
-            round.keys("a", advert(tasks["b"].participant, task.session), Vec::new(), reply).unwrap_err();
-        assert!(reason.contains("this device is"), "{reason}");
-        assert_eq!(round.keys("a", advert(task.participant, task.session), Vec::new(), reply).ok(), Some(false));
-        let shares = SecureShares { session: task.session, shares: Vec::new() };
-        let (reply, _answer) = oneshot::channel();
-        let (reason, _) = round.shares("a", shares, reply).unwrap_err();
-        assert!(reason.contains("during the keys phase"), "{reason}");
+        let (reply, mut answer) = oneshot::channel();
+        round.request("a", keys(task.participant, task.session ^ 1), Some(reply));
+        match answer.try_recv() {
+            Ok(CoordinatorMessage::Reject(reject)) => assert!(reject.reason.contains("another secure round")),
+            other => panic!("{other:?}"),
+        }
+        let (reply, mut answer) = oneshot::channel();
+        assert!(round.request("a", keys(task.participant, task.session), Some(reply)).is_empty());
+        assert!(answer.try_recv().is_err(), "held until the phase closes");
         // One of three advertised: the threshold of 2 needs more, the round is discarded.
-        let closed = round.close_keys();
-        assert!(closed.discarded.is_some());
-        assert_eq!(closed.dropped.len(), 3);
+        let closed = round.handle(SessionEvent::Deadline(SecurePhase::Keys));
+        assert!(closed.iter().any(|a| matches!(a, SessionAction::Discarded(_))), "{closed:?}");
+        assert!(closed.contains(&SessionAction::Dropped(vec!["a".into(), "b".into(), "c".into()])));
+        match answer.try_recv() {
+            Ok(CoordinatorMessage::Reject(reject)) => assert!(reject.reason.contains("secure round discarded")),
+            other => panic!("{other:?}"),
+        }
     }
 }

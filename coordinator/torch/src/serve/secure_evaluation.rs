@@ -20,7 +20,7 @@ use flotilla_wire::secure_evaluation::SumsLayout;
 use crate::config::secure::SecureAggregationSection;
 use crate::records::federated_evaluation::MaskedEvaluationRecord;
 use crate::serve::federated_evaluation::{Evaluator, GroupKey};
-use crate::serve::secure::SecureRound;
+use crate::serve::secure::{SecureRound, SessionAction};
 
 /// One model's secure evaluation: its SecAgg+ session and the groups its blocks stand for.
 pub struct SecureEvaluationSession {
@@ -53,13 +53,14 @@ impl SecureEvaluationSession {
         section: &SecureAggregationSection,
         min_group_devices: usize,
         classes: usize,
-    ) -> anyhow::Result<(SecureEvaluationSession, BTreeMap<String, SecureEvaluation>)> {
+    ) -> anyhow::Result<(SecureEvaluationSession, Vec<SessionAction>, BTreeMap<String, SecureEvaluation>)> {
         let devices: Vec<String> = asked.keys().cloned().collect();
         let holders = section.parameters_for(devices.len())?.min_holders();
         let min_members = min_group_devices.max(holders);
         let groups = plan_groups(asked, min_members);
         let layout = SumsLayout { classes, blocks: groups.len() };
-        let (round, tasks) = SecureRound::start_evaluation(model_round, &devices, section, layout.secagg_layout())?;
+        let (round, actions, tasks) =
+            SecureRound::start_evaluation(model_round, &devices, section, layout.secagg_layout())?;
         let parts = tasks
             .into_iter()
             .map(|(device, task)| {
@@ -70,7 +71,9 @@ impl SecureEvaluationSession {
             .collect();
         let (session, participants) = (round.session, round.participants());
         let round = Some(round);
-        Ok((SecureEvaluationSession { model_round, session, participants, round, groups, layout, min_members }, parts))
+        let session =
+            SecureEvaluationSession { model_round, session, participants, round, groups, layout, min_members };
+        Ok((session, actions, parts))
     }
 
     pub fn session(&self) -> u64 {
@@ -211,7 +214,7 @@ mod tests {
     fn unmasked_totals_are_checked_and_thin_groups_are_dropped() {
         let fleet = asked(&[("a", 2, "phone", &[]), ("b", 2, "phone", &[]), ("c", 4, "phone", &[])]);
         let section: SecureAggregationSection = toml::from_str("threshold = 2").unwrap();
-        let (session, parts) = SecureEvaluationSession::start(3, &fleet, &section, 2, 2).unwrap();
+        let (session, _, parts) = SecureEvaluationSession::start(3, &fleet, &section, 2, 2).unwrap();
         // Every device, the phones: rank 2 has two devices, fewer than threshold + 1 = 3.
         assert_eq!(session.groups(), 2);
         let sums = EvaluationSums::from_confusion(&[vec![2, 1], vec![0, 3]], 1.5);

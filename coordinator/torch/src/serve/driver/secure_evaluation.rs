@@ -8,15 +8,16 @@ use std::time::Duration;
 
 use flotilla_secagg::server::Aggregate;
 use flotilla_wire::evaluation::SecureEvaluation;
-use flotilla_wire::protocol::{Ack, CoordinatorMessage};
+use flotilla_wire::protocol::CoordinatorMessage;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::secure_phases::{refuse, SecureRequest};
+use super::secure_phases::{log_refusal, refuse, SecureRequest};
 use super::{DriverInput, RoundDriver};
 use crate::serve::federated_evaluation::Evaluator;
-use crate::serve::secure::{Closed, SecurePhase};
+use crate::serve::secure::{SecurePhase, SessionAction};
 use crate::serve::secure_evaluation::SecureEvaluationSession;
+use flotilla_secagg::session::SessionEvent;
 
 impl RoundDriver {
     /// Starts model `model_round`'s secure sum among `evaluators`; returns each device's part of
@@ -30,15 +31,15 @@ impl RoundDriver {
         let min_group = self.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
         let classes = self.evaluation_labels();
         match SecureEvaluationSession::start(model_round, evaluators, section, min_group, classes) {
-            Ok((session, parts)) => {
+            Ok((session, actions, parts)) => {
                 info!(
                     model_round,
                     devices = evaluators.len(),
                     groups = session.groups(),
                     "federated evaluation under secure aggregation: the sums will travel masked"
                 );
-                self.schedule_secure_timer(session.session(), SecurePhase::Keys);
                 self.federated.secure = Some(session);
+                self.evaluation_session_actions(actions);
                 Some(parts)
             }
             Err(error) => {
@@ -64,108 +65,57 @@ impl RoundDriver {
             return refuse(reply, model_round, "the evaluation's sums are being unmasked".into());
         };
         round.protocol_bytes += bytes;
-        let (phase, outcome) = match request {
-            SecureRequest::Keys(keys, certificate) => (SecurePhase::Keys, round.keys(device, keys, certificate, reply)),
-            SecureRequest::Shares(shares) => (SecurePhase::Shares, round.shares(device, shares, reply)),
-            SecureRequest::MaskedEvaluation(masked) => {
-                let answer = if masked.model_round != model_round {
-                    Err(format!(
-                        "masked sums of model {}, this evaluation is of model {model_round}",
-                        masked.model_round
-                    ))
-                } else {
-                    round.masked(device, masked.masked)
-                };
-                match answer {
-                    Ok(()) => {
-                        let _ = reply.send(CoordinatorMessage::Ack(Ack { round: model_round }));
-                        if round.all_uploaded() {
-                            self.begin_evaluation_unmask();
-                        }
-                    }
-                    Err(reason) => {
-                        warn!(device, model_round, "masked evaluation sums refused: {reason}");
-                        refuse(reply, model_round, reason);
-                    }
-                }
-                return;
-            }
-            SecureRequest::Unmask(shares) => {
-                match round.unmask(device, shares) {
-                    Ok(all_in) => {
-                        let _ = reply.send(CoordinatorMessage::Ack(Ack { round: model_round }));
-                        if all_in {
-                            self.finish_evaluation_unmasking();
-                        }
-                    }
-                    Err(reason) => refuse(reply, model_round, reason),
-                }
-                return;
-            }
-        };
-        match outcome {
-            Ok(true) => self.close_evaluation_phase(phase),
-            Ok(false) => {}
-            Err((reason, reply)) => {
-                warn!(device, model_round, "secure evaluation {} message refused: {reason}", phase.name());
-                refuse(reply, model_round, reason);
+        if let SecureRequest::MaskedEvaluation(masked) = &request {
+            if masked.model_round != model_round {
+                let reason =
+                    format!("masked sums of model {}, this evaluation is of model {model_round}", masked.model_round);
+                warn!(device, model_round, "masked evaluation sums refused: {reason}");
+                return refuse(reply, model_round, reason);
             }
         }
+        let phase = request.phase();
+        let actions = round.request(device, request.event(device), Some(reply));
+        log_refusal(&actions, device, model_round, phase, "secure evaluation");
+        self.evaluation_session_actions(actions);
     }
 
     /// A phase deadline of the evaluation's secure sum.
     pub(super) fn secure_evaluation_timer(&mut self, phase: SecurePhase) {
-        let current = self.federated.secure.as_ref().and_then(|s| s.round.as_ref()).map(|r| r.phase());
-        if current != Some(phase) {
-            return;
-        }
-        match phase {
-            SecurePhase::Keys | SecurePhase::Shares => self.close_evaluation_phase(phase),
-            SecurePhase::Upload => self.begin_evaluation_unmask(),
-            SecurePhase::Unmask => self.finish_evaluation_unmasking(),
-        }
+        let Some(round) = self.federated.secure.as_mut().and_then(|s| s.round.as_mut()) else { return };
+        let actions = round.handle(SessionEvent::Deadline(phase));
+        self.evaluation_session_actions(actions);
     }
 
-    /// Closes the keys or shares phase; after the shares, the devices have the evaluation's
-    /// deadline to score the model and send their masked sums.
-    fn close_evaluation_phase(&mut self, phase: SecurePhase) {
-        let Some(session) = self.federated.secure.as_mut() else { return };
+    /// Carries out what the evaluation's session machine asks (its replies are already sent).
+    /// After the shares, the devices have the evaluation's deadline to score the model and send
+    /// their masked sums.
+    fn evaluation_session_actions(&mut self, actions: Vec<SessionAction>) {
+        let Some(session) = self.federated.secure.as_ref() else { return };
         let (model_round, session_id) = (session.model_round, session.session());
-        let Some(round) = session.round.as_mut() else { return };
-        let Closed { dropped, discarded } = match phase {
-            SecurePhase::Keys => round.close_keys(),
-            SecurePhase::Shares => round.close_shares(),
-            SecurePhase::Upload | SecurePhase::Unmask => return,
-        };
-        let bytes = round.protocol_bytes;
-        if !dropped.is_empty() {
-            info!(model_round, "secure evaluation: the {} phase closed without {}", phase.name(), dropped.join(", "));
-        }
-        if let Some(reason) = discarded {
-            warn!(model_round, "secure evaluation discarded, nothing revealed: {reason}");
-            return self.discard_secure_evaluation(model_round, reason, bytes);
-        }
-        match phase {
-            SecurePhase::Keys => self.schedule_secure_timer(session_id, SecurePhase::Shares),
-            _ => {
-                let after = Duration::from_secs(self.evaluation_deadline_secs().into());
-                self.schedule_secure_timer_after(session_id, SecurePhase::Upload, after);
+        for action in actions {
+            match action {
+                SessionAction::StartDeadline(SecurePhase::Upload) => {
+                    let after = Duration::from_secs(self.evaluation_deadline_secs().into());
+                    self.schedule_secure_timer_after(session_id, SecurePhase::Upload, after);
+                }
+                SessionAction::StartDeadline(phase) => self.schedule_secure_timer(session_id, phase),
+                SessionAction::Dropped(devices) => {
+                    info!(model_round, "secure evaluation goes on without {}", devices.join(", "));
+                }
+                SessionAction::Discarded(reason) => {
+                    warn!(model_round, "secure evaluation discarded, nothing revealed: {reason}");
+                    let bytes =
+                        self.federated.secure.as_ref().and_then(|s| s.round.as_ref()).map_or(0, |r| r.protocol_bytes);
+                    return self.discard_secure_evaluation(model_round, reason, bytes);
+                }
+                SessionAction::AskToUnmask { request, survivors } => {
+                    info!(model_round, "secure evaluation: {} masked sums in; unmasking", survivors.len());
+                    self.ask_for_unmasking(request, survivors, model_round);
+                }
+                SessionAction::ReadyToUnmask => self.finish_evaluation_unmasking(),
+                SessionAction::Entered(_) | SessionAction::Reply { .. } | SessionAction::Refuse { .. } => {}
             }
         }
-    }
-
-    /// The masked sums are in (or their deadline passed): each device whose sums are in is asked
-    /// for its unmasking shares.
-    fn begin_evaluation_unmask(&mut self) {
-        let Some(session) = self.federated.secure.as_mut() else { return };
-        let (model_round, session_id) = (session.model_round, session.session());
-        let Some(round) = session.round.as_mut() else { return };
-        let (request, survivors) = round.begin_unmask();
-        info!(model_round, "secure evaluation: {} masked sums in; unmasking", survivors.len());
-        if survivors.is_empty() {
-            return self.finish_evaluation_unmasking();
-        }
-        self.ask_for_unmasking(request, survivors, model_round, session_id);
     }
 
     /// Removes the masks off the async loop; the totals come back as `EvaluationUnmasked`.

@@ -1,6 +1,7 @@
-//! The round driver's side of `[secure_aggregation]` (see `crate::serve::secure`): it starts each round's
-//! SecAgg+ state with the round's tasks, answers the phases' requests when they close, asks the
-//! survivors to unmask when the engine aggregates, and hands the unmasked sums to the worker.
+//! The round driver's side of `[secure_aggregation]` (see `crate::serve::secure`): it starts each
+//! round's SecAgg+ session with the round's tasks, feeds the session machine the devices' requests
+//! and the deadlines it asked for, turns the devices it drops into engine events, ends the uploads
+//! when the engine aggregates, and hands the unmasked sums to the worker.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -15,7 +16,9 @@ use super::{DriverInput, RoundDriver};
 use crate::config::privacy::PrivacyMode;
 use crate::records::report::{RoundFacts, SecureRoundRecord, UpdateRecord};
 use crate::serve::aggregation_worker::{FoldDone, SecureOutcome};
-use crate::serve::secure::{Closed, SecurePhase, SecureRound};
+use crate::serve::secure::{SecurePhase, SecureRound, SessionAction};
+use flotilla_secagg::session::SessionEvent;
+use flotilla_wire::signed_keys::PeerCredential;
 
 /// What a device asks in a secure round's phases.
 pub enum SecureRequest {
@@ -28,6 +31,33 @@ pub enum SecureRequest {
 }
 
 impl SecureRequest {
+    /// The request as an event of the session machine (masked evaluation sums as a masked input).
+    pub fn event(self, device: &str) -> SessionEvent<PeerCredential> {
+        let device = device.to_string();
+        match self {
+            SecureRequest::Keys(signed, certificate) => {
+                let flotilla_wire::signed_keys::SignedKeys { advert, rank, signature } = signed;
+                let credential = PeerCredential { id: advert.from, certificate, signature };
+                SessionEvent::Keys { device, advert, rank, credential }
+            }
+            SecureRequest::Shares(shares) => {
+                SessionEvent::Shares { device, session: shares.session, shares: shares.shares }
+            }
+            SecureRequest::Unmask(shares) => SessionEvent::Unmask { device, shares },
+            SecureRequest::MaskedEvaluation(masked) => SessionEvent::Masked { device, input: masked.masked },
+        }
+    }
+
+    /// The phase the request belongs to.
+    pub fn phase(&self) -> SecurePhase {
+        match self {
+            SecureRequest::Keys(..) => SecurePhase::Keys,
+            SecureRequest::Shares(_) => SecurePhase::Shares,
+            SecureRequest::MaskedEvaluation(_) => SecurePhase::Upload,
+            SecureRequest::Unmask(_) => SecurePhase::Unmask,
+        }
+    }
+
     /// The SecAgg+ session the request belongs to.
     pub fn session(&self) -> u64 {
         match self {
@@ -41,6 +71,19 @@ impl SecureRequest {
 
 pub(super) fn refuse(reply: oneshot::Sender<CoordinatorMessage>, round: u32, reason: String) {
     let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
+}
+
+/// Logs the refusal of `device`'s request among `actions`, if it was refused.
+pub(super) fn log_refusal(actions: &[SessionAction], device: &str, round: u32, phase: SecurePhase, what: &str) {
+    for action in actions {
+        if let SessionAction::Refuse { device: refused, reason } = action {
+            if refused != device {
+                continue;
+            }
+            warn!(device, round, "[round {round}] {what} {} message refused: {reason}", phase.name());
+            metrics::counter!("fl_secagg_refused_total", "phase" => phase.name()).increment(1);
+        }
+    }
 }
 
 pub(super) fn publish_phase(current: Option<SecurePhase>) {
@@ -75,7 +118,18 @@ impl RoundDriver {
     ) {
         let (rank, wire_bytes) = (masked.rank, 4 * masked.masked.values.len() as u64);
         let result = match self.secure.as_mut() {
-            Some(secure) if secure.round == round => secure.masked(&device, masked.masked).map(|()| wire_bytes),
+            Some(secure) if secure.round == round => {
+                let event = SessionEvent::Masked { device: device.clone(), input: masked.masked };
+                // No reply is held: the answer comes back as the verdict.
+                let actions = secure.request(&device, event, None);
+                match actions.iter().find_map(|a| match a {
+                    SessionAction::Refuse { device: refused, reason } if *refused == device => Some(reason),
+                    _ => None,
+                }) {
+                    Some(reason) => Err(reason.clone()),
+                    None => Ok(wire_bytes),
+                }
+            }
             _ => Err(format!("round {round} is not a secure round in progress")),
         };
         self.answer_fold(device, rank, reply, round, result);
@@ -127,15 +181,14 @@ impl RoundDriver {
         let participants: Vec<(String, u32)> = reachable.iter().map(|(d, _, rank, _)| (d.clone(), *rank)).collect();
         let distributed_privacy = self.config.privacy.as_ref().filter(|p| p.mode == PrivacyMode::Distributed);
         match SecureRound::start(round, &participants, section, layout, distributed_privacy) {
-            Ok((secure, tasks)) => {
+            Ok((secure, actions, tasks)) => {
                 info!(
                     "[round {round}] secure aggregation: {} devices, threshold {}",
                     participants.len(),
                     secure.threshold()
                 );
-                self.schedule_secure_timer(secure.session, SecurePhase::Keys);
                 self.secure = Some(secure);
-                publish_phase(Some(SecurePhase::Keys));
+                self.round_session_actions(actions);
                 Some(tasks)
             }
             Err(error) => {
@@ -188,93 +241,59 @@ impl RoundDriver {
         let round = secure.round;
         secure.protocol_bytes += bytes;
         metrics::counter!("fl_secagg_protocol_bytes_total").increment(bytes);
-        let (phase, outcome) = match request {
-            SecureRequest::Keys(keys, certificate) => {
-                (SecurePhase::Keys, secure.keys(device, keys, certificate, reply))
-            }
-            SecureRequest::Shares(shares) => (SecurePhase::Shares, secure.shares(device, shares, reply)),
-            SecureRequest::Unmask(shares) => {
-                match secure.unmask(device, shares) {
-                    Ok(all_in) => {
-                        let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
-                        if all_in {
-                            self.finish_unmasking();
-                        }
-                    }
-                    Err(reason) => {
-                        warn!(device, round, "[round {round}] unmasking shares refused: {reason}");
-                        refuse(reply, round, reason);
-                    }
-                }
-                return Vec::new();
-            }
-            SecureRequest::MaskedEvaluation(masked) => {
-                let reason = "a masked evaluation for a session that is not an evaluation in progress";
-                refuse(reply, masked.model_round, reason.into());
-                return Vec::new();
-            }
-        };
-        match outcome {
-            Ok(true) => self.close_secure_phase(phase),
-            Ok(false) => Vec::new(),
-            Err((reason, reply)) => {
-                warn!(device, round, "[round {round}] secure {} message refused: {reason}", phase.name());
-                metrics::counter!("fl_secagg_refused_total", "phase" => phase.name()).increment(1);
-                refuse(reply, round, reason);
-                Vec::new()
-            }
+        if let SecureRequest::MaskedEvaluation(masked) = &request {
+            let reason = "a masked evaluation for a session that is not an evaluation in progress";
+            refuse(reply, masked.model_round, reason.into());
+            return Vec::new();
         }
+        let phase = request.phase();
+        let actions = secure.request(device, request.event(device), Some(reply));
+        log_refusal(&actions, device, round, phase, "secure");
+        self.round_session_actions(actions)
     }
 
-    /// A phase's deadline: closes it if the round is still in it.
+    /// A phase's deadline: the session closes it if it is still in it.
     fn secure_timer(&mut self, session: u64, phase: SecurePhase) -> Vec<Event> {
         if self.federated.is_evaluation_session(session) {
             self.secure_evaluation_timer(phase);
             return Vec::new();
         }
-        let current = self.secure.as_ref().filter(|s| s.session == session && s.discarded().is_none());
-        match current.map(SecureRound::phase) {
-            Some(now) if now == phase => match phase {
-                SecurePhase::Keys | SecurePhase::Shares => self.close_secure_phase(phase),
-                SecurePhase::Unmask => {
-                    self.finish_unmasking();
-                    Vec::new()
-                }
-                SecurePhase::Upload => Vec::new(),
-            },
-            _ => Vec::new(),
-        }
+        let Some(secure) = self.secure.as_mut().filter(|s| s.session == session) else { return Vec::new() };
+        let actions = secure.handle(SessionEvent::Deadline(phase));
+        self.round_session_actions(actions)
     }
 
-    /// Closes the keys or shares phase: the devices that missed it are failed in the engine.
-    fn close_secure_phase(&mut self, phase: SecurePhase) -> Vec<Event> {
-        let Some(secure) = self.secure.as_mut() else { return Vec::new() };
-        let Closed { dropped, discarded } = match phase {
-            SecurePhase::Keys => secure.close_keys(),
-            SecurePhase::Shares => secure.close_shares(),
-            SecurePhase::Upload | SecurePhase::Unmask => return Vec::new(),
-        };
-        let (round, session) = (secure.round, secure.session);
-        if !dropped.is_empty() {
-            info!("[round {round}] secure {} phase closed without {}", phase.name(), dropped.join(", "));
-        }
-        match discarded {
-            Some(reason) => {
-                warn!("[round {round}] secure round discarded, nothing revealed: {reason}");
-                publish_phase(None);
-            }
-            None => {
-                let next = if phase == SecurePhase::Keys { SecurePhase::Shares } else { SecurePhase::Upload };
-                publish_phase(Some(next));
-                if next == SecurePhase::Shares {
-                    self.schedule_secure_timer(session, next);
+    /// Carries out what a round's session machine asks (its replies are already sent); returns
+    /// what the engine must hear: the devices out of the round failed.
+    fn round_session_actions(&mut self, actions: Vec<SessionAction>) -> Vec<Event> {
+        let Some((round, session)) = self.secure.as_ref().map(|s| (s.round, s.session)) else { return Vec::new() };
+        let mut events = Vec::new();
+        for action in actions {
+            match action {
+                SessionAction::Entered(phase) => publish_phase(Some(phase)),
+                SessionAction::StartDeadline(phase) => self.schedule_secure_timer(session, phase),
+                SessionAction::Dropped(devices) => {
+                    info!("[round {round}] secure aggregation goes on without {}", devices.join(", "));
+                    events.extend(devices.into_iter().map(|device| Event::UpdateInvalid { device, round }));
                 }
+                SessionAction::Discarded(reason) => {
+                    warn!("[round {round}] secure round discarded, nothing revealed: {reason}");
+                    publish_phase(None);
+                }
+                SessionAction::AskToUnmask { request, survivors } => {
+                    info!("[round {round}] secure round: {} masked updates in; unmasking", survivors.len());
+                    self.ask_for_unmasking(request, survivors, round);
+                }
+                SessionAction::ReadyToUnmask => self.finish_unmasking(),
+                // Sent by the session to the requests it held.
+                SessionAction::Reply { .. } | SessionAction::Refuse { .. } => {}
             }
         }
-        dropped.into_iter().map(|device| Event::UpdateInvalid { device, round }).collect()
+        events
     }
 
-    /// The engine aggregates a secure round: each survivor is asked for its unmasking shares.
+    /// The engine aggregates a secure round: the uploads are over, each survivor is asked for its
+    /// unmasking shares.
     pub(super) fn begin_unmask(&mut self, facts: RoundFacts) {
         let Some(secure) = self.secure.as_mut() else { return };
         if let Some(reason) = secure.noise_shortfall() {
@@ -284,25 +303,18 @@ impl RoundDriver {
             self.unmasking = Some((facts, Instant::now()));
             return self.secure_unmasked(round, record, Err(reason));
         }
-        let (request, survivors) = secure.begin_unmask();
-        let (round, session) = (secure.round, secure.session);
-        publish_phase(Some(SecurePhase::Unmask));
-        info!("[round {round}] secure round: {} masked updates in; unmasking", survivors.len());
         self.unmasking = Some((facts, Instant::now()));
-        if survivors.is_empty() {
-            return self.finish_unmasking();
-        }
-        self.ask_for_unmasking(request, survivors, round, session);
+        let actions = secure.handle(SessionEvent::UploadsClosed);
+        self.round_session_actions(actions);
     }
 
     /// Asks each survivor of a secure sum (a round's, or an evaluation's for model `round`) for
-    /// its unmasking shares, and starts the unmask phase's deadline.
+    /// its unmasking shares.
     pub(super) fn ask_for_unmasking(
         &self,
         request: flotilla_secagg::messages::UnmaskRequest,
         survivors: Vec<String>,
         round: u32,
-        session: u64,
     ) {
         let message = CoordinatorMessage::SecureUnmask(request);
         for device in survivors {
@@ -314,7 +326,6 @@ impl RoundDriver {
                 }
             });
         }
-        self.schedule_secure_timer(session, SecurePhase::Unmask);
     }
 
     /// Unmasks the sums off the async loop; the result comes back as `SecureUnmasked`.
