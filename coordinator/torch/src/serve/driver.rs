@@ -17,6 +17,7 @@ use tracing::{info, warn};
 
 mod delivery;
 mod federated;
+mod links;
 mod privacy_spend;
 mod secure_evaluation;
 mod secure_phases;
@@ -25,7 +26,9 @@ mod status;
 
 pub(crate) use delivery::push;
 use delivery::TaskDelivery;
+use links::Links;
 pub use secure_phases::SecureRequest;
+use secure_phases::{SecureRounds, Secured};
 pub use skipping::Departure;
 
 use crate::config::CoordinatorConfig;
@@ -34,7 +37,7 @@ use crate::records::report::{RoundFacts, RoundRecord, RunSummary};
 use crate::records::report_files::ReportWriter;
 use crate::serve::aggregation_worker::{AggregationWorker, FoldDone, FoldRequest, Sent, Upload};
 use crate::serve::metrics::SharedStatus;
-use crate::serve::secure::{SecurePhase, SecureRound};
+use crate::serve::secure::SecurePhase;
 
 /// What sessions, timers and the aggregation worker tell the driver.
 pub enum DriverInput {
@@ -120,12 +123,9 @@ pub enum DriverInput {
 
 /// Owns the engine and the live sessions; runs until the engine says the run is finished.
 pub(crate) struct RoundDriver {
-    config: Arc<CoordinatorConfig>,
+    links: Links,
     base_version: String,
-    inputs: mpsc::UnboundedSender<DriverInput>,
-    worker: Arc<AggregationWorker>,
     engine: Engine,
-    sessions: HashMap<String, quinn::Connection>,
     /// Every rank a device has joined with: the `fl_round_participants` gauges' labels.
     rank_labels: BTreeSet<u32>,
     round_started: HashMap<u32, Instant>,
@@ -138,11 +138,8 @@ pub(crate) struct RoundDriver {
     evaluations_pending: BTreeSet<u32>,
     /// Results that came back before their round's record (a fast evaluation can overtake it).
     early_evaluations: HashMap<u32, Vec<RankAccuracy>>,
-    /// Under `[secure_aggregation]`: the layout of the masked vectors, and the round in progress.
-    secure_layout: Option<flotilla_secagg::layout::Layout>,
-    secure: Option<SecureRound>,
-    /// A secure round's facts while its sums are being unmasked, and when unmasking began.
-    unmasking: Option<(RoundFacts, Instant)>,
+    /// Under `[secure_aggregation]`: the secure round in progress.
+    secure: SecureRounds,
     /// Why a round that sent no task could not run (it is skipped once its participants fail).
     cannot_run: HashMap<u32, String>,
     /// Participants of a round that left saying why, counted by cause.
@@ -202,12 +199,9 @@ impl RoundDriver {
         });
         let reports = ReportWriter::start(config.server.run_dir.clone());
         RoundDriver {
-            config,
+            links: Links { config, inputs, worker: Arc::new(worker), sessions: HashMap::new() },
             base_version,
-            inputs,
-            worker: Arc::new(worker),
             engine,
-            sessions: HashMap::new(),
             rank_labels: BTreeSet::new(),
             round_started: HashMap::new(),
             task_bytes: HashMap::new(),
@@ -216,9 +210,7 @@ impl RoundDriver {
             status,
             evaluations_pending: BTreeSet::new(),
             early_evaluations: HashMap::new(),
-            secure_layout,
-            secure: None,
-            unmasking: None,
+            secure: SecureRounds::new(secure_layout),
             cannot_run: HashMap::new(),
             departures: HashMap::new(),
             ledger,
@@ -318,6 +310,27 @@ impl RoundDriver {
         anyhow::bail!("round driver stopped unexpectedly")
     }
 
+    /// A secure session's input: an evaluation's goes to federated evaluation, a round's to the
+    /// secure rounds; returns what the engine must hear of it.
+    fn secure_input(&mut self, input: DriverInput) -> Vec<Event> {
+        let session = match &input {
+            DriverInput::Secure { request, .. } => request.session(),
+            DriverInput::SecureTimer { session, .. } => *session,
+            _ => 0,
+        };
+        match input {
+            DriverInput::Secure { device, request, bytes, reply } if self.federated.is_evaluation_session(session) => {
+                self.secure_evaluation_request(&device, request, bytes, reply);
+                Vec::new()
+            }
+            DriverInput::SecureTimer { phase, .. } if self.federated.is_evaluation_session(session) => {
+                self.secure_evaluation_timer(phase);
+                Vec::new()
+            }
+            input => self.secure.input(&self.links, input),
+        }
+    }
+
     /// A round's record is in: the engine hears it (None while the round's model is evaluated
     /// first, under secure aggregation).
     fn round_aggregated(&mut self, round: u32, result: Result<RoundRecord, String>) -> anyhow::Result<Option<Event>> {
@@ -362,7 +375,7 @@ impl RoundDriver {
 
     /// A device's new session; an older one of the same device is closed.
     fn session_joined(&mut self, device: &str, rank: u32, class: &str, connection: quinn::Connection) {
-        if let Some(old) = self.sessions.insert(device.to_string(), connection) {
+        if let Some(old) = self.links.sessions.insert(device.to_string(), connection) {
             old.close(close::REPLACED.into(), b"replaced by a newer connection");
         }
         self.federated.joined(device, rank, class);
@@ -371,10 +384,10 @@ impl RoundDriver {
     /// A session ended: the device is gone (evaluations stop waiting for it). False when it was an
     /// older connection of a device that has reconnected, which changes nothing.
     fn session_left(&mut self, device: &str, connection_id: usize) -> bool {
-        if self.sessions.get(device).map(|c| c.stable_id()) != Some(connection_id) {
+        if self.links.sessions.get(device).map(|c| c.stable_id()) != Some(connection_id) {
             return false;
         }
-        self.sessions.remove(device);
+        self.links.sessions.remove(device);
         self.device_left_evaluation(device);
         true
     }
@@ -412,14 +425,14 @@ impl RoundDriver {
     }
 
     fn record_round(&mut self, record: RoundRecord) {
-        metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.config.aggregation.method.name())
+        metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.links.config.aggregation.method.name())
             .record(record.aggregation_seconds);
         metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
         let mut record = record;
         record.privacy_epsilon = self.spend_privacy(record.round);
         match self.early_evaluations.remove(&record.round) {
             Some(results) => record.evaluation = results,
-            None if self.config.evaluation.test_data.is_some() => {
+            None if self.links.config.evaluation.test_data.is_some() => {
                 self.evaluations_pending.insert(record.round);
             }
             None => {}
@@ -428,10 +441,10 @@ impl RoundDriver {
         info!(
             "[round {}/{}] aggregated {} updates (ranks {}) with {} in {:.1} ms → {}",
             record.round,
-            self.config.round.rounds,
+            self.links.config.round.rounds,
             record.updates.len(),
             ranks.join(","),
-            self.config.aggregation.method,
+            self.links.config.aggregation.method,
             record.aggregation_seconds * 1e3,
             record.global_dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default()
         );
@@ -464,7 +477,7 @@ impl RoundDriver {
                     }
                 }
                 Action::ScheduleTimer { round, timer, after } => {
-                    let inputs = self.inputs.clone();
+                    let inputs = self.links.inputs.clone();
                     tokio::spawn(async move {
                         tokio::time::sleep(after).await;
                         let _ = inputs.send(DriverInput::TimerFired { round, timer });
@@ -485,18 +498,18 @@ impl RoundDriver {
     /// Hands the update to the aggregation worker, which answers the device and reports back; a
     /// secure round's masked upload stays here, in its round.
     fn fold(&mut self, upload: Upload, round: u32) {
-        if self.config.secure_aggregation.is_some() || matches!(upload.sent, Sent::Masked(_)) {
+        if self.links.config.secure_aggregation.is_some() || matches!(upload.sent, Sent::Masked(_)) {
             let Upload { device, sent, reply } = upload;
             return match sent {
-                Sent::Masked(masked) => self.fold_masked(device, masked, reply, round),
+                Sent::Masked(masked) => self.secure.fold_masked(&self.links, device, masked, reply, round),
                 Sent::Plain { update, .. } => {
                     let refused =
                         "this round runs under secure aggregation: the update must be masked (a MaskedUpdate)";
-                    self.answer_fold(device, update.rank, reply, round, Err(refused.into()))
+                    self.secure.answer_fold(&self.links, device, update.rank, reply, round, Err(refused.into()))
                 }
             };
         }
-        let inputs = self.inputs.clone();
+        let inputs = self.links.inputs.clone();
         let request = FoldRequest {
             upload,
             round,
@@ -504,11 +517,11 @@ impl RoundDriver {
                 let _ = inputs.send(DriverInput::FoldDone(done));
             }),
         };
-        if let Err(request) = self.worker.fold(request) {
+        if let Err(request) = self.links.worker.fold(request) {
             let Upload { device, reply, .. } = request.upload;
             let reason = "coordinator is shutting down".to_string();
             let _ = reply.send(CoordinatorMessage::Reject(Reject { round, reason }));
-            let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted: false }));
+            let _ = self.links.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted: false }));
         }
     }
 
@@ -516,7 +529,7 @@ impl RoundDriver {
     /// round first asks its survivors to unmask.
     fn aggregate(&mut self, round: u32) {
         self.departures.remove(&round);
-        let mut facts = RoundFacts {
+        let facts = RoundFacts {
             round,
             population_by_rank: self.engine.population_by_rank().clone(),
             task_bytes: self.task_bytes.remove(&round).unwrap_or(0),
@@ -524,12 +537,9 @@ impl RoundDriver {
             round_seconds: self.round_started.get(&round).map_or(0.0, |t| t.elapsed().as_secs_f64()),
             secure: None,
         };
-        if let Some(secure) = self.secure.as_mut().filter(|s| s.round == round) {
-            facts.updates = std::mem::take(&mut secure.accepted);
-            return self.begin_unmask(facts);
-        }
-        let worker = self.worker.clone();
-        let inputs = self.inputs.clone();
+        let Some(facts) = self.secure.aggregate(&self.links, facts) else { return };
+        let worker = self.links.worker.clone();
+        let inputs = self.links.inputs.clone();
         tokio::spawn(async move {
             let result = worker.finish(facts).await;
             let _ = inputs.send(DriverInput::AggregationDone { round, result });
@@ -543,11 +553,15 @@ impl RoundDriver {
         let mut reachable = Vec::with_capacity(tasks.len());
         for (device, round, rank) in tasks {
             self.round_started.entry(round).or_insert_with(Instant::now);
-            let Some(connection) = self.sessions.get(&device).cloned() else { continue };
+            let Some(connection) = self.links.sessions.get(&device).cloned() else { continue };
             reachable.push((device, round, rank, connection));
         }
-        let Some(mut secure_tasks) = self.start_secure_round(&reachable) else {
-            return; // the round cannot be secured: no task goes out, its participants are failed
+        let mut secure_tasks = match self.secure.start_round(&self.links, &reachable) {
+            Secured::Tasks(tasks) => tasks,
+            Secured::CannotRun { round, reason } => {
+                self.cannot_run.insert(round, reason);
+                return; // no task goes out, its participants are failed
+            }
         };
         let Some(round) = reachable.first().map(|r| r.1) else { return };
         let mut evaluators = self.evaluators_for_round(round);
@@ -555,13 +569,13 @@ impl RoundDriver {
         for (device, round, rank, connection) in reachable {
             let task = CoordinatorMessage::RoundTask(RoundTask {
                 round,
-                total_rounds: self.config.round.rounds,
+                total_rounds: self.links.config.round.rounds,
                 rank,
                 base_version: self.base_version.clone(),
                 training: training_settings(self.engine.policy().training(round)),
-                deadline_secs: self.config.round.deadline_secs,
-                clip_norm: self.config.privacy.as_ref().map(|p| p.clip_norm),
-                noise_multiplier: self.config.privacy.as_ref().map(|p| p.noise_multiplier),
+                deadline_secs: self.links.config.round.deadline_secs,
+                clip_norm: self.links.config.privacy.as_ref().map(|p| p.clip_norm),
+                noise_multiplier: self.links.config.privacy.as_ref().map(|p| p.noise_multiplier),
                 secure: secure_tasks.remove(&device),
                 evaluate: evaluators.remove(&device).is_some(),
             });

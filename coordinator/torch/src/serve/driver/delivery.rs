@@ -22,8 +22,8 @@ impl RoundDriver {
             return;
         }
         let ranks: Vec<u32> = deliveries.iter().map(|d| d.rank).collect();
-        let worker = self.worker.clone();
-        let inputs = self.inputs.clone();
+        let worker = self.links.worker.clone();
+        let inputs = self.links.inputs.clone();
         tokio::spawn(async move {
             let slices: BTreeMap<u32, SharedTensors> = match worker.slices(ranks).await {
                 Ok(slices) => slices.into_iter().map(|(rank, wire)| (rank, SharedTensors::from(wire))).collect(),
@@ -52,7 +52,7 @@ impl RoundDriver {
         let message =
             CoordinatorMessage::Finished(Finished { rounds_completed, reason: "all rounds completed".into() });
         let mut waits = Vec::new();
-        for (device, connection) in self.sessions.drain() {
+        for (device, connection) in self.links.sessions.drain() {
             let message = message.clone();
             waits.push(tokio::spawn(async move {
                 if let Err(error) = push(&connection, &message).await {

@@ -76,18 +76,18 @@ impl FederatedState {
 
 impl RoundDriver {
     fn federated_section(&self) -> Option<FederatedEvaluationSection> {
-        self.config.federated_evaluation.clone()
+        self.links.config.federated_evaluation.clone()
     }
 
     /// Seconds devices have to report an evaluation.
     pub(super) fn evaluation_deadline_secs(&self) -> u32 {
-        let round_deadline = self.config.round.deadline_secs;
-        self.config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline))
+        let round_deadline = self.links.config.round.deadline_secs;
+        self.links.config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline))
     }
 
     /// Labels a device's evaluation sums count per label: the model's classes, 0 for a decoder.
     pub(super) fn evaluation_labels(&self) -> usize {
-        let architecture = &self.config.model.architecture;
+        let architecture = &self.links.config.model.architecture;
         if architecture.is_decoder() {
             0
         } else {
@@ -99,7 +99,7 @@ impl RoundDriver {
     /// connected devices, opens its tally and returns them (with their ranks); participants of the
     /// round among them get `evaluate` set in their round task, the others an evaluation task.
     pub(super) fn evaluators_for_round(&mut self, round: u32) -> BTreeMap<String, u32> {
-        if self.config.secure_aggregation.is_some() {
+        if self.links.config.secure_aggregation.is_some() {
             return BTreeMap::new(); // evaluated between rounds (`evaluate_between_rounds`)
         }
         let model_round = round.saturating_sub(1);
@@ -110,14 +110,14 @@ impl RoundDriver {
     /// cross-rank view asks each device for the other ranks' models too) if it is due.
     fn open_evaluation(&mut self, model_round: u32, last: bool) -> BTreeMap<String, Evaluator> {
         let Some(section) = self.federated_section() else { return BTreeMap::new() };
-        let last_round = if last { model_round } else { self.config.round.rounds };
+        let last_round = if last { model_round } else { self.links.config.round.rounds };
         if !section.due(model_round, last_round) || self.federated.open.contains_key(&model_round) {
             return BTreeMap::new();
         }
         let mut connected: Vec<String> =
-            self.federated.members.keys().filter(|d| self.sessions.contains_key(*d)).cloned().collect();
+            self.federated.members.keys().filter(|d| self.links.sessions.contains_key(*d)).cloned().collect();
         connected.sort();
-        let chosen = sample_evaluators(&connected, section.fraction, self.config.model.seed, model_round);
+        let chosen = sample_evaluators(&connected, section.fraction, self.links.config.model.seed, model_round);
         if chosen.is_empty() {
             warn!(model_round, "federated evaluation: no device is connected to evaluate the model");
             return BTreeMap::new();
@@ -133,7 +133,7 @@ impl RoundDriver {
         let asked_len = asked.len();
         self.federated.open.insert(model_round, Tally::new(model_round, asked.clone()));
         let deadline = self.evaluation_deadline_secs();
-        let inputs = self.inputs.clone();
+        let inputs = self.links.inputs.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(deadline.into())).await;
             let _ = inputs.send(DriverInput::EvaluationDeadline { model_round });
@@ -152,7 +152,7 @@ impl RoundDriver {
         cross: &[u32],
         secure: Option<SecureEvaluation>,
     ) -> Option<TaskDelivery> {
-        let connection = self.sessions.get(device)?.clone();
+        let connection = self.links.sessions.get(device)?.clone();
         let deadline_secs = self.evaluation_deadline_secs();
         let task = CoordinatorMessage::EvaluationTask(EvaluationTask {
             model_round,
@@ -160,7 +160,7 @@ impl RoundDriver {
             base_version: self.base_version.clone(),
             deadline_secs,
             cross_ranks: cross.to_vec(),
-            fold_tail: self.config.aggregation.method.folds_tail(),
+            fold_tail: self.links.config.aggregation.method.folds_tail(),
             secure,
         });
         Some(TaskDelivery {
@@ -211,7 +211,7 @@ impl RoundDriver {
             return false;
         }
         let mut secure_parts = BTreeMap::new();
-        if self.config.secure_aggregation.is_some() {
+        if self.links.config.secure_aggregation.is_some() {
             match self.start_secure_evaluation(model_round, &evaluators) {
                 Some(parts) => secure_parts = parts,
                 None => return true, // closed already: it could not be secured, nothing was asked
@@ -232,7 +232,7 @@ impl RoundDriver {
     /// engine hears that the round is over (so before the next round's tasks, which would keep the
     /// devices from the evaluation's key agreement). Returns whether the engine must wait.
     pub(super) fn evaluate_between_rounds(&mut self, round: u32) -> bool {
-        if self.config.secure_aggregation.is_none() || round >= self.config.round.rounds {
+        if self.links.config.secure_aggregation.is_none() || round >= self.links.config.round.rounds {
             return false; // the last round's model is evaluated after the run (`evaluate_final_model`)
         }
         // Set first: an evaluation that closes at once (it could not be secured) releases the
@@ -253,8 +253,8 @@ impl RoundDriver {
         inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
     ) -> anyhow::Result<crate::records::report::RunSummary> {
         self.publish_state();
-        info!(model_round, devices = self.config.round.min_devices, "evaluation only: waiting for the devices");
-        while self.sessions.len() < self.config.round.min_devices {
+        info!(model_round, devices = self.links.config.round.min_devices, "evaluation only: waiting for the devices");
+        while self.links.sessions.len() < self.links.config.round.min_devices {
             match inputs.recv().await {
                 Some(DriverInput::Joined { device, rank, class, connection }) => {
                     self.session_joined(&device, rank, &class, connection);
@@ -355,7 +355,7 @@ impl RoundDriver {
         if self.federated.resume == Some(model_round) {
             self.federated.ready = self.federated.resume.take();
         }
-        let min_group = self.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
+        let min_group = self.links.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
         let record = tally.record(min_group);
         match &record.overall {
             Some(overall) => {

@@ -10,10 +10,10 @@ impl RoundDriver {
     /// Under `[privacy]`: the run's ε once `round` is over (aggregated or skipped: its devices were
     /// sampled either way), in the summary, the metrics and the log.
     pub(super) fn spend_privacy(&mut self, round: u32) -> Option<f64> {
-        let privacy = self.config.privacy.as_ref()?;
+        let privacy = self.links.config.privacy.as_ref()?;
         // Every sampled round in this run directory counts, re-runs after a restart included.
         let sampled = self.ledger.as_ref().map_or(round, |l| l.sampled());
-        let epsilon = privacy.epsilon_after(self.config.round.fraction, sampled).unwrap_or(f64::INFINITY);
+        let epsilon = privacy.epsilon_after(self.links.config.round.fraction, sampled).unwrap_or(f64::INFINITY);
         metrics::gauge!("fl_privacy_epsilon").set(epsilon);
         if let Some(summary) = self.summary.privacy.as_mut() {
             summary.epsilon_spent = epsilon;

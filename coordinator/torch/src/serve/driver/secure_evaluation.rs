@@ -27,8 +27,8 @@ impl RoundDriver {
         model_round: u32,
         evaluators: &BTreeMap<String, Evaluator>,
     ) -> Option<BTreeMap<String, SecureEvaluation>> {
-        let section = self.config.secure_aggregation.as_ref()?;
-        let min_group = self.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
+        let section = self.links.config.secure_aggregation.as_ref()?;
+        let min_group = self.links.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
         let classes = self.evaluation_labels();
         match SecureEvaluationSession::start(model_round, evaluators, section, min_group, classes) {
             Ok((session, actions, parts)) => {
@@ -96,9 +96,10 @@ impl RoundDriver {
             match action {
                 SessionAction::StartDeadline(SecurePhase::Upload) => {
                     let after = Duration::from_secs(self.evaluation_deadline_secs().into());
-                    self.schedule_secure_timer_after(session_id, SecurePhase::Upload, after);
+                    let timer = DriverInput::SecureTimer { session: session_id, phase: SecurePhase::Upload };
+                    self.links.after(after, timer);
                 }
-                SessionAction::StartDeadline(phase) => self.schedule_secure_timer(session_id, phase),
+                SessionAction::StartDeadline(phase) => self.links.schedule_secure_timer(session_id, phase),
                 SessionAction::Dropped(devices) => {
                     info!(model_round, "secure evaluation goes on without {}", devices.join(", "));
                 }
@@ -110,7 +111,7 @@ impl RoundDriver {
                 }
                 SessionAction::AskToUnmask { request, survivors } => {
                     info!(model_round, "secure evaluation: {} masked sums in; unmasking", survivors.len());
-                    self.ask_for_unmasking(request, survivors, model_round);
+                    self.links.ask_for_unmasking(request, survivors, model_round);
                 }
                 SessionAction::ReadyToUnmask => self.finish_evaluation_unmasking(),
                 SessionAction::Entered(_) | SessionAction::Reply { .. } | SessionAction::Refuse { .. } => {}
@@ -127,7 +128,7 @@ impl RoundDriver {
             tally.bytes_up += round.protocol_bytes;
         }
         let names = round.names();
-        let inputs = self.inputs.clone();
+        let inputs = self.links.inputs.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || round.finish().map_err(|e| e.to_string()))
                 .await

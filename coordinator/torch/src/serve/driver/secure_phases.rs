@@ -4,7 +4,7 @@
 //! when the engine aggregates, and hands the unmasked sums to the worker.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use flotilla_engine::Event;
 use flotilla_secagg::server::Aggregate;
@@ -12,7 +12,8 @@ use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject, SecureTask};
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use super::{DriverInput, RoundDriver};
+use super::links::Links;
+use super::DriverInput;
 use crate::config::privacy::PrivacyMode;
 use crate::records::report::{RoundFacts, SecureRoundRecord, UpdateRecord};
 use crate::serve::aggregation_worker::{FoldDone, SecureOutcome};
@@ -93,31 +94,68 @@ pub(super) fn publish_phase(current: Option<SecurePhase>) {
     }
 }
 
-impl RoundDriver {
+/// The secure rounds' side of the driver: the session of the round in progress, and the facts
+/// of a round whose sums are being unmasked.
+#[derive(Default)]
+pub(super) struct SecureRounds {
+    /// Under `[secure_aggregation]`: the layout of the masked vectors.
+    layout: Option<flotilla_secagg::layout::Layout>,
+    current: Option<SecureRound>,
+    /// A secure round's facts while its sums are being unmasked, and when unmasking began.
+    unmasking: Option<(RoundFacts, Instant)>,
+}
+
+/// What a round's devices get for their secure part.
+pub(super) enum Secured {
+    /// Each device's part of its task (empty without secure aggregation).
+    Tasks(BTreeMap<String, SecureTask>),
+    /// The round cannot be secured: no task may go out (it could be uploaded in the clear); its
+    /// devices are failed at once, so the engine skips the round.
+    CannotRun { round: u32, reason: String },
+}
+
+impl SecureRounds {
+    pub(super) fn new(layout: Option<flotilla_secagg::layout::Layout>) -> SecureRounds {
+        SecureRounds { layout, current: None, unmasking: None }
+    }
+
+    /// Whether a secure round's session is `round`'s.
+    pub(super) fn is_round(&self, round: u32) -> bool {
+        self.current.as_ref().is_some_and(|s| s.round == round)
+    }
+
+    /// Forgets `round`'s session (the round was skipped).
+    pub(super) fn forget(&mut self, round: u32) {
+        self.current.take_if(|s| s.round == round);
+    }
+
     /// A secure round's input; returns what the engine must hear of it.
-    pub(super) fn secure_input(&mut self, input: DriverInput) -> Vec<Event> {
+    pub(super) fn input(&mut self, links: &Links, input: DriverInput) -> Vec<Event> {
         match input {
             DriverInput::Secure { device, request, bytes, reply } => {
-                self.secure_request(&device, request, bytes, reply)
+                self.request(links, &device, request, bytes, reply)
             }
-            DriverInput::SecureTimer { session, phase } => self.secure_timer(session, phase),
+            DriverInput::SecureTimer { session, phase } => self.timer(links, session, phase),
             DriverInput::SecureUnmasked { round, record, outcome } => {
-                self.secure_unmasked(round, record, outcome);
+                self.unmasked(links, round, record, outcome);
                 Vec::new()
             }
             _ => Vec::new(),
         }
     }
 
+    /// A masked upload the engine let in: the session takes it or refuses it, and the device is
+    /// answered.
     pub(super) fn fold_masked(
         &mut self,
+        links: &Links,
         device: String,
         masked: flotilla_wire::protocol::MaskedUpdate,
         reply: oneshot::Sender<CoordinatorMessage>,
         round: u32,
     ) {
         let (rank, wire_bytes) = (masked.rank, 4 * masked.masked.values.len() as u64);
-        let result = match self.secure.as_mut() {
+        let result = match self.current.as_mut() {
             Some(secure) if secure.round == round => {
                 let event = SessionEvent::Masked { device: device.clone(), input: masked.masked };
                 // No reply is held: the answer comes back as the verdict.
@@ -132,12 +170,13 @@ impl RoundDriver {
             }
             _ => Err(format!("round {round} is not a secure round in progress")),
         };
-        self.answer_fold(device, rank, reply, round, result);
+        self.answer_fold(links, device, rank, reply, round, result);
     }
 
     /// Answers a device's upload that the driver itself folded (or refused), and tells the engine.
     pub(super) fn answer_fold(
         &mut self,
+        links: &Links,
         device: String,
         rank: u32,
         reply: oneshot::Sender<CoordinatorMessage>,
@@ -151,7 +190,7 @@ impl RoundDriver {
                 let _ = reply.send(CoordinatorMessage::Ack(Ack { round }));
                 // A masked update: nothing of the device is kept but its rank.
                 let record = UpdateRecord::new(&device, rank, 0, None, wire_bytes, true);
-                if let Some(secure) = self.secure.as_mut().filter(|s| s.round == round) {
+                if let Some(secure) = self.current.as_mut().filter(|s| s.round == round) {
                     secure.accepted.push(record);
                 }
                 true
@@ -163,23 +202,23 @@ impl RoundDriver {
                 false
             }
         };
-        let _ = self.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted }));
+        let _ = links.inputs.send(DriverInput::FoldDone(FoldDone { device, round, accepted }));
     }
 
-    /// Under `[secure_aggregation]`: the round's SecAgg+ state for the devices about to get a
-    /// task, and each one's part of its task (an empty map without secure aggregation). A round
-    /// that cannot be secured gives `None`: no task may go out (it could be uploaded in the
-    /// clear), and its devices are failed at once, so the engine skips the round.
-    pub(super) fn start_secure_round(
+    /// Under `[secure_aggregation]`: the round's SecAgg+ session for the devices about to get a
+    /// task, and each one's part of its task.
+    pub(super) fn start_round(
         &mut self,
+        links: &Links,
         reachable: &[(String, u32, u32, quinn::Connection)],
-    ) -> Option<BTreeMap<String, SecureTask>> {
-        let (Some(section), Some(layout)) = (&self.config.secure_aggregation, self.secure_layout) else {
-            return Some(BTreeMap::new());
+    ) -> Secured {
+        let (Some(section), Some(layout), Some(round)) =
+            (&links.config.secure_aggregation, self.layout, reachable.first().map(|r| r.1))
+        else {
+            return Secured::Tasks(BTreeMap::new());
         };
-        let round = reachable.first().map(|r| r.1)?;
         let participants: Vec<(String, u32)> = reachable.iter().map(|(d, _, rank, _)| (d.clone(), *rank)).collect();
-        let distributed_privacy = self.config.privacy.as_ref().filter(|p| p.mode == PrivacyMode::Distributed);
+        let distributed_privacy = links.config.privacy.as_ref().filter(|p| p.mode == PrivacyMode::Distributed);
         match SecureRound::start(round, &participants, section, layout, distributed_privacy) {
             Ok((secure, actions, tasks)) => {
                 info!(
@@ -187,54 +226,36 @@ impl RoundDriver {
                     participants.len(),
                     secure.threshold()
                 );
-                self.secure = Some(secure);
-                self.round_session_actions(actions);
-                Some(tasks)
+                self.current = Some(secure);
+                self.session_actions(links, actions);
+                Secured::Tasks(tasks)
             }
             Err(error) => {
                 let reason = format!("cannot run securely, no task was sent: {error:#}");
                 warn!("[round {round}] {reason}");
                 metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
-                self.secure = None;
-                self.cannot_run.insert(round, reason);
+                self.current = None;
                 for (device, ..) in &participants {
                     let done = FoldDone { device: device.clone(), round, accepted: false };
-                    let _ = self.inputs.send(DriverInput::FoldDone(done));
+                    let _ = links.inputs.send(DriverInput::FoldDone(done));
                 }
                 // No task went out, so nothing can come: the round's deadline is now.
-                let _ = self.inputs.send(DriverInput::TimerFired { round, timer: flotilla_engine::Timer::Deadline });
-                None
+                let _ = links.inputs.send(DriverInput::TimerFired { round, timer: flotilla_engine::Timer::Deadline });
+                Secured::CannotRun { round, reason }
             }
         }
     }
 
-    /// A phase's deadline, `[secure_aggregation] phase_secs` from now.
-    pub(super) fn schedule_secure_timer(&self, session: u64, phase: SecurePhase) {
-        let Some(section) = &self.config.secure_aggregation else { return };
-        self.schedule_secure_timer_after(session, phase, Duration::from_secs(section.phase_secs.into()));
-    }
-
-    pub(super) fn schedule_secure_timer_after(&self, session: u64, phase: SecurePhase, after: Duration) {
-        let inputs = self.inputs.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(after).await;
-            let _ = inputs.send(DriverInput::SecureTimer { session, phase });
-        });
-    }
-
     /// A device's keys, shares or unmasking shares; returns what the engine must hear of it.
-    fn secure_request(
+    fn request(
         &mut self,
+        links: &Links,
         device: &str,
         request: SecureRequest,
         bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     ) -> Vec<Event> {
-        if self.federated.is_evaluation_session(request.session()) {
-            self.secure_evaluation_request(device, request, bytes, reply);
-            return Vec::new();
-        }
-        let Some(secure) = self.secure.as_mut() else {
+        let Some(secure) = self.current.as_mut() else {
             refuse(reply, 0, "no secure round is in progress".into());
             return Vec::new();
         };
@@ -249,29 +270,25 @@ impl RoundDriver {
         let phase = request.phase();
         let actions = secure.request(device, request.event(device), Some(reply));
         log_refusal(&actions, device, round, phase, "secure");
-        self.round_session_actions(actions)
+        self.session_actions(links, actions)
     }
 
     /// A phase's deadline: the session closes it if it is still in it.
-    fn secure_timer(&mut self, session: u64, phase: SecurePhase) -> Vec<Event> {
-        if self.federated.is_evaluation_session(session) {
-            self.secure_evaluation_timer(phase);
-            return Vec::new();
-        }
-        let Some(secure) = self.secure.as_mut().filter(|s| s.session == session) else { return Vec::new() };
+    fn timer(&mut self, links: &Links, session: u64, phase: SecurePhase) -> Vec<Event> {
+        let Some(secure) = self.current.as_mut().filter(|s| s.session == session) else { return Vec::new() };
         let actions = secure.handle(SessionEvent::Deadline(phase));
-        self.round_session_actions(actions)
+        self.session_actions(links, actions)
     }
 
     /// Carries out what a round's session machine asks (its replies are already sent); returns
     /// what the engine must hear: the devices out of the round failed.
-    fn round_session_actions(&mut self, actions: Vec<SessionAction>) -> Vec<Event> {
-        let Some((round, session)) = self.secure.as_ref().map(|s| (s.round, s.session)) else { return Vec::new() };
+    fn session_actions(&mut self, links: &Links, actions: Vec<SessionAction>) -> Vec<Event> {
+        let Some((round, session)) = self.current.as_ref().map(|s| (s.round, s.session)) else { return Vec::new() };
         let mut events = Vec::new();
         for action in actions {
             match action {
                 SessionAction::Entered(phase) => publish_phase(Some(phase)),
-                SessionAction::StartDeadline(phase) => self.schedule_secure_timer(session, phase),
+                SessionAction::StartDeadline(phase) => links.schedule_secure_timer(session, phase),
                 SessionAction::Dropped(devices) => {
                     info!("[round {round}] secure aggregation goes on without {}", devices.join(", "));
                     events.extend(devices.into_iter().map(|device| Event::UpdateInvalid { device, round }));
@@ -282,9 +299,9 @@ impl RoundDriver {
                 }
                 SessionAction::AskToUnmask { request, survivors } => {
                     info!("[round {round}] secure round: {} masked updates in; unmasking", survivors.len());
-                    self.ask_for_unmasking(request, survivors, round);
+                    links.ask_for_unmasking(request, survivors, round);
                 }
-                SessionAction::ReadyToUnmask => self.finish_unmasking(),
+                SessionAction::ReadyToUnmask => self.finish_unmasking(links),
                 // Sent by the session to the requests it held.
                 SessionAction::Reply { .. } | SessionAction::Refuse { .. } => {}
             }
@@ -292,47 +309,31 @@ impl RoundDriver {
         events
     }
 
-    /// The engine aggregates a secure round: the uploads are over, each survivor is asked for its
-    /// unmasking shares.
-    pub(super) fn begin_unmask(&mut self, facts: RoundFacts) {
-        let Some(secure) = self.secure.as_mut() else { return };
+    /// The engine aggregates `facts.round`: if it is a secure round, the uploads are over and each
+    /// survivor is asked for its unmasking shares; otherwise the facts come back.
+    pub(super) fn aggregate(&mut self, links: &Links, mut facts: RoundFacts) -> Option<RoundFacts> {
+        let round = facts.round;
+        let Some(secure) = self.current.as_mut().filter(|s| s.round == round) else { return Some(facts) };
+        facts.updates = std::mem::take(&mut secure.accepted);
         if let Some(reason) = secure.noise_shortfall() {
             // Nothing is unmasked: the sums would carry too little noise.
-            let (round, record) = (secure.round, secure.record());
-            self.secure = None;
+            let record = secure.record();
+            self.current = None;
             self.unmasking = Some((facts, Instant::now()));
-            return self.secure_unmasked(round, record, Err(reason));
+            self.unmasked(links, round, record, Err(reason));
+            return None;
         }
         self.unmasking = Some((facts, Instant::now()));
         let actions = secure.handle(SessionEvent::UploadsClosed);
-        self.round_session_actions(actions);
-    }
-
-    /// Asks each survivor of a secure sum (a round's, or an evaluation's for model `round`) for
-    /// its unmasking shares.
-    pub(super) fn ask_for_unmasking(
-        &self,
-        request: flotilla_secagg::messages::UnmaskRequest,
-        survivors: Vec<String>,
-        round: u32,
-    ) {
-        let message = CoordinatorMessage::SecureUnmask(request);
-        for device in survivors {
-            let Some(connection) = self.sessions.get(&device).cloned() else { continue };
-            let message = message.clone();
-            tokio::spawn(async move {
-                if let Err(error) = super::push(&connection, &message).await {
-                    warn!(device = %device, round, "cannot ask for unmasking shares: {error:#}");
-                }
-            });
-        }
+        self.session_actions(links, actions);
+        None
     }
 
     /// Unmasks the sums off the async loop; the result comes back as `SecureUnmasked`.
-    fn finish_unmasking(&mut self) {
-        let Some(secure) = self.secure.take() else { return };
+    fn finish_unmasking(&mut self, links: &Links) {
+        let Some(secure) = self.current.take() else { return };
         let (round, record) = (secure.round, secure.record());
-        let inputs = self.inputs.clone();
+        let inputs = links.inputs.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || {
                 crate::serve::crash_points::point("mid-unmask", round);
@@ -345,7 +346,13 @@ impl RoundDriver {
     }
 
     /// The unmasked sums (or why there are none) go to the worker, which finishes the round.
-    fn secure_unmasked(&mut self, round: u32, mut record: SecureRoundRecord, outcome: Result<Aggregate, String>) {
+    fn unmasked(
+        &mut self,
+        links: &Links,
+        round: u32,
+        mut record: SecureRoundRecord,
+        outcome: Result<Aggregate, String>,
+    ) {
         publish_phase(None);
         let Some((mut facts, started)) = self.unmasking.take().filter(|(f, _)| f.round == round) else { return };
         record.unmask_seconds = started.elapsed().as_secs_f64();
@@ -355,7 +362,7 @@ impl RoundDriver {
                 record.recovered = aggregate.dropped.len();
                 record.sum_error_bound = aggregate.error_bound;
                 record.revealed_rank = aggregate.revealed_rank;
-                if let Some(layout) = self.secure_layout.filter(|l| aggregate.revealed_rank < l.max_rank) {
+                if let Some(layout) = self.layout.filter(|l| aggregate.revealed_rank < l.max_rank) {
                     warn!(
                         "[round {round}] slots {}–{} are held by fewer than threshold + 1 = {} surviving devices: \
                          not revealed, they keep their previous global values",
@@ -382,8 +389,8 @@ impl RoundDriver {
             }
         };
         facts.secure = Some(record);
-        let worker = self.worker.clone();
-        let inputs = self.inputs.clone();
+        let worker = links.worker.clone();
+        let inputs = links.inputs.clone();
         tokio::spawn(async move {
             let result = worker.finish_secure(facts, outcome).await;
             let _ = inputs.send(DriverInput::AggregationDone { round, result });

@@ -50,7 +50,7 @@ impl RoundDriver {
             (SkipWhy::ShortOfQuorum, None) => {
                 let mut reason = format!(
                     "{updates} update(s) by the deadline, short of the quorum of {}",
-                    self.config.round.min_updates
+                    self.links.config.round.min_updates
                 );
                 if let Some(departures) = self.departures.get(&round) {
                     let causes: Vec<String> =
@@ -61,18 +61,19 @@ impl RoundDriver {
             }
         };
         self.departures.remove(&round);
-        warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.config.round.rounds);
+        warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.links.config.round.rounds);
         metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
         self.spend_privacy(round);
         self.summary.skipped.push(SkippedRound { round, reason });
         self.reports.submit(self.summary.clone());
-        if self.secure.as_ref().is_some_and(|s| s.round == round) {
-            self.secure = None;
+        if self.secure.is_round(round) {
+            self.secure.forget(round);
             metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
         }
         if updates > 0 {
             // Rare, and the next round's folds must not reach the discarded accumulator: wait.
-            self.worker
+            self.links
+                .worker
                 .discard(round)
                 .await
                 .map_err(|e| anyhow::anyhow!("round {round}: cannot discard the partial aggregate: {e}"))?;

@@ -22,10 +22,10 @@ impl RoundDriver {
             *status = Status {
                 phase: phase.name().to_string(),
                 round,
-                rounds_total: self.config.round.rounds,
+                rounds_total: self.links.config.round.rounds,
                 rounds_completed: self.summary.rounds.last().map_or(self.summary.rounds_completed, |r| r.round),
-                method: self.config.aggregation.method.to_string(),
-                max_rank: self.config.aggregation.max_rank,
+                method: self.links.config.aggregation.method.to_string(),
+                max_rank: self.links.config.aggregation.max_rank,
                 devices_connected: self.engine.connected(),
                 participants_by_rank: by_rank.clone(),
                 privacy: self.summary.privacy.as_ref().map(|p| crate::serve::metrics::PrivacyStatus {
