@@ -10,13 +10,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, Timer, TrainingPlan};
+use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, SkipWhy, TrainingPlan};
 use flotilla_wire::protocol::{close, CoordinatorMessage, Reject, RoundTask, TrainingSettings};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 mod delivery;
 mod federated;
+mod input;
 mod links;
 mod privacy_spend;
 mod secure_evaluation;
@@ -26,6 +27,7 @@ mod status;
 
 pub(crate) use delivery::push;
 use delivery::TaskDelivery;
+pub use input::DriverInput;
 use links::Links;
 pub use secure_phases::SecureRequest;
 use secure_phases::{SecureRounds, Secured};
@@ -33,107 +35,22 @@ pub use skipping::Departure;
 
 use crate::config::CoordinatorConfig;
 use crate::model::evaluation::RankAccuracy;
-use crate::records::report::{RoundFacts, RoundRecord, RunSummary};
+use crate::records::report::{RoundFacts, RoundRecord, RunSummary, SkippedRound};
 use crate::records::report_files::ReportWriter;
 use crate::serve::aggregation_worker::{AggregationWorker, FoldDone, FoldRequest, Sent, Upload};
 use crate::serve::metrics::SharedStatus;
-use crate::serve::secure::SecurePhase;
-
-/// What sessions, timers and the aggregation worker tell the driver.
-pub enum DriverInput {
-    Joined {
-        device: String,
-        rank: u32,
-        /// The device class its Hello reported.
-        class: String,
-        connection: quinn::Connection,
-    },
-    Left {
-        device: String,
-        connection_id: usize,
-        /// What the device said when it closed, if anything.
-        why: Option<Departure>,
-    },
-    UpdateArrived(Upload),
-    FoldDone(FoldDone),
-    /// Round tasks of `bytes` in all are on their way to devices.
-    TasksSent {
-        round: u32,
-        bytes: u64,
-    },
-    TimerFired {
-        round: u32,
-        timer: Timer,
-    },
-    AggregationDone {
-        round: u32,
-        result: Result<RoundRecord, String>,
-    },
-    /// A round's test results, from the evaluation thread (which runs beside the next round).
-    Evaluated {
-        round: u32,
-        result: Result<Vec<RankAccuracy>, String>,
-    },
-    /// Something the run cannot go on without failed (the reason).
-    Fatal(String),
-    /// A device's federated evaluation report; `reply` is answered at once.
-    EvaluationReport {
-        device: String,
-        report: Box<flotilla_wire::evaluation::EvaluationReport>,
-        /// The report's frame size.
-        bytes: u64,
-        reply: oneshot::Sender<CoordinatorMessage>,
-    },
-    /// Model `model_round`'s federated evaluation stops waiting.
-    EvaluationDeadline {
-        model_round: u32,
-    },
-    /// Evaluation tasks of `bytes` in all are on their way to devices.
-    EvaluationSent {
-        model_round: u32,
-        bytes: u64,
-    },
-    /// A secure round's request from a device; `reply` is answered when its phase closes.
-    Secure {
-        device: String,
-        request: SecureRequest,
-        /// The request's frame size.
-        bytes: u64,
-        reply: oneshot::Sender<CoordinatorMessage>,
-    },
-    /// A secure evaluation's sums are unmasked (or why not); `names`: each participant's device.
-    EvaluationUnmasked {
-        model_round: u32,
-        names: BTreeMap<u32, String>,
-        outcome: Result<flotilla_secagg::server::Aggregate, String>,
-    },
-    /// A secure round's phase deadline.
-    SecureTimer {
-        session: u64,
-        phase: SecurePhase,
-    },
-    /// A secure round's sums are unmasked (or the round is discarded).
-    SecureUnmasked {
-        round: u32,
-        /// The round's record before unmasking (`SecureRound::record`).
-        record: crate::records::report::SecureRoundRecord,
-        outcome: Result<flotilla_secagg::server::Aggregate, String>,
-    },
-}
 
 /// Owns the engine and the live sessions; runs until the engine says the run is finished.
 pub(crate) struct RoundDriver {
     links: Links,
     base_version: String,
     engine: Engine,
-    /// Every rank a device has joined with: the `fl_round_participants` gauges' labels.
-    rank_labels: BTreeSet<u32>,
     round_started: HashMap<u32, Instant>,
     /// Bytes of round tasks sent, by round.
     task_bytes: HashMap<u32, u64>,
     summary: RunSummary,
     reports: ReportWriter,
-    status: SharedStatus,
+    publication: status::Publication,
     /// Rounds aggregated whose evaluation has not come back yet (empty without an evaluation set).
     evaluations_pending: BTreeSet<u32>,
     /// Results that came back before their round's record (a fast evaluation can overtake it).
@@ -145,11 +62,7 @@ pub(crate) struct RoundDriver {
     /// Participants of a round that left saying why, counted by cause.
     departures: HashMap<u32, BTreeMap<Departure, usize>>,
     /// Under `[privacy]`: the rounds sampled in this run directory, recorded before tasks go out.
-    ledger: Option<crate::serve::privacy_ledger::PrivacyLedger>,
-    /// The last round the ledger has counted.
-    last_sampled: u32,
-    /// Under `[privacy]`: what the noise will cost the model, for `/status`.
-    privacy_plan: Option<crate::config::privacy_plan::PrivacyPlan>,
+    privacy: privacy_spend::PrivacySpend,
     /// Under `[federated_evaluation]`: the connected devices and the models being evaluated.
     federated: federated::FederatedState,
     evaluate_only: Option<u32>,
@@ -202,23 +115,25 @@ impl RoundDriver {
             links: Links { config, inputs, worker: Arc::new(worker), sessions: HashMap::new() },
             base_version,
             engine,
-            rank_labels: BTreeSet::new(),
             round_started: HashMap::new(),
             task_bytes: HashMap::new(),
             summary,
             reports,
-            status,
+            publication: status::Publication { status, rank_labels: BTreeSet::new(), privacy_plan },
             evaluations_pending: BTreeSet::new(),
             early_evaluations: HashMap::new(),
             secure: SecureRounds::new(secure_layout),
             cannot_run: HashMap::new(),
             departures: HashMap::new(),
-            ledger,
-            last_sampled: first_round - 1,
-            privacy_plan,
+            privacy: privacy_spend::PrivacySpend { ledger, last_sampled: first_round - 1 },
             federated: Default::default(),
             evaluate_only,
         }
+    }
+
+    /// Gauges and the `/status` snapshot that mirror the engine's state.
+    fn publish_state(&self) {
+        self.publication.publish(&self.engine, &self.summary, &self.links.config);
     }
 
     /// Runs the rounds; returns the run's summary once the reports of every round are written.
@@ -246,7 +161,7 @@ impl RoundDriver {
             let event = match input {
                 DriverInput::Joined { device, rank, class, connection } => {
                     self.session_joined(&device, rank, &class, connection);
-                    self.rank_labels.insert(rank);
+                    self.publication.rank_labels.insert(rank);
                     Event::DeviceJoined { device, rank }
                 }
                 DriverInput::Left { device, connection_id, why } => {
@@ -365,7 +280,7 @@ impl RoundDriver {
             if let Some(rounds_completed) = self.perform(actions, upload.take()).await? {
                 self.summary.rounds_completed = rounds_completed;
                 self.evaluate_final_model(rounds_completed, inputs).await;
-                self.finish_sessions(rounds_completed).await;
+                self.links.finish_sessions(rounds_completed).await;
                 self.await_evaluations(inputs).await;
                 return Ok(Some(self.summary.clone()));
             }
@@ -429,7 +344,7 @@ impl RoundDriver {
             .record(record.aggregation_seconds);
         metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
         let mut record = record;
-        record.privacy_epsilon = self.spend_privacy(record.round);
+        record.privacy_epsilon = self.privacy.spend(&self.links.config, record.round, &mut self.summary);
         match self.early_evaluations.remove(&record.round) {
             Some(results) => record.evaluation = results,
             None if self.links.config.evaluation.test_data.is_some() => {
@@ -458,7 +373,7 @@ impl RoundDriver {
     /// Carries out actions; returns `Some(rounds_completed)` when the run is finished. `upload` is
     /// the update whose arrival produced these actions, if any: the engine folds or refuses it.
     async fn perform(&mut self, actions: Vec<Action>, mut upload: Option<Upload>) -> anyhow::Result<Option<u32>> {
-        self.count_sampled_rounds(&actions)?;
+        self.privacy.count_sampled_rounds(&actions)?;
         let mut tasks = Vec::new();
         for action in actions {
             match action {
@@ -585,7 +500,36 @@ impl RoundDriver {
         for (device, rank) in evaluators {
             deliveries.extend(self.evaluation_delivery(&device, round - 1, rank, &[], None));
         }
-        self.send_deliveries(deliveries, round);
+        self.links.send_deliveries(deliveries, round);
+    }
+}
+
+impl RoundDriver {
+    /// A round ends without a new global adapter: why, in the log, the metrics and the reports.
+    async fn skip(&mut self, round: u32, updates: usize, why: SkipWhy) -> anyhow::Result<()> {
+        let min_updates = self.links.config.round.min_updates;
+        let cannot_run = self.cannot_run.remove(&round);
+        let reason = skipping::skip_reason(&why, updates, min_updates, cannot_run, self.departures.get(&round));
+        self.departures.remove(&round);
+        warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.links.config.round.rounds);
+        metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
+        // Under `[privacy]` a skipped round was still sampled.
+        self.privacy.spend(&self.links.config, round, &mut self.summary);
+        self.summary.skipped.push(SkippedRound { round, reason });
+        self.reports.submit(self.summary.clone());
+        if self.secure.is_round(round) {
+            self.secure.forget(round);
+            metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);
+        }
+        if updates > 0 {
+            // Rare, and the next round's folds must not reach the discarded accumulator: wait.
+            self.links
+                .worker
+                .discard(round)
+                .await
+                .map_err(|e| anyhow::anyhow!("round {round}: cannot discard the partial aggregate: {e}"))?;
+        }
+        Ok(())
     }
 }
 

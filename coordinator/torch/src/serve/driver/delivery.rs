@@ -12,9 +12,10 @@ use flotilla_wire::quic::write_frame_shared;
 use flotilla_wire::tensor::{SharedTensors, WireTensors};
 use tracing::warn;
 
-use super::{DriverInput, RoundDriver};
+use super::links::Links;
+use super::DriverInput;
 
-impl RoundDriver {
+impl Links {
     /// Sends round `round`'s deliveries (round and evaluation tasks) from a task of its own, once
     /// the aggregation worker has made the ranks' slices.
     pub(super) fn send_deliveries(&self, deliveries: Vec<TaskDelivery>, round: u32) {
@@ -22,8 +23,8 @@ impl RoundDriver {
             return;
         }
         let ranks: Vec<u32> = deliveries.iter().map(|d| d.rank).collect();
-        let worker = self.links.worker.clone();
-        let inputs = self.links.inputs.clone();
+        let worker = self.worker.clone();
+        let inputs = self.inputs.clone();
         tokio::spawn(async move {
             let slices: BTreeMap<u32, SharedTensors> = match worker.slices(ranks).await {
                 Ok(slices) => slices.into_iter().map(|(rank, wire)| (rank, SharedTensors::from(wire))).collect(),
@@ -52,7 +53,7 @@ impl RoundDriver {
         let message =
             CoordinatorMessage::Finished(Finished { rounds_completed, reason: "all rounds completed".into() });
         let mut waits = Vec::new();
-        for (device, connection) in self.links.sessions.drain() {
+        for (device, connection) in self.sessions.drain() {
             let message = message.clone();
             waits.push(tokio::spawn(async move {
                 if let Err(error) = push(&connection, &message).await {

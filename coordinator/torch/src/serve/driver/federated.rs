@@ -224,7 +224,7 @@ impl RoundDriver {
                 self.evaluation_delivery(device, model_round, e.rank, &e.cross, secure)
             })
             .collect();
-        self.send_deliveries(deliveries, model_round);
+        self.links.send_deliveries(deliveries, model_round);
         true
     }
 
@@ -269,7 +269,7 @@ impl RoundDriver {
             self.publish_state();
         }
         self.evaluate_final_model(model_round, inputs).await;
-        self.finish_sessions(model_round).await;
+        self.links.finish_sessions(model_round).await;
         Ok(self.summary.clone())
     }
 

@@ -4,18 +4,26 @@
 use flotilla_engine::Action;
 use tracing::info;
 
-use super::RoundDriver;
+use crate::config::CoordinatorConfig;
+use crate::records::report::RunSummary;
+use crate::serve::privacy_ledger::PrivacyLedger;
 
-impl RoundDriver {
+/// Under `[privacy]`: the run directory's ledger of sampled rounds, and the last round it counted.
+pub(super) struct PrivacySpend {
+    pub(super) ledger: Option<PrivacyLedger>,
+    pub(super) last_sampled: u32,
+}
+
+impl PrivacySpend {
     /// Under `[privacy]`: the run's ε once `round` is over (aggregated or skipped: its devices were
     /// sampled either way), in the summary, the metrics and the log.
-    pub(super) fn spend_privacy(&mut self, round: u32) -> Option<f64> {
-        let privacy = self.links.config.privacy.as_ref()?;
+    pub(super) fn spend(&self, config: &CoordinatorConfig, round: u32, summary: &mut RunSummary) -> Option<f64> {
+        let privacy = config.privacy.as_ref()?;
         // Every sampled round in this run directory counts, re-runs after a restart included.
         let sampled = self.ledger.as_ref().map_or(round, |l| l.sampled());
-        let epsilon = privacy.epsilon_after(self.links.config.round.fraction, sampled).unwrap_or(f64::INFINITY);
+        let epsilon = privacy.epsilon_after(config.round.fraction, sampled).unwrap_or(f64::INFINITY);
         metrics::gauge!("fl_privacy_epsilon").set(epsilon);
-        if let Some(summary) = self.summary.privacy.as_mut() {
+        if let Some(summary) = summary.privacy.as_mut() {
             summary.epsilon_spent = epsilon;
         }
         info!("[round {round}] privacy spent: ε = {epsilon:.3} at δ = {} (budget {})", privacy.delta, privacy.epsilon);
