@@ -20,6 +20,7 @@ mod federated;
 mod input;
 mod links;
 mod privacy_spend;
+mod run_records;
 mod secure_evaluation;
 mod secure_phases;
 mod skipping;
@@ -28,17 +29,14 @@ mod status;
 pub(crate) use delivery::push;
 use delivery::TaskDelivery;
 pub use input::DriverInput;
+pub(crate) use input::DriverStart;
 use links::Links;
 pub use secure_phases::SecureRequest;
 use secure_phases::{SecureRounds, Secured};
 pub use skipping::Departure;
 
-use crate::config::CoordinatorConfig;
-use crate::model::evaluation::RankAccuracy;
 use crate::records::report::{RoundFacts, RoundRecord, RunSummary, SkippedRound};
-use crate::records::report_files::ReportWriter;
-use crate::serve::aggregation_worker::{AggregationWorker, FoldDone, FoldRequest, Sent, Upload};
-use crate::serve::metrics::SharedStatus;
+use crate::serve::aggregation_worker::{FoldDone, FoldRequest, Upload};
 
 /// Owns the engine and the live sessions; runs until the engine says the run is finished.
 pub(crate) struct RoundDriver {
@@ -48,13 +46,8 @@ pub(crate) struct RoundDriver {
     round_started: HashMap<u32, Instant>,
     /// Bytes of round tasks sent, by round.
     task_bytes: HashMap<u32, u64>,
-    summary: RunSummary,
-    reports: ReportWriter,
+    records: run_records::RunRecords,
     publication: status::Publication,
-    /// Rounds aggregated whose evaluation has not come back yet (empty without an evaluation set).
-    evaluations_pending: BTreeSet<u32>,
-    /// Results that came back before their round's record (a fast evaluation can overtake it).
-    early_evaluations: HashMap<u32, Vec<RankAccuracy>>,
     /// Under `[secure_aggregation]`: the secure round in progress.
     secure: SecureRounds,
     /// Why a round that sent no task could not run (it is skipped once its participants fail).
@@ -66,24 +59,6 @@ pub(crate) struct RoundDriver {
     /// Under `[federated_evaluation]`: the connected devices and the models being evaluated.
     federated: federated::FederatedState,
     evaluate_only: Option<u32>,
-}
-
-/// What the driver starts from.
-pub(crate) struct DriverStart {
-    pub config: Arc<CoordinatorConfig>,
-    pub base_version: String,
-    pub inputs: mpsc::UnboundedSender<DriverInput>,
-    pub worker: AggregationWorker,
-    pub summary: RunSummary,
-    pub first_round: u32,
-    pub status: SharedStatus,
-    pub secure_layout: Option<flotilla_secagg::layout::Layout>,
-    pub ledger: Option<crate::serve::privacy_ledger::PrivacyLedger>,
-    /// Under `[privacy]`: what the noise will cost the model, for `/status`.
-    pub privacy_plan: Option<crate::config::privacy_plan::PrivacyPlan>,
-    /// Train nothing: once `[round] min_devices` have joined, evaluate the resumed checkpoint's
-    /// model, of this round, on the devices (`serve --evaluate-only`).
-    pub evaluate_only: Option<u32>,
 }
 
 impl RoundDriver {
@@ -110,18 +85,15 @@ impl RoundDriver {
             first_round,
             policy: config.round_policy(),
         });
-        let reports = ReportWriter::start(config.server.run_dir.clone());
+        let records = run_records::RunRecords::new(summary, &config);
         RoundDriver {
             links: Links { config, inputs, worker: Arc::new(worker), sessions: HashMap::new() },
             base_version,
             engine,
             round_started: HashMap::new(),
             task_bytes: HashMap::new(),
-            summary,
-            reports,
+            records,
             publication: status::Publication { status, rank_labels: BTreeSet::new(), privacy_plan },
-            evaluations_pending: BTreeSet::new(),
-            early_evaluations: HashMap::new(),
             secure: SecureRounds::new(secure_layout),
             cannot_run: HashMap::new(),
             departures: HashMap::new(),
@@ -133,7 +105,7 @@ impl RoundDriver {
 
     /// Gauges and the `/status` snapshot that mirror the engine's state.
     fn publish_state(&self) {
-        self.publication.publish(&self.engine, &self.summary, &self.links.config);
+        self.publication.publish(&self.engine, &self.records.summary, &self.links.config);
     }
 
     /// Runs the rounds; returns the run's summary once the reports of every round are written.
@@ -142,9 +114,8 @@ impl RoundDriver {
             Some(round) => self.evaluate_checkpoint(round, &mut inputs).await,
             None => self.drive(&mut inputs).await,
         };
-        let reports = self.reports;
         // The last reports are written before the run's result is returned.
-        tokio::task::spawn_blocking(move || reports.finish()).await?;
+        self.records.finish().await?;
         outcome
     }
 
@@ -198,14 +169,15 @@ impl RoundDriver {
                     None => continue,
                 },
                 DriverInput::Evaluated { round, result } => {
-                    self.record_evaluation(round, result);
+                    self.records.record_evaluation(round, result);
                     continue;
                 }
                 federated @ (DriverInput::EvaluationReport { .. }
                 | DriverInput::EvaluationDeadline { .. }
                 | DriverInput::EvaluationSent { .. }
                 | DriverInput::EvaluationUnmasked { .. }) => {
-                    self.federated_input(federated);
+                    self.federated.input(&self.links, federated);
+                    self.record_closed_evaluations();
                     continue;
                 }
                 secure @ (DriverInput::Secure { .. }
@@ -235,23 +207,26 @@ impl RoundDriver {
         };
         match input {
             DriverInput::Secure { device, request, bytes, reply } if self.federated.is_evaluation_session(session) => {
-                self.secure_evaluation_request(&device, request, bytes, reply);
-                Vec::new()
+                self.federated.secure_evaluation_request(&self.links, &device, request, bytes, reply);
             }
             DriverInput::SecureTimer { phase, .. } if self.federated.is_evaluation_session(session) => {
-                self.secure_evaluation_timer(phase);
-                Vec::new()
+                self.federated.secure_evaluation_timer(&self.links, phase);
             }
-            input => self.secure.input(&self.links, input),
+            input => return self.secure.input(&self.links, input),
         }
+        self.record_closed_evaluations();
+        Vec::new()
     }
 
     /// A round's record is in: the engine hears it (None while the round's model is evaluated
     /// first, under secure aggregation).
     fn round_aggregated(&mut self, round: u32, result: Result<RoundRecord, String>) -> anyhow::Result<Option<Event>> {
         let record = result.map_err(|e| anyhow::anyhow!("round {round}: aggregation failed: {e}"))?;
-        self.record_round(record);
-        Ok((!self.evaluate_between_rounds(round)).then_some(Event::AggregationDone { round }))
+        let epsilon = self.privacy.spend(&self.links.config, record.round, &mut self.records.summary);
+        self.records.record_round(&self.links.config, record, epsilon);
+        let held = self.federated.evaluate_between_rounds(&self.links, &self.base_version, round);
+        self.record_closed_evaluations();
+        Ok((!held).then_some(Event::AggregationDone { round }))
     }
 
     /// A round held for its model's secure evaluation ends once the evaluation has closed; returns
@@ -278,14 +253,71 @@ impl RoundDriver {
             let actions = self.engine.handle(event);
             self.publish_state();
             if let Some(rounds_completed) = self.perform(actions, upload.take()).await? {
-                self.summary.rounds_completed = rounds_completed;
+                self.records.summary.rounds_completed = rounds_completed;
                 self.evaluate_final_model(rounds_completed, inputs).await;
                 self.links.finish_sessions(rounds_completed).await;
                 self.await_evaluations(inputs).await;
-                return Ok(Some(self.summary.clone()));
+                return Ok(Some(self.records.summary.clone()));
             }
         }
         Ok(None)
+    }
+
+    /// After the last round: asks for the final model's evaluation and waits until every device
+    /// asked has answered or left, or the deadline (other inputs are dropped, as after the run).
+    async fn evaluate_final_model(&mut self, rounds_completed: u32, inputs: &mut mpsc::UnboundedReceiver<DriverInput>) {
+        self.federated.ask_for_evaluations(&self.links, &self.base_version, rounds_completed, true);
+        self.record_closed_evaluations();
+        while self.federated.evaluating() {
+            match inputs.recv().await {
+                Some(
+                    federated @ (DriverInput::EvaluationReport { .. }
+                    | DriverInput::EvaluationDeadline { .. }
+                    | DriverInput::EvaluationSent { .. }
+                    | DriverInput::EvaluationUnmasked { .. }),
+                ) => {
+                    self.federated.input(&self.links, federated);
+                    self.record_closed_evaluations();
+                }
+                Some(secure @ (DriverInput::Secure { .. } | DriverInput::SecureTimer { .. })) => {
+                    self.secure_input(secure);
+                }
+                Some(DriverInput::Left { device, connection_id, .. }) => {
+                    self.session_left(&device, connection_id);
+                }
+                Some(DriverInput::Evaluated { round, result }) => self.records.record_evaluation(round, result),
+                Some(_) => {}
+                None => return,
+            }
+        }
+    }
+
+    /// `serve --evaluate-only`: waits until `[round] min_devices` have joined, asks them to score
+    /// the resumed checkpoint's model (of `model_round`), and ends the run.
+    async fn evaluate_checkpoint(
+        &mut self,
+        model_round: u32,
+        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
+    ) -> anyhow::Result<RunSummary> {
+        self.publish_state();
+        info!(model_round, devices = self.links.config.round.min_devices, "evaluation only: waiting for the devices");
+        while self.links.sessions.len() < self.links.config.round.min_devices {
+            match inputs.recv().await {
+                Some(DriverInput::Joined { device, rank, class, connection }) => {
+                    self.session_joined(&device, rank, &class, connection);
+                }
+                Some(DriverInput::Left { device, connection_id, .. }) => {
+                    self.session_left(&device, connection_id);
+                }
+                Some(DriverInput::Fatal(reason)) => anyhow::bail!(reason),
+                Some(_) => {}
+                None => anyhow::bail!("round driver stopped unexpectedly"),
+            }
+            self.publish_state();
+        }
+        self.evaluate_final_model(model_round, inputs).await;
+        self.links.finish_sessions(model_round).await;
+        Ok(self.records.summary.clone())
     }
 
     /// A device's new session; an older one of the same device is closed.
@@ -303,7 +335,8 @@ impl RoundDriver {
             return false;
         }
         self.links.sessions.remove(device);
-        self.device_left_evaluation(device);
+        self.federated.device_left(&self.links, device);
+        self.record_closed_evaluations();
         true
     }
 
@@ -311,63 +344,25 @@ impl RoundDriver {
     /// holds every round's results. Anything else arriving now is answered by being dropped (a
     /// session then tells its device the coordinator is shutting down).
     async fn await_evaluations(&mut self, inputs: &mut mpsc::UnboundedReceiver<DriverInput>) {
-        while !self.evaluations_pending.is_empty() {
+        while self.records.evaluations_pending() {
             match inputs.recv().await {
-                Some(DriverInput::Evaluated { round, result }) => self.record_evaluation(round, result),
+                Some(DriverInput::Evaluated { round, result }) => self.records.record_evaluation(round, result),
                 Some(_) => {}
                 None => return,
             }
         }
     }
 
-    /// Puts a round's test results into its record (or keeps them until the record arrives). A
-    /// failed evaluation (the evaluation thread logged why) leaves the record without results.
-    fn record_evaluation(&mut self, round: u32, result: Result<Vec<RankAccuracy>, String>) {
-        let results = result.unwrap_or_default();
-        for result in &results {
-            metrics::gauge!("fl_eval_accuracy", "rank" => result.rank.to_string()).set(result.accuracy);
+    /// Federated evaluations that closed join their rounds' records, and `/status`.
+    fn record_closed_evaluations(&mut self) {
+        let closed = self.federated.take_closed();
+        if closed.is_empty() {
+            return;
         }
-        match self.summary.rounds.iter_mut().find(|r| r.round == round) {
-            Some(record) => {
-                self.evaluations_pending.remove(&round);
-                record.evaluation = results;
-                self.reports.submit(self.summary.clone());
-            }
-            None => {
-                self.early_evaluations.insert(round, results);
-            }
+        for (model_round, evaluation) in closed {
+            self.records.record_federated(model_round, evaluation);
         }
-    }
-
-    fn record_round(&mut self, record: RoundRecord) {
-        metrics::histogram!("fl_aggregation_duration_seconds", "method" => self.links.config.aggregation.method.name())
-            .record(record.aggregation_seconds);
-        metrics::histogram!("fl_round_duration_seconds").record(record.round_seconds);
-        let mut record = record;
-        record.privacy_epsilon = self.privacy.spend(&self.links.config, record.round, &mut self.summary);
-        match self.early_evaluations.remove(&record.round) {
-            Some(results) => record.evaluation = results,
-            None if self.links.config.evaluation.test_data.is_some() => {
-                self.evaluations_pending.insert(record.round);
-            }
-            None => {}
-        }
-        let ranks: Vec<String> = record.updates.iter().map(|u| u.rank.to_string()).collect();
-        info!(
-            "[round {}/{}] aggregated {} updates (ranks {}) with {} in {:.1} ms → {}",
-            record.round,
-            self.links.config.round.rounds,
-            record.updates.len(),
-            ranks.join(","),
-            self.links.config.aggregation.method,
-            record.aggregation_seconds * 1e3,
-            record.global_dir.as_deref().map(|d| d.display().to_string()).unwrap_or_default()
-        );
-        self.summary.final_global.clone_from(&record.global_dir);
-        self.summary.rounds_completed = record.round;
-        self.summary.rounds.push(record);
-        // Written by the report thread, off this loop.
-        self.reports.submit(self.summary.clone());
+        self.publish_state();
     }
 
     /// Carries out actions; returns `Some(rounds_completed)` when the run is finished. `upload` is
@@ -392,11 +387,7 @@ impl RoundDriver {
                     }
                 }
                 Action::ScheduleTimer { round, timer, after } => {
-                    let inputs = self.links.inputs.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(after).await;
-                        let _ = inputs.send(DriverInput::TimerFired { round, timer });
-                    });
+                    self.links.after(after, DriverInput::TimerFired { round, timer });
                 }
                 Action::Aggregate { round, .. } => self.aggregate(round),
                 Action::SkipRound { round, updates, why } => self.skip(round, updates, why).await?,
@@ -413,17 +404,7 @@ impl RoundDriver {
     /// Hands the update to the aggregation worker, which answers the device and reports back; a
     /// secure round's masked upload stays here, in its round.
     fn fold(&mut self, upload: Upload, round: u32) {
-        if self.links.config.secure_aggregation.is_some() || matches!(upload.sent, Sent::Masked(_)) {
-            let Upload { device, sent, reply } = upload;
-            return match sent {
-                Sent::Masked(masked) => self.secure.fold_masked(&self.links, device, masked, reply, round),
-                Sent::Plain { update, .. } => {
-                    let refused =
-                        "this round runs under secure aggregation: the update must be masked (a MaskedUpdate)";
-                    self.secure.answer_fold(&self.links, device, update.rank, reply, round, Err(refused.into()))
-                }
-            };
-        }
+        let Some(upload) = self.secure.fold(&self.links, upload, round) else { return };
         let inputs = self.links.inputs.clone();
         let request = FoldRequest {
             upload,
@@ -479,7 +460,7 @@ impl RoundDriver {
             }
         };
         let Some(round) = reachable.first().map(|r| r.1) else { return };
-        let mut evaluators = self.evaluators_for_round(round);
+        let mut evaluators = self.federated.evaluators_for_round(&self.links, round);
         let mut deliveries = Vec::with_capacity(reachable.len());
         for (device, round, rank, connection) in reachable {
             let task = CoordinatorMessage::RoundTask(RoundTask {
@@ -498,7 +479,15 @@ impl RoundDriver {
         }
         // Evaluators that do not train this round get the same slice with an evaluation task.
         for (device, rank) in evaluators {
-            deliveries.extend(self.evaluation_delivery(&device, round - 1, rank, &[], None));
+            deliveries.extend(federated::evaluation_delivery(
+                &self.links,
+                &self.base_version,
+                &device,
+                round - 1,
+                rank,
+                &[],
+                None,
+            ));
         }
         self.links.send_deliveries(deliveries, round);
     }
@@ -514,9 +503,8 @@ impl RoundDriver {
         warn!("[round {round}/{}] skipped, global adapter unchanged: {reason}", self.links.config.round.rounds);
         metrics::counter!("fl_rounds_skipped_total", "reason" => why.label()).increment(1);
         // Under `[privacy]` a skipped round was still sampled.
-        self.privacy.spend(&self.links.config, round, &mut self.summary);
-        self.summary.skipped.push(SkippedRound { round, reason });
-        self.reports.submit(self.summary.clone());
+        self.privacy.spend(&self.links.config, round, &mut self.records.summary);
+        self.records.record_skip(SkippedRound { round, reason });
         if self.secure.is_round(round) {
             self.secure.forget(round);
             metrics::counter!("fl_secagg_rounds_total", "outcome" => "discarded").increment(1);

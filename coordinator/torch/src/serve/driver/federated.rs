@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use flotilla_wire::evaluation::{EvaluationReport, EvaluationTask};
 use flotilla_wire::protocol::{Ack, CoordinatorMessage, Reject};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tracing::{info, warn};
 
 use super::delivery::TaskDelivery;
-use super::{DriverInput, RoundDriver};
-use crate::config::federated_evaluation::FederatedEvaluationSection;
+use super::links::Links;
+use super::DriverInput;
+use crate::config::CoordinatorConfig;
+use crate::records::federated_evaluation::FederatedEvaluation;
 use crate::serve::federated_evaluation::{sample_evaluators, Evaluator, Tally};
 use crate::serve::secure_evaluation::SecureEvaluationSession;
 use flotilla_wire::evaluation::SecureEvaluation;
@@ -35,6 +37,8 @@ pub(crate) struct FederatedState {
     /// engine hears once its evaluation closes, and (`ready`) when it has.
     pub(super) resume: Option<u32>,
     ready: Option<u32>,
+    /// Evaluations closed whose records the driver has not taken yet.
+    closed: Vec<(u32, FederatedEvaluation)>,
 }
 
 impl FederatedState {
@@ -68,62 +72,47 @@ impl FederatedState {
         self.secure.as_ref().is_some_and(|s| s.session() == session)
     }
 
+    /// Whether a model's evaluation is open.
+    pub(super) fn evaluating(&self) -> bool {
+        !self.open.is_empty()
+    }
+
     /// The round whose end the engine may now hear, its model's evaluation being closed.
     pub(super) fn take_ready(&mut self) -> Option<u32> {
         self.ready.take()
     }
 }
 
-impl RoundDriver {
-    fn federated_section(&self) -> Option<FederatedEvaluationSection> {
-        self.links.config.federated_evaluation.clone()
-    }
-
-    /// Seconds devices have to report an evaluation.
-    pub(super) fn evaluation_deadline_secs(&self) -> u32 {
-        let round_deadline = self.links.config.round.deadline_secs;
-        self.links.config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline))
-    }
-
-    /// Labels a device's evaluation sums count per label: the model's classes, 0 for a decoder.
-    pub(super) fn evaluation_labels(&self) -> usize {
-        let architecture = &self.links.config.model.architecture;
-        if architecture.is_decoder() {
-            0
-        } else {
-            architecture.classes()
-        }
-    }
-
+impl FederatedState {
     /// With round `round`'s tasks: when model `round - 1` is due, picks its evaluators among the
     /// connected devices, opens its tally and returns them (with their ranks); participants of the
     /// round among them get `evaluate` set in their round task, the others an evaluation task.
-    pub(super) fn evaluators_for_round(&mut self, round: u32) -> BTreeMap<String, u32> {
-        if self.links.config.secure_aggregation.is_some() {
+    pub(super) fn evaluators_for_round(&mut self, links: &Links, round: u32) -> BTreeMap<String, u32> {
+        if links.config.secure_aggregation.is_some() {
             return BTreeMap::new(); // evaluated between rounds (`evaluate_between_rounds`)
         }
         let model_round = round.saturating_sub(1);
-        self.open_evaluation(model_round, false).into_iter().map(|(d, e)| (d, e.rank)).collect()
+        self.open_evaluation(links, model_round, false).into_iter().map(|(d, e)| (d, e.rank)).collect()
     }
 
     /// Opens model `model_round`'s evaluation (`last`: after the run's last round, when the
     /// cross-rank view asks each device for the other ranks' models too) if it is due.
-    fn open_evaluation(&mut self, model_round: u32, last: bool) -> BTreeMap<String, Evaluator> {
-        let Some(section) = self.federated_section() else { return BTreeMap::new() };
-        let last_round = if last { model_round } else { self.links.config.round.rounds };
-        if !section.due(model_round, last_round) || self.federated.open.contains_key(&model_round) {
+    fn open_evaluation(&mut self, links: &Links, model_round: u32, last: bool) -> BTreeMap<String, Evaluator> {
+        let Some(section) = links.config.federated_evaluation.clone() else { return BTreeMap::new() };
+        let last_round = if last { model_round } else { links.config.round.rounds };
+        if !section.due(model_round, last_round) || self.open.contains_key(&model_round) {
             return BTreeMap::new();
         }
         let mut connected: Vec<String> =
-            self.federated.members.keys().filter(|d| self.links.sessions.contains_key(*d)).cloned().collect();
+            self.members.keys().filter(|d| links.sessions.contains_key(*d)).cloned().collect();
         connected.sort();
-        let chosen = sample_evaluators(&connected, section.fraction, self.links.config.model.seed, model_round);
+        let chosen = sample_evaluators(&connected, section.fraction, links.config.model.seed, model_round);
         if chosen.is_empty() {
             warn!(model_round, "federated evaluation: no device is connected to evaluate the model");
             return BTreeMap::new();
         }
         let mut asked: BTreeMap<String, Evaluator> =
-            chosen.iter().filter_map(|d| Some((d.clone(), self.federated.members.get(d)?.clone()))).collect();
+            chosen.iter().filter_map(|d| Some((d.clone(), self.members.get(d)?.clone()))).collect();
         let fleet_ranks: BTreeSet<u32> = asked.values().map(|e| e.rank).collect();
         if last && section.cross_rank && fleet_ranks.len() >= 2 {
             for evaluator in asked.values_mut() {
@@ -131,9 +120,9 @@ impl RoundDriver {
             }
         }
         let asked_len = asked.len();
-        self.federated.open.insert(model_round, Tally::new(model_round, asked.clone()));
-        let deadline = self.evaluation_deadline_secs();
-        let inputs = self.links.inputs.clone();
+        self.open.insert(model_round, Tally::new(model_round, asked.clone()));
+        let deadline = evaluation_deadline_secs(&links.config);
+        let inputs = links.inputs.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(deadline.into())).await;
             let _ = inputs.send(DriverInput::EvaluationDeadline { model_round });
@@ -142,77 +131,23 @@ impl RoundDriver {
         asked
     }
 
-    /// An evaluation task for `device` (not training this round) at `rank`, for model `model_round`,
-    /// with the cross-rank view's `cross` ranks (the slice sent is then the largest rank's).
-    pub(super) fn evaluation_delivery(
-        &self,
-        device: &str,
-        model_round: u32,
-        rank: u32,
-        cross: &[u32],
-        secure: Option<SecureEvaluation>,
-    ) -> Option<TaskDelivery> {
-        let connection = self.links.sessions.get(device)?.clone();
-        let deadline_secs = self.evaluation_deadline_secs();
-        let task = CoordinatorMessage::EvaluationTask(EvaluationTask {
-            model_round,
-            rank,
-            base_version: self.base_version.clone(),
-            deadline_secs,
-            cross_ranks: cross.to_vec(),
-            fold_tail: self.links.config.aggregation.method.folds_tail(),
-            secure,
-        });
-        Some(TaskDelivery {
-            device: device.to_string(),
-            round: model_round,
-            rank: cross.iter().copied().chain([rank]).max().unwrap_or(rank),
-            connection,
-            task,
-            evaluation_only: true,
-        })
-    }
-
-    /// After the last round: asks for the final model's evaluation and waits until every device
-    /// asked has answered or left, or the deadline (other inputs are dropped, as after the run).
-    pub(super) async fn evaluate_final_model(
-        &mut self,
-        rounds_completed: u32,
-        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
-    ) {
-        self.ask_for_evaluations(rounds_completed, true);
-        while !self.federated.open.is_empty() {
-            match inputs.recv().await {
-                Some(
-                    federated @ (DriverInput::EvaluationReport { .. }
-                    | DriverInput::EvaluationDeadline { .. }
-                    | DriverInput::EvaluationSent { .. }
-                    | DriverInput::EvaluationUnmasked { .. }),
-                ) => self.federated_input(federated),
-                Some(secure @ (DriverInput::Secure { .. } | DriverInput::SecureTimer { .. })) => {
-                    self.secure_input(secure);
-                }
-                Some(DriverInput::Left { device, connection_id, .. }) => {
-                    self.session_left(&device, connection_id);
-                }
-                Some(DriverInput::Evaluated { round, result }) => self.record_evaluation(round, result),
-                Some(_) => {}
-                None => return,
-            }
-        }
-    }
-
     /// Opens model `model_round`'s evaluation if it is due (`last`: after the run's last round) and
     /// sends every device asked its evaluation task; under secure aggregation with its part of the
     /// evaluation's secure sum. Returns whether an evaluation opened.
-    fn ask_for_evaluations(&mut self, model_round: u32, last: bool) -> bool {
-        let evaluators = self.open_evaluation(model_round, last);
+    pub(super) fn ask_for_evaluations(
+        &mut self,
+        links: &Links,
+        base_version: &str,
+        model_round: u32,
+        last: bool,
+    ) -> bool {
+        let evaluators = self.open_evaluation(links, model_round, last);
         if evaluators.is_empty() {
             return false;
         }
         let mut secure_parts = BTreeMap::new();
-        if self.links.config.secure_aggregation.is_some() {
-            match self.start_secure_evaluation(model_round, &evaluators) {
+        if links.config.secure_aggregation.is_some() {
+            match self.start_secure_evaluation(links, model_round, &evaluators) {
                 Some(parts) => secure_parts = parts,
                 None => return true, // closed already: it could not be secured, nothing was asked
             }
@@ -221,70 +156,42 @@ impl RoundDriver {
             .iter()
             .filter_map(|(device, e)| {
                 let secure = secure_parts.remove(device);
-                self.evaluation_delivery(device, model_round, e.rank, &e.cross, secure)
+                evaluation_delivery(links, base_version, device, model_round, e.rank, &e.cross, secure)
             })
             .collect();
-        self.links.send_deliveries(deliveries, model_round);
+        links.send_deliveries(deliveries, model_round);
         true
     }
 
     /// Under `[secure_aggregation]`, after round `round`'s record: its model is evaluated before the
     /// engine hears that the round is over (so before the next round's tasks, which would keep the
     /// devices from the evaluation's key agreement). Returns whether the engine must wait.
-    pub(super) fn evaluate_between_rounds(&mut self, round: u32) -> bool {
-        if self.links.config.secure_aggregation.is_none() || round >= self.links.config.round.rounds {
+    pub(super) fn evaluate_between_rounds(&mut self, links: &Links, base_version: &str, round: u32) -> bool {
+        if links.config.secure_aggregation.is_none() || round >= links.config.round.rounds {
             return false; // the last round's model is evaluated after the run (`evaluate_final_model`)
         }
         // Set first: an evaluation that closes at once (it could not be secured) releases the
         // round through `close_evaluation`, like any other.
-        self.federated.resume = Some(round);
-        let asked = self.ask_for_evaluations(round, false);
+        self.resume = Some(round);
+        let asked = self.ask_for_evaluations(links, base_version, round, false);
         if !asked {
-            self.federated.resume = None;
+            self.resume = None;
         }
         asked
     }
 
-    /// `serve --evaluate-only`: waits until `[round] min_devices` have joined, asks them to score
-    /// the resumed checkpoint's model (of `model_round`), and ends the run.
-    pub(super) async fn evaluate_checkpoint(
-        &mut self,
-        model_round: u32,
-        inputs: &mut mpsc::UnboundedReceiver<DriverInput>,
-    ) -> anyhow::Result<crate::records::report::RunSummary> {
-        self.publish_state();
-        info!(model_round, devices = self.links.config.round.min_devices, "evaluation only: waiting for the devices");
-        while self.links.sessions.len() < self.links.config.round.min_devices {
-            match inputs.recv().await {
-                Some(DriverInput::Joined { device, rank, class, connection }) => {
-                    self.session_joined(&device, rank, &class, connection);
-                }
-                Some(DriverInput::Left { device, connection_id, .. }) => {
-                    self.session_left(&device, connection_id);
-                }
-                Some(DriverInput::Fatal(reason)) => anyhow::bail!(reason),
-                Some(_) => {}
-                None => anyhow::bail!("round driver stopped unexpectedly"),
-            }
-            self.publish_state();
-        }
-        self.evaluate_final_model(model_round, inputs).await;
-        self.links.finish_sessions(model_round).await;
-        Ok(self.summary.clone())
-    }
-
     /// A report, a deadline or the bytes of evaluation tasks sent.
-    pub(super) fn federated_input(&mut self, input: DriverInput) {
+    pub(super) fn input(&mut self, links: &Links, input: DriverInput) {
         match input {
             DriverInput::EvaluationReport { device, report, bytes, reply } => {
-                self.evaluation_report(&device, report, bytes, reply)
+                self.evaluation_report(links, &device, report, bytes, reply)
             }
             // A secure evaluation's own phase deadlines close it.
-            DriverInput::EvaluationDeadline { model_round } if self.federated.secure_model() != Some(model_round) => {
-                self.close_evaluation(model_round)
+            DriverInput::EvaluationDeadline { model_round } if self.secure_model() != Some(model_round) => {
+                self.close_evaluation(links, model_round)
             }
             DriverInput::EvaluationUnmasked { model_round, names, outcome } => {
-                self.secure_evaluation_unmasked(model_round, &names, outcome);
+                self.secure_evaluation_unmasked(links, model_round, &names, outcome);
             }
             DriverInput::EvaluationSent { model_round, bytes } => self.evaluation_sent(model_round, bytes),
             _ => {}
@@ -292,7 +199,7 @@ impl RoundDriver {
     }
 
     fn evaluation_sent(&mut self, model_round: u32, bytes: u64) {
-        if let Some(tally) = self.federated.open.get_mut(&model_round) {
+        if let Some(tally) = self.open.get_mut(&model_round) {
             tally.bytes_down += bytes;
         }
     }
@@ -300,21 +207,22 @@ impl RoundDriver {
     /// A device's report: counted, or refused with the reason (and counted as refused).
     fn evaluation_report(
         &mut self,
+        links: &Links,
         device: &str,
         report: Box<EvaluationReport>,
         bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     ) {
         let model_round = report.model_round;
-        let classes = self.evaluation_labels();
-        let secure = self.federated.secure_model() == Some(model_round);
-        let outcome = match self.federated.open.get_mut(&model_round) {
+        let classes = evaluation_labels(&links.config);
+        let secure = self.secure_model() == Some(model_round);
+        let outcome = match self.open.get_mut(&model_round) {
             Some(_) if secure => Err("this run evaluates under secure aggregation: the sums travel masked, in the \
                                       evaluation's secure sum, never in the clear"
                 .to_string()),
             Some(tally) => {
                 tally.bytes_up += bytes;
-                tally.accept(device, &report, classes, &mut self.federated.held_out).map_err(|e| e.to_string())
+                tally.accept(device, &report, classes, &mut self.held_out).map_err(|e| e.to_string())
             }
             None => Err(format!("the coordinator is not waiting for evaluations of model {model_round}")),
         };
@@ -330,32 +238,33 @@ impl RoundDriver {
             }
         };
         let _ = reply.send(answer);
-        if self.federated.open.get(&model_round).is_some_and(Tally::complete) {
-            self.close_evaluation(model_round);
+        if self.open.get(&model_round).is_some_and(Tally::complete) {
+            self.close_evaluation(links, model_round);
         }
     }
 
-    pub(super) fn device_left_evaluation(&mut self, device: &str) {
-        self.federated.left(device);
-        let secure = self.federated.secure_model();
+    /// A device left: it no longer counts as connected, and models it was asked about stop
+    /// waiting for it (those that now have every answer close).
+    pub(super) fn device_left(&mut self, links: &Links, device: &str) {
+        self.left(device);
+        let secure = self.secure_model();
         let complete: Vec<u32> = self
-            .federated
             .open
             .iter()
             .filter(|(round, t)| t.complete() && Some(**round) != secure)
             .map(|(round, _)| *round)
             .collect();
-        complete.into_iter().for_each(|round| self.close_evaluation(round));
+        complete.into_iter().for_each(|round| self.close_evaluation(links, round));
     }
 
-    /// Ends model `model_round`'s evaluation: its record joins the round's (and a round held for it
-    /// may end).
-    pub(super) fn close_evaluation(&mut self, model_round: u32) {
-        let Some(tally) = self.federated.open.remove(&model_round) else { return };
-        if self.federated.resume == Some(model_round) {
-            self.federated.ready = self.federated.resume.take();
+    /// Ends model `model_round`'s evaluation: its record waits in `closed` for the driver to join it
+    /// to the round's (and a round held for it may end).
+    pub(super) fn close_evaluation(&mut self, links: &Links, model_round: u32) {
+        let Some(tally) = self.open.remove(&model_round) else { return };
+        if self.resume == Some(model_round) {
+            self.ready = self.resume.take();
         }
-        let min_group = self.links.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
+        let min_group = links.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
         let record = tally.record(min_group);
         match &record.overall {
             Some(overall) => {
@@ -382,10 +291,59 @@ impl RoundDriver {
         for (rank, scores) in &record.by_rank {
             metrics::gauge!("fl_federated_eval_accuracy_by_rank", "rank" => rank.to_string()).set(scores.accuracy);
         }
-        if let Some(round) = self.summary.rounds.iter_mut().find(|r| r.round == model_round) {
-            round.federated_evaluation = Some(Box::new(record));
-            self.reports.submit(self.summary.clone());
-        }
-        self.publish_state();
+        self.closed.push((model_round, record));
     }
+
+    /// The evaluations closed since the last call, with their records.
+    pub(super) fn take_closed(&mut self) -> Vec<(u32, FederatedEvaluation)> {
+        std::mem::take(&mut self.closed)
+    }
+}
+
+/// Seconds devices have to report an evaluation.
+pub(super) fn evaluation_deadline_secs(config: &CoordinatorConfig) -> u32 {
+    let round_deadline = config.round.deadline_secs;
+    config.federated_evaluation.as_ref().map_or(round_deadline, |s| s.deadline(round_deadline))
+}
+
+/// Labels a device's evaluation sums count per label: the model's classes, 0 for a decoder.
+pub(super) fn evaluation_labels(config: &CoordinatorConfig) -> usize {
+    let architecture = &config.model.architecture;
+    if architecture.is_decoder() {
+        0
+    } else {
+        architecture.classes()
+    }
+}
+
+/// An evaluation task for `device` (not training this round) at `rank`, for model `model_round`,
+/// with the cross-rank view's `cross` ranks (the slice sent is then the largest rank's).
+pub(super) fn evaluation_delivery(
+    links: &Links,
+    base_version: &str,
+    device: &str,
+    model_round: u32,
+    rank: u32,
+    cross: &[u32],
+    secure: Option<SecureEvaluation>,
+) -> Option<TaskDelivery> {
+    let connection = links.sessions.get(device)?.clone();
+    let deadline_secs = evaluation_deadline_secs(&links.config);
+    let task = CoordinatorMessage::EvaluationTask(EvaluationTask {
+        model_round,
+        rank,
+        base_version: base_version.to_string(),
+        deadline_secs,
+        cross_ranks: cross.to_vec(),
+        fold_tail: links.config.aggregation.method.folds_tail(),
+        secure,
+    });
+    Some(TaskDelivery {
+        device: device.to_string(),
+        round: model_round,
+        rank: cross.iter().copied().chain([rank]).max().unwrap_or(rank),
+        connection,
+        task,
+        evaluation_only: true,
+    })
 }

@@ -1,15 +1,19 @@
-//! What sessions, timers, the aggregation worker and the evaluation thread tell the round driver.
+//! What the round driver starts from, and what sessions, timers, the aggregation worker and the
+//! evaluation thread tell it.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use flotilla_engine::Timer;
 use flotilla_wire::protocol::CoordinatorMessage;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Departure, SecureRequest};
+use crate::config::CoordinatorConfig;
 use crate::model::evaluation::RankAccuracy;
-use crate::records::report::RoundRecord;
-use crate::serve::aggregation_worker::{FoldDone, Upload};
+use crate::records::report::{RoundRecord, RunSummary};
+use crate::serve::aggregation_worker::{AggregationWorker, FoldDone, Upload};
+use crate::serve::metrics::SharedStatus;
 use crate::serve::secure::SecurePhase;
 
 /// What sessions, timers and the aggregation worker tell the driver.
@@ -92,4 +96,22 @@ pub enum DriverInput {
         record: crate::records::report::SecureRoundRecord,
         outcome: Result<flotilla_secagg::server::Aggregate, String>,
     },
+}
+
+/// What the driver starts from.
+pub(crate) struct DriverStart {
+    pub config: Arc<CoordinatorConfig>,
+    pub base_version: String,
+    pub inputs: mpsc::UnboundedSender<DriverInput>,
+    pub worker: AggregationWorker,
+    pub summary: RunSummary,
+    pub first_round: u32,
+    pub status: SharedStatus,
+    pub secure_layout: Option<flotilla_secagg::layout::Layout>,
+    pub ledger: Option<crate::serve::privacy_ledger::PrivacyLedger>,
+    /// Under `[privacy]`: what the noise will cost the model, for `/status`.
+    pub privacy_plan: Option<crate::config::privacy_plan::PrivacyPlan>,
+    /// Train nothing: once `[round] min_devices` have joined, evaluate the resumed checkpoint's
+    /// model, of this round, on the devices (`serve --evaluate-only`).
+    pub evaluate_only: Option<u32>,
 }

@@ -12,24 +12,27 @@ use flotilla_wire::protocol::CoordinatorMessage;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
+use super::federated::{evaluation_deadline_secs, evaluation_labels, FederatedState};
+use super::links::Links;
 use super::secure_phases::{log_refusal, refuse, SecureRequest};
-use super::{DriverInput, RoundDriver};
+use super::DriverInput;
 use crate::serve::federated_evaluation::Evaluator;
 use crate::serve::secure::{SecurePhase, SessionAction};
 use crate::serve::secure_evaluation::SecureEvaluationSession;
 use flotilla_secagg::session::SessionEvent;
 
-impl RoundDriver {
+impl FederatedState {
     /// Starts model `model_round`'s secure sum among `evaluators`; returns each device's part of
     /// its task, or None (the evaluation closed, recording why) when it cannot be secured.
     pub(super) fn start_secure_evaluation(
         &mut self,
+        links: &Links,
         model_round: u32,
         evaluators: &BTreeMap<String, Evaluator>,
     ) -> Option<BTreeMap<String, SecureEvaluation>> {
-        let section = self.links.config.secure_aggregation.as_ref()?;
-        let min_group = self.links.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
-        let classes = self.evaluation_labels();
+        let section = links.config.secure_aggregation.as_ref()?;
+        let min_group = links.config.federated_evaluation.as_ref().map_or(1, |s| s.min_group_devices);
+        let classes = evaluation_labels(&links.config);
         match SecureEvaluationSession::start(model_round, evaluators, section, min_group, classes) {
             Ok((session, actions, parts)) => {
                 info!(
@@ -38,14 +41,14 @@ impl RoundDriver {
                     groups = session.groups(),
                     "federated evaluation under secure aggregation: the sums will travel masked"
                 );
-                self.federated.secure = Some(session);
-                self.evaluation_session_actions(actions);
+                self.secure = Some(session);
+                self.evaluation_session_actions(links, actions);
                 Some(parts)
             }
             Err(error) => {
                 let reason = format!("cannot be secured, no device was asked: {error:#}");
                 warn!(model_round, "federated evaluation {reason}");
-                self.discard_secure_evaluation(model_round, reason, 0);
+                self.discard_secure_evaluation(links, model_round, reason, 0);
                 None
             }
         }
@@ -54,12 +57,13 @@ impl RoundDriver {
     /// A request of the evaluation's secure sum.
     pub(super) fn secure_evaluation_request(
         &mut self,
+        links: &Links,
         device: &str,
         request: SecureRequest,
         bytes: u64,
         reply: oneshot::Sender<CoordinatorMessage>,
     ) {
-        let Some(session) = self.federated.secure.as_mut() else { return };
+        let Some(session) = self.secure.as_mut() else { return };
         let model_round = session.model_round;
         let Some(round) = session.round.as_mut() else {
             return refuse(reply, model_round, "the evaluation's sums are being unmasked".into());
@@ -76,59 +80,58 @@ impl RoundDriver {
         let phase = request.phase();
         let actions = round.request(device, request.event(device), Some(reply));
         log_refusal(&actions, device, model_round, phase, "secure evaluation");
-        self.evaluation_session_actions(actions);
+        self.evaluation_session_actions(links, actions);
     }
 
     /// A phase deadline of the evaluation's secure sum.
-    pub(super) fn secure_evaluation_timer(&mut self, phase: SecurePhase) {
-        let Some(round) = self.federated.secure.as_mut().and_then(|s| s.round.as_mut()) else { return };
+    pub(super) fn secure_evaluation_timer(&mut self, links: &Links, phase: SecurePhase) {
+        let Some(round) = self.secure.as_mut().and_then(|s| s.round.as_mut()) else { return };
         let actions = round.handle(SessionEvent::Deadline(phase));
-        self.evaluation_session_actions(actions);
+        self.evaluation_session_actions(links, actions);
     }
 
     /// Carries out what the evaluation's session machine asks (its replies are already sent).
     /// After the shares, the devices have the evaluation's deadline to score the model and send
     /// their masked sums.
-    fn evaluation_session_actions(&mut self, actions: Vec<SessionAction>) {
-        let Some(session) = self.federated.secure.as_ref() else { return };
+    fn evaluation_session_actions(&mut self, links: &Links, actions: Vec<SessionAction>) {
+        let Some(session) = self.secure.as_ref() else { return };
         let (model_round, session_id) = (session.model_round, session.session());
         for action in actions {
             match action {
                 SessionAction::StartDeadline(SecurePhase::Upload) => {
-                    let after = Duration::from_secs(self.evaluation_deadline_secs().into());
+                    let after = Duration::from_secs(evaluation_deadline_secs(&links.config).into());
                     let timer = DriverInput::SecureTimer { session: session_id, phase: SecurePhase::Upload };
-                    self.links.after(after, timer);
+                    links.after(after, timer);
                 }
-                SessionAction::StartDeadline(phase) => self.links.schedule_secure_timer(session_id, phase),
+                SessionAction::StartDeadline(phase) => links.schedule_secure_timer(session_id, phase),
                 SessionAction::Dropped(devices) => {
                     info!(model_round, "secure evaluation goes on without {}", devices.join(", "));
                 }
                 SessionAction::Discarded(reason) => {
                     warn!(model_round, "secure evaluation discarded, nothing revealed: {reason}");
-                    let bytes =
-                        self.federated.secure.as_ref().and_then(|s| s.round.as_ref()).map_or(0, |r| r.protocol_bytes);
-                    return self.discard_secure_evaluation(model_round, reason, bytes);
+                    let bytes = self.secure.as_ref().and_then(|s| s.round.as_ref()).map_or(0, |r| r.protocol_bytes);
+                    return self.discard_secure_evaluation(links, model_round, reason, bytes);
                 }
                 SessionAction::AskToUnmask { request, survivors } => {
                     info!(model_round, "secure evaluation: {} masked sums in; unmasking", survivors.len());
-                    self.links.ask_for_unmasking(request, survivors, model_round);
+                    links.ask_for_unmasking(request, survivors, model_round);
                 }
-                SessionAction::ReadyToUnmask => self.finish_evaluation_unmasking(),
+                SessionAction::ReadyToUnmask => self.finish_evaluation_unmasking(links),
                 SessionAction::Entered(_) | SessionAction::Reply { .. } | SessionAction::Refuse { .. } => {}
             }
         }
     }
 
     /// Removes the masks off the async loop; the totals come back as `EvaluationUnmasked`.
-    fn finish_evaluation_unmasking(&mut self) {
-        let Some(session) = self.federated.secure.as_mut() else { return };
+    fn finish_evaluation_unmasking(&mut self, links: &Links) {
+        let Some(session) = self.secure.as_mut() else { return };
         let Some(round) = session.round.take() else { return };
         let model_round = session.model_round;
-        if let Some(tally) = self.federated.open_tally(model_round) {
+        if let Some(tally) = self.open_tally(model_round) {
             tally.bytes_up += round.protocol_bytes;
         }
         let names = round.names();
-        let inputs = self.links.inputs.clone();
+        let inputs = links.inputs.clone();
         tokio::spawn(async move {
             let outcome = tokio::task::spawn_blocking(move || round.finish().map_err(|e| e.to_string()))
                 .await
@@ -141,18 +144,19 @@ impl RoundDriver {
     /// why nothing is published.
     pub(super) fn secure_evaluation_unmasked(
         &mut self,
+        links: &Links,
         model_round: u32,
         names: &BTreeMap<u32, String>,
         outcome: Result<Aggregate, String>,
     ) {
-        let Some(session) = self.federated.secure.take_if(|s| s.model_round == model_round) else { return };
+        let Some(session) = self.secure.take_if(|s| s.model_round == model_round) else { return };
         let mut record = session.record();
         let totals = outcome.and_then(|aggregate| {
             record.survivors = aggregate.survivors.len();
             record.recovered = aggregate.dropped.len();
             session.totals(&aggregate, names)
         });
-        let Some(tally) = self.federated.open_tally(model_round) else { return };
+        let Some(tally) = self.open_tally(model_round) else { return };
         match totals {
             Ok(totals) => {
                 tally.masked_totals(&totals.survivors, totals.declined, totals.groups);
@@ -163,17 +167,17 @@ impl RoundDriver {
             }
         }
         tally.set_masked(record);
-        self.close_evaluation(model_round);
+        self.close_evaluation(links, model_round);
     }
 
     /// Ends a secure evaluation that revealed nothing, recording why.
-    fn discard_secure_evaluation(&mut self, model_round: u32, reason: String, protocol_bytes: u64) {
-        let session = self.federated.secure.take_if(|s| s.model_round == model_round);
-        let Some(tally) = self.federated.open_tally(model_round) else { return };
+    fn discard_secure_evaluation(&mut self, links: &Links, model_round: u32, reason: String, protocol_bytes: u64) {
+        let session = self.secure.take_if(|s| s.model_round == model_round);
+        let Some(tally) = self.open_tally(model_round) else { return };
         tally.bytes_up += protocol_bytes;
         let mut record = session.map(|s| s.record()).unwrap_or_default();
         record.discarded = Some(reason);
         tally.set_masked(record);
-        self.close_evaluation(model_round);
+        self.close_evaluation(links, model_round);
     }
 }

@@ -16,7 +16,7 @@ use super::links::Links;
 use super::DriverInput;
 use crate::config::privacy::PrivacyMode;
 use crate::records::report::{RoundFacts, SecureRoundRecord, UpdateRecord};
-use crate::serve::aggregation_worker::{FoldDone, SecureOutcome};
+use crate::serve::aggregation_worker::{FoldDone, SecureOutcome, Sent, Upload};
 use crate::serve::secure::{SecurePhase, SecureRound, SessionAction};
 use flotilla_secagg::session::SessionEvent;
 use flotilla_wire::signed_keys::PeerCredential;
@@ -144,9 +144,26 @@ impl SecureRounds {
         }
     }
 
+    /// An upload the engine let in: under secure aggregation (or masked) the session takes it or
+    /// refuses it and the device is answered; otherwise it comes back for the aggregation worker.
+    pub(super) fn fold(&mut self, links: &Links, upload: Upload, round: u32) -> Option<Upload> {
+        if links.config.secure_aggregation.is_none() && !matches!(upload.sent, Sent::Masked(_)) {
+            return Some(upload);
+        }
+        let Upload { device, sent, reply } = upload;
+        match sent {
+            Sent::Masked(masked) => self.fold_masked(links, device, masked, reply, round),
+            Sent::Plain { update, .. } => {
+                let refused = "this round runs under secure aggregation: the update must be masked (a MaskedUpdate)";
+                self.answer_fold(links, device, update.rank, reply, round, Err(refused.into()))
+            }
+        }
+        None
+    }
+
     /// A masked upload the engine let in: the session takes it or refuses it, and the device is
     /// answered.
-    pub(super) fn fold_masked(
+    fn fold_masked(
         &mut self,
         links: &Links,
         device: String,
@@ -174,7 +191,7 @@ impl SecureRounds {
     }
 
     /// Answers a device's upload that the driver itself folded (or refused), and tells the engine.
-    pub(super) fn answer_fold(
+    fn answer_fold(
         &mut self,
         links: &Links,
         device: String,
