@@ -56,7 +56,14 @@ fn main() {
     let test_labels: Vec<i64> = test.labels().into_iter().take(eval).collect();
     let test_set = tokenizer.dataset(&test_texts, &test_labels).expect("tokenize");
     let architecture = Architecture::Bert(spec);
-    let settings = TrainingSettings { local_steps: steps, local_epochs: 0, batch_size: 16, learning_rate, seed: 7 };
+    let settings = TrainingSettings {
+        local_steps: steps,
+        local_epochs: 0,
+        batch_size: 16,
+        learning_rate,
+        seed: 7,
+        trainable: Default::default(),
+    };
     println!(
         "{task}: {} training texts, {} held out; all-MiniLM-L6-v2, LoRA on query+value, scale 2, {steps} AdamW steps of 16 at lr {learning_rate}",
         train_set.len(),

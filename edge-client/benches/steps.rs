@@ -51,8 +51,14 @@ fn main() {
         for &rank in &ranks {
             let adapter = architecture.init_adapter(rank, 2).expect("adapter");
             let mut model = LoraModel::new(&architecture, &base, &adapter, 2.0, device).expect("model");
-            let settings =
-                TrainingSettings { local_steps: STEPS, local_epochs: 0, batch_size: 32, learning_rate: 1e-3, seed: 3 };
+            let settings = TrainingSettings {
+                local_steps: STEPS,
+                local_epochs: 0,
+                batch_size: 32,
+                learning_rate: 1e-3,
+                seed: 3,
+                trainable: Default::default(),
+            };
             model.train_steps(&data, &settings).expect("warm-up");
             let mut times: Vec<f64> = (0..5)
                 .map(|_| {

@@ -59,6 +59,7 @@ fn main() {
         batch_size: BATCH as u32,
         learning_rate: 1e-3,
         seed: 3,
+        trainable: Default::default(),
     };
     model.train_steps(&data, &settings).expect("warm-up");
     let step_ms = median(

@@ -134,7 +134,14 @@ mod tests {
             total_rounds: 5,
             rank: 4,
             base_version: "b".into(),
-            training: TrainingSettings { local_steps: 1, local_epochs: 0, batch_size: 1, learning_rate: 0.1, seed: 1 },
+            training: TrainingSettings {
+                local_steps: 1,
+                local_epochs: 0,
+                batch_size: 1,
+                learning_rate: 0.1,
+                seed: 1,
+                trainable: Default::default(),
+            },
             deadline_secs: 10,
             clip_norm,
             secure: secure.map(|(noise_std, participants)| SecureTask {

@@ -238,6 +238,7 @@ fn measure_steps(settings: &ProbeSettings, ranks: &[u32]) -> anyhow::Result<BTre
                     batch_size: batch as u32,
                     learning_rate: 1e-3,
                     seed: 1,
+                    trainable: Default::default(),
                 };
                 let mut times = Vec::new();
                 let started = Instant::now();

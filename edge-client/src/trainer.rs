@@ -626,8 +626,14 @@ mod tests {
         let base_wire =
             flotilla_torch::tensor::wire_from_tensors(base.iter().map(|(n, t)| (n.as_str(), t)), DType::F32).unwrap();
         let slice = architecture.init_adapter(2, 2).unwrap().to_wire(DType::F32).unwrap();
-        let settings =
-            TrainingSettings { local_steps: 1, local_epochs: 0, batch_size: 4, learning_rate: 0.01, seed: 3 };
+        let settings = TrainingSettings {
+            local_steps: 1,
+            local_epochs: 0,
+            batch_size: 4,
+            learning_rate: 0.01,
+            seed: 3,
+            trainable: Default::default(),
+        };
         let pool = TrainerPool::new(4, 1).unwrap();
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         runtime.block_on(async {

@@ -137,6 +137,14 @@ pub struct TrainingSettings {
     pub batch_size: u32,
     pub learning_rate: f64,
     pub seed: u64,
+    pub trainable: Trainable,
+}
+
+/// What the device trains: every factor (0), or B and the head with A frozen (1).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Trainable {
+    Lora,
+    BOnly,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -304,3 +304,61 @@ fn a_device_refuses_the_round_past_its_own_privacy_budget() {
     let entries: serde_json::Value = serde_json::from_slice(&std::fs::read(&files[0]).unwrap()).unwrap();
     assert_eq!(entries["rounds"], 1, "round 1 counted, round 2 refused: {entries}");
 }
+
+/// `[privacy] trainable = "b_only"` (FFA-LoRA): devices train each B and the head only. Every A of
+/// every global is the first's, bit for bit, in central mode (Fold-and-Fill, two ranks) and in
+/// distributed mode under secure aggregation (RBLA, four devices); the B factors move; `check`
+/// counts only B and the head in d.
+#[test]
+fn under_b_only_every_a_stays_as_it_was_and_only_b_and_the_head_are_noised() {
+    for distributed in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let run = dir.path();
+        let pki = run.join("pki");
+        let devices: &[(&str, &str)] = if distributed {
+            &[("phone-1", "2"), ("phone-2", "2"), ("laptop-1", "4"), ("laptop-2", "4")]
+        } else {
+            &[("phone-1", "2"), ("laptop-1", "4")]
+        };
+        provision(&pki, &devices.iter().map(|d| d.0).collect::<Vec<_>>());
+        let base = if distributed {
+            distributed_config(run, 0.2, 4).replace("rounds = 1", "rounds = 2").replace("1e-9", "0.05")
+        } else {
+            config(run, "fold-and-fill", 20.0).replace("rounds = 4", "rounds = 3")
+        };
+        let text = base.replace("[privacy]\n", "[privacy]\ntrainable = \"b_only\"\n");
+        let (ok, lora) = check_config(run, &base);
+        assert!(ok, "{lora}");
+        let (ok, frozen) = check_config(run, &text);
+        assert!(ok, "{frozen}");
+        let d = |out: &str| -> u64 {
+            let at = out.find("privacy plan: d = ").expect("a plan") + "privacy plan: d = ".len();
+            out[at..].split_whitespace().next().unwrap().parse().unwrap()
+        };
+        assert!(frozen.contains("every A frozen") && d(&frozen) < d(&lora), "{frozen}");
+        let (mut coordinator, address) = start_coordinator(run, &text);
+        let mut processes: Vec<Process> = devices
+            .iter()
+            .map(|(id, rank)| {
+                Process::spawn(id, &mut edge_run(&address, &pki.join("kits").join(id), rank, 64), &run.join("logs"))
+            })
+            .collect();
+        for device in &mut processes {
+            assert!(device.wait(Duration::from_secs(180)).success(), "{}", device.logs());
+        }
+        assert!(coordinator.wait(Duration::from_secs(30)).success(), "{}", coordinator.logs());
+        let rounds = if distributed { 2 } else { 3 };
+        let globals: Vec<HashMap<String, Matrix>> = (1..=rounds)
+            .map(|r| read_safetensors(&run.join(format!("global/round-{r}/adapter_model.safetensors"))).0)
+            .collect();
+        let (first, last) = (&globals[0], &globals[rounds - 1]);
+        for (name, tensor) in first {
+            let same = globals.iter().all(|g| g[name].values == tensor.values);
+            if name.contains("lora_A") {
+                assert!(same, "distributed {distributed}: {name} moved");
+            } else if name.contains("lora_B") {
+                assert!(last[name].values != tensor.values, "distributed {distributed}: {name} did not train");
+            }
+        }
+    }
+}

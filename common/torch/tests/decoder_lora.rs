@@ -132,3 +132,22 @@ fn layer_by_layer_training_takes_the_steps_plain_autograd_takes() {
         assert!(worst < 1e-5, "{name}: factors differ by {worst}");
     }
 }
+
+#[test]
+fn with_a_frozen_every_a_stays_bit_for_bit_and_b_trains_in_both_ways_of_stepping() {
+    let (decoder, tokenizer) = tiny(TensorType::Q8_0);
+    let targets = vec!["q_proj".to_string(), "v_proj".to_string()];
+    let examples: Vec<DecoderExample> = (0..4).map(|i| tokenizer.headline_example(&article(i), 96).unwrap()).collect();
+    for layered in [false, true] {
+        let mut lora = DecoderLora::new(&decoder.spec, &targets, 4, 2.0, 5, Device::Cpu).unwrap();
+        lora.layered = layered;
+        lora.frozen_a = true;
+        let before: Vec<(Tensor, Tensor)> =
+            lora.factors().values().map(|(a, b)| (a.detach().copy(), b.detach().copy())).collect();
+        lora.train_steps(&decoder, &examples, 3, 4, 1e-2, 9).unwrap();
+        for ((a, b), (a0, b0)) in lora.factors().values().zip(&before) {
+            assert!(a.equal(a0), "layered {layered}: an A moved");
+            assert!(!b.equal(b0), "layered {layered}: a B did not train");
+        }
+    }
+}

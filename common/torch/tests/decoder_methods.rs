@@ -33,7 +33,14 @@ fn every_method_merges_decoder_updates_of_different_ranks() {
     let architecture = Architecture::Llama(spec);
     let (max_rank, scale) = (4, 2.0);
     let global = architecture.init_adapter(max_rank, 1).unwrap();
-    let settings = TrainingSettings { local_steps: 5, local_epochs: 0, batch_size: 4, learning_rate: 0.01, seed: 2 };
+    let settings = TrainingSettings {
+        local_steps: 5,
+        local_epochs: 0,
+        batch_size: 4,
+        learning_rate: 0.01,
+        seed: 2,
+        trainable: Default::default(),
+    };
     let train = |rank: usize| {
         let slice = global.slice_to_rank(rank).unwrap();
         let mut model = DecoderModel::new(&architecture, &base, &slice, scale, Device::Cpu).unwrap();

@@ -60,7 +60,14 @@ fn training_moves_the_prefix_only_and_a_lone_device_is_what_the_coordinator_rebu
     let rank = 2;
     let folded = global.slice_with_folded_tail(rank, SCALE).unwrap();
     let mut model = LoraModel::new(&architecture, &base, &folded, SCALE, Device::Cpu).unwrap();
-    let settings = TrainingSettings { local_steps: 30, local_epochs: 0, batch_size: 16, learning_rate: 0.05, seed: 4 };
+    let settings = TrainingSettings {
+        local_steps: 30,
+        local_epochs: 0,
+        batch_size: 16,
+        learning_rate: 0.05,
+        seed: 4,
+        trainable: Default::default(),
+    };
     model.train_steps(&data, &settings).unwrap();
     let trained = model.adapter().unwrap();
     assert_eq!(trained.rank(), rank);

@@ -10,6 +10,27 @@ pub use decoder::{DecoderSpec, DecoderTask, DEFAULT_DECODER_TARGETS};
 /// Prefix of every adapter tensor name, as HF PEFT writes it.
 pub const ADAPTER_PREFIX: &str = "base_model.model.";
 
+/// Which LoRA factors devices train under `[privacy]`: all of them, or only each B (and the head)
+/// with every A frozen at the global's (FFA-LoRA). With A the same on every device, a merge of the
+/// B factors is the exact average of the devices' products B·A, and the noised coordinates are
+/// about half as many.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trainable {
+    #[default]
+    Lora,
+    BOnly,
+}
+
+impl Trainable {
+    pub fn name(self) -> &'static str {
+        match self {
+            Trainable::Lora => "lora",
+            Trainable::BOnly => "b_only",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Architecture {

@@ -275,6 +275,9 @@ pub struct TrainingSettings {
     pub batch_size: u32,
     pub learning_rate: f64,
     pub seed: u64,
+    /// Under `[privacy]` with `trainable = "b_only"`: train each B factor and the head only, every
+    /// A staying exactly as sent (the coordinator refuses an update whose A changed).
+    pub trainable: crate::model::Trainable,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

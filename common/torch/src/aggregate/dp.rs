@@ -44,6 +44,7 @@ use flotilla_merge::slots::Denominator;
 use super::{validate_update, AggregateError, Aggregated, ClientUpdate, Method};
 use crate::adapter::{tensor_role, Adapter, TensorRole};
 use crate::tensor::TensorError;
+pub use flotilla_wire::model::Trainable;
 
 /// The divisor `method` uses under differential privacy (its row, `MethodSpec::private`), or
 /// `None` when it cannot run under it. Under privacy it is an expected count: `Coverage` is q·M_i,
@@ -59,11 +60,26 @@ pub fn why_not_private(method: Method) -> Option<&'static str> {
     method.spec().private.err()
 }
 
-/// The clipping bound C and the noise multiplier σ (noise standard deviation σ·C on each sum).
+/// The clipping bound C, the noise multiplier σ (noise standard deviation σ·C on each sum), and
+/// what devices train: under [`Trainable::BOnly`] every A factor is frozen at the global's, so A is
+/// neither summed nor noised, an update that changed it is refused, and the next global keeps it
+/// exactly.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct PrivacyParameters {
     pub clip_norm: f64,
     pub noise_multiplier: f64,
+    pub trainable: Trainable,
+}
+
+/// Whether `name` is a tensor devices train (and the sums hold) under `trainable`.
+fn noised(name: &str, trainable: Trainable) -> bool {
+    !(trainable == Trainable::BOnly && matches!(tensor_role(name), TensorRole::LoraA(_)))
+}
+
+/// The coordinates the noise goes on: every trainable tensor of `global`, without the A factors
+/// when they are frozen (the planner's d).
+pub fn noised_coordinates(global: &Adapter, trainable: Trainable) -> usize {
+    global.trainable_names().filter(|n| noised(n, trainable)).map(|n| global.tensors()[n].numel()).sum()
 }
 
 /// Slack on the clipping bound for what float rounding does to a clipped change (relative).
@@ -96,7 +112,7 @@ impl PrivateSums {
                 message: format!("{method} cannot run under differential privacy"),
             })?;
         let mut sums = BTreeMap::new();
-        for name in global.trainable_names() {
+        for name in global.trainable_names().filter(|n| noised(n, parameters.trainable)) {
             let t = &global.tensors()[name];
             sums.insert(name.to_string(), Tensor::f_zeros(t.size(), (Kind::Double, Device::Cpu))?);
         }
@@ -157,7 +173,8 @@ impl PrivateSums {
             )));
         }
         let r = adapter.rank() as i64;
-        for name in adapter.trainable_names() {
+        self.check_frozen(update)?;
+        for name in adapter.trainable_names().filter(|n| noised(n, self.parameters.trainable)) {
             let torch = |source| AggregateError::Adapter(TensorError::Torch { name: name.to_string(), source }.into());
             let sum =
                 self.sums.get(name).ok_or_else(|| invalid(format!("tensor '{name}' is not in the global adapter")))?;
@@ -183,6 +200,29 @@ impl PrivateSums {
         }
         self.folded += 1;
         self.largest_norm = self.largest_norm.max(norm);
+        Ok(())
+    }
+
+    /// Under [`Trainable::BOnly`]: refuses an update whose A factors are not the global's, bit for bit.
+    fn check_frozen(&self, update: &ClientUpdate<'_>) -> Result<(), AggregateError> {
+        if self.parameters.trainable != Trainable::BOnly {
+            return Ok(());
+        }
+        let r = update.adapter.rank() as i64;
+        for module in update.adapter.modules() {
+            let (a, _) = update.adapter.factors(module);
+            let (global_a, _) = self.previous.factors(module);
+            let same = global_a.f_narrow(0, 0, r).is_ok_and(|g| g.size() == a.size() && g.equal(a));
+            if !same {
+                return Err(AggregateError::InvalidUpdate {
+                    client: update.client.to_string(),
+                    message: format!(
+                        "its lora_A of '{module}' differs from the global's, but [privacy] trainable = \"b_only\" \
+                         freezes every A factor"
+                    ),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -276,8 +316,11 @@ impl PrivateSums {
         let adapter = Adapter::new(tensors)?;
         let notes = vec![format!(
             "privacy: {} clipped update(s) (largest change {:.4} ≤ C = {}), Gaussian noise σ·C = {sd:.4} on each sum \
-             (0: added by the devices), q = {sampling_rate}, population {total}",
-            self.folded, self.largest_norm, self.parameters.clip_norm
+             (0: added by the devices), q = {sampling_rate}, population {total}{}",
+            self.folded,
+            self.largest_norm,
+            self.parameters.clip_norm,
+            if self.parameters.trainable == Trainable::BOnly { "; every A factor frozen" } else { "" }
         )];
         Ok(Aggregated { adapter, notes })
     }

@@ -27,7 +27,7 @@ mod tests;
 
 use crate::adapter::{Adapter, AdapterError};
 
-pub use dp::{private_denominator, why_not_private, PrivacyParameters, PrivateSums};
+pub use dp::{noised_coordinates, private_denominator, why_not_private, PrivacyParameters, PrivateSums, Trainable};
 pub use flexlora::{singular_values, top_components, FlexLora, EXACT_SVD_MAX_DIM};
 pub use flora::{Flora, FloraMerged};
 pub use flotilla_merge::method::Method;

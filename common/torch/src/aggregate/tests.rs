@@ -927,7 +927,7 @@ fn without_noise_and_with_everyone_private_sums_are_the_plain_methods_with_equal
             scale: 1.0,
         })
         .collect();
-    let parameters = PrivacyParameters { clip_norm: 1.0, noise_multiplier: 1e-12 };
+    let parameters = PrivacyParameters { clip_norm: 1.0, noise_multiplier: 1e-12, trainable: Trainable::Lora };
     let people = population(&ranks.map(|r| r as u32));
     for method in [Method::Rbla, Method::FoldAndFill] {
         let mut private = PrivateSums::new(&global, method, 1.0, parameters).unwrap();
@@ -945,10 +945,112 @@ fn without_noise_and_with_everyone_private_sums_are_the_plain_methods_with_equal
     }
 }
 
+/// A device's rank-`rank` update under `trainable = "b_only"`: the global's slice with its B
+/// factors and head changed (norm `norm` in all), every A exactly the global's.
+fn changed_b_only(global: &Adapter, rank: usize, norm: f64, seed: u64) -> Adapter {
+    let slice = global.slice_to_rank(rank).unwrap();
+    let change = random_adapter(rank, seed);
+    let frozen = |name: &str| matches!(crate::adapter::tensor_role(name), crate::adapter::TensorRole::LoraA(_));
+    let moved: BTreeMap<String, Tensor> = change
+        .tensors()
+        .iter()
+        .map(|(n, t)| (n.clone(), if frozen(n) { t.zeros_like() } else { t.shallow_clone() }))
+        .collect();
+    let moved = Adapter::new(moved).unwrap();
+    let raw = moved.change_norm(&zeroed(&moved)).unwrap();
+    let tensors = slice.tensors().iter().map(|(n, t)| (n.clone(), t + moved.get(n).unwrap() * (norm / raw))).collect();
+    Adapter::new(tensors).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Under `b_only` the A factors of the next global are the global's, bit for bit, and the
+    /// merged change of each module's product is exactly the devices' product changes summed over
+    /// each slot's divisor (Fold-and-Fill: the round's devices, so the average of the devices'
+    /// product changes; RBLA: each slot's holders).
+    #[test]
+    fn b_only_keeps_every_a_and_merges_the_products_exactly(
+        ranks in proptest::collection::vec(1usize..=R_MAX, 2..6),
+        seed in 0u64..1000,
+    ) {
+        let global = random_adapter(R_MAX, 910 + seed);
+        let clients: Vec<Client> = ranks
+            .iter()
+            .enumerate()
+            .map(|(i, &r)| Client {
+                name: format!("c{i}"),
+                adapter: changed_b_only(&global, r, 0.6, seed * 7 + i as u64),
+                n: 3,
+                scale: 1.0,
+            })
+            .collect();
+        let parameters = PrivacyParameters { clip_norm: 1.0, noise_multiplier: 1e-12, trainable: Trainable::BOnly };
+        let ranks_u32: Vec<u32> = ranks.iter().map(|&r| r as u32).collect();
+        for method in [Method::FoldAndFill, Method::Rbla] {
+            let mut private = PrivateSums::new(&global, method, 1.0, parameters).unwrap();
+            for c in &clients {
+                private.fold(&update(c)).unwrap();
+            }
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let next = private.finish(&population(&ranks_u32), 1.0, &mut rng).unwrap().adapter;
+            for (module, _, _) in MODULES {
+                let (a, b) = next.factors(module);
+                let (ga, gb) = global.factors(module);
+                prop_assert!(a.equal(ga), "{method}: {module}'s A moved");
+                let merged = (b - gb).to_kind(Kind::Double).matmul(&ga.to_kind(Kind::Double));
+                let mut want = merged.zeros_like();
+                for slot in 0..R_MAX as i64 {
+                    let holders: Vec<&Client> = clients.iter().filter(|c| c.adapter.rank() as i64 > slot).collect();
+                    let divisor = match method {
+                        Method::FoldAndFill => clients.len(),
+                        _ => holders.len(),
+                    };
+                    if holders.is_empty() {
+                        continue;
+                    }
+                    for c in holders {
+                        let (ca, cb) = c.adapter.factors(module);
+                        prop_assert!(ca.equal(&ga.narrow(0, 0, ca.size()[0])));
+                        let db = (cb.narrow(1, slot, 1) - gb.narrow(1, slot, 1)).to_kind(Kind::Double);
+                        want += db.matmul(&ga.narrow(0, slot, 1).to_kind(Kind::Double)) / divisor as f64;
+                    }
+                }
+                let error = (merged - want).abs().max().double_value(&[]);
+                prop_assert!(error < 1e-5, "{method}: {module}: {error}");
+            }
+        }
+    }
+}
+
+#[test]
+fn under_b_only_a_changed_a_is_refused_and_the_noise_skips_every_a() {
+    let global = random_adapter(R_MAX, 920);
+    let parameters = PrivacyParameters { clip_norm: 1.0, noise_multiplier: 1e-12, trainable: Trainable::BOnly };
+    let mut private = PrivateSums::new(&global, Method::FoldAndFill, 1.0, parameters).unwrap();
+    let moved = Client { name: "moved".into(), adapter: changed_slice(&global, 4, 0.5, 4), n: 3, scale: 1.0 };
+    let error = private.fold(&update(&moved)).unwrap_err().to_string();
+    assert!(error.contains("moved") && error.contains("b_only"), "{error}");
+    assert_eq!(private.folded(), 0);
+    let a_coordinates: usize = MODULES.iter().map(|(_, d_in, _)| R_MAX * d_in).sum();
+    let all = noised_coordinates(&global, Trainable::Lora);
+    assert_eq!(noised_coordinates(&global, Trainable::BOnly), all - a_coordinates);
+    // Real noise: every B and the head move, no A does.
+    let noisy = PrivacyParameters { noise_multiplier: 2.0, ..parameters };
+    let private = PrivateSums::new(&global, Method::FoldAndFill, 1.0, noisy).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+    let next = private.finish(&population(&[4, 8]), 1.0, &mut rng).unwrap().adapter;
+    for (module, _, _) in MODULES {
+        let (a, b) = next.factors(module);
+        let (ga, gb) = global.factors(module);
+        assert!(a.equal(ga) && !b.equal(gb), "{module}");
+    }
+}
+
 #[test]
 fn an_update_beyond_the_clipping_bound_is_refused_and_leaves_the_sums_alone() {
     let global = random_adapter(R_MAX, 901);
-    let parameters = PrivacyParameters { clip_norm: 0.5, noise_multiplier: 1e-12 };
+    let parameters = PrivacyParameters { clip_norm: 0.5, noise_multiplier: 1e-12, trainable: Trainable::Lora };
     let mut private = PrivateSums::new(&global, Method::Rbla, 1.0, parameters).unwrap();
     let far = Client { name: "far".into(), adapter: changed_slice(&global, 4, 0.6, 3), n: 5, scale: 1.0 };
     let error = private.fold(&update(&far)).unwrap_err().to_string();
@@ -973,7 +1075,7 @@ fn an_update_beyond_the_clipping_bound_is_refused_and_leaves_the_sums_alone() {
 #[test]
 fn the_noise_has_the_calibrated_scale_per_slot() {
     let global = random_adapter(R_MAX, 902);
-    let parameters = PrivacyParameters { clip_norm: 0.8, noise_multiplier: 1.5 };
+    let parameters = PrivacyParameters { clip_norm: 0.8, noise_multiplier: 1.5, trainable: Trainable::Lora };
     let people = population(&[2, 2, 4, 4, 8, 8]);
     let q = 0.5;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(3);

@@ -2,6 +2,7 @@
 //! headline after its prompt, or every token for next-word adaptation), right-padded batches, and
 //! AdamW on the LoRA factors alone.
 
+use crate::model::frozen::FrozenFactors;
 use std::collections::BTreeMap;
 
 use flotilla_gguf::LlamaSpec;
@@ -73,6 +74,8 @@ pub struct DecoderLora {
     pub scale: f64,
     /// Train layer by layer, recomputing each in the backward pass ([`DecoderLora::layered_step`]).
     pub layered: bool,
+    /// Train each B only, every A staying as it is (`Trainable::BOnly`).
+    pub frozen_a: bool,
 }
 
 impl DecoderLora {
@@ -109,7 +112,7 @@ impl DecoderLora {
             let b = root.f_var_copy(&format!("lora_b_{i}"), b)?;
             trainable.insert(module.clone(), (a, b));
         }
-        Ok(DecoderLora { store, factors: trainable, scale, layered: false })
+        Ok(DecoderLora { store, factors: trainable, scale, layered: false, frozen_a: false })
     }
 
     pub fn factors(&self) -> &BTreeMap<String, (Tensor, Tensor)> {
@@ -226,6 +229,10 @@ impl DecoderLora {
             return Err(ModelError::Unsupported("no examples to train on".into()));
         }
         let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(&self.store, learning_rate)?;
+        let frozen = match self.frozen_a {
+            true => FrozenFactors::of(self.factors.values().map(|(a, _)| a))?,
+            false => FrozenFactors::none(),
+        };
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let mut losses = Vec::with_capacity(steps);
         for _ in 0..steps {
@@ -240,12 +247,14 @@ impl DecoderLora {
                     surrogate = surrogate.f_add(&factor.f_mul(gradient)?.f_sum(tch::Kind::Float)?)?;
                 }
                 optimizer.backward_step(&surrogate);
+                frozen.restore()?;
                 losses.push(mean);
                 continue;
             }
             let (loss, count, _) = self.loss_sum(decoder, &batch)?;
             let mean = loss.f_div_scalar(count.max(1) as f64)?;
             optimizer.backward_step(&mean);
+            frozen.restore()?;
             losses.push(mean.f_double_value(&[])?);
         }
         Ok(losses)

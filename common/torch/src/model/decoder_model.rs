@@ -104,6 +104,7 @@ impl DecoderModel {
             0 => settings.local_steps as usize,
             epochs => epochs as usize * sequences.len().div_ceil(batch),
         };
+        self.lora.frozen_a = settings.trainable == flotilla_wire::model::Trainable::BOnly;
         self.lora.train_steps(&self.decoder, sequences, steps, batch, settings.learning_rate, settings.seed)?;
         Ok(())
     }

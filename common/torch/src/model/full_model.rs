@@ -51,7 +51,9 @@ impl FullModel {
     /// `settings.local_steps` AdamW steps over every weight, on minibatches drawn with
     /// `settings.seed` (a fresh optimizer per call, as a device's local training).
     pub fn train_steps(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<(), ModelError> {
-        adamw_steps(&self.store, data, settings, self.device, |x, lengths| self.forward(x, lengths))
+        adamw_steps(&self.store, data, settings, self.device, &super::frozen::FrozenFactors::none(), |x, lengths| {
+            self.forward(x, lengths)
+        })
     }
 
     /// Mean cross-entropy and accuracy over `data`, in batches, without gradients.

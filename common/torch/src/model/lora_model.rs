@@ -8,9 +8,11 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use tch::{nn, nn::OptimizerConfig, Device, Tensor};
 
+use super::frozen::FrozenFactors;
 use super::{Architecture, ArchitectureExt, BaseWeights, Lora, ModelError, ADAPTER_PREFIX};
 use crate::adapter::{lora_a_name, lora_b_name, Adapter};
 use crate::data::Dataset;
+use flotilla_wire::model::Trainable;
 
 /// Local samples a transformer's loss and accuracy before and after training are measured on: 32,
 /// two forward passes of which cost about what 3 training steps of batch 8 do (64 doubled the
@@ -157,7 +159,11 @@ impl LoraModel {
     /// `settings.local_steps` AdamW steps (or `local_epochs` passes over the data) on minibatches
     /// drawn with `settings.seed`, without evaluation (what the probe times).
     pub fn train_steps(&mut self, data: &Dataset, settings: &TrainingSettings) -> Result<(), ModelError> {
-        adamw_steps(&self.store, data, settings, self.device, |x, lengths| self.forward(x, lengths))
+        let frozen = match settings.trainable {
+            Trainable::BOnly => FrozenFactors::of(self.factors.values().map(|(a, _)| a))?,
+            Trainable::Lora => FrozenFactors::none(),
+        };
+        adamw_steps(&self.store, data, settings, self.device, &frozen, |x, lengths| self.forward(x, lengths))
     }
 }
 
@@ -222,12 +228,14 @@ pub(super) fn confusion_of_logits(
 }
 
 /// `settings.local_steps` AdamW steps (or `local_epochs` passes over the data) over the variables
-/// of `store`, on minibatches drawn with `settings.seed`: a fresh optimizer per call.
+/// of `store` but the `frozen` ones, on minibatches drawn with `settings.seed`: a fresh optimizer
+/// per call.
 pub(super) fn adamw_steps(
     store: &nn::VarStore,
     data: &Dataset,
     settings: &TrainingSettings,
     device: Device,
+    frozen: &FrozenFactors,
     forward: impl Fn(&Tensor, Option<&Tensor>) -> Result<Tensor, ModelError>,
 ) -> Result<(), ModelError> {
     let mut optimizer = nn::AdamW { wd: 0.0, ..Default::default() }.build(store, settings.learning_rate)?;
@@ -250,6 +258,7 @@ pub(super) fn adamw_steps(
             0.0,
         )?;
         optimizer.backward_step(&loss);
+        frozen.restore()?;
     }
     Ok(())
 }

@@ -11,6 +11,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod decoder_lora;
 pub mod decoder_model;
+mod frozen;
 mod full_model;
 mod layers;
 pub mod llama;

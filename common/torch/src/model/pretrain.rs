@@ -32,6 +32,7 @@ pub(super) fn pretrain(
         batch_size: settings.batch_size,
         learning_rate: settings.learning_rate,
         seed: settings.seed,
+        trainable: Default::default(),
     };
     model.train_steps(data, &training)?;
     let (head_weight, head_bias) = model.head()?;

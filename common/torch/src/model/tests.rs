@@ -15,7 +15,14 @@ fn a_fresh_adapter_leaves_the_base_unchanged_and_training_improves_it() {
     let slice = global.slice_to_rank(4).unwrap();
     let mut model = LoraModel::new(&arch, &base, &slice, 2.0, Device::Cpu).unwrap();
     let data = synthetic_classification(512, 16, 4, 3, 4);
-    let settings = TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 };
+    let settings = TrainingSettings {
+        local_steps: 150,
+        local_epochs: 0,
+        batch_size: 32,
+        learning_rate: 1e-2,
+        seed: 5,
+        trainable: Default::default(),
+    };
     let metrics = model.train(&data, &settings).unwrap();
     assert!(metrics.loss_after < metrics.loss_before * 0.8, "{metrics:?}");
     let trained = model.adapter().unwrap();
@@ -68,7 +75,14 @@ fn pretraining_learns_and_a_merged_model_computes_what_base_plus_adapter_compute
     model
         .train_steps(
             &data,
-            &TrainingSettings { local_steps: 50, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 },
+            &TrainingSettings {
+                local_steps: 50,
+                local_epochs: 0,
+                batch_size: 32,
+                learning_rate: 1e-2,
+                seed: 5,
+                trainable: Default::default(),
+            },
         )
         .unwrap();
     let trained = model.adapter().unwrap();
@@ -86,7 +100,14 @@ fn training_is_deterministic_given_the_seed() {
     let base = arch.init_base(1);
     let global = arch.init_adapter(4, 2).unwrap();
     let data = synthetic_classification(128, 16, 4, 3, 4);
-    let settings = TrainingSettings { local_steps: 10, local_epochs: 0, batch_size: 16, learning_rate: 1e-2, seed: 9 };
+    let settings = TrainingSettings {
+        local_steps: 10,
+        local_epochs: 0,
+        batch_size: 16,
+        learning_rate: 1e-2,
+        seed: 9,
+        trainable: Default::default(),
+    };
     let run = || {
         let mut m = LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).unwrap();
         m.train(&data, &settings).unwrap();
@@ -113,7 +134,14 @@ fn lora_training_on_fashion_mnist_improves_held_out_accuracy() {
     let global = arch.init_adapter(8, 2).unwrap();
     let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
     let (_, before) = model.evaluate(&held_out, 1000).unwrap();
-    let settings = TrainingSettings { local_steps: 300, local_epochs: 0, batch_size: 64, learning_rate: 5e-3, seed: 3 };
+    let settings = TrainingSettings {
+        local_steps: 300,
+        local_epochs: 0,
+        batch_size: 64,
+        learning_rate: 5e-3,
+        seed: 3,
+        trainable: Default::default(),
+    };
     model.train(&local, &settings).unwrap();
     let (_, after) = model.evaluate(&held_out, 1000).unwrap();
     assert!(before < 0.25 && after > 0.70, "held-out accuracy {before:.3} → {after:.3}");
@@ -143,7 +171,14 @@ fn a_cnn_has_lora_on_its_convolutions_and_its_merged_form_computes_the_same() {
     model
         .train_steps(
             &data,
-            &TrainingSettings { local_steps: 20, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 },
+            &TrainingSettings {
+                local_steps: 20,
+                local_epochs: 0,
+                batch_size: 32,
+                learning_rate: 1e-2,
+                seed: 5,
+                trainable: Default::default(),
+            },
         )
         .unwrap();
     let trained = model.adapter().unwrap();
@@ -180,10 +215,41 @@ fn cnn_lora_training_on_fashion_mnist_improves_held_out_accuracy() {
     let global = arch.init_adapter(8, 2).unwrap();
     let mut model = LoraModel::new(&arch, &base, &global, 2.0, Device::Cpu).unwrap();
     let (_, before) = model.evaluate(&held_out, 500).unwrap();
-    let settings = TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 5e-3, seed: 3 };
+    let settings = TrainingSettings {
+        local_steps: 150,
+        local_epochs: 0,
+        batch_size: 32,
+        learning_rate: 5e-3,
+        seed: 3,
+        trainable: Default::default(),
+    };
     model.train(&local, &settings).unwrap();
     let (_, after) = model.evaluate(&held_out, 500).unwrap();
     assert!(before < 0.25 && after > 0.5, "held-out accuracy {before:.3} → {after:.3}");
+}
+
+#[test]
+fn under_b_only_every_a_comes_back_bit_for_bit_and_b_and_the_head_train() {
+    let arch = arch();
+    let base = arch.init_base(1);
+    let global = arch.init_adapter(4, 2).unwrap();
+    let data = synthetic_classification(100, 16, 4, 3, 4);
+    let mut model = LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).unwrap();
+    let settings = TrainingSettings {
+        local_steps: 20,
+        local_epochs: 0,
+        batch_size: 32,
+        learning_rate: 1e-2,
+        seed: 7,
+        trainable: flotilla_wire::model::Trainable::BOnly,
+    };
+    model.train(&data, &settings).unwrap();
+    let trained = model.adapter().unwrap();
+    for (name, t) in global.tensors() {
+        let moved = !trained.get(name).unwrap().equal(t);
+        let frozen = matches!(crate::adapter::tensor_role(name), crate::adapter::TensorRole::LoraA(_));
+        assert_eq!(moved, !frozen, "{name}: moved {moved}");
+    }
 }
 
 #[test]
@@ -194,7 +260,14 @@ fn local_epochs_are_passes_over_the_local_data() {
     let data = synthetic_classification(100, 16, 4, 3, 4);
     let train = |local_steps, local_epochs| {
         let mut model = LoraModel::new(&arch, &base, &global, 1.0, Device::Cpu).unwrap();
-        let settings = TrainingSettings { local_steps, local_epochs, batch_size: 32, learning_rate: 1e-2, seed: 7 };
+        let settings = TrainingSettings {
+            local_steps,
+            local_epochs,
+            batch_size: 32,
+            learning_rate: 1e-2,
+            seed: 7,
+            trainable: Default::default(),
+        };
         model.train_steps(&data, &settings).unwrap();
         model.adapter().unwrap()
     };
@@ -234,7 +307,14 @@ fn full_fine_tuning_starts_as_the_plain_model_and_trains_every_weight() {
     let weights: i64 = base.values().map(|t| t.numel() as i64).sum::<i64>() + 4 * 32 + 4;
     assert_eq!(model.trainable_parameters(), weights);
     let before = model.evaluate(&data, 256).unwrap();
-    let settings = TrainingSettings { local_steps: 150, local_epochs: 0, batch_size: 32, learning_rate: 1e-2, seed: 5 };
+    let settings = TrainingSettings {
+        local_steps: 150,
+        local_epochs: 0,
+        batch_size: 32,
+        learning_rate: 1e-2,
+        seed: 5,
+        trainable: Default::default(),
+    };
     model.train_steps(&data, &settings).unwrap();
     let after = model.evaluate(&data, 256).unwrap();
     assert!(after.0 < before.0 * 0.8 && after.1 > before.1 + 0.2, "{before:?} -> {after:?}");
@@ -274,7 +354,14 @@ fn full_fine_tuning_of_a_transformer_moves_the_encoder_and_learns() {
     let data = Dataset::tokens(ids, lengths, labels);
     let mut model = FullModel::new(&arch, &base, head, Device::Cpu).unwrap();
     let before = model.evaluate(&data, 64).unwrap();
-    let settings = TrainingSettings { local_steps: 60, local_epochs: 0, batch_size: 16, learning_rate: 3e-3, seed: 1 };
+    let settings = TrainingSettings {
+        local_steps: 60,
+        local_epochs: 0,
+        batch_size: 16,
+        learning_rate: 3e-3,
+        seed: 1,
+        trainable: Default::default(),
+    };
     model.train_steps(&data, &settings).unwrap();
     let after = model.evaluate(&data, 64).unwrap();
     assert!(after.1 > 0.9 && after.0 < before.0, "{before:?} -> {after:?}");

@@ -82,7 +82,7 @@ pub fn run(config: &CoordinatorConfig, train_dir: &Path) -> Result<serde_json::V
     let mut rounds = Vec::new();
     for round in 1..=config.round.rounds {
         let started = Instant::now();
-        model.train_steps(&data, &training_settings(policy.training(round)))?;
+        model.train_steps(&data, &training_settings(policy.training(round), Default::default()))?;
         let evaluation = evaluate(&model)?;
         info!(round, accuracy = evaluation[0]["accuracy"].as_f64(), "[round {round}] full fine-tuning evaluated");
         rounds.push(json!({

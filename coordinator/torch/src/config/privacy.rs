@@ -51,6 +51,11 @@ pub struct PrivacySection {
     /// the n covering the slot, and a round with fewer survivors is discarded unrevealed.
     #[serde(default = "default_max_dropout")]
     pub max_dropout: f64,
+    /// What devices train: `"lora"`, every factor; `"b_only"`, each B and the head with every A
+    /// frozen at the global's (FFA-LoRA): the merge stays exact and about half the coordinates
+    /// carry noise.
+    #[serde(default)]
+    pub trainable: flotilla_torch::aggregate::Trainable,
 }
 
 fn default_max_dropout() -> f64 {
@@ -65,7 +70,11 @@ impl PrivacySection {
     }
 
     pub fn parameters(&self) -> PrivacyParameters {
-        PrivacyParameters { clip_norm: self.clip_norm, noise_multiplier: self.noise_multiplier }
+        PrivacyParameters {
+            clip_norm: self.clip_norm,
+            noise_multiplier: self.noise_multiplier,
+            trainable: self.trainable,
+        }
     }
 
     /// Every setting, and that the budget pays for at least one round.
@@ -203,6 +212,7 @@ mod tests {
             delta,
             population: None,
             max_dropout: 0.2,
+            trainable: Default::default(),
         }
     }
 

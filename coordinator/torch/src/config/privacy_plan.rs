@@ -8,6 +8,7 @@
 //! 0.1. `check` prints the plan, `serve` logs it and `/status` serves it.
 
 use flotilla_torch::adapter::{tensor_role, TensorRole};
+use flotilla_torch::aggregate::{noised_coordinates, Trainable};
 use flotilla_torch::model::ArchitectureExt;
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,8 @@ use crate::config::CoordinatorConfig;
 pub struct PrivacyPlan {
     /// d: the coordinates the noise is added to (every LoRA factor at R_max, and the head).
     pub noised_coordinates: u64,
+    /// What devices train (`b_only`: every A frozen, so only B and the head count in d).
+    pub trainable: Trainable,
     /// The head's share of d (the classifier trained beside the factors).
     pub head_coordinates: u64,
     /// N: `[privacy] population`, or `[round] min_devices` without it.
@@ -37,23 +40,19 @@ impl PrivacyPlan {
         let Some(privacy) = &config.privacy else { return Ok(None) };
         let adapter =
             config.model.architecture.init_adapter(config.aggregation.max_rank as usize, config.model.seed)?;
-        let (mut noised, mut head) = (0u64, 0u64);
-        for (name, tensor) in adapter.tensors() {
-            let count = tensor.numel() as u64;
-            match tensor_role(name) {
-                TensorRole::LoraA(_) | TensorRole::LoraB(_) => noised += count,
-                TensorRole::Other => {
-                    noised += count;
-                    head += count;
-                }
-                TensorRole::MergedDelta(_) => {}
-            }
-        }
+        let noised = noised_coordinates(&adapter, privacy.trainable) as u64;
+        let head: u64 = adapter
+            .tensors()
+            .iter()
+            .filter(|(name, _)| matches!(tensor_role(name), TensorRole::Other))
+            .map(|(_, t)| t.numel() as u64)
+            .sum();
         let population = privacy.population.unwrap_or(config.round.min_devices);
         let expected_cohort = config.round.fraction * population as f64;
         let scale = privacy.noise_multiplier * (noised as f64).sqrt();
         Ok(Some(PrivacyPlan {
             noised_coordinates: noised,
+            trainable: privacy.trainable,
             head_coordinates: head,
             population,
             expected_cohort,
@@ -65,11 +64,15 @@ impl PrivacyPlan {
 
     pub fn describe(&self) -> String {
         format!(
-            "privacy plan: d = {} noised coordinates ({:.1}% of them the head); expected cohort n = q·N = {:.1} of N = \
+            "privacy plan: d = {} noised coordinates ({:.1}% of them the head; devices train {}); expected cohort n = q·N = {:.1} of N = \
              {}; noise/signal on the averaged update σ·√d/n = {:.2}; a ratio of 1 needs n ≈ {:.0} devices per round, \
              0.1 needs n ≈ {:.0}",
             self.noised_coordinates,
             100.0 * self.head_coordinates as f64 / self.noised_coordinates.max(1) as f64,
+            match self.trainable {
+                Trainable::Lora => "every LoRA factor",
+                Trainable::BOnly => "each B and the head, every A frozen",
+            },
             self.expected_cohort,
             self.population,
             self.noise_to_signal,

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_engine::{Action, Engine, EngineConfig, Event, Phase, SkipWhy, TrainingPlan};
+use flotilla_wire::model::Trainable;
 use flotilla_wire::protocol::{close, CoordinatorMessage, Reject, RoundTask, TrainingSettings};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -101,6 +102,11 @@ impl RoundDriver {
             federated: Default::default(),
             evaluate_only,
         }
+    }
+
+    /// What devices train: `[privacy] trainable`, every LoRA factor without privacy.
+    fn trainable(&self) -> Trainable {
+        self.links.config.privacy.as_ref().map_or(Trainable::Lora, |p| p.trainable)
     }
 
     /// Gauges and the `/status` snapshot that mirror the engine's state.
@@ -468,7 +474,7 @@ impl RoundDriver {
                 total_rounds: self.links.config.round.rounds,
                 rank,
                 base_version: self.base_version.clone(),
-                training: training_settings(self.engine.policy().training(round)),
+                training: training_settings(self.engine.policy().training(round), self.trainable()),
                 deadline_secs: self.links.config.round.deadline_secs,
                 clip_norm: self.links.config.privacy.as_ref().map(|p| p.clip_norm),
                 noise_multiplier: self.links.config.privacy.as_ref().map(|p| p.noise_multiplier),
@@ -521,8 +527,9 @@ impl RoundDriver {
     }
 }
 
-/// The engine's training plan as the protocol carries it.
-pub(crate) fn training_settings(plan: TrainingPlan) -> TrainingSettings {
+/// The engine's training plan as the protocol carries it
+/// (`trainable`: what devices train, `[privacy] trainable`).
+pub(crate) fn training_settings(plan: TrainingPlan, trainable: Trainable) -> TrainingSettings {
     let TrainingPlan { local_steps, local_epochs, batch_size, learning_rate, seed } = plan;
-    TrainingSettings { local_steps, local_epochs, batch_size, learning_rate, seed }
+    TrainingSettings { local_steps, local_epochs, batch_size, learning_rate, seed, trainable }
 }
