@@ -117,11 +117,17 @@ env "${overrides[@]}" "$bin/flotilla-coordinator" serve --config "$run_dir/coord
     >"$run_dir/summary.txt" 2>"$run_dir/logs/coordinator.log" &
 coordinator_pid=$!
 pids+=("$coordinator_pid")
-for _ in $(seq 1 1200); do
+# Up to 10 minutes: on a busy 2-core machine loading and checking a base model can take minutes.
+for _ in $(seq 1 6000); do
     [ -s "$run_dir/coordinator.addr" ] && break
     kill -0 "$coordinator_pid" 2>/dev/null || { cat "$run_dir/logs/coordinator.log" >&2; exit 1; }
     sleep 0.1
 done
+if [ ! -s "$run_dir/coordinator.addr" ]; then
+    echo "the coordinator did not start listening within 10 minutes; its log:" >&2
+    tail -n 20 "$run_dir/logs/coordinator.log" >&2
+    exit 1
+fi
 address="$(cat "$run_dir/coordinator.addr")"
 echo "coordinator listening on $address"
 
