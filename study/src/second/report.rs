@@ -10,6 +10,7 @@ use super::results::{choose, load_run, Choice, Chosen, Run, LAST_ROUNDS};
 use super::{Arm, Plan, Skew};
 use crate::results::Stat;
 
+mod decoder_metrics;
 mod pairwise;
 
 /// Marks a choice that still lies on an edge of what its tuning tried.
@@ -114,6 +115,10 @@ pub fn markdown(plan: &Plan, dir: &Path, figures_link: &str, figures_dir: &Path)
         let bounds = report.bounds_section(&mut out, task.key)?;
         for &skew in &plan.skews {
             report.skew_section(&mut out, task.key, task.title, skew, &bounds)?;
+        }
+        if let super::TaskKind::Headlines { .. } = task.kind {
+            writeln!(out, "#### The loss and ROUGE-L\n")?;
+            decoder_metrics::section(&mut out, &report, task.key)?;
         }
         report.privacy_section(&mut out, task.key, &bounds)?;
         report.tuning_section(&mut out, task.key)?;

@@ -51,17 +51,42 @@ fn majority_rate(per_class: &serde_json::Value) -> Option<f64> {
     (total > 0.0).then(|| counts.iter().copied().fold(0.0, f64::max) / total)
 }
 
+/// Which score of an evaluation a run is read for: the accuracy; or, for a decoder, the loss per
+/// target token (negated, so that higher is better and the gain formula holds) or the ROUGE-L F1 of
+/// its greedy headlines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Metric {
+    Accuracy,
+    NegatedLoss,
+    RougeL,
+}
+
+impl Metric {
+    fn of(self, evaluation: &serde_json::Value) -> Option<f64> {
+        match self {
+            Metric::Accuracy => evaluation["accuracy"].as_f64(),
+            Metric::NegatedLoss => evaluation["loss"].as_f64().map(|loss| -loss),
+            Metric::RougeL => evaluation["rouge_l"].as_f64(),
+        }
+    }
+}
+
 /// Rounds averaged for a run's score: the last 3, not the best (no selection on test).
 pub const LAST_ROUNDS: usize = 3;
 
 impl Run {
     pub fn from_summary(summary: &serde_json::Value, wall_seconds: f64) -> Result<Run> {
+        Run::from_summary_with(summary, wall_seconds, Metric::Accuracy)
+    }
+
+    /// A run read for `metric` (its `rounds` and `base` hold that score instead of the accuracy).
+    pub fn from_summary_with(summary: &serde_json::Value, wall_seconds: f64, metric: Metric) -> Result<Run> {
         let by_rank = |evaluation: &serde_json::Value| -> BTreeMap<u32, f64> {
             evaluation
                 .as_array()
                 .into_iter()
                 .flatten()
-                .filter_map(|e| Some((e["rank"].as_u64()? as u32, e["accuracy"].as_f64()?)))
+                .filter_map(|e| Some((e["rank"].as_u64()? as u32, metric.of(e)?)))
                 .collect()
         };
         let rounds = summary["rounds"].as_array().context("summary.json has no rounds")?;
@@ -172,12 +197,17 @@ pub fn check_every_device_counted(summary: &serde_json::Value, devices: usize) -
 }
 
 pub fn load_run(plan: &Plan, dir: &Path, cell: &Cell) -> Result<Option<Run>> {
+    load_run_with(plan, dir, cell, Metric::Accuracy)
+}
+
+/// A cached run read for `metric`, or `None` when the cell has not run.
+pub fn load_run_with(plan: &Plan, dir: &Path, cell: &Cell, metric: Metric) -> Result<Option<Run>> {
     let path = plan.result_path(dir, cell);
     let Ok(bytes) = std::fs::read(&path) else { return Ok(None) };
     let cached: serde_json::Value =
         serde_json::from_slice(&bytes).with_context(|| format!("{} is not JSON", path.display()))?;
     let wall = cached["wall_seconds"].as_f64().unwrap_or(0.0);
-    Ok(Some(Run::from_summary(&cached["summary"], wall).with_context(|| path.display().to_string())?))
+    Ok(Some(Run::from_summary_with(&cached["summary"], wall, metric).with_context(|| path.display().to_string())?))
 }
 
 /// What a setting's tuning picks: a learning rate and local steps, and a private arm's clipping
@@ -269,6 +299,26 @@ mod tests {
         // Runs recorded before per-class counts: the base alone.
         let old = Run::from_summary(&summary(serde_json::Value::Null), 1.0).unwrap();
         assert_eq!((old.majority, old.floor()), (None, Some(0.25)));
+    }
+
+    /// A decoder's run read for its loss (negated: higher is better, so the gain formula holds) and
+    /// for ROUGE-L, from the same summary as its accuracy.
+    #[test]
+    fn a_decoder_run_is_read_for_its_loss_and_its_rouge_l_too() {
+        let summary = serde_json::json!({
+            "initial_evaluation": [{"rank": 16, "accuracy": 0.3, "loss": 5.0, "rouge_l": 0.12}],
+            "max_rank": 16,
+            "rounds": [{"round": 1, "evaluation": [{"rank": 16, "accuracy": 0.5, "loss": 3.5, "rouge_l": 0.2}]}],
+        });
+        let loss = Run::from_summary_with(&summary, 1.0, Metric::NegatedLoss).unwrap();
+        assert_eq!((loss.base, loss.max_rank_accuracy()), (Some(-5.0), Some(-3.5)));
+        let rouge = Run::from_summary_with(&summary, 1.0, Metric::RougeL).unwrap();
+        assert_eq!((rouge.base, rouge.max_rank_accuracy()), (Some(0.12), Some(0.2)));
+        let accuracy = Run::from_summary(&summary, 1.0).unwrap();
+        assert_eq!(accuracy.max_rank_accuracy(), Some(0.5));
+        // A classifier's rounds hold no loss-per-token field under that name: no score, an error.
+        let plain = serde_json::json!({"max_rank": 16, "rounds": [{"round": 1, "evaluation": [{"rank": 16, "accuracy": 0.5}]}]});
+        assert!(Run::from_summary_with(&plain, 1.0, Metric::RougeL).is_err());
     }
 
     #[test]
