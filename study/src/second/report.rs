@@ -6,7 +6,7 @@ use std::path::Path;
 
 use anyhow::Result;
 
-use super::results::{choose, load_run, Choice, Chosen, Run, LAST_ROUNDS};
+use super::results::{choose, load_run_with, Choice, Chosen, Metric, Run, LAST_ROUNDS};
 use super::{Arm, Plan, Skew};
 use crate::results::Stat;
 
@@ -47,10 +47,15 @@ struct Report<'a> {
 impl Report<'_> {
     /// Final runs of one setting, seed by seed.
     fn finals(&self, task: &'static str, skew: Option<Skew>, arm: Arm) -> Result<Vec<Run>> {
+        self.finals_with(task, skew, arm, Metric::Accuracy)
+    }
+
+    /// Final runs of one setting, seed by seed, read for `metric`.
+    fn finals_with(&self, task: &'static str, skew: Option<Skew>, arm: Arm, metric: Metric) -> Result<Vec<Run>> {
         let mut runs = Vec::new();
         for &seed in &self.plan.seeds {
             let Some(cell) = self.plan.final_cell((task, skew, arm), &self.chosen, seed) else { break };
-            if let Some(run) = load_run(self.plan, self.dir, &cell)? {
+            if let Some(run) = load_run_with(self.plan, self.dir, &cell, metric)? {
                 runs.push(run);
             }
         }
@@ -285,11 +290,16 @@ impl Bounds {
 impl Report<'_> {
     /// The bounds line and, when the plan has one, the centralized rank sweep.
     fn bounds(&self, task: &'static str) -> Result<Bounds> {
-        let central = self.finals(task, None, Arm::Centralized(self.plan.max_rank()))?;
+        self.bounds_with(task, Metric::Accuracy)
+    }
+
+    /// The base's and the centralized bound's score for `metric`.
+    fn bounds_with(&self, task: &'static str, metric: Metric) -> Result<Bounds> {
+        let central = self.finals_with(task, None, Arm::Centralized(self.plan.max_rank()), metric)?;
         let centralized = stat(&central.iter().filter_map(Run::max_rank_accuracy).collect::<Vec<_>>());
         let mut everything = Vec::new();
         for (t, skew, arm) in self.plan.settings(task) {
-            everything.extend(self.finals(t, skew, arm)?);
+            everything.extend(self.finals_with(t, skew, arm, metric)?);
         }
         let base = stat(&everything.iter().filter_map(|r| r.base).collect::<Vec<_>>());
         Ok(Bounds { base, centralized })

@@ -5,33 +5,9 @@ use std::fmt::Write as _;
 
 use anyhow::Result;
 
-use super::{stat, Bounds, Report};
+use super::{stat, Report};
 use crate::results::Stat;
-use crate::second::results::{load_run_with, Metric, Run};
-use crate::second::{Arm, Skew};
-
-/// A run's final runs of one setting, read for `metric`.
-fn finals(report: &Report, task: &'static str, skew: Option<Skew>, arm: Arm, metric: Metric) -> Result<Vec<Run>> {
-    let mut runs = Vec::new();
-    for &seed in &report.plan.seeds {
-        let Some(cell) = report.plan.final_cell((task, skew, arm), &report.chosen, seed) else { break };
-        if let Some(run) = load_run_with(report.plan, report.dir, &cell, metric)? {
-            runs.push(run);
-        }
-    }
-    Ok(runs)
-}
-
-/// The base's and the centralized bound's score for `metric` (the mean over seeds).
-fn bounds(report: &Report, task: &'static str, metric: Metric) -> Result<(Option<Stat>, Option<Stat>)> {
-    let central = finals(report, task, None, Arm::Centralized(report.plan.max_rank()), metric)?;
-    let centralized = stat(&central.iter().filter_map(Run::max_rank_accuracy).collect::<Vec<_>>());
-    let mut everything = Vec::new();
-    for (t, skew, arm) in report.plan.settings(task) {
-        everything.extend(finals(report, t, skew, arm, metric)?);
-    }
-    Ok((stat(&everything.iter().filter_map(|r| r.base).collect::<Vec<_>>()), centralized))
-}
+use crate::second::results::{Metric, Run};
 
 fn mean_sd(s: Option<Stat>, scale: f64, digits: usize) -> String {
     s.map_or("—".into(), |s| format!("{:.digits$} ± {:.digits$}", scale * s.mean, scale.abs() * s.sd))
@@ -49,8 +25,9 @@ pub(super) fn section(out: &mut String, report: &Report, task: &'static str) -> 
     )?;
     let mut bounds_of = Vec::new();
     for (metric, scale, digits) in metrics {
-        let (base, centralized) = bounds(report, task, metric)?;
-        bounds_of.push((base, centralized));
+        let bounds = report.bounds_with(task, metric)?;
+        let (base, centralized) = (bounds.base, bounds.centralized);
+        bounds_of.push(bounds);
         let name = if metric == Metric::NegatedLoss { "loss per headline token" } else { "ROUGE-L F1 (%)" };
         writeln!(
             out,
@@ -70,9 +47,8 @@ pub(super) fn section(out: &mut String, report: &Report, task: &'static str) -> 
         for arm in report.plan.arms(skew) {
             let mut cells = Vec::new();
             for (i, (metric, scale, digits)) in metrics.iter().enumerate() {
-                let runs = finals(report, task, Some(skew), arm, *metric)?;
-                let (base, centralized) = bounds_of[i];
-                let bounds = Bounds { base, centralized };
+                let runs = report.finals_with(task, Some(skew), arm, *metric)?;
+                let bounds = &bounds_of[i];
                 let g = |value: Option<f64>| value.and_then(|v| bounds.gain(v));
                 let at_rmax = stat(&runs.iter().filter_map(Run::max_rank_accuracy).collect::<Vec<_>>());
                 let g_rmax = stat(&runs.iter().filter_map(|r| g(r.max_rank_accuracy())).collect::<Vec<_>>());
